@@ -1,0 +1,123 @@
+"""Compression of keys/values into block tokens (NSA eq. 7): mean pooling or the learnable phi.
+
+Compressed token ``i`` summarizes tokens ``[i*d, i*d + l)`` (0-based) and exists for
+``0 <= i <= (T - l) // d``; with ``d < l`` consecutive windows overlap. It is visible to query
+``t`` iff its window is complete at ``t`` (``i*d + l - 1 <= t``) and lies inside the query's
+document (a window straddling a document boundary is visible to no one).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sparse_attention_jax.config import NSAConfig
+from sparse_attention_jax.ops import _checks
+
+_HI = jax.lax.Precision.HIGHEST
+
+
+class MLPCompressorParams(NamedTuple):
+  """Parameters of phi for one of K or V (per KV head, as in XunhaoLai's ``linear_compress``).
+
+  Attributes:
+    pos: ``[H, l, D]`` intra-block position encoding, added to the window's tokens.
+    w1: ``[H, l, D, F]`` first layer over the flattened window; ``b1``: ``[H, F]``.
+    w2: ``[H, F, Dout]`` second layer; ``b2``: ``[H, Dout]``.
+  """
+  pos: jax.Array
+  w1: jax.Array
+  b1: jax.Array
+  w2: jax.Array
+  b2: jax.Array
+
+
+class CompressorParams(NamedTuple):
+  """phi for keys (``k``) and for values (``v``): the paper uses two MLPs of the same form."""
+  k: MLPCompressorParams
+  v: MLPCompressorParams
+
+
+def init_mlp_compressor(key, *, num_kv_heads: int, window: int, in_dim: int,
+                        out_dim: int | None = None, hidden: int | None = None,
+                        dtype=jnp.float32) -> MLPCompressorParams:
+  """Random phi parameters (LeCun-normal weights, zero biases, N(0, 0.02) position encoding)."""
+  out_dim = in_dim if out_dim is None else out_dim
+  hidden = in_dim if hidden is None else hidden
+  k1, k2, k3 = jax.random.split(key, 3)
+  fan1 = window * in_dim
+  return MLPCompressorParams(
+      pos=0.02 * jax.random.normal(k1, (num_kv_heads, window, in_dim), dtype),
+      w1=jax.random.normal(k2, (num_kv_heads, window, in_dim, hidden), dtype) / np.sqrt(fan1),
+      b1=jnp.zeros((num_kv_heads, hidden), dtype),
+      w2=jax.random.normal(k3, (num_kv_heads, hidden, out_dim), dtype) / np.sqrt(hidden),
+      b2=jnp.zeros((num_kv_heads, out_dim), dtype),
+  )
+
+
+def window_token_indices(config: NSAConfig, seq_len: int) -> np.ndarray:
+  """``[NC, l]`` int32 token positions of each compressed token's window (static)."""
+  nc = config.num_cmp_tokens(seq_len)
+  return (np.arange(nc)[:, None] * config.cmp_stride
+          + np.arange(config.cmp_window)[None, :]).astype(np.int32)
+
+
+def compress(x, config: NSAConfig, params: MLPCompressorParams | None = None, *, name: str = "x"):
+  """Compresses ``x [B, T, H, D]`` into ``[B, NC, H, Dout]`` block tokens.
+
+  Args:
+    x: keys or values, ``[B, T, H, D]``.
+    config: supplies ``cmp_window`` (l), ``cmp_stride`` (d) and ``compression``.
+    params: phi's parameters when ``config.compression == "mlp"``; must be None for ``"mean"``.
+    name: the argument name used in error messages.
+
+  Returns:
+    ``[B, NC, H, Dout]`` in ``x.dtype`` with ``NC = config.num_cmp_tokens(T)``; ``Dout = D`` for
+    mean pooling. The MLP computes in float32.
+  """
+  _checks.check_rank(name, x, 4, "[B, T, H, D]")
+  b, t, h, d = x.shape
+  idx = window_token_indices(config, t)
+  if config.compression == "mean":
+    if params is not None:
+      _checks.fail("compress_params", "None for compression='mean'", type(params).__name__)
+    if idx.shape[0] == 0:
+      return jnp.zeros((b, 0, h, d), x.dtype)
+    return jnp.mean(x[:, idx].astype(jnp.float32), axis=2).astype(x.dtype)
+  if not isinstance(params, MLPCompressorParams):
+    _checks.fail("compress_params", "MLPCompressorParams for compression='mlp'",
+                 type(params).__name__)
+  l = config.cmp_window
+  if params.pos.shape != (h, l, d) or params.w1.shape[:3] != (h, l, d):
+    _checks.fail("compress_params", f"pos {(h, l, d)} and w1 {(h, l, d, 'F')} for {name} of "
+                 f"shape {x.shape} and cmp_window={l}", f"pos {params.pos.shape}, w1 "
+                 f"{params.w1.shape}")
+  dout = params.w2.shape[-1]
+  if idx.shape[0] == 0:
+    return jnp.zeros((b, 0, h, dout), x.dtype)
+  win = x[:, idx].astype(jnp.float32) + params.pos.astype(jnp.float32).transpose(1, 0, 2)
+  # win: [B, NC, l, H, D]
+  hid = jnp.einsum("bnlhd,hldf->bnhf", win, params.w1.astype(jnp.float32), precision=_HI)
+  hid = jax.nn.gelu(hid + params.b1.astype(jnp.float32))
+  out = jnp.einsum("bnhf,hfo->bnho", hid, params.w2.astype(jnp.float32), precision=_HI)
+  return (out + params.b2.astype(jnp.float32)).astype(x.dtype)
+
+
+def cmp_visibility(config: NSAConfig, seq_len: int, segment_ids=None, batch: int = 1):
+  """``[B|1, T, NC]`` bool: compressed token ``i`` visible to query ``t``.
+
+  Visible iff ``i*d + l - 1 <= t`` and (with ``segment_ids``) every token of the window is in the
+  query's document.
+  """
+  idx = window_token_indices(config, seq_len)                              # [NC, l]
+  t = np.arange(seq_len)
+  vis = jnp.asarray(idx[:, -1][None, :] <= t[:, None])[None]               # [1, T, NC]
+  if segment_ids is None or idx.shape[0] == 0:
+    return vis
+  win_seg = segment_ids[:, idx]                                            # [B, NC, l]
+  uniform = jnp.all(win_seg == win_seg[:, :, :1], axis=-1)                 # [B, NC]
+  same = win_seg[:, None, :, 0] == segment_ids[:, :, None]                 # [B, T, NC]
+  return vis & same & uniform[:, None, :]

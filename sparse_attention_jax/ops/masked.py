@@ -1,0 +1,103 @@
+"""Masked multi-head attention in plain JAX: the numerical core of every reference branch.
+
+Softmax and accumulation run in float32 (``HIGHEST`` matmul precision, so the f32 reference stays
+exact on GPUs/TPUs that would otherwise use reduced-precision passes). Rows that see no key get a
+zero output and ``lse = -inf``, without NaNs in the forward or the gradient.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+_NEG = -1e30
+_HI = jax.lax.Precision.HIGHEST
+
+
+def masked_attention(q, k, v, mask, scale: float, *, return_probs: bool = False):
+  """Attention of every query over the keys its mask allows; GQA without repeating K/V.
+
+  Args:
+    q: ``[B, T, HQ, Dk]`` queries.
+    k: ``[B, S, H, Dk]`` keys, ``HQ % H == 0``; query head ``h*G + g`` reads KV head ``h``.
+    v: ``[B, S, H, Dv]`` values.
+    mask: bool, broadcastable to ``[B, T, H, S]`` (one mask per KV group).
+    scale: logit scale.
+    return_probs: also return the normalized probabilities ``[B, T, HQ, S]`` (float32).
+
+  Returns:
+    ``(o, lse)`` or ``(o, lse, probs)``: ``o [B, T, HQ, Dv]`` in ``q.dtype``; ``lse [B, T, HQ]``
+    float32 natural-log log-sum-exp of the scaled logits (``-inf`` where nothing is visible).
+  """
+  b, t, hq, dk = q.shape
+  h = k.shape[2]
+  g = hq // h
+  qg = q.reshape(b, t, h, g, dk).astype(jnp.float32)
+  logits = jnp.einsum("bthgd,bshd->bthgs", qg, k.astype(jnp.float32), precision=_HI) * scale
+  m5 = jnp.broadcast_to(mask, (b, t, h, k.shape[1]))[:, :, :, None, :]   # [B,T,H,1,S]
+  logits = jnp.where(m5, logits, _NEG)
+  row_max = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+  p = jnp.where(m5, jnp.exp(logits - row_max), 0.0)                        # [B,T,H,G,S]
+  denom = jnp.sum(p, axis=-1, keepdims=True)
+  seen = denom > 0
+  p = p / jnp.where(seen, denom, 1.0)
+  o = jnp.einsum("bthgs,bshv->bthgv", p, v.astype(jnp.float32), precision=_HI)
+  lse = jnp.where(seen, row_max + jnp.log(jnp.where(seen, denom, 1.0)), -jnp.inf)[..., 0]
+  o = o.reshape(b, t, hq, v.shape[3]).astype(q.dtype)
+  lse = lse.reshape(b, t, hq)
+  if return_probs:
+    return o, lse, p.reshape(b, t, hq, k.shape[1])
+  return o, lse
+
+
+def same_segment(segment_ids_q, segment_ids_k):
+  """``[B, T, S]`` bool: query and key belong to the same document (all True when ids are None)."""
+  if segment_ids_q is None:
+    return None
+  return segment_ids_q[:, :, None] == segment_ids_k[:, None, :]
+
+
+def document_starts(segment_ids, batch: int, seq_len: int):
+  """``[B, T]`` int32: position of the first token of each token's document (0 without ids).
+
+  Documents are maximal runs of equal segment ids.
+  """
+  pos = jnp.arange(seq_len, dtype=jnp.int32)
+  if segment_ids is None:
+    return jnp.zeros((batch, seq_len), jnp.int32)
+  is_start = jnp.concatenate(
+      [jnp.ones((batch, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+  return jax.lax.cummax(jnp.where(is_start, pos[None, :], 0), axis=1)
+
+
+def causal_mask(seq_len: int, segment_ids=None, window: int | None = None):
+  """``[B|1, T, 1, T]`` bool: key ``s`` visible to query ``t`` iff ``s <= t`` (and ``t - s < window``,
+  and same document)."""
+  t = jnp.arange(seq_len)
+  m = t[None, :] <= t[:, None]
+  if window is not None:
+    m &= t[:, None] - t[None, :] < window
+  m = m[None]
+  if segment_ids is not None:
+    m = m & same_segment(segment_ids, segment_ids)
+  return m[:, :, None, :]
+
+
+def dense_causal_attention(q, k, v, *, segment_ids=None, softmax_scale: float | None = None):
+  """Dense causal (GQA) attention, the baseline every sparse branch reduces to.
+
+  Args:
+    q: ``[B, T, HQ, Dk]``; k: ``[B, T, H, Dk]``; v: ``[B, T, H, Dv]``.
+    segment_ids: optional ``[B, T]`` int document ids (no attention across documents).
+    softmax_scale: defaults to ``Dk ** -0.5``.
+
+  Returns:
+    ``[B, T, HQ, Dv]`` in ``q.dtype``.
+  """
+  from sparse_attention_jax.ops import _checks
+  b, t, s, _, _, _ = _checks.check_qkv(q, k, v)
+  if s != t:
+    _checks.fail("k", f"the query length T={t} (self-attention)", s)
+  _checks.check_segment_ids(segment_ids, b, t)
+  scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
+  return masked_attention(q, k, v, causal_mask(t, segment_ids), scale)[0]

@@ -1,0 +1,128 @@
+"""Block selection (NSA eq. 9-11): importance of selection blocks, forced blocks, exact top-n.
+
+Importance of block ``j`` (tokens ``[j*l', (j+1)*l')``) pools the compressed-attention
+probabilities of every compressed token whose window overlaps the block:
+
+* ``"sum"``: overlap-weighted sum, weight = shared stride-``d`` chunks. This is NSA eq. 9 in its
+  0-based form: with ``l'/d = 4``, ``l/d = 2`` block ``j`` gets compressed tokens ``4j-1 .. 4j+3``
+  with weights ``(1, 2, 2, 2, 1)``; with ``l = d = l'`` it is ``p_slc = p_cmp``.
+* ``"max"``: maximum over the same tokens (InfLLM-V2).
+
+Probabilities are first summed over the ``G`` query heads of each KV group (eq. 10; summing and
+pooling commute for ``"sum"``, and InfLLM-V2 sums before max-pooling).
+
+A block is a *candidate* for query ``t`` iff it starts at or before ``t`` and reaches into the
+query's document. Forced blocks (``num_init_blocks`` from the document's first block,
+``num_local_blocks`` ending at the query's block) are selected whenever they are candidates and
+count toward ``n``. The rest are the top-scoring candidates; ties go to the lower block index.
+Output indices are sorted ascending, then ``-1`` padding.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sparse_attention_jax.config import NSAConfig
+from sparse_attention_jax.ops import _checks
+from sparse_attention_jax.ops.masked import document_starts
+
+
+def overlap_table(config: NSAConfig, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+  """Compressed tokens overlapping each selection block and their eq. 9 weights (static).
+
+  Returns:
+    ``(idx, weight)``, both ``[NB, K]`` with ``K = l'/d + l/d - 1``: ``idx`` are compressed-token
+    indices (clipped into range) and ``weight`` the number of shared stride-``d`` chunks (0 for
+    entries that fall outside ``[0, NC)``).
+  """
+  l, d, bs = config.cmp_window, config.cmp_stride, config.block_size
+  nb, nc = config.num_blocks(seq_len), config.num_cmp_tokens(seq_len)
+  kk = bs // d + l // d - 1
+  lo = np.arange(nb)[:, None] * (bs // d) - l // d + 1
+  i = lo + np.arange(kk)[None, :]                                          # [NB, K]
+  j = np.arange(nb)[:, None]
+  overlap = np.minimum(i * d + l, (j + 1) * bs) - np.maximum(i * d, j * bs)
+  weight = np.where((i >= 0) & (i < nc), overlap // d, 0)
+  return np.clip(i, 0, max(nc - 1, 0)).astype(np.int32), weight.astype(np.float32)
+
+
+def block_importance(probs, config: NSAConfig, *, num_kv_heads: int, seq_len: int | None = None):
+  """Scores of selection blocks from compressed probabilities.
+
+  Args:
+    probs: ``[B, T, HQ, NC]`` per-head compressed-attention probabilities.
+    config: supplies l, d, l' and ``score_pooling``.
+    num_kv_heads: ``H``; heads ``h*G .. h*G + G - 1`` form group ``h``.
+    seq_len: ``T`` of the keys (defaults to ``probs.shape[1]``).
+
+  Returns:
+    ``[B, T, H, NB]`` float32 importance (no gradient).
+  """
+  _checks.check_rank("probs", probs, 4, "[B, T, HQ, NC]")
+  b, t, hq, nc = probs.shape
+  seq_len = t if seq_len is None else seq_len
+  if hq % num_kv_heads:
+    _checks.fail("num_kv_heads", f"a divisor of HQ={hq}", num_kv_heads)
+  if nc != config.num_cmp_tokens(seq_len):
+    _checks.fail("probs", f"{config.num_cmp_tokens(seq_len)} compressed tokens on the last axis",
+                 nc)
+  p = jax.lax.stop_gradient(probs).astype(jnp.float32)
+  p = p.reshape(b, t, num_kv_heads, hq // num_kv_heads, nc).sum(axis=3)  # [B,T,H,NC] eq. 10
+  idx, weight = overlap_table(config, seq_len)
+  nb = idx.shape[0]
+  if nc == 0:
+    return jnp.zeros((b, t, num_kv_heads, nb), jnp.float32)
+  pk = p[..., idx]                                                         # [B,T,H,NB,K]
+  if config.score_pooling == "sum":
+    return jnp.sum(pk * weight, axis=-1)
+  return jnp.max(jnp.where(weight > 0, pk, 0.0), axis=-1)
+
+
+def candidate_and_forced(config: NSAConfig, seq_len: int, segment_ids=None, batch: int = 1):
+  """``(candidate, forced)``, both ``[B|1, T, NB]`` bool (see the module docstring)."""
+  bs = config.block_size
+  nb = config.num_blocks(seq_len)
+  t = jnp.arange(seq_len, dtype=jnp.int32)[None, :, None]                  # [1, T, 1]
+  j = jnp.arange(nb, dtype=jnp.int32)[None, None, :]                       # [1, 1, NB]
+  if segment_ids is None:
+    doc0 = jnp.zeros((1, seq_len, 1), jnp.int32)
+  else:
+    doc0 = document_starts(segment_ids, batch, seq_len)[:, :, None]       # [B, T, 1]
+  candidate = (j * bs <= t) & ((j + 1) * bs - 1 >= doc0)
+  init = (j >= doc0 // bs) & (j < doc0 // bs + config.num_init_blocks)
+  local = (j <= t // bs) & (j > t // bs - config.num_local_blocks)
+  return candidate, candidate & (init | local)
+
+
+def select_blocks(importance, config: NSAConfig, *, segment_ids=None):
+  """Top-n selection blocks per query and KV head.
+
+  Args:
+    importance: ``[B, T, H, NB]`` block scores (e.g. from :func:`block_importance`).
+    config: supplies ``num_selected`` (n), forced-block counts and ``block_size``.
+    segment_ids: optional ``[B, T]`` document ids.
+
+  Returns:
+    ``[B, T, H, n]`` int32 block indices, ascending, padded with ``-1`` when fewer than ``n``
+    blocks are candidates.
+  """
+  _checks.check_rank("importance", importance, 4, "[B, T, H, NB]")
+  b, t, _, nb = importance.shape
+  if nb != config.num_blocks(t):
+    _checks.fail("importance", f"{config.num_blocks(t)} blocks on the last axis for T={t}, "
+                 f"block_size={config.block_size}", nb)
+  n = config.num_selected
+  if n > nb:
+    _checks.fail("config.num_selected", f"at most the {nb} blocks of a T={t} sequence "
+                 f"(block_size={config.block_size}); use config.for_length(T)", n)
+  _checks.check_segment_ids(segment_ids, b, t)
+  candidate, forced = candidate_and_forced(config, t, segment_ids, b)
+  score = jax.lax.stop_gradient(importance).astype(jnp.float32)
+  score = jnp.where(forced[:, :, None, :], jnp.inf, score)
+  score = jnp.where(candidate[:, :, None, :], score, -jnp.inf)
+  top, idx = jax.lax.top_k(score, n)                    # ties: lower index first (stable)
+  idx = jnp.where(top == -jnp.inf, nb, idx)
+  idx = jnp.sort(idx, axis=-1)
+  return jnp.where(idx >= nb, -1, idx).astype(jnp.int32)

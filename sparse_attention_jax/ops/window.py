@@ -1,0 +1,29 @@
+"""Sliding-window attention: query ``t`` sees keys ``t - w + 1 .. t`` (``w`` keys incl. itself)."""
+
+from __future__ import annotations
+
+from sparse_attention_jax.ops import _checks
+from sparse_attention_jax.ops.masked import causal_mask, masked_attention
+
+
+def sliding_window_attention(q, k, v, *, window: int, segment_ids=None,
+                             softmax_scale: float | None = None):
+  """Causal attention over the last ``window`` keys.
+
+  Args:
+    q: ``[B, T, HQ, Dk]``; k: ``[B, T, H, Dk]``; v: ``[B, T, H, Dv]``.
+    window: w >= 1, keys per query including the query's own token (fla convention).
+    segment_ids: optional ``[B, T]`` document ids.
+    softmax_scale: defaults to ``Dk ** -0.5``.
+
+  Returns:
+    ``[B, T, HQ, Dv]`` in ``q.dtype``.
+  """
+  b, t, s, _, _, _ = _checks.check_qkv(q, k, v)
+  if s != t:
+    _checks.fail("k", f"the query length T={t} (self-attention)", s)
+  if not isinstance(window, int) or window < 1:
+    _checks.fail("window", "a positive int", window)
+  _checks.check_segment_ids(segment_ids, b, t)
+  scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
+  return masked_attention(q, k, v, causal_mask(t, segment_ids, window), scale)[0]
