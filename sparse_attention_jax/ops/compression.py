@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -86,7 +87,9 @@ def compress(x, config: NSAConfig, params: MLPCompressorParams | None = None, *,
       _checks.fail("compress_params", "None for compression='mean'", type(params).__name__)
     if idx.shape[0] == 0:
       return jnp.zeros((b, 0, h, d), x.dtype)
-    return jnp.mean(x[:, idx].astype(jnp.float32), axis=2).astype(x.dtype)
+    out = jnp.mean(x[:, idx].astype(jnp.float32), axis=2).astype(x.dtype)
+    chex.assert_shape(out, (b, idx.shape[0], h, d))
+    return out
   if not isinstance(params, MLPCompressorParams):
     _checks.fail("compress_params", "MLPCompressorParams for compression='mlp'",
                  type(params).__name__)
@@ -103,7 +106,9 @@ def compress(x, config: NSAConfig, params: MLPCompressorParams | None = None, *,
   hid = jnp.einsum("bnlhd,hldf->bnhf", win, params.w1.astype(jnp.float32), precision=_HI)
   hid = jax.nn.gelu(hid + params.b1.astype(jnp.float32))
   out = jnp.einsum("bnhf,hfo->bnho", hid, params.w2.astype(jnp.float32), precision=_HI)
-  return (out + params.b2.astype(jnp.float32)).astype(x.dtype)
+  out = (out + params.b2.astype(jnp.float32)).astype(x.dtype)
+  chex.assert_shape(out, (b, idx.shape[0], h, dout))
+  return out
 
 
 def cmp_visibility(config: NSAConfig, seq_len: int, segment_ids=None, batch: int = 1):

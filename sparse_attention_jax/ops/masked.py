@@ -7,6 +7,7 @@ zero output and ``lse = -inf``, without NaNs in the forward or the gradient.
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 
@@ -45,6 +46,8 @@ def masked_attention(q, k, v, mask, scale: float, *, return_probs: bool = False)
   lse = jnp.where(seen, row_max + jnp.log(jnp.where(seen, denom, 1.0)), -jnp.inf)[..., 0]
   o = o.reshape(b, t, hq, v.shape[3]).astype(q.dtype)
   lse = lse.reshape(b, t, hq)
+  chex.assert_shape(o, (b, t, hq, v.shape[3]))
+  chex.assert_type([o, lse], [q.dtype, jnp.float32])
   if return_probs:
     return o, lse, p.reshape(b, t, hq, k.shape[1])
   return o, lse

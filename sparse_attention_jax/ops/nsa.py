@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 from typing import NamedTuple
 
+import chex
 import jax
 import jax.numpy as jnp
 
@@ -73,6 +74,7 @@ def _nsa_reference(q, k, v, gates, *, config, segment_ids, compress_params, k_sl
                                               segment_ids=segment_ids, softmax_scale=scale)
   ordered = {name: outputs[name] for name in BRANCHES if name in outputs}
   o = combine_branches(ordered, gates)
+  chex.assert_shape(o, q.shape[:3] + (v_slc.shape[3],))
   if return_aux:
     return o, NSAAux(block_indices, cmp.lse, ordered)
   return o

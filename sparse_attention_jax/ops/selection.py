@@ -20,6 +20,7 @@ Output indices are sorted ascending, then ``-1`` padding.
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -76,8 +77,11 @@ def block_importance(probs, config: NSAConfig, *, num_kv_heads: int, seq_len: in
     return jnp.zeros((b, t, num_kv_heads, nb), jnp.float32)
   pk = p[..., idx]                                                         # [B,T,H,NB,K]
   if config.score_pooling == "sum":
-    return jnp.sum(pk * weight, axis=-1)
-  return jnp.max(jnp.where(weight > 0, pk, 0.0), axis=-1)
+    out = jnp.sum(pk * weight, axis=-1)
+  else:
+    out = jnp.max(jnp.where(weight > 0, pk, 0.0), axis=-1)
+  chex.assert_shape(out, (b, t, num_kv_heads, nb))
+  return out
 
 
 def candidate_and_forced(config: NSAConfig, seq_len: int, segment_ids=None, batch: int = 1):
@@ -125,4 +129,6 @@ def select_blocks(importance, config: NSAConfig, *, segment_ids=None):
   top, idx = jax.lax.top_k(score, n)                    # ties: lower index first (stable)
   idx = jnp.where(top == -jnp.inf, nb, idx)
   idx = jnp.sort(idx, axis=-1)
-  return jnp.where(idx >= nb, -1, idx).astype(jnp.int32)
+  out = jnp.where(idx >= nb, -1, idx).astype(jnp.int32)
+  chex.assert_shape(out, importance.shape[:3] + (n,))
+  return out

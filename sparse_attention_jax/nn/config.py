@@ -1,0 +1,111 @@
+"""Model configuration: a frozen dataclass built from the ``model:`` section of a ``configs/*.yaml``."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from sparse_attention_jax.config import NSAConfig
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+  """A Llama-like decoder whose attention kind is chosen per layer.
+
+  Attributes:
+    vocab_size: token vocabulary (256 for byte-level text).
+    d_model: residual width.
+    num_layers: decoder blocks.
+    num_heads: query heads HQ.
+    num_kv_heads: KV heads H (HQ % H == 0).
+    head_dim: query/key head dim Dk.
+    v_head_dim: value head dim Dv (None = head_dim).
+    mlp_dim: SwiGLU hidden width.
+    attention: per-layer attention kinds, repeated cyclically over the layers (``("nsa",)`` = all
+      NSA; ``("swa", "full")`` = alternating). Kinds are registered in
+      :mod:`sparse_attention_jax.nn.attention` (``full``, ``nsa``, ``swa``).
+    window: window of ``swa`` layers.
+    nsa: the NSA op's config for ``nsa`` layers.
+    nsa_independent_kv: separate K/V projections per NSA branch (the paper) instead of shared ones.
+    nsa_compressor_hidden: hidden width of the learnable compressor phi (None = head_dim).
+    rope_theta: RoPE base.
+    tie_embeddings: share the input embedding with the output projection.
+    norm_eps: RMSNorm epsilon.
+    dtype: compute dtype of activations (``float32`` or ``bfloat16``); parameters stay float32.
+    attn_impl: ``impl=`` passed to the attention ops (``auto``, ``reference``, ...).
+  """
+
+  vocab_size: int = 256
+  d_model: int = 128
+  num_layers: int = 2
+  num_heads: int = 4
+  num_kv_heads: int = 1
+  head_dim: int = 32
+  v_head_dim: int | None = None
+  mlp_dim: int = 384
+  attention: tuple[str, ...] = ("nsa",)
+  window: int = 512
+  nsa: NSAConfig = dataclasses.field(default_factory=NSAConfig.paper)
+  nsa_independent_kv: bool = True
+  nsa_compressor_hidden: int | None = None
+  rope_theta: float = 10000.0
+  tie_embeddings: bool = False
+  norm_eps: float = 1e-6
+  dtype: str = "float32"
+  attn_impl: str = "auto"
+
+  def __post_init__(self):
+    def need(cond, name, expected):
+      if not cond:
+        raise ValueError(f"model.{name}: expected {expected}, got {getattr(self, name)!r}")
+    for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+                 "mlp_dim", "window"):
+      need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name,
+           "a positive int")
+    need(self.num_heads % self.num_kv_heads == 0, "num_kv_heads",
+         f"a divisor of num_heads={self.num_heads}")
+    need(self.v_head_dim is None or (isinstance(self.v_head_dim, int) and self.v_head_dim >= 1),
+         "v_head_dim", "None or a positive int")
+    need(isinstance(self.attention, tuple) and len(self.attention) >= 1
+         and all(isinstance(a, str) for a in self.attention), "attention",
+         "a non-empty tuple of attention kind names")
+    need(self.dtype in ("float32", "bfloat16", "float16"), "dtype",
+         "'float32', 'bfloat16' or 'float16'")
+    need(isinstance(self.nsa, NSAConfig), "nsa", "an NSAConfig")
+
+  @property
+  def dv(self) -> int:
+    return self.head_dim if self.v_head_dim is None else self.v_head_dim
+
+  def layer_kinds(self) -> tuple[str, ...]:
+    """The attention kind of every layer (the pattern repeated cyclically)."""
+    return tuple(self.attention[i % len(self.attention)] for i in range(self.num_layers))
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+    """Builds a config from plain data (YAML); unknown keys are errors."""
+    d = dict(d)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+      raise ValueError(f"model: unknown keys {unknown}; known keys are {sorted(known)}")
+    if "attention" in d:
+      a = d["attention"]
+      d["attention"] = (a,) if isinstance(a, str) else tuple(a)
+    if "nsa" in d and isinstance(d["nsa"], dict):
+      nsa = dict(d["nsa"])
+      preset = nsa.pop("preset", "paper")
+      if "branches" in nsa:
+        nsa["branches"] = tuple(nsa["branches"])
+      factories = {"paper": NSAConfig.paper, "fla": NSAConfig.fla,
+                   "infllm_v2": NSAConfig.infllm_v2}
+      if preset not in factories:
+        raise ValueError(f"model.nsa.preset: expected one of {sorted(factories)}, got {preset!r}")
+      d["nsa"] = factories[preset](**nsa)
+    return cls(**d)
+
+  def to_dict(self) -> dict[str, Any]:
+    out = dataclasses.asdict(self)
+    out["attention"] = list(self.attention)
+    out["nsa"] = {**dataclasses.asdict(self.nsa), "branches": list(self.nsa.branches)}
+    return out
