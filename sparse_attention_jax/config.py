@@ -114,14 +114,19 @@ class NSAConfig:
   def for_length(self, seq_len: int) -> NSAConfig:
     """The same config with ``num_selected`` clamped to the blocks a ``seq_len`` sequence has.
 
-    Selecting more blocks than exist only adds ``-1`` padding, so the clamped config computes the
-    same outputs; modules use it so one model config serves short and long sequences alike.
+    Selecting at least as many blocks as exist selects every candidate block, so the clamped
+    config computes the same outputs (minus the ``-1`` padding columns); modules use it so one
+    model config serves short and long sequences alike.
     """
     nb = self.num_blocks(seq_len)
-    forced = self.num_init_blocks + self.num_local_blocks
     if self.num_selected <= nb:
       return self
-    return dataclasses.replace(self, num_selected=max(nb, forced))
+    # n >= nb selects every candidate block whatever is forced, so the forced counts may shrink
+    # with n (they must stay <= n for the config to validate).
+    init = min(self.num_init_blocks, nb)
+    local = min(self.num_local_blocks, nb - init)
+    return dataclasses.replace(self, num_selected=nb, num_init_blocks=init,
+                               num_local_blocks=local)
 
   def replace(self, **kw) -> NSAConfig:
     return dataclasses.replace(self, **kw)

@@ -1,4 +1,4 @@
-"""Model configuration: a frozen dataclass built from the ``model:`` section of a ``configs/*.yaml``."""
+"""Model configuration: a frozen dataclass built from the ``model:`` section of a config YAML."""
 
 from __future__ import annotations
 

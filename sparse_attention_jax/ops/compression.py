@@ -17,6 +17,7 @@ import numpy as np
 
 from sparse_attention_jax.config import NSAConfig
 from sparse_attention_jax.ops import _checks
+from sparse_attention_jax.ops.masked import document_ids
 
 _HI = jax.lax.Precision.HIGHEST
 
@@ -52,9 +53,11 @@ def init_mlp_compressor(key, *, num_kv_heads: int, window: int, in_dim: int,
   fan1 = window * in_dim
   return MLPCompressorParams(
       pos=0.02 * jax.random.normal(k1, (num_kv_heads, window, in_dim), dtype),
-      w1=jax.random.normal(k2, (num_kv_heads, window, in_dim, hidden), dtype) / np.sqrt(fan1),
+      w1=(jax.random.normal(k2, (num_kv_heads, window, in_dim, hidden), jnp.float32)
+          / np.sqrt(fan1)).astype(dtype),
       b1=jnp.zeros((num_kv_heads, hidden), dtype),
-      w2=jax.random.normal(k3, (num_kv_heads, hidden, out_dim), dtype) / np.sqrt(hidden),
+      w2=(jax.random.normal(k3, (num_kv_heads, hidden, out_dim), jnp.float32)
+          / np.sqrt(hidden)).astype(dtype),
       b2=jnp.zeros((num_kv_heads, out_dim), dtype),
   )
 
@@ -122,7 +125,8 @@ def cmp_visibility(config: NSAConfig, seq_len: int, segment_ids=None, batch: int
   vis = jnp.asarray(idx[:, -1][None, :] <= t[:, None])[None]               # [1, T, NC]
   if segment_ids is None or idx.shape[0] == 0:
     return vis
-  win_seg = segment_ids[:, idx]                                            # [B, NC, l]
-  uniform = jnp.all(win_seg == win_seg[:, :, :1], axis=-1)                 # [B, NC]
-  same = win_seg[:, None, :, 0] == segment_ids[:, :, None]                 # [B, T, NC]
+  doc = document_ids(segment_ids)                                          # [B, T]
+  win_doc = doc[:, idx]                                                    # [B, NC, l]
+  uniform = jnp.all(win_doc == win_doc[:, :, :1], axis=-1)                 # [B, NC]
+  same = win_doc[:, None, :, 0] == doc[:, :, None]                         # [B, T, NC]
   return vis & same & uniform[:, None, :]

@@ -3,7 +3,9 @@
 * ``"reference"``: always the plain-JAX reference.
 * ``"auto"``: each backend registered for the current platform, in priority order; a backend that
   raises ``NotImplementedError`` is skipped with a debug log saying why; then the reference.
-* a backend name (``"pallas_gpu"``, ...): that backend or a loud error.
+* a backend name (``"pallas_gpu"``, ...): that backend or a loud error. For a *composite* op
+  (``nsa_attention``) that the backend does not implement as a whole, the reference pipeline runs
+  and passes the name on to the branch ops, each of which must then be served by the backend.
 """
 
 from __future__ import annotations
@@ -23,8 +25,11 @@ def valid_impls() -> tuple[str, ...]:
                                        | set(pallas_kernels.registered())))
 
 
-def run(op: str, impl: str, reference: Callable, *args, **kwargs):
-  """Runs ``op`` with the implementation ``impl`` selects (see the module docstring)."""
+def run(op: str, impl: str, reference: Callable, *args, composite: bool = False, **kwargs):
+  """Runs ``op`` with the implementation ``impl`` selects (see the module docstring).
+
+  ``composite``: ``reference`` is a pipeline of other dispatched ops that receives ``impl``.
+  """
   if impl == "reference":
     return reference(*args, **kwargs)
   if impl == "auto":
@@ -49,5 +54,7 @@ def run(op: str, impl: str, reference: Callable, *args, **kwargs):
     raise ValueError(f"impl: expected one of {valid_impls()}, got {impl!r}")
   fn = backend.ops.get(op)
   if fn is None:
+    if composite:
+      return reference(*args, **kwargs)
     raise NotImplementedError(f"impl={impl!r} does not implement {op}")
   return fn(*args, **kwargs)

@@ -33,6 +33,10 @@ def masked_attention(q, k, v, mask, scale: float, *, return_probs: bool = False)
   b, t, hq, dk = q.shape
   h = k.shape[2]
   g = hq // h
+  if k.shape[1] == 0:            # no keys at all (e.g. T < l for the compressed branch)
+    o = jnp.zeros((b, t, hq, v.shape[3]), q.dtype)
+    lse = jnp.full((b, t, hq), -jnp.inf, jnp.float32)
+    return (o, lse, jnp.zeros((b, t, hq, 0), jnp.float32)) if return_probs else (o, lse)
   qg = q.reshape(b, t, h, g, dk).astype(jnp.float32)
   logits = jnp.einsum("bthgd,bshd->bthgs", qg, k.astype(jnp.float32), precision=_HI) * scale
   m5 = jnp.broadcast_to(mask, (b, t, h, k.shape[1]))[:, :, :, None, :]   # [B,T,H,1,S]
@@ -53,11 +57,18 @@ def masked_attention(q, k, v, mask, scale: float, *, return_probs: bool = False)
   return o, lse
 
 
-def same_segment(segment_ids_q, segment_ids_k):
-  """``[B, T, S]`` bool: query and key belong to the same document (all True when ids are None)."""
-  if segment_ids_q is None:
-    return None
-  return segment_ids_q[:, :, None] == segment_ids_k[:, None, :]
+def document_ids(segment_ids):
+  """``[B, T]`` int32 run index: documents are maximal runs of equal segment ids, so an id that
+  comes back later (``0 0 1 1 0 0``) starts a new document."""
+  is_start = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool),
+                              segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+  return jnp.cumsum(is_start, axis=1, dtype=jnp.int32)
+
+
+def same_document(segment_ids):
+  """``[B, T, T]`` bool: tokens ``t`` and ``s`` belong to the same document."""
+  doc = document_ids(segment_ids)
+  return doc[:, :, None] == doc[:, None, :]
 
 
 def document_starts(segment_ids, batch: int, seq_len: int):
@@ -82,7 +93,7 @@ def causal_mask(seq_len: int, segment_ids=None, window: int | None = None):
     m &= t[:, None] - t[None, :] < window
   m = m[None]
   if segment_ids is not None:
-    m = m & same_segment(segment_ids, segment_ids)
+    m = m & same_document(segment_ids)
   return m[:, :, None, :]
 
 

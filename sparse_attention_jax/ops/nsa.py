@@ -140,4 +140,5 @@ def nsa_attention(q, k, v, gates=None, *, config: NSAConfig, segment_ids=None,
   return dispatch.run(
       "nsa_attention", impl, reference, q, k, v, gates, config=config,
       segment_ids=segment_ids, compress_params=compress_params, k_slc=k_slc, v_slc=v_slc,
-      k_win=k_win, v_win=v_win, block_indices=block_indices, return_aux=return_aux)
+      k_win=k_win, v_win=v_win, block_indices=block_indices, return_aux=return_aux,
+      composite=True)

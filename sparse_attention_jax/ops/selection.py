@@ -14,7 +14,8 @@ pooling commute for ``"sum"``, and InfLLM-V2 sums before max-pooling).
 A block is a *candidate* for query ``t`` iff it starts at or before ``t`` and reaches into the
 query's document. Forced blocks (``num_init_blocks`` from the document's first block,
 ``num_local_blocks`` ending at the query's block) are selected whenever they are candidates and
-count toward ``n``. The rest are the top-scoring candidates; ties go to the lower block index.
+count toward ``n``. The rest are the top-scoring candidates; ties go to the lower block index
+(non-finite importances are clamped to the finite float32 range, so forced blocks always win).
 Output indices are sorted ascending, then ``-1`` padding.
 """
 
@@ -124,6 +125,8 @@ def select_blocks(importance, config: NSAConfig, *, segment_ids=None):
   _checks.check_segment_ids(segment_ids, b, t)
   candidate, forced = candidate_and_forced(config, t, segment_ids, b)
   score = jax.lax.stop_gradient(importance).astype(jnp.float32)
+  fmax = jnp.finfo(jnp.float32).max       # keep +inf for forced blocks and -inf for non-candidates
+  score = jnp.nan_to_num(score, nan=-fmax, posinf=fmax, neginf=-fmax)
   score = jnp.where(forced[:, :, None, :], jnp.inf, score)
   score = jnp.where(candidate[:, :, None, :], score, -jnp.inf)
   top, idx = jax.lax.top_k(score, n)                    # ties: lower index first (stable)
@@ -132,3 +135,24 @@ def select_blocks(importance, config: NSAConfig, *, segment_ids=None):
   out = jnp.where(idx >= nb, -1, idx).astype(jnp.int32)
   chex.assert_shape(out, importance.shape[:3] + (n,))
   return out
+
+
+def share_selection(block_indices, r: int):
+  """ASA's shared selection: token ``t`` uses the block list of token ``t - t % r``.
+
+  Aligned runs of ``r`` consecutive tokens (per batch row and KV head) share the list of their
+  first token, so a kernel tile of ``r`` tokens iterates over one list with no per-row mask.
+
+  Args:
+    block_indices: ``[B, T, H, n]`` int block ids (``-1`` = padding).
+    r: tokens per shared run, a positive int.
+
+  Returns:
+    ``[B, T, H, n]``, same dtype: row ``t`` holds ``block_indices[:, t - t % r]``.
+  """
+  _checks.check_rank("block_indices", block_indices, 4, "[B, T, H, n]")
+  if not isinstance(r, int) or r < 1:
+    _checks.fail("r", "a positive int", r)
+  t = block_indices.shape[1]
+  leader = (jnp.arange(t, dtype=jnp.int32) // r) * r                       # [T]
+  return jnp.take(block_indices, leader, axis=1)

@@ -1,0 +1,42 @@
+"""Flax NNX modules: attention layers (full, sliding-window, NSA, pluggable kinds) and a decoder LM.
+
+Example::
+
+  from flax import nnx
+  from sparse_attention_jax.nn import DecoderLM, load_model_config
+  cfg = load_model_config("configs/tiny.yaml")
+  model = DecoderLM(cfg, rngs=nnx.Rngs(0))
+  logits = model(tokens)                       # [B, T] int32 -> [B, T, V] float32
+"""
+
+from __future__ import annotations
+
+import os
+
+import yaml
+
+from sparse_attention_jax.nn.attention import (
+    ATTENTION_KINDS, FullAttention, MLPCompressor, NSAAttention, SlidingWindowAttention,
+    get_attention_kind, register_attention_kind)
+from sparse_attention_jax.nn.config import ModelConfig
+from sparse_attention_jax.nn.layers import Embed, RMSNorm, SwiGLU
+from sparse_attention_jax.nn.model import DecoderBlock, DecoderLM, count_params, param_count
+from sparse_attention_jax.nn.rope import apply_rope
+
+
+def load_model_config(path: str | os.PathLike) -> ModelConfig:
+  """Reads the ``model:`` section of a YAML config file into a :class:`ModelConfig`."""
+  with open(path) as f:
+    data = yaml.safe_load(f)
+  if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
+    raise ValueError(f"{path}: expected a YAML mapping with a 'model:' section, got "
+                     f"{type(data).__name__ if not isinstance(data, dict) else sorted(data)}")
+  return ModelConfig.from_dict(data["model"])
+
+
+__all__ = [
+    "ATTENTION_KINDS", "DecoderBlock", "DecoderLM", "Embed", "FullAttention", "MLPCompressor",
+    "ModelConfig", "NSAAttention", "RMSNorm", "SlidingWindowAttention", "SwiGLU", "apply_rope",
+    "count_params", "get_attention_kind", "load_model_config", "param_count",
+    "register_attention_kind",
+]

@@ -1,0 +1,251 @@
+"""Attention layers of the decoder and the registry that maps a layer kind to its module.
+
+Every kind is an :class:`nnx.Module` built as ``Cls(config: ModelConfig, *, rngs: nnx.Rngs)`` and
+called as ``layer(x [B, T, d_model], positions [B, T] int32, segment_ids [B, T] int32 | None)``
+returning ``[B, T, d_model]`` in the compute dtype. New kinds (ASA, SSA, NOSA, ...) plug in with
+:func:`register_attention_kind` without touching the model.
+
+Head layout: ``HQ = num_heads`` query heads of dim ``Dk = head_dim``; ``H = num_kv_heads`` KV
+heads (GQA: query head ``h*G + g`` reads KV head ``h``, ``G = HQ // H``); values have dim
+``Dv = config.dv``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sparse_attention_jax.config import NSAConfig
+from sparse_attention_jax.ops import (
+    CompressorParams, MLPCompressorParams, dense_causal_attention, init_mlp_compressor,
+    nsa_attention, sliding_window_attention)
+from sparse_attention_jax.nn.config import ModelConfig
+from sparse_attention_jax.nn.layers import as_dtype, projection
+from sparse_attention_jax.nn.rope import apply_rope
+
+ATTENTION_KINDS: dict[str, type] = {}
+"""Layer kind name (as used in ``ModelConfig.attention``) -> module class."""
+
+
+def register_attention_kind(name: str, cls: type | None = None):
+  """Registers ``cls`` as attention kind ``name``; usable as a decorator when ``cls`` is omitted.
+
+  Re-registering a name with a different class is an error (to catch accidental collisions).
+  """
+  if not isinstance(name, str) or not name:
+    raise ValueError(f"name: expected a non-empty str, got {name!r}")
+
+  def register(c: type) -> type:
+    if not isinstance(c, type):
+      raise TypeError(f"cls: expected a class, got {c!r}")
+    old = ATTENTION_KINDS.get(name)
+    if old is not None and old is not c:
+      raise ValueError(f"name: attention kind {name!r} is already registered to "
+                       f"{old.__module__}.{old.__qualname__}")
+    ATTENTION_KINDS[name] = c
+    return c
+
+  return register if cls is None else register(cls)
+
+
+def get_attention_kind(name: str) -> type:
+  """The module class of kind ``name``, or a ``ValueError`` listing the registered kinds."""
+  try:
+    return ATTENTION_KINDS[name]
+  except KeyError:
+    raise ValueError(f"attention kind: expected one of {sorted(ATTENTION_KINDS)}, got "
+                     f"{name!r}") from None
+
+
+def _check_inputs(x, positions, segment_ids, d_model: int):
+  if x.ndim != 3 or x.shape[-1] != d_model:
+    raise ValueError(f"x: expected [B, T, d_model={d_model}], got shape {x.shape}")
+  if positions.shape != x.shape[:2]:
+    raise ValueError(f"positions: expected shape [B, T] = {x.shape[:2]}, got {positions.shape}")
+  if segment_ids is not None and segment_ids.shape != x.shape[:2]:
+    raise ValueError(f"segment_ids: expected shape [B, T] = {x.shape[:2]}, got "
+                     f"{segment_ids.shape}")
+
+
+def _kv_projection(config: ModelConfig, head_dim: int, dtype, rngs: nnx.Rngs) -> nnx.Einsum:
+  """``[B, T, d_model] -> [B, T, H, head_dim]``."""
+  return projection("btd,dhk->bthk", (config.d_model, config.num_kv_heads, head_dim),
+                    in_axes=0, out_axes=(1, 2), dtype=dtype, rngs=rngs)
+
+
+class _DenseAttentionBase(nnx.Module):
+  """q/k/v/o projections + RoPE shared by the dense kinds; subclasses pick the mask."""
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    self.config = config
+    self.dtype = as_dtype(config.dtype)
+    c, dt = config, self.dtype
+    self.q_proj = projection("btd,dhk->bthk", (c.d_model, c.num_heads, c.head_dim), in_axes=0,
+                             out_axes=(1, 2), dtype=dt, rngs=rngs)
+    self.k_proj = _kv_projection(c, c.head_dim, dt, rngs)
+    self.v_proj = _kv_projection(c, c.dv, dt, rngs)
+    self.o_proj = projection("bthv,hvd->btd", (c.num_heads, c.dv, c.d_model), in_axes=(0, 1),
+                             out_axes=2, dtype=dt, rngs=rngs)
+
+  def _attend(self, q, k, v, segment_ids):
+    raise NotImplementedError
+
+  def __call__(self, x, positions, segment_ids=None):
+    """``x [B, T, d_model]``, ``positions [B, T]``, ``segment_ids [B, T] | None`` ->
+    ``[B, T, d_model]``."""
+    c = self.config
+    _check_inputs(x, positions, segment_ids, c.d_model)
+    q = apply_rope(self.q_proj(x), positions, c.rope_theta)          # [B, T, HQ, Dk]
+    k = apply_rope(self.k_proj(x), positions, c.rope_theta)          # [B, T, H, Dk]
+    v = self.v_proj(x)                                               # [B, T, H, Dv]
+    return self.o_proj(self._attend(q, k, v, segment_ids))
+
+
+def _segment_mask(segment_ids):
+  """``[B, 1, T, T]`` bool same-document mask for ``jax.nn.dot_product_attention``."""
+  return (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+
+
+class FullAttention(_DenseAttentionBase):
+  """Dense causal GQA attention with RoPE (kind ``"full"``).
+
+  Uses :func:`jax.nn.dot_product_attention` (``implementation=None``: jax picks; it can use cuDNN
+  on GPU) when ``Dv == Dk`` (which that function requires), with ``is_causal=True`` and, for packed
+  documents, a same-segment mask; otherwise the library's masked plain-JAX
+  :func:`~sparse_attention_jax.ops.dense_causal_attention`.
+  """
+
+  def _attend(self, q, k, v, segment_ids):
+    if q.shape[-1] != v.shape[-1]:
+      return dense_causal_attention(q, k, v, segment_ids=segment_ids)
+    mask = None if segment_ids is None else _segment_mask(segment_ids)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation=None)
+
+
+class SlidingWindowAttention(_DenseAttentionBase):
+  """Causal sliding-window GQA attention with RoPE (kind ``"swa"``): query ``t`` sees keys
+  ``t - window + 1 .. t`` (``config.window`` keys including itself) of its own document."""
+
+  def _attend(self, q, k, v, segment_ids):
+    w = self.config.window
+    if q.shape[-1] != v.shape[-1]:
+      return sliding_window_attention(q, k, v, window=w, segment_ids=segment_ids)
+    mask = None if segment_ids is None else _segment_mask(segment_ids)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True,
+                                        local_window_size=(w - 1, 0), implementation=None)
+
+
+class MLPCompressor(nnx.Module):
+  """The learnable compressor phi of one of K or V, as :class:`nnx.Param` s (float32).
+
+  Shapes (``H`` KV heads, ``l`` compression window): ``pos [H, l, D]``, ``w1 [H, l, D, F]``,
+  ``b1 [H, F]``, ``w2 [H, F, Dout]``, ``b2 [H, Dout]``; initialized by
+  :func:`~sparse_attention_jax.ops.init_mlp_compressor`.
+  """
+
+  def __init__(self, *, num_kv_heads: int, window: int, in_dim: int, out_dim: int, hidden: int,
+               rngs: nnx.Rngs):
+    p = init_mlp_compressor(rngs.params(), num_kv_heads=num_kv_heads, window=window,
+                            in_dim=in_dim, out_dim=out_dim, hidden=hidden, dtype=jnp.float32)
+    self.pos = nnx.Param(p.pos)
+    self.w1 = nnx.Param(p.w1)
+    self.b1 = nnx.Param(p.b1)
+    self.w2 = nnx.Param(p.w2)
+    self.b2 = nnx.Param(p.b2)
+
+  def params(self) -> MLPCompressorParams:
+    """The op's parameter tuple (float32: the compressor computes in float32)."""
+    return MLPCompressorParams(pos=self.pos[...], w1=self.w1[...], b1=self.b1[...],
+                               w2=self.w2[...], b2=self.b2[...])
+
+
+class NSAAttention(nnx.Module):
+  """Native Sparse Attention layer (kind ``"nsa"``) wrapping the op ``ops.nsa_attention``.
+
+  * ``q_proj``: ``[B, T, d_model] -> [B, T, HQ, Dk]``.
+  * K/V: with ``config.nsa_independent_kv`` one pair per branch, as in the paper: ``k_cmp/v_cmp``
+    (compressed branch and the selection scores -- always present, since selection needs them),
+    ``k_slc/v_slc`` if ``"slc"`` is enabled, ``k_win/v_win`` if ``"win"`` is enabled. Otherwise one
+    shared pair ``k_cmp/v_cmp`` feeds every branch.
+  * RoPE is applied to the queries and to all keys *before* the op, so the compressed keys are
+    means (or phi-MLP outputs) of RoPE-rotated keys (as fla-org's NSA layer does; the paper does
+    not say).
+  * ``gate_proj``: ``d_model -> HQ * 3`` followed by a sigmoid and reshaped per head to
+    ``[B, T, HQ, 3]`` in the order (cmp, slc, win) -- only when more than one branch is enabled
+    (a single-branch config, e.g. InfLLM-V2, runs ungated).
+  * ``phi_k``/``phi_v``: the learnable compressors when ``config.nsa.compression == "mlp"``
+    (hidden width ``config.nsa_compressor_hidden`` or ``head_dim``).
+  * ``o_proj``: ``[B, T, HQ, Dv] -> [B, T, d_model]``.
+
+  The op is called with ``config.nsa.for_length(T)`` (``num_selected`` clamped to the
+  blocks a length-``T`` sequence has) and ``impl=config.attn_impl``.
+  """
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    self.config = config
+    self.dtype = dt = as_dtype(config.dtype)
+    c, nsa = config, config.nsa
+    self.q_proj = projection("btd,dhk->bthk", (c.d_model, c.num_heads, c.head_dim), in_axes=0,
+                             out_axes=(1, 2), dtype=dt, rngs=rngs)
+    self.k_cmp = _kv_projection(c, c.head_dim, dt, rngs)
+    self.v_cmp = _kv_projection(c, c.dv, dt, rngs)
+    independent = c.nsa_independent_kv
+    self.k_slc = _kv_projection(c, c.head_dim, dt, rngs) if (
+        independent and "slc" in nsa.branches) else None
+    self.v_slc = _kv_projection(c, c.dv, dt, rngs) if (
+        independent and "slc" in nsa.branches) else None
+    self.k_win = _kv_projection(c, c.head_dim, dt, rngs) if (
+        independent and "win" in nsa.branches) else None
+    self.v_win = _kv_projection(c, c.dv, dt, rngs) if (
+        independent and "win" in nsa.branches) else None
+    self.gate_proj = projection("btd,dhc->bthc", (c.d_model, c.num_heads, 3), in_axes=0,
+                                out_axes=(1, 2), dtype=dt, rngs=rngs) if (
+                                    len(nsa.branches) > 1) else None
+    if nsa.compression == "mlp":
+      hidden = c.nsa_compressor_hidden or c.head_dim
+      self.phi_k = MLPCompressor(num_kv_heads=c.num_kv_heads, window=nsa.cmp_window,
+                                 in_dim=c.head_dim, out_dim=c.head_dim, hidden=hidden, rngs=rngs)
+      self.phi_v = MLPCompressor(num_kv_heads=c.num_kv_heads, window=nsa.cmp_window,
+                                 in_dim=c.dv, out_dim=c.dv, hidden=hidden, rngs=rngs)
+    else:
+      self.phi_k = self.phi_v = None
+    self.o_proj = projection("bthv,hvd->btd", (c.num_heads, c.dv, c.d_model), in_axes=(0, 1),
+                             out_axes=2, dtype=dt, rngs=rngs)
+
+  def __call__(self, x, positions, segment_ids=None):
+    """``x [B, T, d_model]``, ``positions [B, T]``, ``segment_ids [B, T] | None`` ->
+    ``[B, T, d_model]``."""
+    c = self.config
+    _check_inputs(x, positions, segment_ids, c.d_model)
+    t = x.shape[1]
+
+    def rope(y):
+      return apply_rope(y, positions, c.rope_theta)
+
+    q = rope(self.q_proj(x))                                          # [B, T, HQ, Dk]
+    k = rope(self.k_cmp(x))                                           # [B, T, H, Dk]
+    v = self.v_cmp(x)                                                 # [B, T, H, Dv]
+    k_slc = None if self.k_slc is None else rope(self.k_slc(x))
+    v_slc = None if self.v_slc is None else self.v_slc(x)
+    k_win = None if self.k_win is None else rope(self.k_win(x))
+    v_win = None if self.v_win is None else self.v_win(x)
+    gates = None
+    if self.gate_proj is not None:
+      gates = jax.nn.sigmoid(self.gate_proj(x).astype(jnp.float32))   # [B, T, HQ, 3]
+    compress_params = None
+    if self.phi_k is not None:
+      compress_params = CompressorParams(k=self.phi_k.params(), v=self.phi_v.params())
+    o = nsa_attention(q, k, v, gates, config=c.nsa.for_length(t),
+                      segment_ids=segment_ids, compress_params=compress_params, k_slc=k_slc,
+                      v_slc=v_slc, k_win=k_win, v_win=v_win, impl=c.attn_impl)  # [B,T,HQ,Dv]
+    return self.o_proj(o)
+
+
+register_attention_kind("full", FullAttention)
+register_attention_kind("swa", SlidingWindowAttention)
+register_attention_kind("nsa", NSAAttention)
+
+__all__ = ["ATTENTION_KINDS", "FullAttention", "MLPCompressor", "NSAAttention",
+           "SlidingWindowAttention", "get_attention_kind",
+           "register_attention_kind"]

@@ -1,0 +1,103 @@
+"""A Llama-like decoder LM whose attention kind is chosen per layer (see ``ModelConfig.attention``).
+
+``tokens [B, T]`` -> embedding -> ``num_layers`` x pre-norm block -> RMSNorm -> logits ``[B, T, V]``
+(float32), with the output projection either separate or tied to the embedding.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sparse_attention_jax.nn.attention import ATTENTION_KINDS, get_attention_kind
+from sparse_attention_jax.nn.config import ModelConfig
+from sparse_attention_jax.nn.layers import Embed, RMSNorm, SwiGLU, as_dtype, projection
+
+
+class DecoderBlock(nnx.Module):
+  """``x + attn(norm(x))`` then ``x + mlp(norm(x))``."""
+
+  def __init__(self, config: ModelConfig, kind: str, *, rngs: nnx.Rngs):
+    self.kind = kind
+    c = config
+    self.attn_norm = RMSNorm(c.d_model, eps=c.norm_eps, dtype=c.dtype)
+    self.attn = get_attention_kind(kind)(c, rngs=rngs)
+    self.mlp_norm = RMSNorm(c.d_model, eps=c.norm_eps, dtype=c.dtype)
+    self.mlp = SwiGLU(c.d_model, c.mlp_dim, dtype=c.dtype, rngs=rngs)
+
+  def __call__(self, x, positions, segment_ids=None):
+    """``x [B, T, d_model]`` -> ``[B, T, d_model]`` in the compute dtype."""
+    x = x + self.attn(self.attn_norm(x), positions, segment_ids).astype(x.dtype)
+    return x + self.mlp(self.mlp_norm(x)).astype(x.dtype)
+
+
+class DecoderLM(nnx.Module):
+  """Decoder-only LM.
+
+  Attributes:
+    embed: token embedding ``[V, d_model]``.
+    layers: ``nnx.List`` of :class:`DecoderBlock`, layer ``i`` of kind ``config.layer_kinds()[i]``.
+    final_norm: RMSNorm before the output projection.
+    lm_head: ``[d_model, V]`` output projection, or None when ``config.tie_embeddings``.
+  """
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    if not isinstance(config, ModelConfig):
+      raise TypeError(f"config: expected a ModelConfig, got {type(config).__name__}")
+    kinds = config.layer_kinds()
+    unknown = sorted({k for k in kinds if k not in ATTENTION_KINDS})
+    if unknown:
+      raise ValueError(f"model.attention: expected kinds from the registered "
+                       f"{sorted(ATTENTION_KINDS)}, got unknown {unknown}")
+    self.config = config
+    c = config
+    self.embed = Embed(c.vocab_size, c.d_model, dtype=c.dtype, rngs=rngs)
+    self.layers = nnx.List([DecoderBlock(c, kind, rngs=rngs) for kind in kinds])
+    self.final_norm = RMSNorm(c.d_model, eps=c.norm_eps, dtype=c.dtype)
+    self.lm_head = None if c.tie_embeddings else projection(
+        "btd,dv->btv", (c.d_model, c.vocab_size), in_axes=0, out_axes=1, dtype=as_dtype(c.dtype),
+        rngs=rngs, preferred_element_type=jnp.float32)
+
+  def __call__(self, tokens, positions=None, segment_ids=None):
+    """Next-token logits.
+
+    Args:
+      tokens: ``[B, T]`` int32 token ids.
+      positions: ``[B, T]`` int32 RoPE positions; default ``arange(T)`` for every row (packed
+        documents should pass positions restarting at 0 per document).
+      segment_ids: ``[B, T]`` int32 document ids of packed sequences (no attention across
+        documents), or None.
+
+    Returns:
+      ``[B, T, V]`` float32 logits.
+    """
+    if tokens.ndim != 2:
+      raise ValueError(f"tokens: expected [B, T], got shape {tokens.shape}")
+    b, t = tokens.shape
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    x = self.embed(tokens)
+    for layer in self.layers:
+      x = layer(x, positions, segment_ids)
+    x = self.final_norm(x)
+    if self.lm_head is None:
+      return self.embed.attend(x)
+    return self.lm_head(x).astype(jnp.float32)
+
+
+def count_params(model: nnx.Module) -> int:
+  """Number of scalar elements in the model's :class:`nnx.Param` s (works on abstract models)."""
+  state = nnx.state(model, nnx.Param)
+  return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(state))
+
+
+def param_count(config: ModelConfig) -> int:
+  """Parameter count of ``DecoderLM(config)`` without allocating its weights (shape evaluation)."""
+  abstract = nnx.eval_shape(lambda: DecoderLM(config, rngs=nnx.Rngs(0)))
+  return count_params(abstract)
+
+
+__all__ = ["DecoderBlock", "DecoderLM", "count_params", "param_count"]
