@@ -21,6 +21,7 @@ from sparse_attention_jax.ops import (
     CompressorParams, MLPCompressorParams, dense_causal_attention, init_mlp_compressor,
     nsa_attention, sliding_window_attention)
 from sparse_attention_jax.nn.config import ModelConfig
+from sparse_attention_jax.ops.masked import same_document
 from sparse_attention_jax.nn.layers import as_dtype, projection
 from sparse_attention_jax.nn.rope import apply_rope
 
@@ -103,8 +104,9 @@ class _DenseAttentionBase(nnx.Module):
 
 
 def _segment_mask(segment_ids):
-  """``[B, 1, T, T]`` bool same-document mask for ``jax.nn.dot_product_attention``."""
-  return (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+  """``[B, 1, T, T]`` bool same-document mask for ``jax.nn.dot_product_attention`` (documents are
+  maximal runs of equal ids, as in the ops)."""
+  return same_document(segment_ids)[:, None]
 
 
 class FullAttention(_DenseAttentionBase):
