@@ -1,0 +1,298 @@
+"""Loss, optimizer, jitted train/eval steps and the training loop.
+
+The trainer keeps the model and optimizer as split NNX state (``nnx.split``) and runs plain
+``jax.jit`` steps that take the state and return the updated state (donated, so the update is in
+place in device memory), then writes the new arrays back into the Python objects.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from tqdm.auto import tqdm
+
+from sparse_attention_jax.nn import DecoderLM
+from train.config import RunConfig, TrainConfig
+
+Batch = dict[str, Any]
+
+# Leaf names never decayed even when they are >= 2-D (e.g. per-head biases of shape [H, D]).
+_NO_DECAY_NAMES = frozenset({"bias", "scale", "b1", "b2"})
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array,
+                  loss_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Summed next-token cross-entropy over unmasked targets and the number of targets.
+
+  Args:
+    logits: ``[B, T, V]``.
+    targets: ``[B, T]`` int32.
+    loss_mask: ``[B, T]``, 1 where the target counts.
+
+  Returns:
+    ``(sum of losses, count)`` as float32 scalars; the mean is ``sum / max(count, 1)``.
+  """
+  logits = logits.astype(jnp.float32)
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+  mask = loss_mask.astype(jnp.float32)
+  return jnp.sum(ce * mask), jnp.sum(mask)
+
+
+def loss_fn(model: nnx.Module, batch: Batch) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+  """Mean cross-entropy of ``model`` on a packed batch (see :func:`train.data.shift_rows`)."""
+  logits = model(batch["tokens"], positions=batch["positions"],
+                 segment_ids=batch["segment_ids"])
+  total, count = cross_entropy(logits, batch["targets"], batch["loss_mask"])
+  return total / jnp.maximum(count, 1.0), (total, count)
+
+
+def decay_mask(params: Any) -> Any:
+  """True for parameters that get weight decay: matrices (ndim >= 2) that are not biases/scales."""
+  def keep(path, x):
+    last = path[-1] if path else None
+    name = getattr(last, "key", getattr(last, "name", last))
+    return bool(x.ndim >= 2 and str(name) not in _NO_DECAY_NAMES)
+  return jax.tree_util.tree_map_with_path(keep, params)
+
+
+def lr_schedule(cfg: TrainConfig) -> optax.Schedule:
+  """Linear warmup from 0 to ``lr`` over ``warmup_steps``, cosine decay to ``lr*min_lr_ratio``.
+
+  ``warmup_steps`` is clamped to ``steps``; the decay ends at step ``steps``.
+  """
+  warmup = min(cfg.warmup_steps, cfg.steps)
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=cfg.lr, warmup_steps=warmup,
+      decay_steps=max(cfg.steps, warmup + 1), end_value=cfg.lr * cfg.min_lr_ratio)
+
+
+# The TrainConfig fields that define the optimizer (not e.g. the seed or the output folder).
+_TX_FIELDS = ("lr", "warmup_steps", "steps", "min_lr_ratio", "adam_b1", "adam_b2", "weight_decay",
+              "grad_clip")
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_tx(**fields) -> optax.GradientTransformation:
+  cfg = TrainConfig(**fields)
+  parts = []
+  if cfg.grad_clip > 0:
+    parts.append(optax.clip_by_global_norm(cfg.grad_clip))
+  parts.append(optax.adamw(lr_schedule(cfg), b1=cfg.adam_b1, b2=cfg.adam_b2,
+                           weight_decay=cfg.weight_decay, mask=decay_mask))
+  return optax.chain(*parts)
+
+
+def make_tx(cfg: TrainConfig) -> optax.GradientTransformation:
+  """Global-norm clipping (if ``grad_clip > 0``) then AdamW with the schedule and decay mask.
+
+  Equal optimizer settings return the same object, so optimizers built from equal settings have
+  equal NNX graph definitions and share the compiled train step.
+  """
+  return _cached_tx(**{name: getattr(cfg, name) for name in _TX_FIELDS})
+
+
+def build(config: RunConfig) -> tuple[DecoderLM, nnx.Optimizer]:
+  """A freshly initialized model (seeded by ``train.seed``) and its optimizer."""
+  model = DecoderLM(config.model, rngs=nnx.Rngs(config.train.seed))
+  optimizer = nnx.Optimizer(model, make_tx(config.train), wrt=nnx.Param)
+  return model, optimizer
+
+
+def _train_step(model_def, opt_def, model_state, opt_state, batch):
+  model = nnx.merge(model_def, model_state)
+  opt = nnx.merge(opt_def, opt_state)
+  grad_fn = nnx.value_and_grad(loss_fn, has_aux=True)
+  (loss, (_, count)), grads = grad_fn(model, batch)
+  opt.update(model, grads)
+  metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "targets": count}
+  return nnx.state(model), nnx.state(opt), metrics
+
+
+def _eval_step(model_def, model_state, batch):
+  _, (total, count) = loss_fn(nnx.merge(model_def, model_state), batch)
+  return total, count
+
+
+# Module-level jits keyed on the (hashable) graph definitions: trainers of the same model and
+# optimizer structure share one compilation.
+_train_step_jit = jax.jit(_train_step, static_argnums=(0, 1), donate_argnums=(2, 3))
+_eval_step_jit = jax.jit(_eval_step, static_argnums=(0,))
+
+
+class Trainer:
+  """Jitted train and eval steps over split NNX state.
+
+  The steps donate the old state, and after every step the new arrays are written back into
+  :attr:`model` and :attr:`optimizer`, so both objects are always current (and safe to read,
+  save or sample from) between steps.
+
+  Attributes:
+    model: the model being trained.
+    optimizer: its optimizer.
+  """
+
+  def __init__(self, model: nnx.Module, optimizer: nnx.Optimizer):
+    self.model, self.optimizer = model, optimizer
+    self._model_def, self._model_state = nnx.split(model)
+    self._opt_def, self._opt_state = nnx.split(optimizer)
+
+  def step(self, batch: Batch) -> dict[str, jax.Array]:
+    """One optimizer step; returns ``loss``, ``grad_norm`` and ``targets`` (device scalars)."""
+    self._model_state, self._opt_state, metrics = _train_step_jit(
+        self._model_def, self._opt_def, self._model_state, self._opt_state, batch)
+    nnx.update(self.model, self._model_state)
+    nnx.update(self.optimizer, self._opt_state)
+    return metrics
+
+  def evaluate(self, batches: list[Batch]) -> float:
+    """Mean cross-entropy (nats per byte) over all unmasked targets of ``batches``."""
+    if not batches:
+      raise ValueError("batches: expected at least one evaluation batch, got none")
+    total, count = 0.0, 0.0
+    for b in batches:
+      t, c = _eval_step_jit(self._model_def, self._model_state, b)
+      total, count = total + float(t), count + float(c)
+    return total / max(count, 1.0)
+
+  @property
+  def step_count(self) -> int:
+    """Optimizer steps taken (restored checkpoints included)."""
+    return int(self._opt_state["step"][...])
+
+
+@dataclasses.dataclass
+class TrainResult:
+  """What a run did.
+
+  Attributes:
+    first_loss: train loss of the first step.
+    last_loss: mean train loss over the last ``log_every`` steps.
+    eval_loss: final held-out loss (nats per byte), or None when there was no evaluation.
+    eval_history: ``(step, eval loss)`` pairs.
+    tokens_per_s: training throughput excluding the first (compiling) step.
+    compile_s: wall time of the first step (trace + compile + run).
+    train_s: wall time of the training loop.
+    steps: steps run.
+  """
+
+  first_loss: float
+  last_loss: float
+  eval_loss: float | None
+  eval_history: list[tuple[int, float]]
+  tokens_per_s: float
+  compile_s: float
+  train_s: float
+  steps: int
+
+
+def _tokens(batch: Batch) -> int:
+  return int(np.prod(np.shape(batch["tokens"])))
+
+
+def train(trainer: Trainer, config: TrainConfig, train_batches: Iterator[Batch],
+          eval_batches: list[Batch] | None = None, *, metrics_path: str | None = None,
+          progress: bool = True, log: Callable[[str], None] | None = None) -> TrainResult:
+  """Runs ``config.steps`` steps with a tqdm bar, periodic log lines, evaluation and metrics.
+
+  Args:
+    trainer: the jitted steps and state.
+    config: the ``train:`` section (steps, log_every, eval_every).
+    train_batches: an iterator of training batches.
+    eval_batches: held-out batches (None or empty = no evaluation).
+    metrics_path: a ``metrics.jsonl`` file to append one JSON object per log/eval event.
+    progress: show the tqdm bar.
+    log: where log lines go (default: ``tqdm.write`` to stdout).
+
+  Returns:
+    A :class:`TrainResult`; ``trainer.model`` and ``trainer.optimizer`` hold the trained state.
+  """
+  log = log or (lambda s: tqdm.write(s, file=sys.stdout))
+  with contextlib.ExitStack() as stack:
+    metrics_file = None
+    if metrics_path:
+      os.makedirs(os.path.dirname(os.path.abspath(metrics_path)), exist_ok=True)
+      metrics_file = stack.enter_context(open(metrics_path, "a"))
+    return _train(trainer, config, train_batches, eval_batches, metrics_file, progress, log)
+
+
+def _train(trainer, config, train_batches, eval_batches, metrics_file, progress, log):
+  """:func:`train` with the metrics file (or None) already open."""
+  schedule = lr_schedule(config)
+
+  def record(event: dict[str, Any]) -> None:
+    if metrics_file is not None:
+      metrics_file.write(json.dumps(event) + "\n")
+      metrics_file.flush()
+
+  first_loss, eval_loss, eval_history = None, None, []
+  window_losses, window_tokens, window_s = [], 0, 0.0
+  timed_tokens, timed_s = 0, 0.0
+  compile_s = 0.0
+  start = time.perf_counter()
+  step0 = trainer.step_count
+  bar = tqdm(total=config.steps, desc="train", unit="step", disable=not progress,
+             file=sys.stdout, dynamic_ncols=True, mininterval=0.5)
+  try:
+    for i in range(config.steps):
+      step = step0 + i + 1
+      t_data = time.perf_counter()
+      batch = next(train_batches)
+      t0 = time.perf_counter()
+      metrics = trainer.step(batch)
+      loss = float(metrics["loss"])  # Blocks: per-step timing and a finite-loss check.
+      dt = time.perf_counter() - t0
+      if not np.isfinite(loss):
+        raise FloatingPointError(f"train loss is {loss} at step {step}; lower train.lr or set "
+                                 f"train.grad_clip")
+      if i == 0:
+        first_loss, compile_s = loss, dt
+      else:  # Throughput counts data + step time after the compiling step, never evaluation.
+        timed_tokens += _tokens(batch)
+        timed_s += time.perf_counter() - t_data
+        window_tokens += _tokens(batch)
+        window_s += time.perf_counter() - t_data
+      window_losses.append(loss)
+      tok_s = timed_tokens / timed_s if timed_s > 0 else 0.0
+      bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}", refresh=False)
+      bar.update(1)
+
+      if step % config.log_every == 0 or i == config.steps - 1:
+        mean_loss = float(np.mean(window_losses))
+        rate = window_tokens / window_s if window_s > 0 else 0.0
+        event = {"step": step, "loss": mean_loss, "lr": float(schedule(step - 1)),
+                 "grad_norm": float(metrics["grad_norm"]), "tokens_per_s": rate,
+                 "elapsed_s": time.perf_counter() - start}
+        log(f"step {step:5d} | loss {mean_loss:.4f} | lr {event['lr']:.2e} | "
+            f"grad_norm {event['grad_norm']:.3f} | {rate:,.0f} tok/s")
+        record(event)
+        last_window = window_losses
+        window_losses, window_tokens, window_s = [], 0, 0.0
+
+      last = i == config.steps - 1
+      due = (config.eval_every and step % config.eval_every == 0) or last
+      if eval_batches and due:
+        eval_loss = trainer.evaluate(eval_batches)
+        eval_history.append((step, eval_loss))
+        log(f"step {step:5d} | eval loss {eval_loss:.4f} ({eval_loss / np.log(2):.3f} "
+            f"bits/byte)")
+        record({"step": step, "eval_loss": eval_loss})
+  finally:
+    bar.close()
+  train_s = time.perf_counter() - start
+  return TrainResult(first_loss=first_loss, last_loss=float(np.mean(last_window)),
+                     eval_loss=eval_loss, eval_history=eval_history,
+                     tokens_per_s=timed_tokens / timed_s if timed_s > 0 else 0.0,
+                     compile_s=compile_s, train_s=train_s, steps=config.steps)
