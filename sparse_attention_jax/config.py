@@ -55,6 +55,10 @@ class NSAConfig:
       Selection always runs the compressed scoring pass; ``"cmp"`` controls only whether the
       compressed branch's *output* is mixed in.
     softmax_scale: logit scale; ``None`` means ``Dk ** -0.5``.
+    selection_share: r; 1 = exact per-token selection. With r > 1 (ASA's kernel trick, r = 4 in
+      the ASA paper) aligned runs of r tokens use the selection of their first token, so a kernel
+      tile of r tokens x G heads iterates over one block list. Must divide ``block_size`` so a run
+      never crosses a block boundary (every token's own block stays selected).
   """
 
   cmp_window: int = 32
@@ -68,9 +72,10 @@ class NSAConfig:
   window: int = 512
   branches: tuple[Branch, ...] = BRANCHES
   softmax_scale: float | None = None
+  selection_share: int = 1
 
   def __post_init__(self):
-    for name in ("cmp_window", "cmp_stride", "block_size", "num_selected"):
+    for name in ("cmp_window", "cmp_stride", "block_size", "num_selected", "selection_share"):
       v = getattr(self, name)
       _require(isinstance(v, int) and v >= 1, name, "a positive int", v)
     for name in ("num_init_blocks", "num_local_blocks", "window"):
@@ -80,6 +85,8 @@ class NSAConfig:
              f"a divisor of cmp_window={self.cmp_window}", self.cmp_stride)
     _require(self.block_size % self.cmp_stride == 0, "cmp_stride",
              f"a divisor of block_size={self.block_size}", self.cmp_stride)
+    _require(self.block_size % self.selection_share == 0, "selection_share",
+             f"a divisor of block_size={self.block_size}", self.selection_share)
     _require(self.compression in ("mean", "mlp"), "compression", "'mean' or 'mlp'",
              self.compression)
     _require(self.score_pooling in ("sum", "max"), "score_pooling", "'sum' or 'max'",

@@ -6,5 +6,6 @@ from sparse_attention_jax.ops.compression import (
 from sparse_attention_jax.ops.masked import dense_causal_attention, masked_attention
 from sparse_attention_jax.ops.nsa import NSAAux, combine_branches, nsa_attention
 from sparse_attention_jax.ops.selected import selected_attention
-from sparse_attention_jax.ops.selection import block_importance, overlap_table, select_blocks
+from sparse_attention_jax.ops.selection import (
+    block_importance, overlap_table, select_blocks, share_selection)
 from sparse_attention_jax.ops.window import sliding_window_attention

@@ -15,7 +15,7 @@ from sparse_attention_jax.ops import _checks, dispatch
 from sparse_attention_jax.ops.compressed import compressed_attention
 from sparse_attention_jax.ops.compression import CompressorParams, compress
 from sparse_attention_jax.ops.selected import selected_attention
-from sparse_attention_jax.ops.selection import block_importance, select_blocks
+from sparse_attention_jax.ops.selection import block_importance, select_blocks, share_selection
 from sparse_attention_jax.ops.window import sliding_window_attention
 
 
@@ -61,6 +61,8 @@ def _nsa_reference(q, k, v, gates, *, config, segment_ids, compress_params, k_sl
   if block_indices is None:
     importance = block_importance(cmp.probs, config, num_kv_heads=h, seq_len=t)
     block_indices = select_blocks(importance, config, segment_ids=segment_ids)
+    if config.selection_share > 1:
+      block_indices = share_selection(block_indices, config.selection_share)
   scale = config.scale(q.shape[-1])
   outputs = {}
   if "cmp" in config.branches:
@@ -100,7 +102,8 @@ def nsa_attention(q, k, v, gates=None, *, config: NSAConfig, segment_ids=None,
       ``config.compression == "mlp"``.
     k_slc, v_slc, k_win, v_win: independent keys/values for the selected and window branches (the
       paper's per-branch K/V); default to ``k``/``v``.
-    block_indices: optional precomputed ``[B, T, H, n]`` selection (skips scoring/top-n).
+    block_indices: optional precomputed ``[B, T, H, n]`` selection (skips scoring, top-n and
+      ``config.selection_share``).
     impl: ``"auto"``, ``"reference"`` or a backend name (see :mod:`sparse_attention_jax.ops.dispatch`).
     return_aux: also return :class:`NSAAux`.
 
