@@ -9,3 +9,11 @@ from sparse_attention_jax.ops.selected import selected_attention
 from sparse_attention_jax.ops.selection import (
     block_importance, overlap_table, select_blocks, share_selection)
 from sparse_attention_jax.ops.window import sliding_window_attention
+
+__all__ = [
+    "CompressedAttentionOutput", "CompressorParams", "MLPCompressorParams", "NSAAux",
+    "block_importance", "cmp_visibility", "combine_branches", "compress", "compressed_attention",
+    "dense_causal_attention", "init_mlp_compressor", "masked_attention", "nsa_attention",
+    "overlap_table", "select_blocks", "selected_attention", "share_selection",
+    "sliding_window_attention",
+]

@@ -1,4 +1,4 @@
-"""Input validation shared by the ops: every error names the argument, what was expected and what came.
+"""Input validation shared by the ops: errors name the argument, what was expected and what came.
 
 Checks run at trace time on static shapes and dtypes, so they cost nothing inside ``jax.jit``.
 """
@@ -25,8 +25,13 @@ def check_float(name: str, x) -> None:
     fail(name, "dtype float32, bfloat16 or float16", x.dtype)
 
 
-def check_qkv(q, k, v, *, k_name: str = "k", v_name: str = "v") -> tuple[int, int, int, int, int, int]:
-  """Validates ``q [B,T,HQ,Dk]``, ``k [B,S,H,Dk]``, ``v [B,S,H,Dv]``; returns (B, T, S, HQ, H, Dv)."""
+def check_qkv(q, k, v, *, k_name: str = "k", v_name: str = "v"
+              ) -> tuple[int, int, int, int, int, int]:
+  """Validates ``q [B,T,HQ,Dk]``, ``k [B,S,H,Dk]``, ``v [B,S,H,Dv]``.
+
+  Returns:
+    ``(B, T, S, HQ, H, Dv)``.
+  """
   check_rank("q", q, 4, "[B, T, HQ, Dk]")
   check_rank(k_name, k, 4, "[B, T, H, Dk]")
   check_rank(v_name, v, 4, "[B, T, H, Dv]")

@@ -1,4 +1,4 @@
-"""Compressed-token attention (NSA eq. 8): every query attends over the visible compressed tokens."""
+"""Compressed-token attention (NSA eq. 8): each query attends over the visible compressed tokens."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ class CompressedAttentionOutput(NamedTuple):
 
 def compressed_attention(q, k_cmp, v_cmp, config: NSAConfig, *, segment_ids=None
                          ) -> CompressedAttentionOutput:
-  """Attention of ``q [B, T, HQ, Dk]`` over compressed ``k_cmp [B, NC, H, Dk]``, ``v_cmp [B, NC, H, Dv]``.
+  """Attention of ``q [B, T, HQ, Dk]`` over ``k_cmp [B, NC, H, Dk]``, ``v_cmp [B, NC, H, Dv]``.
 
   Query ``t`` sees compressed token ``i`` iff ``i*d + l - 1 <= t`` (and, with ``segment_ids``
   ``[B, T]``, iff the whole window lies in the query's document).

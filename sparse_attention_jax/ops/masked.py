@@ -85,8 +85,8 @@ def document_starts(segment_ids, batch: int, seq_len: int):
 
 
 def causal_mask(seq_len: int, segment_ids=None, window: int | None = None):
-  """``[B|1, T, 1, T]`` bool: key ``s`` visible to query ``t`` iff ``s <= t`` (and ``t - s < window``,
-  and same document)."""
+  """``[B|1, T, 1, T]`` bool: key ``s`` visible to query ``t`` iff ``s <= t`` (and
+  ``t - s < window``, and same document)."""
   t = jnp.arange(seq_len)
   m = t[None, :] <= t[:, None]
   if window is not None:

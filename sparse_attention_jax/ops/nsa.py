@@ -104,7 +104,8 @@ def nsa_attention(q, k, v, gates=None, *, config: NSAConfig, segment_ids=None,
       paper's per-branch K/V); default to ``k``/``v``.
     block_indices: optional precomputed ``[B, T, H, n]`` selection (skips scoring, top-n and
       ``config.selection_share``).
-    impl: ``"auto"``, ``"reference"`` or a backend name (see :mod:`sparse_attention_jax.ops.dispatch`).
+    impl: ``"auto"``, ``"reference"`` or a backend name (see
+      :mod:`sparse_attention_jax.ops.dispatch`).
     return_aux: also return :class:`NSAAux`.
 
   Returns:

@@ -1,4 +1,4 @@
-"""Selected-block attention (NSA eq. 12): each query attends over the tokens of its KV group's blocks."""
+"""Selected-block attention (NSA eq. 12): queries attend over the tokens of their group's blocks."""
 
 from __future__ import annotations
 
@@ -32,7 +32,8 @@ def selected_attention(q, k, v, block_indices, *, block_size: int, segment_ids=N
     block_size: l', tokens per block.
     segment_ids: optional ``[B, T]`` document ids.
     softmax_scale: defaults to ``Dk ** -0.5``.
-    impl: ``"auto"``, ``"reference"`` or a backend name (see :mod:`sparse_attention_jax.ops.dispatch`).
+    impl: ``"auto"``, ``"reference"`` or a backend name (see
+      :mod:`sparse_attention_jax.ops.dispatch`).
 
   Returns:
     ``[B, T, HQ, Dv]`` in ``q.dtype``; a query whose selection holds no visible key gets 0.
