@@ -7,6 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+# float32 comparisons against the references must not run through reduced-precision (TF32) matmul
+# passes, which XLA uses by default on GPUs; on CPU this changes nothing.
+jax.config.update("jax_default_matmul_precision", "highest")
+
 
 def rand_qkv(key, b, t, hq, h, dk, dv=None, dtype=jnp.float32):
   """Fresh standard-normal ``q [B,T,HQ,Dk]``, ``k [B,T,H,Dk]``, ``v [B,T,H,Dv]``."""

@@ -258,3 +258,10 @@ def test_sampling_is_fixed_length_and_reproducible():
   assert np.array_equal(c, d)
   with pytest.raises(ValueError, match="prompt"):
     sample(model, "", 3)
+
+
+def test_latent_overrides_reach_the_asa_config():
+  cfg = load_config("configs/asa_tiny.yaml", ["model.latent.groups=1", "model.latent.rope_dim=8"])
+  assert cfg.model.latent.groups == 1 and cfg.model.latent.rope_dim == 8
+  with pytest.raises(ValueError, match="no_such_field"):
+    load_config("configs/asa_tiny.yaml", ["model.latent.no_such_field=1"])

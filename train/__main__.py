@@ -1,13 +1,21 @@
 """Training job: ``python -m train --config configs/tiny.yaml [section.key=value ...]``.
 
 Builds the model of the ``model:`` section, trains it on the embedded byte-level corpus (Python
-standard library sources) with the ``train:`` section, evaluates on held-out files, saves an Orbax
-checkpoint and the resolved config under ``train.output_dir`` and samples a few bytes.
+standard library sources) with the ``train:`` section, evaluates on held-out files, saves Orbax
+checkpoints (every ``train.checkpoint_every`` steps, asynchronously, and at the end) and the
+resolved config under ``train.output_dir`` and samples a few bytes.
+
+With more than one device (or process) the run is SPMD over the mesh ``train.mesh``; one device
+in one process runs without a mesh. ``--resume`` continues from the newest checkpoint of
+``train.output_dir`` (model, optimizer, step and data position: the same loss curve as an
+uninterrupted run); without it a run starts fresh and deletes old checkpoints there. SIGTERM
+saves a checkpoint after the current step and exits with status 0.
 
 Examples::
 
   python -m train --config configs/tiny.yaml
   python -m train --config configs/tiny.yaml train.steps=50 model.nsa.num_selected=3
+  python -m train --config configs/tiny.yaml --resume train.checkpoint_every=50
 """
 
 from __future__ import annotations
@@ -26,6 +34,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
              "model.nsa.num_selected=3 (values are parsed as YAML)")
   p.add_argument("--config", required=True, help="YAML file with model: and train: sections")
   p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+  p.add_argument("--resume", action="store_true",
+                 help="continue from the newest checkpoint in train.output_dir (if any)")
   p.add_argument("overrides", nargs="*", metavar="section.key=value")
   return p.parse_args(argv)
 
@@ -45,41 +55,101 @@ def main(argv: list[str] | None = None) -> int:
 
   import jax
 
+  from train import mesh as mesh_lib
+
+  try:
+    mesh_lib.initialize_distributed(tc.distributed)  # Before anything touches a device.
+  except ValueError as e:
+    print(f"config error: {e}", file=sys.stderr)
+    return 2
+
   from sparse_attention_jax.nn import count_params
-  from train import checkpoint, data, loop
+  from train import checkpoint, data, loop, sharding
   from train.sample import sample_text
+
+  nproc, pid = jax.process_count(), jax.process_index()
+  if tc.batch_size % nproc:
+    print(f"config error: train.batch_size: expected a multiple of the {nproc} processes, got "
+          f"{tc.batch_size}", file=sys.stderr)
+    return 2
+  mesh = None
+  if jax.device_count() > 1:
+    try:
+      mesh = mesh_lib.make_mesh(tc.mesh)
+    except ValueError as e:
+      print(f"config error: {e}", file=sys.stderr)
+      return 2
+    if tc.batch_size % sharding.batch_shards(mesh):
+      print(f"config error: train.batch_size: expected a multiple of the "
+            f"{sharding.batch_shards(mesh)} "
+            f"batch shards (train.mesh data x fsdp = {mesh_lib.describe(mesh)}), got "
+            f"{tc.batch_size}", file=sys.stderr)
+      return 2
+  local_batch = tc.batch_size // nproc
 
   os.makedirs(tc.output_dir, exist_ok=True)
   config_path = os.path.join(tc.output_dir, "config.yaml")
-  save_config(config, config_path)
+  if pid == 0:  # Process 0 writes the shared files (config, metrics).
+    save_config(config, config_path)
   metrics_path = os.path.join(tc.output_dir, "metrics.jsonl")
-  if os.path.exists(metrics_path):
-    os.remove(metrics_path)  # A fresh run starts a fresh log.
+  ckpt_dir = os.path.join(tc.output_dir, "checkpoints")
+  resuming = args.resume and checkpoint.latest(ckpt_dir) is not None
+  if not resuming:
+    if os.path.exists(metrics_path) and pid == 0:
+      os.remove(metrics_path)  # A fresh run starts a fresh log.
+    removed = checkpoint.clear(ckpt_dir)
+    if removed:
+      print(f"fresh run: removed {removed} old checkpoint(s) under {ckpt_dir} (use --resume to "
+            f"continue them)")
 
   corpus = data.load_corpus(tc.corpus_max_bytes, tc.heldout_fraction)
   print(f"corpus: Python {sys.version.split()[0]} standard library sources, "
         f"{len(corpus.train)} train files ({corpus.train_bytes / 1e6:.2f} MB), "
         f"{len(corpus.heldout)} held-out files ({corpus.heldout_bytes / 1e6:.2f} MB)")
-  train_it = data.train_iterator(corpus.train, tc.seq_len, tc.batch_size, tc.seed)
-  eval_set = data.eval_batches(corpus.heldout, tc.seq_len, tc.batch_size, tc.eval_batches)
+  train_it = data.train_iterator(corpus.train, tc.seq_len, local_batch, tc.seed,
+                                 shard_index=pid, shard_count=nproc)
+  eval_set = data.eval_batches(corpus.heldout, tc.seq_len, local_batch, tc.eval_batches,
+                               shard_index=pid, shard_count=nproc)
 
-  model, optimizer = loop.build(config)
+  model, optimizer = loop.build(config) if mesh is None else loop.build_sharded(config, mesh)
   dev = jax.devices()[0]
   print(f"model: {count_params(model):,} params, layers {list(config.model.layer_kinds())}, "
-        f"d_model {config.model.d_model}")
-  print(f"device: {dev.platform} ({dev.device_kind}), {jax.device_count()} device(s); "
-        f"using 1")
-  print(f"train: {tc.steps} steps x {tc.batch_size} x {tc.seq_len} tokens, lr {tc.lr:g}, "
-        f"output {os.path.abspath(tc.output_dir)}")
+        f"d_model {config.model.d_model}, compute {config.model.dtype}, remat "
+        f"{config.model.remat}")
+  if mesh is None:
+    print(f"device: {dev.platform} ({dev.device_kind}), 1 device, no mesh")
+  else:
+    print(f"device: {dev.platform} ({dev.device_kind}), mesh {mesh_lib.describe(mesh)}")
+  print(f"train: {tc.steps} steps x {tc.batch_size} x {tc.seq_len} tokens"
+        f"{f' ({tc.grad_accum_steps} microbatches)' if tc.grad_accum_steps > 1 else ''}, "
+        f"lr {tc.lr:g}, output {os.path.abspath(tc.output_dir)}")
 
-  trainer = loop.Trainer(model, optimizer)
+  trainer = loop.Trainer(model, optimizer, mesh=mesh, grad_accum_steps=tc.grad_accum_steps)
+  ckpt = checkpoint.Checkpointer(ckpt_dir, every=tc.checkpoint_every, keep=tc.keep_checkpoints)
+  if resuming:
+    step = ckpt.restore(model, optimizer, train_it)
+    trainer.refresh()
+    print(f"resumed from {os.path.join(ckpt_dir, str(step))} (step {step} of {tc.steps})")
   init_eval = trainer.evaluate(eval_set)
-  print(f"eval loss at init: {init_eval:.4f} (uniform bytes: ln 256 = 5.5452)")
-  result = loop.train(trainer, tc, train_it, eval_set, metrics_path=metrics_path,
-                      progress=not args.no_progress)
+  print(f"eval loss at {'init' if not resuming else 'resume'}: {init_eval:.4f} (uniform bytes: "
+        f"ln 256 = 5.5452)")
 
-  ckpt_path = checkpoint.save(os.path.join(tc.output_dir, "checkpoints"), model, optimizer,
-                              trainer.step_count)
+  def on_step(step: int, force: bool) -> None:
+    ckpt.save(step, model, optimizer, train_it, force=force)
+
+  try:
+    result = loop.train(trainer, tc, train_it, eval_set,
+                        metrics_path=metrics_path if pid == 0 else None,
+                        progress=not args.no_progress, on_step=on_step)
+    if not result.losses:  # Nothing left to run (resumed at the end): still save the state.
+      ckpt.save(trainer.step_count, model, optimizer, train_it, force=True)
+  finally:
+    ckpt.close()
+  ckpt_path = os.path.join(ckpt_dir, str(trainer.step_count))
+  if result.stopped:
+    print(f"stopped by SIGTERM after step {trainer.step_count}; checkpoint {ckpt_path}; rerun "
+          f"with --resume to continue")
+    return 0
 
   text = None
   if tc.sample_bytes > 0:
@@ -90,9 +160,10 @@ def main(argv: list[str] | None = None) -> int:
   print()
   print("=" * 72)
   print(f"train loss      first {result.first_loss:.4f} -> last {result.last_loss:.4f} "
-        f"(mean of the last {min(tc.log_every, tc.steps)} steps)")
+        f"(mean of the last {min(tc.log_every, max(result.steps, 1))} steps)")
   if result.eval_loss is not None:
-    print(f"eval loss       {init_eval:.4f} at init -> {result.eval_loss:.4f} "
+    print(f"eval loss       {init_eval:.4f} at {'resume' if resuming else 'init'} -> "
+          f"{result.eval_loss:.4f} "
           f"({result.eval_loss / 0.6931471805599453:.3f} bits/byte) on "
           f"{tc.eval_batches} x {tc.batch_size} held-out rows")
   print(f"throughput      {result.tokens_per_s:,.0f} tokens/s (first step incl. compile: "

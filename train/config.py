@@ -20,9 +20,40 @@ import yaml
 
 from sparse_attention_jax.config import NSAConfig
 from sparse_attention_jax.nn.config import ModelConfig
+from sparse_attention_jax.nn.latent_config import LatentConfig
 
 # Byte-level text: token ids are 0..255.
 BYTE_VOCAB = 256
+
+MESH_AXES = ("data", "fsdp", "tensor")
+DEFAULT_MESH = {"data": 1, "fsdp": -1, "tensor": 1}
+
+
+def validate_mesh_config(spec: dict[str, int] | None) -> dict[str, int]:
+  """Checks a ``train.mesh`` mapping (without looking at devices) and fills in missing axes.
+
+  A missing ``fsdp`` is -1 (all remaining devices) unless another axis is -1; other missing axes
+  are 1, so ``{tensor: 2}`` means tensor 2 and FSDP over the rest.
+
+  Raises:
+    ValueError: unknown axis names, non-int sizes, sizes < 1 other than -1, or more than one -1.
+  """
+  if spec is None:
+    return dict(DEFAULT_MESH)
+  if not isinstance(spec, dict):
+    raise ValueError(f"train.mesh: expected a mapping like {DEFAULT_MESH}, got {spec!r}")
+  unknown = sorted(set(spec) - set(MESH_AXES))
+  if unknown:
+    raise ValueError(f"train.mesh: unknown axes {unknown}; expected some of {list(MESH_AXES)}")
+  free = any(n == -1 for n in spec.values())
+  out = {a: spec.get(a, 1 if free or a != "fsdp" else -1) for a in MESH_AXES}
+  for a, n in out.items():
+    if not isinstance(n, int) or isinstance(n, bool) or (n < 1 and n != -1):
+      raise ValueError(f"train.mesh.{a}: expected a positive int or -1 (all remaining "
+                       f"devices), got {n!r}")
+  if sum(n == -1 for n in out.values()) > 1:
+    raise ValueError(f"train.mesh: expected at most one axis of size -1, got {out}")
+  return out
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -52,6 +83,15 @@ class TrainConfig:
     adam_b2: AdamW beta2.
     corpus_max_bytes: cap on the embedded corpus (Python standard library sources) in bytes.
     heldout_fraction: fraction of the corpus files held out for evaluation (chosen by path hash).
+    mesh: device mesh axis sizes ``{data, fsdp, tensor}``; one may be -1 = all remaining devices
+      (see :mod:`train.mesh`). With one device in one process the run uses no mesh at all.
+    distributed: call ``jax.distributed.initialize()`` at start (also done when
+      ``JAX_COORDINATOR_ADDRESS`` is set).
+    grad_accum_steps: microbatches per optimizer step (must divide the per-device rows); the
+      update uses the gradient of the mean loss of the whole ``batch_size`` rows.
+    checkpoint_every: save an (asynchronous) checkpoint every this many steps (0 = only at the
+      end); the last step is always saved.
+    keep_checkpoints: keep only the newest this many checkpoints.
   """
 
   seq_len: int = 256
@@ -74,6 +114,12 @@ class TrainConfig:
   adam_b2: float = 0.95
   corpus_max_bytes: int = 4_000_000
   heldout_fraction: float = 0.05
+  mesh: dict[str, int] = dataclasses.field(
+      default_factory=lambda: {"data": 1, "fsdp": -1, "tensor": 1})
+  distributed: bool = False
+  grad_accum_steps: int = 1
+  checkpoint_every: int = 0
+  keep_checkpoints: int = 3
 
   def __post_init__(self):
     def fail(name, expected):
@@ -86,10 +132,11 @@ class TrainConfig:
       return (is_int(v) or isinstance(v, float)) and math.isfinite(v)
 
     for name, lo in (("seq_len", 2), ("batch_size", 1), ("steps", 1), ("eval_batches", 1),
-                     ("log_every", 1), ("corpus_max_bytes", 4096)):
+                     ("log_every", 1), ("corpus_max_bytes", 4096), ("grad_accum_steps", 1),
+                     ("keep_checkpoints", 1)):
       if not is_int(getattr(self, name)) or getattr(self, name) < lo:
         fail(name, f"an int >= {lo}")
-    for name in ("warmup_steps", "eval_every", "sample_bytes"):
+    for name in ("warmup_steps", "eval_every", "sample_bytes", "checkpoint_every"):
       if not is_int(getattr(self, name)) or getattr(self, name) < 0:
         fail(name, "an int >= 0")
     if not is_int(self.seed):
@@ -111,6 +158,11 @@ class TrainConfig:
       fail("output_dir", "a non-empty path string")
     if not isinstance(self.sample_prompt, str) or not self.sample_prompt.encode("utf-8"):
       fail("sample_prompt", "a non-empty string")
+    if not isinstance(self.distributed, bool):
+      fail("distributed", "true or false")
+    object.__setattr__(self, "mesh", validate_mesh_config(self.mesh))
+    if self.batch_size % self.grad_accum_steps:
+      fail("grad_accum_steps", f"a divisor of train.batch_size={self.batch_size}")
 
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
@@ -181,9 +233,11 @@ _NSA_FIELDS = frozenset(f.name for f in dataclasses.fields(NSAConfig))
 # The dataclass behind each overridable section: `key=value` overrides are checked against these
 # (not against the YAML file), so a field the file leaves at its default can still be overridden.
 _SECTIONS: dict[tuple[str, ...], tuple[set[str], set[str]]] = {
-    ("model",): ({f.name for f in dataclasses.fields(ModelConfig)}, {"nsa"}),
+    ("model",): ({f.name for f in dataclasses.fields(ModelConfig)}, {"nsa", "latent"}),
     ("model", "nsa"): ({f.name for f in dataclasses.fields(NSAConfig)} | {"preset"}, set()),
-    ("train",): ({f.name for f in dataclasses.fields(TrainConfig)}, set()),
+    ("model", "latent"): ({f.name for f in dataclasses.fields(LatentConfig)}, set()),
+    ("train",): ({f.name for f in dataclasses.fields(TrainConfig)}, {"mesh"}),
+    ("train", "mesh"): ({"data", "fsdp", "tensor"}, set()),
 }
 
 

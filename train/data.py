@@ -23,7 +23,7 @@ import dataclasses
 import hashlib
 import os
 import sysconfig
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import grain
 import grain.experimental
@@ -166,7 +166,8 @@ def chunk_documents(docs: Sequence[np.ndarray], max_len: int) -> list[np.ndarray
 
 
 def packed_rows(docs: Sequence[np.ndarray], row_len: int, *, seed: int = 0, shuffle: bool = True,
-                repeat: bool = True, num_packing_bins: int = 16) -> grain.IterDataset:
+                repeat: bool = True, num_packing_bins: int = 16, shard_index: int = 0,
+                shard_count: int = 1) -> grain.IterDataset:
   """Grain dataset of packed rows ``{"tokens", "tokens_segment_ids", "tokens_positions"}``.
 
   Args:
@@ -176,14 +177,20 @@ def packed_rows(docs: Sequence[np.ndarray], row_len: int, *, seed: int = 0, shuf
     shuffle: shuffle pieces and bins; off = pieces in document order (evaluation, tests).
     repeat: loop over the data forever (epochs reshuffled) instead of once.
     num_packing_bins: rows filled at a time by first-fit packing (more = less padding).
+    shard_index, shard_count: this process reads pieces ``shard_index::shard_count`` only
+      (multi-process data loading; every process packs its own rows).
 
   Returns:
     A ``grain.IterDataset`` of dicts of ``[row_len]`` int32 arrays; segment ids count pieces
     1, 2, ... within a row (0 = padding) and positions restart at 0 at each piece.
   """
-  pieces = chunk_documents(docs, row_len)
+  if not 0 <= shard_index < shard_count:
+    raise ValueError(f"shard_index: expected 0 <= shard_index < shard_count={shard_count}, got "
+                     f"{shard_index}")
+  pieces = chunk_documents(docs, row_len)[shard_index::shard_count]
   if not pieces:
-    raise ValueError("docs: expected at least one non-empty document, got none")
+    raise ValueError(f"docs: expected at least one non-empty document piece for shard "
+                     f"{shard_index} of {shard_count}, got none")
   ds = grain.MapDataset.source(pieces)
   if shuffle:
     ds = ds.shuffle(seed=seed)
@@ -211,23 +218,25 @@ def shift_rows(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def batches(docs: Sequence[np.ndarray], seq_len: int, batch_size: int, *, seed: int = 0,
-            shuffle: bool = True, repeat: bool = True,
-            num_packing_bins: int | None = None) -> grain.IterDataset:
+            shuffle: bool = True, repeat: bool = True, num_packing_bins: int | None = None,
+            shard_index: int = 0, shard_count: int = 1) -> grain.IterDataset:
   """Grain dataset of model batches (dicts of ``[batch_size, seq_len]`` numpy arrays).
 
   See :func:`shift_rows` for the keys. With ``repeat=True`` it never ends; otherwise the last
-  partial batch is dropped.
+  partial batch is dropped. ``shard_index``/``shard_count``: see :func:`packed_rows`
+  (``batch_size`` is then this process's rows).
   """
   if seq_len < 1 or batch_size < 1:
     raise ValueError(f"seq_len, batch_size: expected >= 1, got {seq_len}, {batch_size}")
   bins = 2 * batch_size if num_packing_bins is None else num_packing_bins
   rows = packed_rows(docs, seq_len + 1, seed=seed, shuffle=shuffle, repeat=repeat,
-                     num_packing_bins=bins)
+                     num_packing_bins=bins, shard_index=shard_index, shard_count=shard_count)
   return rows.batch(batch_size, drop_remainder=True).map(shift_rows)
 
 
 def eval_batches(docs: Sequence[np.ndarray], seq_len: int, batch_size: int, num_batches: int,
-                 *, seed: int = 0) -> list[dict[str, np.ndarray]]:
+                 *, seed: int = 0, shard_index: int = 0,
+                 shard_count: int = 1) -> list[dict[str, np.ndarray]]:
   """``num_batches`` held-out batches, the same every call (and for every training seed).
 
   The pieces are drawn in a fixed shuffled order (``seed``), so a few batches sample all held-out
@@ -235,11 +244,18 @@ def eval_batches(docs: Sequence[np.ndarray], seq_len: int, batch_size: int, num_
   """
   if num_batches < 1:
     raise ValueError(f"num_batches: expected >= 1, got {num_batches}")
-  it = iter(batches(docs, seq_len, batch_size, seed=seed, shuffle=True, repeat=True))
+  it = iter(batches(docs, seq_len, batch_size, seed=seed, shuffle=True, repeat=True,
+                    shard_index=shard_index, shard_count=shard_count))
   return [next(it) for _ in range(num_batches)]
 
 
-def train_iterator(docs: Sequence[np.ndarray], seq_len: int, batch_size: int,
-                   seed: int) -> Iterator[dict[str, np.ndarray]]:
-  """Endless shuffled training batches, deterministic given ``seed``."""
-  return iter(batches(docs, seq_len, batch_size, seed=seed, shuffle=True, repeat=True))
+def train_iterator(docs: Sequence[np.ndarray], seq_len: int, batch_size: int, seed: int, *,
+                   shard_index: int = 0, shard_count: int = 1) -> grain.DatasetIterator:
+  """Endless shuffled training batches, deterministic given ``seed``.
+
+  A Grain ``DatasetIterator``: ``get_state()``/``set_state()`` save and restore its position (the
+  training checkpoints do), so a resumed run sees the same data stream. With ``shard_count > 1``
+  it yields this process's ``batch_size`` rows of its shard of the pieces.
+  """
+  return iter(batches(docs, seq_len, batch_size, seed=seed, shuffle=True, repeat=True,
+                      shard_index=shard_index, shard_count=shard_count))

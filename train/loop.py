@@ -3,6 +3,13 @@
 The trainer keeps the model and optimizer as split NNX state (``nnx.split``) and runs plain
 ``jax.jit`` steps that take the state and return the updated state (donated, so the update is in
 place in device memory), then writes the new arrays back into the Python objects.
+
+With a mesh (``Trainer(..., mesh=make_mesh(...))``) the state is placed by the logical axis rules
+of :mod:`train.sharding` (optimizer moments like their parameters), the step is jitted with those
+``in_shardings``/``out_shardings`` and traced under ``jax.set_mesh`` + the rules (so attention
+runs per shard), and batches are assembled from each process's rows into global arrays.
+``grad_accum_steps > 1`` scans microbatches and applies one update with the gradient of the mean
+loss over the whole batch.
 """
 
 from __future__ import annotations
@@ -11,8 +18,11 @@ import contextlib
 import dataclasses
 import functools
 import json
+import math
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -22,9 +32,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
 from sparse_attention_jax.nn import DecoderLM
+from sparse_attention_jax.nn.parallel import mesh_axes
+from train import sharding as shd
 from train.config import RunConfig, TrainConfig
 
 Batch = dict[str, Any]
@@ -111,11 +125,65 @@ def build(config: RunConfig) -> tuple[DecoderLM, nnx.Optimizer]:
   return model, optimizer
 
 
-def _train_step(model_def, opt_def, model_state, opt_state, batch):
+def build_sharded(config: RunConfig, mesh) -> tuple[DecoderLM, nnx.Optimizer]:
+  """:func:`build` run inside ``jax.jit`` with the rules' output shardings: every process
+  creates only its shards (the multi-process way to initialize; same values as :func:`build`
+  up to compiler rounding of the initializers)."""
+  graphdef, abs_state = nnx.split(nnx.eval_shape(lambda: build(config)))
+  shardings = shd.state_shardings(abs_state, mesh)
+  with shd.activate(mesh):
+    state = jax.jit(lambda: nnx.split(build(config))[1], out_shardings=shardings)()
+  model, optimizer = nnx.merge(graphdef, state)
+  return model, optimizer
+
+
+def _grads_accumulated(model, batch, accum: int):
+  """Mean loss, target count and gradients over ``accum`` microbatches scanned in turn.
+
+  Rows ``i, i + accum, ...`` form microbatch ``i`` (a reshape that keeps each device's rows on
+  that device); the gradient is of the summed loss divided by the total target count, i.e. the
+  gradient of the mean loss of the whole batch.
+  """
+  rows = batch["tokens"].shape[0]
+  if rows % accum:
+    raise ValueError(f"train.grad_accum_steps: expected a divisor of the batch's {rows} rows, "
+                     f"got {accum}")
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  axes = mesh_axes("batch")  # () without a mesh and rules.
+  shards = math.prod(jax.sharding.get_abstract_mesh().shape[a] for a in axes)
+
+  def split(x):
+    x = x.reshape(rows // accum, accum, *x.shape[1:]).swapaxes(0, 1)
+    if axes and (rows // accum) % shards == 0:
+      x = jax.lax.with_sharding_constraint(x, P(None, axes, *([None] * (x.ndim - 2))))
+    return x
+
+  micro = jax.tree.map(split, batch)
+
+  def summed(p, mb):
+    m = nnx.merge(graphdef, p, rest)
+    logits = m(mb["tokens"], positions=mb["positions"], segment_ids=mb["segment_ids"])
+    return cross_entropy(logits, mb["targets"], mb["loss_mask"])
+
+  def body(carry, mb):
+    g_acc, total_acc, count_acc = carry
+    (total, count), g = jax.value_and_grad(summed, has_aux=True)(params, mb)
+    return (jax.tree.map(jnp.add, g_acc, g), total_acc + total, count_acc + count), None
+
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  (g, total, count), _ = jax.lax.scan(body, (zeros, jnp.float32(0), jnp.float32(0)), micro)
+  denom = jnp.maximum(count, 1.0)
+  return total / denom, count, jax.tree.map(lambda x: x / denom, g)
+
+
+def _train_step(model_def, opt_def, accum, model_state, opt_state, batch):
   model = nnx.merge(model_def, model_state)
   opt = nnx.merge(opt_def, opt_state)
-  grad_fn = nnx.value_and_grad(loss_fn, has_aux=True)
-  (loss, (_, count)), grads = grad_fn(model, batch)
+  if accum == 1:
+    grad_fn = nnx.value_and_grad(loss_fn, has_aux=True)
+    (loss, (_, count)), grads = grad_fn(model, batch)
+  else:
+    loss, count, grads = _grads_accumulated(model, batch, accum)
   opt.update(model, grads)
   metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "targets": count}
   return nnx.state(model), nnx.state(opt), metrics
@@ -127,9 +195,11 @@ def _eval_step(model_def, model_state, batch):
 
 
 # Module-level jits keyed on the (hashable) graph definitions: trainers of the same model and
-# optimizer structure share one compilation.
-_train_step_jit = jax.jit(_train_step, static_argnums=(0, 1), donate_argnums=(2, 3))
+# optimizer structure share one compilation (single device; mesh trainers jit their own).
+_train_step_jit = jax.jit(_train_step, static_argnums=(0, 1, 2), donate_argnums=(3, 4))
 _eval_step_jit = jax.jit(_eval_step, static_argnums=(0,))
+
+_BATCH_KEYS = ("tokens", "positions", "segment_ids", "targets", "loss_mask")
 
 
 class Trainer:
@@ -142,17 +212,61 @@ class Trainer:
   Attributes:
     model: the model being trained.
     optimizer: its optimizer.
+    mesh: the device mesh (None = one device, no sharding).
+    grad_accum_steps: microbatches per optimizer step.
   """
 
-  def __init__(self, model: nnx.Module, optimizer: nnx.Optimizer):
+  def __init__(self, model: nnx.Module, optimizer: nnx.Optimizer, *, mesh=None,
+               grad_accum_steps: int = 1):
+    if not isinstance(grad_accum_steps, int) or grad_accum_steps < 1:
+      raise ValueError(f"grad_accum_steps: expected an int >= 1, got {grad_accum_steps!r}")
     self.model, self.optimizer = model, optimizer
+    self.mesh, self.grad_accum_steps = mesh, grad_accum_steps
     self._model_def, self._model_state = nnx.split(model)
     self._opt_def, self._opt_state = nnx.split(optimizer)
+    if mesh is None:
+      return
+    self.model_shardings = shd.state_shardings(self._model_state, mesh)
+    self.opt_shardings = shd.state_shardings(self._opt_state, mesh)
+    data = {k: NamedSharding(mesh, shd.batch_spec(mesh, 2)) for k in _BATCH_KEYS}
+    self._train_jit = jax.jit(
+        functools.partial(_train_step, self._model_def, self._opt_def, grad_accum_steps),
+        in_shardings=(self.model_shardings, self.opt_shardings, data),
+        out_shardings=(self.model_shardings, self.opt_shardings, None), donate_argnums=(0, 1))
+    self._eval_jit = jax.jit(functools.partial(_eval_step, self._model_def),
+                             in_shardings=(self.model_shardings, data), out_shardings=None)
+    self.refresh()
+
+  def refresh(self) -> None:
+    """Re-reads :attr:`model` and :attr:`optimizer` (e.g. after a checkpoint restore) and, under
+    a mesh, places their arrays by the sharding rules."""
+    self._model_state = nnx.state(self.model)
+    self._opt_state = nnx.state(self.optimizer)
+    if self.mesh is not None:
+      self._model_state = jax.device_put(self._model_state, self.model_shardings)
+      self._opt_state = jax.device_put(self._opt_state, self.opt_shardings)
+      nnx.update(self.model, self._model_state)
+      nnx.update(self.optimizer, self._opt_state)
+
+  def _put(self, batch: Batch) -> Batch:
+    batch = {k: batch[k] for k in _BATCH_KEYS}
+    return batch if self.mesh is None else shd.put_batch(batch, self.mesh)
 
   def step(self, batch: Batch) -> dict[str, jax.Array]:
-    """One optimizer step; returns ``loss``, ``grad_norm`` and ``targets`` (device scalars)."""
-    self._model_state, self._opt_state, metrics = _train_step_jit(
-        self._model_def, self._opt_def, self._model_state, self._opt_state, batch)
+    """One optimizer step; returns ``loss``, ``grad_norm`` and ``targets`` (device scalars).
+
+    Under a mesh, ``batch`` holds this process's rows (numpy); they are assembled into global
+    arrays sharded over the batch mesh axes.
+    """
+    batch = self._put(batch)
+    if self.mesh is None:
+      self._model_state, self._opt_state, metrics = _train_step_jit(
+          self._model_def, self._opt_def, self.grad_accum_steps, self._model_state,
+          self._opt_state, batch)
+    else:
+      with shd.activate(self.mesh):
+        self._model_state, self._opt_state, metrics = self._train_jit(
+            self._model_state, self._opt_state, batch)
     nnx.update(self.model, self._model_state)
     nnx.update(self.optimizer, self._opt_state)
     return metrics
@@ -163,7 +277,12 @@ class Trainer:
       raise ValueError("batches: expected at least one evaluation batch, got none")
     total, count = 0.0, 0.0
     for b in batches:
-      t, c = _eval_step_jit(self._model_def, self._model_state, b)
+      b = self._put(b)
+      if self.mesh is None:
+        t, c = _eval_step_jit(self._model_def, self._model_state, b)
+      else:
+        with shd.activate(self.mesh):
+          t, c = self._eval_jit(self._model_state, b)
       total, count = total + float(t), count + float(c)
     return total / max(count, 1.0)
 
@@ -185,7 +304,9 @@ class TrainResult:
     tokens_per_s: training throughput excluding the first (compiling) step.
     compile_s: wall time of the first step (trace + compile + run).
     train_s: wall time of the training loop.
-    steps: steps run.
+    steps: steps run (this call; a resumed run counts from its checkpoint).
+    losses: the train loss of every step run, in order.
+    stopped: True when SIGTERM stopped the run early (after saving a checkpoint).
   """
 
   first_loss: float
@@ -196,6 +317,8 @@ class TrainResult:
   compile_s: float
   train_s: float
   steps: int
+  losses: list[float] = dataclasses.field(default_factory=list)
+  stopped: bool = False
 
 
 def _tokens(batch: Batch) -> int:
@@ -204,8 +327,13 @@ def _tokens(batch: Batch) -> int:
 
 def train(trainer: Trainer, config: TrainConfig, train_batches: Iterator[Batch],
           eval_batches: list[Batch] | None = None, *, metrics_path: str | None = None,
-          progress: bool = True, log: Callable[[str], None] | None = None) -> TrainResult:
-  """Runs ``config.steps`` steps with a tqdm bar, periodic log lines, evaluation and metrics.
+          progress: bool = True, log: Callable[[str], None] | None = None,
+          on_step: Callable[[int, bool], None] | None = None,
+          handle_sigterm: bool = True) -> TrainResult:
+  """Trains up to step ``config.steps`` with a tqdm bar, periodic log lines, evaluation, metrics.
+
+  A trainer restored from a checkpoint at step ``k`` runs steps ``k+1 .. config.steps``, so a
+  resumed run ends where the uninterrupted one would.
 
   Args:
     trainer: the jitted steps and state.
@@ -215,6 +343,13 @@ def train(trainer: Trainer, config: TrainConfig, train_batches: Iterator[Batch],
     metrics_path: a ``metrics.jsonl`` file to append one JSON object per log/eval event.
     progress: show the tqdm bar.
     log: where log lines go (default: ``tqdm.write`` to stdout).
+    on_step: called as ``on_step(step, force)`` after every step (e.g. a periodic checkpoint);
+      ``force=True`` when the run stops on SIGTERM and the state must be saved now.
+    handle_sigterm: while training (in the main thread), SIGTERM finishes the current step,
+      calls ``on_step(step, True)`` and returns with ``stopped=True`` instead of dying.
+
+  Raises:
+    FloatingPointError: the train loss is NaN or infinite (names the step).
 
   Returns:
     A :class:`TrainResult`; ``trainer.model`` and ``trainer.optimizer`` hold the trained state.
@@ -225,11 +360,17 @@ def train(trainer: Trainer, config: TrainConfig, train_batches: Iterator[Batch],
     if metrics_path:
       os.makedirs(os.path.dirname(os.path.abspath(metrics_path)), exist_ok=True)
       metrics_file = stack.enter_context(open(metrics_path, "a"))
-    return _train(trainer, config, train_batches, eval_batches, metrics_file, progress, log)
+    stop = threading.Event()
+    if handle_sigterm and threading.current_thread() is threading.main_thread():
+      previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
+      stack.callback(signal.signal, signal.SIGTERM, previous)
+    return _train(trainer, config, train_batches, eval_batches, metrics_file, progress, log,
+                  on_step, stop)
 
 
-def _train(trainer, config, train_batches, eval_batches, metrics_file, progress, log):
-  """:func:`train` with the metrics file (or None) already open."""
+def _train(trainer, config, train_batches, eval_batches, metrics_file, progress, log, on_step,
+           stop):
+  """:func:`train` with the metrics file (or None) already open and the stop flag set up."""
   schedule = lr_schedule(config)
 
   def record(event: dict[str, Any]) -> None:
@@ -237,16 +378,18 @@ def _train(trainer, config, train_batches, eval_batches, metrics_file, progress,
       metrics_file.write(json.dumps(event) + "\n")
       metrics_file.flush()
 
-  first_loss, eval_loss, eval_history = None, None, []
+  first_loss, eval_loss, eval_history, losses, stopped = None, None, [], [], False
+  last_window: list[float] = []
   window_losses, window_tokens, window_s = [], 0, 0.0
   timed_tokens, timed_s = 0, 0.0
   compile_s = 0.0
   start = time.perf_counter()
   step0 = trainer.step_count
-  bar = tqdm(total=config.steps, desc="train", unit="step", disable=not progress,
-             file=sys.stdout, dynamic_ncols=True, mininterval=0.5)
+  todo = max(config.steps - step0, 0)
+  bar = tqdm(total=config.steps, initial=min(step0, config.steps), desc="train", unit="step",
+             disable=not progress, file=sys.stdout, dynamic_ncols=True, mininterval=0.5)
   try:
-    for i in range(config.steps):
+    for i in range(todo):
       step = step0 + i + 1
       t_data = time.perf_counter()
       batch = next(train_batches)
@@ -265,11 +408,12 @@ def _train(trainer, config, train_batches, eval_batches, metrics_file, progress,
         window_tokens += _tokens(batch)
         window_s += time.perf_counter() - t_data
       window_losses.append(loss)
+      losses.append(loss)
       tok_s = timed_tokens / timed_s if timed_s > 0 else 0.0
       bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}", refresh=False)
       bar.update(1)
 
-      if step % config.log_every == 0 or i == config.steps - 1:
+      if step % config.log_every == 0 or i == todo - 1:
         mean_loss = float(np.mean(window_losses))
         rate = window_tokens / window_s if window_s > 0 else 0.0
         event = {"step": step, "loss": mean_loss, "lr": float(schedule(step - 1)),
@@ -281,7 +425,7 @@ def _train(trainer, config, train_batches, eval_batches, metrics_file, progress,
         last_window = window_losses
         window_losses, window_tokens, window_s = [], 0, 0.0
 
-      last = i == config.steps - 1
+      last = i == todo - 1
       due = (config.eval_every and step % config.eval_every == 0) or last
       if eval_batches and due:
         eval_loss = trainer.evaluate(eval_batches)
@@ -289,10 +433,23 @@ def _train(trainer, config, train_batches, eval_batches, metrics_file, progress,
         log(f"step {step:5d} | eval loss {eval_loss:.4f} ({eval_loss / np.log(2):.3f} "
             f"bits/byte)")
         record({"step": step, "eval_loss": eval_loss})
+      if stop.is_set():
+        if on_step is not None:
+          on_step(step, True)
+        log(f"step {step:5d} | SIGTERM: saved and stopping")
+        record({"step": step, "stopped": "SIGTERM"})
+        last_window = window_losses or last_window
+        stopped = True
+        break
+      if on_step is not None:
+        on_step(step, last)
   finally:
     bar.close()
   train_s = time.perf_counter() - start
-  return TrainResult(first_loss=first_loss, last_loss=float(np.mean(last_window)),
+  last_window = last_window or window_losses
+  return TrainResult(first_loss=first_loss if first_loss is not None else float("nan"),
+                     last_loss=float(np.mean(last_window)) if last_window else float("nan"),
                      eval_loss=eval_loss, eval_history=eval_history,
                      tokens_per_s=timed_tokens / timed_s if timed_s > 0 else 0.0,
-                     compile_s=compile_s, train_s=train_s, steps=config.steps)
+                     compile_s=compile_s, train_s=train_s, steps=len(losses), losses=losses,
+                     stopped=stopped)

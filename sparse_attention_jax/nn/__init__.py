@@ -18,7 +18,9 @@ import yaml
 from sparse_attention_jax.nn.attention import (
     ATTENTION_KINDS, FullAttention, MLPCompressor, NSAAttention, SlidingWindowAttention,
     get_attention_kind, register_attention_kind)
+from sparse_attention_jax.nn.asa import GLAGlobalAttention, MLALocalAttention
 from sparse_attention_jax.nn.config import ModelConfig
+from sparse_attention_jax.nn.latent_config import LatentConfig
 from sparse_attention_jax.nn.layers import Embed, RMSNorm, SwiGLU
 from sparse_attention_jax.nn.model import DecoderBlock, DecoderLM, count_params, param_count
 from sparse_attention_jax.nn.rope import apply_rope
@@ -35,8 +37,9 @@ def load_model_config(path: str | os.PathLike) -> ModelConfig:
 
 
 __all__ = [
-    "ATTENTION_KINDS", "DecoderBlock", "DecoderLM", "Embed", "FullAttention", "MLPCompressor",
-    "ModelConfig", "NSAAttention", "RMSNorm", "SlidingWindowAttention", "SwiGLU", "apply_rope",
+    "ATTENTION_KINDS", "DecoderBlock", "DecoderLM", "Embed", "FullAttention", "GLAGlobalAttention",
+    "LatentConfig", "MLALocalAttention", "MLPCompressor", "ModelConfig", "NSAAttention", "RMSNorm",
+    "SlidingWindowAttention", "SwiGLU", "apply_rope",
     "count_params", "get_attention_kind", "load_model_config", "param_count",
     "register_attention_kind",
 ]

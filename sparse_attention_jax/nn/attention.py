@@ -23,6 +23,7 @@ from sparse_attention_jax.ops import (
 from sparse_attention_jax.nn.config import ModelConfig
 from sparse_attention_jax.ops.masked import same_document
 from sparse_attention_jax.nn.layers import as_dtype, projection
+from sparse_attention_jax.nn.parallel import param, sharded_call
 from sparse_attention_jax.nn.rope import apply_rope
 
 ATTENTION_KINDS: dict[str, type] = {}
@@ -72,7 +73,23 @@ def _check_inputs(x, positions, segment_ids, d_model: int):
 def _kv_projection(config: ModelConfig, head_dim: int, dtype, rngs: nnx.Rngs) -> nnx.Einsum:
   """``[B, T, d_model] -> [B, T, H, head_dim]``."""
   return projection("btd,dhk->bthk", (config.d_model, config.num_kv_heads, head_dim),
-                    in_axes=0, out_axes=(1, 2), dtype=dtype, rngs=rngs)
+                    in_axes=0, out_axes=(1, 2), dtype=dtype, rngs=rngs,
+                    names=("embed", "kv_heads", "head_dim"))
+
+
+def _q_projection(config: ModelConfig, dtype, rngs: nnx.Rngs) -> nnx.Einsum:
+  """``[B, T, d_model] -> [B, T, HQ, head_dim]``."""
+  c = config
+  return projection("btd,dhk->bthk", (c.d_model, c.num_heads, c.head_dim), in_axes=0,
+                    out_axes=(1, 2), dtype=dtype, rngs=rngs,
+                    names=("embed", "q_heads", "head_dim"))
+
+
+def _o_projection(config: ModelConfig, dtype, rngs: nnx.Rngs) -> nnx.Einsum:
+  """``[B, T, HQ, Dv] -> [B, T, d_model]``."""
+  c = config
+  return projection("bthv,hvd->btd", (c.num_heads, c.dv, c.d_model), in_axes=(0, 1),
+                    out_axes=2, dtype=dtype, rngs=rngs, names=("q_heads", "head_dim", "embed"))
 
 
 class _DenseAttentionBase(nnx.Module):
@@ -82,12 +99,10 @@ class _DenseAttentionBase(nnx.Module):
     self.config = config
     self.dtype = as_dtype(config.dtype)
     c, dt = config, self.dtype
-    self.q_proj = projection("btd,dhk->bthk", (c.d_model, c.num_heads, c.head_dim), in_axes=0,
-                             out_axes=(1, 2), dtype=dt, rngs=rngs)
+    self.q_proj = _q_projection(c, dt, rngs)
     self.k_proj = _kv_projection(c, c.head_dim, dt, rngs)
     self.v_proj = _kv_projection(c, c.dv, dt, rngs)
-    self.o_proj = projection("bthv,hvd->btd", (c.num_heads, c.dv, c.d_model), in_axes=(0, 1),
-                             out_axes=2, dtype=dt, rngs=rngs)
+    self.o_proj = _o_projection(c, dt, rngs)
 
   def _attend(self, q, k, v, segment_ids):
     raise NotImplementedError
@@ -100,7 +115,10 @@ class _DenseAttentionBase(nnx.Module):
     q = apply_rope(self.q_proj(x), positions, c.rope_theta)          # [B, T, HQ, Dk]
     k = apply_rope(self.k_proj(x), positions, c.rope_theta)          # [B, T, H, Dk]
     v = self.v_proj(x)                                               # [B, T, H, Dv]
-    return self.o_proj(self._attend(q, k, v, segment_ids))
+    o = sharded_call(self._attend, {"q": q, "k": k, "v": v, "segment_ids": segment_ids},
+                     {"q": "bthd", "k": "bthd", "v": "bthd", "segment_ids": "bt"},
+                     num_kv_heads=c.num_kv_heads)
+    return self.o_proj(o)
 
 
 def _segment_mask(segment_ids):
@@ -138,6 +156,13 @@ class SlidingWindowAttention(_DenseAttentionBase):
                                         local_window_size=(w - 1, 0), implementation=None)
 
 
+# Logical axes of phi's parameters: the leading axis is the KV head (sharded like K/V).
+_PHI_AXES = {"pos": ("kv_heads", "compressor", "head_dim"),
+             "w1": ("kv_heads", "compressor", "head_dim", "compressor"),
+             "b1": ("kv_heads", "compressor"), "w2": ("kv_heads", "compressor", "head_dim"),
+             "b2": ("kv_heads", "head_dim")}
+
+
 class MLPCompressor(nnx.Module):
   """The learnable compressor phi of one of K or V, as :class:`nnx.Param` s (float32).
 
@@ -150,11 +175,11 @@ class MLPCompressor(nnx.Module):
                rngs: nnx.Rngs):
     p = init_mlp_compressor(rngs.params(), num_kv_heads=num_kv_heads, window=window,
                             in_dim=in_dim, out_dim=out_dim, hidden=hidden, dtype=jnp.float32)
-    self.pos = nnx.Param(p.pos)
-    self.w1 = nnx.Param(p.w1)
-    self.b1 = nnx.Param(p.b1)
-    self.w2 = nnx.Param(p.w2)
-    self.b2 = nnx.Param(p.b2)
+    self.pos = param(p.pos, _PHI_AXES["pos"])
+    self.w1 = param(p.w1, _PHI_AXES["w1"])
+    self.b1 = param(p.b1, _PHI_AXES["b1"])
+    self.w2 = param(p.w2, _PHI_AXES["w2"])
+    self.b2 = param(p.b2, _PHI_AXES["b2"])
 
   def params(self) -> MLPCompressorParams:
     """The op's parameter tuple (float32: the compressor computes in float32)."""
@@ -188,8 +213,7 @@ class NSAAttention(nnx.Module):
     self.config = config
     self.dtype = dt = as_dtype(config.dtype)
     c, nsa = config, config.nsa
-    self.q_proj = projection("btd,dhk->bthk", (c.d_model, c.num_heads, c.head_dim), in_axes=0,
-                             out_axes=(1, 2), dtype=dt, rngs=rngs)
+    self.q_proj = _q_projection(c, dt, rngs)
     self.k_cmp = _kv_projection(c, c.head_dim, dt, rngs)
     self.v_cmp = _kv_projection(c, c.dv, dt, rngs)
     independent = c.nsa_independent_kv
@@ -202,7 +226,8 @@ class NSAAttention(nnx.Module):
     self.v_win = _kv_projection(c, c.dv, dt, rngs) if (
         independent and "win" in nsa.branches) else None
     self.gate_proj = projection("btd,dhc->bthc", (c.d_model, c.num_heads, 3), in_axes=0,
-                                out_axes=(1, 2), dtype=dt, rngs=rngs) if (
+                                out_axes=(1, 2), dtype=dt, rngs=rngs,
+                                names=("embed", "q_heads", None)) if (
                                     len(nsa.branches) > 1) else None
     if nsa.compression == "mlp":
       hidden = c.nsa_compressor_hidden or c.head_dim
@@ -212,8 +237,7 @@ class NSAAttention(nnx.Module):
                                  in_dim=c.dv, out_dim=c.dv, hidden=hidden, rngs=rngs)
     else:
       self.phi_k = self.phi_v = None
-    self.o_proj = projection("bthv,hvd->btd", (c.num_heads, c.dv, c.d_model), in_axes=(0, 1),
-                             out_axes=2, dtype=dt, rngs=rngs)
+    self.o_proj = _o_projection(c, dt, rngs)
 
   def __call__(self, x, positions, segment_ids=None):
     """``x [B, T, d_model]``, ``positions [B, T]``, ``segment_ids [B, T] | None`` ->
@@ -238,9 +262,21 @@ class NSAAttention(nnx.Module):
     compress_params = None
     if self.phi_k is not None:
       compress_params = CompressorParams(k=self.phi_k.params(), v=self.phi_v.params())
-    o = nsa_attention(q, k, v, gates, config=c.nsa.for_length(t),
-                      segment_ids=segment_ids, compress_params=compress_params, k_slc=k_slc,
-                      v_slc=v_slc, k_win=k_win, v_win=v_win, impl=c.attn_impl)  # [B,T,HQ,Dv]
+    op_config = c.nsa.for_length(t)
+
+    def op(**a):
+      return nsa_attention(a["q"], a["k"], a["v"], a["gates"], config=op_config,
+                           segment_ids=a["segment_ids"], compress_params=a["compress_params"],
+                           k_slc=a["k_slc"], v_slc=a["v_slc"], k_win=a["k_win"],
+                           v_win=a["v_win"], impl=c.attn_impl)
+
+    args = {"q": q, "k": k, "v": v, "gates": gates, "segment_ids": segment_ids,
+            "compress_params": compress_params, "k_slc": k_slc, "v_slc": v_slc, "k_win": k_win,
+            "v_win": v_win}
+    layouts = {name: "bthd" for name in args}
+    layouts.update(segment_ids="bt", compress_params="h")
+    # Per shard (batch, heads) under a mesh; a plain call without one.
+    o = sharded_call(op, args, layouts, num_kv_heads=c.num_kv_heads)   # [B, T, HQ, Dv]
     return self.o_proj(o)
 
 

@@ -6,6 +6,7 @@ import dataclasses
 from typing import Any
 
 from sparse_attention_jax.config import NSAConfig
+from sparse_attention_jax.nn.latent_config import LatentConfig
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -33,6 +34,10 @@ class ModelConfig:
     norm_eps: RMSNorm epsilon.
     dtype: compute dtype of activations (``float32`` or ``bfloat16``); parameters stay float32.
     attn_impl: ``impl=`` passed to the attention ops (``auto``, ``reference``, ...).
+    remat: rematerialization of each decoder block in the backward pass: ``none`` (keep all
+      activations), ``full`` (keep only the block inputs, recompute the rest) or ``dots`` (keep
+      matmul outputs without batch dims:
+      ``jax.checkpoint_policies.dots_with_no_batch_dims_saveable``).
   """
 
   vocab_size: int = 256
@@ -53,6 +58,8 @@ class ModelConfig:
   norm_eps: float = 1e-6
   dtype: str = "float32"
   attn_impl: str = "auto"
+  remat: str = "none"
+  latent: LatentConfig | None = None     # MLA/GLA sizes of the asa_* kinds
 
   def __post_init__(self):
     def need(cond, name, expected):
@@ -72,6 +79,7 @@ class ModelConfig:
     need(self.dtype in ("float32", "bfloat16", "float16"), "dtype",
          "'float32', 'bfloat16' or 'float16'")
     need(isinstance(self.nsa, NSAConfig), "nsa", "an NSAConfig")
+    need(self.remat in ("none", "full", "dots"), "remat", "'none', 'full' or 'dots'")
 
   @property
   def dv(self) -> int:
@@ -102,6 +110,8 @@ class ModelConfig:
       if preset not in factories:
         raise ValueError(f"model.nsa.preset: expected one of {sorted(factories)}, got {preset!r}")
       d["nsa"] = factories[preset](**nsa)
+    if isinstance(d.get("latent"), dict):
+      d["latent"] = LatentConfig.from_dict(d["latent"])
     return cls(**d)
 
   def to_dict(self) -> dict[str, Any]:

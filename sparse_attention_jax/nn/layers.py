@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sparse_attention_jax.nn.parallel import param, partitioned
+
 
 def as_dtype(name: str | jnp.dtype):
   """``"bfloat16"`` -> ``jnp.bfloat16`` (dtype objects pass through)."""
@@ -25,7 +27,8 @@ def fan_in_init(in_axes: int | Sequence[int], out_axes: int | Sequence[int]):
 
 
 def projection(einsum_str: str, kernel_shape: Sequence[int], *, in_axes, out_axes, dtype,
-               rngs: nnx.Rngs, preferred_element_type=None) -> nnx.Einsum:
+               rngs: nnx.Rngs, preferred_element_type=None,
+               names: Sequence[str | None] | None = None) -> nnx.Einsum:
   """A bias-free :class:`nnx.Einsum` with a float32 kernel, computing in ``dtype``.
 
   Args:
@@ -35,9 +38,17 @@ def projection(einsum_str: str, kernel_shape: Sequence[int], *, in_axes, out_axe
     dtype: compute dtype.
     rngs: initialization rngs.
     preferred_element_type: optional accumulation/output dtype (e.g. float32 logits).
+    names: logical axis names of the kernel's dims (see :mod:`sparse_attention_jax.nn.parallel`),
+      e.g. ``("embed", "q_heads", "head_dim")``; None = no annotation.
   """
+  init = fan_in_init(in_axes, out_axes)
+  if names is not None:
+    if len(names) != len(kernel_shape):
+      raise ValueError(f"names: expected one logical axis name per kernel dim of "
+                       f"{tuple(kernel_shape)}, got {tuple(names)}")
+    init = partitioned(init, names)
   return nnx.Einsum(einsum_str, tuple(kernel_shape), None, dtype=dtype, param_dtype=jnp.float32,
-                    kernel_init=fan_in_init(in_axes, out_axes),
+                    kernel_init=init,
                     preferred_element_type=preferred_element_type, rngs=rngs)
 
 
@@ -52,7 +63,7 @@ class RMSNorm(nnx.Module):
     self.dim = dim
     self.eps = eps
     self.dtype = as_dtype(dtype)
-    self.scale = nnx.Param(jnp.ones((dim,), jnp.float32))
+    self.scale = param(jnp.ones((dim,), jnp.float32), ("norm",))
 
   def __call__(self, x):
     """``x [..., dim]`` -> ``[..., dim]`` in ``dtype``."""
@@ -69,11 +80,11 @@ class SwiGLU(nnx.Module):
   def __init__(self, d_model: int, hidden: int, *, dtype="float32", rngs: nnx.Rngs):
     dt = as_dtype(dtype)
     self.gate = projection("btd,df->btf", (d_model, hidden), in_axes=0, out_axes=1, dtype=dt,
-                           rngs=rngs)
+                           rngs=rngs, names=("embed", "mlp"))
     self.up = projection("btd,df->btf", (d_model, hidden), in_axes=0, out_axes=1, dtype=dt,
-                         rngs=rngs)
+                         rngs=rngs, names=("embed", "mlp"))
     self.down = projection("btf,fd->btd", (hidden, d_model), in_axes=0, out_axes=1, dtype=dt,
-                           rngs=rngs)
+                           rngs=rngs, names=("mlp", "embed"))
 
   def __call__(self, x):
     """``x [B, T, d_model]`` -> ``[B, T, d_model]`` in the compute dtype."""
@@ -89,7 +100,8 @@ class Embed(nnx.Module):
     self.d_model = d_model
     self.dtype = as_dtype(dtype)
     init = nnx.initializers.variance_scaling(1.0, "fan_in", "normal", in_axis=1, out_axis=0)
-    self.embedding = nnx.Param(init(rngs.params(), (vocab_size, d_model), jnp.float32))
+    self.embedding = param(init(rngs.params(), (vocab_size, d_model), jnp.float32),
+                           ("vocab", "embed"))
 
   def __call__(self, tokens):
     """``tokens [B, T]`` int -> ``[B, T, d_model]`` in ``dtype``."""

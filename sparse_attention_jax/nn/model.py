@@ -15,6 +15,15 @@ from flax import nnx
 from sparse_attention_jax.nn.attention import ATTENTION_KINDS, get_attention_kind
 from sparse_attention_jax.nn.config import ModelConfig
 from sparse_attention_jax.nn.layers import Embed, RMSNorm, SwiGLU, as_dtype, projection
+from sparse_attention_jax.nn.parallel import constrain_batch
+
+# ``model.remat`` -> checkpoint policy of each decoder block (None = save nothing: recompute all).
+_REMAT_POLICIES = {"full": None,
+                   "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+
+
+def _block(layer, x, positions, segment_ids):
+  return layer(x, positions, segment_ids)
 
 
 class DecoderBlock(nnx.Module):
@@ -36,6 +45,10 @@ class DecoderBlock(nnx.Module):
 
 class DecoderLM(nnx.Module):
   """Decoder-only LM.
+
+  Under a mesh with logical axis rules (see :mod:`sparse_attention_jax.nn.parallel`) the
+  residual stream is constrained to be batch-sharded after the embedding and every block, and
+  each block is rematerialized in the backward pass as ``config.remat`` says.
 
   Attributes:
     embed: token embedding ``[V, d_model]``.
@@ -59,7 +72,7 @@ class DecoderLM(nnx.Module):
     self.final_norm = RMSNorm(c.d_model, eps=c.norm_eps, dtype=c.dtype)
     self.lm_head = None if c.tie_embeddings else projection(
         "btd,dv->btv", (c.d_model, c.vocab_size), in_axes=0, out_axes=1, dtype=as_dtype(c.dtype),
-        rngs=rngs, preferred_element_type=jnp.float32)
+        rngs=rngs, preferred_element_type=jnp.float32, names=("embed", "vocab"))
 
   def __call__(self, tokens, positions=None, segment_ids=None):
     """Next-token logits.
@@ -79,9 +92,12 @@ class DecoderLM(nnx.Module):
     b, t = tokens.shape
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    x = self.embed(tokens)
+    x = constrain_batch(self.embed(tokens))
+    block = _block
+    if self.config.remat != "none":
+      block = nnx.remat(_block, policy=_REMAT_POLICIES[self.config.remat])
     for layer in self.layers:
-      x = layer(x, positions, segment_ids)
+      x = constrain_batch(block(layer, x, positions, segment_ids))
     x = self.final_norm(x)
     if self.lm_head is None:
       return self.embed.attend(x)
