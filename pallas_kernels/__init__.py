@@ -1,9 +1,11 @@
 """Pallas kernels for sparse attention, and the registry the library dispatches through.
 
-No kernel is registered yet: the Hopper (Mosaic GPU) and TPU kernels land here later. A backend is
-a named set of op implementations; :func:`sparse_attention_jax.nsa_attention` with ``impl="auto"``
-tries the backends registered for the current platform in priority order and falls back to the
-plain-JAX reference, while an explicitly requested backend that cannot serve a call fails loudly.
+Registered: ``pallas_gpu`` (``selected_attention``, Mosaic GPU forward for Hopper; its module is
+imported only when the op is first called, so importing this package on CPU stays cheap).
+A backend is a named set of op implementations; :func:`sparse_attention_jax.nsa_attention` with
+``impl="auto"`` tries the backends registered for the current platform in priority order and falls
+back to the plain-JAX reference, while an explicitly requested backend that cannot serve a call
+fails loudly.
 
 An op implementation takes the same arguments as the library op of that name and raises
 ``NotImplementedError(reason)`` for configurations it cannot serve.
@@ -61,3 +63,13 @@ def backends_for(platform: str) -> list[Backend]:
 
 def registered() -> tuple[str, ...]:
   return tuple(_REGISTRY)
+
+
+def _selected_attention_pallas_gpu(*args, **kwargs):
+  """Lazy entry: imports the Mosaic GPU module on first use (see ``selected_attention_mgpu``)."""
+  from pallas_kernels import selected_attention_mgpu
+  return selected_attention_mgpu.selected_attention_op(*args, **kwargs)
+
+
+register(Backend(name="pallas_gpu", platforms=("gpu",),
+                 ops={"selected_attention": _selected_attention_pallas_gpu}, priority=10))

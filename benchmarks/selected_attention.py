@@ -1,0 +1,140 @@
+"""Benchmark: Mosaic GPU selected-block attention forward vs cuDNN dense causal forward.
+
+Standard NSA shape (B=1, HQ=64, H=4, D=128, bf16, block 64, n=16 with the current block forced),
+T in {8192, 16384, 32768, 65536}. Times are medians of timed repeats after warm-up
+(``jax.block_until_ready`` around each call, host clock). Effective TFLOP/s use
+``4*B*HQ*T*(n*64)*D`` for the sparse kernel and ``2*B*HQ*T^2*D`` for dense causal.
+
+Selections:
+* ``shared``: ASA shared selection (one list per 4-token tile, list length n).
+* ``exact-random``: independent random picks per token (worst case for the tile union).
+* ``exact-corr``: tokens of each 64-token block share random picks (besides the forced current
+  block), a proxy for the strong correlation of real NSA selections between neighbours.
+
+Per variant it also times the XLA preparation alone (``prep``: tile lists, plus the Q transpose
+for the ``tiles`` layout) and the kernel on prepared operands (``kern``: includes the O transpose
+back for the ``tiles`` layout).
+
+Usage: ``PYTHONPATH=$PWD python3 benchmarks/selected_attention.py --out bench.json``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels import selected_attention_mgpu as mg
+
+B, HQ, H, D, BS, N = 1, 64, 4, 128, 64, 16
+
+
+def selection(key, t, kind):
+  """``[1, T, H, N]`` int32 ids: slot 0 = current block, others random earlier blocks."""
+  cur = jnp.arange(t, dtype=jnp.int32) // BS                               # [T]
+  if kind == "exact-corr":
+    u = jax.random.uniform(key, (1, t // BS + 1, H, N))[:, cur]           # same per 64-block
+  else:
+    u = jax.random.uniform(key, (1, t, H, N))
+  ids = jnp.floor(u * cur[None, :, None, None]).astype(jnp.int32)        # in [0, cur)
+  ids = jnp.where(cur[None, :, None, None] == 0, -1, ids)
+  return ids.at[..., 0].set(jnp.broadcast_to(cur[None, :, None], (1, t, H)))
+
+
+def bench(fn, args, warmup=2, reps=10):
+  for _ in range(warmup):
+    jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times) * 1e3, min(times) * 1e3
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--out", default=None, help="JSON output path")
+  ap.add_argument("--seqs", default="8192,16384,32768,65536")
+  ap.add_argument("--kinds", default="shared,exact-corr,exact-random")
+  ap.add_argument("--reps", type=int, default=10)
+  ap.add_argument("--variants", default="64:tiles,128:tiles,128:direct",
+                  help="tile_rows:q_layout[:nopp][:noidx][:nomskip][:s<stages>] list")
+  args = ap.parse_args()
+  dev = jax.devices()[0]
+  meta = {"device": dev.device_kind, "jax": jax.__version__, "B": B, "HQ": HQ, "H": H, "D": D,
+          "block": BS, "n": N, "dtype": "bfloat16"}
+  print(meta, flush=True)
+  rows = []
+  for t in [int(x) for x in args.seqs.split(",")]:
+    key = jax.random.key(t)
+    kq, kk, kv, ks = jax.random.split(key, 4)
+    q = jax.random.normal(kq, (B, t, HQ, D), jnp.bfloat16)
+    k = jax.random.normal(kk, (B, t, H, D), jnp.bfloat16)
+    v = jax.random.normal(kv, (B, t, H, D), jnp.bfloat16)
+    sparse_flops = 4 * B * HQ * t * (N * BS) * D
+    dense_flops = 2 * B * HQ * t * t * D
+    for kind in args.kinds.split(","):
+      bi = selection(ks, t, kind)
+      mode = "shared" if kind == "shared" else "exact"
+      for variant in args.variants.split(","):
+        rows_s, layout, *flags = variant.split(":")
+        stages = [int(f[1:]) for f in flags if f.startswith("s")] or [2]
+        cfg = mg.resolve_config(mg._Config(softmax_scale=D ** -0.5, mode=mode,
+                                           tile_rows=int(rows_s), q_layout=layout,
+                                           group_size=HQ // H, ping_pong="nopp" not in flags,
+                                           smem_index="noidx" not in flags,
+                                           mask_skip="nomskip" not in flags,
+                                           num_stages=stages[0]), HQ // H)
+        name = "-".join([f"mgpu-{kind}-{cfg.tile_rows}-{cfg.q_layout}", *flags])
+        f = jax.jit(lambda q, k, v, bi, cfg=cfg: mg._attention(q, k, v, bi, cfg))
+        prep = jax.jit(lambda q, bi, cfg=cfg: mg.prepare(q, bi, cfg, H))
+        kern = jax.jit(lambda qx, k, v, lists, cfg=cfg, t=t: mg.call_kernel(
+            qx, k, v, lists, cfg, num_kv_heads=H, seq_len=t)[0])
+        try:
+          ms, ms_min = bench(f, (q, k, v, bi), reps=args.reps)
+          prep_ms, _ = bench(prep, (q, bi), reps=args.reps)
+          qx, lists = prep(q, bi)
+          kern_ms, _ = bench(kern, (qx, k, v, lists), reps=args.reps)
+          mean_list = float(jnp.mean(lists.counts.astype(jnp.float32)))
+          del qx, lists
+          row = {"T": t, "impl": name, "ms": ms, "ms_min": ms_min,
+                 "tflops": sparse_flops / ms / 1e9, "prep_ms": prep_ms,
+                 "kernel_plus_out_ms": kern_ms, "kernel_tflops": sparse_flops / kern_ms / 1e9,
+                 "mean_list_len": mean_list, "union_over_n": mean_list / N}
+        except Exception as e:  # noqa: BLE001  (report the failure, time the other variants)
+          row = {"T": t, "impl": name, "error": f"{type(e).__name__}: {str(e)[:500]}"}
+        rows.append(row)
+        print(row, flush=True)
+    try:
+      dense = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(
+          q, k, v, is_causal=True, implementation="cudnn"))
+      ms, ms_min = bench(dense, (q, k, v), reps=args.reps)
+      row = {"T": t, "impl": "cudnn-dense-causal", "ms": ms, "ms_min": ms_min,
+             "tflops": dense_flops / ms / 1e9}
+    except Exception as e:  # noqa: BLE001  (report the failure, keep the sparse rows)
+      row = {"T": t, "impl": "cudnn-dense-causal", "error": f"{type(e).__name__}: {str(e)[:500]}"}
+    rows.append(row)
+    print(row, flush=True)
+    del q, k, v
+  print()
+  print(f"{'T':>6} {'impl':34} {'ms':>9} {'TFLOP/s':>8} {'prep ms':>8} {'kern ms':>8} "
+        f"{'list/n':>7}")
+  for r in rows:
+    if "error" in r:
+      print(f"{r['T']:>6} {r['impl']:34} ERROR {r['error'][:80]}")
+      continue
+    print(f"{r['T']:>6} {r['impl']:34} {r['ms']:9.3f} {r['tflops']:8.1f} "
+          f"{r.get('prep_ms', float('nan')):8.3f} {r.get('kernel_plus_out_ms', float('nan')):8.3f} "
+          f"{r.get('union_over_n', float('nan')):7.2f}")
+  if args.out:
+    with open(args.out, "w") as fh:
+      json.dump({"meta": meta, "rows": rows}, fh, indent=1)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,633 @@
+"""Selected-block attention forward on Hopper: a Mosaic GPU (``plgpu.kernel``) kernel.
+
+Tiling (see ``/work/shared/docs/KERNEL_DESIGN.md``): a CTA owns one 64-row query tile of one KV
+head, ``r = 64 // G`` consecutive tokens x the ``G`` query heads of the group (row ``i*G + g`` is
+token ``t0 + i``, head ``h*G + g``; rows ``r*G .. 63`` are padding when ``G`` does not divide 64).
+It walks the tile's iteration list (:mod:`pallas_kernels.selection_tiles`): per listed KV block,
+TMA copies K and V (64 x D each) into a ring of SMEM slots, ``S = Q Kᵀ`` runs on the tensor cores
+(``wgmma``), the scores are masked (the token's own selection via the membership bits, causality
+inside the block), an online softmax in base 2 (scale folded into ``log2 e``) runs in registers,
+and ``O += P V`` is a second ``wgmma``. O and the natural-log LSE are written once at the end.
+
+Two selection modes:
+
+* ``"exact"``: per-token selection; the tile iterates over the union of its tokens' lists and
+  masks each row to its own token's blocks (masked rows still cost MMA work).
+* ``"shared"``: ASA's shared selection; every token uses the list of the first token of its
+  aligned run of ``r`` tokens (equal to the reference on
+  :func:`sparse_attention_jax.ops.selection.share_selection` ``(block_indices, r)``).
+
+Two kernels: ``tile_rows=64`` runs one warpgroup per CTA that prefetches its own K/V ring
+(about two CTAs per SM); ``tile_rows=128`` runs two compute warpgroups (64 rows each, two
+consecutive 64-row tiles, iterating over the union of their lists) that share one K/V ring fed
+by a producer warpgroup, FA3-style (``set_max_registers`` 232 / 40, optional ping-pong schedule
+barrier). With ``q_layout="direct"`` (128-row tiles, ``G % 8 == 0``) Q and O move by one TMA
+copy per token (``G`` contiguous heads), so no XLA transpose; otherwise Q/O go through an XLA
+transpose to ``[B, H, NT * 64, D]``. The tile's ids and membership words are first copied to SMEM
+so the K/V loop does no global scalar loads.
+
+The backward is TEMPORARY: the VJP of the plain-JAX reference (dense ``[B, T, H, T]`` masks),
+correct but slow and memory hungry; a dQ / dK-dV kernel pair is the next step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.experimental.pallas as pl
+import jax.experimental.pallas.mosaic_gpu as plgpu
+import jax.numpy as jnp
+from jax import lax
+
+from pallas_kernels.selection_tiles import tile_iteration_lists
+
+TILE_ROWS = 64
+"""Query rows per tile (one warpgroup's wgmma M)."""
+
+BLOCK_SIZE = 64
+"""The only KV block size served so far."""
+
+HEAD_DIMS = (64, 128)
+DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+MODES = ("exact", "shared")
+_LOG2E = math.log2(math.e)
+_LN2 = math.log(2.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+  """Static kernel parameters (hashable: a ``custom_vjp`` nondiff argument)."""
+  softmax_scale: float
+  mode: str
+  block_size: int = BLOCK_SIZE
+  num_stages: int = 2
+  tile_rows: int = TILE_ROWS          # 64: one warpgroup; 128: two compute warpgroups + producer
+  q_layout: str = "tiles"             # "tiles": XLA transpose to [B, H, NT*rows, D]; "direct"
+  group_size: int = 0                 # G, filled in by _forward
+  ping_pong: bool = True              # 128 rows: alternate the two warpgroups' softmax and MMA
+  smem_index: bool = True             # copy the tile's ids / membership words to SMEM first
+  mask_skip: bool = True              # no mask on blocks every row of the warpgroup fully sees
+
+
+def tokens_per_tile(num_groups: int) -> int:
+  """``r = 64 // G`` tokens of one KV head per 64-row tile."""
+  return TILE_ROWS // num_groups
+
+
+def unsupported_reason(q, k, v, block_indices, *, block_size, segment_ids=None,
+                       mode: str = "exact") -> str | None:
+  """Why the kernel cannot serve this call, or ``None`` when it can (static checks only)."""
+  if mode not in MODES:
+    return f"mode={mode!r} (expected one of {MODES})"
+  if segment_ids is not None:
+    return "segment_ids are not supported by the Mosaic GPU kernel yet"
+  if q.ndim != 4 or k.ndim != 4 or v.ndim != 4 or block_indices.ndim != 4:
+    return "q, k, v and block_indices must be rank 4"
+  if jnp.dtype(q.dtype) not in DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+    return f"dtype {q.dtype}/{k.dtype}/{v.dtype} (only bfloat16 and float16, all equal)"
+  dk, dv = q.shape[-1], v.shape[-1]
+  if dk != dv or dk not in HEAD_DIMS:
+    return f"head dims Dk={dk}, Dv={dv} (need Dk == Dv in {HEAD_DIMS})"
+  if block_size != BLOCK_SIZE:
+    return f"block_size={block_size} (only {BLOCK_SIZE})"
+  hq, h = q.shape[2], k.shape[2]
+  if h < 1 or hq % h:
+    return f"HQ={hq} is not a multiple of H={h}"
+  if hq // h > TILE_ROWS:
+    return f"G={hq // h} query heads per KV head (at most {TILE_ROWS})"
+  if k.shape[1] != q.shape[1]:
+    return "k must have the query length (self-attention)"
+  return None
+
+
+def _to_tiles(x, r: int, h: int, rows: int = TILE_ROWS):
+  """``[B, T, H*G, D] -> [B, H, NT * rows, D]``: rows ``(i, g)`` of each tile, zero padded."""
+  b, t, hq, d = x.shape
+  g = hq // h
+  nt = -(-t // r)
+  x = jnp.pad(x, ((0, 0), (0, nt * r - t), (0, 0), (0, 0)))
+  x = x.reshape(b, nt, r, h, g, d).transpose(0, 3, 1, 2, 4, 5)              # [B, H, NT, r, G, D]
+  x = x.reshape(b, h, nt, r * g, d)
+  x = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, rows - r * g), (0, 0)))
+  return x.reshape(b, h, nt * rows, d)
+
+
+def _from_tiles(x, t: int, g: int, rows: int = TILE_ROWS):
+  """Inverse of :func:`_to_tiles`: ``[B, H, NT * rows, ...] -> [B, T, H*G, ...]``."""
+  b, h, n_rows = x.shape[:3]
+  rest = x.shape[3:]
+  nt = n_rows // rows
+  r = rows // g
+  x = x.reshape(b, h, nt, rows, *rest)[:, :, :, :r * g]
+  x = x.reshape(b, h, nt, r, g, *rest)
+  perm = (0, 2, 3, 1, 4) + tuple(range(5, 5 + len(rest)))
+  x = x.transpose(perm).reshape(b, nt * r, h * g, *rest)
+  return x[:, :t]
+
+
+def _row_tokens(g: int, bs: int):
+  """``(col_ids [64, bs] int32 WGMMA layout, tok [64] row vector)``: key column of each element
+  and token (within the 64-row group) of each row, computed once before the KV loop."""
+  layout = plgpu.Layout.WGMMA
+  row_ids = plgpu.broadcasted_iota(jnp.int32, (TILE_ROWS, bs), 0, layout=layout)
+  col_ids = plgpu.broadcasted_iota(jnp.int32, (TILE_ROWS, bs), 1, layout=layout)
+  tok = lax.div(row_ids, jnp.int32(g)).max(axis=1)                       # [64] reduce(1)
+  return col_ids, tok
+
+
+def _masked_scores(s, col_ids, tok, *, tok_base, t_base, blk, bs, lo, hi, need, skip):
+  """Raw scores with invisible keys at ``-inf``.
+
+  Row ``i`` (token ``tok[i] + tok_base`` within the tile, absolute ``tok[i] + t_base``) sees key
+  column ``c`` of block ``blk`` iff the token selected the block (membership bit; skipped when
+  ``lo`` is ``None``) and ``blk*bs + c <= t``. Both fold into one per-row limit, so each element
+  costs a compare and a select. With ``skip``, a block that lies wholly before the first token
+  and that every token of the group selected (``(lo, hi) & need == need``) takes a branch with
+  no mask at all (the common case: only the diagonal and partly selected blocks pay).
+  """
+  def masked(s):
+    limit = tok + (t_base - blk * bs)                                      # [64] row vector
+    if lo is not None:
+      tt = tok + tok_base
+      word = jnp.where(tt < 32, lo, hi)
+      shift = jnp.where(tt < 32, tt, tt - 32)
+      member = (lax.shift_right_logical(word, shift) & 1) == 1
+      limit = jnp.where(member, limit, -1)
+    visible = col_ids <= lax.broadcast_in_dim(limit, s.shape, [0])
+    return jnp.where(visible, s, -jnp.inf)
+
+  if not skip:
+    return masked(s)
+  full = blk * bs + (bs - 1) <= t_base
+  if lo is not None:
+    need_lo, need_hi = need
+    full = full & ((lo & need_lo) == need_lo) & ((hi & need_hi) == need_hi)
+  return lax.cond(full, lambda s: s, masked, s)
+
+
+def _need_words(tok_base: int, r: int) -> tuple[int, int]:
+  """int32 ``(lo, hi)`` words with the bits of tokens ``tok_base .. tok_base + r - 1`` set."""
+  bits = ((1 << r) - 1) << tok_base
+  as_i32 = lambda x: x - (1 << 32) if x >= 1 << 31 else x
+  return as_i32(bits & 0xFFFFFFFF), as_i32(bits >> 32)
+
+
+def _online_softmax(s, m_i, l_i, acc, scale2):
+  """One online-softmax update on raw scores ``s [64, bs]`` (``-inf`` = masked).
+
+  ``m_i`` is kept in raw score units; ``scale2 = softmax_scale * log2(e) > 0`` is applied in
+  the exponent (one FMA per element). Returns ``(p, m_new, l_new, acc_rescaled)``.
+  """
+  m_new = jnp.maximum(m_i, s.max(axis=1))
+  m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)                         # fully masked rows
+  alpha = jnp.exp2((m_i - m_use) * scale2)
+  p = jnp.exp2(s * scale2 - lax.broadcast_in_dim(m_use * scale2, s.shape, [0]))
+  l_i = l_i * alpha + p.sum(axis=1)
+  acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+  return p, m_new, l_i, acc
+
+
+def _kernel(q_ref, k_ref, v_ref, ids_ref, cnt_ref, lo_ref, hi_ref,       # inputs (GMEM)
+            o_ref, lse_ref,                                                # outputs (GMEM)
+            q_smem, k_smem, v_smem, lse_smem, q_bar, k_bar, v_bar,         # scratch
+            ids_smem, lo_smem, hi_smem, idx_bar,
+            *, num_heads: int, g: int, cfg: _Config, dtype):
+  """One CTA: query tile ``tile`` of (batch, KV head) ``bh``.
+
+  Refs: ``q_ref [B, H, NT*64, D]``, ``k_ref/v_ref [B, Tk, H, D]``, ``ids_ref/lo_ref/hi_ref
+  [B, H, NT, L]``, ``cnt_ref [B, H, NT]``, ``o_ref [B, H, NT*64, D]``, ``lse_ref [B, H, NT*64]``;
+  SMEM ``q_smem [64, D]`` (reused for O), ``k_smem/v_smem [S, 64, D]``, ``lse_smem [64]``,
+  ``ids_smem/lo_smem/hi_smem [L]`` (the tile's list, read per step without a global load).
+  """
+  tile = lax.axis_index("tile")
+  bh = lax.axis_index("bh")
+  b = lax.div(bh, jnp.int32(num_heads))
+  h = lax.rem(bh, jnp.int32(num_heads))
+  r = TILE_ROWS // g
+  bs = cfg.block_size
+  stages = cfg.num_stages
+  d = q_smem.shape[-1]
+  count = cnt_ref[b, h, tile]
+  rows = pl.ds(tile * TILE_ROWS, TILE_ROWS)
+
+  plgpu.copy_gmem_to_smem(q_ref.at[b, h, rows], q_smem, q_bar)
+  if cfg.smem_index:
+    for src, dst in ((ids_ref, ids_smem), (lo_ref, lo_smem), (hi_ref, hi_smem)):
+      plgpu.copy_gmem_to_smem(src.at[b, h, tile], dst, idx_bar)
+  read = lambda ref, smem, j: smem[j] if cfg.smem_index else ref[b, h, tile, j]
+
+  def fetch(j, slot, from_gmem=False):
+    blk = ids_ref[b, h, tile, j] if from_gmem else read(ids_ref, ids_smem, j)
+    keys = pl.ds(blk * bs, bs)
+    plgpu.copy_gmem_to_smem(k_ref.at[b, keys, h], k_smem.at[slot], k_bar.at[slot])
+    plgpu.copy_gmem_to_smem(v_ref.at[b, keys, h], v_smem.at[slot], v_bar.at[slot])
+
+  for s in range(stages):
+    pl.when(s < count)(functools.partial(fetch, jnp.int32(s), s, True))
+
+  layout = plgpu.Layout.WGMMA
+  col_ids, tok = _row_tokens(g, bs)
+  scale2 = cfg.softmax_scale * _LOG2E
+
+  m_i = plgpu.layout_cast(jnp.full((TILE_ROWS,), -jnp.inf, jnp.float32), layout.reduce(1))
+  l_i = plgpu.layout_cast(jnp.full((TILE_ROWS,), 0.0, jnp.float32), layout.reduce(1))
+  acc = plgpu.layout_cast(jnp.full((TILE_ROWS, d), 0.0, jnp.float32), layout)
+  plgpu.barrier_wait(q_bar)
+  if cfg.smem_index:
+    plgpu.barrier_wait(idx_bar)
+
+  def step(j, carry):
+    acc, m_i, l_i = carry
+    slot = lax.rem(j, jnp.int32(stages))
+    blk = read(ids_ref, ids_smem, j)
+    plgpu.barrier_wait(k_bar.at[slot])
+
+    def qk(acc_ref):
+      plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
+      return acc_ref[...]
+    s = pl.run_scoped(qk, plgpu.ACC((TILE_ROWS, bs), jnp.float32))          # [64 rows, 64 keys]
+
+    exact = cfg.mode == "exact"
+    lo = read(lo_ref, lo_smem, j) if exact else None
+    hi = read(hi_ref, hi_smem, j) if exact else None
+    s = _masked_scores(s, col_ids, tok, tok_base=0, t_base=tile * r, blk=blk, bs=bs, lo=lo,
+                       hi=hi, need=_need_words(0, r), skip=cfg.mask_skip)
+    p, m_new, l_i, acc = _online_softmax(s, m_i, l_i, acc, scale2)
+    p16 = p.astype(dtype)
+    plgpu.barrier_wait(v_bar.at[slot])
+
+    def pv(acc_ref):
+      plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+    acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+    # Slot `slot` is free again (both wgmmas retired): prefetch step j + S into it.
+    nxt = j + stages
+    pl.when(nxt < count)(lambda: fetch(nxt, slot))
+    return acc, m_new, l_i
+
+  acc, m_i, l_i = lax.fori_loop(0, count, step, (acc, m_i, l_i))
+
+  seen = l_i > 0.0
+  l_div = jnp.where(seen, l_i, 1.0)
+  acc = acc / lax.broadcast_in_dim(l_div, acc.shape, [0])
+  q_smem[...] = acc.astype(dtype)
+  lse_smem[...] = jnp.where(seen, (m_i * scale2 + jnp.log(l_div) * _LOG2E) * _LN2, -jnp.inf)
+  plgpu.commit_smem()
+  plgpu.copy_smem_to_gmem(q_smem, o_ref.at[b, h, rows])
+  plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, h, rows])
+  plgpu.wait_smem_to_gmem(0)
+
+
+def _kernel_ws(q_ref, k_ref, v_ref, ids_ref, cnt_ref, lo_ref, hi_ref, o_ref, lse_ref,
+               *, num_heads: int, g: int, cfg: _Config, dtype):
+  """One CTA, 128 query rows: two compute warpgroups (64 rows each) share one K/V stream that a
+  third (producer) warpgroup feeds with TMA through a ring of ``S`` slots.
+
+  ``cfg.q_layout == "tiles"``: ``q_ref/o_ref [B, H, NT*128, D]``, ``lse_ref [B, H, NT*128]``.
+  ``cfg.q_layout == "direct"``: ``q_ref/o_ref [B, Tp, HQ, D]``, ``lse_ref [B, Tp, HQ]`` (needs
+  ``G % 8 == 0``): each token's ``G`` rows are one TMA copy, so Q and O skip the transposes.
+  """
+  tile = lax.axis_index("tile")
+  bh = lax.axis_index("bh")
+  b = lax.div(bh, jnp.int32(num_heads))
+  h = lax.rem(bh, jnp.int32(num_heads))
+  rows_wg = TILE_ROWS
+  r_wg = rows_wg // g                                                      # tokens per warpgroup
+  bs = cfg.block_size
+  stages = cfg.num_stages
+  d = q_ref.shape[-1]
+  length = ids_ref.shape[-1]
+  count = cnt_ref[b, h, tile]
+  direct = cfg.q_layout == "direct"
+
+  def body(q_smem2, k_smem, v_smem, lse_smem2, q_bar, k_bar, v_bar, consumed, sched, ids_smem,
+           lo_smem, hi_smem, idx_bar):
+    wg = lax.axis_index("wg")
+    pp = cfg.ping_pong
+    read = lambda ref, smem, j: smem[j] if cfg.smem_index else ref[b, h, tile, j]
+
+    def schedule_barrier():
+      # FA3 ping-pong: the two compute warpgroups take turns on the tensor cores, so one's
+      # softmax overlaps the other's wgmma (both walk the same list, so the turns pair up).
+      plgpu.barrier_arrive(sched)
+      plgpu.barrier_wait(sched)
+
+    def q_rows(w):
+      return pl.ds(tile * (2 * rows_wg) + w * rows_wg, rows_wg)
+
+    @pl.when(wg < 2)
+    def _compute():
+      plgpu.set_max_registers(232, action="increase")
+      q_smem = q_smem2.at[wg]
+      lse_smem = lse_smem2.at[wg]
+      t_first = tile * (2 * r_wg) + wg * r_wg                              # first token of wg
+      if direct:
+        for i in range(r_wg):
+          plgpu.copy_gmem_to_smem(q_ref.at[b, t_first + i, pl.ds(h * g, g)],
+                                  q_smem.at[pl.ds(i * g, g)], q_bar.at[wg])
+      else:
+        plgpu.copy_gmem_to_smem(q_ref.at[b, h, q_rows(wg)], q_smem, q_bar.at[wg])
+
+      layout = plgpu.Layout.WGMMA
+      col_ids, tok = _row_tokens(g, bs)
+      scale2 = cfg.softmax_scale * _LOG2E
+      need0, need1 = _need_words(0, r_wg), _need_words(r_wg, r_wg)
+      need = tuple(jnp.where(wg == 0, jnp.int32(a), jnp.int32(c)) for a, c in zip(need0, need1))
+      m_i = plgpu.layout_cast(jnp.full((rows_wg,), -jnp.inf, jnp.float32), layout.reduce(1))
+      l_i = plgpu.layout_cast(jnp.full((rows_wg,), 0.0, jnp.float32), layout.reduce(1))
+      acc = plgpu.layout_cast(jnp.full((rows_wg, d), 0.0, jnp.float32), layout)
+      plgpu.barrier_wait(q_bar.at[wg])
+      if cfg.smem_index:
+        plgpu.barrier_wait(idx_bar)
+      if pp:
+        pl.when(wg == 1)(schedule_barrier)
+
+      def step(j, carry):
+        acc, m_i, l_i = carry
+        slot = lax.rem(j, jnp.int32(stages))
+        blk = read(ids_ref, ids_smem, j)
+        plgpu.barrier_wait(k_bar.at[slot])
+
+        def qk(acc_ref):
+          plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
+          if pp:
+            schedule_barrier()
+          return acc_ref[...]
+        s = pl.run_scoped(qk, plgpu.ACC((rows_wg, bs), jnp.float32))
+
+        s = _masked_scores(s, col_ids, tok, tok_base=wg * r_wg, t_base=t_first, blk=blk, bs=bs,
+                           lo=read(lo_ref, lo_smem, j), hi=read(hi_ref, hi_smem, j), need=need,
+                           skip=cfg.mask_skip)
+        p, m_new, l_i, acc = _online_softmax(s, m_i, l_i, acc, scale2)
+        p16 = p.astype(dtype)
+        if pp:
+          acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
+          plgpu.barrier_arrive(sched)                                      # softmax done
+        plgpu.barrier_wait(v_bar.at[slot])
+        if pp:
+          plgpu.barrier_wait(sched)                                        # tensor cores free
+
+        def pv(acc_ref):
+          plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+        acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+        plgpu.barrier_arrive(consumed.at[slot])
+        return acc, m_new, l_i
+
+      acc, m_i, l_i = lax.fori_loop(0, count, step, (acc, m_i, l_i))
+      if pp:
+        pl.when(wg == 0)(schedule_barrier)
+      seen = l_i > 0.0
+      l_div = jnp.where(seen, l_i, 1.0)
+      acc = acc / lax.broadcast_in_dim(l_div, acc.shape, [0])
+      q_smem[...] = acc.astype(dtype)
+      lse_smem[...] = jnp.where(seen, (m_i * scale2 + jnp.log(l_div) * _LOG2E) * _LN2,
+                                -jnp.inf)
+      plgpu.commit_smem()
+      if direct:
+        for i in range(r_wg):
+          plgpu.copy_smem_to_gmem(q_smem.at[pl.ds(i * g, g)],
+                                  o_ref.at[b, t_first + i, pl.ds(h * g, g)])
+          plgpu.copy_smem_to_gmem(lse_smem.at[pl.ds(i * g, g)],
+                                  lse_ref.at[b, t_first + i, pl.ds(h * g, g)])
+      else:
+        plgpu.copy_smem_to_gmem(q_smem, o_ref.at[b, h, q_rows(wg)])
+        plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, h, q_rows(wg)])
+      plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == 2)
+    def _producer():
+      plgpu.set_max_registers(40, action="decrease")
+      if cfg.smem_index:
+        for src, dst in ((ids_ref, ids_smem), (lo_ref, lo_smem), (hi_ref, hi_smem)):
+          plgpu.copy_gmem_to_smem(src.at[b, h, tile], dst, idx_bar)
+        plgpu.barrier_wait(idx_bar)
+
+      def produce(j, _):
+        slot = lax.rem(j, jnp.int32(stages))
+        pl.when(j >= stages)(lambda: plgpu.barrier_wait(consumed.at[slot]))
+        blk = read(ids_ref, ids_smem, j)
+        keys = pl.ds(blk * bs, bs)
+        plgpu.copy_gmem_to_smem(k_ref.at[b, keys, h], k_smem.at[slot], k_bar.at[slot])
+        plgpu.copy_gmem_to_smem(v_ref.at[b, keys, h], v_smem.at[slot], v_bar.at[slot])
+        return _
+      lax.fori_loop(0, count, produce, None)
+
+  transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+  q_arrivals = r_wg if direct else 1
+  pl.run_scoped(
+      body,
+      plgpu.SMEM((2, rows_wg, d), dtype, transforms=transforms),
+      plgpu.SMEM((stages, bs, d), dtype, transforms=transforms),
+      plgpu.SMEM((stages, bs, d), dtype, transforms=transforms),
+      plgpu.SMEM((2, rows_wg), jnp.float32),
+      plgpu.Barrier(num_arrivals=q_arrivals, num_barriers=2),
+      plgpu.Barrier(num_arrivals=1, num_barriers=stages),
+      plgpu.Barrier(num_arrivals=1, num_barriers=stages),
+      plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+      plgpu.Barrier(num_arrivals=2),
+      plgpu.SMEM((length,), jnp.int32),
+      plgpu.SMEM((length,), jnp.int32),
+      plgpu.SMEM((length,), jnp.int32),
+      plgpu.Barrier(num_arrivals=3),
+      collective_axes="wg",
+  )
+
+
+def resolve_config(cfg: _Config, g: int) -> _Config:
+  """Falls back to what a group size supports: 128-row tiles need at most 64 tokens per tile
+  (``G >= 2``), the direct Q/O layout needs 128-row tiles and ``G % 8 == 0``."""
+  if cfg.tile_rows not in (64, 128):
+    raise ValueError(f"tile_rows: expected 64 or 128, got {cfg.tile_rows!r}")
+  if cfg.q_layout not in ("tiles", "direct"):
+    raise ValueError(f"q_layout: expected 'tiles' or 'direct', got {cfg.q_layout!r}")
+  rows = cfg.tile_rows if 2 * (TILE_ROWS // g) <= 64 else TILE_ROWS
+  layout = cfg.q_layout if rows == 128 and g % 8 == 0 and g <= TILE_ROWS else "tiles"
+  return dataclasses.replace(cfg, tile_rows=rows, q_layout=layout)
+
+
+def prepare(q, block_indices, cfg: _Config, num_kv_heads: int):
+  """XLA-side preparation: ``(q operand, TileLists)`` for :func:`call_kernel` (cfg resolved).
+
+  A tile is ``tile_rows // 64`` row groups of 64, each holding ``64 // G`` tokens (padded rows
+  at the end of each group), so a 128-row tile is two consecutive 64-row tiles.
+  """
+  _, t, hq, _ = q.shape
+  g = hq // num_kv_heads
+  r64 = tokens_per_tile(g)
+  r_tile = (cfg.tile_rows // TILE_ROWS) * r64
+  n = block_indices.shape[-1]
+  nb = -(-t // cfg.block_size)
+  one_list = cfg.mode == "shared" and cfg.tile_rows == TILE_ROWS
+  length = min(n if one_list else r_tile * n, nb)
+  length = -(-length // 4) * 4                     # 16-byte rows for the TMA copy to SMEM
+  if one_list:
+    lists = tile_iteration_lists(block_indices, tokens_per_tile=r_tile,
+                                 block_size=cfg.block_size, shared=True, max_len=length)
+  else:
+    if cfg.mode == "shared":                       # two 64-row groups: union of their lists
+      from sparse_attention_jax.ops.selection import share_selection
+      block_indices = share_selection(block_indices, r64)
+    lists = tile_iteration_lists(block_indices, tokens_per_tile=r_tile,
+                                 block_size=cfg.block_size, max_len=length)
+  tp = -(-t // r_tile) * r_tile
+  qx = q if tp == t else jnp.pad(q, ((0, 0), (0, tp - t), (0, 0), (0, 0)))
+  if cfg.q_layout == "tiles":
+    qx = _to_tiles(qx, r64, num_kv_heads)                                  # [B, H, NT*rows, D]
+  return qx, lists
+
+
+def call_kernel(qx, k, v, lists, cfg: _Config, *, num_kv_heads: int, seq_len: int):
+  """Runs the kernel on prepared operands; returns ``(o [B, T, HQ, D], lse [B, T, HQ])``."""
+  b, t, h, d = k.shape
+  bs = cfg.block_size
+  nb = -(-t // bs)
+  hq = qx.shape[2] if cfg.q_layout == "direct" else None
+  kp = k if nb * bs == t else jnp.pad(k, ((0, 0), (0, nb * bs - t), (0, 0), (0, 0)))
+  vp = v if nb * bs == t else jnp.pad(v, ((0, 0), (0, nb * bs - t), (0, 0), (0, 0)))
+  nt, length = lists.ids.shape[2:]
+  stages = max(1, min(cfg.num_stages, length))
+  cfg = dataclasses.replace(cfg, num_stages=stages)
+  dtype = qx.dtype
+  args = (qx, kp, vp, lists.ids, lists.counts, lists.member_lo, lists.member_hi)
+  params = plgpu.CompilerParams(approx_math=True)
+  g = cfg.group_size
+  if cfg.tile_rows == TILE_ROWS:
+    transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+    scratch = [
+        plgpu.SMEM((TILE_ROWS, d), dtype, transforms=transforms),
+        plgpu.SMEM((stages, bs, d), dtype, transforms=transforms),
+        plgpu.SMEM((stages, bs, d), dtype, transforms=transforms),
+        plgpu.SMEM((TILE_ROWS,), jnp.float32),
+        plgpu.Barrier(num_arrivals=1),
+        plgpu.Barrier(num_arrivals=1, num_barriers=stages),
+        plgpu.Barrier(num_arrivals=1, num_barriers=stages),
+        plgpu.SMEM((length,), jnp.int32),
+        plgpu.SMEM((length,), jnp.int32),
+        plgpu.SMEM((length,), jnp.int32),
+        plgpu.Barrier(num_arrivals=3),
+    ]
+    n_rows = qx.shape[2]
+    out_type = (jax.ShapeDtypeStruct((b, h, n_rows, d), dtype),
+                jax.ShapeDtypeStruct((b, h, n_rows), jnp.float32))
+    kernel = functools.partial(_kernel, num_heads=h, g=g, cfg=cfg, dtype=dtype)
+    ot, lset = plgpu.kernel(kernel, out_type=out_type, scratch_types=scratch, grid=(nt, b * h),
+                            grid_names=("tile", "bh"), compiler_params=params)(*args)
+    return (_from_tiles(ot, seq_len, g), _from_tiles(lset, seq_len, g))
+  kernel = functools.partial(_kernel_ws, num_heads=h, g=g, cfg=cfg, dtype=dtype)
+  if cfg.q_layout == "direct":
+    tp = qx.shape[1]
+    out_type = (jax.ShapeDtypeStruct((b, tp, hq, d), dtype),
+                jax.ShapeDtypeStruct((b, tp, hq), jnp.float32))
+  else:
+    out_type = (jax.ShapeDtypeStruct(qx.shape, dtype),
+                jax.ShapeDtypeStruct(qx.shape[:3], jnp.float32))
+  ot, lset = plgpu.kernel(kernel, out_type=out_type, grid=(nt, b * h), grid_names=("tile", "bh"),
+                          num_threads=3, thread_name="wg", compiler_params=params)(*args)
+  if cfg.q_layout == "direct":
+    return ot[:, :seq_len], lset[:, :seq_len]
+  return _from_tiles(ot, seq_len, g), _from_tiles(lset, seq_len, g)
+
+
+def _forward(q, k, v, block_indices, cfg: _Config):
+  """Kernel forward: ``(o [B, T, HQ, D], lse [B, T, HQ] float32 natural log)``."""
+  h = k.shape[2]
+  cfg = resolve_config(dataclasses.replace(cfg, group_size=q.shape[2] // h), q.shape[2] // h)
+  qx, lists = prepare(q, block_indices, cfg, h)
+  return call_kernel(qx, k, v, lists, cfg, num_kv_heads=h, seq_len=q.shape[1])
+
+
+def _reference(q, k, v, block_indices, cfg: _Config):
+  """Plain-JAX reference with the same semantics (used for the temporary backward)."""
+  from sparse_attention_jax.ops.selected import _selected_reference
+  from sparse_attention_jax.ops.selection import share_selection
+  if cfg.mode == "shared":
+    block_indices = share_selection(block_indices, tokens_per_tile(q.shape[2] // k.shape[2]))
+  return _selected_reference(q, k, v, block_indices, block_size=cfg.block_size,
+                             segment_ids=None, softmax_scale=cfg.softmax_scale)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _attention(q, k, v, block_indices, cfg: _Config):
+  return _forward(q, k, v, block_indices, cfg)[0]
+
+
+def _attention_fwd(q, k, v, block_indices, cfg: _Config):
+  return _forward(q, k, v, block_indices, cfg)[0], (q, k, v, block_indices)
+
+
+def _attention_bwd(cfg: _Config, res, do):
+  # TEMPORARY: the VJP of the plain-JAX reference, until the dQ / dK-dV kernels exist.
+  q, k, v, block_indices = res
+  _, vjp = jax.vjp(lambda q_, k_, v_: _reference(q_, k_, v_, block_indices, cfg), q, k, v)
+  dq, dk, dv = vjp(do)
+  return dq, dk, dv, None
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def selected_attention_mgpu(q, k, v, block_indices, *, block_size: int = BLOCK_SIZE,
+                            segment_ids=None, softmax_scale: float | None = None,
+                            mode: str = "exact", return_lse: bool = False, num_stages: int = 2,
+                            tile_rows: int | None = None, q_layout: str = "direct",
+                            ping_pong: bool = True):
+  """Selected-block attention with the Mosaic GPU forward kernel.
+
+  Args:
+    q: ``[B, T, HQ, D]`` bfloat16/float16 queries; k: ``[B, T, H, D]``; v: ``[B, T, H, D]``
+      (``D`` in 64 or 128).
+    block_indices: ``[B, T, H, n]`` int block ids (``-1`` padding, duplicates count once).
+    block_size: must be 64.
+    segment_ids: must be ``None`` (not supported yet).
+    softmax_scale: defaults to ``D ** -0.5``.
+    mode: ``"exact"`` (per-token selection) or ``"shared"`` (tokens of each aligned run of
+      ``r = 64 // G`` share their first token's list).
+    return_lse: also return the ``[B, T, HQ]`` float32 natural-log LSE (no gradient through it).
+    num_stages: K/V SMEM ring depth.
+    tile_rows: 64 (one warpgroup per CTA, prefetching its own K/V) or 128 (two compute
+      warpgroups sharing one K/V stream fed by a producer warpgroup; falls back to 64 for G = 1).
+      ``None``: 128 for ``"exact"`` (fastest measured), 64 for ``"shared"`` (a 128-row tile
+      would iterate over the union of two shared lists).
+    q_layout: ``"tiles"`` (Q/O through an XLA transpose) or ``"direct"`` (per-token TMA copies of
+      Q/O, no transpose; only with 128-row tiles and ``G % 8 == 0``, else falls back to tiles).
+    ping_pong: with 128-row tiles, alternate the two warpgroups' softmax and wgmma (FA3).
+
+  Returns:
+    ``o [B, T, HQ, D]`` in ``q.dtype`` (or ``(o, lse)``); rows that see no key get 0.
+
+  Raises:
+    NotImplementedError: for a configuration the kernel does not serve (the message says why).
+  """
+  reason = unsupported_reason(q, k, v, block_indices, block_size=block_size,
+                              segment_ids=segment_ids, mode=mode)
+  if reason is not None:
+    raise NotImplementedError(f"pallas_gpu selected_attention: {reason}")
+  if not isinstance(num_stages, int) or num_stages < 1:
+    raise ValueError(f"num_stages: expected a positive int, got {num_stages!r}")
+  scale = float(softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5)
+  if not scale > 0:
+    raise NotImplementedError(f"pallas_gpu selected_attention: softmax_scale={scale} (the kernel "
+                              "keeps the running max in raw score units, so it needs scale > 0)")
+  if tile_rows is None:
+    tile_rows = 2 * TILE_ROWS if mode == "exact" else TILE_ROWS
+  cfg = _Config(softmax_scale=scale, mode=mode, block_size=block_size, num_stages=num_stages,
+                tile_rows=tile_rows, q_layout=q_layout, ping_pong=ping_pong)
+  resolve_config(cfg, q.shape[2] // k.shape[2])                           # validates
+  if return_lse:
+    return _forward(q, k, v, block_indices, cfg)
+  return _attention(q, k, v, block_indices, cfg)
+
+
+def selected_attention_op(q, k, v, block_indices, *, block_size, segment_ids, softmax_scale):
+  """The ``selected_attention`` op of backend ``pallas_gpu`` (exact per-token selection)."""
+  if jax.default_backend() != "gpu":
+    raise NotImplementedError(f"pallas_gpu selected_attention: needs a Hopper GPU, the default "
+                              f"backend is {jax.default_backend()!r}")
+  cc = getattr(jax.devices()[0], "compute_capability", None)
+  if cc is not None and not str(cc).startswith("9"):
+    raise NotImplementedError(f"pallas_gpu selected_attention: needs a Hopper GPU (sm90, wgmma), "
+                              f"got compute capability {cc}")
+  return selected_attention_mgpu(q, k, v, block_indices, block_size=block_size,
+                                 segment_ids=segment_ids, softmax_scale=softmax_scale)

@@ -1,0 +1,212 @@
+"""Tile iteration lists for selected-block attention kernels, built with plain XLA ops.
+
+A kernel tile holds ``r`` consecutive tokens of one KV head (``r * G`` query rows: row ``i*G + g``
+is token ``t0 + i``, query head ``h*G + g``). Per tile:
+
+* **iteration list** ``ids``: the sorted, deduplicated union of the KV blocks the tile's tokens
+  selected, keeping only blocks that some token can see (``0 <= id < NB`` and ``id * block_size <=
+  t``, i.e. the block starts at or before the token). Entries past ``counts`` repeat the last valid
+  id (``0`` when the tile has none), so a kernel that runs a fixed number of steps fetches nothing
+  new on padded steps and skips their compute.
+* **membership** ``member_lo`` / ``member_hi``: bit ``i`` (token ``i < 32`` in ``lo``, token
+  ``i - 32`` in ``hi``) says token ``t0 + i`` itself selected block ``ids[j]``: the per-row mask of
+  exact per-token selection. The causal mask inside a block is left to the kernel.
+* **shared mode** (ASA): the tile iterates over its first token's list only (this is exact
+  per-token selection applied to :func:`sparse_attention_jax.ops.selection.share_selection`).
+
+The inverse map (KV block -> query tiles whose iteration list holds it) is what a dK/dV kernel
+without atomics iterates over; it is built by one sort.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+MAX_TOKENS_PER_TILE = 64
+"""Membership is two 32-bit words per (tile, step), so a tile holds at most 64 tokens."""
+
+
+class TileLists(NamedTuple):
+  """Per-tile iteration lists (see the module docstring).
+
+  Attributes:
+    ids: ``[B, H, NT, L]`` int32 KV block ids, ascending, padded by repeating the last valid id.
+    counts: ``[B, H, NT]`` int32 number of valid entries of ``ids``.
+    member_lo: ``[B, H, NT, L]`` int32 bit ``i`` = token ``i`` (``i < 32``) selected ``ids[j]``.
+    member_hi: ``[B, H, NT, L]`` int32 bit ``i - 32`` = token ``i`` (``32 <= i < 64``) selected it.
+  """
+  ids: jax.Array
+  counts: jax.Array
+  member_lo: jax.Array
+  member_hi: jax.Array
+
+
+def _check(block_indices, tokens_per_tile: int, block_size: int) -> None:
+  if not hasattr(block_indices, "ndim") or block_indices.ndim != 4:
+    raise ValueError(f"block_indices: expected a rank-4 array [B, T, H, n], got shape "
+                     f"{getattr(block_indices, 'shape', type(block_indices).__name__)}")
+  if not jnp.issubdtype(block_indices.dtype, jnp.integer):
+    raise ValueError(f"block_indices: expected an integer dtype, got {block_indices.dtype}")
+  if not isinstance(tokens_per_tile, int) or not 1 <= tokens_per_tile <= MAX_TOKENS_PER_TILE:
+    raise ValueError(f"tokens_per_tile: expected an int in [1, {MAX_TOKENS_PER_TILE}], got "
+                     f"{tokens_per_tile!r}")
+  if not isinstance(block_size, int) or block_size < 1:
+    raise ValueError(f"block_size: expected a positive int, got {block_size!r}")
+
+
+def tile_iteration_lists(block_indices, *, tokens_per_tile: int, block_size: int,
+                         shared: bool = False, max_len: int | None = None) -> TileLists:
+  """Builds the iteration list and per-row membership of every query tile.
+
+  Args:
+    block_indices: ``[B, T, H, n]`` int block ids (``-1`` padding; duplicates count once).
+    tokens_per_tile: ``r``, consecutive tokens per tile (tiles start at multiples of ``r``; the
+      last one is padded with tokens that select nothing).
+    block_size: tokens per KV block.
+    shared: iterate over each tile's first token's list (ASA shared selection) instead of the
+      union of its tokens' lists; every token of the tile is then a member of every entry.
+    max_len: ``L``; defaults to the worst case ``min(r * n, NB)`` (``min(n, NB)`` when shared).
+      A smaller value truncates longer lists (``counts`` is clipped to ``L``).
+
+  Returns:
+    :class:`TileLists` with ``NT = cdiv(T, r)``.
+  """
+  _check(block_indices, tokens_per_tile, block_size)
+  b, t, h, n = block_indices.shape
+  r = tokens_per_tile
+  nt = -(-t // r)
+  nb = -(-t // block_size)
+  per_tile = n if shared else r * n
+  length = min(per_tile, nb) if max_len is None else max_len
+  if not isinstance(length, int) or length < 1:
+    raise ValueError(f"max_len: expected a positive int, got {max_len!r}")
+
+  bi = jnp.asarray(block_indices, jnp.int32)
+  bi = jnp.pad(bi, ((0, 0), (0, nt * r - t), (0, 0), (0, 0)), constant_values=-1)
+  bi = bi.reshape(b, nt, r, h, n).transpose(0, 3, 1, 2, 4)                 # [B, H, NT, r, n]
+  tok = jnp.arange(nt * r, dtype=jnp.int32).reshape(nt, r)                 # [NT, r]
+  if shared:
+    bi = bi[:, :, :, :1, :]                                                # first token's list
+    last = tok[:, -1:]                                                     # [NT, 1]
+    visible_to = jnp.minimum(last, t - 1)[None, None, :, :, None]          # [1, 1, NT, 1, 1]
+    token_of = jnp.zeros((1, 1, 1, 1, 1), jnp.int32)
+    rr = 1
+  else:
+    visible_to = tok[None, None, :, :, None]                               # [1, 1, NT, r, 1]
+    token_of = jnp.arange(r, dtype=jnp.int32)[None, None, None, :, None]
+    rr = r
+  valid = (bi >= 0) & (bi < nb) & (bi * block_size <= visible_to)
+
+  # One sort of (block id, token) pairs per tile; key = id * 64 + token.
+  big = jnp.iinfo(jnp.int32).max
+  key = jnp.where(valid, bi * MAX_TOKENS_PER_TILE + token_of, big)
+  key = jnp.sort(key.reshape(b, h, nt, rr * n), axis=-1)                   # [B, H, NT, rr*n]
+  ok = key != big
+  blk = key // MAX_TOKENS_PER_TILE
+  tk = key % MAX_TOKENS_PER_TILE
+  prev_key = jnp.pad(key, ((0, 0), (0, 0), (0, 0), (1, 0)), constant_values=-1)[..., :-1]
+  prev_blk = prev_key // MAX_TOKENS_PER_TILE
+  new_pair = ok & (key != prev_key)
+  new_blk = ok & ((blk != prev_blk) | (prev_key < 0))
+  rank = jnp.cumsum(new_blk.astype(jnp.int32), axis=-1) - 1                # [B, H, NT, rr*n]
+  counts = jnp.minimum(jnp.sum(new_blk, axis=-1, dtype=jnp.int32), length)
+
+  # One scatter-add into a [.., L + 1, 3] table (id, lo bits, hi bits) whose last row swallows
+  # invalid / truncated entries. Each rank gets its id from exactly one entry (the first of its
+  # run), and distinct (block, token) pairs set distinct bits, so adding is OR.
+  col = jnp.where(ok & (rank < length), rank, length)
+  ib, ih, it, _ = jnp.indices(key.shape, sparse=True)
+  id_part = jnp.where(new_blk, blk, 0).astype(jnp.uint32)
+  if shared:
+    bits_lo = jnp.where(new_blk, jnp.uint32(0xFFFFFFFF), jnp.uint32(0))
+    bits_hi = bits_lo
+  else:
+    one = jnp.uint32(1)
+    bits_lo = jnp.where(new_pair & (tk < 32), one << jnp.minimum(tk, 31).astype(jnp.uint32),
+                        jnp.uint32(0))
+    bits_hi = jnp.where(new_pair & (tk >= 32), one << jnp.maximum(tk - 32, 0).astype(jnp.uint32),
+                        jnp.uint32(0))
+  table = jnp.zeros((b, h, nt, length + 1, 3), jnp.uint32).at[ib, ih, it, col].add(
+      jnp.stack([id_part, bits_lo, bits_hi], axis=-1))[..., :length, :]
+  ids = table[..., 0].astype(jnp.int32)
+  lo, hi = table[..., 1], table[..., 2]
+
+  # Pad past counts: repeat the last valid id (0 for an empty tile), membership 0.
+  j = jnp.arange(length, dtype=jnp.int32)
+  in_list = j < counts[..., None]
+  last_id = jnp.take_along_axis(ids, jnp.maximum(counts - 1, 0)[..., None], axis=-1)
+  ids = jnp.where(in_list, ids, last_id)
+  lo = jnp.where(in_list, lo, 0)
+  hi = jnp.where(in_list, hi, 0)
+  as_i32 = lambda x: jax.lax.bitcast_convert_type(x, jnp.int32)
+  return TileLists(ids=ids, counts=counts, member_lo=as_i32(lo), member_hi=as_i32(hi))
+
+
+class InverseMap(NamedTuple):
+  """KV block -> query tiles, as CSR sorted by (block, tile).
+
+  Attributes:
+    tiles: ``[B, H, NT * L]`` int32 query-tile ids; block ``k``'s tiles are
+      ``tiles[..., offsets[k]:offsets[k + 1]]`` (ascending); entries past ``offsets[NB]`` repeat
+      the last valid tile id (``0`` when there is none).
+    offsets: ``[B, H, NB + 1]`` int32 row starts.
+  """
+  tiles: jax.Array
+  offsets: jax.Array
+
+
+def inverse_tile_map(lists: TileLists, num_blocks: int) -> InverseMap:
+  """For every KV block, the query tiles whose iteration list holds it (a future dK/dV grid).
+
+  Args:
+    lists: the forward's :class:`TileLists` (``ids [B, H, NT, L]``, ``counts [B, H, NT]``).
+    num_blocks: ``NB``, KV blocks per sequence.
+
+  Returns:
+    :class:`InverseMap`.
+  """
+  if not isinstance(num_blocks, int) or num_blocks < 1:
+    raise ValueError(f"num_blocks: expected a positive int, got {num_blocks!r}")
+  b, h, nt, length = lists.ids.shape
+  valid = jnp.arange(length, dtype=jnp.int32) < lists.counts[..., None]    # [B, H, NT, L]
+  tile = jnp.arange(nt, dtype=jnp.int32)[:, None]
+  big = jnp.iinfo(jnp.int32).max
+  if num_blocks * nt >= big:
+    raise ValueError(f"num_blocks: {num_blocks} blocks x {nt} tiles overflow int32 sort keys")
+  key = jnp.where(valid, lists.ids * nt + tile, big).reshape(b, h, nt * length)
+  key = jnp.sort(key, axis=-1)
+  total = jnp.sum(key != big, axis=-1, dtype=jnp.int32)                    # [B, H]
+  bounds = jnp.arange(num_blocks + 1, dtype=jnp.int32) * nt                # [NB + 1]
+  offsets = jax.vmap(jax.vmap(lambda kk: jnp.searchsorted(kk, bounds, side="left")))(key)
+  tiles = key % nt
+  last = jnp.take_along_axis(tiles, jnp.maximum(total - 1, 0)[..., None], axis=-1)
+  last = jnp.where(total[..., None] > 0, last, 0)
+  pos = jnp.arange(nt * length, dtype=jnp.int32)
+  tiles = jnp.where(pos < total[..., None], tiles, last)
+  return InverseMap(tiles=tiles.astype(jnp.int32), offsets=offsets.astype(jnp.int32))
+
+
+def inverse_tile_map_padded(inv: InverseMap, cap: int) -> tuple[jax.Array, jax.Array]:
+  """Dense padded view of :func:`inverse_tile_map`, one row of ``cap`` tiles per KV block.
+
+  Args:
+    inv: the CSR map.
+    cap: static row length; longer rows are truncated (``counts`` keeps the true length).
+
+  Returns:
+    ``(tiles [B, H, NB, cap], counts [B, H, NB])`` int32; row entries past the count repeat the
+    row's last valid tile (``0`` for an empty row).
+  """
+  if not isinstance(cap, int) or cap < 1:
+    raise ValueError(f"cap: expected a positive int, got {cap!r}")
+  start, end = inv.offsets[..., :-1], inv.offsets[..., 1:]                 # [B, H, NB]
+  counts = end - start
+  c = jnp.arange(cap, dtype=jnp.int32)
+  pos = start[..., None] + jnp.minimum(c, jnp.maximum(counts - 1, 0)[..., None])
+  b, h, nb = start.shape
+  got = jnp.take_along_axis(inv.tiles, pos.reshape(b, h, nb * cap), axis=-1).reshape(b, h, nb,
+                                                                                    cap)
+  return jnp.where(counts[..., None] > 0, got, 0), counts

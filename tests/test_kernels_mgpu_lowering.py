@@ -1,0 +1,110 @@
+"""Cross-lowering of the Mosaic GPU selected-attention kernel for CUDA on a CPU-only machine.
+
+Lowering builds the Mosaic GPU module (shapes, layouts, dtypes, unsupported ops surface here);
+compiling and running it needs the H100 (``tests/gpu/check_selected_mgpu.py``). Numerics on CPU:
+the kernel's ``O += P V`` uses ``pl.run_state(...)(plgpu.ACC.init(acc))`` with ``wgmma``, which
+GPU interpret mode cannot run ("MLIR translation rule for primitive 'wgmma' not found for
+platform cpu", JAX_NOTES §2.4), so there is no interpret-mode numeric test here.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import selected_attention_mgpu as mg
+
+
+def _lower(dtype, d, g, mode, *, t=200, h=2, n=4, **kw):
+  f = lambda q, k, v, bi: mg.selected_attention_mgpu(q, k, v, bi, mode=mode, **kw)
+  avals = (jax.ShapeDtypeStruct((1, t, h * g, d), dtype),
+           jax.ShapeDtypeStruct((1, t, h, d), dtype),
+           jax.ShapeDtypeStruct((1, t, h, d), dtype),
+           jax.ShapeDtypeStruct((1, t, h, n), jnp.int32))
+  return jax.jit(f).trace(*avals).lower(lowering_platforms=("cuda",)).as_text()
+
+
+def _has_mosaic_call(text):
+  return "mosaic_gpu" in text
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("g", [1, 3, 16])
+@pytest.mark.parametrize("mode", ["exact", "shared"])
+def test_one_warpgroup_kernel_lowers_for_cuda(dtype, d, g, mode):
+  assert _has_mosaic_call(_lower(dtype, d, g, mode, tile_rows=64, q_layout="tiles"))
+
+
+@pytest.mark.parametrize("mode", ["exact", "shared"])
+def test_default_config_lowers_for_cuda(mode):
+  assert _has_mosaic_call(_lower(jnp.bfloat16, 128, 16, mode, t=4096, n=16))
+
+
+@pytest.mark.parametrize("layout", ["tiles", "direct"])
+@pytest.mark.parametrize("g,d,dtype", [(16, 128, jnp.bfloat16), (8, 64, jnp.float16),
+                                       (2, 128, jnp.bfloat16)])
+@pytest.mark.parametrize("mode", ["exact", "shared"])
+def test_two_warpgroup_kernel_lowers_for_cuda(layout, g, d, dtype, mode):
+  text = _lower(dtype, d, g, mode, tile_rows=128, q_layout=layout, t=300)
+  assert _has_mosaic_call(text)
+
+
+def test_config_fallbacks():
+  cfg = mg._Config(softmax_scale=1.0, mode="exact", tile_rows=128, q_layout="direct")
+  assert mg.resolve_config(cfg, 16) == cfg
+  assert mg.resolve_config(cfg, 4).q_layout == "tiles"                     # G % 8 != 0
+  one = mg.resolve_config(cfg, 1)                                          # 128 tokens > 64 bits
+  assert (one.tile_rows, one.q_layout) == (64, "tiles")
+  with pytest.raises(ValueError, match="tile_rows"):
+    mg.resolve_config(mg._Config(softmax_scale=1.0, mode="exact", tile_rows=96), 16)
+
+
+@pytest.mark.parametrize("g,t,rows", [(16, 301, 64), (3, 250, 64), (1, 250, 64), (8, 517, 64)])
+def test_tile_layout_round_trip(g, t, rows):
+  x = jax.random.normal(jax.random.key(0), (2, t, 2 * g, 8))
+  r = 64 // g
+  xt = mg._to_tiles(x, r, 2)
+  np.testing.assert_array_equal(mg._from_tiles(xt, t, g), x)
+  # row i*G + gg of tile `tile` holds token tile*r + i, head h*G + gg
+  i, gg, tile, h = 1, g - 1, 2, 1
+  np.testing.assert_array_equal(xt[1, h, tile * 64 + i * g + gg], x[1, tile * r + i, h * g + gg])
+
+
+def test_unsupported_configs_raise_not_implemented_with_reason():
+  q = jnp.zeros((1, 64, 4, 64), jnp.bfloat16)
+  k = v = jnp.zeros((1, 64, 2, 64), jnp.bfloat16)
+  bi = jnp.zeros((1, 64, 2, 2), jnp.int32)
+  cases = [
+      ({"q": q.astype(jnp.float32), "k": k.astype(jnp.float32), "v": v.astype(jnp.float32)},
+       "dtype"),
+      ({"segment_ids": jnp.zeros((1, 64), jnp.int32)}, "segment_ids"),
+      ({"block_size": 32}, "block_size"),
+      ({"q": jnp.zeros((1, 64, 4, 96), jnp.bfloat16), "k": jnp.zeros((1, 64, 2, 96), jnp.bfloat16),
+        "v": jnp.zeros((1, 64, 2, 96), jnp.bfloat16)}, "head dims"),
+      ({"v": jnp.zeros((1, 64, 2, 128), jnp.bfloat16)}, "head dims"),
+      ({"mode": "bogus"}, "mode"),
+      ({"softmax_scale": -1.0}, "softmax_scale"),
+  ]
+  for over, word in cases:
+    args = {"q": q, "k": k, "v": v, "block_indices": bi, "block_size": 64}
+    args.update(over)
+    with pytest.raises(NotImplementedError, match=word):
+      mg.selected_attention_mgpu(**args)
+
+
+def test_backend_is_registered_lazily_and_declines_on_cpu():
+  import pallas_kernels
+  from sparse_attention_jax.ops.selected import selected_attention
+  backend = pallas_kernels.get("pallas_gpu")
+  assert backend is not None and backend.platforms == ("gpu",)
+  q = jax.random.normal(jax.random.key(1), (1, 128, 32, 64), jnp.bfloat16)
+  k = v = jax.random.normal(jax.random.key(2), (1, 128, 2, 64), jnp.bfloat16)
+  bi = jnp.zeros((1, 128, 2, 2), jnp.int32)
+  if jax.default_backend() != "gpu":
+    with pytest.raises(NotImplementedError, match="pallas_gpu"):
+      selected_attention(q, k, v, bi, block_size=64, impl="pallas_gpu")
+    ref = selected_attention(q, k, v, bi, block_size=64, impl="reference")
+    np.testing.assert_array_equal(selected_attention(q, k, v, bi, block_size=64), ref)
