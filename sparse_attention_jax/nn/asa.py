@@ -63,7 +63,8 @@ from flax import nnx
 
 from sparse_attention_jax.ops import CompressorParams, masked_attention, nsa_attention
 from sparse_attention_jax.ops.masked import causal_mask, same_document
-from sparse_attention_jax.nn.attention import MLPCompressor, register_attention_kind
+from sparse_attention_jax.nn.attention import (
+    MLPCompressor, _check_inputs, register_attention_kind)
 from sparse_attention_jax.nn.config import ModelConfig
 from sparse_attention_jax.nn.latent_config import LatentConfig
 from sparse_attention_jax.nn.layers import RMSNorm, as_dtype, projection
@@ -110,16 +111,6 @@ def _latent_config(config: ModelConfig, kind: str) -> LatentConfig:
                      f"nope_dim, v_dim, groups) for attention kind {kind!r}, got "
                      f"{config.latent!r}")
   return config.latent
-
-
-def _check_inputs(x, positions, segment_ids, d_model: int):
-  if x.ndim != 3 or x.shape[-1] != d_model:
-    raise ValueError(f"x: expected [B, T, d_model={d_model}], got shape {x.shape}")
-  if positions.shape != x.shape[:2]:
-    raise ValueError(f"positions: expected shape [B, T] = {x.shape[:2]}, got {positions.shape}")
-  if segment_ids is not None and segment_ids.shape != x.shape[:2]:
-    raise ValueError(f"segment_ids: expected shape [B, T] = {x.shape[:2]}, got "
-                     f"{segment_ids.shape}")
 
 
 class LatentAttentionBase(nnx.Module):
