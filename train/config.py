@@ -21,6 +21,7 @@ import yaml
 from sparse_attention_jax.config import NSAConfig
 from sparse_attention_jax.nn.config import ModelConfig
 from sparse_attention_jax.nn.latent_config import LatentConfig
+from sparse_attention_jax.nn.ssa_config import SSAConfig
 
 # Byte-level text: token ids are 0..255.
 BYTE_VOCAB = 256
@@ -233,9 +234,10 @@ _NSA_FIELDS = frozenset(f.name for f in dataclasses.fields(NSAConfig))
 # The dataclass behind each overridable section: `key=value` overrides are checked against these
 # (not against the YAML file), so a field the file leaves at its default can still be overridden.
 _SECTIONS: dict[tuple[str, ...], tuple[set[str], set[str]]] = {
-    ("model",): ({f.name for f in dataclasses.fields(ModelConfig)}, {"nsa", "latent"}),
+    ("model",): ({f.name for f in dataclasses.fields(ModelConfig)}, {"nsa", "latent", "ssa"}),
     ("model", "nsa"): ({f.name for f in dataclasses.fields(NSAConfig)} | {"preset"}, set()),
     ("model", "latent"): ({f.name for f in dataclasses.fields(LatentConfig)}, set()),
+    ("model", "ssa"): ({f.name for f in dataclasses.fields(SSAConfig)}, set()),
     ("train",): ({f.name for f in dataclasses.fields(TrainConfig)}, {"mesh"}),
     ("train", "mesh"): ({"data", "fsdp", "tensor"}, set()),
 }

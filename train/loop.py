@@ -10,6 +10,12 @@ of :mod:`train.sharding` (optimizer moments like their parameters), the step is 
 runs per shard), and batches are assembled from each process's rows into global arrays.
 ``grad_accum_steps > 1`` scans microbatches and applies one update with the gradient of the mean
 loss over the whole batch.
+
+Models with SSA layers (kind ``"ssa"``, ALGORITHMS.md §6) train on ``CE + align_weight *
+mean_layers(term1 + term2)``: each forward pass (step, or microbatch) draws one Bernoulli mode
+shared by all SSA layers (:func:`sparse_attention_jax.nn.ssa.draw_mode`), and the metrics add
+``total_loss``, ``align_full`` (term1), ``align_sparse`` (term2) and ``mode_full``; ``loss``
+stays the cross-entropy. Models without SSA layers run exactly as before.
 """
 
 from __future__ import annotations
@@ -37,6 +43,8 @@ from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
 from sparse_attention_jax.nn import DecoderLM
+from sparse_attention_jax.nn import ssa as ssa_lib
+from sparse_attention_jax.nn.ssa_config import SSAConfig
 from sparse_attention_jax.nn.parallel import mesh_axes
 from train import sharding as shd
 from train.config import RunConfig, TrainConfig
@@ -71,6 +79,25 @@ def loss_fn(model: nnx.Module, batch: Batch) -> tuple[jax.Array, tuple[jax.Array
                  segment_ids=batch["segment_ids"])
   total, count = cross_entropy(logits, batch["targets"], batch["loss_mask"])
   return total / jnp.maximum(count, 1.0), (total, count)
+
+
+def ssa_loss_fn(model: nnx.Module, batch: Batch, align_weight: float):
+  """SSA objective ``CE + align_weight * (term1 + term2)`` (terms averaged over SSA layers) of a
+  model whose SSA layers are in training form (:func:`sparse_attention_jax.nn.ssa.set_training`).
+
+  Returns:
+    ``(total, (ce, count, terms))``: ``ce`` the mean cross-entropy, ``terms [2]`` float32.
+  """
+  ce, (_, count) = loss_fn(model, batch)
+  terms = ssa_lib.alignment_terms(model)
+  return ce + align_weight * jnp.sum(terms), (ce, count, terms)
+
+
+def _ssa_settings(model: nnx.Module) -> SSAConfig | None:
+  """The model's SSA settings when it has SSA layers, else None."""
+  if not ssa_lib.ssa_layers(model):
+    return None
+  return model.config.ssa or SSAConfig()
 
 
 def decay_mask(params: Any) -> Any:
@@ -137,12 +164,15 @@ def build_sharded(config: RunConfig, mesh) -> tuple[DecoderLM, nnx.Optimizer]:
   return model, optimizer
 
 
-def _grads_accumulated(model, batch, accum: int):
+def _grads_accumulated(model, batch, accum: int, ssa: SSAConfig | None = None, step=None):
   """Mean loss, target count and gradients over ``accum`` microbatches scanned in turn.
 
   Rows ``i, i + accum, ...`` form microbatch ``i`` (a reshape that keeps each device's rows on
   that device); the gradient is of the summed loss divided by the total target count, i.e. the
-  gradient of the mean loss of the whole batch.
+  gradient of the mean loss of the whole batch. With SSA settings ``ssa`` every microbatch
+  draws its own mode (forward pass ``step * accum + i``) and the objective adds ``align_weight``
+  times the mean over microbatches of ``term1 + term2``; the fourth output is then ``(mean terms
+  [2], fraction of full-mode microbatches)``, else None.
   """
   rows = batch["tokens"].shape[0]
   if rows % accum:
@@ -171,21 +201,58 @@ def _grads_accumulated(model, batch, accum: int):
     return (jax.tree.map(jnp.add, g_acc, g), total_acc + total, count_acc + count), None
 
   zeros = jax.tree.map(jnp.zeros_like, params)
+  if ssa is not None:
+    denom = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
+
+    def ssa_objective(p, r, mb, i):  # A copy of `r`: the layers write mode and terms into it.
+      m = nnx.merge(graphdef, p, r, copy=True)
+      mode = ssa_lib.draw_mode(step * accum + i, ssa.full_prob)
+      ssa_lib.set_training(m, mode)
+      logits = m(mb["tokens"], positions=mb["positions"], segment_ids=mb["segment_ids"])
+      total, count = cross_entropy(logits, mb["targets"], mb["loss_mask"])
+      terms = ssa_lib.alignment_terms(m)
+      obj = total / denom + ssa.align_weight / accum * jnp.sum(terms)
+      return obj, (total, count, terms, mode.astype(jnp.float32))
+
+    def ssa_body(carry, xs):
+      g_acc, total_acc, count_acc, terms_acc, full_acc = carry
+      mb, i = xs
+      (_, (total, count, terms, full)), g = jax.value_and_grad(ssa_objective, has_aux=True)(
+          params, rest, mb, i)
+      return (jax.tree.map(jnp.add, g_acc, g), total_acc + total, count_acc + count,
+              terms_acc + terms, full_acc + full), None
+
+    init = (zeros, jnp.float32(0), jnp.float32(0), jnp.zeros((2,), jnp.float32), jnp.float32(0))
+    (g, total, count, terms, full), _ = jax.lax.scan(
+        ssa_body, init, (micro, jnp.arange(accum, dtype=jnp.uint32)))
+    return total / denom, count, g, (terms / accum, full / accum)
   (g, total, count), _ = jax.lax.scan(body, (zeros, jnp.float32(0), jnp.float32(0)), micro)
   denom = jnp.maximum(count, 1.0)
-  return total / denom, count, jax.tree.map(lambda x: x / denom, g)
+  return total / denom, count, jax.tree.map(lambda x: x / denom, g), None
 
 
 def _train_step(model_def, opt_def, accum, model_state, opt_state, batch):
   model = nnx.merge(model_def, model_state)
   opt = nnx.merge(opt_def, opt_state)
-  if accum == 1:
+  ssa = _ssa_settings(model)
+  extra = None
+  if ssa is not None and accum == 1:
+    mode = ssa_lib.draw_mode(opt.step[...], ssa.full_prob)
+    ssa_lib.set_training(model, mode)
+    grad_fn = nnx.value_and_grad(ssa_loss_fn, has_aux=True)
+    (_, (loss, count, terms)), grads = grad_fn(model, batch, ssa.align_weight)
+    extra = (terms, mode.astype(jnp.float32))
+  elif accum == 1:
     grad_fn = nnx.value_and_grad(loss_fn, has_aux=True)
     (loss, (_, count)), grads = grad_fn(model, batch)
   else:
-    loss, count, grads = _grads_accumulated(model, batch, accum)
+    loss, count, grads, extra = _grads_accumulated(model, batch, accum, ssa, opt.step[...])
   opt.update(model, grads)
   metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "targets": count}
+  if extra is not None:
+    terms, full = extra
+    metrics.update(total_loss=loss + ssa.align_weight * jnp.sum(terms), align_full=terms[0],
+                   align_sparse=terms[1], mode_full=full)
   return nnx.state(model), nnx.state(opt), metrics
 
 
@@ -198,6 +265,9 @@ def _eval_step(model_def, model_state, batch):
 # optimizer structure share one compilation (single device; mesh trainers jit their own).
 _train_step_jit = jax.jit(_train_step, static_argnums=(0, 1, 2), donate_argnums=(3, 4))
 _eval_step_jit = jax.jit(_eval_step, static_argnums=(0,))
+
+# Extra metrics of SSA models (means over the log window in the log line and metrics.jsonl).
+_SSA_METRICS = ("align_full", "align_sparse", "total_loss", "mode_full")
 
 _BATCH_KEYS = ("tokens", "positions", "segment_ids", "targets", "loss_mask")
 
@@ -381,6 +451,7 @@ def _train(trainer, config, train_batches, eval_batches, metrics_file, progress,
   first_loss, eval_loss, eval_history, losses, stopped = None, None, [], [], False
   last_window: list[float] = []
   window_losses, window_tokens, window_s = [], 0, 0.0
+  window_extra: dict[str, list[float]] = {}
   timed_tokens, timed_s = 0, 0.0
   compile_s = 0.0
   start = time.perf_counter()
@@ -409,6 +480,9 @@ def _train(trainer, config, train_batches, eval_batches, metrics_file, progress,
         window_s += time.perf_counter() - t_data
       window_losses.append(loss)
       losses.append(loss)
+      if "align_full" in metrics:  # SSA: cross-entropy, both alignment terms, total, mode.
+        for name in _SSA_METRICS:
+          window_extra.setdefault(name, []).append(float(metrics[name]))
       tok_s = timed_tokens / timed_s if timed_s > 0 else 0.0
       bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}", refresh=False)
       bar.update(1)
@@ -419,11 +493,18 @@ def _train(trainer, config, train_batches, eval_batches, metrics_file, progress,
         event = {"step": step, "loss": mean_loss, "lr": float(schedule(step - 1)),
                  "grad_norm": float(metrics["grad_norm"]), "tokens_per_s": rate,
                  "elapsed_s": time.perf_counter() - start}
+        ssa_text = ""
+        if window_extra:
+          event.update({k: float(np.mean(v)) for k, v in window_extra.items()})
+          ssa_text = (f" | ce {mean_loss:.4f} align full {event['align_full']:.4f} sparse "
+                      f"{event['align_sparse']:.4f} total {event['total_loss']:.4f} full-mode "
+                      f"{event['mode_full']:.2f}")
         log(f"step {step:5d} | loss {mean_loss:.4f} | lr {event['lr']:.2e} | "
-            f"grad_norm {event['grad_norm']:.3f} | {rate:,.0f} tok/s")
+            f"grad_norm {event['grad_norm']:.3f} | {rate:,.0f} tok/s{ssa_text}")
         record(event)
         last_window = window_losses
         window_losses, window_tokens, window_s = [], 0, 0.0
+        window_extra = {}
 
       last = i == todo - 1
       due = (config.eval_every and step % config.eval_every == 0) or last

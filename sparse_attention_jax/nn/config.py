@@ -7,6 +7,7 @@ from typing import Any
 
 from sparse_attention_jax.config import NSAConfig
 from sparse_attention_jax.nn.latent_config import LatentConfig
+from sparse_attention_jax.nn.ssa_config import SSAConfig
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -38,6 +39,8 @@ class ModelConfig:
       activations), ``full`` (keep only the block inputs, recompute the rest) or ``dots`` (keep
       matmul outputs without batch dims:
       ``jax.checkpoint_policies.dots_with_no_batch_dims_saveable``).
+    latent: MLA/GLA sizes of the ``asa_*`` kinds.
+    ssa: settings of ``ssa`` layers (:class:`SSAConfig`; None = its defaults).
   """
 
   vocab_size: int = 256
@@ -60,6 +63,7 @@ class ModelConfig:
   attn_impl: str = "auto"
   remat: str = "none"
   latent: LatentConfig | None = None     # MLA/GLA sizes of the asa_* kinds
+  ssa: SSAConfig | None = None           # settings of the ssa kind (None = SSAConfig())
 
   def __post_init__(self):
     def need(cond, name, expected):
@@ -80,6 +84,7 @@ class ModelConfig:
          "'float32', 'bfloat16' or 'float16'")
     need(isinstance(self.nsa, NSAConfig), "nsa", "an NSAConfig")
     need(self.remat in ("none", "full", "dots"), "remat", "'none', 'full' or 'dots'")
+    need(self.ssa is None or isinstance(self.ssa, SSAConfig), "ssa", "None or an SSAConfig")
 
   @property
   def dv(self) -> int:
@@ -112,10 +117,14 @@ class ModelConfig:
       d["nsa"] = factories[preset](**nsa)
     if isinstance(d.get("latent"), dict):
       d["latent"] = LatentConfig.from_dict(d["latent"])
+    if isinstance(d.get("ssa"), dict):
+      d["ssa"] = SSAConfig.from_dict(d["ssa"])
     return cls(**d)
 
   def to_dict(self) -> dict[str, Any]:
     out = dataclasses.asdict(self)
     out["attention"] = list(self.attention)
     out["nsa"] = {**dataclasses.asdict(self.nsa), "branches": list(self.nsa.branches)}
+    if self.ssa is not None:
+      out["ssa"] = self.ssa.to_dict()
     return out
