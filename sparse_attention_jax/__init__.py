@@ -6,10 +6,22 @@ Public API: the op (:func:`nsa_attention`) and its branches, the config, and (in
 
 from sparse_attention_jax.config import BRANCHES, NSAConfig
 from sparse_attention_jax.ops import (
-    CompressedAttentionOutput, CompressorParams, MLPCompressorParams, NSAAux, block_importance,
-    cmp_visibility, combine_branches, compress, compressed_attention, dense_causal_attention,
-    init_mlp_compressor, nsa_attention, select_blocks, selected_attention,
-    sliding_window_attention)
+    CompressedAttentionOutput,
+    CompressorParams,
+    MLPCompressorParams,
+    NSAAux,
+    block_importance,
+    cmp_visibility,
+    combine_branches,
+    compress,
+    compressed_attention,
+    dense_causal_attention,
+    init_mlp_compressor,
+    nsa_attention,
+    select_blocks,
+    selected_attention,
+    sliding_window_attention,
+)
 
 __version__ = "0.1.0"
 

@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from sparse_attention_jax.config import NSAConfig
+from sparse_attention_jax.nn._config_io import checked_mapping
 from sparse_attention_jax.nn.config import ModelConfig
 from sparse_attention_jax.nn.latent_config import LatentConfig
 from sparse_attention_jax.nn.ssa_config import SSAConfig
@@ -168,13 +169,7 @@ class TrainConfig:
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
     """Builds a config from plain data (YAML); unknown keys are errors."""
-    if not isinstance(d, dict):
-      raise ValueError(f"train: expected a mapping, got {type(d).__name__}")
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-      raise ValueError(f"train: unknown keys {unknown}; known keys are {sorted(known)}")
-    d = dict(d)
+    d = checked_mapping("train", d, cls)
     for f in dataclasses.fields(cls):
       # YAML 1.1 reads "3e-3" as a string; accept numeric strings for float fields.
       if f.type == "float" and isinstance(d.get(f.name), str):

@@ -44,8 +44,8 @@ from tqdm.auto import tqdm
 
 from sparse_attention_jax.nn import DecoderLM
 from sparse_attention_jax.nn import ssa as ssa_lib
-from sparse_attention_jax.nn.ssa_config import SSAConfig
 from sparse_attention_jax.nn.parallel import mesh_axes
+from sparse_attention_jax.nn.ssa_config import SSAConfig
 from train import sharding as shd
 from train.config import RunConfig, TrainConfig
 

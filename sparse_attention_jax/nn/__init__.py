@@ -15,10 +15,16 @@ import os
 
 import yaml
 
-from sparse_attention_jax.nn.attention import (
-    ATTENTION_KINDS, FullAttention, MLPCompressor, NSAAttention, SlidingWindowAttention,
-    get_attention_kind, register_attention_kind)
 from sparse_attention_jax.nn.asa import GLAGlobalAttention, MLALocalAttention
+from sparse_attention_jax.nn.attention import (
+  ATTENTION_KINDS,
+  FullAttention,
+  MLPCompressor,
+  NSAAttention,
+  SlidingWindowAttention,
+  get_attention_kind,
+  register_attention_kind,
+)
 from sparse_attention_jax.nn.config import ModelConfig
 from sparse_attention_jax.nn.latent_config import LatentConfig
 from sparse_attention_jax.nn.layers import Embed, RMSNorm, SwiGLU

@@ -61,15 +61,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sparse_attention_jax.ops import CompressorParams, masked_attention, nsa_attention
-from sparse_attention_jax.ops.masked import causal_mask, same_document
-from sparse_attention_jax.nn.attention import (
-    MLPCompressor, _check_inputs, register_attention_kind)
+from sparse_attention_jax.nn.attention import MLPCompressor, _check_inputs, register_attention_kind
 from sparse_attention_jax.nn.config import ModelConfig
 from sparse_attention_jax.nn.latent_config import LatentConfig
 from sparse_attention_jax.nn.layers import RMSNorm, as_dtype, projection
 from sparse_attention_jax.nn.parallel import param, sharded_call
 from sparse_attention_jax.nn.rope import apply_rope
+from sparse_attention_jax.ops import CompressorParams, masked_attention, nsa_attention
+from sparse_attention_jax.ops.masked import causal_mask, same_document
 
 
 class Latents(NamedTuple):

@@ -16,15 +16,19 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sparse_attention_jax.config import NSAConfig
-from sparse_attention_jax.ops import (
-    CompressorParams, MLPCompressorParams, dense_causal_attention, init_mlp_compressor,
-    nsa_attention, sliding_window_attention)
 from sparse_attention_jax.nn.config import ModelConfig
-from sparse_attention_jax.ops.masked import same_document
 from sparse_attention_jax.nn.layers import as_dtype, projection
 from sparse_attention_jax.nn.parallel import param, sharded_call
 from sparse_attention_jax.nn.rope import apply_rope
+from sparse_attention_jax.ops import (
+  CompressorParams,
+  MLPCompressorParams,
+  dense_causal_attention,
+  init_mlp_compressor,
+  nsa_attention,
+  sliding_window_attention,
+)
+from sparse_attention_jax.ops.masked import same_document
 
 ATTENTION_KINDS: dict[str, type] = {}
 """Layer kind name (as used in ``ModelConfig.attention``) -> module class."""

@@ -6,6 +6,7 @@ import dataclasses
 from typing import Any
 
 from sparse_attention_jax.config import NSAConfig
+from sparse_attention_jax.nn._config_io import checked_mapping
 from sparse_attention_jax.nn.latent_config import LatentConfig
 from sparse_attention_jax.nn.ssa_config import SSAConfig
 
@@ -97,11 +98,7 @@ class ModelConfig:
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
     """Builds a config from plain data (YAML); unknown keys are errors."""
-    d = dict(d)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-      raise ValueError(f"model: unknown keys {unknown}; known keys are {sorted(known)}")
+    d = checked_mapping("model", d, cls)
     if "attention" in d:
       a = d["attention"]
       d["attention"] = (a,) if isinstance(a, str) else tuple(a)

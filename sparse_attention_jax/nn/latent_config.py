@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from sparse_attention_jax.nn._config_io import checked_mapping
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class LatentConfig:
@@ -60,13 +62,7 @@ class LatentConfig:
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> LatentConfig:
     """Builds a config from plain data (YAML); unknown keys are errors."""
-    if not isinstance(d, dict):
-      raise ValueError(f"model.latent: expected a mapping, got {type(d).__name__}")
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-      raise ValueError(f"model.latent: unknown keys {unknown}; known keys are {sorted(known)}")
-    return cls(**d)
+    return cls(**checked_mapping("model.latent", d, cls))
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)

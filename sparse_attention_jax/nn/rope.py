@@ -7,7 +7,6 @@ checkpoints in the Hugging Face / fla ecosystem (not the interleaved-pairs layou
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 

@@ -40,8 +40,13 @@ from flax import nnx
 
 from sparse_attention_jax.config import NSAConfig
 from sparse_attention_jax.nn.attention import (
-    _check_inputs, _kv_projection, _o_projection, _q_projection, _segment_mask,
-    register_attention_kind)
+  _check_inputs,
+  _kv_projection,
+  _o_projection,
+  _q_projection,
+  _segment_mask,
+  register_attention_kind,
+)
 from sparse_attention_jax.nn.config import ModelConfig
 from sparse_attention_jax.nn.layers import as_dtype, projection
 from sparse_attention_jax.nn.parallel import sharded_call

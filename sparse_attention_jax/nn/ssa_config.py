@@ -6,6 +6,8 @@ import dataclasses
 import math
 from typing import Any
 
+from sparse_attention_jax.nn._config_io import checked_mapping
+
 _BRANCHES = ("cmp", "slc", "win")
 
 
@@ -50,13 +52,7 @@ class SSAConfig:
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> SSAConfig:
     """Builds a config from plain data (YAML); unknown keys are errors."""
-    if not isinstance(d, dict):
-      raise ValueError(f"model.ssa: expected a mapping, got {type(d).__name__}")
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-      raise ValueError(f"model.ssa: unknown keys {unknown}; known keys are {sorted(known)}")
-    d = dict(d)
+    d = checked_mapping("model.ssa", d, cls)
     if "branches" in d:
       b = d["branches"]
       d["branches"] = (b,) if isinstance(b, str) else tuple(b)

@@ -2,12 +2,21 @@
 
 from sparse_attention_jax.ops.compressed import CompressedAttentionOutput, compressed_attention
 from sparse_attention_jax.ops.compression import (
-    CompressorParams, MLPCompressorParams, cmp_visibility, compress, init_mlp_compressor)
+    CompressorParams,
+    MLPCompressorParams,
+    cmp_visibility,
+    compress,
+    init_mlp_compressor,
+)
 from sparse_attention_jax.ops.masked import dense_causal_attention, masked_attention
 from sparse_attention_jax.ops.nsa import NSAAux, combine_branches, nsa_attention
 from sparse_attention_jax.ops.selected import selected_attention
 from sparse_attention_jax.ops.selection import (
-    block_importance, overlap_table, select_blocks, share_selection)
+    block_importance,
+    overlap_table,
+    select_blocks,
+    share_selection,
+)
 from sparse_attention_jax.ops.window import sliding_window_attention
 
 __all__ = [
