@@ -15,7 +15,12 @@ Per variant it also times the XLA preparation alone (``prep``: tile lists, plus 
 for the ``tiles`` layout) and the kernel on prepared operands (``kern``: includes the O transpose
 back for the ``tiles`` layout).
 
-Usage: ``PYTHONPATH=$PWD python3 benchmarks/selected_attention.py --out bench.json``
+With ``--bwd`` it also times forward+backward (``jax.grad`` of ``sum(o * w)`` through the kernel's
+``custom_vjp``: forward kernel, dQ kernel, dK/dV kernel and their XLA preparation) against cuDNN
+dense fwd+bwd, with effective TFLOP/s at 3.5x the forward FLOPs, and reports the XLA temporary
+memory of each compiled fwd+bwd (``memory_analysis().temp_size_in_bytes``).
+
+Usage: ``PYTHONPATH=$PWD python3 benchmarks/selected_attention.py --out bench.json [--bwd]``
 """
 
 from __future__ import annotations
@@ -56,12 +61,29 @@ def bench(fn, args, warmup=2, reps=10):
   return statistics.median(times) * 1e3, min(times) * 1e3
 
 
+def grad_fn(attn):
+  """``(q, k, v, w) -> (dq, dk, dv)`` of ``sum(attn(q, k, v) * w)``, jitted."""
+  def loss(q, k, v, w):
+    return jnp.sum(attn(q, k, v).astype(jnp.float32) * w)
+  return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+
+
+def fwd_bwd(attn, q, k, v, w, reps):
+  """Median fwd+bwd ms and the compiled XLA temp memory in MiB."""
+  g = grad_fn(attn)
+  temp = g.lower(q, k, v, w).compile().memory_analysis()
+  temp_mib = getattr(temp, "temp_size_in_bytes", float("nan")) / 2**20
+  ms, _ = bench(g, (q, k, v, w), reps=reps)
+  return ms, temp_mib
+
+
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--out", default=None, help="JSON output path")
   ap.add_argument("--seqs", default="8192,16384,32768,65536")
   ap.add_argument("--kinds", default="shared,exact-corr,exact-random")
   ap.add_argument("--reps", type=int, default=10)
+  ap.add_argument("--bwd", action="store_true", help="also time forward+backward")
   ap.add_argument("--variants", default="64:tiles,128:tiles,128:direct",
                   help="tile_rows:q_layout[:nopp][:noidx][:nomskip][:s<stages>] list")
   args = ap.parse_args()
@@ -76,6 +98,7 @@ def main():
     q = jax.random.normal(kq, (B, t, HQ, D), jnp.bfloat16)
     k = jax.random.normal(kk, (B, t, H, D), jnp.bfloat16)
     v = jax.random.normal(kv, (B, t, H, D), jnp.bfloat16)
+    w = jax.random.normal(jax.random.fold_in(key, 1), (B, t, HQ, D), jnp.float32)
     sparse_flops = 4 * B * HQ * t * (N * BS) * D
     dense_flops = 2 * B * HQ * t * t * D
     for kind in args.kinds.split(","):
@@ -106,6 +129,10 @@ def main():
                  "tflops": sparse_flops / ms / 1e9, "prep_ms": prep_ms,
                  "kernel_plus_out_ms": kern_ms, "kernel_tflops": sparse_flops / kern_ms / 1e9,
                  "mean_list_len": mean_list, "union_over_n": mean_list / N}
+          if args.bwd:
+            fb_ms, temp = fwd_bwd(lambda q, k, v, bi=bi, cfg=cfg: mg._attention(q, k, v, bi, cfg),
+                                  q, k, v, w, args.reps)
+            row.update(fb_ms=fb_ms, fb_tflops=3.5 * sparse_flops / fb_ms / 1e9, fb_temp_mib=temp)
         except Exception as e:  # noqa: BLE001  (report the failure, time the other variants)
           row = {"T": t, "impl": name, "error": f"{type(e).__name__}: {str(e)[:500]}"}
         rows.append(row)
@@ -116,21 +143,26 @@ def main():
       ms, ms_min = bench(dense, (q, k, v), reps=args.reps)
       row = {"T": t, "impl": "cudnn-dense-causal", "ms": ms, "ms_min": ms_min,
              "tflops": dense_flops / ms / 1e9}
+      if args.bwd:
+        fb_ms, temp = fwd_bwd(lambda q, k, v: jax.nn.dot_product_attention(
+            q, k, v, is_causal=True, implementation="cudnn"), q, k, v, w, args.reps)
+        row.update(fb_ms=fb_ms, fb_tflops=3.5 * dense_flops / fb_ms / 1e9, fb_temp_mib=temp)
     except Exception as e:  # noqa: BLE001  (report the failure, keep the sparse rows)
       row = {"T": t, "impl": "cudnn-dense-causal", "error": f"{type(e).__name__}: {str(e)[:500]}"}
     rows.append(row)
     print(row, flush=True)
-    del q, k, v
+    del q, k, v, w
   print()
   print(f"{'T':>6} {'impl':34} {'ms':>9} {'TFLOP/s':>8} {'prep ms':>8} {'kern ms':>8} "
-        f"{'list/n':>7}")
+        f"{'list/n':>7} {'f+b ms':>8} {'f+b TF/s':>8} {'f+b MiB':>8}")
   for r in rows:
     if "error" in r:
       print(f"{r['T']:>6} {r['impl']:34} ERROR {r['error'][:80]}")
       continue
     print(f"{r['T']:>6} {r['impl']:34} {r['ms']:9.3f} {r['tflops']:8.1f} "
           f"{r.get('prep_ms', float('nan')):8.3f} {r.get('kernel_plus_out_ms', float('nan')):8.3f} "
-          f"{r.get('union_over_n', float('nan')):7.2f}")
+          f"{r.get('union_over_n', float('nan')):7.2f} {r.get('fb_ms', float('nan')):8.3f} "
+          f"{r.get('fb_tflops', float('nan')):8.1f} {r.get('fb_temp_mib', float('nan')):8.0f}")
   if args.out:
     with open(args.out, "w") as fh:
       json.dump({"meta": meta, "rows": rows}, fh, indent=1)

@@ -26,8 +26,9 @@ copy per token (``G`` contiguous heads), so no XLA transpose; otherwise Q/O go t
 transpose to ``[B, H, NT * 64, D]``. The tile's ids and membership words are first copied to SMEM
 so the K/V loop does no global scalar loads.
 
-The backward is TEMPORARY: the VJP of the plain-JAX reference (dense ``[B, T, H, T]`` masks),
-correct but slow and memory hungry; a dQ / dK-dV kernel pair is the next step.
+The backward (:mod:`pallas_kernels.selected_attention_mgpu_bwd`) recomputes the probabilities from
+the saved LSE: a dQ kernel over the same query tiles and a dK/dV kernel over the inverse map (KV
+block -> query tiles), so the forward saves only ``O`` and ``LSE``.
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ class _Config:
   ping_pong: bool = True              # 128 rows: alternate the two warpgroups' softmax and MMA
   smem_index: bool = True             # copy the tile's ids / membership words to SMEM first
   mask_skip: bool = True              # no mask on blocks every row of the warpgroup fully sees
+  backward: str = "kernel"            # "kernel": dQ and dK/dV kernels; "reference": XLA VJP
 
 
 def tokens_per_tile(num_groups: int) -> int:
@@ -539,7 +541,7 @@ def _forward(q, k, v, block_indices, cfg: _Config):
 
 
 def _reference(q, k, v, block_indices, cfg: _Config):
-  """Plain-JAX reference with the same semantics (used for the temporary backward)."""
+  """Plain-JAX reference with the same semantics (``backward="reference"``)."""
   from sparse_attention_jax.ops.selected import _selected_reference
   from sparse_attention_jax.ops.selection import share_selection
   if cfg.mode == "shared":
@@ -554,14 +556,19 @@ def _attention(q, k, v, block_indices, cfg: _Config):
 
 
 def _attention_fwd(q, k, v, block_indices, cfg: _Config):
-  return _forward(q, k, v, block_indices, cfg)[0], (q, k, v, block_indices)
+  o, lse = _forward(q, k, v, block_indices, cfg)
+  return o, (q, k, v, o, lse, block_indices)
 
 
 def _attention_bwd(cfg: _Config, res, do):
-  # TEMPORARY: the VJP of the plain-JAX reference, until the dQ / dK-dV kernels exist.
-  q, k, v, block_indices = res
-  _, vjp = jax.vjp(lambda q_, k_, v_: _reference(q_, k_, v_, block_indices, cfg), q, k, v)
-  dq, dk, dv = vjp(do)
+  q, k, v, o, lse, block_indices = res
+  if cfg.backward == "reference":
+    _, vjp = jax.vjp(lambda q_, k_, v_: _reference(q_, k_, v_, block_indices, cfg), q, k, v)
+    dq, dk, dv = vjp(do)
+  else:
+    from pallas_kernels import selected_attention_mgpu_bwd as bwd
+    dq, dk, dv = bwd.backward(q, k, v, o, lse, do, block_indices,
+                              softmax_scale=cfg.softmax_scale, mode=cfg.mode)
   return dq, dk, dv, None
 
 
@@ -572,7 +579,7 @@ def selected_attention_mgpu(q, k, v, block_indices, *, block_size: int = BLOCK_S
                             segment_ids=None, softmax_scale: float | None = None,
                             mode: str = "exact", return_lse: bool = False, num_stages: int = 2,
                             tile_rows: int | None = None, q_layout: str = "direct",
-                            ping_pong: bool = True):
+                            ping_pong: bool = True, backward: str = "kernel"):
   """Selected-block attention with the Mosaic GPU forward kernel.
 
   Args:
@@ -593,6 +600,8 @@ def selected_attention_mgpu(q, k, v, block_indices, *, block_size: int = BLOCK_S
     q_layout: ``"tiles"`` (Q/O through an XLA transpose) or ``"direct"`` (per-token TMA copies of
       Q/O, no transpose; only with 128-row tiles and ``G % 8 == 0``, else falls back to tiles).
     ping_pong: with 128-row tiles, alternate the two warpgroups' softmax and wgmma (FA3).
+    backward: ``"kernel"`` (the dQ and dK/dV Mosaic GPU kernels) or ``"reference"`` (the VJP of
+      the plain-JAX reference with dense masks; for checks).
 
   Returns:
     ``o [B, T, HQ, D]`` in ``q.dtype`` (or ``(o, lse)``); rows that see no key get 0.
@@ -610,10 +619,12 @@ def selected_attention_mgpu(q, k, v, block_indices, *, block_size: int = BLOCK_S
   if not scale > 0:
     raise NotImplementedError(f"pallas_gpu selected_attention: softmax_scale={scale} (the kernel "
                               "keeps the running max in raw score units, so it needs scale > 0)")
+  if backward not in ("kernel", "reference"):
+    raise ValueError(f"backward: expected 'kernel' or 'reference', got {backward!r}")
   if tile_rows is None:
     tile_rows = 2 * TILE_ROWS if mode == "exact" else TILE_ROWS
   cfg = _Config(softmax_scale=scale, mode=mode, block_size=block_size, num_stages=num_stages,
-                tile_rows=tile_rows, q_layout=q_layout, ping_pong=ping_pong)
+                tile_rows=tile_rows, q_layout=q_layout, ping_pong=ping_pong, backward=backward)
   resolve_config(cfg, q.shape[2] // k.shape[2])                           # validates
   if return_lse:
     return _forward(q, k, v, block_indices, cfg)

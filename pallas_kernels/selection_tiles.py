@@ -210,3 +210,84 @@ def inverse_tile_map_padded(inv: InverseMap, cap: int) -> tuple[jax.Array, jax.A
   got = jnp.take_along_axis(inv.tiles, pos.reshape(b, h, nb * cap), axis=-1).reshape(b, h, nb,
                                                                                     cap)
   return jnp.where(counts[..., None] > 0, got, 0), counts
+
+
+class WorkItems(NamedTuple):
+  """The inverse map cut into dK/dV work items (see :func:`inverse_work_items`).
+
+  Attributes:
+    tiles: ``[B, H, P]`` int32 query tiles of the (block, tile) pairs sorted by (block, tile),
+      ``P = NT * L``; entries past the number of pairs are 0.
+    member_lo, member_hi: ``[B, H, P]`` int32 the pair's membership words (as
+      :class:`TileLists`): which tokens of the tile selected the block.
+    item_block: ``[B, H, W]`` int32 KV block of each item; ``NB`` marks an unused item.
+    item_start: ``[B, H, W]`` int32 first pair of the item (index into ``tiles``).
+    item_count: ``[B, H, W]`` int32 pairs in the item (``<= chunk``; 0 for an unused item or
+      a block no tile selected).
+  """
+  tiles: jax.Array
+  member_lo: jax.Array
+  member_hi: jax.Array
+  item_block: jax.Array
+  item_start: jax.Array
+  item_count: jax.Array
+
+
+def num_work_items(num_tiles: int, list_len: int, num_blocks: int, chunk: int) -> int:
+  """Static item count ``W = NB + cdiv(NT * L, chunk)``: every block gets one item, and the pairs
+  past the first ``chunk`` of a block need at most ``cdiv(pairs, chunk)`` more."""
+  return num_blocks + -(-(num_tiles * list_len) // chunk)
+
+
+def inverse_work_items(lists: TileLists, num_blocks: int, *, chunk: int) -> WorkItems:
+  """KV block -> query tiles (with membership), in items of at most ``chunk`` tiles per block.
+
+  Every block gets ``max(1, cdiv(pairs, chunk))`` consecutive items, so a block that every tile
+  selects (the forced initial block) is spread over many CTAs; the partial dK/dV of a block's
+  items are summed afterwards.
+
+  Args:
+    lists: the tile lists the kernels iterate over (``ids, counts, member_lo, member_hi``).
+    num_blocks: ``NB``.
+    chunk: most pairs per item.
+
+  Returns:
+    :class:`WorkItems` with ``W = num_work_items(NT, L, NB, chunk)``.
+  """
+  if not isinstance(num_blocks, int) or num_blocks < 1:
+    raise ValueError(f"num_blocks: expected a positive int, got {num_blocks!r}")
+  if not isinstance(chunk, int) or chunk < 1:
+    raise ValueError(f"chunk: expected a positive int, got {chunk!r}")
+  b, h, nt, length = lists.ids.shape
+  big = jnp.iinfo(jnp.int32).max
+  if num_blocks * nt >= big:
+    raise ValueError(f"num_blocks: {num_blocks} blocks x {nt} tiles overflow int32 sort keys")
+  p = nt * length
+  valid = jnp.arange(length, dtype=jnp.int32) < lists.counts[..., None]    # [B, H, NT, L]
+  tile = jnp.arange(nt, dtype=jnp.int32)[:, None]
+  key = jnp.where(valid, lists.ids * nt + tile, big).reshape(b, h, p)
+  key, lo, hi = jax.lax.sort((key, lists.member_lo.reshape(b, h, p),
+                              lists.member_hi.reshape(b, h, p)), dimension=2, num_keys=1)
+  ok = key != big
+  tiles = jnp.where(ok, key % nt, 0)
+  lo, hi = jnp.where(ok, lo, 0), jnp.where(ok, hi, 0)
+
+  bounds = jnp.arange(num_blocks + 1, dtype=jnp.int32) * nt
+  search = lambda a, v: jax.vmap(jax.vmap(lambda x: jnp.searchsorted(x, v, side="left")))(a)
+  offsets = search(key, bounds).astype(jnp.int32)                          # [B, H, NB + 1]
+  pairs = offsets[..., 1:] - offsets[..., :-1]                             # [B, H, NB]
+  items = jnp.maximum(1, -(-pairs // chunk))
+  ends = jnp.cumsum(items, axis=-1)                                        # inclusive
+  w = num_work_items(nt, length, num_blocks, chunk)
+  widx = jnp.arange(w, dtype=jnp.int32)
+  block = jax.vmap(jax.vmap(lambda e: jnp.searchsorted(e, widx, side="right")))(ends)
+  block = block.astype(jnp.int32)                                          # [B, H, W]; NB=unused
+  used = block < num_blocks
+  bc = jnp.minimum(block, num_blocks - 1)
+  first = jnp.take_along_axis(ends - items, bc, axis=-1)
+  part = widx - first                                                      # chunk within block
+  start = jnp.take_along_axis(offsets[..., :-1], bc, axis=-1) + part * chunk
+  count = jnp.clip(jnp.take_along_axis(pairs, bc, axis=-1) - part * chunk, 0, chunk)
+  return WorkItems(tiles=tiles, member_lo=lo, member_hi=hi, item_block=block,
+                   item_start=jnp.where(used, start, 0).astype(jnp.int32),
+                   item_count=jnp.where(used, count, 0).astype(jnp.int32))

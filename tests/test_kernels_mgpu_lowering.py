@@ -108,3 +108,27 @@ def test_backend_is_registered_lazily_and_declines_on_cpu():
       selected_attention(q, k, v, bi, block_size=64, impl="pallas_gpu")
     ref = selected_attention(q, k, v, bi, block_size=64, impl="reference")
     np.testing.assert_array_equal(selected_attention(q, k, v, bi, block_size=64), ref)
+
+
+def _lower_grad(dtype, d, g, mode, *, t=200, h=2, n=4, **kw):
+  def loss(q, k, v, bi):
+    o = mg.selected_attention_mgpu(q, k, v, bi, mode=mode, **kw)
+    return jnp.sum(o.astype(jnp.float32))
+  avals = (jax.ShapeDtypeStruct((1, t, h * g, d), dtype),
+           jax.ShapeDtypeStruct((1, t, h, d), dtype),
+           jax.ShapeDtypeStruct((1, t, h, d), dtype),
+           jax.ShapeDtypeStruct((1, t, h, n), jnp.int32))
+  f = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+  return f.trace(*avals).lower(lowering_platforms=("cuda",)).as_text()
+
+
+@pytest.mark.parametrize("g,d,dtype,mode", [(16, 128, jnp.bfloat16, "exact"),
+                                            (16, 128, jnp.bfloat16, "shared"),
+                                            (4, 64, jnp.float16, "exact"),
+                                            (3, 128, jnp.bfloat16, "shared"),
+                                            (1, 64, jnp.bfloat16, "exact")])
+def test_backward_kernels_lower_for_cuda(g, d, dtype, mode):
+  text = _lower_grad(dtype, d, g, mode)
+  assert text.count("mosaic_gpu") > _lower(dtype, d, g, mode).count("mosaic_gpu")  # + dQ, dK/dV
+  ref = _lower_grad(dtype, d, g, mode, backward="reference")
+  assert text.count("mosaic_gpu") > ref.count("mosaic_gpu")

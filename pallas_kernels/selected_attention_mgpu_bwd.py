@@ -1,0 +1,359 @@
+"""Selected-block attention backward on Hopper: dQ and dK/dV Mosaic GPU kernels.
+
+Math (FlashAttention-2 backward restricted to the selection): with ``P = exp(scale * Q Kᵀ - LSE)``
+over the keys a row may see, ``δ = rowsum(dO ∘ O)`` and ``dS = P ∘ (dO Vᵀ - δ)``:
+``dQ = scale * dS K``, ``dK = scale * dSᵀ Q``, ``dV = Pᵀ dO``. Probabilities are recomputed from
+the forward's log-sum-exp, so the forward saves only ``O`` and ``LSE``.
+
+Both kernels use 64-row query tiles (``r = 64 // G`` tokens x the ``G`` heads of one KV group, the
+layout of :func:`pallas_kernels.selected_attention_mgpu._to_tiles`) and one warpgroup per CTA.
+
+* **dQ** (:func:`_dq_kernel`): grid over (query tile, batch x KV head), the forward's loop: per
+  block of the tile's iteration list, K and V stream through a TMA ring, ``S = Q Kᵀ`` and
+  ``dP = dO Vᵀ`` run on the tensor cores, ``dQ += dS K`` accumulates in registers.
+* **dK/dV** (:func:`_dkv_kernel`): no atomics. The inverse map (KV block -> the query tiles whose
+  list holds it, with each pair's membership bits; :func:`pallas_kernels.selection_tiles.
+  inverse_work_items`) is cut into work items of at most ``chunk`` tiles so that a block every
+  tile selects (the forced initial block) does not serialize the grid. A CTA owns one item: K and
+  V of its block stay in SMEM, the item's query tiles (Q, dO, LSE, δ) stream through a TMA ring,
+  ``Sᵀ = K Qᵀ``, ``dV += Pᵀ dO``, ``dPᵀ = V dOᵀ``, ``dK += dSᵀ Q``, and the item writes its partial
+  ``dK, dV`` once. XLA adds the partials of each block (one or a few per block) in float32.
+
+Masking matches the forward exactly: a query row sees key ``c`` of block ``k`` iff its token
+selected ``k`` (membership bit) and ``k * 64 + c <= t``; rows whose token saw no key at all carry
+``LSE = -inf`` and get ``P = 0``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import NamedTuple
+
+import jax
+import jax.experimental.pallas as pl
+import jax.experimental.pallas.mosaic_gpu as plgpu
+import jax.numpy as jnp
+from jax import lax
+
+from pallas_kernels import selected_attention_mgpu as fwd
+from pallas_kernels.selection_tiles import (TileLists, WorkItems, inverse_work_items,
+                                            tile_iteration_lists)
+
+ROWS = fwd.TILE_ROWS
+_LOG2E = math.log2(math.e)
+_TRANSFORMS = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+
+
+@dataclasses.dataclass(frozen=True)
+class BwdConfig:
+  """Static parameters of the backward kernels.
+
+  Attributes:
+    num_stages: TMA ring depth of both kernels.
+    chunk: most query tiles one dK/dV work item iterates over.
+    mask_skip: skip the mask on (block, tile) pairs every row fully sees.
+  """
+  num_stages: int = 2
+  chunk: int = 256
+  mask_skip: bool = True
+
+  def __post_init__(self):
+    if not isinstance(self.num_stages, int) or self.num_stages < 1:
+      raise ValueError(f"num_stages: expected a positive int, got {self.num_stages!r}")
+    if not isinstance(self.chunk, int) or self.chunk < 1:
+      raise ValueError(f"chunk: expected a positive int, got {self.chunk!r}")
+
+
+def _dq_kernel(q_ref, do_ref, lse_ref, dl_ref, k_ref, v_ref, ids_ref, cnt_ref, lo_ref, hi_ref,
+               dq_ref,
+               q_smem, do_smem, lse_smem, dl_smem, k_smem, v_smem, q_bar, k_bar, v_bar,
+               *, num_heads: int, g: int, scale2: float, stages: int, mask_skip: bool, dtype):
+  """One CTA: query tile ``tile`` of ``bh``; refs as in :func:`dq_call`."""
+  tile = lax.axis_index("tile")
+  bh = lax.axis_index("bh")
+  b = lax.div(bh, jnp.int32(num_heads))
+  h = lax.rem(bh, jnp.int32(num_heads))
+  r = ROWS // g
+  bs = fwd.BLOCK_SIZE
+  count = cnt_ref[b, h, tile]
+  rows = pl.ds(tile * ROWS, ROWS)
+  for src, dst in ((q_ref, q_smem), (do_ref, do_smem), (lse_ref, lse_smem), (dl_ref, dl_smem)):
+    plgpu.copy_gmem_to_smem(src.at[b, h, rows], dst, q_bar)
+
+  def fetch(j, slot):
+    keys = pl.ds(ids_ref[b, h, tile, j] * bs, bs)
+    plgpu.copy_gmem_to_smem(k_ref.at[b, keys, h], k_smem.at[slot], k_bar.at[slot])
+    plgpu.copy_gmem_to_smem(v_ref.at[b, keys, h], v_smem.at[slot], v_bar.at[slot])
+
+  for s in range(stages):
+    pl.when(s < count)(functools.partial(fetch, jnp.int32(s), s))
+
+  layout = plgpu.Layout.WGMMA
+  col_ids, tok = fwd._row_tokens(g, bs)
+  d = q_smem.shape[-1]
+  plgpu.barrier_wait(q_bar)
+  lse2 = plgpu.load(lse_smem, layout=layout.reduce(1))                 # [64] log2 units
+  delta = plgpu.load(dl_smem, layout=layout.reduce(1))
+  dq = plgpu.layout_cast(jnp.full((ROWS, d), 0.0, jnp.float32), layout)
+
+  def step(j, dq):
+    slot = lax.rem(j, jnp.int32(stages))
+    blk = ids_ref[b, h, tile, j]
+    plgpu.barrier_wait(k_bar.at[slot])
+
+    def qk(acc_ref):
+      plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
+      return acc_ref[...]
+    s = pl.run_scoped(qk, plgpu.ACC((ROWS, bs), jnp.float32))
+    s = fwd._masked_scores(s, col_ids, tok, tok_base=0, t_base=tile * r, blk=blk, bs=bs,
+                           lo=lo_ref[b, h, tile, j], hi=hi_ref[b, h, tile, j],
+                           need=fwd._need_words(0, r), skip=mask_skip)
+    p = jnp.exp2(s * scale2 - lax.broadcast_in_dim(lse2, s.shape, [0]))
+    plgpu.barrier_wait(v_bar.at[slot])
+
+    def dov(acc_ref):
+      plgpu.wgmma(acc_ref, do_smem, v_smem.at[slot].transpose((1, 0)))
+      return acc_ref[...]
+    dp = pl.run_scoped(dov, plgpu.ACC((ROWS, bs), jnp.float32))
+    ds = p * (dp - lax.broadcast_in_dim(delta, s.shape, [0]))
+
+    def dsk(acc_ref):
+      plgpu.wgmma(acc_ref, ds.astype(dtype), k_smem.at[slot])
+    dq = pl.run_state(dsk)(plgpu.ACC.init(dq))
+    nxt = j + stages
+    pl.when(nxt < count)(lambda: fetch(nxt, slot))
+    return dq
+
+  dq = lax.fori_loop(0, count, step, dq)
+  q_smem[...] = dq.astype(dtype)                   # unscaled: the caller multiplies by scale
+  plgpu.commit_smem()
+  plgpu.copy_smem_to_gmem(q_smem, dq_ref.at[b, h, rows])
+  plgpu.wait_smem_to_gmem(0)
+
+
+def _dkv_kernel(q_ref, do_ref, lse_ref, dl_ref, k_ref, v_ref, tiles_ref, plo_ref, phi_ref,
+                iblk_ref, istart_ref, icnt_ref,
+                dk_ref, dv_ref,
+                k_smem, v_smem, q_smem, do_smem, lse_smem, dl_smem, kv_bar, q_bar,
+                *, num_heads: int, num_blocks: int, g: int, scale2: float, stages: int,
+                mask_skip: bool, dtype):
+  """One CTA: work item ``item`` of ``bh`` (a KV block and a run of its query tiles)."""
+  item = lax.axis_index("item")
+  bh = lax.axis_index("bh")
+  b = lax.div(bh, jnp.int32(num_heads))
+  h = lax.rem(bh, jnp.int32(num_heads))
+  r = ROWS // g
+  bs = fwd.BLOCK_SIZE
+  blk = jnp.minimum(iblk_ref[b, h, item], num_blocks - 1)                  # unused items: count 0
+  start = istart_ref[b, h, item]
+  count = icnt_ref[b, h, item]
+  keys = pl.ds(blk * bs, bs)
+  plgpu.copy_gmem_to_smem(k_ref.at[b, keys, h], k_smem, kv_bar)
+  plgpu.copy_gmem_to_smem(v_ref.at[b, keys, h], v_smem, kv_bar)
+
+  def fetch(j, slot):
+    rows = pl.ds(tiles_ref[b, h, start + j] * ROWS, ROWS)
+    for src, dst in ((q_ref, q_smem), (do_ref, do_smem), (lse_ref, lse_smem),
+                     (dl_ref, dl_smem)):
+      plgpu.copy_gmem_to_smem(src.at[b, h, rows], dst.at[slot], q_bar.at[slot])
+
+  for s in range(stages):
+    pl.when(s < count)(functools.partial(fetch, jnp.int32(s), s))
+
+  layout = plgpu.Layout.WGMMA
+  key_ids = plgpu.broadcasted_iota(jnp.int32, (bs, ROWS), 0, layout=layout)   # [64 keys, 64 rows]
+  row_tok = lax.div(plgpu.broadcasted_iota(jnp.int32, (bs, ROWS), 1, layout=layout),
+                    jnp.int32(g))                                           # token of each column
+  need_lo, need_hi = fwd._need_words(0, r)
+  d = k_smem.shape[-1]
+  dk = plgpu.layout_cast(jnp.full((bs, d), 0.0, jnp.float32), layout)
+  dv = plgpu.layout_cast(jnp.full((bs, d), 0.0, jnp.float32), layout)
+  plgpu.barrier_wait(kv_bar)
+
+  def masked(st, t_base, lo, hi):
+    word = jnp.where(row_tok < 32, lo, hi)
+    shift = jnp.where(row_tok < 32, row_tok, row_tok - 32)
+    member = (lax.shift_right_logical(word, shift) & 1) == 1
+    visible = member & (key_ids + blk * bs <= row_tok + t_base)
+    return jnp.where(visible, st, -jnp.inf)
+
+  def step(j, carry):
+    dk, dv = carry
+    slot = lax.rem(j, jnp.int32(stages))
+    pos = start + j
+    tile = tiles_ref[b, h, pos]
+    lo, hi = plo_ref[b, h, pos], phi_ref[b, h, pos]
+    plgpu.barrier_wait(q_bar.at[slot])
+
+    def kq(acc_ref):
+      plgpu.wgmma(acc_ref, k_smem, q_smem.at[slot].transpose((1, 0)))
+      return acc_ref[...]
+    st = pl.run_scoped(kq, plgpu.ACC((bs, ROWS), jnp.float32))               # [keys, rows]
+    t_base = tile * r
+    if mask_skip:
+      full = ((blk * bs + (bs - 1) <= t_base) & ((lo & need_lo) == need_lo)
+              & ((hi & need_hi) == need_hi))
+      st = lax.cond(full, lambda x: x, lambda x: masked(x, t_base, lo, hi), st)
+    else:
+      st = masked(st, t_base, lo, hi)
+    lse2 = plgpu.load(lse_smem.at[slot], layout=layout.reduce(0))        # [64 rows]
+    pt = jnp.exp2(st * scale2 - lax.broadcast_in_dim(lse2, st.shape, [1]))
+
+    def pdo_vdo(refs):
+      dv_ref, dpt_ref = refs
+      plgpu.wgmma(dv_ref, pt.astype(dtype), do_smem.at[slot])               # dV += Pᵀ dO
+      plgpu.wgmma(dpt_ref, v_smem, do_smem.at[slot].transpose((1, 0)))      # dPᵀ = V dOᵀ
+    zeros = plgpu.layout_cast(jnp.full((bs, ROWS), 0.0, jnp.float32), layout)
+    dv, dpt = pl.run_state(pdo_vdo)((plgpu.ACC.init(dv), plgpu.ACC.init(zeros)))
+    delta = plgpu.load(dl_smem.at[slot], layout=layout.reduce(0))
+    dst = pt * (dpt - lax.broadcast_in_dim(delta, st.shape, [1]))
+
+    def dsq(acc_ref):
+      plgpu.wgmma(acc_ref, dst.astype(dtype), q_smem.at[slot])              # dK += dSᵀ Q
+    dk = pl.run_state(dsq)(plgpu.ACC.init(dk))
+    nxt = j + stages
+    pl.when(nxt < count)(lambda: fetch(nxt, slot))
+    return dk, dv
+
+  dk, dv = lax.fori_loop(0, count, step, (dk, dv))
+  k_smem[...] = dk.astype(dtype)                   # unscaled: the caller multiplies by scale
+  v_smem[...] = dv.astype(dtype)
+  plgpu.commit_smem()
+  out_rows = pl.ds(item * bs, bs)
+  plgpu.copy_smem_to_gmem(k_smem, dk_ref.at[b, h, out_rows])
+  plgpu.copy_smem_to_gmem(v_smem, dv_ref.at[b, h, out_rows])
+  plgpu.wait_smem_to_gmem(0)
+
+
+class BwdOperands(NamedTuple):
+  """XLA-side operands of the backward kernels (see :func:`prepare_backward`).
+
+  Attributes:
+    qx, dox: ``[B, H, NT*64, D]`` Q and dO in 64-row tiles; lsex: ``[B, H, NT*64]`` LSE in log2
+      units (``+inf`` for rows that saw no key, so their ``P`` is 0); dlx: ``[B, H, NT*64]``
+      ``δ = rowsum(dO ∘ O)``; kp, vp: ``[B, NB*64, H, D]`` K and V padded to whole blocks;
+      lists: the 64-row tiles' iteration lists; work: the dK/dV work items.
+  """
+  qx: jax.Array
+  dox: jax.Array
+  lsex: jax.Array
+  dlx: jax.Array
+  kp: jax.Array
+  vp: jax.Array
+  lists: TileLists
+  work: WorkItems
+
+
+def prepare_backward(q, k, v, o, lse, do, block_indices, *, mode: str, chunk: int) -> BwdOperands:
+  """Tiles, residuals and index structures for the two kernels (shapes as :func:`backward`)."""
+  t, hq = q.shape[1], q.shape[2]
+  h = k.shape[2]
+  r = fwd.tokens_per_tile(hq // h)
+  bs = fwd.BLOCK_SIZE
+  nb = -(-t // bs)
+  if mode == "shared":
+    from sparse_attention_jax.ops.selection import share_selection
+    block_indices = share_selection(block_indices, r)
+  length = min(r * block_indices.shape[-1], nb)
+  length = -(-length // 4) * 4                     # 16-byte rows, as the forward's lists
+  lists = tile_iteration_lists(block_indices, tokens_per_tile=r, block_size=bs, max_len=length)
+  tp = lists.ids.shape[2] * r
+  pad_t = lambda x: jnp.pad(x, ((0, 0), (0, tp - t)) + ((0, 0),) * (x.ndim - 2))
+  to_tiles = lambda x: fwd._to_tiles(pad_t(x), r, h)
+  delta = jnp.einsum("bthd,bthd->bth", o.astype(jnp.float32), do.astype(jnp.float32))
+  lse2 = jnp.where(lse == -jnp.inf, jnp.inf, lse * _LOG2E)
+  pad_kv = lambda x: jnp.pad(x, ((0, 0), (0, nb * bs - t), (0, 0), (0, 0)))
+  return BwdOperands(qx=to_tiles(q), dox=to_tiles(do.astype(q.dtype)),
+                     lsex=to_tiles(lse2[..., None])[..., 0], dlx=to_tiles(delta[..., None])[..., 0],
+                     kp=pad_kv(k), vp=pad_kv(v), lists=lists,
+                     work=inverse_work_items(lists, nb, chunk=chunk))
+
+
+def reduce_items(part, item_block, *, num_blocks: int, seq_len: int):
+  """Sums the work items' partial ``[B, H, W*64, D]`` per KV block: ``[B, T, H, D]`` float32."""
+  b, h, rows, d = part.shape
+  bs = fwd.BLOCK_SIZE
+  w = rows // bs
+  part = part.reshape(b, h, w, bs, d).astype(jnp.float32)
+  seg = jnp.minimum(item_block, num_blocks)                                # NB: unused items
+  summed = jax.vmap(jax.vmap(lambda p, s: jax.ops.segment_sum(p, s, num_segments=num_blocks + 1)))(
+      part, seg)[:, :, :num_blocks]                                        # [B, H, NB, 64, D]
+  return summed.reshape(b, h, num_blocks * bs, d)[:, :, :seq_len].transpose(0, 2, 1, 3)
+
+
+def backward(q, k, v, o, lse, do, block_indices, *, softmax_scale: float, mode: str,
+             cfg: BwdConfig = BwdConfig()):
+  """Gradients of selected-block attention from the forward's ``o`` and ``lse``.
+
+  Args:
+    q: ``[B, T, HQ, D]``; k, v: ``[B, T, H, D]`` (bf16/f16, as the forward).
+    o: ``[B, T, HQ, D]`` forward output; lse: ``[B, T, HQ]`` float32 natural-log LSE
+      (``-inf`` where a row saw no key); do: ``[B, T, HQ, D]`` output cotangent.
+    block_indices: ``[B, T, H, n]`` the forward's selection.
+    softmax_scale: the forward's scale (> 0).
+    mode: ``"exact"`` or ``"shared"`` (tokens of each aligned run of ``64 // G`` use their
+      first token's list, as in the forward's 64-row tiles).
+
+  Returns:
+    ``(dq, dk, dv)`` in the input dtype.
+  """
+  b, t, hq, d = q.shape
+  h = k.shape[2]
+  g = hq // h
+  bs = fwd.BLOCK_SIZE
+  nb = -(-t // bs)
+  dtype = q.dtype
+  ops = prepare_backward(q, k, v, o, lse, do, block_indices, mode=mode, chunk=cfg.chunk)
+  qx, dox, lsex, dlx, kp, vp, lists, work = ops
+  nt, length = lists.ids.shape[2:]
+  scale2 = float(softmax_scale) * _LOG2E
+  params = plgpu.CompilerParams(approx_math=True)
+  stages_dq = max(1, min(cfg.num_stages, length))
+
+  dq_kernel = functools.partial(_dq_kernel, num_heads=h, g=g, scale2=scale2, stages=stages_dq,
+                                mask_skip=cfg.mask_skip, dtype=dtype)
+  dqx = plgpu.kernel(
+      dq_kernel,
+      out_type=jax.ShapeDtypeStruct(qx.shape, dtype),
+      scratch_types=[
+          plgpu.SMEM((ROWS, d), dtype, transforms=_TRANSFORMS),
+          plgpu.SMEM((ROWS, d), dtype, transforms=_TRANSFORMS),
+          plgpu.SMEM((ROWS,), jnp.float32),
+          plgpu.SMEM((ROWS,), jnp.float32),
+          plgpu.SMEM((stages_dq, bs, d), dtype, transforms=_TRANSFORMS),
+          plgpu.SMEM((stages_dq, bs, d), dtype, transforms=_TRANSFORMS),
+          plgpu.Barrier(num_arrivals=4),
+          plgpu.Barrier(num_arrivals=1, num_barriers=stages_dq),
+          plgpu.Barrier(num_arrivals=1, num_barriers=stages_dq),
+      ],
+      grid=(nt, b * h), grid_names=("tile", "bh"), compiler_params=params,
+  )(qx, dox, lsex, dlx, kp, vp, lists.ids, lists.counts, lists.member_lo, lists.member_hi)
+  dq = fwd._from_tiles(dqx, t, g).astype(jnp.float32) * softmax_scale
+
+  w = work.item_block.shape[-1]
+  stages_kv = max(1, min(cfg.num_stages, cfg.chunk))
+  dkv_kernel = functools.partial(_dkv_kernel, num_heads=h, num_blocks=nb, g=g, scale2=scale2,
+                                 stages=stages_kv, mask_skip=cfg.mask_skip, dtype=dtype)
+  part = jax.ShapeDtypeStruct((b, h, w * bs, d), dtype)
+  dk_part, dv_part = plgpu.kernel(
+      dkv_kernel,
+      out_type=(part, part),
+      scratch_types=[
+          plgpu.SMEM((bs, d), dtype, transforms=_TRANSFORMS),
+          plgpu.SMEM((bs, d), dtype, transforms=_TRANSFORMS),
+          plgpu.SMEM((stages_kv, ROWS, d), dtype, transforms=_TRANSFORMS),
+          plgpu.SMEM((stages_kv, ROWS, d), dtype, transforms=_TRANSFORMS),
+          plgpu.SMEM((stages_kv, ROWS), jnp.float32),
+          plgpu.SMEM((stages_kv, ROWS), jnp.float32),
+          plgpu.Barrier(num_arrivals=2),
+          plgpu.Barrier(num_arrivals=4, num_barriers=stages_kv),
+      ],
+      grid=(w, b * h), grid_names=("item", "bh"), compiler_params=params,
+  )(qx, dox, lsex, dlx, kp, vp, work.tiles, work.member_lo, work.member_hi, work.item_block,
+    work.item_start, work.item_count)
+
+  dk = reduce_items(dk_part, work.item_block, num_blocks=nb, seq_len=t) * softmax_scale
+  dv = reduce_items(dv_part, work.item_block, num_blocks=nb, seq_len=t)
+  return dq.astype(dtype), dk.astype(k.dtype), dv.astype(v.dtype)

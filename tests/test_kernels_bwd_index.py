@@ -1,0 +1,145 @@
+"""The backward kernels' XLA-side plumbing on CPU: work items of the inverse map, and a numpy
+emulation of the dQ and dK/dV kernel loops on exactly the operands the kernels receive, checked
+against ``jax.grad`` of the float32 reference. (The Mosaic GPU kernels themselves cannot run on
+CPU: GPU interpret mode has no ``wgmma``; they are cross-lowered in
+``test_kernels_mgpu_lowering.py`` and checked numerically on the GPU by
+``tests/gpu/check_selected_mgpu.py``.)"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import selected_attention_mgpu as mg
+from pallas_kernels import selected_attention_mgpu_bwd as bw
+from pallas_kernels.selection_tiles import (inverse_work_items, num_work_items,
+                                            tile_iteration_lists)
+from sparse_attention_jax.ops.masked import masked_attention
+from sparse_attention_jax.ops.selected import selected_mask
+from sparse_attention_jax.ops.selection import share_selection
+
+BS = 64
+
+
+def _selection(key, b, t, h, n):
+  """Random ids in ``[0, current block]`` with -1 padding, duplicates and a future block."""
+  k1, k2, k3 = jax.random.split(key, 3)
+  cur = (jnp.arange(t, dtype=jnp.int32) // BS)[None, :, None, None]
+  ids = jnp.floor(jax.random.uniform(k1, (b, t, h, n)) * (cur + 1)).astype(jnp.int32)
+  ids = jnp.where(jax.random.uniform(k2, ids.shape) < 0.15, -1, ids)
+  ids = jnp.where(jax.random.uniform(k3, ids.shape) < 0.03, cur + 1, ids)
+  ids = ids.at[..., 0].set(0)                                              # every tile: block 0
+  return ids.at[..., -1].set(ids[..., 1])
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 1000])
+def test_work_items_cover_every_pair_once(chunk):
+  b, t, h, n, r = 2, 600, 2, 5, 4
+  bi = _selection(jax.random.key(chunk), b, t, h, n)
+  lists = tile_iteration_lists(bi, tokens_per_tile=r, block_size=BS, max_len=12)
+  nb = -(-t // BS)
+  work = inverse_work_items(lists, nb, chunk=chunk)
+  nt, length = lists.ids.shape[2:]
+  assert work.item_block.shape == (b, h, num_work_items(nt, length, nb, chunk))
+  ids, counts = np.asarray(lists.ids), np.asarray(lists.counts)
+  lo, hi = np.asarray(lists.member_lo), np.asarray(lists.member_hi)
+  wb, ws, wc = (np.asarray(x) for x in (work.item_block, work.item_start, work.item_count))
+  wt, wlo, whi = (np.asarray(x) for x in (work.tiles, work.member_lo, work.member_hi))
+  for bb in range(b):
+    for hh in range(h):
+      want = sorted((ids[bb, hh, ti, j], ti, lo[bb, hh, ti, j], hi[bb, hh, ti, j])
+                    for ti in range(nt) for j in range(counts[bb, hh, ti]))
+      got, seen_blocks = [], set()
+      for w in range(wb.shape[-1]):
+        blk, start, cnt = wb[bb, hh, w], ws[bb, hh, w], wc[bb, hh, w]
+        assert 0 <= cnt <= chunk
+        if blk == nb:
+          assert cnt == 0
+          continue
+        seen_blocks.add(blk)
+        tiles = wt[bb, hh, start:start + cnt]
+        assert np.all(np.diff(tiles) > 0)                                  # ascending, distinct
+        got += [(blk, ti, wlo[bb, hh, p], whi[bb, hh, p]) for p, ti in
+                zip(range(start, start + cnt), tiles)]
+      assert sorted(got) == want
+      assert seen_blocks == set(range(nb))                                 # one item at least
+      assert sum(1 for p in got if p[0] == 0) > chunk or chunk >= 1000     # block 0 got split
+
+
+def _emulate(ops: bw.BwdOperands, *, g, scale, t, nb):
+  """The two kernels' loops in numpy on the kernels' own operands."""
+  qx, dox, lsex, dlx, kp, vp = (np.asarray(x, np.float64) for x in ops[:6])
+  ids, counts, lo, hi = (np.asarray(x) for x in ops.lists)
+  work = [np.asarray(x) for x in ops.work]
+  b, h = qx.shape[:2]
+  d = qx.shape[-1]
+  r = 64 // g
+  scale2 = scale * np.log2(np.e)
+  tok = np.arange(64) // g
+
+  def mask(blk, tile, lo_w, hi_w):                 # [64 rows, 64 keys]
+    word = np.where(tok < 32, lo_w, hi_w).astype(np.int64) & 0xFFFFFFFF
+    member = (word >> np.where(tok < 32, tok, tok - 32)) & 1
+    t_abs = tile * r + tok
+    return member[:, None].astype(bool) & (blk * BS + np.arange(BS)[None, :] <= t_abs[:, None])
+
+  def probs(bb, hh, blk, tile, lo_w, hi_w):
+    rows = slice(tile * 64, tile * 64 + 64)
+    k = kp[bb, blk * BS:(blk + 1) * BS, hh]
+    v = vp[bb, blk * BS:(blk + 1) * BS, hh]
+    s = np.where(mask(blk, tile, lo_w, hi_w), qx[bb, hh, rows] @ k.T, -np.inf)
+    p = np.exp2(s * scale2 - lsex[bb, hh, rows, None])
+    dp = dox[bb, hh, rows] @ v.T
+    return p, p * (dp - dlx[bb, hh, rows, None]), rows, k
+
+  dqx = np.zeros_like(qx)
+  for bb in range(b):
+    for hh in range(h):
+      for tile in range(ids.shape[2]):
+        for j in range(counts[bb, hh, tile]):
+          _, ds, rows, k = probs(bb, hh, ids[bb, hh, tile, j], tile, lo[bb, hh, tile, j],
+                                 hi[bb, hh, tile, j])
+          dqx[bb, hh, rows] += ds @ k
+  tiles, wlo, whi, wblk, wstart, wcnt = work
+  w = wblk.shape[-1]
+  dk_part = np.zeros((b, h, w * BS, d))
+  dv_part = np.zeros((b, h, w * BS, d))
+  for bb in range(b):
+    for hh in range(h):
+      for it in range(w):
+        blk = min(wblk[bb, hh, it], nb - 1)
+        for p in range(wstart[bb, hh, it], wstart[bb, hh, it] + wcnt[bb, hh, it]):
+          pr, ds, rows, _ = probs(bb, hh, blk, tiles[bb, hh, p], wlo[bb, hh, p], whi[bb, hh, p])
+          out = slice(it * BS, (it + 1) * BS)
+          dv_part[bb, hh, out] += pr.T @ dox[bb, hh, rows]
+          dk_part[bb, hh, out] += ds.T @ qx[bb, hh, rows]
+  dq = mg._from_tiles(jnp.asarray(dqx, jnp.float32), t, g) * scale
+  dk = bw.reduce_items(jnp.asarray(dk_part, jnp.float32), ops.work.item_block, num_blocks=nb,
+                       seq_len=t) * scale
+  dv = bw.reduce_items(jnp.asarray(dv_part, jnp.float32), ops.work.item_block, num_blocks=nb,
+                       seq_len=t)
+  return dq, dk, dv
+
+
+@pytest.mark.parametrize("g,mode,chunk", [(4, "exact", 3), (16, "shared", 2), (3, "exact", 50)])
+def test_emulated_kernels_match_reference_grads(g, mode, chunk):
+  b, t, h, d, n = 1, 333, 2, 16, 4
+  kq, kk, kv, ki, kw = jax.random.split(jax.random.key(g), 5)
+  q = jax.random.normal(kq, (b, t, h * g, d), jnp.float32)
+  k = jax.random.normal(kk, (b, t, h, d), jnp.float32)
+  v = jax.random.normal(kv, (b, t, h, d), jnp.float32)
+  do = jax.random.normal(kw, (b, t, h * g, d), jnp.float32)
+  bi = _selection(ki, b, t, h, n).at[:, 64:80].set(-1)                    # tokens that see nothing
+  bi_ref = share_selection(bi, mg.tokens_per_tile(g)) if mode == "shared" else bi
+  scale = d ** -0.5
+  mask = selected_mask(bi_ref, block_size=BS, seq_len=t)
+  attn = lambda q, k, v: masked_attention(q, k, v, mask, scale)
+  (o, lse), vjp = jax.vjp(attn, q, k, v)
+  want = vjp((do, jnp.zeros_like(lse)))
+  assert bool(jnp.any(jnp.isneginf(lse)))
+  ops = bw.prepare_backward(q, k, v, o, lse, do, bi, mode=mode, chunk=chunk)
+  got = _emulate(ops, g=g, scale=scale, t=t, nb=-(-t // BS))
+  for name, a, w in zip("dq dk dv".split(), got, want):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(w), rtol=2e-4, atol=2e-4, err_msg=name)
