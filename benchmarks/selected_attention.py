@@ -77,6 +77,28 @@ def fwd_bwd(attn, q, k, v, w, reps):
   return ms, temp_mib
 
 
+def backward_parts(q, k, v, w, bi, cfg, reps):
+  """Median ms of the backward's XLA preparation, its dQ call and its dK/dV call (each with
+  its XLA epilogue) on operands prepared once."""
+  from pallas_kernels import selected_attention_mgpu_bwd as bw
+  o, lse = jax.jit(lambda q, k, v: mg._forward(q, k, v, bi, cfg))(q, k, v)
+  do = w.astype(q.dtype)
+  bcfg = bw.BwdConfig(chunk=cfg.bwd_chunk, direct=cfg.bwd_direct)
+  direct = bcfg.direct and bw.use_direct(HQ // H)
+  t = q.shape[1]
+  prep = jax.jit(lambda q, k, v, o, lse, do: bw.prepare_backward(
+      q, k, v, o, lse, do, bi, mode=cfg.mode, chunk=bcfg.chunk, direct=direct))
+  ops = prep(q, k, v, o, lse, do)
+  kw = dict(softmax_scale=cfg.softmax_scale, seq_len=t, num_q_heads=HQ, cfg=bcfg, direct=direct)
+  dq = jax.jit(lambda ops: bw.dq_call(ops, **kw))
+  dkv = jax.jit(lambda ops: bw.dkv_call(ops, **kw))
+  n_items = int(jnp.sum(ops.work.item_count > 0))
+  return {"bwd_prep_ms": bench(prep, (q, k, v, o, lse, do), reps=reps)[0],
+          "bwd_dq_ms": bench(dq, (ops,), reps=reps)[0],
+          "bwd_dkv_ms": bench(dkv, (ops,), reps=reps)[0],
+          "bwd_items_used": n_items, "bwd_items": int(ops.work.item_count.size)}
+
+
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--out", default=None, help="JSON output path")
@@ -84,8 +106,10 @@ def main():
   ap.add_argument("--kinds", default="shared,exact-corr,exact-random")
   ap.add_argument("--reps", type=int, default=10)
   ap.add_argument("--bwd", action="store_true", help="also time forward+backward")
+  ap.add_argument("--bwd-parts", action="store_true",
+                  help="with --bwd: also time the backward's preparation, dQ and dK/dV calls")
   ap.add_argument("--variants", default="64:tiles,128:tiles,128:direct",
-                  help="tile_rows:q_layout[:nopp][:noidx][:nomskip][:s<stages>] list")
+                  help="tile_rows:q_layout[:nopp][:noidx][:nomskip][:bwdtiles][:s<stages>] list")
   args = ap.parse_args()
   dev = jax.devices()[0]
   meta = {"device": dev.device_kind, "jax": jax.__version__, "B": B, "HQ": HQ, "H": H, "D": D,
@@ -108,6 +132,7 @@ def main():
         rows_s, layout, *flags = variant.split(":")
         stages = [int(f[1:]) for f in flags if f.startswith("s")] or [2]
         cfg = mg.resolve_config(mg._Config(softmax_scale=D ** -0.5, mode=mode,
+                                           bwd_direct="bwdtiles" not in flags,
                                            tile_rows=int(rows_s), q_layout=layout,
                                            group_size=HQ // H, ping_pong="nopp" not in flags,
                                            smem_index="noidx" not in flags,
@@ -133,6 +158,8 @@ def main():
             fb_ms, temp = fwd_bwd(lambda q, k, v, bi=bi, cfg=cfg: mg._attention(q, k, v, bi, cfg),
                                   q, k, v, w, args.reps)
             row.update(fb_ms=fb_ms, fb_tflops=3.5 * sparse_flops / fb_ms / 1e9, fb_temp_mib=temp)
+          if args.bwd and args.bwd_parts:
+            row.update(backward_parts(q, k, v, w, bi, cfg, args.reps))
         except Exception as e:  # noqa: BLE001  (report the failure, time the other variants)
           row = {"T": t, "impl": name, "error": f"{type(e).__name__}: {str(e)[:500]}"}
         rows.append(row)
@@ -159,6 +186,9 @@ def main():
     if "error" in r:
       print(f"{r['T']:>6} {r['impl']:34} ERROR {r['error'][:80]}")
       continue
+    if "bwd_prep_ms" in r:
+      print(f"{'':>6} {'  backward parts':34} prep {r['bwd_prep_ms']:.3f} ms, dQ {r['bwd_dq_ms']:.3f} "
+            f"ms, dK/dV {r['bwd_dkv_ms']:.3f} ms ({r['bwd_items_used']}/{r['bwd_items']} items)")
     print(f"{r['T']:>6} {r['impl']:34} {r['ms']:9.3f} {r['tflops']:8.1f} "
           f"{r.get('prep_ms', float('nan')):8.3f} {r.get('kernel_plus_out_ms', float('nan')):8.3f} "
           f"{r.get('union_over_n', float('nan')):7.2f} {r.get('fb_ms', float('nan')):8.3f} "

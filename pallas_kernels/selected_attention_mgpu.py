@@ -72,6 +72,8 @@ class _Config:
   smem_index: bool = True             # copy the tile's ids / membership words to SMEM first
   mask_skip: bool = True              # no mask on blocks every row of the warpgroup fully sees
   backward: str = "kernel"            # "kernel": dQ and dK/dV kernels; "reference": XLA VJP
+  bwd_direct: bool = True             # backward: per-token TMA for Q/dO/dQ where G allows
+  bwd_chunk: int = 256                # backward: smallest cap on a dK/dV work item's tiles
 
 
 def tokens_per_tile(num_groups: int) -> int:
@@ -568,7 +570,8 @@ def _attention_bwd(cfg: _Config, res, do):
   else:
     from pallas_kernels import selected_attention_mgpu_bwd as bwd
     dq, dk, dv = bwd.backward(q, k, v, o, lse, do, block_indices,
-                              softmax_scale=cfg.softmax_scale, mode=cfg.mode)
+                              softmax_scale=cfg.softmax_scale, mode=cfg.mode,
+                              cfg=bwd.BwdConfig(chunk=cfg.bwd_chunk, direct=cfg.bwd_direct))
   return dq, dk, dv, None
 
 

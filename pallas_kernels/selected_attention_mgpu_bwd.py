@@ -13,7 +13,7 @@ layout of :func:`pallas_kernels.selected_attention_mgpu._to_tiles`) and one warp
   ``dP = dO Vᵀ`` run on the tensor cores, ``dQ += dS K`` accumulates in registers.
 * **dK/dV** (:func:`_dkv_kernel`): no atomics. The inverse map (KV block -> the query tiles whose
   list holds it, with each pair's membership bits; :func:`pallas_kernels.selection_tiles.
-  inverse_work_items`) is cut into work items of at most ``chunk`` tiles so that a block every
+  inverse_work_items`) is cut into work items of a bounded number of tiles, so that a block every
   tile selects (the forced initial block) does not serialize the grid. A CTA owns one item: K and
   V of its block stay in SMEM, the item's query tiles (Q, dO, LSE, δ) stream through a TMA ring,
   ``Sᵀ = K Qᵀ``, ``dV += Pᵀ dO``, ``dPᵀ = V dOᵀ``, ``dK += dSᵀ Q``, and the item writes its partial
@@ -52,12 +52,16 @@ class BwdConfig:
 
   Attributes:
     num_stages: TMA ring depth of both kernels.
-    chunk: most query tiles one dK/dV work item iterates over.
+    chunk: the smallest cap on the query tiles of one dK/dV work item (the cap grows to
+      ``cdiv(pairs, NB)`` so that at most ``2 NB`` items exist).
     mask_skip: skip the mask on (block, tile) pairs every row fully sees.
+    direct: per-token TMA copies of Q/dO/LSE/δ/dQ instead of XLA transposes to 64-row tiles,
+      where :func:`use_direct` allows.
   """
   num_stages: int = 2
   chunk: int = 256
   mask_skip: bool = True
+  direct: bool = True
 
   def __post_init__(self):
     if not isinstance(self.num_stages, int) or self.num_stages < 1:
@@ -66,11 +70,30 @@ class BwdConfig:
       raise ValueError(f"chunk: expected a positive int, got {self.chunk!r}")
 
 
+def _copy_rows(pairs, b, h, tile, barrier, *, direct: bool, g: int):
+  """Copies one 64-row query tile of each ``(src, dst)`` pair to SMEM on ``barrier``.
+
+  ``direct``: ``src`` is ``[B, Tp, HQ, ...]`` and each of the tile's ``r = 64 // G`` tokens is one
+  copy of its ``G`` heads (needs ``G % 8 == 0`` and ``G | 64``); else ``src`` is in 64-row tiles
+  ``[B, H, NT*64, ...]``. ``direct`` costs ``r`` arrivals per pair on ``barrier``, tiles one.
+  """
+  if direct:
+    r = ROWS // g
+    for i in range(r):
+      for src, dst in pairs:
+        plgpu.copy_gmem_to_smem(src.at[b, tile * r + i, pl.ds(h * g, g)],
+                                dst.at[pl.ds(i * g, g)], barrier)
+  else:
+    for src, dst in pairs:
+      plgpu.copy_gmem_to_smem(src.at[b, h, pl.ds(tile * ROWS, ROWS)], dst, barrier)
+
+
 def _dq_kernel(q_ref, do_ref, lse_ref, dl_ref, k_ref, v_ref, ids_ref, cnt_ref, lo_ref, hi_ref,
                dq_ref,
                q_smem, do_smem, lse_smem, dl_smem, k_smem, v_smem, q_bar, k_bar, v_bar,
-               *, num_heads: int, g: int, scale2: float, stages: int, mask_skip: bool, dtype):
-  """One CTA: query tile ``tile`` of ``bh``; refs as in :func:`dq_call`."""
+               *, num_heads: int, g: int, scale2: float, stages: int, mask_skip: bool, dtype,
+               direct: bool):
+  """One CTA: query tile ``tile`` of ``bh`` (refs: :func:`backward`)."""
   tile = lax.axis_index("tile")
   bh = lax.axis_index("bh")
   b = lax.div(bh, jnp.int32(num_heads))
@@ -78,9 +101,8 @@ def _dq_kernel(q_ref, do_ref, lse_ref, dl_ref, k_ref, v_ref, ids_ref, cnt_ref, l
   r = ROWS // g
   bs = fwd.BLOCK_SIZE
   count = cnt_ref[b, h, tile]
-  rows = pl.ds(tile * ROWS, ROWS)
-  for src, dst in ((q_ref, q_smem), (do_ref, do_smem), (lse_ref, lse_smem), (dl_ref, dl_smem)):
-    plgpu.copy_gmem_to_smem(src.at[b, h, rows], dst, q_bar)
+  _copy_rows(((q_ref, q_smem), (do_ref, do_smem), (lse_ref, lse_smem), (dl_ref, dl_smem)), b, h,
+             tile, q_bar, direct=direct, g=g)
 
   def fetch(j, slot):
     keys = pl.ds(ids_ref[b, h, tile, j] * bs, bs)
@@ -129,7 +151,11 @@ def _dq_kernel(q_ref, do_ref, lse_ref, dl_ref, k_ref, v_ref, ids_ref, cnt_ref, l
   dq = lax.fori_loop(0, count, step, dq)
   q_smem[...] = dq.astype(dtype)                   # unscaled: the caller multiplies by scale
   plgpu.commit_smem()
-  plgpu.copy_smem_to_gmem(q_smem, dq_ref.at[b, h, rows])
+  if direct:
+    for i in range(r):
+      plgpu.copy_smem_to_gmem(q_smem.at[pl.ds(i * g, g)], dq_ref.at[b, tile * r + i, pl.ds(h * g, g)])
+  else:
+    plgpu.copy_smem_to_gmem(q_smem, dq_ref.at[b, h, pl.ds(tile * ROWS, ROWS)])
   plgpu.wait_smem_to_gmem(0)
 
 
@@ -138,7 +164,7 @@ def _dkv_kernel(q_ref, do_ref, lse_ref, dl_ref, k_ref, v_ref, tiles_ref, plo_ref
                 dk_ref, dv_ref,
                 k_smem, v_smem, q_smem, do_smem, lse_smem, dl_smem, kv_bar, q_bar,
                 *, num_heads: int, num_blocks: int, g: int, scale2: float, stages: int,
-                mask_skip: bool, dtype):
+                mask_skip: bool, dtype, direct: bool):
   """One CTA: work item ``item`` of ``bh`` (a KV block and a run of its query tiles)."""
   item = lax.axis_index("item")
   bh = lax.axis_index("bh")
@@ -154,10 +180,9 @@ def _dkv_kernel(q_ref, do_ref, lse_ref, dl_ref, k_ref, v_ref, tiles_ref, plo_ref
   plgpu.copy_gmem_to_smem(v_ref.at[b, keys, h], v_smem, kv_bar)
 
   def fetch(j, slot):
-    rows = pl.ds(tiles_ref[b, h, start + j] * ROWS, ROWS)
-    for src, dst in ((q_ref, q_smem), (do_ref, do_smem), (lse_ref, lse_smem),
-                     (dl_ref, dl_smem)):
-      plgpu.copy_gmem_to_smem(src.at[b, h, rows], dst.at[slot], q_bar.at[slot])
+    pairs = ((q_ref, q_smem.at[slot]), (do_ref, do_smem.at[slot]), (lse_ref, lse_smem.at[slot]),
+             (dl_ref, dl_smem.at[slot]))
+    _copy_rows(pairs, b, h, tiles_ref[b, h, start + j], q_bar.at[slot], direct=direct, g=g)
 
   for s in range(stages):
     pl.when(s < count)(functools.partial(fetch, jnp.int32(s), s))
@@ -231,8 +256,9 @@ class BwdOperands(NamedTuple):
   """XLA-side operands of the backward kernels (see :func:`prepare_backward`).
 
   Attributes:
-    qx, dox: ``[B, H, NT*64, D]`` Q and dO in 64-row tiles; lsex: ``[B, H, NT*64]`` LSE in log2
-      units (``+inf`` for rows that saw no key, so their ``P`` is 0); dlx: ``[B, H, NT*64]``
+    qx, dox: ``[B, H, NT*64, D]`` Q and dO in 64-row tiles (``direct``: ``[B, NT*r, HQ, D]``,
+      padded to whole tiles); lsex: ``[B, H, NT*64]`` (``direct``: ``[B, NT*r, HQ]``) LSE in log2
+      units (``+inf`` for rows that saw no key, so their ``P`` is 0); dlx: like ``lsex``,
       ``δ = rowsum(dO ∘ O)``; kp, vp: ``[B, NB*64, H, D]`` K and V padded to whole blocks;
       lists: the 64-row tiles' iteration lists; work: the dK/dV work items.
   """
@@ -246,7 +272,14 @@ class BwdOperands(NamedTuple):
   work: WorkItems
 
 
-def prepare_backward(q, k, v, o, lse, do, block_indices, *, mode: str, chunk: int) -> BwdOperands:
+def use_direct(g: int) -> bool:
+  """Q/dO/LSE/δ/dQ move by one TMA copy per token (no XLA transposes) when ``G % 8 == 0`` and
+  ``G`` divides 64 (so a tile has no padding rows)."""
+  return g % 8 == 0 and ROWS % g == 0
+
+
+def prepare_backward(q, k, v, o, lse, do, block_indices, *, mode: str, chunk: int,
+                     direct: bool = False) -> BwdOperands:
   """Tiles, residuals and index structures for the two kernels (shapes as :func:`backward`)."""
   t, hq = q.shape[1], q.shape[2]
   h = k.shape[2]
@@ -261,7 +294,9 @@ def prepare_backward(q, k, v, o, lse, do, block_indices, *, mode: str, chunk: in
   lists = tile_iteration_lists(block_indices, tokens_per_tile=r, block_size=bs, max_len=length)
   tp = lists.ids.shape[2] * r
   pad_t = lambda x: jnp.pad(x, ((0, 0), (0, tp - t)) + ((0, 0),) * (x.ndim - 2))
-  to_tiles = lambda x: fwd._to_tiles(pad_t(x), r, h)
+  if direct and tp == t:
+    pad_t = lambda x: x
+  to_tiles = pad_t if direct else (lambda x: fwd._to_tiles(pad_t(x), r, h))
   delta = jnp.einsum("bthd,bthd->bth", o.astype(jnp.float32), do.astype(jnp.float32))
   lse2 = jnp.where(lse == -jnp.inf, jnp.inf, lse * _LOG2E)
   pad_kv = lambda x: jnp.pad(x, ((0, 0), (0, nb * bs - t), (0, 0), (0, 0)))
@@ -272,15 +307,17 @@ def prepare_backward(q, k, v, o, lse, do, block_indices, *, mode: str, chunk: in
 
 
 def reduce_items(part, item_block, *, num_blocks: int, seq_len: int):
-  """Sums the work items' partial ``[B, H, W*64, D]`` per KV block: ``[B, T, H, D]`` float32."""
-  b, h, rows, d = part.shape
+  """``[B, T, H, D]`` float32 sums of the work items' partial ``[B, H, 2NB*64, D]``: the first
+  ``NB`` items are the blocks in order, the rest are added to their block."""
+  b, h, _, d = part.shape
   bs = fwd.BLOCK_SIZE
-  w = rows // bs
-  part = part.reshape(b, h, w, bs, d).astype(jnp.float32)
-  seg = jnp.minimum(item_block, num_blocks)                                # NB: unused items
+  part = part.astype(jnp.float32)
+  first = part[:, :, :num_blocks * bs]                                     # [B, H, NB*64, D]
+  extra = part[:, :, num_blocks * bs:].reshape(b, h, num_blocks, bs, d)
+  seg = jnp.minimum(item_block[..., num_blocks:], num_blocks)              # NB: unused
   summed = jax.vmap(jax.vmap(lambda p, s: jax.ops.segment_sum(p, s, num_segments=num_blocks + 1)))(
-      part, seg)[:, :, :num_blocks]                                        # [B, H, NB, 64, D]
-  return summed.reshape(b, h, num_blocks * bs, d)[:, :, :seq_len].transpose(0, 2, 1, 3)
+      extra, seg)[:, :, :num_blocks].reshape(b, h, num_blocks * bs, d)
+  return (first + summed)[:, :, :seq_len].transpose(0, 2, 1, 3)
 
 
 def backward(q, k, v, o, lse, do, block_indices, *, softmax_scale: float, mode: str,
@@ -299,21 +336,33 @@ def backward(q, k, v, o, lse, do, block_indices, *, softmax_scale: float, mode: 
   Returns:
     ``(dq, dk, dv)`` in the input dtype.
   """
-  b, t, hq, d = q.shape
-  h = k.shape[2]
-  g = hq // h
+  t, hq = q.shape[1], q.shape[2]
+  direct = cfg.direct and use_direct(hq // k.shape[2])
+  ops = prepare_backward(q, k, v, o, lse, do, block_indices, mode=mode, chunk=cfg.chunk,
+                         direct=direct)
+  dq = dq_call(ops, softmax_scale=softmax_scale, seq_len=t, num_q_heads=hq, cfg=cfg,
+               direct=direct)
+  dk, dv = dkv_call(ops, softmax_scale=softmax_scale, seq_len=t, num_q_heads=hq, cfg=cfg,
+                    direct=direct)
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+def dq_call(ops: BwdOperands, *, softmax_scale: float, seq_len: int, num_q_heads: int,
+            cfg: BwdConfig, direct: bool):
+  """The dQ kernel on prepared operands: ``[B, T, HQ, D]`` float32."""
+  b, _, h, d = ops.kp.shape
+  g = num_q_heads // h
+  t = seq_len
   bs = fwd.BLOCK_SIZE
-  nb = -(-t // bs)
-  dtype = q.dtype
-  ops = prepare_backward(q, k, v, o, lse, do, block_indices, mode=mode, chunk=cfg.chunk)
-  qx, dox, lsex, dlx, kp, vp, lists, work = ops
+  qx, dox, lsex, dlx, kp, vp, lists, _ = ops
+  dtype = qx.dtype
   nt, length = lists.ids.shape[2:]
   scale2 = float(softmax_scale) * _LOG2E
   params = plgpu.CompilerParams(approx_math=True)
   stages_dq = max(1, min(cfg.num_stages, length))
-
+  arrivals = 4 * (ROWS // g) if direct else 4
   dq_kernel = functools.partial(_dq_kernel, num_heads=h, g=g, scale2=scale2, stages=stages_dq,
-                                mask_skip=cfg.mask_skip, dtype=dtype)
+                                mask_skip=cfg.mask_skip, dtype=dtype, direct=direct)
   dqx = plgpu.kernel(
       dq_kernel,
       out_type=jax.ShapeDtypeStruct(qx.shape, dtype),
@@ -324,18 +373,34 @@ def backward(q, k, v, o, lse, do, block_indices, *, softmax_scale: float, mode: 
           plgpu.SMEM((ROWS,), jnp.float32),
           plgpu.SMEM((stages_dq, bs, d), dtype, transforms=_TRANSFORMS),
           plgpu.SMEM((stages_dq, bs, d), dtype, transforms=_TRANSFORMS),
-          plgpu.Barrier(num_arrivals=4),
+          plgpu.Barrier(num_arrivals=arrivals),
           plgpu.Barrier(num_arrivals=1, num_barriers=stages_dq),
           plgpu.Barrier(num_arrivals=1, num_barriers=stages_dq),
       ],
       grid=(nt, b * h), grid_names=("tile", "bh"), compiler_params=params,
   )(qx, dox, lsex, dlx, kp, vp, lists.ids, lists.counts, lists.member_lo, lists.member_hi)
-  dq = fwd._from_tiles(dqx, t, g).astype(jnp.float32) * softmax_scale
+  dq = dqx[:, :t] if direct else fwd._from_tiles(dqx, t, g)
+  return dq.astype(jnp.float32) * softmax_scale
 
+
+def dkv_call(ops: BwdOperands, *, softmax_scale: float, seq_len: int, num_q_heads: int,
+             cfg: BwdConfig, direct: bool):
+  """The dK/dV kernel on prepared operands, partials reduced: two ``[B, T, H, D]`` float32."""
+  b, _, h, d = ops.kp.shape
+  g = num_q_heads // h
+  t = seq_len
+  bs = fwd.BLOCK_SIZE
+  nb = -(-t // bs)
+  qx, dox, lsex, dlx, kp, vp, _, work = ops
+  dtype = qx.dtype
+  scale2 = float(softmax_scale) * _LOG2E
+  params = plgpu.CompilerParams(approx_math=True)
+  arrivals = 4 * (ROWS // g) if direct else 4
   w = work.item_block.shape[-1]
   stages_kv = max(1, min(cfg.num_stages, cfg.chunk))
   dkv_kernel = functools.partial(_dkv_kernel, num_heads=h, num_blocks=nb, g=g, scale2=scale2,
-                                 stages=stages_kv, mask_skip=cfg.mask_skip, dtype=dtype)
+                                 stages=stages_kv, mask_skip=cfg.mask_skip, dtype=dtype,
+                                 direct=direct)
   part = jax.ShapeDtypeStruct((b, h, w * bs, d), dtype)
   dk_part, dv_part = plgpu.kernel(
       dkv_kernel,
@@ -348,7 +413,7 @@ def backward(q, k, v, o, lse, do, block_indices, *, softmax_scale: float, mode: 
           plgpu.SMEM((stages_kv, ROWS), jnp.float32),
           plgpu.SMEM((stages_kv, ROWS), jnp.float32),
           plgpu.Barrier(num_arrivals=2),
-          plgpu.Barrier(num_arrivals=4, num_barriers=stages_kv),
+          plgpu.Barrier(num_arrivals=arrivals, num_barriers=stages_kv),
       ],
       grid=(w, b * h), grid_names=("item", "bh"), compiler_params=params,
   )(qx, dox, lsex, dlx, kp, vp, work.tiles, work.member_lo, work.member_hi, work.item_block,
@@ -356,4 +421,4 @@ def backward(q, k, v, o, lse, do, block_indices, *, softmax_scale: float, mode: 
 
   dk = reduce_items(dk_part, work.item_block, num_blocks=nb, seq_len=t) * softmax_scale
   dv = reduce_items(dv_part, work.item_block, num_blocks=nb, seq_len=t)
-  return dq.astype(dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+  return dk, dv

@@ -215,15 +215,19 @@ def inverse_tile_map_padded(inv: InverseMap, cap: int) -> tuple[jax.Array, jax.A
 class WorkItems(NamedTuple):
   """The inverse map cut into dK/dV work items (see :func:`inverse_work_items`).
 
+  Items ``0 .. NB-1`` are the first chunk of block ``0 .. NB-1`` (a block no tile selected gets an
+  empty item), items ``NB .. 2NB-1`` are the further chunks of blocks with many pairs, in block
+  order, and unused ones are marked by block ``NB``.
+
   Attributes:
     tiles: ``[B, H, P]`` int32 query tiles of the (block, tile) pairs sorted by (block, tile),
       ``P = NT * L``; entries past the number of pairs are 0.
     member_lo, member_hi: ``[B, H, P]`` int32 the pair's membership words (as
       :class:`TileLists`): which tokens of the tile selected the block.
-    item_block: ``[B, H, W]`` int32 KV block of each item; ``NB`` marks an unused item.
-    item_start: ``[B, H, W]`` int32 first pair of the item (index into ``tiles``).
-    item_count: ``[B, H, W]`` int32 pairs in the item (``<= chunk``; 0 for an unused item or
-      a block no tile selected).
+    item_block: ``[B, H, 2NB]`` int32 KV block of each item; ``NB`` marks an unused item.
+    item_start: ``[B, H, 2NB]`` int32 first pair of the item (index into ``tiles``).
+    item_count: ``[B, H, 2NB]`` int32 pairs in the item (0 for an unused item or a block no tile
+      selected).
   """
   tiles: jax.Array
   member_lo: jax.Array
@@ -233,26 +237,21 @@ class WorkItems(NamedTuple):
   item_count: jax.Array
 
 
-def num_work_items(num_tiles: int, list_len: int, num_blocks: int, chunk: int) -> int:
-  """Static item count ``W = NB + cdiv(NT * L, chunk)``: every block gets one item, and the pairs
-  past the first ``chunk`` of a block need at most ``cdiv(pairs, chunk)`` more."""
-  return num_blocks + -(-(num_tiles * list_len) // chunk)
-
-
 def inverse_work_items(lists: TileLists, num_blocks: int, *, chunk: int) -> WorkItems:
-  """KV block -> query tiles (with membership), in items of at most ``chunk`` tiles per block.
+  """KV block -> query tiles (with membership), cut into ``2 NB`` work items.
 
-  Every block gets ``max(1, cdiv(pairs, chunk))`` consecutive items, so a block that every tile
-  selects (the forced initial block) is spread over many CTAs; the partial dK/dV of a block's
-  items are summed afterwards.
+  A block with many pairs (the forced initial block is in every tile's list) is spread over
+  several items so that it does not serialize the grid: items hold at most ``c = max(chunk,
+  cdiv(pairs, NB))`` pairs, which bounds the further chunks of all blocks together by ``NB``. The
+  partial dK/dV of a block's items are summed afterwards.
 
   Args:
     lists: the tile lists the kernels iterate over (``ids, counts, member_lo, member_hi``).
     num_blocks: ``NB``.
-    chunk: most pairs per item.
+    chunk: the smallest item size ``c`` (pairs).
 
   Returns:
-    :class:`WorkItems` with ``W = num_work_items(NT, L, NB, chunk)``.
+    :class:`WorkItems`.
   """
   if not isinstance(num_blocks, int) or num_blocks < 1:
     raise ValueError(f"num_blocks: expected a positive int, got {num_blocks!r}")
@@ -273,21 +272,24 @@ def inverse_work_items(lists: TileLists, num_blocks: int, *, chunk: int) -> Work
   lo, hi = jnp.where(ok, lo, 0), jnp.where(ok, hi, 0)
 
   bounds = jnp.arange(num_blocks + 1, dtype=jnp.int32) * nt
-  search = lambda a, v: jax.vmap(jax.vmap(lambda x: jnp.searchsorted(x, v, side="left")))(a)
-  offsets = search(key, bounds).astype(jnp.int32)                          # [B, H, NB + 1]
+  search = lambda a, v: jax.vmap(jax.vmap(lambda x: jnp.searchsorted(x, v, side="right")))(a)
+  offsets = search(key, bounds - 1).astype(jnp.int32)                      # [B, H, NB + 1]
   pairs = offsets[..., 1:] - offsets[..., :-1]                             # [B, H, NB]
-  items = jnp.maximum(1, -(-pairs // chunk))
-  ends = jnp.cumsum(items, axis=-1)                                        # inclusive
-  w = num_work_items(nt, length, num_blocks, chunk)
-  widx = jnp.arange(w, dtype=jnp.int32)
-  block = jax.vmap(jax.vmap(lambda e: jnp.searchsorted(e, widx, side="right")))(ends)
-  block = block.astype(jnp.int32)                                          # [B, H, W]; NB=unused
+  total = jnp.sum(ok, axis=-1, dtype=jnp.int32)[..., None]                 # [B, H, 1]
+  c = jnp.maximum(chunk, -(-total // num_blocks))                          # [B, H, 1]
+  first_count = jnp.minimum(pairs, c)
+  extra = jnp.maximum(0, -(-pairs // c) - 1)                               # further chunks
+  ends = jnp.cumsum(extra, axis=-1)                                        # inclusive, <= NB
+  e = jnp.arange(num_blocks, dtype=jnp.int32)
+  block = search(ends, e).astype(jnp.int32)                                # [B, H, NB]; NB=unused
   used = block < num_blocks
   bc = jnp.minimum(block, num_blocks - 1)
-  first = jnp.take_along_axis(ends - items, bc, axis=-1)
-  part = widx - first                                                      # chunk within block
-  start = jnp.take_along_axis(offsets[..., :-1], bc, axis=-1) + part * chunk
-  count = jnp.clip(jnp.take_along_axis(pairs, bc, axis=-1) - part * chunk, 0, chunk)
-  return WorkItems(tiles=tiles, member_lo=lo, member_hi=hi, item_block=block,
-                   item_start=jnp.where(used, start, 0).astype(jnp.int32),
-                   item_count=jnp.where(used, count, 0).astype(jnp.int32))
+  part = e - jnp.take_along_axis(ends - extra, bc, axis=-1) + 1            # chunk >= 1 of block
+  start = jnp.take_along_axis(offsets[..., :-1], bc, axis=-1) + part * c
+  count = jnp.clip(jnp.take_along_axis(pairs, bc, axis=-1) - part * c, 0, c)
+  first_block = jnp.broadcast_to(e, (b, h, num_blocks))
+  cat = lambda x, y: jnp.concatenate([x, y], axis=-1).astype(jnp.int32)
+  return WorkItems(tiles=tiles, member_lo=lo, member_hi=hi,
+                   item_block=cat(first_block, block),
+                   item_start=cat(offsets[..., :-1], jnp.where(used, start, 0)),
+                   item_count=cat(first_count, jnp.where(used, count, 0)))

@@ -132,3 +132,19 @@ def test_backward_kernels_lower_for_cuda(g, d, dtype, mode):
   assert text.count("mosaic_gpu") > _lower(dtype, d, g, mode).count("mosaic_gpu")  # + dQ, dK/dV
   ref = _lower_grad(dtype, d, g, mode, backward="reference")
   assert text.count("mosaic_gpu") > ref.count("mosaic_gpu")
+
+
+@pytest.mark.parametrize("direct", [True, False])
+@pytest.mark.parametrize("g,t", [(16, 256), (8, 300), (32, 130)])
+def test_backward_layouts_lower_for_cuda(direct, g, t):
+  cfg = mg._Config(softmax_scale=0.125, mode="exact", bwd_direct=direct, bwd_chunk=2)
+  def loss(q, k, v, bi):
+    return jnp.sum(mg._attention(q, k, v, bi, cfg).astype(jnp.float32))
+  h, d, n = 2, 64, 4
+  avals = (jax.ShapeDtypeStruct((1, t, h * g, d), jnp.bfloat16),
+           jax.ShapeDtypeStruct((1, t, h, d), jnp.bfloat16),
+           jax.ShapeDtypeStruct((1, t, h, d), jnp.bfloat16),
+           jax.ShapeDtypeStruct((1, t, h, n), jnp.int32))
+  text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(*avals).lower(
+      lowering_platforms=("cuda",)).as_text()
+  assert _has_mosaic_call(text)

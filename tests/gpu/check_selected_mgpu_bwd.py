@@ -39,6 +39,7 @@ CONFIGS = [
 
 
 def check(name, b, t, hq, h, d, n, dtype, mode, seed, **kw):
+  name = f"{name} {kw}" if kw else name
   key = jax.random.key(seed)
   kq, kk, kv, ki, kd = jax.random.split(key, 5)
   q = jax.random.normal(kq, (b, t, hq, d), jnp.float32).astype(dtype)
@@ -46,8 +47,10 @@ def check(name, b, t, hq, h, d, n, dtype, mode, seed, **kw):
   v = jax.random.normal(kv, (b, t, h, d), jnp.float32).astype(dtype)
   do = jax.random.normal(kd, (b, t, hq, d), jnp.float32).astype(dtype)
   bi = random_selection(ki, b, t, h, n).at[:, 70:74].set(-1)               # rows that see nothing
+  cfg = mg._Config(softmax_scale=d ** -0.5, mode=mode, tile_rows=128 if mode == "exact" else 64,
+                   q_layout="direct", **kw)                                # the public defaults
   f = jax.jit(lambda q, k, v, do, bi: jax.vjp(
-      lambda q, k, v: mg.selected_attention_mgpu(q, k, v, bi, mode=mode, **kw), q, k, v)[1](do))
+      lambda q, k, v: mg._attention(q, k, v, bi, cfg), q, k, v)[1](do))
   g1 = jax.block_until_ready(f(q, k, v, do, bi))
   g2 = jax.block_until_ready(f(q, k, v, do, bi))
   g = hq // h
@@ -68,7 +71,7 @@ def check(name, b, t, hq, h, d, n, dtype, mode, seed, **kw):
     ok &= rel < 2e-2 and mx < 5e-2 and not race and not nan
     parts.append(f"{nm}: rel={rel:.1e} max/|ref|={mx:.1e}{' RACE' if race else ''}"
                  f"{' NAN' if nan else ''}")
-  print(f"{'OK  ' if ok else 'FAIL'} {name:34s} " + "  ".join(parts), flush=True)
+  print(f"{'OK  ' if ok else 'FAIL'} {name:50s} " + "  ".join(parts), flush=True)
   return ok
 
 
@@ -97,8 +100,10 @@ def main():
   print("device:", jax.devices()[0].device_kind, "jax", jax.__version__, flush=True)
   jobs = [(c, {}) for c in CONFIGS]
   jobs += [(CONFIGS[i], {"tile_rows": 64, "q_layout": "tiles"}) for i in (0, 3)]
+  jobs += [(CONFIGS[i], {"bwd_direct": False}) for i in (0, 2, 7)]         # tiles backward
+  jobs += [(CONFIGS[i], {"bwd_chunk": 3}) for i in (2, 7)]                 # many split items
   if "--quick" in sys.argv:
-    jobs = [jobs[i] for i in (0, 1, 4, 6, 7)]
+    jobs = [jobs[i] for i in (0, 1, 4, 6, 7, 12)]
   ok = True
   for i, (c, kw) in enumerate(jobs):
     t0 = time.perf_counter()
