@@ -55,7 +55,7 @@ class BwdConfig:
     chunk: the smallest cap on the query tiles of one dK/dV work item (the cap grows to
       ``cdiv(pairs, NB)`` so that at most ``2 NB`` items exist).
     mask_skip: skip the mask on (block, tile) pairs every row fully sees.
-    direct: per-token TMA copies of Q/dO/LSE/δ/dQ instead of XLA transposes to 64-row tiles,
+    direct: per-token TMA copies of Q/dO/dQ instead of XLA transposes to 64-row tiles,
       where :func:`use_direct` allows.
   """
   num_stages: int = 2
@@ -73,9 +73,10 @@ class BwdConfig:
 def _copy_rows(pairs, b, h, tile, barrier, *, direct: bool, g: int):
   """Copies one 64-row query tile of each ``(src, dst)`` pair to SMEM on ``barrier``.
 
-  ``direct``: ``src`` is ``[B, Tp, HQ, ...]`` and each of the tile's ``r = 64 // G`` tokens is one
+  ``direct``: ``src`` is ``[B, Tp, HQ, D]`` and each of the tile's ``r = 64 // G`` tokens is one
   copy of its ``G`` heads (needs ``G % 8 == 0`` and ``G | 64``); else ``src`` is in 64-row tiles
   ``[B, H, NT*64, ...]``. ``direct`` costs ``r`` arrivals per pair on ``barrier``, tiles one.
+  (LSE and δ always come in tiles: one 256-byte copy into a 256-byte aligned SMEM row.)
   """
   if direct:
     r = ROWS // g
@@ -101,8 +102,8 @@ def _dq_kernel(q_ref, do_ref, lse_ref, dl_ref, k_ref, v_ref, ids_ref, cnt_ref, l
   r = ROWS // g
   bs = fwd.BLOCK_SIZE
   count = cnt_ref[b, h, tile]
-  _copy_rows(((q_ref, q_smem), (do_ref, do_smem), (lse_ref, lse_smem), (dl_ref, dl_smem)), b, h,
-             tile, q_bar, direct=direct, g=g)
+  _copy_rows(((q_ref, q_smem), (do_ref, do_smem)), b, h, tile, q_bar, direct=direct, g=g)
+  _copy_rows(((lse_ref, lse_smem), (dl_ref, dl_smem)), b, h, tile, q_bar, direct=False, g=g)
 
   def fetch(j, slot):
     keys = pl.ds(ids_ref[b, h, tile, j] * bs, bs)
@@ -180,9 +181,11 @@ def _dkv_kernel(q_ref, do_ref, lse_ref, dl_ref, k_ref, v_ref, tiles_ref, plo_ref
   plgpu.copy_gmem_to_smem(v_ref.at[b, keys, h], v_smem, kv_bar)
 
   def fetch(j, slot):
-    pairs = ((q_ref, q_smem.at[slot]), (do_ref, do_smem.at[slot]), (lse_ref, lse_smem.at[slot]),
-             (dl_ref, dl_smem.at[slot]))
-    _copy_rows(pairs, b, h, tiles_ref[b, h, start + j], q_bar.at[slot], direct=direct, g=g)
+    tile = tiles_ref[b, h, start + j]
+    _copy_rows(((q_ref, q_smem.at[slot]), (do_ref, do_smem.at[slot])), b, h, tile,
+               q_bar.at[slot], direct=direct, g=g)
+    _copy_rows(((lse_ref, lse_smem.at[slot]), (dl_ref, dl_smem.at[slot])), b, h, tile,
+               q_bar.at[slot], direct=False, g=g)
 
   for s in range(stages):
     pl.when(s < count)(functools.partial(fetch, jnp.int32(s), s))
@@ -257,9 +260,8 @@ class BwdOperands(NamedTuple):
 
   Attributes:
     qx, dox: ``[B, H, NT*64, D]`` Q and dO in 64-row tiles (``direct``: ``[B, NT*r, HQ, D]``,
-      padded to whole tiles); lsex: ``[B, H, NT*64]`` (``direct``: ``[B, NT*r, HQ]``) LSE in log2
-      units (``+inf`` for rows that saw no key, so their ``P`` is 0); dlx: like ``lsex``,
-      ``δ = rowsum(dO ∘ O)``; kp, vp: ``[B, NB*64, H, D]`` K and V padded to whole blocks;
+      padded to whole tiles); lsex: ``[B, H, NT*64]`` LSE in log2 units (``+inf`` for rows that
+      saw no key, so their ``P`` is 0); dlx: ``[B, H, NT*64]`` ``δ = rowsum(dO ∘ O)``; kp, vp: ``[B, NB*64, H, D]`` K and V padded to whole blocks;
       lists: the 64-row tiles' iteration lists; work: the dK/dV work items.
   """
   qx: jax.Array
@@ -273,8 +275,8 @@ class BwdOperands(NamedTuple):
 
 
 def use_direct(g: int) -> bool:
-  """Q/dO/LSE/δ/dQ move by one TMA copy per token (no XLA transposes) when ``G % 8 == 0`` and
-  ``G`` divides 64 (so a tile has no padding rows)."""
+  """Q/dO/dQ move by one TMA copy per token (no XLA transposes) when ``G % 8 == 0`` and ``G``
+  divides 64 (so a tile has no padding rows)."""
   return g % 8 == 0 and ROWS % g == 0
 
 
@@ -296,12 +298,13 @@ def prepare_backward(q, k, v, o, lse, do, block_indices, *, mode: str, chunk: in
   pad_t = lambda x: jnp.pad(x, ((0, 0), (0, tp - t)) + ((0, 0),) * (x.ndim - 2))
   if direct and tp == t:
     pad_t = lambda x: x
-  to_tiles = pad_t if direct else (lambda x: fwd._to_tiles(pad_t(x), r, h))
+  rows = lambda x: fwd._to_tiles(pad_t(x), r, h)
+  to_tiles = pad_t if direct else rows
   delta = jnp.einsum("bthd,bthd->bth", o.astype(jnp.float32), do.astype(jnp.float32))
   lse2 = jnp.where(lse == -jnp.inf, jnp.inf, lse * _LOG2E)
   pad_kv = lambda x: jnp.pad(x, ((0, 0), (0, nb * bs - t), (0, 0), (0, 0)))
   return BwdOperands(qx=to_tiles(q), dox=to_tiles(do.astype(q.dtype)),
-                     lsex=to_tiles(lse2[..., None])[..., 0], dlx=to_tiles(delta[..., None])[..., 0],
+                     lsex=rows(lse2[..., None])[..., 0], dlx=rows(delta[..., None])[..., 0],
                      kp=pad_kv(k), vp=pad_kv(v), lists=lists,
                      work=inverse_work_items(lists, nb, chunk=chunk))
 
@@ -360,7 +363,7 @@ def dq_call(ops: BwdOperands, *, softmax_scale: float, seq_len: int, num_q_heads
   scale2 = float(softmax_scale) * _LOG2E
   params = plgpu.CompilerParams(approx_math=True)
   stages_dq = max(1, min(cfg.num_stages, length))
-  arrivals = 4 * (ROWS // g) if direct else 4
+  arrivals = 2 * (ROWS // g) + 2 if direct else 4
   dq_kernel = functools.partial(_dq_kernel, num_heads=h, g=g, scale2=scale2, stages=stages_dq,
                                 mask_skip=cfg.mask_skip, dtype=dtype, direct=direct)
   dqx = plgpu.kernel(
@@ -395,7 +398,7 @@ def dkv_call(ops: BwdOperands, *, softmax_scale: float, seq_len: int, num_q_head
   dtype = qx.dtype
   scale2 = float(softmax_scale) * _LOG2E
   params = plgpu.CompilerParams(approx_math=True)
-  arrivals = 4 * (ROWS // g) if direct else 4
+  arrivals = 2 * (ROWS // g) + 2 if direct else 4
   w = work.item_block.shape[-1]
   stages_kv = max(1, min(cfg.num_stages, cfg.chunk))
   dkv_kernel = functools.partial(_dkv_kernel, num_heads=h, num_blocks=nb, g=g, scale2=scale2,
