@@ -40,7 +40,6 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
-from tqdm.auto import tqdm
 
 from sparse_attention_jax.nn import DecoderLM
 from sparse_attention_jax.nn import ssa as ssa_lib
@@ -424,6 +423,8 @@ def train(trainer: Trainer, config: TrainConfig, train_batches: Iterator[Batch],
   Returns:
     A :class:`TrainResult`; ``trainer.model`` and ``trainer.optimizer`` hold the trained state.
   """
+  from tqdm.auto import tqdm  # Lazy: step-only users (benchmarks/) need no tqdm.
+
   log = log or (lambda s: tqdm.write(s, file=sys.stdout))
   with contextlib.ExitStack() as stack:
     metrics_file = None
@@ -441,6 +442,8 @@ def train(trainer: Trainer, config: TrainConfig, train_batches: Iterator[Batch],
 def _train(trainer, config, train_batches, eval_batches, metrics_file, progress, log, on_step,
            stop):
   """:func:`train` with the metrics file (or None) already open and the stop flag set up."""
+  from tqdm.auto import tqdm
+
   schedule = lr_schedule(config)
 
   def record(event: dict[str, Any]) -> None:
