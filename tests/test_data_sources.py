@@ -165,3 +165,26 @@ def test_data_config_validation_and_overrides():
                             ("data.bogus=1", "data.bogus")]:
     with pytest.raises(ValueError, match=message.replace(".", r"\.")):
       load_config(TINY, [override])
+
+
+def test_training_job_on_tokenized_jsonl(tmp_path, capsys):
+  from train.__main__ import main
+
+  texts = _texts(12, 6)
+  _write_jsonl(tmp_path / "d.jsonl", texts)
+  tok_path = _tokenizer_json(tmp_path, texts)
+  small = ["model.d_model=32", "model.num_layers=1", "model.num_heads=2", "model.num_kv_heads=1",
+           "model.head_dim=16", "model.mlp_dim=64", "model.window=32", "model.nsa.block_size=16",
+           "model.nsa.num_selected=3", "model.nsa.window=32", "model.vocab_size=320"]
+  out = tmp_path / "run"
+  args = ["--config", TINY, "--no-progress", *small, *SMALL_TRAIN, f"train.output_dir={out}",
+          "train.steps=3", "train.log_every=3", "train.tensorboard=false", "data.source=jsonl",
+          f"data.paths=[{tmp_path}/d.jsonl]", f"data.tokenizer={tok_path}"]
+  assert main(args) == 0
+  text = capsys.readouterr().out
+  assert "tokens of tokenizer.json" in text and "uniform over 320 ids" in text
+  assert "sample          skipped" in text
+  events = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+  assert any("eval_loss" in e for e in events) and not (out / "tensorboard").exists()
+  assert main(args + ["model.vocab_size=256"]) == 2  # The tokenizer has ~300 ids.
+  assert "model.vocab_size: expected >=" in capsys.readouterr().err

@@ -182,6 +182,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{result.compile_s:.1f} s; training loop {result.train_s:.1f} s)")
   print(f"checkpoint      {ckpt_path}")
   print(f"config, metrics {config_path}, {metrics_path}")
+  if tc.sample_bytes > 0 and text is None:
+    print(f"sample          skipped (byte sampling needs byte-level text; data.source="
+          f"{config.data.source}, data.tokenizer={config.data.tokenizer})")
   if text is not None:
     print(f"sample          prompt {tc.sample_prompt!r} + {tc.sample_bytes} sampled bytes "
           f"(temperature {tc.sample_temperature:g}):")
