@@ -152,7 +152,8 @@ def print_table(rows: list[dict]) -> None:
       print(f"{name:<26} error: {r['error']}")
       continue
     print(f"{name:<26} {r['devices']:>3} {r['mesh']:<22} {r['global_batch']:>5} "
-          f"{r['step_ms']:>9.1f} {r['tokens_per_s']:>10,.0f} {r['tokens_per_s_per_device']:>10,.0f} "
+          f"{r['step_ms']:>9.1f} {r['tokens_per_s']:>10,.0f} "
+          f"{r['tokens_per_s_per_device']:>10,.0f} "
           f"{r['tflops_per_device']:>11.2f} "
           f"{'n/a' if r['mfu'] is None else format(100 * r['mfu'], '.1f') + '%':>6} "
           f"{_fmt(r['peak_memory_gib'], '.1f'):>8}")

@@ -10,8 +10,8 @@ import struct
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 import pytest
+from flax import nnx
 
 from train import loop, scalars, synthetic
 from train.__main__ import main

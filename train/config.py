@@ -1,4 +1,5 @@
-"""Run configuration: the ``model:``, ``train:`` and ``data:`` sections of a ``configs/*.yaml`` plus overrides.
+"""Run configuration: the ``model:``, ``train:`` and ``data:`` sections of a ``configs/*.yaml``
+plus overrides.
 
 Example::
 
