@@ -141,10 +141,12 @@ def test_short_mqar_run_logs_accuracy_tensorboard_and_throughput(tmp_path, capsy
   out = tmp_path / "run"
   args = ["--config", TINY, "--no-progress", *SMALL, f"train.output_dir={out}",
           "train.steps=4", "train.log_every=2", "train.eval_every=2", "train.eval_batches=1",
-          "data.source=mqar", "data.num_pairs=8", "data.num_queries=4", "data.loss_on=answers"]
+          "data.source=mqar", "data.num_pairs=8", "data.num_queries=4", "data.loss_on=answers",
+          "train.peak_flops=1.0e9"]  # A made-up peak: CPUs have none in the table.
   assert main(args) == 0
   text = capsys.readouterr().out
-  assert "answer accuracy" in text and "MFU n/a" in text and "synthetic mqar" in text
+  assert "answer accuracy" in text and "| MFU " in text and "synthetic mqar" in text
+  assert "peak 0.001 TFLOP/s per device" in text
   events = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
   train_ev = [e for e in events if "loss" in e]
   eval_ev = [e for e in events if "eval_loss" in e]
@@ -152,7 +154,8 @@ def test_short_mqar_run_logs_accuracy_tensorboard_and_throughput(tmp_path, capsy
   assert all(0 <= e["eval_answer_accuracy"] <= 1 for e in eval_ev)
   for e in train_ev:
     assert e["tokens_per_s_per_device"] == pytest.approx(e["tokens_per_s"] / jax.device_count())
-    assert e["tflops_per_device"] > 0 and "mfu" not in e  # CPU: no peak, MFU n/a.
+    assert e["tflops_per_device"] > 0
+    assert e["mfu"] == pytest.approx(e["tflops_per_device"] * 1e12 / 1e9)
   tb = _tb_scalars(str(out / "tensorboard"))
   assert [s for s, _ in tb["train/loss"]] == [2, 4]
   assert tb["train/loss"][1][1] == pytest.approx(train_ev[1]["loss"], rel=1e-6)
@@ -164,4 +167,5 @@ def test_throughput_fields_mfu():
   assert f["tokens_per_s_per_device"] == 500.0
   assert f["tflops_per_device"] == pytest.approx(0.5) and f["mfu"] == pytest.approx(0.5)
   assert scalars.describe_throughput(f).startswith(" | MFU 50.0%")
-  assert scalars.throughput_fields(2000.0, 1e9, 4, None)["mfu"] is None
+  none = scalars.throughput_fields(2000.0, 1e9, 4, None)
+  assert none["mfu"] is None and scalars.describe_throughput(none).startswith(" | MFU n/a")

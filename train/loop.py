@@ -537,7 +537,10 @@ def _train(trainer, config, train_batches, eval_batches, metrics_file, progress,
         for name in _SSA_METRICS:
           window_extra.setdefault(name, []).append(float(metrics[name]))
       tok_s = timed_tokens / timed_s if timed_s > 0 else 0.0
-      bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}", refresh=False)
+      postfix = {"loss": f"{loss:.3f}", "tok_s": f"{tok_s:,.0f}"}
+      if flops_per_token > 0 and peak_flops:
+        postfix["mfu"] = f"{100 * flops_per_token * tok_s / num_devices / peak_flops:.1f}%"
+      bar.set_postfix(postfix, refresh=False)
       bar.update(1)
 
       if step % config.log_every == 0 or i == todo - 1:
