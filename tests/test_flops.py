@@ -52,3 +52,16 @@ def test_peak_flops_table_override_and_mfu():
   assert flops.mfu(494.5e12, 989e12) == pytest.approx(0.5)
   with pytest.raises(ValueError, match="kind"):
     flops.attention_flops_per_token(ModelConfig.from_dict(TINY), "bogus", 64)
+
+
+def test_asa_kinds_use_latent_head_dims():
+  lat = {"kv_rank": 16, "q_rank": 24, "rope_dim": 4, "nope_dim": 8, "v_dim": 6, "groups": 2}
+  cfg = ModelConfig.from_dict({**TINY, "attention": ["asa_local", "asa_global"],
+                               "num_layers": 2, "latent": lat,
+                               "nsa": {**TINY["nsa"], "branches": ["cmp", "slc"]}})
+  # asa_local: expanded MLA, Dk = nope + rope = 12, Dv = 6, min(w=8, T/2) keys.
+  assert flops.attention_flops_per_token(cfg, "asa_local", 64) == pytest.approx(
+      6 * 2 * 8 * (12 + 6))
+  # asa_global: absorbed latents, dl = 16 / 2 = 8, Dk = 8 + 4, Dv = 8; cmp 8 keys + slc 24.
+  assert flops.attention_flops_per_token(cfg, "asa_global", 64) == pytest.approx(
+      6 * 2 * (8 + 24) * (12 + 8))
