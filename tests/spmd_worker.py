@@ -7,7 +7,7 @@ Scenarios:
   equivalence: the same tiny model trained on one device (no mesh) and on meshes (2, 2, 2),
     (2, 2, 2) with 2 microbatches, and (1, 2, 4) with remat (its 2 KV heads do not split over
     tensor=4: heads replicated); plus the partition specs of parameters and optimizer moments and
-    whether attention ran in shard_map.
+    whether attention ran in shard_map; synthetic-task answer metrics on one device and the mesh.
   checkpoint DIR: uninterrupted run vs stop-at-step-k + resume from the async checkpoint (new
     model, optimizer, iterator, trainer), keep-last-N, and restoring the (2, 2, 2) checkpoint
     onto (1, 8, 1) and onto one device.
@@ -26,7 +26,7 @@ import sys
 import numpy as np
 from flax import nnx
 
-from train import checkpoint, data, loop
+from train import checkpoint, data, loop, synthetic
 from train import mesh as mesh_lib
 from train import sharding as shd
 from train.config import load_config
@@ -63,8 +63,13 @@ def specs(state) -> dict[str, str]:
 def equivalence() -> dict:
   cfg = config()
   mesh = mesh_lib.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-  out = {"single": losses(cfg, None, 5)[0]}
+  out = {}
+  out["single"], single = losses(cfg, None, 5)
   out["mesh_222"], trainer = losses(cfg, mesh, 5)
+  # Synthetic-task answer metrics: sharded evaluation = one-device evaluation.
+  task = synthetic.task_eval_batches("mqar", 64, 8, 2, num_pairs=8, num_queries=4)
+  out["answers_single"] = single.evaluate_answers(task)
+  out["answers_mesh"] = trainer.evaluate_answers(task)
   out["mesh_222_accum2"] = losses(cfg, mesh, 5, accum=2)[0]
   out["mesh_124_remat"] = losses(config("model.remat=full"),
                                  mesh_lib.make_mesh({"fsdp": 2, "tensor": 4}), 5)[0]

@@ -1,7 +1,9 @@
 """Training job: ``python -m train --config configs/tiny.yaml [section.key=value ...]``.
 
-Builds the model of the ``model:`` section, trains it on the embedded byte-level corpus (Python
-standard library sources) with the ``train:`` section, evaluates on held-out files, saves Orbax
+Builds the model of the ``model:`` section, trains it on the data of the ``data:`` section (default:
+the embedded byte-level corpus of Python standard library sources; text/JSONL/ArrayRecord files,
+optionally tokenized, or synthetic MQAR/needle tasks, see ``train.sources``) with the ``train:``
+section, evaluates on held-out files, saves Orbax
 checkpoints (every ``train.checkpoint_every`` steps, asynchronously, and at the end) and the
 resolved config under ``train.output_dir`` and samples a few bytes.
 
@@ -21,6 +23,7 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -64,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     return 2
 
   from sparse_attention_jax.nn import count_params
-  from train import checkpoint, data, loop, sharding
+  from train import checkpoint, flops, loop, sharding, sources
   from train.sample import sample_text
 
   nproc, pid = jax.process_count(), jax.process_index()
@@ -102,14 +105,14 @@ def main(argv: list[str] | None = None) -> int:
       print(f"fresh run: removed {removed} old checkpoint(s) under {ckpt_dir} (use --resume to "
             f"continue them)")
 
-  corpus = data.load_corpus(tc.corpus_max_bytes, tc.heldout_fraction)
-  print(f"corpus: Python {sys.version.split()[0]} standard library sources, "
-        f"{len(corpus.train)} train files ({corpus.train_bytes / 1e6:.2f} MB), "
-        f"{len(corpus.heldout)} held-out files ({corpus.heldout_bytes / 1e6:.2f} MB)")
-  train_it = data.train_iterator(corpus.train, tc.seq_len, local_batch, tc.seed,
-                                 shard_index=pid, shard_count=nproc)
-  eval_set = data.eval_batches(corpus.heldout, tc.seq_len, local_batch, tc.eval_batches,
-                               shard_index=pid, shard_count=nproc)
+  try:
+    setup = sources.make_data(config, shard_index=pid, shard_count=nproc,
+                              local_batch=local_batch)
+  except (ValueError, FileNotFoundError, ImportError) as e:
+    print(f"data error: {e}", file=sys.stderr)
+    return 2
+  print(setup.description)
+  train_it, eval_set = setup.train, setup.eval
 
   model, optimizer = loop.build(config) if mesh is None else loop.build_sharded(config, mesh)
   dev = jax.devices()[0]
@@ -120,6 +123,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"device: {dev.platform} ({dev.device_kind}), 1 device, no mesh")
   else:
     print(f"device: {dev.platform} ({dev.device_kind}), mesh {mesh_lib.describe(mesh)}")
+  flops_per_token = flops.flops_per_token(config.model, tc.seq_len)
+  peak = flops.peak_flops(dev.device_kind, tc.peak_flops)
+  print(f"flops: {flops_per_token / 1e9:.3g} GFLOP per trained token (train.flops), peak "
+        f"{'n/a (MFU n/a)' if peak is None else f'{peak / 1e12:g} TFLOP/s per device'}")
   print(f"train: {tc.steps} steps x {tc.batch_size} x {tc.seq_len} tokens"
         f"{f' ({tc.grad_accum_steps} microbatches)' if tc.grad_accum_steps > 1 else ''}, "
         f"lr {tc.lr:g}, output {os.path.abspath(tc.output_dir)}")
@@ -131,8 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     trainer.refresh()
     print(f"resumed from {os.path.join(ckpt_dir, str(step))} (step {step} of {tc.steps})")
   init_eval = trainer.evaluate(eval_set)
-  print(f"eval loss at {'init' if not resuming else 'resume'}: {init_eval:.4f} (uniform bytes: "
-        f"ln 256 = 5.5452)")
+  print(f"eval loss at {'init' if not resuming else 'resume'}: {init_eval:.4f} (uniform over "
+        f"{config.model.vocab_size} ids: {math.log(config.model.vocab_size):.4f})")
 
   def on_step(step: int, force: bool) -> None:
     ckpt.save(step, model, optimizer, train_it, force=force)
@@ -140,7 +147,10 @@ def main(argv: list[str] | None = None) -> int:
   try:
     result = loop.train(trainer, tc, train_it, eval_set,
                         metrics_path=metrics_path if pid == 0 else None,
-                        progress=not args.no_progress, on_step=on_step)
+                        progress=not args.no_progress, on_step=on_step,
+                        flops_per_token=flops_per_token, peak_flops=peak,
+                        tensorboard_dir=(os.path.join(tc.output_dir, "tensorboard")
+                                         if tc.tensorboard and pid == 0 else None))
     if not result.losses:  # Nothing left to run (resumed at the end): still save the state.
       ckpt.save(trainer.step_count, model, optimizer, train_it, force=True)
   finally:
@@ -152,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
   text = None
-  if tc.sample_bytes > 0:
+  if tc.sample_bytes > 0 and setup.text and config.data.tokenizer is None:
     text = sample_text(model, tc.sample_prompt, tc.sample_bytes,
                        temperature=tc.sample_temperature, seed=tc.seed, max_len=tc.seq_len)
 
@@ -164,12 +174,17 @@ def main(argv: list[str] | None = None) -> int:
   if result.eval_loss is not None:
     print(f"eval loss       {init_eval:.4f} at {'resume' if resuming else 'init'} -> "
           f"{result.eval_loss:.4f} "
-          f"({result.eval_loss / 0.6931471805599453:.3f} bits/byte) on "
+          f"({result.eval_loss / 0.6931471805599453:.3f} bits/token) on "
           f"{tc.eval_batches} x {tc.batch_size} held-out rows")
+  if result.eval_accuracy is not None:
+    print(f"answer accuracy {result.eval_accuracy:.3f} (held-out answer tokens, teacher-forced)")
   print(f"throughput      {result.tokens_per_s:,.0f} tokens/s (first step incl. compile: "
         f"{result.compile_s:.1f} s; training loop {result.train_s:.1f} s)")
   print(f"checkpoint      {ckpt_path}")
   print(f"config, metrics {config_path}, {metrics_path}")
+  if tc.sample_bytes > 0 and text is None:
+    print(f"sample          skipped (byte sampling needs byte-level text; data.source="
+          f"{config.data.source}, data.tokenizer={config.data.tokenizer})")
   if text is not None:
     print(f"sample          prompt {tc.sample_prompt!r} + {tc.sample_bytes} sampled bytes "
           f"(temperature {tc.sample_temperature:g}):")

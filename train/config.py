@@ -1,4 +1,5 @@
-"""Run configuration: the ``model:`` and ``train:`` sections of a ``configs/*.yaml`` plus overrides.
+"""Run configuration: the ``model:``, ``train:`` and ``data:`` sections of a ``configs/*.yaml``
+plus overrides.
 
 Example::
 
@@ -23,6 +24,7 @@ from sparse_attention_jax.nn._config_io import checked_mapping
 from sparse_attention_jax.nn.config import ModelConfig
 from sparse_attention_jax.nn.latent_config import LatentConfig
 from sparse_attention_jax.nn.ssa_config import SSAConfig
+from train.data_config import DataConfig
 
 # Byte-level text: token ids are 0..255.
 BYTE_VOCAB = 256
@@ -94,6 +96,10 @@ class TrainConfig:
     checkpoint_every: save an (asynchronous) checkpoint every this many steps (0 = only at the
       end); the last step is always saved.
     keep_checkpoints: keep only the newest this many checkpoints.
+    tensorboard: also write the logged scalars as TensorBoard events under
+      ``output_dir/tensorboard`` (needs ``tensorboardX``; skipped with a notice without it).
+    peak_flops: peak FLOP/s of one device for the MFU (0 = from the table of
+      :mod:`train.flops` by device kind; MFU is n/a on CPU).
   """
 
   seq_len: int = 256
@@ -122,6 +128,8 @@ class TrainConfig:
   grad_accum_steps: int = 1
   checkpoint_every: int = 0
   keep_checkpoints: int = 3
+  tensorboard: bool = True
+  peak_flops: float = 0.0
 
   def __post_init__(self):
     def fail(name, expected):
@@ -160,8 +168,11 @@ class TrainConfig:
       fail("output_dir", "a non-empty path string")
     if not isinstance(self.sample_prompt, str) or not self.sample_prompt.encode("utf-8"):
       fail("sample_prompt", "a non-empty string")
-    if not isinstance(self.distributed, bool):
-      fail("distributed", "true or false")
+    for name in ("distributed", "tensorboard"):
+      if not isinstance(getattr(self, name), bool):
+        fail(name, "true or false")
+    if not is_real(self.peak_flops) or self.peak_flops < 0:
+      fail("peak_flops", "a number >= 0 (FLOP/s, e.g. 989.0e12; 0 = by device kind)")
     object.__setattr__(self, "mesh", validate_mesh_config(self.mesh))
     if self.batch_size % self.grad_accum_steps:
       fail("grad_accum_steps", f"a divisor of train.batch_size={self.batch_size}")
@@ -185,31 +196,38 @@ class TrainConfig:
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
-  """A model and how to train it."""
+  """A model, how to train it and on what data."""
 
   model: ModelConfig
   train: TrainConfig
+  data: DataConfig = dataclasses.field(default_factory=DataConfig)
 
   def __post_init__(self):
     if not isinstance(self.model, ModelConfig):
       raise TypeError(f"model: expected a ModelConfig, got {type(self.model).__name__}")
     if not isinstance(self.train, TrainConfig):
       raise TypeError(f"train: expected a TrainConfig, got {type(self.train).__name__}")
-    if self.model.vocab_size < BYTE_VOCAB:
-      raise ValueError(f"model.vocab_size: expected >= {BYTE_VOCAB} for byte-level text, got "
+    if not isinstance(self.data, DataConfig):
+      raise TypeError(f"data: expected a DataConfig, got {type(self.data).__name__}")
+    # With a tokenizer the vocabulary is checked when the tokenizer is loaded (train.sources).
+    if self.data.tokenizer is None and self.model.vocab_size < BYTE_VOCAB:
+      raise ValueError(f"model.vocab_size: expected >= {BYTE_VOCAB} for byte-level data "
+                       f"(data.source={self.data.source!r}, no data.tokenizer), got "
                        f"{self.model.vocab_size}")
 
   def to_dict(self) -> dict[str, Any]:
-    return {"model": self.model.to_dict(), "train": self.train.to_dict()}
+    return {"model": self.model.to_dict(), "train": self.train.to_dict(),
+            "data": self.data.to_dict()}
 
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> RunConfig:
     if not isinstance(d, dict):
       raise ValueError(f"config: expected a mapping with 'model' and 'train', got "
                        f"{type(d).__name__}")
-    unknown = sorted(set(d) - {"model", "train"})
+    unknown = sorted(set(d) - {"model", "train", "data"})
     if unknown:
-      raise ValueError(f"config: unknown top-level keys {unknown}; expected 'model' and 'train'")
+      raise ValueError(f"config: unknown top-level keys {unknown}; expected 'model', 'train' "
+                       f"and optionally 'data'")
     if not isinstance(d.get("model"), dict):
       raise ValueError(f"model: expected a mapping, got {d.get('model')!r}")
     try:
@@ -221,7 +239,8 @@ class RunConfig:
       if field in _NSA_FIELDS:
         raise ValueError(f"model.nsa.{msg}") from None
       raise
-    return cls(model=model, train=TrainConfig.from_dict(d.get("train") or {}))
+    return cls(model=model, train=TrainConfig.from_dict(d.get("train") or {}),
+               data=DataConfig.from_dict(d.get("data")))
 
 
 _NSA_FIELDS = frozenset(f.name for f in dataclasses.fields(NSAConfig))
@@ -235,6 +254,7 @@ _SECTIONS: dict[tuple[str, ...], tuple[set[str], set[str]]] = {
     ("model", "ssa"): ({f.name for f in dataclasses.fields(SSAConfig)}, set()),
     ("train",): ({f.name for f in dataclasses.fields(TrainConfig)}, {"mesh"}),
     ("train", "mesh"): ({"data", "fsdp", "tensor"}, set()),
+    ("data",): ({f.name for f in dataclasses.fields(DataConfig)}, set()),
 }
 
 

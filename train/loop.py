@@ -40,12 +40,12 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
-from tqdm.auto import tqdm
 
 from sparse_attention_jax.nn import DecoderLM
 from sparse_attention_jax.nn import ssa as ssa_lib
 from sparse_attention_jax.nn.parallel import mesh_axes
 from sparse_attention_jax.nn.ssa_config import SSAConfig
+from train import scalars
 from train import sharding as shd
 from train.config import RunConfig, TrainConfig
 
@@ -261,10 +261,22 @@ def _eval_step(model_def, model_state, batch):
   return total, count
 
 
+def _answer_step(model_def, model_state, batch):
+  """Summed cross-entropy, correct argmax predictions and count over ``answer_mask``."""
+  model = nnx.merge(model_def, model_state)
+  logits = model(batch["tokens"], positions=batch["positions"],
+                 segment_ids=batch["segment_ids"]).astype(jnp.float32)
+  mask = batch["answer_mask"].astype(jnp.float32)
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+  correct = (jnp.argmax(logits, axis=-1) == batch["targets"]).astype(jnp.float32)
+  return jnp.sum(ce * mask), jnp.sum(correct * mask), jnp.sum(mask)
+
+
 # Module-level jits keyed on the (hashable) graph definitions: trainers of the same model and
 # optimizer structure share one compilation (single device; mesh trainers jit their own).
 _train_step_jit = jax.jit(_train_step, static_argnums=(0, 1, 2), donate_argnums=(3, 4))
 _eval_step_jit = jax.jit(_eval_step, static_argnums=(0,))
+_answer_step_jit = jax.jit(_answer_step, static_argnums=(0,))
 
 # Extra metrics of SSA models (means over the log window in the log line and metrics.jsonl).
 _SSA_METRICS = ("align_full", "align_sparse", "total_loss", "mode_full")
@@ -305,6 +317,10 @@ class Trainer:
         out_shardings=(self.model_shardings, self.opt_shardings, None), donate_argnums=(0, 1))
     self._eval_jit = jax.jit(functools.partial(_eval_step, self._model_def),
                              in_shardings=(self.model_shardings, data), out_shardings=None)
+    answer_data = {**data, "answer_mask": data["loss_mask"]}
+    self._answer_jit = jax.jit(functools.partial(_answer_step, self._model_def),
+                               in_shardings=(self.model_shardings, answer_data),
+                               out_shardings=None)
     self.refresh()
 
   def refresh(self) -> None:
@@ -318,8 +334,8 @@ class Trainer:
       nnx.update(self.model, self._model_state)
       nnx.update(self.optimizer, self._opt_state)
 
-  def _put(self, batch: Batch) -> Batch:
-    batch = {k: batch[k] for k in _BATCH_KEYS}
+  def _put(self, batch: Batch, keys=_BATCH_KEYS) -> Batch:
+    batch = {k: batch[k] for k in keys}
     return batch if self.mesh is None else shd.put_batch(batch, self.mesh)
 
   def step(self, batch: Batch) -> dict[str, jax.Array]:
@@ -356,6 +372,26 @@ class Trainer:
       total, count = total + float(t), count + float(c)
     return total / max(count, 1.0)
 
+  def evaluate_answers(self, batches: list[Batch]) -> dict[str, float]:
+    """Answer metrics of synthetic-task batches (with ``answer_mask``, :mod:`train.synthetic`):
+    ``answer_accuracy`` (fraction of answer tokens whose argmax prediction, teacher-forced, is
+    right) and ``answer_loss`` (their mean cross-entropy)."""
+    if not batches:
+      raise ValueError("batches: expected at least one evaluation batch, got none")
+    ce, correct, count = 0.0, 0.0, 0.0
+    for b in batches:
+      if "answer_mask" not in b:
+        raise ValueError(f"batches: expected synthetic-task batches with 'answer_mask', got "
+                         f"keys {sorted(b)}")
+      b = self._put(b, _BATCH_KEYS + ("answer_mask",))
+      if self.mesh is None:
+        s, c, n = _answer_step_jit(self._model_def, self._model_state, b)
+      else:
+        with shd.activate(self.mesh):
+          s, c, n = self._answer_jit(self._model_state, b)
+      ce, correct, count = ce + float(s), correct + float(c), count + float(n)
+    return {"answer_accuracy": correct / max(count, 1.0), "answer_loss": ce / max(count, 1.0)}
+
   @property
   def step_count(self) -> int:
     """Optimizer steps taken (restored checkpoints included)."""
@@ -377,6 +413,7 @@ class TrainResult:
     steps: steps run (this call; a resumed run counts from its checkpoint).
     losses: the train loss of every step run, in order.
     stopped: True when SIGTERM stopped the run early (after saving a checkpoint).
+    eval_accuracy: final held-out answer accuracy of synthetic tasks (None otherwise).
   """
 
   first_loss: float
@@ -389,6 +426,7 @@ class TrainResult:
   steps: int
   losses: list[float] = dataclasses.field(default_factory=list)
   stopped: bool = False
+  eval_accuracy: float | None = None
 
 
 def _tokens(batch: Batch) -> int:
@@ -399,7 +437,8 @@ def train(trainer: Trainer, config: TrainConfig, train_batches: Iterator[Batch],
           eval_batches: list[Batch] | None = None, *, metrics_path: str | None = None,
           progress: bool = True, log: Callable[[str], None] | None = None,
           on_step: Callable[[int, bool], None] | None = None,
-          handle_sigterm: bool = True) -> TrainResult:
+          handle_sigterm: bool = True, flops_per_token: float = 0.0,
+          peak_flops: float | None = None, tensorboard_dir: str | None = None) -> TrainResult:
   """Trains up to step ``config.steps`` with a tqdm bar, periodic log lines, evaluation, metrics.
 
   A trainer restored from a checkpoint at step ``k`` runs steps ``k+1 .. config.steps``, so a
@@ -417,6 +456,10 @@ def train(trainer: Trainer, config: TrainConfig, train_batches: Iterator[Batch],
       ``force=True`` when the run stops on SIGTERM and the state must be saved now.
     handle_sigterm: while training (in the main thread), SIGTERM finishes the current step,
       calls ``on_step(step, True)`` and returns with ``stopped=True`` instead of dying.
+    flops_per_token: model training FLOPs per token (:func:`train.flops.flops_per_token`);
+      with it the log adds ``tflops_per_device`` and ``mfu`` (0 = not logged).
+    peak_flops: peak FLOP/s of one device for the MFU (None = MFU n/a).
+    tensorboard_dir: also write every logged scalar there as TensorBoard events (None = no).
 
   Raises:
     FloatingPointError: the train loss is NaN or infinite (names the step).
@@ -424,6 +467,8 @@ def train(trainer: Trainer, config: TrainConfig, train_batches: Iterator[Batch],
   Returns:
     A :class:`TrainResult`; ``trainer.model`` and ``trainer.optimizer`` hold the trained state.
   """
+  from tqdm.auto import tqdm  # Lazy: step-only users (benchmarks/) need no tqdm.
+
   log = log or (lambda s: tqdm.write(s, file=sys.stdout))
   with contextlib.ExitStack() as stack:
     metrics_file = None
@@ -434,21 +479,29 @@ def train(trainer: Trainer, config: TrainConfig, train_batches: Iterator[Batch],
     if handle_sigterm and threading.current_thread() is threading.main_thread():
       previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
       stack.callback(signal.signal, signal.SIGTERM, previous)
+    tb = stack.enter_context(scalars.ScalarLog(tensorboard_dir, warn=log))
+    perf = (flops_per_token, peak_flops, jax.device_count())
     return _train(trainer, config, train_batches, eval_batches, metrics_file, progress, log,
-                  on_step, stop)
+                  on_step, stop, tb, perf)
 
 
 def _train(trainer, config, train_batches, eval_batches, metrics_file, progress, log, on_step,
-           stop):
-  """:func:`train` with the metrics file (or None) already open and the stop flag set up."""
+           stop, tb, perf):
+  """:func:`train` with the metrics file (or None) and TensorBoard writer already open and the
+  stop flag set up; ``perf = (flops_per_token, peak_flops, num_devices)``."""
+  from tqdm.auto import tqdm
+
   schedule = lr_schedule(config)
+  flops_per_token, peak_flops, num_devices = perf
 
   def record(event: dict[str, Any]) -> None:
     if metrics_file is not None:
       metrics_file.write(json.dumps(event) + "\n")
       metrics_file.flush()
+    tb.write(event)
 
   first_loss, eval_loss, eval_history, losses, stopped = None, None, [], [], False
+  eval_accuracy = None
   last_window: list[float] = []
   window_losses, window_tokens, window_s = [], 0, 0.0
   window_extra: dict[str, list[float]] = {}
@@ -484,7 +537,10 @@ def _train(trainer, config, train_batches, eval_batches, metrics_file, progress,
         for name in _SSA_METRICS:
           window_extra.setdefault(name, []).append(float(metrics[name]))
       tok_s = timed_tokens / timed_s if timed_s > 0 else 0.0
-      bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}", refresh=False)
+      postfix = {"loss": f"{loss:.3f}", "tok_s": f"{tok_s:,.0f}"}
+      if flops_per_token > 0 and peak_flops:
+        postfix["mfu"] = f"{100 * flops_per_token * tok_s / num_devices / peak_flops:.1f}%"
+      bar.set_postfix(postfix, refresh=False)
       bar.update(1)
 
       if step % config.log_every == 0 or i == todo - 1:
@@ -493,6 +549,8 @@ def _train(trainer, config, train_batches, eval_batches, metrics_file, progress,
         event = {"step": step, "loss": mean_loss, "lr": float(schedule(step - 1)),
                  "grad_norm": float(metrics["grad_norm"]), "tokens_per_s": rate,
                  "elapsed_s": time.perf_counter() - start}
+        perf_fields = scalars.throughput_fields(rate, flops_per_token, num_devices, peak_flops)
+        event.update({k: v for k, v in perf_fields.items() if v is not None})
         ssa_text = ""
         if window_extra:
           event.update({k: float(np.mean(v)) for k, v in window_extra.items()})
@@ -500,7 +558,8 @@ def _train(trainer, config, train_batches, eval_batches, metrics_file, progress,
                       f"{event['align_sparse']:.4f} total {event['total_loss']:.4f} full-mode "
                       f"{event['mode_full']:.2f}")
         log(f"step {step:5d} | loss {mean_loss:.4f} | lr {event['lr']:.2e} | "
-            f"grad_norm {event['grad_norm']:.3f} | {rate:,.0f} tok/s{ssa_text}")
+            f"grad_norm {event['grad_norm']:.3f} | {rate:,.0f} tok/s"
+            f"{scalars.describe_throughput(perf_fields)}{ssa_text}")
         record(event)
         last_window = window_losses
         window_losses, window_tokens, window_s = [], 0, 0.0
@@ -511,9 +570,17 @@ def _train(trainer, config, train_batches, eval_batches, metrics_file, progress,
       if eval_batches and due:
         eval_loss = trainer.evaluate(eval_batches)
         eval_history.append((step, eval_loss))
+        eval_event = {"step": step, "eval_loss": eval_loss}
+        answer_text = ""
+        if "answer_mask" in eval_batches[0]:
+          answers = trainer.evaluate_answers(eval_batches)
+          eval_event.update({f"eval_{k}": v for k, v in answers.items()})
+          eval_accuracy = answers["answer_accuracy"]
+          answer_text = (f" | answer accuracy {answers['answer_accuracy']:.3f} loss "
+                         f"{answers['answer_loss']:.4f}")
         log(f"step {step:5d} | eval loss {eval_loss:.4f} ({eval_loss / np.log(2):.3f} "
-            f"bits/byte)")
-        record({"step": step, "eval_loss": eval_loss})
+            f"bits/token){answer_text}")
+        record(eval_event)
       if stop.is_set():
         if on_step is not None:
           on_step(step, True)
@@ -533,4 +600,4 @@ def _train(trainer, config, train_batches, eval_batches, metrics_file, progress,
                      eval_loss=eval_loss, eval_history=eval_history,
                      tokens_per_s=timed_tokens / timed_s if timed_s > 0 else 0.0,
                      compile_s=compile_s, train_s=train_s, steps=len(losses), losses=losses,
-                     stopped=stopped)
+                     stopped=stopped, eval_accuracy=eval_accuracy)
