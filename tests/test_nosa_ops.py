@@ -12,7 +12,12 @@ import pytest
 from conftest import rand_qkv, segments
 from sparse_attention_jax.config import NSAConfig
 from sparse_attention_jax.ops import nosa_selection as ns
-from sparse_attention_jax.ops.nosa import biased_selected_attention, nosa_attention, nosa_scores
+from sparse_attention_jax.ops.nosa import (
+  biased_selected_attention,
+  decode_selection,
+  nosa_attention,
+  nosa_scores,
+)
 
 CFG = NSAConfig.infllm_v2(cmp_window=8, cmp_stride=4, block_size=8, num_selected=5,
                           num_init_blocks=1, num_local_blocks=1)
@@ -297,3 +302,17 @@ def test_locality_lower_bound_on_random_inputs():
   # The query-aware part does move between such steps (the bound is not trivially 1).
   changes = sum(sets(gam[0, i, 0]) != sets(gam[0, i - 1, 0]) for i in range(1, t))
   assert changes > 10
+
+
+def test_decode_selection_equals_rows_of_the_full_selection():
+  q, k, v = rand_qkv(jax.random.key(12), B, T, HQ, H, D)
+  c = rand_c(jax.random.key(13))
+  _, aux = nosa_attention(q, k, v, c, config=CFG, num_query_selected=KQ, return_aux=True)
+  pos = jnp.array([0, 9, 31, 32, 63])
+  got = decode_selection(q[:, pos], k, c, CFG, num_query_selected=KQ, query_positions=pos)
+  np.testing.assert_array_equal(got, aux.block_indices[:, pos])
+  # A cache of only the first 40 keys (a decode step at t = 39) gives the same row as well.
+  cfg, kq = ns.for_length(CFG, KQ, 40)
+  got = decode_selection(q[:, 39:40], k[:, :40], c[:, :40], cfg, num_query_selected=kq,
+                         query_positions=jnp.array([39]))
+  np.testing.assert_array_equal(got[:, 0], aux.block_indices[:, 39])
