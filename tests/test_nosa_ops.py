@@ -11,6 +11,7 @@ import pytest
 
 from conftest import rand_qkv, segments
 from sparse_attention_jax.config import NSAConfig
+from sparse_attention_jax.ops import compress
 from sparse_attention_jax.ops import nosa_selection as ns
 from sparse_attention_jax.ops.nosa import (
   biased_selected_attention,
@@ -308,11 +309,16 @@ def test_decode_selection_equals_rows_of_the_full_selection():
   q, k, v = rand_qkv(jax.random.key(12), B, T, HQ, H, D)
   c = rand_c(jax.random.key(13))
   _, aux = nosa_attention(q, k, v, c, config=CFG, num_query_selected=KQ, return_aux=True)
+
+  def caches(n):
+    return compress(k[:, :n], CFG), ns.compressed_bias(c[:, :n], CFG)
+
   pos = jnp.array([0, 9, 31, 32, 63])
-  got = decode_selection(q[:, pos], k, c, CFG, num_query_selected=KQ, query_positions=pos)
+  got = decode_selection(q[:, pos], *caches(T), CFG, seq_len=T, num_query_selected=KQ,
+                         query_positions=pos)
   np.testing.assert_array_equal(got, aux.block_indices[:, pos])
-  # A cache of only the first 40 keys (a decode step at t = 39) gives the same row as well.
+  # Caches of only the first 40 tokens (a decode step at t = 39) give the same row as well.
   cfg, kq = ns.for_length(CFG, KQ, 40)
-  got = decode_selection(q[:, 39:40], k[:, :40], c[:, :40], cfg, num_query_selected=kq,
+  got = decode_selection(q[:, 39:40], *caches(40), cfg, seq_len=40, num_query_selected=kq,
                          query_positions=jnp.array([39]))
   np.testing.assert_array_equal(got[:, 0], aux.block_indices[:, 39])

@@ -21,9 +21,14 @@ import jax.numpy as jnp
 from sparse_attention_jax.config import NSAConfig
 from sparse_attention_jax.ops import _checks
 from sparse_attention_jax.ops.compressed import compressed_attention
-from sparse_attention_jax.ops.compression import compress, window_token_indices
+from sparse_attention_jax.ops.compression import compress
 from sparse_attention_jax.ops.masked import masked_attention
-from sparse_attention_jax.ops.nosa_selection import agnostic_block_scores, nosa_select
+from sparse_attention_jax.ops.nosa_selection import (
+  agnostic_block_scores,
+  nosa_select,
+  pool_agnostic_scores,
+  position_visibility,
+)
 from sparse_attention_jax.ops.selected import selected_mask
 from sparse_attention_jax.ops.selection import block_importance
 
@@ -120,38 +125,36 @@ def nosa_scores(q, k, c, config: NSAConfig, *, segment_ids=None):
   return s_q, s_a
 
 
-def decode_selection(q, k, c, config: NSAConfig, *, num_query_selected: int, query_positions,
-                     k_cmp=None):
-  """``Gamma(t)`` of queries at given positions over a key cache (decoding / chunked prefill).
+def decode_selection(q, k_cmp, c_cmp, config: NSAConfig, *, seq_len: int,
+                     num_query_selected: int, query_positions):
+  """``Gamma(t)`` of queries at given positions from the compressed caches (decoding).
+
+  Reads only what a NOSA decode cache keeps on the device besides the slot pool: the compressed
+  keys and the compressed eviction scores of the ``seq_len`` cached tokens.
 
   Args:
     q: ``[B, Tq, HQ, Dk]`` new queries (RoPE'd) at ``query_positions``.
-    k: ``[B, S, H, Dk]`` cached keys (RoPE'd); only their compressed form is read.
-    c: ``[B, S, H]`` cached eviction scores.
-    config: as in :func:`nosa_attention` (budgets already clamped to the blocks of ``S``, e.g.
+    k_cmp: ``[B, NC, H, Dk]`` = ``compress(k, config)`` of the cached RoPE'd keys.
+    c_cmp: ``[B, NC, H]`` = ``nosa_selection.compressed_bias(c, config)``.
+    config: as in :func:`nosa_attention`, budgets clamped to the blocks of ``seq_len`` (e.g.
       with ``nosa_selection.for_length``).
+    seq_len: S, cached tokens (the queries' own tokens included).
     num_query_selected: k_q.
-    query_positions: ``[Tq]`` int positions (``< S``; keys after a query are never visible).
-    k_cmp: optional precomputed ``compress(k, config)`` ``[B, NC, H, Dk]`` (a decode loop keeps it
-      in its cache and extends it every ``d`` tokens).
+    query_positions: ``[Tq]`` int positions ``< S``.
 
   Returns:
-    ``[B, Tq, H, k]`` int32, equal to the rows ``query_positions`` of the full-sequence
-    selection of the same keys.
+    ``[B, Tq, H, k]`` int32, equal to the rows ``query_positions`` of the full-sequence selection.
   """
   _checks.check_rank("q", q, 4, "[B, Tq, HQ, Dk]")
-  _checks.check_rank("k", k, 4, "[B, S, H, Dk]")
-  b, s, h, _ = k.shape
-  if k_cmp is None:
-    k_cmp = compress(k, config, name="k")
-  nc = config.num_cmp_tokens(s)
+  _checks.check_rank("k_cmp", k_cmp, 4, "[B, NC, H, Dk]")
+  nc, h = config.num_cmp_tokens(seq_len), k_cmp.shape[2]
   if k_cmp.shape[1] != nc:
-    _checks.fail("k_cmp", f"{nc} compressed tokens for S={s}", k_cmp.shape[1])
-  last = jnp.asarray(window_token_indices(config, s)[:, -1])               # [NC]
-  vis = (last[None, :] <= query_positions[:, None])[None, :, None, :]       # [1, Tq, 1, NC]
-  probs = masked_attention(q, k_cmp, k_cmp, vis, config.scale(q.shape[-1]), return_probs=True)[2]
-  s_q = block_importance(probs, config, num_kv_heads=h, seq_len=s)
-  s_a = agnostic_block_scores(c, config, query_positions=query_positions)
+    _checks.fail("k_cmp", f"{nc} compressed tokens for seq_len={seq_len}", k_cmp.shape[1])
+  vis = position_visibility(config, seq_len, query_positions)              # [1, Tq, NC]
+  probs = masked_attention(q, k_cmp, k_cmp, vis[:, :, None, :], config.scale(q.shape[-1]),
+                           return_probs=True)[2]
+  s_q = block_importance(probs, config, num_kv_heads=h, seq_len=seq_len)
+  s_a = pool_agnostic_scores(c_cmp, vis, config, seq_len=seq_len)
   return nosa_select(s_q, s_a, config, num_query_selected=num_query_selected,
                      query_positions=query_positions)
 

@@ -95,8 +95,7 @@ def _visibility(config: NSAConfig, seq_len: int, segment_ids, batch: int, query_
   """``[B|1, Tq, NC]`` bool: compressed token ``i`` visible to each query."""
   if query_positions is None:
     return cmp_visibility(config, seq_len, segment_ids, batch)
-  last = window_token_indices(config, seq_len)[:, -1]                     # [NC]
-  return (jnp.asarray(last)[None, :] <= query_positions[:, None])[None]
+  return position_visibility(config, seq_len, query_positions)
 
 
 def agnostic_block_scores(c, config: NSAConfig, *, segment_ids=None, query_positions=None):
@@ -114,23 +113,50 @@ def agnostic_block_scores(c, config: NSAConfig, *, segment_ids=None, query_posit
     block that the query sees of the pooled ``c``; ``-inf`` where it sees none.
   """
   _checks.check_rank("c", c, 3, "[B, S, H]")
-  b, s, h = c.shape
+  b, s, _ = c.shape
   _checks.check_segment_ids(segment_ids, b, s)
   if query_positions is not None and segment_ids is not None:
     _checks.fail("segment_ids", "None when query_positions is given", "an array")
-  c_cmp = compressed_bias(jax.lax.stop_gradient(c), config)               # [B, NC, H]
-  idx, weight = overlap_table(config, s)                                   # [NB, K]
-  nb = idx.shape[0]
   vis = _visibility(config, s, segment_ids, b, query_positions)           # [B|1, Tq, NC]
-  tq = vis.shape[1]
-  if c_cmp.shape[1] == 0:
+  return pool_agnostic_scores(compressed_bias(jax.lax.stop_gradient(c), config), vis, config,
+                              seq_len=s)
+
+
+def pool_agnostic_scores(c_cmp, visible, config: NSAConfig, *, seq_len: int):
+  """``s^a`` from the compressed eviction scores (what a decode cache keeps on the device).
+
+  Args:
+    c_cmp: ``[B, NC, H]`` (:func:`compressed_bias` of the ``seq_len`` cached tokens).
+    visible: bool ``[B|1, Tq, NC]``: compressed token ``i`` visible to each query.
+    config: supplies l, d and l'.
+    seq_len: S, cached tokens (defines the ``NB`` blocks).
+
+  Returns:
+    ``[B, Tq, H, NB]`` float32, ``-inf`` where a query sees no compressed token of the block.
+  """
+  _checks.check_rank("c_cmp", c_cmp, 3, "[B, NC, H]")
+  b, nc, h = c_cmp.shape
+  if nc != config.num_cmp_tokens(seq_len):
+    _checks.fail("c_cmp", f"{config.num_cmp_tokens(seq_len)} compressed tokens for S={seq_len}",
+                 nc)
+  idx, weight = overlap_table(config, seq_len)                             # [NB, K]
+  nb, tq = idx.shape[0], visible.shape[1]
+  if nc == 0:
     return jnp.full((b, tq, h, nb), -jnp.inf, jnp.float32)
-  valid = vis[:, :, idx] & jnp.asarray(weight > 0)                         # [B|1, Tq, NB, K]
+  c_cmp = jax.lax.stop_gradient(c_cmp).astype(jnp.float32)
+  valid = visible[:, :, idx] & jnp.asarray(weight > 0)                     # [B|1, Tq, NB, K]
   vals = jnp.moveaxis(c_cmp[:, idx], -1, 1)[:, :, None]                    # [B, H, 1, NB, K]
   pooled = jnp.where(valid[:, None], vals, -jnp.inf).max(axis=-1)         # [B, H, Tq, NB]
   out = jnp.moveaxis(pooled, 1, 2)
   chex.assert_shape(out, (b, tq, h, nb))
   return out
+
+
+def position_visibility(config: NSAConfig, seq_len: int, query_positions):
+  """``[1, Tq, NC]`` bool: compressed token ``i`` (of ``seq_len`` tokens) is complete at each
+  query position (``i*d + l - 1 <= t``)."""
+  last = window_token_indices(config, seq_len)[:, -1]                     # [NC]
+  return (jnp.asarray(last)[None, :] <= query_positions[:, None])[None]
 
 
 def _candidates(config: NSAConfig, nb: int, seq_len: int, batch: int, segment_ids,
@@ -227,4 +253,5 @@ def nosa_select(query_scores, agnostic_scores, config: NSAConfig, *, num_query_s
 
 
 __all__ = ["agnostic_block_scores", "check_budget", "compressed_bias", "eviction_bias",
-           "for_length", "membership", "nosa_select", "top_blocks"]
+           "for_length", "membership", "nosa_select", "pool_agnostic_scores",
+           "position_visibility", "top_blocks"]
