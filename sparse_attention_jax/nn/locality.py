@@ -24,11 +24,11 @@ import numpy as np
 from flax import nnx
 
 from sparse_attention_jax.config import NSAConfig
+from sparse_attention_jax.nn.sparsity import layer_qk
 from sparse_attention_jax.ops import nosa_selection
 from sparse_attention_jax.ops.locality import selection_locality
 from sparse_attention_jax.ops.nosa import nosa_scores
 from sparse_attention_jax.ops.selection import select_blocks
-from sparse_attention_jax.nn.sparsity import layer_qk
 
 METHODS = ("nsa", "infllm_v2", "nosa")
 
@@ -86,9 +86,10 @@ def model_selection_locality(model: nnx.Module, tokens, positions=None, segment_
     num_selected, num_query_selected: override k and k_q (see :func:`selection_budgets`).
 
   Returns:
-    ``{"k", "k_q", "bound_static_steps": 1 - k_q / k (NOSA's derived lower bound on steps that
-    stay in a block and see no new compressed token), "layers": [{"layer", "kind", "eviction", method:
-    {"mean", "min", "p10", "new_blocks_per_step"}, ...} | {"layer", "kind", "skipped"}]}``.
+    ``{"k", "k_q", "bound_static_steps", "layers": [{"layer", "kind", "eviction", method:
+    {"mean", "min", "p10", "new_blocks_per_step"}, ...} | {"layer", "kind", "skipped"}]}``;
+    ``bound_static_steps = 1 - k_q / k`` is NOSA's derived lower bound of ``gamma`` on steps that
+    stay in a block and see no new compressed token.
   """
   b, t = tokens.shape
   if positions is None:

@@ -4,7 +4,8 @@ query-agnostic part, and selected attention with the eviction bias as an additiv
 For query ``t`` with selected token set ``S_t`` (the tokens ``<= t`` of the blocks of
 ``Gamma(t)``, forced init/local blocks included, inside the query's document)::
 
-  o_t = sum_{j in S_t} exp(s_tj + c_j) v_j / sum_{j in S_t} exp(s_tj + c_j),   s_tj = q_t.k_j * scale
+  o_t = sum_{j in S_t} exp(s_tj + c_j) v_j / sum_{j in S_t} exp(s_tj + c_j)
+  s_tj = q_t . k_j * scale
 
 with ``c_j`` the eviction score of key ``j`` for the query's KV head. This is how ``W_delta`` and
 ``A`` get gradients (the selection itself is not differentiable).
