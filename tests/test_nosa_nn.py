@@ -26,6 +26,9 @@ SEL = NSAConfig.infllm_v2(cmp_window=8, cmp_stride=4, block_size=8, num_selected
                           num_init_blocks=1, num_local_blocks=1)
 
 
+fwd = nnx.jit(lambda m, *a: m(*a))        # eager dispatch of the reference is slow on CPU
+
+
 def tiny(**kw) -> ModelConfig:
   base = dict(vocab_size=64, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
               mlp_dim=64, attention=("nosa",), nsa=SEL, nosa=NOSAConfig(query_selected=3))
@@ -46,11 +49,12 @@ def test_layer_is_projections_around_the_op():
   cfg, layer, x, pos = _layer(a=jnp.array([1.0, -0.7]))
   q, k, v, c = layer.qkvc(x, pos)
   assert c.shape == (2, T, 2) and float(jnp.std(c)) > 0.1
-  want = layer.o_proj(nosa_attention(q, k, v, c, config=SEL, num_query_selected=3))
-  np.testing.assert_allclose(layer(x, pos), want, atol=1e-6)
+  op = jax.jit(lambda *a: nosa_attention(*a, config=SEL, num_query_selected=3))
+  want = layer.o_proj(op(q, k, v, c))
+  np.testing.assert_allclose(fwd(layer, x, pos), want, atol=1e-6)
   # The eviction bias changes the output (A = 0 would give c = 0).
   layer.a[...] = jnp.zeros(2)
-  assert float(jnp.max(jnp.abs(layer(x, pos) - want))) > 1e-3
+  assert float(jnp.max(jnp.abs(fwd(layer, x, pos) - want))) > 1e-3
 
 
 def test_model_is_causal_and_isolates_documents():
@@ -60,13 +64,14 @@ def test_model_is_causal_and_isolates_documents():
   tokens = jax.random.randint(jax.random.key(1), (1, T), 0, 64)
   cut = 29
   other = tokens.at[0, cut:].set((tokens[0, cut:] + 5) % 64)
-  a, b = model(tokens), model(other)
+  a, b = fwd(model, tokens), fwd(model, other)
   np.testing.assert_allclose(a[0, :cut], b[0, :cut], atol=1e-5)
   assert float(jnp.max(jnp.abs(a[0, cut:] - b[0, cut:]))) > 1e-3
   seg = jnp.array([[1] * 20 + [2] * (T - 20)])
   pos = jnp.concatenate([jnp.arange(20), jnp.arange(T - 20)])[None].astype(jnp.int32)
   first = tokens.at[0, :20].set((tokens[0, :20] + 3) % 64)
-  np.testing.assert_allclose(model(tokens, pos, seg)[0, 20:], model(first, pos, seg)[0, 20:],
+  np.testing.assert_allclose(fwd(model, tokens, pos, seg)[0, 20:],
+                             fwd(model, first, pos, seg)[0, 20:],
                              atol=1e-5)
 
 
@@ -79,7 +84,7 @@ def test_eviction_head_receives_gradients():
     return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[:, 1:, None], -1))
 
   def head_grads(m):
-    g = nnx.grad(loss)(m)
+    g = nnx.jit(nnx.grad(loss))(m)
     return [(jnp.asarray(g.layers[i].attn.a[...]), jnp.asarray(g.layers[i].attn.w_delta[...]))
             for i in range(len(m.layers))]
 

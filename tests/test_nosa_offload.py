@@ -40,7 +40,8 @@ def _want(gamma_row, cur):
 
 def test_slot_pool_attention_equals_full_cache_and_counts_transfers():
   q, k, v, c = _inputs(0)
-  _, aux = nosa_attention(q, k, v, c, config=CFG, num_query_selected=KQ, return_aux=True)
+  _, aux = jax.jit(lambda *a: nosa_attention(*a, config=CFG, num_query_selected=KQ,
+                                             return_aux=True))(q, k, v, c)
   gam = np.asarray(aux.block_indices)                                   # [B, T, H, k]
   ref = biased_selected_attention(q, k, v, c, aux.block_indices, block_size=CFG.block_size)
   cache = _cache()
@@ -115,3 +116,24 @@ def test_capacity_and_budget_errors():
   with pytest.raises(ValueError, match="num_slots: expected a positive int"):
     _cache(num_slots=0)
   assert host_memory_kind(jax.devices()[0]) in ("pinned_host", "device")
+
+
+def test_host_memory_fallback_is_logged(caplog):
+  class Mem:
+    def __init__(self, kind):
+      self.kind = kind
+
+  class NoPinned:
+    def addressable_memories(self):
+      return [Mem("device")]
+
+  class Pinned:
+    def addressable_memories(self):
+      return [Mem("device"), Mem("pinned_host")]
+
+  with caplog.at_level("WARNING", logger="sparse_attention_jax.nn.offload"):
+    assert host_memory_kind(NoPinned()) == "device"
+  assert "no pinned_host memory" in caplog.text
+  assert host_memory_kind(Pinned()) == "pinned_host"
+  # The CPU backend has pinned host memory, so the CPU tests run the real host placement.
+  assert "pinned_host" in [m.kind for m in jax.devices()[0].addressable_memories()]

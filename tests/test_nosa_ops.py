@@ -24,6 +24,9 @@ CFG = NSAConfig.infllm_v2(cmp_window=8, cmp_stride=4, block_size=8, num_selected
                           num_init_blocks=1, num_local_blocks=1)
 KQ = 3
 B, T, HQ, H, D = 2, 64, 4, 2, 8
+# Jitted once per static setting: eager op-by-op dispatch of the reference is slow on CPU.
+nosa = jax.jit(nosa_attention, static_argnames=("config", "num_query_selected", "return_aux"))
+decode = jax.jit(decode_selection, static_argnames=("config", "seq_len", "num_query_selected"))
 
 
 def rand_c(key, b=B, t=T, h=H):
@@ -124,7 +127,7 @@ def test_biased_attention_matches_the_dense_formula(use_seg):
   q, k, v = rand_qkv(jax.random.key(1), B, T, HQ, H, D)
   c = rand_c(jax.random.key(2))
   seg = segments(B, T, [27]) if use_seg else None
-  _, aux = nosa_attention(q, k, v, c, config=CFG, num_query_selected=KQ, segment_ids=seg,
+  _, aux = nosa(q, k, v, c, config=CFG, num_query_selected=KQ, segment_ids=seg,
                           return_aux=True)
   idx = aux.block_indices
   o = biased_selected_attention(q, k, v, c, idx, block_size=CFG.block_size, segment_ids=seg)
@@ -157,7 +160,7 @@ def test_gradients_reach_w_delta_and_a_and_match_the_dense_formula():
   w = 0.3 * jax.random.normal(kw, (H, D, H))
   a = jax.random.normal(ka, (H,))
   r = jax.random.normal(kr, (B, T, HQ, D))
-  idx = nosa_attention(q, k, v, ns.eviction_bias(v, w, a), config=CFG, num_query_selected=KQ,
+  idx = nosa(q, k, v, ns.eviction_bias(v, w, a), config=CFG, num_query_selected=KQ,
                        return_aux=True)[1].block_indices
 
   def loss(w, a, fn):
@@ -251,19 +254,19 @@ def test_selection_budget_errors():
 def test_nosa_attention_is_causal_and_isolates_documents():
   q, k, v = rand_qkv(jax.random.key(7), B, T, HQ, H, D)
   c = rand_c(jax.random.key(8))
-  o = nosa_attention(q, k, v, c, config=CFG, num_query_selected=KQ)
+  o = nosa(q, k, v, c, config=CFG, num_query_selected=KQ)
   cut = 37
   q2, k2, v2 = (x.at[:, cut:].set(jax.random.normal(jax.random.key(9), x[:, cut:].shape))
                 for x in (q, k, v))
   c2 = c.at[:, cut:].add(3.0)
-  o2 = nosa_attention(q2, k2, v2, c2, config=CFG, num_query_selected=KQ)
+  o2 = nosa(q2, k2, v2, c2, config=CFG, num_query_selected=KQ)
   np.testing.assert_array_equal(o[:, :cut], o2[:, :cut])
   assert float(jnp.max(jnp.abs(o[:, cut:] - o2[:, cut:]))) > 1e-2
   # Documents: changing the first document leaves the second one's outputs unchanged.
   seg = segments(B, T, [cut])
-  o = nosa_attention(q, k, v, c, config=CFG, num_query_selected=KQ, segment_ids=seg)
+  o = nosa(q, k, v, c, config=CFG, num_query_selected=KQ, segment_ids=seg)
   k3, v3 = k.at[:, :cut].multiply(-1.0), v.at[:, :cut].add(1.0)
-  o3 = nosa_attention(q, k3, v3, c.at[:, :cut].add(2.0), config=CFG, num_query_selected=KQ,
+  o3 = nosa(q, k3, v3, c.at[:, :cut].add(2.0), config=CFG, num_query_selected=KQ,
                       segment_ids=seg)
   np.testing.assert_allclose(o[:, cut:], o3[:, cut:], atol=1e-6)
 
@@ -277,8 +280,9 @@ def test_locality_lower_bound_on_random_inputs():
   kq, t = 4, 128
   q, k, v = rand_qkv(jax.random.key(10), 1, t, HQ, H, D)
   c = rand_c(jax.random.key(11), 1, t)
-  s_q, s_a = nosa_scores(q, k, c, cfg)
-  gam = np.asarray(ns.nosa_select(s_q, s_a, cfg, num_query_selected=kq))
+  s_q, s_a = jax.jit(nosa_scores, static_argnames="config")(q, k, c, config=cfg)
+  gam = np.asarray(jax.jit(ns.nosa_select, static_argnames=("config", "num_query_selected"))(
+      s_q, s_a, config=cfg, num_query_selected=kq))
   sa = np.asarray(s_a, np.float64)
   bs, kk, d, l = cfg.block_size, cfg.num_selected, cfg.cmp_stride, cfg.cmp_window
   static_steps = checked = 0
@@ -308,17 +312,17 @@ def test_locality_lower_bound_on_random_inputs():
 def test_decode_selection_equals_rows_of_the_full_selection():
   q, k, v = rand_qkv(jax.random.key(12), B, T, HQ, H, D)
   c = rand_c(jax.random.key(13))
-  _, aux = nosa_attention(q, k, v, c, config=CFG, num_query_selected=KQ, return_aux=True)
+  _, aux = nosa(q, k, v, c, config=CFG, num_query_selected=KQ, return_aux=True)
 
   def caches(n):
     return compress(k[:, :n], CFG), ns.compressed_bias(c[:, :n], CFG)
 
   pos = jnp.array([0, 9, 31, 32, 63])
-  got = decode_selection(q[:, pos], *caches(T), CFG, seq_len=T, num_query_selected=KQ,
+  got = decode(q[:, pos], *caches(T), CFG, seq_len=T, num_query_selected=KQ,
                          query_positions=pos)
   np.testing.assert_array_equal(got, aux.block_indices[:, pos])
   # Caches of only the first 40 tokens (a decode step at t = 39) give the same row as well.
   cfg, kq = ns.for_length(CFG, KQ, 40)
-  got = decode_selection(q[:, 39:40], *caches(40), cfg, seq_len=40, num_query_selected=kq,
+  got = decode(q[:, 39:40], *caches(40), cfg, seq_len=40, num_query_selected=kq,
                          query_positions=jnp.array([39]))
   np.testing.assert_array_equal(got[:, 0], aux.block_indices[:, 39])

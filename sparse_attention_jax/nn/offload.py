@@ -58,8 +58,11 @@ def _fail(name: str, expected: str, got) -> None:
   raise ValueError(f"{name}: expected {expected}, got {got}")
 
 
-def _scatter(slot_kv, slot_c, b, h, s, kv, c):
-  """Writes blocks ``kv [N, l', Dk+Dv]``, ``c [N, l']`` into slots ``(b, h, s)`` (``[N]`` each)."""
+def _scatter(slot_kv, slot_c, b, h, s, blocks):
+  """Writes ``blocks`` (N pairs ``(kv [l', Dk+Dv], c [l'])``) into slots ``(b, h, s)`` (``[N]``
+  int32 each)."""
+  kv = jnp.stack([x[0] for x in blocks])
+  c = jnp.stack([x[1] for x in blocks])
   return slot_kv.at[b, h, s].set(kv), slot_c.at[b, h, s].set(c)
 
 
@@ -257,10 +260,13 @@ class OffloadedBlockCache:
     if loads:
       blocks = jax.device_put([self.host_blocks[(bi, hi, j)] for bi, hi, _, j in loads],
                               self._dev)
-      kv = jnp.stack([x[0] for x in blocks])
-      c = jnp.stack([x[1] for x in blocks])
-      idx = [jnp.asarray([x[i] for x in loads], jnp.int32) for i in range(3)]
-      self.slot_kv, self.slot_c = self._scatter(self.slot_kv, self.slot_c, *idx, kv, c)
+      # Pad to a power of two with repeats of the first write (same slot, same data, already on
+      # the device) so the scatter compiles once per bucket, not once per count.
+      pad = (1 << (len(loads) - 1).bit_length()) - len(loads)
+      blocks = list(blocks) + [blocks[0]] * pad
+      rows = loads + [loads[0]] * pad
+      idx = [jnp.asarray([x[i] for x in rows], jnp.int32) for i in range(3)]
+      self.slot_kv, self.slot_c = self._scatter(self.slot_kv, self.slot_c, *idx, blocks)
     stats = {"requested": requested, "hits": hits, "transferred": len(loads),
              "hit_rate": hits / requested if requested else 1.0,
              "bytes": len(loads) * self.block_bytes}
