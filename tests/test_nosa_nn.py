@@ -14,7 +14,7 @@ from flax import nnx
 
 from sparse_attention_jax.config import NSAConfig
 from sparse_attention_jax.nn import DecoderLM, ModelConfig, NOSAAttention, NOSAConfig, kv_cache
-from sparse_attention_jax.nn import load_model_config
+from sparse_attention_jax.nn import load_model_config, param_count
 from sparse_attention_jax.ops.nosa import nosa_attention
 from train.__main__ import main as train_main
 from train.config import load_config
@@ -145,3 +145,13 @@ def test_short_nosa_run_lowers_the_loss(tmp_path, capsys):
   logs = [e for e in logs if "loss" in e]
   assert [e["step"] for e in logs] == [8, 16, 24]
   assert logs[-1]["loss"] < logs[0]["loss"] - 0.5, logs
+
+
+@pytest.mark.parametrize("name,lo,hi", [("nosa_340m", 300e6, 420e6), ("nosa_1b", 1.1e9, 1.3e9)])
+def test_named_config_param_counts(name, lo, hi):
+  cfg = load_model_config(os.path.join(ROOT, "configs", f"{name}.yaml"))
+  n = param_count(cfg)
+  full = param_count(ModelConfig.from_dict({**cfg.to_dict(), "attention": ["full"]}))
+  h, dv = cfg.num_kv_heads, cfg.dv
+  assert n == full + cfg.num_layers * (h * dv * h + h)    # + W_delta and A per layer
+  assert lo <= n <= hi, (name, n)
