@@ -286,6 +286,7 @@ def test_locality_lower_bound_on_random_inputs():
   sa = np.asarray(s_a, np.float64)
   bs, kk, d, l = cfg.block_size, cfg.num_selected, cfg.cmp_stride, cfg.cmp_window
   static_steps = checked = 0
+  prev_u = {}
   for tt in range(t):
     cur = tt // bs
     forced = {0} | set(range(max(cur - 1, 0), cur + 1))
@@ -294,6 +295,10 @@ def test_locality_lower_bound_on_random_inputs():
                     key=lambda j: (-np.nan_to_num(sa[0, tt, hh, j], neginf=-1e300), j))
       u = set(rest[:kk - kq])
       assert u <= sets(gam[0, tt, hh])
+      if tt >= 1:   # every step: at most k_q new blocks plus those that entered U ("+ newly
+        new = sets(gam[0, tt, hh]) - sets(gam[0, tt - 1, hh])     # completed blocks")
+        assert len(new) <= kq + len(u - prev_u[hh])
+      prev_u[hh] = u
       same_block = tt >= 1 and (tt - 1) // bs == cur
       new_cmp = (tt - l + 1) >= 0 and (tt - l + 1) % d == 0
       if same_block and not new_cmp:

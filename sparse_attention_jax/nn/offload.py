@@ -167,7 +167,8 @@ class OffloadedBlockCache:
     """
     if self.length:
       _fail("prefill", "an empty cache", f"length {self.length}")
-    b, t, h = self.batch, k.shape[1] if k.ndim == 4 else -1, self.heads
+    b, h = self.batch, self.heads
+    t = k.shape[1] if k.ndim == 4 else -1
     if (k.shape != (b, t, h, self.k_dim) or v.shape != (b, t, h, self.v_dim)
         or c.shape != (b, t, h)):
       _fail("k/v/c", f"shapes [B, T, H, Dk] = {(b, 'T', h, self.k_dim)}, [B, T, H, Dv] and "
