@@ -23,6 +23,7 @@ from sparse_attention_jax.config import NSAConfig
 from sparse_attention_jax.nn._config_io import checked_mapping
 from sparse_attention_jax.nn.config import ModelConfig
 from sparse_attention_jax.nn.latent_config import LatentConfig
+from sparse_attention_jax.nn.nosa_config import NOSAConfig
 from sparse_attention_jax.nn.ssa_config import SSAConfig
 from train.data_config import DataConfig
 
@@ -248,10 +249,12 @@ _NSA_FIELDS = frozenset(f.name for f in dataclasses.fields(NSAConfig))
 # The dataclass behind each overridable section: `key=value` overrides are checked against these
 # (not against the YAML file), so a field the file leaves at its default can still be overridden.
 _SECTIONS: dict[tuple[str, ...], tuple[set[str], set[str]]] = {
-    ("model",): ({f.name for f in dataclasses.fields(ModelConfig)}, {"nsa", "latent", "ssa"}),
+    ("model",): ({f.name for f in dataclasses.fields(ModelConfig)}, {"nsa", "latent", "ssa",
+                                                                    "nosa"}),
     ("model", "nsa"): ({f.name for f in dataclasses.fields(NSAConfig)} | {"preset"}, set()),
     ("model", "latent"): ({f.name for f in dataclasses.fields(LatentConfig)}, set()),
     ("model", "ssa"): ({f.name for f in dataclasses.fields(SSAConfig)}, set()),
+    ("model", "nosa"): ({f.name for f in dataclasses.fields(NOSAConfig)}, set()),
     ("train",): ({f.name for f in dataclasses.fields(TrainConfig)}, {"mesh"}),
     ("train", "mesh"): ({"data", "fsdp", "tensor"}, set()),
     ("data",): ({f.name for f in dataclasses.fields(DataConfig)}, set()),

@@ -1,4 +1,5 @@
-"""Flax NNX modules: attention layers (full, sliding-window, NSA, ASA, SSA, pluggable kinds) and a decoder LM.
+"""Flax NNX modules: attention layers (full, sliding-window, NSA, ASA, SSA, NOSA, pluggable kinds)
+and a decoder LM.
 
 Example::
 
@@ -29,6 +30,8 @@ from sparse_attention_jax.nn.config import ModelConfig
 from sparse_attention_jax.nn.latent_config import LatentConfig
 from sparse_attention_jax.nn.layers import Embed, RMSNorm, SwiGLU
 from sparse_attention_jax.nn.model import DecoderBlock, DecoderLM, count_params, param_count
+from sparse_attention_jax.nn.nosa import NOSAAttention
+from sparse_attention_jax.nn.nosa_config import NOSAConfig
 from sparse_attention_jax.nn.rope import apply_rope
 from sparse_attention_jax.nn.ssa import SSAAttention, set_inference
 from sparse_attention_jax.nn.ssa_config import SSAConfig
@@ -46,7 +49,8 @@ def load_model_config(path: str | os.PathLike) -> ModelConfig:
 
 __all__ = [
     "ATTENTION_KINDS", "DecoderBlock", "DecoderLM", "Embed", "FullAttention", "GLAGlobalAttention",
-    "LatentConfig", "MLALocalAttention", "MLPCompressor", "ModelConfig", "NSAAttention", "RMSNorm",
+    "LatentConfig", "MLALocalAttention", "MLPCompressor", "ModelConfig", "NOSAAttention",
+    "NOSAConfig", "NSAAttention", "RMSNorm",
     "SSAAttention", "SSAConfig", "SlidingWindowAttention", "SwiGLU", "apply_rope",
     "count_params", "get_attention_kind", "load_model_config", "param_count",
     "register_attention_kind", "set_inference",

@@ -8,6 +8,7 @@ from typing import Any
 from sparse_attention_jax.config import NSAConfig
 from sparse_attention_jax.nn._config_io import checked_mapping
 from sparse_attention_jax.nn.latent_config import LatentConfig
+from sparse_attention_jax.nn.nosa_config import NOSAConfig
 from sparse_attention_jax.nn.ssa_config import SSAConfig
 
 
@@ -42,6 +43,7 @@ class ModelConfig:
       ``jax.checkpoint_policies.dots_with_no_batch_dims_saveable``).
     latent: MLA/GLA sizes of the ``asa_*`` kinds.
     ssa: settings of ``ssa`` layers (:class:`SSAConfig`; None = its defaults).
+    nosa: settings of ``nosa`` layers (:class:`NOSAConfig`; None = its defaults).
   """
 
   vocab_size: int = 256
@@ -65,6 +67,7 @@ class ModelConfig:
   remat: str = "none"
   latent: LatentConfig | None = None     # MLA/GLA sizes of the asa_* kinds
   ssa: SSAConfig | None = None           # settings of the ssa kind (None = SSAConfig())
+  nosa: NOSAConfig | None = None         # settings of the nosa kind (None = NOSAConfig())
 
   def __post_init__(self):
     def need(cond, name, expected):
@@ -86,6 +89,8 @@ class ModelConfig:
     need(isinstance(self.nsa, NSAConfig), "nsa", "an NSAConfig")
     need(self.remat in ("none", "full", "dots"), "remat", "'none', 'full' or 'dots'")
     need(self.ssa is None or isinstance(self.ssa, SSAConfig), "ssa", "None or an SSAConfig")
+    need(self.nosa is None or isinstance(self.nosa, NOSAConfig), "nosa",
+         "None or a NOSAConfig")
 
   @property
   def dv(self) -> int:
@@ -116,6 +121,8 @@ class ModelConfig:
       d["latent"] = LatentConfig.from_dict(d["latent"])
     if isinstance(d.get("ssa"), dict):
       d["ssa"] = SSAConfig.from_dict(d["ssa"])
+    if isinstance(d.get("nosa"), dict):
+      d["nosa"] = NOSAConfig.from_dict(d["nosa"])
     return cls(**d)
 
   def to_dict(self) -> dict[str, Any]:
@@ -124,4 +131,6 @@ class ModelConfig:
     out["nsa"] = {**dataclasses.asdict(self.nsa), "branches": list(self.nsa.branches)}
     if self.ssa is not None:
       out["ssa"] = self.ssa.to_dict()
+    if self.nosa is not None:
+      out["nosa"] = self.nosa.to_dict()
     return out

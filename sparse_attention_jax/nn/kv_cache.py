@@ -15,7 +15,16 @@ sizes from ``config.latent``: ``d_c``, ``d_R``, ``g`` latent heads of width ``dl
 ``asa_global``   GLA latent ``d_c + d_R`` plus the compressed latent amortized:
                  ``(g * (dl + d_R) + d_c) / d`` (keys per latent head, values if ``cmp`` is
                  output).
+``nosa``         all device-resident: K, V and the eviction score ``c`` (``H * (Dk + Dv + 1)``)
+                 plus the compressed K and compressed ``c`` amortized: ``H * (Dk + 1) / d``.
 ==============  ==========================================================================
+
+NOSA offloaded (:func:`nosa_offload_elements`, :func:`offloaded_kv_bytes`; NOSI's layout,
+ALGORITHMS.md §4.3): the host holds ``H * (Dk + Dv + 1)`` per token (K, V, ``c``); the device
+holds the compressed K and ``c`` per token (``H * (Dk + 1) / d``, needed for the scores) plus a
+fixed pool of ``k`` block slots per sequence (``num_selected * l' * H * (Dk + Dv + 1)``: the
+``k - 1`` non-current selected blocks and the current block, when the local blocks include it;
+``k + 1`` slots otherwise). ``c`` is counted in the cache dtype.
 
 "Per token" numbers count every layer as holding the whole sequence;
 :func:`kv_cache_bytes` gives the bytes at a context length with window layers capped at ``w``.
@@ -32,7 +41,7 @@ import sys
 from sparse_attention_jax.nn import load_model_config
 from sparse_attention_jax.nn.config import ModelConfig
 
-KNOWN_KINDS = ("full", "swa", "nsa", "asa_local", "asa_global")
+KNOWN_KINDS = ("full", "swa", "nsa", "asa_local", "asa_global", "nosa")
 
 
 def _latent(config: ModelConfig, kind: str):
@@ -75,7 +84,58 @@ def layer_kv_elements(config: ModelConfig, kind: str) -> dict:
                                         + (cmp_k + cmp_v) / nsa.cmp_stride),
             "window": None,
             "note": f"GLA latent d_c+d_R (g={lat.groups}) + compressed 1/{nsa.cmp_stride}"}
+  if kind == "nosa":
+    nsa = c.nsa
+    cmp = h * (dk + 1) / nsa.cmp_stride
+    return {"kind": kind, "elements_per_token": float(h * (dk + dv + 1) + cmp), "window": None,
+            "note": f"K+V+c resident + compressed K and c 1/{nsa.cmp_stride} (offloadable)"}
   raise ValueError(f"kind: expected one of {KNOWN_KINDS} for KV-cache accounting, got {kind!r}")
+
+
+def nosa_slots(config: ModelConfig) -> int:
+  """Device block slots per sequence of an offloaded NOSA layer, the current block included:
+  ``k`` when the forced local blocks include the current block (it is always in the selection),
+  else ``k + 1``."""
+  return config.nsa.num_selected + (0 if config.nsa.num_local_blocks >= 1 else 1)
+
+
+def nosa_offload_elements(config: ModelConfig) -> dict:
+  """Cache elements of one offloaded NOSA layer.
+
+  Returns:
+    ``{"device_per_token": H * (Dk + 1) / d (compressed K and c), "device_fixed": slots * l' *
+    H * (Dk + Dv + 1) per sequence, "host_per_token": H * (Dk + Dv + 1), "slots"}``.
+  """
+  c = config
+  h, dk, dv, nsa = c.num_kv_heads, c.head_dim, c.dv, c.nsa
+  slots = nosa_slots(c)
+  return {"device_per_token": h * (dk + 1) / nsa.cmp_stride,
+          "device_fixed": float(slots * nsa.block_size * h * (dk + dv + 1)),
+          "host_per_token": float(h * (dk + dv + 1)), "slots": slots}
+
+
+def offloaded_kv_bytes(config: ModelConfig, context: int, dtype_bytes: int = 2) -> dict:
+  """Bytes per sequence at a ``context``-token context with every NOSA layer offloaded.
+
+  Returns:
+    ``{"device", "host"}``: NOSA layers count their compressed K/c and slot pool on the device
+    and K/V/c on the host; the other layers stay resident as in :func:`kv_cache_bytes`
+    (``windowed``: window layers capped at ``w``).
+  """
+  if not isinstance(context, int) or context < 1:
+    raise ValueError(f"context: expected a positive int, got {context!r}")
+  device = host = 0.0
+  for r in kv_cache_bytes_per_token(config, dtype_bytes)["layers"]:
+    if r["kind"] == "nosa":
+      e = nosa_offload_elements(config)
+      slot_tokens = e["slots"] * config.nsa.block_size
+      fixed = e["device_fixed"] * min(1.0, context / slot_tokens)   # never more than the context
+      device += (e["device_per_token"] * context + fixed) * dtype_bytes
+      host += e["host_per_token"] * context * dtype_bytes
+    else:
+      tokens = context if r["window"] is None else min(context, r["window"])
+      device += r["bytes_per_token"] * tokens
+  return {"device": device, "host": host}
 
 
 def kv_cache_bytes_per_token(config: ModelConfig, dtype_bytes: int = 2) -> dict:
@@ -139,6 +199,12 @@ def describe_kv_cache(config: ModelConfig, dtype_bytes: int = 2, context: int | 
     tot = kv_cache_bytes(config, context, dtype_bytes)
     lines.append(f"at context {context:,}: resident {tot['resident'] / 2**20:,.1f} MiB, "
                  f"window layers capped at w {tot['windowed'] / 2**20:,.1f} MiB per sequence")
+    if "nosa" in per["by_kind"]:
+      off = offloaded_kv_bytes(config, context, dtype_bytes)
+      lines.append(f"NOSA layers offloaded ({nosa_slots(config)} block slots of "
+                   f"{config.nsa.block_size} tokens on the device): device "
+                   f"{off['device'] / 2**20:,.1f} MiB, host {off['host'] / 2**20:,.1f} MiB per "
+                   f"sequence")
   return "\n".join(lines)
 
 
@@ -161,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 __all__ = ["describe_kv_cache", "kv_cache_bytes", "kv_cache_bytes_per_token",
-           "layer_kv_elements"]
+           "layer_kv_elements", "nosa_offload_elements", "nosa_slots", "offloaded_kv_bytes"]
 
 if __name__ == "__main__":
   sys.exit(main())

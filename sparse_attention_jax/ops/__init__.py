@@ -9,6 +9,17 @@ from sparse_attention_jax.ops.compression import (
     init_mlp_compressor,
 )
 from sparse_attention_jax.ops.masked import dense_causal_attention, masked_attention
+from sparse_attention_jax.ops.nosa import (
+    NOSAAux,
+    biased_selected_attention,
+    nosa_attention,
+    nosa_scores,
+)
+from sparse_attention_jax.ops.nosa_selection import (
+    agnostic_block_scores,
+    eviction_bias,
+    nosa_select,
+)
 from sparse_attention_jax.ops.nsa import NSAAux, combine_branches, nsa_attention
 from sparse_attention_jax.ops.selected import selected_attention
 from sparse_attention_jax.ops.selection import (
@@ -20,9 +31,10 @@ from sparse_attention_jax.ops.selection import (
 from sparse_attention_jax.ops.window import sliding_window_attention
 
 __all__ = [
-    "CompressedAttentionOutput", "CompressorParams", "MLPCompressorParams", "NSAAux",
-    "block_importance", "cmp_visibility", "combine_branches", "compress", "compressed_attention",
-    "dense_causal_attention", "init_mlp_compressor", "masked_attention", "nsa_attention",
-    "overlap_table", "select_blocks", "selected_attention", "share_selection",
-    "sliding_window_attention",
+    "CompressedAttentionOutput", "CompressorParams", "MLPCompressorParams", "NOSAAux", "NSAAux",
+    "agnostic_block_scores", "biased_selected_attention", "block_importance", "cmp_visibility",
+    "combine_branches", "compress", "compressed_attention", "dense_causal_attention",
+    "eviction_bias", "init_mlp_compressor", "masked_attention", "nosa_attention", "nosa_scores",
+    "nosa_select", "nsa_attention", "overlap_table", "select_blocks", "selected_attention",
+    "share_selection", "sliding_window_attention",
 ]

@@ -1,0 +1,113 @@
+"""NOSA layer (kind ``"nosa"``, ALGORITHMS.md §4): InfLLM-V2-style selected attention whose
+selection is split into a query-aware and a query-agnostic (eviction-head) part, with the eviction
+score as an additive logit bias on every attended key.
+
+Per layer (``H`` KV heads, ``Dv`` value dim)::
+
+  q, k = RoPE(q_proj(x)), RoPE(k_proj(x));  v = v_proj(x)
+  c    = A * softplus(concat_heads(v) @ W_delta)                  # [B, T, H], A init 0
+  o    = nosa_attention(q, k, v, c, k = model.nsa.num_selected, k_q = model.nosa.query_selected)
+  out  = o_proj(o)
+
+One branch only (no gates, no compressed output, no separate window: the local window is the
+forced local blocks of ``model.nsa``, e.g. ``NSAConfig.infllm_v2``). The eviction head reads the
+values of all KV heads, so ``c`` is computed outside the per-head-shard attention call.
+
+Decoding pieces: :meth:`NOSAAttention.qkvc` gives the rotated q/k, v and ``c`` of new tokens (with
+their positions), :func:`~sparse_attention_jax.ops.nosa_selection.agnostic_block_scores` and
+:func:`~sparse_attention_jax.ops.nosa_selection.nosa_select` take ``query_positions``, and
+:mod:`sparse_attention_jax.nn.offload` keeps the K/V/c blocks in host memory.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sparse_attention_jax.nn.attention import (
+  _check_inputs,
+  _kv_projection,
+  _o_projection,
+  _q_projection,
+  register_attention_kind,
+)
+from sparse_attention_jax.nn.config import ModelConfig
+from sparse_attention_jax.nn.layers import as_dtype
+from sparse_attention_jax.nn.nosa_config import NOSAConfig
+from sparse_attention_jax.nn.parallel import param, sharded_call
+from sparse_attention_jax.nn.rope import apply_rope
+from sparse_attention_jax.ops import nosa_selection
+from sparse_attention_jax.ops.nosa import nosa_attention
+
+
+def check_nosa_config(config: ModelConfig) -> NOSAConfig:
+  """The layer's :class:`NOSAConfig` after checking it against ``model.nsa``."""
+  nosa = config.nosa or NOSAConfig()
+  nsa = config.nsa
+  if nsa.compression != "mean":
+    raise ValueError(f"model.nsa.compression: expected 'mean' for 'nosa' layers (InfLLM-V2 "
+                     f"scoring over mean-pooled keys), got {nsa.compression!r}")
+  forced = nsa.num_init_blocks + nsa.num_local_blocks
+  if not forced <= nosa.query_selected <= nsa.num_selected:
+    raise ValueError(f"model.nosa.query_selected: expected k_q with num_init_blocks + "
+                     f"num_local_blocks = {forced} <= k_q <= model.nsa.num_selected = "
+                     f"{nsa.num_selected}, got {nosa.query_selected}")
+  return nosa
+
+
+class NOSAAttention(nnx.Module):
+  """NOSA attention layer (kind ``"nosa"``).
+
+  * ``q_proj`` ``[B, T, d_model] -> [B, T, HQ, Dk]``; ``k_proj``/``v_proj`` ``-> [B, T, H,
+    Dk|Dv]``; ``o_proj`` ``[B, T, HQ, Dv] -> [B, T, d_model]``.
+  * Eviction head: ``w_delta [H, Dv, H]`` (the paper's ``Linear(H*Dv -> H)``, fan-in init) and
+    ``a [H]`` (``A``, initialized to 0 so ``c = 0`` at init; then only ``a`` gets a gradient on
+    the first step).
+  * The op is called with the budgets clamped to the sequence (``nosa_selection.for_length``).
+  """
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    self.config = config
+    self.dtype = dt = as_dtype(config.dtype)
+    c = config
+    self.query_selected = check_nosa_config(c).query_selected
+    self.q_proj = _q_projection(c, dt, rngs)
+    self.k_proj = _kv_projection(c, c.head_dim, dt, rngs)
+    self.v_proj = _kv_projection(c, c.dv, dt, rngs)
+    self.o_proj = _o_projection(c, dt, rngs)
+    h, dv = c.num_kv_heads, c.dv
+    w = jax.random.normal(rngs.params(), (h, dv, h), jnp.float32) / jnp.sqrt(h * dv)
+    self.w_delta = param(w, ("kv_heads", "head_dim", None))
+    self.a = param(jnp.zeros((h,), jnp.float32), (None,))
+
+  def qkvc(self, x, positions):
+    """Rotated ``q [B, T, HQ, Dk]``, ``k [B, T, H, Dk]``, ``v [B, T, H, Dv]`` and the eviction
+    scores ``c [B, T, H]`` float32 of the tokens ``x [B, T, d_model]`` at ``positions``."""
+    cfg = self.config
+    q = apply_rope(self.q_proj(x), positions, cfg.rope_theta)
+    k = apply_rope(self.k_proj(x), positions, cfg.rope_theta)
+    v = self.v_proj(x)
+    return q, k, v, nosa_selection.eviction_bias(v, self.w_delta[...], self.a[...])
+
+  def __call__(self, x, positions, segment_ids=None):
+    """``x [B, T, d_model]``, ``positions [B, T]``, ``segment_ids [B, T] | None`` ->
+    ``[B, T, d_model]``."""
+    cfg = self.config
+    _check_inputs(x, positions, segment_ids, cfg.d_model)
+    q, k, v, c = self.qkvc(x, positions)
+    op_config, kq = nosa_selection.for_length(cfg.nsa, self.query_selected, x.shape[1])
+
+    def op(**a):
+      return nosa_attention(a["q"], a["k"], a["v"], a["c"], config=op_config,
+                            num_query_selected=kq, segment_ids=a["segment_ids"])
+
+    args = {"q": q, "k": k, "v": v, "c": c, "segment_ids": segment_ids}
+    layouts = {"q": "bthd", "k": "bthd", "v": "bthd", "c": "bthd", "segment_ids": "bt"}
+    o = sharded_call(op, args, layouts, num_kv_heads=cfg.num_kv_heads)    # [B, T, HQ, Dv]
+    return self.o_proj(o)
+
+
+register_attention_kind("nosa", NOSAAttention)
+
+__all__ = ["NOSAAttention", "check_nosa_config"]
