@@ -264,12 +264,17 @@ def inverse_work_items(lists: TileLists, num_blocks: int, *, chunk: int) -> Work
   p = nt * length
   valid = jnp.arange(length, dtype=jnp.int32) < lists.counts[..., None]    # [B, H, NT, L]
   tile = jnp.arange(nt, dtype=jnp.int32)[:, None]
-  key = jnp.where(valid, lists.ids * nt + tile, big).reshape(b, h, p)
-  key, lo, hi = jax.lax.sort((key, lists.member_lo.reshape(b, h, p),
-                              lists.member_hi.reshape(b, h, p)), dimension=2, num_keys=1)
+  # One (uint32 key, int32 position) pair sort, which XLA on GPU can hand to CUB's radix sort;
+  # the membership words follow through the permutation.
+  key = jnp.where(valid, lists.ids * nt + tile, big).reshape(b, h, p).astype(jnp.uint32)
+  pos = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, h, p))
+  key, perm = jax.lax.sort((key, pos), dimension=2, num_keys=1)
+  key = key.astype(jnp.int32)                                              # big stays big
   ok = key != big
   tiles = jnp.where(ok, key % nt, 0)
-  lo, hi = jnp.where(ok, lo, 0), jnp.where(ok, hi, 0)
+  take = lambda x: jnp.take_along_axis(x.reshape(b, h, p), perm, axis=-1)
+  lo = jnp.where(ok, take(lists.member_lo), 0)
+  hi = jnp.where(ok, take(lists.member_hi), 0)
 
   bounds = jnp.arange(num_blocks + 1, dtype=jnp.int32) * nt
   search = lambda a, v: jax.vmap(jax.vmap(lambda x: jnp.searchsorted(x, v, side="right")))(a)
