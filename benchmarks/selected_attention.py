@@ -81,7 +81,7 @@ def backward_parts(q, k, v, w, bi, cfg, reps):
   """Median ms of the backward's XLA preparation, its dQ call and its dK/dV call (each with
   its XLA epilogue) on operands prepared once."""
   from pallas_kernels import selected_attention_mgpu_bwd as bw
-  o, lse = jax.jit(lambda q, k, v: mg._forward(q, k, v, bi, cfg))(q, k, v)
+  o, lse = jax.jit(lambda q, k, v: mg._forward(q, k, v, bi, None, cfg))(q, k, v)
   do = w.astype(q.dtype)
   bcfg = bw.BwdConfig(chunk=cfg.bwd_chunk, direct=cfg.bwd_direct)
   direct = bcfg.direct and bw.use_direct(HQ // H)
@@ -139,7 +139,7 @@ def main():
                                            mask_skip="nomskip" not in flags,
                                            num_stages=stages[0]), HQ // H)
         name = "-".join([f"mgpu-{kind}-{cfg.tile_rows}-{cfg.q_layout}", *flags])
-        f = jax.jit(lambda q, k, v, bi, cfg=cfg: mg._attention(q, k, v, bi, cfg))
+        f = jax.jit(lambda q, k, v, bi, cfg=cfg: mg._attention(q, k, v, bi, None, cfg))
         prep = jax.jit(lambda q, bi, cfg=cfg: mg.prepare(q, bi, cfg, H))
         kern = jax.jit(lambda qx, k, v, lists, cfg=cfg, t=t: mg.call_kernel(
             qx, k, v, lists, cfg, num_kv_heads=H, seq_len=t)[0])
@@ -155,7 +155,7 @@ def main():
                  "kernel_plus_out_ms": kern_ms, "kernel_tflops": sparse_flops / kern_ms / 1e9,
                  "mean_list_len": mean_list, "union_over_n": mean_list / N}
           if args.bwd:
-            fb_ms, temp = fwd_bwd(lambda q, k, v, bi=bi, cfg=cfg: mg._attention(q, k, v, bi, cfg),
+            fb_ms, temp = fwd_bwd(lambda q, k, v, bi=bi, cfg=cfg: mg._attention(q, k, v, bi, None, cfg),
                                   q, k, v, w, args.reps)
             row.update(fb_ms=fb_ms, fb_tflops=3.5 * sparse_flops / fb_ms / 1e9, fb_temp_mib=temp)
           if args.bwd and args.bwd_parts:

@@ -44,6 +44,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels.selection_tiles import tile_iteration_lists
+from sparse_attention_jax.ops.masked import document_starts
 
 TILE_ROWS = 64
 """Query rows per tile (one warpgroup's wgmma M)."""
@@ -74,6 +75,7 @@ class _Config:
   backward: str = "kernel"            # "kernel": dQ and dK/dV kernels; "reference": XLA VJP
   bwd_direct: bool = True             # backward: per-token TMA for Q/dO/dQ where G allows
   bwd_chunk: int = 256                # backward: smallest cap on a dK/dV work item's tiles
+  has_docs: bool = False              # packed documents: per-row first visible key
 
 
 def tokens_per_tile(num_groups: int) -> int:
@@ -86,8 +88,6 @@ def unsupported_reason(q, k, v, block_indices, *, block_size, segment_ids=None,
   """Why the kernel cannot serve this call, or ``None`` when it can (static checks only)."""
   if mode not in MODES:
     return f"mode={mode!r} (expected one of {MODES})"
-  if segment_ids is not None:
-    return "segment_ids are not supported by the Mosaic GPU kernel yet"
   if q.ndim != 4 or k.ndim != 4 or v.ndim != 4 or block_indices.ndim != 4:
     return "q, k, v and block_indices must be rank 4"
   if jnp.dtype(q.dtype) not in DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
@@ -142,7 +142,8 @@ def _row_tokens(g: int, bs: int):
   return col_ids, tok
 
 
-def _masked_scores(s, col_ids, tok, *, tok_base, t_base, blk, bs, lo, hi, need, skip):
+def _masked_scores(s, col_ids, tok, *, tok_base, t_base, blk, bs, lo, hi, need, skip,
+                   first=None, first_max=None):
   """Raw scores with invisible keys at ``-inf``.
 
   Row ``i`` (token ``tok[i] + tok_base`` within the tile, absolute ``tok[i] + t_base``) sees key
@@ -151,6 +152,11 @@ def _masked_scores(s, col_ids, tok, *, tok_base, t_base, blk, bs, lo, hi, need, 
   costs a compare and a select. With ``skip``, a block that lies wholly before the first token
   and that every token of the group selected (``(lo, hi) & need == need``) takes a branch with
   no mask at all (the common case: only the diagonal and partly selected blocks pay).
+
+  Packed documents: ``first`` ([64] row vector) is the absolute position of the first token of
+  each row's document, and a row sees key ``blk*bs + c`` only if it is ``>= first`` (documents
+  are contiguous runs, so with causality this is "same document"); ``first_max`` (scalar) is
+  the largest ``first`` of the group, so a block at or after it needs no document mask.
   """
   def masked(s):
     limit = tok + (t_base - blk * bs)                                      # [64] row vector
@@ -161,11 +167,15 @@ def _masked_scores(s, col_ids, tok, *, tok_base, t_base, blk, bs, lo, hi, need, 
       member = (lax.shift_right_logical(word, shift) & 1) == 1
       limit = jnp.where(member, limit, -1)
     visible = col_ids <= lax.broadcast_in_dim(limit, s.shape, [0])
+    if first is not None:
+      visible = visible & (col_ids >= lax.broadcast_in_dim(first - blk * bs, s.shape, [0]))
     return jnp.where(visible, s, -jnp.inf)
 
   if not skip:
     return masked(s)
   full = blk * bs + (bs - 1) <= t_base
+  if first is not None:
+    full = full & (blk * bs >= first_max)
   if lo is not None:
     need_lo, need_hi = need
     full = full & ((lo & need_lo) == need_lo) & ((hi & need_hi) == need_hi)
@@ -195,9 +205,10 @@ def _online_softmax(s, m_i, l_i, acc, scale2):
 
 
 def _kernel(q_ref, k_ref, v_ref, ids_ref, cnt_ref, lo_ref, hi_ref,       # inputs (GMEM)
+            doc_ref, dmax_ref,
             o_ref, lse_ref,                                                # outputs (GMEM)
             q_smem, k_smem, v_smem, lse_smem, q_bar, k_bar, v_bar,         # scratch
-            ids_smem, lo_smem, hi_smem, idx_bar,
+            ids_smem, lo_smem, hi_smem, idx_bar, doc_smem,
             *, num_heads: int, g: int, cfg: _Config, dtype):
   """One CTA: query tile ``tile`` of (batch, KV head) ``bh``.
 
@@ -205,6 +216,8 @@ def _kernel(q_ref, k_ref, v_ref, ids_ref, cnt_ref, lo_ref, hi_ref,       # input
   [B, H, NT, L]``, ``cnt_ref [B, H, NT]``, ``o_ref [B, H, NT*64, D]``, ``lse_ref [B, H, NT*64]``;
   SMEM ``q_smem [64, D]`` (reused for O), ``k_smem/v_smem [S, 64, D]``, ``lse_smem [64]``,
   ``ids_smem/lo_smem/hi_smem [L]`` (the tile's list, read per step without a global load).
+  With ``cfg.has_docs``: ``doc_ref [B, NT*64]`` first position of each row's document and
+  ``dmax_ref [B, NT]`` its maximum per tile (:func:`doc_tiles`), ``doc_smem [64]``.
   """
   tile = lax.axis_index("tile")
   bh = lax.axis_index("bh")
@@ -218,6 +231,8 @@ def _kernel(q_ref, k_ref, v_ref, ids_ref, cnt_ref, lo_ref, hi_ref,       # input
   rows = pl.ds(tile * TILE_ROWS, TILE_ROWS)
 
   plgpu.copy_gmem_to_smem(q_ref.at[b, h, rows], q_smem, q_bar)
+  if cfg.has_docs:
+    plgpu.copy_gmem_to_smem(doc_ref.at[b, rows], doc_smem, q_bar)
   if cfg.smem_index:
     for src, dst in ((ids_ref, ids_smem), (lo_ref, lo_smem), (hi_ref, hi_smem)):
       plgpu.copy_gmem_to_smem(src.at[b, h, tile], dst, idx_bar)
@@ -242,6 +257,9 @@ def _kernel(q_ref, k_ref, v_ref, ids_ref, cnt_ref, lo_ref, hi_ref,       # input
   plgpu.barrier_wait(q_bar)
   if cfg.smem_index:
     plgpu.barrier_wait(idx_bar)
+  docs = {}
+  if cfg.has_docs:
+    docs = dict(first=plgpu.load(doc_smem, layout=layout.reduce(1)), first_max=dmax_ref[b, tile])
 
   def step(j, carry):
     acc, m_i, l_i = carry
@@ -258,7 +276,7 @@ def _kernel(q_ref, k_ref, v_ref, ids_ref, cnt_ref, lo_ref, hi_ref,       # input
     lo = read(lo_ref, lo_smem, j) if exact else None
     hi = read(hi_ref, hi_smem, j) if exact else None
     s = _masked_scores(s, col_ids, tok, tok_base=0, t_base=tile * r, blk=blk, bs=bs, lo=lo,
-                       hi=hi, need=_need_words(0, r), skip=cfg.mask_skip)
+                       hi=hi, need=_need_words(0, r), skip=cfg.mask_skip, **docs)
     p, m_new, l_i, acc = _online_softmax(s, m_i, l_i, acc, scale2)
     p16 = p.astype(dtype)
     plgpu.barrier_wait(v_bar.at[slot])
@@ -284,14 +302,16 @@ def _kernel(q_ref, k_ref, v_ref, ids_ref, cnt_ref, lo_ref, hi_ref,       # input
   plgpu.wait_smem_to_gmem(0)
 
 
-def _kernel_ws(q_ref, k_ref, v_ref, ids_ref, cnt_ref, lo_ref, hi_ref, o_ref, lse_ref,
-               *, num_heads: int, g: int, cfg: _Config, dtype):
+def _kernel_ws(q_ref, k_ref, v_ref, ids_ref, cnt_ref, lo_ref, hi_ref, doc_ref, dmax_ref, o_ref,
+               lse_ref, *, num_heads: int, g: int, cfg: _Config, dtype):
   """One CTA, 128 query rows: two compute warpgroups (64 rows each) share one K/V stream that a
   third (producer) warpgroup feeds with TMA through a ring of ``S`` slots.
 
   ``cfg.q_layout == "tiles"``: ``q_ref/o_ref [B, H, NT*128, D]``, ``lse_ref [B, H, NT*128]``.
   ``cfg.q_layout == "direct"``: ``q_ref/o_ref [B, Tp, HQ, D]``, ``lse_ref [B, Tp, HQ]`` (needs
   ``G % 8 == 0``): each token's ``G`` rows are one TMA copy, so Q and O skip the transposes.
+  ``doc_ref [B, NT*128]`` / ``dmax_ref [B, 2*NT]``: documents per 64-row group, as in
+  :func:`_kernel` (read only with ``cfg.has_docs``).
   """
   tile = lax.axis_index("tile")
   bh = lax.axis_index("bh")
@@ -307,7 +327,7 @@ def _kernel_ws(q_ref, k_ref, v_ref, ids_ref, cnt_ref, lo_ref, hi_ref, o_ref, lse
   direct = cfg.q_layout == "direct"
 
   def body(q_smem2, k_smem, v_smem, lse_smem2, q_bar, k_bar, v_bar, consumed, sched, ids_smem,
-           lo_smem, hi_smem, idx_bar):
+           lo_smem, hi_smem, idx_bar, doc_smem2):
     wg = lax.axis_index("wg")
     pp = cfg.ping_pong
     read = lambda ref, smem, j: smem[j] if cfg.smem_index else ref[b, h, tile, j]
@@ -333,6 +353,8 @@ def _kernel_ws(q_ref, k_ref, v_ref, ids_ref, cnt_ref, lo_ref, hi_ref, o_ref, lse
                                   q_smem.at[pl.ds(i * g, g)], q_bar.at[wg])
       else:
         plgpu.copy_gmem_to_smem(q_ref.at[b, h, q_rows(wg)], q_smem, q_bar.at[wg])
+      if cfg.has_docs:
+        plgpu.copy_gmem_to_smem(doc_ref.at[b, q_rows(wg)], doc_smem2.at[wg], q_bar.at[wg])
 
       layout = plgpu.Layout.WGMMA
       col_ids, tok = _row_tokens(g, bs)
@@ -345,6 +367,10 @@ def _kernel_ws(q_ref, k_ref, v_ref, ids_ref, cnt_ref, lo_ref, hi_ref, o_ref, lse
       plgpu.barrier_wait(q_bar.at[wg])
       if cfg.smem_index:
         plgpu.barrier_wait(idx_bar)
+      docs = {}
+      if cfg.has_docs:
+        docs = dict(first=plgpu.load(doc_smem2.at[wg], layout=layout.reduce(1)),
+                    first_max=dmax_ref[b, tile * 2 + wg])
       if pp:
         pl.when(wg == 1)(schedule_barrier)
 
@@ -363,7 +389,7 @@ def _kernel_ws(q_ref, k_ref, v_ref, ids_ref, cnt_ref, lo_ref, hi_ref, o_ref, lse
 
         s = _masked_scores(s, col_ids, tok, tok_base=wg * r_wg, t_base=t_first, blk=blk, bs=bs,
                            lo=read(lo_ref, lo_smem, j), hi=read(hi_ref, hi_smem, j), need=need,
-                           skip=cfg.mask_skip)
+                           skip=cfg.mask_skip, **docs)
         p, m_new, l_i, acc = _online_softmax(s, m_i, l_i, acc, scale2)
         p16 = p.astype(dtype)
         if pp:
@@ -419,7 +445,7 @@ def _kernel_ws(q_ref, k_ref, v_ref, ids_ref, cnt_ref, lo_ref, hi_ref, o_ref, lse
       lax.fori_loop(0, count, produce, None)
 
   transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
-  q_arrivals = r_wg if direct else 1
+  q_arrivals = (r_wg if direct else 1) + int(cfg.has_docs)
   pl.run_scoped(
       body,
       plgpu.SMEM((2, rows_wg, d), dtype, transforms=transforms),
@@ -435,6 +461,7 @@ def _kernel_ws(q_ref, k_ref, v_ref, ids_ref, cnt_ref, lo_ref, hi_ref, o_ref, lse
       plgpu.SMEM((length,), jnp.int32),
       plgpu.SMEM((length,), jnp.int32),
       plgpu.Barrier(num_arrivals=3),
+      plgpu.SMEM((2, rows_wg), jnp.int32),
       collective_axes="wg",
   )
 
@@ -482,8 +509,33 @@ def prepare(q, block_indices, cfg: _Config, num_kv_heads: int):
   return qx, lists
 
 
-def call_kernel(qx, k, v, lists, cfg: _Config, *, num_kv_heads: int, seq_len: int):
-  """Runs the kernel on prepared operands; returns ``(o [B, T, HQ, D], lse [B, T, HQ])``."""
+def doc_tiles(doc_start, g: int, num_tokens: int):
+  """Per-row document starts in 64-row groups, for the kernels' document mask.
+
+  Args:
+    doc_start: ``[B, T]`` int32 first position of each token's document
+      (:func:`sparse_attention_jax.ops.masked.document_starts`).
+    g: query heads per KV head (``r = 64 // g`` tokens per 64-row group).
+    num_tokens: ``Tp``, the padded token count (a multiple of ``r``).
+
+  Returns:
+    ``(rows [B, NG*64], group_max [B, NG])`` int32 with ``NG = Tp // r``: row ``i*G + g`` of
+    group ``n`` holds ``doc_start[n*r + i]`` (padding rows and tokens 0), and ``group_max`` the
+    largest start of the group's tokens.
+  """
+  b, t = doc_start.shape
+  r = TILE_ROWS // g
+  ng = num_tokens // r
+  ds = jnp.pad(doc_start.astype(jnp.int32), ((0, 0), (0, num_tokens - t))).reshape(b, ng, r)
+  rows = jnp.broadcast_to(ds[..., None], (b, ng, r, g)).reshape(b, ng, r * g)
+  rows = jnp.pad(rows, ((0, 0), (0, 0), (0, TILE_ROWS - r * g))).reshape(b, ng * TILE_ROWS)
+  return rows, jnp.max(ds, axis=-1)
+
+
+def call_kernel(qx, k, v, lists, cfg: _Config, *, num_kv_heads: int, seq_len: int, docs=None):
+  """Runs the kernel on prepared operands; returns ``(o [B, T, HQ, D], lse [B, T, HQ])``.
+
+  ``docs``: :func:`doc_tiles` output (required iff ``cfg.has_docs``)."""
   b, t, h, d = k.shape
   bs = cfg.block_size
   nb = -(-t // bs)
@@ -494,7 +546,12 @@ def call_kernel(qx, k, v, lists, cfg: _Config, *, num_kv_heads: int, seq_len: in
   stages = max(1, min(cfg.num_stages, length))
   cfg = dataclasses.replace(cfg, num_stages=stages)
   dtype = qx.dtype
-  args = (qx, kp, vp, lists.ids, lists.counts, lists.member_lo, lists.member_hi)
+  if cfg.has_docs != (docs is not None):
+    raise ValueError(f"docs: expected {'doc_tiles(...)' if cfg.has_docs else 'None'} for "
+                     f"has_docs={cfg.has_docs}")
+  if docs is None:                                 # never read: has_docs is static
+    docs = (jnp.zeros((b, TILE_ROWS), jnp.int32), jnp.zeros((b, 1), jnp.int32))
+  args = (qx, kp, vp, lists.ids, lists.counts, lists.member_lo, lists.member_hi, *docs)
   params = plgpu.CompilerParams(approx_math=True)
   g = cfg.group_size
   if cfg.tile_rows == TILE_ROWS:
@@ -504,13 +561,14 @@ def call_kernel(qx, k, v, lists, cfg: _Config, *, num_kv_heads: int, seq_len: in
         plgpu.SMEM((stages, bs, d), dtype, transforms=transforms),
         plgpu.SMEM((stages, bs, d), dtype, transforms=transforms),
         plgpu.SMEM((TILE_ROWS,), jnp.float32),
-        plgpu.Barrier(num_arrivals=1),
+        plgpu.Barrier(num_arrivals=1 + int(cfg.has_docs)),
         plgpu.Barrier(num_arrivals=1, num_barriers=stages),
         plgpu.Barrier(num_arrivals=1, num_barriers=stages),
         plgpu.SMEM((length,), jnp.int32),
         plgpu.SMEM((length,), jnp.int32),
         plgpu.SMEM((length,), jnp.int32),
         plgpu.Barrier(num_arrivals=3),
+        plgpu.SMEM((TILE_ROWS,), jnp.int32),
     ]
     n_rows = qx.shape[2]
     out_type = (jax.ShapeDtypeStruct((b, h, n_rows, d), dtype),
@@ -534,45 +592,51 @@ def call_kernel(qx, k, v, lists, cfg: _Config, *, num_kv_heads: int, seq_len: in
   return _from_tiles(ot, seq_len, g), _from_tiles(lset, seq_len, g)
 
 
-def _forward(q, k, v, block_indices, cfg: _Config):
+def _forward(q, k, v, block_indices, doc_start, cfg: _Config):
   """Kernel forward: ``(o [B, T, HQ, D], lse [B, T, HQ] float32 natural log)``."""
   h = k.shape[2]
-  cfg = resolve_config(dataclasses.replace(cfg, group_size=q.shape[2] // h), q.shape[2] // h)
+  g = q.shape[2] // h
+  cfg = resolve_config(dataclasses.replace(cfg, group_size=g, has_docs=doc_start is not None), g)
   qx, lists = prepare(q, block_indices, cfg, h)
-  return call_kernel(qx, k, v, lists, cfg, num_kv_heads=h, seq_len=q.shape[1])
+  docs = None
+  if doc_start is not None:
+    docs = doc_tiles(doc_start, g,
+                     lists.ids.shape[2] * (cfg.tile_rows // TILE_ROWS) * tokens_per_tile(g))
+  return call_kernel(qx, k, v, lists, cfg, num_kv_heads=h, seq_len=q.shape[1], docs=docs)
 
 
-def _reference(q, k, v, block_indices, cfg: _Config):
+def _reference(q, k, v, block_indices, doc_start, cfg: _Config):
   """Plain-JAX reference with the same semantics (``backward="reference"``)."""
   from sparse_attention_jax.ops.selected import _selected_reference
   from sparse_attention_jax.ops.selection import share_selection
   if cfg.mode == "shared":
     block_indices = share_selection(block_indices, tokens_per_tile(q.shape[2] // k.shape[2]))
   return _selected_reference(q, k, v, block_indices, block_size=cfg.block_size,
-                             segment_ids=None, softmax_scale=cfg.softmax_scale)
+                             segment_ids=doc_start, softmax_scale=cfg.softmax_scale)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _attention(q, k, v, block_indices, cfg: _Config):
-  return _forward(q, k, v, block_indices, cfg)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _attention(q, k, v, block_indices, doc_start, cfg: _Config):
+  return _forward(q, k, v, block_indices, doc_start, cfg)[0]
 
 
-def _attention_fwd(q, k, v, block_indices, cfg: _Config):
-  o, lse = _forward(q, k, v, block_indices, cfg)
-  return o, (q, k, v, o, lse, block_indices)
+def _attention_fwd(q, k, v, block_indices, doc_start, cfg: _Config):
+  o, lse = _forward(q, k, v, block_indices, doc_start, cfg)
+  return o, (q, k, v, o, lse, block_indices, doc_start)
 
 
 def _attention_bwd(cfg: _Config, res, do):
-  q, k, v, o, lse, block_indices = res
+  q, k, v, o, lse, block_indices, doc_start = res
   if cfg.backward == "reference":
-    _, vjp = jax.vjp(lambda q_, k_, v_: _reference(q_, k_, v_, block_indices, cfg), q, k, v)
+    _, vjp = jax.vjp(lambda q_, k_, v_: _reference(q_, k_, v_, block_indices, doc_start, cfg),
+                     q, k, v)
     dq, dk, dv = vjp(do)
   else:
     from pallas_kernels import selected_attention_mgpu_bwd as bwd
-    dq, dk, dv = bwd.backward(q, k, v, o, lse, do, block_indices,
+    dq, dk, dv = bwd.backward(q, k, v, o, lse, do, block_indices, doc_start=doc_start,
                               softmax_scale=cfg.softmax_scale, mode=cfg.mode,
                               cfg=bwd.BwdConfig(chunk=cfg.bwd_chunk, direct=cfg.bwd_direct))
-  return dq, dk, dv, None
+  return dq, dk, dv, None, None
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
@@ -590,7 +654,8 @@ def selected_attention_mgpu(q, k, v, block_indices, *, block_size: int = BLOCK_S
       (``D`` in 64 or 128).
     block_indices: ``[B, T, H, n]`` int block ids (``-1`` padding, duplicates count once).
     block_size: must be 64.
-    segment_ids: must be ``None`` (not supported yet).
+    segment_ids: optional ``[B, T]`` document ids (documents are maximal runs of equal ids); a
+      query sees only keys of its own document.
     softmax_scale: defaults to ``D ** -0.5``.
     mode: ``"exact"`` (per-token selection) or ``"shared"`` (tokens of each aligned run of
       ``r = 64 // G`` share their first token's list).
@@ -629,9 +694,12 @@ def selected_attention_mgpu(q, k, v, block_indices, *, block_size: int = BLOCK_S
   cfg = _Config(softmax_scale=scale, mode=mode, block_size=block_size, num_stages=num_stages,
                 tile_rows=tile_rows, q_layout=q_layout, ping_pong=ping_pong, backward=backward)
   resolve_config(cfg, q.shape[2] // k.shape[2])                           # validates
+  doc_start = None
+  if segment_ids is not None:
+    doc_start = document_starts(segment_ids, q.shape[0], q.shape[1])
   if return_lse:
-    return _forward(q, k, v, block_indices, cfg)
-  return _attention(q, k, v, block_indices, cfg)
+    return _forward(q, k, v, block_indices, doc_start, cfg)
+  return _attention(q, k, v, block_indices, doc_start, cfg)
 
 
 def selected_attention_op(q, k, v, block_indices, *, block_size, segment_ids, softmax_scale):

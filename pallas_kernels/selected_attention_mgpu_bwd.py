@@ -90,10 +90,11 @@ def _copy_rows(pairs, b, h, tile, barrier, *, direct: bool, g: int):
 
 
 def _dq_kernel(q_ref, do_ref, lse_ref, dl_ref, k_ref, v_ref, ids_ref, cnt_ref, lo_ref, hi_ref,
+               doc_ref, dmax_ref,
                dq_ref,
-               q_smem, do_smem, lse_smem, dl_smem, k_smem, v_smem, q_bar, k_bar, v_bar,
+               q_smem, do_smem, lse_smem, dl_smem, k_smem, v_smem, q_bar, k_bar, v_bar, doc_smem,
                *, num_heads: int, g: int, scale2: float, stages: int, mask_skip: bool, dtype,
-               direct: bool):
+               direct: bool, has_docs: bool):
   """One CTA: query tile ``tile`` of ``bh`` (refs: :func:`backward`)."""
   tile = lax.axis_index("tile")
   bh = lax.axis_index("bh")
@@ -104,6 +105,8 @@ def _dq_kernel(q_ref, do_ref, lse_ref, dl_ref, k_ref, v_ref, ids_ref, cnt_ref, l
   count = cnt_ref[b, h, tile]
   _copy_rows(((q_ref, q_smem), (do_ref, do_smem)), b, h, tile, q_bar, direct=direct, g=g)
   _copy_rows(((lse_ref, lse_smem), (dl_ref, dl_smem)), b, h, tile, q_bar, direct=False, g=g)
+  if has_docs:
+    plgpu.copy_gmem_to_smem(doc_ref.at[b, pl.ds(tile * ROWS, ROWS)], doc_smem, q_bar)
 
   def fetch(j, slot):
     keys = pl.ds(ids_ref[b, h, tile, j] * bs, bs)
@@ -119,6 +122,9 @@ def _dq_kernel(q_ref, do_ref, lse_ref, dl_ref, k_ref, v_ref, ids_ref, cnt_ref, l
   plgpu.barrier_wait(q_bar)
   lse2 = plgpu.load(lse_smem, layout=layout.reduce(1))                 # [64] log2 units
   delta = plgpu.load(dl_smem, layout=layout.reduce(1))
+  docs = {}
+  if has_docs:
+    docs = dict(first=plgpu.load(doc_smem, layout=layout.reduce(1)), first_max=dmax_ref[b, tile])
   dq = plgpu.layout_cast(jnp.full((ROWS, d), 0.0, jnp.float32), layout)
 
   def step(j, dq):
@@ -132,7 +138,7 @@ def _dq_kernel(q_ref, do_ref, lse_ref, dl_ref, k_ref, v_ref, ids_ref, cnt_ref, l
     s = pl.run_scoped(qk, plgpu.ACC((ROWS, bs), jnp.float32))
     s = fwd._masked_scores(s, col_ids, tok, tok_base=0, t_base=tile * r, blk=blk, bs=bs,
                            lo=lo_ref[b, h, tile, j], hi=hi_ref[b, h, tile, j],
-                           need=fwd._need_words(0, r), skip=mask_skip)
+                           need=fwd._need_words(0, r), skip=mask_skip, **docs)
     p = jnp.exp2(s * scale2 - lax.broadcast_in_dim(lse2, s.shape, [0]))
     plgpu.barrier_wait(v_bar.at[slot])
 
@@ -161,11 +167,11 @@ def _dq_kernel(q_ref, do_ref, lse_ref, dl_ref, k_ref, v_ref, ids_ref, cnt_ref, l
 
 
 def _dkv_kernel(q_ref, do_ref, lse_ref, dl_ref, k_ref, v_ref, tiles_ref, plo_ref, phi_ref,
-                iblk_ref, istart_ref, icnt_ref,
+                iblk_ref, istart_ref, icnt_ref, doc_ref, dmax_ref,
                 dk_ref, dv_ref,
-                k_smem, v_smem, q_smem, do_smem, lse_smem, dl_smem, kv_bar, q_bar,
+                k_smem, v_smem, q_smem, do_smem, lse_smem, dl_smem, kv_bar, q_bar, doc_smem,
                 *, num_heads: int, num_blocks: int, g: int, scale2: float, stages: int,
-                mask_skip: bool, dtype, direct: bool):
+                mask_skip: bool, dtype, direct: bool, has_docs: bool):
   """One CTA: work item ``item`` of ``bh`` (a KV block and a run of its query tiles)."""
   item = lax.axis_index("item")
   bh = lax.axis_index("bh")
@@ -186,6 +192,9 @@ def _dkv_kernel(q_ref, do_ref, lse_ref, dl_ref, k_ref, v_ref, tiles_ref, plo_ref
                q_bar.at[slot], direct=direct, g=g)
     _copy_rows(((lse_ref, lse_smem.at[slot]), (dl_ref, dl_smem.at[slot])), b, h, tile,
                q_bar.at[slot], direct=False, g=g)
+    if has_docs:
+      plgpu.copy_gmem_to_smem(doc_ref.at[b, pl.ds(tile * ROWS, ROWS)], doc_smem.at[slot],
+                              q_bar.at[slot])
 
   for s in range(stages):
     pl.when(s < count)(functools.partial(fetch, jnp.int32(s), s))
@@ -200,11 +209,13 @@ def _dkv_kernel(q_ref, do_ref, lse_ref, dl_ref, k_ref, v_ref, tiles_ref, plo_ref
   dv = plgpu.layout_cast(jnp.full((bs, d), 0.0, jnp.float32), layout)
   plgpu.barrier_wait(kv_bar)
 
-  def masked(st, t_base, lo, hi):
+  def masked(st, t_base, lo, hi, first):
     word = jnp.where(row_tok < 32, lo, hi)
     shift = jnp.where(row_tok < 32, row_tok, row_tok - 32)
     member = (lax.shift_right_logical(word, shift) & 1) == 1
     visible = member & (key_ids + blk * bs <= row_tok + t_base)
+    if first is not None:                          # the key is in the column's document
+      visible = visible & (key_ids + blk * bs >= lax.broadcast_in_dim(first, st.shape, [1]))
     return jnp.where(visible, st, -jnp.inf)
 
   def step(j, carry):
@@ -220,12 +231,15 @@ def _dkv_kernel(q_ref, do_ref, lse_ref, dl_ref, k_ref, v_ref, tiles_ref, plo_ref
       return acc_ref[...]
     st = pl.run_scoped(kq, plgpu.ACC((bs, ROWS), jnp.float32))               # [keys, rows]
     t_base = tile * r
+    first = plgpu.load(doc_smem.at[slot], layout=layout.reduce(0)) if has_docs else None
     if mask_skip:
       full = ((blk * bs + (bs - 1) <= t_base) & ((lo & need_lo) == need_lo)
               & ((hi & need_hi) == need_hi))
-      st = lax.cond(full, lambda x: x, lambda x: masked(x, t_base, lo, hi), st)
+      if has_docs:
+        full = full & (blk * bs >= dmax_ref[b, tile])
+      st = lax.cond(full, lambda x: x, lambda x: masked(x, t_base, lo, hi, first), st)
     else:
-      st = masked(st, t_base, lo, hi)
+      st = masked(st, t_base, lo, hi, first)
     lse2 = plgpu.load(lse_smem.at[slot], layout=layout.reduce(0))        # [64 rows]
     pt = jnp.exp2(st * scale2 - lax.broadcast_in_dim(lse2, st.shape, [1]))
 
@@ -262,7 +276,8 @@ class BwdOperands(NamedTuple):
     qx, dox: ``[B, H, NT*64, D]`` Q and dO in 64-row tiles (``direct``: ``[B, NT*r, HQ, D]``,
       padded to whole tiles); lsex: ``[B, H, NT*64]`` LSE in log2 units (``+inf`` for rows that
       saw no key, so their ``P`` is 0); dlx: ``[B, H, NT*64]`` ``δ = rowsum(dO ∘ O)``; kp, vp: ``[B, NB*64, H, D]`` K and V padded to whole blocks;
-      lists: the 64-row tiles' iteration lists; work: the dK/dV work items.
+      lists: the 64-row tiles' iteration lists; work: the dK/dV work items; docs: ``None`` or
+      :func:`pallas_kernels.selected_attention_mgpu.doc_tiles` of the 64-row tiles.
   """
   qx: jax.Array
   dox: jax.Array
@@ -272,6 +287,7 @@ class BwdOperands(NamedTuple):
   vp: jax.Array
   lists: TileLists
   work: WorkItems
+  docs: tuple | None
 
 
 def use_direct(g: int) -> bool:
@@ -281,7 +297,7 @@ def use_direct(g: int) -> bool:
 
 
 def prepare_backward(q, k, v, o, lse, do, block_indices, *, mode: str, chunk: int,
-                     direct: bool = False) -> BwdOperands:
+                     direct: bool = False, doc_start=None) -> BwdOperands:
   """Tiles, residuals and index structures for the two kernels (shapes as :func:`backward`)."""
   t, hq = q.shape[1], q.shape[2]
   h = k.shape[2]
@@ -306,7 +322,13 @@ def prepare_backward(q, k, v, o, lse, do, block_indices, *, mode: str, chunk: in
   return BwdOperands(qx=to_tiles(q), dox=to_tiles(do.astype(q.dtype)),
                      lsex=rows(lse2[..., None])[..., 0], dlx=rows(delta[..., None])[..., 0],
                      kp=pad_kv(k), vp=pad_kv(v), lists=lists,
-                     work=inverse_work_items(lists, nb, chunk=chunk))
+                     work=inverse_work_items(lists, nb, chunk=chunk),
+                     docs=None if doc_start is None else fwd.doc_tiles(doc_start, hq // h, tp))
+
+
+def _no_docs(b: int):
+  """Placeholder document operands for kernels compiled without documents (never read)."""
+  return jnp.zeros((b, ROWS), jnp.int32), jnp.zeros((b, 1), jnp.int32)
 
 
 def reduce_items(part, item_block, *, num_blocks: int, seq_len: int):
@@ -324,7 +346,7 @@ def reduce_items(part, item_block, *, num_blocks: int, seq_len: int):
 
 
 def backward(q, k, v, o, lse, do, block_indices, *, softmax_scale: float, mode: str,
-             cfg: BwdConfig = BwdConfig()):
+             doc_start=None, cfg: BwdConfig = BwdConfig()):
   """Gradients of selected-block attention from the forward's ``o`` and ``lse``.
 
   Args:
@@ -333,6 +355,7 @@ def backward(q, k, v, o, lse, do, block_indices, *, softmax_scale: float, mode: 
       (``-inf`` where a row saw no key); do: ``[B, T, HQ, D]`` output cotangent.
     block_indices: ``[B, T, H, n]`` the forward's selection.
     softmax_scale: the forward's scale (> 0).
+    doc_start: optional ``[B, T]`` int32 first position of each token's document.
     mode: ``"exact"`` or ``"shared"`` (tokens of each aligned run of ``64 // G`` use their
       first token's list, as in the forward's 64-row tiles).
 
@@ -342,7 +365,7 @@ def backward(q, k, v, o, lse, do, block_indices, *, softmax_scale: float, mode: 
   t, hq = q.shape[1], q.shape[2]
   direct = cfg.direct and use_direct(hq // k.shape[2])
   ops = prepare_backward(q, k, v, o, lse, do, block_indices, mode=mode, chunk=cfg.chunk,
-                         direct=direct)
+                         direct=direct, doc_start=doc_start)
   dq = dq_call(ops, softmax_scale=softmax_scale, seq_len=t, num_q_heads=hq, cfg=cfg,
                direct=direct)
   dk, dv = dkv_call(ops, softmax_scale=softmax_scale, seq_len=t, num_q_heads=hq, cfg=cfg,
@@ -357,7 +380,9 @@ def dq_call(ops: BwdOperands, *, softmax_scale: float, seq_len: int, num_q_heads
   g = num_q_heads // h
   t = seq_len
   bs = fwd.BLOCK_SIZE
-  qx, dox, lsex, dlx, kp, vp, lists, _ = ops
+  qx, dox, lsex, dlx, kp, vp, lists, _, docs = ops
+  has_docs = docs is not None
+  docs = docs if has_docs else _no_docs(b)
   dtype = qx.dtype
   nt, length = lists.ids.shape[2:]
   scale2 = float(softmax_scale) * _LOG2E
@@ -365,7 +390,8 @@ def dq_call(ops: BwdOperands, *, softmax_scale: float, seq_len: int, num_q_heads
   stages_dq = max(1, min(cfg.num_stages, length))
   arrivals = 2 * (ROWS // g) + 2 if direct else 4
   dq_kernel = functools.partial(_dq_kernel, num_heads=h, g=g, scale2=scale2, stages=stages_dq,
-                                mask_skip=cfg.mask_skip, dtype=dtype, direct=direct)
+                                mask_skip=cfg.mask_skip, dtype=dtype, direct=direct,
+                                has_docs=has_docs)
   dqx = plgpu.kernel(
       dq_kernel,
       out_type=jax.ShapeDtypeStruct(qx.shape, dtype),
@@ -376,12 +402,13 @@ def dq_call(ops: BwdOperands, *, softmax_scale: float, seq_len: int, num_q_heads
           plgpu.SMEM((ROWS,), jnp.float32),
           plgpu.SMEM((stages_dq, bs, d), dtype, transforms=_TRANSFORMS),
           plgpu.SMEM((stages_dq, bs, d), dtype, transforms=_TRANSFORMS),
-          plgpu.Barrier(num_arrivals=arrivals),
+          plgpu.Barrier(num_arrivals=arrivals + int(has_docs)),
           plgpu.Barrier(num_arrivals=1, num_barriers=stages_dq),
           plgpu.Barrier(num_arrivals=1, num_barriers=stages_dq),
+          plgpu.SMEM((ROWS,), jnp.int32),
       ],
       grid=(nt, b * h), grid_names=("tile", "bh"), compiler_params=params,
-  )(qx, dox, lsex, dlx, kp, vp, lists.ids, lists.counts, lists.member_lo, lists.member_hi)
+  )(qx, dox, lsex, dlx, kp, vp, lists.ids, lists.counts, lists.member_lo, lists.member_hi, *docs)
   dq = dqx[:, :t] if direct else fwd._from_tiles(dqx, t, g)
   return dq.astype(jnp.float32) * softmax_scale
 
@@ -394,7 +421,9 @@ def dkv_call(ops: BwdOperands, *, softmax_scale: float, seq_len: int, num_q_head
   t = seq_len
   bs = fwd.BLOCK_SIZE
   nb = -(-t // bs)
-  qx, dox, lsex, dlx, kp, vp, _, work = ops
+  qx, dox, lsex, dlx, kp, vp, _, work, docs = ops
+  has_docs = docs is not None
+  docs = docs if has_docs else _no_docs(b)
   dtype = qx.dtype
   scale2 = float(softmax_scale) * _LOG2E
   params = plgpu.CompilerParams(approx_math=True)
@@ -403,7 +432,7 @@ def dkv_call(ops: BwdOperands, *, softmax_scale: float, seq_len: int, num_q_head
   stages_kv = max(1, min(cfg.num_stages, cfg.chunk))
   dkv_kernel = functools.partial(_dkv_kernel, num_heads=h, num_blocks=nb, g=g, scale2=scale2,
                                  stages=stages_kv, mask_skip=cfg.mask_skip, dtype=dtype,
-                                 direct=direct)
+                                 direct=direct, has_docs=has_docs)
   part = jax.ShapeDtypeStruct((b, h, w * bs, d), dtype)
   dk_part, dv_part = plgpu.kernel(
       dkv_kernel,
@@ -416,11 +445,12 @@ def dkv_call(ops: BwdOperands, *, softmax_scale: float, seq_len: int, num_q_head
           plgpu.SMEM((stages_kv, ROWS), jnp.float32),
           plgpu.SMEM((stages_kv, ROWS), jnp.float32),
           plgpu.Barrier(num_arrivals=2),
-          plgpu.Barrier(num_arrivals=arrivals, num_barriers=stages_kv),
+          plgpu.Barrier(num_arrivals=arrivals + int(has_docs), num_barriers=stages_kv),
+          plgpu.SMEM((stages_kv, ROWS), jnp.int32),
       ],
       grid=(w, b * h), grid_names=("item", "bh"), compiler_params=params,
   )(qx, dox, lsex, dlx, kp, vp, work.tiles, work.member_lo, work.member_hi, work.item_block,
-    work.item_start, work.item_count)
+    work.item_start, work.item_count, *docs)
 
   dk = reduce_items(dk_part, work.item_block, num_blocks=nb, seq_len=t) * softmax_scale
   dv = reduce_items(dv_part, work.item_block, num_blocks=nb, seq_len=t)

@@ -15,7 +15,7 @@ import pytest
 from pallas_kernels import selected_attention_mgpu as mg
 from pallas_kernels import selected_attention_mgpu_bwd as bw
 from pallas_kernels.selection_tiles import inverse_work_items, tile_iteration_lists
-from sparse_attention_jax.ops.masked import masked_attention
+from sparse_attention_jax.ops.masked import document_starts, masked_attention
 from sparse_attention_jax.ops.selected import selected_mask
 from sparse_attention_jax.ops.selection import share_selection
 
@@ -81,18 +81,23 @@ def _emulate(ops: bw.BwdOperands, *, g, scale, t, nb):
   r = 64 // g
   scale2 = scale * np.log2(np.e)
   tok = np.arange(64) // g
+  first = None if ops.docs is None else np.asarray(ops.docs[0])              # [B, NT*64]
 
-  def mask(blk, tile, lo_w, hi_w):                 # [64 rows, 64 keys]
+  def mask(bb, blk, tile, lo_w, hi_w):             # [64 rows, 64 keys]
     word = np.where(tok < 32, lo_w, hi_w).astype(np.int64) & 0xFFFFFFFF
     member = (word >> np.where(tok < 32, tok, tok - 32)) & 1
     t_abs = tile * r + tok
-    return member[:, None].astype(bool) & (blk * BS + np.arange(BS)[None, :] <= t_abs[:, None])
+    key = blk * BS + np.arange(BS)[None, :]
+    m = member[:, None].astype(bool) & (key <= t_abs[:, None])
+    if first is not None:
+      m &= key >= first[bb, tile * 64:(tile + 1) * 64, None]
+    return m
 
   def probs(bb, hh, blk, tile, lo_w, hi_w):
     rows = slice(tile * 64, tile * 64 + 64)
     k = kp[bb, blk * BS:(blk + 1) * BS, hh]
     v = vp[bb, blk * BS:(blk + 1) * BS, hh]
-    s = np.where(mask(blk, tile, lo_w, hi_w), qx[bb, hh, rows] @ k.T, -np.inf)
+    s = np.where(mask(bb, blk, tile, lo_w, hi_w), qx[bb, hh, rows] @ k.T, -np.inf)
     p = np.exp2(s * scale2 - lsex[bb, hh, rows, None])
     dp = dox[bb, hh, rows] @ v.T
     return p, p * (dp - dlx[bb, hh, rows, None]), rows, k
@@ -126,8 +131,10 @@ def _emulate(ops: bw.BwdOperands, *, g, scale, t, nb):
   return dq, dk, dv
 
 
-@pytest.mark.parametrize("g,mode,chunk", [(4, "exact", 3), (16, "shared", 2), (3, "exact", 50)])
-def test_emulated_kernels_match_reference_grads(g, mode, chunk):
+@pytest.mark.parametrize("g,mode,chunk,docs", [(4, "exact", 3, False), (16, "shared", 2, False),
+                                               (3, "exact", 50, False), (4, "exact", 3, True),
+                                               (16, "shared", 4, True)])
+def test_emulated_kernels_match_reference_grads(g, mode, chunk, docs):
   b, t, h, d, n = 1, 333, 2, 16, 4
   kq, kk, kv, ki, kw = jax.random.split(jax.random.key(g), 5)
   q = jax.random.normal(kq, (b, t, h * g, d), jnp.float32)
@@ -137,12 +144,27 @@ def test_emulated_kernels_match_reference_grads(g, mode, chunk):
   bi = _selection(ki, b, t, h, n).at[:, 64:80].set(-1)                    # tokens that see nothing
   bi_ref = share_selection(bi, mg.tokens_per_tile(g)) if mode == "shared" else bi
   scale = d ** -0.5
-  mask = selected_mask(bi_ref, block_size=BS, seq_len=t)
+  seg = None
+  if docs:                                          # documents start mid-block and mid-tile
+    seg = jnp.cumsum(jnp.zeros((b, t), jnp.int32).at[:, [37, 90, 91, 200]].set(1), axis=1) * 3
+  mask = selected_mask(bi_ref, block_size=BS, seq_len=t, segment_ids=seg)
   attn = lambda q, k, v: masked_attention(q, k, v, mask, scale)
   (o, lse), vjp = jax.vjp(attn, q, k, v)
   want = vjp((do, jnp.zeros_like(lse)))
   assert bool(jnp.any(jnp.isneginf(lse)))
-  ops = bw.prepare_backward(q, k, v, o, lse, do, bi, mode=mode, chunk=chunk)
+  doc_start = None if seg is None else document_starts(seg, b, t)
+  ops = bw.prepare_backward(q, k, v, o, lse, do, bi, mode=mode, chunk=chunk, doc_start=doc_start)
   got = _emulate(ops, g=g, scale=scale, t=t, nb=-(-t // BS))
   for name, a, w in zip("dq dk dv".split(), got, want):
     np.testing.assert_allclose(np.asarray(a), np.asarray(w), rtol=2e-4, atol=2e-4, err_msg=name)
+
+
+def test_doc_tiles_rows_and_group_max():
+  seg = jnp.array([[5, 5, 5, 7, 7, 9, 9, 9, 9, 9]], jnp.int32)
+  ds = document_starts(seg, 1, 10)                                         # [0,0,0,3,3,5,5,5,5,5]
+  rows, gmax = mg.doc_tiles(ds, 16, 12)                                    # r = 4 tokens per group
+  rows, gmax = np.asarray(rows), np.asarray(gmax)
+  assert rows.shape == (1, 3 * 64) and gmax.tolist() == [[3, 5, 5]]
+  np.testing.assert_array_equal(rows[0, 16 * 3:16 * 4], 3)                 # token 3, all 16 heads
+  np.testing.assert_array_equal(rows[0, 64 + 16:64 + 32], 5)               # token 5
+  np.testing.assert_array_equal(rows[0, 128 + 32:128 + 64], 0)             # padded tokens 10, 11

@@ -19,6 +19,10 @@ from pallas_kernels import selected_attention_mgpu as mg
 
 def _lower(dtype, d, g, mode, *, t=200, h=2, n=4, **kw):
   f = lambda q, k, v, bi: mg.selected_attention_mgpu(q, k, v, bi, mode=mode, **kw)
+  if kw.pop("with_segments", False):
+    seg = jnp.repeat(jnp.arange(4, dtype=jnp.int32), -(-t // 4))[None, :t]
+    f = lambda q, k, v, bi: mg.selected_attention_mgpu(q, k, v, bi, mode=mode,
+                                                       segment_ids=seg, **kw)
   avals = (jax.ShapeDtypeStruct((1, t, h * g, d), dtype),
            jax.ShapeDtypeStruct((1, t, h, d), dtype),
            jax.ShapeDtypeStruct((1, t, h, d), dtype),
@@ -80,7 +84,6 @@ def test_unsupported_configs_raise_not_implemented_with_reason():
   cases = [
       ({"q": q.astype(jnp.float32), "k": k.astype(jnp.float32), "v": v.astype(jnp.float32)},
        "dtype"),
-      ({"segment_ids": jnp.zeros((1, 64), jnp.int32)}, "segment_ids"),
       ({"block_size": 32}, "block_size"),
       ({"q": jnp.zeros((1, 64, 4, 96), jnp.bfloat16), "k": jnp.zeros((1, 64, 2, 96), jnp.bfloat16),
         "v": jnp.zeros((1, 64, 2, 96), jnp.bfloat16)}, "head dims"),
@@ -111,8 +114,11 @@ def test_backend_is_registered_lazily_and_declines_on_cpu():
 
 
 def _lower_grad(dtype, d, g, mode, *, t=200, h=2, n=4, **kw):
+  seg = None
+  if kw.pop("with_segments", False):
+    seg = jnp.repeat(jnp.arange(4, dtype=jnp.int32), -(-t // 4))[None, :t]
   def loss(q, k, v, bi):
-    o = mg.selected_attention_mgpu(q, k, v, bi, mode=mode, **kw)
+    o = mg.selected_attention_mgpu(q, k, v, bi, mode=mode, segment_ids=seg, **kw)
     return jnp.sum(o.astype(jnp.float32))
   avals = (jax.ShapeDtypeStruct((1, t, h * g, d), dtype),
            jax.ShapeDtypeStruct((1, t, h, d), dtype),
@@ -139,7 +145,7 @@ def test_backward_kernels_lower_for_cuda(g, d, dtype, mode):
 def test_backward_layouts_lower_for_cuda(direct, g, t):
   cfg = mg._Config(softmax_scale=0.125, mode="exact", bwd_direct=direct, bwd_chunk=2)
   def loss(q, k, v, bi):
-    return jnp.sum(mg._attention(q, k, v, bi, cfg).astype(jnp.float32))
+    return jnp.sum(mg._attention(q, k, v, bi, None, cfg).astype(jnp.float32))
   h, d, n = 2, 64, 4
   avals = (jax.ShapeDtypeStruct((1, t, h * g, d), jnp.bfloat16),
            jax.ShapeDtypeStruct((1, t, h, d), jnp.bfloat16),
@@ -148,3 +154,13 @@ def test_backward_layouts_lower_for_cuda(direct, g, t):
   text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(*avals).lower(
       lowering_platforms=("cuda",)).as_text()
   assert _has_mosaic_call(text)
+
+
+@pytest.mark.parametrize("rows,layout,g", [(64, "tiles", 16), (128, "direct", 16),
+                                           (128, "tiles", 4), (64, "tiles", 3)])
+def test_segment_ids_lower_for_cuda_forward_and_backward(rows, layout, g):
+  kw = dict(tile_rows=rows, q_layout=layout, with_segments=True)
+  plain = _lower(jnp.bfloat16, 64, g, "exact", tile_rows=rows, q_layout=layout)
+  text = _lower(jnp.bfloat16, 64, g, "exact", **kw)
+  assert _has_mosaic_call(text) and text != plain
+  assert _has_mosaic_call(_lower_grad(jnp.bfloat16, 64, g, "exact", **kw))

@@ -1,7 +1,9 @@
 """GPU check of the selected-attention backward kernels (dQ, dK/dV) against the float32 reference.
 
 Run on the GPU machine from the repository root:
-``PYTHONPATH=$PWD python3 tests/gpu/check_selected_mgpu_bwd.py [--quick]``.
+``PYTHONPATH=$PWD python3 tests/gpu/check_selected_mgpu_bwd.py [--quick | --docs | --all]``
+(``--docs``: only the packed-document configs; ``--all``: everything). Each config also checks the
+forward (O and LSE) of the same call.
 Each config draws fresh random inputs and a random output cotangent (never zeros), takes
 ``jax.vjp`` of the kernel op twice (a difference between the two runs means a race) and compares
 dQ, dK, dV with the VJP of the plain-JAX reference on float32 copies of the same inputs
@@ -18,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels import selected_attention_mgpu as mg
-from sparse_attention_jax.ops.masked import masked_attention
+from sparse_attention_jax.ops.masked import document_starts, masked_attention
 from sparse_attention_jax.ops.selected import selected_attention, selected_mask
 from sparse_attention_jax.ops.selection import share_selection
 
@@ -38,8 +40,14 @@ CONFIGS = [
 ]
 
 
-def check(name, b, t, hq, h, d, n, dtype, mode, seed, **kw):
-  name = f"{name} {kw}" if kw else name
+def segments(b, t, seed):
+  """Packed documents with boundaries inside blocks and tiles: ``[B, T]`` int32."""
+  cuts = jax.random.randint(jax.random.key(seed + 999), (b, 5), 1, t)
+  return jnp.cumsum(jnp.zeros((b, t), jnp.int32).at[jnp.arange(b)[:, None], cuts].set(1), axis=1)
+
+
+def check(name, b, t, hq, h, d, n, dtype, mode, seed, docs=False, **kw):
+  name = f"{name}{' docs' if docs else ''} {kw}" if (kw or docs) else name
   key = jax.random.key(seed)
   kq, kk, kv, ki, kd = jax.random.split(key, 5)
   q = jax.random.normal(kq, (b, t, hq, d), jnp.float32).astype(dtype)
@@ -49,19 +57,28 @@ def check(name, b, t, hq, h, d, n, dtype, mode, seed, **kw):
   bi = random_selection(ki, b, t, h, n).at[:, 70:74].set(-1)               # rows that see nothing
   cfg = mg._Config(softmax_scale=d ** -0.5, mode=mode, tile_rows=128 if mode == "exact" else 64,
                    q_layout="direct", **kw)                                # the public defaults
+  seg = segments(b, t, seed) if docs else None
+  doc_start = None if seg is None else document_starts(seg, b, t)
   f = jax.jit(lambda q, k, v, do, bi: jax.vjp(
-      lambda q, k, v: mg._attention(q, k, v, bi, cfg), q, k, v)[1](do))
+      lambda q, k, v: mg._attention(q, k, v, bi, doc_start, cfg), q, k, v)[1](do))
   g1 = jax.block_until_ready(f(q, k, v, do, bi))
   g2 = jax.block_until_ready(f(q, k, v, do, bi))
+  o_k, lse_k = jax.jit(lambda q, k, v, bi: mg._forward(q, k, v, bi, doc_start, cfg))(q, k, v, bi)
   g = hq // h
   bi_ref = share_selection(bi, mg.tokens_per_tile(g)) if mode == "shared" else bi
   f32 = lambda x: x.astype(jnp.float32)
-  mask = selected_mask(bi_ref, block_size=BS, seq_len=t)
-  _, vjp = jax.vjp(lambda q, k, v: masked_attention(q, k, v, mask, d ** -0.5)[0],
-                   f32(q), f32(k), f32(v))
-  want = vjp(f32(do))
-  ok = True
-  parts = []
+  mask = selected_mask(bi_ref, block_size=BS, seq_len=t, segment_ids=seg)
+  (o_r, lse_r), vjp = jax.vjp(lambda q, k, v: masked_attention(q, k, v, mask, d ** -0.5),
+                              f32(q), f32(k), f32(v))
+  want = vjp((f32(do), jnp.zeros_like(lse_r)))
+  o_k, o_r = np.asarray(f32(o_k)), np.asarray(o_r)
+  o_rel = np.linalg.norm(o_k - o_r) / np.linalg.norm(o_r)
+  lse_k, lse_r = np.asarray(lse_k), np.asarray(lse_r)
+  fin = np.isfinite(lse_r)
+  lse_ok = bool(np.all(np.isneginf(lse_k[~fin]))) and (
+      not fin.any() or np.max(np.abs(lse_k[fin] - lse_r[fin])) < 2e-2)
+  ok = o_rel < 1e-2 and lse_ok
+  parts = [f"o: rel={o_rel:.1e} lse_ok={lse_ok}"]
   for nm, a, a2, w in zip(("dq", "dk", "dv"), g1, g2, want):
     a, a2, w = np.asarray(f32(a)), np.asarray(f32(a2)), np.asarray(w)
     rel = np.linalg.norm(a - w) / max(np.linalg.norm(w), 1e-30)
@@ -102,8 +119,15 @@ def main():
   jobs += [(CONFIGS[i], {"tile_rows": 64, "q_layout": "tiles"}) for i in (0, 3)]
   jobs += [(CONFIGS[i], {"bwd_direct": False}) for i in (0, 2, 7)]         # tiles backward
   jobs += [(CONFIGS[i], {"bwd_chunk": 3}) for i in (2, 7)]                 # many split items
+  docs = [(CONFIGS[i], {"docs": True, **kw}) for i, kw in
+          ((0, {}), (1, {}), (2, {}), (3, {"tile_rows": 64, "q_layout": "tiles"}), (4, {}),
+           (5, {}), (6, {}), (7, {}), (2, {"bwd_direct": False}))]          # packed documents
   if "--quick" in sys.argv:
-    jobs = [jobs[i] for i in (10, 0, 1, 4, 6, 7, 13)]
+    jobs = [jobs[i] for i in (0, 1, 4, 6, 7, 13)]
+  if "--docs" in sys.argv:
+    jobs = docs
+  elif "--all" in sys.argv:
+    jobs += docs
   ok = True
   for i, (c, kw) in enumerate(jobs):
     t0 = time.perf_counter()
