@@ -124,7 +124,9 @@ def main():
            (5, {}), (6, {}), (7, {}), (2, {"bwd_direct": False}))]          # packed documents
   if "--quick" in sys.argv:
     jobs = [jobs[i] for i in (0, 1, 4, 6, 7, 13)]
-  if "--docs" in sys.argv:
+  if "--docs-quick" in sys.argv:
+    jobs = [docs[i] for i in (0, 3, 4, 6, 8)]
+  elif "--docs" in sys.argv:
     jobs = docs
   elif "--all" in sys.argv:
     jobs += docs
