@@ -55,8 +55,8 @@ def check(name, b, t, hq, h, d, n, dtype, mode, seed, docs=False, **kw):
   v = jax.random.normal(kv, (b, t, h, d), jnp.float32).astype(dtype)
   do = jax.random.normal(kd, (b, t, hq, d), jnp.float32).astype(dtype)
   bi = random_selection(ki, b, t, h, n).at[:, 70:74].set(-1)               # rows that see nothing
-  cfg = mg._Config(softmax_scale=d ** -0.5, mode=mode, tile_rows=128 if mode == "exact" else 64,
-                   q_layout="direct", **kw)                                # the public defaults
+  opts = {"tile_rows": 128 if mode == "exact" else 64, "q_layout": "direct"}  # public defaults
+  cfg = mg._Config(softmax_scale=d ** -0.5, mode=mode, **{**opts, **kw})
   seg = segments(b, t, seed) if docs else None
   doc_start = None if seg is None else document_starts(seg, b, t)
   f = jax.jit(lambda q, k, v, do, bi: jax.vjp(
