@@ -65,3 +65,14 @@ def test_asa_kinds_use_latent_head_dims():
   # asa_global: absorbed latents, dl = 16 / 2 = 8, Dk = 8 + 4, Dv = 8; cmp 8 keys + slc 24.
   assert flops.attention_flops_per_token(cfg, "asa_global", 64) == pytest.approx(
       6 * 2 * (8 + 24) * (12 + 8))
+
+
+def test_nosa_counts_scoring_and_its_selected_blocks():
+  cfg = ModelConfig.from_dict({**TINY, "attention": ["nosa"], "num_layers": 1,
+                               "nsa": {"preset": "infllm_v2", "cmp_window": 8, "cmp_stride": 4,
+                                       "block_size": 8, "num_selected": 4,
+                                       "num_init_blocks": 1, "num_local_blocks": 2},
+                               "nosa": {"query_selected": 3}})
+  # Scores over T/(2d) = 8 compressed keys (Dk only: no compressed output), k*l' = 32 selected.
+  assert flops.attention_flops_per_token(cfg, "nosa", 64) == pytest.approx(
+      6 * 2 * (8 * 8 + 32 * 16))

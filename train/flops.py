@@ -111,7 +111,7 @@ def attention_flops_per_token(config: ModelConfig, kind: str, seq_len: int) -> f
     keys_dims = half * (dk + dv)
   elif kind == "swa":
     keys_dims = min(config.window, half) * (dk + dv)
-  elif kind == "nsa":
+  elif kind in ("nsa", "nosa"):       # NOSA: InfLLM-V2 scoring + its k selected blocks
     keys_dims = _nsa_branch_terms(config, t, config.nsa.branches, dk, dv)
   elif kind == "ssa":
     ssa = config.ssa or SSAConfig()
@@ -124,7 +124,7 @@ def attention_flops_per_token(config: ModelConfig, kind: str, seq_len: int) -> f
     dl = lat.kv_rank // lat.groups
     keys_dims = _nsa_branch_terms(config, t, config.nsa.branches, dl + lat.rope_dim, dl)
   else:
-    raise ValueError(f"kind: expected one of full, swa, nsa, ssa, asa_local, asa_global, got "
+    raise ValueError(f"kind: expected one of full, swa, nsa, nosa, ssa, asa_local, asa_global, got "
                      f"{kind!r}")
   return 6.0 * hq * keys_dims
 
