@@ -89,7 +89,8 @@ def backward_parts(q, k, v, w, bi, cfg, reps):
   prep = jax.jit(lambda q, k, v, o, lse, do: bw.prepare_backward(
       q, k, v, o, lse, do, bi, mode=cfg.mode, chunk=bcfg.chunk, direct=direct))
   ops = prep(q, k, v, o, lse, do)
-  kw = dict(softmax_scale=cfg.softmax_scale, seq_len=t, num_q_heads=HQ, cfg=bcfg, direct=direct)
+  kw = {"softmax_scale": cfg.softmax_scale, "seq_len": t, "num_q_heads": HQ, "cfg": bcfg,
+        "direct": direct}
   dq = jax.jit(lambda ops: bw.dq_call(ops, **kw))
   dkv = jax.jit(lambda ops: bw.dkv_call(ops, **kw))
   n_items = int(jnp.sum(ops.work.item_count > 0))

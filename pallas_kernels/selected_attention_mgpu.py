@@ -259,7 +259,8 @@ def _kernel(q_ref, k_ref, v_ref, ids_ref, cnt_ref, lo_ref, hi_ref,       # input
     plgpu.barrier_wait(idx_bar)
   docs = {}
   if cfg.has_docs:
-    docs = dict(first=plgpu.load(doc_smem, layout=layout.reduce(1)), first_max=dmax_ref[b, tile])
+    docs = {"first": plgpu.load(doc_smem, layout=layout.reduce(1)),
+            "first_max": dmax_ref[b, tile]}
 
   def step(j, carry):
     acc, m_i, l_i = carry
@@ -369,8 +370,8 @@ def _kernel_ws(q_ref, k_ref, v_ref, ids_ref, cnt_ref, lo_ref, hi_ref, doc_ref, d
         plgpu.barrier_wait(idx_bar)
       docs = {}
       if cfg.has_docs:
-        docs = dict(first=plgpu.load(doc_smem2.at[wg], layout=layout.reduce(1)),
-                    first_max=dmax_ref[b, tile * 2 + wg])
+        docs = {"first": plgpu.load(doc_smem2.at[wg], layout=layout.reduce(1)),
+                "first_max": dmax_ref[b, tile * 2 + wg]}
       if pp:
         pl.when(wg == 1)(schedule_barrier)
 

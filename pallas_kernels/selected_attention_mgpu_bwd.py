@@ -20,7 +20,8 @@ layout of :func:`pallas_kernels.selected_attention_mgpu._to_tiles`) and one warp
   ``dK, dV`` once. XLA adds the partials of each block (one or a few per block) in float32.
 
 Masking matches the forward exactly: a query row sees key ``c`` of block ``k`` iff its token
-selected ``k`` (membership bit) and ``k * 64 + c <= t``; rows whose token saw no key at all carry
+selected ``k`` (membership bit), ``k * 64 + c <= t`` and, with packed documents, the key is at or
+after the first token of the row's document; rows whose token saw no key at all carry
 ``LSE = -inf`` and get ``P = 0``.
 """
 
@@ -38,8 +39,12 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels import selected_attention_mgpu as fwd
-from pallas_kernels.selection_tiles import (TileLists, WorkItems, inverse_work_items,
-                                            tile_iteration_lists)
+from pallas_kernels.selection_tiles import (
+  TileLists,
+  WorkItems,
+  inverse_work_items,
+  tile_iteration_lists,
+)
 
 ROWS = fwd.TILE_ROWS
 _LOG2E = math.log2(math.e)
@@ -124,7 +129,8 @@ def _dq_kernel(q_ref, do_ref, lse_ref, dl_ref, k_ref, v_ref, ids_ref, cnt_ref, l
   delta = plgpu.load(dl_smem, layout=layout.reduce(1))
   docs = {}
   if has_docs:
-    docs = dict(first=plgpu.load(doc_smem, layout=layout.reduce(1)), first_max=dmax_ref[b, tile])
+    docs = {"first": plgpu.load(doc_smem, layout=layout.reduce(1)),
+            "first_max": dmax_ref[b, tile]}
   dq = plgpu.layout_cast(jnp.full((ROWS, d), 0.0, jnp.float32), layout)
 
   def step(j, dq):

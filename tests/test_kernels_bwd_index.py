@@ -40,7 +40,7 @@ def test_work_items_cover_every_pair_once(chunk):
   lists = tile_iteration_lists(bi, tokens_per_tile=r, block_size=BS, max_len=12)
   nb = -(-t // BS)
   work = inverse_work_items(lists, nb, chunk=chunk)
-  nt, length = lists.ids.shape[2:]
+  nt = lists.ids.shape[2]
   assert work.item_block.shape == (b, h, 2 * nb)
   assert np.array_equal(np.asarray(work.item_block)[..., :nb], np.broadcast_to(np.arange(nb), (b, h, nb)))
   ids, counts = np.asarray(lists.ids), np.asarray(lists.counts)
@@ -155,7 +155,7 @@ def test_emulated_kernels_match_reference_grads(g, mode, chunk, docs):
   doc_start = None if seg is None else document_starts(seg, b, t)
   ops = bw.prepare_backward(q, k, v, o, lse, do, bi, mode=mode, chunk=chunk, doc_start=doc_start)
   got = _emulate(ops, g=g, scale=scale, t=t, nb=-(-t // BS))
-  for name, a, w in zip("dq dk dv".split(), got, want):
+  for name, a, w in zip(("dq", "dk", "dv"), got, want):
     np.testing.assert_allclose(np.asarray(a), np.asarray(w), rtol=2e-4, atol=2e-4, err_msg=name)
 
 

@@ -159,7 +159,7 @@ def test_backward_layouts_lower_for_cuda(direct, g, t):
 @pytest.mark.parametrize("rows,layout,g", [(64, "tiles", 16), (128, "direct", 16),
                                            (128, "tiles", 4), (64, "tiles", 3)])
 def test_segment_ids_lower_for_cuda_forward_and_backward(rows, layout, g):
-  kw = dict(tile_rows=rows, q_layout=layout, with_segments=True)
+  kw = {"tile_rows": rows, "q_layout": layout, "with_segments": True}
   plain = _lower(jnp.bfloat16, 64, g, "exact", tile_rows=rows, q_layout=layout)
   text = _lower(jnp.bfloat16, 64, g, "exact", **kw)
   assert _has_mosaic_call(text) and text != plain

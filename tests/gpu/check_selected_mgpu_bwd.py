@@ -25,7 +25,7 @@ from sparse_attention_jax.ops.selected import selected_attention, selected_mask
 from sparse_attention_jax.ops.selection import share_selection
 
 sys.path.insert(0, "tests/gpu")
-from check_selected_mgpu import BS, random_selection  # noqa: E402
+from check_selected_mgpu import BS, random_selection
 
 CONFIGS = [
     # name, b, t, hq, h, d, n, dtype, mode
