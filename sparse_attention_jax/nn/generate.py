@@ -154,10 +154,10 @@ class Generator:
     compile_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     logits, state = pre(self._params, tokens, lengths)
-    tok = self._first(logits, keys[0], temp, tp, greedy=greedy)
-    tok.block_until_ready()
+    logits.block_until_ready()
     prefill_s = time.perf_counter() - t0
     t0 = time.perf_counter()
+    tok = self._first(logits, keys[0], temp, tp, greedy=greedy)
     step = self._decode.lower(self._params, tok, state, keys[0], temp, tp,
                               greedy=greedy).compile()
     compile_s += time.perf_counter() - t0
