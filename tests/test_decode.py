@@ -4,6 +4,8 @@ different lengths in one batch), one compilation for many steps, capacity errors
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,6 +29,7 @@ from sparse_attention_jax.ops.nsa_decode import fill_nsa_cache, init_nsa_cache, 
 # l=8, d=4: a compressed token completes at positions 7, 11, 15, ...; blocks of 8 start at 8, 16.
 NSA = NSAConfig.paper(cmp_window=8, cmp_stride=4, block_size=8, num_selected=3, window=10)
 LATENT = LatentConfig(kv_rank=16, q_rank=24, rope_dim=4, nope_dim=8, v_dim=6, groups=2)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 B, T, CAP = 2, 40, 44
 LENGTHS = (5, 11)          # one batch, two prompt lengths: rows decode at different positions
 
@@ -275,3 +278,26 @@ def test_demo_sampler_uses_cached_path():
   model = _model(["nsa"], vocab_size=256)
   got = sample(model, "def ", 10, temperature=0.0, max_len=64)
   np.testing.assert_array_equal(got, greedy_by_reforward(model, list(b"def "), 10))
+
+
+def test_decode_benchmark_smoke(tmp_path, monkeypatch):
+  """``benchmarks/decode.py --tiny`` runs every kind on CPU without grain and writes its JSON."""
+  import importlib.util
+  import json
+  import sys
+  monkeypatch.setitem(sys.modules, "grain", None)            # any `import grain` would fail
+  path = os.path.join(ROOT, "benchmarks", "decode.py")
+  spec = importlib.util.spec_from_file_location("bench_decode", path)
+  bench = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(bench)
+  rc = bench.main(["--tiny", "--batch", "2", "--context", "37", "--steps", "2", "--warmup",
+                   "1", "--out", str(tmp_path)])
+  assert rc == 0
+  rows = json.load(open(tmp_path / "decode.json"))["rows"]
+  assert {(r["kind"], r["batch"]) for r in rows} == {
+      (k, 2) for k in ("full", "nsa", "infllm_v2")}
+  assert all(r["lengths_ok"] and r["tokens_per_s"] > 0 and r["state_bytes"] > 0 for r in rows)
+  # Full attention: 2 layers x (K, V) x B x capacity 40 x 2 heads x 16 x 4 bytes, + lengths and
+  # the capacity scalar.
+  full = {r["batch"]: r["state_bytes"] for r in rows if r["kind"] == "full"}
+  assert full == {2: 2 * 2 * 2 * 40 * 2 * 16 * 4 + 4 * 2 + 4}
