@@ -182,11 +182,18 @@ def main(argv: list[str] | None = None) -> int:
           "tiny": args.tiny, "steps": args.steps, "warmup": args.warmup,
           "params": "float32" if args.f32_params else "compute dtype"}
   print(f"device {meta['device']}, jax {jax.__version__}")
+  os.makedirs(args.out, exist_ok=True)
+  path = os.path.join(args.out, "decode.json")
   rows = []
+
+  def save():                    # after every row: a run cut short keeps what it measured
+    with open(path, "w") as f:
+      json.dump({"meta": meta, "rows": rows}, f, indent=1)
+
   header = (f"{'kind':<10} {'B':>4} {'context':>8} {'ms/step':>9} {'tokens/s':>10} "
             f"{'state GiB':>9} {'temp GiB':>9} {'in use GiB':>10} {'peak GiB':>9} "
             f"{'compile s':>9}")
-  print(header)
+  print(header, flush=True)
   for kind in kinds:
     cfg = model_config(kind, args.tiny)
     graphdef, params = random_params(cfg, args.seed,
@@ -199,18 +206,16 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as e:  # noqa: BLE001 -- e.g. out of memory: record and go on
           r = {"batch": batch, "context": context, "error": f"{type(e).__name__}: "
                                                             f"{str(e)[:300]}"}
-          print(f"{kind:<10} {batch:>4} {context:>8} error {r['error']}")
+          print(f"{kind:<10} {batch:>4} {context:>8} error {r['error']}", flush=True)
         else:
           print(f"{kind:<10} {batch:>4} {context:>8} {r['ms_per_step']:>9.2f} "
                 f"{r['tokens_per_s']:>10.1f} {_gib(r['state_bytes']):>9} "
                 f"{_gib(r['step_temp_bytes']):>9} {_gib(r['bytes_in_use']):>10} "
-                f"{_gib(r['peak_bytes']):>9} {r['compile_s']:>9.1f}")
+                f"{_gib(r['peak_bytes']):>9} {r['compile_s']:>9.1f}", flush=True)
         rows.append({"kind": kind, "config": CONFIGS[kind], **r})
+        save()
     del params
-  os.makedirs(args.out, exist_ok=True)
-  path = os.path.join(args.out, "decode.json")
-  with open(path, "w") as f:
-    json.dump({"meta": meta, "rows": rows}, f, indent=1)
+  save()
   print(f"wrote {path}")
   return 0 if all("error" not in r for r in rows) else 1
 

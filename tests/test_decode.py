@@ -301,3 +301,41 @@ def test_decode_benchmark_smoke(tmp_path, monkeypatch):
   # the capacity scalar.
   full = {r["batch"]: r["state_bytes"] for r in rows if r["kind"] == "full"}
   assert full == {2: 2 * 2 * 2 * 40 * 2 * 16 * 4 + 4 * 2 + 4}
+
+
+def _dot_operand_dims(jaxpr) -> set[int]:
+  """Every dimension size of every dot_general operand in ``jaxpr`` (sub-jaxprs included)."""
+  dims = set()
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general":
+      for v in eqn.invars:
+        dims.update(v.aval.shape)
+    for sub in jax.core.jaxprs_in_params(eqn.params) if hasattr(
+        jax.core, "jaxprs_in_params") else ():
+      dims |= _dot_operand_dims(sub)
+    for p in eqn.params.values():
+      inner = getattr(p, "jaxpr", None)
+      if inner is not None:
+        dims |= _dot_operand_dims(getattr(inner, "jaxpr", inner))
+  return dims
+
+
+@pytest.mark.parametrize("kinds,reads_all", [(["nsa"], False), (["asa_local", "asa_global"],
+                                                                 False), (["full"], True)])
+def test_sparse_decode_step_never_attends_over_the_capacity(kinds, reads_all):
+  """With capacity 4099 (a size no other axis has), no matmul of an NSA / ASA decode step has an
+  operand spanning the cache: it reads C/d compressed tokens, n*l' selected and w window keys.
+  Full attention does (the check can fail)."""
+  cap = 4099
+  model = _model(kinds)
+  graphdef, params = nnx.split(model)
+
+  def step(params, tokens, state):
+    return dec.decode_step(nnx.merge(graphdef, params), tokens, state)
+
+  state = jax.eval_shape(lambda: dec.init_decode_state(model, 1, cap))
+  jaxpr = jax.make_jaxpr(step)(params, jnp.zeros((1,), jnp.int32), state)
+  dims = _dot_operand_dims(jaxpr.jaxpr)
+  assert (cap in dims) == reads_all
+  if not reads_all:                       # the compressed branch: (4099 - 8) // 4 + 1 tokens
+    assert NSA.num_cmp_tokens(cap) == 1023 and 1023 in dims
