@@ -4,6 +4,7 @@ different lengths in one batch), one compilation for many steps, capacity errors
 
 from __future__ import annotations
 
+import functools
 import os
 
 import jax
@@ -78,16 +79,19 @@ def test_nsa_decode_step_equals_op_at_every_position(name, cfg, mlp, independent
   if cfg.branches == ("slc",):
     gates = None
   b, t = q.shape[:2]
-  ref = nsa_attention(q, k, v, gates, config=cfg.for_length(t), compress_params=params,
-                      impl="reference", **extra)
   lengths = jnp.asarray([6, 13], jnp.int32)
   t0 = int(lengths.max())
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def op(n, q, k, v, gates, extra):
+    return nsa_attention(q[:, :n], k[:, :n], v[:, :n], None if gates is None else gates[:, :n],
+                         config=cfg.for_length(n), compress_params=params, impl="reference",
+                         return_aux=True, **{m: x[:, :n] for m, x in extra.items()})
+
+  ref = op(t, q, k, v, gates, extra)[0]
+  pre, aux = op(t0, q, k, v, gates, extra)
   cache = init_nsa_cache(b, 40, config=cfg, num_kv_heads=2, dk=8, dv=6, dtype=jnp.float32,
                          independent_slc="k_slc" in extra, independent_win="k_win" in extra)
-  pre, aux = nsa_attention(q[:, :t0], k[:, :t0], v[:, :t0], None if gates is None else
-                           gates[:, :t0], config=cfg.for_length(t0), compress_params=params,
-                           impl="reference", return_aux=True,
-                           **{n: x[:, :t0] for n, x in extra.items()})
   cache = fill_nsa_cache(cache, config=cfg, lengths=lengths, k=k[:, :t0], v=v[:, :t0],
                          compress_params=params, block_indices=aux.block_indices,
                          **{n: x[:, :t0] for n, x in extra.items()})
@@ -127,8 +131,6 @@ MODELS = {
         ["nsa", "swa"], v_head_dim=6, nsa_independent_kv=False,
         nsa=NSA.replace(compression="mean")),
     "asa_mlp": lambda: _model(["asa_local", "asa_global"]),
-    "asa_mean_shared_selection": lambda: _model(
-        ["asa_local", "asa_global"], nsa=NSA.replace(compression="mean", selection_share=4)),
     "ssa_sparse": lambda: _model(["ssa"], nsa=SSA_NSA, ssa=SSAConfig(inference_mode="sparse")),
     "ssa_full": lambda: _model(["ssa"], nsa=SSA_NSA, ssa=SSAConfig(inference_mode="full")),
 }
