@@ -56,9 +56,10 @@ _METHODS = ("init_cache", "prefill", "decode")
 
 
 class DenseCache(NamedTuple):
-  """K/V buffers of a dense kind: ``k [B, S, H, Dk]``, ``v [B, S, H, Dv]`` (``v`` None when the
-  values are ``k[..., :Dv]``, as for MLA's latent); linear (``S`` = capacity) or a ring of the
-  window (``S = min(window, capacity)``)."""
+  """K/V buffers of a dense kind, head-major (attention reads them as a batched matmul without a
+  transpose): ``k [B, H, S, Dk]``, ``v [B, H, S, Dv]`` (``v`` None when the values are
+  ``k[..., :Dv]``, as for MLA's latent); linear (``S`` = capacity) or a ring of the window
+  (``S = min(window, capacity)``)."""
   k: jax.Array
   v: jax.Array | None
 
@@ -71,7 +72,7 @@ def init_dense_cache(batch: int, capacity: int, *, num_kv_heads: int, dk: int, d
     if not isinstance(val, int) or val < 1:
       raise ValueError(f"{name}: expected a positive int, got {val!r}")
   slots = capacity if window is None else min(window, capacity)
-  shape = (batch, slots, num_kv_heads)
+  shape = (batch, num_kv_heads, slots)
   return DenseCache(jnp.zeros(shape + (dk,), dtype),
                     None if dv is None else jnp.zeros(shape + (dv,), dtype))
 
@@ -79,12 +80,13 @@ def init_dense_cache(batch: int, capacity: int, *, num_kv_heads: int, dk: int, d
 def fill_dense_cache(cache: DenseCache, k, v, lengths, *, ring: bool) -> DenseCache:
   """Prefill: ``k``/``v`` ``[B, T, H, D]`` of right-padded prompts of ``lengths [B]`` tokens."""
   if not ring:
-    if k.shape[1] > cache.k.shape[1]:
+    if k.shape[1] > cache.k.shape[2]:
       raise ValueError(f"tokens: expected a prompt of at most the cache capacity "
-                       f"{cache.k.shape[1]} tokens, got {k.shape[1]}")
-    return DenseCache(fill_linear(cache.k, k), None if v is None else fill_linear(cache.v, v))
-  return DenseCache(fill_ring(cache.k, k, lengths),
-                    None if v is None else fill_ring(cache.v, v, lengths))
+                       f"{cache.k.shape[2]} tokens, got {k.shape[1]}")
+    return DenseCache(fill_linear(cache.k, k, axis=2),
+                      None if v is None else fill_linear(cache.v, v, axis=2))
+  return DenseCache(fill_ring(cache.k, k, lengths, axis=2),
+                    None if v is None else fill_ring(cache.v, v, lengths, axis=2))
 
 
 def dense_decode(cache: DenseCache, q, k, v, pos, *, scale: float, ring: bool,
@@ -93,13 +95,13 @@ def dense_decode(cache: DenseCache, q, k, v, pos, *, scale: float, ring: bool,
   Dk]`` over the cached positions ``<= pos`` (within ``window``); ``dv`` slices the values out of
   the keys when ``cache.v`` is None. Returns ``(o [B, HQ, Dv], cache)``."""
   write = write_ring if ring else write_linear
-  ck = write(cache.k, k, pos)
-  cv = None if cache.v is None else write(cache.v, v, pos)
-  slots = ck.shape[1]
+  ck = write(cache.k, k, pos, axis=2)
+  cv = None if cache.v is None else write(cache.v, v, pos, axis=2)
+  slots = ck.shape[2]
   slot_pos = (ring_positions(slots, pos) if ring
               else jnp.arange(slots, dtype=jnp.int32)[None, :])
   o = attend_one(q, ck, ck[..., :dv] if cv is None else cv, window_mask(slot_pos, pos, window),
-                 scale)
+                 scale, axis=2)
   return o, DenseCache(ck, cv)
 
 

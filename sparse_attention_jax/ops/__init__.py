@@ -28,9 +28,8 @@ from sparse_attention_jax.ops.window import sliding_window_attention
 
 __all__ = [
     "CompressedAttentionOutput", "CompressorParams", "MLPCompressorParams", "NSAAux", "NSACache",
-    "attend_one", "block_importance", "cmp_visibility", "combine_branches", "compress", "compressed_attention",
-    "dense_causal_attention", "fill_nsa_cache", "init_mlp_compressor", "init_nsa_cache",
-    "masked_attention", "nsa_attention", "nsa_decode_step",
-    "overlap_table", "select_blocks", "selected_attention", "share_selection",
-    "sliding_window_attention",
+    "attend_one", "block_importance", "cmp_visibility", "combine_branches", "compress",
+    "compressed_attention", "dense_causal_attention", "fill_nsa_cache", "init_mlp_compressor",
+    "init_nsa_cache", "masked_attention", "nsa_attention", "nsa_decode_step", "overlap_table",
+    "select_blocks", "selected_attention", "share_selection", "sliding_window_attention",
 ]

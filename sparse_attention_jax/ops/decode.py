@@ -4,7 +4,9 @@ Buffers have a fixed capacity so one compiled step serves every length; each seq
 has its own length, so the token being decoded sits at its own position ``pos [B]`` (int32: the
 number of tokens already cached, one document per sequence starting at position 0).
 
-Two buffer layouts (``[B, S, H, D]``, ``S`` slots):
+Buffers are ``[B, S, H, D]`` (token-major: NSA's buffers, read by gathers) or ``[B, H, S, D]``
+(head-major, ``axis=2``: dense caches, whose attention reads every slot as a batched matmul with
+no transpose of the cache). Two slot layouts (``S`` slots):
 
 * *linear*: slot ``s`` holds position ``s`` (``S`` = the capacity). Full attention, the
   compression source and the selected blocks of NSA read it.
@@ -27,24 +29,29 @@ _HI = jax.lax.Precision.HIGHEST
 
 
 # ---------------------------------------------------------------------------------- buffers
-def write_linear(buf, x, pos):
-  """``buf [B, S, ...]`` with ``x [B, ...]`` written at slot ``pos [B]`` of each row.
+def write_linear(buf, x, pos, *, axis: int = 1):
+  """``buf [B, S, H, D]`` (``axis=1``) or ``[B, H, S, D]`` (``axis=2``) with ``x [B, H, D]``
+  written at slot ``pos [B]`` of each row.
 
   Out-of-range positions are dropped by XLA; callers check capacity (see
   :func:`sparse_attention_jax.nn.decode`)."""
-  return buf.at[jnp.arange(buf.shape[0]), pos].set(x.astype(buf.dtype), mode="drop")
+  rows = jnp.arange(buf.shape[0])
+  at = buf.at[rows, pos] if axis == 1 else buf.at[rows, :, pos]
+  return at.set(x.astype(buf.dtype), mode="drop")
 
 
-def write_ring(buf, x, pos):
-  """``buf [B, W, ...]`` with ``x [B, ...]`` written at slot ``pos % W``."""
-  return write_linear(buf, x, pos % buf.shape[1])
+def write_ring(buf, x, pos, *, axis: int = 1):
+  """Ring ``buf`` (``W`` slots on ``axis``) with ``x [B, H, D]`` written at slot ``pos % W``."""
+  return write_linear(buf, x, pos % buf.shape[axis], axis=axis)
 
 
-def fill_linear(buf, x):
-  """``buf [B, S, ...]`` with ``x [B, T, ...]`` written at slots ``0 .. T-1`` (``T <= S``)."""
-  if x.shape[1] > buf.shape[1]:
-    _checks.fail("x", f"at most the buffer's {buf.shape[1]} slots on axis 1", x.shape[1])
-  return jax.lax.dynamic_update_slice_in_dim(buf, x.astype(buf.dtype), 0, axis=1)
+def fill_linear(buf, x, *, axis: int = 1):
+  """``buf`` with ``x [B, T, H, D]`` written at slots ``0 .. T-1`` (``T <= S``) of ``axis``."""
+  if x.shape[1] > buf.shape[axis]:
+    _checks.fail("x", f"at most the buffer's {buf.shape[axis]} slots", x.shape[1])
+  if axis == 2:
+    x = x.transpose(0, 2, 1, 3)
+  return jax.lax.dynamic_update_slice_in_dim(buf, x.astype(buf.dtype), 0, axis=axis)
 
 
 def ring_positions(num_slots: int, pos):
@@ -54,13 +61,12 @@ def ring_positions(num_slots: int, pos):
   return p - jnp.mod(p - s, num_slots)
 
 
-def fill_ring(buf, x, lengths):
-  """Ring ``buf [B, W, ...]`` holding the last ``W`` of the first ``lengths [B]`` rows of
-  ``x [B, T, ...]`` (slots of positions ``< 0`` get row 0: they are masked anyway)."""
-  held = ring_positions(buf.shape[1], lengths - 1)                       # [B, W]
-  rows = jnp.take_along_axis(x, jnp.clip(held, 0, x.shape[1] - 1).reshape(
-      held.shape + (1,) * (x.ndim - 2)), axis=1)
-  return rows.astype(buf.dtype)
+def fill_ring(buf, x, lengths, *, axis: int = 1):
+  """Ring ``buf`` (``W`` slots on ``axis``) holding the last ``W`` of the first ``lengths [B]``
+  tokens of ``x [B, T, H, D]`` (slots of positions ``< 0`` get token 0: they are masked)."""
+  held = ring_positions(buf.shape[axis], lengths - 1)                    # [B, W]
+  rows = jnp.take_along_axis(x, jnp.clip(held, 0, x.shape[1] - 1)[:, :, None, None], axis=1)
+  return (rows if axis == 1 else rows.transpose(0, 2, 1, 3)).astype(buf.dtype)
 
 
 def gather_tokens(buf, tok):
@@ -72,12 +78,12 @@ def gather_tokens(buf, tok):
 
 
 # -------------------------------------------------------------------------------- attention
-def attend_one(q, k, v, mask, scale: float, *, return_probs: bool = False):
+def attend_one(q, k, v, mask, scale: float, *, return_probs: bool = False, axis: int = 1):
   """Attention of one query per sequence over ``S`` keys; GQA without repeating K/V.
 
   Args:
     q: ``[B, HQ, Dk]``; k: ``[B, S, H, Dk]``; v: ``[B, S, H, Dv]`` (``HQ % H == 0``, query head
-      ``h*G + g`` reads KV head ``h``).
+      ``h*G + g`` reads KV head ``h``); with ``axis=2`` k/v are ``[B, H, S, D]``.
     mask: bool ``[B, S]`` (same keys for every head) or ``[B, S, H]``.
     scale: logit scale.
     return_probs: also return the probabilities ``[B, H, G, S]`` float32.
@@ -87,7 +93,8 @@ def attend_one(q, k, v, mask, scale: float, *, return_probs: bool = False):
     Logits, softmax and accumulation run in float32, as :func:`ops.masked_attention`.
   """
   b, hq, dk = q.shape
-  s, h, dv = k.shape[1], k.shape[2], v.shape[3]
+  s, h, dv = k.shape[axis], k.shape[3 - axis], v.shape[3]
+  kv = "bshd" if axis == 1 else "bhsd"
   g = hq // h
   if s == 0:
     o = jnp.zeros((b, hq, dv), q.dtype)
@@ -95,7 +102,7 @@ def attend_one(q, k, v, mask, scale: float, *, return_probs: bool = False):
   m = mask if mask.ndim == 3 else mask[:, :, None]
   m = jnp.broadcast_to(m, (b, s, h)).transpose(0, 2, 1)[:, :, None, :]    # [B, H, 1, S]
   qg = q.reshape(b, h, g, dk)
-  logits = jnp.einsum("bhgd,bshd->bhgs", qg.astype(k.dtype), k, precision=_HI,
+  logits = jnp.einsum(f"bhgd,{kv}->bhgs", qg.astype(k.dtype), k, precision=_HI,
                       preferred_element_type=jnp.float32) * scale
   logits = jnp.where(m, logits, _NEG)
   row_max = jnp.max(logits, axis=-1, keepdims=True)
@@ -103,7 +110,8 @@ def attend_one(q, k, v, mask, scale: float, *, return_probs: bool = False):
   denom = jnp.sum(p, axis=-1, keepdims=True)
   p = p / jnp.where(denom > 0, denom, 1.0)
   pv = p if v.dtype == jnp.float32 else p.astype(v.dtype)
-  o = jnp.einsum("bhgs,bshv->bhgv", pv, v, precision=_HI, preferred_element_type=jnp.float32)
+  o = jnp.einsum(f"bhgs,{kv.replace('d', 'v')}->bhgv", pv, v, precision=_HI,
+                 preferred_element_type=jnp.float32)
   o = o.reshape(b, hq, dv).astype(q.dtype)
   return (o, p) if return_probs else o
 
