@@ -15,6 +15,7 @@ from flax import nnx
 
 from sparse_attention_jax.config import NSAConfig
 from sparse_attention_jax.nn import (
+  ATTENTION_KINDS,
   DecoderLM,
   LatentConfig,
   ModelConfig,
@@ -221,13 +222,14 @@ class _NoDecode(FullAttention):
   init_cache = prefill = decode = None
 
 
-register_attention_kind("test_no_decode", _NoDecode)
-
-
 def test_kind_without_protocol_is_named():
-  model = _model(["full", "test_no_decode"])
-  with pytest.raises(NotImplementedError, match=r"test_no_decode"):
-    dec.init_decode_state(model, 1, 8)
+  register_attention_kind("test_no_decode", _NoDecode)
+  try:
+    model = _model(["full", "test_no_decode"])
+    with pytest.raises(NotImplementedError, match=r"got \['test_no_decode'\] without them"):
+      dec.init_decode_state(model, 1, 8)
+  finally:
+    ATTENTION_KINDS.pop("test_no_decode", None)
 
 
 def test_sample_logits_greedy_temperature_and_nucleus():
