@@ -1,9 +1,11 @@
-"""Autoregressive byte sampling without a KV cache.
+"""Autoregressive byte sampling.
 
-Each new byte re-runs the model on the whole prefix, kept in a fixed-size buffer so the step
-compiles once: the buffer is ``[1, L]`` with ``L = min(len(prompt) + num_bytes, max_len)``, bytes
-after the current one are padding that causal attention never sees, and once the buffer is full
-it slides left (the model then sees the last ``max_len`` bytes, positions 0..L-1).
+When the prompt and the new bytes fit in ``max_len`` (the demo's case) this is cached decoding
+(:class:`sparse_attention_jax.nn.generate.Generator`: prefill, then one compiled step per byte).
+Longer generations fall back to re-running the model on a sliding window: the buffer is
+``[1, max_len]``, bytes after the current one are padding that causal attention never sees, and
+once the buffer is full it slides left (the model then sees the last ``max_len`` bytes, positions
+0..L-1).
 """
 
 from __future__ import annotations
@@ -43,10 +45,16 @@ def sample(model: nnx.Module, prompt: str | bytes, num_bytes: int, *, temperatur
     raise ValueError(f"max_len: expected an int >= 1, got {max_len!r}")
   if num_bytes == 0:
     return np.zeros((0,), np.int32)
+  greedy = temperature == 0
+  if ids.size + num_bytes <= max_len:
+    from sparse_attention_jax.nn.generate import Generator
+    gen = Generator(model, batch=1, capacity=ids.size + num_bytes)
+    out = gen.generate([ids.tolist()], num_bytes, temperature=temperature or 1.0, greedy=greedy,
+                       seed=seed)
+    return out.tokens[0].astype(np.int32)
 
   length = min(ids.size + num_bytes, max_len)
   graphdef, state = nnx.split(model)
-  greedy = temperature == 0
 
   @jax.jit
   def next_byte(state, buf, idx, key):

@@ -27,6 +27,8 @@ from sparse_attention_jax.nn.attention import (
   register_attention_kind,
 )
 from sparse_attention_jax.nn.config import ModelConfig
+from sparse_attention_jax.nn.decode import DecodeState, decode_step, init_decode_state, prefill
+from sparse_attention_jax.nn.generate import Generator
 from sparse_attention_jax.nn.latent_config import LatentConfig
 from sparse_attention_jax.nn.layers import Embed, RMSNorm, SwiGLU
 from sparse_attention_jax.nn.model import DecoderBlock, DecoderLM, count_params, param_count
@@ -48,10 +50,10 @@ def load_model_config(path: str | os.PathLike) -> ModelConfig:
 
 
 __all__ = [
-    "ATTENTION_KINDS", "DecoderBlock", "DecoderLM", "Embed", "FullAttention", "GLAGlobalAttention",
-    "LatentConfig", "MLALocalAttention", "MLPCompressor", "ModelConfig", "NOSAAttention",
-    "NOSAConfig", "NSAAttention", "RMSNorm",
+    "ATTENTION_KINDS", "DecodeState", "DecoderBlock", "DecoderLM", "Embed", "FullAttention",
+    "GLAGlobalAttention", "Generator", "LatentConfig", "MLALocalAttention", "MLPCompressor",
+    "ModelConfig", "NOSAAttention", "NOSAConfig", "NSAAttention", "RMSNorm",
     "SSAAttention", "SSAConfig", "SlidingWindowAttention", "SwiGLU", "apply_rope",
-    "count_params", "get_attention_kind", "load_model_config", "param_count",
-    "register_attention_kind", "set_inference",
+    "count_params", "decode_step", "get_attention_kind", "init_decode_state",
+    "load_model_config", "param_count", "prefill", "register_attention_kind", "set_inference",
 ]

@@ -30,7 +30,11 @@ Two equal ways to compute it (tested):
   head's space), and attend over the shared latent ``[c ; k_rope]`` -- a GQA with ``H = g`` KV
   heads, ``Dk = dl + d_R``, ``Dv = dl`` (MQA for MLA's ``g = 1``) -- then apply ``W_uv`` per head to
   the attended latent. This is the decode form (what a cache of ``d_c + d_R`` per token serves);
-  :meth:`MLALocalAttention.absorbed` exposes it. Decoding itself is not implemented here.
+  :meth:`MLALocalAttention.absorbed` exposes it, and both kinds decode in it
+  (``init_cache``/``prefill``/``decode``, see :mod:`sparse_attention_jax.nn.decode`): the cache
+  holds ``[c ; k_rope]`` per token and latent head (``dl + d_R`` values; the values are its first
+  ``dl`` features), a ring of ``window`` slots for ``asa_local`` and a linear buffer plus NSA's
+  compressed latents for ``asa_global``.
 
 Choices (the ASA paper's body was not checked; see ALGORITHMS.md §5):
 
@@ -61,14 +65,21 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sparse_attention_jax.nn.attention import MLPCompressor, _check_inputs, register_attention_kind
+from sparse_attention_jax.nn.attention import (
+  MLPCompressor,
+  _check_inputs,
+  _positions,
+  register_attention_kind,
+)
 from sparse_attention_jax.nn.config import ModelConfig
+from sparse_attention_jax.nn.decode import dense_decode, fill_dense_cache, init_dense_cache
 from sparse_attention_jax.nn.latent_config import LatentConfig
 from sparse_attention_jax.nn.layers import RMSNorm, as_dtype, projection
 from sparse_attention_jax.nn.parallel import param, sharded_call
 from sparse_attention_jax.nn.rope import apply_rope
 from sparse_attention_jax.ops import CompressorParams, masked_attention, nsa_attention
 from sparse_attention_jax.ops.masked import causal_mask, same_document
+from sparse_attention_jax.ops.nsa_decode import fill_nsa_cache, init_nsa_cache, nsa_decode_step
 
 
 class Latents(NamedTuple):
@@ -199,6 +210,13 @@ class LatentAttentionBase(nnx.Module):
     k = jnp.concatenate([lat.c, k_rope], axis=-1)
     return q, k, lat.c
 
+  def latent_keys(self, lat: Latents):
+    """The cached latent keys ``[c ; k_rope]`` ``[B, T, g, dl + d_R]`` (values = the first
+    ``dl`` features)."""
+    b, t, g, _ = lat.c.shape
+    k_rope = jnp.broadcast_to(lat.k_rope, (b, t, g, lat.k_rope.shape[-1]))
+    return jnp.concatenate([lat.c, k_rope], axis=-1)
+
   def up_values(self, o_lat):
     """Attended latent ``[B, T, HQ, dl]`` -> per-head values ``[B, T, HQ, v_dim]`` via W_uv."""
     b, t, hq, dl = o_lat.shape
@@ -296,6 +314,34 @@ class MLALocalAttention(LatentAttentionBase):
     """The same layer in the absorbed (decode) form: MQA over the latent ``[c ; k_rope]``."""
     return self.dense(x, positions, segment_ids, form="absorbed", window=self.config.window)
 
+  # ------------------------------------------------------- decoding (see nn/decode.py)
+  def init_cache(self, batch: int, capacity: int, dtype=None):
+    """A ring of ``min(window, capacity)`` latent keys ``[c ; k_rope]`` (no value buffer)."""
+    lat = self.latent
+    return init_dense_cache(batch, capacity, num_kv_heads=1, dk=lat.kv_rank + lat.rope_dim,
+                            dv=None, dtype=dtype or self.dtype, window=self.config.window)
+
+  def prefill(self, x, lengths, cache):
+    """``x [B, T, d_model]`` right-padded prompts of ``lengths [B]`` -> ``(y, cache)`` (the
+    outputs of the training form, the cache of the latent)."""
+    c = self.config
+    _check_inputs(x, _positions(x), None, c.d_model)
+    lat = self.project(x, _positions(x))
+    q, k, v = self.expanded_qkv(lat)
+    o = _window_attention(q, k, v, window=c.window, segment_ids=None,
+                          softmax_scale=self.softmax_scale)
+    return self.o_proj(o), fill_dense_cache(cache, self.latent_keys(lat), None, lengths,
+                                            ring=True)
+
+  def decode(self, x, pos, cache):
+    """``x [B, 1, d_model]`` at ``pos [B]`` -> ``(y [B, 1, d_model], cache)``: MQA of the
+    absorbed queries over the cached latents, then W_uv."""
+    q, k, _ = self.absorbed_qkv(self.project(x, pos[:, None]))
+    o_lat, cache = dense_decode(cache, q[:, 0], k[:, 0], None, pos, scale=self.softmax_scale,
+                                ring=True, window=self.config.window,
+                                dv=self.latent.kv_rank // self.groups)
+    return self.o_proj(self.up_values(o_lat[:, None])), cache
+
 
 class GLAGlobalAttention(LatentAttentionBase):
   """NSA compressed + selected attention over GLA latents (kind ``"asa_global"``).
@@ -375,6 +421,38 @@ class GLAGlobalAttention(LatentAttentionBase):
                "compress_params": "h"}
     o_lat = sharded_call(op, args, layouts, num_kv_heads=self.groups)        # [B, T, HQ, dl]
     return self.o_proj(self.up_values(o_lat))
+
+  # ------------------------------------------------------- decoding (see nn/decode.py)
+  def init_cache(self, batch: int, capacity: int, dtype=None):
+    """:class:`~sparse_attention_jax.ops.nsa_decode.NSACache` over the latent: linear
+    ``[c ; k_rope]`` (values read from it) and the compressed latent keys/values."""
+    lat = self.latent
+    return init_nsa_cache(batch, capacity, config=self.nsa, num_kv_heads=self.groups,
+                          dk=lat.group_rank + lat.rope_dim, dv=lat.group_rank,
+                          dtype=dtype or self.dtype, values_in_keys=True)
+
+  def prefill(self, x, lengths, cache):
+    """``x [B, T, d_model]`` right-padded prompts of ``lengths [B]`` -> ``(y, cache)``."""
+    c = self.config
+    _check_inputs(x, _positions(x), None, c.d_model)
+    a = self.op_inputs(x, _positions(x))
+    o_lat, aux = nsa_attention(a["q"], a["k"], a["v"], a["gates"],
+                               config=self.nsa.for_length(x.shape[1]),
+                               compress_params=a["compress_params"], impl=c.attn_impl,
+                               return_aux=True)
+    cache = fill_nsa_cache(cache, config=self.nsa, lengths=lengths, k=a["k"], v=None,
+                           compress_params=a["compress_params"],
+                           block_indices=aux.block_indices)
+    return self.o_proj(self.up_values(o_lat)), cache
+
+  def decode(self, x, pos, cache):
+    """``x [B, 1, d_model]`` at ``pos [B]`` -> ``(y [B, 1, d_model], cache)``."""
+    a = self.op_inputs(x, pos[:, None])
+    gates = None if a["gates"] is None else a["gates"][:, 0]
+    o_lat, cache = nsa_decode_step(cache, a["q"][:, 0], config=self.nsa, pos=pos,
+                                   k=a["k"][:, 0], gates=gates,
+                                   compress_params=a["compress_params"])
+    return self.o_proj(self.up_values(o_lat[:, None])), cache
 
 
 register_attention_kind("asa_local", MLALocalAttention)

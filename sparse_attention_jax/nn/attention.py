@@ -17,6 +17,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sparse_attention_jax.nn.config import ModelConfig
+from sparse_attention_jax.nn.decode import (
+  dense_decode,
+  fill_dense_cache,
+  init_dense_cache,
+)
 from sparse_attention_jax.nn.layers import as_dtype, projection
 from sparse_attention_jax.nn.parallel import param, sharded_call
 from sparse_attention_jax.nn.rope import apply_rope
@@ -29,6 +34,7 @@ from sparse_attention_jax.ops import (
   sliding_window_attention,
 )
 from sparse_attention_jax.ops.masked import same_document
+from sparse_attention_jax.ops.nsa_decode import fill_nsa_cache, init_nsa_cache, nsa_decode_step
 
 ATTENTION_KINDS: dict[str, type] = {}
 """Layer kind name (as used in ``ModelConfig.attention``) -> module class."""
@@ -108,21 +114,57 @@ class _DenseAttentionBase(nnx.Module):
     self.v_proj = _kv_projection(c, c.dv, dt, rngs)
     self.o_proj = _o_projection(c, dt, rngs)
 
+  # Keys a query sees (None = all earlier ones); set by the sliding-window kind.
+  cache_window: int | None = None
+
   def _attend(self, q, k, v, segment_ids):
     raise NotImplementedError
+
+  def qkv(self, x, positions):
+    """Rotated ``q [B, T, HQ, Dk]``, ``k [B, T, H, Dk]`` and ``v [B, T, H, Dv]``."""
+    c = self.config
+    q = apply_rope(self.q_proj(x), positions, c.rope_theta)
+    k = apply_rope(self.k_proj(x), positions, c.rope_theta)
+    return q, k, self.v_proj(x)
+
+  # ------------------------------------------------------- decoding (see nn/decode.py)
+  def init_cache(self, batch: int, capacity: int, dtype=None):
+    """:class:`~sparse_attention_jax.nn.decode.DenseCache`: linear (full) or a ring of the
+    window (swa)."""
+    c = self.config
+    return init_dense_cache(batch, capacity, num_kv_heads=c.num_kv_heads, dk=c.head_dim,
+                            dv=c.dv, dtype=dtype or self.dtype, window=self.cache_window)
+
+  def prefill(self, x, lengths, cache):
+    """``x [B, T, d_model]`` right-padded prompts of ``lengths [B]`` -> ``(y, cache)``."""
+    _check_inputs(x, _positions(x), None, self.config.d_model)
+    q, k, v = self.qkv(x, _positions(x))
+    y = self.o_proj(self._attend(q, k, v, None))
+    return y, fill_dense_cache(cache, k, v, lengths, ring=self.cache_window is not None)
+
+  def decode(self, x, pos, cache):
+    """``x [B, 1, d_model]`` at positions ``pos [B]`` -> ``(y [B, 1, d_model], cache)``."""
+    q, k, v = self.qkv(x, pos[:, None])
+    o, cache = dense_decode(cache, q[:, 0], k[:, 0], v[:, 0], pos, scale=q.shape[-1] ** -0.5,
+                            ring=self.cache_window is not None, window=self.cache_window)
+    return self.o_proj(o[:, None]), cache
 
   def __call__(self, x, positions, segment_ids=None):
     """``x [B, T, d_model]``, ``positions [B, T]``, ``segment_ids [B, T] | None`` ->
     ``[B, T, d_model]``."""
     c = self.config
     _check_inputs(x, positions, segment_ids, c.d_model)
-    q = apply_rope(self.q_proj(x), positions, c.rope_theta)          # [B, T, HQ, Dk]
-    k = apply_rope(self.k_proj(x), positions, c.rope_theta)          # [B, T, H, Dk]
-    v = self.v_proj(x)                                               # [B, T, H, Dv]
+    q, k, v = self.qkv(x, positions)   # [B, T, HQ, Dk], [B, T, H, Dk], [B, T, H, Dv]
     o = sharded_call(self._attend, {"q": q, "k": k, "v": v, "segment_ids": segment_ids},
                      {"q": "bthd", "k": "bthd", "v": "bthd", "segment_ids": "bt"},
                      num_kv_heads=c.num_kv_heads)
     return self.o_proj(o)
+
+
+def _positions(x):
+  """``[B, T]`` int32 positions ``0 .. T-1`` of every row (decoding: one document per row)."""
+  b, t = x.shape[:2]
+  return jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
 
 
 def _segment_mask(segment_ids):
@@ -150,6 +192,10 @@ class FullAttention(_DenseAttentionBase):
 class SlidingWindowAttention(_DenseAttentionBase):
   """Causal sliding-window GQA attention with RoPE (kind ``"swa"``): query ``t`` sees keys
   ``t - window + 1 .. t`` (``config.window`` keys including itself) of its own document."""
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    super().__init__(config, rngs=rngs)
+    self.cache_window = config.window
 
   def _attend(self, q, k, v, segment_ids):
     w = self.config.window
@@ -243,30 +289,34 @@ class NSAAttention(nnx.Module):
       self.phi_k = self.phi_v = None
     self.o_proj = _o_projection(c, dt, rngs)
 
-  def __call__(self, x, positions, segment_ids=None):
-    """``x [B, T, d_model]``, ``positions [B, T]``, ``segment_ids [B, T] | None`` ->
-    ``[B, T, d_model]``."""
+  def op_inputs(self, x, positions) -> dict:
+    """The op's arguments for ``x [B, T, d_model]`` at ``positions [B, T]``: rotated ``q``
+    ``[B, T, HQ, Dk]``, ``k``, ``v``, ``k_slc`` ... ``v_win`` (``[B, T, H, D]`` or None),
+    ``gates`` ``[B, T, HQ, 3]`` or None and ``compress_params`` (or None)."""
     c = self.config
-    _check_inputs(x, positions, segment_ids, c.d_model)
-    t = x.shape[1]
 
     def rope(y):
       return apply_rope(y, positions, c.rope_theta)
 
-    q = rope(self.q_proj(x))                                          # [B, T, HQ, Dk]
-    k = rope(self.k_cmp(x))                                           # [B, T, H, Dk]
-    v = self.v_cmp(x)                                                 # [B, T, H, Dv]
-    k_slc = None if self.k_slc is None else rope(self.k_slc(x))
-    v_slc = None if self.v_slc is None else self.v_slc(x)
-    k_win = None if self.k_win is None else rope(self.k_win(x))
-    v_win = None if self.v_win is None else self.v_win(x)
     gates = None
     if self.gate_proj is not None:
       gates = jax.nn.sigmoid(self.gate_proj(x).astype(jnp.float32))   # [B, T, HQ, 3]
     compress_params = None
     if self.phi_k is not None:
       compress_params = CompressorParams(k=self.phi_k.params(), v=self.phi_v.params())
-    op_config = c.nsa.for_length(t)
+    return {"q": rope(self.q_proj(x)), "k": rope(self.k_cmp(x)), "v": self.v_cmp(x),
+            "gates": gates, "compress_params": compress_params,
+            "k_slc": None if self.k_slc is None else rope(self.k_slc(x)),
+            "v_slc": None if self.v_slc is None else self.v_slc(x),
+            "k_win": None if self.k_win is None else rope(self.k_win(x)),
+            "v_win": None if self.v_win is None else self.v_win(x)}
+
+  def __call__(self, x, positions, segment_ids=None):
+    """``x [B, T, d_model]``, ``positions [B, T]``, ``segment_ids [B, T] | None`` ->
+    ``[B, T, d_model]``."""
+    c = self.config
+    _check_inputs(x, positions, segment_ids, c.d_model)
+    op_config = c.nsa.for_length(x.shape[1])
 
     def op(**a):
       return nsa_attention(a["q"], a["k"], a["v"], a["gates"], config=op_config,
@@ -274,14 +324,48 @@ class NSAAttention(nnx.Module):
                            k_slc=a["k_slc"], v_slc=a["v_slc"], k_win=a["k_win"],
                            v_win=a["v_win"], impl=c.attn_impl)
 
-    args = {"q": q, "k": k, "v": v, "gates": gates, "segment_ids": segment_ids,
-            "compress_params": compress_params, "k_slc": k_slc, "v_slc": v_slc, "k_win": k_win,
-            "v_win": v_win}
+    args = {**self.op_inputs(x, positions), "segment_ids": segment_ids}
     layouts = {name: "bthd" for name in args}
     layouts.update(segment_ids="bt", compress_params="h")
     # Per shard (batch, heads) under a mesh; a plain call without one.
     o = sharded_call(op, args, layouts, num_kv_heads=c.num_kv_heads)   # [B, T, HQ, Dv]
     return self.o_proj(o)
+
+  # ------------------------------------------------------- decoding (see nn/decode.py)
+  def init_cache(self, batch: int, capacity: int, dtype=None):
+    """:class:`~sparse_attention_jax.ops.nsa_decode.NSACache` of this layer."""
+    c = self.config
+    return init_nsa_cache(batch, capacity, config=c.nsa, num_kv_heads=c.num_kv_heads,
+                          dk=c.head_dim, dv=c.dv, dtype=dtype or self.dtype,
+                          independent_slc=self.k_slc is not None,
+                          independent_win=self.k_win is not None)
+
+  def prefill(self, x, lengths, cache):
+    """``x [B, T, d_model]`` right-padded prompts of ``lengths [B]`` -> ``(y, cache)``."""
+    c = self.config
+    _check_inputs(x, _positions(x), None, c.d_model)
+    a = self.op_inputs(x, _positions(x))
+    o, aux = nsa_attention(a["q"], a["k"], a["v"], a["gates"],
+                           config=c.nsa.for_length(x.shape[1]),
+                           compress_params=a["compress_params"], k_slc=a["k_slc"],
+                           v_slc=a["v_slc"], k_win=a["k_win"], v_win=a["v_win"],
+                           impl=c.attn_impl, return_aux=True)
+    kw = {name: a[name] for name in ("k", "v", "k_slc", "v_slc", "k_win", "v_win",
+                                     "compress_params")}
+    cache = fill_nsa_cache(cache, config=c.nsa, lengths=lengths,
+                           block_indices=aux.block_indices, **kw)
+    return self.o_proj(o), cache
+
+  def decode(self, x, pos, cache):
+    """``x [B, 1, d_model]`` at positions ``pos [B]`` -> ``(y [B, 1, d_model], cache)``."""
+    a = self.op_inputs(x, pos[:, None])
+    one = {name: None if val is None or name == "compress_params" else val[:, 0]
+           for name, val in a.items()}
+    o, cache = nsa_decode_step(cache, one["q"], config=self.config.nsa, pos=pos, k=one["k"],
+                               v=one["v"], k_slc=one["k_slc"], v_slc=one["v_slc"],
+                               k_win=one["k_win"], v_win=one["v_win"], gates=one["gates"],
+                               compress_params=a["compress_params"])
+    return self.o_proj(o[:, None]), cache
 
 
 register_attention_kind("full", FullAttention)

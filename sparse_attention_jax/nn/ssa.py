@@ -41,6 +41,7 @@ from flax import nnx
 from sparse_attention_jax.config import NSAConfig
 from sparse_attention_jax.nn.attention import (
   _check_inputs,
+  _positions,
   _kv_projection,
   _o_projection,
   _q_projection,
@@ -53,6 +54,8 @@ from sparse_attention_jax.nn.parallel import sharded_call
 from sparse_attention_jax.nn.rope import apply_rope
 from sparse_attention_jax.nn.ssa_config import SSAConfig
 from sparse_attention_jax.ops import dense_causal_attention, nsa_attention
+from sparse_attention_jax.ops.decode import attend_one, window_mask, write_linear
+from sparse_attention_jax.ops.nsa_decode import fill_nsa_cache, init_nsa_cache, nsa_decode_step
 
 # Key of the per-step mode draws: step s uses fold_in(key(_MODE_SEED), s), so a resumed run
 # draws the same modes as an uninterrupted one.
@@ -168,6 +171,49 @@ class SSAAttention(nnx.Module):
     o = self.outputs(x, positions, segment_ids)
     self.align[...] = alignment_loss_terms(o["full"], o["sparse"])
     return self.o_proj(jnp.where(self.mode[...], o["full"], o["sparse"]))
+
+
+  # ------------------------------------------------------- decoding (see nn/decode.py)
+  # Inference form only (``layer.inference_mode``); the compressed/selection state is kept up
+  # to date by the sparse mode, the full mode only writes and reads the K/V buffers.
+  def init_cache(self, batch: int, capacity: int, dtype=None):
+    """:class:`~sparse_attention_jax.ops.nsa_decode.NSACache` of ``layer.sparse_config``."""
+    c = self.config
+    return init_nsa_cache(batch, capacity, config=self.sparse_config,
+                          num_kv_heads=c.num_kv_heads, dk=c.head_dim, dv=c.dv,
+                          dtype=dtype or self.dtype)
+
+  def prefill(self, x, lengths, cache):
+    """``x [B, T, d_model]`` right-padded prompts of ``lengths [B]`` -> ``(y, cache)``."""
+    c = self.config
+    _check_inputs(x, _positions(x), None, c.d_model)
+    q, k, v = self.qkv(x, _positions(x))
+    g = jax.nn.sigmoid(self.gate_proj(x).astype(jnp.float32))[..., 1:2]   # [B, T, HQ, 1]
+    if self.inference_mode == "full":
+      o = _dense(q, k, v, None)
+      sel = jnp.full(k.shape[:3] + (1,), -1, jnp.int32)
+    else:
+      o, aux = nsa_attention(q, k, v, None, config=self.sparse_config.for_length(x.shape[1]),
+                             impl=c.attn_impl, return_aux=True)
+      sel = aux.block_indices
+    cache = fill_nsa_cache(cache, config=self.sparse_config, lengths=lengths, k=k, v=v,
+                           block_indices=sel)
+    return self.o_proj((g * o.astype(jnp.float32)).astype(self.dtype)), cache
+
+  def decode(self, x, pos, cache):
+    """``x [B, 1, d_model]`` at ``pos [B]`` -> ``(y [B, 1, d_model], cache)``."""
+    q, k, v = self.qkv(x, pos[:, None])
+    g = jax.nn.sigmoid(self.gate_proj(x).astype(jnp.float32))[:, 0, :, 1:2]   # [B, HQ, 1]
+    if self.inference_mode == "full":
+      cache = cache._replace(k=write_linear(cache.k, k[:, 0], pos),
+                             v=write_linear(cache.v, v[:, 0], pos))
+      slot_pos = jnp.arange(cache.k.shape[1], dtype=jnp.int32)[None, :]
+      o = attend_one(q[:, 0], cache.k, cache.v, window_mask(slot_pos, pos, None),
+                     q.shape[-1] ** -0.5)
+    else:
+      o, cache = nsa_decode_step(cache, q[:, 0], config=self.sparse_config, pos=pos,
+                                 k=k[:, 0], v=v[:, 0])
+    return self.o_proj((g * o.astype(jnp.float32)).astype(self.dtype)[:, None]), cache
 
 
 register_attention_kind("ssa", SSAAttention)

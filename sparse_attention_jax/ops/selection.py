@@ -124,17 +124,32 @@ def select_blocks(importance, config: NSAConfig, *, segment_ids=None):
                  f"(block_size={config.block_size}); use config.for_length(T)", n)
   _checks.check_segment_ids(segment_ids, b, t)
   candidate, forced = candidate_and_forced(config, t, segment_ids, b)
+  out = top_n_blocks(importance, candidate[:, :, None, :], forced[:, :, None, :], n)
+  chex.assert_shape(out, importance.shape[:3] + (n,))
+  return out
+
+
+def top_n_blocks(importance, candidate, forced, n: int):
+  """Exact top-``n`` of the last axis with forced blocks first and ties to the lower index.
+
+  Args:
+    importance: ``[..., NB]`` block scores (no gradient flows back).
+    candidate, forced: bool, broadcastable to ``importance``.
+    n: blocks to keep (``<= NB``).
+
+  Returns:
+    ``[..., n]`` int32 block ids, ascending, ``-1`` padding where fewer blocks are candidates.
+  """
+  nb = importance.shape[-1]
   score = jax.lax.stop_gradient(importance).astype(jnp.float32)
   fmax = jnp.finfo(jnp.float32).max       # keep +inf for forced blocks and -inf for non-candidates
   score = jnp.nan_to_num(score, nan=-fmax, posinf=fmax, neginf=-fmax)
-  score = jnp.where(forced[:, :, None, :], jnp.inf, score)
-  score = jnp.where(candidate[:, :, None, :], score, -jnp.inf)
+  score = jnp.where(forced, jnp.inf, score)
+  score = jnp.where(candidate, score, -jnp.inf)
   top, idx = jax.lax.top_k(score, n)                    # ties: lower index first (stable)
   idx = jnp.where(top == -jnp.inf, nb, idx)
   idx = jnp.sort(idx, axis=-1)
-  out = jnp.where(idx >= nb, -1, idx).astype(jnp.int32)
-  chex.assert_shape(out, importance.shape[:3] + (n,))
-  return out
+  return jnp.where(idx >= nb, -1, idx).astype(jnp.int32)
 
 
 def share_selection(block_indices, r: int):
