@@ -56,26 +56,16 @@ def _mean_stats(runs: list[dict]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
   args = _parse_args(argv)
-  from train.config import load_config
-  try:
-    config = load_config(args.config, args.overrides)
-  except (ValueError, FileNotFoundError) as e:
-    print(f"config error: {e}", file=sys.stderr)
+  from train import cli
+  config = cli.load_config_or_none(args.config, args.overrides)
+  if config is None:
     return 2
   import jax.numpy as jnp
-  from flax import nnx
 
-  from sparse_attention_jax.nn import DecoderLM
   from sparse_attention_jax.nn.locality import model_selection_locality
-  from train import checkpoint, data
 
   tc = config.train
-  model = DecoderLM(config.model, rngs=nnx.Rngs(tc.seed))
-  if args.checkpoint:
-    step = checkpoint.restore(args.checkpoint, model)
-    print(f"restored {args.checkpoint} (step {step})")
-  corpus = data.load_corpus(tc.corpus_max_bytes, tc.heldout_fraction)
-  batches = data.eval_batches(corpus.heldout, tc.seq_len, tc.batch_size, args.batches)
+  model, _, batches = cli.model_and_batches(config, args.checkpoint, args.batches)
   try:
     runs = [model_selection_locality(model, jnp.asarray(b["tokens"]), jnp.asarray(b["positions"]),
                                      jnp.asarray(b["segment_ids"]),

@@ -64,16 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"config error: model.attention: expected 'ssa' layers, got "
           f"{list(config.model.attention)}", file=sys.stderr)
     return 2
-  from flax import nnx
-
-  from sparse_attention_jax.nn import DecoderLM
-  from train import checkpoint, data
+  from train import cli
 
   tc = config.train
-  model = DecoderLM(config.model, rngs=nnx.Rngs(tc.seed))
-  step = checkpoint.restore(args.checkpoint, model)
-  corpus = data.load_corpus(tc.corpus_max_bytes, tc.heldout_fraction)
-  batches = data.eval_batches(corpus.heldout, tc.seq_len, tc.batch_size, tc.eval_batches)
+  model, step, batches = cli.model_and_batches(config, args.checkpoint, tc.eval_batches)
   print(f"checkpoint {args.checkpoint} (step {step}); {tc.eval_batches} x {tc.batch_size} "
         f"held-out rows of {tc.seq_len} bytes")
   full = evaluate(model, batches, "full")
