@@ -1,4 +1,4 @@
-"""The tiny full / NSA / ASA comparison configs (docs/asa_tiny_experiment.md) differ only in attention.
+"""The tiny full / NSA / ASA configs (docs/asa_tiny_experiment.md) differ only in attention.
 
 ``configs/full_tiny.yaml``, ``configs/tiny.yaml`` (NSA) and ``configs/asa_tiny.yaml`` are trained on
 the same stream of batches and compared on loss; that comparison is only meaningful if everything
