@@ -5,7 +5,9 @@ the attention kinds, the parameter count (shape evaluation of the saved config),
 averaged over the last ``--tail`` logged steps, every eval loss, the final eval loss in nats and in
 bits per byte (byte-level data: one token = one byte), and the median logged tokens/s (the first
 log, which includes compilation, is skipped). Runs named ``NAME_sSEED`` are also grouped by NAME
-(mean and half-range over seeds). Writes the JSON to ``--out`` and prints markdown tables.
+(mean and half-range over seeds). Writes the JSON to ``--out`` and prints markdown tables;
+``--plot PNG`` draws each group's held-out loss (mean over seeds, min-max bars) and mean train
+loss, one color per group.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ def read_run(run: str, tail: int = 5) -> dict:
   path = os.path.join(run, "metrics.jsonl")
   if not os.path.isfile(path):
     raise FileNotFoundError(f"run: expected a run folder with metrics.jsonl, got {run!r}")
-  train, evals, speeds = [], [], []
+  train, evals, speeds = [], [], []  # (step, loss), (step, eval loss), tokens/s
   with open(path) as f:
     for line in f:
       if not line.strip():
@@ -56,6 +58,7 @@ def read_run(run: str, tail: int = 5) -> dict:
       "final_eval_loss": final_eval,
       "final_eval_bits_per_byte": final_eval / math.log(2),
       "median_tokens_per_s": statistics.median(speeds[1:] or speeds),
+      "train_losses": {str(s): v for s, v in train},
   }
 
 
@@ -73,6 +76,41 @@ def group_by_name(rows: list[dict]) -> dict[str, dict]:
                  "final_eval_bits_per_byte_mean": statistics.fmean(losses) / math.log(2),
                  "train_loss_tail_mean": statistics.fmean(r["train_loss_tail"] for r in rs),
                  "params": rs[0]["params"]}
+  return out
+
+
+def plot_groups(rows: list[dict], out: str, title: str | None = None) -> str:
+  """Per group (``NAME_sSEED`` -> NAME): mean eval loss with min-max bars, mean train loss."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  groups: dict[str, list[dict]] = {}
+  for r in rows:
+    groups.setdefault(re.sub(r"_s\d+$", "", r["run"]), []).append(r)
+  fig, ax = plt.subplots(figsize=(8, 5))
+  for i, (name, rs) in enumerate(groups.items()):
+    color = f"C{i % 10}"
+    for key, style in (("train_losses", "-"), ("eval_losses", "o--")):
+      steps = sorted({int(s) for r in rs for s in r[key]}.intersection(
+          *({int(s) for s in r[key]} for r in rs)))
+      vals = [[r[key][str(s)] for r in rs] for s in steps]
+      mean = [statistics.fmean(v) for v in vals]
+      label = f"{name} {'train' if key == 'train_losses' else 'eval'} (mean of {len(rs)})"
+      if key == "eval_losses":
+        err = [[m - min(v) for m, v in zip(mean, vals)], [max(v) - m for m, v in zip(mean, vals)]]
+        ax.errorbar(steps, mean, yerr=err, fmt=style, color=color, capsize=4, label=label)
+      else:
+        ax.plot(steps, mean, style, color=color, alpha=0.5, linewidth=1, label=label)
+  ax.set_xlabel("step")
+  ax.set_ylabel("loss (nats / token)")
+  ax.set_title(title or "loss by config (bars: min-max over seeds)")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(out, dpi=120)
+  plt.close(fig)
   return out
 
 
@@ -101,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("runs", nargs="+", help="run folders (train.output_dir of python -m train)")
   p.add_argument("--out", default=None, help="JSON file to write (default: none)")
+  p.add_argument("--plot", default=None, help="PNG of the per-config curves (default: none)")
+  p.add_argument("--title", default=None, help="title of --plot")
   p.add_argument("--tail", type=int, default=5, help="logged train steps averaged (default 5)")
   args = p.parse_args(argv)
   rows = [read_run(r, args.tail) for r in args.runs]
@@ -110,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     with open(args.out, "w") as f:
       json.dump({"runs": rows, "groups": groups}, f, indent=1)
   print(markdown(rows, groups))
+  if args.plot:
+    print(f"wrote {plot_groups(rows, args.plot, args.title)}")
   return 0
 
 

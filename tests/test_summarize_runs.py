@@ -42,7 +42,9 @@ def test_summary_numbers_and_seed_groups(tmp_path, capsys):
   cfg = _fake_run(a, "asa_tiny.yaml", 0, [(100, 2.5), (200, 2.2)], [10.0, 400.0, 100.0, 300.0])
   _fake_run(b, "asa_tiny.yaml", 1, [(100, 2.6), (200, 2.0)], [5.0, 50.0, 70.0])
   out = tmp_path / "summary.json"
-  assert mod.main([str(a), str(b), "--out", str(out), "--tail", "2"]) == 0
+  png = tmp_path / "groups.png"
+  assert mod.main([str(a), str(b), "--out", str(out), "--tail", "2", "--plot", str(png)]) == 0
+  assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
   data = json.loads(out.read_text())
   r0 = data["runs"][0]
   assert r0["attention"] == ["asa_local", "asa_global"] and r0["seed"] == 0
@@ -52,6 +54,7 @@ def test_summary_numbers_and_seed_groups(tmp_path, capsys):
   assert r0["median_tokens_per_s"] == pytest.approx(300.0)   # first log (compile) skipped
   assert r0["train_loss_tail"] == pytest.approx((2.8 + 2.7) / 2)
   assert r0["eval_losses"] == {"100": pytest.approx(2.5), "200": pytest.approx(2.2)}
+  assert r0["train_losses"]["40"] == pytest.approx(2.7)
   g = data["groups"]["asa_tiny"]
   assert g["seeds"] == [0, 1]
   assert g["final_eval_loss_mean"] == pytest.approx(2.1)
