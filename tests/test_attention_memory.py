@@ -19,7 +19,7 @@ from sparse_attention_jax.nn import ModelConfig, get_attention_kind, load_model_
 from sparse_attention_jax.ops import nsa as nsa_op
 
 T, B = 2048, 1
-LAYOUT = dict(d_model=256, num_heads=32, num_kv_heads=2, head_dim=64)
+LAYOUT = {"d_model": 256, "num_heads": 32, "num_kv_heads": 2, "head_dim": 64}
 
 
 def _selected_stand_in(q, k, v, block_indices, **_):

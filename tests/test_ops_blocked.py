@@ -20,7 +20,7 @@ from sparse_attention_jax.ops import dense_causal_attention, sliding_window_atte
 from sparse_attention_jax.ops.blocked import blocked_attention, default_chunk
 from sparse_attention_jax.ops.masked import causal_mask, masked_attention
 
-TOL = dict(atol=2e-5, rtol=2e-5)
+TOL = {"atol": 2e-5, "rtol": 2e-5}
 
 
 def _segments(b, t, cuts_per_row):

@@ -70,8 +70,8 @@ def correctness(quick):
       q, k, v, ct = inputs(jax.random.key(len(rows)), 2, t, jnp.bfloat16)
       seg = segments(seg_kind, 2, t)
       f32 = [x.astype(jnp.float32) for x in (q, k, v)]
-      ref = functools.partial(lambda q, k, v: masked_attention(
-          q, k, v, causal_mask(t, seg, window), D ** -0.5)[0])
+      def ref(q, k, v, seg=seg, window=window):
+        return masked_attention(q, k, v, causal_mask(t, seg, window), D ** -0.5)[0]
       g_ref, o_ref = value_and_grads(ref, *f32, ct)
       for impl in ("auto", "blocked"):
         fn = functools.partial(dense_attention.causal_attention, segment_ids=seg, window=window,
@@ -100,7 +100,7 @@ def timing(quick):
         fn = functools.partial(dense_attention.causal_attention, segment_ids=seg, window=window,
                                impl=impl)
 
-        def loss(q, k, v, fn=fn):
+        def loss(q, k, v, fn=fn, ct=ct):
           return jnp.sum(fn(q, k, v).astype(jnp.float32) * ct)
         step = jax.jit(jax.value_and_grad(loss, (0, 1, 2)))
         row = {"check": "memory_time", "B": b, "T": t, "window": window, "segments": seg_kind,
