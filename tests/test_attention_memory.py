@@ -86,3 +86,24 @@ def test_nsa_layer_compiled_temp_memory_below_one_dense_logits_array(monkeypatch
   temp = jax.jit(fn).lower(*args).compile().memory_analysis().temp_size_in_bytes
   dense_logits = B * T * config.num_heads * T * 4
   assert temp < dense_logits, f"{temp / 2**20:.0f} MiB"
+
+
+def test_nsa_layer_saves_no_compressed_probabilities_for_the_backward_pass(monkeypatch):
+  """Residuals kept from forward to backward: no per-head ``[B, T, HQ|H, NC]`` array (the
+  compressed branch recomputes its probabilities; only its ``[B, T, 1, NC]`` bool mask is kept)."""
+  saved_residuals = pytest.importorskip("jax._src.ad_checkpoint").saved_residuals
+  monkeypatch.setattr(nsa_op, "selected_attention", _selected_stand_in)
+  config = _config("nsa")
+  nc = config.nsa.num_cmp_tokens(T)
+  layer = get_attention_kind("nsa")(config, rngs=nnx.Rngs(0))
+  graphdef, state = nnx.split(layer)
+
+  def loss(state, x, positions, segment_ids):
+    return jnp.sum(nnx.merge(graphdef, state)(x, positions, segment_ids) ** 2)
+
+  pos = jnp.zeros((B, T), jnp.int32)
+  res = saved_residuals(loss, state, jnp.ones((B, T, config.d_model)), pos, pos)
+  cmp_sized = [(aval, why) for aval, why in res if T in aval.shape and nc in aval.shape]
+  assert cmp_sized, "expected the visibility mask among the residuals"
+  per_head = [(aval.str_short(), why) for aval, why in cmp_sized if aval.size > B * T * nc]
+  assert per_head == []

@@ -184,3 +184,29 @@ def test_causal_attention_picks_fast_path_only_for_one_document_rows(monkeypatch
                                               impl="reference")
       np.testing.assert_allclose(np.asarray(got), np.asarray(want), **TOL)
   assert calls, "the fast path was never traced"
+
+
+# ------------------------------------------------------- masked attention with a recomputing VJP
+def test_recompute_masked_attention_equals_autodiff_reference():
+  """Same forward as ``masked_attention`` and the same gradient as its autodiff, incl. rows that
+  see nothing (0 output, no NaN) and GQA with ``Dk != Dv``."""
+  from sparse_attention_jax.ops.masked_lean import recompute_masked_attention
+  q, k, v = rand_qkv(jax.random.key(21), 2, 24, 4, 2, 8, 6)
+  k, v = k[:, :9], v[:, :9]                                                # S = 9 keys
+  mask = jax.random.bernoulli(jax.random.key(22), 0.5, (2, 24, 2, 9)).at[:, :3].set(False)
+  ct = jax.random.normal(jax.random.key(23), (2, 24, 4, 6))
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def run(fn, q, k, v):
+    def loss(q, k, v):
+      out = fn(q, k, v, mask, 0.45)
+      return jnp.sum(out[0] * ct), out
+    return jax.grad(loss, (0, 1, 2), has_aux=True)(q, k, v)
+
+  grads, (o, lse, probs) = run(recompute_masked_attention, q, k, v)
+  want, (o_ref, lse_ref, probs_ref) = run(
+      functools.partial(masked_attention, return_probs=True), q, k, v)
+  for got, ref in ((o, o_ref), (lse, lse_ref), (probs, probs_ref), *zip(grads, want)):
+    assert not np.any(np.isnan(np.asarray(got)))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), **TOL)
+  assert float(jnp.max(jnp.abs(o[:, :3]))) == 0.0
