@@ -243,7 +243,10 @@ def test_unknown_and_unavailable_impl(op):
     with pytest.raises(NotImplementedError, match=name):
       fn(q, k, v, impl=name)
   ref = fn(q, k, v, impl="reference")
-  np.testing.assert_array_equal(np.asarray(fn(q, k, v, impl="auto")), np.asarray(ref))
+  # "auto" falls back to the reference on CPU; NSA's window branch then runs the blocked op
+  # instead of the dense masked reference, equal up to float32 rounding.
+  np.testing.assert_allclose(np.asarray(fn(q, k, v, impl="auto")), np.asarray(ref), atol=1e-5,
+                             rtol=1e-5)
 
 
 @pytest.fixture

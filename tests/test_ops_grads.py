@@ -40,16 +40,17 @@ def fixed_indices(seed):
 
 
 def test_grad_dense():
-  check_grads(dense_causal_attention, qkv(1), **GRAD)
+  check_grads(jax.jit(dense_causal_attention), qkv(1), **GRAD)
 
 
 def test_grad_dense_with_segments():
   seg = segments(B, T, [11])
-  check_grads(functools.partial(dense_causal_attention, segment_ids=seg), qkv(2), **GRAD)
+  check_grads(jax.jit(functools.partial(dense_causal_attention, segment_ids=seg)), qkv(2),
+              **GRAD)
 
 
 def test_grad_window():
-  check_grads(functools.partial(sliding_window_attention, window=5), qkv(3), **GRAD)
+  check_grads(jax.jit(functools.partial(sliding_window_attention, window=5)), qkv(3), **GRAD)
 
 
 def test_grad_selected_fixed_indices():

@@ -39,8 +39,8 @@ Two equal ways to compute it (tested):
 Choices (the ASA paper's body was not checked; see ALGORITHMS.md §5):
 
 * The local layer is MLA (``g = 1``, one latent head; ``latent.groups`` applies only to the global
-  layer) and trains in the expanded form: ``jax.nn.dot_product_attention`` with a local window
-  over ``H = HQ`` heads (cuDNN on GPU; the op's ``impl`` does not apply).
+  layer) and trains in the expanded form over ``H = HQ`` heads: cuDNN flash attention with a local
+  window on GPU for one-document rows, else the blocked plain-JAX window op (``O(T * w)`` memory).
 * The global layer always runs in the absorbed form: NSA's selection is per KV head, so each GLA
   latent head plays the role of a KV head (selection shared by its ``G`` query heads, NSA eq. 10),
   and compression (mean pooling or phi) acts on the latent keys ``[c ; k_rope]`` and values ``c``.
@@ -73,12 +73,13 @@ from sparse_attention_jax.nn.attention import (
 )
 from sparse_attention_jax.nn.config import ModelConfig
 from sparse_attention_jax.nn.decode import dense_decode, fill_dense_cache, init_dense_cache
+from sparse_attention_jax.nn.dense_attention import causal_attention
 from sparse_attention_jax.nn.latent_config import LatentConfig
 from sparse_attention_jax.nn.layers import RMSNorm, as_dtype, projection
 from sparse_attention_jax.nn.parallel import param, sharded_call
 from sparse_attention_jax.nn.rope import apply_rope
 from sparse_attention_jax.ops import CompressorParams, masked_attention, nsa_attention
-from sparse_attention_jax.ops.masked import causal_mask, same_document
+from sparse_attention_jax.ops.masked import causal_mask
 from sparse_attention_jax.ops.nsa_decode import fill_nsa_cache, init_nsa_cache, nsa_decode_step
 
 
@@ -253,30 +254,22 @@ class LatentAttentionBase(nnx.Module):
     return self.o_proj(o)
 
 
-def _window_attention(q, k, v, *, window: int, segment_ids, softmax_scale: float):
-  """Sliding-window attention through :func:`jax.nn.dot_product_attention` (cuDNN on GPU).
-
-  That function needs one head dim for q, k and v, so the narrower side is zero-padded (zero
-  value columns add zero outputs, zero q/k columns add zero logits) and the output sliced back.
+def _window_attention(q, k, v, *, window: int, segment_ids, softmax_scale: float,
+                      impl: str = "auto"):
+  """Sliding-window attention of the local layer, memory-lean: cuDNN flash attention on GPU for
+  one-document rows, else the blocked plain-JAX op (see
+  :func:`~sparse_attention_jax.nn.dense_attention.causal_attention`).
 
   Args:
     q: ``[B, T, HQ, Dk]``; k: ``[B, T, H, Dk]``; v: ``[B, T, H, Dv]``; segment_ids: ``[B, T]``
-      or None; window: keys per query incl. itself; softmax_scale: the logit scale.
+      or None; window: keys per query incl. itself; softmax_scale: the logit scale; impl: as
+      ``causal_attention``.
 
   Returns:
     ``[B, T, HQ, Dv]`` in ``q.dtype``, equal to ``ops.sliding_window_attention``.
   """
-  dk, dv = q.shape[-1], v.shape[-1]
-  width = max(dk, dv)
-
-  def pad(y):
-    return jnp.pad(y, [(0, 0)] * 3 + [(0, width - y.shape[-1])])
-
-  mask = None if segment_ids is None else same_document(segment_ids)[:, None]   # [B, 1, T, T]
-  o = jax.nn.dot_product_attention(pad(q), pad(k), pad(v), mask=mask, scale=softmax_scale,
-                                   is_causal=True, local_window_size=(window - 1, 0),
-                                   implementation=None)
-  return o[..., :dv]
+  return causal_attention(q, k, v, segment_ids=segment_ids, window=window,
+                          softmax_scale=softmax_scale, impl=impl)
 
 
 class MLALocalAttention(LatentAttentionBase):
@@ -284,8 +277,8 @@ class MLALocalAttention(LatentAttentionBase):
   document, ``w = config.window``; one latent head (``g = 1``).
 
   Trains in the expanded form (``H = HQ``, ``Dk = nope_dim + d_R``, ``Dv = v_dim``) through
-  :func:`jax.nn.dot_product_attention` with a local window (the narrower head dim zero-padded);
-  :meth:`absorbed` is the decode form.
+  :func:`~sparse_attention_jax.nn.dense_attention.causal_attention` with a window (cuDNN on GPU
+  where it serves, else the blocked op); :meth:`absorbed` is the decode form.
   """
 
   kind = "asa_local"
@@ -303,7 +296,8 @@ class MLALocalAttention(LatentAttentionBase):
 
     def op(**a):
       return _window_attention(a["q"], a["k"], a["v"], window=c.window,
-                               segment_ids=a["segment_ids"], softmax_scale=scale)
+                               segment_ids=a["segment_ids"], softmax_scale=scale,
+                               impl=c.attn_impl)
 
     o = sharded_call(op, {"q": q, "k": k, "v": v, "segment_ids": segment_ids},
                      {"q": "bthd", "k": "bthd", "v": "bthd", "segment_ids": "bt"},

@@ -22,18 +22,16 @@ from sparse_attention_jax.nn.decode import (
   fill_dense_cache,
   init_dense_cache,
 )
+from sparse_attention_jax.nn.dense_attention import causal_attention
 from sparse_attention_jax.nn.layers import as_dtype, projection
 from sparse_attention_jax.nn.parallel import param, sharded_call
 from sparse_attention_jax.nn.rope import apply_rope
 from sparse_attention_jax.ops import (
   CompressorParams,
   MLPCompressorParams,
-  dense_causal_attention,
   init_mlp_compressor,
   nsa_attention,
-  sliding_window_attention,
 )
-from sparse_attention_jax.ops.masked import same_document
 from sparse_attention_jax.ops.nsa_decode import fill_nsa_cache, init_nsa_cache, nsa_decode_step
 
 ATTENTION_KINDS: dict[str, type] = {}
@@ -167,43 +165,30 @@ def _positions(x):
   return jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
 
 
-def _segment_mask(segment_ids):
-  """``[B, 1, T, T]`` bool same-document mask for ``jax.nn.dot_product_attention`` (documents are
-  maximal runs of equal ids, as in the ops)."""
-  return same_document(segment_ids)[:, None]
-
-
 class FullAttention(_DenseAttentionBase):
   """Dense causal GQA attention with RoPE (kind ``"full"``).
 
-  Uses :func:`jax.nn.dot_product_attention` (``implementation=None``: jax picks; it can use cuDNN
-  on GPU) when ``Dv == Dk`` (which that function requires), with ``is_causal=True`` and, for packed
-  documents, a same-segment mask; otherwise the library's masked plain-JAX
-  :func:`~sparse_attention_jax.ops.dense_causal_attention`.
+  Runs :func:`~sparse_attention_jax.nn.dense_attention.causal_attention` with
+  ``impl=config.attn_impl``: cuDNN flash attention on GPU for rows of one document, else the
+  blocked plain-JAX op (``O(T * C)`` memory, packed documents); no ``T x T`` tensor either way.
   """
 
   def _attend(self, q, k, v, segment_ids):
-    if q.shape[-1] != v.shape[-1]:
-      return dense_causal_attention(q, k, v, segment_ids=segment_ids)
-    mask = None if segment_ids is None else _segment_mask(segment_ids)
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation=None)
+    return causal_attention(q, k, v, segment_ids=segment_ids, impl=self.config.attn_impl)
 
 
 class SlidingWindowAttention(_DenseAttentionBase):
   """Causal sliding-window GQA attention with RoPE (kind ``"swa"``): query ``t`` sees keys
-  ``t - window + 1 .. t`` (``config.window`` keys including itself) of its own document."""
+  ``t - window + 1 .. t`` (``config.window`` keys including itself) of its own document, through
+  :func:`~sparse_attention_jax.nn.dense_attention.causal_attention` (as ``FullAttention``)."""
 
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
     super().__init__(config, rngs=rngs)
     self.cache_window = config.window
 
   def _attend(self, q, k, v, segment_ids):
-    w = self.config.window
-    if q.shape[-1] != v.shape[-1]:
-      return sliding_window_attention(q, k, v, window=w, segment_ids=segment_ids)
-    mask = None if segment_ids is None else _segment_mask(segment_ids)
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True,
-                                        local_window_size=(w - 1, 0), implementation=None)
+    return causal_attention(q, k, v, segment_ids=segment_ids, window=self.config.window,
+                            impl=self.config.attn_impl)
 
 
 # Logical axes of phi's parameters: the leading axis is the KV head (sharded like K/V).

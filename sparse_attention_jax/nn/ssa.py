@@ -45,15 +45,15 @@ from sparse_attention_jax.nn.attention import (
   _kv_projection,
   _o_projection,
   _q_projection,
-  _segment_mask,
   register_attention_kind,
 )
 from sparse_attention_jax.nn.config import ModelConfig
+from sparse_attention_jax.nn.dense_attention import causal_attention
 from sparse_attention_jax.nn.layers import as_dtype, projection
 from sparse_attention_jax.nn.parallel import sharded_call
 from sparse_attention_jax.nn.rope import apply_rope
 from sparse_attention_jax.nn.ssa_config import SSAConfig
-from sparse_attention_jax.ops import dense_causal_attention, nsa_attention
+from sparse_attention_jax.ops import nsa_attention
 from sparse_attention_jax.ops.decode import attend_one, window_mask, write_linear
 from sparse_attention_jax.ops.nsa_decode import fill_nsa_cache, init_nsa_cache, nsa_decode_step
 
@@ -84,13 +84,10 @@ def alignment_loss_terms(o_full: jax.Array, o_sparse: jax.Array) -> jax.Array:
   return jnp.stack([smooth_l1(o_full, sg(o_sparse)), smooth_l1(sg(o_full), o_sparse)])
 
 
-def _dense(q, k, v, segment_ids):
+def _dense(q, k, v, segment_ids, impl: str = "auto"):
   """Dense causal GQA attention ``[B, T, HQ, Dk], [B, T, H, Dk], [B, T, H, Dv] -> [B, T, HQ,
-  Dv]`` (as :class:`~sparse_attention_jax.nn.FullAttention`)."""
-  if q.shape[-1] != v.shape[-1]:
-    return dense_causal_attention(q, k, v, segment_ids=segment_ids)
-  mask = None if segment_ids is None else _segment_mask(segment_ids)
-  return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation=None)
+  Dv]`` (as :class:`~sparse_attention_jax.nn.FullAttention`: cuDNN or the blocked op)."""
+  return causal_attention(q, k, v, segment_ids=segment_ids, impl=impl)
 
 
 def sparse_op_config(config: ModelConfig) -> NSAConfig:
@@ -154,7 +151,7 @@ class SSAAttention(nnx.Module):
       return nsa_attention(a["q"], a["k"], a["v"], None, config=op_config,
                            segment_ids=a["segment_ids"], impl=c.attn_impl)
 
-    fns = {"full": lambda **a: _dense(**a), "sparse": sparse}
+    fns = {"full": lambda **a: _dense(**a, impl=c.attn_impl), "sparse": sparse}
     out = {}
     for p in paths:
       o = sharded_call(fns[p], args, layouts, num_kv_heads=c.num_kv_heads)

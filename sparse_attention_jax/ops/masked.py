@@ -97,21 +97,31 @@ def causal_mask(seq_len: int, segment_ids=None, window: int | None = None):
   return m[:, :, None, :]
 
 
-def dense_causal_attention(q, k, v, *, segment_ids=None, softmax_scale: float | None = None):
+def dense_causal_attention(q, k, v, *, segment_ids=None, softmax_scale: float | None = None,
+                           impl: str = "auto", chunk: int | None = None):
   """Dense causal (GQA) attention, the baseline every sparse branch reduces to.
+
+  By default it runs the blocked op of :mod:`sparse_attention_jax.ops.blocked` (``O(T * C)``
+  memory, online softmax); ``impl="reference"`` runs the masked reference with ``[B, T, HQ, T]``
+  logits that it is tested against.
 
   Args:
     q: ``[B, T, HQ, Dk]``; k: ``[B, T, H, Dk]``; v: ``[B, T, H, Dv]``.
     segment_ids: optional ``[B, T]`` int document ids (no attention across documents).
     softmax_scale: defaults to ``Dk ** -0.5``.
+    impl: ``"reference"`` (dense masked) or anything else (``"auto"``: the blocked op).
+    chunk: tokens per chunk of the blocked op (default 512, clamped to ``T``).
 
   Returns:
     ``[B, T, HQ, Dv]`` in ``q.dtype``.
   """
   from sparse_attention_jax.ops import _checks
+  from sparse_attention_jax.ops.blocked import blocked_attention
   b, t, s, _, _, _ = _checks.check_qkv(q, k, v)
   if s != t:
     _checks.fail("k", f"the query length T={t} (self-attention)", s)
   _checks.check_segment_ids(segment_ids, b, t)
   scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
-  return masked_attention(q, k, v, causal_mask(t, segment_ids), scale)[0]
+  if impl == "reference":
+    return masked_attention(q, k, v, causal_mask(t, segment_ids), scale)[0]
+  return blocked_attention(q, k, v, segment_ids=segment_ids, softmax_scale=scale, chunk=chunk)[0]

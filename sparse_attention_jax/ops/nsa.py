@@ -73,7 +73,8 @@ def _nsa_reference(q, k, v, gates, *, config, segment_ids, compress_params, k_sl
                                         softmax_scale=scale, impl=impl)
   if "win" in config.branches:
     outputs["win"] = sliding_window_attention(q, k_win, v_win, window=config.window,
-                                              segment_ids=segment_ids, softmax_scale=scale)
+                                              segment_ids=segment_ids, softmax_scale=scale,
+                                              impl=impl)
   ordered = {name: outputs[name] for name in BRANCHES if name in outputs}
   o = combine_branches(ordered, gates)
   chex.assert_shape(o, q.shape[:3] + (v_slc.shape[3],))

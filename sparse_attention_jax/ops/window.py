@@ -1,13 +1,20 @@
-"""Sliding-window attention: query ``t`` sees keys ``t - w + 1 .. t`` (``w`` keys incl. itself)."""
+"""Sliding-window attention: query ``t`` sees keys ``t - w + 1 .. t`` (``w`` keys incl. itself).
+
+The default path is the blocked op of :mod:`sparse_attention_jax.ops.blocked` (``O(T * w)``
+memory); ``impl="reference"`` runs the dense masked reference (``[B, T, HQ, T]`` logits) it is
+tested against.
+"""
 
 from __future__ import annotations
 
 from sparse_attention_jax.ops import _checks
+from sparse_attention_jax.ops.blocked import blocked_attention
 from sparse_attention_jax.ops.masked import causal_mask, masked_attention
 
 
 def sliding_window_attention(q, k, v, *, window: int, segment_ids=None,
-                             softmax_scale: float | None = None):
+                             softmax_scale: float | None = None, impl: str = "auto",
+                             chunk: int | None = None):
   """Causal attention over the last ``window`` keys.
 
   Args:
@@ -15,6 +22,11 @@ def sliding_window_attention(q, k, v, *, window: int, segment_ids=None,
     window: w >= 1, keys per query including the query's own token (fla convention).
     segment_ids: optional ``[B, T]`` document ids.
     softmax_scale: defaults to ``Dk ** -0.5``.
+    impl: ``"reference"`` for the dense masked reference; anything else (``"auto"``, a kernel
+      backend name passed on by ``nsa_attention``) runs the blocked op (no kernel serves this
+      branch).
+    chunk: tokens per chunk of the blocked op (default
+      :func:`~sparse_attention_jax.ops.blocked.default_chunk`).
 
   Returns:
     ``[B, T, HQ, Dv]`` in ``q.dtype``.
@@ -26,4 +38,7 @@ def sliding_window_attention(q, k, v, *, window: int, segment_ids=None,
     _checks.fail("window", "a positive int", window)
   _checks.check_segment_ids(segment_ids, b, t)
   scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
-  return masked_attention(q, k, v, causal_mask(t, segment_ids, window), scale)[0]
+  if impl == "reference":
+    return masked_attention(q, k, v, causal_mask(t, segment_ids, window), scale)[0]
+  return blocked_attention(q, k, v, window=window, segment_ids=segment_ids, softmax_scale=scale,
+                           chunk=chunk)[0]

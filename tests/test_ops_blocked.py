@@ -1,0 +1,212 @@
+"""The blocked (flash-style) causal / sliding-window op against the dense masked reference.
+
+float32, fresh random inputs, forward and ``jax.grad`` (random cotangent); chunk geometries with
+``T`` not a multiple of ``C``, ``w > T``, ``w = 1``, documents crossing chunk boundaries, GQA and
+``Dk != Dv``; causality and document isolation by perturbation; compiled temp memory at T = 4096.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import rand_qkv
+from sparse_attention_jax.nn import dense_attention
+from sparse_attention_jax.ops import dense_causal_attention, sliding_window_attention
+from sparse_attention_jax.ops.blocked import blocked_attention, default_chunk
+from sparse_attention_jax.ops.masked import causal_mask, masked_attention
+
+TOL = {"atol": 2e-5, "rtol": 2e-5}
+
+
+def _segments(b, t, cuts_per_row):
+  """``[B, T]`` ids; row ``r`` starts new documents at ``cuts_per_row[r]``; an id that comes back
+  later (row 1: ``0 .. 1 .. 0``) starts a new document too."""
+  ids = np.zeros((b, t), np.int32)
+  for r, cuts in enumerate(cuts_per_row):
+    for n, c in enumerate(cuts):
+      ids[r, c:] = (n + 1) % 2 if r == 1 else n + 1
+  return jnp.asarray(ids)
+
+
+def _reference(q, k, v, window, segment_ids, scale):
+  return masked_attention(q, k, v, causal_mask(q.shape[1], segment_ids, window), scale)
+
+
+CASES = [  # (T, window, chunk, HQ, H, Dk, Dv, cuts of row 0, cuts of row 1)
+    (37, 5, 8, 4, 2, 8, 4, [3, 17], [9, 30]),           # T % C != 0, docs cross chunks
+    (64, None, 16, 4, 1, 8, 8, [20, 40], [16]),         # full causal, MQA, cut on a boundary
+    (20, 100, 8, 2, 2, 4, 6, [], [5]),                  # w > T
+    (33, 1, 4, 4, 2, 8, 8, [7], []),                    # w = 1: only the query itself
+    (40, None, 64, 2, 1, 4, 4, [], []),                 # C > T: one chunk
+    (50, 12, 4, 6, 2, 8, 8, [11, 12, 13, 40], [25]),    # window spans 3 chunks, 1-token docs
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"T{c[0]}-w{c[1]}-C{c[2]}")
+def test_blocked_equals_reference_fwd_and_grad(case):
+  t, w, c, hq, h, dk, dv, cuts0, cuts1 = case
+  q, k, v = rand_qkv(jax.random.key(t + (w or 0)), 2, t, hq, h, dk, dv)
+  seg = _segments(2, t, [cuts0, cuts1])
+  scale = 0.4
+  ct = jax.random.normal(jax.random.key(99), (2, t, hq, dv))
+  blocked = functools.partial(blocked_attention, window=w, segment_ids=seg, softmax_scale=scale,
+                              chunk=c)
+  ref = functools.partial(_reference, window=w, segment_ids=seg, scale=scale)
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def run(fn, q, k, v):
+    def loss(q, k, v):
+      o, lse = fn(q, k, v)
+      return jnp.sum(o * ct), (o, lse)
+    return jax.grad(loss, (0, 1, 2), has_aux=True)(q, k, v)
+
+  grads, (o, lse) = run(blocked, q, k, v)
+  want, (o_ref, lse_ref) = run(ref, q, k, v)
+  np.testing.assert_allclose(np.asarray(o), np.asarray(o_ref), **TOL)
+  np.testing.assert_allclose(np.asarray(lse), np.asarray(lse_ref), **TOL)
+  for name, g, gw in zip("qkv", grads, want):
+    assert np.all(np.isfinite(np.asarray(g))), name
+    np.testing.assert_allclose(np.asarray(g), np.asarray(gw), err_msg=name, **TOL)
+
+
+def test_public_ops_route_to_blocked_and_match_reference():
+  q, k, v = rand_qkv(jax.random.key(3), 1, 70, 4, 2, 8, 6)
+  seg = _segments(1, 70, [[33]])
+  for fn in (functools.partial(sliding_window_attention, window=9),
+             dense_causal_attention):
+    for s in (None, seg):
+      got = jax.jit(lambda q, k, v, s=s, fn=fn: fn(q, k, v, segment_ids=s, chunk=16))(q, k, v)
+      want = fn(q, k, v, segment_ids=s, impl="reference")
+      np.testing.assert_allclose(np.asarray(got), np.asarray(want), **TOL)
+
+
+@pytest.mark.parametrize("window", [None, 6])
+def test_causality_and_document_isolation_by_perturbation(window):
+  t, cut = 40, 19
+  q, k, v = rand_qkv(jax.random.key(5), 1, t, 4, 2, 8, 8)
+  seg = _segments(1, t, [[cut]])
+  fn = jax.jit(functools.partial(blocked_attention, window=window, segment_ids=seg,
+                                 softmax_scale=0.35, chunk=8))
+  o = fn(q, k, v)[0]
+  noise = jax.random.normal(jax.random.key(6), k.shape)
+  # Changing keys/values at positions >= 25 changes nothing before 25 (causality).
+  future = jnp.arange(t)[None, :, None, None] >= 25
+  o2 = fn(q, jnp.where(future, noise, k), jnp.where(future, noise, v))[0]
+  np.testing.assert_array_equal(np.asarray(o2[:, :25]), np.asarray(o[:, :25]))
+  assert float(jnp.max(jnp.abs(o2[:, 25:] - o[:, 25:]))) > 1e-3
+  # Changing the first document changes nothing in the second (isolation).
+  first = jnp.arange(t)[None, :, None, None] < cut
+  o3 = fn(q, jnp.where(first, noise, k), jnp.where(first, noise, v))[0]
+  np.testing.assert_array_equal(np.asarray(o3[:, cut:]), np.asarray(o[:, cut:]))
+
+
+def test_bfloat16_inputs_are_finite_and_close():
+  q, k, v = rand_qkv(jax.random.key(7), 1, 48, 4, 2, 16, 16, jnp.bfloat16)
+  seg = _segments(1, 48, [[20]])
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def run(fn, q, k, v):
+    def loss(q, k, v):
+      o = fn(q, k, v)
+      return jnp.sum(o.astype(jnp.float32) ** 2), o
+    return jax.grad(loss, (0, 1, 2), has_aux=True)(q, k, v)
+
+  got = functools.partial(sliding_window_attention, window=10, segment_ids=seg, chunk=8)
+  want = functools.partial(sliding_window_attention, window=10, segment_ids=seg,
+                           impl="reference")
+  grads, o = run(got, q, k, v)
+  grads_ref, o_ref = run(want, q, k, v)
+  assert o.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(o, np.float32), np.asarray(o_ref, np.float32),
+                             atol=5e-2, rtol=5e-2)
+  for g, gw in zip(grads, grads_ref):
+    g, gw = np.asarray(g, np.float32), np.asarray(gw, np.float32)
+    assert np.all(np.isfinite(g))
+    assert np.abs(g - gw).max() <= 0.05 * np.abs(gw).max()
+
+
+@pytest.mark.parametrize("window", [None, 512])
+def test_no_t_by_t_intermediate_at_t4096(window):
+  """Compiled temp memory of a jitted value_and_grad stays below one float32 ``[T, T]`` array,
+  which the dense reference needs many times over."""
+  t = 4096
+  q = jax.ShapeDtypeStruct((1, t, 4, 16), jnp.float32)
+  kv = jax.ShapeDtypeStruct((1, t, 2, 16), jnp.float32)
+  seg = jax.ShapeDtypeStruct((1, t), jnp.int32)
+
+  def temp_bytes(impl):
+    def loss(q, k, v, s):
+      if window is None:
+        o = dense_causal_attention(q, k, v, segment_ids=s, impl=impl)
+      else:
+        o = sliding_window_attention(q, k, v, window=window, segment_ids=s, impl=impl)
+      return jnp.sum(o ** 2)
+    fn = jax.jit(jax.value_and_grad(loss, (0, 1, 2)))
+    return fn.lower(q, kv, kv, seg).compile().memory_analysis().temp_size_in_bytes
+
+  t_by_t = t * t * 4
+  assert temp_bytes("auto") < t_by_t / 2
+  assert temp_bytes("reference") > t_by_t      # the bound can fail
+
+
+def test_default_chunk():
+  assert default_chunk(None) == 512
+  assert default_chunk(512) == 256 and default_chunk(1) == 32 and default_chunk(4096) == 512
+  with pytest.raises(ValueError, match="chunk"):
+    blocked_attention(*rand_qkv(jax.random.key(0), 1, 8, 2, 1, 4), softmax_scale=1.0, chunk=0)
+
+
+# ----------------------------------------------------------- module path (cuDNN / blocked / cond)
+def test_causal_attention_picks_fast_path_only_for_one_document_rows(monkeypatch):
+  """With a stand-in for cuDNN that ignores documents (as cuDNN does), the module path still
+  equals the reference: one-document rows take the stand-in, packed rows the blocked op."""
+  calls = []
+
+  def stand_in(q, k, v, *, window, softmax_scale):
+    calls.append(window)
+    local = None if window is None else (window - 1, 0)
+    return jax.nn.dot_product_attention(q, k, v, scale=softmax_scale, is_causal=True,
+                                        local_window_size=local, implementation="xla")
+
+  monkeypatch.setattr(dense_attention, "_cudnn_usable", lambda *a: True)
+  monkeypatch.setattr(dense_attention, "_cudnn_attention", stand_in)
+  q, k, v = rand_qkv(jax.random.key(11), 2, 36, 4, 2, 8, 8)
+  for window in (None, 7):
+    for seg in (None, jnp.full((2, 36), 3, jnp.int32), _segments(2, 36, [[10], []])):
+      got = jax.jit(functools.partial(dense_attention.causal_attention, window=window))(
+          q, k, v, segment_ids=seg)
+      want = dense_attention.causal_attention(q, k, v, segment_ids=seg, window=window,
+                                              impl="reference")
+      np.testing.assert_allclose(np.asarray(got), np.asarray(want), **TOL)
+  assert calls, "the fast path was never traced"
+
+
+# ------------------------------------------------------- masked attention with a recomputing VJP
+def test_recompute_masked_attention_equals_autodiff_reference():
+  """Same forward as ``masked_attention`` and the same gradient as its autodiff, incl. rows that
+  see nothing (0 output, no NaN) and GQA with ``Dk != Dv``."""
+  from sparse_attention_jax.ops.masked_lean import recompute_masked_attention
+  q, k, v = rand_qkv(jax.random.key(21), 2, 24, 4, 2, 8, 6)
+  k, v = k[:, :9], v[:, :9]                                                # S = 9 keys
+  mask = jax.random.bernoulli(jax.random.key(22), 0.5, (2, 24, 2, 9)).at[:, :3].set(False)
+  ct = jax.random.normal(jax.random.key(23), (2, 24, 4, 6))
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def run(fn, q, k, v):
+    def loss(q, k, v):
+      out = fn(q, k, v, mask, 0.45)
+      return jnp.sum(out[0] * ct), out
+    return jax.grad(loss, (0, 1, 2), has_aux=True)(q, k, v)
+
+  grads, (o, lse, probs) = run(recompute_masked_attention, q, k, v)
+  want, (o_ref, lse_ref, probs_ref) = run(
+      functools.partial(masked_attention, return_probs=True), q, k, v)
+  for got, ref in ((o, o_ref), (lse, lse_ref), (probs, probs_ref), *zip(grads, want)):
+    assert not np.any(np.isnan(np.asarray(got)))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), **TOL)
+  assert float(jnp.max(jnp.abs(o[:, :3]))) == 0.0
