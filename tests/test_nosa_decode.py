@@ -149,3 +149,80 @@ def test_decode_step_never_attends_over_the_capacity():
   dims = _dot_operand_dims(jax.make_jaxpr(step)(params, jnp.zeros((1,), jnp.int32),
                                                 state).jaxpr)
   assert cap not in dims and 1023 in dims and 40 in dims
+
+
+# ------------------------------------------------------------------------------ offloaded
+def test_offloaded_greedy_equals_device_resident_and_compiles_once():
+  """Two rows, prompts of 7 tokens, 34 greedy tokens (blocks start at 8, 16, 24, 32, 40): the
+  offloaded decoder (K/V/c of the NOSA layer in pinned host memory) produces the device-resident
+  tokens; each jitted piece is traced once (the embedding once per shape); a second call with the
+  same prompt length traces nothing."""
+  model = nosa_model()
+  prompts = [[5, 9, 1, 7, 7, 30, 2], [3, 3, 8, 60, 2, 7, 11]]
+  want = Generator(model, batch=2, capacity=48, prefill_bucket=8).generate(
+      prompts, 34, greedy=True)
+  gen = Generator(model, batch=2, capacity=48, offload=True)
+  out = gen.generate(prompts, 34, greedy=True)
+  np.testing.assert_array_equal(out.tokens, want.tokens)
+  once = {**{name: 1 for name in gen._offload.traces}, "embed": 2}   # prompt and step shapes
+  assert gen._offload.traces == once
+  st = out.offload
+  assert st.host_memory_kind == "pinned_host" and st.slots == CFG.num_selected - 1
+  assert len(st.per_step) == 33 and st.total["transferred"] > 0
+  assert st.total["transferred"] == sum(s["transferred"] for s in st.per_step)
+  assert 0 < st.total["hit_rate"] < 1 and st.host_bytes > 0 and st.device_bytes > 0
+  gen.generate([[1] * 7, [2] * 7], 5, greedy=True)
+  assert gen._offload.traces == once
+
+
+def test_offloaded_transfer_counts_follow_the_selection():
+  """Layer 0's slots after every step hold exactly Gamma(t) minus the current block, with
+  Gamma(t) from the full op on the whole sequence (independent of the decoder); transfers =
+  newly selected blocks, hits = blocks kept, bytes = transfers x l' x ((Dk + Dv) * 4 + 4)."""
+  from sparse_attention_jax.nn.offload_decode import OffloadedDecoder
+  model = nosa_model()
+  cfg = model.config
+  dec_ = OffloadedDecoder(model, batch=2, capacity=48)
+  tokens = np.asarray(jax.random.randint(jax.random.key(2), (2, 40), 0, 64))
+  t0 = 9
+  _, caches = dec_.prefill(tokens[:, :t0])
+  store = caches[0][1]
+  blk = model.layers[0]
+  pos_all = jnp.broadcast_to(jnp.arange(40), (2, 40))
+  q, k, v, c = blk.attn.qkvc(blk.attn_norm(model.embed(jnp.asarray(tokens))), pos_all)
+  op_cfg, kq = for_length(cfg.nsa, KQ, 40)
+  gamma = np.asarray(nosa_attention(q, k, v, c, config=op_cfg, num_query_selected=kq,
+                                    return_aux=True)[1].block_indices)          # [B, T, H, k]
+  prev = [[set() for _ in range(2)] for _ in range(2)]
+  block_bytes = 8 * ((8 + 6) * 4 + 4)
+  for pos in range(t0, 40):
+    _, stats = dec_.step(tokens[:, pos], caches, pos)
+    got = stats["per_layer"][0]
+    exp = {"requested": 0, "hits": 0, "transferred": 0}
+    for b in range(2):
+      for h in range(2):
+        want = set(int(j) for j in gamma[b, pos, h] if j >= 0) - {pos // 8}
+        assert set(int(j) for j in store.slot_block[b, h] if j >= 0) == want, (pos, b, h)
+        exp["requested"] += len(want)
+        exp["hits"] += len(want & prev[b][h])
+        exp["transferred"] += len(want - prev[b][h])
+        prev[b][h] = want
+    assert {key: got[key] for key in exp} == exp, pos
+    assert got["bytes"] == exp["transferred"] * block_bytes
+
+
+def test_offload_errors_name_the_values():
+  model = nosa_model()
+  gen = Generator(model, batch=2, capacity=16, offload=True)
+  with pytest.raises(ValueError, match=r"prompts: expected prompts of one length with "
+                                       r"offload=True .* got lengths \[3, 2\]"):
+    gen.generate([[1, 2, 3], [4, 5]], 3)
+  with pytest.raises(ValueError, match=r"max_new_tokens: expected at most capacity - longest "
+                                       r"prompt = 16 - 10 = 6, got 7"):
+    gen.generate([[1] * 10, [2] * 10], 7)
+  with pytest.raises(ValueError, match=r"offload: expected a model with at least one 'nosa' "
+                                       r"layer, got kinds \['full'\]"):
+    Generator(nosa_model(kinds=("full",)), batch=1, capacity=8, offload=True)
+  small = Generator(model, batch=2, capacity=48, offload=True, num_slots=2)
+  with pytest.raises(ValueError, match=r"gamma: expected at most num_slots=2 selected blocks"):
+    small.generate([[1] * 30, [2] * 30], 3, greedy=True)
