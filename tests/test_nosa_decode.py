@@ -226,3 +226,36 @@ def test_offload_errors_name_the_values():
   small = Generator(model, batch=2, capacity=48, offload=True, num_slots=2)
   with pytest.raises(ValueError, match=r"gamma: expected at most num_slots=2 selected blocks"):
     small.generate([[1] * 30, [2] * 30], 3, greedy=True)
+
+
+def test_decode_benchmark_nosa_kinds_smoke(tmp_path, monkeypatch):
+  """``benchmarks/decode.py --tiny --kinds nosa,nosa_offload --report-fit`` runs on CPU without
+  grain: both rows decode, the offloaded row reports its transfers, and the resident-cache
+  bytes are those of the device-resident NOSA state."""
+  import importlib.util
+  import json
+  import os
+  import sys
+  monkeypatch.setitem(sys.modules, "grain", None)
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  spec = importlib.util.spec_from_file_location("bench_decode_nosa",
+                                                os.path.join(root, "benchmarks", "decode.py"))
+  bench = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(bench)
+  rc = bench.main(["--tiny", "--kinds", "nosa,nosa_offload", "--batch", "2", "--context", "37",
+                   "--steps", "2", "--warmup", "1", "--report-fit", "--host-pool", "3",
+                   "--out", str(tmp_path)])
+  assert rc == 0
+  rows = {r["kind"]: r for r in json.load(open(tmp_path / "decode.json"))["rows"]}
+  assert set(rows) == {"nosa", "nosa_offload"}
+  assert all(r["lengths_ok"] and r["tokens_per_s"] > 0 for r in rows.values())
+  off = rows["nosa_offload"]
+  assert off["host_memory_kind"] == "pinned_host" and off["slots"] == 4
+  assert 0 <= off["hit_rate"] <= 1 and off["blocks_per_step"] >= 0   # steady state may hit all
+  assert off["bytes_per_step"] == off["blocks_per_step"] * 8 * ((16 + 16) * 4 + 4)
+  # Resident NOSA state of the tiny model (capacity 40, H=2, Dk=Dv=16, l=8, d=4, l'=8), 2 layers:
+  # K, V (4 B) and c (f32) linear + rings of l keys and c + 9 compressed keys + 5 block scores.
+  per_row = (40 * 2 * (16 + 16 + 1) + 8 * 2 * (16 + 1) + 9 * 2 * 16 + 2 * 5) * 4
+  assert rows["nosa"]["resident_cache_bytes"] == 2 * 2 * per_row + 2 * 4 + 4
+  assert off["resident_cache_bytes"] == rows["nosa"]["resident_cache_bytes"]
+  assert off["state_bytes"] < rows["nosa"]["state_bytes"]
