@@ -259,3 +259,22 @@ def test_decode_benchmark_nosa_kinds_smoke(tmp_path, monkeypatch):
   assert rows["nosa"]["resident_cache_bytes"] == 2 * 2 * per_row + 2 * 4 + 4
   assert off["resident_cache_bytes"] == rows["nosa"]["resident_cache_bytes"]
   assert off["state_bytes"] < rows["nosa"]["state_bytes"]
+
+
+def test_generate_cli_nosa_offload_matches_resident(capsys):
+  """``python -m train.generate --config configs/nosa_tiny.yaml`` decodes a NOSA model, and with
+  ``--offload`` prints the same text plus the transfer summary."""
+  from train import generate as cli
+  small = ["model.d_model=32", "model.mlp_dim=64", "model.num_heads=2", "model.head_dim=16",
+           "model.num_layers=2"]
+  args = ["--config", "configs/nosa_tiny.yaml", "--prompt", "def f(x): return x",
+          "--max-new-tokens", "20", "--greedy", "--batch", "2", *small]
+  assert cli.main(args) == 0
+  resident = capsys.readouterr().out
+  assert cli.main(["--offload", *args]) == 0
+  offloaded = capsys.readouterr().out
+  text = [ln for ln in resident.splitlines() if ln.startswith("def f(x)")]
+  assert len(text) == 2 and text == [ln for ln in offloaded.splitlines()
+                                     if ln.startswith("def f(x)")]
+  assert "offload " not in resident
+  assert "blocks transferred over 19 steps" in offloaded and "pinned_host" in offloaded
