@@ -57,15 +57,19 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-from flax import nnx  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
 
-from sparse_attention_jax.config import NSAConfig  # noqa: E402
-from sparse_attention_jax.nn import DecoderLM, ModelConfig, load_model_config  # noqa: E402
-from sparse_attention_jax.nn import NOSAConfig  # noqa: E402
-from sparse_attention_jax.nn import decode as dec  # noqa: E402
+from sparse_attention_jax.config import NSAConfig
+from sparse_attention_jax.nn import (
+  DecoderLM,
+  ModelConfig,
+  NOSAConfig,
+  load_model_config,
+)
+from sparse_attention_jax.nn import decode as dec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = {"full": "configs/full_1p3b.yaml", "nsa": "configs/nsa_1p3b.yaml",

@@ -69,9 +69,9 @@ def test_nosa_decode_step_equals_op_at_every_position():
 
 # --------------------------------------------------------------------------- model level
 def nosa_model(kinds=("nosa", "full"), seed=3, **kw) -> DecoderLM:
-  base = dict(vocab_size=64, d_model=32, num_layers=len(kinds), num_heads=4, num_kv_heads=2,
-              head_dim=8, v_head_dim=6, mlp_dim=64, attention=tuple(kinds), nsa=CFG,
-              nosa=NOSAConfig(query_selected=KQ))
+  base = {"vocab_size": 64, "d_model": 32, "num_layers": len(kinds), "num_heads": 4, "num_kv_heads": 2,
+              "head_dim": 8, "v_head_dim": 6, "mlp_dim": 64, "attention": tuple(kinds), "nsa": CFG,
+              "nosa": NOSAConfig(query_selected=KQ)}
   model = DecoderLM(ModelConfig(**{**base, **kw}), rngs=nnx.Rngs(seed))
   for i, blk in enumerate(model.layers):         # A = 0 at init would make c = 0: use both signs
     if blk.kind == "nosa":
@@ -191,8 +191,8 @@ def test_offloaded_transfer_counts_follow_the_selection():
     exp = {"requested": 0, "hits": 0, "transferred": 0}
     for b in range(2):
       for h in range(2):
-        want = set(int(j) for j in gamma[b, pos, h] if j >= 0) - {pos // 8}
-        assert set(int(j) for j in store.slot_block[b, h] if j >= 0) == want, (pos, b, h)
+        want = {int(j) for j in gamma[b, pos, h] if j >= 0} - {pos // 8}
+        assert {int(j) for j in store.slot_block[b, h] if j >= 0} == want, (pos, b, h)
         exp["requested"] += len(want)
         exp["hits"] += len(want & prev[b][h])
         exp["transferred"] += len(want - prev[b][h])
@@ -236,7 +236,7 @@ def test_decode_benchmark_nosa_kinds_smoke(tmp_path, monkeypatch):
                    "--steps", "2", "--warmup", "1", "--report-fit", "--host-pool", "3",
                    "--out", str(tmp_path)])
   assert rc == 0
-  rows = {r["kind"]: r for r in json.load(open(tmp_path / "decode.json"))["rows"]}
+  rows = {r["kind"]: r for r in json.loads((tmp_path / "decode.json").read_text())["rows"]}
   assert set(rows) == {"nosa", "nosa_offload"}
   assert all(r["lengths_ok"] and r["tokens_per_s"] > 0 for r in rows.values())
   off = rows["nosa_offload"]

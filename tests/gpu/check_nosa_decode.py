@@ -29,9 +29,9 @@ from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from sparse_attention_jax.config import NSAConfig  # noqa: E402
-from sparse_attention_jax.nn import DecoderLM, ModelConfig, NOSAConfig  # noqa: E402
-from sparse_attention_jax.nn.generate import Generator  # noqa: E402
+from sparse_attention_jax.config import NSAConfig
+from sparse_attention_jax.nn import DecoderLM, ModelConfig, NOSAConfig
+from sparse_attention_jax.nn.generate import Generator
 
 
 def build(tiny: bool) -> tuple[DecoderLM, int, int]:
