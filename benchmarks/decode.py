@@ -225,9 +225,9 @@ def run_offload(model, *, batch: int, context: int, steps: int, warmup: int, see
                 pool: int) -> dict:
   """The ``nosa_offload`` row: :class:`OffloadedDecoder` steps over a filled offloaded cache.
 
-  ``compile_s`` is the warm-up steps' time (compilation of the pieces and of the slot scatter's
-  first size buckets); a later step that meets a new scatter bucket compiles it, so the row
-  also reports the median step time."""
+  ``compile_s`` is the warm-up steps' time (compilation of the pieces; the slot scatter's size
+  buckets compile when the decoder builds its caches); the row also reports the median step
+  time."""
   from sparse_attention_jax.nn.offload_decode import OffloadedDecoder
   capacity = context + warmup + steps
   decoder = OffloadedDecoder(model, batch=batch, capacity=capacity)

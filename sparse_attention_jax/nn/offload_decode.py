@@ -18,7 +18,9 @@ bookkeeping between a NOSA layer's selection and its attention runs in NumPy on 
   next token = sample(logits(x))                               # jitted
 
 Every piece is compiled once per layer kind/shape (not per layer, not per step); ``traces``
-counts them. The tokens equal the device-resident decode's (same selection code, same biased
+counts them. The slot scatter of the block cache compiles once per power-of-two count of copied
+blocks; the decoder compiles every count up to a full refill when it builds its first caches, so
+no timed step compiles. The tokens equal the device-resident decode's (same selection code, same biased
 attention), which the tests check. Per step the decoder reports, summed over the NOSA layers,
 ``requested`` (selected blocks besides the current one), ``hits`` (already resident),
 ``transferred`` (blocks copied host -> device), ``hit_rate`` and ``bytes``.
@@ -150,6 +152,7 @@ class OffloadedDecoder:
     self.traces = {"embed": 0, "logits": 0, "nosa_prefill": 0, "nosa_pre": 0, "nosa_post": 0,
                    "other_prefill": 0, "other_step": 0}
     self._blocks = [nnx.split(blk) for blk in model.layers]
+    self._scatter_warm = False
     self._head_gd, self._head_st = nnx.split(_Head(model.embed, model.final_norm,
                                                    model.lm_head))
     self._fns = {name: self._counted(name, fn, static) for name, fn, static in (
@@ -175,6 +178,9 @@ class OffloadedDecoder:
         store = OffloadedBlockCache(batch=self.batch, num_kv_heads=c.num_kv_heads,
                                     k_dim=c.head_dim, v_dim=c.dv, block_size=c.nsa.block_size,
                                     num_slots=self.num_slots, max_len=self.capacity, dtype=dt)
+        if not self._scatter_warm:
+          _warm_scatter(store)
+          self._scatter_warm = True
         caches.append([sel, store])
       else:
         caches.append(a.init_cache(self.batch, self.capacity, dtype))
@@ -235,6 +241,23 @@ class OffloadedDecoder:
     steps = [{k: v for k, v in s.items() if k != "per_layer"} for s in per_step]
     return OffloadStats(steps, _sum_stats(steps) if steps else _sum_stats([]), per_layer,
                         self.num_slots, stores[0].host_memory_kind, dev, host)
+
+
+def _warm_scatter(store: OffloadedBlockCache) -> None:
+  """Compiles the slot scatter of ``store`` for every power-of-two count of copied blocks up to
+  a full refill (``B * H * num_slots``), so no decode step compiles one; writes zero blocks into
+  the still-empty slot ``(0, 0, 0)``."""
+  kv, cc = jax.device_put((jnp.zeros(store.slot_kv.shape[3:], store.dtype),
+                           jnp.zeros(store.slot_c.shape[3:], jnp.float32)), store._dev)
+  n, most = 1, store.batch * store.heads * store.num_slots
+  while True:
+    idx = [jnp.zeros((n,), jnp.int32)] * 3
+    store.slot_kv, store.slot_c = store._scatter(store.slot_kv, store.slot_c, *idx,
+                                                 [(kv, cc)] * n)
+    if n >= most:
+      break
+    n *= 2
+  jax.block_until_ready(store.slot_kv)
 
 
 class _Head(nnx.Module):
