@@ -41,7 +41,7 @@ import numpy as np
 from flax import nnx
 
 from sparse_attention_jax.nn import decode as dec
-from sparse_attention_jax.nn.offload import OffloadedBlockCache
+from sparse_attention_jax.nn.offload import MAX_SCATTER, OffloadedBlockCache
 from sparse_attention_jax.ops.nosa_decode import (
   decode_budgets,
   fill_select_state,
@@ -245,11 +245,11 @@ class OffloadedDecoder:
 
 def _warm_scatter(store: OffloadedBlockCache) -> None:
   """Compiles the slot scatter of ``store`` for every power-of-two count of copied blocks up to
-  a full refill (``B * H * num_slots``), so no decode step compiles one; writes zero blocks into
-  the still-empty slot ``(0, 0, 0)``."""
+  a full refill (``B * H * num_slots``, at most ``MAX_SCATTER``), so no decode step compiles
+  one; writes zero blocks into the still-empty slot ``(0, 0, 0)``."""
   kv, cc = jax.device_put((jnp.zeros(store.slot_kv.shape[3:], store.dtype),
                            jnp.zeros(store.slot_c.shape[3:], jnp.float32)), store._dev)
-  n, most = 1, store.batch * store.heads * store.num_slots
+  n, most = 1, min(store.batch * store.heads * store.num_slots, MAX_SCATTER)
   while True:
     idx = [jnp.zeros((n,), jnp.int32)] * 3
     store.slot_kv, store.slot_c = store._scatter(store.slot_kv, store.slot_c, *idx,
