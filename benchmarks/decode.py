@@ -7,6 +7,22 @@ Kinds (random weights, bf16 compute, bf16 caches):
   64, window 512, independent K/V per branch), GPU-resident cache.
 * ``infllm_v2``: ``configs/infllm_v2_1p3b.yaml`` (selection only: top-64 blocks incl. 17 local,
   shared K/V).
+* ``nosa``: ``configs/nosa_1b.yaml`` (InfLLM-V2 scoring, k = 64 blocks of which k_q = 33 query-aware
+  and 31 by the eviction head, eviction bias), device-resident cache, one jitted step.
+* ``nosa_offload``: the same model with every layer's K/V/c in pinned host memory
+  (:class:`sparse_attention_jax.nn.offload_decode.OffloadedDecoder`): the device holds the
+  selection state, ``k - 1`` block slots and the current block per (sequence, KV head); a step is
+  a host loop over the layers (jitted pieces, only the missing blocks copied). Rows add the
+  blocks transferred per step, hit rate and bytes moved. The host store is filled with
+  ``--host-pool`` distinct random blocks per layer, reused cyclically (0 = every block distinct;
+  transfers copy real data either way, only host RAM use differs).
+
+``--shape 1b`` builds every kind on the 1B shape of ``configs/nosa_1b.yaml`` (hidden 2048, 16
+layers, 32 q / 2 KV heads, vocab 128256): ``full`` with dense attention, ``nsa`` with
+``nsa_1p3b``'s NSA settings, ``infllm_v2`` with NOSA's own InfLLM-V2 settings (k = 64), so the rows
+differ only in attention. ``--report-fit`` adds, per row, the bytes a device-resident cache of
+that kind/batch/context needs against the device's memory (``bytes_limit``), so the offloaded
+rows can be run at batch sizes whose resident cache does not fit.
 
 Weights are stored in the compute dtype (``--f32-params``: float32 master weights cast at use).
 For each kind, batch ``B`` and context ``T`` the decode state is filled with random K/V (and
@@ -22,6 +38,8 @@ Usage (from the repository root; no grain, orbax or tensorboard needed)::
 
   python3 benchmarks/decode.py --kinds full,nsa,infllm_v2 --batch 1,8 \\
       --context 16384,32768,65536 --steps 32 --out $OUT
+  python3 benchmarks/decode.py --shape 1b --kinds full,nsa,infllm_v2,nosa,nosa_offload \\
+      --batch 1,8,32 --context 32768,131072 --steps 16 --report-fit --out $OUT
 
 Writes ``decode.json`` under ``--out`` (default ``$OUT`` or ``benchmarks/results``) and prints
 a table. ``--tiny`` swaps in a CPU-sized model for smoke tests.
@@ -39,34 +57,54 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-from flax import nnx  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
 
-from sparse_attention_jax.config import NSAConfig  # noqa: E402
-from sparse_attention_jax.nn import DecoderLM, ModelConfig, load_model_config  # noqa: E402
-from sparse_attention_jax.nn import decode as dec  # noqa: E402
+from sparse_attention_jax.config import NSAConfig
+from sparse_attention_jax.nn import (
+  DecoderLM,
+  ModelConfig,
+  NOSAConfig,
+  load_model_config,
+)
+from sparse_attention_jax.nn import decode as dec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = {"full": "configs/full_1p3b.yaml", "nsa": "configs/nsa_1p3b.yaml",
-           "infllm_v2": "configs/infllm_v2_1p3b.yaml"}
+           "infllm_v2": "configs/infllm_v2_1p3b.yaml", "nosa": "configs/nosa_1b.yaml",
+           "nosa_offload": "configs/nosa_1b.yaml"}
 GiB = 2 ** 30
 
 
-def model_config(kind: str, tiny: bool) -> ModelConfig:
-  """The 1.3B config of ``kind`` (or a CPU-sized one with the same attention settings)."""
+def model_config(kind: str, tiny: bool, shape: str = "1p3b") -> ModelConfig:
+  """The config of ``kind`` (1.3B configs, or with ``shape="1b"`` every kind on the shape of
+  ``configs/nosa_1b.yaml``), or a CPU-sized one with the same attention settings."""
   if kind not in CONFIGS:
     raise ValueError(f"--kinds: expected names from {sorted(CONFIGS)}, got {kind!r}")
+  if shape not in ("1p3b", "1b"):
+    raise ValueError(f"--shape: expected '1p3b' or '1b', got {shape!r}")
   cfg = load_model_config(os.path.join(ROOT, CONFIGS[kind]))
+  if shape == "1b" and not tiny and kind not in ("nosa", "nosa_offload"):
+    base = load_model_config(os.path.join(ROOT, CONFIGS["nosa"]))
+    nsa = {"full": base.nsa, "nsa": cfg.nsa, "infllm_v2": base.nsa}[kind]
+    cfg = dataclasses.replace(base, attention=("full",) if kind == "full" else ("nsa",),
+                              nsa=nsa, nsa_independent_kv=cfg.nsa_independent_kv, nosa=None)
   if not tiny:
     return cfg
+  nosa = NSAConfig.infllm_v2(local_window=8, block_size=8, cmp_window=8, cmp_stride=4,
+                             num_selected=5, num_local_blocks=1)
   nsa = {"full": cfg.nsa,
          "nsa": NSAConfig.paper(cmp_window=8, cmp_stride=4, block_size=8, num_selected=3,
                                 window=16),
          "infllm_v2": NSAConfig.infllm_v2(local_window=8, block_size=8, cmp_window=8,
-                                          cmp_stride=4, num_selected=4)}[kind]
+                                          cmp_stride=4, num_selected=4),
+         "nosa": nosa, "nosa_offload": nosa}[kind]
+  extra = {"nosa": NOSAConfig(query_selected=3)} if kind.startswith("nosa") else {}
   return dataclasses.replace(cfg, vocab_size=256, d_model=64, num_layers=2, num_heads=4,
-                             num_kv_heads=2, head_dim=16, mlp_dim=128, nsa=nsa, dtype="float32")
+                             num_kv_heads=2, head_dim=16, mlp_dim=128, nsa=nsa, dtype="float32",
+                             **extra)
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3))
@@ -109,7 +147,8 @@ def filled_state(graphdef, params, batch: int, context: int, capacity: int, seed
 
 def memory_stats() -> dict:
   stats = jax.devices()[0].memory_stats() or {}
-  return {"bytes_in_use": stats.get("bytes_in_use"), "peak_bytes": stats.get("peak_bytes_in_use")}
+  return {"bytes_in_use": stats.get("bytes_in_use"), "peak_bytes": stats.get("peak_bytes_in_use"),
+          "bytes_limit": stats.get("bytes_limit")}
 
 
 def run_one(graphdef, params, *, batch: int, context: int, steps: int, warmup: int,
@@ -146,6 +185,85 @@ def run_one(graphdef, params, *, batch: int, context: int, steps: int, warmup: i
           "step_temp_bytes": temp, "compile_s": compile_s, "lengths_ok": ok, **memory_stats()}
 
 
+def resident_cache_bytes(graphdef, params, batch: int, capacity: int) -> int:
+  """Bytes of the device-resident decode state of ``batch`` rows of ``capacity`` tokens
+  (abstract: nothing is allocated)."""
+  abstract = jax.eval_shape(
+      lambda p: dec.init_decode_state(nnx.merge(graphdef, p), batch, capacity), params)
+  return dec.cache_bytes(abstract)
+
+
+def _fill_offloaded(decoder, caches, context: int, seed: int, pool: int):
+  """Offloaded caches as after a prefill of ``context`` tokens: random select states and tails
+  on the device, random host blocks (``pool`` distinct per layer reused cyclically; 0 = all
+  distinct) for every complete block."""
+  key = jax.random.key(seed + 2)
+  for layer, cache in enumerate(caches):
+    if not isinstance(cache, list):
+      cache_abs = jax.eval_shape(lambda c=cache: c)
+      caches[layer] = _random_tree(cache_abs, jax.random.fold_in(key, layer), 1.0)
+      continue
+    sel, store = cache
+    cache[0] = _random_tree(jax.eval_shape(lambda s=sel: s), jax.random.fold_in(key, layer), 1.0)
+    bs = store.block_size
+    cur = (context - 1) // bs
+    keys = [(b, h, j) for b in range(store.batch) for h in range(store.heads)
+            for j in range(cur)]
+    n = len(keys) if pool <= 0 else min(pool, len(keys))
+    lk = jax.random.fold_in(key, 1000 + layer)
+    d = store.k_dim + store.v_dim
+    kv = _random(lk, (max(n, 1), bs, d), store.dtype, 1.0)
+    cc = _random(jax.random.fold_in(lk, 1), (max(n, 1), bs), jnp.dtype(jnp.float32), 1.0)
+    blocks = jax.device_put([(kv[i], cc[i]) for i in range(n)], store._host)
+    store.host_blocks = {k: tuple(blocks[i % n]) for i, k in enumerate(keys)}
+    store.tail_kv = _random(jax.random.fold_in(lk, 2), tuple(store.tail_kv.shape),
+                            store.dtype, 1.0)
+    store.length = context
+
+
+def run_offload(model, *, batch: int, context: int, steps: int, warmup: int, seed: int,
+                pool: int) -> dict:
+  """The ``nosa_offload`` row: :class:`OffloadedDecoder` steps over a filled offloaded cache.
+
+  ``compile_s`` is the warm-up steps' time (compilation of the pieces; the slot scatter's size
+  buckets compile when the decoder builds its caches); the row also reports the median step
+  time."""
+  from sparse_attention_jax.nn.offload_decode import OffloadedDecoder
+  capacity = context + warmup + steps
+  decoder = OffloadedDecoder(model, batch=batch, capacity=capacity)
+  caches = decoder._new_caches(None)
+  _fill_offloaded(decoder, caches, context, seed, pool)
+  pick = jax.jit(lambda logits: jnp.argmax(logits, axis=-1).astype(jnp.int32))
+  tokens = jnp.zeros((batch,), jnp.int32)
+  pos = context
+  t0 = time.perf_counter()
+  for _ in range(warmup):
+    logits, _ = decoder.step(tokens, caches, pos)
+    tokens, pos = pick(logits), pos + 1
+  jax.block_until_ready(tokens)
+  warm_s = time.perf_counter() - t0
+  per_step, times = [], []
+  t0 = time.perf_counter()
+  for _ in range(steps):
+    t1 = time.perf_counter()
+    logits, st = decoder.step(tokens, caches, pos)
+    tokens, pos = pick(logits), pos + 1
+    per_step.append(st)
+    times.append(time.perf_counter() - t1)     # per step (the host loop syncs every layer)
+  jax.block_until_ready(tokens)
+  wall = time.perf_counter() - t0
+  summary = decoder.summarize(caches, per_step)
+  return {"batch": batch, "context": context, "steps": steps, "ms_per_step": wall / steps * 1e3,
+          "tokens_per_s": batch * steps / wall, "state_bytes": summary.device_bytes,
+          "ms_per_step_median": float(np.median(times)) * 1e3,
+          "host_bytes": summary.host_bytes, "step_temp_bytes": None,
+          "compile_s": warm_s, "lengths_ok": pos == capacity, "slots": summary.slots,
+          "host_memory_kind": summary.host_memory_kind,
+          "blocks_per_step": summary.total["transferred"] / steps,
+          "hit_rate": summary.total["hit_rate"],
+          "bytes_per_step": summary.total["bytes"] / steps, **memory_stats()}
+
+
 def _ints(text: str, name: str) -> list[int]:
   try:
     vals = [int(x) for x in text.split(",") if x.strip()]
@@ -160,6 +278,14 @@ def _gib(x) -> str:
   return "-" if x is None else f"{x / GiB:.2f}"
 
 
+def _mib(x):
+  return None if x is None else x / 2 ** 20
+
+
+def _opt(x, fmt: str) -> str:
+  return "-" if x is None else format(x, fmt)
+
+
 def main(argv: list[str] | None = None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   ap.add_argument("--kinds", default="full,nsa,infllm_v2")
@@ -169,6 +295,13 @@ def main(argv: list[str] | None = None) -> int:
   ap.add_argument("--warmup", type=int, default=3)
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--tiny", action="store_true", help="CPU-sized model (smoke test)")
+  ap.add_argument("--shape", default="1p3b", choices=("1p3b", "1b"),
+                  help="1p3b: each kind's 1.3B config; 1b: every kind on configs/nosa_1b.yaml's "
+                       "shape")
+  ap.add_argument("--report-fit", action="store_true",
+                  help="per row, the bytes a device-resident cache needs vs the device memory")
+  ap.add_argument("--host-pool", type=int, default=256,
+                  help="nosa_offload: distinct random host blocks per layer (0 = all distinct)")
   ap.add_argument("--f32-params", action="store_true",
                   help="keep float32 master weights (default: weights in the compute dtype)")
   ap.add_argument("--out", default=os.environ.get("OUT") or os.path.join(ROOT, "benchmarks",
@@ -179,7 +312,8 @@ def main(argv: list[str] | None = None) -> int:
   contexts = _ints(args.context, "--context")
   dev = jax.devices()[0]
   meta = {"device": f"{dev.platform} ({dev.device_kind})", "jax": jax.__version__,
-          "tiny": args.tiny, "steps": args.steps, "warmup": args.warmup,
+          "tiny": args.tiny, "steps": args.steps, "warmup": args.warmup, "shape": args.shape,
+          "host_pool": args.host_pool,
           "params": "float32" if args.f32_params else "compute dtype"}
   print(f"device {meta['device']}, jax {jax.__version__}")
   os.makedirs(args.out, exist_ok=True)
@@ -192,29 +326,49 @@ def main(argv: list[str] | None = None) -> int:
 
   header = (f"{'kind':<10} {'B':>4} {'context':>8} {'ms/step':>9} {'tokens/s':>10} "
             f"{'state GiB':>9} {'temp GiB':>9} {'in use GiB':>10} {'peak GiB':>9} "
-            f"{'compile s':>9}")
+            f"{'compile s':>9} {'blk/step':>8} {'hit':>5} {'MiB/step':>8} {'resident GiB':>12}"
+            f" {'fits':>4}")
   print(header, flush=True)
   for kind in kinds:
-    cfg = model_config(kind, args.tiny)
+    cfg = model_config(kind, args.tiny, args.shape)
     graphdef, params = random_params(cfg, args.seed,
                                      compute_dtype_params=not args.f32_params)
+    model = nnx.merge(graphdef, params) if kind == "nosa_offload" else None
     for context in sorted(contexts):
       for batch in sorted(batches):
+        capacity = context + args.warmup + args.steps
+        fit = {}
+        if args.report_fit:
+          need = resident_cache_bytes(graphdef, params, batch, capacity)
+          limit = memory_stats()["bytes_limit"]
+          fit = {"resident_cache_bytes": need, "fits": None if limit is None else need < limit}
         try:
-          r = run_one(graphdef, params, batch=batch, context=context, steps=args.steps,
-                      warmup=args.warmup, seed=args.seed)
+          if kind == "nosa_offload":
+            r = run_offload(model, batch=batch, context=context, steps=args.steps,
+                            warmup=args.warmup, seed=args.seed, pool=args.host_pool)
+          elif fit.get("fits") is False:
+            raise MemoryError(f"resident cache {need / GiB:.1f} GiB > device memory "
+                              f"{limit / GiB:.1f} GiB (skipped)")
+          else:
+            r = run_one(graphdef, params, batch=batch, context=context, steps=args.steps,
+                        warmup=args.warmup, seed=args.seed)
+          r.update(fit)
         except Exception as e:  # noqa: BLE001 -- e.g. out of memory: record and go on
-          r = {"batch": batch, "context": context, "error": f"{type(e).__name__}: "
-                                                            f"{str(e)[:300]}"}
+          r = {"batch": batch, "context": context, **fit,
+               "error": f"{type(e).__name__}: {str(e)[:300]}"}
           print(f"{kind:<10} {batch:>4} {context:>8} error {r['error']}", flush=True)
         else:
           print(f"{kind:<10} {batch:>4} {context:>8} {r['ms_per_step']:>9.2f} "
                 f"{r['tokens_per_s']:>10.1f} {_gib(r['state_bytes']):>9} "
                 f"{_gib(r['step_temp_bytes']):>9} {_gib(r['bytes_in_use']):>10} "
-                f"{_gib(r['peak_bytes']):>9} {r['compile_s']:>9.1f}", flush=True)
+                f"{_gib(r['peak_bytes']):>9} {r['compile_s']:>9.1f} "
+                f"{_opt(r.get('blocks_per_step'), '.1f'):>8} {_opt(r.get('hit_rate'), '.3f'):>5} "
+                f"{_opt(_mib(r.get('bytes_per_step')), '.2f'):>8} "
+                f"{_gib(r.get('resident_cache_bytes')):>12} {_opt(r.get('fits'), ''):>4}",
+                flush=True)
         rows.append({"kind": kind, "config": CONFIGS[kind], **r})
         save()
-    del params
+    del params, model
   save()
   print(f"wrote {path}")
   return 0 if all("error" not in r for r in rows) else 1

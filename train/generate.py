@@ -1,12 +1,15 @@
 """Text generation with KV caches: ``python -m train.generate --config CFG [--checkpoint PATH]
 --prompt TEXT --max-new-tokens N [--temperature T] [--top-p P] [--greedy] [--batch B] [--seed S]
-[--capacity C] [section.key=value ...]``.
+[--capacity C] [--offload] [section.key=value ...]``.
 
 Builds the model of the config (random init, or the parameters of a checkpoint written by
 ``python -m train``), prefills the byte-level prompt (UTF-8) in ``--batch`` rows and decodes
 ``--max-new-tokens`` bytes per row with the cached decode step
 (:class:`sparse_attention_jax.nn.generate.Generator`); prints each row's text and the prefill and
-decode throughput (tokens/s, compilation excluded and reported apart).
+decode throughput (tokens/s, compilation excluded and reported apart). Every decodable kind works,
+NOSA included (``configs/nosa_*.yaml``); ``--offload`` keeps the K/V/c of every NOSA layer in
+host memory (:mod:`sparse_attention_jax.nn.offload_decode`) and also prints the blocks
+transferred, hit rate and bytes moved host -> device.
 
 Example::
 
@@ -35,6 +38,8 @@ def _parse_args(argv):
   p.add_argument("--seed", type=int, default=0, help="seed of the init and the sampling")
   p.add_argument("--capacity", type=int, default=None,
                  help="cache capacity (default: prompt + new tokens)")
+  p.add_argument("--offload", action="store_true",
+                 help="NOSA layers: K/V/c in host memory, selected blocks copied per step")
   p.add_argument("overrides", nargs="*", metavar="section.key=value")
   return p.parse_args(argv)
 
@@ -81,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
       return 2
     source = f"checkpoint {args.checkpoint} (step {step})"
   try:
-    gen = Generator(model, batch=args.batch, capacity=capacity)
+    gen = Generator(model, batch=args.batch, capacity=capacity, offload=args.offload)
     out = gen.generate([prompt] * args.batch, args.max_new_tokens,
                        temperature=args.temperature, top_p=args.top_p, greedy=args.greedy,
                        seed=args.seed)
@@ -102,6 +107,12 @@ def main(argv: list[str] | None = None) -> int:
   print(f"decode   {out.decode_tokens_per_s:,.0f} tokens/s ({out.decode_s * 1e3:.1f} ms for "
         f"{max(args.max_new_tokens - 1, 0)} steps x {args.batch} rows)")
   print(f"compile  {out.compile_s:.1f} s")
+  if out.offload is not None:
+    t = out.offload.total
+    print(f"offload  {t['transferred']} blocks transferred over {len(out.offload.per_step)} "
+          f"steps ({t['bytes'] / 2**20:.2f} MiB host -> device), hit rate {t['hit_rate']:.3f}, "
+          f"{out.offload.slots} device slots per sequence and KV head "
+          f"({out.offload.host_memory_kind})")
   return 0
 
 

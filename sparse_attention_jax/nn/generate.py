@@ -11,6 +11,11 @@ Prompts of different lengths share the batch without left padding: each row deco
 position (see :mod:`sparse_attention_jax.nn.decode`). The decode step (sampling included) is
 compiled once per ``(batch, capacity, greedy)``; ``temperature``/``top_p``/the PRNG key are traced
 arguments. ``Generator.traces`` counts how often each function was traced.
+
+``Generator(model, ..., offload=True)`` keeps every NOSA layer's K/V/c in host memory and the
+selected blocks in device slots (:mod:`sparse_attention_jax.nn.offload_decode`: a host-side loop
+over the layers per step, prompts of one length); ``result.offload`` then holds the blocks
+transferred, hit rate and bytes moved per step and in total.
 """
 
 from __future__ import annotations
@@ -53,6 +58,7 @@ class GenerateResult:
   prefill_s: float
   decode_s: float
   compile_s: float
+  offload: object | None = None     # offload_decode.OffloadStats with offload=True
 
   @property
   def prefill_tokens_per_s(self) -> float:
@@ -79,10 +85,21 @@ class Generator:
     dtype: cache dtype (default: each layer's compute dtype).
     prefill_bucket: the padded prompt length is rounded up to a multiple of this (fewer
       prefill compilations), capped at ``capacity``.
+    offload: keep the K/V/c of every NOSA layer in host memory
+      (:class:`~sparse_attention_jax.nn.offload_decode.OffloadedDecoder`; prompts must share one
+      length; the step is a host-side loop over the layers of jitted pieces).
+    num_slots: device block slots per (sequence, KV head) with ``offload`` (default ``k - 1``).
   """
 
-  def __init__(self, model, *, batch: int, capacity: int, dtype=None, prefill_bucket: int = 64):
+  def __init__(self, model, *, batch: int, capacity: int, dtype=None, prefill_bucket: int = 64,
+               offload: bool = False, num_slots: int | None = None):
     dec.check_decodable(model)
+    self._offload = None
+    if offload:
+      from sparse_attention_jax.nn.offload_decode import OffloadedDecoder
+      self._offload = OffloadedDecoder(model, batch=batch, capacity=capacity, dtype=dtype,
+                                       num_slots=num_slots)
+      self._warm: set[int] = set()
     for name, val in (("batch", batch), ("capacity", capacity), ("prefill_bucket",
                                                                    prefill_bucket)):
       if not isinstance(val, int) or isinstance(val, bool) or val < 1:
@@ -149,6 +166,9 @@ class Generator:
                        f"{max_new_tokens} (raise capacity)")
     temp, tp = jnp.float32(temperature), jnp.float32(top_p)
     keys = jax.random.split(jax.random.key(seed), max_new_tokens)
+    if self._offload is not None:
+      return self._generate_offloaded(prompts, lengths, max_new_tokens, keys,
+                                      lambda lg, k: self._first(lg, k, temp, tp, greedy=greedy))
     t0 = time.perf_counter()
     pre = self._prefill.lower(self._params, tokens, lengths).compile()
     compile_s = time.perf_counter() - t0
@@ -170,6 +190,27 @@ class Generator:
     decode_s = time.perf_counter() - t0
     return GenerateResult(np.stack([np.asarray(t) for t in out], axis=1), lengths, prefill_s,
                           decode_s, compile_s)
+
+
+  def _generate_offloaded(self, prompts, lengths, max_new_tokens, keys, sample):
+    from sparse_attention_jax.nn.offload_decode import generate_offloaded
+    if len(set(lengths.tolist())) != 1:
+      raise ValueError(f"prompts: expected prompts of one length with offload=True (the "
+                       f"offloaded block cache keeps one length per batch), got lengths "
+                       f"{lengths.tolist()}")
+    tokens = np.asarray(prompts, np.int32)
+    compile_s = 0.0
+    if tokens.shape[1] not in self._warm and max_new_tokens > 1:   # compile outside the timing
+      t0 = time.perf_counter()
+      logits, caches = self._offload.prefill(tokens)
+      for i in range(2):         # the 2nd step recompiles for committed (device-made) inputs
+        logits = self._offload.step(sample(logits, keys[0]), caches, tokens.shape[1] + i)[0]
+      jax.block_until_ready(logits)
+      compile_s = time.perf_counter() - t0
+      self._warm.add(tokens.shape[1])
+    new, prefill_s, decode_s, stats = generate_offloaded(self._offload, tokens, max_new_tokens,
+                                                         sample=sample, keys=keys)
+    return GenerateResult(new, lengths, prefill_s, decode_s, compile_s, stats)
 
 
 def greedy_by_reforward(model, prompt: Sequence[int], max_new_tokens: int) -> np.ndarray:

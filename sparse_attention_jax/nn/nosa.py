@@ -13,10 +13,11 @@ One branch only (no gates, no compressed output, no separate window: the local w
 forced local blocks of ``model.nsa``, e.g. ``NSAConfig.infllm_v2``). The eviction head reads the
 values of all KV heads, so ``c`` is computed outside the per-head-shard attention call.
 
-Decoding pieces: :meth:`NOSAAttention.qkvc` gives the rotated q/k, v and ``c`` of new tokens (with
-their positions), :func:`~sparse_attention_jax.ops.nosa_selection.agnostic_block_scores` and
-:func:`~sparse_attention_jax.ops.nosa_selection.nosa_select` take ``query_positions``, and
-:mod:`sparse_attention_jax.nn.offload` keeps the K/V/c blocks in host memory.
+Decoding: the layer implements the decode protocol of :mod:`sparse_attention_jax.nn.decode`
+(``init_cache`` / ``prefill`` / ``decode``) with the device-resident
+:class:`~sparse_attention_jax.ops.nosa_decode.NOSACache` (a step reads the compressed keys and the
+``k`` selected blocks); :mod:`sparse_attention_jax.nn.offload_decode` decodes with the K/V/c
+blocks in host memory (:class:`~sparse_attention_jax.nn.offload.OffloadedBlockCache`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from sparse_attention_jax.nn.attention import (
   _check_inputs,
   _kv_projection,
   _o_projection,
+  _positions,
   _q_projection,
   register_attention_kind,
 )
@@ -39,6 +41,11 @@ from sparse_attention_jax.nn.parallel import param, sharded_call
 from sparse_attention_jax.nn.rope import apply_rope
 from sparse_attention_jax.ops import nosa_selection
 from sparse_attention_jax.ops.nosa import nosa_attention
+from sparse_attention_jax.ops.nosa_decode import (
+  fill_nosa_cache,
+  init_nosa_cache,
+  nosa_decode_step,
+)
 
 
 def check_nosa_config(config: ModelConfig) -> NOSAConfig:
@@ -106,6 +113,36 @@ class NOSAAttention(nnx.Module):
     layouts = {"q": "bthd", "k": "bthd", "v": "bthd", "c": "bthd", "segment_ids": "bt"}
     o = sharded_call(op, args, layouts, num_kv_heads=cfg.num_kv_heads)    # [B, T, HQ, Dv]
     return self.o_proj(o)
+
+  # ------------------------------------------------------- decoding (see nn/decode.py)
+  def init_cache(self, batch: int, capacity: int, dtype=None):
+    """:class:`~sparse_attention_jax.ops.nosa_decode.NOSACache` of this layer."""
+    c = self.config
+    return init_nosa_cache(batch, capacity, config=c.nsa, num_kv_heads=c.num_kv_heads,
+                           dk=c.head_dim, dv=c.dv, dtype=dtype or self.dtype)
+
+  def prefill_outputs(self, x):
+    """Prefill of right-padded prompts ``x [B, T, d_model]``: ``(y [B, T, d_model], k, v, c)``
+    with the rotated keys ``[B, T, H, Dk]``, values and eviction scores to cache."""
+    cfg = self.config
+    _check_inputs(x, _positions(x), None, cfg.d_model)
+    q, k, v, c = self.qkvc(x, _positions(x))
+    op_config, kq = nosa_selection.for_length(cfg.nsa, self.query_selected, x.shape[1])
+    o = nosa_attention(q, k, v, c, config=op_config, num_query_selected=kq)
+    return self.o_proj(o), k, v, c
+
+  def prefill(self, x, lengths, cache):
+    """``x [B, T, d_model]`` right-padded prompts of ``lengths [B]`` -> ``(y, cache)``."""
+    y, k, v, c = self.prefill_outputs(x)
+    return y, fill_nosa_cache(cache, config=self.config.nsa, lengths=lengths, k=k, v=v, c=c)
+
+  def decode(self, x, pos, cache):
+    """``x [B, 1, d_model]`` at positions ``pos [B]`` -> ``(y [B, 1, d_model], cache)``."""
+    q, k, v, c = self.qkvc(x, pos[:, None])
+    o, cache = nosa_decode_step(cache, q[:, 0], config=self.config.nsa,
+                                num_query_selected=self.query_selected, pos=pos, k=k[:, 0],
+                                v=v[:, 0], c=c[:, 0])
+    return self.o_proj(o[:, None]), cache
 
 
 register_attention_kind("nosa", NOSAAttention)

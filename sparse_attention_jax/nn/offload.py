@@ -43,6 +43,10 @@ from sparse_attention_jax.ops.nosa import biased_masked_attention
 
 log = logging.getLogger(__name__)
 
+# Most blocks one slot scatter writes (a larger refill, e.g. the first step after a prefill of a
+# big batch, runs in chunks): the scatter compiles once per power of two up to this.
+MAX_SCATTER = 1024
+
 
 def host_memory_kind(device) -> str:
   """``"pinned_host"`` if ``device`` can address pinned host memory, else ``"device"`` (logged)."""
@@ -258,14 +262,15 @@ class OffloadedBlockCache:
           loads.append((bi, hi, int(s), j))
         requested += len(want)
         hits += len(want & resident)
-    if loads:
-      blocks = jax.device_put([self.host_blocks[(bi, hi, j)] for bi, hi, _, j in loads],
+    for at in range(0, len(loads), MAX_SCATTER):     # chunks bound the scatter's arity
+      chunk = loads[at:at + MAX_SCATTER]
+      blocks = jax.device_put([self.host_blocks[(bi, hi, j)] for bi, hi, _, j in chunk],
                               self._dev)
       # Pad to a power of two with repeats of the first write (same slot, same data, already on
       # the device) so the scatter compiles once per bucket, not once per count.
-      pad = (1 << (len(loads) - 1).bit_length()) - len(loads)
+      pad = (1 << (len(chunk) - 1).bit_length()) - len(chunk)
       blocks = list(blocks) + [blocks[0]] * pad
-      rows = loads + [loads[0]] * pad
+      rows = chunk + [chunk[0]] * pad
       idx = [jnp.asarray([x[i] for x in rows], jnp.int32) for i in range(3)]
       self.slot_kv, self.slot_c = self._scatter(self.slot_kv, self.slot_c, *idx, blocks)
     stats = {"requested": requested, "hits": hits, "transferred": len(loads),

@@ -1,0 +1,308 @@
+"""Offloaded NOSA decoding: every NOSA layer's K/V/c lives in host memory
+(:class:`~sparse_attention_jax.nn.offload.OffloadedBlockCache`, ``pinned_host``); the device keeps
+per layer the selection state (a ring of the last ``l`` keys, the compressed keys and the
+query-agnostic block scores, :class:`~sparse_attention_jax.ops.nosa_decode.NOSASelectState`), the
+``k - 1`` block slots and the current block of every (sequence, KV head).
+
+A decode step runs the model layer by layer from a host-side Python loop, because the block
+bookkeeping between a NOSA layer's selection and its attention runs in NumPy on the host::
+
+  x = embed(token)                                            # jitted
+  for each layer:
+    NOSA:   q, k, v, c, Gamma, sel = pre(x, pos, sel)          # jitted: q/k/v/c, compressed state,
+                                                               #   InfLLM-V2 + agnostic selection
+            cache.append(k, v, c); stats = cache.update(Gamma)  # host: copy ONLY missing blocks
+            o = cache.attend(q)                                 # jitted: biased attention, slots
+            x = post(x, o)                                      # jitted: o_proj, residual, MLP
+    other:  x, cache = step(x, pos, cache)                      # jitted: the kind's decode
+  next token = sample(logits(x))                               # jitted
+
+Every piece is compiled once per layer kind/shape (not per layer, not per step); ``traces``
+counts them. The slot scatter of the block cache compiles once per power-of-two count of copied
+blocks; the decoder compiles every count up to a full refill when it builds its first caches, so
+no timed step compiles. The tokens equal the device-resident decode's (same selection code, same biased
+attention), which the tests check. Per step the decoder reports, summed over the NOSA layers,
+``requested`` (selected blocks besides the current one), ``hits`` (already resident),
+``transferred`` (blocks copied host -> device), ``hit_rate`` and ``bytes``.
+
+Limits: the rows of a batch share one length (the block cache's bookkeeping), so prompts must
+have equal lengths; one document per sequence; the per-layer host round trip (``Gamma`` read
+back, the copies issued from Python) costs latency that NOSI's fused CUDA kernels avoid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from sparse_attention_jax.nn import decode as dec
+from sparse_attention_jax.nn.offload import MAX_SCATTER, OffloadedBlockCache
+from sparse_attention_jax.ops.nosa_decode import (
+  decode_budgets,
+  fill_select_state,
+  init_select_state,
+  select_at,
+  update_select_state,
+)
+
+_STAT_KEYS = ("requested", "hits", "transferred", "bytes")
+
+
+def offload_slots(config, capacity: int) -> int:
+  """Device block slots per (sequence, KV head) besides the current block: ``k - 1`` (``k``
+  clamped to the capacity's blocks) when every selection holds the current block (forced local
+  blocks, or a budget covering every block), else ``k``."""
+  cfg = config.nsa.for_length(capacity)
+  always_current = config.nsa.num_local_blocks >= 1 or cfg.num_selected >= cfg.num_blocks(
+      capacity)
+  return max(1, cfg.num_selected - (1 if always_current else 0))
+
+
+def _sum_stats(stats: list[dict]) -> dict:
+  out = {key: sum(s[key] for s in stats) for key in _STAT_KEYS}
+  out["hit_rate"] = out["hits"] / out["requested"] if out["requested"] else 1.0
+  return out
+
+
+# ------------------------------------------------------------------- jitted per-layer pieces
+def _nosa_prefill(gd, st, x, lengths, sel):
+  blk = nnx.merge(gd, st)
+  y, k, v, c = blk.attn.prefill_outputs(blk.attn_norm(x))
+  sel = fill_select_state(sel, config=blk.attn.config.nsa, lengths=lengths, k=k, c=c)
+  x = x + y.astype(x.dtype)
+  return x + blk.mlp(blk.mlp_norm(x)).astype(x.dtype), k, v, c, sel
+
+
+def _nosa_pre(gd, st, x, pos, sel, capacity):
+  blk = nnx.merge(gd, st)
+  attn = blk.attn
+  q, k, v, c = attn.qkvc(blk.attn_norm(x), pos[:, None])
+  cfg, kq = decode_budgets(attn.config.nsa, attn.query_selected, capacity)
+  sel = update_select_state(sel, config=cfg, pos=pos, k=k[:, 0], c=c[:, 0])
+  gamma = select_at(sel, q[:, 0], config=cfg, num_query_selected=kq, pos=pos, capacity=capacity)
+  return q[:, 0], k[:, 0], v[:, 0], c[:, 0], gamma, sel
+
+
+def _nosa_post(gd, st, x, o):
+  blk = nnx.merge(gd, st)
+  x = x + blk.attn.o_proj(o[:, None]).astype(x.dtype)
+  return x + blk.mlp(blk.mlp_norm(x)).astype(x.dtype)
+
+
+def _other_prefill(gd, st, x, lengths, cache):
+  blk = nnx.merge(gd, st)
+  y, cache = blk.attn.prefill(blk.attn_norm(x), lengths, cache)
+  x = x + y.astype(x.dtype)
+  return x + blk.mlp(blk.mlp_norm(x)).astype(x.dtype), cache
+
+
+def _other_step(gd, st, x, pos, cache):
+  blk = nnx.merge(gd, st)
+  y, cache = blk.attn.decode(blk.attn_norm(x), pos, cache)
+  x = x + y.astype(x.dtype)
+  return x + blk.mlp(blk.mlp_norm(x)).astype(x.dtype), cache
+
+
+@dataclasses.dataclass
+class OffloadStats:
+  """Transfers of an offloaded generation: ``per_step`` (one dict per decode step, summed over
+  the NOSA layers: requested, hits, transferred, hit_rate, bytes), ``total`` (the same over all
+  steps), ``per_layer`` (totals of each NOSA layer, in order), ``slots`` (device slots per
+  sequence and KV head), ``host_memory_kind``, ``device_bytes`` / ``host_bytes`` (buffers of
+  the NOSA layers' slot pools and select states / host block store after the run)."""
+  per_step: list
+  total: dict
+  per_layer: list
+  slots: int
+  host_memory_kind: str
+  device_bytes: int
+  host_bytes: int
+
+
+class OffloadedDecoder:
+  """Prefill and per-step decoding of a ``DecoderLM`` with its NOSA layers offloaded.
+
+  Args:
+    model: a ``DecoderLM`` with at least one ``nosa`` layer; every kind implements the decode
+      protocol (the non-NOSA layers decode device-resident as usual).
+    batch, capacity: rows and most tokens per row.
+    dtype: cache dtype (default: the layers' compute dtype).
+    num_slots: device slots per (sequence, KV head) (default :func:`offload_slots`); fewer than
+      a selection needs is an error at the first step that needs them.
+  """
+
+  def __init__(self, model, *, batch: int, capacity: int, dtype=None,
+               num_slots: int | None = None):
+    dec.check_decodable(model)
+    kinds = [blk.kind for blk in model.layers]
+    if "nosa" not in kinds:
+      raise ValueError(f"offload: expected a model with at least one 'nosa' layer, got kinds "
+                       f"{sorted(set(kinds))}")
+    for name, val in (("batch", batch), ("capacity", capacity)):
+      if not isinstance(val, int) or isinstance(val, bool) or val < 1:
+        raise ValueError(f"{name}: expected a positive int, got {val!r}")
+    self.model, self.batch, self.capacity, self.dtype = model, batch, capacity, dtype
+    self.config = model.config
+    self.num_slots = offload_slots(self.config, capacity) if num_slots is None else num_slots
+    self.traces = {"embed": 0, "logits": 0, "nosa_prefill": 0, "nosa_pre": 0, "nosa_post": 0,
+                   "other_prefill": 0, "other_step": 0}
+    self._blocks = [nnx.split(blk) for blk in model.layers]
+    self._scatter_warm = False
+    self._head_gd, self._head_st = nnx.split(_Head(model.embed, model.final_norm,
+                                                   model.lm_head))
+    self._fns = {name: self._counted(name, fn, static) for name, fn, static in (
+        ("nosa_prefill", _nosa_prefill, (0,)), ("nosa_pre", _nosa_pre, (0, 5)),
+        ("nosa_post", _nosa_post, (0,)), ("other_prefill", _other_prefill, (0,)),
+        ("other_step", _other_step, (0,)), ("embed", _embed, (0,)), ("logits", _logits, (0,)))}
+
+  def _counted(self, name, fn, static):
+    def wrapped(*args):
+      self.traces[name] += 1
+      return fn(*args)
+    return jax.jit(wrapped, static_argnums=static)
+
+  # ---------------------------------------------------------------------------- state
+  def _new_caches(self, dtype):
+    caches = []
+    for blk in self.model.layers:
+      a, c = blk.attn, self.config
+      if blk.kind == "nosa":
+        dt = dtype or a.dtype
+        sel = init_select_state(self.batch, self.capacity, config=c.nsa,
+                                num_kv_heads=c.num_kv_heads, dk=c.head_dim, dtype=dt)
+        store = OffloadedBlockCache(batch=self.batch, num_kv_heads=c.num_kv_heads,
+                                    k_dim=c.head_dim, v_dim=c.dv, block_size=c.nsa.block_size,
+                                    num_slots=self.num_slots, max_len=self.capacity, dtype=dt)
+        if not self._scatter_warm:
+          _warm_scatter(store)
+          self._scatter_warm = True
+        caches.append([sel, store])
+      else:
+        caches.append(a.init_cache(self.batch, self.capacity, dtype))
+    return caches
+
+  def prefill(self, tokens):
+    """``tokens [B, T]`` (one length for every row, ``T <= capacity``) -> ``(logits [B, V],
+    caches)``; the NOSA layers' K/V/c go to the host store."""
+    tokens = jnp.asarray(tokens, jnp.int32)
+    b, t = tokens.shape
+    if b != self.batch or not 1 <= t <= self.capacity:
+      raise ValueError(f"tokens: expected shape [B, T] with B = {self.batch} and 1 <= T <= "
+                       f"capacity = {self.capacity}, got {tokens.shape}")
+    caches = self._new_caches(self.dtype)
+    lengths = jnp.full((b,), t, jnp.int32)
+    x = self._fns["embed"](self._head_gd, self._head_st, tokens)
+    for i, (gd, st) in enumerate(self._blocks):
+      if isinstance(caches[i], list):
+        x, k, v, c, caches[i][0] = self._fns["nosa_prefill"](gd, st, x, lengths, caches[i][0])
+        caches[i][1].prefill(k, v, c)
+      else:
+        x, caches[i] = self._fns["other_prefill"](gd, st, x, lengths, caches[i])
+    return self._fns["logits"](self._head_gd, self._head_st, x[:, -1:])[:, 0], caches
+
+  def step(self, tokens, caches, pos: int):
+    """Feeds ``tokens [B]`` at position ``pos`` (host int, ``< capacity``); returns ``(logits
+    [B, V], stats)`` (``caches`` are updated in place) with the step's transfer counts summed over
+    the NOSA layers and ``stats["per_layer"]``."""
+    if not 0 <= pos < self.capacity:
+      raise ValueError(f"pos: expected 0 <= pos < capacity = {self.capacity}, got {pos}")
+    posv = jnp.full((self.batch,), pos, jnp.int32)
+    x = self._fns["embed"](self._head_gd, self._head_st, jnp.asarray(tokens, jnp.int32)[:, None])
+    per_layer = []
+    for i, (gd, st) in enumerate(self._blocks):
+      if isinstance(caches[i], list):
+        sel, store = caches[i]
+        q, k, v, c, gamma, caches[i][0] = self._fns["nosa_pre"](gd, st, x, posv, sel,
+                                                                self.capacity)
+        store.append(k, v, c)
+        per_layer.append(store.update(gamma))
+        scale = self.config.nsa.scale(self.config.head_dim)
+        x = self._fns["nosa_post"](gd, st, x, store.attend(q, softmax_scale=scale))
+      else:
+        x, caches[i] = self._fns["other_step"](gd, st, x, posv, caches[i])
+    stats = _sum_stats(per_layer)
+    stats["per_layer"] = per_layer
+    return self._fns["logits"](self._head_gd, self._head_st, x)[:, 0], stats
+
+  def summarize(self, caches, per_step: list[dict]) -> OffloadStats:
+    """:class:`OffloadStats` of a run (``per_step`` from :meth:`step`)."""
+    stores = [c[1] for c in caches if isinstance(c, list)]
+    dev = sum(dec.cache_bytes((c[0], s.slot_kv, s.slot_c, s.tail_kv, s.tail_c))
+              for c, s in zip([c for c in caches if isinstance(c, list)], stores))
+    host = sum(dec.cache_bytes(list(s.host_blocks.values())) for s in stores)
+    per_layer = [{**{k: s.totals[k] for k in _STAT_KEYS},
+                  "hit_rate": s.totals["hits"] / s.totals["requested"]
+                  if s.totals["requested"] else 1.0} for s in stores]
+    steps = [{k: v for k, v in s.items() if k != "per_layer"} for s in per_step]
+    return OffloadStats(steps, _sum_stats(steps) if steps else _sum_stats([]), per_layer,
+                        self.num_slots, stores[0].host_memory_kind, dev, host)
+
+
+def _warm_scatter(store: OffloadedBlockCache) -> None:
+  """Compiles the slot scatter of ``store`` for every power-of-two count of copied blocks up to
+  a full refill (``B * H * num_slots``, at most ``MAX_SCATTER``), so no decode step compiles
+  one; writes zero blocks into the still-empty slot ``(0, 0, 0)``."""
+  kv, cc = jax.device_put((jnp.zeros(store.slot_kv.shape[3:], store.dtype),
+                           jnp.zeros(store.slot_c.shape[3:], jnp.float32)), store._dev)
+  n, most = 1, min(store.batch * store.heads * store.num_slots, MAX_SCATTER)
+  while True:
+    idx = [jnp.zeros((n,), jnp.int32)] * 3
+    store.slot_kv, store.slot_c = store._scatter(store.slot_kv, store.slot_c, *idx,
+                                                 [(kv, cc)] * n)
+    if n >= most:
+      break
+    n *= 2
+  jax.block_until_ready(store.slot_kv)
+
+
+class _Head(nnx.Module):
+  """The embedding, final norm and LM head of a model (shared with it, not copied)."""
+
+  def __init__(self, embed, final_norm, lm_head):
+    self.embed, self.final_norm, self.lm_head = embed, final_norm, lm_head
+
+
+def _embed(gd, st, tokens):
+  return nnx.merge(gd, st).embed(tokens)
+
+
+def _logits(gd, st, x):
+  h = nnx.merge(gd, st)
+  x = h.final_norm(x)
+  if h.lm_head is None:
+    return h.embed.attend(x)
+  return h.lm_head(x).astype(jnp.float32)
+
+
+def generate_offloaded(decoder: OffloadedDecoder, tokens: np.ndarray, max_new_tokens: int, *,
+                       sample, keys):
+  """Greedy/sampled generation with ``decoder``: ``tokens [B, T]`` prompts of one length,
+  ``sample(logits, key) -> [B]`` (jitted), ``keys`` one PRNG key per new token. Returns
+  ``(new tokens [B, N] numpy, prefill_s, decode_s, OffloadStats)`` (times include any
+  compilation: warm the decoder up first to time steady state)."""
+  t0 = time.perf_counter()
+  logits, caches = decoder.prefill(tokens)
+  logits.block_until_ready()
+  prefill_s = time.perf_counter() - t0
+  tok = sample(logits, keys[0])
+  out, per_step = [tok], []
+  pos = tokens.shape[1]
+  t0 = time.perf_counter()
+  for i in range(1, max_new_tokens):
+    logits, stats = decoder.step(tok, caches, pos)
+    tok = sample(logits, keys[i])
+    out.append(tok)
+    per_step.append(stats)
+    pos += 1
+  jax.block_until_ready(out)
+  decode_s = time.perf_counter() - t0
+  return (np.stack([np.asarray(t) for t in out], axis=1), prefill_s, decode_s,
+          decoder.summarize(caches, per_step))
+
+
+__all__ = ["OffloadStats", "OffloadedDecoder", "generate_offloaded", "offload_slots"]
