@@ -147,7 +147,8 @@ def test_short_nosa_run_lowers_the_loss(tmp_path, capsys):
   assert logs[-1]["loss"] < logs[0]["loss"] - 0.5, logs
 
 
-@pytest.mark.parametrize("name,lo,hi", [("nosa_340m", 300e6, 420e6), ("nosa_1b", 1.1e9, 1.3e9)])
+@pytest.mark.parametrize("name,lo,hi", [("nosa_340m", 300e6, 420e6), ("nosa_1b", 1.1e9, 1.3e9),
+                                        ("nosa_1p3b", 1.1e9, 1.3e9)])
 def test_named_config_param_counts(name, lo, hi):
   cfg = load_model_config(os.path.join(ROOT, "configs", f"{name}.yaml"))
   n = param_count(cfg)
