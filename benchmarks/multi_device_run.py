@@ -26,8 +26,10 @@ after every phase, so a cut run still leaves what it measured. NVLink multicast 
 in every phase's environment. Phases share a persistent compilation cache (``<out>/jax_cache``,
 ``--no-compile-cache`` to disable), so a restore on one device reuses the baseline's executable.
 
-Device command (2-GPU H200, one call; prepare on the CPU machine with
-``../shared/tools/device-wheels.sh .whl`` and carry ``.whl``)::
+Device command (2-GPU H200, one call). Prepare on the CPU machine: ``../shared/tools/device-wheels.sh
+.whl`` (grain and its missing dependencies) plus ``python3 -m pip download -q --no-deps
+--only-binary=:all: --python-version 3.12 -d .whl tqdm==4.67.1`` (``python -m train`` imports tqdm,
+which the GPU machine lacks), add ``.whl`` to ``.git/info/exclude`` and carry it::
 
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \\
     --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PYTHONPATH && \\
@@ -473,6 +475,13 @@ def main(argv=None) -> int:
     return 2
   args.config = os.path.relpath(os.path.abspath(args.config), ROOT) if os.path.exists(
       args.config) else args.config
+  import importlib.util
+  missing = [m for m in ("grain", "tqdm", "orbax.checkpoint") if importlib.util.find_spec(
+      m.split(".")[0]) is None]
+  if missing:  # `python -m train` needs them; fail before any phase starts.
+    print(f"missing modules for `python -m train`: {missing}; install the wheels carried with "
+          f"the device call (see this script's docstring)", file=sys.stderr)
+    return 2
   sys.path.insert(0, ROOT)
   from train.config import load_config  # Validates the config and the overrides up front.
   try:
