@@ -26,21 +26,25 @@ after every phase, so a cut run still leaves what it measured. NVLink multicast 
 in every phase's environment. Phases share a persistent compilation cache (``<out>/jax_cache``,
 ``--no-compile-cache`` to disable), so a restore on one device reuses the baseline's executable.
 
-Device command (2-GPU H200, one call). Prepare on the CPU machine: ``../shared/tools/device-wheels.sh
-.whl`` (grain and its missing dependencies) plus ``python3 -m pip download -q --no-deps
---only-binary=:all: --python-version 3.12 -d .whl tqdm==4.67.1`` (``python -m train`` imports tqdm,
-which the GPU machine lacks), add ``.whl`` to ``.git/info/exclude`` and carry it::
+Device command (2-GPU H200, one call). Prepare on the CPU machine:
+``../shared/tools/device-wheels.sh .whl`` (grain and its missing dependencies) and
+``python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -d .whl
+tqdm==4.67.1`` (``python -m train`` imports tqdm, which the GPU machine may lack; the script
+checks for grain and tqdm before any phase), add ``.whl`` to ``.git/info/exclude`` and carry it::
 
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \\
     --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PYTHONPATH && \\
   export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 && \\
-  python3 benchmarks/multi_device_run.py --config configs/nsa_340m.yaml --steps 200 \\
+  python3 benchmarks/multi_device_run.py --config configs/full_340m.yaml --steps 200 \\
     --seq-len 8192 --global-batch 2 --meshes "data=2;fsdp=2" --checkpoint-every 50 \\
-    --budget-s 560 --out $OUT/multi_nsa_340m
+    --budget-s 560 --out $OUT/multi_full_340m
 
-(the full twin: ``--config configs/full_340m.yaml --out $OUT/multi_full_340m``). At 8k the NSA
-340M step compiles for ~3 minutes per distinct program, so one 10-minute call fits the baseline
-and one mesh at most; the budget logic then skips what does not fit and says so.
+and the NSA model with ``--config configs/nsa_340m.yaml --out $OUT/multi_nsa_340m``. Expected
+cost (from benchmarks/RESULTS.md, one H200, T=8192): the full twin compiles in ~30 s and steps in
+~0.12 s per row, so all five phases of 200 steps fit in ~7 minutes; NSA compiles for ~3 minutes
+per distinct program and steps in ~0.6 s per row, so in one 10-minute call use ``--steps 60
+--checkpoint-every 20`` (baseline + one mesh; the restores then reuse compiled programs from the
+cache only if time is left; the budget logic skips and records what does not fit).
 
 CPU smoke run (2 simulated devices, seconds per phase)::
 
@@ -66,7 +70,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 AXES = ("data", "fsdp", "tensor")
 NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
                 "NVSHMEM_DISABLE_NVLS": "1"}
-# Lines that show an error (the tail of a failed phase's log goes into the summary).
+# How much of a failed phase's log goes into the summary.
 _TAIL_CHARS = 3000
 
 
@@ -97,7 +101,7 @@ def parse_meshes(text: str) -> list[dict[str, int]]:
 
 
 def mesh_name(mesh: dict[str, int] | None) -> str:
-  """``{data: 2, fsdp: 1, tensor: 1}`` -> ``"data2"``; ``None`` (one device, no mesh) -> ``"1dev"``."""
+  """``{data: 2, fsdp: 1, tensor: 1}`` -> ``"data2"``; ``None`` (1 device) -> ``"1dev"``."""
   if mesh is None:
     return "1dev"
   parts = [f"{a}{n}" for a, n in mesh.items() if n > 1]
@@ -174,7 +178,8 @@ def phase_stats(events: list[dict], tokens_per_step: int, devices: int) -> dict:
 def gpu_count() -> int:
   """GPUs listed by ``nvidia-smi -L`` (0 when it is missing or fails)."""
   try:
-    proc = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)
+    proc = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30,
+                          check=False)
   except (OSError, subprocess.SubprocessError):
     return 0
   return sum(line.startswith("GPU ") for line in proc.stdout.splitlines()) if proc.returncode == 0 \
@@ -497,6 +502,10 @@ def main(argv=None) -> int:
   if platform == "auto":
     platform = "gpu" if gpu_count() > 0 else "cpu"
   available = gpu_count() if platform == "gpu" else (args.cpu_devices or largest)
+  if platform == "gpu" and available == 0:  # No nvidia-smi: ask JAX in a throwaway process.
+    proc = subprocess.run([sys.executable, "-c", "import jax; print(jax.device_count())"],
+                          capture_output=True, text=True, check=False)
+    available = int(proc.stdout.split()[-1]) if proc.returncode == 0 and proc.stdout else 0
   args.out = os.path.abspath(args.out)
   os.makedirs(args.out, exist_ok=True)
   runner = Runner(args, platform, available)

@@ -90,3 +90,48 @@ def test_multi_device_run_end_to_end_on_two_cpu_devices(tmp_path):
   assert summary["all_checks_pass"]
   assert (out / "loss_curves.png").stat().st_size > 1000
   assert "all checks pass: True" in proc.stdout and "restore_data2_on_fsdp2" in proc.stdout
+
+
+def test_summary_checks_fail_on_diverging_or_unresumed_curves(tmp_path):
+  m = _module()
+
+  def run(name, kind, devices, curve, tok_s, **extra):
+    d = tmp_path / name
+    d.mkdir()
+    lines = [json.dumps({"step": s, "loss": v, "tokens_per_s": tok_s if s > min(curve) else 0})
+             for s, v in sorted(curve.items())]
+    (d / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    return {"phase": name, "kind": kind, "devices": devices, "mesh": "-", "status": "ok",
+            "run_dir": str(d), "tokens_per_s": tok_s, "tokens_per_s_per_device": tok_s / devices,
+            "first_step": min(curve), "last_step": max(curve), "resumed": True, **extra}
+
+  base = {s: 5.0 - 0.1 * s for s in range(1, 7)}
+  off = {s: v + (0.2 if s == 5 else 0.0) for s, v in base.items()}
+  runner = type("R", (), {})()
+  runner.platform, runner.available, runner.elapsed = "cpu", 2, lambda: 1.0
+  runner.phases = [
+      run("baseline", "baseline", 1, base, 100.0),
+      run("mesh_data2", "mesh", 2, off, 160.0),
+      run("restore_ok", "restore", 1, {s: off[s] for s in (4, 5, 6)}, 90.0,
+          source="mesh_data2", from_step=3),
+      run("restore_bad", "restore", 2, {s: base[s] for s in (4, 5, 6)}, 150.0,
+          source="mesh_data2", from_step=3),
+      run("restore_fresh", "restore", 1, {s: off[s] for s in (4, 5, 6)}, 90.0,
+          source="mesh_data2", from_step=3, resumed=False),
+  ]
+  args = type("A", (), {"config": "c.yaml", "steps": 6, "resolved_seq_len": 8,
+                        "global_batch": 2, "meshes": "data=2", "checkpoint_every": 3,
+                        "loss_tol": 0.1, "restore_tol": 1e-6, "smooth": 1, "budget_s": 10.0,
+                        "out": str(tmp_path)})()
+  summary = m.summarize(runner, args)
+  p = {x["phase"]: x for x in summary["phases"]}
+  assert p["mesh_data2"]["loss_check"] == "fail"  # 0.2 > 0.1 at step 5.
+  assert p["mesh_data2"]["scaling_efficiency"] == pytest.approx(0.8)
+  assert p["restore_ok"]["restore_check"] == "pass"
+  assert p["restore_bad"]["restore_check"] == "fail"  # Differs from its source at step 5.
+  assert p["restore_fresh"]["restore_check"] == "fail"  # Did not resume.
+  assert not summary["all_checks_pass"]
+  args.loss_tol, args.smooth = 0.25, 2
+  summary = m.summarize(runner, args)
+  assert summary["phases"][1]["loss_check"] == "pass"
+  assert summary["phases"][1]["vs_baseline"]["max_abs_diff_smoothed"] == pytest.approx(0.1)
