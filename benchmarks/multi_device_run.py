@@ -16,7 +16,8 @@ Phases (each in its own process, with the devices chosen by ``CUDA_VISIBLE_DEVIC
    device, MFU, peak memory, final loss, max |loss - baseline| over the common steps (raw and a
    ``--smooth``-step moving average, checked against ``--loss-tol``), restore checks, scaling
    efficiency = (tokens/s per device on N devices) / (tokens/s on 1 device); ``loss_curves.png``
-   (matplotlib Agg; skipped with a notice when matplotlib is missing).
+   (matplotlib Agg; skipped with a notice when matplotlib is missing); ``summary.md``, the table
+   and command as markdown for ``benchmarks/RESULTS.md``.
 
 ``--budget-s`` bounds the whole run: a phase is not launched when its estimated time (startup and
 compile overhead + steps x step time, from the phases already run) would pass the budget, and a
@@ -295,6 +296,8 @@ class Runner:
     rec["first_step"] = min(curve) if curve else None
     rec["last_step"] = max(curve) if curve else None
     rec["resumed"] = "resumed from" in text
+    found = re.search(r"^device: (.*)$", text, re.MULTILINE)
+    rec["device"] = found.group(1) if found else None
     if rec["step_s"]:
       self.step_s[devices] = max(self.step_s.get(devices, 0.0), rec["step_s"])
       self.overhead_s = max(self.overhead_s, wall - max(len(curve) - 1, 0) * rec["step_s"])
@@ -400,6 +403,36 @@ def print_table(summary: dict) -> None:
   print("max|dL|: vs the baseline curve (restore_*: vs the uninterrupted source run at the same "
         "steps); scale eff: tok/s per device / 1-device tok/s")
   print(f"all checks pass: {summary['all_checks_pass']}")
+
+
+def markdown(summary: dict) -> str:
+  """A ``benchmarks/RESULTS.md``-ready block: the command and one table row per phase."""
+  dev = next((p["device"] for p in summary["phases"] if p.get("device")), "?")
+  env = ", ".join(f"{k}={v}" for k, v in summary["env"].items())
+  note = (f"{summary['config']}, seq {summary['seq_len']} x global batch "
+          f"{summary['global_batch']}, {summary['steps']} steps; max |dL| vs the 1-device curve "
+          f"(restores: vs the uninterrupted run at the same steps), smoothed over "
+          f"{summary['smooth']} steps; scaling efficiency = tokens/s per device / 1-device "
+          f"tokens/s.")
+  head = ("| phase | devices | mesh | steps | step ms | tokens/s | tokens/s/dev | MFU | "
+          "scaling eff. | final loss | max abs dL (smoothed) | check |")
+  lines = [f"**Device:** {dev}. **Command** (repository root, {env}):", "", "```",
+           f"python3 {summary['command']}", "```", "", note, "", head, "|---" * 12 + "|"]
+  for p in summary["phases"]:
+    d = (p.get("vs_source") if p["kind"] == "restore" else p.get("vs_baseline")) or {}
+    steps = f"{p['first_step']}-{p['last_step']}" if p.get("first_step") is not None else "-"
+    check = p.get("restore_check") or p.get("loss_check") or "-"
+    if p["status"] != "ok":
+      check = f"{p['status']}: {p.get('reason', 'rc ' + str(p.get('rc')))}"
+    lines.append(
+        f"| {p['phase']} | {p['devices']} | {p['mesh']} | {steps} | "
+        f"{_fmt(p.get('step_s'), '.1f', 1e3)} | {_fmt(p.get('tokens_per_s'), ',.0f')} | "
+        f"{_fmt(p.get('tokens_per_s_per_device'), ',.0f')} | "
+        f"{_fmt(p.get('mfu'), '.1f', 100)}{'%' if p.get('mfu') is not None else ''} | "
+        f"{_fmt(p.get('scaling_efficiency'), '.3f')} | {_fmt(p.get('final_loss'), '.4f')} | "
+        f"{_fmt(d.get('max_abs_diff'), '.2e')} ({_fmt(d.get('max_abs_diff_smoothed'), '.2e')}) "
+        f"| {check} |")
+  return "\n".join(lines) + "\n"
 
 
 def plot(summary: dict, path: str) -> str | None:
@@ -546,6 +579,8 @@ def main(argv=None) -> int:
   summary["plot"] = plot(summary, os.path.join(args.out, "loss_curves.png"))
   with open(os.path.join(args.out, "summary.json"), "w") as f:
     json.dump(summary, f, indent=1)
+  with open(os.path.join(args.out, "summary.md"), "w") as f:
+    f.write(markdown(summary))
   print_table(summary)
   print(f"summary {os.path.join(args.out, 'summary.json')}")
   return 0 if summary["all_checks_pass"] else 1

@@ -90,6 +90,11 @@ def test_multi_device_run_end_to_end_on_two_cpu_devices(tmp_path):
   assert summary["all_checks_pass"]
   assert (out / "loss_curves.png").stat().st_size > 1000
   assert "all checks pass: True" in proc.stdout and "restore_data2_on_fsdp2" in proc.stdout
+  assert all(p["device"].startswith("cpu") for p in phases.values())
+  md = (out / "summary.md").read_text()
+  assert "NCCL_NVLS_ENABLE=0" in md and "--meshes data=2;fsdp=2" in md
+  assert sum(line.startswith("| restore_data2_on_") and line.endswith("| pass |")
+             for line in md.splitlines()) == 2
 
 
 def test_summary_checks_fail_on_diverging_or_unresumed_curves(tmp_path):
