@@ -60,6 +60,7 @@ import json
 import math
 import os
 import re
+import shlex
 import shutil
 import signal
 import statistics
@@ -266,7 +267,7 @@ class Runner:
     if prepare is not None:
       prepare(run_dir)
     cmd = train_args(args, run_dir, mesh, checkpoint_every, resume)
-    rec["command"] = " ".join(cmd[1:])
+    rec["command"] = shlex.join(["python3"] + cmd[1:])
     env = phase_env(self.platform, devices, self.cache)
     print(f"[multi] {name}: {devices} {self.platform} device(s), {rec['mesh']}, {steps} steps "
           f"({self.elapsed():.0f} s of {args.budget_s:.0f} s used)", flush=True)
@@ -288,7 +289,8 @@ class Runner:
     with open(log_path) as f:
       text = f.read()
     curve, events = read_curve(run_dir)
-    rec.update(status="ok" if rc == 0 and curve else "failed", rc=rc, wall_s=wall,
+    status = "failed" if rc != 0 or not curve else "cut" if rec.get("cut_by_budget") else "ok"
+    rec.update(status=status, rc=rc, wall_s=wall,
                run_dir=run_dir, steps_run=len(curve))
     if rc != 0 or not curve:
       rec["log_tail"] = text[-_TAIL_CHARS:]
@@ -365,7 +367,7 @@ def summarize(runner: Runner, args) -> dict:
       "meshes": args.meshes, "checkpoint_every": args.checkpoint_every,
       "loss_tol": args.loss_tol, "restore_tol": args.restore_tol, "smooth": args.smooth,
       "budget_s": args.budget_s, "elapsed_s": runner.elapsed(),
-      "command": " ".join([os.path.relpath(__file__, ROOT)] + sys.argv[1:]),
+      "command": shlex.join([os.path.relpath(__file__, ROOT)] + sys.argv[1:]),
       "env": dict(NO_MULTICAST), "phases": phases,
   }
   checks = [p[k] for p in phases for k in ("loss_check", "restore_check") if k in p]
@@ -558,7 +560,10 @@ def main(argv=None) -> int:
     step_and_save(rec)
   # Restore the first finished mesh run's newest checkpoint that has steps after it.
   source = next(((m, r) for m, r in mesh_recs if r["status"] == "ok"), None)
-  if source is not None:
+  if source is None:
+    runner.phases.append({"phase": "restore", "kind": "restore", "devices": 0, "mesh": "-",
+                          "status": "skipped", "reason": "no mesh run finished"})
+  else:
     src_mesh, src_rec = source
     before = [s for s in checkpoint_steps(src_rec["run_dir"]) if s < args.steps]
     if not before:

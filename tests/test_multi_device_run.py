@@ -92,7 +92,7 @@ def test_multi_device_run_end_to_end_on_two_cpu_devices(tmp_path):
   assert "all checks pass: True" in proc.stdout and "restore_data2_on_fsdp2" in proc.stdout
   assert all(p["device"].startswith("cpu") for p in phases.values())
   md = (out / "summary.md").read_text()
-  assert "NCCL_NVLS_ENABLE=0" in md and "--meshes data=2;fsdp=2" in md
+  assert "NCCL_NVLS_ENABLE=0" in md and "--meshes 'data=2;fsdp=2'" in md
   assert sum(line.startswith("| restore_data2_on_") and line.endswith("| pass |")
              for line in md.splitlines()) == 2
 
