@@ -25,7 +25,9 @@ running phase gets SIGTERM at the budget (the job saves and exits). ``summary.js
 after every phase, so a cut run still leaves what it measured. NVLink multicast stays off:
 ``NCCL_NVLS_ENABLE=0``, ``TORCH_SYMM_MEM_DISABLE_MULTICAST=1``, ``NVSHMEM_DISABLE_NVLS=1`` are set
 in every phase's environment. Phases share a persistent compilation cache (``<out>/jax_cache``,
-``--no-compile-cache`` to disable), so a restore on one device reuses the baseline's executable.
+``--no-compile-cache`` to disable), so a restore on a mesh reuses that mesh run's executable (a
+restore on one device compiles again: restored arrays carry a single-device sharding that the
+freshly built baseline's do not, so the step's HLO differs).
 
 Device command (2-GPU H200, one call). Prepare on the CPU machine:
 ``../shared/tools/device-wheels.sh .whl`` (grain and its missing dependencies) and
@@ -44,8 +46,8 @@ and the NSA model with ``--config configs/nsa_340m.yaml --out $OUT/multi_nsa_340
 cost (from benchmarks/RESULTS.md, one H200, T=8192): the full twin compiles in ~30 s and steps in
 ~0.12 s per row, so all five phases of 200 steps fit in ~7 minutes; NSA compiles for ~3 minutes
 per distinct program and steps in ~0.6 s per row, so in one 10-minute call use ``--steps 60
---checkpoint-every 20`` (baseline + one mesh; the restores then reuse compiled programs from the
-cache only if time is left; the budget logic skips and records what does not fit).
+--checkpoint-every 20`` (baseline + one mesh fit; the restores only if time is left: the budget
+logic skips and records what does not fit) or split the phases over two calls.
 
 CPU smoke run (2 simulated devices, seconds per phase)::
 
