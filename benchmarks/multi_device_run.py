@@ -47,7 +47,7 @@ cost (from benchmarks/RESULTS.md, one H200, T=8192): the full twin compiles in ~
 ~0.12 s per row, so all five phases of 200 steps fit in ~7 minutes; NSA compiles for ~3 minutes
 per distinct program and steps in ~0.6 s per row, so in one 10-minute call use ``--steps 60
 --checkpoint-every 20`` (baseline + one mesh fit; the restores only if time is left: the budget
-logic skips and records what does not fit) or split the phases over two calls.
+logic skips and records what does not fit).
 
 CPU smoke run (2 simulated devices, seconds per phase)::
 
