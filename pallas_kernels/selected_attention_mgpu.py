@@ -6,7 +6,8 @@ token ``t0 + i``, head ``h*G + g``; rows ``r*G .. 63`` are padding when ``G`` do
 It walks the tile's iteration list (:mod:`pallas_kernels.selection_tiles`): per listed KV block,
 TMA copies K and V (64 x D each) into a ring of SMEM slots, ``S = Q Kᵀ`` runs on the tensor cores
 (``wgmma``), the scores are masked (the token's own selection via the membership bits, causality
-inside the block), an online softmax in base 2 (scale folded into ``log2 e``) runs in registers,
+inside the block and, with packed documents, the first key of the row's document: see
+:func:`doc_tiles`), an online softmax in base 2 (scale folded into ``log2 e``) runs in registers,
 and ``O += P V`` is a second ``wgmma``. O and the natural-log LSE are written once at the end.
 
 Two selection modes:
