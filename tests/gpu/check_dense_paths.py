@@ -4,12 +4,14 @@ Run on the GPU machine from the repository root:
 ``PYTHONPATH=$PWD python3 tests/gpu/check_dense_paths.py [--quick]`` (``--smoke``: tiny shapes,
 for a CPU run of the script itself).
 
-1. Correctness: :func:`sparse_attention_jax.nn.dense_attention.causal_attention` (``auto``: cuDNN
-   for one-document rows through a runtime ``lax.cond``, else the blocked op; and ``blocked``)
-   against the float32 masked reference, forward and gradients, bf16 inputs, fresh random inputs,
-   for ``segment_ids`` None / all-equal / packed, full causal and window 512.
+1. Correctness: :func:`sparse_attention_jax.nn.dense_attention.causal_attention` (``auto``: cuDNN,
+   in the packed-sequence layout for packed rows, else the blocked op; and ``blocked``) against
+   the float32 masked reference, forward and gradients, bf16 inputs, fresh random inputs, for
+   ``segment_ids`` None / all-equal / packed (4 documents) / padded (3 documents and trailing
+   0 ids, the data pipeline's layout), full causal and window 512.
 2. Memory and time at T = 8192 (340M head layout: HQ 32, H 2, D 64): compiled temp bytes of a
-   jitted value_and_grad and the median time of one call, per path.
+   jitted value_and_grad and the median time of one call, per path (packed rows also with
+   ``impl="cudnn_rows"``, the one-document-rows-only cuDNN path, i.e. the blocked op here).
 
 Writes ``$OUT/check_dense_paths.json`` (``$OUT`` default ``.``), prints a table, exits 1 if an
 error bound fails.
@@ -46,9 +48,11 @@ def segments(kind, b, t):
   if kind == "none":
     return None
   ids = np.ones((b, t), np.int32)
-  if kind == "packed":
+  if kind in ("packed", "padded"):
     for c in (t // 5, t // 2 + 3, t - t // 10):
       ids[:, c:] += 1
+  if kind == "padded":                   # the data pipeline's layout: documents, then 0 padding
+    ids[:, t - t // 16:] = 0
   return jnp.asarray(ids)
 
 
@@ -66,7 +70,7 @@ def correctness(quick):
   rows, ok = [], True
   t = 160 if SMOKE else 1024 if quick else 2048
   for window in (None, 512):
-    for seg_kind in ("none", "ones", "packed"):
+    for seg_kind in ("none", "ones", "packed", "padded"):
       q, k, v, ct = inputs(jax.random.key(len(rows)), 2, t, jnp.bfloat16)
       seg = segments(seg_kind, 2, t)
       f32 = [x.astype(jnp.float32) for x in (q, k, v)]
@@ -76,7 +80,14 @@ def correctness(quick):
       for impl in ("auto", "blocked"):
         fn = functools.partial(dense_attention.causal_attention, segment_ids=seg, window=window,
                                impl=impl)
-        g, o = value_and_grads(fn, q, k, v, ct)
+        try:
+          g, o = value_and_grads(fn, q, k, v, ct)
+        except Exception as e:  # noqa: BLE001 -- a refused path is a failure: report it
+          ok = False
+          rows.append({"check": "correctness", "window": window, "segments": seg_kind,
+                       "impl": impl, "error": f"{type(e).__name__}: {str(e)[:300]}", "ok": False})
+          show(rows[-1])
+          continue
         err_o = float(jnp.max(jnp.abs(o.astype(jnp.float32) - o_ref)))
         err_g = max(float(jnp.max(jnp.abs(a.astype(jnp.float32) - b)) / jnp.max(jnp.abs(b)))
                     for a, b in zip(g, g_ref))
@@ -84,9 +95,17 @@ def correctness(quick):
         ok &= good
         rows.append({"check": "correctness", "window": window, "segments": seg_kind,
                      "impl": impl, "cudnn_usable": dense_attention._cudnn_usable(
-                         q, k, v, window, D ** -0.5), "max_err_o": err_o,
+                         q, k, v, window, D ** -0.5),
+                     "packed_usable": seg is not None and dense_attention._cudnn_packed_usable(
+                         q, k, v, seg, window, D ** -0.5), "max_err_o": err_o,
                      "max_rel_err_grad": err_g, "ok": good})
+        show(rows[-1])
   return rows, ok
+
+
+def show(row):
+  print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
+        flush=True)
 
 
 def timing(quick):
@@ -94,7 +113,8 @@ def timing(quick):
   t, b = (512, 1) if SMOKE else (8192, 1 if quick else 8)
   for window in (None, 512):
     for seg_kind in ("none", "ones", "packed"):
-      for impl in ("auto", "blocked"):
+      for impl in ("auto", "cudnn_rows", "blocked") if seg_kind == "packed" else ("auto",
+                                                                                   "blocked"):
         q, k, v, ct = inputs(jax.random.key(0), b, t, jnp.bfloat16)
         seg = segments(seg_kind, b, t)
         fn = functools.partial(dense_attention.causal_attention, segment_ids=seg, window=window,
@@ -118,6 +138,7 @@ def timing(quick):
         except Exception as e:  # noqa: BLE001 -- report and go on
           row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
         rows.append(row)
+        show(row)
   return rows
 
 
@@ -130,8 +151,6 @@ def main():
   os.makedirs(out, exist_ok=True)
   with open(os.path.join(out, "check_dense_paths.json"), "w") as f:
     json.dump(rows, f, indent=1)
-  for r in rows:
-    print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()))
   print("OK" if ok else "FAILED")
   sys.exit(0 if ok else 1)
 
