@@ -127,6 +127,23 @@ def test_every_param_has_logical_axes_and_no_mesh_is_needed():
                       num_kv_heads=1).sum() == 2 * 64
 
 
+def test_single_process_sharded_build_equals_the_one_device_build(monkeypatch):
+  """One process: the sharded build places the eagerly built state (bit-equal values, no jitted
+  initializer); several processes (faked here) take the jitted path."""
+  cfg = load_config(TINY, SMALL + ["model.attention=[nsa, full]", "model.num_layers=2"])
+  mesh = mesh_lib.make_mesh({"fsdp": -1})
+  want = nnx.state(loop.build(cfg)[0], nnx.Param)
+  got_model, _ = loop.build_sharded(cfg, mesh)
+  for a, b in zip(jax.tree.leaves(nnx.state(got_model, nnx.Param)), jax.tree.leaves(want)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  jitted = []
+  real_jit = jax.jit
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  monkeypatch.setattr(jax, "jit", lambda f, **kw: jitted.append(kw) or real_jit(f, **kw))
+  loop.build_sharded(cfg, mesh)
+  assert jitted and "out_shardings" in jitted[0]
+
+
 def test_bf16_compute_keeps_f32_master_weights():
   cfg = load_config(TINY, SMALL + ["model.dtype=bfloat16", "model.attention=[full]"])
   model, opt = loop.build(cfg)
