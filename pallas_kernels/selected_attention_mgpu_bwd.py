@@ -38,6 +38,7 @@ import jax.experimental.pallas.mosaic_gpu as plgpu
 import jax.numpy as jnp
 from jax import lax
 
+from pallas_kernels import selected_attention_dims as dims
 from pallas_kernels import selected_attention_mgpu as fwd
 from pallas_kernels.selection_tiles import (
   TileLists,
@@ -100,7 +101,11 @@ def _dq_kernel(q_ref, do_ref, lse_ref, dl_ref, k_ref, v_ref, ids_ref, cnt_ref, l
                q_smem, do_smem, lse_smem, dl_smem, k_smem, v_smem, q_bar, k_bar, v_bar, doc_smem,
                *, num_heads: int, g: int, scale2: float, stages: int, mask_skip: bool, dtype,
                direct: bool, has_docs: bool):
-  """One CTA: query tile ``tile`` of ``bh`` (refs: :func:`backward`)."""
+  """One CTA: query tile ``tile`` of ``bh`` (refs: :func:`backward`).
+
+  SMEM: ``q_smem [64, Dk]`` (reused for dQ), ``do_smem [64, Dv]``, ``k_smem [S, bs, Dk]``,
+  ``v_smem [S, bs, Dv]``; ``S = Q Kᵀ`` contracts ``Dk``, ``dP = dO Vᵀ`` contracts ``Dv``.
+  """
   tile = lax.axis_index("tile")
   bh = lax.axis_index("bh")
   b = lax.div(bh, jnp.int32(num_heads))
@@ -123,7 +128,7 @@ def _dq_kernel(q_ref, do_ref, lse_ref, dl_ref, k_ref, v_ref, ids_ref, cnt_ref, l
 
   layout = plgpu.Layout.WGMMA
   col_ids, tok = fwd._row_tokens(g, bs)
-  d = q_smem.shape[-1]
+  dk = q_smem.shape[-1]
   plgpu.barrier_wait(q_bar)
   lse2 = plgpu.load(lse_smem, layout=layout.reduce(1))                 # [64] log2 units
   delta = plgpu.load(dl_smem, layout=layout.reduce(1))
@@ -131,7 +136,7 @@ def _dq_kernel(q_ref, do_ref, lse_ref, dl_ref, k_ref, v_ref, ids_ref, cnt_ref, l
   if has_docs:
     docs = {"first": plgpu.load(doc_smem, layout=layout.reduce(1)),
             "first_max": dmax_ref[b, tile]}
-  dq = plgpu.layout_cast(jnp.full((ROWS, d), 0.0, jnp.float32), layout)
+  dq = plgpu.layout_cast(jnp.full((ROWS, dk), 0.0, jnp.float32), layout)
 
   def step(j, dq):
     slot = lax.rem(j, jnp.int32(stages))
@@ -178,7 +183,12 @@ def _dkv_kernel(q_ref, do_ref, lse_ref, dl_ref, k_ref, v_ref, tiles_ref, plo_ref
                 k_smem, v_smem, q_smem, do_smem, lse_smem, dl_smem, kv_bar, q_bar, doc_smem,
                 *, num_heads: int, num_blocks: int, g: int, scale2: float, stages: int,
                 mask_skip: bool, dtype, direct: bool, has_docs: bool):
-  """One CTA: work item ``item`` of ``bh`` (a KV block and a run of its query tiles)."""
+  """One CTA: work item ``item`` of ``bh`` (a KV block and a run of its query tiles).
+
+  SMEM: ``k_smem [bs, Dk]`` (reused for dK), ``v_smem [bs, Dv]`` (reused for dV), rings
+  ``q_smem [S, 64, Dk]`` and ``do_smem [S, 64, Dv]``; accumulators ``dk [bs, Dk]``,
+  ``dv [bs, Dv]`` float32 in registers.
+  """
   item = lax.axis_index("item")
   bh = lax.axis_index("bh")
   b = lax.div(bh, jnp.int32(num_heads))
@@ -210,9 +220,8 @@ def _dkv_kernel(q_ref, do_ref, lse_ref, dl_ref, k_ref, v_ref, tiles_ref, plo_ref
   row_tok = lax.div(plgpu.broadcasted_iota(jnp.int32, (bs, ROWS), 1, layout=layout),
                     jnp.int32(g))                                           # token of each column
   need_lo, need_hi = fwd._need_words(0, r)
-  d = k_smem.shape[-1]
-  dk = plgpu.layout_cast(jnp.full((bs, d), 0.0, jnp.float32), layout)
-  dv = plgpu.layout_cast(jnp.full((bs, d), 0.0, jnp.float32), layout)
+  dk = plgpu.layout_cast(jnp.full((bs, k_smem.shape[-1]), 0.0, jnp.float32), layout)
+  dv = plgpu.layout_cast(jnp.full((bs, v_smem.shape[-1]), 0.0, jnp.float32), layout)
   plgpu.barrier_wait(kv_bar)
 
   def masked(st, t_base, lo, hi, first):
@@ -279,9 +288,10 @@ class BwdOperands(NamedTuple):
   """XLA-side operands of the backward kernels (see :func:`prepare_backward`).
 
   Attributes:
-    qx, dox: ``[B, H, NT*64, D]`` Q and dO in 64-row tiles (``direct``: ``[B, NT*r, HQ, D]``,
-      padded to whole tiles); lsex: ``[B, H, NT*64]`` LSE in log2 units (``+inf`` for rows that
-      saw no key, so their ``P`` is 0); dlx: ``[B, H, NT*64]`` ``δ = rowsum(dO ∘ O)``; kp, vp: ``[B, NB*64, H, D]`` K and V padded to whole blocks;
+    qx, dox: ``[B, H, NT*64, Dk]`` Q and ``[.., Dv]`` dO in 64-row tiles (``direct``:
+      ``[B, NT*r, HQ, Dk|Dv]``, padded to whole tiles); lsex: ``[B, H, NT*64]`` LSE in log2
+      units (``+inf`` for rows that saw no key, so their ``P`` is 0); dlx: ``[B, H, NT*64]``
+      ``δ = rowsum(dO ∘ O)``; kp, vp: ``[B, NB*64, H, Dk|Dv]`` K and V padded to whole blocks;
       lists: the 64-row tiles' iteration lists; work: the dK/dV work items; docs: ``None`` or
       :func:`pallas_kernels.selected_attention_mgpu.doc_tiles` of the 64-row tiles.
   """
@@ -338,7 +348,8 @@ def _no_docs(b: int):
 
 
 def reduce_items(part, item_block, *, num_blocks: int, seq_len: int):
-  """``[B, T, H, D]`` float32 sums of the work items' partial ``[B, H, 2NB*64, D]``: the first
+  """``[B, T, H, D]`` float32 sums of the work items' partial ``[B, H, 2NB*64, D]`` (``D`` is
+  ``Dk`` for dK, ``Dv`` for dV): the first
   ``NB`` items are the blocks in order, the rest are added to their block."""
   b, h, _, d = part.shape
   bs = fwd.BLOCK_SIZE
@@ -356,9 +367,10 @@ def backward(q, k, v, o, lse, do, block_indices, *, softmax_scale: float, mode: 
   """Gradients of selected-block attention from the forward's ``o`` and ``lse``.
 
   Args:
-    q: ``[B, T, HQ, D]``; k, v: ``[B, T, H, D]`` (bf16/f16, as the forward).
-    o: ``[B, T, HQ, D]`` forward output; lse: ``[B, T, HQ]`` float32 natural-log LSE
-      (``-inf`` where a row saw no key); do: ``[B, T, HQ, D]`` output cotangent.
+    q: ``[B, T, HQ, Dk]``; k: ``[B, T, H, Dk]``; v: ``[B, T, H, Dv]`` (bf16/f16, as the
+      forward; ``Dk``, ``Dv`` multiples of 64, see :mod:`pallas_kernels.selected_attention_dims`).
+    o: ``[B, T, HQ, Dv]`` forward output; lse: ``[B, T, HQ]`` float32 natural-log LSE
+      (``-inf`` where a row saw no key); do: ``[B, T, HQ, Dv]`` output cotangent.
     block_indices: ``[B, T, H, n]`` the forward's selection.
     softmax_scale: the forward's scale (> 0).
     doc_start: optional ``[B, T]`` int32 first position of each token's document.
@@ -381,8 +393,9 @@ def backward(q, k, v, o, lse, do, block_indices, *, softmax_scale: float, mode: 
 
 def dq_call(ops: BwdOperands, *, softmax_scale: float, seq_len: int, num_q_heads: int,
             cfg: BwdConfig, direct: bool):
-  """The dQ kernel on prepared operands: ``[B, T, HQ, D]`` float32."""
-  b, _, h, d = ops.kp.shape
+  """The dQ kernel on prepared operands: ``[B, T, HQ, Dk]`` float32."""
+  b, _, h, dk = ops.kp.shape
+  dv = ops.vp.shape[-1]
   g = num_q_heads // h
   t = seq_len
   bs = fwd.BLOCK_SIZE
@@ -393,7 +406,9 @@ def dq_call(ops: BwdOperands, *, softmax_scale: float, seq_len: int, num_q_heads
   nt, length = lists.ids.shape[2:]
   scale2 = float(softmax_scale) * _LOG2E
   params = plgpu.CompilerParams(approx_math=True)
-  stages_dq = max(1, min(cfg.num_stages, length))
+  stages_dq = dims.fit_stages("dq", max(1, min(cfg.num_stages, length)), dk=dk, dv=dv,
+                              length=length, block_size=bs,
+                              itemsize=jnp.dtype(dtype).itemsize, has_docs=has_docs)
   arrivals = 2 * (ROWS // g) + 2 if direct else 4
   dq_kernel = functools.partial(_dq_kernel, num_heads=h, g=g, scale2=scale2, stages=stages_dq,
                                 mask_skip=cfg.mask_skip, dtype=dtype, direct=direct,
@@ -402,12 +417,12 @@ def dq_call(ops: BwdOperands, *, softmax_scale: float, seq_len: int, num_q_heads
       dq_kernel,
       out_type=jax.ShapeDtypeStruct(qx.shape, dtype),
       scratch_types=[
-          plgpu.SMEM((ROWS, d), dtype, transforms=_TRANSFORMS),
-          plgpu.SMEM((ROWS, d), dtype, transforms=_TRANSFORMS),
+          plgpu.SMEM((ROWS, dk), dtype, transforms=_TRANSFORMS),
+          plgpu.SMEM((ROWS, dv), dtype, transforms=_TRANSFORMS),
           plgpu.SMEM((ROWS,), jnp.float32),
           plgpu.SMEM((ROWS,), jnp.float32),
-          plgpu.SMEM((stages_dq, bs, d), dtype, transforms=_TRANSFORMS),
-          plgpu.SMEM((stages_dq, bs, d), dtype, transforms=_TRANSFORMS),
+          plgpu.SMEM((stages_dq, bs, dk), dtype, transforms=_TRANSFORMS),
+          plgpu.SMEM((stages_dq, bs, dv), dtype, transforms=_TRANSFORMS),
           plgpu.Barrier(num_arrivals=arrivals + int(has_docs)),
           plgpu.Barrier(num_arrivals=1, num_barriers=stages_dq),
           plgpu.Barrier(num_arrivals=1, num_barriers=stages_dq),
@@ -421,8 +436,10 @@ def dq_call(ops: BwdOperands, *, softmax_scale: float, seq_len: int, num_q_heads
 
 def dkv_call(ops: BwdOperands, *, softmax_scale: float, seq_len: int, num_q_heads: int,
              cfg: BwdConfig, direct: bool):
-  """The dK/dV kernel on prepared operands, partials reduced: two ``[B, T, H, D]`` float32."""
-  b, _, h, d = ops.kp.shape
+  """The dK/dV kernel on prepared operands, partials reduced: ``[B, T, H, Dk]`` and
+  ``[B, T, H, Dv]`` float32."""
+  b, _, h, dk = ops.kp.shape
+  dv = ops.vp.shape[-1]
   g = num_q_heads // h
   t = seq_len
   bs = fwd.BLOCK_SIZE
@@ -435,19 +452,21 @@ def dkv_call(ops: BwdOperands, *, softmax_scale: float, seq_len: int, num_q_head
   params = plgpu.CompilerParams(approx_math=True)
   arrivals = 2 * (ROWS // g) + 2 if direct else 4
   w = work.item_block.shape[-1]
-  stages_kv = max(1, min(cfg.num_stages, cfg.chunk))
+  stages_kv = dims.fit_stages("dkv", max(1, min(cfg.num_stages, cfg.chunk)), dk=dk, dv=dv,
+                              length=0, block_size=bs, itemsize=jnp.dtype(dtype).itemsize,
+                              has_docs=has_docs)
   dkv_kernel = functools.partial(_dkv_kernel, num_heads=h, num_blocks=nb, g=g, scale2=scale2,
                                  stages=stages_kv, mask_skip=cfg.mask_skip, dtype=dtype,
                                  direct=direct, has_docs=has_docs)
-  part = jax.ShapeDtypeStruct((b, h, w * bs, d), dtype)
   dk_part, dv_part = plgpu.kernel(
       dkv_kernel,
-      out_type=(part, part),
+      out_type=(jax.ShapeDtypeStruct((b, h, w * bs, dk), dtype),
+                jax.ShapeDtypeStruct((b, h, w * bs, dv), dtype)),
       scratch_types=[
-          plgpu.SMEM((bs, d), dtype, transforms=_TRANSFORMS),
-          plgpu.SMEM((bs, d), dtype, transforms=_TRANSFORMS),
-          plgpu.SMEM((stages_kv, ROWS, d), dtype, transforms=_TRANSFORMS),
-          plgpu.SMEM((stages_kv, ROWS, d), dtype, transforms=_TRANSFORMS),
+          plgpu.SMEM((bs, dk), dtype, transforms=_TRANSFORMS),
+          plgpu.SMEM((bs, dv), dtype, transforms=_TRANSFORMS),
+          plgpu.SMEM((stages_kv, ROWS, dk), dtype, transforms=_TRANSFORMS),
+          plgpu.SMEM((stages_kv, ROWS, dv), dtype, transforms=_TRANSFORMS),
           plgpu.SMEM((stages_kv, ROWS), jnp.float32),
           plgpu.SMEM((stages_kv, ROWS), jnp.float32),
           plgpu.Barrier(num_arrivals=2),

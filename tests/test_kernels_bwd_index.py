@@ -77,7 +77,7 @@ def _emulate(ops: bw.BwdOperands, *, g, scale, t, nb):
   ids, counts, lo, hi = (np.asarray(x) for x in ops.lists)
   work = [np.asarray(x) for x in ops.work]
   b, h = qx.shape[:2]
-  d = qx.shape[-1]
+  dk, dv = kp.shape[-1], vp.shape[-1]
   r = 64 // g
   scale2 = scale * np.log2(np.e)
   tok = np.arange(64) // g
@@ -112,8 +112,8 @@ def _emulate(ops: bw.BwdOperands, *, g, scale, t, nb):
           dqx[bb, hh, rows] += ds @ k
   tiles, wlo, whi, wblk, wstart, wcnt = work
   w = wblk.shape[-1]
-  dk_part = np.zeros((b, h, w * BS, d))
-  dv_part = np.zeros((b, h, w * BS, d))
+  dk_part = np.zeros((b, h, w * BS, dk))
+  dv_part = np.zeros((b, h, w * BS, dv))
   for bb in range(b):
     for hh in range(h):
       for it in range(w):
@@ -155,6 +155,40 @@ def test_emulated_kernels_match_reference_grads(g, mode, chunk, docs):
   doc_start = None if seg is None else document_starts(seg, b, t)
   ops = bw.prepare_backward(q, k, v, o, lse, do, bi, mode=mode, chunk=chunk, doc_start=doc_start)
   got = _emulate(ops, g=g, scale=scale, t=t, nb=-(-t // BS))
+  for name, a, w in zip(("dq", "dk", "dv"), got, want):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(w), rtol=2e-4, atol=2e-4, err_msg=name)
+
+
+@pytest.mark.parametrize("g,dk,dv,mode", [(4, 40, 24, "exact"), (16, 24, 40, "shared"),
+                                          (3, 20, 20, "exact")])
+def test_emulated_kernels_with_padded_head_dims_match_reference_grads(g, dk, dv, mode):
+  """Dk != Dv and the wrapper's zero padding (to multiples of 16 here, of 64 in the kernels):
+  the kernels' loops on padded operands, sliced, give the unpadded reference's gradients."""
+  b, t, h, n = 1, 200, 2, 4
+  kq, kk, kv, ki, kw = jax.random.split(jax.random.key(100 + g), 5)
+  q = jax.random.normal(kq, (b, t, h * g, dk), jnp.float32)
+  k = jax.random.normal(kk, (b, t, h, dk), jnp.float32)
+  v = jax.random.normal(kv, (b, t, h, dv), jnp.float32)
+  do = jax.random.normal(kw, (b, t, h * g, dv), jnp.float32)
+  bi = _selection(ki, b, t, h, n)
+  bi_ref = share_selection(bi, mg.tokens_per_tile(g)) if mode == "shared" else bi
+  scale = dk ** -0.5                                                       # the unpadded Dk
+  mask = selected_mask(bi_ref, block_size=BS, seq_len=t)
+  attn = lambda q, k, v: masked_attention(q, k, v, mask, scale)
+  (o, lse), vjp = jax.vjp(attn, q, k, v)
+  want = vjp((do, jnp.zeros_like(lse)))
+  pad = lambda x: jnp.pad(x, ((0, 0),) * 3 + ((0, -(-x.shape[-1] // 16) * 16 - x.shape[-1]),))
+  qp, kp, vp = (pad(x) for x in (q, k, v))
+  assert qp.shape[-1] > dk and vp.shape[-1] > dv
+  (o_p, lse_p), _ = jax.vjp(attn, qp, kp, vp)
+  np.testing.assert_allclose(np.asarray(o_p[..., :dv]), np.asarray(o), rtol=1e-5, atol=1e-5)
+  ops = bw.prepare_backward(qp, kp, vp, o_p, lse_p, pad(do), bi, mode=mode, chunk=3)
+  dq, dk_, dv_ = _emulate(ops, g=g, scale=scale, t=t, nb=-(-t // BS))
+  assert dq.shape[-1] == qp.shape[-1] and dk_.shape[-1] == kp.shape[-1]
+  assert dv_.shape[-1] == vp.shape[-1]
+  for name, a in (("dq pad", dq[..., dk:]), ("dk pad", dk_[..., dk:]), ("dv pad", dv_[..., dv:])):
+    np.testing.assert_allclose(np.asarray(a), 0.0, atol=1e-6, err_msg=name)
+  got = (dq[..., :dk], dk_[..., :dk], dv_[..., :dv])
   for name, a, w in zip(("dq", "dk", "dv"), got, want):
     np.testing.assert_allclose(np.asarray(a), np.asarray(w), rtol=2e-4, atol=2e-4, err_msg=name)
 
