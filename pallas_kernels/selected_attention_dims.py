@@ -23,8 +23,10 @@ MAX_HEAD_DIM = 256
 
 MAX_DK_PLUS_DV = 384
 """Largest padded ``Dk + Dv``: the dK/dV kernel keeps both float32 accumulators ``[64, Dk]`` and
-``[64, Dv]`` in the registers of one warpgroup, ``(Dk + Dv) / 2`` registers per thread, plus
-about 100 for the scores and probabilities, within the 255 a thread can address."""
+``[64, Dv]`` in the registers of one warpgroup, ``(Dk + Dv) / 2`` registers per thread (128 at
+128/128, 160 at 192/128, 192 at 256/128) next to about 100 for the ``[64, 64]`` score tiles, out
+of the 255 a thread can address; 256/256 would need 256 for the accumulators alone. Near the cap
+ptxas may spill (slower, still correct): time it with ``benchmarks/selected_attention.py``."""
 
 SMEM_LIMIT = 227 * 1024
 """Dynamic shared memory per CTA on sm90 (what Mosaic GPU checks at lowering)."""

@@ -4,7 +4,7 @@ Tiling (see ``/work/shared/docs/KERNEL_DESIGN.md``): a CTA owns one 64-row query
 head, ``r = 64 // G`` consecutive tokens x the ``G`` query heads of the group (row ``i*G + g`` is
 token ``t0 + i``, head ``h*G + g``; rows ``r*G .. 63`` are padding when ``G`` does not divide 64).
 It walks the tile's iteration list (:mod:`pallas_kernels.selection_tiles`): per listed KV block,
-TMA copies K and V (64 x D each) into a ring of SMEM slots, ``S = Q Kᵀ`` runs on the tensor cores
+TMA copies K (64 x Dk) and V (64 x Dv) into a ring of SMEM slots, ``S = Q Kᵀ`` runs on the tensor cores
 (``wgmma``), the scores are masked (the token's own selection via the membership bits, causality
 inside the block and, with packed documents, the first key of the row's document: see
 :func:`doc_tiles`), an online softmax in base 2 (scale folded into ``log2 e``) runs in registers,
@@ -26,6 +26,11 @@ barrier). With ``q_layout="direct"`` (128-row tiles, ``G % 8 == 0``) Q and O mov
 copy per token (``G`` contiguous heads), so no XLA transpose; otherwise Q/O go through an XLA
 transpose to ``[B, H, NT * 64, D]``. The tile's ids and membership words are first copied to SMEM
 so the K/V loop does no global scalar loads.
+
+Head dims: the q/k dim ``Dk`` and the v dim ``Dv`` are independent multiples of 64 inside the
+kernels (e.g. 192/128); the public wrapper zero pads other dims (the ASA GLA global layer's
+160 -> 192) and the ring depth is lowered to fit the 227 KiB of SMEM of a CTA
+(:mod:`pallas_kernels.selected_attention_dims`).
 
 The backward (:mod:`pallas_kernels.selected_attention_mgpu_bwd`) recomputes the probabilities from
 the saved LSE: a dQ kernel over the same query tiles and a dK/dV kernel over the inverse map (KV
