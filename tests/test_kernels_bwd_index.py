@@ -159,12 +159,11 @@ def test_emulated_kernels_match_reference_grads(g, mode, chunk, docs):
     np.testing.assert_allclose(np.asarray(a), np.asarray(w), rtol=2e-4, atol=2e-4, err_msg=name)
 
 
-@pytest.mark.parametrize("g,dk,dv,mode", [(4, 40, 24, "exact"), (16, 24, 40, "shared"),
-                                          (3, 20, 20, "exact")])
+@pytest.mark.parametrize("g,dk,dv,mode", [(4, 40, 24, "exact"), (16, 24, 40, "shared")])
 def test_emulated_kernels_with_padded_head_dims_match_reference_grads(g, dk, dv, mode):
   """Dk != Dv and the wrapper's zero padding (to multiples of 16 here, of 64 in the kernels):
   the kernels' loops on padded operands, sliced, give the unpadded reference's gradients."""
-  b, t, h, n = 1, 200, 2, 4
+  b, t, h, n = 1, 200, 1, 4
   kq, kk, kv, ki, kw = jax.random.split(jax.random.key(100 + g), 5)
   q = jax.random.normal(kq, (b, t, h * g, dk), jnp.float32)
   k = jax.random.normal(kk, (b, t, h, dk), jnp.float32)
