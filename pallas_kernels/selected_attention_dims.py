@@ -98,7 +98,8 @@ def smem_bytes(kernel: str, *, dk: int, dv: int, stages: int, length: int, block
     kernel: ``"fwd64"`` (one warpgroup, 64 rows: Q ``[64, Dk]``, K/V rings, O reuses Q when
       ``Dk == Dv`` else a V slot), ``"fwd128"`` (two compute warpgroups: Q ``[2, 64, Dk]``, K/V
       rings, O ``[2, 64, Dv]`` when ``Dk != Dv``), ``"dq"`` (Q ``[64, Dk]``, dO ``[64, Dv]``,
-      K/V rings) or ``"dkv"`` (K ``[bs, Dk]``, V ``[bs, Dv]``, Q/dO rings of 64-row tiles).
+      K/V rings) or ``"dkv"`` (K ``[64, Dk]``, V ``[64, Dv]`` key tiles, Q/dO rings of 64-row
+      tiles).
     dk, dv: padded head dims; stages: ring depth; length: the tile lists' length (the
       forward copies the tile's ids and membership words to SMEM, 3 int32 rows).
   """
@@ -117,8 +118,8 @@ def smem_bytes(kernel: str, *, dk: int, dv: int, stages: int, length: int, block
   if kernel == "dq":
     return (_buf(rows, dk, e) + _buf(rows, dv, e) + 2 * _buf(rows, 4) + kv_ring
             + docs * _buf(rows, 4) + _RESERVED)
-  if kernel == "dkv":
-    return (_buf(block_size, dk, e) + _buf(block_size, dv, e) + _buf(stages, rows, dk, e)
+  if kernel == "dkv":                              # 64-key tiles whatever the block size
+    return (_buf(rows, dk, e) + _buf(rows, dv, e) + _buf(stages, rows, dk, e)
             + _buf(stages, rows, dv, e) + 2 * _buf(stages, rows, 4) + docs * _buf(stages, rows, 4)
             + _RESERVED)
   raise ValueError(f"kernel: expected 'fwd64', 'fwd128', 'dq' or 'dkv', got {kernel!r}")

@@ -57,7 +57,18 @@ TILE_ROWS = 64
 """Query rows per tile (one warpgroup's wgmma M)."""
 
 BLOCK_SIZE = 64
-"""The only KV block size served so far."""
+"""The default KV block size."""
+
+BLOCK_SIZES = (32, 64, 128)
+"""KV block sizes served: one block is one K/V tile of the forward and dQ kernels (the wgmma N of
+``S = Q Kᵀ`` and K of ``P V``); 32-key tiles need the 64-byte swizzle (:func:`smem_transforms`)."""
+
+
+def smem_transforms(block_size: int):
+  """SMEM tiling + swizzle of the 16-bit operand tiles: 128-byte swizzle (64-element rows), or
+  64-byte (32 elements) when the block is 32 keys, since a wgmma K step spans one swizzle."""
+  cols = 64 if block_size % 64 == 0 else 32
+  return (plgpu.TilingTransform((8, cols)), plgpu.SwizzleTransform(2 * cols))
 
 DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 MODES = ("exact", "shared")
@@ -104,8 +115,8 @@ def unsupported_reason(q, k, v, block_indices, *, block_size, segment_ids=None,
   reason = dims.head_dims_reason(dk, dv)
   if reason is not None:
     return reason
-  if block_size != BLOCK_SIZE:
-    return f"block_size={block_size} (only {BLOCK_SIZE})"
+  if block_size not in BLOCK_SIZES:
+    return f"block_size={block_size} (expected one of {BLOCK_SIZES})"
   hq, h = q.shape[2], k.shape[2]
   if h < 1 or hq % h:
     return f"HQ={hq} is not a multiple of H={h}"
@@ -480,7 +491,7 @@ def _kernel_ws(q_ref, k_ref, v_ref, ids_ref, cnt_ref, lo_ref, hi_ref, doc_ref, d
         return _
       lax.fori_loop(0, count, produce, None)
 
-  transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+  transforms = smem_transforms(bs)
   q_arrivals = (r_wg if direct else 1) + int(cfg.has_docs)
   o_extra = [] if dk == dv else [plgpu.SMEM((2, rows_wg, dv), dtype, transforms=transforms)]
   pl.run_scoped(
@@ -599,7 +610,7 @@ def call_kernel(qx, k, v, lists, cfg: _Config, *, num_kv_heads: int, seq_len: in
   params = plgpu.CompilerParams(approx_math=True)
   g = cfg.group_size
   if cfg.tile_rows == TILE_ROWS:
-    transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+    transforms = smem_transforms(bs)
     scratch = [
         plgpu.SMEM((TILE_ROWS, dk), dtype, transforms=transforms),
         plgpu.SMEM((stages, bs, dk), dtype, transforms=transforms),
@@ -681,7 +692,8 @@ def _attention_bwd(cfg: _Config, res, do):
     from pallas_kernels import selected_attention_mgpu_bwd as bwd
     dq, dk, dv = bwd.backward(q, k, v, o, lse, do, block_indices, doc_start=doc_start,
                               softmax_scale=cfg.softmax_scale, mode=cfg.mode,
-                              cfg=bwd.BwdConfig(chunk=cfg.bwd_chunk, direct=cfg.bwd_direct))
+                              cfg=bwd.BwdConfig(chunk=cfg.bwd_chunk, direct=cfg.bwd_direct),
+                              block_size=cfg.block_size)
   return dq, dk, dv, None, None
 
 
@@ -702,7 +714,7 @@ def selected_attention_mgpu(q, k, v, block_indices, *, block_size: int = BLOCK_S
       costs an XLA pad copy of q/k (v) and ``Dk'/Dk`` more Q Kᵀ work and Q/K traffic (``Dv'/Dv``
       for P V, O, dO), e.g. 1.2x for Dk 160 -> 192; O is sliced back to ``Dv``.
     block_indices: ``[B, T, H, n]`` int block ids (``-1`` padding, duplicates count once).
-    block_size: must be 64.
+    block_size: KV block size, 32, 64 or 128.
     segment_ids: optional ``[B, T]`` document ids (documents are maximal runs of equal ids); a
       query sees only keys of its own document.
     softmax_scale: defaults to ``Dk ** -0.5`` of the *unpadded* ``Dk``.

@@ -73,19 +73,21 @@ def _mosaic_smem_bytes(fn, *avals) -> int:
   return int(re.search(r"smem_bytes=(\d+)", str(err.value)).group(1))
 
 
-@pytest.mark.parametrize("dk,dv,stages", [(192, 128, 2), (128, 128, 2), (256, 128, 1),
-                                          (64, 192, 3)])
-def test_smem_model_bounds_what_mosaic_allocates(dk, dv, stages):
-  t, h, g = 200, 2, 16                              # NB = 4 blocks: every list has length 4
-  length = 4
+@pytest.mark.parametrize("dk,dv,stages,bs", [(192, 128, 2, 64), (128, 128, 2, 64),
+                                             (256, 128, 1, 64), (64, 192, 3, 64),
+                                             (192, 128, 2, 32), (128, 128, 2, 128)])
+def test_smem_model_bounds_what_mosaic_allocates(dk, dv, stages, bs):
+  t, h, g = 200, 2, 16                              # every list holds all NB blocks
+  length = -(-(-(-t // bs)) // 4) * 4
   avals = _avals(t, h, g, dk, dv)
   for kernel, rows in (("fwd64", 64), ("fwd128", 128)):
-    f = lambda q, k, v, bi: mg.selected_attention_mgpu(q, k, v, bi, tile_rows=rows,
+    f = lambda q, k, v, bi: mg.selected_attention_mgpu(q, k, v, bi, tile_rows=rows, block_size=bs,
                                                        num_stages=stages, return_lse=True)
-    used = dims.fit_stages(kernel, stages, dk=dk, dv=dv, length=length, has_docs=False)
+    kw = {"dk": dk, "dv": dv, "length": length, "has_docs": False, "block_size": bs}
+    used = dims.fit_stages(kernel, stages, **kw)
     assert used == stages                           # all of these fit
     got = _mosaic_smem_bytes(f, *avals)
-    want = dims.smem_bytes(kernel, dk=dk, dv=dv, stages=used, length=length, has_docs=False)
+    want = dims.smem_bytes(kernel, stages=used, **kw)
     assert got <= want <= got + 8192, (kernel, got, want)
 
   cfg = bw.BwdConfig(num_stages=stages)
@@ -93,11 +95,13 @@ def test_smem_model_bounds_what_mosaic_allocates(dk, dv, stages):
     o = jnp.zeros(q.shape[:3] + (dv,), q.dtype)
     lse = jnp.zeros(q.shape[:3], jnp.float32)
     return bw.prepare_backward(q, k, v, o, lse, o, bi, mode="exact", chunk=cfg.chunk,
-                               direct=True)
-  kw = {"softmax_scale": 0.1, "seq_len": t, "num_q_heads": h * g, "cfg": cfg, "direct": True}
+                               direct=True, block_size=bs)
+  kw = {"softmax_scale": 0.1, "seq_len": t, "num_q_heads": h * g, "cfg": cfg, "direct": True,
+        "block_size": bs}
   for kernel, call in (("dq", bw.dq_call), ("dkv", bw.dkv_call)):
     got = _mosaic_smem_bytes(lambda *a: call(operands(*a), **kw), *avals)
-    want = dims.smem_bytes(kernel, dk=dk, dv=dv, stages=stages, length=length, has_docs=False)
+    want = dims.smem_bytes(kernel, dk=dk, dv=dv, stages=stages, length=length, has_docs=False,
+                           block_size=bs)
     assert got <= want <= got + 8192, (kernel, got, want)
 
 
@@ -177,3 +181,28 @@ def test_wrapper_pads_head_dims_exactly(monkeypatch, dk, dv, g, segments):
   o_rl, lse_rl = masked_attention(q, k, v, mask, dk ** -0.5)
   close(o_l, o_rl, "o with lse")
   np.testing.assert_allclose(lse_l, lse_rl, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bs", [32, 128])
+@pytest.mark.parametrize("g,rows,mode,bwd_direct,dk,dv",
+                         [(16, 128, "exact", True, 128, 128), (16, 64, "shared", False, 192, 128),
+                          (4, 128, "exact", False, 64, 64), (3, 64, "exact", False, 160, 128)])
+def test_block_sizes_lower_for_cuda_forward_and_backward(bs, g, rows, mode, bwd_direct, dk, dv):
+  t, h, n = 300, 2, 4
+  seg = jnp.repeat(jnp.arange(3, dtype=jnp.int32), 100)[None] if g == 3 else None
+  def attn(q, k, v, bi):
+    return mg.selected_attention_mgpu(q, k, v, bi, block_size=bs, mode=mode, tile_rows=rows,
+                                      segment_ids=seg)
+  loss = lambda q, k, v, bi: jnp.sum(attn(q, k, v, bi).astype(jnp.float32))
+  fwd_text = _lower(attn, *_avals(t, h, g, dk, dv, n))
+  text = _lower(jax.grad(loss, argnums=(0, 1, 2)), *_avals(t, h, g, dk, dv, n))
+  assert text.count("mosaic_gpu") > fwd_text.count("mosaic_gpu") > 0
+  nb = -(-t // bs)
+  assert f"tensor<1x{nb * bs}x2x{dims.padded_head_dim(dk)}xbf16>" in fwd_text   # K in blocks
+
+
+def test_block_size_changes_the_kernels():
+  avals = _avals(300, 2, 16, 128, 128)
+  texts = {bs: _lower(lambda q, k, v, bi, bs=bs: mg.selected_attention_mgpu(
+      q, k, v, bi, block_size=bs), *avals) for bs in (32, 64, 128)}
+  assert len(set(texts.values())) == 3

@@ -84,7 +84,7 @@ def test_unsupported_configs_raise_not_implemented_with_reason():
   cases = [
       ({"q": q.astype(jnp.float32), "k": k.astype(jnp.float32), "v": v.astype(jnp.float32)},
        "dtype"),
-      ({"block_size": 32}, "block_size"),
+      ({"block_size": 48}, "block_size"),
       ({"q": jnp.zeros((1, 64, 4, 320), jnp.bfloat16),
         "k": jnp.zeros((1, 64, 2, 320), jnp.bfloat16)}, "Dk=320"),             # pads to 320 > 256
       ({"v": jnp.zeros((1, 64, 2, 257), jnp.bfloat16)}, "Dv=257"),
