@@ -24,7 +24,7 @@ dense fwd+bwd, with effective TFLOP/s at 3.5x the forward FLOPs, and reports the
 memory of each compiled fwd+bwd (``memory_analysis().temp_size_in_bytes``).
 
 Usage: ``PYTHONPATH=$PWD python3 benchmarks/selected_attention.py --out bench.json [--bwd]
-[--dk 192 --dv 128] [--hq 64 --h 4]``
+[--dk 192 --dv 128] [--hq 64 --h 4] [--block 128 --n 8]``
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def selection(key, t, kind):
   """``[1, T, H, N]`` int32 ids: slot 0 = current block, others random earlier blocks."""
   cur = jnp.arange(t, dtype=jnp.int32) // BS                               # [T]
   if kind == "exact-corr":
-    u = jax.random.uniform(key, (1, t // BS + 1, H, N))[:, cur]           # same per 64-block
+    u = jax.random.uniform(key, (1, t // BS + 1, H, N))[:, cur]           # same per block
   else:
     u = jax.random.uniform(key, (1, t, H, N))
   ids = jnp.floor(u * cur[None, :, None, None]).astype(jnp.int32)        # in [0, cur)
@@ -94,10 +94,11 @@ def backward_parts(q, k, v, w, bi, cfg, reps):
   direct = bcfg.direct and bw.use_direct(HQ // H)
   t = q.shape[1]
   prep = jax.jit(lambda q, k, v, o, lse, do: bw.prepare_backward(
-      q, k, v, o, lse, do, bi, mode=cfg.mode, chunk=bcfg.chunk, direct=direct))
+      q, k, v, o, lse, do, bi, mode=cfg.mode, chunk=bcfg.chunk, direct=direct,
+      block_size=cfg.block_size))
   ops = prep(q, k, v, o, lse, do)
   kw = {"softmax_scale": cfg.softmax_scale, "seq_len": t, "num_q_heads": HQ, "cfg": bcfg,
-        "direct": direct}
+        "direct": direct, "block_size": cfg.block_size}
   dq = jax.jit(lambda ops: bw.dq_call(ops, **kw))
   dkv = jax.jit(lambda ops: bw.dkv_call(ops, **kw))
   n_items = int(jnp.sum(ops.work.item_count > 0))
@@ -108,7 +109,7 @@ def backward_parts(q, k, v, w, bi, cfg, reps):
 
 
 def main():
-  global HQ, H
+  global HQ, H, BS, N
   ap = argparse.ArgumentParser()
   ap.add_argument("--out", default=None, help="JSON output path")
   ap.add_argument("--seqs", default="8192,16384,32768,65536")
@@ -123,8 +124,10 @@ def main():
   ap.add_argument("--dv", type=int, default=D, help="v head dim")
   ap.add_argument("--hq", type=int, default=HQ, help="query heads")
   ap.add_argument("--h", type=int, default=H, help="KV heads")
+  ap.add_argument("--block", type=int, default=BS, help="KV block size (32, 64 or 128)")
+  ap.add_argument("--n", type=int, default=N, help="selected blocks per token")
   args = ap.parse_args()
-  HQ, H = args.hq, args.h
+  HQ, H, BS, N = args.hq, args.h, args.block, args.n
   dk, dv = args.dk, args.dv
   dev = jax.devices()[0]
   meta = {"device": dev.device_kind, "jax": jax.__version__, "B": B, "HQ": HQ, "H": H, "Dk": dk,
@@ -147,7 +150,7 @@ def main():
       for variant in args.variants.split(","):
         rows_s, layout, *flags = variant.split(":")
         stages = [int(f[1:]) for f in flags if f.startswith("s")] or [2]
-        cfg = mg.resolve_config(mg._Config(softmax_scale=dk ** -0.5, mode=mode,
+        cfg = mg.resolve_config(mg._Config(softmax_scale=dk ** -0.5, mode=mode, block_size=BS,
                                            bwd_direct="bwdtiles" not in flags,
                                            tile_rows=int(rows_s), q_layout=layout,
                                            group_size=HQ // H, ping_pong="nopp" not in flags,
