@@ -145,15 +145,15 @@ def test_wrapper_pads_head_dims_exactly(monkeypatch, dk, dv, g, segments):
 
   monkeypatch.setattr(mg, "_forward", fake_forward)
   monkeypatch.setattr(mg, "_attention", lambda *a: fake_forward(*a)[0])
-  kq, kk, kv, ki, kw = jax.random.split(jax.random.key(dk + dv), 5)
-  q = jax.random.normal(kq, (b, t, h * g, dk), jnp.float32).astype(jnp.bfloat16)
-  k = jax.random.normal(kk, (b, t, h, dk), jnp.float32).astype(jnp.bfloat16)
-  v = jax.random.normal(kv, (b, t, h, dv), jnp.float32).astype(jnp.bfloat16)
-  w = jax.random.normal(kw, (b, t, h * g, dv), jnp.float32)
-  cur = jnp.arange(t, dtype=jnp.int32)[None, :, None, None] // BS
-  bi = jnp.minimum(jnp.floor(jax.random.uniform(ki, (b, t, h, n)) * (cur + 1)), cur)
-  bi = bi.astype(jnp.int32).at[..., 0].set(cur[..., 0])
-  seg = jnp.repeat(jnp.arange(2, dtype=jnp.int32), 75)[None] if segments else None
+  rng = np.random.default_rng(dk + dv)            # numpy draws: no XLA compile per shape
+  normal = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.bfloat16)
+  q, k, v = normal(b, t, h * g, dk), normal(b, t, h, dk), normal(b, t, h, dv)
+  w = jnp.asarray(rng.standard_normal((b, t, h * g, dv)), jnp.float32)
+  cur = np.arange(t)[None, :, None, None] // BS
+  bi = np.minimum(np.floor(rng.uniform(size=(b, t, h, n)) * (cur + 1)), cur).astype(np.int32)
+  bi[..., 0] = cur[..., 0]
+  bi = jnp.asarray(bi)
+  seg = jnp.asarray(np.repeat(np.arange(2, dtype=np.int32), 75)[None]) if segments else None
 
   def loss_kernel(q, k, v):
     o = mg.selected_attention_mgpu(q, k, v, bi, mode="exact", segment_ids=seg)
@@ -165,8 +165,9 @@ def test_wrapper_pads_head_dims_exactly(monkeypatch, dk, dv, g, segments):
     return jnp.sum(o.astype(jnp.float32) * w), o
 
   f32 = lambda x: np.asarray(x.astype(jnp.float32))
-  (_, o_k), g_k = jax.value_and_grad(loss_kernel, argnums=(0, 1, 2), has_aux=True)(q, k, v)
-  (_, o_r), g_r = jax.value_and_grad(loss_ref, argnums=(0, 1, 2), has_aux=True)(q, k, v)
+  grad = lambda f: jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True))
+  (_, o_k), g_k = grad(loss_kernel)(q, k, v)
+  (_, o_r), g_r = grad(loss_ref)(q, k, v)
   pk, pv = dims.padded_head_dim(dk), dims.padded_head_dim(dv)
   assert seen and all(s == (pk, pk, pv, dk ** -0.5) for s in seen)
 
@@ -177,8 +178,9 @@ def test_wrapper_pads_head_dims_exactly(monkeypatch, dk, dv, g, segments):
   close(o_k, o_r, "o")
   for name, a, r in zip(("dq", "dk", "dv"), g_k, g_r):
     close(a, r, name)
-  o_l, lse_l = mg.selected_attention_mgpu(q, k, v, bi, segment_ids=seg, return_lse=True)
-  o_rl, lse_rl = masked_attention(q, k, v, mask, dk ** -0.5)
+  o_l, lse_l = jax.jit(lambda q, k, v: mg.selected_attention_mgpu(
+      q, k, v, bi, segment_ids=seg, return_lse=True))(q, k, v)
+  o_rl, lse_rl = jax.jit(lambda q, k, v: masked_attention(q, k, v, mask, dk ** -0.5))(q, k, v)
   close(o_l, o_rl, "o with lse")
   np.testing.assert_allclose(lse_l, lse_rl, rtol=1e-5, atol=1e-5)
 
