@@ -2,9 +2,11 @@
 
 Run on the GPU machine from the repository root:
 ``PYTHONPATH=$PWD python3 tests/gpu/check_selected_mgpu_bwd.py [--quick | --docs | --dims-quick |
---blocks-quick | --all]`` (``--docs``: only the packed-document configs; ``--dims-quick``: only
-the ``Dk != Dv`` configs, e.g. Dk=192/Dv=128 and the ASA GLA global layer's Dk=160/Dv=128 (zero
-padded to 192); ``--blocks-quick``: only KV block sizes 32 and 128; ``--all``: everything). Each config also checks the forward (O and LSE) of the same call.
+--dims | --blocks-quick | --blocks | --all]`` (``--docs``: only the packed-document configs;
+``--dims``: only the ``Dk != Dv`` configs, e.g. Dk=192/Dv=128 and the ASA GLA global layer's
+Dk=160/Dv=128 (zero padded to 192); ``--blocks``: only KV block sizes 32 and 128; the ``-quick``
+forms run a subset of about ten configs that fits one 10-minute device call; ``--all``:
+everything). Each config also checks the forward (O and LSE) of the same call.
 Each config draws fresh random inputs and a random output cotangent (never zeros), takes
 ``jax.vjp`` of the kernel op twice (a difference between the two runs means a race) and compares
 dQ, dK, dV with the VJP of the plain-JAX reference on float32 copies of the same inputs
@@ -167,9 +169,15 @@ def main():
     jobs = [docs[i] for i in (0, 3, 4, 6, 8)]
   elif "--docs" in sys.argv:
     jobs = docs
-  elif "--dims-quick" in sys.argv:
+  elif "--dims-quick" in sys.argv:                 # 192/128 and 160/128, both tile sizes and
+    jobs = [dim_jobs[i] for i in (0, 1, 2, 3, 5, 7, 9, 13, 14, 16)]  # layouts, docs, 256/128
+    dispatch_dims = [(160, 128, BS)]
+  elif "--dims" in sys.argv:
     jobs, dispatch_dims = dim_jobs, [(160, 128, BS)]
   elif "--blocks-quick" in sys.argv:
+    jobs = [block_jobs[i] for i in (0, 1, 3, 4, 5, 7, 8, 9, 10)]
+    dispatch_dims = [(64, 64, 32), (160, 128, 128)]
+  elif "--blocks" in sys.argv:
     jobs, dispatch_dims = block_jobs, [(64, 64, 32), (160, 128, 128)]
   elif "--all" in sys.argv:
     jobs += docs + dim_jobs + block_jobs
