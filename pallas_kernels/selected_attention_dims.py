@@ -96,7 +96,7 @@ def smem_bytes(kernel: str, *, dk: int, dv: int, stages: int, length: int, block
 
   Args:
     kernel: ``"fwd64"`` (one warpgroup, 64 rows: Q ``[64, Dk]``, K/V rings, O reuses Q when
-      ``Dk == Dv`` else a V slot), ``"fwd128"`` (two compute warpgroups: Q ``[2, 64, Dk]``, K/V
+      ``Dk == Dv``, else V slot 0 when ``bs == 64``, else its own ``[64, Dv]``), ``"fwd128"`` (two compute warpgroups: Q ``[2, 64, Dk]``, K/V
       rings, O ``[2, 64, Dv]`` when ``Dk != Dv``), ``"dq"`` (Q ``[64, Dk]``, dO ``[64, Dv]``,
       K/V rings) or ``"dkv"`` (K ``[64, Dk]``, V ``[64, Dv]`` key tiles, Q/dO rings of 64-row
       tiles).
