@@ -3,7 +3,10 @@
 Standard NSA shape (B=1, HQ=64, H=4, D=128, bf16, block 64, n=16 with the current block forced),
 T in {8192, 16384, 32768, 65536}. Times are medians of timed repeats after warm-up
 (``jax.block_until_ready`` around each call, host clock). Effective TFLOP/s use
-``4*B*HQ*T*(n*64)*D`` for the sparse kernel and ``2*B*HQ*T^2*D`` for dense causal.
+``2*B*HQ*T*(n*64)*(Dk+Dv)`` for the sparse kernel and ``B*HQ*T^2*(Dk+Dv)`` for dense causal
+(unpadded dims). ``--dk/--dv`` (default 128/128) set the q/k and v head dims (e.g. 192/128, or the
+ASA GLA global layer's 160/128 with ``--hq 32 --h 2``; dims that are not multiples of 64 are zero
+padded by the wrapper, and the padding copies are inside the timed calls).
 
 Selections:
 * ``shared``: ASA shared selection (one list per 4-token tile, list length n).
@@ -20,7 +23,8 @@ With ``--bwd`` it also times forward+backward (``jax.grad`` of ``sum(o * w)`` th
 dense fwd+bwd, with effective TFLOP/s at 3.5x the forward FLOPs, and reports the XLA temporary
 memory of each compiled fwd+bwd (``memory_analysis().temp_size_in_bytes``).
 
-Usage: ``PYTHONPATH=$PWD python3 benchmarks/selected_attention.py --out bench.json [--bwd]``
+Usage: ``PYTHONPATH=$PWD python3 benchmarks/selected_attention.py --out bench.json [--bwd]
+[--dk 192 --dv 128] [--hq 64 --h 4] [--block 128 --n 8]``
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import time
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import selected_attention_dims as dims
 from pallas_kernels import selected_attention_mgpu as mg
 
 B, HQ, H, D, BS, N = 1, 64, 4, 128, 64, 16
@@ -42,7 +47,7 @@ def selection(key, t, kind):
   """``[1, T, H, N]`` int32 ids: slot 0 = current block, others random earlier blocks."""
   cur = jnp.arange(t, dtype=jnp.int32) // BS                               # [T]
   if kind == "exact-corr":
-    u = jax.random.uniform(key, (1, t // BS + 1, H, N))[:, cur]           # same per 64-block
+    u = jax.random.uniform(key, (1, t // BS + 1, H, N))[:, cur]           # same per block
   else:
     u = jax.random.uniform(key, (1, t, H, N))
   ids = jnp.floor(u * cur[None, :, None, None]).astype(jnp.int32)        # in [0, cur)
@@ -81,16 +86,19 @@ def backward_parts(q, k, v, w, bi, cfg, reps):
   """Median ms of the backward's XLA preparation, its dQ call and its dK/dV call (each with
   its XLA epilogue) on operands prepared once."""
   from pallas_kernels import selected_attention_mgpu_bwd as bw
+  q, k, v = dims.pad_head_dims(q, k, v)                                    # the kernels' dims
+  w = jnp.pad(w, ((0, 0),) * 3 + ((0, v.shape[-1] - w.shape[-1]),))
   o, lse = jax.jit(lambda q, k, v: mg._forward(q, k, v, bi, None, cfg))(q, k, v)
   do = w.astype(q.dtype)
   bcfg = bw.BwdConfig(chunk=cfg.bwd_chunk, direct=cfg.bwd_direct)
   direct = bcfg.direct and bw.use_direct(HQ // H)
   t = q.shape[1]
   prep = jax.jit(lambda q, k, v, o, lse, do: bw.prepare_backward(
-      q, k, v, o, lse, do, bi, mode=cfg.mode, chunk=bcfg.chunk, direct=direct))
+      q, k, v, o, lse, do, bi, mode=cfg.mode, chunk=bcfg.chunk, direct=direct,
+      block_size=cfg.block_size))
   ops = prep(q, k, v, o, lse, do)
   kw = {"softmax_scale": cfg.softmax_scale, "seq_len": t, "num_q_heads": HQ, "cfg": bcfg,
-        "direct": direct}
+        "direct": direct, "block_size": cfg.block_size}
   dq = jax.jit(lambda ops: bw.dq_call(ops, **kw))
   dkv = jax.jit(lambda ops: bw.dkv_call(ops, **kw))
   n_items = int(jnp.sum(ops.work.item_count > 0))
@@ -101,6 +109,7 @@ def backward_parts(q, k, v, w, bi, cfg, reps):
 
 
 def main():
+  global HQ, H, BS, N
   ap = argparse.ArgumentParser()
   ap.add_argument("--out", default=None, help="JSON output path")
   ap.add_argument("--seqs", default="8192,16384,32768,65536")
@@ -111,28 +120,37 @@ def main():
                   help="with --bwd: also time the backward's preparation, dQ and dK/dV calls")
   ap.add_argument("--variants", default="64:tiles,128:tiles,128:direct",
                   help="tile_rows:q_layout[:nopp][:noidx][:nomskip][:bwdtiles][:s<stages>] list")
+  ap.add_argument("--dk", type=int, default=D, help="q/k head dim")
+  ap.add_argument("--dv", type=int, default=D, help="v head dim")
+  ap.add_argument("--hq", type=int, default=HQ, help="query heads")
+  ap.add_argument("--h", type=int, default=H, help="KV heads")
+  ap.add_argument("--block", type=int, default=BS, help="KV block size (32, 64 or 128)")
+  ap.add_argument("--n", type=int, default=N, help="selected blocks per token")
   args = ap.parse_args()
+  HQ, H, BS, N = args.hq, args.h, args.block, args.n
+  dk, dv = args.dk, args.dv
   dev = jax.devices()[0]
-  meta = {"device": dev.device_kind, "jax": jax.__version__, "B": B, "HQ": HQ, "H": H, "D": D,
-          "block": BS, "n": N, "dtype": "bfloat16"}
+  meta = {"device": dev.device_kind, "jax": jax.__version__, "B": B, "HQ": HQ, "H": H, "Dk": dk,
+          "Dv": dv, "block": BS, "n": N, "dtype": "bfloat16"}
   print(meta, flush=True)
   rows = []
   for t in [int(x) for x in args.seqs.split(",")]:
     key = jax.random.key(t)
     kq, kk, kv, ks = jax.random.split(key, 4)
-    q = jax.random.normal(kq, (B, t, HQ, D), jnp.bfloat16)
-    k = jax.random.normal(kk, (B, t, H, D), jnp.bfloat16)
-    v = jax.random.normal(kv, (B, t, H, D), jnp.bfloat16)
-    w = jax.random.normal(jax.random.fold_in(key, 1), (B, t, HQ, D), jnp.float32)
-    sparse_flops = 4 * B * HQ * t * (N * BS) * D
-    dense_flops = 2 * B * HQ * t * t * D
+    q = jax.random.normal(kq, (B, t, HQ, dk), jnp.bfloat16)
+    k = jax.random.normal(kk, (B, t, H, dk), jnp.bfloat16)
+    v = jax.random.normal(kv, (B, t, H, dv), jnp.bfloat16)
+    w = jax.random.normal(jax.random.fold_in(key, 1), (B, t, HQ, dv), jnp.float32)
+    qp, kp, vp = dims.pad_head_dims(q, k, v)                                # kernel operands
+    sparse_flops = 2 * B * HQ * t * (N * BS) * (dk + dv)
+    dense_flops = B * HQ * t * t * (dk + dv)
     for kind in args.kinds.split(","):
       bi = selection(ks, t, kind)
       mode = "shared" if kind == "shared" else "exact"
       for variant in args.variants.split(","):
         rows_s, layout, *flags = variant.split(":")
         stages = [int(f[1:]) for f in flags if f.startswith("s")] or [2]
-        cfg = mg.resolve_config(mg._Config(softmax_scale=D ** -0.5, mode=mode,
+        cfg = mg.resolve_config(mg._Config(softmax_scale=dk ** -0.5, mode=mode, block_size=BS,
                                            bwd_direct="bwdtiles" not in flags,
                                            tile_rows=int(rows_s), q_layout=layout,
                                            group_size=HQ // H, ping_pong="nopp" not in flags,
@@ -140,15 +158,17 @@ def main():
                                            mask_skip="nomskip" not in flags,
                                            num_stages=stages[0]), HQ // H)
         name = "-".join([f"mgpu-{kind}-{cfg.tile_rows}-{cfg.q_layout}", *flags])
-        f = jax.jit(lambda q, k, v, bi, cfg=cfg: mg._attention(q, k, v, bi, None, cfg))
+        attn = lambda q, k, v, bi, cfg=cfg: dims.with_padded_head_dims(mg._attention, q, k, v,
+                                                                        bi, None, cfg)
+        f = jax.jit(attn)
         prep = jax.jit(lambda q, bi, cfg=cfg: mg.prepare(q, bi, cfg, H))
         kern = jax.jit(lambda qx, k, v, lists, cfg=cfg, t=t: mg.call_kernel(
             qx, k, v, lists, cfg, num_kv_heads=H, seq_len=t)[0])
         try:
           ms, ms_min = bench(f, (q, k, v, bi), reps=args.reps)
-          prep_ms, _ = bench(prep, (q, bi), reps=args.reps)
-          qx, lists = prep(q, bi)
-          kern_ms, _ = bench(kern, (qx, k, v, lists), reps=args.reps)
+          prep_ms, _ = bench(prep, (qp, bi), reps=args.reps)
+          qx, lists = prep(qp, bi)
+          kern_ms, _ = bench(kern, (qx, kp, vp, lists), reps=args.reps)
           mean_list = float(jnp.mean(lists.counts.astype(jnp.float32)))
           del qx, lists
           row = {"T": t, "impl": name, "ms": ms, "ms_min": ms_min,
@@ -156,7 +176,7 @@ def main():
                  "kernel_plus_out_ms": kern_ms, "kernel_tflops": sparse_flops / kern_ms / 1e9,
                  "mean_list_len": mean_list, "union_over_n": mean_list / N}
           if args.bwd:
-            fb_ms, temp = fwd_bwd(lambda q, k, v, bi=bi, cfg=cfg: mg._attention(q, k, v, bi, None, cfg),
+            fb_ms, temp = fwd_bwd(lambda q, k, v, bi=bi, attn=attn: attn(q, k, v, bi),
                                   q, k, v, w, args.reps)
             row.update(fb_ms=fb_ms, fb_tflops=3.5 * sparse_flops / fb_ms / 1e9, fb_temp_mib=temp)
           if args.bwd and args.bwd_parts:
@@ -165,21 +185,27 @@ def main():
           row = {"T": t, "impl": name, "error": f"{type(e).__name__}: {str(e)[:500]}"}
         rows.append(row)
         print(row, flush=True)
+    # jax.nn.dot_product_attention needs Dv == Dk: v is zero padded to Dk (output sliced)
+    dense_name = "cudnn-dense-causal" + ("" if dv == dk else f"-v-padded-to-{dk}")
+    def dense_attn(q, k, v):
+      vd = jnp.pad(v, ((0, 0),) * 3 + ((0, max(dk - dv, 0)),))
+      qd, kd = (jnp.pad(x, ((0, 0),) * 3 + ((0, max(dv - dk, 0)),)) for x in (q, k))
+      o = jax.nn.dot_product_attention(qd, kd, vd, is_causal=True, implementation="cudnn",
+                                       scale=dk ** -0.5)
+      return o[..., :dv]
     try:
-      dense = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(
-          q, k, v, is_causal=True, implementation="cudnn"))
+      dense = jax.jit(dense_attn)
       ms, ms_min = bench(dense, (q, k, v), reps=args.reps)
-      row = {"T": t, "impl": "cudnn-dense-causal", "ms": ms, "ms_min": ms_min,
+      row = {"T": t, "impl": dense_name, "ms": ms, "ms_min": ms_min,
              "tflops": dense_flops / ms / 1e9}
       if args.bwd:
-        fb_ms, temp = fwd_bwd(lambda q, k, v: jax.nn.dot_product_attention(
-            q, k, v, is_causal=True, implementation="cudnn"), q, k, v, w, args.reps)
+        fb_ms, temp = fwd_bwd(dense_attn, q, k, v, w, args.reps)
         row.update(fb_ms=fb_ms, fb_tflops=3.5 * dense_flops / fb_ms / 1e9, fb_temp_mib=temp)
     except Exception as e:  # noqa: BLE001  (report the failure, keep the sparse rows)
-      row = {"T": t, "impl": "cudnn-dense-causal", "error": f"{type(e).__name__}: {str(e)[:500]}"}
+      row = {"T": t, "impl": dense_name, "error": f"{type(e).__name__}: {str(e)[:500]}"}
     rows.append(row)
     print(row, flush=True)
-    del q, k, v, w
+    del q, k, v, w, qp, kp, vp
   print()
   print(f"{'T':>6} {'impl':34} {'ms':>9} {'TFLOP/s':>8} {'prep ms':>8} {'kern ms':>8} "
         f"{'list/n':>7} {'f+b ms':>8} {'f+b TF/s':>8} {'f+b MiB':>8}")

@@ -4,7 +4,7 @@ Tiling (see ``/work/shared/docs/KERNEL_DESIGN.md``): a CTA owns one 64-row query
 head, ``r = 64 // G`` consecutive tokens x the ``G`` query heads of the group (row ``i*G + g`` is
 token ``t0 + i``, head ``h*G + g``; rows ``r*G .. 63`` are padding when ``G`` does not divide 64).
 It walks the tile's iteration list (:mod:`pallas_kernels.selection_tiles`): per listed KV block,
-TMA copies K and V (64 x D each) into a ring of SMEM slots, ``S = Q Kᵀ`` runs on the tensor cores
+TMA copies K (64 x Dk) and V (64 x Dv) into a ring of SMEM slots, ``S = Q Kᵀ`` runs on the tensor cores
 (``wgmma``), the scores are masked (the token's own selection via the membership bits, causality
 inside the block and, with packed documents, the first key of the row's document: see
 :func:`doc_tiles`), an online softmax in base 2 (scale folded into ``log2 e``) runs in registers,
@@ -27,6 +27,11 @@ copy per token (``G`` contiguous heads), so no XLA transpose; otherwise Q/O go t
 transpose to ``[B, H, NT * 64, D]``. The tile's ids and membership words are first copied to SMEM
 so the K/V loop does no global scalar loads.
 
+Head dims: the q/k dim ``Dk`` and the v dim ``Dv`` are independent multiples of 64 inside the
+kernels (e.g. 192/128); the public wrapper zero pads other dims (the ASA GLA global layer's
+160 -> 192) and the ring depth is lowered to fit the 227 KiB of SMEM of a CTA
+(:mod:`pallas_kernels.selected_attention_dims`).
+
 The backward (:mod:`pallas_kernels.selected_attention_mgpu_bwd`) recomputes the probabilities from
 the saved LSE: a dQ kernel over the same query tiles and a dK/dV kernel over the inverse map (KV
 block -> query tiles), so the forward saves only ``O`` and ``LSE``.
@@ -44,6 +49,7 @@ import jax.experimental.pallas.mosaic_gpu as plgpu
 import jax.numpy as jnp
 from jax import lax
 
+from pallas_kernels import selected_attention_dims as dims
 from pallas_kernels.selection_tiles import tile_iteration_lists
 from sparse_attention_jax.ops.masked import document_starts
 
@@ -51,9 +57,19 @@ TILE_ROWS = 64
 """Query rows per tile (one warpgroup's wgmma M)."""
 
 BLOCK_SIZE = 64
-"""The only KV block size served so far."""
+"""The default KV block size."""
 
-HEAD_DIMS = (64, 128)
+BLOCK_SIZES = (32, 64, 128)
+"""KV block sizes served: one block is one K/V tile of the forward and dQ kernels (the wgmma N of
+``S = Q Kᵀ`` and K of ``P V``); 32-key tiles need the 64-byte swizzle (:func:`smem_transforms`)."""
+
+
+def smem_transforms(block_size: int):
+  """SMEM tiling + swizzle of the 16-bit operand tiles: 128-byte swizzle (64-element rows), or
+  64-byte (32 elements) when the block is 32 keys, since a wgmma K step spans one swizzle."""
+  cols = 64 if block_size % 64 == 0 else 32
+  return (plgpu.TilingTransform((8, cols)), plgpu.SwizzleTransform(2 * cols))
+
 DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 MODES = ("exact", "shared")
 _LOG2E = math.log2(math.e)
@@ -94,17 +110,33 @@ def unsupported_reason(q, k, v, block_indices, *, block_size, segment_ids=None,
   if jnp.dtype(q.dtype) not in DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
     return f"dtype {q.dtype}/{k.dtype}/{v.dtype} (only bfloat16 and float16, all equal)"
   dk, dv = q.shape[-1], v.shape[-1]
-  if dk != dv or dk not in HEAD_DIMS:
-    return f"head dims Dk={dk}, Dv={dv} (need Dk == Dv in {HEAD_DIMS})"
-  if block_size != BLOCK_SIZE:
-    return f"block_size={block_size} (only {BLOCK_SIZE})"
+  if k.shape[-1] != dk:
+    return f"k head dim {k.shape[-1]} (expected Dk={dk}, the q head dim)"
+  reason = dims.head_dims_reason(dk, dv)
+  if reason is not None:
+    return reason
+  if block_size not in BLOCK_SIZES:
+    return f"block_size={block_size} (expected one of {BLOCK_SIZES})"
   hq, h = q.shape[2], k.shape[2]
   if h < 1 or hq % h:
     return f"HQ={hq} is not a multiple of H={h}"
-  if hq // h > TILE_ROWS:
-    return f"G={hq // h} query heads per KV head (at most {TILE_ROWS})"
+  g = hq // h
+  if g > TILE_ROWS:
+    return f"G={g} query heads per KV head (at most {TILE_ROWS})"
   if k.shape[1] != q.shape[1]:
     return "k must have the query length (self-attention)"
+  # Shared memory at one ring stage, with the longest tile list any tile_rows can build.
+  r64 = TILE_ROWS // g
+  r_max = 2 * r64 if 2 * r64 <= 64 else r64
+  nb = -(-q.shape[1] // block_size)
+  length = -(-min(r_max * block_indices.shape[-1], nb) // 4) * 4
+  pk, pv = dims.padded_head_dim(dk), dims.padded_head_dim(dv)
+  for kernel in ("fwd64", "fwd128", "dq", "dkv"):
+    need = dims.smem_bytes(kernel, dk=pk, dv=pv, stages=1, length=length, block_size=block_size,
+                           itemsize=jnp.dtype(q.dtype).itemsize)
+    if need > dims.SMEM_LIMIT:
+      return (f"shared memory: the {kernel} kernel needs {need} bytes at one stage for padded "
+              f"Dk={pk}, Dv={pv}, list length {length} (expected <= {dims.SMEM_LIMIT})")
   return None
 
 
@@ -209,14 +241,16 @@ def _kernel(q_ref, k_ref, v_ref, ids_ref, cnt_ref, lo_ref, hi_ref,       # input
             doc_ref, dmax_ref,
             o_ref, lse_ref,                                                # outputs (GMEM)
             q_smem, k_smem, v_smem, lse_smem, q_bar, k_bar, v_bar,         # scratch
-            ids_smem, lo_smem, hi_smem, idx_bar, doc_smem,
-            *, num_heads: int, g: int, cfg: _Config, dtype):
+            ids_smem, lo_smem, hi_smem, idx_bar, doc_smem, *o_smem,
+            num_heads: int, g: int, cfg: _Config, dtype):
   """One CTA: query tile ``tile`` of (batch, KV head) ``bh``.
 
-  Refs: ``q_ref [B, H, NT*64, D]``, ``k_ref/v_ref [B, Tk, H, D]``, ``ids_ref/lo_ref/hi_ref
-  [B, H, NT, L]``, ``cnt_ref [B, H, NT]``, ``o_ref [B, H, NT*64, D]``, ``lse_ref [B, H, NT*64]``;
-  SMEM ``q_smem [64, D]`` (reused for O), ``k_smem/v_smem [S, 64, D]``, ``lse_smem [64]``,
-  ``ids_smem/lo_smem/hi_smem [L]`` (the tile's list, read per step without a global load).
+  Refs: ``q_ref [B, H, NT*64, Dk]``, ``k_ref [B, Tk, H, Dk]``, ``v_ref [B, Tk, H, Dv]``,
+  ``ids_ref/lo_ref/hi_ref [B, H, NT, L]``, ``cnt_ref [B, H, NT]``, ``o_ref [B, H, NT*64, Dv]``,
+  ``lse_ref [B, H, NT*64]``; SMEM ``q_smem [64, Dk]``, ``k_smem [S, bs, Dk]``, ``v_smem
+  [S, bs, Dv]``, ``lse_smem [64]``, ``ids_smem/lo_smem/hi_smem [L]`` (the tile's list, read per
+  step without a global load). O is staged in ``q_smem`` when ``Dk == Dv``, else in V slot 0
+  (free after the loop; ``bs == 64``), else in the optional trailing ``o_smem [64, Dv]``.
   With ``cfg.has_docs``: ``doc_ref [B, NT*64]`` first position of each row's document and
   ``dmax_ref [B, NT]`` its maximum per tile (:func:`doc_tiles`), ``doc_smem [64]``.
   """
@@ -227,9 +261,15 @@ def _kernel(q_ref, k_ref, v_ref, ids_ref, cnt_ref, lo_ref, hi_ref,       # input
   r = TILE_ROWS // g
   bs = cfg.block_size
   stages = cfg.num_stages
-  d = q_smem.shape[-1]
+  dv = v_smem.shape[-1]
   count = cnt_ref[b, h, tile]
   rows = pl.ds(tile * TILE_ROWS, TILE_ROWS)
+  if o_smem:
+    o_smem, = o_smem
+  elif q_smem.shape[-1] == dv:
+    o_smem = q_smem
+  else:
+    o_smem = v_smem.at[0]                          # [bs == 64, Dv], no copy in flight after loop
 
   plgpu.copy_gmem_to_smem(q_ref.at[b, h, rows], q_smem, q_bar)
   if cfg.has_docs:
@@ -254,7 +294,7 @@ def _kernel(q_ref, k_ref, v_ref, ids_ref, cnt_ref, lo_ref, hi_ref,       # input
 
   m_i = plgpu.layout_cast(jnp.full((TILE_ROWS,), -jnp.inf, jnp.float32), layout.reduce(1))
   l_i = plgpu.layout_cast(jnp.full((TILE_ROWS,), 0.0, jnp.float32), layout.reduce(1))
-  acc = plgpu.layout_cast(jnp.full((TILE_ROWS, d), 0.0, jnp.float32), layout)
+  acc = plgpu.layout_cast(jnp.full((TILE_ROWS, dv), 0.0, jnp.float32), layout)
   plgpu.barrier_wait(q_bar)
   if cfg.smem_index:
     plgpu.barrier_wait(idx_bar)
@@ -296,10 +336,10 @@ def _kernel(q_ref, k_ref, v_ref, ids_ref, cnt_ref, lo_ref, hi_ref,       # input
   seen = l_i > 0.0
   l_div = jnp.where(seen, l_i, 1.0)
   acc = acc / lax.broadcast_in_dim(l_div, acc.shape, [0])
-  q_smem[...] = acc.astype(dtype)
+  o_smem[...] = acc.astype(dtype)
   lse_smem[...] = jnp.where(seen, (m_i * scale2 + jnp.log(l_div) * _LOG2E) * _LN2, -jnp.inf)
   plgpu.commit_smem()
-  plgpu.copy_smem_to_gmem(q_smem, o_ref.at[b, h, rows])
+  plgpu.copy_smem_to_gmem(o_smem, o_ref.at[b, h, rows])
   plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, h, rows])
   plgpu.wait_smem_to_gmem(0)
 
@@ -309,9 +349,12 @@ def _kernel_ws(q_ref, k_ref, v_ref, ids_ref, cnt_ref, lo_ref, hi_ref, doc_ref, d
   """One CTA, 128 query rows: two compute warpgroups (64 rows each) share one K/V stream that a
   third (producer) warpgroup feeds with TMA through a ring of ``S`` slots.
 
-  ``cfg.q_layout == "tiles"``: ``q_ref/o_ref [B, H, NT*128, D]``, ``lse_ref [B, H, NT*128]``.
-  ``cfg.q_layout == "direct"``: ``q_ref/o_ref [B, Tp, HQ, D]``, ``lse_ref [B, Tp, HQ]`` (needs
-  ``G % 8 == 0``): each token's ``G`` rows are one TMA copy, so Q and O skip the transposes.
+  ``cfg.q_layout == "tiles"``: ``q_ref [B, H, NT*128, Dk]``, ``o_ref [B, H, NT*128, Dv]``,
+  ``lse_ref [B, H, NT*128]``. ``cfg.q_layout == "direct"``: ``q_ref [B, Tp, HQ, Dk]``, ``o_ref
+  [B, Tp, HQ, Dv]``, ``lse_ref [B, Tp, HQ]`` (needs ``G % 8 == 0``): each token's ``G`` rows are
+  one TMA copy, so Q and O skip the transposes. ``k_ref [B, Tk, H, Dk]``, ``v_ref [B, Tk, H,
+  Dv]``. SMEM: Q ``[2, 64, Dk]`` (reused for O when ``Dk == Dv``, else O ``[2, 64, Dv]``), K and
+  V rings ``[S, bs, Dk]`` / ``[S, bs, Dv]`` (:mod:`pallas_kernels.selected_attention_dims`).
   ``doc_ref [B, NT*128]`` / ``dmax_ref [B, 2*NT]``: documents per 64-row group, as in
   :func:`_kernel` (read only with ``cfg.has_docs``).
   """
@@ -323,13 +366,14 @@ def _kernel_ws(q_ref, k_ref, v_ref, ids_ref, cnt_ref, lo_ref, hi_ref, doc_ref, d
   r_wg = rows_wg // g                                                      # tokens per warpgroup
   bs = cfg.block_size
   stages = cfg.num_stages
-  d = q_ref.shape[-1]
+  dk, dv = q_ref.shape[-1], v_ref.shape[-1]
   length = ids_ref.shape[-1]
   count = cnt_ref[b, h, tile]
   direct = cfg.q_layout == "direct"
 
   def body(q_smem2, k_smem, v_smem, lse_smem2, q_bar, k_bar, v_bar, consumed, sched, ids_smem,
-           lo_smem, hi_smem, idx_bar, doc_smem2):
+           lo_smem, hi_smem, idx_bar, doc_smem2, *o_smem2):
+    o_smem2 = o_smem2[0] if o_smem2 else q_smem2
     wg = lax.axis_index("wg")
     pp = cfg.ping_pong
     read = lambda ref, smem, j: smem[j] if cfg.smem_index else ref[b, h, tile, j]
@@ -347,6 +391,7 @@ def _kernel_ws(q_ref, k_ref, v_ref, ids_ref, cnt_ref, lo_ref, hi_ref, doc_ref, d
     def _compute():
       plgpu.set_max_registers(232, action="increase")
       q_smem = q_smem2.at[wg]
+      o_smem = o_smem2.at[wg]
       lse_smem = lse_smem2.at[wg]
       t_first = tile * (2 * r_wg) + wg * r_wg                              # first token of wg
       if direct:
@@ -365,7 +410,7 @@ def _kernel_ws(q_ref, k_ref, v_ref, ids_ref, cnt_ref, lo_ref, hi_ref, doc_ref, d
       need = tuple(jnp.where(wg == 0, jnp.int32(a), jnp.int32(c)) for a, c in zip(need0, need1))
       m_i = plgpu.layout_cast(jnp.full((rows_wg,), -jnp.inf, jnp.float32), layout.reduce(1))
       l_i = plgpu.layout_cast(jnp.full((rows_wg,), 0.0, jnp.float32), layout.reduce(1))
-      acc = plgpu.layout_cast(jnp.full((rows_wg, d), 0.0, jnp.float32), layout)
+      acc = plgpu.layout_cast(jnp.full((rows_wg, dv), 0.0, jnp.float32), layout)
       plgpu.barrier_wait(q_bar.at[wg])
       if cfg.smem_index:
         plgpu.barrier_wait(idx_bar)
@@ -413,18 +458,18 @@ def _kernel_ws(q_ref, k_ref, v_ref, ids_ref, cnt_ref, lo_ref, hi_ref, doc_ref, d
       seen = l_i > 0.0
       l_div = jnp.where(seen, l_i, 1.0)
       acc = acc / lax.broadcast_in_dim(l_div, acc.shape, [0])
-      q_smem[...] = acc.astype(dtype)
+      o_smem[...] = acc.astype(dtype)
       lse_smem[...] = jnp.where(seen, (m_i * scale2 + jnp.log(l_div) * _LOG2E) * _LN2,
                                 -jnp.inf)
       plgpu.commit_smem()
       if direct:
         for i in range(r_wg):
-          plgpu.copy_smem_to_gmem(q_smem.at[pl.ds(i * g, g)],
+          plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(i * g, g)],
                                   o_ref.at[b, t_first + i, pl.ds(h * g, g)])
           plgpu.copy_smem_to_gmem(lse_smem.at[pl.ds(i * g, g)],
                                   lse_ref.at[b, t_first + i, pl.ds(h * g, g)])
       else:
-        plgpu.copy_smem_to_gmem(q_smem, o_ref.at[b, h, q_rows(wg)])
+        plgpu.copy_smem_to_gmem(o_smem, o_ref.at[b, h, q_rows(wg)])
         plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, h, q_rows(wg)])
       plgpu.wait_smem_to_gmem(0)
 
@@ -446,13 +491,14 @@ def _kernel_ws(q_ref, k_ref, v_ref, ids_ref, cnt_ref, lo_ref, hi_ref, doc_ref, d
         return _
       lax.fori_loop(0, count, produce, None)
 
-  transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+  transforms = smem_transforms(bs)
   q_arrivals = (r_wg if direct else 1) + int(cfg.has_docs)
+  o_extra = [] if dk == dv else [plgpu.SMEM((2, rows_wg, dv), dtype, transforms=transforms)]
   pl.run_scoped(
       body,
-      plgpu.SMEM((2, rows_wg, d), dtype, transforms=transforms),
-      plgpu.SMEM((stages, bs, d), dtype, transforms=transforms),
-      plgpu.SMEM((stages, bs, d), dtype, transforms=transforms),
+      plgpu.SMEM((2, rows_wg, dk), dtype, transforms=transforms),
+      plgpu.SMEM((stages, bs, dk), dtype, transforms=transforms),
+      plgpu.SMEM((stages, bs, dv), dtype, transforms=transforms),
       plgpu.SMEM((2, rows_wg), jnp.float32),
       plgpu.Barrier(num_arrivals=q_arrivals, num_barriers=2),
       plgpu.Barrier(num_arrivals=1, num_barriers=stages),
@@ -464,6 +510,7 @@ def _kernel_ws(q_ref, k_ref, v_ref, ids_ref, cnt_ref, lo_ref, hi_ref, doc_ref, d
       plgpu.SMEM((length,), jnp.int32),
       plgpu.Barrier(num_arrivals=3),
       plgpu.SMEM((2, rows_wg), jnp.int32),
+      *o_extra,
       collective_axes="wg",
   )
 
@@ -535,19 +582,25 @@ def doc_tiles(doc_start, g: int, num_tokens: int):
 
 
 def call_kernel(qx, k, v, lists, cfg: _Config, *, num_kv_heads: int, seq_len: int, docs=None):
-  """Runs the kernel on prepared operands; returns ``(o [B, T, HQ, D], lse [B, T, HQ])``.
+  """Runs the kernel on prepared operands; returns ``(o [B, T, HQ, Dv], lse [B, T, HQ])``.
 
+  ``k [B, T, H, Dk]``, ``v [B, T, H, Dv]`` with ``Dk``, ``Dv`` multiples of 64. The ring depth
+  is ``cfg.num_stages`` lowered to what fits in SMEM (:func:`dims.fit_stages`).
   ``docs``: :func:`doc_tiles` output (required iff ``cfg.has_docs``)."""
-  b, t, h, d = k.shape
+  b, t, h, dk = k.shape
+  dv = v.shape[-1]
   bs = cfg.block_size
   nb = -(-t // bs)
   hq = qx.shape[2] if cfg.q_layout == "direct" else None
   kp = k if nb * bs == t else jnp.pad(k, ((0, 0), (0, nb * bs - t), (0, 0), (0, 0)))
   vp = v if nb * bs == t else jnp.pad(v, ((0, 0), (0, nb * bs - t), (0, 0), (0, 0)))
   nt, length = lists.ids.shape[2:]
-  stages = max(1, min(cfg.num_stages, length))
-  cfg = dataclasses.replace(cfg, num_stages=stages)
   dtype = qx.dtype
+  stages = dims.fit_stages("fwd64" if cfg.tile_rows == TILE_ROWS else "fwd128",
+                           max(1, min(cfg.num_stages, length)), dk=dk, dv=dv, length=length,
+                           block_size=bs, itemsize=jnp.dtype(dtype).itemsize,
+                           has_docs=cfg.has_docs)
+  cfg = dataclasses.replace(cfg, num_stages=stages)
   if cfg.has_docs != (docs is not None):
     raise ValueError(f"docs: expected {'doc_tiles(...)' if cfg.has_docs else 'None'} for "
                      f"has_docs={cfg.has_docs}")
@@ -557,11 +610,11 @@ def call_kernel(qx, k, v, lists, cfg: _Config, *, num_kv_heads: int, seq_len: in
   params = plgpu.CompilerParams(approx_math=True)
   g = cfg.group_size
   if cfg.tile_rows == TILE_ROWS:
-    transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+    transforms = smem_transforms(bs)
     scratch = [
-        plgpu.SMEM((TILE_ROWS, d), dtype, transforms=transforms),
-        plgpu.SMEM((stages, bs, d), dtype, transforms=transforms),
-        plgpu.SMEM((stages, bs, d), dtype, transforms=transforms),
+        plgpu.SMEM((TILE_ROWS, dk), dtype, transforms=transforms),
+        plgpu.SMEM((stages, bs, dk), dtype, transforms=transforms),
+        plgpu.SMEM((stages, bs, dv), dtype, transforms=transforms),
         plgpu.SMEM((TILE_ROWS,), jnp.float32),
         plgpu.Barrier(num_arrivals=1 + int(cfg.has_docs)),
         plgpu.Barrier(num_arrivals=1, num_barriers=stages),
@@ -572,8 +625,10 @@ def call_kernel(qx, k, v, lists, cfg: _Config, *, num_kv_heads: int, seq_len: in
         plgpu.Barrier(num_arrivals=3),
         plgpu.SMEM((TILE_ROWS,), jnp.int32),
     ]
+    if dk != dv and bs != TILE_ROWS:               # O cannot live in a V slot
+      scratch.append(plgpu.SMEM((TILE_ROWS, dv), dtype, transforms=transforms))
     n_rows = qx.shape[2]
-    out_type = (jax.ShapeDtypeStruct((b, h, n_rows, d), dtype),
+    out_type = (jax.ShapeDtypeStruct((b, h, n_rows, dv), dtype),
                 jax.ShapeDtypeStruct((b, h, n_rows), jnp.float32))
     kernel = functools.partial(_kernel, num_heads=h, g=g, cfg=cfg, dtype=dtype)
     ot, lset = plgpu.kernel(kernel, out_type=out_type, scratch_types=scratch, grid=(nt, b * h),
@@ -582,10 +637,10 @@ def call_kernel(qx, k, v, lists, cfg: _Config, *, num_kv_heads: int, seq_len: in
   kernel = functools.partial(_kernel_ws, num_heads=h, g=g, cfg=cfg, dtype=dtype)
   if cfg.q_layout == "direct":
     tp = qx.shape[1]
-    out_type = (jax.ShapeDtypeStruct((b, tp, hq, d), dtype),
+    out_type = (jax.ShapeDtypeStruct((b, tp, hq, dv), dtype),
                 jax.ShapeDtypeStruct((b, tp, hq), jnp.float32))
   else:
-    out_type = (jax.ShapeDtypeStruct(qx.shape, dtype),
+    out_type = (jax.ShapeDtypeStruct((*qx.shape[:3], dv), dtype),
                 jax.ShapeDtypeStruct(qx.shape[:3], jnp.float32))
   ot, lset = plgpu.kernel(kernel, out_type=out_type, grid=(nt, b * h), grid_names=("tile", "bh"),
                           num_threads=3, thread_name="wg", compiler_params=params)(*args)
@@ -637,7 +692,8 @@ def _attention_bwd(cfg: _Config, res, do):
     from pallas_kernels import selected_attention_mgpu_bwd as bwd
     dq, dk, dv = bwd.backward(q, k, v, o, lse, do, block_indices, doc_start=doc_start,
                               softmax_scale=cfg.softmax_scale, mode=cfg.mode,
-                              cfg=bwd.BwdConfig(chunk=cfg.bwd_chunk, direct=cfg.bwd_direct))
+                              cfg=bwd.BwdConfig(chunk=cfg.bwd_chunk, direct=cfg.bwd_direct),
+                              block_size=cfg.block_size)
   return dq, dk, dv, None, None
 
 
@@ -652,17 +708,20 @@ def selected_attention_mgpu(q, k, v, block_indices, *, block_size: int = BLOCK_S
   """Selected-block attention with the Mosaic GPU forward kernel.
 
   Args:
-    q: ``[B, T, HQ, D]`` bfloat16/float16 queries; k: ``[B, T, H, D]``; v: ``[B, T, H, D]``
-      (``D`` in 64 or 128).
+    q: ``[B, T, HQ, Dk]`` bfloat16/float16 queries; k: ``[B, T, H, Dk]``; v: ``[B, T, H, Dv]``.
+      ``Dk`` and ``Dv`` are independent; each is zero padded to a multiple of 64 (at most 256,
+      and padded ``Dk + Dv <= 384``; :mod:`pallas_kernels.selected_attention_dims`). Padding
+      costs an XLA pad copy of q/k (v) and ``Dk'/Dk`` more Q Kᵀ work and Q/K traffic (``Dv'/Dv``
+      for P V, O, dO), e.g. 1.2x for Dk 160 -> 192; O is sliced back to ``Dv``.
     block_indices: ``[B, T, H, n]`` int block ids (``-1`` padding, duplicates count once).
-    block_size: must be 64.
+    block_size: KV block size, 32, 64 or 128.
     segment_ids: optional ``[B, T]`` document ids (documents are maximal runs of equal ids); a
       query sees only keys of its own document.
-    softmax_scale: defaults to ``D ** -0.5``.
+    softmax_scale: defaults to ``Dk ** -0.5`` of the *unpadded* ``Dk``.
     mode: ``"exact"`` (per-token selection) or ``"shared"`` (tokens of each aligned run of
       ``r = 64 // G`` share their first token's list).
     return_lse: also return the ``[B, T, HQ]`` float32 natural-log LSE (no gradient through it).
-    num_stages: K/V SMEM ring depth.
+    num_stages: K/V SMEM ring depth (lowered to what fits in the 227 KiB of a CTA).
     tile_rows: 64 (one warpgroup per CTA, prefetching its own K/V) or 128 (two compute
       warpgroups sharing one K/V stream fed by a producer warpgroup; falls back to 64 for G = 1).
       ``None``: 128 for ``"exact"`` (fastest measured), 64 for ``"shared"`` (a 128-row tile
@@ -674,7 +733,7 @@ def selected_attention_mgpu(q, k, v, block_indices, *, block_size: int = BLOCK_S
       the plain-JAX reference with dense masks; for checks).
 
   Returns:
-    ``o [B, T, HQ, D]`` in ``q.dtype`` (or ``(o, lse)``); rows that see no key get 0.
+    ``o [B, T, HQ, Dv]`` in ``q.dtype`` (or ``(o, lse)``); rows that see no key get 0.
 
   Raises:
     NotImplementedError: for a configuration the kernel does not serve (the message says why).
@@ -699,9 +758,8 @@ def selected_attention_mgpu(q, k, v, block_indices, *, block_size: int = BLOCK_S
   doc_start = None
   if segment_ids is not None:
     doc_start = document_starts(segment_ids, q.shape[0], q.shape[1])
-  if return_lse:
-    return _forward(q, k, v, block_indices, doc_start, cfg)
-  return _attention(q, k, v, block_indices, doc_start, cfg)
+  fn = _forward if return_lse else _attention
+  return dims.with_padded_head_dims(fn, q, k, v, block_indices, doc_start, cfg)
 
 
 def selected_attention_op(q, k, v, block_indices, *, block_size, segment_ids, softmax_scale):

@@ -38,6 +38,7 @@ import jax.experimental.pallas.mosaic_gpu as plgpu
 import jax.numpy as jnp
 from jax import lax
 
+from pallas_kernels import selected_attention_dims as dims
 from pallas_kernels import selected_attention_mgpu as fwd
 from pallas_kernels.selection_tiles import (
   TileLists,
@@ -47,6 +48,8 @@ from pallas_kernels.selection_tiles import (
 )
 
 ROWS = fwd.TILE_ROWS
+KEY_TILE = 64
+"""Keys per dK/dV CTA (the wgmma M of ``Sᵀ = K Qᵀ``, one warpgroup)."""
 _LOG2E = math.log2(math.e)
 _TRANSFORMS = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
 
@@ -99,14 +102,18 @@ def _dq_kernel(q_ref, do_ref, lse_ref, dl_ref, k_ref, v_ref, ids_ref, cnt_ref, l
                dq_ref,
                q_smem, do_smem, lse_smem, dl_smem, k_smem, v_smem, q_bar, k_bar, v_bar, doc_smem,
                *, num_heads: int, g: int, scale2: float, stages: int, mask_skip: bool, dtype,
-               direct: bool, has_docs: bool):
-  """One CTA: query tile ``tile`` of ``bh`` (refs: :func:`backward`)."""
+               direct: bool, has_docs: bool, bs: int):
+  """One CTA: query tile ``tile`` of ``bh`` (refs: :func:`backward`); K/V tiles are one block
+  of ``bs`` keys.
+
+  SMEM: ``q_smem [64, Dk]`` (reused for dQ), ``do_smem [64, Dv]``, ``k_smem [S, bs, Dk]``,
+  ``v_smem [S, bs, Dv]``; ``S = Q Kᵀ`` contracts ``Dk``, ``dP = dO Vᵀ`` contracts ``Dv``.
+  """
   tile = lax.axis_index("tile")
   bh = lax.axis_index("bh")
   b = lax.div(bh, jnp.int32(num_heads))
   h = lax.rem(bh, jnp.int32(num_heads))
   r = ROWS // g
-  bs = fwd.BLOCK_SIZE
   count = cnt_ref[b, h, tile]
   _copy_rows(((q_ref, q_smem), (do_ref, do_smem)), b, h, tile, q_bar, direct=direct, g=g)
   _copy_rows(((lse_ref, lse_smem), (dl_ref, dl_smem)), b, h, tile, q_bar, direct=False, g=g)
@@ -123,7 +130,7 @@ def _dq_kernel(q_ref, do_ref, lse_ref, dl_ref, k_ref, v_ref, ids_ref, cnt_ref, l
 
   layout = plgpu.Layout.WGMMA
   col_ids, tok = fwd._row_tokens(g, bs)
-  d = q_smem.shape[-1]
+  dk = q_smem.shape[-1]
   plgpu.barrier_wait(q_bar)
   lse2 = plgpu.load(lse_smem, layout=layout.reduce(1))                 # [64] log2 units
   delta = plgpu.load(dl_smem, layout=layout.reduce(1))
@@ -131,7 +138,7 @@ def _dq_kernel(q_ref, do_ref, lse_ref, dl_ref, k_ref, v_ref, ids_ref, cnt_ref, l
   if has_docs:
     docs = {"first": plgpu.load(doc_smem, layout=layout.reduce(1)),
             "first_max": dmax_ref[b, tile]}
-  dq = plgpu.layout_cast(jnp.full((ROWS, d), 0.0, jnp.float32), layout)
+  dq = plgpu.layout_cast(jnp.full((ROWS, dk), 0.0, jnp.float32), layout)
 
   def step(j, dq):
     slot = lax.rem(j, jnp.int32(stages))
@@ -177,18 +184,28 @@ def _dkv_kernel(q_ref, do_ref, lse_ref, dl_ref, k_ref, v_ref, tiles_ref, plo_ref
                 dk_ref, dv_ref,
                 k_smem, v_smem, q_smem, do_smem, lse_smem, dl_smem, kv_bar, q_bar, doc_smem,
                 *, num_heads: int, num_blocks: int, g: int, scale2: float, stages: int,
-                mask_skip: bool, dtype, direct: bool, has_docs: bool):
-  """One CTA: work item ``item`` of ``bh`` (a KV block and a run of its query tiles)."""
+                mask_skip: bool, dtype, direct: bool, has_docs: bool, bs: int):
+  """One CTA: key tile ``half`` of work item ``item`` of ``bh`` (a KV block and a run of its
+  query tiles).
+
+  The key tile is ``KEY_TILE = 64`` keys (the wgmma M of ``Sᵀ = K Qᵀ``): a 128-key block is two
+  CTAs (``half`` 0/1, same query tiles); a 32-key block reads the 64 keys from its start and
+  masks the last 32 (half the MMA work is wasted). SMEM: ``k_smem [64, Dk]`` (reused for dK),
+  ``v_smem [64, Dv]`` (reused for dV), rings ``q_smem [S, 64, Dk]`` and ``do_smem [S, 64, Dv]``;
+  accumulators ``dk [64, Dk]``, ``dv [64, Dv]`` float32 in registers.
+  """
   item = lax.axis_index("item")
+  half = lax.axis_index("half")
   bh = lax.axis_index("bh")
   b = lax.div(bh, jnp.int32(num_heads))
   h = lax.rem(bh, jnp.int32(num_heads))
   r = ROWS // g
-  bs = fwd.BLOCK_SIZE
+  kt = KEY_TILE
   blk = jnp.minimum(iblk_ref[b, h, item], num_blocks - 1)                  # unused items: count 0
   start = istart_ref[b, h, item]
   count = icnt_ref[b, h, item]
-  keys = pl.ds(blk * bs, bs)
+  key0 = blk * bs + half * kt                                              # first key of tile
+  keys = pl.ds(key0, kt)
   plgpu.copy_gmem_to_smem(k_ref.at[b, keys, h], k_smem, kv_bar)
   plgpu.copy_gmem_to_smem(v_ref.at[b, keys, h], v_smem, kv_bar)
 
@@ -206,22 +223,23 @@ def _dkv_kernel(q_ref, do_ref, lse_ref, dl_ref, k_ref, v_ref, tiles_ref, plo_ref
     pl.when(s < count)(functools.partial(fetch, jnp.int32(s), s))
 
   layout = plgpu.Layout.WGMMA
-  key_ids = plgpu.broadcasted_iota(jnp.int32, (bs, ROWS), 0, layout=layout)   # [64 keys, 64 rows]
-  row_tok = lax.div(plgpu.broadcasted_iota(jnp.int32, (bs, ROWS), 1, layout=layout),
+  key_ids = plgpu.broadcasted_iota(jnp.int32, (kt, ROWS), 0, layout=layout)   # [64 keys, 64 rows]
+  row_tok = lax.div(plgpu.broadcasted_iota(jnp.int32, (kt, ROWS), 1, layout=layout),
                     jnp.int32(g))                                           # token of each column
   need_lo, need_hi = fwd._need_words(0, r)
-  d = k_smem.shape[-1]
-  dk = plgpu.layout_cast(jnp.full((bs, d), 0.0, jnp.float32), layout)
-  dv = plgpu.layout_cast(jnp.full((bs, d), 0.0, jnp.float32), layout)
+  dk = plgpu.layout_cast(jnp.full((kt, k_smem.shape[-1]), 0.0, jnp.float32), layout)
+  dv = plgpu.layout_cast(jnp.full((kt, v_smem.shape[-1]), 0.0, jnp.float32), layout)
   plgpu.barrier_wait(kv_bar)
 
   def masked(st, t_base, lo, hi, first):
     word = jnp.where(row_tok < 32, lo, hi)
     shift = jnp.where(row_tok < 32, row_tok, row_tok - 32)
     member = (lax.shift_right_logical(word, shift) & 1) == 1
-    visible = member & (key_ids + blk * bs <= row_tok + t_base)
+    visible = member & (key_ids + key0 <= row_tok + t_base)
+    if bs < kt:                                    # keys past the block belong to the next one
+      visible = visible & (key_ids < bs)
     if first is not None:                          # the key is in the column's document
-      visible = visible & (key_ids + blk * bs >= lax.broadcast_in_dim(first, st.shape, [1]))
+      visible = visible & (key_ids + key0 >= lax.broadcast_in_dim(first, st.shape, [1]))
     return jnp.where(visible, st, -jnp.inf)
 
   def step(j, carry):
@@ -235,14 +253,14 @@ def _dkv_kernel(q_ref, do_ref, lse_ref, dl_ref, k_ref, v_ref, tiles_ref, plo_ref
     def kq(acc_ref):
       plgpu.wgmma(acc_ref, k_smem, q_smem.at[slot].transpose((1, 0)))
       return acc_ref[...]
-    st = pl.run_scoped(kq, plgpu.ACC((bs, ROWS), jnp.float32))               # [keys, rows]
+    st = pl.run_scoped(kq, plgpu.ACC((kt, ROWS), jnp.float32))               # [keys, rows]
     t_base = tile * r
     first = plgpu.load(doc_smem.at[slot], layout=layout.reduce(0)) if has_docs else None
-    if mask_skip:
-      full = ((blk * bs + (bs - 1) <= t_base) & ((lo & need_lo) == need_lo)
+    if mask_skip and bs >= kt:
+      full = ((key0 + (kt - 1) <= t_base) & ((lo & need_lo) == need_lo)
               & ((hi & need_hi) == need_hi))
       if has_docs:
-        full = full & (blk * bs >= dmax_ref[b, tile])
+        full = full & (key0 >= dmax_ref[b, tile])
       st = lax.cond(full, lambda x: x, lambda x: masked(x, t_base, lo, hi, first), st)
     else:
       st = masked(st, t_base, lo, hi, first)
@@ -253,7 +271,7 @@ def _dkv_kernel(q_ref, do_ref, lse_ref, dl_ref, k_ref, v_ref, tiles_ref, plo_ref
       dv_ref, dpt_ref = refs
       plgpu.wgmma(dv_ref, pt.astype(dtype), do_smem.at[slot])               # dV += Pᵀ dO
       plgpu.wgmma(dpt_ref, v_smem, do_smem.at[slot].transpose((1, 0)))      # dPᵀ = V dOᵀ
-    zeros = plgpu.layout_cast(jnp.full((bs, ROWS), 0.0, jnp.float32), layout)
+    zeros = plgpu.layout_cast(jnp.full((kt, ROWS), 0.0, jnp.float32), layout)
     dv, dpt = pl.run_state(pdo_vdo)((plgpu.ACC.init(dv), plgpu.ACC.init(zeros)))
     delta = plgpu.load(dl_smem.at[slot], layout=layout.reduce(0))
     dst = pt * (dpt - lax.broadcast_in_dim(delta, st.shape, [1]))
@@ -269,9 +287,12 @@ def _dkv_kernel(q_ref, do_ref, lse_ref, dl_ref, k_ref, v_ref, tiles_ref, plo_ref
   k_smem[...] = dk.astype(dtype)                   # unscaled: the caller multiplies by scale
   v_smem[...] = dv.astype(dtype)
   plgpu.commit_smem()
-  out_rows = pl.ds(item * bs, bs)
-  plgpu.copy_smem_to_gmem(k_smem, dk_ref.at[b, h, out_rows])
-  plgpu.copy_smem_to_gmem(v_smem, dv_ref.at[b, h, out_rows])
+  n_out = min(bs, kt)
+  out_rows = pl.ds(item * bs + half * kt, n_out)
+  k_out, v_out = (k_smem, v_smem) if n_out == kt else (k_smem.at[pl.ds(0, n_out)],
+                                                        v_smem.at[pl.ds(0, n_out)])
+  plgpu.copy_smem_to_gmem(k_out, dk_ref.at[b, h, out_rows])
+  plgpu.copy_smem_to_gmem(v_out, dv_ref.at[b, h, out_rows])
   plgpu.wait_smem_to_gmem(0)
 
 
@@ -279,9 +300,10 @@ class BwdOperands(NamedTuple):
   """XLA-side operands of the backward kernels (see :func:`prepare_backward`).
 
   Attributes:
-    qx, dox: ``[B, H, NT*64, D]`` Q and dO in 64-row tiles (``direct``: ``[B, NT*r, HQ, D]``,
-      padded to whole tiles); lsex: ``[B, H, NT*64]`` LSE in log2 units (``+inf`` for rows that
-      saw no key, so their ``P`` is 0); dlx: ``[B, H, NT*64]`` ``δ = rowsum(dO ∘ O)``; kp, vp: ``[B, NB*64, H, D]`` K and V padded to whole blocks;
+    qx, dox: ``[B, H, NT*64, Dk]`` Q and ``[.., Dv]`` dO in 64-row tiles (``direct``:
+      ``[B, NT*r, HQ, Dk|Dv]``, padded to whole tiles); lsex: ``[B, H, NT*64]`` LSE in log2
+      units (``+inf`` for rows that saw no key, so their ``P`` is 0); dlx: ``[B, H, NT*64]``
+      ``δ = rowsum(dO ∘ O)``; kp, vp: ``[B, NB*64, H, Dk|Dv]`` K and V padded to whole blocks;
       lists: the 64-row tiles' iteration lists; work: the dK/dV work items; docs: ``None`` or
       :func:`pallas_kernels.selected_attention_mgpu.doc_tiles` of the 64-row tiles.
   """
@@ -303,12 +325,16 @@ def use_direct(g: int) -> bool:
 
 
 def prepare_backward(q, k, v, o, lse, do, block_indices, *, mode: str, chunk: int,
-                     direct: bool = False, doc_start=None) -> BwdOperands:
-  """Tiles, residuals and index structures for the two kernels (shapes as :func:`backward`)."""
+                     direct: bool = False, doc_start=None,
+                     block_size: int = fwd.BLOCK_SIZE) -> BwdOperands:
+  """Tiles, residuals and index structures for the two kernels (shapes as :func:`backward`).
+
+  K and V are zero padded to ``NB * bs`` rows, plus ``64 - bs`` when ``bs < 64`` (the dK/dV
+  kernel's 64-key tile of the last block)."""
   t, hq = q.shape[1], q.shape[2]
   h = k.shape[2]
   r = fwd.tokens_per_tile(hq // h)
-  bs = fwd.BLOCK_SIZE
+  bs = block_size
   nb = -(-t // bs)
   if mode == "shared":
     from sparse_attention_jax.ops.selection import share_selection
@@ -324,7 +350,8 @@ def prepare_backward(q, k, v, o, lse, do, block_indices, *, mode: str, chunk: in
   to_tiles = pad_t if direct else rows
   delta = jnp.einsum("bthd,bthd->bth", o.astype(jnp.float32), do.astype(jnp.float32))
   lse2 = jnp.where(lse == -jnp.inf, jnp.inf, lse * _LOG2E)
-  pad_kv = lambda x: jnp.pad(x, ((0, 0), (0, nb * bs - t), (0, 0), (0, 0)))
+  tail = max(0, KEY_TILE - bs)
+  pad_kv = lambda x: jnp.pad(x, ((0, 0), (0, nb * bs + tail - t), (0, 0), (0, 0)))
   return BwdOperands(qx=to_tiles(q), dox=to_tiles(do.astype(q.dtype)),
                      lsex=rows(lse2[..., None])[..., 0], dlx=rows(delta[..., None])[..., 0],
                      kp=pad_kv(k), vp=pad_kv(v), lists=lists,
@@ -337,11 +364,13 @@ def _no_docs(b: int):
   return jnp.zeros((b, ROWS), jnp.int32), jnp.zeros((b, 1), jnp.int32)
 
 
-def reduce_items(part, item_block, *, num_blocks: int, seq_len: int):
-  """``[B, T, H, D]`` float32 sums of the work items' partial ``[B, H, 2NB*64, D]``: the first
+def reduce_items(part, item_block, *, num_blocks: int, seq_len: int,
+                 block_size: int = fwd.BLOCK_SIZE):
+  """``[B, T, H, D]`` float32 sums of the work items' partial ``[B, H, 2NB*64, D]`` (``D`` is
+  ``Dk`` for dK, ``Dv`` for dV): the first
   ``NB`` items are the blocks in order, the rest are added to their block."""
   b, h, _, d = part.shape
-  bs = fwd.BLOCK_SIZE
+  bs = block_size
   part = part.astype(jnp.float32)
   first = part[:, :, :num_blocks * bs]                                     # [B, H, NB*64, D]
   extra = part[:, :, num_blocks * bs:].reshape(b, h, num_blocks, bs, d)
@@ -352,18 +381,20 @@ def reduce_items(part, item_block, *, num_blocks: int, seq_len: int):
 
 
 def backward(q, k, v, o, lse, do, block_indices, *, softmax_scale: float, mode: str,
-             doc_start=None, cfg: BwdConfig = BwdConfig()):
+             doc_start=None, cfg: BwdConfig = BwdConfig(), block_size: int = fwd.BLOCK_SIZE):
   """Gradients of selected-block attention from the forward's ``o`` and ``lse``.
 
   Args:
-    q: ``[B, T, HQ, D]``; k, v: ``[B, T, H, D]`` (bf16/f16, as the forward).
-    o: ``[B, T, HQ, D]`` forward output; lse: ``[B, T, HQ]`` float32 natural-log LSE
-      (``-inf`` where a row saw no key); do: ``[B, T, HQ, D]`` output cotangent.
+    q: ``[B, T, HQ, Dk]``; k: ``[B, T, H, Dk]``; v: ``[B, T, H, Dv]`` (bf16/f16, as the
+      forward; ``Dk``, ``Dv`` multiples of 64, see :mod:`pallas_kernels.selected_attention_dims`).
+    o: ``[B, T, HQ, Dv]`` forward output; lse: ``[B, T, HQ]`` float32 natural-log LSE
+      (``-inf`` where a row saw no key); do: ``[B, T, HQ, Dv]`` output cotangent.
     block_indices: ``[B, T, H, n]`` the forward's selection.
     softmax_scale: the forward's scale (> 0).
     doc_start: optional ``[B, T]`` int32 first position of each token's document.
     mode: ``"exact"`` or ``"shared"`` (tokens of each aligned run of ``64 // G`` use their
       first token's list, as in the forward's 64-row tiles).
+    block_size: KV block size (32, 64 or 128).
 
   Returns:
     ``(dq, dk, dv)`` in the input dtype.
@@ -371,21 +402,23 @@ def backward(q, k, v, o, lse, do, block_indices, *, softmax_scale: float, mode: 
   t, hq = q.shape[1], q.shape[2]
   direct = cfg.direct and use_direct(hq // k.shape[2])
   ops = prepare_backward(q, k, v, o, lse, do, block_indices, mode=mode, chunk=cfg.chunk,
-                         direct=direct, doc_start=doc_start)
+                         direct=direct, doc_start=doc_start, block_size=block_size)
   dq = dq_call(ops, softmax_scale=softmax_scale, seq_len=t, num_q_heads=hq, cfg=cfg,
-               direct=direct)
+               direct=direct, block_size=block_size)
   dk, dv = dkv_call(ops, softmax_scale=softmax_scale, seq_len=t, num_q_heads=hq, cfg=cfg,
-                    direct=direct)
+                    direct=direct, block_size=block_size)
   return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
 def dq_call(ops: BwdOperands, *, softmax_scale: float, seq_len: int, num_q_heads: int,
-            cfg: BwdConfig, direct: bool):
-  """The dQ kernel on prepared operands: ``[B, T, HQ, D]`` float32."""
-  b, _, h, d = ops.kp.shape
+            cfg: BwdConfig, direct: bool, block_size: int = fwd.BLOCK_SIZE):
+  """The dQ kernel on prepared operands: ``[B, T, HQ, Dk]`` float32."""
+  b, _, h, dk = ops.kp.shape
+  dv = ops.vp.shape[-1]
   g = num_q_heads // h
   t = seq_len
-  bs = fwd.BLOCK_SIZE
+  bs = block_size
+  transforms = fwd.smem_transforms(bs)
   qx, dox, lsex, dlx, kp, vp, lists, _, docs = ops
   has_docs = docs is not None
   docs = docs if has_docs else _no_docs(b)
@@ -393,21 +426,23 @@ def dq_call(ops: BwdOperands, *, softmax_scale: float, seq_len: int, num_q_heads
   nt, length = lists.ids.shape[2:]
   scale2 = float(softmax_scale) * _LOG2E
   params = plgpu.CompilerParams(approx_math=True)
-  stages_dq = max(1, min(cfg.num_stages, length))
+  stages_dq = dims.fit_stages("dq", max(1, min(cfg.num_stages, length)), dk=dk, dv=dv,
+                              length=length, block_size=bs,
+                              itemsize=jnp.dtype(dtype).itemsize, has_docs=has_docs)
   arrivals = 2 * (ROWS // g) + 2 if direct else 4
   dq_kernel = functools.partial(_dq_kernel, num_heads=h, g=g, scale2=scale2, stages=stages_dq,
                                 mask_skip=cfg.mask_skip, dtype=dtype, direct=direct,
-                                has_docs=has_docs)
+                                has_docs=has_docs, bs=bs)
   dqx = plgpu.kernel(
       dq_kernel,
       out_type=jax.ShapeDtypeStruct(qx.shape, dtype),
       scratch_types=[
-          plgpu.SMEM((ROWS, d), dtype, transforms=_TRANSFORMS),
-          plgpu.SMEM((ROWS, d), dtype, transforms=_TRANSFORMS),
+          plgpu.SMEM((ROWS, dk), dtype, transforms=transforms),
+          plgpu.SMEM((ROWS, dv), dtype, transforms=transforms),
           plgpu.SMEM((ROWS,), jnp.float32),
           plgpu.SMEM((ROWS,), jnp.float32),
-          plgpu.SMEM((stages_dq, bs, d), dtype, transforms=_TRANSFORMS),
-          plgpu.SMEM((stages_dq, bs, d), dtype, transforms=_TRANSFORMS),
+          plgpu.SMEM((stages_dq, bs, dk), dtype, transforms=transforms),
+          plgpu.SMEM((stages_dq, bs, dv), dtype, transforms=transforms),
           plgpu.Barrier(num_arrivals=arrivals + int(has_docs)),
           plgpu.Barrier(num_arrivals=1, num_barriers=stages_dq),
           plgpu.Barrier(num_arrivals=1, num_barriers=stages_dq),
@@ -420,12 +455,16 @@ def dq_call(ops: BwdOperands, *, softmax_scale: float, seq_len: int, num_q_heads
 
 
 def dkv_call(ops: BwdOperands, *, softmax_scale: float, seq_len: int, num_q_heads: int,
-             cfg: BwdConfig, direct: bool):
-  """The dK/dV kernel on prepared operands, partials reduced: two ``[B, T, H, D]`` float32."""
-  b, _, h, d = ops.kp.shape
+             cfg: BwdConfig, direct: bool, block_size: int = fwd.BLOCK_SIZE):
+  """The dK/dV kernel on prepared operands, partials reduced: ``[B, T, H, Dk]`` and
+  ``[B, T, H, Dv]`` float32."""
+  b, _, h, dk = ops.kp.shape
+  dv = ops.vp.shape[-1]
   g = num_q_heads // h
   t = seq_len
-  bs = fwd.BLOCK_SIZE
+  bs = block_size
+  kt = KEY_TILE
+  halves = max(1, bs // kt)                        # key tiles (CTAs) per block
   nb = -(-t // bs)
   qx, dox, lsex, dlx, kp, vp, _, work, docs = ops
   has_docs = docs is not None
@@ -435,29 +474,32 @@ def dkv_call(ops: BwdOperands, *, softmax_scale: float, seq_len: int, num_q_head
   params = plgpu.CompilerParams(approx_math=True)
   arrivals = 2 * (ROWS // g) + 2 if direct else 4
   w = work.item_block.shape[-1]
-  stages_kv = max(1, min(cfg.num_stages, cfg.chunk))
+  stages_kv = dims.fit_stages("dkv", max(1, min(cfg.num_stages, cfg.chunk)), dk=dk, dv=dv,
+                              length=0, block_size=bs, itemsize=jnp.dtype(dtype).itemsize,
+                              has_docs=has_docs)
   dkv_kernel = functools.partial(_dkv_kernel, num_heads=h, num_blocks=nb, g=g, scale2=scale2,
                                  stages=stages_kv, mask_skip=cfg.mask_skip, dtype=dtype,
-                                 direct=direct, has_docs=has_docs)
-  part = jax.ShapeDtypeStruct((b, h, w * bs, d), dtype)
+                                 direct=direct, has_docs=has_docs, bs=bs)
   dk_part, dv_part = plgpu.kernel(
       dkv_kernel,
-      out_type=(part, part),
+      out_type=(jax.ShapeDtypeStruct((b, h, w * bs, dk), dtype),
+                jax.ShapeDtypeStruct((b, h, w * bs, dv), dtype)),
       scratch_types=[
-          plgpu.SMEM((bs, d), dtype, transforms=_TRANSFORMS),
-          plgpu.SMEM((bs, d), dtype, transforms=_TRANSFORMS),
-          plgpu.SMEM((stages_kv, ROWS, d), dtype, transforms=_TRANSFORMS),
-          plgpu.SMEM((stages_kv, ROWS, d), dtype, transforms=_TRANSFORMS),
+          plgpu.SMEM((kt, dk), dtype, transforms=_TRANSFORMS),
+          plgpu.SMEM((kt, dv), dtype, transforms=_TRANSFORMS),
+          plgpu.SMEM((stages_kv, ROWS, dk), dtype, transforms=_TRANSFORMS),
+          plgpu.SMEM((stages_kv, ROWS, dv), dtype, transforms=_TRANSFORMS),
           plgpu.SMEM((stages_kv, ROWS), jnp.float32),
           plgpu.SMEM((stages_kv, ROWS), jnp.float32),
           plgpu.Barrier(num_arrivals=2),
           plgpu.Barrier(num_arrivals=arrivals + int(has_docs), num_barriers=stages_kv),
           plgpu.SMEM((stages_kv, ROWS), jnp.int32),
       ],
-      grid=(w, b * h), grid_names=("item", "bh"), compiler_params=params,
+      grid=(w, halves, b * h), grid_names=("item", "half", "bh"), compiler_params=params,
   )(qx, dox, lsex, dlx, kp, vp, work.tiles, work.member_lo, work.member_hi, work.item_block,
     work.item_start, work.item_count, *docs)
 
-  dk = reduce_items(dk_part, work.item_block, num_blocks=nb, seq_len=t) * softmax_scale
-  dv = reduce_items(dv_part, work.item_block, num_blocks=nb, seq_len=t)
+  dk = reduce_items(dk_part, work.item_block, num_blocks=nb, seq_len=t,
+                    block_size=bs) * softmax_scale
+  dv = reduce_items(dv_part, work.item_block, num_blocks=nb, seq_len=t, block_size=bs)
   return dk, dv

@@ -84,10 +84,13 @@ def test_unsupported_configs_raise_not_implemented_with_reason():
   cases = [
       ({"q": q.astype(jnp.float32), "k": k.astype(jnp.float32), "v": v.astype(jnp.float32)},
        "dtype"),
-      ({"block_size": 32}, "block_size"),
-      ({"q": jnp.zeros((1, 64, 4, 96), jnp.bfloat16), "k": jnp.zeros((1, 64, 2, 96), jnp.bfloat16),
-        "v": jnp.zeros((1, 64, 2, 96), jnp.bfloat16)}, "head dims"),
-      ({"v": jnp.zeros((1, 64, 2, 128), jnp.bfloat16)}, "head dims"),
+      ({"block_size": 48}, "block_size"),
+      ({"q": jnp.zeros((1, 64, 4, 320), jnp.bfloat16),
+        "k": jnp.zeros((1, 64, 2, 320), jnp.bfloat16)}, "Dk=320"),             # pads to 320 > 256
+      ({"v": jnp.zeros((1, 64, 2, 257), jnp.bfloat16)}, "Dv=257"),
+      ({"q": jnp.zeros((1, 64, 4, 256), jnp.bfloat16), "k": jnp.zeros((1, 64, 2, 256), jnp.bfloat16),
+        "v": jnp.zeros((1, 64, 2, 200), jnp.bfloat16)}, "Dk \\+ Dv <= 384"),    # 256 + 256
+      ({"k": jnp.zeros((1, 64, 2, 128), jnp.bfloat16)}, "k head dim 128"),
       ({"mode": "bogus"}, "mode"),
       ({"softmax_scale": -1.0}, "softmax_scale"),
   ]

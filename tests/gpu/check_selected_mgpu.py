@@ -24,11 +24,11 @@ from sparse_attention_jax.ops.selection import share_selection
 BS = 64
 
 
-def random_selection(key, b, t, h, n, *, forced=True, pad_frac=0.15):
+def random_selection(key, b, t, h, n, *, forced=True, pad_frac=0.15, block_size=BS):
   """``[B, T, H, n]`` ids: current block forced in slot 0, random earlier blocks, -1 padding,
   some duplicates and some future / out-of-range ids (all must be ignored or masked)."""
   k1, k2, k3 = jax.random.split(key, 3)
-  cur = (jnp.arange(t, dtype=jnp.int32) // BS)[None, :, None, None]
+  cur = (jnp.arange(t, dtype=jnp.int32) // block_size)[None, :, None, None]
   u = jax.random.uniform(k1, (b, t, h, n))
   ids = jnp.floor(u * (cur + 1)).astype(jnp.int32)                        # in [0, cur]
   ids = jnp.where(jax.random.uniform(k2, ids.shape) < pad_frac, -1, ids)

@@ -1,9 +1,12 @@
 """GPU check of the selected-attention backward kernels (dQ, dK/dV) against the float32 reference.
 
 Run on the GPU machine from the repository root:
-``PYTHONPATH=$PWD python3 tests/gpu/check_selected_mgpu_bwd.py [--quick | --docs | --all]``
-(``--docs``: only the packed-document configs; ``--all``: everything). Each config also checks the
-forward (O and LSE) of the same call.
+``PYTHONPATH=$PWD python3 tests/gpu/check_selected_mgpu_bwd.py [--quick | --docs | --dims-quick |
+--dims | --blocks-quick | --blocks | --all]`` (``--docs``: only the packed-document configs;
+``--dims``: only the ``Dk != Dv`` configs, e.g. Dk=192/Dv=128 and the ASA GLA global layer's
+Dk=160/Dv=128 (zero padded to 192); ``--blocks``: only KV block sizes 32 and 128; the ``-quick``
+forms run a subset of about ten configs that fits one 10-minute device call; ``--all``:
+everything). Each config also checks the forward (O and LSE) of the same call.
 Each config draws fresh random inputs and a random output cotangent (never zeros), takes
 ``jax.vjp`` of the kernel op twice (a difference between the two runs means a race) and compares
 dQ, dK, dV with the VJP of the plain-JAX reference on float32 copies of the same inputs
@@ -19,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels import selected_attention_dims as dims
 from pallas_kernels import selected_attention_mgpu as mg
 from sparse_attention_jax.ops.masked import document_starts, masked_attention
 from sparse_attention_jax.ops.selected import selected_attention, selected_mask
@@ -39,6 +43,20 @@ CONFIGS = [
     ("G16 D128 bf16 exact T=4096 std", 1, 4096, 64, 4, 128, 16, jnp.bfloat16, "exact"),
 ]
 
+DIM_CONFIGS = [
+    # name, b, t, hq, h, (dk, dv), n, dtype, mode: Dk != Dv; 160 is padded to 192 by the wrapper
+    ("G16 Dk192 Dv128 bf16 exact T=301", 1, 301, 32, 2, (192, 128), 16, jnp.bfloat16, "exact"),
+    ("G4 Dk192 Dv128 bf16 exact T=333", 1, 333, 8, 2, (192, 128), 5, jnp.bfloat16, "exact"),
+    ("G16 Dk160 Dv128 bf16 exact T=517", 1, 517, 32, 2, (160, 128), 8, jnp.bfloat16, "exact"),
+    ("G4 Dk160 Dv128 bf16 shared T=250", 1, 250, 8, 2, (160, 128), 4, jnp.bfloat16, "shared"),
+    ("G16 Dk160 Dv128 bf16 shared T=301", 1, 301, 32, 2, (160, 128), 16, jnp.bfloat16, "shared"),
+    ("G16 Dk160 Dv128 bf16 exact T=4096 GLA", 1, 4096, 32, 2, (160, 128), 16, jnp.bfloat16,
+     "exact"),
+    ("G8 Dk192 Dv128 f16 exact T=300 B=2", 2, 300, 16, 2, (192, 128), 6, jnp.float16, "exact"),
+    ("G16 Dk256 Dv128 bf16 exact T=301", 1, 301, 32, 2, (256, 128), 8, jnp.bfloat16, "exact"),
+    ("G16 Dk64 Dv128 bf16 exact T=301", 1, 301, 32, 2, (64, 128), 8, jnp.bfloat16, "exact"),
+]
+
 
 def segments(b, t, seed):
   """Packed documents with boundaries inside blocks and tiles: ``[B, T]`` int32."""
@@ -47,28 +65,35 @@ def segments(b, t, seed):
 
 
 def check(name, b, t, hq, h, d, n, dtype, mode, seed, docs=False, **kw):
+  """``d``: the head dim, or ``(Dk, Dv)``; dims that are not multiples of 64 go through the
+  wrapper's zero padding (:func:`pallas_kernels.selected_attention_dims.with_padded_head_dims`).
+  ``kw``: :class:`~pallas_kernels.selected_attention_mgpu._Config` fields (``block_size`` too)."""
   name = f"{name}{' docs' if docs else ''} {kw}" if (kw or docs) else name
+  dk, dv = d if isinstance(d, tuple) else (d, d)
   key = jax.random.key(seed)
   kq, kk, kv, ki, kd = jax.random.split(key, 5)
-  q = jax.random.normal(kq, (b, t, hq, d), jnp.float32).astype(dtype)
-  k = jax.random.normal(kk, (b, t, h, d), jnp.float32).astype(dtype)
-  v = jax.random.normal(kv, (b, t, h, d), jnp.float32).astype(dtype)
-  do = jax.random.normal(kd, (b, t, hq, d), jnp.float32).astype(dtype)
-  bi = random_selection(ki, b, t, h, n).at[:, 70:74].set(-1)               # rows that see nothing
+  q = jax.random.normal(kq, (b, t, hq, dk), jnp.float32).astype(dtype)
+  k = jax.random.normal(kk, (b, t, h, dk), jnp.float32).astype(dtype)
+  v = jax.random.normal(kv, (b, t, h, dv), jnp.float32).astype(dtype)
+  do = jax.random.normal(kd, (b, t, hq, dv), jnp.float32).astype(dtype)
+  bs = kw.get("block_size", BS)
+  bi = random_selection(ki, b, t, h, n, block_size=bs).at[:, 70:74].set(-1)  # rows see nothing
   opts = {"tile_rows": 128 if mode == "exact" else 64, "q_layout": "direct"}  # public defaults
-  cfg = mg._Config(softmax_scale=d ** -0.5, mode=mode, **{**opts, **kw})
+  cfg = mg._Config(softmax_scale=dk ** -0.5, mode=mode, **{**opts, **kw})
   seg = segments(b, t, seed) if docs else None
   doc_start = None if seg is None else document_starts(seg, b, t)
+  padded = lambda fn: (lambda q, k, v, bi: dims.with_padded_head_dims(fn, q, k, v, bi, doc_start,
+                                                                       cfg))
   f = jax.jit(lambda q, k, v, do, bi: jax.vjp(
-      lambda q, k, v: mg._attention(q, k, v, bi, doc_start, cfg), q, k, v)[1](do))
+      lambda q, k, v: padded(mg._attention)(q, k, v, bi), q, k, v)[1](do))
   g1 = jax.block_until_ready(f(q, k, v, do, bi))
   g2 = jax.block_until_ready(f(q, k, v, do, bi))
-  o_k, lse_k = jax.jit(lambda q, k, v, bi: mg._forward(q, k, v, bi, doc_start, cfg))(q, k, v, bi)
+  o_k, lse_k = jax.jit(padded(mg._forward))(q, k, v, bi)
   g = hq // h
   bi_ref = share_selection(bi, mg.tokens_per_tile(g)) if mode == "shared" else bi
   f32 = lambda x: x.astype(jnp.float32)
-  mask = selected_mask(bi_ref, block_size=BS, seq_len=t, segment_ids=seg)
-  (o_r, lse_r), vjp = jax.vjp(lambda q, k, v: masked_attention(q, k, v, mask, d ** -0.5),
+  mask = selected_mask(bi_ref, block_size=bs, seq_len=t, segment_ids=seg)
+  (o_r, lse_r), vjp = jax.vjp(lambda q, k, v: masked_attention(q, k, v, mask, dk ** -0.5),
                               f32(q), f32(k), f32(v))
   want = vjp((f32(do), jnp.zeros_like(lse_r)))
   o_k, o_r = np.asarray(f32(o_k)), np.asarray(o_r)
@@ -92,24 +117,24 @@ def check(name, b, t, hq, h, d, n, dtype, mode, seed, docs=False, **kw):
   return ok
 
 
-def check_dispatch_grad(seed=100):
+def check_dispatch_grad(seed=100, dk=64, dv=64, bs=BS):
   """``selected_attention(impl="pallas_gpu")`` under jax.grad uses the kernel backward."""
-  b, t, hq, h, d, n = 1, 200, 32, 2, 64, 4
+  b, t, hq, h, n = 1, 200, 32, 2, 4
   kq, kk, kv, ki, kw = jax.random.split(jax.random.key(seed), 5)
-  q = jax.random.normal(kq, (b, t, hq, d), jnp.float32).astype(jnp.bfloat16)
-  k = jax.random.normal(kk, (b, t, h, d), jnp.float32).astype(jnp.bfloat16)
-  v = jax.random.normal(kv, (b, t, h, d), jnp.float32).astype(jnp.bfloat16)
-  bi = random_selection(ki, b, t, h, n)
-  w = jax.random.normal(kw, (b, t, hq, d), jnp.float32)
+  q = jax.random.normal(kq, (b, t, hq, dk), jnp.float32).astype(jnp.bfloat16)
+  k = jax.random.normal(kk, (b, t, h, dk), jnp.float32).astype(jnp.bfloat16)
+  v = jax.random.normal(kv, (b, t, h, dv), jnp.float32).astype(jnp.bfloat16)
+  bi = random_selection(ki, b, t, h, n, block_size=bs)
+  w = jax.random.normal(kw, (b, t, hq, dv), jnp.float32)
   loss = lambda impl: (lambda q, k, v: jnp.sum(selected_attention(
-      q, k, v, bi, block_size=BS, impl=impl).astype(jnp.float32) * w))
+      q, k, v, bi, block_size=bs, impl=impl).astype(jnp.float32) * w))
   gk = jax.jit(jax.grad(loss("pallas_gpu"), argnums=(0, 1, 2)))(q, k, v)
   gr = jax.jit(jax.grad(loss("reference"), argnums=(0, 1, 2)))(q, k, v)
   rel = max(float(jnp.linalg.norm(f32a - f32b) / jnp.linalg.norm(f32b)) for f32a, f32b in
             ((a.astype(jnp.float32), c.astype(jnp.float32)) for a, c in zip(gk, gr)))
   ok = rel < 2e-2
-  print(f"{'OK  ' if ok else 'FAIL'} grad through impl='pallas_gpu' vs reference: max rel={rel:.1e}",
-        flush=True)
+  print(f"{'OK  ' if ok else 'FAIL'} grad through impl='pallas_gpu' vs reference (Dk={dk}, "
+        f"Dv={dv}, block {bs}): max rel={rel:.1e}", flush=True)
   return ok
 
 
@@ -122,14 +147,41 @@ def main():
   docs = [(CONFIGS[i], {"docs": True, **kw}) for i, kw in
           ((0, {}), (1, {}), (2, {}), (3, {"tile_rows": 64, "q_layout": "tiles"}), (4, {}),
            (5, {}), (6, {}), (7, {}), (2, {"bwd_direct": False}))]          # packed documents
+  dim_jobs = [(c, {}) for c in DIM_CONFIGS]
+  dim_jobs += [(DIM_CONFIGS[i], {"tile_rows": 64, "q_layout": "tiles"}) for i in (0, 2)]
+  dim_jobs += [(DIM_CONFIGS[i], {"tile_rows": 128, "q_layout": "tiles"}) for i in (1,)]
+  dim_jobs += [(DIM_CONFIGS[i], {"bwd_direct": False}) for i in (0, 2)]    # tiles backward
+  dim_jobs += [(DIM_CONFIGS[i], {"docs": True}) for i in (2, 3)]            # packed documents
+  dim_jobs += [(DIM_CONFIGS[5], {"bwd_chunk": 3, "num_stages": 3})]
+  c = CONFIGS
+  block_jobs = [(c[0], {"block_size": 32}), (c[0], {"block_size": 128}),
+                (c[4], {"block_size": 32}), (c[4], {"block_size": 128}),
+                (c[5], {"block_size": 128, "docs": True}), (c[6], {"block_size": 32, "docs": True}),
+                (c[3], {"block_size": 128, "tile_rows": 64, "q_layout": "tiles"}),
+                (c[2], {"block_size": 32, "bwd_direct": False, "bwd_chunk": 3}),
+                (DIM_CONFIGS[2], {"block_size": 128}), (DIM_CONFIGS[0], {"block_size": 32}),
+                (c[7][:6] + (8,) + c[7][7:], {"block_size": 128}),      # T=4096, n*bs = 1024
+                (c[7][:6] + (32,) + c[7][7:], {"block_size": 32})]
+  dispatch_dims = [(64, 64, BS)]
   if "--quick" in sys.argv:
     jobs = [jobs[i] for i in (0, 1, 4, 6, 7, 13)]
   if "--docs-quick" in sys.argv:
     jobs = [docs[i] for i in (0, 3, 4, 6, 8)]
   elif "--docs" in sys.argv:
     jobs = docs
+  elif "--dims-quick" in sys.argv:                 # 192/128 and 160/128, both tile sizes and
+    jobs = [dim_jobs[i] for i in (0, 1, 2, 3, 5, 7, 9, 13, 14, 16)]  # layouts, docs, 256/128
+    dispatch_dims = [(160, 128, BS)]
+  elif "--dims" in sys.argv:
+    jobs, dispatch_dims = dim_jobs, [(160, 128, BS)]
+  elif "--blocks-quick" in sys.argv:
+    jobs = [block_jobs[i] for i in (0, 1, 3, 4, 5, 7, 8, 9, 10)]
+    dispatch_dims = [(64, 64, 32), (160, 128, 128)]
+  elif "--blocks" in sys.argv:
+    jobs, dispatch_dims = block_jobs, [(64, 64, 32), (160, 128, 128)]
   elif "--all" in sys.argv:
-    jobs += docs
+    jobs += docs + dim_jobs + block_jobs
+    dispatch_dims += [(160, 128, BS), (64, 64, 32), (160, 128, 128)]
   ok = True
   for i, (c, kw) in enumerate(jobs):
     t0 = time.perf_counter()
@@ -139,11 +191,13 @@ def main():
       ok = False
       print(f"FAIL {c[0]}: {type(e).__name__}: {str(e)[:3000]}", flush=True)
     print(f"     ({time.perf_counter() - t0:.1f} s)", flush=True)
-  try:
-    ok &= check_dispatch_grad()
-  except Exception as e:  # noqa: BLE001
-    ok = False
-    print(f"FAIL dispatch grad: {type(e).__name__}: {str(e)[:3000]}", flush=True)
+  for dk, dv, bs in dispatch_dims:
+    try:
+      ok &= check_dispatch_grad(dk=dk, dv=dv, bs=bs)
+    except Exception as e:  # noqa: BLE001
+      ok = False
+      print(f"FAIL dispatch grad (Dk={dk}, Dv={dv}): {type(e).__name__}: {str(e)[:3000]}",
+            flush=True)
   print("ALL OK" if ok else "SOME FAILED", flush=True)
   sys.exit(0 if ok else 1)
 
