@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Every quick GPU check in one device call, on one or two GPUs (two lanes run side by side).
+# Usage (repository root, on the GPU machine):  bash benchmarks/gpu_checks.sh [PART ...]
+# PARTs (default: all but multi): dense nosa offload dims transforms multi.
+# Each part runs under `timeout`, logs to $OUT/logs/<part>.log, writes its JSON under $OUT, and
+# the script prints one status line per part. Budget per part: the T_* variables below.
+# `multi` (2 GPUs, needs grain + tqdm on PYTHONPATH: see benchmarks/multi_device_run.py) runs
+# the 340M full-attention multi-GPU check after the other parts.
+set -u
+OUT=${OUT:-gpu_checks_out}
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+mkdir -p "$OUT/logs"
+parts=${*:-"dense nosa offload dims transforms"}
+has() { [[ " $parts " == *" $1 "* ]]; }
+ngpu=$(python3 -c "import jax; print(jax.device_count())" 2>/dev/null || echo 1)
+lane1=$(( ngpu > 1 ? 1 : 0 ))
+T_DENSE=${T_DENSE:-150} T_NOSA=${T_NOSA:-80} T_OFFLOAD=${T_OFFLOAD:-140} T_DIMS=${T_DIMS:-170}
+T_TRANSFORMS=${T_TRANSFORMS:-70} T_MULTI=${T_MULTI:-170}
+
+run() {  # run NAME GPU SECONDS CMD...
+  local name=$1 gpu=$2 secs=$3; shift 3
+  local t0=$SECONDS
+  CUDA_VISIBLE_DEVICES=$gpu timeout "$secs" "$@" > "$OUT/logs/$name.log" 2>&1
+  local rc=$?
+  echo "[$(date +%T)] $name: rc=$rc in $((SECONDS - t0)) s (gpu $gpu, limit $secs s)" \
+    | tee -a "$OUT/logs/status.txt"
+}
+
+lane_a() {
+  has dense && run dense 0 "$T_DENSE" env OUT="$OUT/dense" python3 tests/gpu/check_dense_paths.py --quick
+  has nosa && run nosa_decode 0 "$T_NOSA" env OUT="$OUT/nosa" python3 tests/gpu/check_nosa_decode.py
+}
+lane_b() {
+  has dims && run dims "$lane1" "$T_DIMS" python3 tests/gpu/check_selected_mgpu_bwd.py --smoke
+  has offload && run offload "$lane1" "$T_OFFLOAD" env XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 \
+    python3 benchmarks/decode.py --shape 1b --kinds nosa_offload --batch 16,128 \
+    --context 131072 --steps 8 --warmup 2 --report-fit --out "$OUT/offload"
+}
+if (( ngpu > 1 )); then lane_a & lane_b & wait; else lane_a; lane_b; fi
+all=$(seq -s, 0 $((ngpu - 1)))
+has transforms && run transforms "$all" "$T_TRANSFORMS" env OUT="$OUT/transforms" \
+  python3 tests/gpu/check_selected_transforms.py
+has multi && run multi "$all" "$T_MULTI" python3 benchmarks/multi_device_run.py \
+  --config configs/full_340m.yaml --steps 100 --seq-len 8192 --global-batch 2 \
+  --meshes "data=2;fsdp=2" --checkpoint-every 40 --budget-s $((T_MULTI - 15)) --out "$OUT/multi"
+rm -rf "$OUT/multi/jax_cache" "$OUT"/multi/*/checkpoints
+cat "$OUT/logs/status.txt"
