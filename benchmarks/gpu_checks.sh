@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every quick GPU check in one device call, on one or two GPUs (two lanes run side by side).
 # Usage (repository root, on the GPU machine):  bash benchmarks/gpu_checks.sh [PART ...]
-# PARTs (default: all but multi): dense nosa offload dims transforms multi.
+# PARTs (default: all but multi): dense nosa decode offload dims transforms multi.
 # Each part runs under `timeout`, logs to $OUT/logs/<part>.log, writes its JSON under $OUT, and
 # the script prints one status line per part. Budget per part: the T_* variables below.
 # `multi` (2 GPUs, needs grain + tqdm on PYTHONPATH: see benchmarks/multi_device_run.py) runs
@@ -11,12 +11,12 @@ OUT=${OUT:-gpu_checks_out}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 mkdir -p "$OUT/logs"
-parts=${*:-"dense nosa offload dims transforms"}
+parts=${*:-"dense nosa decode offload dims transforms"}
 has() { [[ " $parts " == *" $1 "* ]]; }
 ngpu=$(python3 -c "import jax; print(jax.device_count())" 2>/dev/null || echo 1)
 lane1=$(( ngpu > 1 ? 1 : 0 ))
 T_DENSE=${T_DENSE:-150} T_NOSA=${T_NOSA:-80} T_OFFLOAD=${T_OFFLOAD:-140} T_DIMS=${T_DIMS:-170}
-T_TRANSFORMS=${T_TRANSFORMS:-70} T_MULTI=${T_MULTI:-170}
+T_TRANSFORMS=${T_TRANSFORMS:-70} T_MULTI=${T_MULTI:-170} T_DECODE=${T_DECODE:-40}
 
 run() {  # run NAME GPU SECONDS CMD...
   local name=$1 gpu=$2 secs=$3; shift 3
@@ -30,6 +30,11 @@ run() {  # run NAME GPU SECONDS CMD...
 lane_a() {
   has dense && run dense 0 "$T_DENSE" env OUT="$OUT/dense" python3 tests/gpu/check_dense_paths.py --quick
   has nosa && run nosa_decode 0 "$T_NOSA" env OUT="$OUT/nosa" python3 tests/gpu/check_nosa_decode.py
+  for k in infllm_v2 nosa; do      # the largest resident batch at 128k (1.06 GiB per sequence)
+    has decode && run "decode_$k" 0 "$T_DECODE" env XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 \
+      python3 benchmarks/decode.py --shape 1b --kinds $k --batch 112 --context 131072 --steps 8 \
+      --warmup 2 --report-fit --out "$OUT/decode_$k"
+  done
 }
 lane_b() {
   has dims && run dims "$lane1" "$T_DIMS" python3 tests/gpu/check_selected_mgpu_bwd.py --smoke
