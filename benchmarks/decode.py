@@ -223,8 +223,8 @@ def _fill_offloaded(decoder, caches, context: int, seed: int, pool: int):
     if store.host_memory_kind == "numpy":
       b, h, nb = host.kv.shape[:3]
       n = b * h * nb if pool <= 0 else min(pool, nb)
-      kv = np.asarray(_random(lk, (n, bs, d), store.dtype, 1.0))
-      cc = np.asarray(_random(jax.random.fold_in(lk, 1), (n, bs), jnp.dtype(jnp.float32), 1.0))
+      kv = np.array(_random(lk, (n, bs, d), store.dtype, 1.0))           # writable copies
+      cc = np.array(_random(jax.random.fold_in(lk, 1), (n, bs), jnp.dtype(jnp.float32), 1.0))
       if pool <= 0:
         host.kv, host.c = kv.reshape(host.kv.shape), cc.reshape(host.c.shape)
       else:

@@ -21,8 +21,9 @@ bookkeeping between a NOSA layer's selection and its attention runs in NumPy on 
 Every piece is compiled once per layer kind/shape (not per layer, not per step); ``traces``
 counts them. The slot scatter of the block cache compiles once per size bucket of copied blocks
 (:func:`~sparse_attention_jax.nn.offload.bucket`); the decoder compiles every bucket up to a full
-refill when it builds its first caches, so no timed step compiles. The tokens equal the device-resident decode's (same selection code, same biased
-attention), which the tests check. Per step the decoder reports, summed over the NOSA layers,
+refill when it builds its first caches, so no timed step compiles. The tokens equal the
+device-resident decode's (same selection code, same biased attention), which the tests check.
+Per step the decoder reports, summed over the NOSA layers,
 ``requested`` (selected blocks besides the current one), ``hits`` (already resident),
 ``transferred`` (blocks copied host -> device), ``hit_rate`` and ``bytes``.
 
