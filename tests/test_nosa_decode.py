@@ -273,3 +273,7 @@ def test_generate_cli_nosa_offload_matches_resident(capsys):
                                      if ln.startswith("def f(x)")]
   assert "offload " not in resident
   assert "blocks transferred over 19 steps" in offloaded and "(numpy)" in offloaded
+  assert cli.main(["--offload", "--offload-store", "pinned_host", *args]) == 0
+  pinned = capsys.readouterr().out
+  assert text == [ln for ln in pinned.splitlines() if ln.startswith("def f(x)")]
+  assert "(pinned_host)" in pinned
