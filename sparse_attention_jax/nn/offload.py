@@ -93,7 +93,10 @@ def assign_slots(gamma: np.ndarray, slot_block: np.ndarray, current: int):
       such ``(b, h)``).
   """
   bsz, heads, ns = slot_block.shape
-  g = np.sort(np.asarray(gamma).astype(np.int64), axis=-1)              # [B, H, n]
+  g = np.asarray(gamma).astype(np.int64)
+  if g.shape[-1] == 0:
+    g = np.full((bsz, heads, 1), -1, np.int64)
+  g = np.sort(g, axis=-1)                                                # [B, H, n]
   tail_use = np.any(g == current, axis=-1)
   dup = np.zeros_like(g, dtype=bool)
   dup[..., 1:] = g[..., 1:] == g[..., :-1]
@@ -104,13 +107,18 @@ def assign_slots(gamma: np.ndarray, slot_block: np.ndarray, current: int):
     _fail("gamma", f"at most num_slots={ns} selected blocks besides the current block per "
           f"(sequence, KV head)", f"{int(count[bi, hi])} at (b={bi}, h={hi}); build the cache "
                                   f"with more slots")
-  # Row-tagged keys: row r's block j -> r * stride + j, so one flat isin compares within rows.
+  # Row-tagged keys: row r's block j -> r * stride + j. Rows of g are sorted, so the flat keys are
+  # sorted and one searchsorted finds every slot's block among its row's selection.
   stride = max(int(g.max(initial=0)), int(slot_block.max(initial=0)), current) + 2
   rows = np.arange(bsz * heads, dtype=np.int64).reshape(bsz, heads, 1) * stride
-  want_keys = np.where(want, g + rows, -1)
-  slot_keys = np.where(slot_block >= 0, slot_block.astype(np.int64) + rows, -2)
-  keep = np.isin(slot_keys, want_keys)                                   # [B, H, NS]
-  missing = want & ~np.isin(want_keys, np.where(keep, slot_keys, -2))   # [B, H, n]
+  want_keys = (np.maximum(g, -1) + rows).reshape(-1)                  # sorted
+  slot_keys = np.where(slot_block >= 0, slot_block.astype(np.int64) + rows, -2).reshape(-1)
+  at = np.minimum(np.searchsorted(want_keys, slot_keys), want_keys.size - 1)
+  keep = (want_keys[at] == slot_keys) & want.reshape(-1)[at]         # first of duplicates
+  hit = np.zeros(want_keys.size, bool)
+  hit[at[keep]] = True
+  missing = want & ~hit.reshape(want.shape)                             # [B, H, n]
+  keep = keep.reshape(slot_block.shape)                                 # [B, H, NS]
   slot_block[~keep] = -1
   # The r-th missing block of a row (ascending ids) goes to the row's r-th free slot.
   free = ~keep
@@ -343,8 +351,8 @@ class OffloadedBlockCache:
     idx = np.empty((4, bucket(n)), np.int32)
     idx[:, :n] = chunk
     idx[:, n:] = idx[:, :1]
-    kv, c = self.store.load(idx[0], idx[1], idx[3])
-    b, h, s = jax.device_put((idx[0], idx[1], idx[2]), self._dev)
+    kv, c = self.store.gather(idx[0], idx[1], idx[3])
+    kv, c, b, h, s = jax.device_put((kv, c, idx[0], idx[1], idx[2]), self._dev)
     self.slot_kv, self.slot_c = self._scatter(self.slot_kv, self.slot_c, b, h, s, kv, c)
 
   def warm_scatter(self) -> None:
@@ -352,8 +360,7 @@ class OffloadedBlockCache:
     num_slots``, at most ``MAX_SCATTER``), so no decode step compiles one; writes zero blocks
     into the slot ``(0, 0, 0)`` (call it on a cache whose slots are still empty)."""
     for n in buckets(min(self.batch * self.heads * self.num_slots, MAX_SCATTER)):
-      idx = jax.device_put(np.zeros((n,), np.int32), self._dev)
-      kv, c = self.store.zeros(n)
+      kv, c, idx = jax.device_put((*self.store.zeros(n), np.zeros((n,), np.int32)), self._dev)
       self.slot_kv, self.slot_c = self._scatter(self.slot_kv, self.slot_c, idx, idx, idx, kv, c)
     jax.block_until_ready(self.slot_kv)
 

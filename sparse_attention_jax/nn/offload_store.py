@@ -7,11 +7,11 @@ loads a list of them onto the device in one go. Two stores share one interface:
 * :class:`NumpyBlockStore` (``store="numpy"``, the default): ONE contiguous NumPy array per
   layer, ``kv [B, H, NBmax, l', Dk + Dv]`` and ``c [B, H, NBmax, l']`` with ``NBmax =
   ceil(max_len / l')``, allocated once (``np.empty``; host RAM of the full capacity). Writes are
-  one device -> host copy of all ``(b, h)`` at once; a load is one fancy-index gather
-  ``kv[b_idx, h_idx, j_idx]`` and one ``jax.device_put``.
+  one device -> host copy of all ``(b, h)`` at once; a load gathers the named blocks with one
+  fancy index ``kv[b_idx, h_idx, j_idx]`` into one host buffer (moved by one ``device_put``).
 * :class:`PinnedHostBlockStore` (``store="pinned_host"``): one jax array per block in the
   device's ``pinned_host`` memory (device memory, logged, where the backend has none), in a dict;
-  a load is one ``jax.device_put`` of the list of named blocks (stacked by the slot scatter).
+  a load moves the list of named blocks (one ``device_put``; stacked by the slot scatter).
 
 Both report ``memory_kind`` from what they actually hold (``"numpy"``: the arrays are NumPy
 arrays; else the memory kind of the stored jax arrays), and ``nbytes``.
@@ -52,8 +52,7 @@ class NumpyBlockStore:
 
   def __init__(self, *, batch: int, heads: int, num_blocks: int, block_size: int, dim: int,
                dtype, device):
-    self.device = device
-    self._dev = jax.sharding.SingleDeviceSharding(device, memory_kind="device")
+    del device
     self.kv = np.empty((batch, heads, num_blocks, block_size, dim), np.dtype(dtype))
     self.c = np.empty((batch, heads, num_blocks, block_size), np.float32)
 
@@ -78,16 +77,15 @@ class NumpyBlockStore:
     """Host copy of block ``(b, h, j)``: ``(kv [l', D], c [l'])``."""
     return np.array(self.kv[b, h, j]), np.array(self.c[b, h, j])
 
-  def load(self, b, h, j):
-    """Blocks ``(b[i], h[i], j[i])`` (``[N]`` int arrays) on the device: ``(kv [N, l', D], c [N,
-    l'])``, one gather and one ``device_put``."""
-    return jax.device_put((self.kv[b, h, j], self.c[b, h, j]), self._dev)
+  def gather(self, b, h, j):
+    """Blocks ``(b[i], h[i], j[i])`` (``[N]`` int arrays) in one host buffer each, ready for one
+    ``device_put``: ``(kv [N, l', D], c [N, l'])`` (one fancy-index gather)."""
+    return self.kv[b, h, j], self.c[b, h, j]
 
   def zeros(self, n: int):
-    """``n`` zero blocks on the device, in :meth:`load`'s format (to compile the scatter)."""
+    """``n`` zero blocks in :meth:`gather`'s format (to compile the scatter)."""
     d = self.kv.shape[3:]
-    return jax.device_put((np.zeros((n, *d), self.kv.dtype), np.zeros((n, d[0]), np.float32)),
-                          self._dev)
+    return np.zeros((n, *d), self.kv.dtype), np.zeros((n, d[0]), np.float32)
 
 
 class PinnedHostBlockStore:
@@ -104,7 +102,6 @@ class PinnedHostBlockStore:
     self.dtype = jnp.dtype(dtype)
     self.kind = host_memory_kind(device)
     self._host = jax.sharding.SingleDeviceSharding(device, memory_kind=self.kind)
-    self._dev = jax.sharding.SingleDeviceSharding(device, memory_kind="device")
     self.blocks: dict[tuple[int, int, int], tuple[jax.Array, jax.Array]] = {}
 
   @property
@@ -130,16 +127,15 @@ class PinnedHostBlockStore:
     kv, c = self.blocks[(b, h, j)]
     return np.asarray(kv), np.asarray(c)
 
-  def load(self, b, h, j):
-    """Blocks ``(b[i], h[i], j[i])`` on the device as two lists of ``[l', D]`` / ``[l']``
-    arrays (one ``device_put`` of the list)."""
-    moved = jax.device_put([self.blocks[(int(x), int(y), int(z))] for x, y, z in zip(b, h, j)],
-                           self._dev)
-    return [m[0] for m in moved], [m[1] for m in moved]
+  def gather(self, b, h, j):
+    """Blocks ``(b[i], h[i], j[i])`` as two lists of ``[l', D]`` / ``[l']`` host arrays (moved
+    by one ``device_put`` of the lists, stacked on the device by the slot scatter)."""
+    blocks = [self.blocks[(int(x), int(y), int(z))] for x, y, z in zip(b, h, j)]
+    return [x[0] for x in blocks], [x[1] for x in blocks]
 
   def zeros(self, n: int):
     kv, c = jax.device_put((jnp.zeros((self.block_size, self.dim), self.dtype),
-                            jnp.zeros((self.block_size,), jnp.float32)), self._dev)
+                            jnp.zeros((self.block_size,), jnp.float32)), self._host)
     return [kv] * n, [c] * n
 
 
