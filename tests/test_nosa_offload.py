@@ -54,6 +54,7 @@ def test_slot_pool_attention_equals_full_cache_and_counts_transfers(store, monke
                                              return_aux=True))(q, k, v, c)
   gam = np.asarray(aux.block_indices)                                   # [B, T, H, k]
   ref = biased_selected_attention(q, k, v, c, aux.block_indices, block_size=CFG.block_size)
+  kv_all, v_all, c_all = np.asarray(k), np.asarray(v), np.asarray(c)
   cache = _cache(store=store)
   assert cache.host_memory_kind == store          # the CPU backend has pinned host memory
   prompt = 21
@@ -79,6 +80,14 @@ def test_slot_pool_attention_equals_full_cache_and_counts_transfers(store, monke
     # The slots hold exactly the selection; attention matches the full-cache op.
     for (bi, hi), w in want.items():
       assert set(int(j) for j in cache.slot_block[bi, hi] if j >= 0) == w
+    # Every occupied slot holds its block's true K/V/c.
+    bb, hh, ss = np.nonzero(cache.slot_block >= 0)
+    rows = cache.slot_block[bb, hh, ss][:, None] * CFG.block_size + np.arange(CFG.block_size)
+    slot_kv = np.asarray(cache.slot_kv)[bb, hh, ss]                   # [N, l', D + DV]
+    np.testing.assert_array_equal(slot_kv[..., :D], kv_all[bb[:, None], rows, hh[:, None]])
+    np.testing.assert_array_equal(slot_kv[..., D:], v_all[bb[:, None], rows, hh[:, None]])
+    np.testing.assert_array_equal(np.asarray(cache.slot_c)[bb, hh, ss],
+                                  c_all[bb[:, None], rows, hh[:, None]])
     o = cache.attend(q[:, t])
     np.testing.assert_allclose(o, ref[:, t], atol=2e-5, rtol=1e-4, err_msg=f"t={t}")
   assert changed >= 8                                    # the selection did change over steps

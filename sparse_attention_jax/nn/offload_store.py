@@ -44,32 +44,55 @@ class NumpyBlockStore:
   """One contiguous NumPy array per layer (see the module docstring).
 
   Attributes:
-    kv: ``[B, H, NBmax, l', Dk + Dv]`` (cache dtype). May be replaced by a read-only or strided
-      view of the same shape and dtype (the decode benchmark shares one copy of each block
-      between rows this way); gathers work on views.
-    c: ``[B, H, NBmax, l']`` float32.
+    kv: ``[B, H, NBmax, l', Dk + Dv]`` (cache dtype), allocated (``np.empty``) at the first use
+      (so a benchmark that installs its own arrays never reserves the full size). May be
+      replaced by a read-only or strided view of the same shape and dtype (the decode benchmark
+      shares one copy of each block between rows this way); gathers work on views.
+    c: ``[B, H, NBmax, l']`` float32, likewise.
   """
 
   def __init__(self, *, batch: int, heads: int, num_blocks: int, block_size: int, dim: int,
                dtype, device):
     del device
-    self.kv = np.empty((batch, heads, num_blocks, block_size, dim), np.dtype(dtype))
-    self.c = np.empty((batch, heads, num_blocks, block_size), np.float32)
+    self.shape = (batch, heads, num_blocks, block_size, dim)
+    self.dtype = np.dtype(dtype)
+    self._kv = self._c = None
+
+  @property
+  def kv(self):
+    if self._kv is None:
+      self._kv = np.empty(self.shape, self.dtype)
+    return self._kv
+
+  @kv.setter
+  def kv(self, value):
+    self._kv = value
+
+  @property
+  def c(self):
+    if self._c is None:
+      self._c = np.empty(self.shape[:4], np.float32)
+    return self._c
+
+  @c.setter
+  def c(self, value):
+    self._c = value
 
   @property
   def memory_kind(self) -> str:
-    return "numpy" if isinstance(self.kv, np.ndarray) and isinstance(self.c, np.ndarray) else (
-        type(self.kv).__name__)
+    arrays = [x for x in (self._kv, self._c) if x is not None]     # not yet allocated: NumPy
+    bad = [type(x).__name__ for x in arrays if not isinstance(x, np.ndarray)]
+    return bad[0] if bad else "numpy"
 
   @property
   def nbytes(self) -> int:
     """Bytes of the store's shape (of a shared view: its logical size, not the RAM it uses)."""
-    return int(self.kv.nbytes + self.c.nbytes)
+    return int(np.prod(self.shape) * self.dtype.itemsize + np.prod(self.shape[:4]) * 4)
 
   def write(self, start: int, kv, c) -> None:
     """Blocks ``start .. start + n - 1`` of every ``(b, h)``: ``kv [B, H, n, l', D]``, ``c [B, H,
     n, l']`` (device or host arrays; one device -> host copy each)."""
-    kv, c = np.asarray(kv), np.asarray(c)
+    kv, c = jax.device_get((kv, c))
     self.kv[:, :, start:start + kv.shape[2]] = kv
     self.c[:, :, start:start + c.shape[2]] = c
 
@@ -84,8 +107,8 @@ class NumpyBlockStore:
 
   def zeros(self, n: int):
     """``n`` zero blocks in :meth:`gather`'s format (to compile the scatter)."""
-    d = self.kv.shape[3:]
-    return np.zeros((n, *d), self.kv.dtype), np.zeros((n, d[0]), np.float32)
+    d = self.shape[3:]
+    return np.zeros((n, *d), self.dtype), np.zeros((n, d[0]), np.float32)
 
 
 class PinnedHostBlockStore:
