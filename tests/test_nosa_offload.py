@@ -256,3 +256,26 @@ def test_scatter_buckets_bound_padding_and_compiles():
     got = bucket(n)
     assert got in sizes and n <= got and (n <= 8 or got <= 1.25 * n)
     assert bucket(got) == got
+
+
+@pytest.mark.parametrize("store", ["numpy", "pinned_host"])
+def test_warm_scatter_covers_every_load_size(store, monkeypatch):
+  """After ``warm_scatter`` no update compiles a scatter: random selections load 1 .. 36
+  blocks per step (chunks of at most 16) and hit only warmed buckets."""
+  from sparse_attention_jax.nn import offload
+  monkeypatch.setattr(offload, "MAX_SCATTER", 16)
+  cache = OffloadedBlockCache(batch=3, num_kv_heads=2, k_dim=4, v_dim=4, block_size=4,
+                              num_slots=6, max_len=120, store=store)
+  if not hasattr(cache._scatter, "_cache_size"):
+    pytest.skip("jax.jit(...)._cache_size is not available in this jax")
+  cache.warm_scatter()
+  warmed = cache._scatter._cache_size()
+  rng = np.random.default_rng(1)
+  k = jnp.asarray(rng.standard_normal((3, 117, 2, 4)), jnp.float32)
+  cache.prefill(k, k, k[..., 0])                                    # current block 29
+  sizes = set()
+  for _ in range(12):
+    size = int(rng.integers(1, 7))
+    gamma = np.stack([[rng.choice(29, size, replace=False) for _ in range(2)] for _ in range(3)])
+    sizes.add(cache.update(gamma)["transferred"])
+  assert cache._scatter._cache_size() == warmed and len(sizes) >= 6
