@@ -55,12 +55,12 @@ def loop_bookkeeping(gamma, slot_block, cur):
   loads = []
   for bi in range(slot_block.shape[0]):
     for hi in range(slot_block.shape[1]):
-      want = set(int(j) for j in gamma[bi, hi] if j >= 0)
+      want = {int(j) for j in gamma[bi, hi] if j >= 0}
       want.discard(cur)
       row = slot_block[bi, hi]
       keep = np.isin(row, list(want)) & (row >= 0)
       row[~keep] = -1
-      resident = set(int(j) for j in row[keep])
+      resident = {int(j) for j in row[keep]}
       missing = sorted(want - resident)
       for s, j in zip(np.flatnonzero(row < 0)[:len(missing)], missing):
         row[s] = j

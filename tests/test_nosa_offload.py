@@ -1,5 +1,7 @@
 """Offloaded NOSA block cache (issue 7): attention over the slot pool equals attention over the
-full device-resident cache for the same selection, transfers are counted exactly, memory kinds,
+full device-resident cache for the same selection (both host stores: one NumPy array per layer,
+per-block pinned_host arrays), slots hold the true blocks, transfers are counted exactly, the
+vectorized slot assignment equals a per-row set-based oracle, scatter size buckets, memory kinds,
 and clear capacity / budget errors."""
 
 from __future__ import annotations
@@ -8,8 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import rand_qkv
+
 from sparse_attention_jax.config import NSAConfig
 from sparse_attention_jax.nn.offload import (
   OffloadedBlockCache,
@@ -41,7 +43,7 @@ def _cache(num_slots=CFG.num_selected - 1, max_len=T, store="numpy"):
 def _want(gamma_row, cur):
   """{(b, h): selected blocks except the current one}."""
   g = np.asarray(gamma_row)
-  return {(bi, hi): set(int(j) for j in g[bi, hi] if j >= 0) - {cur}
+  return {(bi, hi): {int(j) for j in g[bi, hi] if j >= 0} - {cur}
           for bi in range(B) for hi in range(H)}
 
 
@@ -79,7 +81,7 @@ def test_slot_pool_attention_equals_full_cache_and_counts_transfers(store, monke
     prev = want
     # The slots hold exactly the selection; attention matches the full-cache op.
     for (bi, hi), w in want.items():
-      assert set(int(j) for j in cache.slot_block[bi, hi] if j >= 0) == w
+      assert {int(j) for j in cache.slot_block[bi, hi] if j >= 0} == w
     # Every occupied slot holds its block's true K/V/c.
     bb, hh, ss = np.nonzero(cache.slot_block >= 0)
     rows = cache.slot_block[bb, hh, ss][:, None] * CFG.block_size + np.arange(CFG.block_size)
@@ -172,13 +174,13 @@ def _oracle_assign(gamma, slot_block, cur):
   tail_use = np.zeros(slot_block.shape[:2], bool)
   for bi in range(slot_block.shape[0]):
     for hi in range(slot_block.shape[1]):
-      want = set(int(j) for j in gamma[bi, hi] if j >= 0)
+      want = {int(j) for j in gamma[bi, hi] if j >= 0}
       tail_use[bi, hi] = cur in want
       want.discard(cur)
       row = slot_block[bi, hi]
       keep = np.isin(row, list(want)) & (row >= 0)
       row[~keep] = -1
-      resident = set(int(j) for j in row[keep])
+      resident = {int(j) for j in row[keep]}
       missing = sorted(want - resident)
       for s, j in zip(np.flatnonzero(row < 0)[:len(missing)], missing):
         row[s] = j

@@ -74,7 +74,7 @@ def run(b, t, hq, h, d, steps, k_total, kq, seed, store):
     if step_t >= prompt:
       cache.append(k[:, step_t], v[:, step_t], c[:, step_t])
     cur = step_t // cfg.block_size
-    want = {(bi, hi): set(int(j) for j in gam[bi, step_t, hi] if j >= 0) - {cur}
+    want = {(bi, hi): {int(j) for j in gam[bi, step_t, hi] if j >= 0} - {cur}
             for bi in range(b) for hi in range(h)}
     t0 = time.perf_counter()
     stats = cache.update(gam[:, step_t])
