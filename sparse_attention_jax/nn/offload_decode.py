@@ -118,7 +118,7 @@ class OffloadStats:
   steps), ``per_layer`` (totals of each NOSA layer, in order), ``slots`` (device slots per
   sequence and KV head), ``host_memory_kind``, ``device_bytes`` / ``host_bytes`` (buffers of
   the NOSA layers' slot pools and select states / host block stores after the run; the NumPy
-  store counts its whole ``capacity``, allocated up front)."""
+  store counts its whole ``capacity``)."""
   per_step: list
   total: dict
   per_layer: list
