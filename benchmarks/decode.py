@@ -9,12 +9,14 @@ Kinds (random weights, bf16 compute, bf16 caches):
   shared K/V).
 * ``nosa``: ``configs/nosa_1b.yaml`` (InfLLM-V2 scoring, k = 64 blocks of which k_q = 33 query-aware
   and 31 by the eviction head, eviction bias), device-resident cache, one jitted step.
-* ``nosa_offload``: the same model with every layer's K/V/c in pinned host memory
-  (:class:`sparse_attention_jax.nn.offload_decode.OffloadedDecoder`): the device holds the
-  selection state, ``k - 1`` block slots and the current block per (sequence, KV head); a step is
-  a host loop over the layers (jitted pieces, only the missing blocks copied). Rows add the
-  blocks transferred per step, hit rate and bytes moved. The host store is filled with
-  ``--host-pool`` distinct random blocks per layer, reused cyclically (0 = every block distinct;
+* ``nosa_offload``: the same model with every layer's K/V/c in host memory
+  (:class:`sparse_attention_jax.nn.offload_decode.OffloadedDecoder`; ``--offload-store numpy``,
+  the default, one NumPy array per layer, or ``pinned_host``, one pinned array per block): the
+  device holds the selection state, ``k - 1`` block slots and the current block per (sequence,
+  KV head); a step is a host loop over the layers (jitted pieces, only the missing blocks
+  copied). Rows add the blocks transferred per step, hit rate and bytes moved. The host store is
+  filled with ``--host-pool`` distinct random blocks per layer shared by every sequence and KV
+  head (a strided view: host RAM of one row per layer, benchmark only; 0 = every block distinct;
   transfers copy real data either way, only host RAM use differs).
 
 ``--shape 1b`` builds every kind on the 1B shape of ``configs/nosa_1b.yaml`` (hidden 2048, 16
@@ -195,8 +197,16 @@ def resident_cache_bytes(graphdef, params, batch: int, capacity: int) -> int:
 
 def _fill_offloaded(decoder, caches, context: int, seed: int, pool: int):
   """Offloaded caches as after a prefill of ``context`` tokens: random select states and tails
-  on the device, random host blocks (``pool`` distinct per layer reused cyclically; 0 = all
-  distinct) for every complete block."""
+  on the device, random host blocks for every complete block.
+
+  NumPy store (default): with ``pool > 0``, ``pool`` distinct random blocks per layer; block
+  ``j`` of every (sequence, KV head) is pool block ``j % pool``, and the store is a strided view
+  (stride 0 over sequences and heads) of one ``[NBmax, l', D]`` array, so a layer takes
+  ``NBmax`` blocks of host RAM instead of ``B * H * NBmax`` (BENCHMARK-ONLY memory saving: the
+  rows share storage; tails completed while decoding overwrite the shared block, the last row
+  wins). ``pool = 0`` fills the whole store with distinct blocks. Gathers and transfers copy
+  real bytes either way. ``pinned_host`` store: ``pool`` distinct pinned blocks per layer reused
+  cyclically over the (b, h, j) keys (0 = all distinct)."""
   key = jax.random.key(seed + 2)
   for layer, cache in enumerate(caches):
     if not isinstance(cache, list):
@@ -207,22 +217,36 @@ def _fill_offloaded(decoder, caches, context: int, seed: int, pool: int):
     cache[0] = _random_tree(jax.eval_shape(lambda s=sel: s), jax.random.fold_in(key, layer), 1.0)
     bs = store.block_size
     cur = (context - 1) // bs
-    keys = [(b, h, j) for b in range(store.batch) for h in range(store.heads)
-            for j in range(cur)]
-    n = len(keys) if pool <= 0 else min(pool, len(keys))
     lk = jax.random.fold_in(key, 1000 + layer)
     d = store.k_dim + store.v_dim
-    kv = _random(lk, (max(n, 1), bs, d), store.dtype, 1.0)
-    cc = _random(jax.random.fold_in(lk, 1), (max(n, 1), bs), jnp.dtype(jnp.float32), 1.0)
-    blocks = jax.device_put([(kv[i], cc[i]) for i in range(n)], store._host)
-    store.host_blocks = {k: tuple(blocks[i % n]) for i, k in enumerate(keys)}
+    host = store.store
+    if store.host_memory_kind == "numpy":
+      b, h, nb = host.kv.shape[:3]
+      n = b * h * nb if pool <= 0 else min(pool, nb)
+      kv = np.array(_random(lk, (n, bs, d), store.dtype, 1.0))           # writable copies
+      cc = np.array(_random(jax.random.fold_in(lk, 1), (n, bs), jnp.dtype(jnp.float32), 1.0))
+      if pool <= 0:
+        host.kv, host.c = kv.reshape(host.kv.shape), cc.reshape(host.c.shape)
+      else:
+        reps = -(-nb // n)
+        kv, cc = np.tile(kv, (reps, 1, 1))[:nb], np.tile(cc, (reps, 1))[:nb]
+        host.kv = np.lib.stride_tricks.as_strided(kv, (b, h, *kv.shape), (0, 0, *kv.strides))
+        host.c = np.lib.stride_tricks.as_strided(cc, (b, h, *cc.shape), (0, 0, *cc.strides))
+    else:
+      keys = [(b, h, j) for b in range(store.batch) for h in range(store.heads)
+              for j in range(cur)]
+      n = len(keys) if pool <= 0 else min(pool, len(keys))
+      kv = _random(lk, (max(n, 1), bs, d), store.dtype, 1.0)
+      cc = _random(jax.random.fold_in(lk, 1), (max(n, 1), bs), jnp.dtype(jnp.float32), 1.0)
+      blocks = jax.device_put([(kv[i], cc[i]) for i in range(n)], host._host)
+      host.blocks = {k: tuple(blocks[i % n]) for i, k in enumerate(keys)}
     store.tail_kv = _random(jax.random.fold_in(lk, 2), tuple(store.tail_kv.shape),
                             store.dtype, 1.0)
     store.length = context
 
 
 def run_offload(model, *, batch: int, context: int, steps: int, warmup: int, seed: int,
-                pool: int) -> dict:
+                pool: int, store: str = "numpy") -> dict:
   """The ``nosa_offload`` row: :class:`OffloadedDecoder` steps over a filled offloaded cache.
 
   ``compile_s`` is the warm-up steps' time (compilation of the pieces; the slot scatter's size
@@ -230,7 +254,7 @@ def run_offload(model, *, batch: int, context: int, steps: int, warmup: int, see
   time."""
   from sparse_attention_jax.nn.offload_decode import OffloadedDecoder
   capacity = context + warmup + steps
-  decoder = OffloadedDecoder(model, batch=batch, capacity=capacity)
+  decoder = OffloadedDecoder(model, batch=batch, capacity=capacity, store=store)
   caches = decoder._new_caches(None)
   _fill_offloaded(decoder, caches, context, seed, pool)
   pick = jax.jit(lambda logits: jnp.argmax(logits, axis=-1).astype(jnp.int32))
@@ -258,7 +282,7 @@ def run_offload(model, *, batch: int, context: int, steps: int, warmup: int, see
           "ms_per_step_median": float(np.median(times)) * 1e3,
           "host_bytes": summary.host_bytes, "step_temp_bytes": None,
           "compile_s": warm_s, "lengths_ok": pos == capacity, "slots": summary.slots,
-          "host_memory_kind": summary.host_memory_kind,
+          "host_memory_kind": summary.host_memory_kind, "host_store": store,
           "blocks_per_step": summary.total["transferred"] / steps,
           "hit_rate": summary.total["hit_rate"],
           "bytes_per_step": summary.total["bytes"] / steps, **memory_stats()}
@@ -301,7 +325,11 @@ def main(argv: list[str] | None = None) -> int:
   ap.add_argument("--report-fit", action="store_true",
                   help="per row, the bytes a device-resident cache needs vs the device memory")
   ap.add_argument("--host-pool", type=int, default=256,
-                  help="nosa_offload: distinct random host blocks per layer (0 = all distinct)")
+                  help="nosa_offload: distinct random host blocks per layer, shared by every "
+                       "sequence and KV head (0 = all distinct; see _fill_offloaded)")
+  ap.add_argument("--offload-store", default="numpy", choices=("numpy", "pinned_host"),
+                  help="nosa_offload: host block store (one NumPy array per layer, or one "
+                       "pinned host array per block)")
   ap.add_argument("--f32-params", action="store_true",
                   help="keep float32 master weights (default: weights in the compute dtype)")
   ap.add_argument("--out", default=os.environ.get("OUT") or os.path.join(ROOT, "benchmarks",
@@ -313,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
   dev = jax.devices()[0]
   meta = {"device": f"{dev.platform} ({dev.device_kind})", "jax": jax.__version__,
           "tiny": args.tiny, "steps": args.steps, "warmup": args.warmup, "shape": args.shape,
-          "host_pool": args.host_pool,
+          "host_pool": args.host_pool, "offload_store": args.offload_store,
           "params": "float32" if args.f32_params else "compute dtype"}
   print(f"device {meta['device']}, jax {jax.__version__}")
   os.makedirs(args.out, exist_ok=True)
@@ -345,7 +373,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
           if kind == "nosa_offload":
             r = run_offload(model, batch=batch, context=context, steps=args.steps,
-                            warmup=args.warmup, seed=args.seed, pool=args.host_pool)
+                            warmup=args.warmup, seed=args.seed, pool=args.host_pool,
+                            store=args.offload_store)
           elif fit.get("fits") is False:
             raise MemoryError(f"resident cache {need / GiB:.1f} GiB > device memory "
                               f"{limit / GiB:.1f} GiB (skipped)")

@@ -1,5 +1,7 @@
 """Offloaded NOSA block cache (issue 7): attention over the slot pool equals attention over the
-full device-resident cache for the same selection, transfers are counted exactly, memory kinds,
+full device-resident cache for the same selection (both host stores: one NumPy array per layer,
+per-block pinned_host arrays), slots hold the true blocks, transfers are counted exactly, the
+vectorized slot assignment equals a per-row set-based oracle, scatter size buckets, memory kinds,
 and clear capacity / budget errors."""
 
 from __future__ import annotations
@@ -8,10 +10,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import rand_qkv
+
 from sparse_attention_jax.config import NSAConfig
-from sparse_attention_jax.nn.offload import OffloadedBlockCache, host_memory_kind
+from sparse_attention_jax.nn.offload import (
+  OffloadedBlockCache,
+  assign_slots,
+  bucket,
+  buckets,
+  host_memory_kind,
+)
 from sparse_attention_jax.ops.nosa import biased_selected_attention, nosa_attention
 
 B, T, HQ, H, D, DV = 2, 72, 4, 2, 8, 6
@@ -26,26 +34,31 @@ def _inputs(seed):
   return q, k, v, c
 
 
-def _cache(num_slots=CFG.num_selected - 1, max_len=T):
+def _cache(num_slots=CFG.num_selected - 1, max_len=T, store="numpy"):
   return OffloadedBlockCache(batch=B, num_kv_heads=H, k_dim=D, v_dim=DV,
-                             block_size=CFG.block_size, num_slots=num_slots, max_len=max_len)
+                             block_size=CFG.block_size, num_slots=num_slots, max_len=max_len,
+                             store=store)
 
 
 def _want(gamma_row, cur):
   """{(b, h): selected blocks except the current one}."""
   g = np.asarray(gamma_row)
-  return {(bi, hi): set(int(j) for j in g[bi, hi] if j >= 0) - {cur}
+  return {(bi, hi): {int(j) for j in g[bi, hi] if j >= 0} - {cur}
           for bi in range(B) for hi in range(H)}
 
 
-def test_slot_pool_attention_equals_full_cache_and_counts_transfers():
+@pytest.mark.parametrize("store", ["numpy", "pinned_host"])
+def test_slot_pool_attention_equals_full_cache_and_counts_transfers(store, monkeypatch):
+  from sparse_attention_jax.nn import offload
+  monkeypatch.setattr(offload, "MAX_SCATTER", 8)        # the first step loads 16 blocks
   q, k, v, c = _inputs(0)
   _, aux = jax.jit(lambda *a: nosa_attention(*a, config=CFG, num_query_selected=KQ,
                                              return_aux=True))(q, k, v, c)
   gam = np.asarray(aux.block_indices)                                   # [B, T, H, k]
   ref = biased_selected_attention(q, k, v, c, aux.block_indices, block_size=CFG.block_size)
-  cache = _cache()
-  assert cache.host_memory_kind in ("pinned_host", "device")
+  kv_all, v_all, c_all = np.asarray(k), np.asarray(v), np.asarray(c)
+  cache = _cache(store=store)
+  assert cache.host_memory_kind == store          # the CPU backend has pinned host memory
   prompt = 21
   cache.prefill(k[:, :prompt], v[:, :prompt], c[:, :prompt])
   prev = None
@@ -68,17 +81,33 @@ def test_slot_pool_attention_equals_full_cache_and_counts_transfers():
     prev = want
     # The slots hold exactly the selection; attention matches the full-cache op.
     for (bi, hi), w in want.items():
-      assert set(int(j) for j in cache.slot_block[bi, hi] if j >= 0) == w
+      assert {int(j) for j in cache.slot_block[bi, hi] if j >= 0} == w
+    # Every occupied slot holds its block's true K/V/c.
+    bb, hh, ss = np.nonzero(cache.slot_block >= 0)
+    rows = cache.slot_block[bb, hh, ss][:, None] * CFG.block_size + np.arange(CFG.block_size)
+    slot_kv = np.asarray(cache.slot_kv)[bb, hh, ss]                   # [N, l', D + DV]
+    np.testing.assert_array_equal(slot_kv[..., :D], kv_all[bb[:, None], rows, hh[:, None]])
+    np.testing.assert_array_equal(slot_kv[..., D:], v_all[bb[:, None], rows, hh[:, None]])
+    np.testing.assert_array_equal(np.asarray(cache.slot_c)[bb, hh, ss],
+                                  c_all[bb[:, None], rows, hh[:, None]])
     o = cache.attend(q[:, t])
     np.testing.assert_allclose(o, ref[:, t], atol=2e-5, rtol=1e-4, err_msg=f"t={t}")
   assert changed >= 8                                    # the selection did change over steps
   assert cache.totals["steps"] == T - prompt + 1
   assert 0 < cache.totals["hits"] < cache.totals["requested"]
-  # Every block of the host store is a host-memory array holding the true K/V/c.
-  kv, cc = cache.host_blocks[(1, 0, 2)]
-  assert kv.sharding.memory_kind == cache.host_memory_kind
-  np.testing.assert_array_equal(np.asarray(kv)[:, :D], np.asarray(k[1, 16:24, 0]))
-  np.testing.assert_array_equal(np.asarray(cc), np.asarray(c[1, 16:24, 0]))
+  # The host store holds the true K/V/c of every complete block (prompt blocks and tails
+  # completed while decoding), in the memory it reports.
+  if store == "numpy":
+    assert isinstance(cache.store.kv, np.ndarray) and cache.store.kv.shape == (B, H, 9, 8, D + DV)
+  else:
+    assert all(x.sharding.memory_kind == "pinned_host" for blk in cache.store.blocks.values()
+               for x in blk)
+  for bi, hi, j in ((1, 0, 2), (0, 1, 1), (1, 1, 7)):
+    kv, cc = cache.host_block(bi, hi, j)
+    sl = slice(8 * j, 8 * j + 8)
+    np.testing.assert_array_equal(kv[:, :D], np.asarray(k[bi, sl, hi]))
+    np.testing.assert_array_equal(kv[:, D:], np.asarray(v[bi, sl, hi]))
+    np.testing.assert_array_equal(cc, np.asarray(c[bi, sl, hi]))
   assert cache.slot_kv.sharding.memory_kind == "device"
 
 
@@ -137,3 +166,118 @@ def test_host_memory_fallback_is_logged(caplog):
   assert host_memory_kind(Pinned()) == "pinned_host"
   # The CPU backend has pinned host memory, so the CPU tests run the real host placement.
   assert "pinned_host" in [m.kind for m in jax.devices()[0].addressable_memories()]
+
+
+def _oracle_assign(gamma, slot_block, cur):
+  """The earlier per-(b, h) set-based bookkeeping: the same slot map, loads and counts."""
+  loads, requested, hits = [], 0, 0
+  tail_use = np.zeros(slot_block.shape[:2], bool)
+  for bi in range(slot_block.shape[0]):
+    for hi in range(slot_block.shape[1]):
+      want = {int(j) for j in gamma[bi, hi] if j >= 0}
+      tail_use[bi, hi] = cur in want
+      want.discard(cur)
+      row = slot_block[bi, hi]
+      keep = np.isin(row, list(want)) & (row >= 0)
+      row[~keep] = -1
+      resident = {int(j) for j in row[keep]}
+      missing = sorted(want - resident)
+      for s, j in zip(np.flatnonzero(row < 0)[:len(missing)], missing):
+        row[s] = j
+        loads.append((bi, hi, int(s), j))
+      requested += len(want)
+      hits += len(want & resident)
+  return loads, tail_use, requested, hits
+
+
+def test_vectorized_slot_assignment_matches_set_oracle():
+  """Random selections over 60 steps (padding, duplicates, the current block in or out, rows
+  that keep, drop and add blocks): the vectorized assignment leaves exactly Gamma minus the
+  current block resident, loads exactly the missing blocks, never puts a block in two slots,
+  never moves a kept block, and equals the earlier per-row set-based bookkeeping."""
+  rng = np.random.default_rng(0)
+  bsz, heads, ns, n = 3, 2, 6, 8
+  slots = np.full((bsz, heads, ns), -1, np.int32)
+  oracle = slots.copy()
+  total_loads = 0
+  for step in range(60):
+    cur = 3 + step // 4
+    gamma = np.full((bsz, heads, n), -1, np.int64)
+    for bi in range(bsz):
+      for hi in range(heads):
+        prev = [int(j) for j in slots[bi, hi] if j >= 0]
+        fresh = rng.choice(cur, size=min(cur, ns), replace=False).tolist()
+        pool = [j for j in prev if rng.random() < 0.7] + fresh    # mostly keep the old ones
+        picked = list(dict.fromkeys(pool))[:rng.integers(0, ns + 1)]
+        if rng.random() < 0.6:
+          picked.append(cur)
+        if picked and rng.random() < 0.3:
+          picked.append(picked[0])                                  # a duplicate
+        picked = picked[:n]
+        gamma[bi, hi, :len(picked)] = rng.permutation(picked)
+    before = slots.copy()
+    (b, h, s, j), tail_use, requested, hits = assign_slots(gamma, slots, cur)
+    want_loads, want_tail, want_req, want_hits = _oracle_assign(gamma, oracle, cur)
+    np.testing.assert_array_equal(slots, oracle, err_msg=f"step {step}")
+    assert sorted(zip(b.tolist(), h.tolist(), s.tolist(), j.tolist())) == sorted(want_loads)
+    np.testing.assert_array_equal(tail_use, want_tail)
+    assert (requested, hits) == (want_req, want_hits)
+    for bi in range(bsz):
+      for hi in range(heads):
+        want = {int(x) for x in gamma[bi, hi] if x >= 0} - {cur}
+        row = [int(x) for x in slots[bi, hi] if x >= 0]
+        assert len(row) == len(set(row)) and set(row) == want
+        old = {int(x): si for si, x in enumerate(before[bi, hi]) if x >= 0}
+        for si, x in enumerate(slots[bi, hi]):
+          if int(x) in old and int(x) in want:
+            assert old[int(x)] == si                               # kept blocks did not move
+        loaded = {int(jj) for bb, hh, jj in zip(b, h, j) if (bb, hh) == (bi, hi)}
+        assert loaded == want - set(old)
+    assert len(b) == requested - hits
+    total_loads += len(b)
+  assert total_loads > 100
+
+
+def test_assignment_refuses_too_many_blocks_and_leaves_slots():
+  cache = _cache(num_slots=2)
+  _, k, v, c = _inputs(6)
+  cache.prefill(k[:, :40], v[:, :40], c[:, :40])          # current block 4
+  cache.update(np.array([[[0, 1, 4, -1]] * H] * B))
+  gamma = np.array([[[0, 1, 4, -1]] * H] * B)
+  gamma[1, 1] = [0, 1, 2, 3]
+  before = cache.slot_block.copy()
+  with pytest.raises(ValueError, match=r"got 4 at \(b=1, h=1\)"):
+    cache.update(gamma)
+  np.testing.assert_array_equal(cache.slot_block, before)
+
+
+def test_scatter_buckets_bound_padding_and_compiles():
+  sizes = buckets(1024)
+  assert sizes[:4] == [1, 2, 4, 8] and sizes[-1] == 1024 and len(sizes) <= 4 + 4 * 7 + 1
+  for n in range(1, 1025):
+    got = bucket(n)
+    assert got in sizes and n <= got and (n <= 8 or got <= 1.25 * n)
+    assert bucket(got) == got
+
+
+@pytest.mark.parametrize("store", ["numpy", "pinned_host"])
+def test_warm_scatter_covers_every_load_size(store, monkeypatch):
+  """After ``warm_scatter`` no update compiles a scatter: random selections load 1 .. 36
+  blocks per step (chunks of at most 16) and hit only warmed buckets."""
+  from sparse_attention_jax.nn import offload
+  monkeypatch.setattr(offload, "MAX_SCATTER", 16)
+  cache = OffloadedBlockCache(batch=3, num_kv_heads=2, k_dim=4, v_dim=4, block_size=4,
+                              num_slots=6, max_len=120, store=store)
+  if not hasattr(cache._scatter, "_cache_size"):
+    pytest.skip("jax.jit(...)._cache_size is not available in this jax")
+  cache.warm_scatter()
+  warmed = cache._scatter._cache_size()
+  rng = np.random.default_rng(1)
+  k = jnp.asarray(rng.standard_normal((3, 117, 2, 4)), jnp.float32)
+  cache.prefill(k, k, k[..., 0])                                    # current block 29
+  sizes = set()
+  for _ in range(12):
+    size = int(rng.integers(1, 7))
+    gamma = np.stack([[rng.choice(29, size, replace=False) for _ in range(2)] for _ in range(3)])
+    sizes.add(cache.update(gamma)["transferred"])
+  assert cache._scatter._cache_size() == warmed and len(sizes) >= 6

@@ -1,6 +1,6 @@
 """Text generation with KV caches: ``python -m train.generate --config CFG [--checkpoint PATH]
 --prompt TEXT --max-new-tokens N [--temperature T] [--top-p P] [--greedy] [--batch B] [--seed S]
-[--capacity C] [--offload] [section.key=value ...]``.
+[--capacity C] [--offload [--offload-store numpy|pinned_host]] [section.key=value ...]``.
 
 Builds the model of the config (random init, or the parameters of a checkpoint written by
 ``python -m train``), prefills the byte-level prompt (UTF-8) in ``--batch`` rows and decodes
@@ -40,6 +40,9 @@ def _parse_args(argv):
                  help="cache capacity (default: prompt + new tokens)")
   p.add_argument("--offload", action="store_true",
                  help="NOSA layers: K/V/c in host memory, selected blocks copied per step")
+  p.add_argument("--offload-store", default="numpy", choices=("numpy", "pinned_host"),
+                 help="with --offload: host block store (one NumPy array per layer, or one "
+                      "pinned host array per block)")
   p.add_argument("overrides", nargs="*", metavar="section.key=value")
   return p.parse_args(argv)
 
@@ -86,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
       return 2
     source = f"checkpoint {args.checkpoint} (step {step})"
   try:
-    gen = Generator(model, batch=args.batch, capacity=capacity, offload=args.offload)
+    gen = Generator(model, batch=args.batch, capacity=capacity, offload=args.offload,
+                    offload_store=args.offload_store)
     out = gen.generate([prompt] * args.batch, args.max_new_tokens,
                        temperature=args.temperature, top_p=args.top_p, greedy=args.greedy,
                        seed=args.seed)

@@ -89,16 +89,19 @@ class Generator:
       (:class:`~sparse_attention_jax.nn.offload_decode.OffloadedDecoder`; prompts must share one
       length; the step is a host-side loop over the layers of jitted pieces).
     num_slots: device block slots per (sequence, KV head) with ``offload`` (default ``k - 1``).
+    offload_store: host block store with ``offload``: ``"numpy"`` (one contiguous array per
+      layer) or ``"pinned_host"`` (one pinned host array per block).
   """
 
   def __init__(self, model, *, batch: int, capacity: int, dtype=None, prefill_bucket: int = 64,
-               offload: bool = False, num_slots: int | None = None):
+               offload: bool = False, num_slots: int | None = None,
+               offload_store: str = "numpy"):
     dec.check_decodable(model)
     self._offload = None
     if offload:
       from sparse_attention_jax.nn.offload_decode import OffloadedDecoder
       self._offload = OffloadedDecoder(model, batch=batch, capacity=capacity, dtype=dtype,
-                                       num_slots=num_slots)
+                                       num_slots=num_slots, store=offload_store)
       self._warm: set[int] = set()
     for name, val in (("batch", batch), ("capacity", capacity), ("prefill_bucket",
                                                                    prefill_bucket)):

@@ -1,10 +1,12 @@
 """Offloaded KV block cache of one NOSA layer (NOSI's layout, ALGORITHMS.md §4.3).
 
-The full K/V and eviction scores ``c`` of a batch of sequences live in host memory, one array per
-(sequence, KV head, block): ``kv [l', Dk + Dv]`` (cache dtype) and ``c [l']`` (float32), placed
-with ``memory_kind="pinned_host"`` (falls back to device memory, with a log line, where the
-backend has no pinned host memory). Because every block is its own array, a transfer moves
-exactly the blocks it names. The device holds, per (sequence, KV head):
+The full K/V and eviction scores ``c`` of a batch of sequences live in a host block store
+(:mod:`sparse_attention_jax.nn.offload_store`): by default ONE contiguous NumPy array per layer,
+``kv [B, H, NBmax, l', Dk + Dv]`` (cache dtype) and ``c [B, H, NBmax, l']`` (float32), allocated
+once for ``max_len`` tokens (``store="numpy"``); or one ``pinned_host`` jax array per block
+(``store="pinned_host"``, the earlier layout). A transfer moves exactly the blocks it names
+(gathered into one host buffer, padded by at most 25%). The device holds, per (sequence, KV head):
+The device holds, per (sequence, KV head):
 
 * ``num_slots`` block slots (``slot_kv [B, H, NS, l', Dk + Dv]``, ``slot_c [B, H, NS, l']``)
   with a block-id map ``slot_block [B, H, NS]`` (``-1`` = empty);
@@ -25,48 +27,119 @@ hold ``Gamma(t)`` minus the current block, so the hit rate equals the selection 
 ``|Gamma(t) ∩ Gamma(t-1)| / |Gamma(t)|`` (without the current block). A block that was the tail
 and is selected after it completed is loaded from the host once (counted as a transfer).
 
-The bookkeeping (which block goes to which slot) runs in NumPy on the host, so :meth:`update`
-reads ``gamma`` back from the device. Sequences share one length (no ragged batches) and one
+The bookkeeping (which block goes to which slot, :func:`assign_slots`) runs vectorized in NumPy
+on the host (no Python loop over sequences or heads), so :meth:`update` reads ``gamma`` back
+from the device. Sequences share one length (no ragged batches) and one
 document (no segment ids).
 """
 
 from __future__ import annotations
 
 import functools
-import logging
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sparse_attention_jax.nn.offload_store import host_memory_kind, make_store
 from sparse_attention_jax.ops.nosa import biased_masked_attention
 
-log = logging.getLogger(__name__)
-
 # Most blocks one slot scatter writes (a larger refill, e.g. the first step after a prefill of a
-# big batch, runs in chunks): the scatter compiles once per power of two up to this.
+# big batch, runs in chunks): the scatter compiles once per size bucket up to this.
 MAX_SCATTER = 1024
 
 
-def host_memory_kind(device) -> str:
-  """``"pinned_host"`` if ``device`` can address pinned host memory, else ``"device"`` (logged)."""
-  kinds = [m.kind for m in device.addressable_memories()]
-  if "pinned_host" in kinds:
-    return "pinned_host"
-  log.warning("offload: %s has no pinned_host memory (memories: %s); the host block store "
-              "falls back to device memory", device, kinds)
-  return "device"
+def bucket(n: int) -> int:
+  """Padded size of a load of ``n >= 1`` blocks: ``n`` up to 8, else the next ``m * 2^e`` with
+  ``m in {4, 5, 6, 7}`` (four sizes per octave: at most 25% padding, ~4 compiled scatters per
+  doubling of the largest load)."""
+  if n <= 8:
+    return 1 << (n - 1).bit_length()
+  e = (n - 1).bit_length() - 3            # 2^(e+2) < n <= 2^(e+3)
+  return -(-n // (1 << e)) << e
+
+
+def buckets(most: int) -> list[int]:
+  """Every value of :func:`bucket` for loads of ``1 .. most`` blocks, ascending."""
+  out, n = [], 1
+  while n <= most:
+    out.append(bucket(n))
+    n = out[-1] + 1
+  return out
 
 
 def _fail(name: str, expected: str, got) -> None:
   raise ValueError(f"{name}: expected {expected}, got {got}")
 
 
-def _scatter(slot_kv, slot_c, b, h, s, blocks):
-  """Writes ``blocks`` (N pairs ``(kv [l', Dk+Dv], c [l'])``) into slots ``(b, h, s)`` (``[N]``
-  int32 each)."""
-  kv = jnp.stack([x[0] for x in blocks])
-  c = jnp.stack([x[1] for x in blocks])
+def assign_slots(gamma: np.ndarray, slot_block: np.ndarray, current: int):
+  """Vectorized slot bookkeeping of one step (no Python loop over sequences or heads).
+
+  Args:
+    gamma: ``[B, H, n]`` int block ids (``-1`` padding, duplicates count once).
+    slot_block: ``[B, H, NS]`` int32 block id per slot (``-1`` = empty); updated in place: the
+      slots keep the blocks of ``gamma`` they hold, the others are emptied, and the missing
+      blocks go to free slots (per row, the missing ids in ascending order into the free slots in
+      ascending order).
+    current: the current block (the tail; never put in a slot).
+
+  Returns:
+    ``(loads, tail_use, requested, hits)``: ``loads`` = ``(b, h, s, j)`` int arrays ``[N]`` (block
+    ``j`` of row ``(b, h)`` goes to slot ``s``), ``tail_use [B, H]`` (``current in gamma``),
+    ``requested`` = selected blocks besides the current one, ``hits`` = those already resident.
+
+  Raises:
+    ValueError: a row selects more than ``NS`` blocks besides the current one (names the first
+      such ``(b, h)``).
+  """
+  bsz, heads, ns = slot_block.shape
+  g = np.asarray(gamma).astype(np.int64)
+  if g.shape[-1] == 0:
+    g = np.full((bsz, heads, 1), -1, np.int64)
+  g = np.sort(g, axis=-1)                                                # [B, H, n]
+  tail_use = np.any(g == current, axis=-1)
+  dup = np.zeros_like(g, dtype=bool)
+  dup[..., 1:] = g[..., 1:] == g[..., :-1]
+  want = (g >= 0) & (g != current) & ~dup                                # [B, H, n]
+  count = want.sum(-1)
+  if count.max(initial=0) > ns:
+    bi, hi = (int(x) for x in np.argwhere(count > ns)[0])
+    _fail("gamma", f"at most num_slots={ns} selected blocks besides the current block per "
+          f"(sequence, KV head)", f"{int(count[bi, hi])} at (b={bi}, h={hi}); build the cache "
+                                  f"with more slots")
+  # Row-tagged keys: row r's block j -> r * stride + j. Rows of g are sorted, so the flat keys are
+  # sorted and one searchsorted finds every slot's block among its row's selection.
+  stride = max(int(g.max(initial=0)), int(slot_block.max(initial=0)), current) + 2
+  rows = np.arange(bsz * heads, dtype=np.int64).reshape(bsz, heads, 1) * stride
+  want_keys = (np.maximum(g, -1) + rows).reshape(-1)                  # sorted
+  slot_keys = np.where(slot_block >= 0, slot_block.astype(np.int64) + rows, -2).reshape(-1)
+  at = np.minimum(np.searchsorted(want_keys, slot_keys), want_keys.size - 1)
+  keep = (want_keys[at] == slot_keys) & want.reshape(-1)[at]         # first of duplicates
+  hit = np.zeros(want_keys.size, bool)
+  hit[at[keep]] = True
+  missing = want & ~hit.reshape(want.shape)                             # [B, H, n]
+  keep = keep.reshape(slot_block.shape)                                 # [B, H, NS]
+  slot_block[~keep] = -1
+  # The r-th missing block of a row (ascending ids) goes to the row's r-th free slot.
+  free = ~keep
+  free_rank = np.cumsum(free, axis=-1) - 1
+  fb, fh, fs = np.nonzero(free)
+  slot_of_rank = np.empty((bsz, heads, ns), np.int64)
+  slot_of_rank[fb, fh, free_rank[fb, fh, fs]] = fs
+  mb, mh, mi = np.nonzero(missing)
+  rank = (np.cumsum(missing, axis=-1) - 1)[mb, mh, mi]
+  ms = slot_of_rank[mb, mh, rank]
+  mj = g[mb, mh, mi]
+  slot_block[mb, mh, ms] = mj
+  requested = int(count.sum())
+  return (mb, mh, ms, mj), tail_use, requested, requested - len(mb)
+
+
+def _scatter(slot_kv, slot_c, b, h, s, kv, c):
+  """Writes blocks ``kv [N, l', Dk+Dv]``, ``c [N, l']`` (or lists of N ``[l', Dk+Dv]`` / ``[l']``)
+  into slots ``(b, h, s)`` (``[N]`` int32 each)."""
+  if isinstance(kv, (list, tuple)):
+    kv, c = jnp.stack(kv), jnp.stack(c)
   return slot_kv.at[b, h, s].set(kv), slot_c.at[b, h, s].set(c)
 
 
@@ -117,10 +190,14 @@ class OffloadedBlockCache:
     max_len: the most tokens a sequence may hold.
     dtype: cache dtype of K/V (``c`` is kept in float32).
     device: the accelerator (default ``jax.devices()[0]``).
+    store: the host block store: ``"numpy"`` (one contiguous NumPy array per layer, allocated
+      for ``max_len`` tokens) or ``"pinned_host"`` (one jax array per block in pinned host
+      memory); :mod:`sparse_attention_jax.nn.offload_store`.
   """
 
   def __init__(self, *, batch: int, num_kv_heads: int, k_dim: int, v_dim: int,
-               block_size: int, num_slots: int, max_len: int, dtype=jnp.float32, device=None):
+               block_size: int, num_slots: int, max_len: int, dtype=jnp.float32, device=None,
+               store: str = "numpy"):
     for name, val in (("batch", batch), ("num_kv_heads", num_kv_heads), ("k_dim", k_dim),
                       ("v_dim", v_dim), ("block_size", block_size), ("num_slots", num_slots),
                       ("max_len", max_len)):
@@ -130,10 +207,11 @@ class OffloadedBlockCache:
     self.block_size, self.num_slots, self.max_len = block_size, num_slots, max_len
     self.dtype = jnp.dtype(dtype)
     self.device = jax.devices()[0] if device is None else device
-    self.host_memory_kind = host_memory_kind(self.device)
-    self._host = jax.sharding.SingleDeviceSharding(self.device, memory_kind=self.host_memory_kind)
-    self._dev = jax.sharding.SingleDeviceSharding(self.device, memory_kind="device")
     d = k_dim + v_dim
+    self.store = make_store(store, batch=batch, heads=num_kv_heads,
+                            num_blocks=-(-max_len // block_size), block_size=block_size, dim=d,
+                            dtype=self.dtype, device=self.device)
+    self._dev = jax.sharding.SingleDeviceSharding(self.device, memory_kind="device")
     zeros = functools.partial(jax.device_put, device=self._dev)
     self.slot_kv = zeros(jnp.zeros((batch, num_kv_heads, num_slots, block_size, d), self.dtype))
     self.slot_c = zeros(jnp.zeros((batch, num_kv_heads, num_slots, block_size), jnp.float32))
@@ -143,10 +221,20 @@ class OffloadedBlockCache:
     self.tail_use = np.zeros((batch, num_kv_heads), bool)
     self._scatter, self._write_token = _updaters(self.device.platform != "cpu")
     self.length = 0
-    self.host_blocks: dict[tuple[int, int, int], tuple[jax.Array, jax.Array]] = {}
     self.totals = {"steps": 0, "requested": 0, "hits": 0, "transferred": 0, "bytes": 0}
 
   # ------------------------------------------------------------------------------ sizes
+  @property
+  def host_memory_kind(self) -> str:
+    """Where the host store's blocks are, from what it holds: ``"numpy"``, ``"pinned_host"`` or
+    (pinned store without pinned host memory) ``"device"``."""
+    return self.store.memory_kind
+
+  @property
+  def host_bytes(self) -> int:
+    """Bytes of the host store (the NumPy store: its full ``max_len`` capacity)."""
+    return self.store.nbytes
+
   @property
   def block_bytes(self) -> int:
     """Bytes of one block of one KV head moved host -> device (K, V and float32 ``c``)."""
@@ -157,13 +245,12 @@ class OffloadedBlockCache:
     """Block of the newest token (the tail)."""
     return (self.length - 1) // self.block_size
 
-  # ------------------------------------------------------------------------------ writes
-  def _to_host(self, items):
-    """Host copies of ``{(b, h, j): (kv [l', Dk+Dv], c [l'])}`` device arrays."""
-    keys = list(items)
-    moved = jax.device_put([items[k] for k in keys], self._host)
-    self.host_blocks.update(zip(keys, (tuple(m) for m in moved)))
+  def host_block(self, b: int, h: int, j: int) -> tuple[np.ndarray, np.ndarray]:
+    """Host copy of the stored block ``j`` of sequence ``b``, KV head ``h``: ``(kv [l', Dk+Dv],
+    c [l'])``."""
+    return self.store.block(b, h, j)
 
+  # ------------------------------------------------------------------------------ writes
   def prefill(self, k, v, c) -> None:
     """Stores a prompt: ``k [B, T, H, Dk]`` (RoPE'd), ``v [B, T, H, Dv]``, ``c [B, T, H]``.
 
@@ -187,8 +274,8 @@ class OffloadedBlockCache:
     cc = jnp.pad(c.astype(jnp.float32), ((0, 0), (0, pad), (0, 0)))
     kv = jnp.transpose(kv.reshape(b, cur + 1, bs, h, -1), (0, 3, 1, 2, 4))   # [B, H, NB, l', D]
     cc = jnp.transpose(cc.reshape(b, cur + 1, bs, h), (0, 3, 1, 2))        # [B, H, NB, l']
-    self._to_host({(bi, hi, j): (kv[bi, hi, j], cc[bi, hi, j])
-                   for bi in range(b) for hi in range(h) for j in range(cur)})
+    if cur:
+      self.store.write(0, kv[:, :, :cur], cc[:, :, :cur])
     self.tail_kv = jax.device_put(kv[:, :, cur], self._dev)
     self.tail_c = jax.device_put(cc[:, :, cur], self._dev)
     self.length = t
@@ -196,7 +283,8 @@ class OffloadedBlockCache:
   def append(self, k_t, v_t, c_t) -> None:
     """Appends one token to every sequence: ``k_t [B, H, Dk]``, ``v_t [B, H, Dv]``, ``c_t [B, H]``.
 
-    When the token starts a new block, the complete tail goes to the host first.
+    When the token starts a new block, the complete tail goes to the host first (one copy of
+    every sequence's and head's tail).
     """
     b, h = self.batch, self.heads
     if (k_t.shape != (b, h, self.k_dim) or v_t.shape != (b, h, self.v_dim)
@@ -207,20 +295,23 @@ class OffloadedBlockCache:
       _fail("append", f"at most max_len={self.max_len} tokens", f"token {self.length + 1}")
     pos, bs = self.length, self.block_size
     if pos and pos % bs == 0:
-      done = pos // bs - 1
-      self._to_host({(bi, hi, done): (self.tail_kv[bi, hi], self.tail_c[bi, hi])
-                     for bi in range(b) for hi in range(h)})
+      self.store.write(pos // bs - 1, self.tail_kv[:, :, None], self.tail_c[:, :, None])
       self.tail_kv = jnp.zeros_like(self.tail_kv)
       self.tail_c = jnp.zeros_like(self.tail_c)
       self.tail_use[:] = False
     kv = jnp.concatenate([k_t.astype(self.dtype), v_t.astype(self.dtype)], axis=-1)
     self.tail_kv, self.tail_c = self._write_token(self.tail_kv, self.tail_c, pos % bs, kv,
-                                             c_t.astype(jnp.float32))
+                                                  c_t.astype(jnp.float32))
     self.length = pos + 1
 
   # ------------------------------------------------------------------------------ a step
   def update(self, gamma) -> dict:
     """Makes the slots hold ``Gamma(t)`` for the query at ``t = length - 1``.
+
+    The bookkeeping is :func:`assign_slots` (vectorized NumPy); the missing blocks are loaded in
+    chunks of at most ``MAX_SCATTER``, each ONE gather from the host store, ONE ``device_put``
+    and ONE jitted scatter into the slots (padded to a :func:`bucket` size with repeats of the
+    chunk's first write, so the scatter compiles once per bucket, not once per count).
 
     Args:
       gamma: ``[B, H, n]`` int block ids (``-1`` padding; duplicates count once), e.g. row ``t``
@@ -230,6 +321,7 @@ class OffloadedBlockCache:
       ``{"requested": selected blocks other than the current one, "hits": those already
       resident, "transferred": blocks copied host -> device, "hit_rate", "bytes": bytes moved
       host -> device}`` summed over the batch and heads (also accumulated in ``self.totals``).
+      Padding writes are not counted.
     """
     if self.length == 0:
       _fail("update", "a cache holding tokens (prefill/append first)", "an empty cache")
@@ -240,46 +332,37 @@ class OffloadedBlockCache:
     if g.max(initial=-1) > cur:
       _fail("gamma", f"block ids <= the current block {cur} (t = {self.length - 1}, no future "
             f"blocks)", f"max id {int(g.max())}")
-    requested = hits = 0
-    loads: list[tuple[int, int, int, int]] = []                  # (b, h, slot, block)
-    for bi in range(self.batch):
-      for hi in range(self.heads):
-        want = set(int(j) for j in g[bi, hi] if j >= 0)
-        self.tail_use[bi, hi] = cur in want
-        want.discard(cur)
-        if len(want) > self.num_slots:
-          _fail("gamma", f"at most num_slots={self.num_slots} selected blocks besides the "
-                f"current block per (sequence, KV head)", f"{len(want)} at (b={bi}, h={hi}); "
-                f"build the cache with more slots")
-        row = self.slot_block[bi, hi]
-        keep = np.isin(row, list(want)) & (row >= 0)
-        row[~keep] = -1                                          # evict what left the selection
-        resident = set(int(j) for j in row[keep])
-        missing = sorted(want - resident)
-        free = np.flatnonzero(row < 0)[:len(missing)]
-        for s, j in zip(free, missing):
-          row[s] = j
-          loads.append((bi, hi, int(s), j))
-        requested += len(want)
-        hits += len(want & resident)
-    for at in range(0, len(loads), MAX_SCATTER):     # chunks bound the scatter's arity
-      chunk = loads[at:at + MAX_SCATTER]
-      blocks = jax.device_put([self.host_blocks[(bi, hi, j)] for bi, hi, _, j in chunk],
-                              self._dev)
-      # Pad to a power of two with repeats of the first write (same slot, same data, already on
-      # the device) so the scatter compiles once per bucket, not once per count.
-      pad = (1 << (len(chunk) - 1).bit_length()) - len(chunk)
-      blocks = list(blocks) + [blocks[0]] * pad
-      rows = chunk + [chunk[0]] * pad
-      idx = [jnp.asarray([x[i] for x in rows], jnp.int32) for i in range(3)]
-      self.slot_kv, self.slot_c = self._scatter(self.slot_kv, self.slot_c, *idx, blocks)
-    stats = {"requested": requested, "hits": hits, "transferred": len(loads),
-             "hit_rate": hits / requested if requested else 1.0,
-             "bytes": len(loads) * self.block_bytes}
+    slot_block = self.slot_block.copy()          # unchanged if the selection is refused
+    loads, tail_use, requested, hits = assign_slots(g, slot_block, cur)
+    self.slot_block, self.tail_use = slot_block, tail_use
+    n = len(loads[0])
+    for at in range(0, n, MAX_SCATTER):
+      self._load([x[at:at + MAX_SCATTER] for x in loads])
+    stats = {"requested": requested, "hits": hits, "transferred": n,
+             "hit_rate": hits / requested if requested else 1.0, "bytes": n * self.block_bytes}
     for key in ("requested", "hits", "transferred", "bytes"):
       self.totals[key] += stats[key]
     self.totals["steps"] += 1
     return stats
+
+  def _load(self, chunk) -> None:
+    """Copies blocks ``j`` of rows ``(b, h)`` into slots ``s`` (``chunk = (b, h, s, j)``)."""
+    n = len(chunk[0])
+    idx = np.empty((4, bucket(n)), np.int32)
+    idx[:, :n] = chunk
+    idx[:, n:] = idx[:, :1]
+    kv, c = self.store.gather(idx[0], idx[1], idx[3])
+    kv, c, b, h, s = jax.device_put((kv, c, idx[0], idx[1], idx[2]), self._dev)
+    self.slot_kv, self.slot_c = self._scatter(self.slot_kv, self.slot_c, b, h, s, kv, c)
+
+  def warm_scatter(self) -> None:
+    """Compiles the slot scatter for every :func:`bucket` size up to a full refill (``B * H *
+    num_slots``, at most ``MAX_SCATTER``), so no decode step compiles one; writes zero blocks
+    into the slot ``(0, 0, 0)`` (call it on a cache whose slots are still empty)."""
+    for n in buckets(min(self.batch * self.heads * self.num_slots, MAX_SCATTER)):
+      kv, c, idx = jax.device_put((*self.store.zeros(n), np.zeros((n,), np.int32)), self._dev)
+      self.slot_kv, self.slot_c = self._scatter(self.slot_kv, self.slot_c, idx, idx, idx, kv, c)
+    jax.block_until_ready(self.slot_kv)
 
   def attend(self, q, *, softmax_scale: float | None = None):
     """Biased attention of the query at ``t = length - 1`` over the resident blocks.
@@ -302,4 +385,5 @@ class OffloadedBlockCache:
                    k_dim=self.k_dim, block_size=self.block_size, scale=float(scale))
 
 
-__all__ = ["OffloadedBlockCache", "host_memory_kind"]
+__all__ = ["MAX_SCATTER", "OffloadedBlockCache", "assign_slots", "bucket", "buckets",
+           "host_memory_kind"]

@@ -1,5 +1,6 @@
 """Offloaded NOSA decoding: every NOSA layer's K/V/c lives in host memory
-(:class:`~sparse_attention_jax.nn.offload.OffloadedBlockCache`, ``pinned_host``); the device keeps
+(:class:`~sparse_attention_jax.nn.offload.OffloadedBlockCache`: one NumPy array per layer, or
+per-block ``pinned_host`` arrays with ``store="pinned_host"``); the device keeps
 per layer the selection state (a ring of the last ``l`` keys, the compressed keys and the
 query-agnostic block scores, :class:`~sparse_attention_jax.ops.nosa_decode.NOSASelectState`), the
 ``k - 1`` block slots and the current block of every (sequence, KV head).
@@ -18,10 +19,11 @@ bookkeeping between a NOSA layer's selection and its attention runs in NumPy on 
   next token = sample(logits(x))                               # jitted
 
 Every piece is compiled once per layer kind/shape (not per layer, not per step); ``traces``
-counts them. The slot scatter of the block cache compiles once per power-of-two count of copied
-blocks; the decoder compiles every count up to a full refill when it builds its first caches, so
-no timed step compiles. The tokens equal the device-resident decode's (same selection code, same biased
-attention), which the tests check. Per step the decoder reports, summed over the NOSA layers,
+counts them. The slot scatter of the block cache compiles once per size bucket of copied blocks
+(:func:`~sparse_attention_jax.nn.offload.bucket`); the decoder compiles every bucket up to a full
+refill when it builds its first caches, so no timed step compiles. The tokens equal the
+device-resident decode's (same selection code, same biased attention), which the tests check.
+Per step the decoder reports, summed over the NOSA layers,
 ``requested`` (selected blocks besides the current one), ``hits`` (already resident),
 ``transferred`` (blocks copied host -> device), ``hit_rate`` and ``bytes``.
 
@@ -41,7 +43,8 @@ import numpy as np
 from flax import nnx
 
 from sparse_attention_jax.nn import decode as dec
-from sparse_attention_jax.nn.offload import MAX_SCATTER, OffloadedBlockCache
+from sparse_attention_jax.nn.offload import OffloadedBlockCache
+from sparse_attention_jax.nn.offload_store import STORES
 from sparse_attention_jax.ops.nosa_decode import (
   decode_budgets,
   fill_select_state,
@@ -114,7 +117,8 @@ class OffloadStats:
   the NOSA layers: requested, hits, transferred, hit_rate, bytes), ``total`` (the same over all
   steps), ``per_layer`` (totals of each NOSA layer, in order), ``slots`` (device slots per
   sequence and KV head), ``host_memory_kind``, ``device_bytes`` / ``host_bytes`` (buffers of
-  the NOSA layers' slot pools and select states / host block store after the run)."""
+  the NOSA layers' slot pools and select states / host block stores after the run; the NumPy
+  store counts its whole ``capacity``)."""
   per_step: list
   total: dict
   per_layer: list
@@ -134,10 +138,13 @@ class OffloadedDecoder:
     dtype: cache dtype (default: the layers' compute dtype).
     num_slots: device slots per (sequence, KV head) (default :func:`offload_slots`); fewer than
       a selection needs is an error at the first step that needs them.
+    store: host block store of every NOSA layer, ``"numpy"`` (one contiguous array per layer)
+      or ``"pinned_host"`` (one pinned host array per block); see
+      :class:`~sparse_attention_jax.nn.offload.OffloadedBlockCache`.
   """
 
   def __init__(self, model, *, batch: int, capacity: int, dtype=None,
-               num_slots: int | None = None):
+               num_slots: int | None = None, store: str = "numpy"):
     dec.check_decodable(model)
     kinds = [blk.kind for blk in model.layers]
     if "nosa" not in kinds:
@@ -146,7 +153,10 @@ class OffloadedDecoder:
     for name, val in (("batch", batch), ("capacity", capacity)):
       if not isinstance(val, int) or isinstance(val, bool) or val < 1:
         raise ValueError(f"{name}: expected a positive int, got {val!r}")
+    if store not in STORES:
+      raise ValueError(f"store: expected one of {STORES}, got {store!r}")
     self.model, self.batch, self.capacity, self.dtype = model, batch, capacity, dtype
+    self.store = store
     self.config = model.config
     self.num_slots = offload_slots(self.config, capacity) if num_slots is None else num_slots
     self.traces = {"embed": 0, "logits": 0, "nosa_prefill": 0, "nosa_pre": 0, "nosa_post": 0,
@@ -177,9 +187,10 @@ class OffloadedDecoder:
                                 num_kv_heads=c.num_kv_heads, dk=c.head_dim, dtype=dt)
         store = OffloadedBlockCache(batch=self.batch, num_kv_heads=c.num_kv_heads,
                                     k_dim=c.head_dim, v_dim=c.dv, block_size=c.nsa.block_size,
-                                    num_slots=self.num_slots, max_len=self.capacity, dtype=dt)
+                                    num_slots=self.num_slots, max_len=self.capacity, dtype=dt,
+                                    store=self.store)
         if not self._scatter_warm:
-          _warm_scatter(store)
+          store.warm_scatter()
           self._scatter_warm = True
         caches.append([sel, store])
       else:
@@ -234,30 +245,13 @@ class OffloadedDecoder:
     stores = [c[1] for c in caches if isinstance(c, list)]
     dev = sum(dec.cache_bytes((c[0], s.slot_kv, s.slot_c, s.tail_kv, s.tail_c))
               for c, s in zip([c for c in caches if isinstance(c, list)], stores))
-    host = sum(dec.cache_bytes(list(s.host_blocks.values())) for s in stores)
+    host = sum(s.host_bytes for s in stores)
     per_layer = [{**{k: s.totals[k] for k in _STAT_KEYS},
                   "hit_rate": s.totals["hits"] / s.totals["requested"]
                   if s.totals["requested"] else 1.0} for s in stores]
     steps = [{k: v for k, v in s.items() if k != "per_layer"} for s in per_step]
     return OffloadStats(steps, _sum_stats(steps) if steps else _sum_stats([]), per_layer,
                         self.num_slots, stores[0].host_memory_kind, dev, host)
-
-
-def _warm_scatter(store: OffloadedBlockCache) -> None:
-  """Compiles the slot scatter of ``store`` for every power-of-two count of copied blocks up to
-  a full refill (``B * H * num_slots``, at most ``MAX_SCATTER``), so no decode step compiles
-  one; writes zero blocks into the still-empty slot ``(0, 0, 0)``."""
-  kv, cc = jax.device_put((jnp.zeros(store.slot_kv.shape[3:], store.dtype),
-                           jnp.zeros(store.slot_c.shape[3:], jnp.float32)), store._dev)
-  n, most = 1, min(store.batch * store.heads * store.num_slots, MAX_SCATTER)
-  while True:
-    idx = [jnp.zeros((n,), jnp.int32)] * 3
-    store.slot_kv, store.slot_c = store._scatter(store.slot_kv, store.slot_c, *idx,
-                                                 [(kv, cc)] * n)
-    if n >= most:
-      break
-    n *= 2
-  jax.block_until_ready(store.slot_kv)
 
 
 class _Head(nnx.Module):

@@ -7,12 +7,16 @@ Run from the repository root on a CUDA machine (jax >= 0.11.2, flax, no grain/py
 What it checks on a random-init NOSA model (eviction scale ``A`` set to non-zero values so the
 bias and the query-agnostic part matter), float32, prompts of one length:
 
-1. greedy tokens of ``Generator(offload=True)`` (K/V/c in pinned host memory, selected blocks
-   copied into device slots) equal those of the device-resident ``Generator``;
-2. the host store's memory kind is ``pinned_host``;
+1. greedy tokens of ``Generator(offload=True, offload_store=S)`` (K/V/c in host memory, selected
+   blocks copied into device slots) equal those of the device-resident ``Generator``, for each
+   host store ``S`` of ``--stores`` (default ``numpy,pinned_host``);
+2. the host store holds its blocks where it says (``numpy``: NumPy arrays; ``pinned_host``:
+   every block a jax array in ``pinned_host`` memory), read from the arrays of the last
+   generation's caches;
 3. the transfer totals add up over the steps (bytes = blocks x block bytes).
 
-Prints a table (tokens/s of both paths, blocks/step, hit rate, MiB moved) and exits 1 on failure.
+Prints a table (tokens/s of the resident path and of each store, blocks/step, hit rate, MiB
+moved) and exits 1 on failure.
 """
 
 from __future__ import annotations
@@ -56,10 +60,40 @@ def build(tiny: bool) -> tuple[DecoderLM, int, int]:
   return model, prompt, new
 
 
+def _keep_caches(gen) -> None:
+  """Makes ``gen``'s offloaded decoder keep the caches of its latest prefill in
+  ``last_caches`` (to read the host stores after a generation)."""
+  dec = gen._offload
+  orig = dec.prefill
+
+  def prefill(tokens):
+    logits, caches = orig(tokens)
+    dec.last_caches = caches
+    return logits, caches
+
+  dec.prefill = prefill
+
+
+def _store_kinds(caches) -> set:
+  """Memory kinds of the NOSA layers' host stores, read from the stored arrays themselves."""
+  kinds = set()
+  for c in caches:
+    if isinstance(c, list):
+      st = c[1].store
+      if hasattr(st, "blocks"):
+        kinds |= {x.sharding.memory_kind for blk in st.blocks.values() for x in blk}
+      else:
+        kinds.add("numpy" if type(st.kv) is np.ndarray and type(st.c) is np.ndarray
+                  else type(st.kv).__name__)
+  return kinds
+
+
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser()
   ap.add_argument("--tiny", action="store_true")
   ap.add_argument("--batch", type=int, default=4)
+  ap.add_argument("--stores", default="numpy,pinned_host",
+                  help="comma-separated offload host stores to check")
   args = ap.parse_args(argv)
   out_dir = os.environ.get("OUT") or "nosa_decode_out"
   os.makedirs(out_dir, exist_ok=True)
@@ -68,38 +102,46 @@ def main(argv=None) -> int:
   prompts = rng.integers(0, model.config.vocab_size, (args.batch, plen)).tolist()
   cap = plen + new
   resident = Generator(model, batch=args.batch, capacity=cap, prefill_bucket=plen)
-  offload = Generator(model, batch=args.batch, capacity=cap, offload=True)
   a = resident.generate(prompts, new, greedy=True)
-  b = offload.generate(prompts, new, greedy=True)
-  st = b.offload
-  block_bytes = offload._offload.config.nsa.block_size * (
-      (model.config.head_dim + model.config.dv) * 4 + 4)
-  checks = {
-      "tokens_equal": bool(np.array_equal(a.tokens, b.tokens)),
-      "pinned_host": st.host_memory_kind == "pinned_host",
-      "totals_add_up": st.total["transferred"] == sum(s["transferred"] for s in st.per_step)
-      and st.total["bytes"] == st.total["transferred"] * block_bytes,
-  }
+  block_bytes = model.config.nsa.block_size * ((model.config.head_dim + model.config.dv) * 4 + 4)
   dev = jax.devices()[0]
   result = {"device": f"{dev.platform} ({dev.device_kind})", "jax": jax.__version__,
-            "batch": args.batch, "prompt": plen, "new_tokens": new, "checks": checks,
-            "resident_tokens_per_s": a.decode_tokens_per_s,
-            "offload_tokens_per_s": b.decode_tokens_per_s,
-            "blocks_per_step": st.total["transferred"] / max(len(st.per_step), 1),
-            "hit_rate": st.total["hit_rate"], "mib_moved": st.total["bytes"] / 2 ** 20,
-            "first_mismatch_step": None if checks["tokens_equal"] else int(
-                np.argmax(np.any(a.tokens != b.tokens, axis=0)))}
+            "batch": args.batch, "prompt": plen, "new_tokens": new,
+            "resident_tokens_per_s": a.decode_tokens_per_s, "stores": {}}
+  ok = True
+  for store in [x for x in args.stores.split(",") if x]:
+    gen = Generator(model, batch=args.batch, capacity=cap, offload=True, offload_store=store)
+    _keep_caches(gen)
+    b = gen.generate(prompts, new, greedy=True)
+    st = b.offload
+    checks = {
+        "tokens_equal": bool(np.array_equal(a.tokens, b.tokens)),
+        "host_store": st.host_memory_kind == store
+        and _store_kinds(gen._offload.last_caches) == {store},
+        "totals_add_up": st.total["transferred"] == sum(s["transferred"] for s in st.per_step)
+        and st.total["bytes"] == st.total["transferred"] * block_bytes,
+    }
+    ok &= all(checks.values())
+    result["stores"][store] = {
+        "checks": checks, "host_memory_kind": st.host_memory_kind,
+        "offload_tokens_per_s": b.decode_tokens_per_s,
+        "blocks_per_step": st.total["transferred"] / max(len(st.per_step), 1),
+        "hit_rate": st.total["hit_rate"], "mib_moved": st.total["bytes"] / 2 ** 20,
+        "first_mismatch_step": None if checks["tokens_equal"] else int(
+            np.argmax(np.any(a.tokens != b.tokens, axis=0)))}
   with open(os.path.join(out_dir, "nosa_decode.json"), "w") as f:
     json.dump(result, f, indent=1)
   print(f"device {result['device']}, jax {jax.__version__}, batch {args.batch}, prompt {plen}, "
         f"{new} new tokens")
-  print(f"{'path':<10} {'tokens/s':>10} {'blocks/step':>11} {'hit rate':>8} {'MiB moved':>9}")
-  print(f"{'resident':<10} {a.decode_tokens_per_s:>10.1f} {'-':>11} {'-':>8} {'-':>9}")
-  print(f"{'offload':<10} {b.decode_tokens_per_s:>10.1f} {result['blocks_per_step']:>11.1f} "
-        f"{result['hit_rate']:>8.3f} {result['mib_moved']:>9.2f}")
-  for name, ok in checks.items():
-    print(f"{name:<16} {'ok' if ok else 'FAIL'}")
-  return 0 if all(checks.values()) else 1
+  print(f"{'path':<20} {'tokens/s':>10} {'blocks/step':>11} {'hit rate':>8} {'MiB moved':>9} "
+        f"checks")
+  print(f"{'resident':<20} {a.decode_tokens_per_s:>10.1f} {'-':>11} {'-':>8} {'-':>9}")
+  for store, r in result["stores"].items():
+    bad = [k for k, v in r["checks"].items() if not v]
+    print(f"{'offload ' + store:<20} {r['offload_tokens_per_s']:>10.1f} "
+          f"{r['blocks_per_step']:>11.1f} {r['hit_rate']:>8.3f} {r['mib_moved']:>9.2f} "
+          f"{'ok' if not bad else 'FAIL ' + ','.join(bad)}")
+  return 0 if ok else 1
 
 
 if __name__ == "__main__":

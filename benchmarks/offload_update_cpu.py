@@ -1,0 +1,204 @@
+"""CPU micro-benchmark of ``OffloadedBlockCache.update`` (the per-step host bookkeeping and block
+loads of offloaded NOSA decoding), not a test.
+
+Shape of one layer of ``configs/nosa_1b.yaml`` at a 131k context: B sequences (default 128),
+H = 2 KV heads, NB = 2048 complete blocks of l' = 64 tokens, Dk = Dv = 64 in bfloat16 (16 KiB of
+K/V per block), k = 64 selected blocks (63 slots besides the current block). Selections are
+simulated: every (sequence, head) keeps its 63 blocks but swaps ``--churn`` of them for random
+others per step (hit rate ~ 1 - churn / 63), and always holds the current block.
+
+Rows (ms per ``update()``, mean over ``--steps`` steady-state steps after a full refill):
+
+* ``bookkeeping loop``: the earlier per-(b, h) Python set arithmetic alone (no copies);
+* ``bookkeeping vectorized``: :func:`sparse_attention_jax.nn.offload.assign_slots` alone;
+* ``update numpy``: the whole step with the NumPy store (gather, one ``device_put``, scatter);
+* ``update pinned_host``: the whole step with the per-block ``pinned_host`` store (same
+  vectorized bookkeeping, one host array per block);
+* ``update baseline``: with ``--baseline PATH`` (e.g. the earlier module from ``git show
+  b0c8696:sparse_attention_jax/nn/offload.py > /tmp/old_offload.py``), that module's update.
+
+The slot scatter donates the pool (updates it in place, as on a GPU) unless ``--no-donate``:
+the library does not donate on the CPU backend, where a non-donated scatter copies the whole
+slot pool (B * H * 63 blocks, 264 MB at B=128) per call, which would swamp what is measured here.
+
+Host RAM: the NumPy store is a strided view sharing one row's blocks between the rows (as in
+``benchmarks/decode.py``); the per-block stores share a pool of blocks. Copies move real bytes.
+
+Usage: ``python3 benchmarks/offload_update_cpu.py [--batch 128] [--steps 10] [--baseline PATH]``.
+Prints a table and writes ``offload_update_cpu.json`` under ``--out`` (default ``$OUT`` or
+``benchmarks/results``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sparse_attention_jax.nn import offload
+from sparse_attention_jax.nn.offload import OffloadedBlockCache, assign_slots
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def loop_bookkeeping(gamma, slot_block, cur):
+  """The earlier per-(b, h) set-based bookkeeping (slot map updated in place; the loads)."""
+  loads = []
+  for bi in range(slot_block.shape[0]):
+    for hi in range(slot_block.shape[1]):
+      want = {int(j) for j in gamma[bi, hi] if j >= 0}
+      want.discard(cur)
+      row = slot_block[bi, hi]
+      keep = np.isin(row, list(want)) & (row >= 0)
+      row[~keep] = -1
+      resident = {int(j) for j in row[keep]}
+      missing = sorted(want - resident)
+      for s, j in zip(np.flatnonzero(row < 0)[:len(missing)], missing):
+        row[s] = j
+        loads.append((bi, hi, int(s), j))
+  return loads
+
+
+def selections(rng, batch, heads, nb, k, churn, steps):
+  """``steps + 1`` selections ``[B, H, k]``: ``k - 1`` blocks of ``[0, nb)`` + the current block
+  ``nb``, each step swapping ``churn`` blocks per row for others."""
+  rows = np.argsort(rng.random((batch * heads, nb)), axis=1)[:, :k - 1]
+  out = []
+  for _ in range(steps + 1):
+    g = np.concatenate([rows, np.full((batch * heads, 1), nb)], axis=1)
+    out.append(g.reshape(batch, heads, k).astype(np.int32))
+    rows = rows.copy()
+    for r in range(rows.shape[0]):
+      have = set(rows[r].tolist())
+      pos = rng.choice(k - 1, churn, replace=False)
+      new = [j for j in rng.permutation(nb)[:4 * churn].tolist() if j not in have][:churn]
+      rows[r, pos[:len(new)]] = new
+  return out
+
+
+def make_cache(cls, store, batch, heads, nb, bs, d, dtype, pool, rng):
+  kw = {} if store is None else {"store": store}
+  cache = cls(batch=batch, num_kv_heads=heads, k_dim=d // 2, v_dim=d // 2, block_size=bs,
+              num_slots=63, max_len=(nb + 1) * bs, dtype=dtype, **kw)
+  kv = rng.standard_normal((pool, bs, d), np.float32).astype(np.dtype(dtype))
+  cc = rng.standard_normal((pool, bs), np.float32)
+  if store == "numpy":
+    kv = np.tile(kv, (-(-(nb + 1) // pool), 1, 1))[:nb + 1]
+    cc = np.tile(cc, (-(-(nb + 1) // pool), 1))[:nb + 1]
+    cache.store.kv = np.lib.stride_tricks.as_strided(kv, (batch, heads, *kv.shape),
+                                                     (0, 0, *kv.strides))
+    cache.store.c = np.lib.stride_tricks.as_strided(cc, (batch, heads, *cc.shape),
+                                                    (0, 0, *cc.strides))
+  else:
+    host = jax.sharding.SingleDeviceSharding(jax.devices()[0], memory_kind="pinned_host")
+    blocks = [tuple(b) for b in jax.device_put([(kv[i], cc[i]) for i in range(pool)], host)]
+    table = {(b, h, j): blocks[(b * heads * nb + h * nb + j) % pool] for b in range(batch)
+             for h in range(heads) for j in range(nb)}
+    if store is None:
+      cache.host_blocks = table
+    else:
+      cache.store.blocks = table
+  cache.length = nb * bs + 1                    # the current block nb holds one token
+  return cache
+
+
+def warm_baseline(cache, most) -> None:
+  """Compiles the earlier module's scatter for every power-of-two count (as its decoder did)."""
+  kv, cc = jax.device_put((jnp.zeros(cache.slot_kv.shape[3:], cache.dtype),
+                           jnp.zeros(cache.slot_c.shape[3:])), cache._dev)
+  n = 1
+  while n <= min(cache.batch * cache.heads * cache.num_slots, most):
+    idx = [jnp.zeros((n,), jnp.int32)] * 3
+    cache.slot_kv, cache.slot_c = cache._scatter(cache.slot_kv, cache.slot_c, *idx,
+                                                 [(kv, cc)] * n)
+    n *= 2
+  jax.block_until_ready(cache.slot_kv)
+
+
+def time_update(cache, gammas):
+  cache.update(gammas[0])                                     # full refill (compiles buckets)
+  jax.block_until_ready(cache.slot_kv)
+  times, moved = [], 0
+  for g in gammas[1:]:
+    t0 = time.perf_counter()
+    st = cache.update(g)
+    jax.block_until_ready(cache.slot_kv)
+    times.append(time.perf_counter() - t0)
+    moved += st["transferred"]
+  return 1e3 * float(np.mean(times)), moved / len(times)
+
+
+def main(argv=None) -> int:
+  ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  ap.add_argument("--batch", type=int, default=128)
+  ap.add_argument("--blocks", type=int, default=2048, help="complete blocks per row (NB)")
+  ap.add_argument("--steps", type=int, default=10)
+  ap.add_argument("--churn", type=int, default=6, help="blocks swapped per row per step")
+  ap.add_argument("--pool", type=int, default=256, help="distinct random blocks in the store")
+  ap.add_argument("--stores", default="numpy,pinned_host")
+  ap.add_argument("--baseline", default=None, help="path of an earlier offload.py to time too")
+  ap.add_argument("--no-donate", action="store_true",
+                  help="keep the library's CPU behaviour (no donation: every scatter copies)")
+  ap.add_argument("--out", default=os.environ.get("OUT") or os.path.join(ROOT, "benchmarks",
+                                                                         "results"))
+  args = ap.parse_args(argv)
+  b, h, nb, bs, k, d, dtype = args.batch, 2, args.blocks, 64, 64, 128, jnp.bfloat16
+  rng = np.random.default_rng(0)
+  gammas = selections(rng, b, h, nb, k, args.churn, args.steps)
+  rows = []
+
+  def bookkeeping(fn):
+    slots = np.full((b, h, k - 1), -1, np.int32)
+    fn(gammas[0], slots, nb)
+    t = []
+    for g in gammas[1:]:
+      t0 = time.perf_counter()
+      fn(g, slots, nb)
+      t.append(time.perf_counter() - t0)
+    return 1e3 * float(np.mean(t))
+
+  rows.append({"row": "bookkeeping loop", "ms": bookkeeping(loop_bookkeeping)})
+  rows.append({"row": "bookkeeping vectorized", "ms": bookkeeping(assign_slots)})
+  for store in [s for s in args.stores.split(",") if s]:
+    cache = make_cache(OffloadedBlockCache, store, b, h, nb, bs, d, dtype, args.pool, rng)
+    if not args.no_donate:
+      cache._scatter, cache._write_token = offload._updaters(True)
+    cache.warm_scatter()
+    ms, blocks = time_update(cache, gammas)
+    rows.append({"row": f"update {store}", "ms": ms, "blocks_per_step": blocks})
+    del cache
+  if args.baseline:
+    spec = importlib.util.spec_from_file_location("baseline_offload", args.baseline)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    cache = make_cache(mod.OffloadedBlockCache, None, b, h, nb, bs, d, dtype, args.pool, rng)
+    if not args.no_donate:
+      cache._scatter, cache._write_token = mod._updaters(True)
+    warm_baseline(cache, mod.MAX_SCATTER)
+    ms, blocks = time_update(cache, gammas)
+    rows.append({"row": "update baseline", "ms": ms, "blocks_per_step": blocks})
+  meta = {"jax": jax.__version__, "device": str(jax.devices()[0]), "B": b, "H": h, "NB": nb,
+          "block_size": bs, "k": k, "D": d, "dtype": "bfloat16", "churn": args.churn,
+          "steps": args.steps, "donate": not args.no_donate}
+  print(f"jax {jax.__version__} on {jax.devices()[0]}: B={b} H={h} NB={nb} l'={bs} k={k} "
+        f"Dk+Dv={d} bf16, churn {args.churn}/row/step, {args.steps} steps")
+  print(f"{'row':<24} {'ms/update':>10} {'blocks/step':>11}")
+  for r in rows:
+    print(f"{r['row']:<24} {r['ms']:>10.2f} {r.get('blocks_per_step', float('nan')):>11.1f}")
+  os.makedirs(args.out, exist_ok=True)
+  with open(os.path.join(args.out, "offload_update_cpu.json"), "w") as f:
+    json.dump({"meta": meta, "rows": rows}, f, indent=1)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,175 @@
+"""Host block stores of the offloaded NOSA cache (:mod:`sparse_attention_jax.nn.offload`).
+
+A store holds the complete K/V blocks (``kv [l', Dk + Dv]``, cache dtype) and eviction scores
+(``c [l']``, float32) of every (sequence ``b``, KV head ``h``, block ``j``) of one layer, and
+loads a list of them onto the device in one go. Two stores share one interface:
+
+* :class:`NumpyBlockStore` (``store="numpy"``, the default): ONE contiguous NumPy array per
+  layer, ``kv [B, H, NBmax, l', Dk + Dv]`` and ``c [B, H, NBmax, l']`` with ``NBmax =
+  ceil(max_len / l')``, allocated once (``np.empty``; host RAM of the full capacity). Writes are
+  one device -> host copy of all ``(b, h)`` at once; a load gathers the named blocks with one
+  fancy index ``kv[b_idx, h_idx, j_idx]`` into one host buffer (moved by one ``device_put``).
+* :class:`PinnedHostBlockStore` (``store="pinned_host"``): one jax array per block in the
+  device's ``pinned_host`` memory (device memory, logged, where the backend has none), in a dict;
+  a load moves the list of named blocks (one ``device_put``; stacked by the slot scatter).
+
+Both report ``memory_kind`` from what they actually hold (``"numpy"``: the arrays are NumPy
+arrays; else the memory kind of the stored jax arrays), and ``nbytes``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+log = logging.getLogger("sparse_attention_jax.nn.offload")
+
+STORES = ("numpy", "pinned_host")
+
+
+def host_memory_kind(device) -> str:
+  """``"pinned_host"`` if ``device`` can address pinned host memory, else ``"device"`` (logged)."""
+  kinds = [m.kind for m in device.addressable_memories()]
+  if "pinned_host" in kinds:
+    return "pinned_host"
+  log.warning("offload: %s has no pinned_host memory (memories: %s); the host block store "
+              "falls back to device memory", device, kinds)
+  return "device"
+
+
+class NumpyBlockStore:
+  """One contiguous NumPy array per layer (see the module docstring).
+
+  Attributes:
+    kv: ``[B, H, NBmax, l', Dk + Dv]`` (cache dtype), allocated (``np.empty``) at the first use
+      (so a benchmark that installs its own arrays never reserves the full size). May be
+      replaced by a read-only or strided view of the same shape and dtype (the decode benchmark
+      shares one copy of each block between rows this way); gathers work on views.
+    c: ``[B, H, NBmax, l']`` float32, likewise.
+  """
+
+  def __init__(self, *, batch: int, heads: int, num_blocks: int, block_size: int, dim: int,
+               dtype, device):
+    del device
+    self.shape = (batch, heads, num_blocks, block_size, dim)
+    self.dtype = np.dtype(dtype)
+    self._kv = self._c = None
+
+  @property
+  def kv(self):
+    if self._kv is None:
+      self._kv = np.empty(self.shape, self.dtype)
+    return self._kv
+
+  @kv.setter
+  def kv(self, value):
+    self._kv = value
+
+  @property
+  def c(self):
+    if self._c is None:
+      self._c = np.empty(self.shape[:4], np.float32)
+    return self._c
+
+  @c.setter
+  def c(self, value):
+    self._c = value
+
+  @property
+  def memory_kind(self) -> str:
+    arrays = [x for x in (self._kv, self._c) if x is not None]     # not yet allocated: NumPy
+    bad = [type(x).__name__ for x in arrays if not isinstance(x, np.ndarray)]
+    return bad[0] if bad else "numpy"
+
+  @property
+  def nbytes(self) -> int:
+    """Bytes of the store's shape (of a shared view: its logical size, not the RAM it uses)."""
+    return int(np.prod(self.shape) * self.dtype.itemsize + np.prod(self.shape[:4]) * 4)
+
+  def write(self, start: int, kv, c) -> None:
+    """Blocks ``start .. start + n - 1`` of every ``(b, h)``: ``kv [B, H, n, l', D]``, ``c [B, H,
+    n, l']`` (device or host arrays; one device -> host copy each)."""
+    kv, c = jax.device_get((kv, c))
+    self.kv[:, :, start:start + kv.shape[2]] = kv
+    self.c[:, :, start:start + c.shape[2]] = c
+
+  def block(self, b: int, h: int, j: int) -> tuple[np.ndarray, np.ndarray]:
+    """Host copy of block ``(b, h, j)``: ``(kv [l', D], c [l'])``."""
+    return np.array(self.kv[b, h, j]), np.array(self.c[b, h, j])
+
+  def gather(self, b, h, j):
+    """Blocks ``(b[i], h[i], j[i])`` (``[N]`` int arrays) in one host buffer each, ready for one
+    ``device_put``: ``(kv [N, l', D], c [N, l'])`` (one fancy-index gather)."""
+    return self.kv[b, h, j], self.c[b, h, j]
+
+  def zeros(self, n: int):
+    """``n`` zero blocks in :meth:`gather`'s format (to compile the scatter)."""
+    d = self.shape[3:]
+    return np.zeros((n, *d), self.dtype), np.zeros((n, d[0]), np.float32)
+
+
+class PinnedHostBlockStore:
+  """One jax array per block in ``pinned_host`` memory (see the module docstring).
+
+  Attributes:
+    blocks: ``{(b, h, j): (kv [l', D], c [l'])}`` jax arrays in host memory.
+  """
+
+  def __init__(self, *, batch: int, heads: int, num_blocks: int, block_size: int, dim: int,
+               dtype, device):
+    del num_blocks
+    self.batch, self.heads, self.block_size, self.dim = batch, heads, block_size, dim
+    self.dtype = jnp.dtype(dtype)
+    self.kind = host_memory_kind(device)
+    self._host = jax.sharding.SingleDeviceSharding(device, memory_kind=self.kind)
+    self.blocks: dict[tuple[int, int, int], tuple[jax.Array, jax.Array]] = {}
+
+  @property
+  def memory_kind(self) -> str:
+    if not self.blocks:
+      return self.kind
+    return next(iter(self.blocks.values()))[0].sharding.memory_kind
+
+  @property
+  def nbytes(self) -> int:
+    return int(sum(x.size * x.dtype.itemsize for blk in self.blocks.values() for x in blk))
+
+  def write(self, start: int, kv, c) -> None:
+    """As :meth:`NumpyBlockStore.write` (one host array per block)."""
+    keys = [(b, h, start + j) for b in range(kv.shape[0]) for h in range(kv.shape[1])
+            for j in range(kv.shape[2])]
+    kv, c = jnp.asarray(kv), jnp.asarray(c)
+    moved = jax.device_put([(kv[b, h, j - start], c[b, h, j - start]) for b, h, j in keys],
+                           self._host)
+    self.blocks.update(zip(keys, (tuple(m) for m in moved)))
+
+  def block(self, b: int, h: int, j: int) -> tuple[np.ndarray, np.ndarray]:
+    kv, c = self.blocks[(b, h, j)]
+    return np.asarray(kv), np.asarray(c)
+
+  def gather(self, b, h, j):
+    """Blocks ``(b[i], h[i], j[i])`` as two lists of ``[l', D]`` / ``[l']`` host arrays (moved
+    by one ``device_put`` of the lists, stacked on the device by the slot scatter)."""
+    blocks = [self.blocks[(int(x), int(y), int(z))] for x, y, z in zip(b, h, j)]
+    return [x[0] for x in blocks], [x[1] for x in blocks]
+
+  def zeros(self, n: int):
+    kv, c = jax.device_put((jnp.zeros((self.block_size, self.dim), self.dtype),
+                            jnp.zeros((self.block_size,), jnp.float32)), self._host)
+    return [kv] * n, [c] * n
+
+
+def make_store(store: str, **kw):
+  """The host store named ``store`` (one of :data:`STORES`)."""
+  if store == "numpy":
+    return NumpyBlockStore(**kw)
+  if store == "pinned_host":
+    return PinnedHostBlockStore(**kw)
+  raise ValueError(f"store: expected one of {STORES}, got {store!r}")
+
+
+__all__ = ["STORES", "NumpyBlockStore", "PinnedHostBlockStore", "host_memory_kind",
+           "make_store"]
