@@ -187,7 +187,7 @@ def test_causal_attention_picks_fast_path_only_for_one_document_rows(monkeypatch
 
 
 def test_packed_segments_descriptors_match_a_python_oracle():
-  """Offsets/lengths of every maximal run of equal ids, ``-1`` padding, the end offset ``T``."""
+  """Start offsets/lengths of every maximal run of equal ids, ``-1`` everywhere else."""
   rng = np.random.default_rng(5)
   for trial in range(20):
     b, t, m = 3, int(rng.integers(1, 40)), int(rng.integers(1, 6))
@@ -201,16 +201,17 @@ def test_packed_segments_descriptors_match_a_python_oracle():
         np.testing.assert_array_equal(np.asarray(offsets[r, :m]), starts[:m])
         continue
       ends = starts[1:] + [t]
-      want_off = starts + [t] + [-1] * (m - len(starts))
+      want_off = starts + [-1] * (m + 1 - len(starts))
       want_len = [e - s for s, e in zip(starts, ends)] + [-1] * (m - len(starts))
       np.testing.assert_array_equal(np.asarray(offsets[r]), want_off)
       np.testing.assert_array_equal(np.asarray(seqlens[r]), want_len)
 
 
 def test_causal_attention_packed_path_with_a_descriptor_driven_stand_in(monkeypatch):
-  """The packed cuDNN path is driven only by ``packed_segments``' descriptors: a stand-in that
+  """``impl="cudnn_packed"`` is driven only by ``packed_segments``' descriptors: a stand-in that
   rebuilds the mask from the offsets alone equals the reference; rows with more than
-  ``MAX_SEGMENTS`` documents go to the blocked op (the stand-in would fail them)."""
+  ``MAX_SEGMENTS`` documents go to the blocked op (the stand-in would fail them). ``auto`` never
+  takes this path."""
   traced = []
 
   def stand_in(q, k, v, segment_ids, *, window, softmax_scale):
@@ -233,12 +234,16 @@ def test_causal_attention_packed_path_with_a_descriptor_driven_stand_in(monkeypa
   for window in (None, 7):
     for seg in (jnp.full((2, 36), 3, jnp.int32), _segments(2, 36, [[10, 20], [5]]),
                 _segments(2, 36, [[4, 9, 30], []])):               # row 0: 4 documents > 3
-      got = jax.jit(functools.partial(dense_attention.causal_attention, window=window))(
-          q, k, v, segment_ids=seg)
+      got = jax.jit(functools.partial(dense_attention.causal_attention, window=window,
+                                      impl="cudnn_packed"))(q, k, v, segment_ids=seg)
       want = dense_attention.causal_attention(q, k, v, segment_ids=seg, window=window,
                                               impl="reference")
       np.testing.assert_allclose(np.asarray(got), np.asarray(want), **TOL)
   assert traced, "the packed path was never traced"
+  traced.clear()
+  monkeypatch.setattr(dense_attention, "_cudnn_attention", lambda q, k, v, **kw: q)
+  dense_attention.causal_attention(q, k, v, segment_ids=seg)                  # auto
+  assert not traced
 
 
 # ------------------------------------------------------- masked attention with a recomputing VJP

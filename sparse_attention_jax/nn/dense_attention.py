@@ -5,17 +5,21 @@ Used by ``FullAttention`` (``full``), ``SlidingWindowAttention`` (``swa``), ``ML
 :func:`~sparse_attention_jax.ops.masked.masked_attention` over a causal (windowed, same-document)
 mask:
 
-* cuDNN flash attention on GPU (Hopper and later) for bf16/f16 inputs. Without ``segment_ids``:
-  ``jax.nn.dot_product_attention(implementation="cudnn")``. With ``segment_ids`` (packed rows):
-  cuDNN's packed-sequence layout, each document of a row one sequence (its start offset and
-  length derived from the ids on the device; at most ``max_segments`` documents per row, a
-  runtime ``lax.cond`` sends rows with more to the blocked op). The public
-  ``jax.nn.dot_product_attention`` takes no offsets, so this calls
-  ``jax._src.cudnn.fused_attention_stablehlo.dot_product_attention`` (present in jax 0.11 and
-  0.12; when it is missing or refuses the call, one-document rows still get the public cuDNN
-  call through a ``lax.cond``, the rest the blocked op). ``Dk != Dv`` is served by zero-padding
-  the narrower side (zero value columns add zero outputs, zero q/k columns add zero logits). If
-  cuDNN cannot serve the call at trace time (no cuDNN, unsupported shape), the blocked op runs.
+* cuDNN flash attention (``jax.nn.dot_product_attention(implementation="cudnn")``) on GPU for
+  bf16/f16 inputs, when the rows hold one document each (``segment_ids`` None, or every row one
+  run of equal ids: a runtime ``lax.cond`` then picks cuDNN). It takes no segment ids, and
+  ``implementation=None`` would be XLA's ``[B, HQ, T, T]`` logits, so neither is used otherwise.
+  ``Dk != Dv`` is served by zero-padding the narrower side (zero value columns add zero outputs,
+  zero q/k columns add zero logits). If cuDNN cannot serve the call at trace time (no cuDNN,
+  unsupported shape), the blocked op runs.
+* ``impl="cudnn_packed"`` (experimental, not used by ``auto``): cuDNN's packed-sequence layout,
+  each document of a row one cuDNN sequence (offsets and lengths from the ids, at most
+  ``MAX_SEGMENTS`` per row, else the blocked op), through the private
+  ``jax._src.cudnn.fused_attention_stablehlo.dot_product_attention`` (the public function takes
+  no offsets). Its first H200 run (jax 0.11.2, 2026-11-29) returned NaN for packed rows (the
+  descriptors then ended with an extra end offset, since removed; not re-run) and compiled to an
+  8 GiB temporary at T=8192 (HQ 32), the size of ``[B, HQ, T, T]`` float32 logits, against
+  0.16 GiB for the one-document call: see ``tests/gpu/check_dense_paths.py``.
 * the blocked plain-JAX op :func:`~sparse_attention_jax.ops.blocked.blocked_attention`
   (``O(T * C)`` memory, online softmax, custom VJP): packed rows, CPU, TPU, float32.
 * ``impl="reference"``: the dense masked reference (``[B, T, HQ, T]`` logits; tests only).
@@ -52,9 +56,10 @@ def packed_segments(segment_ids, max_segments: int):
 
   Returns:
     ``(seqlens [B, M] int32, offsets [B, M + 1] int32, count [B] int32)``: row ``b``'s document
-    ``m < count[b]`` starts at ``offsets[b, m]`` and has ``seqlens[b, m]`` tokens;
-    ``offsets[b, count[b]] = T``; unused entries are ``-1``. Rows with ``count > M`` keep their
-    first ``M`` starts and are not valid descriptors (callers check ``count <= M``).
+    ``m < count[b]`` starts at ``offsets[b, m]`` and has ``seqlens[b, m]`` tokens; every other
+    entry is ``-1`` (cuDNN's packed convention: starts only, no end offset). Rows with
+    ``count > M`` keep their first ``M`` starts and are not valid descriptors (callers check
+    ``count <= M``).
   """
   b, t = segment_ids.shape
   m = max_segments
@@ -66,9 +71,9 @@ def packed_segments(segment_ids, max_segments: int):
   rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, t))
   pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None], (b, t))
   offsets = jnp.full((b, m + 1), -1, jnp.int32).at[rows, slot].set(pos, mode="drop")
-  offsets = offsets.at[jnp.arange(b), count].set(t, mode="drop")     # end of the last document
+  ends = offsets.at[jnp.arange(b), count].set(t, mode="drop")       # + the end of the last one
   m_ids = jnp.arange(m, dtype=jnp.int32)[None]
-  seqlens = jnp.where(m_ids < count[:, None], offsets[:, 1:] - offsets[:, :-1], -1)
+  seqlens = jnp.where(m_ids < count[:, None], ends[:, 1:] - ends[:, :-1], -1)
   return seqlens, offsets, count
 
 
@@ -135,9 +140,9 @@ def causal_attention(q, k, v, *, segment_ids=None, window: int | None = None,
     window: keys per query including itself, or None for full causal attention.
     softmax_scale: defaults to ``Dk ** -0.5``.
     impl: ``"reference"`` = the dense masked reference; ``"blocked"`` = always the blocked op;
-      ``"cudnn_rows"`` = cuDNN only for one-document rows (no packed layout), else blocked;
-      anything else (``"auto"``, kernel backend names) = cuDNN where it serves (packed layout
-      for packed rows), else blocked.
+      ``"cudnn_packed"`` = experimental packed-layout cuDNN for packed rows (see the module
+      docstring: not verified on a GPU); anything else (``"auto"``, kernel backend names) =
+      cuDNN for one-document rows, else blocked.
 
   Returns:
     ``[B, T, HQ, Dv]`` in ``q.dtype``.
@@ -163,7 +168,7 @@ def causal_attention(q, k, v, *, segment_ids=None, window: int | None = None,
 
   if segment_ids is None:
     return cudnn(q, k, v, None)
-  if impl != "cudnn_rows" and _cudnn_packed_usable(q, k, v, segment_ids, window, scale):
+  if impl == "cudnn_packed" and _cudnn_packed_usable(q, k, v, segment_ids, window, scale):
     def packed(q, k, v, segment_ids):
       return _cudnn_packed_attention(q, k, v, segment_ids, window=window, softmax_scale=scale)
     fits = jnp.all(packed_segments(segment_ids, MAX_SEGMENTS)[2] <= MAX_SEGMENTS)
