@@ -4,6 +4,7 @@ Run on the GPU machine from the repository root:
 ``PYTHONPATH=$PWD python3 tests/gpu/check_selected_mgpu_bwd.py [--quick | --docs | --dims-quick |
 --dims | --blocks-quick | --blocks | --smoke | --all]`` (``--docs``: only the packed-document configs;
 ``--smoke``: 9 configs across the default dims, documents, Dk != Dv and blocks 32/128;
+``--new-quick``: Dk/Dv 192/128 and 160/128, blocks 32 and 128, one config each;
 ``--dims``: only the ``Dk != Dv`` configs, e.g. Dk=192/Dv=128 and the ASA GLA global layer's
 Dk=160/Dv=128 (zero padded to 192); ``--blocks``: only KV block sizes 32 and 128; the ``-quick``
 forms run a subset of about ten configs that fits one 10-minute device call; ``--all``:
@@ -164,7 +165,10 @@ def main():
                 (c[7][:6] + (8,) + c[7][7:], {"block_size": 128}),      # T=4096, n*bs = 1024
                 (c[7][:6] + (32,) + c[7][7:], {"block_size": 32})]
   dispatch_dims = [(64, 64, BS)]
-  if "--smoke" in sys.argv:                  # one short call: regression + new dims + new blocks
+  if "--new-quick" in sys.argv:              # the four new shapes only: 192/128, 160/128, 32, 128
+    jobs = [dim_jobs[0], dim_jobs[2], block_jobs[0], block_jobs[1]]
+    dispatch_dims = [(160, 128, BS)]
+  elif "--smoke" in sys.argv:                  # one short call: regression + new dims + new blocks
     jobs = [jobs[i] for i in (0, 4, 7, 13)] + [docs[0], dim_jobs[0], dim_jobs[2],
                                                 block_jobs[0], block_jobs[1]]
     dispatch_dims = [(160, 128, BS)]
