@@ -60,7 +60,7 @@ def test_gpu_transforms_script_runs_on_simulated_cpu_devices(tmp_path):
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env = {**os.environ, "OUT": str(tmp_path), "PYTHONPATH": root}
   proc = subprocess.run([sys.executable, "tests/gpu/check_selected_transforms.py", "--cpu-smoke"],
-                        cwd=root, env=env, capture_output=True, text=True, timeout=600)
+                        cwd=root, env=env, capture_output=True, text=True, timeout=600, check=False)
   assert proc.returncode == 0, proc.stdout + proc.stderr
   rows = json.loads((tmp_path / "selected_transforms.json").read_text())["rows"]
   assert [r["case"].split()[0] for r in rows] == ["vmap", "shard_map", "shard_map"]

@@ -13,8 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import rand_qkv
+
 from sparse_attention_jax.nn import dense_attention
 from sparse_attention_jax.ops import dense_causal_attention, sliding_window_attention
 from sparse_attention_jax.ops.blocked import blocked_attention, default_chunk
@@ -215,7 +215,7 @@ def test_causal_attention_packed_path_with_a_descriptor_driven_stand_in(monkeypa
   traced = []
 
   def stand_in(q, k, v, segment_ids, *, window, softmax_scale):
-    seqlens, offsets, count = dense_attention.packed_segments(segment_ids, 3)
+    seqlens, offsets, _ = dense_attention.packed_segments(segment_ids, 3)
     t = q.shape[1]
     pos = jnp.arange(t)
     inner = offsets[:, 1:-1]                                     # starts of documents 1..M-1

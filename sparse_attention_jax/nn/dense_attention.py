@@ -80,7 +80,7 @@ def packed_segments(segment_ids, max_segments: int):
 def _cudnn_packed_attention(q, k, v, segment_ids, *, window: int | None, softmax_scale: float,
                             max_segments: int = MAX_SEGMENTS):
   """cuDNN causal (windowed) attention over packed documents (rows with <= ``max_segments``)."""
-  from jax._src.cudnn import fused_attention_stablehlo as cudnn_sdpa   # private: see module doc
+  from jax._src.cudnn import fused_attention_stablehlo as cudnn_sdpa  # private: see module doc
   dv = v.shape[-1]
   width = max(q.shape[-1], dv)
   seqlens, offsets, _ = packed_segments(segment_ids, max_segments)

@@ -30,9 +30,9 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 sys.path.insert(0, "tests/gpu")
-from check_selected_mgpu import BS, random_selection  # noqa: E402
+from check_selected_mgpu import BS, random_selection
 
-from sparse_attention_jax.ops.selected import selected_attention  # noqa: E402
+from sparse_attention_jax.ops.selected import selected_attention
 
 TOL = 2e-2
 
@@ -103,7 +103,7 @@ def main():
     mapped = jax.shard_map(op("pallas_gpu"), mesh=mesh, in_specs=(spec,) * 4, out_specs=spec,
                            check_vma=False)
     args = [jax.device_put(x, shard) for x in (q, k, v, bi, w)]
-    got = jax.jit(lambda q, k, v, bi, w: fwd_and_grads(mapped, q, k, v, bi, w))(*args)
+    got = jax.jit(lambda q, k, v, bi, w, f=mapped: fwd_and_grads(f, q, k, v, bi, w))(*args)
     want = jax.jit(lambda q, k, v, bi, w: fwd_and_grads(op("reference"), *f32((q, k, v)), bi,
                                                         w))(q, k, v, bi, w)
     rows.append(compare(f"shard_map {label}={max(shape)} B={q.shape[0]}", got, want))
