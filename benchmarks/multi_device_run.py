@@ -42,12 +42,15 @@ checks for grain and tqdm before any phase), add ``.whl`` to ``.git/info/exclude
     --seq-len 8192 --global-batch 2 --meshes "data=2;fsdp=2" --checkpoint-every 50 \\
     --budget-s 560 --out $OUT/multi_full_340m
 
-and the NSA model with ``--config configs/nsa_340m.yaml --out $OUT/multi_nsa_340m``. Expected
-cost (from benchmarks/RESULTS.md, one H200, T=8192): the full twin compiles in ~30 s and steps in
-~0.12 s per row, so all five phases of 200 steps fit in ~7 minutes; NSA compiles for ~3 minutes
-per distinct program and steps in ~0.6 s per row, so in one 10-minute call use ``--steps 60
---checkpoint-every 20`` (baseline + one mesh fit; the restores only if time is left: the budget
-logic skips and records what does not fit).
+and the NSA model with ``--config configs/nsa_340m.yaml --out $OUT/multi_nsa_340m``. Measured
+cost (H200x2, 2026-11-29, `benchmarks/RESULTS.md`): the full twin's 1-GPU baseline ran 200 steps
+in 244 s (30 s compile, then ~1.07 s per step of 2 packed rows: packed rows take the blocked
+plain-JAX attention, several times slower than cuDNN's one-document path), and the data=2 mesh
+spent ~3 minutes compiling its sharded initializer before that was replaced by an eager build
+placed on the mesh; so budget ~1 s per step for the full twin on this corpus and keep ``--steps``
+near 100 to fit every phase in one 10-minute call. NSA compiles for ~3 minutes per distinct
+program and steps in ~0.6 s per row: ``--steps 60 --checkpoint-every 20`` fits the baseline and
+one mesh per call (the budget logic skips and records what does not fit).
 
 CPU smoke run (2 simulated devices, seconds per phase)::
 
