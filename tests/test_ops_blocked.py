@@ -13,8 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import rand_qkv
 
+from conftest import rand_qkv
 from sparse_attention_jax.nn import dense_attention
 from sparse_attention_jax.ops import dense_causal_attention, sliding_window_attention
 from sparse_attention_jax.ops.blocked import blocked_attention, default_chunk
@@ -184,66 +184,6 @@ def test_causal_attention_picks_fast_path_only_for_one_document_rows(monkeypatch
                                               impl="reference")
       np.testing.assert_allclose(np.asarray(got), np.asarray(want), **TOL)
   assert calls, "the fast path was never traced"
-
-
-def test_packed_segments_descriptors_match_a_python_oracle():
-  """Start offsets/lengths of every maximal run of equal ids, ``-1`` everywhere else."""
-  rng = np.random.default_rng(5)
-  for trial in range(20):
-    b, t, m = 3, int(rng.integers(1, 40)), int(rng.integers(1, 6))
-    ids = np.cumsum(rng.random((b, t)) < 0.2, axis=1) % 3          # ids that come back later
-    seqlens, offsets, count = jax.jit(dense_attention.packed_segments, static_argnums=1)(
-        jnp.asarray(ids, jnp.int32), m)
-    for r in range(b):
-      starts = [0] + [i for i in range(1, t) if ids[r, i] != ids[r, i - 1]]
-      assert int(count[r]) == len(starts), (trial, r)
-      if len(starts) > m:
-        np.testing.assert_array_equal(np.asarray(offsets[r, :m]), starts[:m])
-        continue
-      ends = starts[1:] + [t]
-      want_off = starts + [-1] * (m + 1 - len(starts))
-      want_len = [e - s for s, e in zip(starts, ends)] + [-1] * (m - len(starts))
-      np.testing.assert_array_equal(np.asarray(offsets[r]), want_off)
-      np.testing.assert_array_equal(np.asarray(seqlens[r]), want_len)
-
-
-def test_causal_attention_packed_path_with_a_descriptor_driven_stand_in(monkeypatch):
-  """``impl="cudnn_packed"`` is driven only by ``packed_segments``' descriptors: a stand-in that
-  rebuilds the mask from the offsets alone equals the reference; rows with more than
-  ``MAX_SEGMENTS`` documents go to the blocked op (the stand-in would fail them). ``auto`` never
-  takes this path."""
-  traced = []
-
-  def stand_in(q, k, v, segment_ids, *, window, softmax_scale):
-    seqlens, offsets, _ = dense_attention.packed_segments(segment_ids, 3)
-    t = q.shape[1]
-    pos = jnp.arange(t)
-    inner = offsets[:, 1:-1]                                     # starts of documents 1..M-1
-    doc = jnp.sum((pos[None, :, None] >= inner[:, None, :]) & (inner[:, None, :] > 0), -1)
-    mask = (doc[:, :, None] == doc[:, None, :]) & (pos[:, None] >= pos[None, :])
-    if window is not None:
-      mask &= pos[:, None] - pos[None, :] < window
-    traced.append(seqlens.shape)
-    return masked_attention(q, k, v, mask[:, :, None, :], softmax_scale)[0]
-
-  monkeypatch.setattr(dense_attention, "_cudnn_usable", lambda *a: True)
-  monkeypatch.setattr(dense_attention, "_cudnn_packed_usable", lambda *a: True)
-  monkeypatch.setattr(dense_attention, "_cudnn_packed_attention", stand_in)
-  monkeypatch.setattr(dense_attention, "MAX_SEGMENTS", 3)
-  q, k, v = rand_qkv(jax.random.key(12), 2, 36, 4, 2, 8, 8)
-  for window in (None, 7):
-    for seg in (jnp.full((2, 36), 3, jnp.int32), _segments(2, 36, [[10, 20], [5]]),
-                _segments(2, 36, [[4, 9, 30], []])):               # row 0: 4 documents > 3
-      got = jax.jit(functools.partial(dense_attention.causal_attention, window=window,
-                                      impl="cudnn_packed"))(q, k, v, segment_ids=seg)
-      want = dense_attention.causal_attention(q, k, v, segment_ids=seg, window=window,
-                                              impl="reference")
-      np.testing.assert_allclose(np.asarray(got), np.asarray(want), **TOL)
-  assert traced, "the packed path was never traced"
-  traced.clear()
-  monkeypatch.setattr(dense_attention, "_cudnn_attention", lambda q, k, v, **kw: q)
-  dense_attention.causal_attention(q, k, v, segment_ids=seg)                  # auto
-  assert not traced
 
 
 # ------------------------------------------------------- masked attention with a recomputing VJP

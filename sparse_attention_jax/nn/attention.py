@@ -169,7 +169,7 @@ class FullAttention(_DenseAttentionBase):
   """Dense causal GQA attention with RoPE (kind ``"full"``).
 
   Runs :func:`~sparse_attention_jax.nn.dense_attention.causal_attention` with
-  ``impl=config.attn_impl``: cuDNN flash attention on GPU (packed layout for packed rows), else the
+  ``impl=config.attn_impl``: cuDNN flash attention on GPU for rows of one document, else the
   blocked plain-JAX op (``O(T * C)`` memory, packed documents); no ``T x T`` tensor either way.
   """
 

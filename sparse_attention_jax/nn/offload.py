@@ -6,7 +6,6 @@ The full K/V and eviction scores ``c`` of a batch of sequences live in a host bl
 once for ``max_len`` tokens (``store="numpy"``); or one ``pinned_host`` jax array per block
 (``store="pinned_host"``, the earlier layout). A transfer moves exactly the blocks it names
 (gathered into one host buffer, padded by at most 25%). The device holds, per (sequence, KV head):
-The device holds, per (sequence, KV head):
 
 * ``num_slots`` block slots (``slot_kv [B, H, NS, l', Dk + Dv]``, ``slot_c [B, H, NS, l']``)
   with a block-id map ``slot_block [B, H, NS]`` (``-1`` = empty);

@@ -5,14 +5,12 @@ Run on the GPU machine from the repository root:
 for a CPU run of the script itself).
 
 1. Correctness: :func:`sparse_attention_jax.nn.dense_attention.causal_attention` (``auto``: cuDNN
-   for one-document rows, else the blocked op; ``blocked``; and for packed rows the experimental
-   ``cudnn_packed``, whose failure is reported but does not fail the script) against
-   the float32 masked reference, forward and gradients, bf16 inputs, fresh random inputs, for
-   ``segment_ids`` None / all-equal / packed (4 documents) / padded (3 documents and trailing
+   for one-document rows through a runtime ``lax.cond``, else the blocked op; and ``blocked``)
+   against the float32 masked reference, forward and gradients, bf16 inputs, fresh random inputs,
+   for ``segment_ids`` None / all-equal / packed (4 documents) / padded (3 documents and trailing
    0 ids, the data pipeline's layout), full causal and window 512.
 2. Memory and time at T = 8192 (340M head layout: HQ 32, H 2, D 64): compiled temp bytes of a
-   jitted value_and_grad and the median time of one call, per path (packed rows also with
-   ``impl="cudnn_packed"``, the experimental packed-layout cuDNN path).
+   jitted value_and_grad and the median time of one call, per path.
 
 Writes ``$OUT/check_dense_paths.json`` (``$OUT`` default ``.``), prints a table, exits 1 if an
 error bound fails.
@@ -78,14 +76,13 @@ def correctness(quick):
       def ref(q, k, v, seg=seg, window=window):
         return masked_attention(q, k, v, causal_mask(t, seg, window), D ** -0.5)[0]
       g_ref, o_ref = value_and_grads(ref, *f32, ct)
-      packed = seg_kind in ("packed", "padded")
-      for impl in ("auto", "blocked") + (("cudnn_packed",) if packed else ()):
+      for impl in ("auto", "blocked"):
         fn = functools.partial(dense_attention.causal_attention, segment_ids=seg, window=window,
                                impl=impl)
         try:
           g, o = value_and_grads(fn, q, k, v, ct)
         except Exception as e:  # noqa: BLE001 -- a refused path is a failure: report it
-          ok = ok and impl == "cudnn_packed"
+          ok = False
           rows.append({"check": "correctness", "window": window, "segments": seg_kind,
                        "impl": impl, "error": f"{type(e).__name__}: {str(e)[:300]}", "ok": False})
           show(rows[-1])
@@ -94,12 +91,11 @@ def correctness(quick):
         err_g = max(float(jnp.max(jnp.abs(a.astype(jnp.float32) - b)) / jnp.max(jnp.abs(b)))
                     for a, b in zip(g, g_ref))
         good = err_o < 0.05 and err_g < 0.05 and all(bool(jnp.all(jnp.isfinite(x))) for x in g)
-        ok &= good or impl == "cudnn_packed"          # experimental: reported, not required
+        ok &= good
         rows.append({"check": "correctness", "window": window, "segments": seg_kind,
                      "impl": impl, "cudnn_usable": dense_attention._cudnn_usable(
                          q, k, v, window, D ** -0.5),
-                     "packed_usable": seg is not None and dense_attention._cudnn_packed_usable(
-                         q, k, v, seg, window, D ** -0.5), "max_err_o": err_o,
+                     "max_err_o": err_o,
                      "max_rel_err_grad": err_g, "ok": good})
         show(rows[-1])
   return rows, ok
@@ -115,8 +111,7 @@ def timing(quick):
   t, b = (512, 1) if SMOKE else (8192, 1 if quick else 8)
   for window in (None, 512):
     for seg_kind in ("none", "ones", "packed"):
-      for impl in ("auto", "cudnn_packed", "blocked") if seg_kind == "packed" else ("auto",
-                                                                                     "blocked"):
+      for impl in ("auto", "blocked"):
         q, k, v, ct = inputs(jax.random.key(0), b, t, jnp.bfloat16)
         seg = segments(seg_kind, b, t)
         fn = functools.partial(dense_attention.causal_attention, segment_ids=seg, window=window,
