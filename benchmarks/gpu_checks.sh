@@ -2,9 +2,9 @@
 # Every quick GPU check in one device call, on one or two GPUs (two lanes run side by side).
 # Usage (repository root, on the GPU machine):  bash benchmarks/gpu_checks.sh [PART ...]
 # PARTs (default: all but multi, context and timing): dense nosa decode offload dims transforms
-# multi context timing. `context`: decode tokens/s of every kind at 16k/32k/64k (B 1 and 16) on
-# GPU 0; `timing`: the selected-attention benchmark for the new shapes (Dk192/Dv128, the GLA
-# global layer's 160/128 and block 128) on the other GPU.
+# multi context timing. `context`: decode tokens/s of every kind at 16k/32k/64k (B 1 and 16);
+# `timing`: the selected-attention benchmark for the new shapes (Dk192/Dv128, the GLA global
+# layer's 160/128 and block 128). With two GPUs both are split between the lanes.
 # Each part runs under `timeout`, logs to $OUT/logs/<part>.log, writes its JSON under $OUT, and
 # the script prints one status line per part. Budget per part: the T_* variables below.
 # `multi` (2 GPUs, needs grain + tqdm on PYTHONPATH: see benchmarks/multi_device_run.py) runs
@@ -20,7 +20,7 @@ ngpu=$(python3 -c "import jax; print(jax.device_count())" 2>/dev/null || echo 1)
 lane1=$(( ngpu > 1 ? 1 : 0 ))
 T_DENSE=${T_DENSE:-150} T_NOSA=${T_NOSA:-90} T_OFFLOAD=${T_OFFLOAD:-150} T_DIMS=${T_DIMS:-160}
 T_TRANSFORMS=${T_TRANSFORMS:-70} T_MULTI=${T_MULTI:-170} T_DECODE=${T_DECODE:-40}
-T_CONTEXT=${T_CONTEXT:-75} T_TIMING=${T_TIMING:-120}
+T_CONTEXT=${T_CONTEXT:-120} T_TIMING=${T_TIMING:-120}
 
 run() {  # run NAME GPU SECONDS CMD...
   local name=$1 gpu=$2 secs=$3; shift 3
@@ -31,6 +31,22 @@ run() {  # run NAME GPU SECONDS CMD...
     | tee -a "$OUT/logs/status.txt"
 }
 
+context_kinds() {  # context_kinds GPU KIND...: decode vs context, one process per kind
+  local gpu=$1; shift
+  for k in "$@"; do
+    has context && run "context_$k" "$gpu" "$T_CONTEXT" env XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 \
+      python3 benchmarks/decode.py --shape 1b --kinds "$k" --batch 1,16 \
+      --context 16384,32768,65536 --steps 8 --warmup 2 --report-fit --out "$OUT/context_$k"
+  done
+}
+timing_part() {  # timing_part NAME GPU ARGS...: a new kernel shape vs cuDNN at 8k and 32k
+  local name=$1 gpu=$2; shift 2
+  run "$name" "$gpu" "$T_TIMING" python3 benchmarks/selected_attention.py --bwd \
+    --bwd-parts --seqs 8192,32768 --kinds exact-corr --variants 128:direct "$@" --out "$OUT/$name.json"
+}
+# Two GPUs: the context kinds and the timing parts are split between the lanes.
+if (( ngpu > 1 )); then ctx_a="full nsa" ctx_b="infllm_v2 nosa"; else ctx_a="full nsa infllm_v2 nosa" ctx_b=""; fi
+
 lane_a() {
   has dense && run dense 0 "$T_DENSE" env OUT="$OUT/dense" python3 tests/gpu/check_dense_paths.py --quick
   has nosa && run nosa_decode 0 "$T_NOSA" env OUT="$OUT/nosa" python3 tests/gpu/check_nosa_decode.py
@@ -39,28 +55,17 @@ lane_a() {
       python3 benchmarks/decode.py --shape 1b --kinds $k --batch 112 --context 131072 --steps 8 \
       --warmup 2 --report-fit --out "$OUT/decode_$k"
   done
-  for k in full nsa infllm_v2 nosa; do     # decode vs context (one process per kind)
-    has context && run "context_$k" 0 "$T_CONTEXT" env XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 \
-      python3 benchmarks/decode.py --shape 1b --kinds $k --batch 1,16 \
-      --context 16384,32768,65536 --steps 8 --warmup 2 --report-fit --out "$OUT/context_$k"
-  done
+  context_kinds 0 $ctx_a
+  has timing && timing_part timing_dk192 0 --dk 192 --dv 128
 }
 lane_b() {
   has dims && run dims "$lane1" "$T_DIMS" python3 tests/gpu/check_selected_mgpu_bwd.py --smoke
   has offload && run offload "$lane1" "$T_OFFLOAD" env XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 \
     python3 benchmarks/decode.py --shape 1b --kinds nosa_offload --batch 16,128 \
     --context 131072 --steps 8 --warmup 2 --report-fit --out "$OUT/offload"
-  if has timing; then                      # the new kernel shapes vs cuDNN, 8k and 32k
-    run timing_dk192 "$lane1" "$T_TIMING" python3 benchmarks/selected_attention.py --bwd \
-      --seqs 8192,32768 --kinds exact-corr --variants 128:direct --dk 192 --dv 128 \
-      --out "$OUT/timing_dk192.json"
-    run timing_gla "$lane1" "$T_TIMING" python3 benchmarks/selected_attention.py --bwd \
-      --seqs 8192,32768 --kinds exact-corr --variants 128:direct --dk 160 --dv 128 --hq 32 \
-      --h 2 --out "$OUT/timing_gla.json"
-    run timing_block128 "$lane1" "$T_TIMING" python3 benchmarks/selected_attention.py --bwd \
-      --seqs 8192,32768 --kinds exact-corr --variants 128:direct --block 128 --n 8 \
-      --out "$OUT/timing_block128.json"
-  fi
+  context_kinds "$lane1" $ctx_b
+  has timing && timing_part timing_gla "$lane1" --dk 160 --dv 128 --hq 32 --h 2
+  has timing && timing_part timing_block128 "$lane1" --block 128 --n 8
 }
 if (( ngpu > 1 )); then lane_a & lane_b & wait; else lane_a; lane_b; fi
 all=$(seq -s, 0 $((ngpu - 1)))

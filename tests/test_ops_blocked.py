@@ -13,8 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import rand_qkv
+
 from sparse_attention_jax.nn import dense_attention
 from sparse_attention_jax.ops import dense_causal_attention, sliding_window_attention
 from sparse_attention_jax.ops.blocked import blocked_attention, default_chunk
@@ -162,28 +162,43 @@ def test_default_chunk():
 
 
 # ----------------------------------------------------------- module path (cuDNN / blocked / cond)
-def test_causal_attention_picks_fast_path_only_for_one_document_rows(monkeypatch):
-  """With a stand-in for cuDNN that ignores documents (as cuDNN does), the module path still
-  equals the reference: one-document rows take the stand-in, packed rows the blocked op."""
+@pytest.mark.parametrize("mask_max", [dense_attention.MASK_MAX_ELEMENTS, 0])
+def test_causal_attention_cudnn_routes_equal_reference(monkeypatch, mask_max):
+  """With XLA standing in for cuDNN's fused attention (same call, ``implementation="xla"``), the
+  module path equals the reference, forward and gradients, for every route: no segment ids (no
+  mask), packed rows under the size limit (same-document mask), and over it (``mask_max=0``:
+  one-document rows without a mask through the runtime cond, packed rows the blocked op)."""
   calls = []
 
-  def stand_in(q, k, v, *, window, softmax_scale):
-    calls.append(window)
-    local = None if window is None else (window - 1, 0)
-    return jax.nn.dot_product_attention(q, k, v, scale=softmax_scale, is_causal=True,
-                                        local_window_size=local, implementation="xla")
+  def stand_in(q, k, v, mask, *, scale, local_window_size):
+    calls.append(mask is not None)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, is_causal=True,
+                                        local_window_size=local_window_size,
+                                        implementation="xla")
 
   monkeypatch.setattr(dense_attention, "_cudnn_usable", lambda *a: True)
-  monkeypatch.setattr(dense_attention, "_cudnn_attention", stand_in)
+  monkeypatch.setattr(dense_attention, "_sdpa", stand_in)
+  monkeypatch.setattr(dense_attention, "MASK_MAX_ELEMENTS", mask_max)
   q, k, v = rand_qkv(jax.random.key(11), 2, 36, 4, 2, 8, 8)
+  ct = jax.random.normal(jax.random.key(12), q.shape[:3] + (8,))
+  padded = np.array(_segments(2, 36, [[10, 30], [5, 20]]))
+  padded[0, 30:] = 0                                  # the data pipeline's trailing 0 padding
   for window in (None, 7):
-    for seg in (None, jnp.full((2, 36), 3, jnp.int32), _segments(2, 36, [[10], []])):
-      got = jax.jit(functools.partial(dense_attention.causal_attention, window=window))(
-          q, k, v, segment_ids=seg)
-      want = dense_attention.causal_attention(q, k, v, segment_ids=seg, window=window,
-                                              impl="reference")
+    for seg in (None, jnp.full((2, 36), 3, jnp.int32), _segments(2, 36, [[10], []]),
+                jnp.asarray(padded)):
+      def loss(q, k, v, impl, seg=seg, window=window):
+        o = dense_attention.causal_attention(q, k, v, segment_ids=seg, window=window, impl=impl)
+        return jnp.sum(o * ct), o
+
+      calls.clear()
+      (_, got), g_got = jax.jit(jax.value_and_grad(loss, (0, 1, 2), has_aux=True),
+                                static_argnums=3)(q, k, v, "auto")
+      (_, want), g_want = jax.value_and_grad(loss, (0, 1, 2), has_aux=True)(q, k, v, "reference")
       np.testing.assert_allclose(np.asarray(got), np.asarray(want), **TOL)
-  assert calls, "the fast path was never traced"
+      for x, y in zip(g_got, g_want):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), **TOL)
+      masked_route = seg is not None and mask_max > 0
+      assert calls and all(c == masked_route for c in calls), (window, seg, calls)
 
 
 # ------------------------------------------------------- masked attention with a recomputing VJP

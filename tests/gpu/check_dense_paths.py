@@ -4,13 +4,14 @@ Run on the GPU machine from the repository root:
 ``PYTHONPATH=$PWD python3 tests/gpu/check_dense_paths.py [--quick]`` (``--smoke``: tiny shapes,
 for a CPU run of the script itself).
 
-1. Correctness: :func:`sparse_attention_jax.nn.dense_attention.causal_attention` (``auto``: cuDNN
-   for one-document rows through a runtime ``lax.cond``, else the blocked op; and ``blocked``)
+1. Correctness: :func:`sparse_attention_jax.nn.dense_attention.causal_attention` (``auto``: cuDNN,
+   for packed rows with a ``[B, 1, T, T]`` same-document mask; and ``blocked``)
    against the float32 masked reference, forward and gradients, bf16 inputs, fresh random inputs,
    for ``segment_ids`` None / all-equal / packed (4 documents) / padded (3 documents and trailing
    0 ids, the data pipeline's layout), full causal and window 512.
 2. Memory and time at T = 8192 (340M head layout: HQ 32, H 2, D 64): compiled temp bytes of a
-   jitted value_and_grad and the median time of one call, per path.
+   jitted value_and_grad and the median time of one call, per path (``--quick``: full causal
+   only, B = 1 and 2).
 
 Writes ``$OUT/check_dense_paths.json`` (``$OUT`` default ``.``), prints a table, exits 1 if an
 error bound fails.
@@ -108,8 +109,9 @@ def show(row):
 
 def timing(quick):
   rows = []
-  t, b = (512, 1) if SMOKE else (8192, 1 if quick else 8)
-  for window in (None, 512):
+  t, batches = (512, (1,)) if SMOKE else (8192, (1, 2) if quick else (1, 8))
+  windows = (None,) if quick else (None, 512)
+  for b, window in [(b, w) for b in batches for w in windows]:
     for seg_kind in ("none", "ones", "packed"):
       for impl in ("auto", "blocked"):
         q, k, v, ct = inputs(jax.random.key(0), b, t, jnp.bfloat16)
