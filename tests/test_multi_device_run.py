@@ -46,6 +46,10 @@ def test_mesh_parsing_and_curve_differences():
   assert d["common_steps"] == 3 and d["first_common_step"] == 2
   assert d["max_abs_diff"] == pytest.approx(0.3)
   assert d["max_abs_diff_smoothed"] == pytest.approx(0.15)
+  assert d["max_abs_diff_early"] is None
+  assert m.curve_diff({2: 2.5, 3: 2.3, 4: 1.0}, ref, 2, early=1)["max_abs_diff_early"] == 0.0
+  assert m.curve_diff({2: 2.5, 3: 2.3, 4: 1.0}, ref, 2, early=2)["max_abs_diff_early"] == (
+      pytest.approx(0.3))
   assert m.moving_average([1.0, 3.0, 5.0], 2) == [1.0, 2.0, 4.0]
   env = m.phase_env("cpu", 2, None)
   assert "--xla_force_host_platform_device_count=2" in env["XLA_FLAGS"].split()
@@ -141,3 +145,21 @@ def test_summary_checks_fail_on_diverging_or_unresumed_curves(tmp_path):
   summary = m.summarize(runner, args)
   assert summary["phases"][1]["loss_check"] == "pass"
   assert summary["phases"][1]["vs_baseline"]["max_abs_diff_smoothed"] == pytest.approx(0.1)
+  assert all("loss_check" not in x for x in summary["phases"] if x["kind"] == "restore")
+  assert summary["mesh_spread"] == {}  # One mesh run: nothing to compare it with.
+  # The early check bounds the raw difference over the first steps (0.2 at step 5).
+  args.early_steps, args.early_tol = 4, 0.05
+  assert m.summarize(runner, args)["phases"][1]["loss_check"] == "pass"
+  args.early_steps = 5
+  summary = m.summarize(runner, args)
+  assert summary["phases"][1]["loss_check"] == "fail"
+  assert summary["phases"][1]["vs_baseline"]["max_abs_diff_early"] == pytest.approx(0.2)
+  # --resummarize recomputes the checks of the written run directory with new tolerances.
+  assert m.main(["--resummarize", str(tmp_path), "--smooth", "2", "--loss-tol", "0.25",
+                 "--early-steps", "4", "--restore-tol", "1.0"]) == 1  # restore_fresh: no resume
+  again = json.loads((tmp_path / "summary.json").read_text())
+  checks = {x["phase"]: x.get("loss_check") or x.get("restore_check") for x in again["phases"]}
+  assert checks == {"baseline": None, "mesh_data2": "pass", "restore_ok": "pass",
+                    "restore_bad": "pass", "restore_fresh": "fail"}
+  assert (again["smooth"], again["early_steps"], again["command"]) == (2, 4, summary["command"])
+  assert (tmp_path / "summary.md").read_text().count("| pass |") == 3

@@ -246,6 +246,26 @@ def test_short_run_lowers_loss_and_writes_outputs(tmp_path, capsys):
   assert ckpt is not None and ckpt.endswith("30")
 
 
+def test_no_evaluation_with_zero_eval_batches(tmp_path, capsys, monkeypatch):
+  """``train.eval_batches=0``: the run never evaluates (no eval program to compile), still
+  trains and saves; a negative count is refused by name."""
+  calls = []
+  monkeypatch.setattr(loop.Trainer, "evaluate", lambda self, b: calls.append(b) or 0.0)
+  out = tmp_path / "run"
+  rc = main(["--config", TINY, "--no-progress", *SMALL, "train.steps=4", "train.log_every=2",
+             "train.eval_every=2", "train.eval_batches=0", "train.sample_bytes=0",
+             "train.corpus_max_bytes=100000", f"train.output_dir={out}"])
+  assert rc == 0 and calls == []
+  text = capsys.readouterr().out
+  assert "eval loss" not in text and "tokens/s" in text
+  events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+  assert [e["step"] for e in events if "loss" in e] == [2, 4]
+  assert not any("eval_loss" in e for e in events)
+  assert checkpoint.latest(out / "checkpoints").endswith("4")
+  assert main(["--config", TINY, "train.eval_batches=-1", f"train.output_dir={out}x"]) == 2
+  assert "train.eval_batches" in capsys.readouterr().err
+
+
 def test_sampling_is_fixed_length_and_reproducible():
   cfg = load_config(TINY, SMALL)
   model, _ = loop.build(cfg)

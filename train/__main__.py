@@ -137,9 +137,10 @@ def main(argv: list[str] | None = None) -> int:
     step = ckpt.restore(model, optimizer, train_it)
     trainer.refresh()
     print(f"resumed from {os.path.join(ckpt_dir, str(step))} (step {step} of {tc.steps})")
-  init_eval = trainer.evaluate(eval_set)
-  print(f"eval loss at {'init' if not resuming else 'resume'}: {init_eval:.4f} (uniform over "
-        f"{config.model.vocab_size} ids: {math.log(config.model.vocab_size):.4f})")
+  init_eval = trainer.evaluate(eval_set) if eval_set else None   # train.eval_batches=0: none
+  if init_eval is not None:
+    print(f"eval loss at {'init' if not resuming else 'resume'}: {init_eval:.4f} (uniform over "
+          f"{config.model.vocab_size} ids: {math.log(config.model.vocab_size):.4f})")
 
   def on_step(step: int, force: bool) -> None:
     ckpt.save(step, model, optimizer, train_it, force=force)

@@ -76,7 +76,8 @@ class TrainConfig:
     weight_decay: decoupled AdamW weight decay, applied to matrices only (see ``train.loop``).
     grad_clip: global gradient norm clip (0 = no clipping).
     eval_every: evaluate the held-out loss every this many steps (0 = only at the end).
-    eval_batches: held-out batches per evaluation.
+    eval_batches: held-out batches per evaluation (0 = no evaluation at all: no initial or final
+      held-out loss, no eval program to compile).
     log_every: print a log line and append to ``metrics.jsonl`` every this many steps.
     seed: seed of the parameters and of the data order.
     output_dir: where the resolved config, ``metrics.jsonl`` and ``checkpoints/`` go.
@@ -142,7 +143,7 @@ class TrainConfig:
     def is_real(v):
       return (is_int(v) or isinstance(v, float)) and math.isfinite(v)
 
-    for name, lo in (("seq_len", 2), ("batch_size", 1), ("steps", 1), ("eval_batches", 1),
+    for name, lo in (("seq_len", 2), ("batch_size", 1), ("steps", 1), ("eval_batches", 0),
                      ("log_every", 1), ("corpus_max_bytes", 4096), ("grad_accum_steps", 1),
                      ("keep_checkpoints", 1)):
       if not is_int(getattr(self, name)) or getattr(self, name) < lo:

@@ -206,7 +206,7 @@ def make_data(config: RunConfig, *, shard_index: int = 0, shard_count: int = 1,
     train_it = synthetic.task_iterator(cfg.source, tc.seq_len, local_batch, tc.seed, **shards,
                                        **task)
     eval_set = synthetic.task_eval_batches(cfg.source, tc.seq_len, local_batch,
-                                           tc.eval_batches, **shards, **task)
+                                           tc.eval_batches, **shards, **task) if tc.eval_batches else []
     extra = (f"{cfg.num_pairs} pairs, {cfg.num_queries} queries" if cfg.source == "mqar" else
              f"depth {'random' if cfg.needle_depth == -1 else cfg.needle_depth}")
     desc = (f"data: synthetic {cfg.source} ({extra}, {cfg.context_len or tc.seq_len + 1} tokens "
@@ -226,6 +226,6 @@ def make_data(config: RunConfig, *, shard_index: int = 0, shard_count: int = 1,
           f"({corpus.heldout_bytes / 1e6:.2f} M)")
   train_it = data_lib.train_iterator(corpus.train, tc.seq_len, local_batch, tc.seed, **shards)
   eval_set = data_lib.eval_batches(corpus.heldout, tc.seq_len, local_batch, tc.eval_batches,
-                                   **shards)
+                                   **shards) if tc.eval_batches else []
   return DataSetup(train_it, eval_set, desc, tokenizer, text=True)
 

@@ -102,9 +102,18 @@ def correctness(quick):
   return rows, ok
 
 
+SHOWN: list[dict] = []
+
+
 def show(row):
+  """Prints a row and rewrites the JSON with every row so far (a run cut short keeps them)."""
   print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
         flush=True)
+  SHOWN.append(row)
+  out = os.environ.get("OUT", ".")
+  os.makedirs(out, exist_ok=True)
+  with open(os.path.join(out, "check_dense_paths.json"), "w") as f:
+    json.dump(SHOWN, f, indent=1)
 
 
 def timing(quick):
@@ -144,12 +153,8 @@ def timing(quick):
 def main():
   quick = "--quick" in sys.argv
   print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}")
-  rows, ok = correctness(quick)
-  rows += timing(quick)
-  out = os.environ.get("OUT", ".")
-  os.makedirs(out, exist_ok=True)
-  with open(os.path.join(out, "check_dense_paths.json"), "w") as f:
-    json.dump(rows, f, indent=1)
+  ok = correctness(quick)[1]
+  timing(quick)                                  # every row is in the JSON as soon as shown
   print("OK" if ok else "FAILED")
   sys.exit(0 if ok else 1)
 
