@@ -13,12 +13,17 @@ Phases (each in its own process, with the devices chosen by ``CUDA_VISIBLE_DEVIC
    resumed losses must equal the uninterrupted mesh curve at the same steps (same data order: the
    Grain iterator position is in the checkpoint) within ``--restore-tol``.
 4. ``summary.json`` + a printed table: per phase devices, mesh, step time, tokens/s total and per
-   device, MFU, peak memory, final loss, max |loss - baseline| over the common steps (raw and a
-   ``--smooth``-step moving average, checked against ``--loss-tol``), restore checks, scaling
-   efficiency = (tokens/s per device on N devices) / (tokens/s on 1 device); ``loss_curves.png``
-   (matplotlib Agg; skipped with a notice when matplotlib is missing); ``summary.md``, the table
-   and command as markdown for ``benchmarks/RESULTS.md``.
+   device, MFU, peak memory, final loss, the loss check against the 1-device curve (two parts:
+   raw |dL| over the first ``--early-steps`` steps within ``--early-tol``, while the runs still
+   compute the same trajectory, and ``--smooth``-step moving averages within ``--loss-tol``,
+   since bf16 runs that differ only in reduction order drift apart after a few dozen steps), the
+   same statistics between every two mesh runs (``mesh_spread``: the noise floor), restore
+   checks, scaling efficiency = (tokens/s per device on N devices) / (tokens/s on 1 device);
+   ``loss_curves.png`` (matplotlib Agg; skipped with a notice when matplotlib is missing);
+   ``summary.md``, the table and command as markdown for ``benchmarks/RESULTS.md``.
+   ``--resummarize DIR`` recomputes all of it from a finished run directory (no runs).
 
+Phases train without evaluation (``train.eval_batches=0``: no eval program to compile).
 ``--budget-s`` bounds the whole run: a phase is not launched when its estimated time (startup and
 compile overhead + steps x step time, from the phases already run) would pass the budget, and a
 running phase gets SIGTERM at the budget (the job saves and exits). ``summary.json`` is rewritten
@@ -43,14 +48,12 @@ checks for grain and tqdm before any phase), add ``.whl`` to ``.git/info/exclude
     --budget-s 560 --out $OUT/multi_full_340m
 
 and the NSA model with ``--config configs/nsa_340m.yaml --out $OUT/multi_nsa_340m``. Measured
-cost (H200x2, 2026-11-29, `benchmarks/RESULTS.md`): the full twin's 1-GPU baseline ran 200 steps
-in 244 s (30 s compile, then ~1.07 s per step of 2 packed rows: packed rows take the blocked
-plain-JAX attention, several times slower than cuDNN's one-document path), and the data=2 mesh
-spent ~3 minutes compiling its sharded initializer before that was replaced by an eager build
-placed on the mesh; so budget ~1 s per step for the full twin on this corpus and keep ``--steps``
-near 100 to fit every phase in one 10-minute call. NSA compiles for ~3 minutes per distinct
-program and steps in ~0.6 s per row: ``--steps 60 --checkpoint-every 20`` fits the baseline and
-one mesh per call (the budget logic skips and records what does not fit).
+cost (H200x2, 2026-11-29, `benchmarks/RESULTS.md`): the full twin steps in ~0.30 s (1 GPU, 2 packed
+rows on cuDNN with a document mask) and ~0.17 s (2 GPUs), compiles in ~30-40 s, so 200 steps of
+the baseline, three meshes and the restore on 1 GPU took 490 s; the NSA model's first step
+compiles for ~4 minutes (235 s on one GPU) and steps in ~0.93 s (1 GPU, 2 rows): ``--steps 60
+--checkpoint-every 20`` fits the baseline and about one mesh per 10-minute call (the budget logic
+skips and records what does not fit).
 
 CPU smoke run (2 simulated devices, seconds per phase)::
 
@@ -523,6 +526,9 @@ def _args(argv=None) -> argparse.Namespace:
   p.add_argument("--restore-tol", type=float, default=0.05,
                  help="max |resumed loss - uninterrupted loss| at the same steps")
   p.add_argument("--smooth", type=int, default=50, help="moving-average window of the loss check")
+  p.add_argument("--baseline-from", metavar="DIR", default=None,
+                 help="reuse the 1-device baseline of an earlier run directory (same config, "
+                      "steps, global batch, sequence length) and run only the meshes")
   p.add_argument("--resummarize", metavar="DIR", default=None,
                  help="no runs: recompute the checks of a finished run directory (its "
                       "summary.json and metrics) with the given tolerances, rewrite its summary")
@@ -592,7 +598,15 @@ def main(argv=None) -> int:
     summary = summarize(runner, args)
     return rec, summary
 
-  step_and_save(runner.run("baseline", "baseline", None, args.steps, 0))
+  if args.baseline_from:
+    try:
+      runner.phases.append(reuse_baseline(args.baseline_from, args))
+    except (ValueError, OSError) as e:
+      print(e, file=sys.stderr)
+      return 2
+    print(f"[multi] baseline: reused from {args.baseline_from}", flush=True)
+  else:
+    step_and_save(runner.run("baseline", "baseline", None, args.steps, 0))
   mesh_recs = []
   for m in meshes:
     rec = runner.run(f"mesh_{mesh_name(m)}", "mesh", m, args.steps, args.checkpoint_every)
@@ -634,6 +648,27 @@ def finish(runner, args) -> int:
   print_table(summary)
   print(f"summary {os.path.join(args.out, 'summary.json')}")
   return 0 if summary["all_checks_pass"] else 1
+
+
+def reuse_baseline(src: str, args) -> dict:
+  """The baseline phase of an earlier run directory ``src`` (same config, steps, global batch and
+  sequence length: checked), copied into ``args.out`` so that a later call runs only meshes."""
+  src = os.path.abspath(src)
+  with open(os.path.join(src, "summary.json")) as f:
+    old = json.load(f)
+  for key, want in (("config", args.config), ("steps", args.steps),
+                    ("global_batch", args.global_batch), ("seq_len", args.resolved_seq_len)):
+    if old.get(key) != want:
+      raise ValueError(f"--baseline-from: {src} has {key}={old.get(key)!r}, this run {want!r}")
+  rec = next((p for p in old["phases"] if p["kind"] == "baseline"), None)
+  if rec is None or rec.get("status") != "ok":
+    raise ValueError(f"--baseline-from: {src} has no finished baseline phase")
+  dst = os.path.join(args.out, "baseline")
+  if os.path.abspath(dst) != os.path.join(src, "baseline"):
+    shutil.rmtree(dst, ignore_errors=True)
+    shutil.copytree(os.path.join(src, "baseline"), dst,
+                    ignore=shutil.ignore_patterns("checkpoints"))
+  return {**rec, "run_dir": dst, "reused_from": src}
 
 
 def resummarize(args) -> int:

@@ -101,6 +101,25 @@ def test_multi_device_run_end_to_end_on_two_cpu_devices(tmp_path):
   assert sum(line.startswith("| restore_data2_on_") and line.endswith("| pass |")
              for line in md.splitlines()) == 2
 
+  # A later call runs only a mesh against the baseline of this one (--baseline-from).
+  out2 = tmp_path / "multi2"
+  argv2 = [a if a != str(out) else str(out2) for a in argv]
+  argv2[argv2.index("--meshes") + 1] = "fsdp=2"
+  proc = subprocess.run([*argv2, "--baseline-from", str(out), "--checkpoint-every", "6"],
+                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+                        check=False)
+  assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-3000:]
+  again = {p["phase"]: p for p in json.loads((out2 / "summary.json").read_text())["phases"]}
+  assert again["baseline"]["reused_from"] == str(out) and "reused" in proc.stdout
+  assert again["baseline"]["tokens_per_s"] == base["tokens_per_s"]
+  assert again["mesh_fsdp2"]["loss_check"] == "pass"
+  assert (out2 / "baseline" / "metrics.jsonl").exists()
+  steps_at = argv2.index("--steps") + 1
+  bad = subprocess.run([*argv2[:steps_at], "5", *argv2[steps_at + 1:], "--baseline-from",
+                        str(out)], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=120, check=False)
+  assert bad.returncode == 2 and "--baseline-from" in bad.stderr and "steps=6" in bad.stderr
+
 
 def test_summary_checks_fail_on_diverging_or_unresumed_curves(tmp_path):
   m = _module()

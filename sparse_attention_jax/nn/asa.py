@@ -40,7 +40,8 @@ Choices (the ASA paper's body was not checked; see ALGORITHMS.md §5):
 
 * The local layer is MLA (``g = 1``, one latent head; ``latent.groups`` applies only to the global
   layer) and trains in the expanded form over ``H = HQ`` heads: cuDNN flash attention with a local
-  window on GPU for one-document rows, else the blocked plain-JAX window op (``O(T * w)`` memory).
+  window on GPU (packed rows: with a document mask while ``B * T * T <= 2**28``), else the blocked
+  plain-JAX window op (``O(T * w)`` memory).
 * The global layer always runs in the absorbed form: NSA's selection is per KV head, so each GLA
   latent head plays the role of a KV head (selection shared by its ``G`` query heads, NSA eq. 10),
   and compression (mean pooling or phi) acts on the latent keys ``[c ; k_rope]`` and values ``c``.
@@ -256,8 +257,8 @@ class LatentAttentionBase(nnx.Module):
 
 def _window_attention(q, k, v, *, window: int, segment_ids, softmax_scale: float,
                       impl: str = "auto"):
-  """Sliding-window attention of the local layer, memory-lean: cuDNN flash attention on GPU for
-  one-document rows, else the blocked plain-JAX op (see
+  """Sliding-window attention of the local layer, memory-lean: cuDNN flash attention on GPU
+  (packed rows with a document mask up to a size limit), else the blocked plain-JAX op (see
   :func:`~sparse_attention_jax.nn.dense_attention.causal_attention`).
 
   Args:

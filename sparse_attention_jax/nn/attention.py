@@ -169,8 +169,9 @@ class FullAttention(_DenseAttentionBase):
   """Dense causal GQA attention with RoPE (kind ``"full"``).
 
   Runs :func:`~sparse_attention_jax.nn.dense_attention.causal_attention` with
-  ``impl=config.attn_impl``: cuDNN flash attention on GPU for rows of one document, else the
-  blocked plain-JAX op (``O(T * C)`` memory, packed documents); no ``T x T`` tensor either way.
+  ``impl=config.attn_impl``: cuDNN flash attention on GPU (packed rows: with a ``[B, 1, T, T]``
+  document mask while ``B * T * T <= 2**28``, one per step), else the blocked plain-JAX op
+  (``O(T * C)`` memory); no ``[B, HQ, T, T]`` logits either way.
   """
 
   def _attend(self, q, k, v, segment_ids):

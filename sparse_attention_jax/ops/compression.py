@@ -69,6 +69,14 @@ def window_token_indices(config: NSAConfig, seq_len: int) -> np.ndarray:
           + np.arange(config.cmp_window)[None, :]).astype(np.int32)
 
 
+def window_gather_index(config: NSAConfig, seq_len: int) -> jax.Array:
+  """:func:`window_token_indices` built from iotas inside the traced program, for gathers: a
+  NumPy index array would be embedded in the HLO as a literal (per layer and per use)."""
+  nc = config.num_cmp_tokens(seq_len)
+  return (jnp.arange(nc, dtype=jnp.int32)[:, None] * config.cmp_stride
+          + jnp.arange(config.cmp_window, dtype=jnp.int32)[None, :])
+
+
 def compress(x, config: NSAConfig, params: MLPCompressorParams | None = None, *, name: str = "x"):
   """Compresses ``x [B, T, H, D]`` into ``[B, NC, H, Dout]`` block tokens.
 
@@ -90,7 +98,8 @@ def compress(x, config: NSAConfig, params: MLPCompressorParams | None = None, *,
       _checks.fail("compress_params", "None for compression='mean'", type(params).__name__)
     if idx.shape[0] == 0:
       return jnp.zeros((b, 0, h, d), x.dtype)
-    out = jnp.mean(x[:, idx].astype(jnp.float32), axis=2).astype(x.dtype)
+    out = jnp.mean(x[:, window_gather_index(config, t)].astype(jnp.float32),
+                   axis=2).astype(x.dtype)
     chex.assert_shape(out, (b, idx.shape[0], h, d))
     return out
   if not isinstance(params, MLPCompressorParams):
@@ -104,7 +113,7 @@ def compress(x, config: NSAConfig, params: MLPCompressorParams | None = None, *,
   dout = params.w2.shape[-1]
   if idx.shape[0] == 0:
     return jnp.zeros((b, 0, h, dout), x.dtype)
-  win = x[:, idx].astype(jnp.float32) + params.pos.astype(jnp.float32).transpose(1, 0, 2)
+  win = x[:, window_gather_index(config, t)].astype(jnp.float32) + params.pos.astype(jnp.float32).transpose(1, 0, 2)
   # win: [B, NC, l, H, D]
   hid = jnp.einsum("bnlhd,hldf->bnhf", win, params.w1.astype(jnp.float32), precision=_HI)
   hid = jax.nn.gelu(hid + params.b1.astype(jnp.float32))
@@ -121,12 +130,15 @@ def cmp_visibility(config: NSAConfig, seq_len: int, segment_ids=None, batch: int
   query's document.
   """
   idx = window_token_indices(config, seq_len)                              # [NC, l]
-  t = np.arange(seq_len)
-  vis = jnp.asarray(idx[:, -1][None, :] <= t[:, None])[None]               # [1, T, NC]
+  # From iotas, not a NumPy [T, NC] table: a host-built table becomes a literal of T * NC bytes
+  # in the HLO of every layer (4 MB per layer at T = 8192, d = 16), which bloats compiles.
+  last = jnp.arange(idx.shape[0], dtype=jnp.int32) * config.cmp_stride + config.cmp_window - 1
+  t = jnp.arange(seq_len, dtype=jnp.int32)
+  vis = (last[None, :] <= t[:, None])[None]                                # [1, T, NC]
   if segment_ids is None or idx.shape[0] == 0:
     return vis
   doc = document_ids(segment_ids)                                          # [B, T]
-  win_doc = doc[:, idx]                                                    # [B, NC, l]
+  win_doc = doc[:, window_gather_index(config, seq_len)]                   # [B, NC, l]
   uniform = jnp.all(win_doc == win_doc[:, :, :1], axis=-1)                 # [B, NC]
   same = win_doc[:, None, :, 0] == doc[:, :, None]                         # [B, T, NC]
   return vis & same & uniform[:, None, :]

@@ -32,7 +32,11 @@ import jax.numpy as jnp
 
 from sparse_attention_jax.config import NSAConfig
 from sparse_attention_jax.ops import _checks
-from sparse_attention_jax.ops.compression import cmp_visibility, window_token_indices
+from sparse_attention_jax.ops.compression import (
+  cmp_visibility,
+  window_gather_index,
+  window_token_indices,
+)
 from sparse_attention_jax.ops.selection import candidate_and_forced, overlap_table
 
 _HI = jax.lax.Precision.HIGHEST
@@ -88,7 +92,7 @@ def compressed_bias(c, config: NSAConfig):
   idx = window_token_indices(config, c.shape[1])                           # [NC, l]
   if idx.shape[0] == 0:
     return jnp.zeros((c.shape[0], 0, c.shape[2]), jnp.float32)
-  return jnp.mean(c.astype(jnp.float32)[:, idx], axis=2)
+  return jnp.mean(c.astype(jnp.float32)[:, window_gather_index(config, c.shape[1])], axis=2)
 
 
 def _visibility(config: NSAConfig, seq_len: int, segment_ids, batch: int, query_positions):
