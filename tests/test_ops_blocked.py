@@ -16,7 +16,7 @@ import pytest
 from conftest import rand_qkv
 
 from sparse_attention_jax.nn import dense_attention
-from sparse_attention_jax.ops import dense_causal_attention, sliding_window_attention
+from sparse_attention_jax.ops import cudnn, dense_causal_attention, sliding_window_attention
 from sparse_attention_jax.ops.blocked import blocked_attention, default_chunk
 from sparse_attention_jax.ops.masked import causal_mask, masked_attention
 
@@ -162,7 +162,7 @@ def test_default_chunk():
 
 
 # ----------------------------------------------------------- module path (cuDNN / blocked / cond)
-@pytest.mark.parametrize("mask_max", [dense_attention.MASK_MAX_ELEMENTS, 0])
+@pytest.mark.parametrize("mask_max", [cudnn.MASK_MAX_ELEMENTS, 0])
 def test_causal_attention_cudnn_routes_equal_reference(monkeypatch, mask_max):
   """With XLA standing in for cuDNN's fused attention (same call, ``implementation="xla"``), the
   module path equals the reference, forward and gradients, for every route: no segment ids (no
@@ -176,9 +176,9 @@ def test_causal_attention_cudnn_routes_equal_reference(monkeypatch, mask_max):
                                         local_window_size=local_window_size,
                                         implementation="xla")
 
-  monkeypatch.setattr(dense_attention, "_cudnn_usable", lambda *a: True)
-  monkeypatch.setattr(dense_attention, "_sdpa", stand_in)
-  monkeypatch.setattr(dense_attention, "MASK_MAX_ELEMENTS", mask_max)
+  monkeypatch.setattr(cudnn, "usable", lambda *a: True)
+  monkeypatch.setattr(cudnn, "_sdpa", stand_in)
+  monkeypatch.setattr(cudnn, "MASK_MAX_ELEMENTS", mask_max)
   q, k, v = rand_qkv(jax.random.key(11), 2, 36, 4, 2, 8, 8)
   ct = jax.random.normal(jax.random.key(12), q.shape[:3] + (8,))
   padded = np.array(_segments(2, 36, [[10, 30], [5, 20]]))
@@ -199,6 +199,41 @@ def test_causal_attention_cudnn_routes_equal_reference(monkeypatch, mask_max):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), **TOL)
       masked_route = seg is not None and mask_max > 0
       assert calls and all(c == masked_route for c in calls), (window, seg, calls)
+
+
+def test_nsa_window_branch_takes_the_cudnn_route(monkeypatch):
+  """NSA's window branch goes through the shared cuDNN route (XLA standing in for cuDNN): the
+  whole op, forward and gradients, equals the reference on packed rows, and the stand-in was
+  called with the branch's window and a document mask."""
+  from sparse_attention_jax.config import NSAConfig
+  from sparse_attention_jax.ops import nsa_attention
+  calls = []
+
+  def stand_in(q, k, v, mask, *, scale, local_window_size):
+    calls.append((local_window_size, mask is not None))
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, is_causal=True,
+                                        local_window_size=local_window_size,
+                                        implementation="xla")
+
+  monkeypatch.setattr(cudnn, "usable", lambda *a: True)
+  monkeypatch.setattr(cudnn, "_sdpa", stand_in)
+  cfg = NSAConfig(cmp_window=16, cmp_stride=8, block_size=8, num_selected=3, num_init_blocks=1,
+                  num_local_blocks=1, compression="mean", window=12)
+  q, k, v = rand_qkv(jax.random.key(21), 2, 48, 4, 2, 8)
+  gates = jax.nn.sigmoid(jax.random.normal(jax.random.key(22), (2, 48, 4, 3)))
+  ct = jax.random.normal(jax.random.key(23), q.shape)
+  seg = _segments(2, 48, [[17, 30], [9]])
+
+  def loss(q, k, v, impl):
+    o = nsa_attention(q, k, v, gates, config=cfg, segment_ids=seg, impl=impl)
+    return jnp.sum(o * ct), o
+
+  (_, got), g_got = jax.value_and_grad(loss, (0, 1, 2), has_aux=True)(q, k, v, "auto")
+  (_, want), g_want = jax.value_and_grad(loss, (0, 1, 2), has_aux=True)(q, k, v, "reference")
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), **TOL)
+  for x, y in zip(g_got, g_want):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), **TOL)
+  assert ((11, 0), True) in calls
 
 
 # ------------------------------------------------------- masked attention with a recomputing VJP

@@ -6,6 +6,7 @@ for a CPU run of the script itself).
 
 1. Correctness: :func:`sparse_attention_jax.nn.dense_attention.causal_attention` (``auto``: cuDNN,
    for packed rows with a ``[B, 1, T, T]`` same-document mask; and ``blocked``)
+   and NSA's window branch (``ops.sliding_window_attention(impl="auto")``, same cuDNN route)
    against the float32 masked reference, forward and gradients, bf16 inputs, fresh random inputs,
    for ``segment_ids`` None / all-equal / packed (4 documents) / padded (3 documents and trailing
    0 ids, the data pipeline's layout), full causal and window 512.
@@ -31,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sparse_attention_jax.nn import dense_attention
+from sparse_attention_jax.ops import cudnn, sliding_window_attention
 from sparse_attention_jax.ops.masked import causal_mask, masked_attention
 
 HQ, H, D = 32, 2, 64
@@ -77,9 +79,13 @@ def correctness(quick):
       def ref(q, k, v, seg=seg, window=window):
         return masked_attention(q, k, v, causal_mask(t, seg, window), D ** -0.5)[0]
       g_ref, o_ref = value_and_grads(ref, *f32, ct)
-      for impl in ("auto", "blocked"):
+      impls = ("auto", "blocked") + (("nsa_window",) if window else ())
+      for impl in impls:
         fn = functools.partial(dense_attention.causal_attention, segment_ids=seg, window=window,
                                impl=impl)
+        if impl == "nsa_window":         # NSA's window branch: the ops-level entry point
+          fn = functools.partial(sliding_window_attention, segment_ids=seg, window=window,
+                                 impl="auto")
         try:
           g, o = value_and_grads(fn, q, k, v, ct)
         except Exception as e:  # noqa: BLE001 -- a refused path is a failure: report it
@@ -94,8 +100,7 @@ def correctness(quick):
         good = err_o < 0.05 and err_g < 0.05 and all(bool(jnp.all(jnp.isfinite(x))) for x in g)
         ok &= good
         rows.append({"check": "correctness", "window": window, "segments": seg_kind,
-                     "impl": impl, "cudnn_usable": dense_attention._cudnn_usable(
-                         q, k, v, window, D ** -0.5),
+                     "impl": impl, "cudnn_usable": cudnn.usable(q, k, v, window, D ** -0.5),
                      "max_err_o": err_o,
                      "max_rel_err_grad": err_g, "ok": good})
         show(rows[-1])

@@ -1,0 +1,108 @@
+"""cuDNN flash attention for causal (windowed) attention within documents, with a fallback.
+
+Shared by the modules' dense path (:func:`sparse_attention_jax.nn.dense_attention.causal_attention`:
+full, swa, asa_local, SSA's full branch) and NSA's window branch
+(:func:`sparse_attention_jax.ops.window.sliding_window_attention`). On GPU, for bf16/f16 inputs:
+
+* rows without ``segment_ids``: ``jax.nn.dot_product_attention(implementation="cudnn")``;
+* packed rows (several documents): the same call with a ``[B, 1, T, T]`` boolean same-document
+  mask (documents = maximal runs of equal ids) while ``B * T * T <= MASK_MAX_ELEMENTS``; cuDNN
+  makes a constant additive bias of it (no bias gradient), and since the mask depends only on
+  the segment ids, XLA builds it once per step for all layers;
+* longer packed rows: a runtime ``lax.cond``, cuDNN without a mask when every row is one
+  document, else the caller's fallback (the blocked plain-JAX op).
+
+``Dk != Dv`` is served by zero-padding the narrower side. Anything cuDNN refuses at trace time
+(no GPU, float32, unsupported shapes) takes the fallback.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import jax
+import jax.numpy as jnp
+
+log = logging.getLogger("sparse_attention_jax")
+
+_DTYPES = (jnp.bfloat16, jnp.float16)
+
+# Packed rows take cuDNN with a [B, 1, T, T] document mask up to this many mask elements (the
+# bf16 bias cuDNN makes of it is 512 MiB there: 8k rows up to B = 4, one 16k row).
+MASK_MAX_ELEMENTS = 2**28
+
+
+def _sdpa(q, k, v, mask, *, scale, local_window_size):
+  """cuDNN's fused attention (tests swap in ``implementation="xla"`` to run the path on a CPU)."""
+  return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, is_causal=True,
+                                      local_window_size=local_window_size,
+                                      implementation="cudnn")
+
+
+def attention(q, k, v, *, window: int | None, softmax_scale: float, segment_ids=None):
+  """One cuDNN call: causal attention over the last ``window`` keys (None: all), with a
+  same-document mask when ``segment_ids`` ``[B, T]`` is given.
+
+  Args:
+    q: ``[B, T, HQ, Dk]``; k: ``[B, T, H, Dk]``; v: ``[B, T, H, Dv]`` (bf16/f16).
+
+  Returns:
+    ``[B, T, HQ, Dv]``.
+  """
+  dk, dv = q.shape[-1], v.shape[-1]
+  width = max(dk, dv)
+
+  def pad(y):
+    return jnp.pad(y, [(0, 0)] * 3 + [(0, width - y.shape[-1])])
+
+  mask = None
+  if segment_ids is not None:     # documents are maximal runs of equal ids: number the runs
+    new_run = jnp.concatenate([jnp.zeros_like(segment_ids[:, :1], bool),
+                               segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+    run = jnp.cumsum(new_run, axis=1, dtype=jnp.int32)                      # [B, T]
+    mask = (run[:, :, None] == run[:, None, :])[:, None]   # [B, 1, T(query), S(key)]: all heads
+  local = None if window is None else (window - 1, 0)
+  o = _sdpa(pad(q), pad(k), pad(v), mask, scale=softmax_scale, local_window_size=local)
+  return o[..., :dv]
+
+
+def usable(q, k, v, window, scale, segment_ids=None) -> bool:
+  """Whether cuDNN serves this call: GPU, bf16/f16, and it traces (shape checks pass)."""
+  if jax.default_backend() != "gpu" or q.dtype not in _DTYPES:
+    return False
+  try:
+    jax.eval_shape(lambda a, b, c, s: attention(a, b, c, window=window, softmax_scale=scale,
+                                                segment_ids=s), q, k, v, segment_ids)
+  except Exception as e:  # noqa: BLE001 -- any trace-time refusal means "use the fallback"
+    log.debug("cuDNN attention cannot serve q %s k %s v %s (mask: %s; %s); using the fallback",
+              q.shape, k.shape, v.shape, segment_ids is not None, e)
+    return False
+  return True
+
+
+def causal_attention_or(fallback, q, k, v, *, window: int | None, softmax_scale: float,
+                        segment_ids=None):
+  """cuDNN where it serves (see the module docstring), else ``fallback(q, k, v, segment_ids)``.
+
+  Args:
+    fallback: the same attention by other means, e.g. the blocked op.
+    q, k, v, window, softmax_scale, segment_ids: as :func:`attention`.
+  """
+  if not usable(q, k, v, window, softmax_scale):
+    return fallback(q, k, v, segment_ids)
+
+  def plain(q, k, v, segment_ids):
+    del segment_ids
+    return attention(q, k, v, window=window, softmax_scale=softmax_scale)
+
+  if segment_ids is None:
+    return plain(q, k, v, None)
+  b, t = segment_ids.shape
+  if b * t * t <= MASK_MAX_ELEMENTS and usable(q, k, v, window, softmax_scale, segment_ids):
+    return attention(q, k, v, window=window, softmax_scale=softmax_scale,
+                     segment_ids=segment_ids)
+  one_document = jnp.all(segment_ids == segment_ids[:, :1])
+  return jax.lax.cond(one_document, plain, fallback, q, k, v, segment_ids)
+
+
+__all__ = ["MASK_MAX_ELEMENTS", "attention", "causal_attention_or", "usable"]
