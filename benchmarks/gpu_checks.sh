@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Every quick GPU check in one device call, on one or two GPUs (two lanes run side by side).
 # Usage (repository root, on the GPU machine):  bash benchmarks/gpu_checks.sh [PART ...]
-# PARTs (default: all but multi, context and timing): dense nosa decode offload dims transforms
-# multi context timing. `context`: decode tokens/s of every kind at 16k/32k/64k (B 1 and 16);
+# PARTs (default: all but multi, context, timing and breakdown): dense nosa decode offload dims
+# transforms multi context timing breakdown. `breakdown`: the time of each stage of one nsa_340m
+# layer at 8k (benchmarks/nsa_breakdown.py), one document and 4 packed documents per row. `context`: decode tokens/s of every kind at 16k/32k/64k (B 1 and 16);
 # `timing`: the selected-attention benchmark for the new shapes (Dk192/Dv128, the GLA global
 # layer's 160/128 and block 128). With two GPUs both are split between the lanes.
 # Each part runs under `timeout`, logs to $OUT/logs/<part>.log, writes its JSON under $OUT, and
@@ -20,7 +21,7 @@ ngpu=$(python3 -c "import jax; print(jax.device_count())" 2>/dev/null || echo 1)
 lane1=$(( ngpu > 1 ? 1 : 0 ))
 T_DENSE=${T_DENSE:-150} T_NOSA=${T_NOSA:-90} T_OFFLOAD=${T_OFFLOAD:-150} T_DIMS=${T_DIMS:-160}
 T_TRANSFORMS=${T_TRANSFORMS:-70} T_MULTI=${T_MULTI:-170} T_DECODE=${T_DECODE:-40}
-T_CONTEXT=${T_CONTEXT:-120} T_TIMING=${T_TIMING:-120}
+T_CONTEXT=${T_CONTEXT:-120} T_TIMING=${T_TIMING:-120} T_BREAKDOWN=${T_BREAKDOWN:-150}
 
 run() {  # run NAME GPU SECONDS CMD...
   local name=$1 gpu=$2 secs=$3; shift 3
@@ -57,6 +58,8 @@ lane_a() {
   done
   context_kinds 0 $ctx_a
   has timing && timing_part timing_dk192 0 --dk 192 --dv 128
+  has breakdown && run breakdown_docs1 0 "$T_BREAKDOWN" env OUT="$OUT/breakdown_docs1" \
+    python3 benchmarks/nsa_breakdown.py --seq-len 8192 --docs 1
 }
 lane_b() {
   has dims && run dims "$lane1" "$T_DIMS" python3 tests/gpu/check_selected_mgpu_bwd.py --smoke
@@ -66,6 +69,8 @@ lane_b() {
   context_kinds "$lane1" $ctx_b
   has timing && timing_part timing_gla "$lane1" --dk 160 --dv 128 --hq 32 --h 2
   has timing && timing_part timing_block128 "$lane1" --block 128 --n 8
+  has breakdown && run breakdown_docs4 "$lane1" "$T_BREAKDOWN" env OUT="$OUT/breakdown_docs4" \
+    python3 benchmarks/nsa_breakdown.py --seq-len 8192 --docs 4
 }
 if (( ngpu > 1 )); then lane_a & lane_b & wait; else lane_a; lane_b; fi
 all=$(seq -s, 0 $((ngpu - 1)))
