@@ -2,10 +2,14 @@
 # Every quick GPU check in one device call, on one or two GPUs (two lanes run side by side).
 # Usage (repository root, on the GPU machine):  bash benchmarks/gpu_checks.sh [PART ...]
 # PARTs (default: all but multi, context, timing and breakdown): dense nosa decode offload dims
-# transforms multi context timing breakdown. `breakdown`: the time of each stage of one nsa_340m
-# layer at 8k (benchmarks/nsa_breakdown.py), one document and 4 packed documents per row. `context`: decode tokens/s of every kind at 16k/32k/64k (B 1 and 16);
+# transforms multi context timing breakdown.
+# `context`: decode tokens/s of every kind at 16k/32k/64k (B 1 and 16), and offloaded NOSA at
+#   32k/64k (B 16 and 128);
 # `timing`: the selected-attention benchmark for the new shapes (Dk192/Dv128, the GLA global
-# layer's 160/128 and block 128). With two GPUs both are split between the lanes.
+#   layer's 160/128 and block 128);
+# `breakdown`: the time of each stage of one nsa_340m layer at 8k (benchmarks/nsa_breakdown.py),
+#   one document and 4 packed documents per row.
+# With two GPUs the parts are split between the two lanes.
 # Each part runs under `timeout`, logs to $OUT/logs/<part>.log, writes its JSON under $OUT, and
 # the script prints one status line per part. Budget per part: the T_* variables below.
 # `multi` (2 GPUs, needs grain + tqdm on PYTHONPATH: see benchmarks/multi_device_run.py) runs
@@ -67,6 +71,9 @@ lane_b() {
     python3 benchmarks/decode.py --shape 1b --kinds nosa_offload --batch 16,128 \
     --context 131072 --steps 8 --warmup 2 --report-fit --out "$OUT/offload"
   context_kinds "$lane1" $ctx_b
+  has context && run context_nosa_offload "$lane1" "$T_OFFLOAD" env XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 \
+    python3 benchmarks/decode.py --shape 1b --kinds nosa_offload --batch 16,128 \
+    --context 32768,65536 --steps 8 --warmup 2 --report-fit --out "$OUT/context_nosa_offload"
   has timing && timing_part timing_gla "$lane1" --dk 160 --dv 128 --hq 32 --h 2
   has timing && timing_part timing_block128 "$lane1" --block 128 --n 8
   has breakdown && run breakdown_docs4 "$lane1" "$T_BREAKDOWN" env OUT="$OUT/breakdown_docs4" \
