@@ -428,7 +428,8 @@ def print_table(summary: dict) -> None:
       print(f"    ({p['reason']})")
   for pair, d in summary.get("mesh_spread", {}).items():
     print(f"spread {pair}: max|dL| {_fmt(d['max_abs_diff'], '.2e')}, smoothed "
-          f"{_fmt(d['max_abs_diff_smoothed'], '.2e')}, early {_fmt(d['max_abs_diff_early'], '.2e')}")
+          f"{_fmt(d['max_abs_diff_smoothed'], '.2e')}, early "
+          f"{_fmt(d['max_abs_diff_early'], '.2e')}")
   print(f"max|dL|: vs the baseline curve (restore_*: vs the uninterrupted source run at the same "
         f"steps); smooth: of {summary['smooth']}-step means (check <= {summary['loss_tol']}); "
         f"early: over the first {summary.get('early_steps', 0)} steps (check <= "
@@ -442,8 +443,8 @@ def markdown(summary: dict) -> str:
   env = ", ".join(f"{k}={v}" for k, v in summary["env"].items())
   note = (f"{summary['config']}, seq {summary['seq_len']} x global batch "
           f"{summary['global_batch']}, {summary['steps']} steps; max |dL| vs the 1-device curve "
-          f"(restores: vs the uninterrupted run at the same steps): raw, of {summary['smooth']}-step "
-          f"means (check <= {summary['loss_tol']}) and over the first "
+          f"(restores: vs the uninterrupted run at the same steps): raw, of "
+          f"{summary['smooth']}-step means (check <= {summary['loss_tol']}) and over the first "
           f"{summary.get('early_steps', 0)} steps (check <= {summary.get('early_tol')}); "
           f"scaling efficiency = tokens/s per device / 1-device tokens/s.")
   head = ("| phase | devices | mesh | steps | step ms | tokens/s | tokens/s/dev | MFU | "

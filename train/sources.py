@@ -205,8 +205,10 @@ def make_data(config: RunConfig, *, shard_index: int = 0, shard_count: int = 1,
             "answers_only": cfg.loss_on == "answers"}
     train_it = synthetic.task_iterator(cfg.source, tc.seq_len, local_batch, tc.seed, **shards,
                                        **task)
-    eval_set = synthetic.task_eval_batches(cfg.source, tc.seq_len, local_batch,
-                                           tc.eval_batches, **shards, **task) if tc.eval_batches else []
+    eval_set = []                                   # train.eval_batches = 0: no evaluation
+    if tc.eval_batches:
+      eval_set = synthetic.task_eval_batches(cfg.source, tc.seq_len, local_batch,
+                                             tc.eval_batches, **shards, **task)
     extra = (f"{cfg.num_pairs} pairs, {cfg.num_queries} queries" if cfg.source == "mqar" else
              f"depth {'random' if cfg.needle_depth == -1 else cfg.needle_depth}")
     desc = (f"data: synthetic {cfg.source} ({extra}, {cfg.context_len or tc.seq_len + 1} tokens "

@@ -113,7 +113,8 @@ def compress(x, config: NSAConfig, params: MLPCompressorParams | None = None, *,
   dout = params.w2.shape[-1]
   if idx.shape[0] == 0:
     return jnp.zeros((b, 0, h, dout), x.dtype)
-  win = x[:, window_gather_index(config, t)].astype(jnp.float32) + params.pos.astype(jnp.float32).transpose(1, 0, 2)
+  win = (x[:, window_gather_index(config, t)].astype(jnp.float32)
+         + params.pos.astype(jnp.float32).transpose(1, 0, 2))
   # win: [B, NC, l, H, D]
   hid = jnp.einsum("bnlhd,hldf->bnhf", win, params.w1.astype(jnp.float32), precision=_HI)
   hid = jax.nn.gelu(hid + params.b1.astype(jnp.float32))
