@@ -24,6 +24,9 @@ Phases (each in its own process, with the devices chosen by ``CUDA_VISIBLE_DEVIC
    ``--resummarize DIR`` recomputes all of it from a finished run directory (no runs).
 
 Phases train without evaluation (``train.eval_batches=0``: no eval program to compile).
+``--baseline-from DIR`` reuses the finished baseline of an earlier run directory (same config,
+steps, global batch and sequence length, checked) so that a later device call runs only
+meshes, e.g. one NSA mesh per call.
 ``--budget-s`` bounds the whole run: a phase is not launched when its estimated time (startup and
 compile overhead + steps x step time, from the phases already run) would pass the budget, and a
 running phase gets SIGTERM at the budget (the job saves and exits). ``summary.json`` is rewritten
