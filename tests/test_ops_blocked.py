@@ -260,3 +260,33 @@ def test_recompute_masked_attention_equals_autodiff_reference():
     assert not np.any(np.isnan(np.asarray(got)))
     np.testing.assert_allclose(np.asarray(got), np.asarray(ref), **TOL)
   assert float(jnp.max(jnp.abs(o[:, :3]))) == 0.0
+
+
+def test_recompute_masked_attention_bf16_uses_bf16_matmuls_and_stays_close():
+  """bf16 inputs: every matmul takes bf16 operands with float32 accumulation (upcast float32
+  operands would run without tensor cores on GPUs), and the outputs, probabilities and
+  gradients stay within bf16 rounding of the float32 computation on the same (rounded) inputs."""
+  from sparse_attention_jax.ops.masked_lean import recompute_masked_attention
+  q, k, v = rand_qkv(jax.random.key(31), 2, 40, 4, 2, 16, 8, dtype=jnp.bfloat16)
+  k, v = k[:, :12], v[:, :12]
+  mask = jax.random.bernoulli(jax.random.key(32), 0.6, (2, 40, 2, 12)).at[:, :2].set(False)
+  ct = jax.random.normal(jax.random.key(33), (2, 40, 4, 8))
+
+  def run(q, k, v):
+    def loss(q, k, v):
+      out = recompute_masked_attention(q, k, v, mask, 0.3)
+      return jnp.sum(out[0].astype(jnp.float32) * ct), out
+    return jax.grad(loss, (0, 1, 2), has_aux=True)(q, k, v)
+
+  text = jax.jit(run).trace(q, k, v).lower().as_text()
+  dots = [line.split(":")[-1] for line in text.splitlines() if "dot_general" in line]
+  assert len(dots) == 7, dots              # fwd: QK, PV; bwd: QK again, dP, dQ, dK, dV
+  assert all(line.split("->")[0].count("xbf16>") == 2 for line in dots), dots
+  grads, (o, lse, probs) = jax.jit(run)(q, k, v)
+  want, (o_ref, lse_ref, probs_ref) = jax.jit(run)(*(x.astype(jnp.float32) for x in (q, k, v)))
+  rel = lambda a, b: float(jnp.max(jnp.abs(a.astype(jnp.float32) - b)) / jnp.max(jnp.abs(b)))
+  assert rel(o, o_ref) < 2e-2 and rel(probs, probs_ref) < 1e-2
+  np.testing.assert_allclose(np.asarray(lse[:, 2:]), np.asarray(lse_ref[:, 2:]), atol=2e-2)
+  assert bool(jnp.all(jnp.isneginf(lse[:, :2])))                         # rows that see nothing
+  for g, g_ref in zip(grads, want):
+    assert rel(g, g_ref) < 3e-2

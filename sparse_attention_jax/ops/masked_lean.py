@@ -8,6 +8,14 @@ d=16) that is what limits a model without rematerialization. This variant has th
 (``[B|1, T, H|1, S]``), ``o`` and ``lse`` and recomputes ``p = exp(logits - lse)`` in the backward
 pass (FlashAttention's ``D = rowsum(dO * O)`` form). The probabilities it returns carry no
 gradient (selection uses them under ``stop_gradient``).
+
+Matmul precision follows the blocked op (:mod:`sparse_attention_jax.ops.blocked`): float32
+inputs use ``HIGHEST`` (then the forward is exactly :func:`masked_attention`'s computation);
+bf16/f16 inputs feed the tensor cores as they are with float32 accumulation, and the
+``[.., S]``-sized operands of the other matmuls (probabilities, ``dS``) are cast to the input
+dtype as FlashAttention does. (Upcasting bf16 inputs to float32 with ``HIGHEST`` made these
+GPU matmuls run without tensor cores; a bf16 x bf16 product is exact in float32, so the logits
+only change by summation order.) Softmax, ``lse`` and the returned probabilities stay float32.
 """
 
 from __future__ import annotations
@@ -22,13 +30,45 @@ from sparse_attention_jax.ops.masked import masked_attention
 _HI = jax.lax.Precision.HIGHEST
 
 
+_NEG = -1e30
+
+
+def _precision(dtype):
+  return _HI if dtype == jnp.float32 else None
+
+
+def _mm(spec, a, b):
+  """einsum with float32 accumulation; ``HIGHEST`` for float32 operands."""
+  return jnp.einsum(spec, a, b, precision=_precision(a.dtype), preferred_element_type=jnp.float32)
+
+
+def _forward(q, k, v, mask, scale):
+  """As :func:`masked_attention` with ``return_probs=True`` (the precision policy above)."""
+  b, t, hq, dk = q.shape
+  h, s = k.shape[2], k.shape[1]
+  g = hq // h
+  qg = q.reshape(b, t, h, g, dk)
+  logits = _mm("bthgd,bshd->bthgs", qg, k.astype(q.dtype)) * scale
+  m5 = jnp.broadcast_to(mask, (b, t, h, s))[:, :, :, None, :]             # [B,T,H,1,S]
+  logits = jnp.where(m5, logits, _NEG)
+  row_max = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+  p = jnp.where(m5, jnp.exp(logits - row_max), 0.0)                        # [B,T,H,G,S]
+  denom = jnp.sum(p, axis=-1, keepdims=True)
+  seen = denom > 0
+  p = p / jnp.where(seen, denom, 1.0)
+  o = _mm("bthgs,bshv->bthgv", p.astype(v.dtype), v)
+  lse = jnp.where(seen, row_max + jnp.log(jnp.where(seen, denom, 1.0)), -jnp.inf)[..., 0]
+  return (o.reshape(b, t, hq, v.shape[3]).astype(q.dtype), lse.reshape(b, t, hq),
+          p.reshape(b, t, hq, s))
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _attention(q, k, v, mask, scale):
-  return masked_attention(q, k, v, mask, scale, return_probs=True)
+  return _forward(q, k, v, mask, scale)
 
 
 def _attention_fwd(q, k, v, mask, scale):
-  o, lse, probs = masked_attention(q, k, v, mask, scale, return_probs=True)
+  o, lse, probs = _forward(q, k, v, mask, scale)
   return (o, lse, probs), (q, k, v, mask, o, lse)
 
 
@@ -38,19 +78,20 @@ def _attention_bwd(scale, res, cts):
   b, t, hq, dk = q.shape
   s, h, dv = k.shape[1], k.shape[2], v.shape[3]
   g = hq // h
-  qg = q.reshape(b, t, h, g, dk).astype(jnp.float32)
-  dog = do.reshape(b, t, h, g, dv).astype(jnp.float32)
+  qg = q.reshape(b, t, h, g, dk)
+  dog = do.reshape(b, t, h, g, dv).astype(v.dtype)
   lse5 = lse.reshape(b, t, h, g)
   seen = jnp.isfinite(lse5)
   m5 = jnp.broadcast_to(mask, (b, t, h, s))[:, :, :, None, :] & seen[..., None]
-  logits = jnp.einsum("bthgd,bshd->bthgs", qg, k.astype(jnp.float32), precision=_HI) * scale
+  logits = _mm("bthgd,bshd->bthgs", qg, k.astype(q.dtype)) * scale
   p = jnp.where(m5, jnp.exp(logits - jnp.where(seen, lse5, 0.0)[..., None]), 0.0)
-  delta = jnp.sum(dog * o.reshape(b, t, h, g, dv).astype(jnp.float32), axis=-1)
-  dp = jnp.einsum("bthgv,bshv->bthgs", dog, v.astype(jnp.float32), precision=_HI)
+  delta = jnp.sum(dog.astype(jnp.float32) * o.reshape(b, t, h, g, dv).astype(jnp.float32),
+                  axis=-1)
+  dp = _mm("bthgv,bshv->bthgs", dog, v)
   ds = p * (dp - delta[..., None]) * scale
-  dq = jnp.einsum("bthgs,bshd->bthgd", ds, k.astype(jnp.float32), precision=_HI)
-  dk_ = jnp.einsum("bthgs,bthgd->bshd", ds, qg, precision=_HI)
-  dv_ = jnp.einsum("bthgs,bthgv->bshv", p, dog, precision=_HI)
+  dq = _mm("bthgs,bshd->bthgd", ds.astype(k.dtype), k)
+  dk_ = _mm("bthgs,bthgd->bshd", ds.astype(q.dtype), qg)
+  dv_ = _mm("bthgs,bthgv->bshv", p.astype(v.dtype), dog)
   return (dq.reshape(b, t, hq, dk).astype(q.dtype), dk_.astype(k.dtype), dv_.astype(v.dtype),
           None)
 
