@@ -167,3 +167,23 @@ def test_segment_ids_lower_for_cuda_forward_and_backward(rows, layout, g):
   text = _lower(jnp.bfloat16, 64, g, "exact", **kw)
   assert _has_mosaic_call(text) and text != plain
   assert _has_mosaic_call(_lower_grad(jnp.bfloat16, 64, g, "exact", **kw))
+
+
+@pytest.mark.parametrize("d", [64, 128])
+def test_nosa_bias_columns_lower_for_cuda(d):
+  """NOSA's biased selected attention runs the kernels on keys with 2 extra bias columns
+  (``ops.nosa.biased_selected_attention``): Dk = D + 2 (zero padded to a multiple of 64), Dv = D;
+  forward and gradient (dK's extra columns carry dc) lower for CUDA."""
+  t, h, g, n = 256, 2, 16, 4
+
+  def loss(q, k, v, bi):
+    o = mg.selected_attention_mgpu(q, k, v, bi, softmax_scale=d ** -0.5)
+    return jnp.sum(o.astype(jnp.float32))
+  avals = (jax.ShapeDtypeStruct((1, t, h * g, d + 2), jnp.bfloat16),
+           jax.ShapeDtypeStruct((1, t, h, d + 2), jnp.bfloat16),
+           jax.ShapeDtypeStruct((1, t, h, d), jnp.bfloat16),
+           jax.ShapeDtypeStruct((1, t, h, n), jnp.int32))
+  assert mg.unsupported_reason(*avals, block_size=64) is None
+  text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(*avals).lower(
+      lowering_platforms=("cuda",)).as_text()
+  assert text.count("mosaic_gpu") >= 3

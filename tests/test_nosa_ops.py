@@ -122,19 +122,22 @@ def test_eviction_bias_is_a_softplus_of_a_linear_map_of_all_heads():
     ns.eviction_bias(v, w, a[:1])
 
 
+@pytest.mark.parametrize("impl", ["auto", "reference"])
 @pytest.mark.parametrize("use_seg", [False, True])
-def test_biased_attention_matches_the_dense_formula(use_seg):
+def test_biased_attention_matches_the_dense_formula(use_seg, impl):
   q, k, v = rand_qkv(jax.random.key(1), B, T, HQ, H, D)
   c = rand_c(jax.random.key(2))
   seg = segments(B, T, [27]) if use_seg else None
   _, aux = nosa(q, k, v, c, config=CFG, num_query_selected=KQ, segment_ids=seg,
                           return_aux=True)
   idx = aux.block_indices
-  o = biased_selected_attention(q, k, v, c, idx, block_size=CFG.block_size, segment_ids=seg)
+  o = biased_selected_attention(q, k, v, c, idx, block_size=CFG.block_size, segment_ids=seg,
+                                impl=impl)
   want = np_dense_biased(q, k, v, c, idx, CFG.block_size, seg)
   np.testing.assert_allclose(o, want, atol=2e-5, rtol=1e-4)
   # The bias matters: without it the output differs.
-  o0 = biased_selected_attention(q, k, v, 0 * c, idx, block_size=CFG.block_size, segment_ids=seg)
+  o0 = biased_selected_attention(q, k, v, 0 * c, idx, block_size=CFG.block_size, segment_ids=seg,
+                                 impl=impl)
   assert float(jnp.max(jnp.abs(o - o0))) > 1e-2
 
 
@@ -154,7 +157,8 @@ def _dense_formula_jax(q, k, v, c, idx, bs):
   return o.reshape(b, t, hq, -1)
 
 
-def test_gradients_reach_w_delta_and_a_and_match_the_dense_formula():
+@pytest.mark.parametrize("impl", ["auto", "reference"])
+def test_gradients_reach_w_delta_and_a_and_match_the_dense_formula(impl):
   q, k, v = rand_qkv(jax.random.key(3), B, T, HQ, H, D)
   kw, ka, kr = jax.random.split(jax.random.key(4), 3)
   w = 0.3 * jax.random.normal(kw, (H, D, H))
@@ -166,7 +170,7 @@ def test_gradients_reach_w_delta_and_a_and_match_the_dense_formula():
   def loss(w, a, fn):
     return jnp.sum(fn(q, k, v, ns.eviction_bias(v, w, a), idx) * r)
 
-  op = lambda *x: biased_selected_attention(*x, block_size=CFG.block_size)   # noqa: E731
+  op = lambda *x: biased_selected_attention(*x, block_size=CFG.block_size, impl=impl)  # noqa: E731
   dense = lambda *x: _dense_formula_jax(*x, CFG.block_size)                  # noqa: E731
   gw, ga = jax.grad(loss, (0, 1))(w, a, op)
   dw, da = jax.grad(loss, (0, 1))(w, a, dense)
@@ -331,3 +335,35 @@ def test_decode_selection_equals_rows_of_the_full_selection():
   got = decode(q[:, 39:40], *caches(40), cfg, seq_len=40, num_query_selected=kq,
                          query_positions=jnp.array([39]))
   np.testing.assert_array_equal(got[:, 0], aux.block_indices[:, 39])
+
+
+def test_bias_columns_in_bf16_keep_the_bias_and_its_gradient():
+  """bf16 keys: the bias rides in two key columns (c_hi + c_lo): the output equals the dense
+  formula on the same bf16-rounded q/k/v and exact c within bf16 rounding of the output, and dc
+  (through W_delta and A) equals the reference's, not twice it (c_lo carries no gradient)."""
+  q, k, v = rand_qkv(jax.random.key(7), B, T, HQ, H, D)
+  q, k, v = (x.astype(jnp.bfloat16) for x in (q, k, v))
+  kw, ka, kr = jax.random.split(jax.random.key(8), 3)
+  w = 0.3 * jax.random.normal(kw, (H, D, H))
+  a = 3.0 + jax.random.normal(ka, (H,))                   # |c| of a few units: bf16 would round
+  r = jax.random.normal(kr, (B, T, HQ, D))
+  c = ns.eviction_bias(v, w, a)
+  idx = nosa(q, k, v, c, config=CFG, num_query_selected=KQ, return_aux=True)[1].block_indices
+
+  def loss(w, a, impl):
+    o = biased_selected_attention(q, k, v, ns.eviction_bias(v, w, a), idx,
+                                  block_size=CFG.block_size, impl=impl)
+    return jnp.sum(o.astype(jnp.float32) * r)
+
+  o = biased_selected_attention(q, k, v, c, idx, block_size=CFG.block_size)
+  f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+  want = _dense_formula_jax(*f32, c, idx, CFG.block_size)
+  assert float(jnp.max(jnp.abs(o.astype(jnp.float32) - want))) < 2e-2
+  # One bias column in bf16 would be off by up to |c| * 2^-9 per logit; c_hi + c_lo is not.
+  o_one = _dense_formula_jax(*f32, c.astype(jnp.bfloat16).astype(jnp.float32), idx,
+                             CFG.block_size)
+  assert float(jnp.max(jnp.abs(want - o_one))) > 0.0
+  g = jax.grad(loss, (0, 1))(w, a, "auto")
+  g_ref = jax.grad(loss, (0, 1))(w, a, "reference")
+  for x, y in zip(g, g_ref):
+    assert float(jnp.max(jnp.abs(x - y))) <= 3e-2 * float(jnp.max(jnp.abs(y))), (x, y)

@@ -107,7 +107,8 @@ class NOSAAttention(nnx.Module):
 
     def op(**a):
       return nosa_attention(a["q"], a["k"], a["v"], a["c"], config=op_config,
-                            num_query_selected=kq, segment_ids=a["segment_ids"])
+                            num_query_selected=kq, segment_ids=a["segment_ids"],
+                            impl=cfg.attn_impl)
 
     args = {"q": q, "k": k, "v": v, "c": c, "segment_ids": segment_ids}
     layouts = {"q": "bthd", "k": "bthd", "v": "bthd", "c": "bthd", "segment_ids": "bt"}
@@ -128,7 +129,7 @@ class NOSAAttention(nnx.Module):
     _check_inputs(x, _positions(x), None, cfg.d_model)
     q, k, v, c = self.qkvc(x, _positions(x))
     op_config, kq = nosa_selection.for_length(cfg.nsa, self.query_selected, x.shape[1])
-    o = nosa_attention(q, k, v, c, config=op_config, num_query_selected=kq)
+    o = nosa_attention(q, k, v, c, config=op_config, num_query_selected=kq, impl=cfg.attn_impl)
     return self.o_proj(o), k, v, c
 
   def prefill(self, x, lengths, cache):

@@ -30,7 +30,7 @@ from sparse_attention_jax.ops.nosa_selection import (
   pool_agnostic_scores,
   position_visibility,
 )
-from sparse_attention_jax.ops.selected import selected_mask
+from sparse_attention_jax.ops.selected import selected_attention, selected_mask
 from sparse_attention_jax.ops.selection import block_importance
 
 _NEG = -1e30
@@ -70,7 +70,8 @@ def biased_masked_attention(q, k, v, bias, mask, scale: float):
 
 
 def biased_selected_attention(q, k, v, bias, block_indices, *, block_size: int,
-                              segment_ids=None, softmax_scale: float | None = None):
+                              segment_ids=None, softmax_scale: float | None = None,
+                              impl: str = "auto"):
   """Selected-block attention (as ``selected_attention``) with the eviction bias on every key.
 
   Args:
@@ -80,6 +81,12 @@ def biased_selected_attention(q, k, v, bias, block_indices, *, block_size: int,
     block_size: l'.
     segment_ids: optional ``[B, T]`` document ids.
     softmax_scale: defaults to ``Dk ** -0.5``.
+    impl: ``"reference"``: the dense masked form (``[B, T, HQ, T]`` logits). Anything else:
+      ``selected_attention`` (with ``impl``: the Mosaic GPU kernels where they serve) on keys
+      and queries with extra head dims that carry the bias: ``q' = [q, 1/scale (, 1/scale)]``,
+      ``k' = [k, c]`` so ``scale * q'.k' = scale * q.k + c``, and the kernel's ``dK'`` column is
+      ``dc``. For bf16/f16 keys ``c`` is split into ``c_hi + c_lo`` (two columns, both in the key
+      dtype), which keeps the bias to ~2^-16 relative instead of bf16's 2^-8.
 
   Returns:
     ``[B, T, HQ, Dv]`` in ``q.dtype``.
@@ -90,11 +97,26 @@ def biased_selected_attention(q, k, v, bias, block_indices, *, block_size: int,
   _checks.check_block_indices(block_indices, b, t, h)
   _checks.check_segment_ids(segment_ids, b, t)
   _checks.check_rank("bias", bias, 3, "[B, T, H]")
+  if bias.shape != (b, t, h):
+    _checks.fail("bias", f"shape [B, T, H] = {(b, t, h)}", bias.shape)
   if not isinstance(block_size, int) or block_size < 1:
     _checks.fail("block_size", "a positive int", block_size)
   scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
-  mask = selected_mask(block_indices, block_size=block_size, seq_len=t, segment_ids=segment_ids)
-  return biased_masked_attention(q, k, v, bias, mask, scale)
+  if impl == "reference":
+    mask = selected_mask(block_indices, block_size=block_size, seq_len=t,
+                         segment_ids=segment_ids)
+    return biased_masked_attention(q, k, v, bias, mask, scale)
+  c = bias.astype(jnp.float32)[..., None]                                  # [B, T, H, 1]
+  if k.dtype == jnp.float32:
+    cols = [c]
+  else:   # c_lo = c - c_hi; its derivative in c is 1 - 1 = 0, so dc is the c_hi column's dK'
+    c_hi = c.astype(k.dtype)
+    cols = [c_hi, (c - c_hi.astype(jnp.float32)).astype(k.dtype)]
+  k_aug = jnp.concatenate([k, *(x.astype(k.dtype) for x in cols)], axis=-1)
+  q_aug = jnp.concatenate([q, jnp.full(q.shape[:3] + (len(cols),), 1.0 / scale, q.dtype)],
+                          axis=-1)
+  return selected_attention(q_aug, k_aug, v, block_indices, block_size=block_size,
+                            segment_ids=segment_ids, softmax_scale=scale, impl=impl)
 
 
 class NOSAAux(NamedTuple):
@@ -161,7 +183,7 @@ def decode_selection(q, k_cmp, c_cmp, config: NSAConfig, *, seq_len: int,
 
 
 def nosa_attention(q, k, v, c, *, config: NSAConfig, num_query_selected: int, segment_ids=None,
-                   block_indices=None, return_aux: bool = False):
+                   block_indices=None, return_aux: bool = False, impl: str = "auto"):
   """NOSA over ``[B, T, H, D]`` inputs: selection ``Gamma(t)`` + biased selected attention.
 
   Args:
@@ -175,6 +197,8 @@ def nosa_attention(q, k, v, c, *, config: NSAConfig, num_query_selected: int, se
     segment_ids: optional ``[B, T]`` document ids.
     block_indices: optional precomputed ``[B, T, H, k]`` selection (skips scoring).
     return_aux: also return :class:`NOSAAux`.
+    impl: of the biased selected attention (:func:`biased_selected_attention`): ``"auto"`` (the
+      selected-attention kernels where they serve), ``"reference"``, or a backend name.
 
   Returns:
     ``[B, T, HQ, Dv]`` in ``q.dtype`` (and :class:`NOSAAux`).
@@ -198,7 +222,8 @@ def nosa_attention(q, k, v, c, *, config: NSAConfig, num_query_selected: int, se
                                     segment_ids=segment_ids, return_query_part=True)
     aux = NOSAAux(block_indices, gq, s_q, s_a)
   o = biased_selected_attention(q, k, v, c, block_indices, block_size=config.block_size,
-                                segment_ids=segment_ids, softmax_scale=config.scale(q.shape[-1]))
+                                segment_ids=segment_ids, softmax_scale=config.scale(q.shape[-1]),
+                                impl=impl)
   return (o, aux) if return_aux else o
 
 
