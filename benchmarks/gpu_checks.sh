@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # Every quick GPU check in one device call, on one or two GPUs (two lanes run side by side).
 # Usage (repository root, on the GPU machine):  bash benchmarks/gpu_checks.sh [PART ...]
-# PARTs (default: all but multi, context, timing and breakdown): dense nosa decode offload dims
-# transforms multi context timing breakdown.
+# PARTs (default: all but multi, context, timing, breakdown, nosa_train): dense nosa decode offload dims
+# transforms multi context timing breakdown nosa_train.
 # `context`: decode tokens/s of every kind at 16k/32k/64k (B 1 and 16), and offloaded NOSA at
 #   32k/64k (B 16 and 128);
 # `timing`: the selected-attention benchmark for the new shapes (Dk192/Dv128, the GLA global
 #   layer's 160/128 and block 128);
 # `breakdown`: the time of each stage of one nsa_340m layer at 8k (benchmarks/nsa_breakdown.py),
-#   one document and 4 packed documents per row.
+#   one document and 4 packed documents per row;
+# `nosa_train`: NOSA's biased selected attention on the kernels vs the reference
+#   (tests/gpu/check_nosa_train.py).
 # With two GPUs the parts are split between the two lanes.
 # Each part runs under `timeout`, logs to $OUT/logs/<part>.log, writes its JSON under $OUT, and
 # the script prints one status line per part. Budget per part: the T_* variables below.
@@ -26,6 +28,7 @@ lane1=$(( ngpu > 1 ? 1 : 0 ))
 T_DENSE=${T_DENSE:-150} T_NOSA=${T_NOSA:-90} T_OFFLOAD=${T_OFFLOAD:-150} T_DIMS=${T_DIMS:-160}
 T_TRANSFORMS=${T_TRANSFORMS:-70} T_MULTI=${T_MULTI:-170} T_DECODE=${T_DECODE:-40}
 T_CONTEXT=${T_CONTEXT:-120} T_TIMING=${T_TIMING:-120} T_BREAKDOWN=${T_BREAKDOWN:-240}
+T_NOSA_TRAIN=${T_NOSA_TRAIN:-180}
 
 run() {  # run NAME GPU SECONDS CMD...
   local name=$1 gpu=$2 secs=$3; shift 3
@@ -55,6 +58,8 @@ if (( ngpu > 1 )); then ctx_a="full nsa" ctx_b="infllm_v2 nosa"; else ctx_a="ful
 lane_a() {
   has dense && run dense 0 "$T_DENSE" env OUT="$OUT/dense" python3 tests/gpu/check_dense_paths.py --quick
   has nosa && run nosa_decode 0 "$T_NOSA" env OUT="$OUT/nosa" python3 tests/gpu/check_nosa_decode.py
+  has nosa_train && run nosa_train 0 "$T_NOSA_TRAIN" env OUT="$OUT/nosa_train" \
+    python3 tests/gpu/check_nosa_train.py
   for k in infllm_v2 nosa; do      # the largest resident batch at 128k (1.06 GiB per sequence)
     has decode && run "decode_$k" 0 "$T_DECODE" env XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 \
       python3 benchmarks/decode.py --shape 1b --kinds $k --batch 112 --context 131072 --steps 8 \
