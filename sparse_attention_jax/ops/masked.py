@@ -15,6 +15,23 @@ _NEG = -1e30
 _HI = jax.lax.Precision.HIGHEST
 
 
+def masked_softmax(logits, mask):
+  """Softmax over the last axis of float32 ``logits`` where ``mask`` (broadcastable) holds.
+
+  Returns:
+    ``(p, lse)``: probabilities (0 where masked; all 0 on a row that sees nothing) and the
+    log-sum-exp with the last axis dropped (``-inf`` on such a row).
+  """
+  logits = jnp.where(mask, logits, _NEG)
+  row_max = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+  p = jnp.where(mask, jnp.exp(logits - row_max), 0.0)
+  denom = jnp.sum(p, axis=-1, keepdims=True)
+  seen = denom > 0
+  p = p / jnp.where(seen, denom, 1.0)
+  lse = jnp.where(seen, row_max + jnp.log(jnp.where(seen, denom, 1.0)), -jnp.inf)[..., 0]
+  return p, lse
+
+
 def masked_attention(q, k, v, mask, scale: float, *, return_probs: bool = False):
   """Attention of every query over the keys its mask allows; GQA without repeating K/V.
 
@@ -40,14 +57,8 @@ def masked_attention(q, k, v, mask, scale: float, *, return_probs: bool = False)
   qg = q.reshape(b, t, h, g, dk).astype(jnp.float32)
   logits = jnp.einsum("bthgd,bshd->bthgs", qg, k.astype(jnp.float32), precision=_HI) * scale
   m5 = jnp.broadcast_to(mask, (b, t, h, k.shape[1]))[:, :, :, None, :]   # [B,T,H,1,S]
-  logits = jnp.where(m5, logits, _NEG)
-  row_max = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
-  p = jnp.where(m5, jnp.exp(logits - row_max), 0.0)                        # [B,T,H,G,S]
-  denom = jnp.sum(p, axis=-1, keepdims=True)
-  seen = denom > 0
-  p = p / jnp.where(seen, denom, 1.0)
+  p, lse = masked_softmax(logits, m5)                                      # [B,T,H,G,S]
   o = jnp.einsum("bthgs,bshv->bthgv", p, v.astype(jnp.float32), precision=_HI)
-  lse = jnp.where(seen, row_max + jnp.log(jnp.where(seen, denom, 1.0)), -jnp.inf)[..., 0]
   o = o.reshape(b, t, hq, v.shape[3]).astype(q.dtype)
   lse = lse.reshape(b, t, hq)
   chex.assert_shape(o, (b, t, hq, v.shape[3]))

@@ -25,12 +25,9 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from sparse_attention_jax.ops.masked import masked_attention
+from sparse_attention_jax.ops.masked import masked_attention, masked_softmax
 
 _HI = jax.lax.Precision.HIGHEST
-
-
-_NEG = -1e30
 
 
 def _precision(dtype):
@@ -50,14 +47,8 @@ def _forward(q, k, v, mask, scale):
   qg = q.reshape(b, t, h, g, dk)
   logits = _mm("bthgd,bshd->bthgs", qg, k.astype(q.dtype)) * scale
   m5 = jnp.broadcast_to(mask, (b, t, h, s))[:, :, :, None, :]             # [B,T,H,1,S]
-  logits = jnp.where(m5, logits, _NEG)
-  row_max = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
-  p = jnp.where(m5, jnp.exp(logits - row_max), 0.0)                        # [B,T,H,G,S]
-  denom = jnp.sum(p, axis=-1, keepdims=True)
-  seen = denom > 0
-  p = p / jnp.where(seen, denom, 1.0)
+  p, lse = masked_softmax(logits, m5)                                      # [B,T,H,G,S]
   o = _mm("bthgs,bshv->bthgv", p.astype(v.dtype), v)
-  lse = jnp.where(seen, row_max + jnp.log(jnp.where(seen, denom, 1.0)), -jnp.inf)[..., 0]
   return (o.reshape(b, t, hq, v.shape[3]).astype(q.dtype), lse.reshape(b, t, hq),
           p.reshape(b, t, hq, s))
 
