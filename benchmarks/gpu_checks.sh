@@ -2,13 +2,13 @@
 # Every quick GPU check in one device call, on one or two GPUs (two lanes run side by side).
 # Usage (repository root, on the GPU machine):  bash benchmarks/gpu_checks.sh [PART ...]
 # PARTs (default: all but multi, context, timing, breakdown, nosa_train): dense nosa decode offload dims
-# transforms multi context timing breakdown nosa_train.
+# transforms multi context timing breakdown breakdown_docs1 nosa_train.
 # `context`: decode tokens/s of every kind at 16k/32k/64k (B 1 and 16), and offloaded NOSA at
 #   32k/64k (B 16 and 128);
 # `timing`: the selected-attention benchmark for the new shapes (Dk192/Dv128, the GLA global
 #   layer's 160/128 and block 128);
 # `breakdown`: the time of each stage of one nsa_340m layer at 8k (benchmarks/nsa_breakdown.py),
-#   one document and 4 packed documents per row;
+#   4 packed documents per row (`breakdown_docs1`: one document per row, on the first lane);
 # `nosa_train`: NOSA's biased selected attention on the kernels vs the reference
 #   (tests/gpu/check_nosa_train.py).
 # With two GPUs the parts are split between the two lanes.
@@ -67,7 +67,7 @@ lane_a() {
   done
   context_kinds 0 $ctx_a
   has timing && timing_part timing_dk192 0 --dk 192 --dv 128
-  has breakdown && run breakdown_docs1 0 "$T_BREAKDOWN" env OUT="$OUT/breakdown_docs1" \
+  has breakdown_docs1 && run breakdown_docs1 0 "$T_BREAKDOWN" env OUT="$OUT/breakdown_docs1" \
     python3 benchmarks/nsa_breakdown.py --seq-len 8192 --docs 1
 }
 lane_b() {
