@@ -38,20 +38,19 @@ def causal_attention(q, k, v, *, segment_ids=None, window: int | None = None,
     ``[B, T, HQ, Dv]`` in ``q.dtype``.
   """
   scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
-  if impl == "reference":
-    if window is None:
-      return dense_causal_attention(q, k, v, segment_ids=segment_ids, softmax_scale=scale,
-                                    impl="reference")
+  if window is not None:                       # the same routing as NSA's window branch
     return sliding_window_attention(q, k, v, window=window, segment_ids=segment_ids,
-                                    softmax_scale=scale, impl="reference")
+                                    softmax_scale=scale, impl=impl)
+  if impl == "reference":
+    return dense_causal_attention(q, k, v, segment_ids=segment_ids, softmax_scale=scale,
+                                  impl="reference")
 
   def blocked(q, k, v, segment_ids):
-    return blocked_attention(q, k, v, window=window, segment_ids=segment_ids,
-                             softmax_scale=scale)[0]
+    return blocked_attention(q, k, v, segment_ids=segment_ids, softmax_scale=scale)[0]
 
   if impl == "blocked":
     return blocked(q, k, v, segment_ids)
-  return cudnn.causal_attention_or(blocked, q, k, v, window=window, softmax_scale=scale,
+  return cudnn.causal_attention_or(blocked, q, k, v, window=None, softmax_scale=scale,
                                    segment_ids=segment_ids)
 
 

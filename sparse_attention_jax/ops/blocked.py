@@ -48,7 +48,8 @@ def default_chunk(window: int | None) -> int:
   return min(512, max(32, p))
 
 
-def _precision(dtype):
+def matmul_precision(dtype):
+  """``HIGHEST`` for float32 operands; the default (tensor cores as they are) otherwise."""
   return _HI if dtype == jnp.float32 else None
 
 
@@ -100,7 +101,7 @@ def _tile_mask(i, j, doc_c, geo: _Geometry):
 
 def _logits(qi, kj, scale):
   """``qi [B, C, H, G, Dk]``, ``kj [B, C, H, Dk]`` -> float32 ``[B, Cq, H, G, Ck]``."""
-  return jnp.einsum("bqhgd,bkhd->bqhgk", qi, kj, precision=_precision(qi.dtype),
+  return jnp.einsum("bqhgd,bkhd->bqhgk", qi, kj, precision=matmul_precision(qi.dtype),
                     preferred_element_type=jnp.float32) * scale
 
 
@@ -141,7 +142,7 @@ def _forward(q, k, v, segment_ids, scale, geo: _Geometry):
       p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
       alpha = jnp.exp(m - m_new)
       pv = jnp.einsum("bqhgk,bkhv->bqhgv", p.astype(v.dtype), v_c[j],
-                      precision=_precision(v.dtype), preferred_element_type=jnp.float32)
+                      precision=matmul_precision(v.dtype), preferred_element_type=jnp.float32)
       return m_new, alpha * l + jnp.sum(p, axis=-1), alpha[..., None] * acc + pv
 
     init = (jnp.full((b, geo.c, h, g), _NEG, jnp.float32), jnp.zeros((b, geo.c, h, g), jnp.float32),
@@ -169,7 +170,7 @@ def _backward(q, k, v, segment_ids, o, lse, do, scale, geo: _Geometry):
   delta_c = _chunked(delta.reshape(b, t, h, g), geo)                        # [N, B, C, H, G]
   seen_c = _chunked(jnp.isfinite(lse), geo)
   lse_c = jnp.where(seen_c, _chunked(lse, geo), 0.0)
-  prec_k, prec_v = _precision(k.dtype), _precision(v.dtype)
+  prec_k, prec_v = matmul_precision(k.dtype), matmul_precision(v.dtype)
 
   def query_chunk(carry, i):
     dk_acc, dv_acc = carry

@@ -23,6 +23,8 @@ import logging
 import jax
 import jax.numpy as jnp
 
+from sparse_attention_jax.ops.masked import same_document
+
 log = logging.getLogger("sparse_attention_jax")
 
 _DTYPES = (jnp.bfloat16, jnp.float16)
@@ -56,11 +58,8 @@ def attention(q, k, v, *, window: int | None, softmax_scale: float, segment_ids=
     return jnp.pad(y, [(0, 0)] * 3 + [(0, width - y.shape[-1])])
 
   mask = None
-  if segment_ids is not None:     # documents are maximal runs of equal ids: number the runs
-    new_run = jnp.concatenate([jnp.zeros_like(segment_ids[:, :1], bool),
-                               segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
-    run = jnp.cumsum(new_run, axis=1, dtype=jnp.int32)                      # [B, T]
-    mask = (run[:, :, None] == run[:, None, :])[:, None]   # [B, 1, T(query), S(key)]: all heads
+  if segment_ids is not None:                  # [B, 1, T(query), S(key)]: shared by all heads
+    mask = same_document(segment_ids)[:, None]
   local = None if window is None else (window - 1, 0)
   o = _sdpa(pad(q), pad(k), pad(v), mask, scale=softmax_scale, local_window_size=local)
   return o[..., :dv]

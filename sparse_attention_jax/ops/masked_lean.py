@@ -25,18 +25,14 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from sparse_attention_jax.ops.blocked import matmul_precision
 from sparse_attention_jax.ops.masked import masked_attention, masked_softmax
-
-_HI = jax.lax.Precision.HIGHEST
-
-
-def _precision(dtype):
-  return _HI if dtype == jnp.float32 else None
 
 
 def _mm(spec, a, b):
   """einsum with float32 accumulation; ``HIGHEST`` for float32 operands."""
-  return jnp.einsum(spec, a, b, precision=_precision(a.dtype), preferred_element_type=jnp.float32)
+  return jnp.einsum(spec, a, b, precision=matmul_precision(a.dtype),
+                    preferred_element_type=jnp.float32)
 
 
 def _forward(q, k, v, mask, scale):

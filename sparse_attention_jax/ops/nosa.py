@@ -108,11 +108,11 @@ def biased_selected_attention(q, k, v, bias, block_indices, *, block_size: int,
     return biased_masked_attention(q, k, v, bias, mask, scale)
   c = bias.astype(jnp.float32)[..., None]                                  # [B, T, H, 1]
   if k.dtype == jnp.float32:
-    cols = [c]
+    cols = [c]                                                             # exact
   else:   # c_lo = c - c_hi; its derivative in c is 1 - 1 = 0, so dc is the c_hi column's dK'
     c_hi = c.astype(k.dtype)
     cols = [c_hi, (c - c_hi.astype(jnp.float32)).astype(k.dtype)]
-  k_aug = jnp.concatenate([k, *(x.astype(k.dtype) for x in cols)], axis=-1)
+  k_aug = jnp.concatenate([k, *cols], axis=-1)
   q_aug = jnp.concatenate([q, jnp.full(q.shape[:3] + (len(cols),), 1.0 / scale, q.dtype)],
                           axis=-1)
   return selected_attention(q_aug, k_aug, v, block_indices, block_size=block_size,
