@@ -25,7 +25,7 @@ parts=${*:-"dense nosa decode offload dims transforms"}
 has() { [[ " $parts " == *" $1 "* ]]; }
 ngpu=$(python3 -c "import jax; print(jax.device_count())" 2>/dev/null || echo 1)
 lane1=$(( ngpu > 1 ? 1 : 0 ))
-T_DENSE=${T_DENSE:-150} T_NOSA=${T_NOSA:-90} T_OFFLOAD=${T_OFFLOAD:-150} T_DIMS=${T_DIMS:-160}
+T_DENSE=${T_DENSE:-200} T_NOSA=${T_NOSA:-90} T_OFFLOAD=${T_OFFLOAD:-150} T_DIMS=${T_DIMS:-160}
 T_TRANSFORMS=${T_TRANSFORMS:-70} T_MULTI=${T_MULTI:-170} T_DECODE=${T_DECODE:-40}
 T_CONTEXT=${T_CONTEXT:-120} T_TIMING=${T_TIMING:-120} T_BREAKDOWN=${T_BREAKDOWN:-240}
 T_NOSA_TRAIN=${T_NOSA_TRAIN:-180}

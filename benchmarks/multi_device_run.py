@@ -26,14 +26,16 @@ Phases (each in its own process, with the devices chosen by ``CUDA_VISIBLE_DEVIC
 Phases train without evaluation (``train.eval_batches=0``: no eval program to compile).
 ``--baseline-from DIR`` reuses the finished baseline of an earlier run directory (same config,
 steps, global batch and sequence length, checked) so that a later device call runs only
-meshes, e.g. one NSA mesh per call.
+meshes, e.g. one NSA mesh per call; ``--restore single|mesh|none`` limits the restore phases
+(default both).
 ``--budget-s`` bounds the whole run: a phase is not launched when its estimated time (startup and
 compile overhead + steps x step time, from the phases already run) would pass the budget, and a
 running phase gets SIGTERM at the budget (the job saves and exits). ``summary.json`` is rewritten
 after every phase, so a cut run still leaves what it measured. NVLink multicast stays off:
 ``NCCL_NVLS_ENABLE=0``, ``TORCH_SYMM_MEM_DISABLE_MULTICAST=1``, ``NVSHMEM_DISABLE_NVLS=1`` are set
 in every phase's environment. Phases share a persistent compilation cache (``<out>/jax_cache``,
-``--no-compile-cache`` to disable), so a restore on a mesh reuses that mesh run's executable (a
+``--no-compile-cache`` to disable, ``--compile-cache DIR`` to keep it elsewhere, e.g. in an ignored
+folder of the repository that a warm device machine keeps between calls), so a restore on a mesh reuses that mesh run's executable (a
 restore on one device compiles again: restored arrays carry a single-device sharding that the
 freshly built baseline's do not, so the step's HLO differs).
 
@@ -247,7 +249,8 @@ class Runner:
     self.phases: list[dict] = []
     self.overhead_s = 0.0  # Largest startup + compile time seen (wall - timed steps).
     self.step_s: dict[int, float] = {}  # Step time by device count.
-    self.cache = None if args.no_compile_cache else os.path.join(args.out, "jax_cache")
+    self.cache = None if args.no_compile_cache else os.path.abspath(
+        args.compile_cache or os.path.join(args.out, "jax_cache"))
 
   def elapsed(self) -> float:
     return time.perf_counter() - self.t0
@@ -544,6 +547,13 @@ def _args(argv=None) -> argparse.Namespace:
   p.add_argument("--grace-s", type=float, default=60.0,
                  help="after SIGTERM at the budget, wait this long before killing the phase")
   p.add_argument("--no-compile-cache", action="store_true")
+  p.add_argument("--compile-cache", metavar="DIR", default=None,
+                 help="persistent compilation cache (default <out>/jax_cache); a directory kept "
+                 "between calls lets a later call reuse executables, e.g. a mesh compiled by an "
+                 "earlier restore")
+  p.add_argument("--restore", choices=("both", "single", "mesh", "none"), default="both",
+                 help="which restores of the first mesh run's checkpoint to run: on one device, "
+                 "on another mesh, both, or none")
   p.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "multi_device_run"))
   p.add_argument("overrides", nargs="*", metavar="section.key=value",
                  help="extra overrides for every phase (e.g. model.remat=dots)")
@@ -618,7 +628,9 @@ def main(argv=None) -> int:
     step_and_save(rec)
   # Restore the first finished mesh run's newest checkpoint that has steps after it.
   source = next(((m, r) for m, r in mesh_recs if r["status"] == "ok"), None)
-  if source is None:
+  if args.restore == "none":
+    pass
+  elif source is None:
     runner.phases.append({"phase": "restore", "kind": "restore", "devices": 0, "mesh": "-",
                           "status": "skipped", "reason": "no mesh run finished"})
   else:
@@ -631,7 +643,8 @@ def main(argv=None) -> int:
     else:
       k = before[-1]
       other = restore_mesh or next((m for m, _ in mesh_recs if m != src_mesh), None)
-      targets = [None] + ([other] if other is not None else [])
+      targets = ([None] if args.restore in ("both", "single") else []) + (
+          [other] if other is not None and args.restore in ("both", "mesh") else [])
       for target in targets:
         rec = runner.run(f"restore_{mesh_name(src_mesh)}_on_{mesh_name(target)}", "restore",
                          target, args.steps - k, 0, resume=True,
