@@ -285,7 +285,11 @@ def run_offload(model, *, batch: int, context: int, steps: int, warmup: int, see
           "host_memory_kind": summary.host_memory_kind, "host_store": store,
           "blocks_per_step": summary.total["transferred"] / steps,
           "hit_rate": summary.total["hit_rate"],
-          "bytes_per_step": summary.total["bytes"] / steps, **memory_stats()}
+          "bytes_per_step": summary.total["bytes"] / steps,
+          # Host ms per step summed over the NOSA layers (OffloadedBlockCache.update).
+          "host_ms_per_step": {key[:-2]: summary.total[key] / steps * 1e3
+                               for key in ("wait_s", "plan_s", "gather_s", "put_s")},
+          **memory_stats()}
 
 
 def _ints(text: str, name: str) -> list[int]:
@@ -395,6 +399,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"{_opt(_mib(r.get('bytes_per_step')), '.2f'):>8} "
                 f"{_gib(r.get('resident_cache_bytes')):>12} {_opt(r.get('fits'), ''):>4}",
                 flush=True)
+          if "host_ms_per_step" in r:
+            print("    host ms/step over the NOSA layers: " + ", ".join(
+                f"{k} {v:.2f}" for k, v in r["host_ms_per_step"].items()), flush=True)
         rows.append({"kind": kind, "config": CONFIGS[kind], **r})
         save()
     del params, model

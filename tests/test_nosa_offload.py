@@ -77,6 +77,9 @@ def test_slot_pool_attention_equals_full_cache_and_counts_transfers(store, monke
     assert stats["requested"] == sum(len(w) for w in want.values())
     assert stats["hits"] == stats["requested"] - exp
     assert stats["bytes"] == exp * CFG.block_size * ((D + DV) * 4 + 4)
+    # Host seconds of the step's parts: measured (>= 0); gathers/puts only when blocks move.
+    assert all(stats[key] >= 0 for key in ("wait_s", "plan_s", "gather_s", "put_s"))
+    assert (stats["gather_s"] > 0 and stats["put_s"] > 0) == (exp > 0), t
     changed += prev is not None and exp > 0
     prev = want
     # The slots hold exactly the selection; attention matches the full-cache op.

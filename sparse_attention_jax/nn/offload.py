@@ -35,6 +35,7 @@ document (no segment ids).
 from __future__ import annotations
 
 import functools
+import time
 
 import jax
 import jax.numpy as jnp
@@ -46,6 +47,8 @@ from sparse_attention_jax.ops.nosa import biased_masked_attention
 # Most blocks one slot scatter writes (a larger refill, e.g. the first step after a prefill of a
 # big batch, runs in chunks): the scatter compiles once per size bucket up to this.
 MAX_SCATTER = 1024
+# Per-step counts and host seconds of :meth:`OffloadedBlockCache.update` (summed over steps).
+STAT_KEYS = ("requested", "hits", "transferred", "bytes", "wait_s", "plan_s", "gather_s", "put_s")
 
 
 def bucket(n: int) -> int:
@@ -220,7 +223,7 @@ class OffloadedBlockCache:
     self.tail_use = np.zeros((batch, num_kv_heads), bool)
     self._scatter, self._write_token = _updaters(self.device.platform != "cpu")
     self.length = 0
-    self.totals = {"steps": 0, "requested": 0, "hits": 0, "transferred": 0, "bytes": 0}
+    self.totals = {"steps": 0, **{key: 0 for key in STAT_KEYS}}
 
   # ------------------------------------------------------------------------------ sizes
   @property
@@ -319,12 +322,17 @@ class OffloadedBlockCache:
     Returns:
       ``{"requested": selected blocks other than the current one, "hits": those already
       resident, "transferred": blocks copied host -> device, "hit_rate", "bytes": bytes moved
-      host -> device}`` summed over the batch and heads (also accumulated in ``self.totals``).
+      host -> device}`` summed over the batch and heads (also accumulated in ``self.totals``),
+      and the host seconds of the step's parts: ``wait_s`` (reading ``gamma`` back: waits for
+      the device work queued before it), ``plan_s`` (:func:`assign_slots`), ``gather_s`` (host
+      store gathers), ``put_s`` (``device_put`` + scatter dispatch).
       Padding writes are not counted.
     """
     if self.length == 0:
       _fail("update", "a cache holding tokens (prefill/append first)", "an empty cache")
-    g = np.asarray(gamma)
+    t0 = time.perf_counter()
+    g = np.asarray(gamma)                        # waits for the device's selection
+    t1 = time.perf_counter()
     if g.ndim != 3 or g.shape[:2] != (self.batch, self.heads):
       _fail("gamma", f"shape [B, H, n] = {(self.batch, self.heads, 'n')}", g.shape)
     cur = self.current_block
@@ -335,24 +343,32 @@ class OffloadedBlockCache:
     loads, tail_use, requested, hits = assign_slots(g, slot_block, cur)
     self.slot_block, self.tail_use = slot_block, tail_use
     n = len(loads[0])
+    t2 = time.perf_counter()
+    gather_s = put_s = 0.0
     for at in range(0, n, MAX_SCATTER):
-      self._load([x[at:at + MAX_SCATTER] for x in loads])
+      dg, dp = self._load([x[at:at + MAX_SCATTER] for x in loads])
+      gather_s, put_s = gather_s + dg, put_s + dp
     stats = {"requested": requested, "hits": hits, "transferred": n,
-             "hit_rate": hits / requested if requested else 1.0, "bytes": n * self.block_bytes}
-    for key in ("requested", "hits", "transferred", "bytes"):
+             "hit_rate": hits / requested if requested else 1.0, "bytes": n * self.block_bytes,
+             "wait_s": t1 - t0, "plan_s": t2 - t1, "gather_s": gather_s, "put_s": put_s}
+    for key in STAT_KEYS:
       self.totals[key] += stats[key]
     self.totals["steps"] += 1
     return stats
 
-  def _load(self, chunk) -> None:
-    """Copies blocks ``j`` of rows ``(b, h)`` into slots ``s`` (``chunk = (b, h, s, j)``)."""
+  def _load(self, chunk) -> tuple[float, float]:
+    """Copies blocks ``j`` of rows ``(b, h)`` into slots ``s`` (``chunk = (b, h, s, j)``);
+    returns the host seconds of the gather and of the ``device_put`` + scatter dispatch."""
     n = len(chunk[0])
     idx = np.empty((4, bucket(n)), np.int32)
     idx[:, :n] = chunk
     idx[:, n:] = idx[:, :1]
+    t0 = time.perf_counter()
     kv, c = self.store.gather(idx[0], idx[1], idx[3])
+    t1 = time.perf_counter()
     kv, c, b, h, s = jax.device_put((kv, c, idx[0], idx[1], idx[2]), self._dev)
     self.slot_kv, self.slot_c = self._scatter(self.slot_kv, self.slot_c, b, h, s, kv, c)
+    return t1 - t0, time.perf_counter() - t1
 
   def warm_scatter(self) -> None:
     """Compiles the slot scatter for every :func:`bucket` size up to a full refill (``B * H *
@@ -384,5 +400,5 @@ class OffloadedBlockCache:
                    k_dim=self.k_dim, block_size=self.block_size, scale=float(scale))
 
 
-__all__ = ["MAX_SCATTER", "OffloadedBlockCache", "assign_slots", "bucket", "buckets",
+__all__ = ["MAX_SCATTER", "STAT_KEYS", "OffloadedBlockCache", "assign_slots", "bucket", "buckets",
            "host_memory_kind"]

@@ -25,7 +25,9 @@ refill when it builds its first caches, so no timed step compiles. The tokens eq
 device-resident decode's (same selection code, same biased attention), which the tests check.
 Per step the decoder reports, summed over the NOSA layers,
 ``requested`` (selected blocks besides the current one), ``hits`` (already resident),
-``transferred`` (blocks copied host -> device), ``hit_rate`` and ``bytes``.
+``transferred`` (blocks copied host -> device), ``hit_rate``, ``bytes`` and the host seconds of
+the block bookkeeping (``wait_s`` for the selection's read-back, ``plan_s``, ``gather_s``,
+``put_s``; see :meth:`~sparse_attention_jax.nn.offload.OffloadedBlockCache.update`).
 
 Limits: the rows of a batch share one length (the block cache's bookkeeping), so prompts must
 have equal lengths; one document per sequence; the per-layer host round trip (``Gamma`` read
@@ -43,7 +45,7 @@ import numpy as np
 from flax import nnx
 
 from sparse_attention_jax.nn import decode as dec
-from sparse_attention_jax.nn.offload import OffloadedBlockCache
+from sparse_attention_jax.nn.offload import STAT_KEYS, OffloadedBlockCache
 from sparse_attention_jax.nn.offload_store import STORES
 from sparse_attention_jax.ops.nosa_decode import (
   decode_budgets,
@@ -52,8 +54,6 @@ from sparse_attention_jax.ops.nosa_decode import (
   select_at,
   update_select_state,
 )
-
-_STAT_KEYS = ("requested", "hits", "transferred", "bytes")
 
 
 def offload_slots(config, capacity: int) -> int:
@@ -67,7 +67,7 @@ def offload_slots(config, capacity: int) -> int:
 
 
 def _sum_stats(stats: list[dict]) -> dict:
-  out = {key: sum(s[key] for s in stats) for key in _STAT_KEYS}
+  out = {key: sum(s[key] for s in stats) for key in STAT_KEYS}
   out["hit_rate"] = out["hits"] / out["requested"] if out["requested"] else 1.0
   return out
 
@@ -246,7 +246,7 @@ class OffloadedDecoder:
     dev = sum(dec.cache_bytes((c[0], s.slot_kv, s.slot_c, s.tail_kv, s.tail_c))
               for c, s in zip([c for c in caches if isinstance(c, list)], stores))
     host = sum(s.host_bytes for s in stores)
-    per_layer = [{**{k: s.totals[k] for k in _STAT_KEYS},
+    per_layer = [{**{k: s.totals[k] for k in STAT_KEYS},
                   "hit_rate": s.totals["hits"] / s.totals["requested"]
                   if s.totals["requested"] else 1.0} for s in stores]
     steps = [{k: v for k, v in s.items() if k != "per_layer"} for s in per_step]

@@ -5,13 +5,15 @@ tests/gpu/check_nosa_train.py`` (``--smoke``: tiny shapes, for a CPU run of the 
 Writes ``$OUT/nosa_train.json`` (``$OUT`` default ``.``), prints a table, exits 1 on a failure.
 
 1. Correctness (bf16, B = 1, T = 2048, HQ = 32, H = 2, D = 64: the nosa_1b head layout; the
-   selection of ``nosa_attention`` on the same inputs, packed into 2 documents): the output and
+   selection of ``nosa_attention`` on the same inputs, 24 of 32 blocks with k_q = 20, packed into
+   2 documents): the output and
    the gradients w.r.t. q, k, v and the eviction scores c of
    ``biased_selected_attention(impl="auto")`` (the Mosaic GPU kernels on keys with bias columns)
    against ``impl="reference"`` (dense masked form) on float32 copies of the same inputs;
    relative L2 error <= 2e-2 each, finite, computed twice (equal: no race).
 2. Time and XLA temp memory of one fwd+bwd at T = 8192 for ``auto`` and the whole
-   ``nosa_attention`` op (selection included), and ``reference`` where it fits.
+   ``nosa_attention`` op (selection included), and ``reference`` where it fits (nosa_1b's budgets
+   k = 64, k_q = 33).
 """
 
 from __future__ import annotations
@@ -28,12 +30,16 @@ import numpy as np
 
 from sparse_attention_jax.config import NSAConfig
 from sparse_attention_jax.ops.nosa import biased_selected_attention, nosa_attention
+from sparse_attention_jax.ops.nosa_selection import for_length
 
 SMOKE = "--smoke" in sys.argv
 HQ, H, D = (4, 2, 16) if SMOKE else (32, 2, 64)
-CFG = (NSAConfig.infllm_v2(cmp_window=16, cmp_stride=8, block_size=16, num_selected=6,
-                           local_window=32) if SMOKE else NSAConfig.infllm_v2())
-KQ = 4 if SMOKE else 33
+# (config, k_q): correctness selects 24 of the 32 blocks of T = 2048 (nosa_1b's k = 64 would take
+# them all); timing at T = 8192 uses nosa_1b's budgets (k = 64, k_q = 33).
+SMOKE_CFG = NSAConfig.infllm_v2(cmp_window=16, cmp_stride=8, block_size=16, num_selected=6,
+                                local_window=32)
+CHECK = (SMOKE_CFG, 4) if SMOKE else (NSAConfig.infllm_v2(num_selected=24), 20)
+TIMING = (SMOKE_CFG, 4) if SMOKE else (NSAConfig.infllm_v2(num_selected=64), 33)
 
 
 def inputs(key, t, dtype=jnp.bfloat16):
@@ -61,10 +67,10 @@ def rel(a, b):
 
 def correctness():
   t = 256 if SMOKE else 2048
-  cfg = CFG.for_length(t)
+  cfg, kq = for_length(*CHECK, t)
   q, k, v, c, ct, seg = inputs(jax.random.key(0), t)
   _, aux = jax.jit(lambda q, k, v, c: nosa_attention(q, k, v, c, config=cfg,
-                                                     num_query_selected=KQ, segment_ids=seg,
+                                                     num_query_selected=kq, segment_ids=seg,
                                                      return_aux=True))(q, k, v, c)
   idx = aux.block_indices
   g1, o1 = grads("auto", idx, seg, ct, cfg.block_size)(q, k, v, c)
@@ -83,14 +89,14 @@ def correctness():
 def timing():
   rows = []
   t = 512 if SMOKE else 8192
-  cfg = CFG.for_length(t)
+  cfg, kq = for_length(*TIMING, t)
   q, k, v, c, ct, seg = inputs(jax.random.key(1), t)
   idx = jax.jit(lambda q, k, v, c: nosa_attention(
-      q, k, v, c, config=cfg, num_query_selected=KQ, segment_ids=seg, return_aux=True)[1]
+      q, k, v, c, config=cfg, num_query_selected=kq, segment_ids=seg, return_aux=True)[1]
       .block_indices)(q, k, v, c)
 
   def whole(q, k, v, c):
-    o = nosa_attention(q, k, v, c, config=cfg, num_query_selected=KQ, segment_ids=seg)
+    o = nosa_attention(q, k, v, c, config=cfg, num_query_selected=kq, segment_ids=seg)
     return jnp.sum(o.astype(jnp.float32) * ct)
   cases = {"biased auto": grads("auto", idx, seg, ct, cfg.block_size),
            "biased reference": grads("reference", idx, seg, ct, cfg.block_size),
