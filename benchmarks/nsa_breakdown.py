@@ -116,33 +116,38 @@ def main(argv=None) -> int:
   scale = cfg.scale(d)
   k_cmp = compress(k, cfg, params.k, name="k")
   v_cmp = compress(v, cfg, params.v, name="v")
-  cmp = jax.jit(lambda q, kc, vc: compressed_attention(q, kc, vc, cfg, segment_ids=seg))(
-      q, k_cmp, v_cmp)
-  select = lambda probs: select_blocks(block_importance(probs, cfg, num_kv_heads=h, seq_len=t),
-                                       cfg, segment_ids=seg)
-  blocks = jax.jit(select)(cmp.probs)
+  cmp = jax.jit(lambda q, kc, vc, sg: compressed_attention(q, kc, vc, cfg, segment_ids=sg))(
+      q, k_cmp, v_cmp, seg)
+  select = lambda probs, sg: select_blocks(block_importance(probs, cfg, num_kv_heads=h,
+                                                           seq_len=t), cfg, segment_ids=sg)
+  blocks = jax.jit(select)(cmp.probs, seg)
 
+  # Every array is an argument of the timed function, the segment ids (last) and the selected
+  # blocks included: a captured array would be an HLO constant, and XLA could fold the masks and
+  # the kernels' index preparation that depend only on it into the executable.
   stages = {
-      "compress": (lambda k, v, p: jnp.concatenate(
+      "compress": (lambda k, v, p, sg: jnp.concatenate(
           [compress(k, cfg, p.k, name="k"), compress(v, cfg, p.v, name="v")], axis=-1),
-          (k, v, params), (0, 1, 2), jnp.concatenate([k_cmp, v_cmp], -1)),
-      "compressed": (lambda q, kc, vc: compressed_attention(q, kc, vc, cfg, segment_ids=seg).out,
-                     (q, k_cmp, v_cmp), (0, 1, 2), None),
-      "select": (select, (cmp.probs,), None, None),
-      "selected": (lambda q, k, v: selected_attention(
-          q, k, v, blocks, block_size=cfg.block_size, segment_ids=seg, softmax_scale=scale),
-          (q, k, v), (0, 1, 2), None),
-      "window auto": (lambda q, k, v: sliding_window_attention(
-          q, k, v, window=cfg.window, segment_ids=seg, softmax_scale=scale), (q, k2, v2),
+          (k, v, params, seg), (0, 1, 2), jnp.concatenate([k_cmp, v_cmp], -1)),
+      "compressed": (lambda q, kc, vc, sg: compressed_attention(q, kc, vc, cfg,
+                                                              segment_ids=sg).out,
+                     (q, k_cmp, v_cmp, seg), (0, 1, 2), None),
+      "select": (select, (cmp.probs, seg), None, None),
+      "selected": (lambda q, k, v, bl, sg: selected_attention(
+          q, k, v, bl, block_size=cfg.block_size, segment_ids=sg, softmax_scale=scale),
+          (q, k, v, blocks, seg), (0, 1, 2), None),
+      "window auto": (lambda q, k, v, sg: sliding_window_attention(
+          q, k, v, window=cfg.window, segment_ids=sg, softmax_scale=scale), (q, k2, v2, seg),
           (0, 1, 2), None),
-      "window blocked": (lambda q, k, v: sliding_window_attention(
-          q, k, v, window=cfg.window, segment_ids=seg, softmax_scale=scale, impl="blocked"),
-          (q, k2, v2), (0, 1, 2), None),
-      "nsa": (lambda q, k, v, g, p, k2, v2: nsa_attention(
-          q, k, v, g, config=cfg, segment_ids=seg, compress_params=p, k_slc=k2, v_slc=v2,
-          k_win=k2, v_win=v2), (q, k, v, gates, params, k2, v2), (0, 1, 2, 3, 4, 5, 6), None),
-      "dense (cuDNN on GPU)": (lambda q, k, v: causal_attention(q, k, v, segment_ids=seg),
-                               (q, k, v), (0, 1, 2), None),
+      "window blocked": (lambda q, k, v, sg: sliding_window_attention(
+          q, k, v, window=cfg.window, segment_ids=sg, softmax_scale=scale, impl="blocked"),
+          (q, k2, v2, seg), (0, 1, 2), None),
+      "nsa": (lambda q, k, v, g, p, k2, v2, sg: nsa_attention(
+          q, k, v, g, config=cfg, segment_ids=sg, compress_params=p, k_slc=k2, v_slc=v2,
+          k_win=k2, v_win=v2), (q, k, v, gates, params, k2, v2, seg), (0, 1, 2, 3, 4, 5, 6),
+          None),
+      "dense (cuDNN on GPU)": (lambda q, k, v, sg: causal_attention(q, k, v, segment_ids=sg),
+                               (q, k, v, seg), (0, 1, 2), None),
   }
   dev = jax.devices()[0]
   meta = {"device": f"{dev.platform} ({dev.device_kind})", "jax": jax.__version__, "B": b,

@@ -67,18 +67,24 @@ def bench(fn, args, warmup=2, reps=10):
 
 
 def grad_fn(attn):
-  """``(q, k, v, w) -> (dq, dk, dv)`` of ``sum(attn(q, k, v) * w)``, jitted."""
-  def loss(q, k, v, w):
-    return jnp.sum(attn(q, k, v).astype(jnp.float32) * w)
+  """``(q, k, v, w, *extra) -> (dq, dk, dv)`` of ``sum(attn(q, k, v, *extra) * w)``, jitted.
+
+  Every array is an argument (e.g. the block indices in ``extra``): an array captured by the
+  function would become an HLO constant, and XLA could fold the work that depends only on it
+  (the kernels' list building, the backward's inverse map) into the executable.
+  """
+  def loss(q, k, v, w, *extra):
+    return jnp.sum(attn(q, k, v, *extra).astype(jnp.float32) * w)
   return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
 
 
-def fwd_bwd(attn, q, k, v, w, reps):
-  """Median fwd+bwd ms and the compiled XLA temp memory in MiB."""
+def fwd_bwd(attn, q, k, v, w, reps, *extra):
+  """Median fwd+bwd ms and the compiled XLA temp memory in MiB (``extra``: non-differentiated
+  arguments of ``attn`` after ``q, k, v``)."""
   g = grad_fn(attn)
-  temp = g.lower(q, k, v, w).compile().memory_analysis()
+  temp = g.lower(q, k, v, w, *extra).compile().memory_analysis()
   temp_mib = getattr(temp, "temp_size_in_bytes", float("nan")) / 2**20
-  ms, _ = bench(g, (q, k, v, w), reps=reps)
+  ms, _ = bench(g, (q, k, v, w, *extra), reps=reps)
   return ms, temp_mib
 
 
@@ -88,21 +94,21 @@ def backward_parts(q, k, v, w, bi, cfg, reps):
   from pallas_kernels import selected_attention_mgpu_bwd as bw
   q, k, v = dims.pad_head_dims(q, k, v)                                    # the kernels' dims
   w = jnp.pad(w, ((0, 0),) * 3 + ((0, v.shape[-1] - w.shape[-1]),))
-  o, lse = jax.jit(lambda q, k, v: mg._forward(q, k, v, bi, None, cfg))(q, k, v)
+  o, lse = jax.jit(lambda q, k, v, bi: mg._forward(q, k, v, bi, None, cfg))(q, k, v, bi)
   do = w.astype(q.dtype)
   bcfg = bw.BwdConfig(chunk=cfg.bwd_chunk, direct=cfg.bwd_direct)
   direct = bcfg.direct and bw.use_direct(HQ // H)
   t = q.shape[1]
-  prep = jax.jit(lambda q, k, v, o, lse, do: bw.prepare_backward(
+  prep = jax.jit(lambda q, k, v, o, lse, do, bi: bw.prepare_backward(
       q, k, v, o, lse, do, bi, mode=cfg.mode, chunk=bcfg.chunk, direct=direct,
       block_size=cfg.block_size))
-  ops = prep(q, k, v, o, lse, do)
+  ops = prep(q, k, v, o, lse, do, bi)
   kw = {"softmax_scale": cfg.softmax_scale, "seq_len": t, "num_q_heads": HQ, "cfg": bcfg,
         "direct": direct, "block_size": cfg.block_size}
   dq = jax.jit(lambda ops: bw.dq_call(ops, **kw))
   dkv = jax.jit(lambda ops: bw.dkv_call(ops, **kw))
   n_items = int(jnp.sum(ops.work.item_count > 0))
-  return {"bwd_prep_ms": bench(prep, (q, k, v, o, lse, do), reps=reps)[0],
+  return {"bwd_prep_ms": bench(prep, (q, k, v, o, lse, do, bi), reps=reps)[0],
           "bwd_dq_ms": bench(dq, (ops,), reps=reps)[0],
           "bwd_dkv_ms": bench(dkv, (ops,), reps=reps)[0],
           "bwd_items_used": n_items, "bwd_items": int(ops.work.item_count.size)}
@@ -176,8 +182,7 @@ def main():
                  "kernel_plus_out_ms": kern_ms, "kernel_tflops": sparse_flops / kern_ms / 1e9,
                  "mean_list_len": mean_list, "union_over_n": mean_list / N}
           if args.bwd:
-            fb_ms, temp = fwd_bwd(lambda q, k, v, bi=bi, attn=attn: attn(q, k, v, bi),
-                                  q, k, v, w, args.reps)
+            fb_ms, temp = fwd_bwd(attn, q, k, v, w, args.reps, bi)
             row.update(fb_ms=fb_ms, fb_tflops=3.5 * sparse_flops / fb_ms / 1e9, fb_temp_mib=temp)
           if args.bwd and args.bwd_parts:
             row.update(backward_parts(q, k, v, w, bi, cfg, args.reps))

@@ -130,22 +130,24 @@ def timing(quick):
       for impl in ("auto", "blocked"):
         q, k, v, ct = inputs(jax.random.key(0), b, t, jnp.bfloat16)
         seg = segments(seg_kind, b, t)
-        fn = functools.partial(dense_attention.causal_attention, segment_ids=seg, window=window,
-                               impl=impl)
+        fn = functools.partial(dense_attention.causal_attention, window=window, impl=impl)
 
-        def loss(q, k, v, fn=fn, ct=ct):
-          return jnp.sum(fn(q, k, v).astype(jnp.float32) * ct)
+        # Everything is an argument: a captured array would be an HLO literal (ct at B 2, T 8k:
+        # 128 MiB that XLA constant-folds for minutes).
+        def loss(q, k, v, ct, seg, fn=fn):
+          return jnp.sum(fn(q, k, v, segment_ids=seg).astype(jnp.float32) * ct)
         step = jax.jit(jax.value_and_grad(loss, (0, 1, 2)))
         row = {"check": "memory_time", "B": b, "T": t, "window": window, "segments": seg_kind,
                "impl": impl}
+        args = (q, k, v, ct, seg)
         try:
-          compiled = step.lower(q, k, v).compile()
+          compiled = step.lower(*args).compile()
           row["temp_gib"] = compiled.memory_analysis().temp_size_in_bytes / 2**30
-          jax.block_until_ready(compiled(q, k, v))
+          jax.block_until_ready(compiled(*args))
           times = []
           for _ in range(3 if quick else 5):
             t0 = time.perf_counter()
-            jax.block_until_ready(compiled(q, k, v))
+            jax.block_until_ready(compiled(*args))
             times.append(time.perf_counter() - t0)
           row["ms"] = 1e3 * statistics.median(times)
         except Exception as e:  # noqa: BLE001 -- report and go on

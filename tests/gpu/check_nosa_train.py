@@ -53,8 +53,10 @@ def inputs(key, t, dtype=jnp.bfloat16):
   return q, k, v, c, ct, seg
 
 
-def grads(impl, idx, seg, ct, bs):
-  def loss(q, k, v, c):
+def grads(impl, bs):
+  """``(q, k, v, c, idx, seg, ct) -> ((dq, dk, dv, dc), o)``, jitted; every array is an argument
+  (a captured one would be an HLO constant that XLA may fold)."""
+  def loss(q, k, v, c, idx, seg, ct):
     o = biased_selected_attention(q, k, v, c, idx, block_size=bs, segment_ids=seg, impl=impl)
     return jnp.sum(o.astype(jnp.float32) * ct), o
   return jax.jit(jax.grad(loss, (0, 1, 2, 3), has_aux=True))
@@ -69,14 +71,14 @@ def correctness():
   t = 256 if SMOKE else 2048
   cfg, kq = for_length(*CHECK, t)
   q, k, v, c, ct, seg = inputs(jax.random.key(0), t)
-  _, aux = jax.jit(lambda q, k, v, c: nosa_attention(q, k, v, c, config=cfg,
-                                                     num_query_selected=kq, segment_ids=seg,
-                                                     return_aux=True))(q, k, v, c)
+  _, aux = jax.jit(lambda q, k, v, c, seg: nosa_attention(
+      q, k, v, c, config=cfg, num_query_selected=kq, segment_ids=seg, return_aux=True))(
+          q, k, v, c, seg)
   idx = aux.block_indices
-  g1, o1 = grads("auto", idx, seg, ct, cfg.block_size)(q, k, v, c)
-  g2, o2 = grads("auto", idx, seg, ct, cfg.block_size)(q, k, v, c)
+  g1, o1 = grads("auto", cfg.block_size)(q, k, v, c, idx, seg, ct)
+  g2, o2 = grads("auto", cfg.block_size)(q, k, v, c, idx, seg, ct)
   f32 = [x.astype(jnp.float32) for x in (q, k, v)]
-  gr, orf = grads("reference", idx, seg, ct, cfg.block_size)(*f32, c)
+  gr, orf = grads("reference", cfg.block_size)(*f32, c, idx, seg, ct)
   row = {"check": "correctness", "T": t, "o_rel": rel(o1, orf),
          **{f"d{n}_rel": rel(a, b) for n, a, b in zip("qkvc", g1, gr)},
          "repeat_equal": all(bool(jnp.array_equal(a, b)) for a, b in zip((o1, *g1), (o2, *g2))),
@@ -91,26 +93,28 @@ def timing():
   t = 512 if SMOKE else 8192
   cfg, kq = for_length(*TIMING, t)
   q, k, v, c, ct, seg = inputs(jax.random.key(1), t)
-  idx = jax.jit(lambda q, k, v, c: nosa_attention(
+  idx = jax.jit(lambda q, k, v, c, seg: nosa_attention(
       q, k, v, c, config=cfg, num_query_selected=kq, segment_ids=seg, return_aux=True)[1]
-      .block_indices)(q, k, v, c)
+      .block_indices)(q, k, v, c, seg)
 
-  def whole(q, k, v, c):
+  def whole(q, k, v, c, idx, seg, ct):
+    del idx                                            # nosa_attention selects by itself
     o = nosa_attention(q, k, v, c, config=cfg, num_query_selected=kq, segment_ids=seg)
     return jnp.sum(o.astype(jnp.float32) * ct)
-  cases = {"biased auto": grads("auto", idx, seg, ct, cfg.block_size),
-           "biased reference": grads("reference", idx, seg, ct, cfg.block_size),
+  cases = {"biased auto": grads("auto", cfg.block_size),
+           "biased reference": grads("reference", cfg.block_size),
            "nosa_attention auto": jax.jit(jax.grad(whole, (0, 1, 2, 3)))}
+  args = (q, k, v, c, idx, seg, ct)
   for name, fn in cases.items():
     row = {"check": "time", "T": t, "case": name}
     try:
-      compiled = fn.lower(q, k, v, c).compile()
+      compiled = fn.lower(*args).compile()
       row["temp_gib"] = compiled.memory_analysis().temp_size_in_bytes / 2**30
-      jax.block_until_ready(compiled(q, k, v, c))
+      jax.block_until_ready(compiled(*args))
       times = []
       for _ in range(5):
         t0 = time.perf_counter()
-        jax.block_until_ready(compiled(q, k, v, c))
+        jax.block_until_ready(compiled(*args))
         times.append(time.perf_counter() - t0)
       row["fwd_bwd_ms"] = 1e3 * statistics.median(times)
     except Exception as e:  # noqa: BLE001 -- e.g. the reference out of memory: record it
