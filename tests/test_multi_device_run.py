@@ -101,11 +101,14 @@ def test_multi_device_run_end_to_end_on_two_cpu_devices(tmp_path):
   assert sum(line.startswith("| restore_data2_on_") and line.endswith("| pass |")
              for line in md.splitlines()) == 2
 
-  # A later call runs only a mesh against the baseline of this one (--baseline-from).
+  # A later call runs only a mesh against the baseline of this one (--baseline-from), restores
+  # only onto another mesh (--restore mesh) and keeps its compilation cache elsewhere.
   out2 = tmp_path / "multi2"
   argv2 = [a if a != str(out) else str(out2) for a in argv]
   argv2[argv2.index("--meshes") + 1] = "fsdp=2"
-  proc = subprocess.run([*argv2, "--baseline-from", str(out), "--checkpoint-every", "6"],
+  cache = tmp_path / "kept_cache"
+  proc = subprocess.run([*argv2, "--baseline-from", str(out), "--restore", "mesh",
+                         "--restore-mesh", "data=2", "--compile-cache", str(cache)],
                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
                         check=False)
   assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-3000:]
@@ -113,6 +116,9 @@ def test_multi_device_run_end_to_end_on_two_cpu_devices(tmp_path):
   assert again["baseline"]["reused_from"] == str(out) and "reused" in proc.stdout
   assert again["baseline"]["tokens_per_s"] == base["tokens_per_s"]
   assert again["mesh_fsdp2"]["loss_check"] == "pass"
+  assert [p for p in again if p.startswith("restore")] == ["restore_fsdp2_on_data2"]
+  assert again["restore_fsdp2_on_data2"]["restore_check"] == "pass"
+  assert any(cache.iterdir()) and not (out2 / "jax_cache").exists()
   assert (out2 / "baseline" / "metrics.jsonl").exists()
   steps_at = argv2.index("--steps") + 1
   bad = subprocess.run([*argv2[:steps_at], "5", *argv2[steps_at + 1:], "--baseline-from",
