@@ -6,7 +6,8 @@
 Scenarios:
   equivalence: the same tiny model trained on one device (no mesh) and on meshes (2, 2, 2),
     (2, 2, 2) with 2 microbatches, and (1, 2, 4) with remat (its 2 KV heads do not split over
-    tensor=4: heads replicated); plus the partition specs of parameters and optimizer moments and
+    tensor=4: heads replicated), a 2-layer model with its layers in one lax.scan on (2, 2, 2) vs
+    unrolled on one device; plus the partition specs of parameters and optimizer moments and
     whether attention ran in shard_map; synthetic-task answer metrics on one device and the mesh.
   checkpoint DIR: uninterrupted run vs stop-at-step-k + resume from the async checkpoint (new
     model, optimizer, iterator, trainer), keep-last-N, and restoring the (2, 2, 2) checkpoint
@@ -73,6 +74,11 @@ def equivalence() -> dict:
   out["mesh_222_accum2"] = losses(cfg, mesh, 5, accum=2)[0]
   out["mesh_124_remat"] = losses(config("model.remat=full"),
                                  mesh_lib.make_mesh({"fsdp": 2, "tensor": 4}), 5)[0]
+  # Two layers applied by one lax.scan (model.scan_layers) on the mesh, with remat, = the
+  # unrolled layers on one device.
+  out["single_2layers"] = losses(config("model.num_layers=2"), None, 5)[0]
+  out["mesh_222_scan_remat"] = losses(config("model.num_layers=2", "model.scan_layers=true",
+                                             "model.remat=full"), mesh, 5)[0]
   out["param_specs"] = specs(trainer._model_state)
   out["opt_specs"] = specs(trainer._opt_state)
   # Attention runs inside shard_map under the mesh (and as a plain call without one).

@@ -169,6 +169,8 @@ def test_sharded_training_matches_one_device_and_shards_by_the_rules():
   np.testing.assert_allclose(out["mesh_222"], single, rtol=1e-5)
   np.testing.assert_allclose(out["mesh_222_accum2"], single, rtol=1e-5)
   np.testing.assert_allclose(out["mesh_124_remat"], single, rtol=1e-5)
+  np.testing.assert_allclose(out["mesh_222_scan_remat"], out["single_2layers"], rtol=1e-5)
+  assert not np.allclose(out["single_2layers"], single)   # (a different model)
   # Answer metrics of synthetic tasks (train.synthetic) evaluate the same under the mesh.
   assert out["answers_mesh"]["answer_loss"] == pytest.approx(
       out["answers_single"]["answer_loss"], rel=1e-4)

@@ -41,6 +41,10 @@ class ModelConfig:
       activations), ``full`` (keep only the block inputs, recompute the rest) or ``dots`` (keep
       matmul outputs without batch dims:
       ``jax.checkpoint_policies.dots_with_no_batch_dims_saveable``).
+    scan_layers: apply each run of consecutive layers of the same kind (and only parameter
+      state) with one ``lax.scan`` over their stacked parameters, so the block compiles once per
+      run instead of once per layer (compile time of deep models); parameters and checkpoints
+      keep their per-layer layout.
     latent: MLA/GLA sizes of the ``asa_*`` kinds.
     ssa: settings of ``ssa`` layers (:class:`SSAConfig`; None = its defaults).
     nosa: settings of ``nosa`` layers (:class:`NOSAConfig`; None = its defaults).
@@ -65,6 +69,7 @@ class ModelConfig:
   dtype: str = "float32"
   attn_impl: str = "auto"
   remat: str = "none"
+  scan_layers: bool = False
   latent: LatentConfig | None = None     # MLA/GLA sizes of the asa_* kinds
   ssa: SSAConfig | None = None           # settings of the ssa kind (None = SSAConfig())
   nosa: NOSAConfig | None = None         # settings of the nosa kind (None = NOSAConfig())
@@ -88,6 +93,7 @@ class ModelConfig:
          "'float32', 'bfloat16' or 'float16'")
     need(isinstance(self.nsa, NSAConfig), "nsa", "an NSAConfig")
     need(self.remat in ("none", "full", "dots"), "remat", "'none', 'full' or 'dots'")
+    need(isinstance(self.scan_layers, bool), "scan_layers", "a bool")
     need(self.ssa is None or isinstance(self.ssa, SSAConfig), "ssa", "None or an SSAConfig")
     need(self.nosa is None or isinstance(self.nosa, NOSAConfig), "nosa",
          "None or a NOSAConfig")

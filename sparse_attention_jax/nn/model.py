@@ -26,6 +26,41 @@ def _block(layer, x, positions, segment_ids):
   return layer(x, positions, segment_ids)
 
 
+def _scan_runs(layers) -> list[tuple[int, int, object]]:
+  """``(start, stop, graphdef)`` of every maximal run of >= 2 consecutive layers that share one
+  graph structure (same kind and config) and hold only :class:`nnx.Param` state (layers with
+  other variables, e.g. SSA's mode and alignment terms, are called one by one)."""
+  runs, i = [], 0
+  keys = []
+  for layer in layers:
+    graphdef, _, rest = nnx.split(layer, nnx.Param, ...)
+    keys.append(graphdef if not jax.tree.leaves(rest) else None)
+  while i < len(layers):
+    j = i + 1
+    while keys[i] is not None and j < len(layers) and keys[j] == keys[i]:
+      j += 1
+    if j - i >= 2:
+      runs.append((i, j, keys[i]))
+    i = j
+  return runs
+
+
+def _scan_blocks(graphdef, layers, x, positions, segment_ids, policy):
+  """``x`` through ``layers`` (one graph structure, Param state only) with one ``lax.scan`` over
+  their parameters stacked on a new leading axis: the block is traced and compiled once instead
+  of once per layer. The stacking copies the run's parameters once per call (and its transpose
+  splits the gradients); the model's parameters and checkpoints keep their per-layer layout."""
+  stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[nnx.state(layer, nnx.Param)
+                                                      for layer in layers])
+
+  def body(x, params):
+    return constrain_batch(_block(nnx.merge(graphdef, params), x, positions, segment_ids))
+  if policy is not False:
+    body = jax.checkpoint(body, policy=policy)
+  x, _ = jax.lax.scan(lambda x, params: (body(x, params), None), x, stacked)
+  return x
+
+
 class DecoderBlock(nnx.Module):
   """``x + attn(norm(x))`` then ``x + mlp(norm(x))``."""
 
@@ -48,7 +83,9 @@ class DecoderLM(nnx.Module):
 
   Under a mesh with logical axis rules (see :mod:`sparse_attention_jax.nn.parallel`) the
   residual stream is constrained to be batch-sharded after the embedding and every block, and
-  each block is rematerialized in the backward pass as ``config.remat`` says.
+  each block is rematerialized in the backward pass as ``config.remat`` says. With
+  ``config.scan_layers``, every run of consecutive layers of one structure is applied by one
+  ``lax.scan`` (see :func:`_scan_blocks`): same math, one traced block per run.
 
   Attributes:
     embed: token embedding ``[V, d_model]``.
@@ -96,8 +133,17 @@ class DecoderLM(nnx.Module):
     block = _block
     if self.config.remat != "none":
       block = nnx.remat(_block, policy=_REMAT_POLICIES[self.config.remat])
-    for layer in self.layers:
-      x = constrain_batch(block(layer, x, positions, segment_ids))
+    layers = list(self.layers)
+    runs = _scan_runs(layers) if self.config.scan_layers else []
+    i = 0
+    for start, stop, graphdef in [*runs, (len(layers), len(layers), None)]:
+      for layer in layers[i:start]:
+        x = constrain_batch(block(layer, x, positions, segment_ids))
+      if stop > start:
+        policy = (False if self.config.remat == "none"
+                  else _REMAT_POLICIES[self.config.remat])
+        x = _scan_blocks(graphdef, layers[start:stop], x, positions, segment_ids, policy)
+      i = stop
     x = self.final_norm(x)
     if self.lm_head is None:
       return self.embed.attend(x)

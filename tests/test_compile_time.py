@@ -1,0 +1,32 @@
+"""CPU smoke test of ``benchmarks/compile_time.py`` (tiny config, both layer modes, executed)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_both_modes_compile_run_and_are_recorded(tmp_path, capsys):
+  spec = importlib.util.spec_from_file_location(
+      "compile_time", os.path.join(ROOT, "benchmarks", "compile_time.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  argv = ["--config", os.path.join(ROOT, "configs", "tiny.yaml"), "--seq-len", "128",
+          "--dtype", "float32", "--execute", "--out", str(tmp_path)]
+  assert mod.main(argv) == 0
+  out = json.loads((tmp_path / "compile_time.json").read_text())
+  assert out["meta"]["seq_len"] == 128 and out["meta"]["kinds"] == ["nsa"]
+  unrolled, scanned = out["rows"]
+  assert (unrolled["scan_layers"], scanned["scan_layers"]) == (False, True)
+  for row in out["rows"]:
+    assert row["compile_s"] > 0 and row["first_run_s"] > 0 and row["second_run_s"] > 0
+  assert scanned["hlo_chars"] < unrolled["hlo_chars"]       # tiny.yaml: 2 NSA layers, 1 scan
+  assert "scan_layers" in capsys.readouterr().out
+  with pytest.raises(SystemExit):
+    mod.main([*argv[:2], "--seq-len", "0"])
+  assert "--seq-len" in capsys.readouterr().err
