@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Every quick GPU check in one device call, on one or two GPUs (two lanes run side by side).
 # Usage (repository root, on the GPU machine):  bash benchmarks/gpu_checks.sh [PART ...]
-# PARTs (default: all but multi, context, timing, breakdown, nosa_train): dense nosa decode offload dims
-# transforms multi context timing breakdown breakdown_docs1 nosa_train.
+# PARTs (default: all but multi, context, timing, breakdown, nosa_train, compile): dense nosa decode
+# offload dims transforms multi context timing breakdown breakdown_docs1 nosa_train compile.
 # `context`: decode tokens/s of every kind at 16k/32k/64k (B 1 and 16), and offloaded NOSA at
 #   32k/64k (B 16 and 128);
 # `timing`: the selected-attention benchmark for the new shapes (Dk192/Dv128, the GLA global
@@ -10,7 +10,9 @@
 # `breakdown`: the time of each stage of one nsa_340m layer at 8k (benchmarks/nsa_breakdown.py),
 #   4 packed documents per row (`breakdown_docs1`: one document per row, on the first lane);
 # `nosa_train`: NOSA's biased selected attention on the kernels vs the reference
-#   (tests/gpu/check_nosa_train.py).
+#   (tests/gpu/check_nosa_train.py);
+# `compile`: compile and first/second-run time of the nsa_340m gradient at 8k, layers unrolled vs
+#   model.scan_layers (benchmarks/compile_time.py --execute, one process per mode), first lane.
 # With two GPUs the parts are split between the two lanes.
 # Each part runs under `timeout`, logs to $OUT/logs/<part>.log, writes its JSON under $OUT, and
 # the script prints one status line per part. Budget per part: the T_* variables below.
@@ -28,7 +30,7 @@ lane1=$(( ngpu > 1 ? 1 : 0 ))
 T_DENSE=${T_DENSE:-200} T_NOSA=${T_NOSA:-90} T_OFFLOAD=${T_OFFLOAD:-150} T_DIMS=${T_DIMS:-160}
 T_TRANSFORMS=${T_TRANSFORMS:-70} T_MULTI=${T_MULTI:-170} T_DECODE=${T_DECODE:-40}
 T_CONTEXT=${T_CONTEXT:-120} T_TIMING=${T_TIMING:-120} T_BREAKDOWN=${T_BREAKDOWN:-240}
-T_NOSA_TRAIN=${T_NOSA_TRAIN:-180}
+T_NOSA_TRAIN=${T_NOSA_TRAIN:-180} T_COMPILE=${T_COMPILE:-300}
 
 run() {  # run NAME GPU SECONDS CMD...
   local name=$1 gpu=$2 secs=$3; shift 3
@@ -69,6 +71,10 @@ lane_a() {
   has timing && timing_part timing_dk192 0 --dk 192 --dv 128
   has breakdown_docs1 && run breakdown_docs1 0 "$T_BREAKDOWN" env OUT="$OUT/breakdown_docs1" \
     python3 benchmarks/nsa_breakdown.py --seq-len 8192 --docs 1
+  for mode in unrolled scan; do  # one process per mode: Mosaic kernels compile once per process
+    has compile && run "compile_$mode" 0 "$T_COMPILE" python3 benchmarks/compile_time.py \
+      --config configs/nsa_340m.yaml --seq-len 8192 --execute --modes $mode --out "$OUT/compile"
+  done
 }
 lane_b() {
   has dims && run dims "$lane1" "$T_DIMS" python3 tests/gpu/check_selected_mgpu_bwd.py --smoke

@@ -2,14 +2,30 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 # float32 comparisons against the references must not run through reduced-precision (TF32) matmul
 # passes, which XLA uses by default on GPUs; on CPU this changes nothing.
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def load_script(relpath: str, name: str | None = None):
+  """The module of a script outside the packages (``benchmarks/...``, ``scripts/...``), loaded
+  from ``relpath`` under the repository root (imported fresh each call)."""
+  path = os.path.join(ROOT, relpath)
+  spec = importlib.util.spec_from_file_location(
+      name or os.path.splitext(os.path.basename(path))[0], path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
 
 
 def rand_qkv(key, b, t, hq, h, dk, dv=None, dtype=jnp.float32):

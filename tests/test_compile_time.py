@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 
 import pytest
+from conftest import load_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_both_modes_compile_run_and_are_recorded(tmp_path, capsys):
-  spec = importlib.util.spec_from_file_location(
-      "compile_time", os.path.join(ROOT, "benchmarks", "compile_time.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
+  mod = load_script("benchmarks/compile_time.py")
   argv = ["--config", os.path.join(ROOT, "configs", "tiny.yaml"), "--seq-len", "128",
           "--dtype", "float32", "--execute", "--out", str(tmp_path)]
   assert mod.main(argv) == 0
@@ -30,3 +27,10 @@ def test_both_modes_compile_run_and_are_recorded(tmp_path, capsys):
   with pytest.raises(SystemExit):
     mod.main([*argv[:2], "--seq-len", "0"])
   assert "--seq-len" in capsys.readouterr().err
+  with pytest.raises(SystemExit):
+    mod.main([*argv[:2], "--modes", "scan,rolled"])
+  assert "--modes" in capsys.readouterr().err
+  # One mode per process (a fair first-run time): its own file.
+  assert mod.main([*argv[:4], "--dtype", "float32", "--modes", "scan", "--out", str(tmp_path)]) == 0
+  only = json.loads((tmp_path / "compile_time_scan.json").read_text())
+  assert [r["scan_layers"] for r in only["rows"]] == [True]

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import load_script
 from flax import nnx
 
 from sparse_attention_jax.config import NSAConfig
@@ -286,14 +287,10 @@ def test_demo_sampler_uses_cached_path():
 
 def test_decode_benchmark_smoke(tmp_path, monkeypatch):
   """``benchmarks/decode.py --tiny`` runs every kind on CPU without grain and writes its JSON."""
-  import importlib.util
   import json
   import sys
   monkeypatch.setitem(sys.modules, "grain", None)            # any `import grain` would fail
-  path = os.path.join(ROOT, "benchmarks", "decode.py")
-  spec = importlib.util.spec_from_file_location("bench_decode", path)
-  bench = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(bench)
+  bench = load_script("benchmarks/decode.py", "bench_decode")
   rc = bench.main(["--tiny", "--batch", "2", "--context", "37", "--steps", "2", "--warmup",
                    "1", "--out", str(tmp_path)])
   assert rc == 0

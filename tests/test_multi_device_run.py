@@ -7,13 +7,13 @@ fsdp=2. In float32 on CPU the sharded curves equal the 1-device curve up to redu
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
 import sys
 
 import pytest
+from conftest import load_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "benchmarks", "multi_device_run.py")
@@ -25,10 +25,7 @@ SMALL = ["model.d_model=32", "model.num_layers=1", "model.num_heads=2", "model.n
 
 
 def _module():
-  spec = importlib.util.spec_from_file_location("multi_device_run", SCRIPT)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
+  return load_script(os.path.relpath(SCRIPT, ROOT), "multi_device_run")
 
 
 def test_mesh_parsing_and_curve_differences():

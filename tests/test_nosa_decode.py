@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import load_script
 from flax import nnx
 
 from sparse_attention_jax.config import NSAConfig
@@ -227,16 +228,10 @@ def test_decode_benchmark_nosa_kinds_smoke(tmp_path, monkeypatch):
   """``benchmarks/decode.py --tiny --kinds nosa,nosa_offload --report-fit`` runs on CPU without
   grain: both rows decode, the offloaded row reports its transfers, and the resident-cache
   bytes are those of the device-resident NOSA state."""
-  import importlib.util
   import json
-  import os
   import sys
   monkeypatch.setitem(sys.modules, "grain", None)
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  spec = importlib.util.spec_from_file_location("bench_decode_nosa",
-                                                os.path.join(root, "benchmarks", "decode.py"))
-  bench = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(bench)
+  bench = load_script("benchmarks/decode.py", "bench_decode_nosa")
   rc = bench.main(["--tiny", "--kinds", "nosa,nosa_offload", "--batch", "2", "--context", "37",
                    "--steps", "2", "--warmup", "1", "--report-fit", "--host-pool", "3",
                    "--out", str(tmp_path)])

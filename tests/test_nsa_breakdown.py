@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 
 import pytest
+from conftest import load_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_every_stage_runs_and_is_recorded(tmp_path, capsys):
-  spec = importlib.util.spec_from_file_location(
-      "nsa_breakdown", os.path.join(ROOT, "benchmarks", "nsa_breakdown.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
+  mod = load_script("benchmarks/nsa_breakdown.py")
   assert mod.main(["--tiny", "--docs", "2", "--out", str(tmp_path)]) == 0
   out = json.loads((tmp_path / "nsa_breakdown.json").read_text())
   assert out["meta"]["docs"] == 2 and out["meta"]["T"] == 256

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
 
 import pytest
+from conftest import load_script
 
 from sparse_attention_jax.nn.model import param_count
 from train.config import load_config, save_config
@@ -16,11 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _module():
-  spec = importlib.util.spec_from_file_location(
-      "summarize_runs", os.path.join(ROOT, "scripts", "summarize_runs.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
+  return load_script("scripts/summarize_runs.py")
 
 
 def _fake_run(folder, config, seed, evals, speeds):
