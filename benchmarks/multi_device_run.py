@@ -33,7 +33,9 @@ compile overhead + steps x step time, from the phases already run) would pass th
 running phase gets SIGTERM at the budget (the job saves and exits). ``summary.json`` is rewritten
 after every phase, so a cut run still leaves what it measured. NVLink multicast stays off:
 ``NCCL_NVLS_ENABLE=0``, ``TORCH_SYMM_MEM_DISABLE_MULTICAST=1``, ``NVSHMEM_DISABLE_NVLS=1`` are set
-in every phase's environment. Phases share a persistent compilation cache (``<out>/jax_cache``,
+in every phase's environment; the caller's ``XLA_FLAGS`` reach every phase and are recorded (e.g.
+``XLA_FLAGS=--xla_gpu_deterministic_ops=true`` for bit-reproducible GPU steps: without it two runs
+of the NSA model on one mesh differ from step 3, see ``benchmarks/RESULTS.md``). Phases share a persistent compilation cache (``<out>/jax_cache``,
 ``--no-compile-cache`` to disable, ``--compile-cache DIR`` to keep it elsewhere, e.g. in an ignored
 folder of the repository that a warm device machine keeps between calls), so a restore on a mesh reuses that mesh run's executable (a
 restore on one device compiles again: restored arrays carry a single-device sharding that the
@@ -203,6 +205,13 @@ def gpu_count() -> int:
     return 0
   return sum(line.startswith("GPU ") for line in proc.stdout.splitlines()) if proc.returncode == 0 \
       else 0
+
+
+def run_env() -> dict[str, str]:
+  """The environment settings a run records: multicast off, and the caller's ``XLA_FLAGS`` (every
+  phase inherits them, e.g. ``--xla_gpu_deterministic_ops=true``), if any."""
+  flags = os.environ.get("XLA_FLAGS", "").strip()
+  return {**NO_MULTICAST, **({"XLA_FLAGS": flags} if flags else {})}
 
 
 def phase_env(platform: str, devices: int, cache_dir: str | None) -> dict[str, str]:
@@ -397,7 +406,7 @@ def summarize(runner: Runner, args) -> dict:
       "budget_s": args.budget_s, "elapsed_s": runner.elapsed(),
       "command": getattr(args, "command", None) or shlex.join(
           [os.path.relpath(__file__, ROOT)] + sys.argv[1:]),
-      "env": dict(NO_MULTICAST), "phases": phases,
+      "env": getattr(args, "env", None) or run_env(), "phases": phases,
   }
   checks = [p[k] for p in phases for k in ("loss_check", "restore_check") if k in p]
   summary["all_checks_pass"] = bool(checks) and all(c == "pass" for c in checks)
@@ -701,7 +710,7 @@ def resummarize(args) -> int:
   for key in ("config", "steps", "global_batch", "meshes", "checkpoint_every", "budget_s",
               "command"):
     setattr(args, key, old[key])
-  args.resolved_seq_len, args.out = old["seq_len"], out
+  args.resolved_seq_len, args.out, args.env = old["seq_len"], out, old.get("env")
   runner = argparse.Namespace(platform=old["platform"], available=old["devices_available"],
                               phases=old["phases"], elapsed=lambda: old["elapsed_s"])
   return finish(runner, args)

@@ -55,6 +55,17 @@ def test_mesh_parsing_and_curve_differences():
   assert m.phase_env("gpu", 2, None)["CUDA_VISIBLE_DEVICES"] == "0,1"
 
 
+def test_callers_xla_flags_reach_the_phases_and_the_record(monkeypatch):
+  m = _module()
+  monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_deterministic_ops=true")
+  assert m.run_env()["XLA_FLAGS"] == "--xla_gpu_deterministic_ops=true"
+  assert m.run_env()["NCCL_NVLS_ENABLE"] == "0"
+  assert m.phase_env("gpu", 2, None)["XLA_FLAGS"] == "--xla_gpu_deterministic_ops=true"
+  assert "--xla_gpu_deterministic_ops=true" in m.phase_env("cpu", 2, None)["XLA_FLAGS"].split()
+  monkeypatch.delenv("XLA_FLAGS")
+  assert "XLA_FLAGS" not in m.run_env()
+
+
 def test_multi_device_run_end_to_end_on_two_cpu_devices(tmp_path):
   out = tmp_path / "multi"
   argv = [sys.executable, SCRIPT, "--config", "configs/tiny.yaml", "--platform", "cpu",
