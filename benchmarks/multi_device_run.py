@@ -34,8 +34,9 @@ running phase gets SIGTERM at the budget (the job saves and exits). ``summary.js
 after every phase, so a cut run still leaves what it measured. NVLink multicast stays off:
 ``NCCL_NVLS_ENABLE=0``, ``TORCH_SYMM_MEM_DISABLE_MULTICAST=1``, ``NVSHMEM_DISABLE_NVLS=1`` are set
 in every phase's environment; the caller's ``XLA_FLAGS`` reach every phase and are recorded (e.g.
-``XLA_FLAGS=--xla_gpu_deterministic_ops=true`` for bit-reproducible GPU steps: without it two runs
-of the NSA model on one mesh differ from step 3, see ``benchmarks/RESULTS.md``). Phases share a persistent compilation cache (``<out>/jax_cache``,
+``XLA_FLAGS=--xla_gpu_deterministic_ops=true``, XLA's deterministic GPU ops, not yet tried on the
+GPU: without such a setting two runs of the NSA model on one mesh differ from step 3, see
+``benchmarks/RESULTS.md``). Phases share a persistent compilation cache (``<out>/jax_cache``,
 ``--no-compile-cache`` to disable, ``--compile-cache DIR`` to keep it elsewhere, e.g. in an ignored
 folder of the repository that a warm device machine keeps between calls), so a restore on a mesh reuses that mesh run's executable (a
 restore on one device compiles again: restored arrays carry a single-device sharding that the
