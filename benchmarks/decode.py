@@ -246,7 +246,7 @@ def _fill_offloaded(decoder, caches, context: int, seed: int, pool: int):
 
 
 def run_offload(model, *, batch: int, context: int, steps: int, warmup: int, seed: int,
-                pool: int, store: str = "numpy") -> dict:
+                pool: int, store: str = "numpy", load_workers: int = 4) -> dict:
   """The ``nosa_offload`` row: :class:`OffloadedDecoder` steps over a filled offloaded cache.
 
   ``compile_s`` is the warm-up steps' time (compilation of the pieces; the slot scatter's size
@@ -254,7 +254,8 @@ def run_offload(model, *, batch: int, context: int, steps: int, warmup: int, see
   time."""
   from sparse_attention_jax.nn.offload_decode import OffloadedDecoder
   capacity = context + warmup + steps
-  decoder = OffloadedDecoder(model, batch=batch, capacity=capacity, store=store)
+  decoder = OffloadedDecoder(model, batch=batch, capacity=capacity, store=store,
+                             load_workers=load_workers)
   caches = decoder._new_caches(None)
   _fill_offloaded(decoder, caches, context, seed, pool)
   pick = jax.jit(lambda logits: jnp.argmax(logits, axis=-1).astype(jnp.int32))
@@ -288,7 +289,7 @@ def run_offload(model, *, batch: int, context: int, steps: int, warmup: int, see
           "bytes_per_step": summary.total["bytes"] / steps,
           # Host ms per step summed over the NOSA layers (OffloadedBlockCache.update).
           "host_ms_per_step": {key[:-2]: summary.total[key] / steps * 1e3
-                               for key in ("wait_s", "plan_s", "gather_s", "put_s")},
+                               for key in ("wait_s", "plan_s", "gather_s", "put_s", "load_s")},
           **memory_stats()}
 
 
@@ -334,18 +335,24 @@ def main(argv: list[str] | None = None) -> int:
   ap.add_argument("--offload-store", default="numpy", choices=("numpy", "pinned_host"),
                   help="nosa_offload: host block store (one NumPy array per layer, or one "
                        "pinned host array per block)")
+  ap.add_argument("--load-workers", type=int, default=4,
+                  help="nosa_offload: threads fetching a step's blocks (gather + device_put) "
+                       "side by side (1 = none)")
   ap.add_argument("--f32-params", action="store_true",
                   help="keep float32 master weights (default: weights in the compute dtype)")
   ap.add_argument("--out", default=os.environ.get("OUT") or os.path.join(ROOT, "benchmarks",
                                                                          "results"))
   args = ap.parse_args(argv)
   kinds = [k for k in args.kinds.split(",") if k]
+  if args.load_workers < 1:
+    ap.error(f"--load-workers: expected a positive int, got {args.load_workers}")
   batches = _ints(args.batch, "--batch")
   contexts = _ints(args.context, "--context")
   dev = jax.devices()[0]
   meta = {"device": f"{dev.platform} ({dev.device_kind})", "jax": jax.__version__,
           "tiny": args.tiny, "steps": args.steps, "warmup": args.warmup, "shape": args.shape,
           "host_pool": args.host_pool, "offload_store": args.offload_store,
+          "load_workers": args.load_workers,
           "params": "float32" if args.f32_params else "compute dtype"}
   print(f"device {meta['device']}, jax {jax.__version__}")
   os.makedirs(args.out, exist_ok=True)
@@ -378,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
           if kind == "nosa_offload":
             r = run_offload(model, batch=batch, context=context, steps=args.steps,
                             warmup=args.warmup, seed=args.seed, pool=args.host_pool,
-                            store=args.offload_store)
+                            store=args.offload_store, load_workers=args.load_workers)
           elif fit.get("fits") is False:
             raise MemoryError(f"resident cache {need / GiB:.1f} GiB > device memory "
                               f"{limit / GiB:.1f} GiB (skipped)")

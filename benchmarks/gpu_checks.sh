@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Every quick GPU check in one device call, on one or two GPUs (two lanes run side by side).
 # Usage (repository root, on the GPU machine):  bash benchmarks/gpu_checks.sh [PART ...]
-# PARTs (default: all but multi, context, timing, breakdown, nosa_train, compile): dense nosa decode
-# offload dims transforms multi context timing breakdown breakdown_docs1 nosa_train compile.
+# PARTs (default: all but multi, context, timing, breakdown, nosa_train, compile, offload_load): dense
+# nosa decode offload dims transforms multi context timing breakdown breakdown_docs1 nosa_train
+# compile offload_load.
 # `context`: decode tokens/s of every kind at 16k/32k/64k (B 1 and 16), and offloaded NOSA at
 #   32k/64k (B 16 and 128);
 # `timing`: the selected-attention benchmark for the new shapes (Dk192/Dv128, the GLA global
@@ -11,6 +12,8 @@
 #   4 packed documents per row (`breakdown_docs1`: one document per row, on the first lane);
 # `nosa_train`: NOSA's biased selected attention on the kernels vs the reference
 #   (tests/gpu/check_nosa_train.py);
+# `offload_load`: host -> device block loads of the offloaded cache vs load workers 1/2/4/8, and
+#   offloaded NOSA at 32k, B 16/128, with 1 and 4 load workers (second lane);
 # `compile`: compile and first/second-run time of the nsa_340m gradient at 8k, layers unrolled vs
 #   model.scan_layers (benchmarks/compile_time.py --execute, one process per mode), first lane.
 # With two GPUs the parts are split between the two lanes.
@@ -89,6 +92,14 @@ lane_b() {
   has timing && timing_part timing_block128 "$lane1" --block 128 --n 8
   has breakdown && run breakdown_docs4 "$lane1" "$T_BREAKDOWN" env OUT="$OUT/breakdown_docs4" \
     python3 benchmarks/nsa_breakdown.py --seq-len 8192 --docs 4
+  has offload_load && run offload_load "$lane1" "$T_OFFLOAD" python3 benchmarks/offload_load.py \
+    --batch 128 --context 32768 --workers 1,2,4,8 --out "$OUT/offload_load"
+  for w in 1 4; do
+    has offload_load && run "offload_workers$w" "$lane1" "$T_OFFLOAD" \
+      env XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 python3 benchmarks/decode.py --shape 1b \
+      --kinds nosa_offload --batch 16,128 --context 32768 --steps 8 --warmup 2 \
+      --load-workers $w --out "$OUT/offload_workers$w"
+  done
 }
 if (( ngpu > 1 )); then lane_a & lane_b & wait; else lane_a; lane_b; fi
 all=$(seq -s, 0 $((ngpu - 1)))

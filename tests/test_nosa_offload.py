@@ -34,10 +34,10 @@ def _inputs(seed):
   return q, k, v, c
 
 
-def _cache(num_slots=CFG.num_selected - 1, max_len=T, store="numpy"):
+def _cache(num_slots=CFG.num_selected - 1, max_len=T, store="numpy", load_workers=4):
   return OffloadedBlockCache(batch=B, num_kv_heads=H, k_dim=D, v_dim=DV,
                              block_size=CFG.block_size, num_slots=num_slots, max_len=max_len,
-                             store=store)
+                             store=store, load_workers=load_workers)
 
 
 def _want(gamma_row, cur):
@@ -47,17 +47,18 @@ def _want(gamma_row, cur):
           for bi in range(B) for hi in range(H)}
 
 
-@pytest.mark.parametrize("store", ["numpy", "pinned_host"])
-def test_slot_pool_attention_equals_full_cache_and_counts_transfers(store, monkeypatch):
+@pytest.mark.parametrize("store,workers", [("numpy", 1), ("numpy", 4), ("pinned_host", 3)])
+def test_slot_pool_attention_equals_full_cache_and_counts_transfers(store, workers, monkeypatch):
   from sparse_attention_jax.nn import offload
   monkeypatch.setattr(offload, "MAX_SCATTER", 8)        # the first step loads 16 blocks
+  monkeypatch.setattr(offload, "MIN_CHUNK", 2)          # several chunks per load with workers
   q, k, v, c = _inputs(0)
   _, aux = jax.jit(lambda *a: nosa_attention(*a, config=CFG, num_query_selected=KQ,
                                              return_aux=True))(q, k, v, c)
   gam = np.asarray(aux.block_indices)                                   # [B, T, H, k]
   ref = biased_selected_attention(q, k, v, c, aux.block_indices, block_size=CFG.block_size)
   kv_all, v_all, c_all = np.asarray(k), np.asarray(v), np.asarray(c)
-  cache = _cache(store=store)
+  cache = _cache(store=store, load_workers=workers)
   assert cache.host_memory_kind == store          # the CPU backend has pinned host memory
   prompt = 21
   cache.prefill(k[:, :prompt], v[:, :prompt], c[:, :prompt])
@@ -78,7 +79,7 @@ def test_slot_pool_attention_equals_full_cache_and_counts_transfers(store, monke
     assert stats["hits"] == stats["requested"] - exp
     assert stats["bytes"] == exp * CFG.block_size * ((D + DV) * 4 + 4)
     # Host seconds of the step's parts: measured (>= 0); gathers/puts only when blocks move.
-    assert all(stats[key] >= 0 for key in ("wait_s", "plan_s", "gather_s", "put_s"))
+    assert all(stats[key] >= 0 for key in ("wait_s", "plan_s", "gather_s", "put_s", "load_s"))
     assert (stats["gather_s"] > 0 and stats["put_s"] > 0) == (exp > 0), t
     changed += prev is not None and exp > 0
     prev = want
@@ -128,6 +129,8 @@ def test_current_block_outside_the_selection_is_not_attended():
 
 
 def test_capacity_and_budget_errors():
+  with pytest.raises(ValueError, match="load_workers: expected a positive int"):
+    _cache(load_workers=0)
   _, k, v, c = _inputs(5)
   cache = _cache(num_slots=1, max_len=25)
   with pytest.raises(ValueError, match="update: expected a cache holding tokens"):

@@ -34,6 +34,7 @@ document (no segment ids).
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import time
 
@@ -47,8 +48,22 @@ from sparse_attention_jax.ops.nosa import biased_masked_attention
 # Most blocks one slot scatter writes (a larger refill, e.g. the first step after a prefill of a
 # big batch, runs in chunks): the scatter compiles once per size bucket up to this.
 MAX_SCATTER = 1024
+# With ``load_workers > 1`` a step's load is split into about one chunk per worker, each at least
+# this many blocks (and at most MAX_SCATTER).
+MIN_CHUNK = 128
 # Per-step counts and host seconds of :meth:`OffloadedBlockCache.update` (summed over steps).
-STAT_KEYS = ("requested", "hits", "transferred", "bytes", "wait_s", "plan_s", "gather_s", "put_s")
+STAT_KEYS = ("requested", "hits", "transferred", "bytes", "wait_s", "plan_s", "gather_s", "put_s",
+             "load_s")
+
+_POOLS: dict[int, concurrent.futures.ThreadPoolExecutor] = {}
+
+
+def _pool(workers: int) -> concurrent.futures.ThreadPoolExecutor:
+  """One shared thread pool per worker count (for every cache and layer)."""
+  if workers not in _POOLS:
+    _POOLS[workers] = concurrent.futures.ThreadPoolExecutor(
+        workers, thread_name_prefix="offload-load")
+  return _POOLS[workers]
 
 
 def bucket(n: int) -> int:
@@ -195,18 +210,22 @@ class OffloadedBlockCache:
     store: the host block store: ``"numpy"`` (one contiguous NumPy array per layer, allocated
       for ``max_len`` tokens) or ``"pinned_host"`` (one jax array per block in pinned host
       memory); :mod:`sparse_attention_jax.nn.offload_store`.
+    load_workers: threads that gather and ``device_put`` the chunks of a step's load side by
+      side (host copies overlap; the slot scatters stay in order on the calling thread); 1 =
+      everything on the calling thread.
   """
 
   def __init__(self, *, batch: int, num_kv_heads: int, k_dim: int, v_dim: int,
                block_size: int, num_slots: int, max_len: int, dtype=jnp.float32, device=None,
-               store: str = "numpy"):
+               store: str = "numpy", load_workers: int = 4):
     for name, val in (("batch", batch), ("num_kv_heads", num_kv_heads), ("k_dim", k_dim),
                       ("v_dim", v_dim), ("block_size", block_size), ("num_slots", num_slots),
-                      ("max_len", max_len)):
+                      ("max_len", max_len), ("load_workers", load_workers)):
       if not isinstance(val, int) or isinstance(val, bool) or val < 1:
         _fail(name, "a positive int", repr(val))
     self.batch, self.heads, self.k_dim, self.v_dim = batch, num_kv_heads, k_dim, v_dim
     self.block_size, self.num_slots, self.max_len = block_size, num_slots, max_len
+    self.load_workers = load_workers
     self.dtype = jnp.dtype(dtype)
     self.device = jax.devices()[0] if device is None else device
     d = k_dim + v_dim
@@ -311,9 +330,10 @@ class OffloadedBlockCache:
     """Makes the slots hold ``Gamma(t)`` for the query at ``t = length - 1``.
 
     The bookkeeping is :func:`assign_slots` (vectorized NumPy); the missing blocks are loaded in
-    chunks of at most ``MAX_SCATTER``, each ONE gather from the host store, ONE ``device_put``
-    and ONE jitted scatter into the slots (padded to a :func:`bucket` size with repeats of the
-    chunk's first write, so the scatter compiles once per bucket, not once per count).
+    chunks of at most ``MAX_SCATTER`` (about one per load worker), each ONE gather from the host
+    store and ONE ``device_put`` (on the worker threads, side by side) and ONE jitted scatter
+    into the slots (in order; padded to a :func:`bucket` size with repeats of the chunk's first
+    write, so the scatter compiles once per bucket, not once per count).
 
     Args:
       gamma: ``[B, H, n]`` int block ids (``-1`` padding; duplicates count once), e.g. row ``t``
@@ -325,7 +345,8 @@ class OffloadedBlockCache:
       host -> device}`` summed over the batch and heads (also accumulated in ``self.totals``),
       and the host seconds of the step's parts: ``wait_s`` (reading ``gamma`` back: waits for
       the device work queued before it), ``plan_s`` (:func:`assign_slots`), ``gather_s`` (host
-      store gathers), ``put_s`` (``device_put`` + scatter dispatch).
+      store gathers) and ``put_s`` (``device_put`` calls), both summed over the load workers,
+      and ``load_s`` (wall time of the whole load: gathers, puts and slot scatters).
       Padding writes are not counted.
     """
     if self.length == 0:
@@ -345,20 +366,36 @@ class OffloadedBlockCache:
     n = len(loads[0])
     t2 = time.perf_counter()
     gather_s = put_s = 0.0
-    for at in range(0, n, MAX_SCATTER):
-      dg, dp = self._load([x[at:at + MAX_SCATTER] for x in loads])
+    for kv, c, b, h, s, dg, dp in self._fetch_all(loads, n):
+      self.slot_kv, self.slot_c = self._scatter(self.slot_kv, self.slot_c, b, h, s, kv, c)
       gather_s, put_s = gather_s + dg, put_s + dp
     stats = {"requested": requested, "hits": hits, "transferred": n,
              "hit_rate": hits / requested if requested else 1.0, "bytes": n * self.block_bytes,
-             "wait_s": t1 - t0, "plan_s": t2 - t1, "gather_s": gather_s, "put_s": put_s}
+             "wait_s": t1 - t0, "plan_s": t2 - t1, "gather_s": gather_s, "put_s": put_s,
+             "load_s": time.perf_counter() - t2}
     for key in STAT_KEYS:
       self.totals[key] += stats[key]
     self.totals["steps"] += 1
     return stats
 
-  def _load(self, chunk) -> tuple[float, float]:
-    """Copies blocks ``j`` of rows ``(b, h)`` into slots ``s`` (``chunk = (b, h, s, j)``);
-    returns the host seconds of the gather and of the ``device_put`` + scatter dispatch."""
+  def _fetch_all(self, loads, n: int):
+    """Yields :meth:`_fetch` of every chunk of ``loads`` (``(b, h, s, j)`` arrays of ``n``
+    blocks) in order; with ``load_workers > 1`` the chunks (about one per worker) are fetched
+    by the shared thread pool while the caller scatters the ones already fetched."""
+    size = MAX_SCATTER if self.load_workers == 1 else min(
+        MAX_SCATTER, max(MIN_CHUNK, -(-n // self.load_workers)))
+    chunks = [[x[at:at + size] for x in loads] for at in range(0, n, size)]
+    if self.load_workers == 1 or len(chunks) < 2:
+      yield from map(self._fetch, chunks)
+      return
+    futures = [_pool(self.load_workers).submit(self._fetch, chunk) for chunk in chunks]
+    for future in futures:
+      yield future.result()
+
+  def _fetch(self, chunk):
+    """Blocks ``j`` of rows ``(b, h)`` for slots ``s`` (``chunk = (b, h, s, j)``), padded to a
+    :func:`bucket` size with repeats of the first write, on the device: ``(kv, c, b, h, s)`` and
+    the host seconds of the gather and of the ``device_put``."""
     n = len(chunk[0])
     idx = np.empty((4, bucket(n)), np.int32)
     idx[:, :n] = chunk
@@ -366,9 +403,8 @@ class OffloadedBlockCache:
     t0 = time.perf_counter()
     kv, c = self.store.gather(idx[0], idx[1], idx[3])
     t1 = time.perf_counter()
-    kv, c, b, h, s = jax.device_put((kv, c, idx[0], idx[1], idx[2]), self._dev)
-    self.slot_kv, self.slot_c = self._scatter(self.slot_kv, self.slot_c, b, h, s, kv, c)
-    return t1 - t0, time.perf_counter() - t1
+    out = jax.device_put((kv, c, idx[0], idx[1], idx[2]), self._dev)
+    return (*out, t1 - t0, time.perf_counter() - t1)
 
   def warm_scatter(self) -> None:
     """Compiles the slot scatter for every :func:`bucket` size up to a full refill (``B * H *

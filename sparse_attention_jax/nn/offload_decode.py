@@ -141,22 +141,24 @@ class OffloadedDecoder:
     store: host block store of every NOSA layer, ``"numpy"`` (one contiguous array per layer)
       or ``"pinned_host"`` (one pinned host array per block); see
       :class:`~sparse_attention_jax.nn.offload.OffloadedBlockCache`.
+    load_workers: threads fetching (gather + ``device_put``) a step's blocks side by side, per
+      :class:`~sparse_attention_jax.nn.offload.OffloadedBlockCache` (1 = none).
   """
 
   def __init__(self, model, *, batch: int, capacity: int, dtype=None,
-               num_slots: int | None = None, store: str = "numpy"):
+               num_slots: int | None = None, store: str = "numpy", load_workers: int = 4):
     dec.check_decodable(model)
     kinds = [blk.kind for blk in model.layers]
     if "nosa" not in kinds:
       raise ValueError(f"offload: expected a model with at least one 'nosa' layer, got kinds "
                        f"{sorted(set(kinds))}")
-    for name, val in (("batch", batch), ("capacity", capacity)):
+    for name, val in (("batch", batch), ("capacity", capacity), ("load_workers", load_workers)):
       if not isinstance(val, int) or isinstance(val, bool) or val < 1:
         raise ValueError(f"{name}: expected a positive int, got {val!r}")
     if store not in STORES:
       raise ValueError(f"store: expected one of {STORES}, got {store!r}")
     self.model, self.batch, self.capacity, self.dtype = model, batch, capacity, dtype
-    self.store = store
+    self.store, self.load_workers = store, load_workers
     self.config = model.config
     self.num_slots = offload_slots(self.config, capacity) if num_slots is None else num_slots
     self.traces = {"embed": 0, "logits": 0, "nosa_prefill": 0, "nosa_pre": 0, "nosa_post": 0,
@@ -188,7 +190,7 @@ class OffloadedDecoder:
         store = OffloadedBlockCache(batch=self.batch, num_kv_heads=c.num_kv_heads,
                                     k_dim=c.head_dim, v_dim=c.dv, block_size=c.nsa.block_size,
                                     num_slots=self.num_slots, max_len=self.capacity, dtype=dt,
-                                    store=self.store)
+                                    store=self.store, load_workers=self.load_workers)
         if not self._scatter_warm:
           store.warm_scatter()
           self._scatter_warm = True
