@@ -246,7 +246,7 @@ def _fill_offloaded(decoder, caches, context: int, seed: int, pool: int):
 
 
 def run_offload(model, *, batch: int, context: int, steps: int, warmup: int, seed: int,
-                pool: int, store: str = "numpy", load_workers: int = 4) -> dict:
+                pool: int, store: str = "numpy", load_workers: int | None = None) -> dict:
   """The ``nosa_offload`` row: :class:`OffloadedDecoder` steps over a filled offloaded cache.
 
   ``compile_s`` is the warm-up steps' time (compilation of the pieces; the slot scatter's size
@@ -335,16 +335,16 @@ def main(argv: list[str] | None = None) -> int:
   ap.add_argument("--offload-store", default="numpy", choices=("numpy", "pinned_host"),
                   help="nosa_offload: host block store (one NumPy array per layer, or one "
                        "pinned host array per block)")
-  ap.add_argument("--load-workers", type=int, default=4,
+  ap.add_argument("--load-workers", type=int, default=None,
                   help="nosa_offload: threads fetching a step's blocks (gather + device_put) "
-                       "side by side (1 = none)")
+                       "side by side (1 = none; default a quarter of the CPUs, 1 to 4)")
   ap.add_argument("--f32-params", action="store_true",
                   help="keep float32 master weights (default: weights in the compute dtype)")
   ap.add_argument("--out", default=os.environ.get("OUT") or os.path.join(ROOT, "benchmarks",
                                                                          "results"))
   args = ap.parse_args(argv)
   kinds = [k for k in args.kinds.split(",") if k]
-  if args.load_workers < 1:
+  if args.load_workers is not None and args.load_workers < 1:
     ap.error(f"--load-workers: expected a positive int, got {args.load_workers}")
   batches = _ints(args.batch, "--batch")
   contexts = _ints(args.context, "--context")

@@ -131,6 +131,8 @@ def test_current_block_outside_the_selection_is_not_attended():
 def test_capacity_and_budget_errors():
   with pytest.raises(ValueError, match="load_workers: expected a positive int"):
     _cache(load_workers=0)
+  from sparse_attention_jax.nn.offload import default_load_workers
+  assert 1 <= default_load_workers() <= 4 and _cache(load_workers=None).load_workers >= 1
   _, k, v, c = _inputs(5)
   cache = _cache(num_slots=1, max_len=25)
   with pytest.raises(ValueError, match="update: expected a cache holding tokens"):

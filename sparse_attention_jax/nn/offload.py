@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import functools
+import os
 import time
 
 import jax
@@ -56,6 +57,12 @@ STAT_KEYS = ("requested", "hits", "transferred", "bytes", "wait_s", "plan_s", "g
              "load_s")
 
 _POOLS: dict[int, concurrent.futures.ThreadPoolExecutor] = {}
+
+
+def default_load_workers() -> int:
+  """Load workers when not given: a quarter of the CPUs, 1 to 4 (a 16-core host: 4; 2 cores: 1,
+  where threads only add contention: ``benchmarks/offload_load.py``)."""
+  return max(1, min(4, (os.cpu_count() or 1) // 4))
 
 
 def _pool(workers: int) -> concurrent.futures.ThreadPoolExecutor:
@@ -212,20 +219,22 @@ class OffloadedBlockCache:
       memory); :mod:`sparse_attention_jax.nn.offload_store`.
     load_workers: threads that gather and ``device_put`` the chunks of a step's load side by
       side (host copies overlap; the slot scatters stay in order on the calling thread); 1 =
-      everything on the calling thread.
+      everything on the calling thread; None = :func:`default_load_workers`.
   """
 
   def __init__(self, *, batch: int, num_kv_heads: int, k_dim: int, v_dim: int,
                block_size: int, num_slots: int, max_len: int, dtype=jnp.float32, device=None,
-               store: str = "numpy", load_workers: int = 4):
+               store: str = "numpy", load_workers: int | None = None):
     for name, val in (("batch", batch), ("num_kv_heads", num_kv_heads), ("k_dim", k_dim),
                       ("v_dim", v_dim), ("block_size", block_size), ("num_slots", num_slots),
-                      ("max_len", max_len), ("load_workers", load_workers)):
+                      ("max_len", max_len),
+                      ("load_workers", default_load_workers() if load_workers is None
+                       else load_workers)):
       if not isinstance(val, int) or isinstance(val, bool) or val < 1:
         _fail(name, "a positive int", repr(val))
     self.batch, self.heads, self.k_dim, self.v_dim = batch, num_kv_heads, k_dim, v_dim
     self.block_size, self.num_slots, self.max_len = block_size, num_slots, max_len
-    self.load_workers = load_workers
+    self.load_workers = default_load_workers() if load_workers is None else load_workers
     self.dtype = jnp.dtype(dtype)
     self.device = jax.devices()[0] if device is None else device
     d = k_dim + v_dim
@@ -436,5 +445,5 @@ class OffloadedBlockCache:
                    k_dim=self.k_dim, block_size=self.block_size, scale=float(scale))
 
 
-__all__ = ["MAX_SCATTER", "STAT_KEYS", "OffloadedBlockCache", "assign_slots", "bucket", "buckets",
+__all__ = ["MAX_SCATTER", "STAT_KEYS", "OffloadedBlockCache", "default_load_workers", "assign_slots", "bucket", "buckets",
            "host_memory_kind"]

@@ -142,17 +142,20 @@ class OffloadedDecoder:
       or ``"pinned_host"`` (one pinned host array per block); see
       :class:`~sparse_attention_jax.nn.offload.OffloadedBlockCache`.
     load_workers: threads fetching (gather + ``device_put``) a step's blocks side by side, per
-      :class:`~sparse_attention_jax.nn.offload.OffloadedBlockCache` (1 = none).
+      :class:`~sparse_attention_jax.nn.offload.OffloadedBlockCache` (1 = none; None = a quarter
+      of the CPUs, 1 to 4).
   """
 
   def __init__(self, model, *, batch: int, capacity: int, dtype=None,
-               num_slots: int | None = None, store: str = "numpy", load_workers: int = 4):
+               num_slots: int | None = None, store: str = "numpy",
+               load_workers: int | None = None):
     dec.check_decodable(model)
     kinds = [blk.kind for blk in model.layers]
     if "nosa" not in kinds:
       raise ValueError(f"offload: expected a model with at least one 'nosa' layer, got kinds "
                        f"{sorted(set(kinds))}")
-    for name, val in (("batch", batch), ("capacity", capacity), ("load_workers", load_workers)):
+    for name, val in (("batch", batch), ("capacity", capacity),
+                      *((("load_workers", load_workers),) if load_workers is not None else ())):
       if not isinstance(val, int) or isinstance(val, bool) or val < 1:
         raise ValueError(f"{name}: expected a positive int, got {val!r}")
     if store not in STORES:
