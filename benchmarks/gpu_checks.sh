@@ -1,9 +1,8 @@
 #!/usr/bin/env bash
 # Every quick GPU check in one device call, on one or two GPUs (two lanes run side by side).
 # Usage (repository root, on the GPU machine):  bash benchmarks/gpu_checks.sh [PART ...]
-# PARTs (default: all but multi, context, timing, breakdown, nosa_train, compile, offload_load): dense
-# nosa decode offload dims transforms multi context timing breakdown breakdown_docs1 nosa_train
-# compile offload_load.
+# PARTs: dense nosa decode offload dims transforms multi context timing breakdown breakdown_docs1
+# nosa_train compile offload_load kernel_fb (default: dense nosa decode offload dims transforms).
 # `context`: decode tokens/s of every kind at 16k/32k/64k (B 1 and 16), and offloaded NOSA at
 #   32k/64k (B 16 and 128);
 # `timing`: the selected-attention benchmark for the new shapes (Dk192/Dv128, the GLA global
@@ -14,6 +13,9 @@
 #   (tests/gpu/check_nosa_train.py);
 # `offload_load`: host -> device block loads of the offloaded cache vs load workers 1/2/4/8, and
 #   offloaded NOSA at 32k, B 16/128, with 1 and 4 load workers (second lane);
+# `kernel_fb`: the issue-4 selected-attention benchmark at 8k and 64k, fwd and fwd+bwd, both selection
+#   modes, with the block indices passed as arguments (re-measure of the figures taken while they
+#   were compile-time constants), first lane;
 # `compile`: compile and first/second-run time of the nsa_340m gradient at 8k, layers unrolled vs
 #   model.scan_layers (benchmarks/compile_time.py --execute, one process per mode), first lane.
 # With two GPUs the parts are split between the two lanes.
@@ -33,7 +35,7 @@ lane1=$(( ngpu > 1 ? 1 : 0 ))
 T_DENSE=${T_DENSE:-200} T_NOSA=${T_NOSA:-90} T_OFFLOAD=${T_OFFLOAD:-150} T_DIMS=${T_DIMS:-160}
 T_TRANSFORMS=${T_TRANSFORMS:-70} T_MULTI=${T_MULTI:-170} T_DECODE=${T_DECODE:-40}
 T_CONTEXT=${T_CONTEXT:-120} T_TIMING=${T_TIMING:-120} T_BREAKDOWN=${T_BREAKDOWN:-240}
-T_NOSA_TRAIN=${T_NOSA_TRAIN:-180} T_COMPILE=${T_COMPILE:-300}
+T_NOSA_TRAIN=${T_NOSA_TRAIN:-180} T_COMPILE=${T_COMPILE:-300} T_KERNEL_FB=${T_KERNEL_FB:-240}
 
 run() {  # run NAME GPU SECONDS CMD...
   local name=$1 gpu=$2 secs=$3; shift 3
@@ -74,6 +76,9 @@ lane_a() {
   has timing && timing_part timing_dk192 0 --dk 192 --dv 128
   has breakdown_docs1 && run breakdown_docs1 0 "$T_BREAKDOWN" env OUT="$OUT/breakdown_docs1" \
     python3 benchmarks/nsa_breakdown.py --seq-len 8192 --docs 1
+  has kernel_fb && run kernel_fb 0 "$T_KERNEL_FB" python3 benchmarks/selected_attention.py --bwd \
+    --reps 5 --seqs 8192,65536 --kinds exact-corr,shared --variants 128:direct,64:tiles \
+    --out "$OUT/kernel_fb.json"
   for mode in unrolled scan; do  # one process per mode: Mosaic kernels compile once per process
     has compile && run "compile_$mode" 0 "$T_COMPILE" python3 benchmarks/compile_time.py \
       --config configs/nsa_340m.yaml --seq-len 8192 --execute --modes $mode --out "$OUT/compile"
