@@ -13,11 +13,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_both_modes_compile_run_and_are_recorded(tmp_path, capsys):
   mod = load_script("benchmarks/compile_time.py")
-  argv = ["--config", os.path.join(ROOT, "configs", "tiny.yaml"), "--seq-len", "128",
+  argv = ["--config", os.path.join(ROOT, "configs", "tiny.yaml"), "--seq-len", "64",
           "--dtype", "float32", "--execute", "--out", str(tmp_path)]
   assert mod.main(argv) == 0
   out = json.loads((tmp_path / "compile_time.json").read_text())
-  assert out["meta"]["seq_len"] == 128 and out["meta"]["kinds"] == ["nsa"]
+  assert out["meta"]["seq_len"] == 64 and out["meta"]["kinds"] == ["nsa"]
   unrolled, scanned = out["rows"]
   assert (unrolled["scan_layers"], scanned["scan_layers"]) == (False, True)
   for row in out["rows"]:
@@ -31,6 +31,7 @@ def test_both_modes_compile_run_and_are_recorded(tmp_path, capsys):
     mod.main([*argv[:2], "--modes", "scan,rolled"])
   assert "--modes" in capsys.readouterr().err
   # One mode per process (a fair first-run time): its own file.
-  assert mod.main([*argv[:4], "--dtype", "float32", "--modes", "scan", "--out", str(tmp_path)]) == 0
+  assert mod.main([*argv[:4], "--dtype", "float32", "--modes", "scan", "--out",
+                   str(tmp_path)]) == 0
   only = json.loads((tmp_path / "compile_time_scan.json").read_text())
   assert [r["scan_layers"] for r in only["rows"]] == [True]
