@@ -225,16 +225,15 @@ class OffloadedBlockCache:
   def __init__(self, *, batch: int, num_kv_heads: int, k_dim: int, v_dim: int,
                block_size: int, num_slots: int, max_len: int, dtype=jnp.float32, device=None,
                store: str = "numpy", load_workers: int | None = None):
+    load_workers = default_load_workers() if load_workers is None else load_workers
     for name, val in (("batch", batch), ("num_kv_heads", num_kv_heads), ("k_dim", k_dim),
                       ("v_dim", v_dim), ("block_size", block_size), ("num_slots", num_slots),
-                      ("max_len", max_len),
-                      ("load_workers", default_load_workers() if load_workers is None
-                       else load_workers)):
+                      ("max_len", max_len), ("load_workers", load_workers)):
       if not isinstance(val, int) or isinstance(val, bool) or val < 1:
         _fail(name, "a positive int", repr(val))
     self.batch, self.heads, self.k_dim, self.v_dim = batch, num_kv_heads, k_dim, v_dim
     self.block_size, self.num_slots, self.max_len = block_size, num_slots, max_len
-    self.load_workers = default_load_workers() if load_workers is None else load_workers
+    self.load_workers = load_workers
     self.dtype = jnp.dtype(dtype)
     self.device = jax.devices()[0] if device is None else device
     d = k_dim + v_dim
