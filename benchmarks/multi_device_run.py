@@ -59,9 +59,11 @@ and the NSA model with ``--config configs/nsa_340m.yaml --out $OUT/multi_nsa_340
 cost (H200x2, 2026-11-29, `benchmarks/RESULTS.md`): the full twin steps in ~0.30 s (1 GPU, 2 packed
 rows on cuDNN with a document mask) and ~0.17 s (2 GPUs), compiles in ~30-40 s, so 200 steps of
 the baseline, three meshes and the restore on 1 GPU took 490 s; the NSA model's first step
-compiles for ~4 minutes (235 s on one GPU) and steps in ~0.93 s (1 GPU, 2 rows): ``--steps 60
---checkpoint-every 20`` fits the baseline and about one mesh per 10-minute call (the budget logic
-skips and records what does not fit).
+compiles for 209-231 s per new layout (63 s with a persistent-cache hit) and steps in 0.38 s (1 GPU,
+2 rows) / 0.24 s (fsdp=2): ``--steps 100 --checkpoint-every 25`` fits one phase per 10-minute call
+(keep ``--compile-cache`` in an ignored folder so a later call reuses the executables; the budget
+logic skips and records what does not fit). ``model.scan_layers=true`` (an override after the
+flags) should shorten the compile; not yet measured on the GPU.
 
 CPU smoke run (2 simulated devices, seconds per phase)::
 
