@@ -11,7 +11,8 @@
 #   4 packed documents per row (`breakdown_docs1`: one document per row, on the first lane);
 # `nosa_train`: NOSA's biased selected attention on the kernels vs the reference
 #   (tests/gpu/check_nosa_train.py);
-# `offload_load`: host -> device block loads of the offloaded cache vs load workers 1/2/4/8, and
+# `offload_load`: one offloaded-cache update() at B 128, 131k (benchmarks/offload_update_cpu.py)
+#   with load workers 1/2/4/8, and
 #   offloaded NOSA at 32k, B 16/128, with 1 and 4 load workers (second lane);
 # `kernel_fb`: the issue-4 selected-attention benchmark at 8k and 64k, fwd and fwd+bwd, both selection
 #   modes, with the block indices passed as arguments (re-measure of the figures taken while they
@@ -97,8 +98,9 @@ lane_b() {
   has timing && timing_part timing_block128 "$lane1" --block 128 --n 8
   has breakdown && run breakdown_docs4 "$lane1" "$T_BREAKDOWN" env OUT="$OUT/breakdown_docs4" \
     python3 benchmarks/nsa_breakdown.py --seq-len 8192 --docs 4
-  has offload_load && run offload_load "$lane1" "$T_OFFLOAD" python3 benchmarks/offload_load.py \
-    --batch 128 --context 32768 --workers 1,2,4,8 --out "$OUT/offload_load"
+  has offload_load && run offload_load "$lane1" "$T_OFFLOAD" python3 \
+    benchmarks/offload_update_cpu.py --churn 10 --stores numpy --load-workers 1,2,4,8 \
+    --out "$OUT/offload_load"
   for w in 1 4; do
     has offload_load && run "offload_workers$w" "$lane1" "$T_OFFLOAD" \
       env XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 python3 benchmarks/decode.py --shape 1b \

@@ -11,7 +11,10 @@ Rows (ms per ``update()``, mean over ``--steps`` steady-state steps after a full
 
 * ``bookkeeping loop``: the earlier per-(b, h) Python set arithmetic alone (no copies);
 * ``bookkeeping vectorized``: :func:`sparse_attention_jax.nn.offload.assign_slots` alone;
-* ``update numpy``: the whole step with the NumPy store (gather, one ``device_put``, scatter);
+* ``update numpy, W workers``: the whole step with the NumPy store (gathers, ``device_put`` s,
+  scatters), for each count of ``--load-workers`` (threads fetching the chunks of a load side by
+  side), with the host milliseconds of the load phase and of the gathers and puts (summed over
+  the workers);
 * ``update pinned_host``: the whole step with the per-block ``pinned_host`` store (same
   vectorized bookkeeping, one host array per block);
 * ``update baseline``: with ``--baseline PATH`` (e.g. the earlier module from ``git show
@@ -24,7 +27,8 @@ slot pool (B * H * 63 blocks, 264 MB at B=128) per call, which would swamp what 
 Host RAM: the NumPy store is a strided view sharing one row's blocks between the rows (as in
 ``benchmarks/decode.py``); the per-block stores share a pool of blocks. Copies move real bytes.
 
-Usage: ``python3 benchmarks/offload_update_cpu.py [--batch 128] [--steps 10] [--baseline PATH]``.
+Usage: ``python3 benchmarks/offload_update_cpu.py [--batch 128] [--steps 10] [--baseline PATH]
+[--load-workers 1,2,4]``. Runs on a GPU too (the device is ``jax.devices()[0]``).
 Prints a table and writes ``offload_update_cpu.json`` under ``--out`` (default ``$OUT`` or
 ``benchmarks/results``).
 """
@@ -85,8 +89,8 @@ def selections(rng, batch, heads, nb, k, churn, steps):
   return out
 
 
-def make_cache(cls, store, batch, heads, nb, bs, d, dtype, pool, rng):
-  kw = {} if store is None else {"store": store}
+def make_cache(cls, store, batch, heads, nb, bs, d, dtype, pool, rng, load_workers=None):
+  kw = {} if store is None else {"store": store, "load_workers": load_workers}
   cache = cls(batch=batch, num_kv_heads=heads, k_dim=d // 2, v_dim=d // 2, block_size=bs,
               num_slots=63, max_len=(nb + 1) * bs, dtype=dtype, **kw)
   kv = rng.standard_normal((pool, bs, d), np.float32).astype(np.dtype(dtype))
@@ -125,16 +129,19 @@ def warm_baseline(cache, most) -> None:
 
 
 def time_update(cache, gammas):
+  """Mean ms per synchronized ``update``, blocks moved per step, and the mean host ms of the
+  load phase, gathers and puts (those stats, when the module reports them)."""
   cache.update(gammas[0])                                     # full refill (compiles buckets)
   jax.block_until_ready(cache.slot_kv)
-  times, moved = [], 0
+  times, stats = [], []
   for g in gammas[1:]:
     t0 = time.perf_counter()
-    st = cache.update(g)
+    stats.append(cache.update(g))
     jax.block_until_ready(cache.slot_kv)
     times.append(time.perf_counter() - t0)
-    moved += st["transferred"]
-  return 1e3 * float(np.mean(times)), moved / len(times)
+  host = {f"{key[:-2]}_ms": 1e3 * float(np.mean([st[key] for st in stats]))
+          for key in ("load_s", "gather_s", "put_s") if key in stats[0]}
+  return 1e3 * float(np.mean(times)), float(np.mean([st["transferred"] for st in stats])), host
 
 
 def main(argv=None) -> int:
@@ -145,12 +152,20 @@ def main(argv=None) -> int:
   ap.add_argument("--churn", type=int, default=6, help="blocks swapped per row per step")
   ap.add_argument("--pool", type=int, default=256, help="distinct random blocks in the store")
   ap.add_argument("--stores", default="numpy,pinned_host")
+  ap.add_argument("--load-workers", default="1",
+                  help="comma-separated load worker counts (a numpy-store row per count)")
   ap.add_argument("--baseline", default=None, help="path of an earlier offload.py to time too")
   ap.add_argument("--no-donate", action="store_true",
                   help="keep the library's CPU behaviour (no donation: every scatter copies)")
   ap.add_argument("--out", default=os.environ.get("OUT") or os.path.join(ROOT, "benchmarks",
                                                                          "results"))
   args = ap.parse_args(argv)
+  try:
+    workers = [int(w) for w in args.load_workers.split(",") if w.strip()]
+  except ValueError:
+    workers = []
+  if not workers or min(workers) < 1:
+    ap.error(f"--load-workers: expected comma-separated positive ints, got {args.load_workers!r}")
   b, h, nb, bs, k, d, dtype = args.batch, 2, args.blocks, 64, 64, 128, jnp.bfloat16
   rng = np.random.default_rng(0)
   gammas = selections(rng, b, h, nb, k, args.churn, args.steps)
@@ -168,13 +183,15 @@ def main(argv=None) -> int:
 
   rows.append({"row": "bookkeeping loop", "ms": bookkeeping(loop_bookkeeping)})
   rows.append({"row": "bookkeeping vectorized", "ms": bookkeeping(assign_slots)})
-  for store in [s for s in args.stores.split(",") if s]:
-    cache = make_cache(OffloadedBlockCache, store, b, h, nb, bs, d, dtype, args.pool, rng)
+  for store, w in [(s, w) for s in args.stores.split(",") if s
+                   for w in (workers if s == "numpy" else workers[:1])]:
+    cache = make_cache(OffloadedBlockCache, store, b, h, nb, bs, d, dtype, args.pool, rng, w)
     if not args.no_donate:
       cache._scatter, cache._write_token = offload._updaters(True)
     cache.warm_scatter()
-    ms, blocks = time_update(cache, gammas)
-    rows.append({"row": f"update {store}", "ms": ms, "blocks_per_step": blocks})
+    ms, blocks, host = time_update(cache, gammas)
+    rows.append({"row": f"update {store}, {w} worker{'s' * (w > 1)}", "ms": ms,
+                 "blocks_per_step": blocks, "load_workers": w, **host})
     del cache
   if args.baseline:
     spec = importlib.util.spec_from_file_location("baseline_offload", args.baseline)
@@ -184,16 +201,19 @@ def main(argv=None) -> int:
     if not args.no_donate:
       cache._scatter, cache._write_token = mod._updaters(True)
     warm_baseline(cache, mod.MAX_SCATTER)
-    ms, blocks = time_update(cache, gammas)
-    rows.append({"row": "update baseline", "ms": ms, "blocks_per_step": blocks})
+    ms, blocks, host = time_update(cache, gammas)
+    rows.append({"row": "update baseline", "ms": ms, "blocks_per_step": blocks, **host})
   meta = {"jax": jax.__version__, "device": str(jax.devices()[0]), "B": b, "H": h, "NB": nb,
           "block_size": bs, "k": k, "D": d, "dtype": "bfloat16", "churn": args.churn,
-          "steps": args.steps, "donate": not args.no_donate}
+          "steps": args.steps, "donate": not args.no_donate, "cpus": os.cpu_count()}
   print(f"jax {jax.__version__} on {jax.devices()[0]}: B={b} H={h} NB={nb} l'={bs} k={k} "
         f"Dk+Dv={d} bf16, churn {args.churn}/row/step, {args.steps} steps")
-  print(f"{'row':<24} {'ms/update':>10} {'blocks/step':>11}")
+  print(f"{'row':<28} {'ms/update':>10} {'blocks/step':>11} {'load ms':>8} {'gather ms':>9} "
+        f"{'put ms':>7}")
+  nan = float("nan")
   for r in rows:
-    print(f"{r['row']:<24} {r['ms']:>10.2f} {r.get('blocks_per_step', float('nan')):>11.1f}")
+    print(f"{r['row']:<28} {r['ms']:>10.2f} {r.get('blocks_per_step', nan):>11.1f} "
+          f"{r.get('load_ms', nan):>8.2f} {r.get('gather_ms', nan):>9.2f} {r.get('put_ms', nan):>7.2f}")
   os.makedirs(args.out, exist_ok=True)
   with open(os.path.join(args.out, "offload_update_cpu.json"), "w") as f:
     json.dump({"meta": meta, "rows": rows}, f, indent=1)

@@ -51,7 +51,7 @@ def _want(gamma_row, cur):
 def test_slot_pool_attention_equals_full_cache_and_counts_transfers(store, workers, monkeypatch):
   from sparse_attention_jax.nn import offload
   monkeypatch.setattr(offload, "MAX_SCATTER", 8)        # the first step loads 16 blocks
-  monkeypatch.setattr(offload, "MIN_CHUNK", 2)          # several chunks per load with workers
+  monkeypatch.setattr(offload, "LOAD_CHUNK", 3)         # chunks smaller than a scatter
   q, k, v, c = _inputs(0)
   _, aux = jax.jit(lambda *a: nosa_attention(*a, config=CFG, num_query_selected=KQ,
                                              return_aux=True))(q, k, v, c)

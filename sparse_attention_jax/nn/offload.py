@@ -49,9 +49,12 @@ from sparse_attention_jax.ops.nosa import biased_masked_attention
 # Most blocks one slot scatter writes (a larger refill, e.g. the first step after a prefill of a
 # big batch, runs in chunks): the scatter compiles once per size bucket up to this.
 MAX_SCATTER = 1024
-# With ``load_workers > 1`` a step's load is split into about one chunk per worker, each at least
-# this many blocks (and at most MAX_SCATTER).
-MIN_CHUNK = 128
+# Blocks per chunk of a step's load (at most MAX_SCATTER): each chunk is one host gather into a
+# fresh buffer, one device_put and one scatter. Small chunks keep those buffers small: on the
+# 2-core CPU machine, 1,280 blocks per update (nosa_1b's block size) took 24.5 ms in 1024-block
+# chunks on the calling thread and 5.7-6.5 ms in 128- to 512-block chunks
+# (``benchmarks/offload_update_cpu.py``), the cost of fresh large allocations.
+LOAD_CHUNK = 256
 # Per-step counts and host seconds of :meth:`OffloadedBlockCache.update` (summed over steps).
 STAT_KEYS = ("requested", "hits", "transferred", "bytes", "wait_s", "plan_s", "gather_s", "put_s",
              "load_s")
@@ -61,7 +64,7 @@ _POOLS: dict[int, concurrent.futures.ThreadPoolExecutor] = {}
 
 def default_load_workers() -> int:
   """Load workers when not given: a quarter of the CPUs, 1 to 4 (a 16-core host: 4; 2 cores: 1,
-  where threads only add contention: ``benchmarks/offload_load.py``)."""
+  where threads only add contention: ``benchmarks/offload_update_cpu.py``)."""
   return max(1, min(4, (os.cpu_count() or 1) // 4))
 
 
@@ -338,8 +341,8 @@ class OffloadedBlockCache:
     """Makes the slots hold ``Gamma(t)`` for the query at ``t = length - 1``.
 
     The bookkeeping is :func:`assign_slots` (vectorized NumPy); the missing blocks are loaded in
-    chunks of at most ``MAX_SCATTER`` (about one per load worker), each ONE gather from the host
-    store and ONE ``device_put`` (on the worker threads, side by side) and ONE jitted scatter
+    chunks of ``LOAD_CHUNK`` blocks, each ONE gather from the host store and ONE ``device_put``
+    (on the load workers' threads, side by side when there are several) and ONE jitted scatter
     into the slots (in order; padded to a :func:`bucket` size with repeats of the chunk's first
     write, so the scatter compiles once per bucket, not once per count).
 
@@ -387,11 +390,10 @@ class OffloadedBlockCache:
     return stats
 
   def _fetch_all(self, loads, n: int):
-    """Yields :meth:`_fetch` of every chunk of ``loads`` (``(b, h, s, j)`` arrays of ``n``
-    blocks) in order; with ``load_workers > 1`` the chunks (about one per worker) are fetched
-    by the shared thread pool while the caller scatters the ones already fetched."""
-    size = MAX_SCATTER if self.load_workers == 1 else min(
-        MAX_SCATTER, max(MIN_CHUNK, -(-n // self.load_workers)))
+    """Yields :meth:`_fetch` of every chunk (``LOAD_CHUNK`` blocks) of ``loads`` (``(b, h, s,
+    j)`` arrays of ``n`` blocks) in order; with ``load_workers > 1`` the chunks are fetched by
+    the shared thread pool while the caller scatters the ones already fetched."""
+    size = min(MAX_SCATTER, LOAD_CHUNK)
     chunks = [[x[at:at + size] for x in loads] for at in range(0, n, size)]
     if self.load_workers == 1 or len(chunks) < 2:
       yield from map(self._fetch, chunks)
