@@ -2,7 +2,8 @@
 # Every quick GPU check in one device call, on one or two GPUs (two lanes run side by side).
 # Usage (repository root, on the GPU machine):  bash benchmarks/gpu_checks.sh [PART ...]
 # PARTs: dense nosa decode offload dims transforms multi context timing breakdown breakdown_docs1
-# nosa_train compile offload_load kernel_fb (default: dense nosa decode offload dims transforms).
+# nosa_train compile offload_load kernel_fb suites fwd_dump (default: dense nosa decode offload dims
+# transforms).
 # `context`: decode tokens/s of every kind at 16k/32k/64k (B 1 and 16), and offloaded NOSA at
 #   32k/64k (B 16 and 128);
 # `timing`: the selected-attention benchmark for the new shapes (Dk192/Dv128, the GLA global
@@ -18,7 +19,13 @@
 #   modes, with the block indices passed as arguments (re-measure of the figures taken while they
 #   were compile-time constants), first lane;
 # `compile`: compile and first/second-run time of the nsa_340m gradient at 8k, layers unrolled vs
-#   model.scan_layers (benchmarks/compile_time.py --execute, one process per mode), first lane.
+#   model.scan_layers (benchmarks/compile_time.py --execute, one process per mode; COMPILE_MODES,
+#   default "unrolled scan"), first lane;
+# `suites`: the selected-attention backward correctness suite ($SUITE, default --all) cut into
+#   SUITE_SHARDS (default 8) processes side by side on the second lane (compilation dominates),
+#   each under T_SUITES; logs suite_<i>.log;
+# `fwd_dump`: the optimized HLO of the forward's XLA preparation (tile lists) at 8k under
+#   $OUT/hlo (XLA_FLAGS dump), first lane.
 # With two GPUs the parts are split between the two lanes.
 # Each part runs under `timeout`, logs to $OUT/logs/<part>.log, writes its JSON under $OUT, and
 # the script prints one status line per part. Budget per part: the T_* variables below.
@@ -37,6 +44,8 @@ T_DENSE=${T_DENSE:-200} T_NOSA=${T_NOSA:-90} T_OFFLOAD=${T_OFFLOAD:-150} T_DIMS=
 T_TRANSFORMS=${T_TRANSFORMS:-70} T_MULTI=${T_MULTI:-170} T_DECODE=${T_DECODE:-40}
 T_CONTEXT=${T_CONTEXT:-120} T_TIMING=${T_TIMING:-120} T_BREAKDOWN=${T_BREAKDOWN:-240}
 T_NOSA_TRAIN=${T_NOSA_TRAIN:-180} T_COMPILE=${T_COMPILE:-300} T_KERNEL_FB=${T_KERNEL_FB:-240}
+T_SUITES=${T_SUITES:-480} SUITE_SHARDS=${SUITE_SHARDS:-8} SUITE=${SUITE:---all}
+COMPILE_MODES=${COMPILE_MODES:-"unrolled scan"}
 
 run() {  # run NAME GPU SECONDS CMD...
   local name=$1 gpu=$2 secs=$3; shift 3
@@ -80,12 +89,22 @@ lane_a() {
   has kernel_fb && run kernel_fb 0 "$T_KERNEL_FB" python3 benchmarks/selected_attention.py --bwd \
     --reps 5 --seqs 8192,65536 --kinds exact-corr,shared --variants 128:direct,64:tiles \
     --out "$OUT/kernel_fb.json"
-  for mode in unrolled scan; do  # one process per mode: Mosaic kernels compile once per process
+  has fwd_dump && run fwd_dump 0 60 env XLA_FLAGS="--xla_dump_to=$OUT/hlo \
+    --xla_dump_hlo_module_re=prepare" python3 benchmarks/selected_attention.py --seqs 8192 \
+    --kinds exact-corr --variants 128:direct --reps 3
+  for mode in $COMPILE_MODES; do  # one process per mode: Mosaic kernels compile once per process
     has compile && run "compile_$mode" 0 "$T_COMPILE" python3 benchmarks/compile_time.py \
       --config configs/nsa_340m.yaml --seq-len 8192 --execute --modes $mode --out "$OUT/compile"
   done
 }
 lane_b() {
+  if has suites; then  # shards side by side on one GPU: no preallocation, each grows as it needs
+    for ((i = 0; i < SUITE_SHARDS; i++)); do
+      run "suite_$i" "$lane1" "$T_SUITES" env XLA_PYTHON_CLIENT_PREALLOCATE=false python3 \
+        tests/gpu/check_selected_mgpu_bwd.py $SUITE --shard "$i/$SUITE_SHARDS" &
+    done
+    wait
+  fi
   has dims && run dims "$lane1" "$T_DIMS" python3 tests/gpu/check_selected_mgpu_bwd.py --smoke
   has offload && run offload "$lane1" "$T_OFFLOAD" env XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 \
     python3 benchmarks/decode.py --shape 1b --kinds nosa_offload --batch 16,128 \
