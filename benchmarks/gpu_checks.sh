@@ -21,9 +21,11 @@
 # `compile`: compile and first/second-run time of the nsa_340m gradient at 8k, layers unrolled vs
 #   model.scan_layers (benchmarks/compile_time.py --execute, one process per mode; COMPILE_MODES,
 #   default "unrolled scan"), first lane;
-# `suites`: the selected-attention backward correctness suite ($SUITE, default --all) cut into
-#   SUITE_SHARDS (default 8) processes side by side on the second lane (compilation dominates),
-#   each under T_SUITES; logs suite_<i>.log;
+# `suites`: the selected-attention backward correctness suite ($SUITE, default --all; e.g.
+#   SUITE="--all --configs 11,12 --dispatch" reruns two of its configs and the dispatch checks) cut
+#   into SUITE_SHARDS (default 4) processes side by side on the second lane (compilation
+#   dominates), each under T_SUITES; logs suite_<i>.log. 8 processes on one H200 ran out of memory
+#   in the T=1000/4096 configs (float32 references with [B, HQ, T, T] scores);
 # `fwd_dump`: the optimized HLO of the forward's XLA preparation (tile lists) at 8k under
 #   $OUT/hlo (XLA_FLAGS dump), first lane.
 # With two GPUs the parts are split between the two lanes.
@@ -44,7 +46,7 @@ T_DENSE=${T_DENSE:-200} T_NOSA=${T_NOSA:-90} T_OFFLOAD=${T_OFFLOAD:-150} T_DIMS=
 T_TRANSFORMS=${T_TRANSFORMS:-70} T_MULTI=${T_MULTI:-170} T_DECODE=${T_DECODE:-40}
 T_CONTEXT=${T_CONTEXT:-120} T_TIMING=${T_TIMING:-120} T_BREAKDOWN=${T_BREAKDOWN:-240}
 T_NOSA_TRAIN=${T_NOSA_TRAIN:-180} T_COMPILE=${T_COMPILE:-300} T_KERNEL_FB=${T_KERNEL_FB:-240}
-T_SUITES=${T_SUITES:-480} SUITE_SHARDS=${SUITE_SHARDS:-8} SUITE=${SUITE:---all}
+T_SUITES=${T_SUITES:-480} SUITE_SHARDS=${SUITE_SHARDS:-4} SUITE=${SUITE:---all}
 COMPILE_MODES=${COMPILE_MODES:-"unrolled scan"}
 
 run() {  # run NAME GPU SECONDS CMD...

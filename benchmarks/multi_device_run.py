@@ -550,7 +550,8 @@ def _args(argv=None) -> argparse.Namespace:
                       "steps, global batch, sequence length) and run only the meshes")
   p.add_argument("--resummarize", metavar="DIR", default=None,
                  help="no runs: recompute the checks of a finished run directory (its "
-                      "summary.json and metrics) with the given tolerances, rewrite its summary")
+                      "summary.json and metrics) and rewrite its summary; tolerances, smoothing "
+                      "and early steps are the recorded ones unless given on this command line")
   p.add_argument("--platform", choices=("auto", "gpu", "cpu"), default="auto",
                  help="auto: gpu when nvidia-smi lists GPUs")
   p.add_argument("--cpu-devices", type=int, default=0,
@@ -569,7 +570,15 @@ def _args(argv=None) -> argparse.Namespace:
   p.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "multi_device_run"))
   p.add_argument("overrides", nargs="*", metavar="section.key=value",
                  help="extra overrides for every phase (e.g. model.remat=dots)")
-  return p.parse_args(argv)
+  args = p.parse_args(argv)
+  given = {a.split("=", 1)[0] for a in (sys.argv[1:] if argv is None else argv)
+           if a.startswith("--")}
+  args.given = {a.dest for a in p._actions if given & set(a.option_strings)}
+  return args
+
+
+CHECK_KEYS = ("loss_tol", "restore_tol", "smooth", "early_steps", "early_tol")
+"""Summary keys that set the checks: ``--resummarize`` keeps the recorded ones unless overridden."""
 
 
 def main(argv=None) -> int:
@@ -713,6 +722,9 @@ def resummarize(args) -> int:
   for key in ("config", "steps", "global_batch", "meshes", "checkpoint_every", "budget_s",
               "command"):
     setattr(args, key, old[key])
+  for key in CHECK_KEYS:  # the recorded checks, unless this command line sets them
+    if key not in args.given and key in old:
+      setattr(args, key, old[key])
   args.resolved_seq_len, args.out, args.env = old["seq_len"], out, old.get("env")
   runner = argparse.Namespace(platform=old["platform"], available=old["devices_available"],
                               phases=old["phases"], elapsed=lambda: old["elapsed_s"])

@@ -196,3 +196,10 @@ def test_summary_checks_fail_on_diverging_or_unresumed_curves(tmp_path):
                     "restore_bad": "pass", "restore_fresh": "fail"}
   assert (again["smooth"], again["early_steps"], again["command"]) == (2, 4, summary["command"])
   assert (tmp_path / "summary.md").read_text().count("| pass |") == 3
+  # Without flags, --resummarize keeps the recorded checks (not the parser's defaults).
+  assert m.main(["--resummarize", str(tmp_path)]) == 1
+  kept = json.loads((tmp_path / "summary.json").read_text())
+  assert (kept["smooth"], kept["early_steps"], kept["loss_tol"], kept["restore_tol"]) == (
+      2, 4, 0.25, 1.0)
+  assert {x["phase"]: x.get("loss_check") or x.get("restore_check")
+          for x in kept["phases"]} == checks

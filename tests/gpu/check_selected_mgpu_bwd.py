@@ -8,9 +8,12 @@ Run on the GPU machine from the repository root:
 ``--dims``: only the ``Dk != Dv`` configs, e.g. Dk=192/Dv=128 and the ASA GLA global layer's
 Dk=160/Dv=128 (zero padded to 192); ``--blocks``: only KV block sizes 32 and 128; the ``-quick``
 forms run a subset of about ten configs that fits one 10-minute device call; ``--all``:
-everything). ``--shard I/N`` (with any suite) runs only the configs ``I, I+N, ...`` of the suite and
-the dispatch checks ``I, I+N, ...``, so N processes side by side cover it (compilation dominates:
-about 50 s per config). Each config also checks the forward (O and LSE) of the same call.
+everything). ``--configs I,J,...`` keeps only those positions of the chosen suite (no
+dispatch checks unless ``--dispatch`` is given too), e.g. to rerun what a cut run left unverified;
+``--shard I/N`` (after ``--configs``) runs only the configs ``I, I+N, ...`` and the dispatch checks
+``I, I+N, ...``, so N processes side by side cover a suite (compilation dominates: about 50 s per
+config; on one H200, 8 processes of ``--all`` ran out of memory in the T=1000/4096 configs, whose
+float32 references hold [B, HQ, T, T] scores, so 4 per GPU is the safe number). Each config also checks the forward (O and LSE) of the same call.
 Each config draws fresh random inputs and a random output cotangent (never zeros), takes
 ``jax.vjp`` of the kernel op twice (a difference between the two runs means a race) and compares
 dQ, dK, dV with the VJP of the plain-JAX reference on float32 copies of the same inputs
@@ -193,19 +196,28 @@ def main():
   elif "--all" in sys.argv:
     jobs += docs + dim_jobs + block_jobs
     dispatch_dims += [(160, 128, BS), (64, 64, 32), (160, 128, 128)]
-  shard = next((a.split("=", 1)[1] if "=" in a else sys.argv[j + 1]
-                for j, a in enumerate(sys.argv) if a.startswith("--shard")), None)
+  opt = lambda name: next((a.split("=", 1)[1] if "=" in a else sys.argv[j + 1]
+                           for j, a in enumerate(sys.argv) if a.split("=", 1)[0] == name), None)
+  jobs = list(enumerate(jobs))
+  picked = opt("--configs")
+  if picked is not None:
+    try:
+      keep = [int(x) for x in picked.split(",")]
+      jobs = [jobs[i] for i in keep]
+    except (ValueError, IndexError):
+      sys.exit(f"--configs: expected comma-separated positions in [0, {len(jobs)}), got {picked!r}")
+    if "--dispatch" not in sys.argv:
+      dispatch_dims = []
+  shard = opt("--shard")
   if shard is not None:
     try:
       si, sn = (int(x) for x in shard.split("/"))
       assert 0 <= si < sn
     except (ValueError, AssertionError):
       sys.exit(f"--shard: expected I/N with 0 <= I < N, got {shard!r}")
-    jobs = [(i, job) for i, job in enumerate(jobs)][si::sn]
+    jobs = jobs[si::sn]
     dispatch_dims = dispatch_dims[si::sn]
     print(f"shard {si}/{sn}: {len(jobs)} configs, {len(dispatch_dims)} dispatch checks", flush=True)
-  else:
-    jobs = list(enumerate(jobs))
   ok = True
   for i, (c, kw) in jobs:
     t0 = time.perf_counter()
