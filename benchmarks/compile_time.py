@@ -7,7 +7,8 @@ and runs the compiled gradient twice: the first run includes work done when an e
 loaded (Mosaic GPU kernels compile then, cached in memory per process, not in the persistent
 compilation cache), the second is one steady-state step. Mosaic kernels compile once per process,
 so the mode measured first pays them: ``--modes unrolled`` / ``--modes scan`` measure one mode per
-process for a fair first-run time.
+process for a fair first-run time. ``scanK`` (e.g. ``scan4``) is ``scan_layers`` with
+``model.scan_unroll=K`` (K layers per loop iteration).
 
   python3 benchmarks/compile_time.py --config configs/nsa_340m.yaml --seq-len 8192 --execute
 
@@ -66,16 +67,22 @@ def main(argv=None) -> int:
   ap.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
   ap.add_argument("--execute", action="store_true", help="also run the compiled gradient twice")
   ap.add_argument("--modes", default="unrolled,scan",
-                  help="comma-separated layer modes to measure, in order: unrolled, scan")
+                  help="comma-separated layer modes to measure, in order: unrolled, scan, "
+                       "scanK (scan with K layers per loop iteration)")
   ap.add_argument("--out", default=os.environ.get("OUT", "."))
   args = ap.parse_args(argv)
   for name in ("seq_len", "batch"):
     if getattr(args, name) < 1:
       ap.error(f"--{name.replace('_', '-')}: expected a positive int, got {getattr(args, name)}")
   modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-  if not modes or any(m not in ("unrolled", "scan") for m in modes):
-    ap.error(f"--modes: expected a comma-separated list of 'unrolled' and 'scan', got "
-             f"{args.modes!r}")
+  def unroll_of(mode):  # None: unrolled; K >= 1: scanned, K layers per iteration
+    if mode == "unrolled":
+      return None
+    k = mode[4:] if mode.startswith("scan") else "x"
+    return 1 if k == "" else (int(k) if k.isdigit() and int(k) >= 1 else 0)
+  if not modes or any(unroll_of(m) == 0 for m in modes):
+    ap.error(f"--modes: expected a comma-separated list of 'unrolled', 'scan' and 'scanK' "
+             f"(K >= 1), got {args.modes!r}")
   base = dataclasses.replace(load_model_config(args.config), dtype=args.dtype)
   dev = jax.devices()[0]
   meta = {"device": f"{dev.platform} ({dev.device_kind})", "jax": jax.__version__,
@@ -83,15 +90,17 @@ def main(argv=None) -> int:
           "batch": args.batch, "seq_len": args.seq_len, "dtype": args.dtype}
   print(f"{meta['device']}, jax {jax.__version__}: {args.config} ({base.num_layers} layers), "
         f"B {args.batch} T {args.seq_len} {args.dtype}", flush=True)
-  print(f"{'scan_layers':<12} {'trace+lower s':>13} {'compile s':>10} {'HLO M chars':>12} "
+  print(f"{'mode':<12} {'trace+lower s':>13} {'compile s':>10} {'HLO M chars':>12} "
         f"{'1st run s':>10} {'2nd run s':>10}", flush=True)
   rows = []
-  for scan in [m == "scan" for m in modes]:
-    row = measure(dataclasses.replace(base, scan_layers=scan), args.batch, args.seq_len,
-                  args.execute)
+  for mode in modes:
+    unroll = unroll_of(mode)
+    cfg = dataclasses.replace(base, scan_layers=unroll is not None, scan_unroll=unroll or 1)
+    row = {"mode": mode, "scan_unroll": unroll or 1,
+           **measure(cfg, args.batch, args.seq_len, args.execute)}
     rows.append(row)
     fmt = lambda key, row=row: f"{row[key]:>10.2f}" if key in row else f"{'-':>10}"
-    print(f"{str(scan):<12} {row['trace_lower_s']:>13.2f} {row['compile_s']:>10.2f} "
+    print(f"{mode:<12} {row['trace_lower_s']:>13.2f} {row['compile_s']:>10.2f} "
           f"{row['hlo_chars'] / 1e6:>12.2f} {fmt('first_run_s')} {fmt('second_run_s')}",
           flush=True)
   os.makedirs(args.out, exist_ok=True)

@@ -20,7 +20,7 @@
 #   were compile-time constants), first lane;
 # `compile`: compile and first/second-run time of the nsa_340m gradient at 8k, layers unrolled vs
 #   model.scan_layers (benchmarks/compile_time.py --execute, one process per mode; COMPILE_MODES,
-#   default "unrolled scan"), first lane;
+#   default "unrolled scan"; "scan4" = 4 layers per loop iteration, model.scan_unroll), first lane;
 # `suites`: the selected-attention backward correctness suite ($SUITE, default --all; e.g.
 #   SUITE="--all --configs 11,12 --dispatch" reruns two of its configs and the dispatch checks) cut
 #   into SUITE_SHARDS (default 4) processes side by side on the second lane (compilation

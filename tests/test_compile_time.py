@@ -23,15 +23,19 @@ def test_both_modes_compile_run_and_are_recorded(tmp_path, capsys):
   for row in out["rows"]:
     assert row["compile_s"] > 0 and row["first_run_s"] > 0 and row["second_run_s"] > 0
   assert scanned["hlo_chars"] < unrolled["hlo_chars"]       # tiny.yaml: 2 NSA layers, 1 scan
-  assert "scan_layers" in capsys.readouterr().out
+  assert "unrolled" in capsys.readouterr().out
   with pytest.raises(SystemExit):
     mod.main([*argv[:2], "--seq-len", "0"])
   assert "--seq-len" in capsys.readouterr().err
   with pytest.raises(SystemExit):
     mod.main([*argv[:2], "--modes", "scan,rolled"])
   assert "--modes" in capsys.readouterr().err
+  with pytest.raises(SystemExit):
+    mod.main([*argv[:2], "--modes", "scan0"])
+  assert "--modes" in capsys.readouterr().err
   # One mode per process (a fair first-run time): its own file.
-  assert mod.main([*argv[:4], "--dtype", "float32", "--modes", "scan", "--out",
+  assert mod.main([*argv[:4], "--dtype", "float32", "--modes", "scan2", "--out",
                    str(tmp_path)]) == 0
-  only = json.loads((tmp_path / "compile_time_scan.json").read_text())
-  assert [r["scan_layers"] for r in only["rows"]] == [True]
+  only = json.loads((tmp_path / "compile_time_scan2.json").read_text())
+  assert [(r["mode"], r["scan_layers"], r["scan_unroll"]) for r in only["rows"]] == [
+      ("scan2", True, 2)]

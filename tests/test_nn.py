@@ -375,18 +375,20 @@ def test_register_new_attention_kind():
 
 
 # ------------------------------------------------------------------------------- scan_layers
-@pytest.mark.parametrize("name,remat", [("nsa", "none"), ("nsa_dv", "full"), ("full", "dots"),
-                                        ("mixed_runs", "none")])
-def test_scan_layers_equals_unrolled_forward_and_gradients(name, remat):
+@pytest.mark.parametrize("name,remat,unroll", [("nsa", "none", 1), ("nsa_dv", "full", 1),
+                                               ("full", "dots", 1), ("mixed_runs", "none", 1),
+                                               ("nsa", "full", 2)])
+def test_scan_layers_equals_unrolled_forward_and_gradients(name, remat, unroll):
   """``model.scan_layers``: the same logits and parameter gradients (float32, packed documents)
   as the layer-by-layer model with the same weights; runs of one kind are scanned, the rest is
-  called one by one."""
+  called one by one. ``scan_unroll=2`` over 3 layers: one unrolled pair plus a remainder."""
   from sparse_attention_jax.nn.model import _scan_runs
   base = (tiny("full", attention=("full", "full", "nsa", "nsa", "nsa", "swa"), num_layers=6)
           if name == "mixed_runs" else dataclasses.replace(VARIANTS[name], num_layers=3))
   cfg = dataclasses.replace(base, remat=remat)
   plain = DecoderLM(cfg, rngs=nnx.Rngs(3))
-  scanned = DecoderLM(dataclasses.replace(cfg, scan_layers=True), rngs=nnx.Rngs(3))
+  scanned = DecoderLM(dataclasses.replace(cfg, scan_layers=True, scan_unroll=unroll),
+                      rngs=nnx.Rngs(3))
   runs = [(a, b) for a, b, _ in _scan_runs(list(scanned.layers))]
   assert runs == ([(0, 2), (2, 5)] if name == "mixed_runs" else [(0, 3)])
   tokens = random_tokens(4, cfg)
@@ -436,3 +438,6 @@ def test_scan_layers_skips_layers_with_non_parameter_state():
   assert _scan_runs(list(model.layers)) == []
   with pytest.raises(ValueError, match="model.scan_layers: expected a bool"):
     dataclasses.replace(cfg, scan_layers="yes")
+  for bad in (0, 1.5, True):
+    with pytest.raises(ValueError, match="model.scan_unroll: expected a positive int"):
+      dataclasses.replace(cfg, scan_unroll=bad)

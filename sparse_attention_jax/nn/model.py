@@ -45,7 +45,7 @@ def _scan_runs(layers) -> list[tuple[int, int, object]]:
   return runs
 
 
-def _scan_blocks(graphdef, layers, x, positions, segment_ids, policy):
+def _scan_blocks(graphdef, layers, x, positions, segment_ids, policy, unroll=1):
   """``x`` through ``layers`` (one graph structure, Param state only) with one ``lax.scan`` over
   their parameters stacked on a new leading axis: the block is traced and compiled once instead
   of once per layer. The stacking copies the run's parameters once per call (and its transpose
@@ -57,7 +57,8 @@ def _scan_blocks(graphdef, layers, x, positions, segment_ids, policy):
     return constrain_batch(_block(nnx.merge(graphdef, params), x, positions, segment_ids))
   if policy is not False:
     body = jax.checkpoint(body, policy=policy)
-  x, _ = jax.lax.scan(lambda x, params: (body(x, params), None), x, stacked)
+  x, _ = jax.lax.scan(lambda x, params: (body(x, params), None), x, stacked,
+                      unroll=min(unroll, len(layers)))
   return x
 
 
@@ -142,7 +143,8 @@ class DecoderLM(nnx.Module):
       if stop > start:
         policy = (False if self.config.remat == "none"
                   else _REMAT_POLICIES[self.config.remat])
-        x = _scan_blocks(graphdef, layers[start:stop], x, positions, segment_ids, policy)
+        x = _scan_blocks(graphdef, layers[start:stop], x, positions, segment_ids, policy,
+                         self.config.scan_unroll)
       i = stop
     x = self.final_norm(x)
     if self.lm_head is None:
