@@ -66,11 +66,16 @@ def main(argv=None) -> int:
   ap.add_argument("--batch", type=int, default=1)
   ap.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
   ap.add_argument("--execute", action="store_true", help="also run the compiled gradient twice")
+  ap.add_argument("--remat", default=None, choices=("none", "full", "dots"),
+                  help="model.remat (default: the config's)")
+  ap.add_argument("--num-layers", type=int, default=0, help="model.num_layers (0: the config's)")
   ap.add_argument("--modes", default="unrolled,scan",
                   help="comma-separated layer modes to measure, in order: unrolled, scan, "
                        "scanK (scan with K layers per loop iteration)")
   ap.add_argument("--out", default=os.environ.get("OUT", "."))
   args = ap.parse_args(argv)
+  if args.num_layers < 0:
+    ap.error(f"--num-layers: expected 0 (the config's) or a positive int, got {args.num_layers}")
   for name in ("seq_len", "batch"):
     if getattr(args, name) < 1:
       ap.error(f"--{name.replace('_', '-')}: expected a positive int, got {getattr(args, name)}")
@@ -84,12 +89,16 @@ def main(argv=None) -> int:
     ap.error(f"--modes: expected a comma-separated list of 'unrolled', 'scan' and 'scanK' "
              f"(K >= 1), got {args.modes!r}")
   base = dataclasses.replace(load_model_config(args.config), dtype=args.dtype)
+  if args.remat is not None:
+    base = dataclasses.replace(base, remat=args.remat)
+  if args.num_layers:
+    base = dataclasses.replace(base, num_layers=args.num_layers)
   dev = jax.devices()[0]
   meta = {"device": f"{dev.platform} ({dev.device_kind})", "jax": jax.__version__,
           "config": args.config, "layers": base.num_layers, "kinds": sorted(set(base.layer_kinds())),
-          "batch": args.batch, "seq_len": args.seq_len, "dtype": args.dtype}
+          "batch": args.batch, "seq_len": args.seq_len, "dtype": args.dtype, "remat": base.remat}
   print(f"{meta['device']}, jax {jax.__version__}: {args.config} ({base.num_layers} layers), "
-        f"B {args.batch} T {args.seq_len} {args.dtype}", flush=True)
+        f"B {args.batch} T {args.seq_len} {args.dtype}, remat {base.remat}", flush=True)
   print(f"{'mode':<12} {'trace+lower s':>13} {'compile s':>10} {'HLO M chars':>12} "
         f"{'1st run s':>10} {'2nd run s':>10}", flush=True)
   rows = []

@@ -20,7 +20,8 @@
 #   were compile-time constants), first lane;
 # `compile`: compile and first/second-run time of the nsa_340m gradient at 8k, layers unrolled vs
 #   model.scan_layers (benchmarks/compile_time.py --execute, one process per mode; COMPILE_MODES,
-#   default "unrolled scan"; "scan4" = 4 layers per loop iteration, model.scan_unroll), first lane;
+#   default "unrolled scan"; "scan4" = 4 layers per loop iteration, model.scan_unroll;
+#   COMPILE_ARGS, e.g. "--remat dots", is appended), first lane;
 # `suites`: the selected-attention backward correctness suite ($SUITE, default --all; e.g.
 #   SUITE="--all --configs 11,12 --dispatch" reruns two of its configs and the dispatch checks) cut
 #   into SUITE_SHARDS (default 4) processes side by side on the second lane (compilation
@@ -96,7 +97,8 @@ lane_a() {
     --kinds exact-corr --variants 128:direct --reps 3
   for mode in $COMPILE_MODES; do  # one process per mode: Mosaic kernels compile once per process
     has compile && run "compile_$mode" 0 "$T_COMPILE" python3 benchmarks/compile_time.py \
-      --config configs/nsa_340m.yaml --seq-len 8192 --execute --modes $mode --out "$OUT/compile"
+      --config configs/nsa_340m.yaml --seq-len 8192 --execute --modes $mode ${COMPILE_ARGS:-} \
+      --out "$OUT/compile"
   done
 }
 lane_b() {

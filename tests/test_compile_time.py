@@ -18,6 +18,7 @@ def test_both_modes_compile_run_and_are_recorded(tmp_path, capsys):
   assert mod.main(argv) == 0
   out = json.loads((tmp_path / "compile_time.json").read_text())
   assert out["meta"]["seq_len"] == 64 and out["meta"]["kinds"] == ["nsa"]
+  assert out["meta"]["remat"] == "none"
   unrolled, scanned = out["rows"]
   assert (unrolled["scan_layers"], scanned["scan_layers"]) == (False, True)
   for row in out["rows"]:
@@ -34,8 +35,9 @@ def test_both_modes_compile_run_and_are_recorded(tmp_path, capsys):
     mod.main([*argv[:2], "--modes", "scan0"])
   assert "--modes" in capsys.readouterr().err
   # One mode per process (a fair first-run time): its own file.
-  assert mod.main([*argv[:4], "--dtype", "float32", "--modes", "scan2", "--out",
-                   str(tmp_path)]) == 0
+  assert mod.main([*argv[:4], "--dtype", "float32", "--modes", "scan2", "--remat", "dots",
+                   "--out", str(tmp_path)]) == 0
   only = json.loads((tmp_path / "compile_time_scan2.json").read_text())
+  assert only["meta"]["remat"] == "dots"
   assert [(r["mode"], r["scan_layers"], r["scan_unroll"]) for r in only["rows"]] == [
       ("scan2", True, 2)]
