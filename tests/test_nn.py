@@ -377,7 +377,7 @@ def test_register_new_attention_kind():
 # ------------------------------------------------------------------------------- scan_layers
 @pytest.mark.parametrize("name,remat,unroll", [("nsa", "none", 1), ("nsa_dv", "full", 1),
                                                ("full", "dots", 1), ("mixed_runs", "none", 1),
-                                               ("nsa", "full", 2)])
+                                               ("full", "none", 2)])
 def test_scan_layers_equals_unrolled_forward_and_gradients(name, remat, unroll):
   """``model.scan_layers``: the same logits and parameter gradients (float32, packed documents)
   as the layer-by-layer model with the same weights; runs of one kind are scanned, the rest is
