@@ -104,7 +104,8 @@ def main(argv=None) -> int:
   rows = []
   for mode in modes:
     unroll = unroll_of(mode)
-    cfg = dataclasses.replace(base, scan_layers=unroll is not None, scan_unroll=unroll or 1)
+    cfg = dataclasses.replace(base, scan_layers=unroll is not None,
+                              scan_unroll=unroll or 1)
     row = {"mode": mode, "scan_unroll": unroll or 1,
            **measure(cfg, args.batch, args.seq_len, args.execute)}
     rows.append(row)

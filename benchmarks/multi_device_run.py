@@ -63,8 +63,9 @@ compiles for 209-231 s per new layout (63 s with a persistent-cache hit) and ste
 2 rows) / 0.24 s (fsdp=2): ``--steps 100 --checkpoint-every 25`` fits one phase per 10-minute call
 (keep ``--compile-cache`` in an ignored folder so a later call reuses the executables; the budget
 logic skips and records what does not fit). With ``model.scan_layers=true`` (an override after
-the flags) its first step takes 47 s (1 GPU) / 58-89 s (2-GPU meshes) and a step 0.50 s / 0.31-0.34 s
-(2026-11-30): 200 steps of the baseline and one mesh fit one call, two meshes and a restore the next.
+the flags) its first step takes 47 s (1 GPU) / 58-89 s (2-GPU meshes) and a step 0.50 s /
+0.31-0.34 s (2026-11-30): 200 steps of the baseline and one mesh fit one call, two meshes and a
+restore the next.
 
 CPU smoke run (2 simulated devices, seconds per phase)::
 

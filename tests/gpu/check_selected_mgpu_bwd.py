@@ -13,7 +13,8 @@ dispatch checks unless ``--dispatch`` is given too), e.g. to rerun what a cut ru
 ``--shard I/N`` (after ``--configs``) runs only the configs ``I, I+N, ...`` and the dispatch checks
 ``I, I+N, ...``, so N processes side by side cover a suite (compilation dominates: about 50 s per
 config; on one H200, 8 processes of ``--all`` ran out of memory in the T=1000/4096 configs, whose
-float32 references hold [B, HQ, T, T] scores, so 4 per GPU is the safe number). Each config also checks the forward (O and LSE) of the same call.
+float32 references hold [B, HQ, T, T] scores, so 4 per GPU is the safe number). Each config also
+checks the forward (O and LSE) of the same call.
 Each config draws fresh random inputs and a random output cotangent (never zeros), takes
 ``jax.vjp`` of the kernel op twice (a difference between the two runs means a race) and compares
 dQ, dK, dV with the VJP of the plain-JAX reference on float32 copies of the same inputs
