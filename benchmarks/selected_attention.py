@@ -19,6 +19,9 @@ Selections:
 * ``exact-corr``: tokens of each 64-token block share random picks (besides the forced current
   block), a proxy for the strong correlation of real NSA selections between neighbours.
 
+``meta`` records both timings of a program that adds 1 to 8 numbers (``noop_sync_ms``,
+``noop_pipe_ms``): the fixed cost of a synchronised call on the machine.
+
 Per variant it also times the XLA preparation alone (``prep``: tile lists, plus the Q transpose
 for the ``tiles`` layout) and the kernel on prepared operands (``kern``: includes the O transpose
 back for the ``tiles`` layout).
@@ -160,6 +163,12 @@ def main():
   dev = jax.devices()[0]
   meta = {"device": dev.device_kind, "jax": jax.__version__, "B": B, "HQ": HQ, "H": H, "Dk": dk,
           "Dv": dv, "block": BS, "n": N, "dtype": "bfloat16"}
+  # The fixed cost of one synchronised call, from a program that does almost nothing: the part of
+  # every "ms" figure that is dispatch and waiting, not device work.
+  tiny = jnp.zeros((8,), jnp.float32)
+  noop = jax.jit(lambda x: x + 1)
+  meta["noop_sync_ms"] = bench(noop, (tiny,), reps=max(args.reps, 20))[0]
+  meta["noop_pipe_ms"] = bench_pipelined(noop, (tiny,), reps=max(args.reps, 20))
   print(meta, flush=True)
   rows = []
   for t in [int(x) for x in args.seqs.split(",")]:
