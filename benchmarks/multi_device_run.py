@@ -27,7 +27,8 @@ Phases train without evaluation (``train.eval_batches=0``: no eval program to co
 ``--baseline-from DIR`` reuses the finished baseline of an earlier run directory (same config,
 steps, global batch and sequence length, checked) so that a later device call runs only
 meshes, e.g. one NSA mesh per call; ``--restore single|mesh|none`` limits the restore phases
-(default both).
+(default both). An ``--out`` that already holds a run (``summary.json``) is refused unless
+``--overwrite`` is given: a second command into it would run and replace its phases.
 ``--budget-s`` bounds the whole run: a phase is not launched when its estimated time (startup and
 compile overhead + steps x step time, from the phases already run) would pass the budget, and a
 running phase gets SIGTERM at the budget (the job saves and exits). ``summary.json`` is rewritten
@@ -570,6 +571,9 @@ def _args(argv=None) -> argparse.Namespace:
                  help="which restores of the first mesh run's checkpoint to run: on one device, "
                  "on another mesh, both, or none")
   p.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "multi_device_run"))
+  p.add_argument("--overwrite", action="store_true",
+                 help="run into an --out that already holds a run (summary.json): its phases "
+                      "are run again and replaced")
   p.add_argument("overrides", nargs="*", metavar="section.key=value",
                  help="extra overrides for every phase (e.g. model.remat=dots)")
   args = p.parse_args(argv)
@@ -625,6 +629,11 @@ def main(argv=None) -> int:
                           capture_output=True, text=True, check=False)
     available = int(proc.stdout.split()[-1]) if proc.returncode == 0 and proc.stdout else 0
   args.out = os.path.abspath(args.out)
+  if os.path.exists(os.path.join(args.out, "summary.json")) and not args.overwrite:
+    print(f"--out: {args.out} already holds a run (summary.json), whose phases this command "
+          f"would run again and replace; pass --overwrite, or choose another --out (with "
+          f"--baseline-from to reuse its baseline)", file=sys.stderr)
+    return 2
   os.makedirs(args.out, exist_ok=True)
   runner = Runner(args, platform, available)
   print(f"[multi] {args.config}: {platform}, {available} device(s), {args.steps} steps x "

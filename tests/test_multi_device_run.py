@@ -130,9 +130,21 @@ def test_multi_device_run_end_to_end_on_two_cpu_devices(tmp_path):
   assert (out2 / "baseline" / "metrics.jsonl").exists()
   steps_at = argv2.index("--steps") + 1
   bad = subprocess.run([*argv2[:steps_at], "5", *argv2[steps_at + 1:], "--baseline-from",
-                        str(out)], cwd=ROOT, env=env, capture_output=True, text=True,
-                       timeout=120, check=False)
+                        str(out), "--overwrite"], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=120, check=False)
   assert bad.returncode == 2 and "--baseline-from" in bad.stderr and "steps=6" in bad.stderr
+
+
+def test_refuses_an_out_that_holds_a_run(tmp_path, capsys):
+  """A second command into the same --out would silently replace the first run's phases."""
+  m = load_script("benchmarks/multi_device_run.py")
+  (tmp_path / "summary.json").write_text("{}")
+  argv = ["--config", "configs/tiny.yaml", "--platform", "cpu", "--steps", "4", "--out",
+          str(tmp_path)]
+  assert m.main(argv) == 2
+  err = capsys.readouterr().err
+  assert "--out" in err and "--overwrite" in err and str(tmp_path) in err
+  assert os.listdir(tmp_path) == ["summary.json"]  # nothing ran
 
 
 def test_summary_checks_fail_on_diverging_or_unresumed_curves(tmp_path):
