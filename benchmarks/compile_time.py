@@ -21,6 +21,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import sys
 import time
 
@@ -80,11 +81,9 @@ def main(argv=None) -> int:
     if getattr(args, name) < 1:
       ap.error(f"--{name.replace('_', '-')}: expected a positive int, got {getattr(args, name)}")
   modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-  def unroll_of(mode):  # None: unrolled; K >= 1: scanned, K layers per iteration
-    if mode == "unrolled":
-      return None
-    k = mode[4:] if mode.startswith("scan") else "x"
-    return 1 if k == "" else (int(k) if k.isdigit() and int(k) >= 1 else 0)
+  def unroll_of(mode):  # None: unrolled; K >= 1: scanned, K layers per iteration; 0: invalid
+    m = re.fullmatch(r"scan(\d*)", mode)
+    return None if mode == "unrolled" else (int(m.group(1) or 1) if m else 0)
   if not modes or any(unroll_of(m) == 0 for m in modes):
     ap.error(f"--modes: expected a comma-separated list of 'unrolled', 'scan' and 'scanK' "
              f"(K >= 1), got {args.modes!r}")

@@ -539,15 +539,18 @@ def _args(argv=None) -> argparse.Namespace:
   p.add_argument("--checkpoint-every", type=int, default=0,
                  help="checkpoint period of the mesh runs (0 = steps // 4)")
   p.add_argument("--keep", type=int, default=3, help="train.keep_checkpoints")
-  p.add_argument("--loss-tol", type=float, default=0.06,
-                 help="max |smoothed loss - smoothed baseline loss| for the loss check")
-  p.add_argument("--early-steps", type=int, default=30,
-                 help="the loss check also bounds the raw |dL| over this many first steps")
-  p.add_argument("--early-tol", type=float, default=0.02,
-                 help="max raw |loss - baseline loss| over the first --early-steps steps")
-  p.add_argument("--restore-tol", type=float, default=0.05,
-                 help="max |resumed loss - uninterrupted loss| at the same steps")
-  p.add_argument("--smooth", type=int, default=50, help="moving-average window of the loss check")
+  # The check settings default to None so that --resummarize can tell a given flag from the
+  # recorded value; CHECK_DEFAULTS fills the rest.
+  p.add_argument("--loss-tol", type=float, default=None,
+                 help="max |smoothed loss - smoothed baseline loss| for the loss check (0.06)")
+  p.add_argument("--early-steps", type=int, default=None,
+                 help="the loss check also bounds the raw |dL| over this many first steps (30)")
+  p.add_argument("--early-tol", type=float, default=None,
+                 help="max raw |loss - baseline loss| over the first --early-steps steps (0.02)")
+  p.add_argument("--restore-tol", type=float, default=None,
+                 help="max |resumed loss - uninterrupted loss| at the same steps (0.05)")
+  p.add_argument("--smooth", type=int, default=None,
+                 help="moving-average window of the loss check (50)")
   p.add_argument("--baseline-from", metavar="DIR", default=None,
                  help="reuse the 1-device baseline of an earlier run directory (same config, "
                       "steps, global batch, sequence length) and run only the meshes")
@@ -576,21 +579,25 @@ def _args(argv=None) -> argparse.Namespace:
                       "are run again and replaced")
   p.add_argument("overrides", nargs="*", metavar="section.key=value",
                  help="extra overrides for every phase (e.g. model.remat=dots)")
-  args = p.parse_args(argv)
-  given = {a.split("=", 1)[0] for a in (sys.argv[1:] if argv is None else argv)
-           if a.startswith("--")}
-  args.given = {a.dest for a in p._actions if given & set(a.option_strings)}
-  return args
+  return p.parse_args(argv)
 
 
-CHECK_KEYS = ("loss_tol", "restore_tol", "smooth", "early_steps", "early_tol")
-"""Summary keys that set the checks: ``--resummarize`` keeps the recorded ones unless overridden."""
+CHECK_DEFAULTS = {"loss_tol": 0.06, "restore_tol": 0.05, "smooth": 50, "early_steps": 30,
+                  "early_tol": 0.02}
+"""Check settings not given on the command line (``--resummarize``: the recorded ones first)."""
+
+
+def _fill_checks(args, recorded=None) -> None:
+  for key, default in CHECK_DEFAULTS.items():
+    if getattr(args, key) is None:
+      setattr(args, key, (recorded or {}).get(key, default))
 
 
 def main(argv=None) -> int:
   args = _args(argv)
   if args.resummarize:
     return resummarize(args)
+  _fill_checks(args)
   try:
     meshes = parse_meshes(args.meshes)
     restore_mesh = parse_meshes(args.restore_mesh)[0] if args.restore_mesh else None
@@ -733,9 +740,7 @@ def resummarize(args) -> int:
   for key in ("config", "steps", "global_batch", "meshes", "checkpoint_every", "budget_s",
               "command"):
     setattr(args, key, old[key])
-  for key in CHECK_KEYS:  # the recorded checks, unless this command line sets them
-    if key not in args.given and key in old:
-      setattr(args, key, old[key])
+  _fill_checks(args, old)  # the recorded checks, unless this command line sets them
   args.resolved_seq_len, args.out, args.env = old["seq_len"], out, old.get("env")
   runner = argparse.Namespace(platform=old["platform"], available=old["devices_available"],
                               phases=old["phases"], elapsed=lambda: old["elapsed_s"])
