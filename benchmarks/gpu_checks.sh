@@ -2,8 +2,11 @@
 # Every quick GPU check in one device call, on one or two GPUs (two lanes run side by side).
 # Usage (repository root, on the GPU machine):  bash benchmarks/gpu_checks.sh [PART ...]
 # PARTs: dense nosa decode offload dims transforms multi context timing breakdown breakdown_docs1
-# nosa_train compile offload_load kernel_fb suites fwd_dump (default: dense nosa decode offload dims
-# transforms).
+# nosa_train compile offload_load kernel_fb suites fwd_dump persistent (default: dense nosa decode
+# offload dims transforms).
+# `persistent`: the persistent-grid forward (tests/gpu/check_selected_mgpu.py --persistent), then
+#   its benchmark against the per-tile kernels at 8k and 64k, fwd and fwd+bwd ($PERSIST_VARIANTS),
+#   first lane;
 # `context`: decode tokens/s of every kind at 16k/32k/64k (B 1 and 16), and offloaded NOSA at
 #   32k/64k (B 16 and 128);
 # `timing`: the selected-attention benchmark for the new shapes (Dk192/Dv128, the GLA global
@@ -47,6 +50,8 @@ T_DENSE=${T_DENSE:-200} T_NOSA=${T_NOSA:-90} T_OFFLOAD=${T_OFFLOAD:-150} T_DIMS=
 T_TRANSFORMS=${T_TRANSFORMS:-70} T_MULTI=${T_MULTI:-170} T_DECODE=${T_DECODE:-40}
 T_CONTEXT=${T_CONTEXT:-120} T_TIMING=${T_TIMING:-120} T_BREAKDOWN=${T_BREAKDOWN:-240}
 T_NOSA_TRAIN=${T_NOSA_TRAIN:-180} T_COMPILE=${T_COMPILE:-300} T_KERNEL_FB=${T_KERNEL_FB:-240}
+T_PERSIST=${T_PERSIST:-240} T_PERSIST_BENCH=${T_PERSIST_BENCH:-300}
+PERSIST_VARIANTS=${PERSIST_VARIANTS:-128:direct,128:direct:persist,128:direct:persist:s3,128:direct:persist:nopp,64:tiles}
 T_SUITES=${T_SUITES:-480} SUITE_SHARDS=${SUITE_SHARDS:-4} SUITE=${SUITE:---all}
 COMPILE_MODES=${COMPILE_MODES:-"unrolled scan"}
 
@@ -76,6 +81,11 @@ timing_part() {  # timing_part NAME GPU ARGS...: a new kernel shape vs cuDNN at 
 if (( ngpu > 1 )); then ctx_a="full nsa" ctx_b="infllm_v2 nosa"; else ctx_a="full nsa infllm_v2 nosa" ctx_b=""; fi
 
 lane_a() {
+  has persistent && run persistent_check 0 "$T_PERSIST" python3 tests/gpu/check_selected_mgpu.py \
+    --persistent
+  has persistent && run persistent_bench 0 "$T_PERSIST_BENCH" python3 \
+    benchmarks/selected_attention.py --bwd --reps 10 --seqs 8192,65536 --kinds exact-corr,shared \
+    --variants "$PERSIST_VARIANTS" --out "$OUT/persistent.json"
   has dense && run dense 0 "$T_DENSE" env OUT="$OUT/dense" python3 tests/gpu/check_dense_paths.py --quick
   has nosa && run nosa_decode 0 "$T_NOSA" env OUT="$OUT/nosa" python3 tests/gpu/check_nosa_decode.py
   has nosa_train && run nosa_train 0 "$T_NOSA_TRAIN" env OUT="$OUT/nosa_train" \

@@ -150,7 +150,9 @@ def main():
   ap.add_argument("--bwd-parts", action="store_true",
                   help="with --bwd: also time the backward's preparation, dQ and dK/dV calls")
   ap.add_argument("--variants", default="64:tiles,128:tiles,128:direct",
-                  help="tile_rows:q_layout[:nopp][:noidx][:nomskip][:bwdtiles][:s<stages>] list")
+                  help="tile_rows:q_layout[:nopp][:noidx][:nomskip][:bwdtiles][:s<stages>]"
+                  "[:persist][:ctas<N>] list (persist: one CTA per SM walking many 128-row "
+                  "tiles; ctas<N>: persistent with N CTAs)")
   ap.add_argument("--dk", type=int, default=D, help="q/k head dim")
   ap.add_argument("--dv", type=int, default=D, help="v head dim")
   ap.add_argument("--hq", type=int, default=HQ, help="query heads")
@@ -187,13 +189,16 @@ def main():
       for variant in args.variants.split(","):
         rows_s, layout, *flags = variant.split(":")
         stages = [int(f[1:]) for f in flags if f.startswith("s")] or [2]
+        ctas = [int(f[4:]) for f in flags if f.startswith("ctas")] or [0]
         cfg = mg.resolve_config(mg._Config(softmax_scale=dk ** -0.5, mode=mode, block_size=BS,
                                            bwd_direct="bwdtiles" not in flags,
                                            tile_rows=int(rows_s), q_layout=layout,
                                            group_size=HQ // H, ping_pong="nopp" not in flags,
                                            smem_index="noidx" not in flags,
                                            mask_skip="nomskip" not in flags,
-                                           num_stages=stages[0]), HQ // H)
+                                           num_stages=stages[0],
+                                           persistent="persist" in flags or ctas != [0],
+                                           num_ctas=ctas[0]), HQ // H)
         name = "-".join([f"mgpu-{kind}-{cfg.tile_rows}-{cfg.q_layout}", *flags])
         attn = lambda q, k, v, bi, cfg=cfg: dims.with_padded_head_dims(mg._attention, q, k, v,
                                                                         bi, None, cfg)

@@ -97,7 +97,8 @@ def smem_bytes(kernel: str, *, dk: int, dv: int, stages: int, length: int, block
   Args:
     kernel: ``"fwd64"`` (one warpgroup, 64 rows: Q ``[64, Dk]``, K/V rings, O reuses Q when
       ``Dk == Dv``, else V slot 0 when ``bs == 64``, else its own ``[64, Dv]``), ``"fwd128"`` (two compute warpgroups: Q ``[2, 64, Dk]``, K/V
-      rings, O ``[2, 64, Dv]`` when ``Dk != Dv``), ``"dq"`` (Q ``[64, Dk]``, dO ``[64, Dv]``,
+      rings, O ``[2, 64, Dv]`` when ``Dk != Dv``), ``"fwd128p"`` (the persistent 128-row kernel:
+      Q ``[2, 2, 64, Dk]``, lists and docs double buffered, O ``[2, 64, Dv]`` always), ``"dq"`` (Q ``[64, Dk]``, dO ``[64, Dv]``,
       K/V rings) or ``"dkv"`` (K ``[64, Dk]``, V ``[64, Dv]`` key tiles, Q/dO rings of 64-row
       tiles).
     dk, dv: padded head dims; stages: ring depth; length: the tile lists' length (the
@@ -115,6 +116,9 @@ def smem_bytes(kernel: str, *, dk: int, dv: int, stages: int, length: int, block
     o = 0 if dk == dv else _buf(2, rows, dv, e)
     return (_buf(2, rows, dk, e) + kv_ring + o + _buf(2, rows, 4) + 3 * _buf(length, 4)
             + docs * _buf(2, rows, 4) + _RESERVED)
+  if kernel == "fwd128p":                          # persistent: Q, lists, docs double buffered
+    return (_buf(2, 2, rows, dk, e) + kv_ring + _buf(2, rows, dv, e) + _buf(2, rows, 4)
+            + 3 * _buf(2, length, 4) + _buf(2, 2, rows, 4) + _RESERVED)
   if kernel == "dq":
     return (_buf(rows, dk, e) + _buf(rows, dv, e) + 2 * _buf(rows, 4) + kv_ring
             + docs * _buf(rows, 4) + _RESERVED)
@@ -122,7 +126,8 @@ def smem_bytes(kernel: str, *, dk: int, dv: int, stages: int, length: int, block
     return (_buf(rows, dk, e) + _buf(rows, dv, e) + _buf(stages, rows, dk, e)
             + _buf(stages, rows, dv, e) + 2 * _buf(stages, rows, 4) + docs * _buf(stages, rows, 4)
             + _RESERVED)
-  raise ValueError(f"kernel: expected 'fwd64', 'fwd128', 'dq' or 'dkv', got {kernel!r}")
+  raise ValueError(f"kernel: expected 'fwd64', 'fwd128', 'fwd128p', 'dq' or 'dkv', got "
+                   f"{kernel!r}")
 
 
 def fit_stages(kernel: str, requested: int, **kw) -> int:

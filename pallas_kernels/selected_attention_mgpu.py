@@ -22,7 +22,9 @@ Two kernels: ``tile_rows=64`` runs one warpgroup per CTA that prefetches its own
 (about two CTAs per SM); ``tile_rows=128`` runs two compute warpgroups (64 rows each, two
 consecutive 64-row tiles, iterating over the union of their lists) that share one K/V ring fed
 by a producer warpgroup, FA3-style (``set_max_registers`` 232 / 40, optional ping-pong schedule
-barrier). With ``q_layout="direct"`` (128-row tiles, ``G % 8 == 0``) Q and O move by one TMA
+barrier); ``persistent=True`` runs that kernel on one CTA per SM, each walking many tiles with
+double-buffered Q and lists (:mod:`pallas_kernels.selected_attention_mgpu_persistent`). With
+``q_layout="direct"`` (128-row tiles, ``G % 8 == 0``) Q and O move by one TMA
 copy per token (``G`` contiguous heads), so no XLA transpose; otherwise Q/O go through an XLA
 transpose to ``[B, H, NT * 64, D]``. The tile's ids and membership words are first copied to SMEM
 so the K/V loop does no global scalar loads.
@@ -93,6 +95,8 @@ class _Config:
   bwd_direct: bool = True             # backward: per-token TMA for Q/dO/dQ where G allows
   bwd_chunk: int = 256                # backward: smallest cap on a dK/dV work item's tiles
   has_docs: bool = False              # packed documents: per-row first visible key
+  persistent: bool = False            # 128 rows: one CTA per SM walking many tiles
+  num_ctas: int = 0                   # persistent CTAs (0: the device's SM count)
 
 
 def tokens_per_tile(num_groups: int) -> int:
@@ -517,14 +521,18 @@ def _kernel_ws(q_ref, k_ref, v_ref, ids_ref, cnt_ref, lo_ref, hi_ref, doc_ref, d
 
 def resolve_config(cfg: _Config, g: int) -> _Config:
   """Falls back to what a group size supports: 128-row tiles need at most 64 tokens per tile
-  (``G >= 2``), the direct Q/O layout needs 128-row tiles and ``G % 8 == 0``."""
+  (``G >= 2``), the direct Q/O layout and the persistent grid need 128-row tiles, the direct
+  layout also ``G % 8 == 0``."""
   if cfg.tile_rows not in (64, 128):
     raise ValueError(f"tile_rows: expected 64 or 128, got {cfg.tile_rows!r}")
   if cfg.q_layout not in ("tiles", "direct"):
     raise ValueError(f"q_layout: expected 'tiles' or 'direct', got {cfg.q_layout!r}")
+  if not isinstance(cfg.num_ctas, int) or cfg.num_ctas < 0:
+    raise ValueError(f"num_ctas: expected an int >= 0 (0 = one per SM), got {cfg.num_ctas!r}")
   rows = cfg.tile_rows if 2 * (TILE_ROWS // g) <= 64 else TILE_ROWS
   layout = cfg.q_layout if rows == 128 and g % 8 == 0 and g <= TILE_ROWS else "tiles"
-  return dataclasses.replace(cfg, tile_rows=rows, q_layout=layout)
+  return dataclasses.replace(cfg, tile_rows=rows, q_layout=layout,
+                             persistent=cfg.persistent and rows == 128)
 
 
 def prepare(q, block_indices, cfg: _Config, num_kv_heads: int):
@@ -596,10 +604,13 @@ def call_kernel(qx, k, v, lists, cfg: _Config, *, num_kv_heads: int, seq_len: in
   vp = v if nb * bs == t else jnp.pad(v, ((0, 0), (0, nb * bs - t), (0, 0), (0, 0)))
   nt, length = lists.ids.shape[2:]
   dtype = qx.dtype
-  stages = dims.fit_stages("fwd64" if cfg.tile_rows == TILE_ROWS else "fwd128",
-                           max(1, min(cfg.num_stages, length)), dk=dk, dv=dv, length=length,
-                           block_size=bs, itemsize=jnp.dtype(dtype).itemsize,
-                           has_docs=cfg.has_docs)
+  smem_kw = dict(dk=dk, dv=dv, length=length, block_size=bs, itemsize=jnp.dtype(dtype).itemsize,
+                 has_docs=cfg.has_docs)
+  if cfg.persistent and dims.smem_bytes("fwd128p", stages=1, **smem_kw) > dims.SMEM_LIMIT:
+    cfg = dataclasses.replace(cfg, persistent=False)   # double-buffered Q does not fit: per tile
+  kernel_name = ("fwd64" if cfg.tile_rows == TILE_ROWS else
+                 "fwd128p" if cfg.persistent else "fwd128")
+  stages = dims.fit_stages(kernel_name, max(1, min(cfg.num_stages, length)), **smem_kw)
   cfg = dataclasses.replace(cfg, num_stages=stages)
   if cfg.has_docs != (docs is not None):
     raise ValueError(f"docs: expected {'doc_tiles(...)' if cfg.has_docs else 'None'} for "
@@ -634,7 +645,6 @@ def call_kernel(qx, k, v, lists, cfg: _Config, *, num_kv_heads: int, seq_len: in
     ot, lset = plgpu.kernel(kernel, out_type=out_type, scratch_types=scratch, grid=(nt, b * h),
                             grid_names=("tile", "bh"), compiler_params=params)(*args)
     return (_from_tiles(ot, seq_len, g), _from_tiles(lset, seq_len, g))
-  kernel = functools.partial(_kernel_ws, num_heads=h, g=g, cfg=cfg, dtype=dtype)
   if cfg.q_layout == "direct":
     tp = qx.shape[1]
     out_type = (jax.ShapeDtypeStruct((b, tp, hq, dv), dtype),
@@ -642,8 +652,15 @@ def call_kernel(qx, k, v, lists, cfg: _Config, *, num_kv_heads: int, seq_len: in
   else:
     out_type = (jax.ShapeDtypeStruct((*qx.shape[:3], dv), dtype),
                 jax.ShapeDtypeStruct(qx.shape[:3], jnp.float32))
-  ot, lset = plgpu.kernel(kernel, out_type=out_type, grid=(nt, b * h), grid_names=("tile", "bh"),
-                          num_threads=3, thread_name="wg", compiler_params=params)(*args)
+  if cfg.persistent:
+    from pallas_kernels import selected_attention_mgpu_persistent as persistent
+    ot, lset = persistent.call(args, out_type, cfg, num_heads=h, num_tiles=nt, batch=b,
+                               dtype=dtype, num_ctas=cfg.num_ctas or None)
+  else:
+    kernel = functools.partial(_kernel_ws, num_heads=h, g=g, cfg=cfg, dtype=dtype)
+    ot, lset = plgpu.kernel(kernel, out_type=out_type, grid=(nt, b * h),
+                            grid_names=("tile", "bh"), num_threads=3, thread_name="wg",
+                            compiler_params=params)(*args)
   if cfg.q_layout == "direct":
     return ot[:, :seq_len], lset[:, :seq_len]
   return _from_tiles(ot, seq_len, g), _from_tiles(lset, seq_len, g)
@@ -704,7 +721,8 @@ def selected_attention_mgpu(q, k, v, block_indices, *, block_size: int = BLOCK_S
                             segment_ids=None, softmax_scale: float | None = None,
                             mode: str = "exact", return_lse: bool = False, num_stages: int = 2,
                             tile_rows: int | None = None, q_layout: str = "direct",
-                            ping_pong: bool = True, backward: str = "kernel"):
+                            ping_pong: bool = True, backward: str = "kernel",
+                            persistent: bool = False, num_ctas: int = 0):
   """Selected-block attention with the Mosaic GPU forward kernel.
 
   Args:
@@ -729,6 +747,10 @@ def selected_attention_mgpu(q, k, v, block_indices, *, block_size: int = BLOCK_S
     q_layout: ``"tiles"`` (Q/O through an XLA transpose) or ``"direct"`` (per-token TMA copies of
       Q/O, no transpose; only with 128-row tiles and ``G % 8 == 0``, else falls back to tiles).
     ping_pong: with 128-row tiles, alternate the two warpgroups' softmax and wgmma (FA3).
+    persistent: with 128-row tiles, launch ``num_ctas`` CTAs (0: one per SM) that each walk many
+      tiles, loading the next tile's Q and K/V while the current one computes
+      (:mod:`pallas_kernels.selected_attention_mgpu_persistent`); falls back to one CTA per tile
+      where the double-buffered Q does not fit in shared memory.
     backward: ``"kernel"`` (the dQ and dK/dV Mosaic GPU kernels) or ``"reference"`` (the VJP of
       the plain-JAX reference with dense masks; for checks).
 
@@ -753,7 +775,8 @@ def selected_attention_mgpu(q, k, v, block_indices, *, block_size: int = BLOCK_S
   if tile_rows is None:
     tile_rows = 2 * TILE_ROWS if mode == "exact" else TILE_ROWS
   cfg = _Config(softmax_scale=scale, mode=mode, block_size=block_size, num_stages=num_stages,
-                tile_rows=tile_rows, q_layout=q_layout, ping_pong=ping_pong, backward=backward)
+                tile_rows=tile_rows, q_layout=q_layout, ping_pong=ping_pong, backward=backward,
+                persistent=persistent, num_ctas=num_ctas)
   resolve_config(cfg, q.shape[2] // k.shape[2])                           # validates
   doc_start = None
   if segment_ids is not None:

@@ -9,11 +9,14 @@ platform cpu", JAX_NOTES §2.4), so there is no interpret-mode numeric test here
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pallas_kernels import selected_attention_dims as dims
 from pallas_kernels import selected_attention_mgpu as mg
 
 
@@ -54,6 +57,39 @@ def test_default_config_lowers_for_cuda(mode):
 def test_two_warpgroup_kernel_lowers_for_cuda(layout, g, d, dtype, mode):
   text = _lower(dtype, d, g, mode, tile_rows=128, q_layout=layout, t=300)
   assert _has_mosaic_call(text)
+
+
+@pytest.mark.parametrize("layout", ["tiles", "direct"])
+@pytest.mark.parametrize("g,d,dtype,mode,segments", [(16, 128, jnp.bfloat16, "exact", False),
+                                                     (8, 64, jnp.float16, "shared", False),
+                                                     (4, 128, jnp.bfloat16, "exact", True)])
+def test_persistent_kernel_lowers_for_cuda(layout, g, d, dtype, mode, segments):
+  kw = {"tile_rows": 128, "q_layout": layout, "with_segments": segments}
+  per_tile = _lower(dtype, d, g, mode, t=300, **kw)
+  text = _lower(dtype, d, g, mode, t=300, persistent=True, num_ctas=5, **kw)
+  assert _has_mosaic_call(text) and text != per_tile
+  assert _has_mosaic_call(_lower_grad(dtype, d, g, mode, t=300, persistent=True, **kw))
+
+
+def test_persistent_falls_back_where_it_cannot_serve():
+  cfg = mg._Config(softmax_scale=1.0, mode="exact", tile_rows=128, persistent=True)
+  assert mg.resolve_config(cfg, 16).persistent
+  assert not mg.resolve_config(cfg, 1).persistent                          # 64-row tiles only
+  assert not mg.resolve_config(dataclasses.replace(cfg, tile_rows=64), 16).persistent
+  with pytest.raises(ValueError, match="num_ctas"):
+    mg.resolve_config(dataclasses.replace(cfg, num_ctas=-1), 16)
+  # Q double buffered does not fit next to one 128-key K/V stage at Dk 256: per-tile kernel
+  kw = {"dk": 256, "dv": 128, "length": 4, "has_docs": False, "block_size": 128}
+  assert dims.smem_bytes("fwd128p", stages=1, **kw) > dims.SMEM_LIMIT
+  assert dims.smem_bytes("fwd128", stages=1, **kw) <= dims.SMEM_LIMIT
+  avals = (jax.ShapeDtypeStruct((1, 256, 32, 256), jnp.bfloat16),
+           jax.ShapeDtypeStruct((1, 256, 2, 256), jnp.bfloat16),
+           jax.ShapeDtypeStruct((1, 256, 2, 128), jnp.bfloat16),
+           jax.ShapeDtypeStruct((1, 256, 2, 2), jnp.int32))
+  texts = [jax.jit(lambda q, k, v, bi, p=p: mg.selected_attention_mgpu(
+      q, k, v, bi, tile_rows=128, block_size=128, persistent=p)).trace(*avals).lower(
+          lowering_platforms=("cuda",)).as_text() for p in (True, False)]
+  assert _has_mosaic_call(texts[0]) and texts[0] == texts[1]
 
 
 def test_config_fallbacks():

@@ -1,7 +1,8 @@
 """GPU check of the Mosaic GPU selected-attention forward against the float32 reference.
 
 Run on the H100 from the repository root:
-``PYTHONPATH=$PWD python3 tests/gpu/check_selected_mgpu.py [--quick]``.
+``PYTHONPATH=$PWD python3 tests/gpu/check_selected_mgpu.py [--quick | --persistent]``
+(``--persistent``: only the persistent-grid variants).
 Each config draws fresh random inputs (never zeros), runs the kernel twice (a difference between
 the two runs means a race), and compares O and LSE with the reference on float32 copies. Exits 1
 on any failure.
@@ -39,8 +40,10 @@ def random_selection(key, b, t, h, n, *, forced=True, pad_frac=0.15, block_size=
 
 
 def check(name, b, t, hq, h, d, n, dtype, mode, seed, variant=(64, "tiles", True)):
-  tile_rows, q_layout, pp = variant
-  name = f"{name} [{tile_rows},{q_layout}{'' if pp else ',nopp'}]"
+  tile_rows, q_layout, pp, *ctas = variant          # ctas: persistent grid of that many CTAs
+  persistent = bool(ctas)
+  name = (f"{name} [{tile_rows},{q_layout}{'' if pp else ',nopp'}"
+          f"{f',persistent{ctas[0]}' if persistent else ''}]")
   key = jax.random.key(seed)
   kq, kk, kv, ki = jax.random.split(key, 4)
   q = jax.random.normal(kq, (b, t, hq, d), jnp.float32).astype(dtype)
@@ -49,7 +52,7 @@ def check(name, b, t, hq, h, d, n, dtype, mode, seed, variant=(64, "tiles", True
   bi = random_selection(ki, b, t, h, n)
   f = jax.jit(lambda q, k, v, bi: mg.selected_attention_mgpu(
       q, k, v, bi, mode=mode, return_lse=True, tile_rows=tile_rows, q_layout=q_layout,
-      ping_pong=pp))
+      ping_pong=pp, persistent=persistent, num_ctas=ctas[0] if persistent else 0))
   o1, l1 = jax.block_until_ready(f(q, k, v, bi))
   o2, l2 = jax.block_until_ready(f(q, k, v, bi))
   g = hq // h
@@ -107,6 +110,10 @@ CONFIGS = [
     ("G16 D128 bf16 exact T=4096 std", 1, 4096, 64, 4, 128, 16, jnp.bfloat16, "exact"),
 ]
 WS = [(128, "tiles", True), (128, "direct", True)]
+# Persistent grids with few CTAs, so that every CTA walks several tiles (double buffers, the K/V
+# ring running on across tiles) even at these small shapes; 0 = one CTA per SM.
+PERSISTENT = [(128, "direct", True, 5), (128, "tiles", True, 3), (128, "direct", False, 7),
+              (128, "direct", True, 0)]
 CONFIGS_WS = [CONFIGS[i] for i in (0, 1, 2, 4, 6, 7, 9, 10)]
 
 
@@ -115,9 +122,13 @@ def main():
   ok = True
   jobs = [(c, (64, "tiles", True)) for c in CONFIGS] + [(c, w) for w in WS for c in CONFIGS_WS]
   jobs += [(CONFIGS[i], (128, "direct", False)) for i in (0, 10)]
+  jobs += [(c, w) for w in PERSISTENT[:2] for c in CONFIGS_WS]
+  jobs += [(CONFIGS[i], w) for w in PERSISTENT[2:] for i in (0, 2, 10)]
   if "--quick" in sys.argv:
     jobs = [jobs[i] for i in (0, 1, 2, 8, 9, 10)] + [(CONFIGS[i], (128, "direct", True))
                                                      for i in (0, 1, 10)]
+  if "--persistent" in sys.argv:
+    jobs = [j for j in jobs if len(j[1]) > 3]
   for i, (c, w) in enumerate(jobs):
     t0 = time.perf_counter()
     try:
