@@ -2,8 +2,10 @@
 # Every quick GPU check in one device call, on one or two GPUs (two lanes run side by side).
 # Usage (repository root, on the GPU machine):  bash benchmarks/gpu_checks.sh [PART ...]
 # PARTs: dense nosa decode offload dims transforms multi context timing breakdown breakdown_docs1
-# nosa_train compile offload_load kernel_fb suites fwd_dump persistent (default: dense nosa decode
-# offload dims transforms).
+# nosa_train compile offload_load kernel_fb suites fwd_dump persistent h2d (default: dense nosa
+# decode offload dims transforms).
+# `h2d`: host -> device transfer paths of the offload cache's block gather, 256/4096/41000 blocks
+#   of 32 KiB (benchmarks/h2d_transfer.py -> $OUT/h2d.json), under T_H2D (150 s), first lane;
 # `persistent`: the persistent-grid forward (tests/gpu/check_selected_mgpu.py --persistent), then
 #   its benchmark against the per-tile kernels at 8k and 64k, fwd and fwd+bwd ($PERSIST_VARIANTS),
 #   first lane;
@@ -110,6 +112,7 @@ lane_a() {
       --config configs/nsa_340m.yaml --seq-len 8192 --execute --modes $mode ${COMPILE_ARGS:-} \
       --out "$OUT/compile"
   done
+  has h2d && run h2d 0 "${T_H2D:-150}" python3 benchmarks/h2d_transfer.py --out "$OUT/h2d.json"
 }
 lane_b() {
   if has suites; then  # shards side by side on one GPU: no preallocation, each grows as it needs
