@@ -41,7 +41,8 @@ Paths (``--paths`` takes letters or names):
 A row's time is the median over ``--reps`` calls (after one warm-up call that also compiles; at
 most ``--budget-s`` seconds of timed calls per row, at least one), each ending with
 ``jax.block_until_ready``; GB/s = moved bytes / time (1 GB = 1e9 B). Paths that need a memory
-kind the device lacks are skipped with the reason printed.
+kind the device lacks are skipped with the reason printed, and so are the larger sizes of a path
+whose fastest call took more than ``--slow-s`` seconds (keeps the default run under 2 minutes).
 
 Usage: ``python3 benchmarks/h2d_transfer.py [--blocks 256,4096,41000] [--paths a,b,c,d,e,ref]
 [--threads 4,8] [--out h2d.json]``. Prints a progress line per row and a table; writes the rows
@@ -395,7 +396,9 @@ def main(argv=None) -> dict:
   ap.add_argument("--chunk", type=int, default=256, help="blocks per gather / transfer")
   ap.add_argument("--unroll", type=int, default=64, help="blocks per d_unroll call")
   ap.add_argument("--reps", type=int, default=5)
-  ap.add_argument("--budget-s", type=float, default=2.0, help="timed seconds per row, at most")
+  ap.add_argument("--budget-s", type=float, default=1.5, help="timed seconds per row, at most")
+  ap.add_argument("--slow-s", type=float, default=3.0,
+                  help="a path whose fastest call takes longer is not run at larger sizes")
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--out", default=os.path.join(
       os.environ.get("OUT") or os.path.join(ROOT, "benchmarks", "results"), "h2d.json"))
@@ -438,6 +441,7 @@ def main(argv=None) -> dict:
       result["skipped"][path] = reason
       print(f"[h2d] skip {path}: {reason}", flush=True)
   runnable = [p for p in paths if p not in result["skipped"]]
+  slow = {}                                      # label -> why its larger sizes are skipped
   result["meta"]["setup_s"] = round(time.perf_counter() - t0, 2)
   for n in sizes:
     flat_idx = np.sort(rng.choice(bench.flat.shape[0], n, replace=False)).astype(np.int32)
@@ -446,6 +450,10 @@ def main(argv=None) -> dict:
     for path in runnable:
       for t in (threads if path.startswith("e_") else [1]):
         label = f"{path} x{t}" if path.startswith("e_") else path
+        if label in slow:
+          result["skipped"][f"{label} @{n}"] = slow[label]
+          print(f"[h2d] skip {label} at {n} blocks: {slow[label]}", flush=True)
+          continue
         print(f"[h2d] {label:<16} {n:>6} blocks ...", end=" ", flush=True)
         row = {"path": path, "threads": t, "blocks": n, "mib": n * args.block_bytes / 2**20}
         cleanup = None
@@ -458,6 +466,8 @@ def main(argv=None) -> dict:
           ms = 1e3 * statistics.median(times)
           row.update(ms=ms, gbps=n * args.block_bytes / ms / 1e6, ok=ok, reps=len(times),
                      ms_min=1e3 * min(times))
+          if min(times) > args.slow_s:
+            slow[label] = f"a call took {min(times):.3g} s at {n} blocks (> --slow-s)"
         except Exception as e:                                   # noqa: BLE001
           row.update(ms=None, gbps=None, ok=False, reps=0,
                      error=f"{type(e).__name__}: {str(e).strip()[:400]}")
