@@ -207,6 +207,18 @@ def test_offloaded_transfer_counts_follow_the_selection(monkeypatch):
     assert got["bytes"] == exp["transferred"] * block_bytes
 
 
+def test_offloaded_decoder_passes_the_transfer_to_every_layer():
+  from sparse_attention_jax.nn.offload_decode import OffloadedDecoder
+  model = nosa_model()
+  caches = OffloadedDecoder(model, batch=2, capacity=16, transfer="staged")._new_caches(None)
+  stores = [c[1] for c in caches if isinstance(c, list)]
+  assert stores and all(s.transfer == "staged" for s in stores)
+  with pytest.raises(ValueError, match=r"transfer: expected one of \('fresh', 'staged'\) "
+                                       r"\('staged' with store='numpy' only\), got 'staged' "
+                                       r"with store='pinned_host'"):
+    OffloadedDecoder(model, batch=2, capacity=16, store="pinned_host", transfer="staged")
+
+
 def test_offload_errors_name_the_values():
   model = nosa_model()
   gen = Generator(model, batch=2, capacity=16, offload=True)
@@ -224,23 +236,24 @@ def test_offload_errors_name_the_values():
     small.generate([[1] * 30, [2] * 30], 3, greedy=True)
 
 
-def test_decode_benchmark_nosa_kinds_smoke(tmp_path, monkeypatch):
+def test_decode_benchmark_nosa_kinds_smoke(tmp_path, monkeypatch, capsys):
   """``benchmarks/decode.py --tiny --kinds nosa,nosa_offload --report-fit`` runs on CPU without
-  grain: both rows decode, the offloaded row reports its transfers, and the resident-cache
-  bytes are those of the device-resident NOSA state."""
+  grain: both rows decode, the offloaded row (loads through staging buffers,
+  ``--offload-transfer staged``) reports its transfers, and the resident-cache bytes are those
+  of the device-resident NOSA state."""
   import json
   import sys
   monkeypatch.setitem(sys.modules, "grain", None)
   bench = load_script("benchmarks/decode.py", "bench_decode_nosa")
   rc = bench.main(["--tiny", "--kinds", "nosa,nosa_offload", "--batch", "2", "--context", "37",
                    "--steps", "2", "--warmup", "1", "--report-fit", "--host-pool", "3",
-                   "--out", str(tmp_path)])
+                   "--offload-transfer", "staged", "--out", str(tmp_path)])
   assert rc == 0
   rows = {r["kind"]: r for r in json.loads((tmp_path / "decode.json").read_text())["rows"]}
   assert set(rows) == {"nosa", "nosa_offload"}
   assert all(r["lengths_ok"] and r["tokens_per_s"] > 0 for r in rows.values())
   off = rows["nosa_offload"]
-  assert off["host_memory_kind"] == "numpy" and off["slots"] == 4
+  assert off["host_memory_kind"] == "numpy" and off["slots"] == 4 and off["transfer"] == "staged"
   assert 0 <= off["hit_rate"] <= 1 and off["blocks_per_step"] >= 0   # steady state may hit all
   assert off["bytes_per_step"] == off["blocks_per_step"] * 8 * ((16 + 16) * 4 + 4)
   # Resident NOSA state of the tiny model (capacity 40, H=2, Dk=Dv=16, l=8, d=4, l'=8), 2 layers:
@@ -249,6 +262,11 @@ def test_decode_benchmark_nosa_kinds_smoke(tmp_path, monkeypatch):
   assert rows["nosa"]["resident_cache_bytes"] == 2 * 2 * per_row + 2 * 4 + 4
   assert off["resident_cache_bytes"] == rows["nosa"]["resident_cache_bytes"]
   assert off["state_bytes"] < rows["nosa"]["state_bytes"]
+  with pytest.raises(SystemExit):
+    bench.main(["--tiny", "--kinds", "nosa_offload", "--offload-store", "pinned_host",
+                "--offload-transfer", "staged", "--out", str(tmp_path)])
+  assert "--offload-transfer: expected 'fresh' with --offload-store pinned_host" in (
+      capsys.readouterr().err)
 
 
 def test_generate_cli_nosa_offload_matches_resident(capsys):

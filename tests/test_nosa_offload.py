@@ -1,6 +1,7 @@
 """Offloaded NOSA block cache (issue 7): attention over the slot pool equals attention over the
 full device-resident cache for the same selection (both host stores: one NumPy array per layer,
-per-block pinned_host arrays), slots hold the true blocks, transfers are counted exactly, the
+per-block pinned_host arrays; both transfers: fresh gathers, reused staging buffers), slots hold
+the true blocks (bit-identical between the transfers), transfers are counted exactly, the
 vectorized slot assignment equals a per-row set-based oracle, scatter size buckets, memory kinds,
 and clear capacity / budget errors."""
 
@@ -34,10 +35,11 @@ def _inputs(seed):
   return q, k, v, c
 
 
-def _cache(num_slots=CFG.num_selected - 1, max_len=T, store="numpy", load_workers=4):
+def _cache(num_slots=CFG.num_selected - 1, max_len=T, store="numpy", load_workers=4,
+           transfer="fresh"):
   return OffloadedBlockCache(batch=B, num_kv_heads=H, k_dim=D, v_dim=DV,
                              block_size=CFG.block_size, num_slots=num_slots, max_len=max_len,
-                             store=store, load_workers=load_workers)
+                             store=store, load_workers=load_workers, transfer=transfer)
 
 
 def _want(gamma_row, cur):
@@ -47,8 +49,11 @@ def _want(gamma_row, cur):
           for bi in range(B) for hi in range(H)}
 
 
-@pytest.mark.parametrize("store,workers", [("numpy", 1), ("numpy", 4), ("pinned_host", 3)])
-def test_slot_pool_attention_equals_full_cache_and_counts_transfers(store, workers, monkeypatch):
+@pytest.mark.parametrize("store,workers,transfer", [
+    ("numpy", 1, "fresh"), ("numpy", 4, "fresh"), ("pinned_host", 3, "fresh"),
+    ("numpy", 1, "staged"), ("numpy", 3, "staged")])
+def test_slot_pool_attention_equals_full_cache_and_counts_transfers(store, workers, transfer,
+                                                                    monkeypatch):
   from sparse_attention_jax.nn import offload
   monkeypatch.setattr(offload, "MAX_SCATTER", 8)        # the first step loads 16 blocks
   monkeypatch.setattr(offload, "LOAD_CHUNK", 3)         # chunks smaller than a scatter
@@ -58,7 +63,7 @@ def test_slot_pool_attention_equals_full_cache_and_counts_transfers(store, worke
   gam = np.asarray(aux.block_indices)                                   # [B, T, H, k]
   ref = biased_selected_attention(q, k, v, c, aux.block_indices, block_size=CFG.block_size)
   kv_all, v_all, c_all = np.asarray(k), np.asarray(v), np.asarray(c)
-  cache = _cache(store=store, load_workers=workers)
+  cache = _cache(store=store, load_workers=workers, transfer=transfer)
   assert cache.host_memory_kind == store          # the CPU backend has pinned host memory
   prompt = 21
   cache.prefill(k[:, :prompt], v[:, :prompt], c[:, :prompt])
@@ -113,6 +118,59 @@ def test_slot_pool_attention_equals_full_cache_and_counts_transfers(store, worke
     np.testing.assert_array_equal(kv[:, D:], np.asarray(v[bi, sl, hi]))
     np.testing.assert_array_equal(cc, np.asarray(c[bi, sl, hi]))
   assert cache.slot_kv.sharding.memory_kind == "device"
+
+
+@pytest.mark.parametrize("view", ["contiguous", "shared_rows", "no_row_view"])
+def test_staged_transfer_fills_bit_identical_slots(view, monkeypatch):
+  """transfer="staged" (reused staging buffers, refilled many times per step: chunks of 2,
+  rings of 2) leaves the same slot bytes as the default path, step after step, for a
+  contiguous store, a stride-0 view sharing rows (as benchmarks/decode.py builds) and a
+  layout without a row view (fancy-index fallback)."""
+  from sparse_attention_jax.nn import offload
+  monkeypatch.setattr(offload, "LOAD_CHUNK", 2)
+  rng = np.random.default_rng(7)
+  nb, bs, d = 12, 4, 6
+  caches = [OffloadedBlockCache(batch=2, num_kv_heads=2, k_dim=3, v_dim=3, block_size=bs,
+                                num_slots=5, max_len=(nb + 1) * bs, dtype=jnp.bfloat16,
+                                load_workers=w, transfer=tr)
+            for tr, w in (("fresh", 1), ("staged", 1), ("staged", 2))]
+  kv = rng.standard_normal((2, 2, nb + 1, bs, d)).astype(jnp.bfloat16)
+  cc = rng.standard_normal((2, 2, nb + 1, bs)).astype(np.float32)
+  if view == "shared_rows":
+    kv = np.lib.stride_tricks.as_strided(kv[0, 0], kv.shape, (0, 0, *kv[0, 0].strides))
+    cc = np.lib.stride_tricks.as_strided(cc[0, 0], cc.shape, (0, 0, *cc[0, 0].strides))
+  elif view == "no_row_view":                    # the same blocks through a negative stride
+    kv = np.ascontiguousarray(kv[:, :, ::-1])[:, :, ::-1]
+    cc = np.ascontiguousarray(cc[:, :, ::-1])[:, :, ::-1]
+  from sparse_attention_jax.nn.offload_store import row_view
+  assert (row_view(kv) is None) == (view == "no_row_view")
+  for cache in caches:
+    cache.store.kv, cache.store.c = kv, cc
+    cache.length = nb * bs + 1                   # the current block nb holds one token
+  moved = 0
+  for _ in range(6):
+    gamma = np.stack([[rng.choice(nb, 5, replace=False) for _ in range(2)] for _ in range(2)])
+    stats = [cache.update(gamma) for cache in caches]
+    assert len({st["transferred"] for st in stats}) == 1
+    moved += stats[0]["transferred"]
+    ref = np.asarray(caches[0].slot_kv).view(np.uint16)
+    for cache in caches[1:]:
+      np.testing.assert_array_equal(cache.slot_block, caches[0].slot_block)
+      np.testing.assert_array_equal(np.asarray(cache.slot_kv).view(np.uint16), ref)
+      np.testing.assert_array_equal(np.asarray(cache.slot_c), np.asarray(caches[0].slot_c))
+  assert moved > 20
+  bb, hh, ss = np.nonzero(caches[1].slot_block >= 0)
+  np.testing.assert_array_equal(np.asarray(caches[1].slot_kv)[bb, hh, ss].view(np.uint16),
+                                kv[bb, hh, caches[1].slot_block[bb, hh, ss]].view(np.uint16))
+
+
+def test_transfer_argument_errors():
+  with pytest.raises(ValueError, match=r"transfer: expected one of \('fresh', 'staged'\), "
+                                       r"got 'pinned'"):
+    _cache(transfer="pinned")
+  with pytest.raises(ValueError, match=r"transfer: expected 'fresh' with a store other than "
+                                       r"'numpy' .* got 'staged' with store='pinned_host'"):
+    _cache(store="pinned_host", transfer="staged")
 
 
 def test_current_block_outside_the_selection_is_not_attended():

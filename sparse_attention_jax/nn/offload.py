@@ -26,6 +26,13 @@ hold ``Gamma(t)`` minus the current block, so the hit rate equals the selection 
 ``|Gamma(t) ∩ Gamma(t-1)| / |Gamma(t)|`` (without the current block). A block that was the tail
 and is selected after it completed is loaded from the host once (counted as a transfer).
 
+Loads (``transfer=``): ``"fresh"`` (default) gathers each chunk into a fresh host array and
+``device_put`` s it (on GPU PJRT copies pageable memory through its own pinned staging buffer);
+``"staged"`` gathers into reused page-aligned host buffers (two per loading thread), registered
+for DMA with the client's ``dma_map`` where the backend implements it (GPU: cudaHostRegister), so
+the ``device_put`` is one DMA with no staging copy; a buffer is refilled only once its previous
+transfer is complete (NumPy store only; ``benchmarks/h2d_transfer.py`` compares the paths).
+
 The bookkeeping (which block goes to which slot, :func:`assign_slots`) runs vectorized in NumPy
 on the host (no Python loop over sequences or heads), so :meth:`update` reads ``gamma`` back
 from the device. Sequences share one length (no ragged batches) and one
@@ -36,14 +43,16 @@ from __future__ import annotations
 
 import concurrent.futures
 import functools
+import logging
 import os
+import threading
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sparse_attention_jax.nn.offload_store import host_memory_kind, make_store
+from sparse_attention_jax.nn.offload_store import aligned_empty, host_memory_kind, make_store
 from sparse_attention_jax.ops.nosa import biased_masked_attention
 
 # Most blocks one slot scatter writes (a larger refill, e.g. the first step after a prefill of a
@@ -59,7 +68,17 @@ LOAD_CHUNK = 256
 STAT_KEYS = ("requested", "hits", "transferred", "bytes", "wait_s", "plan_s", "gather_s", "put_s",
              "load_s")
 
+# Ways a step's blocks move host -> device (see the module docstring).
+TRANSFERS = ("fresh", "staged")
+# Staging buffers per loading thread (transfer="staged"): one is filled while the other's
+# transfer is in flight.
+STAGING_DEPTH = 2
+
+log = logging.getLogger(__name__)
 _POOLS: dict[int, concurrent.futures.ThreadPoolExecutor] = {}
+_STAGING: dict = {}
+_STAGING_LOCK = threading.Lock()
+_DMA_MAP_OK: dict[int, bool] = {}
 
 
 def default_load_workers() -> int:
@@ -74,6 +93,67 @@ def _pool(workers: int) -> concurrent.futures.ThreadPoolExecutor:
     _POOLS[workers] = concurrent.futures.ThreadPoolExecutor(
         workers, thread_name_prefix="offload-load")
   return _POOLS[workers]
+
+
+class _Staging:
+  """Reused host buffers for one chunk load: ``kv [rows, l', D]``, ``c [rows, l']`` (page
+  aligned, DMA-registered when the backend allows: ``pinned``), and ``pending``, the device
+  arrays last copied from them."""
+
+  def __init__(self, rows: int, block_size: int, dim: int, dtype, device):
+    self.kv = aligned_empty((rows, block_size, dim), dtype)
+    self.c = aligned_empty((rows, block_size), np.float32)
+    self.kv.fill(0)                      # touch every page now, not during a decode step
+    self.c.fill(0)
+    self.pinned = all(_dma_map(device, x) for x in (self.kv, self.c))
+    self.pending = None
+
+
+def _dma_map(device, buf: np.ndarray) -> bool:
+  """Registers ``buf`` for DMA with ``device``'s client (``Client.dma_map``); False (logged once
+  per client) where the backend does not implement it (the CPU backend) or the call fails."""
+  client = device.client
+  if _DMA_MAP_OK.get(id(client)) is False:
+    return False
+  try:
+    client.dma_map(buf.ctypes.data, buf.nbytes)
+  except Exception as e:                                        # noqa: BLE001
+    log.info("offload: staging buffers are not DMA-registered on %s (%s): device_put copies "
+             "them through PJRT's own staging", device.platform, str(e).splitlines()[0])
+    _DMA_MAP_OK[id(client)] = False
+    return False
+  _DMA_MAP_OK[id(client)] = True
+  return True
+
+
+def _staging_slot(rows: int, block_size: int, dim: int, dtype, device) -> _Staging:
+  """The calling thread's next staging buffers of this shape (a ring of ``STAGING_DEPTH``), once
+  the transfer last made from them is complete (a ``device_put`` of a NumPy array may read it
+  after returning)."""
+  key = (threading.get_ident(), rows, block_size, dim, np.dtype(dtype).str, device)
+  with _STAGING_LOCK:
+    ring = _STAGING.get(key)
+    if ring is None:
+      ring = _STAGING[key] = [[_Staging(rows, block_size, dim, dtype, device)
+                               for _ in range(STAGING_DEPTH)], 0]
+  bufs, at = ring
+  ring[1] = (at + 1) % len(bufs)
+  slot = bufs[at]
+  if slot.pending is not None:
+    jax.block_until_ready(slot.pending)
+    slot.pending = None
+  return slot
+
+
+def _owned(x: jax.Array, buf: np.ndarray) -> jax.Array:
+  """``x``, or a device copy of it when its memory is ``buf``'s: the CPU backend makes the
+  ``device_put`` of an aligned NumPy array an alias of it (even with ``may_alias=False``, jax
+  0.12), which a refill of the staging buffer would overwrite."""
+  try:
+    ptr = x.unsafe_buffer_pointer()
+  except Exception:                                             # noqa: BLE001
+    return x
+  return jnp.copy(x) if buf.ctypes.data <= ptr < buf.ctypes.data + buf.nbytes else x
 
 
 def bucket(n: int) -> int:
@@ -223,11 +303,19 @@ class OffloadedBlockCache:
     load_workers: threads that gather and ``device_put`` the chunks of a step's load side by
       side (host copies overlap; the slot scatters stay in order on the calling thread); 1 =
       everything on the calling thread; None = :func:`default_load_workers`.
+    transfer: how a chunk moves (one of :data:`TRANSFERS`): ``"fresh"`` (a fresh host array per
+      chunk) or ``"staged"`` (reused, DMA-registered staging buffers; ``store="numpy"`` only).
+      Both fill the slots with the same bytes.
   """
 
   def __init__(self, *, batch: int, num_kv_heads: int, k_dim: int, v_dim: int,
                block_size: int, num_slots: int, max_len: int, dtype=jnp.float32, device=None,
-               store: str = "numpy", load_workers: int | None = None):
+               store: str = "numpy", load_workers: int | None = None, transfer: str = "fresh"):
+    if transfer not in TRANSFERS:
+      _fail("transfer", f"one of {TRANSFERS}", repr(transfer))
+    if transfer == "staged" and store != "numpy":
+      _fail("transfer", "'fresh' with a store other than 'numpy' (staging gathers from the NumPy "
+            "store)", f"'staged' with store={store!r}")
     load_workers = default_load_workers() if load_workers is None else load_workers
     for name, val in (("batch", batch), ("num_kv_heads", num_kv_heads), ("k_dim", k_dim),
                       ("v_dim", v_dim), ("block_size", block_size), ("num_slots", num_slots),
@@ -236,7 +324,7 @@ class OffloadedBlockCache:
         _fail(name, "a positive int", repr(val))
     self.batch, self.heads, self.k_dim, self.v_dim = batch, num_kv_heads, k_dim, v_dim
     self.block_size, self.num_slots, self.max_len = block_size, num_slots, max_len
-    self.load_workers = load_workers
+    self.load_workers, self.transfer = load_workers, transfer
     self.dtype = jnp.dtype(dtype)
     self.device = jax.devices()[0] if device is None else device
     d = k_dim + v_dim
@@ -407,13 +495,25 @@ class OffloadedBlockCache:
     :func:`bucket` size with repeats of the first write, on the device: ``(kv, c, b, h, s)`` and
     the host seconds of the gather and of the ``device_put``."""
     n = len(chunk[0])
-    idx = np.empty((4, bucket(n)), np.int32)
+    size = bucket(n)
+    idx = np.empty((4, size), np.int32)
     idx[:, :n] = chunk
     idx[:, n:] = idx[:, :1]
     t0 = time.perf_counter()
-    kv, c = self.store.gather(idx[0], idx[1], idx[3])
-    t1 = time.perf_counter()
-    out = jax.device_put((kv, c, idx[0], idx[1], idx[2]), self._dev)
+    if self.transfer == "staged":
+      slot = _staging_slot(bucket(min(MAX_SCATTER, LOAD_CHUNK)), self.block_size,
+                           self.k_dim + self.v_dim, self.dtype, self.device)
+      kv, c = slot.kv[:size], slot.c[:size]
+      t0 = time.perf_counter()                   # (the wait for the buffer is not a gather)
+      self.store.gather_into(idx[0], idx[1], idx[3], kv, c)
+      t1 = time.perf_counter()
+      out = jax.device_put((kv, c, idx[0], idx[1], idx[2]), self._dev, may_alias=True)
+      out = (_owned(out[0], slot.kv), _owned(out[1], slot.c), *out[2:])
+      slot.pending = out[:2]
+    else:
+      kv, c = self.store.gather(idx[0], idx[1], idx[3])
+      t1 = time.perf_counter()
+      out = jax.device_put((kv, c, idx[0], idx[1], idx[2]), self._dev)
     return (*out, t1 - t0, time.perf_counter() - t1)
 
   def warm_scatter(self) -> None:
@@ -446,5 +546,5 @@ class OffloadedBlockCache:
                    k_dim=self.k_dim, block_size=self.block_size, scale=float(scale))
 
 
-__all__ = ["MAX_SCATTER", "STAT_KEYS", "OffloadedBlockCache", "default_load_workers", "assign_slots", "bucket", "buckets",
-           "host_memory_kind"]
+__all__ = ["MAX_SCATTER", "STAT_KEYS", "TRANSFERS", "OffloadedBlockCache", "assign_slots",
+           "bucket", "buckets", "default_load_workers", "host_memory_kind"]

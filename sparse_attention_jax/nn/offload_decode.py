@@ -45,7 +45,7 @@ import numpy as np
 from flax import nnx
 
 from sparse_attention_jax.nn import decode as dec
-from sparse_attention_jax.nn.offload import STAT_KEYS, OffloadedBlockCache
+from sparse_attention_jax.nn.offload import STAT_KEYS, TRANSFERS, OffloadedBlockCache
 from sparse_attention_jax.nn.offload_store import STORES
 from sparse_attention_jax.ops.nosa_decode import (
   decode_budgets,
@@ -144,11 +144,14 @@ class OffloadedDecoder:
     load_workers: threads fetching (gather + ``device_put``) a step's blocks side by side, per
       :class:`~sparse_attention_jax.nn.offload.OffloadedBlockCache` (1 = none; None = a quarter
       of the CPUs, 1 to 4).
+    transfer: ``"fresh"`` (a fresh host array per chunk) or ``"staged"`` (reused,
+      DMA-registered staging buffers; NumPy store only); see
+      :class:`~sparse_attention_jax.nn.offload.OffloadedBlockCache`.
   """
 
   def __init__(self, model, *, batch: int, capacity: int, dtype=None,
                num_slots: int | None = None, store: str = "numpy",
-               load_workers: int | None = None):
+               load_workers: int | None = None, transfer: str = "fresh"):
     dec.check_decodable(model)
     kinds = [blk.kind for blk in model.layers]
     if "nosa" not in kinds:
@@ -160,8 +163,11 @@ class OffloadedDecoder:
         raise ValueError(f"{name}: expected a positive int, got {val!r}")
     if store not in STORES:
       raise ValueError(f"store: expected one of {STORES}, got {store!r}")
+    if transfer not in TRANSFERS or (transfer == "staged" and store != "numpy"):
+      raise ValueError(f"transfer: expected one of {TRANSFERS} ('staged' with store='numpy' "
+                       f"only), got {transfer!r} with store={store!r}")
     self.model, self.batch, self.capacity, self.dtype = model, batch, capacity, dtype
-    self.store, self.load_workers = store, load_workers
+    self.store, self.load_workers, self.transfer = store, load_workers, transfer
     self.config = model.config
     self.num_slots = offload_slots(self.config, capacity) if num_slots is None else num_slots
     self.traces = {"embed": 0, "logits": 0, "nosa_prefill": 0, "nosa_pre": 0, "nosa_post": 0,
@@ -193,7 +199,8 @@ class OffloadedDecoder:
         store = OffloadedBlockCache(batch=self.batch, num_kv_heads=c.num_kv_heads,
                                     k_dim=c.head_dim, v_dim=c.dv, block_size=c.nsa.block_size,
                                     num_slots=self.num_slots, max_len=self.capacity, dtype=dt,
-                                    store=self.store, load_workers=self.load_workers)
+                                    store=self.store, load_workers=self.load_workers,
+                                    transfer=self.transfer)
         if not self._scatter_warm:
           store.warm_scatter()
           self._scatter_warm = True

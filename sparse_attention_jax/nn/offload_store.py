@@ -14,7 +14,9 @@ loads a list of them onto the device in one go. Two stores share one interface:
   a load moves the list of named blocks (one ``device_put``; stacked by the slot scatter).
 
 Both report ``memory_kind`` from what they actually hold (``"numpy"``: the arrays are NumPy
-arrays; else the memory kind of the stored jax arrays), and ``nbytes``.
+arrays; else the memory kind of the stored jax arrays), and ``nbytes``. The NumPy store can also
+gather straight into caller-owned buffers (:meth:`NumpyBlockStore.gather_into`, the
+``transfer="staged"`` load path of the cache).
 """
 
 from __future__ import annotations
@@ -28,6 +30,30 @@ import numpy as np
 log = logging.getLogger("sparse_attention_jax.nn.offload")
 
 STORES = ("numpy", "pinned_host")
+
+
+def aligned_empty(shape, dtype, align: int = 4096) -> np.ndarray:
+  """An uninitialized C-contiguous array whose data starts on an ``align``-byte boundary (page
+  aligned by default, as host-memory registration for DMA wants)."""
+  nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+  raw = np.empty(nbytes + align, np.uint8)
+  off = (-raw.ctypes.data) % align
+  return raw[off:off + nbytes].view(dtype).reshape(shape)
+
+
+def row_view(arr: np.ndarray):
+  """``(rows, (m0, m1))`` with ``arr[b, h, j]`` == ``rows[b * m0 + h * m1 + j]`` (a read-only
+  view, no copy), when the strides of ``arr``'s three leading axes are non-negative multiples of
+  the third's (C-contiguous arrays, and stride-0 views that share rows); else None."""
+  s0, s1, s2 = arr.strides[:3]
+  if s2 <= 0 or s0 < 0 or s1 < 0 or s0 % s2 or s1 % s2:
+    return None
+  m0, m1 = s0 // s2, s1 // s2
+  b, h, nb = arr.shape[:3]
+  count = (b - 1) * m0 + (h - 1) * m1 + nb          # row of arr[-1, -1, -1], plus one
+  rows = np.lib.stride_tricks.as_strided(arr, (count, *arr.shape[3:]), (s2, *arr.strides[3:]),
+                                         writeable=False)
+  return rows, (m0, m1)
 
 
 def host_memory_kind(device) -> str:
@@ -105,6 +131,19 @@ class NumpyBlockStore:
     ``device_put``: ``(kv [N, l', D], c [N, l'])`` (one fancy-index gather)."""
     return self.kv[b, h, j], self.c[b, h, j]
 
+  def gather_into(self, b, h, j, kv_out: np.ndarray, c_out: np.ndarray) -> None:
+    """:meth:`gather` into ``kv_out [N, l', D]`` and ``c_out [N, l']`` (reused buffers: no fresh
+    allocation, so no page faults on new memory): one ``np.take`` over a row view of each array
+    (:func:`row_view`), or, for a layout without one, a fancy-index gather copied in."""
+    for src, out in ((self.kv, kv_out), (self.c, c_out)):
+      view = row_view(src)
+      if view is None:
+        out[...] = src[b, h, j]
+        continue
+      rows, (m0, m1) = view
+      r = np.asarray(b, np.int64) * m0 + np.asarray(h, np.int64) * m1 + np.asarray(j, np.int64)
+      np.take(rows, r, axis=0, out=out, mode="clip")      # mode "raise" would buffer `out`
+
   def zeros(self, n: int):
     """``n`` zero blocks in :meth:`gather`'s format (to compile the scatter)."""
     d = self.shape[3:]
@@ -171,5 +210,5 @@ def make_store(store: str, **kw):
   raise ValueError(f"store: expected one of {STORES}, got {store!r}")
 
 
-__all__ = ["STORES", "NumpyBlockStore", "PinnedHostBlockStore", "host_memory_kind",
-           "make_store"]
+__all__ = ["STORES", "NumpyBlockStore", "PinnedHostBlockStore", "aligned_empty",
+           "host_memory_kind", "make_store", "row_view"]
