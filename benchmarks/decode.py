@@ -11,7 +11,8 @@ Kinds (random weights, bf16 compute, bf16 caches):
   and 31 by the eviction head, eviction bias), device-resident cache, one jitted step.
 * ``nosa_offload``: the same model with every layer's K/V/c in host memory
   (:class:`sparse_attention_jax.nn.offload_decode.OffloadedDecoder`; ``--offload-store numpy``,
-  the default, one NumPy array per layer, or ``pinned_host``, one pinned array per block): the
+  the default, one NumPy array per layer, or ``pinned_host``, one pinned array per block;
+  ``--offload-transfer staged``: reused DMA-registered staging buffers for the loads): the
   device holds the selection state, ``k - 1`` block slots and the current block per (sequence,
   KV head); a step is a host loop over the layers (jitted pieces, only the missing blocks
   copied). Rows add the blocks transferred per step, hit rate and bytes moved. The host store is
@@ -246,7 +247,8 @@ def _fill_offloaded(decoder, caches, context: int, seed: int, pool: int):
 
 
 def run_offload(model, *, batch: int, context: int, steps: int, warmup: int, seed: int,
-                pool: int, store: str = "numpy", load_workers: int | None = None) -> dict:
+                pool: int, store: str = "numpy", load_workers: int | None = None,
+                transfer: str = "fresh") -> dict:
   """The ``nosa_offload`` row: :class:`OffloadedDecoder` steps over a filled offloaded cache.
 
   ``compile_s`` is the warm-up steps' time (compilation of the pieces; the slot scatter's size
@@ -255,7 +257,7 @@ def run_offload(model, *, batch: int, context: int, steps: int, warmup: int, see
   from sparse_attention_jax.nn.offload_decode import OffloadedDecoder
   capacity = context + warmup + steps
   decoder = OffloadedDecoder(model, batch=batch, capacity=capacity, store=store,
-                             load_workers=load_workers)
+                             load_workers=load_workers, transfer=transfer)
   caches = decoder._new_caches(None)
   _fill_offloaded(decoder, caches, context, seed, pool)
   pick = jax.jit(lambda logits: jnp.argmax(logits, axis=-1).astype(jnp.int32))
@@ -284,6 +286,7 @@ def run_offload(model, *, batch: int, context: int, steps: int, warmup: int, see
           "host_bytes": summary.host_bytes, "step_temp_bytes": None,
           "compile_s": warm_s, "lengths_ok": pos == capacity, "slots": summary.slots,
           "host_memory_kind": summary.host_memory_kind, "host_store": store,
+          "transfer": transfer,
           "blocks_per_step": summary.total["transferred"] / steps,
           "hit_rate": summary.total["hit_rate"],
           "bytes_per_step": summary.total["bytes"] / steps,
@@ -338,6 +341,9 @@ def main(argv: list[str] | None = None) -> int:
   ap.add_argument("--load-workers", type=int, default=None,
                   help="nosa_offload: threads fetching a step's blocks (gather + device_put) "
                        "side by side (1 = none; default a quarter of the CPUs, 1 to 4)")
+  ap.add_argument("--offload-transfer", default="fresh", choices=("fresh", "staged"),
+                  help="nosa_offload: fresh host array per chunk, or reused DMA-registered "
+                       "staging buffers (numpy store only; see nn/offload.py)")
   ap.add_argument("--f32-params", action="store_true",
                   help="keep float32 master weights (default: weights in the compute dtype)")
   ap.add_argument("--out", default=os.environ.get("OUT") or os.path.join(ROOT, "benchmarks",
@@ -346,13 +352,16 @@ def main(argv: list[str] | None = None) -> int:
   kinds = [k for k in args.kinds.split(",") if k]
   if args.load_workers is not None and args.load_workers < 1:
     ap.error(f"--load-workers: expected a positive int, got {args.load_workers}")
+  if args.offload_transfer == "staged" and args.offload_store != "numpy":
+    ap.error(f"--offload-transfer: expected 'fresh' with --offload-store "
+             f"{args.offload_store} (staging gathers from the numpy store), got 'staged'")
   batches = _ints(args.batch, "--batch")
   contexts = _ints(args.context, "--context")
   dev = jax.devices()[0]
   meta = {"device": f"{dev.platform} ({dev.device_kind})", "jax": jax.__version__,
           "tiny": args.tiny, "steps": args.steps, "warmup": args.warmup, "shape": args.shape,
           "host_pool": args.host_pool, "offload_store": args.offload_store,
-          "load_workers": args.load_workers,
+          "load_workers": args.load_workers, "offload_transfer": args.offload_transfer,
           "params": "float32" if args.f32_params else "compute dtype"}
   print(f"device {meta['device']}, jax {jax.__version__}")
   os.makedirs(args.out, exist_ok=True)
@@ -385,7 +394,8 @@ def main(argv: list[str] | None = None) -> int:
           if kind == "nosa_offload":
             r = run_offload(model, batch=batch, context=context, steps=args.steps,
                             warmup=args.warmup, seed=args.seed, pool=args.host_pool,
-                            store=args.offload_store, load_workers=args.load_workers)
+                            store=args.offload_store, load_workers=args.load_workers,
+                            transfer=args.offload_transfer)
           elif fit.get("fits") is False:
             raise MemoryError(f"resident cache {need / GiB:.1f} GiB > device memory "
                               f"{limit / GiB:.1f} GiB (skipped)")

@@ -15,6 +15,8 @@ Rows (ms per ``update()``, mean over ``--steps`` steady-state steps after a full
   scatters), for each count of ``--load-workers`` (threads fetching the chunks of a load side by
   side), with the host milliseconds of the load phase and of the gathers and puts (summed over
   the workers);
+* ``update numpy staged, W workers``: with ``--transfers fresh,staged``, the same through
+  reused DMA-registered staging buffers (``OffloadedBlockCache(transfer="staged")``);
 * ``update pinned_host``: the whole step with the per-block ``pinned_host`` store (same
   vectorized bookkeeping, one host array per block);
 * ``update baseline``: with ``--baseline PATH`` (e.g. the earlier module from ``git show
@@ -28,7 +30,7 @@ Host RAM: the NumPy store is a strided view sharing one row's blocks between the
 ``benchmarks/decode.py``); the per-block stores share a pool of blocks. Copies move real bytes.
 
 Usage: ``python3 benchmarks/offload_update_cpu.py [--batch 128] [--steps 10] [--baseline PATH]
-[--load-workers 1,2,4]``. Runs on a GPU too (the device is ``jax.devices()[0]``).
+[--load-workers 1,2,4] [--transfers fresh,staged]``. Runs on a GPU too (the device is ``jax.devices()[0]``).
 Prints a table and writes ``offload_update_cpu.json`` under ``--out`` (default ``$OUT`` or
 ``benchmarks/results``).
 """
@@ -89,8 +91,11 @@ def selections(rng, batch, heads, nb, k, churn, steps):
   return out
 
 
-def make_cache(cls, store, batch, heads, nb, bs, d, dtype, pool, rng, load_workers=None):
+def make_cache(cls, store, batch, heads, nb, bs, d, dtype, pool, rng, load_workers=None,
+               transfer="fresh"):
   kw = {} if store is None else {"store": store, "load_workers": load_workers}
+  if transfer != "fresh":
+    kw["transfer"] = transfer
   cache = cls(batch=batch, num_kv_heads=heads, k_dim=d // 2, v_dim=d // 2, block_size=bs,
               num_slots=63, max_len=(nb + 1) * bs, dtype=dtype, **kw)
   kv = rng.standard_normal((pool, bs, d), np.float32).astype(np.dtype(dtype))
@@ -154,6 +159,8 @@ def main(argv=None) -> int:
   ap.add_argument("--stores", default="numpy,pinned_host")
   ap.add_argument("--load-workers", default="1",
                   help="comma-separated load worker counts (a numpy-store row per count)")
+  ap.add_argument("--transfers", default="fresh",
+                  help="comma-separated load transfers of the numpy store: fresh, staged")
   ap.add_argument("--baseline", default=None, help="path of an earlier offload.py to time too")
   ap.add_argument("--no-donate", action="store_true",
                   help="keep the library's CPU behaviour (no donation: every scatter copies)")
@@ -166,6 +173,10 @@ def main(argv=None) -> int:
     workers = []
   if not workers or min(workers) < 1:
     ap.error(f"--load-workers: expected comma-separated positive ints, got {args.load_workers!r}")
+  transfers = [t for t in args.transfers.split(",") if t.strip()]
+  if not transfers or set(transfers) - set(offload.TRANSFERS):
+    ap.error(f"--transfers: expected comma-separated names from {offload.TRANSFERS}, got "
+             f"{args.transfers!r}")
   b, h, nb, bs, k, d, dtype = args.batch, 2, args.blocks, 64, 64, 128, jnp.bfloat16
   rng = np.random.default_rng(0)
   gammas = selections(rng, b, h, nb, k, args.churn, args.steps)
@@ -183,15 +194,18 @@ def main(argv=None) -> int:
 
   rows.append({"row": "bookkeeping loop", "ms": bookkeeping(loop_bookkeeping)})
   rows.append({"row": "bookkeeping vectorized", "ms": bookkeeping(assign_slots)})
-  for store, w in [(s, w) for s in args.stores.split(",") if s
-                   for w in (workers if s == "numpy" else workers[:1])]:
-    cache = make_cache(OffloadedBlockCache, store, b, h, nb, bs, d, dtype, args.pool, rng, w)
+  for store, tr, w in [(s, t, w) for s in args.stores.split(",") if s
+                       for t in (transfers if s == "numpy" else ["fresh"])
+                       for w in (workers if s == "numpy" else workers[:1])]:
+    cache = make_cache(OffloadedBlockCache, store, b, h, nb, bs, d, dtype, args.pool, rng, w,
+                       tr)
     if not args.no_donate:
       cache._scatter, cache._write_token = offload._updaters(True)
     cache.warm_scatter()
     ms, blocks, host = time_update(cache, gammas)
-    rows.append({"row": f"update {store}, {w} worker{'s' * (w > 1)}", "ms": ms,
-                 "blocks_per_step": blocks, "load_workers": w, **host})
+    name = store if tr == "fresh" else f"{store} {tr}"
+    rows.append({"row": f"update {name}, {w} worker{'s' * (w > 1)}", "ms": ms,
+                 "blocks_per_step": blocks, "load_workers": w, "transfer": tr, **host})
     del cache
   if args.baseline:
     spec = importlib.util.spec_from_file_location("baseline_offload", args.baseline)
@@ -208,11 +222,11 @@ def main(argv=None) -> int:
           "steps": args.steps, "donate": not args.no_donate, "cpus": os.cpu_count()}
   print(f"jax {jax.__version__} on {jax.devices()[0]}: B={b} H={h} NB={nb} l'={bs} k={k} "
         f"Dk+Dv={d} bf16, churn {args.churn}/row/step, {args.steps} steps")
-  print(f"{'row':<28} {'ms/update':>10} {'blocks/step':>11} {'load ms':>8} {'gather ms':>9} "
+  print(f"{'row':<35} {'ms/update':>10} {'blocks/step':>11} {'load ms':>8} {'gather ms':>9} "
         f"{'put ms':>7}")
   nan = float("nan")
   for r in rows:
-    print(f"{r['row']:<28} {r['ms']:>10.2f} {r.get('blocks_per_step', nan):>11.1f} "
+    print(f"{r['row']:<35} {r['ms']:>10.2f} {r.get('blocks_per_step', nan):>11.1f} "
           f"{r.get('load_ms', nan):>8.2f} {r.get('gather_ms', nan):>9.2f} {r.get('put_ms', nan):>7.2f}")
   os.makedirs(args.out, exist_ok=True)
   with open(os.path.join(args.out, "offload_update_cpu.json"), "w") as f:

@@ -1,4 +1,5 @@
-"""CPU smoke test of ``benchmarks/offload_update_cpu.py`` (small shape, 1 and 2 load workers)."""
+"""CPU smoke test of ``benchmarks/offload_update_cpu.py`` (small shape, 1 and 2 load workers,
+fresh and staged transfers)."""
 
 from __future__ import annotations
 
@@ -11,12 +12,14 @@ from conftest import load_script
 def test_update_rows_per_store_and_worker_count(tmp_path, capsys):
   mod = load_script("benchmarks/offload_update_cpu.py")
   argv = ["--batch", "2", "--blocks", "80", "--churn", "8", "--steps", "2", "--pool", "16",
-          "--load-workers", "1,2", "--out", str(tmp_path)]
+          "--load-workers", "1,2", "--transfers", "fresh,staged", "--out", str(tmp_path)]
   assert mod.main(argv) == 0
   rows = {r["row"]: r for r in json.loads((tmp_path / "offload_update_cpu.json").read_text())[
       "rows"]}
   assert list(rows) == ["bookkeeping loop", "bookkeeping vectorized", "update numpy, 1 worker",
-                        "update numpy, 2 workers", "update pinned_host, 1 worker"]
+                        "update numpy, 2 workers", "update numpy staged, 1 worker",
+                        "update numpy staged, 2 workers", "update pinned_host, 1 worker"]
+  assert rows["update numpy staged, 2 workers"]["transfer"] == "staged"
   moved = {rows[name]["blocks_per_step"] for name in list(rows)[2:]}
   assert len(moved) == 1 and 0 < moved.pop() <= 32     # same selections; 2 x 2 rows swap <= 8
   for name in list(rows)[2:]:
@@ -27,3 +30,7 @@ def test_update_rows_per_store_and_worker_count(tmp_path, capsys):
   with pytest.raises(SystemExit):
     mod.main([*argv[:-4], "--load-workers", "0", "--out", str(tmp_path)])
   assert "--load-workers" in capsys.readouterr().err
+  with pytest.raises(SystemExit):
+    mod.main([*argv[:-2], "--transfers", "fresh,pinned", "--out", str(tmp_path)])
+  assert "--transfers: expected comma-separated names from ('fresh', 'staged')" in (
+      capsys.readouterr().err)
