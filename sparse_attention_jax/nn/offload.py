@@ -508,7 +508,8 @@ class OffloadedBlockCache:
       self.store.gather_into(idx[0], idx[1], idx[3], kv, c)
       t1 = time.perf_counter()
       out = jax.device_put((kv, c, idx[0], idx[1], idx[2]), self._dev, may_alias=True)
-      out = (_owned(out[0], slot.kv), _owned(out[1], slot.c), *out[2:])
+      if self.device.platform == "cpu":        # device memory is host memory: may alias
+        out = (_owned(out[0], slot.kv), _owned(out[1], slot.c), *out[2:])
       slot.pending = out[:2]
     else:
       kv, c = self.store.gather(idx[0], idx[1], idx[3])
