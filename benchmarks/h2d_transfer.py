@@ -45,6 +45,9 @@ most ``--budget-s`` seconds of timed calls per row, at least one), each ending w
 kind the device lacks are skipped with the reason printed, and so are the larger sizes of a path
 whose fastest call took more than ``--slow-s`` seconds (keeps the default run under 2 minutes).
 
+A path that raises (say a jitted gather this XLA version cannot compile) gets a row with
+``ok=False`` and the error; the exit status is 1 only if some path moved wrong bytes.
+
 Usage: ``python3 benchmarks/h2d_transfer.py [--blocks 256,4096,41000] [--paths a,b,c,d,e,ref]
 [--threads 4,8] [--out h2d.json]``. Prints a progress line per row and a table; writes the rows
 and the device, jax version and host CPU count as JSON to ``--out`` (default
@@ -500,4 +503,6 @@ def main(argv=None) -> dict:
 
 if __name__ == "__main__":
   res = main()
-  sys.exit(0 if all(r["ok"] for r in res["rows"]) else 1)
+  # A path that raised (e.g. a jitted gather this XLA cannot compile) is reported in its row;
+  # only wrong bytes fail the run.
+  sys.exit(1 if any(not r["ok"] and "error" not in r for r in res["rows"]) else 0)
