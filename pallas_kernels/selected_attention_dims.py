@@ -118,7 +118,7 @@ def smem_bytes(kernel: str, *, dk: int, dv: int, stages: int, length: int, block
             + docs * _buf(2, rows, 4) + _RESERVED)
   if kernel == "fwd128p":                          # persistent: Q, lists, docs double buffered
     return (_buf(2, 2, rows, dk, e) + kv_ring + _buf(2, rows, dv, e) + _buf(2, rows, 4)
-            + 3 * _buf(2, length, 4) + _buf(2, 2, rows, 4) + _RESERVED)
+            + 3 * _buf(2, -(-length // 32) * 32, 4) + _buf(2, 2, rows, 4) + _RESERVED)
   if kernel == "dq":
     return (_buf(rows, dk, e) + _buf(rows, dv, e) + 2 * _buf(rows, 4) + kv_ring
             + docs * _buf(rows, 4) + _RESERVED)

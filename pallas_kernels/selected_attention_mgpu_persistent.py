@@ -42,6 +42,12 @@ def device_num_ctas() -> int:
   return int(n) if n else DEFAULT_NUM_CTAS
 
 
+def list_row(length: int) -> int:
+  """Entries per SMEM row of a double-buffered tile list: ``length`` rounded up to 32 int32, so
+  that buffer 1 starts 128-byte aligned (a TMA destination must; 8-entry rows misaligned it)."""
+  return -(-length // 32) * 32
+
+
 def _kernel(q_ref, k_ref, v_ref, ids_ref, cnt_ref, lo_ref, hi_ref, doc_ref, dmax_ref, o_ref,
             lse_ref, *, num_heads: int, num_tiles: int, num_items: int, num_ctas: int, g: int,
             cfg, dtype):
@@ -168,7 +174,8 @@ def _kernel(q_ref, k_ref, v_ref, ids_ref, cnt_ref, lo_ref, hi_ref, doc_ref, dmax
         buf = lax.rem(i, jnp.int32(2))
         pl.when(i >= 2)(lambda: plgpu.barrier_wait(free.at[buf]))         # item i - 2 is done
         for src, dst in ((ids_ref, ids_smem), (lo_ref, lo_smem), (hi_ref, hi_smem)):
-          plgpu.copy_gmem_to_smem(src.at[b, h, tile], dst.at[buf], idx_bar.at[buf])
+          plgpu.copy_gmem_to_smem(src.at[b, h, tile], dst.at[buf, pl.ds(0, length)],
+                                  idx_bar.at[buf])
         for w in range(2):
           if direct:
             t_first = tile * (2 * r_wg) + w * r_wg
@@ -198,6 +205,7 @@ def _kernel(q_ref, k_ref, v_ref, ids_ref, cnt_ref, lo_ref, hi_ref, doc_ref, dmax
       lax.fori_loop(0, n_local, load_item, jnp.int32(0))
 
   transforms = mg.smem_transforms(bs)
+  row = list_row(length)
   q_arrivals = 2 * ((r_wg if direct else 1) + int(cfg.has_docs))
   pl.run_scoped(
       body,
@@ -212,9 +220,9 @@ def _kernel(q_ref, k_ref, v_ref, ids_ref, cnt_ref, lo_ref, hi_ref, doc_ref, dmax
       plgpu.Barrier(num_arrivals=2, num_barriers=stages),
       plgpu.Barrier(num_arrivals=2),
       plgpu.Barrier(num_arrivals=2, num_barriers=2),                       # free [buf]
-      plgpu.SMEM((2, length), jnp.int32),
-      plgpu.SMEM((2, length), jnp.int32),
-      plgpu.SMEM((2, length), jnp.int32),
+      plgpu.SMEM((2, row), jnp.int32),                                     # lists [buf]
+      plgpu.SMEM((2, row), jnp.int32),
+      plgpu.SMEM((2, row), jnp.int32),
       plgpu.Barrier(num_arrivals=3, num_barriers=2),
       plgpu.SMEM((2, 2, rows_wg), jnp.int32),                              # docs [buf, wg]
       collective_axes="wg",

@@ -6,6 +6,7 @@ in place of the kernels (the kernels themselves run only on the GPU:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 
@@ -212,3 +213,21 @@ def test_block_size_changes_the_kernels():
   texts = {bs: _lower(lambda q, k, v, bi, bs=bs: mg.selected_attention_mgpu(
       q, k, v, bi, block_size=bs), *avals) for bs in (32, 64, 128)}
   assert len(set(texts.values())) == 3
+
+
+def test_fit_config_drops_ping_pong_at_one_stage_and_keeps_persistent_rings_deep():
+  """One K/V slot + ping-pong deadlocks the 128-row kernel (the GPU hang of Dk 192 / Dv 128 /
+  block 128): fit_config turns ping-pong off there; a persistent ring is not capped by the list
+  length (it runs on across tiles); persistent is dropped where one stage does not fit."""
+  base = mg._Config(softmax_scale=0.1, mode="exact", tile_rows=128, num_stages=2)
+  kw = {"length": 8, "itemsize": 2}
+  one = mg.fit_config(dataclasses.replace(base, block_size=128), dk=192, dv=128, **kw)
+  assert (one.num_stages, one.ping_pong) == (1, False)
+  two = mg.fit_config(base, dk=128, dv=128, **kw)
+  assert (two.num_stages, two.ping_pong) == (2, True)
+  short = dict(kw, length=1)
+  assert mg.fit_config(base, dk=128, dv=128, **short).num_stages == 1       # per-tile: <= list
+  per = dataclasses.replace(base, persistent=True, num_stages=3)
+  assert mg.fit_config(per, dk=128, dv=128, **short).num_stages == 3
+  assert not mg.fit_config(dataclasses.replace(per, block_size=128), dk=256, dv=128,
+                           **kw).persistent
