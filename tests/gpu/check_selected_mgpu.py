@@ -1,8 +1,9 @@
 """GPU check of the Mosaic GPU selected-attention forward against the float32 reference.
 
 Run on the H100 from the repository root:
-``PYTHONPATH=$PWD python3 tests/gpu/check_selected_mgpu.py [--quick | --persistent]``
-(``--persistent``: only the persistent-grid variants).
+``PYTHONPATH=$PWD python3 tests/gpu/check_selected_mgpu.py [--quick | --persistent |
+--persistent-rest]`` (``--persistent``: only the persistent-grid variants; ``--persistent-rest``:
+five of them, T=4096 with 5 CTAs and one per SM, the tiles layout, no ping-pong).
 Each config draws fresh random inputs (never zeros), runs the kernel twice (a difference between
 the two runs means a race), and compares O and LSE with the reference on float32 copies. Exits 1
 on any failure.
@@ -129,6 +130,9 @@ def main():
                                                      for i in (0, 1, 10)]
   if "--persistent" in sys.argv:
     jobs = [j for j in jobs if len(j[1]) > 3]
+  elif "--persistent-rest" in sys.argv:      # what the first --persistent run (150 s) left out
+    jobs = [(CONFIGS[10], PERSISTENT[0]), (CONFIGS[0], PERSISTENT[1]), (CONFIGS[6], PERSISTENT[1]),
+            (CONFIGS[2], PERSISTENT[2]), (CONFIGS[10], PERSISTENT[3])]
   for i, (c, w) in enumerate(jobs):
     t0 = time.perf_counter()
     try:
