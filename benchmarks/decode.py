@@ -11,8 +11,9 @@ Kinds (random weights, bf16 compute, bf16 caches):
   and 31 by the eviction head, eviction bias), device-resident cache, one jitted step.
 * ``nosa_offload``: the same model with every layer's K/V/c in host memory
   (:class:`sparse_attention_jax.nn.offload_decode.OffloadedDecoder`; ``--offload-store numpy``,
-  the default, one NumPy array per layer, or ``pinned_host``, one pinned array per block;
-  ``--offload-transfer staged``: reused DMA-registered staging buffers for the loads): the
+  the default, one NumPy array per layer, ``pinned_host``, one pinned array per block, or
+  ``pinned_array``, one pinned array per layer loaded by jitted gathers (host RAM of every
+  block, the pool tiled); ``--offload-transfer staged``: reused DMA-registered staging buffers for the loads): the
   device holds the selection state, ``k - 1`` block slots and the current block per (sequence,
   KV head); a step is a host loop over the layers (jitted pieces, only the missing blocks
   copied). Rows add the blocks transferred per step, hit rate and bytes moved. The host store is
@@ -207,7 +208,10 @@ def _fill_offloaded(decoder, caches, context: int, seed: int, pool: int):
   rows share storage; tails completed while decoding overwrite the shared block, the last row
   wins). ``pool = 0`` fills the whole store with distinct blocks. Gathers and transfers copy
   real bytes either way. ``pinned_host`` store: ``pool`` distinct pinned blocks per layer reused
-  cyclically over the (b, h, j) keys (0 = all distinct)."""
+  cyclically over the (b, h, j) keys (0 = all distinct). ``pinned_array`` store: one full
+  ``[B, H, NBmax, l', D]`` pinned array per layer (host RAM of every block), block ``j`` of
+  every row = pool block ``j % pool``."""
+  from sparse_attention_jax.nn.offload_store import PinnedArrayBlockStore
   key = jax.random.key(seed + 2)
   for layer, cache in enumerate(caches):
     if not isinstance(cache, list):
@@ -221,7 +225,20 @@ def _fill_offloaded(decoder, caches, context: int, seed: int, pool: int):
     lk = jax.random.fold_in(key, 1000 + layer)
     d = store.k_dim + store.v_dim
     host = store.store
-    if store.host_memory_kind == "numpy":
+    if isinstance(host, PinnedArrayBlockStore):
+      b, h, nb = host.shape[:3]
+      n = b * h * nb if pool <= 0 else min(pool, nb)
+      kv = np.asarray(_random(lk, (n, bs, d), store.dtype, 1.0))
+      cc = np.asarray(_random(jax.random.fold_in(lk, 1), (n, bs), jnp.dtype(jnp.float32), 1.0))
+      if pool <= 0:
+        kv, cc = kv.reshape(host.shape), cc.reshape(host.shape[:4])
+      else:
+        reps = -(-nb // n)
+        kv, cc = np.tile(kv, (reps, 1, 1))[:nb], np.tile(cc, (reps, 1))[:nb]
+        kv = np.broadcast_to(kv, (b, h, *kv.shape))
+        cc = np.broadcast_to(cc, (b, h, *cc.shape))
+      host.kv, host.c = jax.device_put((kv, cc), host.sharding)
+    elif store.host_memory_kind == "numpy":
       b, h, nb = host.kv.shape[:3]
       n = b * h * nb if pool <= 0 else min(pool, nb)
       kv = np.array(_random(lk, (n, bs, d), store.dtype, 1.0))           # writable copies
@@ -335,9 +352,11 @@ def main(argv: list[str] | None = None) -> int:
   ap.add_argument("--host-pool", type=int, default=256,
                   help="nosa_offload: distinct random host blocks per layer, shared by every "
                        "sequence and KV head (0 = all distinct; see _fill_offloaded)")
-  ap.add_argument("--offload-store", default="numpy", choices=("numpy", "pinned_host"),
-                  help="nosa_offload: host block store (one NumPy array per layer, or one "
-                       "pinned host array per block)")
+  ap.add_argument("--offload-store", default="numpy",
+                  choices=("numpy", "pinned_host", "pinned_array"),
+                  help="nosa_offload: host block store (one NumPy array per layer, one pinned "
+                       "host array per block, or one pinned host array per layer loaded by "
+                       "jitted gathers)")
   ap.add_argument("--load-workers", type=int, default=None,
                   help="nosa_offload: threads fetching a step's blocks (gather + device_put) "
                        "side by side (1 = none; default a quarter of the CPUs, 1 to 4)")

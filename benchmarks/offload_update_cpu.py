@@ -19,6 +19,10 @@ Rows (ms per ``update()``, mean over ``--steps`` steady-state steps after a full
   reused DMA-registered staging buffers (``OffloadedBlockCache(transfer="staged")``);
 * ``update pinned_host``: the whole step with the per-block ``pinned_host`` store (same
   vectorized bookkeeping, one host array per block);
+* ``update pinned_array``: the whole step with ONE ``pinned_host`` jax array per layer
+  (``--stores numpy,pinned_array``): each chunk is one jitted gather from host memory + slot
+  scatter (``load ms`` = host time of the whole load, ``gather ms`` = building the index arrays,
+  ``put ms`` = dispatching the jitted calls; the copies finish inside the timed step);
 * ``update baseline``: with ``--baseline PATH`` (e.g. the earlier module from ``git show
   b0c8696:sparse_attention_jax/nn/offload.py > /tmp/old_offload.py``), that module's update.
 
@@ -28,6 +32,8 @@ slot pool (B * H * 63 blocks, 264 MB at B=128) per call, which would swamp what 
 
 Host RAM: the NumPy store is a strided view sharing one row's blocks between the rows (as in
 ``benchmarks/decode.py``); the per-block stores share a pool of blocks. Copies move real bytes.
+The ``pinned_array`` store cannot share rows: it holds all ``B * H * (NB + 1)`` blocks (8.6 GB
+at the defaults, built from the pool through one host copy).
 
 Usage: ``python3 benchmarks/offload_update_cpu.py [--batch 128] [--steps 10] [--baseline PATH]
 [--load-workers 1,2,4] [--transfers fresh,staged]``. Runs on a GPU too (the device is ``jax.devices()[0]``).
@@ -52,6 +58,7 @@ import numpy as np
 
 from sparse_attention_jax.nn import offload
 from sparse_attention_jax.nn.offload import OffloadedBlockCache, assign_slots
+from sparse_attention_jax.nn.offload_store import STORES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -100,7 +107,14 @@ def make_cache(cls, store, batch, heads, nb, bs, d, dtype, pool, rng, load_worke
               num_slots=63, max_len=(nb + 1) * bs, dtype=dtype, **kw)
   kv = rng.standard_normal((pool, bs, d), np.float32).astype(np.dtype(dtype))
   cc = rng.standard_normal((pool, bs), np.float32)
-  if store == "numpy":
+  if store == "pinned_array":                 # all B * H * (NB + 1) blocks, from the pool
+    kv = np.tile(kv, (-(-(nb + 1) // pool), 1, 1))[:nb + 1]
+    cc = np.tile(cc, (-(-(nb + 1) // pool), 1))[:nb + 1]
+    cache.store.kv = jax.device_put(np.broadcast_to(kv, (batch, heads, *kv.shape)),
+                                    cache.store.sharding)
+    cache.store.c = jax.device_put(np.broadcast_to(cc, (batch, heads, *cc.shape)),
+                                   cache.store.sharding)
+  elif store == "numpy":
     kv = np.tile(kv, (-(-(nb + 1) // pool), 1, 1))[:nb + 1]
     cc = np.tile(cc, (-(-(nb + 1) // pool), 1))[:nb + 1]
     cache.store.kv = np.lib.stride_tricks.as_strided(kv, (batch, heads, *kv.shape),
@@ -156,7 +170,8 @@ def main(argv=None) -> int:
   ap.add_argument("--steps", type=int, default=10)
   ap.add_argument("--churn", type=int, default=6, help="blocks swapped per row per step")
   ap.add_argument("--pool", type=int, default=256, help="distinct random blocks in the store")
-  ap.add_argument("--stores", default="numpy,pinned_host")
+  ap.add_argument("--stores", default="numpy,pinned_host",
+                  help="comma-separated host stores: numpy, pinned_host, pinned_array")
   ap.add_argument("--load-workers", default="1",
                   help="comma-separated load worker counts (a numpy-store row per count)")
   ap.add_argument("--transfers", default="fresh",
@@ -177,6 +192,9 @@ def main(argv=None) -> int:
   if not transfers or set(transfers) - set(offload.TRANSFERS):
     ap.error(f"--transfers: expected comma-separated names from {offload.TRANSFERS}, got "
              f"{args.transfers!r}")
+  stores = [x for x in args.stores.split(",") if x.strip()]
+  if not stores or set(stores) - set(STORES):
+    ap.error(f"--stores: expected comma-separated names from {STORES}, got {args.stores!r}")
   b, h, nb, bs, k, d, dtype = args.batch, 2, args.blocks, 64, 64, 128, jnp.bfloat16
   rng = np.random.default_rng(0)
   gammas = selections(rng, b, h, nb, k, args.churn, args.steps)
@@ -194,13 +212,15 @@ def main(argv=None) -> int:
 
   rows.append({"row": "bookkeeping loop", "ms": bookkeeping(loop_bookkeeping)})
   rows.append({"row": "bookkeeping vectorized", "ms": bookkeeping(assign_slots)})
-  for store, tr, w in [(s, t, w) for s in args.stores.split(",") if s
+  for store, tr, w in [(s, t, w) for s in stores
                        for t in (transfers if s == "numpy" else ["fresh"])
                        for w in (workers if s == "numpy" else workers[:1])]:
     cache = make_cache(OffloadedBlockCache, store, b, h, nb, bs, d, dtype, args.pool, rng, w,
                        tr)
     if not args.no_donate:
       cache._scatter, cache._write_token = offload._updaters(True)
+      if cache._array_load is not None:
+        cache._array_load = offload._array_loader(True, cache.store.host, True)
     cache.warm_scatter()
     ms, blocks, host = time_update(cache, gammas)
     name = store if tr == "fresh" else f"{store} {tr}"

@@ -143,25 +143,27 @@ def test_decode_step_never_attends_over_the_capacity():
 
 
 # ------------------------------------------------------------------------------ offloaded
-def test_offloaded_greedy_equals_device_resident_and_compiles_once(monkeypatch):
+@pytest.mark.parametrize("store", ["numpy", "pinned_array"])
+def test_offloaded_greedy_equals_device_resident_and_compiles_once(store, monkeypatch):
   """Two rows, prompts of 26 tokens, 20 greedy tokens (blocks start at 32, 40): the offloaded
-  decoder (K/V/c of the NOSA layer in a host NumPy store; the first step's 12 loads go in
-  scatters of at most 4 blocks) produces the device-resident tokens; each jitted piece is traced
-  once (the embedding once per shape); a second call with the same prompt length traces
-  nothing."""
+  decoder (K/V/c of the NOSA layer in a host NumPy store, or in one pinned_host jax array
+  loaded by jitted gathers; the first step's 12 loads go in scatters of at most 4 blocks)
+  produces the device-resident tokens; each jitted piece is traced once (the embedding once per
+  shape); a second call with the same prompt length traces nothing."""
   from sparse_attention_jax.nn import offload
   monkeypatch.setattr(offload, "MAX_SCATTER", 4)
   model = nosa_model()
   prompts = np.asarray(jax.random.randint(jax.random.key(4), (2, 26), 0, 64)).tolist()
   want = Generator(model, batch=2, capacity=48, prefill_bucket=8).generate(
       prompts, 20, greedy=True)
-  gen = Generator(model, batch=2, capacity=48, offload=True)
+  gen = Generator(model, batch=2, capacity=48, offload=True, offload_store=store)
   out = gen.generate(prompts, 20, greedy=True)
   np.testing.assert_array_equal(out.tokens, want.tokens)
   once = {**{name: 1 for name in gen._offload.traces}, "embed": 2}   # prompt and step shapes
   assert gen._offload.traces == once
   st = out.offload
-  assert st.host_memory_kind == "numpy" and st.slots == CFG.num_selected - 1
+  kind = {"numpy": "numpy", "pinned_array": "pinned_host"}[store]     # CPU: pinned_host exists
+  assert st.host_memory_kind == kind and st.slots == CFG.num_selected - 1
   assert len(st.per_step) == 19 and st.per_step[0]["transferred"] > 4
   assert st.total["transferred"] == sum(s["transferred"] for s in st.per_step)
   assert 0 < st.total["hit_rate"] < 1 and st.host_bytes > 0 and st.device_bytes > 0

@@ -51,7 +51,7 @@ def _want(gamma_row, cur):
 
 @pytest.mark.parametrize("store,workers,transfer", [
     ("numpy", 1, "fresh"), ("numpy", 4, "fresh"), ("pinned_host", 3, "fresh"),
-    ("numpy", 1, "staged"), ("numpy", 3, "staged")])
+    ("numpy", 1, "staged"), ("numpy", 3, "staged"), ("pinned_array", 1, "fresh")])
 def test_slot_pool_attention_equals_full_cache_and_counts_transfers(store, workers, transfer,
                                                                     monkeypatch):
   from sparse_attention_jax.nn import offload
@@ -64,7 +64,8 @@ def test_slot_pool_attention_equals_full_cache_and_counts_transfers(store, worke
   ref = biased_selected_attention(q, k, v, c, aux.block_indices, block_size=CFG.block_size)
   kv_all, v_all, c_all = np.asarray(k), np.asarray(v), np.asarray(c)
   cache = _cache(store=store, load_workers=workers, transfer=transfer)
-  assert cache.host_memory_kind == store          # the CPU backend has pinned host memory
+  # The CPU backend has pinned host memory.
+  assert cache.host_memory_kind == {"pinned_array": "pinned_host"}.get(store, store)
   prompt = 21
   cache.prefill(k[:, :prompt], v[:, :prompt], c[:, :prompt])
   prev = None
@@ -108,6 +109,9 @@ def test_slot_pool_attention_equals_full_cache_and_counts_transfers(store, worke
   # completed while decoding), in the memory it reports.
   if store == "numpy":
     assert isinstance(cache.store.kv, np.ndarray) and cache.store.kv.shape == (B, H, 9, 8, D + DV)
+  elif store == "pinned_array":
+    assert cache.store.kv.shape == (B, H, 9, 8, D + DV) and cache.store.c.shape == (B, H, 9, 8)
+    assert {x.sharding.memory_kind for x in (cache.store.kv, cache.store.c)} == {"pinned_host"}
   else:
     assert all(x.sharding.memory_kind == "pinned_host" for blk in cache.store.blocks.values()
                for x in blk)
@@ -162,6 +166,76 @@ def test_staged_transfer_fills_bit_identical_slots(view, monkeypatch):
   bb, hh, ss = np.nonzero(caches[1].slot_block >= 0)
   np.testing.assert_array_equal(np.asarray(caches[1].slot_kv)[bb, hh, ss].view(np.uint16),
                                 kv[bb, hh, caches[1].slot_block[bb, hh, ss]].view(np.uint16))
+
+
+def test_pinned_array_store_matches_numpy_store_bit_for_bit_and_compiles_once(monkeypatch):
+  """store="pinned_array" (one pinned_host jax array per layer, loads = one jitted gather +
+  slot scatter per chunk) against the default NumPy store, bf16: after a prefill, appends that
+  complete two blocks (tails written to the host store) and updates with random selections
+  (evictions, reloads, chunks of 3), both hold the same slot ids, slot bytes and attention
+  outputs at every step, and the same host blocks; a later update of an already compiled size
+  bucket compiles nothing."""
+  from sparse_attention_jax.nn import offload
+  monkeypatch.setattr(offload, "LOAD_CHUNK", 3)
+  rng = np.random.default_rng(3)
+  bsz, heads, dk, dv, bs, ns, total = 2, 2, 4, 3, 4, 5, 40
+  caches = [OffloadedBlockCache(batch=bsz, num_kv_heads=heads, k_dim=dk, v_dim=dv,
+                                block_size=bs, num_slots=ns, max_len=total, dtype=jnp.bfloat16,
+                                store=store, load_workers=1)
+            for store in ("numpy", "pinned_array")]
+  k = jnp.asarray(rng.standard_normal((bsz, total, heads, dk)), jnp.float32)
+  v = jnp.asarray(rng.standard_normal((bsz, total, heads, dv)), jnp.float32)
+  c = jnp.asarray(rng.standard_normal((bsz, total, heads)), jnp.float32)
+  q = jnp.asarray(rng.standard_normal((bsz, 2 * heads, dk)), jnp.float32)
+  prompt = 26
+  for cache in caches:
+    cache.prefill(k[:, :prompt], v[:, :prompt], c[:, :prompt])
+  moved = sizes_before = 0
+  for t in range(prompt - 1, 36):                       # blocks 6 and 7 complete on the way
+    if t >= prompt:
+      for cache in caches:
+        cache.append(k[:, t], v[:, t], c[:, t])
+    cur = t // bs
+    gamma = np.stack([[np.append(rng.choice(cur, min(cur, ns), replace=False), cur)
+                       for _ in range(heads)] for _ in range(bsz)])
+    stats = [cache.update(gamma) for cache in caches]
+    assert stats[0]["transferred"] == stats[1]["transferred"]
+    assert stats[1]["gather_s"] >= 0 and stats[1]["put_s"] >= 0
+    moved += stats[0]["transferred"]
+    ref, got = caches
+    np.testing.assert_array_equal(got.slot_block, ref.slot_block)
+    bb, hh, ss = np.nonzero(ref.slot_block >= 0)
+    np.testing.assert_array_equal(np.asarray(got.slot_kv)[bb, hh, ss].view(np.uint16),
+                                  np.asarray(ref.slot_kv)[bb, hh, ss].view(np.uint16))
+    np.testing.assert_array_equal(np.asarray(got.slot_c)[bb, hh, ss],
+                                  np.asarray(ref.slot_c)[bb, hh, ss])
+    np.testing.assert_array_equal(np.asarray(got.attend(q)), np.asarray(ref.attend(q)))
+    if t == prompt:
+      sizes_before = got._array_load._cache_size()
+  assert moved > 30 and got._array_fused
+  # The host stores agree on every complete block (prompt blocks and the completed tails).
+  np.testing.assert_array_equal(np.asarray(got.store.kv)[:, :, :8].view(np.uint16),
+                                ref.store.kv[:, :, :8].view(np.uint16))
+  np.testing.assert_array_equal(np.asarray(got.store.c)[:, :, :8], ref.store.c[:, :, :8])
+  kv7, c7 = got.host_block(1, 0, 7)
+  np.testing.assert_array_equal(kv7.view(np.uint16), ref.store.kv[1, 0, 7].view(np.uint16))
+  np.testing.assert_array_equal(c7, ref.store.c[1, 0, 7])
+  # One-block loads: the second one (same bucket) compiles nothing. (The jitted load is shared
+  # by every cache of the process, so its count includes other tests' shapes.)
+  assert got._array_load._cache_size() >= sizes_before
+  compiled = []
+  for _ in range(2):
+    gamma = got.slot_block.copy()
+    gamma[0, 0, 0] = next(j for j in range(got.current_block) if j not in gamma[0, 0])
+    assert got.update(gamma)["transferred"] == 1
+    compiled.append(got._array_load._cache_size())
+  assert compiled[1] == compiled[0]
+
+
+def test_store_argument_error():
+  with pytest.raises(ValueError, match=r"store: expected one of \('numpy', 'pinned_host', "
+                                       r"'pinned_array'\), got 'pinned'"):
+    _cache(store="pinned")
 
 
 def test_transfer_argument_errors():
@@ -326,7 +400,7 @@ def test_scatter_buckets_bound_padding_and_compiles():
     assert bucket(got) == got
 
 
-@pytest.mark.parametrize("store", ["numpy", "pinned_host"])
+@pytest.mark.parametrize("store", ["numpy", "pinned_host", "pinned_array"])
 def test_warm_scatter_covers_every_load_size(store, monkeypatch):
   """After ``warm_scatter`` no update compiles a scatter: random selections load 1 .. 36
   blocks per step (chunks of at most 16) and hit only warmed buckets."""
@@ -336,8 +410,10 @@ def test_warm_scatter_covers_every_load_size(store, monkeypatch):
                               num_slots=6, max_len=120, store=store)
   if not hasattr(cache._scatter, "_cache_size"):
     pytest.skip("jax.jit(...)._cache_size is not available in this jax")
+  load = cache._array_load if store == "pinned_array" else cache._scatter
   cache.warm_scatter()
-  warmed = cache._scatter._cache_size()
+  load = cache._array_load if store == "pinned_array" else cache._scatter
+  warmed = load._cache_size()
   rng = np.random.default_rng(1)
   k = jnp.asarray(rng.standard_normal((3, 117, 2, 4)), jnp.float32)
   cache.prefill(k, k, k[..., 0])                                    # current block 29
@@ -346,4 +422,4 @@ def test_warm_scatter_covers_every_load_size(store, monkeypatch):
     size = int(rng.integers(1, 7))
     gamma = np.stack([[rng.choice(29, size, replace=False) for _ in range(2)] for _ in range(3)])
     sizes.add(cache.update(gamma)["transferred"])
-  assert cache._scatter._cache_size() == warmed and len(sizes) >= 6
+  assert load._cache_size() == warmed and len(sizes) >= 6

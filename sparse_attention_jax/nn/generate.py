@@ -90,7 +90,8 @@ class Generator:
       length; the step is a host-side loop over the layers of jitted pieces).
     num_slots: device block slots per (sequence, KV head) with ``offload`` (default ``k - 1``).
     offload_store: host block store with ``offload``: ``"numpy"`` (one contiguous array per
-      layer) or ``"pinned_host"`` (one pinned host array per block).
+      layer), ``"pinned_host"`` (one pinned host array per block) or ``"pinned_array"`` (one
+      pinned host array per layer, loaded by jitted gathers).
   """
 
   def __init__(self, model, *, batch: int, capacity: int, dtype=None, prefill_bucket: int = 64,

@@ -3,9 +3,10 @@
 The full K/V and eviction scores ``c`` of a batch of sequences live in a host block store
 (:mod:`sparse_attention_jax.nn.offload_store`): by default ONE contiguous NumPy array per layer,
 ``kv [B, H, NBmax, l', Dk + Dv]`` (cache dtype) and ``c [B, H, NBmax, l']`` (float32), allocated
-once for ``max_len`` tokens (``store="numpy"``); or one ``pinned_host`` jax array per block
-(``store="pinned_host"``, the earlier layout). A transfer moves exactly the blocks it names
-(gathered into one host buffer, padded by at most 25%). The device holds, per (sequence, KV head):
+once for ``max_len`` tokens (``store="numpy"``); one ``pinned_host`` jax array per block
+(``store="pinned_host"``, the earlier layout); or the NumPy store's layout as ONE ``pinned_host``
+jax array per layer (``store="pinned_array"``). A transfer moves exactly the blocks it names
+(gathered into one buffer, padded by at most 25%). The device holds, per (sequence, KV head):
 
 * ``num_slots`` block slots (``slot_kv [B, H, NS, l', Dk + Dv]``, ``slot_c [B, H, NS, l']``)
   with a block-id map ``slot_block [B, H, NS]`` (``-1`` = empty);
@@ -32,6 +33,10 @@ Loads (``transfer=``): ``"fresh"`` (default) gathers each chunk into a fresh hos
 for DMA with the client's ``dma_map`` where the backend implements it (GPU: cudaHostRegister), so
 the ``device_put`` is one DMA with no staging copy; a buffer is refilled only once its previous
 transfer is complete (NumPy store only; ``benchmarks/h2d_transfer.py`` compares the paths).
+With ``store="pinned_array"`` (one ``pinned_host`` jax array per layer) there is no host
+gather: each chunk is ONE jitted call that gathers its blocks from the host-memory store and
+scatters them into the slots (:func:`sparse_attention_jax.nn.offload_store.load_into_slots`),
+padded to the same size buckets, so it compiles once per bucket.
 
 The bookkeeping (which block goes to which slot, :func:`assign_slots`) runs vectorized in NumPy
 on the host (no Python loop over sequences or heads), so :meth:`update` reads ``gamma`` back
@@ -52,7 +57,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sparse_attention_jax.nn.offload_store import aligned_empty, host_memory_kind, make_store
+from sparse_attention_jax.nn.offload_store import (
+  PinnedArrayBlockStore,
+  aligned_empty,
+  host_memory_kind,
+  load_into_slots,
+  make_store,
+  put_blocks,
+)
 from sparse_attention_jax.ops.nosa import biased_masked_attention
 
 # Most blocks one slot scatter writes (a larger refill, e.g. the first step after a prefill of a
@@ -263,6 +275,41 @@ def _updaters(donate: bool):
   return jax.jit(_scatter, donate_argnums=d), jax.jit(_write_token, donate_argnums=d)
 
 
+def _chunk_rows(chunk) -> tuple[np.ndarray, np.ndarray]:
+  """``(src, dst)`` ``[size, 3]`` int32 rows ``(b, h, j)`` / ``(b, h, s)`` of a chunk ``(b, h, s,
+  j)`` of ``n`` loads, padded to ``size = bucket(n)`` with repeats of the first load."""
+  n = len(chunk[0])
+  idx = np.empty((bucket(n), 4), np.int32)
+  idx[:n] = np.stack(chunk, axis=1)
+  idx[n:] = idx[:1]
+  return idx[:, [0, 1, 3]], idx[:, :3]
+
+
+def _put_split(slot_kv, slot_c, kv, c, dst):
+  return put_blocks(slot_kv, dst, kv), put_blocks(slot_c, dst, c)
+
+
+@functools.cache
+def _array_loader(donate: bool, host: bool, fused: bool):
+  """The jitted chunk load of ``store="pinned_array"``: ``(store_kv, store_c, slot_kv, slot_c,
+  src, dst) -> (slot_kv, slot_c)``. ``fused``: one call (gather from the host store and slot
+  scatter); else a jitted gather and a jitted scatter (fallback). Slots donated when
+  ``donate``."""
+  d = (2, 3) if donate else ()
+  if fused:
+    return jax.jit(functools.partial(load_into_slots, host=host), donate_argnums=d)
+  from sparse_attention_jax.nn.offload_store import take_blocks
+  take = jax.jit(lambda kv, c, rows: (take_blocks(kv, rows, host=host),
+                                      take_blocks(c, rows, host=host)))
+  put = jax.jit(_put_split, donate_argnums=(0, 1) if donate else ())
+
+  def split(store_kv, store_c, slot_kv, slot_c, src, dst):
+    kv, c = take(store_kv, store_c, src)
+    return put(slot_kv, slot_c, kv, c, dst)
+  split._cache_size = lambda: take._cache_size() + put._cache_size()
+  return split
+
+
 @functools.partial(jax.jit, static_argnames=("k_dim", "block_size", "scale"))
 def _attend(q, slot_kv, slot_c, slot_block, tail_kv, tail_c, tail_use, t, *, k_dim: int,
             block_size: int, scale: float):
@@ -298,11 +345,13 @@ class OffloadedBlockCache:
     dtype: cache dtype of K/V (``c`` is kept in float32).
     device: the accelerator (default ``jax.devices()[0]``).
     store: the host block store: ``"numpy"`` (one contiguous NumPy array per layer, allocated
-      for ``max_len`` tokens) or ``"pinned_host"`` (one jax array per block in pinned host
-      memory); :mod:`sparse_attention_jax.nn.offload_store`.
+      for ``max_len`` tokens), ``"pinned_host"`` (one jax array per block in pinned host
+      memory) or ``"pinned_array"`` (one pinned host jax array per layer, loaded by one jitted
+      gather + slot scatter per chunk); :mod:`sparse_attention_jax.nn.offload_store`.
     load_workers: threads that gather and ``device_put`` the chunks of a step's load side by
       side (host copies overlap; the slot scatters stay in order on the calling thread); 1 =
-      everything on the calling thread; None = :func:`default_load_workers`.
+      everything on the calling thread; None = :func:`default_load_workers`. Unused by
+      ``store="pinned_array"`` (its loads are jitted calls dispatched by the calling thread).
     transfer: how a chunk moves (one of :data:`TRANSFERS`): ``"fresh"`` (a fresh host array per
       chunk) or ``"staged"`` (reused, DMA-registered staging buffers; ``store="numpy"`` only).
       Both fill the slots with the same bytes.
@@ -340,6 +389,10 @@ class OffloadedBlockCache:
     self.tail_c = zeros(jnp.zeros((batch, num_kv_heads, block_size), jnp.float32))
     self.tail_use = np.zeros((batch, num_kv_heads), bool)
     self._scatter, self._write_token = _updaters(self.device.platform != "cpu")
+    self._array_load = None                      # store="pinned_array": the jitted chunk load
+    self._array_fused = True
+    if isinstance(self.store, PinnedArrayBlockStore):
+      self._array_load = _array_loader(self.device.platform != "cpu", self.store.host, True)
     self.length = 0
     self.totals = {"steps": 0, **{key: 0 for key in STAT_KEYS}}
 
@@ -444,8 +497,10 @@ class OffloadedBlockCache:
       host -> device}`` summed over the batch and heads (also accumulated in ``self.totals``),
       and the host seconds of the step's parts: ``wait_s`` (reading ``gamma`` back: waits for
       the device work queued before it), ``plan_s`` (:func:`assign_slots`), ``gather_s`` (host
-      store gathers) and ``put_s`` (``device_put`` calls), both summed over the load workers,
-      and ``load_s`` (wall time of the whole load: gathers, puts and slot scatters).
+      store gathers) and ``put_s`` (``device_put`` calls), both summed over the load workers
+      (``store="pinned_array"``: building the index arrays, and dispatching the jitted
+      gather + scatter calls), and ``load_s`` (wall time of the whole load: gathers, puts and
+      slot scatters).
       Padding writes are not counted.
     """
     if self.length == 0:
@@ -465,9 +520,12 @@ class OffloadedBlockCache:
     n = len(loads[0])
     t2 = time.perf_counter()
     gather_s = put_s = 0.0
-    for kv, c, b, h, s, dg, dp in self._fetch_all(loads, n):
-      self.slot_kv, self.slot_c = self._scatter(self.slot_kv, self.slot_c, b, h, s, kv, c)
-      gather_s, put_s = gather_s + dg, put_s + dp
+    if self._array_load is not None:
+      gather_s, put_s = self._load_array(loads, n)
+    else:
+      for kv, c, b, h, s, dg, dp in self._fetch_all(loads, n):
+        self.slot_kv, self.slot_c = self._scatter(self.slot_kv, self.slot_c, b, h, s, kv, c)
+        gather_s, put_s = gather_s + dg, put_s + dp
     stats = {"requested": requested, "hits": hits, "transferred": n,
              "hit_rate": hits / requested if requested else 1.0, "bytes": n * self.block_bytes,
              "wait_s": t1 - t0, "plan_s": t2 - t1, "gather_s": gather_s, "put_s": put_s,
@@ -476,6 +534,39 @@ class OffloadedBlockCache:
       self.totals[key] += stats[key]
     self.totals["steps"] += 1
     return stats
+
+  def _load_array(self, loads, n: int) -> tuple[float, float]:
+    """``store="pinned_array"``: each chunk (``LOAD_CHUNK`` blocks, padded to a :func:`bucket`
+    size with repeats of its first write) is ONE jitted gather from the host store + scatter
+    into the slots. Returns the host seconds spent building the index arrays and dispatching
+    the calls (the copies themselves run asynchronously)."""
+    size = min(MAX_SCATTER, LOAD_CHUNK)
+    index_s = call_s = 0.0
+    for at in range(0, n, size):
+      t0 = time.perf_counter()
+      src, dst = _chunk_rows([x[at:at + size] for x in loads])
+      t1 = time.perf_counter()
+      self._run_array_load(src, dst)
+      index_s, call_s = index_s + t1 - t0, call_s + time.perf_counter() - t1
+    return index_s, call_s
+
+  def _run_array_load(self, src, dst) -> None:
+    """One chunk of :meth:`_load_array`; if XLA cannot compile the fused gather + scatter, logs
+    it once and uses a jitted gather then the jitted slot scatter from then on."""
+    try:
+      self.slot_kv, self.slot_c = self._array_load(self.store.kv, self.store.c, self.slot_kv,
+                                                   self.slot_c, src, dst)
+      return
+    except Exception as e:
+      if not self._array_fused:
+        raise
+      log.warning("offload: the fused pinned_array load does not compile on %s (%s); using "
+                  "a separate gather and scatter", self.device.platform,
+                  str(e).splitlines()[0])
+    self._array_fused = False
+    self._array_load = _array_loader(self.device.platform != "cpu", self.store.host, False)
+    self.slot_kv, self.slot_c = self._array_load(self.store.kv, self.store.c, self.slot_kv,
+                                                 self.slot_c, src, dst)
 
   def _fetch_all(self, loads, n: int):
     """Yields :meth:`_fetch` of every chunk (``LOAD_CHUNK`` blocks) of ``loads`` (``(b, h, s,
@@ -518,10 +609,15 @@ class OffloadedBlockCache:
     return (*out, t1 - t0, time.perf_counter() - t1)
 
   def warm_scatter(self) -> None:
-    """Compiles the slot scatter for every :func:`bucket` size up to a full refill (``B * H *
-    num_slots``, at most ``MAX_SCATTER``), so no decode step compiles one; writes zero blocks
-    into the slot ``(0, 0, 0)`` (call it on a cache whose slots are still empty)."""
+    """Compiles the slot scatter (``store="pinned_array"``: the fused gather + scatter) for
+    every :func:`bucket` size up to a full refill (``B * H * num_slots``, at most
+    ``MAX_SCATTER``), so no decode step compiles one; writes zero blocks (``pinned_array``: the
+    stored block ``(0, 0, 0)``) into the slot ``(0, 0, 0)`` (call it on a cache whose slots are
+    still empty)."""
     for n in buckets(min(self.batch * self.heads * self.num_slots, MAX_SCATTER)):
+      if self._array_load is not None:         # (copies block (0, 0, 0) into the empty slot)
+        self._run_array_load(np.zeros((n, 3), np.int32), np.zeros((n, 3), np.int32))
+        continue
       kv, c, idx = jax.device_put((*self.store.zeros(n), np.zeros((n,), np.int32)), self._dev)
       self.slot_kv, self.slot_c = self._scatter(self.slot_kv, self.slot_c, idx, idx, idx, kv, c)
     jax.block_until_ready(self.slot_kv)

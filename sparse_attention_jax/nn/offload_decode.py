@@ -1,6 +1,7 @@
 """Offloaded NOSA decoding: every NOSA layer's K/V/c lives in host memory
-(:class:`~sparse_attention_jax.nn.offload.OffloadedBlockCache`: one NumPy array per layer, or
-per-block ``pinned_host`` arrays with ``store="pinned_host"``); the device keeps
+(:class:`~sparse_attention_jax.nn.offload.OffloadedBlockCache`: one NumPy array per layer,
+per-block ``pinned_host`` arrays with ``store="pinned_host"``, or one ``pinned_host`` array per
+layer with ``store="pinned_array"``); the device keeps
 per layer the selection state (a ring of the last ``l`` keys, the compressed keys and the
 query-agnostic block scores, :class:`~sparse_attention_jax.ops.nosa_decode.NOSASelectState`), the
 ``k - 1`` block slots and the current block of every (sequence, KV head).
@@ -138,8 +139,9 @@ class OffloadedDecoder:
     dtype: cache dtype (default: the layers' compute dtype).
     num_slots: device slots per (sequence, KV head) (default :func:`offload_slots`); fewer than
       a selection needs is an error at the first step that needs them.
-    store: host block store of every NOSA layer, ``"numpy"`` (one contiguous array per layer)
-      or ``"pinned_host"`` (one pinned host array per block); see
+    store: host block store of every NOSA layer, ``"numpy"`` (one contiguous array per layer),
+      ``"pinned_host"`` (one pinned host array per block) or ``"pinned_array"`` (one pinned
+      host array per layer, loaded by jitted gathers); see
       :class:`~sparse_attention_jax.nn.offload.OffloadedBlockCache`.
     load_workers: threads fetching (gather + ``device_put``) a step's blocks side by side, per
       :class:`~sparse_attention_jax.nn.offload.OffloadedBlockCache` (1 = none; None = a quarter

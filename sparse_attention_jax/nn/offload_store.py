@@ -12,6 +12,13 @@ loads a list of them onto the device in one go. Two stores share one interface:
 * :class:`PinnedHostBlockStore` (``store="pinned_host"``): one jax array per block in the
   device's ``pinned_host`` memory (device memory, logged, where the backend has none), in a dict;
   a load moves the list of named blocks (one ``device_put``; stacked by the slot scatter).
+* :class:`PinnedArrayBlockStore` (``store="pinned_array"``): ONE jax array per layer in the
+  device's ``pinned_host`` memory, ``kv [B, H, NBmax, l', Dk + Dv]`` and ``c [B, H, NBmax, l']``
+  (the NumPy store's layout). A load is ONE jitted call per chunk that gathers the named blocks
+  from the host-memory operand and scatters them into the device slots
+  (:func:`load_into_slots`; the ``d_take`` path of ``benchmarks/h2d_transfer.py``); writes are
+  one jitted ``dynamic_update_slice`` whose operand and result stay in host memory (donated, so
+  in place).
 
 Both report ``memory_kind`` from what they actually hold (``"numpy"``: the arrays are NumPy
 arrays; else the memory kind of the stored jax arrays), and ``nbytes``. The NumPy store can also
@@ -21,6 +28,7 @@ gather straight into caller-owned buffers (:meth:`NumpyBlockStore.gather_into`, 
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import jax
@@ -29,7 +37,7 @@ import numpy as np
 
 log = logging.getLogger("sparse_attention_jax.nn.offload")
 
-STORES = ("numpy", "pinned_host")
+STORES = ("numpy", "pinned_host", "pinned_array")
 
 
 def aligned_empty(shape, dtype, align: int = 4096) -> np.ndarray:
@@ -201,14 +209,161 @@ class PinnedHostBlockStore:
     return [kv] * n, [c] * n
 
 
+def _block_dims(ndim: int):
+  """Gather / scatter dimension numbers that take or put whole blocks ``x[b, h, j]`` of an
+  ``ndim``-dimensional store or slot array (``[B, H, N, ...]``), indexed by ``[n, 3]`` int rows
+  ``(b, h, j)``, with the block kept as ``[n, 1, 1, 1, ...]``: no collapsed or inserted dimension,
+  so XLA needs no reshape between the gather and the scatter (a reshape of a gather that runs in
+  host memory fails to compile on GPU, jax 0.11.2: "Bitcast cannot have different memory
+  spaces")."""
+  window = tuple(range(1, ndim + 1))
+  return (jax.lax.GatherDimensionNumbers(offset_dims=window, collapsed_slice_dims=(),
+                                         start_index_map=(0, 1, 2)),
+          jax.lax.ScatterDimensionNumbers(update_window_dims=window, inserted_window_dims=(),
+                                          scatter_dims_to_operand_dims=(0, 1, 2)))
+
+
+def take_blocks(store, rows, *, host: bool):
+  """Blocks ``store[b, h, j]`` for ``rows [n, 3]`` as ``[n, 1, 1, 1, ...]`` in device memory. With
+  ``host``, ``store`` is in host memory: the rows move there first (XLA wants every operand of
+  the gather in one memory space) and the gathered blocks move to the device."""
+  gdn, _ = _block_dims(store.ndim)
+  if host:
+    rows = jax.device_put(rows, jax.memory.Space.Host)
+  out = jax.lax.gather(store, rows, gdn, slice_sizes=(1, 1, 1, *store.shape[3:]),
+                       mode=jax.lax.GatherScatterMode.CLIP)
+  return jax.device_put(out, jax.memory.Space.Device) if host else out
+
+
+def put_blocks(slots, dst, blocks):
+  """``slots`` with ``blocks [n, 1, 1, 1, ...]`` written at ``dst [n, 3]`` rows ``(b, h, s)``
+  (repeated rows must carry the same block)."""
+  _, sdn = _block_dims(slots.ndim)
+  return jax.lax.scatter(slots, dst, blocks.astype(slots.dtype), sdn,
+                         mode=jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS)
+
+
+def load_into_slots(store_kv, store_c, slot_kv, slot_c, src, dst, *, host: bool):
+  """ONE gather of the blocks ``src [n, 3]`` (``(b, h, j)``) of a :class:`PinnedArrayBlockStore`
+  and ONE scatter of them into the slots ``dst [n, 3]`` (``(b, h, s)``): ``(slot_kv, slot_c)``.
+  Jitted by the cache (slots donated on accelerators), so no intermediate leaves XLA."""
+  return (put_blocks(slot_kv, dst, take_blocks(store_kv, src, host=host)),
+          put_blocks(slot_c, dst, take_blocks(store_c, src, host=host)))
+
+
+def _write_blocks(kv_store, c_store, kv, c, start, *, host: bool):
+  """``(kv_store, c_store)`` with ``kv [B, H, n, l', D]``, ``c [B, H, n, l']`` written at block
+  ``start`` (a traced int: one compile per ``n``, not per position)."""
+  if host:
+    kv, c = jax.device_put((kv, c), jax.memory.Space.Host)
+  zero = jnp.int32(0)
+  return (jax.lax.dynamic_update_slice(kv_store, kv.astype(kv_store.dtype),
+                                       (zero, zero, start, zero, zero)),
+          jax.lax.dynamic_update_slice(c_store, c, (zero, zero, start, zero)))
+
+
+@functools.cache
+def _pinned_array_fns(sharding: jax.sharding.Sharding):
+  """Jitted ``(write, take)`` of a :class:`PinnedArrayBlockStore` whose arrays have
+  ``sharding``: the write donates the store and returns it in the same memory (in place); the
+  take returns device memory."""
+  host = sharding.memory_kind != "device"
+  dev = sharding.with_memory_kind("device")
+  write = jax.jit(functools.partial(_write_blocks, host=host), donate_argnums=(0, 1),
+                  out_shardings=(sharding, sharding))
+  take = jax.jit(lambda kv, c, rows: (take_blocks(kv, rows, host=host),
+                                      take_blocks(c, rows, host=host)),
+                 out_shardings=(dev, dev))
+  return write, take
+
+
+class PinnedArrayBlockStore:
+  """One jax array per layer in host memory (see the module docstring).
+
+  Attributes:
+    kv: ``[B, H, NBmax, l', Dk + Dv]`` (cache dtype) jax array in ``pinned_host`` memory (the
+      backend's device memory, logged, where it has none), zero-filled at the first use.
+    c: ``[B, H, NBmax, l']`` float32, likewise.
+    sharding: their sharding (one device, that memory kind).
+  """
+
+  def __init__(self, *, batch: int, heads: int, num_blocks: int, block_size: int, dim: int,
+               dtype, device):
+    self.shape = (batch, heads, num_blocks, block_size, dim)
+    self.dtype = jnp.dtype(dtype)
+    self.kind = host_memory_kind(device)
+    self.sharding = jax.sharding.SingleDeviceSharding(device, memory_kind=self.kind)
+    self._kv = self._c = None
+
+  @property
+  def host(self) -> bool:
+    """Whether the arrays are in a host memory (else the fallback: device memory)."""
+    return self.kind != "device"
+
+  @property
+  def kv(self) -> jax.Array:
+    if self._kv is None:
+      self._kv = jax.device_put(np.zeros(self.shape, self.dtype), self.sharding)
+    return self._kv
+
+  @kv.setter
+  def kv(self, value):
+    self._kv = value
+
+  @property
+  def c(self) -> jax.Array:
+    if self._c is None:
+      self._c = jax.device_put(np.zeros(self.shape[:4], np.float32), self.sharding)
+    return self._c
+
+  @c.setter
+  def c(self, value):
+    self._c = value
+
+  @property
+  def memory_kind(self) -> str:
+    arrays = [x for x in (self._kv, self._c) if x is not None]
+    return arrays[0].sharding.memory_kind if arrays else self.kind
+
+  @property
+  def nbytes(self) -> int:
+    return int(np.prod(self.shape) * self.dtype.itemsize + np.prod(self.shape[:4]) * 4)
+
+  def write(self, start: int, kv, c) -> None:
+    """As :meth:`NumpyBlockStore.write`: one jitted in-place update of each array (device ->
+    host copy inside it; compiles once per block count ``n``)."""
+    write, _ = _pinned_array_fns(self.sharding)
+    self.kv, self.c = write(self.kv, self.c, jnp.asarray(kv), jnp.asarray(c, jnp.float32),
+                            jnp.int32(start))
+
+  def block(self, b: int, h: int, j: int) -> tuple[np.ndarray, np.ndarray]:
+    kv, c = self.gather(np.array([b]), np.array([h]), np.array([j]))
+    return np.asarray(kv)[0], np.asarray(c)[0]
+
+  def gather(self, b, h, j):
+    """Blocks ``(b[i], h[i], j[i])`` in device memory, ``(kv [N, l', D], c [N, l'])`` (one jitted
+    gather; the cache's loads use :func:`load_into_slots` instead)."""
+    _, take = _pinned_array_fns(self.sharding)
+    rows = np.stack([np.asarray(x, np.int32) for x in (b, h, j)], axis=1)
+    kv, c = take(self.kv, self.c, rows)
+    return kv.reshape(len(rows), *self.shape[3:]), c.reshape(len(rows), self.shape[3])
+
+  def zeros(self, n: int):
+    d = self.shape[3:]
+    return np.zeros((n, *d), self.dtype), np.zeros((n, d[0]), np.float32)
+
+
 def make_store(store: str, **kw):
   """The host store named ``store`` (one of :data:`STORES`)."""
   if store == "numpy":
     return NumpyBlockStore(**kw)
   if store == "pinned_host":
     return PinnedHostBlockStore(**kw)
+  if store == "pinned_array":
+    return PinnedArrayBlockStore(**kw)
   raise ValueError(f"store: expected one of {STORES}, got {store!r}")
 
 
-__all__ = ["STORES", "NumpyBlockStore", "PinnedHostBlockStore", "aligned_empty",
-           "host_memory_kind", "make_store", "row_view"]
+__all__ = ["STORES", "NumpyBlockStore", "PinnedArrayBlockStore", "PinnedHostBlockStore",
+           "aligned_empty", "host_memory_kind", "load_into_slots", "make_store", "put_blocks",
+           "row_view", "take_blocks"]
