@@ -19,8 +19,10 @@
 #   (tests/gpu/check_nosa_train.py);
 # `offload_load`: one offloaded-cache update() at B 128, 131k (benchmarks/offload_update_cpu.py)
 #   with load workers 1/2/4/8, fresh and staged transfers, and
-#   offloaded NOSA at 32k, B 16/128, with 1 and 4 load workers, and with 4 through staging
-#   buffers (`offload_staged4`: --offload-transfer staged) (second lane);
+#   and the one-pinned-array-per-layer store (pinned_array), and
+#   offloaded NOSA at 32k, B 16/128, with 1 and 4 load workers, with 4 through staging
+#   buffers (`offload_staged4`: --offload-transfer staged), and with the pinned_array store
+#   (`offload_pinned_array`: --offload-store pinned_array) (second lane);
 # `kernel_fb`: the issue-4 selected-attention benchmark at 8k and 64k, fwd and fwd+bwd, both selection
 #   modes, with the block indices passed as arguments (re-measure of the figures taken while they
 #   were compile-time constants), first lane;
@@ -136,7 +138,7 @@ lane_b() {
   has breakdown && run breakdown_docs4 "$lane1" "$T_BREAKDOWN" env OUT="$OUT/breakdown_docs4" \
     python3 benchmarks/nsa_breakdown.py --seq-len 8192 --docs 4
   has offload_load && run offload_load "$lane1" "$T_OFFLOAD" python3 \
-    benchmarks/offload_update_cpu.py --churn 10 --stores numpy --load-workers 1,2,4,8 \
+    benchmarks/offload_update_cpu.py --churn 10 --stores numpy,pinned_array --load-workers 1,2,4,8 \
     --transfers fresh,staged --out "$OUT/offload_load"
   for w in 1 4; do
     has offload_load && run "offload_workers$w" "$lane1" "$T_OFFLOAD" \
@@ -148,6 +150,10 @@ lane_b() {
     env XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 python3 benchmarks/decode.py --shape 1b \
     --kinds nosa_offload --batch 16,128 --context 32768 --steps 8 --warmup 2 \
     --load-workers 4 --offload-transfer staged --out "$OUT/offload_staged4"
+  has offload_load && run offload_pinned_array "$lane1" "$T_OFFLOAD" \
+    env XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 python3 benchmarks/decode.py --shape 1b \
+    --kinds nosa_offload --batch 16,128 --context 32768 --steps 8 --warmup 2 \
+    --offload-store pinned_array --out "$OUT/offload_pinned_array"
 }
 if (( ngpu > 1 )); then lane_a & lane_b & wait; else lane_a; lane_b; fi
 all=$(seq -s, 0 $((ngpu - 1)))
