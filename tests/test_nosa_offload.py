@@ -232,6 +232,34 @@ def test_pinned_array_store_matches_numpy_store_bit_for_bit_and_compiles_once(mo
   assert compiled[1] == compiled[0]
 
 
+def test_pinned_array_falls_back_to_a_separate_gather_and_scatter(caplog):
+  """If the fused gather + scatter cannot be compiled, the pinned_array cache logs it and loads
+  through a jitted gather and the jitted slot scatter, with the same slot bytes."""
+  rng = np.random.default_rng(5)
+  caches = [OffloadedBlockCache(batch=2, num_kv_heads=2, k_dim=3, v_dim=3, block_size=4,
+                                num_slots=4, max_len=40, store=store, load_workers=1)
+            for store in ("numpy", "pinned_array")]
+  k = jnp.asarray(rng.standard_normal((2, 33, 2, 3)), jnp.float32)
+  for cache in caches:
+    cache.prefill(k, -k, k[..., 0])                                   # current block 8
+
+  def refuse(*args):
+    raise RuntimeError("INTERNAL: Bitcast cannot have different memory spaces")
+  caches[1]._array_load = refuse
+  with caplog.at_level("WARNING", logger="sparse_attention_jax.nn.offload"):
+    for _ in range(3):
+      gamma = np.stack([[rng.choice(8, 4, replace=False) for _ in range(2)] for _ in range(2)])
+      for cache in caches:
+        cache.update(gamma)
+      np.testing.assert_array_equal(caches[1].slot_block, caches[0].slot_block)
+      bb, hh, ss = np.nonzero(caches[0].slot_block >= 0)
+      for name in ("slot_kv", "slot_c"):
+        np.testing.assert_array_equal(np.asarray(getattr(caches[1], name))[bb, hh, ss],
+                                      np.asarray(getattr(caches[0], name))[bb, hh, ss])
+  assert not caches[1]._array_fused
+  assert sum("fused pinned_array load does not compile" in r.message for r in caplog.records) == 1
+
+
 def test_store_argument_error():
   with pytest.raises(ValueError, match=r"store: expected one of \('numpy', 'pinned_host', "
                                        r"'pinned_array'\), got 'pinned'"):

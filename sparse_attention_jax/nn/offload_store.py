@@ -2,7 +2,7 @@
 
 A store holds the complete K/V blocks (``kv [l', Dk + Dv]``, cache dtype) and eviction scores
 (``c [l']``, float32) of every (sequence ``b``, KV head ``h``, block ``j``) of one layer, and
-loads a list of them onto the device in one go. Two stores share one interface:
+loads a list of them onto the device in one go. Three stores share one interface:
 
 * :class:`NumpyBlockStore` (``store="numpy"``, the default): ONE contiguous NumPy array per
   layer, ``kv [B, H, NBmax, l', Dk + Dv]`` and ``c [B, H, NBmax, l']`` with ``NBmax =
@@ -20,7 +20,7 @@ loads a list of them onto the device in one go. Two stores share one interface:
   one jitted ``dynamic_update_slice`` whose operand and result stay in host memory (donated, so
   in place).
 
-Both report ``memory_kind`` from what they actually hold (``"numpy"``: the arrays are NumPy
+Each reports ``memory_kind`` from what it actually holds (``"numpy"``: the arrays are NumPy
 arrays; else the memory kind of the stored jax arrays), and ``nbytes``. The NumPy store can also
 gather straight into caller-owned buffers (:meth:`NumpyBlockStore.gather_into`, the
 ``transfer="staged"`` load path of the cache).
