@@ -1,6 +1,6 @@
 """Text generation with KV caches: ``python -m train.generate --config CFG [--checkpoint PATH]
 --prompt TEXT --max-new-tokens N [--temperature T] [--top-p P] [--greedy] [--batch B] [--seed S]
-[--capacity C] [--offload [--offload-store numpy|pinned_host]] [section.key=value ...]``.
+[--capacity C] [--offload [--offload-store numpy|pinned_host|pinned_array]] [section.key=value ...]``.
 
 Builds the model of the config (random init, or the parameters of a checkpoint written by
 ``python -m train``), prefills the byte-level prompt (UTF-8) in ``--batch`` rows and decodes
@@ -40,9 +40,10 @@ def _parse_args(argv):
                  help="cache capacity (default: prompt + new tokens)")
   p.add_argument("--offload", action="store_true",
                  help="NOSA layers: K/V/c in host memory, selected blocks copied per step")
-  p.add_argument("--offload-store", default="numpy", choices=("numpy", "pinned_host"),
-                 help="with --offload: host block store (one NumPy array per layer, or one "
-                      "pinned host array per block)")
+  p.add_argument("--offload-store", default="numpy",
+                 choices=("numpy", "pinned_host", "pinned_array"),
+                 help="with --offload: host block store (one NumPy array per layer, one pinned "
+                      "host array per block, or one pinned host array per layer)")
   p.add_argument("overrides", nargs="*", metavar="section.key=value")
   return p.parse_args(argv)
 
