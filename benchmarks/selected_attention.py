@@ -20,7 +20,8 @@ Selections:
   block), a proxy for the strong correlation of real NSA selections between neighbours.
 
 ``meta`` records both timings of a program that adds 1 to 8 numbers (``noop_sync_ms``,
-``noop_pipe_ms``): the fixed cost of a synchronised call on the machine.
+``noop_pipe_ms``): the fixed cost of a synchronised call on the machine; and of one bf16 GEMM
+``[8192, 4096] @ [4096, 8192]`` (``gemm_*``, 0.55 TFLOP, about the 8k forward's device time).
 
 Per variant it also times the XLA preparation alone (``prep``: tile lists, plus the Q transpose
 for the ``tiles`` layout) and the kernel on prepared operands (``kern``: includes the O transpose
@@ -171,6 +172,14 @@ def main():
   noop = jax.jit(lambda x: x + 1)
   meta["noop_sync_ms"] = bench(noop, (tiny,), reps=max(args.reps, 20))[0]
   meta["noop_pipe_ms"] = bench_pipelined(noop, (tiny,), reps=max(args.reps, 20))
+  # One cuBLAS GEMM of ~0.5 ms device time: the two clocks' gap for a single-kernel program
+  # of about the forward's length (if it matches the kernels' gap, the gap is the host's wait).
+  a = jax.random.normal(jax.random.key(0), (8192 if dev.platform == "gpu" else 64, 4096),
+                        jnp.bfloat16)
+  gemm = jax.jit(lambda a: a @ a.T)
+  meta["gemm_sync_ms"] = bench(gemm, (a,), reps=max(args.reps, 20))[0]
+  meta["gemm_pipe_ms"] = bench_pipelined(gemm, (a,), reps=max(args.reps, 20))
+  del a
   print(meta, flush=True)
   rows = []
   for t in [int(x) for x in args.seqs.split(",")]:
