@@ -348,6 +348,44 @@ def _kernel(q_ref, k_ref, v_ref, ids_ref, cnt_ref, lo_ref, hi_ref,       # input
   plgpu.wait_smem_to_gmem(0)
 
 
+def ws_consumer_step(carry, *, slot, blk, read_words, q_smem, k_smem, v_smem, k_bar, v_bar,
+                     consumed, sched, mask_kw, scale2, bs, dtype):
+  """One listed K/V block for a compute warpgroup of the warp-specialized 128-row kernels
+  (:func:`_kernel_ws` and the persistent one): wait for K in ring ``slot``, ``S = Q Kᵀ``, mask
+  (``read_words()`` gives the block's membership words ``(lo, hi)``; ``mask_kw``: the other
+  arguments of :func:`_masked_scores`), online softmax, wait for V, ``O += P V``, and release
+  the slot to the producer. ``sched``: the ping-pong schedule barrier, or ``None`` for none.
+  ``carry = (acc [64, Dv], m_i [64], l_i [64])``; returns the updated carry."""
+  acc, m_i, l_i = carry
+  rows = q_smem.shape[0]
+  plgpu.barrier_wait(k_bar.at[slot])
+
+  def qk(acc_ref):
+    plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
+    if sched is not None:                  # hand the tensor cores to the other warpgroup
+      plgpu.barrier_arrive(sched)
+      plgpu.barrier_wait(sched)
+    return acc_ref[...]
+  s = pl.run_scoped(qk, plgpu.ACC((rows, bs), jnp.float32))
+
+  lo, hi = read_words()
+  s = _masked_scores(s, blk=blk, bs=bs, lo=lo, hi=hi, **mask_kw)
+  p, m_new, l_i, acc = _online_softmax(s, m_i, l_i, acc, scale2)
+  p16 = p.astype(dtype)
+  if sched is not None:
+    acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
+    plgpu.barrier_arrive(sched)                                            # softmax done
+  plgpu.barrier_wait(v_bar.at[slot])
+  if sched is not None:
+    plgpu.barrier_wait(sched)                                              # tensor cores free
+
+  def pv(acc_ref):
+    plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+  acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+  plgpu.barrier_arrive(consumed.at[slot])
+  return acc, m_new, l_i
+
+
 def _kernel_ws(q_ref, k_ref, v_ref, ids_ref, cnt_ref, lo_ref, hi_ref, doc_ref, dmax_ref, o_ref,
                lse_ref, *, num_heads: int, g: int, cfg: _Config, dtype):
   """One CTA, 128 query rows: two compute warpgroups (64 rows each) share one K/V stream that a
@@ -425,36 +463,17 @@ def _kernel_ws(q_ref, k_ref, v_ref, ids_ref, cnt_ref, lo_ref, hi_ref, doc_ref, d
       if pp:
         pl.when(wg == 1)(schedule_barrier)
 
+      mask_kw = dict(col_ids=col_ids, tok=tok, tok_base=wg * r_wg, t_base=t_first, need=need,
+                     skip=cfg.mask_skip, **docs)
+
       def step(j, carry):
-        acc, m_i, l_i = carry
         slot = lax.rem(j, jnp.int32(stages))
-        blk = read(ids_ref, ids_smem, j)
-        plgpu.barrier_wait(k_bar.at[slot])
-
-        def qk(acc_ref):
-          plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
-          if pp:
-            schedule_barrier()
-          return acc_ref[...]
-        s = pl.run_scoped(qk, plgpu.ACC((rows_wg, bs), jnp.float32))
-
-        s = _masked_scores(s, col_ids, tok, tok_base=wg * r_wg, t_base=t_first, blk=blk, bs=bs,
-                           lo=read(lo_ref, lo_smem, j), hi=read(hi_ref, hi_smem, j), need=need,
-                           skip=cfg.mask_skip, **docs)
-        p, m_new, l_i, acc = _online_softmax(s, m_i, l_i, acc, scale2)
-        p16 = p.astype(dtype)
-        if pp:
-          acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
-          plgpu.barrier_arrive(sched)                                      # softmax done
-        plgpu.barrier_wait(v_bar.at[slot])
-        if pp:
-          plgpu.barrier_wait(sched)                                        # tensor cores free
-
-        def pv(acc_ref):
-          plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
-        acc = pl.run_state(pv)(plgpu.ACC.init(acc))
-        plgpu.barrier_arrive(consumed.at[slot])
-        return acc, m_new, l_i
+        return ws_consumer_step(
+            carry, slot=slot, blk=read(ids_ref, ids_smem, j),
+            read_words=lambda: (read(lo_ref, lo_smem, j), read(hi_ref, hi_smem, j)),
+            q_smem=q_smem, k_smem=k_smem, v_smem=v_smem, k_bar=k_bar, v_bar=v_bar,
+            consumed=consumed, sched=sched if pp else None, mask_kw=mask_kw, scale2=scale2,
+            bs=bs, dtype=dtype)
 
       acc, m_i, l_i = lax.fori_loop(0, count, step, (acc, m_i, l_i))
       if pp:
@@ -599,8 +618,8 @@ def fit_config(cfg: _Config, *, dk: int, dv: int, length: int, itemsize: int) ->
     at the schedule barrier for the other's next ``Q Kᵀ``, whose block the producer may load only
     after both consumed the current one (a deadlock: the hang of Dk 192 / Dv 128 / block 128).
   """
-  kw = dict(dk=dk, dv=dv, length=length, block_size=cfg.block_size, itemsize=itemsize,
-            has_docs=cfg.has_docs)
+  kw = {"dk": dk, "dv": dv, "length": length, "block_size": cfg.block_size, "itemsize": itemsize,
+        "has_docs": cfg.has_docs}
   if cfg.persistent and dims.smem_bytes("fwd128p", stages=1, **kw) > dims.SMEM_LIMIT:
     cfg = dataclasses.replace(cfg, persistent=False)
   name = "fwd64" if cfg.tile_rows == TILE_ROWS else "fwd128p" if cfg.persistent else "fwd128"

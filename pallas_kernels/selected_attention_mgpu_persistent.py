@@ -109,35 +109,16 @@ def _kernel(q_ref, k_ref, v_ref, ids_ref, cnt_ref, lo_ref, hi_ref, doc_ref, dmax
         if pp:
           pl.when(wg == 1)(schedule_barrier)
 
+        mask_kw = dict(col_ids=col_ids, tok=tok, tok_base=wg * r_wg, t_base=t_first,
+                       need=need, skip=cfg.mask_skip, **docs)
+
         def step(j, carry):
-          acc, m_i, l_i = carry
           slot = lax.rem(base + j, jnp.int32(stages))
-          blk = ids_smem[buf, j]
-          plgpu.barrier_wait(k_bar.at[slot])
-
-          def qk(acc_ref):
-            plgpu.wgmma(acc_ref, q_cur, k_smem.at[slot].transpose((1, 0)))
-            if pp:
-              schedule_barrier()
-            return acc_ref[...]
-          s = pl.run_scoped(qk, plgpu.ACC((rows_wg, bs), jnp.float32))
-          s = mg._masked_scores(s, col_ids, tok, tok_base=wg * r_wg, t_base=t_first, blk=blk,
-                                bs=bs, lo=lo_smem[buf, j], hi=hi_smem[buf, j], need=need,
-                                skip=cfg.mask_skip, **docs)
-          p, m_new, l_i, acc = mg._online_softmax(s, m_i, l_i, acc, scale2)
-          p16 = p.astype(dtype)
-          if pp:
-            acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
-            plgpu.barrier_arrive(sched)                                    # softmax done
-          plgpu.barrier_wait(v_bar.at[slot])
-          if pp:
-            plgpu.barrier_wait(sched)                                      # tensor cores free
-
-          def pv(acc_ref):
-            plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
-          acc = pl.run_state(pv)(plgpu.ACC.init(acc))
-          plgpu.barrier_arrive(consumed.at[slot])
-          return acc, m_new, l_i
+          return mg.ws_consumer_step(
+              carry, slot=slot, blk=ids_smem[buf, j],
+              read_words=lambda: (lo_smem[buf, j], hi_smem[buf, j]), q_smem=q_cur,
+              k_smem=k_smem, v_smem=v_smem, k_bar=k_bar, v_bar=v_bar, consumed=consumed,
+              sched=sched if pp else None, mask_kw=mask_kw, scale2=scale2, bs=bs, dtype=dtype)
 
         acc, m_i, l_i = lax.fori_loop(0, count, step, (acc, m_i, l_i))
         if pp:

@@ -74,7 +74,36 @@ def host_memory_kind(device) -> str:
   return "device"
 
 
-class NumpyBlockStore:
+class _LazyArrays:
+  """``kv [B, H, NBmax, l', D]`` and ``c [B, H, NBmax, l']`` allocated by ``_allocate`` at their
+  first use (so a benchmark that installs its own arrays never reserves the full size), and
+  replaceable by assignment."""
+
+  def _allocate(self, shape, dtype):
+    raise NotImplementedError
+
+  @property
+  def kv(self):
+    if self._kv is None:
+      self._kv = self._allocate(self.shape, self.dtype)
+    return self._kv
+
+  @kv.setter
+  def kv(self, value):
+    self._kv = value
+
+  @property
+  def c(self):
+    if self._c is None:
+      self._c = self._allocate(self.shape[:4], np.float32)
+    return self._c
+
+  @c.setter
+  def c(self, value):
+    self._c = value
+
+
+class NumpyBlockStore(_LazyArrays):
   """One contiguous NumPy array per layer (see the module docstring).
 
   Attributes:
@@ -92,25 +121,8 @@ class NumpyBlockStore:
     self.dtype = np.dtype(dtype)
     self._kv = self._c = None
 
-  @property
-  def kv(self):
-    if self._kv is None:
-      self._kv = np.empty(self.shape, self.dtype)
-    return self._kv
-
-  @kv.setter
-  def kv(self, value):
-    self._kv = value
-
-  @property
-  def c(self):
-    if self._c is None:
-      self._c = np.empty(self.shape[:4], np.float32)
-    return self._c
-
-  @c.setter
-  def c(self, value):
-    self._c = value
+  def _allocate(self, shape, dtype):
+    return np.empty(shape, dtype)
 
   @property
   def memory_kind(self) -> str:
@@ -277,7 +289,7 @@ def _pinned_array_fns(sharding: jax.sharding.Sharding):
   return write, take
 
 
-class PinnedArrayBlockStore:
+class PinnedArrayBlockStore(_LazyArrays):
   """One jax array per layer in host memory (see the module docstring).
 
   Attributes:
@@ -300,25 +312,8 @@ class PinnedArrayBlockStore:
     """Whether the arrays are in a host memory (else the fallback: device memory)."""
     return self.kind != "device"
 
-  @property
-  def kv(self) -> jax.Array:
-    if self._kv is None:
-      self._kv = jax.device_put(np.zeros(self.shape, self.dtype), self.sharding)
-    return self._kv
-
-  @kv.setter
-  def kv(self, value):
-    self._kv = value
-
-  @property
-  def c(self) -> jax.Array:
-    if self._c is None:
-      self._c = jax.device_put(np.zeros(self.shape[:4], np.float32), self.sharding)
-    return self._c
-
-  @c.setter
-  def c(self, value):
-    self._c = value
+  def _allocate(self, shape, dtype) -> jax.Array:
+    return jax.device_put(np.zeros(shape, dtype), self.sharding)
 
   @property
   def memory_kind(self) -> str:
