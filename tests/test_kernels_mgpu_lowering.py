@@ -223,3 +223,23 @@ def test_nosa_bias_columns_lower_for_cuda(d):
   text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(*avals).lower(
       lowering_platforms=("cuda",)).as_text()
   assert text.count("mosaic_gpu") >= 3
+
+
+def test_persistent_is_the_default_only_without_documents(monkeypatch):
+  """Packed documents keep the per-tile forward unless ``persistent=True`` is asked for (its
+  document masks are not yet checked on a GPU)."""
+  seen = []
+  real = mg.call_kernel
+  monkeypatch.setattr(mg, "call_kernel",
+                      lambda *a, **kw: seen.append(a[4].persistent) or real(*a, **kw))
+  t, h, g, d = 256, 2, 16, 64
+  avals = (jax.ShapeDtypeStruct((1, t, h * g, d), jnp.bfloat16),
+           jax.ShapeDtypeStruct((1, t, h, d), jnp.bfloat16),
+           jax.ShapeDtypeStruct((1, t, h, d), jnp.bfloat16),
+           jax.ShapeDtypeStruct((1, t, h, 4), jnp.int32))
+  seg = jnp.repeat(jnp.arange(2, dtype=jnp.int32), t // 2)[None]
+  for kw in ({}, {"segment_ids": seg}, {"segment_ids": seg, "persistent": True},
+             {"persistent": False}):
+    jax.jit(lambda q, k, v, bi, kw=kw: mg.selected_attention_mgpu(q, k, v, bi, **kw)).trace(
+        *avals).lower(lowering_platforms=("cuda",))
+  assert seen == [True, False, True, False]
