@@ -143,24 +143,30 @@ def test_decode_step_never_attends_over_the_capacity():
 
 
 # ------------------------------------------------------------------------------ offloaded
-@pytest.mark.parametrize("store", ["numpy", "pinned_array"])
-def test_offloaded_greedy_equals_device_resident_and_compiles_once(store, monkeypatch):
+@pytest.mark.parametrize("store,plan", [("numpy", "host"), ("pinned_array", "host"),
+                                        ("pinned_array", "device")])
+def test_offloaded_greedy_equals_device_resident_and_compiles_once(store, plan, monkeypatch):
   """Two rows, prompts of 26 tokens, 20 greedy tokens (blocks start at 32, 40): the offloaded
   decoder (K/V/c of the NOSA layer in a host NumPy store, or in one pinned_host jax array
-  loaded by jitted gathers; the first step's 12 loads go in scatters of at most 4 blocks)
-  produces the device-resident tokens; each jitted piece is traced once (the embedding once per
-  shape); a second call with the same prompt length traces nothing."""
+  loaded by jitted gathers; slot assignment on the host, or on the device with only its counts
+  read back; the first step's 12 loads go in scatters of at most 4 blocks) produces the
+  device-resident tokens; each jitted piece is traced once (the embedding once per shape; the
+  device plan once); a second call with the same prompt length traces nothing."""
   from sparse_attention_jax.nn import offload
   monkeypatch.setattr(offload, "MAX_SCATTER", 4)
   model = nosa_model()
   prompts = np.asarray(jax.random.randint(jax.random.key(4), (2, 26), 0, 64)).tolist()
   want = Generator(model, batch=2, capacity=48, prefill_bucket=8).generate(
       prompts, 20, greedy=True)
-  gen = Generator(model, batch=2, capacity=48, offload=True, offload_store=store)
+  gen = Generator(model, batch=2, capacity=48, offload=True, offload_store=store,
+                  offload_plan=plan)
+  plans = offload.plan_slots_on_device._cache_size()
   out = gen.generate(prompts, 20, greedy=True)
   np.testing.assert_array_equal(out.tokens, want.tokens)
   once = {**{name: 1 for name in gen._offload.traces}, "embed": 2}   # prompt and step shapes
   assert gen._offload.traces == once
+  compiled_plans = offload.plan_slots_on_device._cache_size() - plans
+  assert compiled_plans <= (plan == "device")            # (0 if an earlier test had the shape)
   st = out.offload
   kind = {"numpy": "numpy", "pinned_array": "pinned_host"}[store]     # CPU: pinned_host exists
   assert st.host_memory_kind == kind and st.slots == CFG.num_selected - 1
@@ -169,6 +175,7 @@ def test_offloaded_greedy_equals_device_resident_and_compiles_once(store, monkey
   assert 0 < st.total["hit_rate"] < 1 and st.host_bytes > 0 and st.device_bytes > 0
   gen.generate([[1] * 26, [2] * 26], 5, greedy=True)
   assert gen._offload.traces == once
+  assert offload.plan_slots_on_device._cache_size() - plans == compiled_plans
 
 
 def test_offloaded_transfer_counts_follow_the_selection(monkeypatch):
@@ -219,6 +226,13 @@ def test_offloaded_decoder_passes_the_transfer_to_every_layer():
                                        r"\('staged' with store='numpy' only\), got 'staged' "
                                        r"with store='pinned_host'"):
     OffloadedDecoder(model, batch=2, capacity=16, store="pinned_host", transfer="staged")
+  caches = OffloadedDecoder(model, batch=2, capacity=16, store="pinned_array",
+                            plan="device")._new_caches(None)
+  assert all(c[1].plan == "device" for c in caches if isinstance(c, list))
+  with pytest.raises(ValueError, match=r"plan: expected one of \('host', 'device'\) \('device' "
+                                       r"with store='pinned_array' only\), got 'device' with "
+                                       r"store='numpy'"):
+    OffloadedDecoder(model, batch=2, capacity=16, plan="device")
 
 
 def test_offload_errors_name_the_values():

@@ -2,8 +2,9 @@
 full device-resident cache for the same selection (both host stores: one NumPy array per layer,
 per-block pinned_host arrays; both transfers: fresh gathers, reused staging buffers), slots hold
 the true blocks (bit-identical between the transfers), transfers are counted exactly, the
-vectorized slot assignment equals a per-row set-based oracle, scatter size buckets, memory kinds,
-and clear capacity / budget errors."""
+vectorized slot assignment equals a per-row set-based oracle, the device plan (plan="device")
+equals the host plan bit for bit, scatter size buckets, memory kinds, and clear capacity / budget
+errors."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from sparse_attention_jax.config import NSAConfig
 from sparse_attention_jax.nn.offload import (
   OffloadedBlockCache,
   assign_slots,
+  plan_slots_on_device,
   bucket,
   buckets,
   host_memory_kind,
@@ -258,6 +260,161 @@ def test_pinned_array_falls_back_to_a_separate_gather_and_scatter(caplog):
                                       np.asarray(getattr(caches[0], name))[bb, hh, ss])
   assert not caches[1]._array_fused
   assert sum("fused pinned_array load does not compile" in r.message for r in caplog.records) == 1
+
+
+def _random_gamma(rng, slot_block, cur, num_slots, width):
+  """``[B, H, width]`` selections: most resident blocks kept, some evicted, new ones added, the
+  current block in or out, a duplicate, ``-1`` padding, shuffled."""
+  bsz, heads = slot_block.shape[:2]
+  gamma = np.full((bsz, heads, width), -1, np.int32)
+  for bi in range(bsz):
+    for hi in range(heads):
+      kept = [int(j) for j in slot_block[bi, hi] if j >= 0 and rng.random() < 0.6]
+      fresh = rng.choice(cur, size=min(cur, num_slots), replace=False).tolist()
+      picked = list(dict.fromkeys(kept + fresh))[:rng.integers(0, num_slots + 1)]
+      if rng.random() < 0.7:
+        picked.append(cur)
+      if picked and rng.random() < 0.4:
+        picked.append(picked[0])                                  # a duplicate
+      gamma[bi, hi, :len(picked)] = rng.permutation(picked[:width])
+  return gamma
+
+
+def test_device_plan_matches_host_plan_bit_for_bit_and_compiles_once(monkeypatch):
+  """plan="device" (slot assignment + compacted loads in one jitted call, only the counts read
+  back, chunks sliced on the device) against plan="host", both on the pinned_array store, bf16,
+  chunks of 3: over a prefill, appends that complete blocks 6 and 7 (the completed tail is
+  then selected and loaded) and updates with evictions, duplicates, ``-1`` padding and the
+  current block in or out, both hold the same slot ids, tail use, whole slot arrays (bytes) and
+  attention outputs, and report the same counts; a repeated selection loads nothing and launches
+  nothing; neither the plan nor the chunk load compiles after the first step / warm-up."""
+  from sparse_attention_jax.nn import offload
+  monkeypatch.setattr(offload, "LOAD_CHUNK", 3)
+  rng = np.random.default_rng(7)
+  bsz, heads, dk, dv, bs, ns, total, width = 2, 3, 4, 3, 4, 5, 44, 8
+  caches = [OffloadedBlockCache(batch=bsz, num_kv_heads=heads, k_dim=dk, v_dim=dv,
+                                block_size=bs, num_slots=ns, max_len=total, dtype=jnp.bfloat16,
+                                store="pinned_array", load_workers=1, plan=plan)
+            for plan in ("host", "device")]
+  ref, got = caches
+  got.warm_scatter()
+  ref.warm_scatter()
+  launches = []
+  planned = got._planned_load
+
+  def counted(*args, **kw):
+    launches.append(kw["size"])
+    return planned(*args, **kw)
+  got._planned_load = counted
+  k = jnp.asarray(rng.standard_normal((bsz, total, heads, dk)), jnp.float32)
+  v = jnp.asarray(rng.standard_normal((bsz, total, heads, dv)), jnp.float32)
+  c = jnp.asarray(rng.standard_normal((bsz, total, heads)), jnp.float32)
+  q = jnp.asarray(rng.standard_normal((bsz, 2 * heads, dk)), jnp.float32)
+  prompt = 22
+  for cache in caches:
+    cache.prefill(k[:, :prompt], v[:, :prompt], c[:, :prompt])
+  warmed = planned._cache_size()
+  moved, plans, counts = 0, None, set()
+  for t in range(prompt - 1, 34):                       # blocks 5, 6 and 7 complete on the way
+    if t >= prompt:
+      for cache in caches:
+        cache.append(k[:, t], v[:, t], c[:, t])
+    cur = t // bs
+    gamma = _random_gamma(rng, ref.slot_block, cur, ns, width)
+    if t in (25, 30):
+      gamma = np.full((bsz, heads, width), -1, np.int32)  # the resident blocks: no load
+      gamma[..., 1:ns + 1] = np.asarray(got.slot_block)[..., ::-1]
+    before = len(launches)
+    st_ref = ref.update(gamma)
+    st_got = got.update(jnp.asarray(gamma))
+    for key in ("requested", "hits", "transferred", "hit_rate", "bytes"):
+      assert st_got[key] == st_ref[key], (t, key)
+    assert set(st_got) == set(st_ref) and st_got["gather_s"] == 0.0
+    if st_ref["transferred"] == 0:
+      assert len(launches) == before
+    assert isinstance(got.slot_block, jax.Array) and isinstance(got.tail_use, jax.Array)
+    np.testing.assert_array_equal(np.asarray(got.slot_block), ref.slot_block)
+    np.testing.assert_array_equal(np.asarray(got.tail_use), ref.tail_use)
+    np.testing.assert_array_equal(np.asarray(got.slot_kv).view(np.uint16),
+                                  np.asarray(ref.slot_kv).view(np.uint16))
+    np.testing.assert_array_equal(np.asarray(got.slot_c), np.asarray(ref.slot_c))
+    np.testing.assert_array_equal(np.asarray(got.attend(q)), np.asarray(ref.attend(q)))
+    moved += st_ref["transferred"]
+    counts.add(st_ref["transferred"])
+    if plans is None:
+      plans = plan_slots_on_device._cache_size()
+  assert moved > 40 and len(counts) >= 4 and 0 in counts
+  assert plan_slots_on_device._cache_size() == plans     # one plan compile for the shape
+  assert planned._cache_size() == warmed                  # every chunk size was warmed
+  assert got._planned_fused and {k: got.totals[k] for k in ("requested", "hits", "transferred",
+                                                            "bytes")} == {
+      k: ref.totals[k] for k in ("requested", "hits", "transferred", "bytes")}
+
+
+def test_device_plan_falls_back_to_sliced_rows_and_the_store_load(caplog):
+  """If the fused sliced load cannot be compiled, plan="device" logs it once and slices the
+  rows in a separate jitted call before the store's jitted load: same slots as plan="host"."""
+  rng = np.random.default_rng(9)
+  caches = [OffloadedBlockCache(batch=2, num_kv_heads=2, k_dim=3, v_dim=3, block_size=4,
+                                num_slots=4, max_len=40, store="pinned_array", load_workers=1,
+                                plan=plan) for plan in ("host", "device")]
+  k = jnp.asarray(rng.standard_normal((2, 33, 2, 3)), jnp.float32)
+  for cache in caches:
+    cache.prefill(k, -k, k[..., 0])                                   # current block 8
+
+  def refuse(*args, **kw):
+    raise RuntimeError("INTERNAL: Bitcast cannot have different memory spaces")
+  caches[1]._planned_load = refuse
+  with caplog.at_level("WARNING", logger="sparse_attention_jax.nn.offload"):
+    for _ in range(3):
+      gamma = np.stack([[rng.choice(9, 4, replace=False) for _ in range(2)] for _ in range(2)])
+      stats = [cache.update(gamma) for cache in caches]
+      assert stats[0]["transferred"] == stats[1]["transferred"] > 0
+      np.testing.assert_array_equal(np.asarray(caches[1].slot_block), caches[0].slot_block)
+      for name in ("slot_kv", "slot_c"):
+        np.testing.assert_array_equal(np.asarray(getattr(caches[1], name)),
+                                      np.asarray(getattr(caches[0], name)))
+  assert not caches[1]._planned_fused
+  assert sum("fused plan='device' load does not compile" in r.message
+             for r in caplog.records) == 1
+
+
+def test_plan_argument_errors():
+  with pytest.raises(ValueError, match=r"plan: expected one of \('host', 'device'\), got 'gpu'"):
+    OffloadedBlockCache(batch=1, num_kv_heads=1, k_dim=2, v_dim=2, block_size=4, num_slots=2,
+                        max_len=8, store="pinned_array", plan="gpu")
+  for store in ("numpy", "pinned_host"):
+    with pytest.raises(ValueError, match=rf"plan: expected 'host' with a store other than "
+                                         rf"'pinned_array' .* got 'device' with store='{store}'"):
+      OffloadedBlockCache(batch=1, num_kv_heads=1, k_dim=2, v_dim=2, block_size=4, num_slots=2,
+                          max_len=8, store=store, plan="device")
+
+
+def test_device_plan_refuses_bad_selections_and_leaves_slots():
+  """plan="device" raises the host plan's errors (too many blocks in a row, a future block, a
+  bad shape) from its read-back counts, and keeps the slots unchanged."""
+  _, k, v, c = _inputs(6)
+  cache = OffloadedBlockCache(batch=B, num_kv_heads=H, k_dim=D, v_dim=DV,
+                              block_size=CFG.block_size, num_slots=2, max_len=T,
+                              store="pinned_array", plan="device")
+  with pytest.raises(ValueError, match="update: expected a cache holding tokens"):
+    cache.update(np.zeros((B, H, 4), np.int32))
+  cache.prefill(k[:, :40], v[:, :40], c[:, :40])          # current block 4
+  assert cache.update(np.array([[[0, 1, 4, -1]] * H] * B))["transferred"] == 2 * B * H
+  before = np.asarray(cache.slot_block).copy()
+  gamma = np.array([[[0, 1, 4, -1]] * H] * B)
+  gamma[1, 1] = [0, 1, 2, 3]
+  with pytest.raises(ValueError, match=r"gamma: expected at most num_slots=2 selected blocks "
+                                       r"besides the current block .* got 4 at \(b=1, h=1\)"):
+    cache.update(jnp.asarray(gamma))
+  with pytest.raises(ValueError, match="gamma: expected block ids <= the current block 4"):
+    cache.update(np.array([[[0, 5, -1, -1]] * H] * B))
+  with pytest.raises(ValueError, match=r"gamma: expected shape \[B, H, n\]"):
+    cache.update(np.zeros((B, 4), np.int32))
+  np.testing.assert_array_equal(np.asarray(cache.slot_block), before)
+  st = cache.update(np.zeros((B, H, 0), np.int32))        # empty selection: evicts everything
+  assert (st["requested"], st["transferred"]) == (0, 0)
+  assert (np.asarray(cache.slot_block) == -1).all() and not np.asarray(cache.tail_use).any()
 
 
 def test_store_argument_error():

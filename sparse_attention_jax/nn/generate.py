@@ -92,17 +92,20 @@ class Generator:
     offload_store: host block store with ``offload``: ``"numpy"`` (one contiguous array per
       layer), ``"pinned_host"`` (one pinned host array per block) or ``"pinned_array"`` (one
       pinned host array per layer, loaded by jitted gathers).
+    offload_plan: slot assignment with ``offload``: ``"host"`` (NumPy) or ``"device"`` (one
+      jitted plan per layer and step; ``offload_store="pinned_array"`` only).
   """
 
   def __init__(self, model, *, batch: int, capacity: int, dtype=None, prefill_bucket: int = 64,
                offload: bool = False, num_slots: int | None = None,
-               offload_store: str = "numpy"):
+               offload_store: str = "numpy", offload_plan: str = "host"):
     dec.check_decodable(model)
     self._offload = None
     if offload:
       from sparse_attention_jax.nn.offload_decode import OffloadedDecoder
       self._offload = OffloadedDecoder(model, batch=batch, capacity=capacity, dtype=dtype,
-                                       num_slots=num_slots, store=offload_store)
+                                       num_slots=num_slots, store=offload_store,
+                                       plan=offload_plan)
       self._warm: set[int] = set()
     for name, val in (("batch", batch), ("capacity", capacity), ("prefill_bucket",
                                                                    prefill_bucket)):

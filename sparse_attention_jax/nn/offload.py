@@ -40,8 +40,12 @@ padded to the same size buckets, so it compiles once per bucket.
 
 The bookkeeping (which block goes to which slot, :func:`assign_slots`) runs vectorized in NumPy
 on the host (no Python loop over sequences or heads), so :meth:`update` reads ``gamma`` back
-from the device. Sequences share one length (no ragged batches) and one
-document (no segment ids).
+from the device (``plan="host"``, the default). With ``plan="device"`` (``store="pinned_array"``
+only) ONE jitted call (:func:`plan_slots_on_device`) computes the same assignment on the device
+together with the compacted list of loads; the host reads back only a few int32 counts (the
+number of loads among them), and each chunk load slices its rows out of that device list inside
+its jitted gather + scatter: no ``gamma`` read-back, no host planning, no host index arrays.
+Sequences share one length (no ragged batches) and one document (no segment ids).
 """
 
 from __future__ import annotations
@@ -82,6 +86,9 @@ STAT_KEYS = ("requested", "hits", "transferred", "bytes", "wait_s", "plan_s", "g
 
 # Ways a step's blocks move host -> device (see the module docstring).
 TRANSFERS = ("fresh", "staged")
+# Where a step's slot assignment is computed: NumPy on the host (reads gamma back), or one jitted
+# call on the device (store="pinned_array" only; the host reads back a few counts).
+PLANS = ("host", "device")
 # Staging buffers per loading thread (transfer="staged"): one is filled while the other's
 # transfer is in flight.
 STAGING_DEPTH = 2
@@ -254,6 +261,76 @@ def assign_slots(gamma: np.ndarray, slot_block: np.ndarray, current: int):
   return (mb, mh, ms, mj), tail_use, requested, requested - len(mb)
 
 
+# Entries of the int32 vector ``info`` returned by :func:`plan_slots_on_device`.
+INFO_LOADS, INFO_REQUESTED, INFO_MAX_ID, INFO_OVERFULL_ROW, INFO_OVERFULL_COUNT = range(5)
+
+
+@functools.partial(jax.jit, static_argnames=("pad",))
+def plan_slots_on_device(gamma, slot_block, current, *, pad: int):
+  """:func:`assign_slots` computed on the device, plus the compacted list of loads.
+
+  The same slot assignment as :func:`assign_slots` (kept blocks stay in their slots, the other
+  slots are emptied, per row the missing ids in ascending order go into the free slots in
+  ascending order), the same ``tail_use`` and counts, and the loads in the same order (row-major
+  over ``(b, h)``, ascending block id within a row). Compiled once per shape (``current`` is
+  traced).
+
+  Args:
+    gamma: ``[B, H, n]`` int32 block ids (``-1`` padding, duplicates count once).
+    slot_block: ``[B, H, NS]`` int32 block id per slot (``-1`` = empty). Not modified.
+    current: int32 scalar, the current block (the tail; never put in a slot).
+    pad: rows appended after the ``B * H * NS`` possible loads, so that a chunk of up to ``pad``
+      rows sliced at any load index never runs past the end (static).
+
+  Returns:
+    ``(slot_block [B, H, NS] int32, tail_use [B, H] bool, loads [B * H * NS + pad, 4] int32,
+    info [5] int32)``. ``loads`` holds the rows ``(b, h, block, slot)`` of the missing blocks
+    first (``info[INFO_LOADS]`` of them), zero rows after. ``info``: the load count, the blocks
+    requested besides the current one (hits = requested - loads), the largest id in ``gamma``
+    (``-1`` if none), the first row ``b * H + h`` selecting more than ``NS`` blocks besides the
+    current one (``-1`` if none) and that row's count. When a row is over-full the other
+    outputs are meaningless (the caller refuses the step).
+  """
+  bsz, heads, num_slots = slot_block.shape
+  max_id = jnp.max(gamma, initial=-1).astype(jnp.int32)
+  if gamma.shape[-1] == 0:
+    gamma = jnp.full((bsz, heads, 1), -1, jnp.int32)
+  sel = jnp.sort(gamma.astype(jnp.int32), axis=-1)                          # [B, H, n]
+  tail_use = jnp.any(sel == current, axis=-1)                               # [B, H]
+  first = jnp.concatenate([jnp.ones_like(sel[..., :1], bool), sel[..., 1:] != sel[..., :-1]],
+                          axis=-1)                                          # first of duplicates
+  want = (sel >= 0) & (sel != current) & first                              # [B, H, n]
+  count = jnp.sum(want, axis=-1, dtype=jnp.int32)                           # [B, H]
+  # slot_holds[b, h, s, i]: slot s already holds the wanted block sel[b, h, i].
+  slot_holds = (slot_block[..., :, None] == sel[..., None, :]) & want[..., None, :]
+  keep = jnp.any(slot_holds, axis=-1)                                       # [B, H, NS]
+  missing = want & ~jnp.any(slot_holds, axis=-2)                            # [B, H, n]
+  free = ~keep
+  free_rank = jnp.cumsum(free, axis=-1, dtype=jnp.int32) - 1                # [B, H, NS]
+  miss_rank = jnp.cumsum(missing, axis=-1, dtype=jnp.int32) - 1             # [B, H, n]
+  # goes[b, h, s, i]: the r-th missing block of the row goes to its r-th free slot.
+  goes = (free[..., :, None] & missing[..., None, :]
+          & (free_rank[..., :, None] == miss_rank[..., None, :]))           # [B, H, NS, n]
+  new_block = jnp.max(jnp.where(goes, sel[..., None, :], -1), axis=-1)      # [B, H, NS]
+  new_slot_block = jnp.where(keep, slot_block, new_block)
+  slot_ids = jnp.arange(num_slots, dtype=jnp.int32)
+  slot_of = jnp.max(jnp.where(goes, slot_ids[:, None], -1), axis=-2)        # [B, H, n]
+  # Compaction: the missing rows, in row-major order, to the front of `loads`.
+  seq_ids = jnp.broadcast_to(jnp.arange(bsz, dtype=jnp.int32)[:, None, None], sel.shape)
+  head_ids = jnp.broadcast_to(jnp.arange(heads, dtype=jnp.int32)[None, :, None], sel.shape)
+  rows = jnp.stack([seq_ids, head_ids, sel, slot_of], axis=-1).reshape(-1, 4)
+  is_load = missing.reshape(-1)
+  load_index = jnp.cumsum(is_load, dtype=jnp.int32) - 1
+  size = bsz * heads * num_slots + pad
+  dest = jnp.where(is_load, load_index, size)                               # size: dropped
+  loads = jnp.zeros((size, 4), jnp.int32).at[dest].set(rows, mode="drop")
+  over = (count > num_slots).reshape(-1)
+  over_row = jnp.argmax(over).astype(jnp.int32)
+  info = jnp.stack([jnp.sum(is_load, dtype=jnp.int32), jnp.sum(count, dtype=jnp.int32), max_id,
+                    jnp.where(jnp.any(over), over_row, -1), count.reshape(-1)[over_row]])
+  return new_slot_block, tail_use, loads, info
+
+
 def _scatter(slot_kv, slot_c, b, h, s, kv, c):
   """Writes blocks ``kv [N, l', Dk+Dv]``, ``c [N, l']`` (or lists of N ``[l', Dk+Dv]`` / ``[l']``)
   into slots ``(b, h, s)`` (``[N]`` int32 each)."""
@@ -310,6 +387,35 @@ def _array_loader(donate: bool, host: bool, fused: bool):
   return split
 
 
+def _chunk_of_loads(loads, at, valid, *, size: int):
+  """Rows ``at .. at + size - 1`` of ``loads [L, 4]`` (``(b, h, block, slot)``, from
+  :func:`plan_slots_on_device`), the rows from ``valid`` on replaced by the chunk's first row
+  (as :func:`_chunk_rows` pads): ``(src [size, 3] (b, h, block), dst [size, 3] (b, h, slot))``."""
+  rows = jax.lax.dynamic_slice_in_dim(loads, at, size, axis=0)              # [size, 4]
+  rows = jnp.where((jnp.arange(size) < valid)[:, None], rows, rows[:1])
+  return rows[:, :3], jnp.stack([rows[:, 0], rows[:, 1], rows[:, 3]], axis=1)
+
+
+def _load_planned_chunk(store_kv, store_c, slot_kv, slot_c, loads, at, valid, *, size: int,
+                        host: bool):
+  src, dst = _chunk_of_loads(loads, at, valid, size=size)
+  return load_into_slots(store_kv, store_c, slot_kv, slot_c, src, dst, host=host)
+
+
+@functools.cache
+def _planned_loader(donate: bool, host: bool):
+  """The jitted chunk load of ``plan="device"``: ``(store_kv, store_c, slot_kv, slot_c, loads,
+  at, valid, *, size) -> (slot_kv, slot_c)``: slices the chunk's rows out of the device-resident
+  ``loads`` and gathers + scatters them (:func:`load_into_slots`) in ONE call, compiled once per
+  ``size`` (a :func:`bucket`). Slots donated when ``donate``."""
+  return jax.jit(functools.partial(_load_planned_chunk, host=host), static_argnames=("size",),
+                 donate_argnums=(2, 3) if donate else ())
+
+
+# Fallback of the planned load: the chunk's rows as device arrays, then the store's jitted load.
+_chunk_of_loads_jit = jax.jit(_chunk_of_loads, static_argnames=("size",))
+
+
 @functools.partial(jax.jit, static_argnames=("k_dim", "block_size", "scale"))
 def _attend(q, slot_kv, slot_c, slot_block, tail_kv, tail_c, tail_use, t, *, k_dim: int,
             block_size: int, scale: float):
@@ -355,16 +461,27 @@ class OffloadedBlockCache:
     transfer: how a chunk moves (one of :data:`TRANSFERS`): ``"fresh"`` (a fresh host array per
       chunk) or ``"staged"`` (reused, DMA-registered staging buffers; ``store="numpy"`` only).
       Both fill the slots with the same bytes.
+    plan: where :meth:`update` computes the slot assignment (one of :data:`PLANS`): ``"host"``
+      (:func:`assign_slots` in NumPy after reading ``gamma`` back) or ``"device"``
+      (:func:`plan_slots_on_device`, one jitted call; ``store="pinned_array"`` only; then
+      ``slot_block`` and ``tail_use`` are device arrays). Both give the same slots, counts and
+      slot bytes.
   """
 
   def __init__(self, *, batch: int, num_kv_heads: int, k_dim: int, v_dim: int,
                block_size: int, num_slots: int, max_len: int, dtype=jnp.float32, device=None,
-               store: str = "numpy", load_workers: int | None = None, transfer: str = "fresh"):
+               store: str = "numpy", load_workers: int | None = None, transfer: str = "fresh",
+               plan: str = "host"):
     if transfer not in TRANSFERS:
       _fail("transfer", f"one of {TRANSFERS}", repr(transfer))
     if transfer == "staged" and store != "numpy":
       _fail("transfer", "'fresh' with a store other than 'numpy' (staging gathers from the NumPy "
             "store)", f"'staged' with store={store!r}")
+    if plan not in PLANS:
+      _fail("plan", f"one of {PLANS}", repr(plan))
+    if plan == "device" and store != "pinned_array":
+      _fail("plan", "'host' with a store other than 'pinned_array' (the device plan's loads "
+            "gather from the pinned_array store)", f"'device' with store={store!r}")
     load_workers = default_load_workers() if load_workers is None else load_workers
     for name, val in (("batch", batch), ("num_kv_heads", num_kv_heads), ("k_dim", k_dim),
                       ("v_dim", v_dim), ("block_size", block_size), ("num_slots", num_slots),
@@ -373,7 +490,7 @@ class OffloadedBlockCache:
         _fail(name, "a positive int", repr(val))
     self.batch, self.heads, self.k_dim, self.v_dim = batch, num_kv_heads, k_dim, v_dim
     self.block_size, self.num_slots, self.max_len = block_size, num_slots, max_len
-    self.load_workers, self.transfer = load_workers, transfer
+    self.load_workers, self.transfer, self.plan = load_workers, transfer, plan
     self.dtype = jnp.dtype(dtype)
     self.device = jax.devices()[0] if device is None else device
     d = k_dim + v_dim
@@ -384,15 +501,24 @@ class OffloadedBlockCache:
     zeros = functools.partial(jax.device_put, device=self._dev)
     self.slot_kv = zeros(jnp.zeros((batch, num_kv_heads, num_slots, block_size, d), self.dtype))
     self.slot_c = zeros(jnp.zeros((batch, num_kv_heads, num_slots, block_size), jnp.float32))
+    # plan="host": NumPy arrays updated on the host; plan="device": device arrays (never read
+    # back by the cache).
     self.slot_block = np.full((batch, num_kv_heads, num_slots), -1, np.int32)
     self.tail_kv = zeros(jnp.zeros((batch, num_kv_heads, block_size, d), self.dtype))
     self.tail_c = zeros(jnp.zeros((batch, num_kv_heads, block_size), jnp.float32))
     self.tail_use = np.zeros((batch, num_kv_heads), bool)
+    if plan == "device":
+      self.slot_block, self.tail_use = jax.device_put((self.slot_block, self.tail_use), self._dev)
+      self._no_tail = self.tail_use                # all False, reused when a block completes
     self._scatter, self._write_token = _updaters(self.device.platform != "cpu")
     self._array_load = None                      # store="pinned_array": the jitted chunk load
     self._array_fused = True
     if isinstance(self.store, PinnedArrayBlockStore):
       self._array_load = _array_loader(self.device.platform != "cpu", self.store.host, True)
+    self._planned_load = None                    # plan="device": the jitted sliced chunk load
+    self._planned_fused = True
+    if plan == "device":
+      self._planned_load = _planned_loader(self.device.platform != "cpu", self.store.host)
     self.length = 0
     self.totals = {"steps": 0, **{key: 0 for key in STAT_KEYS}}
 
@@ -471,7 +597,10 @@ class OffloadedBlockCache:
       self.store.write(pos // bs - 1, self.tail_kv[:, :, None], self.tail_c[:, :, None])
       self.tail_kv = jnp.zeros_like(self.tail_kv)
       self.tail_c = jnp.zeros_like(self.tail_c)
-      self.tail_use[:] = False
+      if self.plan == "device":
+        self.tail_use = self._no_tail
+      else:
+        self.tail_use[:] = False
     kv = jnp.concatenate([k_t.astype(self.dtype), v_t.astype(self.dtype)], axis=-1)
     self.tail_kv, self.tail_c = self._write_token(self.tail_kv, self.tail_c, pos % bs, kv,
                                                   c_t.astype(jnp.float32))
@@ -501,10 +630,15 @@ class OffloadedBlockCache:
       (``store="pinned_array"``: building the index arrays, and dispatching the jitted
       gather + scatter calls), and ``load_s`` (wall time of the whole load: gathers, puts and
       slot scatters).
-      Padding writes are not counted.
+      Padding writes are not counted. With ``plan="device"`` the counts are the same;
+      ``plan_s`` is the host time of dispatching :func:`plan_slots_on_device`, ``wait_s`` that
+      of reading its counts back (the step's only wait for the device), ``gather_s`` is 0 (no
+      host index arrays) and ``put_s`` the dispatch of the jitted sliced chunk loads.
     """
     if self.length == 0:
       _fail("update", "a cache holding tokens (prefill/append first)", "an empty cache")
+    if self.plan == "device":
+      return self._update_planned_on_device(gamma)
     t0 = time.perf_counter()
     g = np.asarray(gamma)                        # waits for the device's selection
     t1 = time.perf_counter()
@@ -534,6 +668,66 @@ class OffloadedBlockCache:
       self.totals[key] += stats[key]
     self.totals["steps"] += 1
     return stats
+
+  def _update_planned_on_device(self, gamma) -> dict:
+    """:meth:`update` with ``plan="device"``: one jitted :func:`plan_slots_on_device` call, ONE
+    read-back of its int32 counts, then one jitted sliced gather + scatter per chunk (nothing
+    when no block is missing)."""
+    shape = np.shape(gamma)
+    if len(shape) != 3 or shape[:2] != (self.batch, self.heads):
+      _fail("gamma", f"shape [B, H, n] = {(self.batch, self.heads, 'n')}", shape)
+    cur = self.current_block
+    size = min(MAX_SCATTER, LOAD_CHUNK)
+    t0 = time.perf_counter()
+    # Committed to the cache's device (a no-op for the selection already there): jit keys its
+    # compilations on whether an argument is committed, which the selection's inputs decide.
+    gamma = jax.device_put(jnp.asarray(gamma, jnp.int32), self._dev)
+    slot_block, tail_use, loads, info = plan_slots_on_device(gamma, self.slot_block,
+                                                             np.int32(cur), pad=bucket(size))
+    t1 = time.perf_counter()
+    info = np.asarray(jax.device_get(info))      # the step's only wait for the device
+    t2 = time.perf_counter()
+    n, requested = int(info[INFO_LOADS]), int(info[INFO_REQUESTED])
+    if info[INFO_MAX_ID] > cur:
+      _fail("gamma", f"block ids <= the current block {cur} (t = {self.length - 1}, no future "
+            f"blocks)", f"max id {int(info[INFO_MAX_ID])}")
+    if info[INFO_OVERFULL_ROW] >= 0:
+      bi, hi = divmod(int(info[INFO_OVERFULL_ROW]), self.heads)
+      _fail("gamma", f"at most num_slots={self.num_slots} selected blocks besides the current "
+            f"block per (sequence, KV head)", f"{int(info[INFO_OVERFULL_COUNT])} at (b={bi}, "
+                                              f"h={hi}); build the cache with more slots")
+    self.slot_block, self.tail_use = slot_block, tail_use
+    for at in range(0, n, size):
+      valid = min(size, n - at)
+      self._run_planned_load(loads, at, valid, bucket(valid))
+    t3 = time.perf_counter()                     # the loads are only dispatched: put = load
+    stats = {"requested": requested, "hits": requested - n, "transferred": n,
+             "hit_rate": (requested - n) / requested if requested else 1.0,
+             "bytes": n * self.block_bytes, "wait_s": t2 - t1, "plan_s": t1 - t0,
+             "gather_s": 0.0, "put_s": t3 - t2, "load_s": t3 - t2}
+    for key in STAT_KEYS:
+      self.totals[key] += stats[key]
+    self.totals["steps"] += 1
+    return stats
+
+  def _run_planned_load(self, loads, at: int, valid: int, size: int) -> None:
+    """One chunk of a ``plan="device"`` load: rows ``at .. at + valid - 1`` of the device list
+    ``loads``, padded to ``size``, in ONE jitted slice + gather + scatter. If XLA cannot compile
+    that, logs it once and from then on slices the rows in a jitted call and loads them with the
+    store's jitted load (:meth:`_run_array_load`, itself with its own fallback)."""
+    at, valid = np.int32(at), np.int32(valid)
+    if self._planned_fused:
+      try:
+        self.slot_kv, self.slot_c = self._planned_load(self.store.kv, self.store.c, self.slot_kv,
+                                                       self.slot_c, loads, at, valid, size=size)
+        return
+      except Exception as e:
+        log.warning("offload: the fused plan='device' load does not compile on %s (%s); "
+                    "slicing its rows in a separate call", self.device.platform,
+                    str(e).splitlines()[0])
+        self._planned_fused = False
+    src, dst = _chunk_of_loads_jit(loads, at, valid, size=size)
+    self._run_array_load(src, dst)
 
   def _load_array(self, loads, n: int) -> tuple[float, float]:
     """``store="pinned_array"``: each chunk (``LOAD_CHUNK`` blocks, padded to a :func:`bucket`
@@ -614,7 +808,16 @@ class OffloadedBlockCache:
     ``MAX_SCATTER``), so no decode step compiles one; writes zero blocks (``pinned_array``: the
     stored block ``(0, 0, 0)``) into the slot ``(0, 0, 0)`` (call it on a cache whose slots are
     still empty)."""
-    for n in buckets(min(self.batch * self.heads * self.num_slots, MAX_SCATTER)):
+    most = min(self.batch * self.heads * self.num_slots, MAX_SCATTER)
+    if self.plan == "device":                  # (copies block (0, 0, 0) into the empty slot)
+      size = min(MAX_SCATTER, LOAD_CHUNK)
+      loads = jax.device_put(np.zeros((self.batch * self.heads * self.num_slots + bucket(size),
+                                       4), np.int32), self._dev)
+      for n in buckets(min(most, size)):
+        self._run_planned_load(loads, 0, n, n)
+      jax.block_until_ready(self.slot_kv)
+      return
+    for n in buckets(most):
       if self._array_load is not None:         # (copies block (0, 0, 0) into the empty slot)
         self._run_array_load(np.zeros((n, 3), np.int32), np.zeros((n, 3), np.int32))
         continue
@@ -643,5 +846,6 @@ class OffloadedBlockCache:
                    k_dim=self.k_dim, block_size=self.block_size, scale=float(scale))
 
 
-__all__ = ["MAX_SCATTER", "STAT_KEYS", "TRANSFERS", "OffloadedBlockCache", "assign_slots",
-           "bucket", "buckets", "default_load_workers", "host_memory_kind"]
+__all__ = ["MAX_SCATTER", "PLANS", "STAT_KEYS", "TRANSFERS", "OffloadedBlockCache",
+           "assign_slots", "bucket", "buckets", "default_load_workers", "host_memory_kind",
+           "plan_slots_on_device"]

@@ -46,7 +46,7 @@ import numpy as np
 from flax import nnx
 
 from sparse_attention_jax.nn import decode as dec
-from sparse_attention_jax.nn.offload import STAT_KEYS, TRANSFERS, OffloadedBlockCache
+from sparse_attention_jax.nn.offload import PLANS, STAT_KEYS, TRANSFERS, OffloadedBlockCache
 from sparse_attention_jax.nn.offload_store import STORES
 from sparse_attention_jax.ops.nosa_decode import (
   decode_budgets,
@@ -149,11 +149,15 @@ class OffloadedDecoder:
     transfer: ``"fresh"`` (a fresh host array per chunk) or ``"staged"`` (reused,
       DMA-registered staging buffers; NumPy store only); see
       :class:`~sparse_attention_jax.nn.offload.OffloadedBlockCache`.
+    plan: ``"host"`` (slot assignment in NumPy after reading the selection back) or
+      ``"device"`` (one jitted plan per layer and step, the host reads back only the counts;
+      ``store="pinned_array"`` only); see
+      :class:`~sparse_attention_jax.nn.offload.OffloadedBlockCache`.
   """
 
   def __init__(self, model, *, batch: int, capacity: int, dtype=None,
                num_slots: int | None = None, store: str = "numpy",
-               load_workers: int | None = None, transfer: str = "fresh"):
+               load_workers: int | None = None, transfer: str = "fresh", plan: str = "host"):
     dec.check_decodable(model)
     kinds = [blk.kind for blk in model.layers]
     if "nosa" not in kinds:
@@ -168,8 +172,12 @@ class OffloadedDecoder:
     if transfer not in TRANSFERS or (transfer == "staged" and store != "numpy"):
       raise ValueError(f"transfer: expected one of {TRANSFERS} ('staged' with store='numpy' "
                        f"only), got {transfer!r} with store={store!r}")
+    if plan not in PLANS or (plan == "device" and store != "pinned_array"):
+      raise ValueError(f"plan: expected one of {PLANS} ('device' with store='pinned_array' "
+                       f"only), got {plan!r} with store={store!r}")
     self.model, self.batch, self.capacity, self.dtype = model, batch, capacity, dtype
     self.store, self.load_workers, self.transfer = store, load_workers, transfer
+    self.plan = plan
     self.config = model.config
     self.num_slots = offload_slots(self.config, capacity) if num_slots is None else num_slots
     self.traces = {"embed": 0, "logits": 0, "nosa_prefill": 0, "nosa_pre": 0, "nosa_post": 0,
@@ -202,7 +210,7 @@ class OffloadedDecoder:
                                     k_dim=c.head_dim, v_dim=c.dv, block_size=c.nsa.block_size,
                                     num_slots=self.num_slots, max_len=self.capacity, dtype=dt,
                                     store=self.store, load_workers=self.load_workers,
-                                    transfer=self.transfer)
+                                    transfer=self.transfer, plan=self.plan)
         if not self._scatter_warm:
           store.warm_scatter()
           self._scatter_warm = True
