@@ -256,7 +256,8 @@ def test_decode_benchmark_nosa_kinds_smoke(tmp_path, monkeypatch, capsys):
   """``benchmarks/decode.py --tiny --kinds nosa,nosa_offload --report-fit`` runs on CPU without
   grain: both rows decode, the offloaded row (loads through staging buffers,
   ``--offload-transfer staged``) reports its transfers, and the resident-cache bytes are those
-  of the device-resident NOSA state."""
+  of the device-resident NOSA state; ``--offload-plan device`` runs with the pinned_array store
+  and is refused with the numpy store."""
   import json
   import sys
   monkeypatch.setitem(sys.modules, "grain", None)
@@ -283,6 +284,15 @@ def test_decode_benchmark_nosa_kinds_smoke(tmp_path, monkeypatch, capsys):
                 "--offload-transfer", "staged", "--out", str(tmp_path)])
   assert "--offload-transfer: expected 'fresh' with --offload-store pinned_host" in (
       capsys.readouterr().err)
+  with pytest.raises(SystemExit):
+    bench.main(["--tiny", "--kinds", "nosa_offload", "--offload-plan", "device",
+                "--out", str(tmp_path)])
+  assert "--offload-plan: expected 'host' with --offload-store numpy" in capsys.readouterr().err
+  assert bench.main(["--tiny", "--kinds", "nosa_offload", "--batch", "2", "--context", "37",
+                     "--steps", "2", "--warmup", "1", "--offload-store", "pinned_array",
+                     "--offload-plan", "device", "--out", str(tmp_path)]) == 0
+  row = json.loads((tmp_path / "decode.json").read_text())["rows"][0]
+  assert row["plan"] == "device" and row["lengths_ok"] and row["host_ms_per_step"]["gather"] == 0
 
 
 def test_generate_cli_nosa_offload_matches_resident(capsys):
