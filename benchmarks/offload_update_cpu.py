@@ -11,6 +11,9 @@ Rows (ms per ``update()``, mean over ``--steps`` steady-state steps after a full
 
 * ``bookkeeping loop``: the earlier per-(b, h) Python set arithmetic alone (no copies);
 * ``bookkeeping vectorized``: :func:`sparse_attention_jax.nn.offload.assign_slots` alone;
+* ``bookkeeping device``: with ``--plans ...,device``, the jitted
+  :func:`sparse_attention_jax.nn.offload.plan_slots_on_device` and the read-back of its counts
+  (the selections already on the device);
 * ``update numpy, W workers``: the whole step with the NumPy store (gathers, ``device_put`` s,
   scatters), for each count of ``--load-workers`` (threads fetching the chunks of a load side by
   side), with the host milliseconds of the load phase and of the gathers and puts (summed over
@@ -23,6 +26,10 @@ Rows (ms per ``update()``, mean over ``--steps`` steady-state steps after a full
   (``--stores numpy,pinned_array``): each chunk is one jitted gather from host memory + slot
   scatter (``load ms`` = host time of the whole load, ``gather ms`` = building the index arrays,
   ``put ms`` = dispatching the jitted calls; the copies finish inside the timed step);
+* ``update pinned_array plan device``: with ``--plans host,device``, the same store with the
+  slot assignment planned on the device (``OffloadedBlockCache(plan="device")``; the selections
+  are moved to the device before the timed step; ``gather ms`` = 0, ``put ms`` = dispatching the
+  sliced chunk loads);
 * ``update baseline``: with ``--baseline PATH`` (e.g. the earlier module from ``git show
   b0c8696:sparse_attention_jax/nn/offload.py > /tmp/old_offload.py``), that module's update.
 
@@ -36,7 +43,8 @@ The ``pinned_array`` store cannot share rows: it holds all ``B * H * (NB + 1)`` 
 at the defaults, built from the pool through one host copy).
 
 Usage: ``python3 benchmarks/offload_update_cpu.py [--batch 128] [--steps 10] [--baseline PATH]
-[--load-workers 1,2,4] [--transfers fresh,staged]``. Runs on a GPU too (the device is ``jax.devices()[0]``).
+[--load-workers 1,2,4] [--transfers fresh,staged] [--stores numpy,pinned_array] [--plans
+host,device]``. Runs on a GPU too (the device is ``jax.devices()[0]``).
 Prints a table and writes ``offload_update_cpu.json`` under ``--out`` (default ``$OUT`` or
 ``benchmarks/results``).
 """
@@ -99,10 +107,12 @@ def selections(rng, batch, heads, nb, k, churn, steps):
 
 
 def make_cache(cls, store, batch, heads, nb, bs, d, dtype, pool, rng, load_workers=None,
-               transfer="fresh"):
+               transfer="fresh", plan="host"):
   kw = {} if store is None else {"store": store, "load_workers": load_workers}
   if transfer != "fresh":
     kw["transfer"] = transfer
+  if plan != "host":
+    kw["plan"] = plan
   cache = cls(batch=batch, num_kv_heads=heads, k_dim=d // 2, v_dim=d // 2, block_size=bs,
               num_slots=63, max_len=(nb + 1) * bs, dtype=dtype, **kw)
   kv = rng.standard_normal((pool, bs, d), np.float32).astype(np.dtype(dtype))
@@ -147,6 +157,22 @@ def warm_baseline(cache, most) -> None:
   jax.block_until_ready(cache.slot_kv)
 
 
+def device_bookkeeping(gammas, batch, heads, k, nb) -> float:
+  """Mean ms of :func:`offload.plan_slots_on_device` + the read-back of its counts per step
+  (selections already on the device; the first call, a full refill, compiles)."""
+  pad = offload.bucket(min(offload.MAX_SCATTER, offload.LOAD_CHUNK))
+  sel = [jnp.asarray(g) for g in gammas]
+  slots = jnp.full((batch, heads, k - 1), -1, jnp.int32)
+  t = []
+  for i, g in enumerate(sel):
+    t0 = time.perf_counter()
+    slots, _, _, info = offload.plan_slots_on_device(g, slots, np.int32(nb), pad=pad)
+    jax.device_get(info)
+    if i:
+      t.append(time.perf_counter() - t0)
+  return 1e3 * float(np.mean(t))
+
+
 def time_update(cache, gammas):
   """Mean ms per synchronized ``update``, blocks moved per step, and the mean host ms of the
   load phase, gathers and puts (those stats, when the module reports them)."""
@@ -176,6 +202,8 @@ def main(argv=None) -> int:
                   help="comma-separated load worker counts (a numpy-store row per count)")
   ap.add_argument("--transfers", default="fresh",
                   help="comma-separated load transfers of the numpy store: fresh, staged")
+  ap.add_argument("--plans", default="host",
+                  help="comma-separated slot plans of the pinned_array store: host, device")
   ap.add_argument("--baseline", default=None, help="path of an earlier offload.py to time too")
   ap.add_argument("--no-donate", action="store_true",
                   help="keep the library's CPU behaviour (no donation: every scatter copies)")
@@ -195,6 +223,13 @@ def main(argv=None) -> int:
   stores = [x for x in args.stores.split(",") if x.strip()]
   if not stores or set(stores) - set(STORES):
     ap.error(f"--stores: expected comma-separated names from {STORES}, got {args.stores!r}")
+  plans = [x for x in args.plans.split(",") if x.strip()]
+  if not plans or set(plans) - set(offload.PLANS):
+    ap.error(f"--plans: expected comma-separated names from {offload.PLANS}, got {args.plans!r}")
+  if "device" in plans and "pinned_array" not in stores:
+    ap.error(f"--plans: expected 'host' only without pinned_array in --stores (the device plan "
+             f"loads from the pinned_array store), got {args.plans!r} with --stores "
+             f"{args.stores!r}")
   b, h, nb, bs, k, d, dtype = args.batch, 2, args.blocks, 64, 64, 128, jnp.bfloat16
   rng = np.random.default_rng(0)
   gammas = selections(rng, b, h, nb, k, args.churn, args.steps)
@@ -212,20 +247,28 @@ def main(argv=None) -> int:
 
   rows.append({"row": "bookkeeping loop", "ms": bookkeeping(loop_bookkeeping)})
   rows.append({"row": "bookkeeping vectorized", "ms": bookkeeping(assign_slots)})
-  for store, tr, w in [(s, t, w) for s in stores
-                       for t in (transfers if s == "numpy" else ["fresh"])
-                       for w in (workers if s == "numpy" else workers[:1])]:
+  if "device" in plans:
+    rows.append({"row": "bookkeeping device", "ms": device_bookkeeping(gammas, b, h, k, nb)})
+  for store, tr, w, plan in [(s, t, w, p) for s in stores
+                             for t in (transfers if s == "numpy" else ["fresh"])
+                             for w in (workers if s == "numpy" else workers[:1])
+                             for p in (plans if s == "pinned_array" else ["host"])]:
     cache = make_cache(OffloadedBlockCache, store, b, h, nb, bs, d, dtype, args.pool, rng, w,
-                       tr)
+                       tr, plan)
     if not args.no_donate:
       cache._scatter, cache._write_token = offload._updaters(True)
       if cache._array_load is not None:
         cache._array_load = offload._array_loader(True, cache.store.host, True)
+      if cache._planned_load is not None:
+        cache._planned_load = offload._planned_loader(True, cache.store.host)
     cache.warm_scatter()
-    ms, blocks, host = time_update(cache, gammas)
+    ms, blocks, host = time_update(cache, [jnp.asarray(g) for g in gammas]
+                                   if plan == "device" else gammas)
     name = store if tr == "fresh" else f"{store} {tr}"
+    name += " plan device" if plan == "device" else ""
     rows.append({"row": f"update {name}, {w} worker{'s' * (w > 1)}", "ms": ms,
-                 "blocks_per_step": blocks, "load_workers": w, "transfer": tr, **host})
+                 "blocks_per_step": blocks, "load_workers": w, "transfer": tr, "plan": plan,
+                 **host})
     del cache
   if args.baseline:
     spec = importlib.util.spec_from_file_location("baseline_offload", args.baseline)
@@ -242,11 +285,11 @@ def main(argv=None) -> int:
           "steps": args.steps, "donate": not args.no_donate, "cpus": os.cpu_count()}
   print(f"jax {jax.__version__} on {jax.devices()[0]}: B={b} H={h} NB={nb} l'={bs} k={k} "
         f"Dk+Dv={d} bf16, churn {args.churn}/row/step, {args.steps} steps")
-  print(f"{'row':<35} {'ms/update':>10} {'blocks/step':>11} {'load ms':>8} {'gather ms':>9} "
+  print(f"{'row':<42} {'ms/update':>10} {'blocks/step':>11} {'load ms':>8} {'gather ms':>9} "
         f"{'put ms':>7}")
   nan = float("nan")
   for r in rows:
-    print(f"{r['row']:<35} {r['ms']:>10.2f} {r.get('blocks_per_step', nan):>11.1f} "
+    print(f"{r['row']:<42} {r['ms']:>10.2f} {r.get('blocks_per_step', nan):>11.1f} "
           f"{r.get('load_ms', nan):>8.2f} {r.get('gather_ms', nan):>9.2f} {r.get('put_ms', nan):>7.2f}")
   os.makedirs(args.out, exist_ok=True)
   with open(os.path.join(args.out, "offload_update_cpu.json"), "w") as f:
