@@ -7,7 +7,8 @@ query-agnostic block scores, :class:`~sparse_attention_jax.ops.nosa_decode.NOSAS
 ``k - 1`` block slots and the current block of every (sequence, KV head).
 
 A decode step runs the model layer by layer from a host-side Python loop, because the block
-bookkeeping between a NOSA layer's selection and its attention runs in NumPy on the host::
+bookkeeping between a NOSA layer's selection and its attention runs in NumPy on the host (with
+``plan="device"`` it runs on the device and the host reads back only its counts)::
 
   x = embed(token)                                            # jitted
   for each layer:
