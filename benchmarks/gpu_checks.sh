@@ -22,7 +22,8 @@
 #   and the one-pinned-array-per-layer store (pinned_array), and
 #   offloaded NOSA at 32k, B 16/128, with 1 and 4 load workers, with 4 through staging
 #   buffers (`offload_staged4`: --offload-transfer staged), and with the pinned_array store
-#   (`offload_pinned_array`: --offload-store pinned_array) (second lane);
+#   (`offload_pinned_array`: --offload-store pinned_array), and that store with the slot plan
+#   on the device (`offload_plan_device`: --offload-plan device) (second lane);
 # `kernel_fb`: the issue-4 selected-attention benchmark at 8k and 64k, fwd and fwd+bwd, both selection
 #   modes, with the block indices passed as arguments (re-measure of the figures taken while they
 #   were compile-time constants), first lane;
@@ -154,6 +155,10 @@ lane_b() {
     env XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 python3 benchmarks/decode.py --shape 1b \
     --kinds nosa_offload --batch 16,128 --context 32768 --steps 8 --warmup 2 \
     --offload-store pinned_array --out "$OUT/offload_pinned_array"
+  has offload_load && run offload_plan_device "$lane1" "$T_OFFLOAD" \
+    env XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 python3 benchmarks/decode.py --shape 1b \
+    --kinds nosa_offload --batch 16,128 --context 32768 --steps 8 --warmup 2 \
+    --offload-store pinned_array --offload-plan device --out "$OUT/offload_plan_device"
 }
 if (( ngpu > 1 )); then lane_a & lane_b & wait; else lane_a; lane_b; fi
 all=$(seq -s, 0 $((ngpu - 1)))
