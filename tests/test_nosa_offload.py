@@ -18,10 +18,10 @@ from sparse_attention_jax.config import NSAConfig
 from sparse_attention_jax.nn.offload import (
   OffloadedBlockCache,
   assign_slots,
-  plan_slots_on_device,
   bucket,
   buckets,
   host_memory_kind,
+  plan_slots_on_device,
 )
 from sparse_attention_jax.ops.nosa import biased_selected_attention, nosa_attention
 

@@ -721,7 +721,7 @@ class OffloadedBlockCache:
         self.slot_kv, self.slot_c = self._planned_load(self.store.kv, self.store.c, self.slot_kv,
                                                        self.slot_c, loads, at, valid, size=size)
         return
-      except Exception as e:
+      except Exception as e:                                    # noqa: BLE001 (logged)
         log.warning("offload: the fused plan='device' load does not compile on %s (%s); "
                     "slicing its rows in a separate call", self.device.platform,
                     str(e).splitlines()[0])
