@@ -7,12 +7,13 @@ Run from the repository root on a CUDA machine (jax >= 0.11.2, flax, no grain/py
 What it checks on a random-init NOSA model (eviction scale ``A`` set to non-zero values so the
 bias and the query-agnostic part matter), float32, prompts of one length:
 
-1. greedy tokens of ``Generator(offload=True, offload_store=S)`` (K/V/c in host memory, selected
-   blocks copied into device slots) equal those of the device-resident ``Generator``, for each
-   host store ``S`` of ``--stores`` (default ``numpy,pinned_host``);
+1. greedy tokens of ``Generator(offload=True, offload_store=S, offload_plan=P)`` (K/V/c in host
+   memory, selected blocks copied into device slots) equal those of the device-resident
+   ``Generator``, for each entry ``S`` or ``S:P`` of ``--stores`` (default ``numpy,pinned_host``;
+   ``P`` = ``host``, the default, or ``device``, e.g. ``pinned_array:device``);
 2. the host store holds its blocks where it says (``numpy``: NumPy arrays; ``pinned_host``:
-   every block a jax array in ``pinned_host`` memory), read from the arrays of the last
-   generation's caches;
+   every block a jax array in ``pinned_host`` memory; ``pinned_array``: one jax array per layer
+   in ``pinned_host`` memory), read from the arrays of the last generation's caches;
 3. the transfer totals add up over the steps (bytes = blocks x block bytes).
 
 Prints a table (tokens/s of the resident path and of each store, blocks/step, hit rate, MiB
@@ -82,10 +83,16 @@ def _store_kinds(caches) -> set:
       st = c[1].store
       if hasattr(st, "blocks"):
         kinds |= {x.sharding.memory_kind for blk in st.blocks.values() for x in blk}
+      elif isinstance(st.kv, jax.Array):
+        kinds |= {st.kv.sharding.memory_kind, st.c.sharding.memory_kind}
       else:
         kinds.add("numpy" if type(st.kv) is np.ndarray and type(st.c) is np.ndarray
                   else type(st.kv).__name__)
   return kinds
+
+
+# Memory kind each host store reports (and holds its arrays in).
+STORE_KIND = {"numpy": "numpy", "pinned_host": "pinned_host", "pinned_array": "pinned_host"}
 
 
 def main(argv=None) -> int:
@@ -93,7 +100,8 @@ def main(argv=None) -> int:
   ap.add_argument("--tiny", action="store_true")
   ap.add_argument("--batch", type=int, default=4)
   ap.add_argument("--stores", default="numpy,pinned_host",
-                  help="comma-separated offload host stores to check")
+                  help="comma-separated offload host stores to check, each S or S:PLAN "
+                       "(PLAN host or device, e.g. pinned_array:device)")
   args = ap.parse_args(argv)
   out_dir = os.environ.get("OUT") or "nosa_decode_out"
   os.makedirs(out_dir, exist_ok=True)
@@ -109,20 +117,22 @@ def main(argv=None) -> int:
             "batch": args.batch, "prompt": plen, "new_tokens": new,
             "resident_tokens_per_s": a.decode_tokens_per_s, "stores": {}}
   ok = True
-  for store in [x for x in args.stores.split(",") if x]:
-    gen = Generator(model, batch=args.batch, capacity=cap, offload=True, offload_store=store)
+  for entry in [x for x in args.stores.split(",") if x]:
+    store, _, plan = entry.partition(":")
+    gen = Generator(model, batch=args.batch, capacity=cap, offload=True, offload_store=store,
+                    offload_plan=plan or "host")
     _keep_caches(gen)
     b = gen.generate(prompts, new, greedy=True)
     st = b.offload
     checks = {
         "tokens_equal": bool(np.array_equal(a.tokens, b.tokens)),
-        "host_store": st.host_memory_kind == store
-        and _store_kinds(gen._offload.last_caches) == {store},
+        "host_store": st.host_memory_kind == STORE_KIND[store]
+        and _store_kinds(gen._offload.last_caches) == {STORE_KIND[store]},
         "totals_add_up": st.total["transferred"] == sum(s["transferred"] for s in st.per_step)
         and st.total["bytes"] == st.total["transferred"] * block_bytes,
     }
     ok &= all(checks.values())
-    result["stores"][store] = {
+    result["stores"][entry] = {
         "checks": checks, "host_memory_kind": st.host_memory_kind,
         "offload_tokens_per_s": b.decode_tokens_per_s,
         "blocks_per_step": st.total["transferred"] / max(len(st.per_step), 1),
@@ -133,12 +143,12 @@ def main(argv=None) -> int:
     json.dump(result, f, indent=1)
   print(f"device {result['device']}, jax {jax.__version__}, batch {args.batch}, prompt {plen}, "
         f"{new} new tokens")
-  print(f"{'path':<20} {'tokens/s':>10} {'blocks/step':>11} {'hit rate':>8} {'MiB moved':>9} "
+  print(f"{'path':<29} {'tokens/s':>10} {'blocks/step':>11} {'hit rate':>8} {'MiB moved':>9} "
         f"checks")
-  print(f"{'resident':<20} {a.decode_tokens_per_s:>10.1f} {'-':>11} {'-':>8} {'-':>9}")
+  print(f"{'resident':<29} {a.decode_tokens_per_s:>10.1f} {'-':>11} {'-':>8} {'-':>9}")
   for store, r in result["stores"].items():
     bad = [k for k, v in r["checks"].items() if not v]
-    print(f"{'offload ' + store:<20} {r['offload_tokens_per_s']:>10.1f} "
+    print(f"{'offload ' + store:<29} {r['offload_tokens_per_s']:>10.1f} "
           f"{r['blocks_per_step']:>11.1f} {r['hit_rate']:>8.3f} {r['mib_moved']:>9.2f} "
           f"{'ok' if not bad else 'FAIL ' + ','.join(bad)}")
   return 0 if ok else 1
