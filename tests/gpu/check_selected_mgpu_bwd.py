@@ -2,7 +2,9 @@
 
 Run on the GPU machine from the repository root:
 ``PYTHONPATH=$PWD python3 tests/gpu/check_selected_mgpu_bwd.py [--quick | --docs | --dims-quick |
---dims | --blocks-quick | --blocks | --smoke | --all]`` (``--docs``: only the packed-document configs;
+--dims | --blocks-quick | --blocks | --smoke | --all | --persistent-docs]`` (``--docs``: only the
+packed-document configs; ``--persistent-docs``: five of them on the persistent forward, which the
+public op does not use with documents yet;
 ``--smoke``: 9 configs across the default dims, documents, Dk != Dv and blocks 32/128;
 ``--new-quick``: Dk/Dv 192/128 and 160/128, blocks 32 and 128, one config each;
 ``--dims``: only the ``Dk != Dv`` configs, e.g. Dk=192/Dv=128 and the ASA GLA global layer's
@@ -14,7 +16,8 @@ dispatch checks unless ``--dispatch`` is given too), e.g. to rerun what a cut ru
 ``I, I+N, ...``, so N processes side by side cover a suite (compilation dominates: about 50 s per
 config; on one H200, 8 processes of ``--all`` ran out of memory in the T=1000/4096 configs, whose
 float32 references hold [B, HQ, T, T] scores, so 4 per GPU is the safe number). Each config also
-checks the forward (O and LSE) of the same call.
+checks the forward (O and LSE) of the same call; configs use the public op's defaults (exact: 128-row
+tiles, direct layout, persistent forward without documents) unless they name other settings.
 Each config draws fresh random inputs and a random output cotangent (never zeros), takes
 ``jax.vjp`` of the kernel op twice (a difference between the two runs means a race) and compares
 dQ, dK, dV with the VJP of the plain-JAX reference on float32 copies of the same inputs
@@ -86,7 +89,8 @@ def check(name, b, t, hq, h, d, n, dtype, mode, seed, docs=False, **kw):
   do = jax.random.normal(kd, (b, t, hq, dv), jnp.float32).astype(dtype)
   bs = kw.get("block_size", BS)
   bi = random_selection(ki, b, t, h, n, block_size=bs).at[:, 70:74].set(-1)  # rows see nothing
-  opts = {"tile_rows": 128 if mode == "exact" else 64, "q_layout": "direct"}  # public defaults
+  opts = {"tile_rows": 128 if mode == "exact" else 64, "q_layout": "direct",  # public defaults
+          "persistent": not docs}
   cfg = mg._Config(softmax_scale=dk ** -0.5, mode=mode, **{**opts, **kw})
   seg = segments(b, t, seed) if docs else None
   doc_start = None if seg is None else document_starts(seg, b, t)
@@ -180,7 +184,9 @@ def main():
     dispatch_dims = [(160, 128, BS)]
   elif "--quick" in sys.argv:
     jobs = [jobs[i] for i in (0, 1, 4, 6, 7, 13)]
-  if "--docs-quick" in sys.argv:
+  if "--persistent-docs" in sys.argv:          # packed documents on the persistent forward
+    jobs = [(c, {**kw, "persistent": True}) for c, kw in (docs[i] for i in (0, 2, 4, 6, 7))]
+  elif "--docs-quick" in sys.argv:
     jobs = [docs[i] for i in (0, 3, 4, 6, 8)]
   elif "--docs" in sys.argv:
     jobs = docs
