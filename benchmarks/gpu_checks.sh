@@ -2,10 +2,13 @@
 # Every quick GPU check in one device call, on one or two GPUs (two lanes run side by side).
 # Usage (repository root, on the GPU machine):  bash benchmarks/gpu_checks.sh [PART ...]
 # PARTs: dense nosa decode offload dims transforms multi context timing breakdown breakdown_docs1
-# nosa_train compile offload_load kernel_fb suites fwd_dump persistent h2d (default: dense nosa
-# decode offload dims transforms).
+# nosa_train compile offload_load kernel_fb suites fwd_dump persistent persistent_docs h2d (default:
+# dense nosa decode offload dims transforms).
 # `h2d`: host -> device transfer paths of the offload cache's block gather, 256/4096/41000 blocks
 #   of 32 KiB (benchmarks/h2d_transfer.py -> $OUT/h2d.json), under T_H2D (150 s), first lane;
+# `persistent_docs`: packed documents on the persistent forward (check_selected_mgpu_bwd.py
+#   --persistent-docs; the public op keeps the per-tile forward with documents until this passes),
+#   second lane;
 # `persistent`: the persistent-grid forward (tests/gpu/check_selected_mgpu.py --persistent), then
 #   its benchmark against the per-tile kernels at 8k and 64k, fwd and fwd+bwd ($PERSIST_VARIANTS),
 #   first lane;
@@ -127,6 +130,8 @@ lane_b() {
     wait
   fi
   has dims && run dims "$lane1" "$T_DIMS" python3 tests/gpu/check_selected_mgpu_bwd.py --smoke
+  has persistent_docs && run persistent_docs "$lane1" "$T_SUITES" python3 \
+    tests/gpu/check_selected_mgpu_bwd.py --persistent-docs
   has offload && run offload "$lane1" "$T_OFFLOAD" env XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 \
     python3 benchmarks/decode.py --shape 1b --kinds nosa_offload --batch 16,128 \
     --context 131072 --steps 8 --warmup 2 --report-fit --out "$OUT/offload"
