@@ -48,7 +48,7 @@ whose fastest call took more than ``--slow-s`` seconds (keeps the default run un
 A path that raises (say a jitted gather this XLA version cannot compile) gets a row with
 ``ok=False`` and the error; the exit status is 1 only if some path moved wrong bytes.
 
-Usage: ``python3 benchmarks/h2d_transfer.py [--blocks 256,4096,41000] [--paths a,b,c,d,e,ref]
+Usage: ``PYTHONPATH=$PWD python3 benchmarks/h2d_transfer.py [--blocks 256,4096,41000] [--paths a,b,c,d,e,ref]
 [--threads 4,8] [--out h2d.json]``. Prints a progress line per row and a table; writes the rows
 and the device, jax version and host CPU count as JSON to ``--out`` (default
 ``$OUT/h2d.json`` or ``benchmarks/results/h2d.json``), rewritten after every row.
@@ -70,6 +70,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+
+from sparse_attention_jax.nn.offload_store import aligned_empty, unaliased
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GROUPS = {"a": ["a"], "b": ["b"], "c": ["c_put", "c_jit", "c_dma"],
@@ -105,14 +107,6 @@ def _paths(text: str) -> list[str]:
   return out
 
 
-def aligned_empty(shape, dtype, align: int = 4096) -> np.ndarray:
-  """An uninitialized C-contiguous array whose data starts on an ``align``-byte boundary."""
-  nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-  raw = np.empty(nbytes + align, np.uint8)
-  off = (-raw.ctypes.data) % align
-  return raw[off:off + nbytes].view(dtype).reshape(shape)
-
-
 def fill_store(store: np.ndarray) -> None:
   """Every 32-bit word distinct (a multiplicative hash of its index), so a wrong block or a
   stale buffer cannot compare equal; written in slabs (no full-size temporary)."""
@@ -130,16 +124,6 @@ def pinned_view(arr: jax.Array) -> np.ndarray:
   nbytes = arr.size * arr.dtype.itemsize
   raw = (ctypes.c_uint8 * nbytes).from_address(ptr)
   return np.frombuffer(raw, np.uint8).view(arr.dtype).reshape(arr.shape)
-
-
-def owned(x: jax.Array, buf: np.ndarray) -> jax.Array:
-  """``x``, or a copy of it if its memory is ``buf``'s (the CPU backend's zero-copy put)."""
-  try:
-    ptr = x.unsafe_buffer_pointer()
-  except Exception:                                              # noqa: BLE001
-    return x
-  start = buf.ctypes.data
-  return jnp.copy(x) if start <= ptr < start + max(buf.nbytes, 1) else x
 
 
 class Ring:
@@ -284,7 +268,7 @@ class Bench:
       if move == "b":
         x = jax.device_put(view, self.dev_s)
         if self.dev.platform == "cpu":          # device memory is host memory: may alias
-          x = owned(x, view)
+          x = unaliased(x, view)
       elif move == "c_dma":
         x = jax.device_put(view, self.dev_s, may_alias=True)
       elif move == "c_view":

@@ -170,6 +170,14 @@ def test_staged_transfer_fills_bit_identical_slots(view, monkeypatch):
                                 kv[bb, hh, caches[1].slot_block[bb, hh, ss]].view(np.uint16))
 
 
+def _random_kvcq(rng, bsz, total, heads, dk, dv):
+  """Float32 ``k [B, T, H, Dk]``, ``v [B, T, H, Dv]``, ``c [B, T, H]`` and a query ``q [B, 2H,
+  Dk]`` (G = 2), drawn in that order from ``rng``."""
+  draw = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)
+  return (draw(bsz, total, heads, dk), draw(bsz, total, heads, dv), draw(bsz, total, heads),
+          draw(bsz, 2 * heads, dk))
+
+
 def test_pinned_array_store_matches_numpy_store_bit_for_bit_and_compiles_once(monkeypatch):
   """store="pinned_array" (one pinned_host jax array per layer, loads = one jitted gather +
   slot scatter per chunk) against the default NumPy store, bf16: after a prefill, appends that
@@ -185,10 +193,7 @@ def test_pinned_array_store_matches_numpy_store_bit_for_bit_and_compiles_once(mo
                                 block_size=bs, num_slots=ns, max_len=total, dtype=jnp.bfloat16,
                                 store=store, load_workers=1)
             for store in ("numpy", "pinned_array")]
-  k = jnp.asarray(rng.standard_normal((bsz, total, heads, dk)), jnp.float32)
-  v = jnp.asarray(rng.standard_normal((bsz, total, heads, dv)), jnp.float32)
-  c = jnp.asarray(rng.standard_normal((bsz, total, heads)), jnp.float32)
-  q = jnp.asarray(rng.standard_normal((bsz, 2 * heads, dk)), jnp.float32)
+  k, v, c, q = _random_kvcq(rng, bsz, total, heads, dk, dv)
   prompt = 26
   for cache in caches:
     cache.prefill(k[:, :prompt], v[:, :prompt], c[:, :prompt])
@@ -306,10 +311,7 @@ def test_device_plan_matches_host_plan_bit_for_bit_and_compiles_once(monkeypatch
     launches.append(kw["size"])
     return planned(*args, **kw)
   got._planned_load = counted
-  k = jnp.asarray(rng.standard_normal((bsz, total, heads, dk)), jnp.float32)
-  v = jnp.asarray(rng.standard_normal((bsz, total, heads, dv)), jnp.float32)
-  c = jnp.asarray(rng.standard_normal((bsz, total, heads)), jnp.float32)
-  q = jnp.asarray(rng.standard_normal((bsz, 2 * heads, dk)), jnp.float32)
+  k, v, c, q = _random_kvcq(rng, bsz, total, heads, dk, dv)
   prompt = 22
   for cache in caches:
     cache.prefill(k[:, :prompt], v[:, :prompt], c[:, :prompt])

@@ -9,13 +9,17 @@ import pytest
 from conftest import load_script
 
 
+def _rows(mod, argv, out):
+  """Runs the benchmark (exit status 0) and returns its JSON rows by name."""
+  assert mod.main(argv) == 0
+  return {r["row"]: r for r in json.loads((out / "offload_update_cpu.json").read_text())["rows"]}
+
+
 def test_update_rows_per_store_and_worker_count(tmp_path, capsys):
   mod = load_script("benchmarks/offload_update_cpu.py")
   argv = ["--batch", "2", "--blocks", "80", "--churn", "8", "--steps", "2", "--pool", "16",
           "--load-workers", "1,2", "--transfers", "fresh,staged", "--out", str(tmp_path)]
-  assert mod.main(argv) == 0
-  rows = {r["row"]: r for r in json.loads((tmp_path / "offload_update_cpu.json").read_text())[
-      "rows"]}
+  rows = _rows(mod, argv, tmp_path)
   assert list(rows) == ["bookkeeping loop", "bookkeeping vectorized", "update numpy, 1 worker",
                         "update numpy, 2 workers", "update numpy staged, 1 worker",
                         "update numpy staged, 2 workers", "update pinned_host, 1 worker"]
@@ -40,9 +44,7 @@ def test_pinned_array_rows_with_the_device_plan(tmp_path, capsys):
   mod = load_script("benchmarks/offload_update_cpu.py")
   argv = ["--batch", "2", "--blocks", "80", "--churn", "8", "--steps", "1", "--pool", "16",
           "--stores", "pinned_array", "--plans", "device", "--out", str(tmp_path)]
-  assert mod.main(argv) == 0
-  rows = {r["row"]: r for r in json.loads((tmp_path / "offload_update_cpu.json").read_text())[
-      "rows"]}
+  rows = _rows(mod, argv, tmp_path)
   assert list(rows) == ["bookkeeping loop", "bookkeeping vectorized", "bookkeeping device",
                         "update pinned_array plan device, 1 worker"]
   device = rows["update pinned_array plan device, 1 worker"]

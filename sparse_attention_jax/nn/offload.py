@@ -68,6 +68,8 @@ from sparse_attention_jax.nn.offload_store import (
   load_into_slots,
   make_store,
   put_blocks,
+  take_kv_c,
+  unaliased,
 )
 from sparse_attention_jax.ops.nosa import biased_masked_attention
 
@@ -162,17 +164,6 @@ def _staging_slot(rows: int, block_size: int, dim: int, dtype, device) -> _Stagi
     jax.block_until_ready(slot.pending)
     slot.pending = None
   return slot
-
-
-def _owned(x: jax.Array, buf: np.ndarray) -> jax.Array:
-  """``x``, or a device copy of it when its memory is ``buf``'s: the CPU backend makes the
-  ``device_put`` of an aligned NumPy array an alias of it (even with ``may_alias=False``, jax
-  0.12), which a refill of the staging buffer would overwrite."""
-  try:
-    ptr = x.unsafe_buffer_pointer()
-  except Exception:                                             # noqa: BLE001
-    return x
-  return jnp.copy(x) if buf.ctypes.data <= ptr < buf.ctypes.data + buf.nbytes else x
 
 
 def bucket(n: int) -> int:
@@ -375,9 +366,7 @@ def _array_loader(donate: bool, host: bool, fused: bool):
   d = (2, 3) if donate else ()
   if fused:
     return jax.jit(functools.partial(load_into_slots, host=host), donate_argnums=d)
-  from sparse_attention_jax.nn.offload_store import take_blocks
-  take = jax.jit(lambda kv, c, rows: (take_blocks(kv, rows, host=host),
-                                      take_blocks(c, rows, host=host)))
+  take = jax.jit(functools.partial(take_kv_c, host=host))
   put = jax.jit(_put_split, donate_argnums=(0, 1) if donate else ())
 
   def split(store_kv, store_c, slot_kv, slot_c, src, dst):
@@ -649,7 +638,7 @@ class OffloadedBlockCache:
       _fail("gamma", f"block ids <= the current block {cur} (t = {self.length - 1}, no future "
             f"blocks)", f"max id {int(g.max())}")
     slot_block = self.slot_block.copy()          # unchanged if the selection is refused
-    loads, tail_use, requested, hits = assign_slots(g, slot_block, cur)
+    loads, tail_use, requested, _ = assign_slots(g, slot_block, cur)
     self.slot_block, self.tail_use = slot_block, tail_use
     n = len(loads[0])
     t2 = time.perf_counter()
@@ -660,10 +649,16 @@ class OffloadedBlockCache:
       for kv, c, b, h, s, dg, dp in self._fetch_all(loads, n):
         self.slot_kv, self.slot_c = self._scatter(self.slot_kv, self.slot_c, b, h, s, kv, c)
         gather_s, put_s = gather_s + dg, put_s + dp
+    return self._record(requested, n, wait_s=t1 - t0, plan_s=t2 - t1, gather_s=gather_s,
+                        put_s=put_s, load_s=time.perf_counter() - t2)
+
+  def _record(self, requested: int, n: int, **seconds) -> dict:
+    """The stats of one :meth:`update` (``requested`` blocks, ``n`` of them loaded; the host
+    seconds of its parts), also added to ``self.totals``."""
+    hits = requested - n
     stats = {"requested": requested, "hits": hits, "transferred": n,
              "hit_rate": hits / requested if requested else 1.0, "bytes": n * self.block_bytes,
-             "wait_s": t1 - t0, "plan_s": t2 - t1, "gather_s": gather_s, "put_s": put_s,
-             "load_s": time.perf_counter() - t2}
+             **seconds}
     for key in STAT_KEYS:
       self.totals[key] += stats[key]
     self.totals["steps"] += 1
@@ -701,14 +696,8 @@ class OffloadedBlockCache:
       valid = min(size, n - at)
       self._run_planned_load(loads, at, valid, bucket(valid))
     t3 = time.perf_counter()                     # the loads are only dispatched: put = load
-    stats = {"requested": requested, "hits": requested - n, "transferred": n,
-             "hit_rate": (requested - n) / requested if requested else 1.0,
-             "bytes": n * self.block_bytes, "wait_s": t2 - t1, "plan_s": t1 - t0,
-             "gather_s": 0.0, "put_s": t3 - t2, "load_s": t3 - t2}
-    for key in STAT_KEYS:
-      self.totals[key] += stats[key]
-    self.totals["steps"] += 1
-    return stats
+    return self._record(requested, n, wait_s=t2 - t1, plan_s=t1 - t0, gather_s=0.0,
+                        put_s=t3 - t2, load_s=t3 - t2)
 
   def _run_planned_load(self, loads, at: int, valid: int, size: int) -> None:
     """One chunk of a ``plan="device"`` load: rows ``at .. at + valid - 1`` of the device list
@@ -794,7 +783,7 @@ class OffloadedBlockCache:
       t1 = time.perf_counter()
       out = jax.device_put((kv, c, idx[0], idx[1], idx[2]), self._dev, may_alias=True)
       if self.device.platform == "cpu":        # device memory is host memory: may alias
-        out = (_owned(out[0], slot.kv), _owned(out[1], slot.c), *out[2:])
+        out = (unaliased(out[0], slot.kv), unaliased(out[1], slot.c), *out[2:])
       slot.pending = out[:2]
     else:
       kv, c = self.store.gather(idx[0], idx[1], idx[3])

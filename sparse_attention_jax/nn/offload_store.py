@@ -49,6 +49,17 @@ def aligned_empty(shape, dtype, align: int = 4096) -> np.ndarray:
   return raw[off:off + nbytes].view(dtype).reshape(shape)
 
 
+def unaliased(x: jax.Array, buf: np.ndarray) -> jax.Array:
+  """``x``, or a device copy of it when its memory is ``buf``'s: the CPU backend makes the
+  ``device_put`` of an aligned NumPy array an alias of it (even with ``may_alias=False``, jax
+  0.12), which a refill of the staging buffer would overwrite."""
+  try:
+    ptr = x.unsafe_buffer_pointer()
+  except Exception:                                             # noqa: BLE001
+    return x
+  return jnp.copy(x) if buf.ctypes.data <= ptr < buf.ctypes.data + max(buf.nbytes, 1) else x
+
+
 def row_view(arr: np.ndarray):
   """``(rows, (m0, m1))`` with ``arr[b, h, j]`` == ``rows[b * m0 + h * m1 + j]`` (a read-only
   view, no copy), when the strides of ``arr``'s three leading axes are non-negative multiples of
@@ -247,6 +258,11 @@ def take_blocks(store, rows, *, host: bool):
   return jax.device_put(out, jax.memory.Space.Device) if host else out
 
 
+def take_kv_c(store_kv, store_c, rows, *, host: bool):
+  """:func:`take_blocks` of both arrays of a :class:`PinnedArrayBlockStore`: ``(kv, c)``."""
+  return take_blocks(store_kv, rows, host=host), take_blocks(store_c, rows, host=host)
+
+
 def put_blocks(slots, dst, blocks):
   """``slots`` with ``blocks [n, 1, 1, 1, ...]`` written at ``dst [n, 3]`` rows ``(b, h, s)``
   (repeated rows must carry the same block)."""
@@ -259,8 +275,8 @@ def load_into_slots(store_kv, store_c, slot_kv, slot_c, src, dst, *, host: bool)
   """ONE gather of the blocks ``src [n, 3]`` (``(b, h, j)``) of a :class:`PinnedArrayBlockStore`
   and ONE scatter of them into the slots ``dst [n, 3]`` (``(b, h, s)``): ``(slot_kv, slot_c)``.
   Jitted by the cache (slots donated on accelerators), so no intermediate leaves XLA."""
-  return (put_blocks(slot_kv, dst, take_blocks(store_kv, src, host=host)),
-          put_blocks(slot_c, dst, take_blocks(store_c, src, host=host)))
+  kv, c = take_kv_c(store_kv, store_c, src, host=host)
+  return put_blocks(slot_kv, dst, kv), put_blocks(slot_c, dst, c)
 
 
 def _write_blocks(kv_store, c_store, kv, c, start, *, host: bool):
@@ -283,9 +299,7 @@ def _pinned_array_fns(sharding: jax.sharding.Sharding):
   dev = sharding.with_memory_kind("device")
   write = jax.jit(functools.partial(_write_blocks, host=host), donate_argnums=(0, 1),
                   out_shardings=(sharding, sharding))
-  take = jax.jit(lambda kv, c, rows: (take_blocks(kv, rows, host=host),
-                                      take_blocks(c, rows, host=host)),
-                 out_shardings=(dev, dev))
+  take = jax.jit(functools.partial(take_kv_c, host=host), out_shardings=(dev, dev))
   return write, take
 
 
