@@ -15,7 +15,10 @@ Kinds (random weights, bf16 compute, bf16 caches):
   ``pinned_array``, one pinned array per layer loaded by jitted gathers (host RAM of every
   block, the pool tiled); ``--offload-transfer staged``: reused DMA-registered staging buffers for the loads;
   ``--offload-plan device`` (``pinned_array`` only): the slot assignment and the list of loads
-  computed on the device, the host reading back only their counts): the
+  computed on the device, the host reading back only their counts; ``--offload-plan fused``
+  (``pinned_array`` only): the whole token step, every layer's selection, slot plan,
+  host-memory gathers (``--offload-chunk`` blocks per load iteration) and attention, as ONE
+  jitted call): the
   device holds the selection state, ``k - 1`` block slots and the current block per (sequence,
   KV head); a step is a host loop over the layers (jitted pieces, only the missing blocks
   copied). Rows add the blocks transferred per step, hit rate and bytes moved. The host store is
@@ -267,7 +270,7 @@ def _fill_offloaded(decoder, caches, context: int, seed: int, pool: int):
 
 def run_offload(model, *, batch: int, context: int, steps: int, warmup: int, seed: int,
                 pool: int, store: str = "numpy", load_workers: int | None = None,
-                transfer: str = "fresh", plan: str = "host") -> dict:
+                transfer: str = "fresh", plan: str = "host", chunk: int = 1024) -> dict:
   """The ``nosa_offload`` row: :class:`OffloadedDecoder` steps over a filled offloaded cache.
 
   ``compile_s`` is the warm-up steps' time (compilation of the pieces; the slot scatter's size
@@ -276,7 +279,8 @@ def run_offload(model, *, batch: int, context: int, steps: int, warmup: int, see
   from sparse_attention_jax.nn.offload_decode import OffloadedDecoder
   capacity = context + warmup + steps
   decoder = OffloadedDecoder(model, batch=batch, capacity=capacity, store=store,
-                             load_workers=load_workers, transfer=transfer, plan=plan)
+                             load_workers=load_workers, transfer=transfer, plan=plan,
+                             chunk=chunk)
   caches = decoder._new_caches(None)
   _fill_offloaded(decoder, caches, context, seed, pool)
   pick = jax.jit(lambda logits: jnp.argmax(logits, axis=-1).astype(jnp.int32))
@@ -305,7 +309,7 @@ def run_offload(model, *, batch: int, context: int, steps: int, warmup: int, see
           "host_bytes": summary.host_bytes, "step_temp_bytes": None,
           "compile_s": warm_s, "lengths_ok": pos == capacity, "slots": summary.slots,
           "host_memory_kind": summary.host_memory_kind, "host_store": store,
-          "transfer": transfer, "plan": plan,
+          "transfer": transfer, "plan": plan, "chunk": chunk if plan == "fused" else None,
           "blocks_per_step": summary.total["transferred"] / steps,
           "hit_rate": summary.total["hit_rate"],
           "bytes_per_step": summary.total["bytes"] / steps,
@@ -365,10 +369,14 @@ def main(argv: list[str] | None = None) -> int:
   ap.add_argument("--offload-transfer", default="fresh", choices=("fresh", "staged"),
                   help="nosa_offload: fresh host array per chunk, or reused DMA-registered "
                        "staging buffers (numpy store only; see nn/offload.py)")
-  ap.add_argument("--offload-plan", default="host", choices=("host", "device"),
+  ap.add_argument("--offload-plan", default="host", choices=("host", "device", "fused"),
                   help="nosa_offload: slot assignment in NumPy after reading the selection "
-                       "back (host), or one jitted plan per layer whose counts alone are read "
-                       "back (device; --offload-store pinned_array only)")
+                       "back (host), one jitted plan per layer whose counts alone are read "
+                       "back (device), or the whole step as one jitted call (fused); device "
+                       "and fused with --offload-store pinned_array only")
+  ap.add_argument("--offload-chunk", type=int, default=1024,
+                  help="nosa_offload with --offload-plan fused: most blocks one load "
+                       "iteration of a layer gathers")
   ap.add_argument("--f32-params", action="store_true",
                   help="keep float32 master weights (default: weights in the compute dtype)")
   ap.add_argument("--out", default=os.environ.get("OUT") or os.path.join(ROOT, "benchmarks",
@@ -380,9 +388,12 @@ def main(argv: list[str] | None = None) -> int:
   if args.offload_transfer == "staged" and args.offload_store != "numpy":
     ap.error(f"--offload-transfer: expected 'fresh' with --offload-store "
              f"{args.offload_store} (staging gathers from the numpy store), got 'staged'")
-  if args.offload_plan == "device" and args.offload_store != "pinned_array":
+  if args.offload_plan != "host" and args.offload_store != "pinned_array":
     ap.error(f"--offload-plan: expected 'host' with --offload-store {args.offload_store} (the "
-             f"device plan loads from the pinned_array store), got 'device'")
+             f"device and fused plans load from the pinned_array store), got "
+             f"{args.offload_plan!r}")
+  if args.offload_chunk < 1:
+    ap.error(f"--offload-chunk: expected a positive int, got {args.offload_chunk}")
   batches = _ints(args.batch, "--batch")
   contexts = _ints(args.context, "--context")
   dev = jax.devices()[0]
@@ -390,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
           "tiny": args.tiny, "steps": args.steps, "warmup": args.warmup, "shape": args.shape,
           "host_pool": args.host_pool, "offload_store": args.offload_store,
           "load_workers": args.load_workers, "offload_transfer": args.offload_transfer,
-          "offload_plan": args.offload_plan,
+          "offload_plan": args.offload_plan, "offload_chunk": args.offload_chunk,
           "params": "float32" if args.f32_params else "compute dtype"}
   print(f"device {meta['device']}, jax {jax.__version__}")
   os.makedirs(args.out, exist_ok=True)
@@ -424,7 +435,8 @@ def main(argv: list[str] | None = None) -> int:
             r = run_offload(model, batch=batch, context=context, steps=args.steps,
                             warmup=args.warmup, seed=args.seed, pool=args.host_pool,
                             store=args.offload_store, load_workers=args.load_workers,
-                            transfer=args.offload_transfer, plan=args.offload_plan)
+                            transfer=args.offload_transfer, plan=args.offload_plan,
+                            chunk=args.offload_chunk)
           elif fit.get("fits") is False:
             raise MemoryError(f"resident cache {need / GiB:.1f} GiB > device memory "
                               f"{limit / GiB:.1f} GiB (skipped)")

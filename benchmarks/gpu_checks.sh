@@ -2,7 +2,7 @@
 # Every quick GPU check in one device call, on one or two GPUs (two lanes run side by side).
 # Usage (repository root, on the GPU machine):  bash benchmarks/gpu_checks.sh [PART ...]
 # PARTs: dense nosa decode offload dims transforms multi context timing breakdown breakdown_docs1
-# nosa_train compile offload_load kernel_fb suites fwd_dump persistent persistent_docs h2d (default:
+# nosa_train compile offload_load offload_fused kernel_fb suites fwd_dump persistent persistent_docs h2d (default:
 # dense nosa decode offload dims transforms).
 # `h2d`: host -> device transfer paths of the offload cache's block gather, 256/4096/41000 blocks
 #   of 32 KiB (benchmarks/h2d_transfer.py -> $OUT/h2d.json), under T_H2D (150 s), first lane;
@@ -20,6 +20,11 @@
 #   4 packed documents per row (`breakdown_docs1`: one document per row, on the first lane);
 # `nosa_train`: NOSA's biased selected attention on the kernels vs the reference
 #   (tests/gpu/check_nosa_train.py);
+# `offload_fused`: the whole offloaded decode step as one jitted call (--offload-plan fused):
+#   greedy tokens vs resident (check_nosa_decode.py --stores pinned_array:device,pinned_array:fused),
+#   the layer_step / device-plan / pinned_array CPU tests on the GPU backend, and decode at 32k,
+#   B 16/128 with the fused step (first lane, chunks FUSED_CHUNK, default 1024) and the device
+#   plan (second lane, after persistent_docs);
 # `offload_load`: one offloaded-cache update() at B 128, 131k (benchmarks/offload_update_cpu.py)
 #   with load workers 1/2/4/8, fresh and staged transfers, and
 #   and the one-pinned-array-per-layer store (pinned_array), and
@@ -120,6 +125,17 @@ lane_a() {
       --out "$OUT/compile"
   done
   has h2d && run h2d 0 "${T_H2D:-150}" python3 benchmarks/h2d_transfer.py --out "$OUT/h2d.json"
+  has offload_fused && run nosa_fused 0 "$T_NOSA" env OUT="$OUT/nosa_fused" python3 \
+    tests/gpu/check_nosa_decode.py --stores pinned_array:device,pinned_array:fused
+  has offload_fused && run offload_fused_tests 0 "$T_NOSA" env XLA_PYTHON_CLIENT_PREALLOCATE=false \
+    python3 -m pytest -q -p no:cacheprovider tests/test_nosa_offload.py -k \
+    "layer_step or device_plan or pinned_array"
+  for c in ${FUSED_CHUNK:-1024}; do
+    has offload_fused && run "offload_fused$c" 0 "$T_OFFLOAD" env XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 \
+      python3 benchmarks/decode.py --shape 1b --kinds nosa_offload --batch 16,128 --context 32768 \
+      --steps 8 --warmup 2 --offload-store pinned_array --offload-plan fused --offload-chunk "$c" \
+      --out "$OUT/offload_fused$c"
+  done
 }
 lane_b() {
   if has suites; then  # shards side by side on one GPU: no preallocation, each grows as it needs
@@ -132,6 +148,10 @@ lane_b() {
   has dims && run dims "$lane1" "$T_DIMS" python3 tests/gpu/check_selected_mgpu_bwd.py --smoke
   has persistent_docs && run persistent_docs "$lane1" "$T_SUITES" python3 \
     tests/gpu/check_selected_mgpu_bwd.py --persistent-docs
+  has offload_fused && run offload_plan_device "$lane1" "$T_OFFLOAD" env \
+    XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 python3 benchmarks/decode.py --shape 1b --kinds \
+    nosa_offload --batch 16,128 --context 32768 --steps 8 --warmup 2 --offload-store pinned_array \
+    --offload-plan device --out "$OUT/offload_plan_device"
   has offload && run offload "$lane1" "$T_OFFLOAD" env XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 \
     python3 benchmarks/decode.py --shape 1b --kinds nosa_offload --batch 16,128 \
     --context 131072 --steps 8 --warmup 2 --report-fit --out "$OUT/offload"

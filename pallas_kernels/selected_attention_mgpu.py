@@ -785,9 +785,9 @@ def selected_attention_mgpu(q, k, v, block_indices, *, block_size: int = BLOCK_S
       (:mod:`pallas_kernels.selected_attention_mgpu_persistent`; H200, standard shape: forward
       0.55 vs 0.63 ms at 8k, 4.7 vs 5.3 ms at 64k, back-to-back calls); falls back to one CTA per
       tile where the double-buffered Q does not fit in shared memory. ``False``: one CTA per tile.
-      ``None`` (default): persistent without ``segment_ids``; with them one CTA per tile, since
-      the persistent kernel's document masks have been lowered but not yet run on a GPU
-      (``True`` opts in).
+      ``None`` (default): persistent, with or without ``segment_ids`` (its document masks
+      passed the GPU checks, ``check_selected_mgpu_bwd.py --persistent-docs``, H200,
+      2026-11-30).
     backward: ``"kernel"`` (the dQ and dK/dV Mosaic GPU kernels) or ``"reference"`` (the VJP of
       the plain-JAX reference with dense masks; for checks).
 
@@ -812,7 +812,7 @@ def selected_attention_mgpu(q, k, v, block_indices, *, block_size: int = BLOCK_S
   if tile_rows is None:
     tile_rows = 2 * TILE_ROWS if mode == "exact" else TILE_ROWS
   if persistent is None:
-    persistent = segment_ids is None
+    persistent = True
   cfg = _Config(softmax_scale=scale, mode=mode, block_size=block_size, num_stages=num_stages,
                 tile_rows=tile_rows, q_layout=q_layout, ping_pong=ping_pong, backward=backward,
                 persistent=persistent, num_ctas=num_ctas)

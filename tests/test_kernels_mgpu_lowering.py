@@ -225,9 +225,9 @@ def test_nosa_bias_columns_lower_for_cuda(d):
   assert text.count("mosaic_gpu") >= 3
 
 
-def test_persistent_is_the_default_only_without_documents(monkeypatch):
-  """Packed documents keep the per-tile forward unless ``persistent=True`` is asked for (its
-  document masks are not yet checked on a GPU)."""
+def test_persistent_is_the_default_with_and_without_documents(monkeypatch):
+  """The persistent forward is the default, packed documents included; ``persistent=False``
+  keeps the per-tile forward."""
   seen = []
   real = mg.call_kernel
   monkeypatch.setattr(mg, "call_kernel",
@@ -242,4 +242,4 @@ def test_persistent_is_the_default_only_without_documents(monkeypatch):
              {"persistent": False}):
     jax.jit(lambda q, k, v, bi, kw=kw: mg.selected_attention_mgpu(q, k, v, bi, **kw)).trace(
         *avals).lower(lowering_platforms=("cuda",))
-  assert seen == [True, False, True, False]
+  assert seen == [True, True, True, False]

@@ -144,12 +144,13 @@ def test_decode_step_never_attends_over_the_capacity():
 
 # ------------------------------------------------------------------------------ offloaded
 @pytest.mark.parametrize("store,plan", [("numpy", "host"), ("pinned_array", "host"),
-                                        ("pinned_array", "device")])
+                                        ("pinned_array", "device"), ("pinned_array", "fused")])
 def test_offloaded_greedy_equals_device_resident_and_compiles_once(store, plan, monkeypatch):
   """Two rows, prompts of 26 tokens, 20 greedy tokens (blocks start at 32, 40): the offloaded
   decoder (K/V/c of the NOSA layer in a host NumPy store, or in one pinned_host jax array
   loaded by jitted gathers; slot assignment on the host, or on the device with only its counts
-  read back; the first step's 12 loads go in scatters of at most 4 blocks) produces the
+  read back; or the whole step as one jitted call, loading in iterations of at most 4
+  blocks; the first step's 12 loads go in scatters of at most 4 blocks) produces the
   device-resident tokens; each jitted piece is traced once (the embedding once per shape; the
   device plan once); a second call with the same prompt length traces nothing."""
   from sparse_attention_jax.nn import offload
@@ -160,13 +161,19 @@ def test_offloaded_greedy_equals_device_resident_and_compiles_once(store, plan, 
       prompts, 20, greedy=True)
   gen = Generator(model, batch=2, capacity=48, offload=True, offload_store=store,
                   offload_plan=plan)
+  if plan == "fused":
+    gen._offload.chunk = 4
   plans = offload.plan_slots_on_device._cache_size()
   out = gen.generate(prompts, 20, greedy=True)
   np.testing.assert_array_equal(out.tokens, want.tokens)
-  once = {**{name: 1 for name in gen._offload.traces}, "embed": 2}   # prompt and step shapes
+  once = {**{name: 1 for name in gen._offload.traces}, "embed": 2,   # prompt and step shapes
+          "fused_step": 0}
+  if plan == "fused":                     # the step's pieces are traced inside the fused step
+    once = {**{name: 0 for name in once}, "embed": 1, "logits": 1, "nosa_prefill": 1,
+            "other_prefill": 1, "fused_step": 1}
   assert gen._offload.traces == once
   compiled_plans = offload.plan_slots_on_device._cache_size() - plans
-  assert compiled_plans <= (plan == "device")            # (0 if an earlier test had the shape)
+  assert compiled_plans <= (plan != "host")            # (0 if an earlier test had the shape)
   st = out.offload
   kind = {"numpy": "numpy", "pinned_array": "pinned_host"}[store]     # CPU: pinned_host exists
   assert st.host_memory_kind == kind and st.slots == CFG.num_selected - 1
@@ -229,10 +236,12 @@ def test_offloaded_decoder_passes_the_transfer_to_every_layer():
   caches = OffloadedDecoder(model, batch=2, capacity=16, store="pinned_array",
                             plan="device")._new_caches(None)
   assert all(c[1].plan == "device" for c in caches if isinstance(c, list))
-  with pytest.raises(ValueError, match=r"plan: expected one of \('host', 'device'\) \('device' "
-                                       r"with store='pinned_array' only\), got 'device' with "
-                                       r"store='numpy'"):
-    OffloadedDecoder(model, batch=2, capacity=16, plan="device")
+  with pytest.raises(ValueError, match=r"plan: expected one of \('host', 'device', 'fused'\) "
+                                       r"\('device' and 'fused' with store='pinned_array' "
+                                       r"only\), got 'fused' with store='numpy'"):
+    OffloadedDecoder(model, batch=2, capacity=16, plan="fused")
+  with pytest.raises(ValueError, match=r"chunk: expected a positive int, got 0"):
+    OffloadedDecoder(model, batch=2, capacity=16, store="pinned_array", plan="fused", chunk=0)
 
 
 def test_offload_errors_name_the_values():
@@ -247,9 +256,12 @@ def test_offload_errors_name_the_values():
   with pytest.raises(ValueError, match=r"offload: expected a model with at least one 'nosa' "
                                        r"layer, got kinds \['full'\]"):
     Generator(nosa_model(kinds=("full",)), batch=1, capacity=8, offload=True)
-  small = Generator(model, batch=2, capacity=48, offload=True, num_slots=2)
-  with pytest.raises(ValueError, match=r"gamma: expected at most num_slots=2 selected blocks"):
-    small.generate([[1] * 30, [2] * 30], 3, greedy=True)
+  for plan in ("host", "fused"):             # fused: raised after the step, from its counts
+    small = Generator(model, batch=2, capacity=48, offload=True, num_slots=2,
+                      offload_store="pinned_array" if plan == "fused" else "numpy",
+                      offload_plan=plan)
+    with pytest.raises(ValueError, match=r"gamma: expected at most num_slots=2 selected blocks"):
+      small.generate([[1] * 30, [2] * 30], 3, greedy=True)
 
 
 def test_decode_benchmark_nosa_kinds_smoke(tmp_path, monkeypatch, capsys):
@@ -288,6 +300,12 @@ def test_decode_benchmark_nosa_kinds_smoke(tmp_path, monkeypatch, capsys):
     bench.main(["--tiny", "--kinds", "nosa_offload", "--offload-plan", "device",
                 "--out", str(tmp_path)])
   assert "--offload-plan: expected 'host' with --offload-store numpy" in capsys.readouterr().err
+  assert bench.main(["--tiny", "--kinds", "nosa_offload", "--batch", "2", "--context", "37",
+                     "--steps", "2", "--warmup", "1", "--offload-store", "pinned_array",
+                     "--offload-plan", "fused", "--offload-chunk", "8",
+                     "--out", str(tmp_path)]) == 0
+  row = json.loads((tmp_path / "decode.json").read_text())["rows"][0]
+  assert row["plan"] == "fused" and row["chunk"] == 8 and row["lengths_ok"]
   assert bench.main(["--tiny", "--kinds", "nosa_offload", "--batch", "2", "--context", "37",
                      "--steps", "2", "--warmup", "1", "--offload-store", "pinned_array",
                      "--offload-plan", "device", "--out", str(tmp_path)]) == 0

@@ -8,6 +8,8 @@ errors."""
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -351,6 +353,56 @@ def test_device_plan_matches_host_plan_bit_for_bit_and_compiles_once(monkeypatch
   assert got._planned_fused and {k: got.totals[k] for k in ("requested", "hits", "transferred",
                                                             "bytes")} == {
       k: ref.totals[k] for k in ("requested", "hits", "transferred", "bytes")}
+
+
+def test_layer_step_matches_the_cache_methods_bit_for_bit():
+  """``layer_step`` (append + device plan + the while/switch load loop + attention as ONE jitted
+  computation, chunks of 3 so a load runs several iterations and several branch sizes) against
+  the cache's own ``append`` / ``update`` / ``attend`` with ``plan="device"``, bf16: over appends
+  that complete blocks (``roll_over`` between steps) and selections with evictions, duplicates,
+  ``-1`` padding and the current block in or out (and one step selecting only resident blocks),
+  the same slots (bytes), slot map, tail, attention output and counts; one compilation for
+  every step."""
+  from sparse_attention_jax.nn.offload import layer_step, step_sizes
+  assert step_sizes(3) == (3,) and step_sizes(64) == (8, 12, 16, 24, 32, 48, 64)
+  rng = np.random.default_rng(11)
+  bsz, heads, dk, dv, bs, ns, total, width = 2, 3, 4, 3, 4, 5, 44, 8
+  caches = [OffloadedBlockCache(batch=bsz, num_kv_heads=heads, k_dim=dk, v_dim=dv,
+                                block_size=bs, num_slots=ns, max_len=total, dtype=jnp.bfloat16,
+                                store="pinned_array", load_workers=1, plan="device")
+            for _ in range(2)]
+  ref, got = caches
+  k, v, c, q = _random_kvcq(rng, bsz, total, heads, dk, dv)
+  prompt = 22
+  for cache in caches:
+    cache.prefill(k[:, :prompt], v[:, :prompt], c[:, :prompt])
+  step = jax.jit(functools.partial(layer_step, chunk=3, k_dim=dk, scale=0.5, host=True))
+  loads = set()
+  for t in range(prompt, 36):                           # blocks 5 .. 8 complete on the way
+    gamma = _random_gamma(rng, np.asarray(ref.slot_block), t // bs, ns, width)
+    if t == 30:                                         # the resident blocks: no iteration
+      gamma = np.full((bsz, heads, width), -1, np.int32)
+      gamma[..., :ns] = np.asarray(ref.slot_block)
+    ref.append(k[:, t], v[:, t], c[:, t])
+    st_ref = ref.update(jnp.asarray(gamma))
+    o_ref = ref.attend(q, softmax_scale=0.5)
+    got.roll_over()
+    kv_t = jnp.concatenate([k[:, t], v[:, t]], axis=-1)
+    o, state, info = step(got.device_state(), got.store.kv, got.store.c, kv_t, c[:, t],
+                          jnp.asarray(gamma), q, jnp.int32(t))
+    st_got = got.commit(state, np.asarray(info))
+    for key in ("requested", "hits", "transferred", "bytes"):
+      assert st_got[key] == st_ref[key], (t, key)
+    loads.add(st_ref["transferred"])
+    assert got.length == ref.length == t + 1
+    for a, b in zip(got.device_state(), ref.device_state()):
+      np.testing.assert_array_equal(np.asarray(a.astype(jnp.float32)),
+                                    np.asarray(b.astype(jnp.float32)))
+    np.testing.assert_array_equal(np.asarray(o), np.asarray(o_ref))
+  assert max(loads) > 6 and 0 in loads and loads & {1, 2, 4, 5}, loads  # several iterations
+  assert step._cache_size() == 1
+  np.testing.assert_array_equal(np.asarray(got.store.kv.astype(jnp.float32)),
+                                np.asarray(ref.store.kv.astype(jnp.float32)))
 
 
 def test_device_plan_falls_back_to_sliced_rows_and_the_store_load(caplog):

@@ -92,8 +92,9 @@ class Generator:
     offload_store: host block store with ``offload``: ``"numpy"`` (one contiguous array per
       layer), ``"pinned_host"`` (one pinned host array per block) or ``"pinned_array"`` (one
       pinned host array per layer, loaded by jitted gathers).
-    offload_plan: slot assignment with ``offload``: ``"host"`` (NumPy) or ``"device"`` (one
-      jitted plan per layer and step; ``offload_store="pinned_array"`` only).
+    offload_plan: slot assignment with ``offload``: ``"host"`` (NumPy), ``"device"`` (one
+      jitted plan per layer and step) or ``"fused"`` (the whole step as one jitted call, with
+      the host-memory gathers inside); the last two with ``offload_store="pinned_array"`` only.
   """
 
   def __init__(self, model, *, batch: int, capacity: int, dtype=None, prefill_bucket: int = 64,

@@ -56,6 +56,7 @@ import logging
 import os
 import threading
 import time
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -405,6 +406,88 @@ def _planned_loader(donate: bool, host: bool):
 _chunk_of_loads_jit = jax.jit(_chunk_of_loads, static_argnames=("size",))
 
 
+def step_sizes(chunk: int) -> tuple[int, ...]:
+  """Gather sizes of :func:`load_planned`: the powers of two and their 1.5 multiples from 8 up to
+  ``chunk`` (``chunk`` itself last): at most ~50% padding per iteration, one compiled branch each."""
+  out, n = [], 8
+  while n < chunk:
+    out += [n] + ([n * 3 // 2] if n * 3 // 2 < chunk else [])
+    n *= 2
+  return tuple(out + [chunk])
+
+
+def load_planned(store_kv, store_c, slot_kv, slot_c, loads, n, *, chunk: int, host: bool):
+  """Loads the ``n`` (traced) blocks listed first in ``loads`` (from :func:`plan_slots_on_device`
+  with ``pad >= chunk``) into the slots, inside one traced computation (no host round trip).
+
+  A ``lax.while_loop`` takes up to ``chunk`` rows per iteration; a ``lax.switch`` picks the
+  smallest of :func:`step_sizes` holding them, and that branch gathers from the host store and
+  scatters into the slots (:func:`load_into_slots`; padding rows repeat the chunk's first row, as
+  the host path pads). A step with no missing block runs no iteration. Returns ``(slot_kv,
+  slot_c)``."""
+  sizes = step_sizes(chunk)
+
+  def branch(size):
+    def run(skv, sc, at, valid):
+      src, dst = _chunk_of_loads(loads, at, valid, size=size)
+      return load_into_slots(store_kv, store_c, skv, sc, src, dst, host=host)
+    return run
+
+  def body(carry):
+    at, skv, sc = carry
+    valid = jnp.minimum(n - at, chunk)
+    which = jnp.searchsorted(jnp.asarray(sizes, jnp.int32), valid).astype(jnp.int32)
+    skv, sc = jax.lax.switch(which, [branch(s) for s in sizes], skv, sc, at, valid)
+    return at + valid, skv, sc
+
+  _, slot_kv, slot_c = jax.lax.while_loop(lambda c: c[0] < n, body,
+                                          (jnp.int32(0), slot_kv, slot_c))
+  return slot_kv, slot_c
+
+
+class LayerState(NamedTuple):
+  """The device state of one offloaded layer, as :func:`layer_step` reads and returns it (the
+  arrays of :class:`OffloadedBlockCache` with ``plan="device"``)."""
+  slot_kv: jax.Array      # [B, H, NS, l', Dk + Dv]
+  slot_c: jax.Array       # [B, H, NS, l'] float32
+  slot_block: jax.Array   # [B, H, NS] int32, -1 = empty
+  tail_kv: jax.Array      # [B, H, l', Dk + Dv]
+  tail_c: jax.Array       # [B, H, l'] float32
+  tail_use: jax.Array     # [B, H] bool
+
+
+def layer_step(state: LayerState, store_kv, store_c, kv_t, c_t, gamma, q, t, *, chunk: int,
+               k_dim: int, scale: float, host: bool):
+  """One decode step of one offloaded layer as ONE traced computation: :meth:`OffloadedBlockCache
+  .append` (without the block roll-over, done by the caller between steps), ``update`` with
+  ``plan="device"`` and ``attend``, on the same arrays with the same results.
+
+  Args:
+    state: the layer's :class:`LayerState`.
+    store_kv, store_c: the :class:`~sparse_attention_jax.nn.offload_store.PinnedArrayBlockStore`
+      arrays (read only).
+    kv_t: ``[B, H, Dk + Dv]`` the new token's RoPE'd key and value; ``c_t [B, H]`` its eviction
+      score.
+    gamma: ``[B, H, n]`` int32 selection of the query at ``t``.
+    q: ``[B, HQ, Dk]``.
+    t: int32 scalar, the new token's position (its block is the tail).
+    chunk: most blocks one load iteration gathers (static); ``host``: the store is in host memory.
+
+  Returns:
+    ``(o [B, HQ, Dv], state, info)``: ``info`` is :func:`plan_slots_on_device`'s int32[5].
+  """
+  bs = state.tail_kv.shape[2]
+  tail_kv = state.tail_kv.at[:, :, t % bs].set(kv_t.astype(state.tail_kv.dtype))
+  tail_c = state.tail_c.at[:, :, t % bs].set(c_t.astype(jnp.float32))
+  slot_block, tail_use, loads, info = plan_slots_on_device(gamma.astype(jnp.int32),
+                                                           state.slot_block, t // bs, pad=chunk)
+  slot_kv, slot_c = load_planned(store_kv, store_c, state.slot_kv, state.slot_c, loads,
+                                 info[INFO_LOADS], chunk=chunk, host=host)
+  o = _attend(q, slot_kv, slot_c, slot_block, tail_kv, tail_c, tail_use, t, k_dim=k_dim,
+              block_size=bs, scale=scale)
+  return o, LayerState(slot_kv, slot_c, slot_block, tail_kv, tail_c, tail_use), info
+
+
 @functools.partial(jax.jit, static_argnames=("k_dim", "block_size", "scale"))
 def _attend(q, slot_kv, slot_c, slot_block, tail_kv, tail_c, tail_use, t, *, k_dim: int,
             block_size: int, scale: float):
@@ -582,6 +665,18 @@ class OffloadedBlockCache:
     if self.length >= self.max_len:
       _fail("append", f"at most max_len={self.max_len} tokens", f"token {self.length + 1}")
     pos, bs = self.length, self.block_size
+    self.roll_over()
+    kv = jnp.concatenate([k_t.astype(self.dtype), v_t.astype(self.dtype)], axis=-1)
+    self.tail_kv, self.tail_c = self._write_token(self.tail_kv, self.tail_c, pos % bs, kv,
+                                                  c_t.astype(jnp.float32))
+    self.length = pos + 1
+
+  def roll_over(self) -> None:
+    """When the next token starts a new block (``length`` a positive multiple of ``l'``), copies
+    the complete tail of every sequence and head to the host store (one jitted write) and
+    empties the tail; otherwise nothing. :meth:`append` calls it; a caller running
+    :func:`layer_step` itself calls it before each step."""
+    pos, bs = self.length, self.block_size
     if pos and pos % bs == 0:
       self.store.write(pos // bs - 1, self.tail_kv[:, :, None], self.tail_c[:, :, None])
       self.tail_kv = jnp.zeros_like(self.tail_kv)
@@ -590,10 +685,38 @@ class OffloadedBlockCache:
         self.tail_use = self._no_tail
       else:
         self.tail_use[:] = False
-    kv = jnp.concatenate([k_t.astype(self.dtype), v_t.astype(self.dtype)], axis=-1)
-    self.tail_kv, self.tail_c = self._write_token(self.tail_kv, self.tail_c, pos % bs, kv,
-                                                  c_t.astype(jnp.float32))
-    self.length = pos + 1
+
+  # ---------------------------------------------------- a step traced by the caller
+  def device_state(self) -> LayerState:
+    """The arrays :func:`layer_step` reads (``plan="device"`` only)."""
+    if self.plan != "device":
+      _fail("plan", "'device' for device_state (the slot map must be a device array)",
+            repr(self.plan))
+    return LayerState(self.slot_kv, self.slot_c, self.slot_block, self.tail_kv, self.tail_c,
+                      self.tail_use)
+
+  def commit(self, state: LayerState, info, **seconds) -> dict:
+    """Takes the result of a :func:`layer_step` the caller ran for the token at ``t = length``
+    (after :meth:`roll_over`): the new arrays, one more token, and the step's stats from its
+    ``info`` (host int32[5], read back by the caller). Raises the errors :meth:`update` raises;
+    after such an error the cache's slots are meaningless (the step already ran)."""
+    self.slot_kv, self.slot_c, self.slot_block, self.tail_kv, self.tail_c, self.tail_use = state
+    self.length += 1
+    self._check_info(info)
+    n, requested = int(info[INFO_LOADS]), int(info[INFO_REQUESTED])
+    return self._record(requested, n, **{key: seconds.get(key, 0.0) for key in STAT_KEYS[4:]})
+
+  def _check_info(self, info) -> None:
+    """The errors of a device plan's ``info`` (see :func:`plan_slots_on_device`)."""
+    cur = self.current_block
+    if info[INFO_MAX_ID] > cur:
+      _fail("gamma", f"block ids <= the current block {cur} (t = {self.length - 1}, no future "
+            f"blocks)", f"max id {int(info[INFO_MAX_ID])}")
+    if info[INFO_OVERFULL_ROW] >= 0:
+      bi, hi = divmod(int(info[INFO_OVERFULL_ROW]), self.heads)
+      _fail("gamma", f"at most num_slots={self.num_slots} selected blocks besides the current "
+            f"block per (sequence, KV head)", f"{int(info[INFO_OVERFULL_COUNT])} at (b={bi}, "
+                                              f"h={hi}); build the cache with more slots")
 
   # ------------------------------------------------------------------------------ a step
   def update(self, gamma) -> dict:
@@ -683,14 +806,7 @@ class OffloadedBlockCache:
     info = np.asarray(jax.device_get(info))      # the step's only wait for the device
     t2 = time.perf_counter()
     n, requested = int(info[INFO_LOADS]), int(info[INFO_REQUESTED])
-    if info[INFO_MAX_ID] > cur:
-      _fail("gamma", f"block ids <= the current block {cur} (t = {self.length - 1}, no future "
-            f"blocks)", f"max id {int(info[INFO_MAX_ID])}")
-    if info[INFO_OVERFULL_ROW] >= 0:
-      bi, hi = divmod(int(info[INFO_OVERFULL_ROW]), self.heads)
-      _fail("gamma", f"at most num_slots={self.num_slots} selected blocks besides the current "
-            f"block per (sequence, KV head)", f"{int(info[INFO_OVERFULL_COUNT])} at (b={bi}, "
-                                              f"h={hi}); build the cache with more slots")
+    self._check_info(info)
     self.slot_block, self.tail_use = slot_block, tail_use
     for at in range(0, n, size):
       valid = min(size, n - at)

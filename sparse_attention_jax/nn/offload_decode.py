@@ -47,7 +47,14 @@ import numpy as np
 from flax import nnx
 
 from sparse_attention_jax.nn import decode as dec
-from sparse_attention_jax.nn.offload import PLANS, STAT_KEYS, TRANSFERS, OffloadedBlockCache
+from sparse_attention_jax.nn.offload import (
+  MAX_SCATTER,
+  PLANS,
+  STAT_KEYS,
+  TRANSFERS,
+  OffloadedBlockCache,
+  layer_step,
+)
 from sparse_attention_jax.nn.offload_store import STORES
 from sparse_attention_jax.ops.nosa_decode import (
   decode_budgets,
@@ -113,6 +120,36 @@ def _other_step(gd, st, x, pos, cache):
   return x + blk.mlp(blk.mlp_norm(x)).astype(x.dtype), cache
 
 
+# Plans of the decoder: the cache's (per-layer host loop) and "fused" (one jitted call per token).
+DECODER_PLANS = (*PLANS, "fused")
+
+
+def _fused_step(head_gd, gds, capacity, chunk, scale, host, head_st, sts, tokens, t, states,
+                stores):
+  """One decode step of the whole model as ONE traced computation (``plan="fused"``): every NOSA
+  layer runs :func:`~sparse_attention_jax.nn.offload.layer_step` (selection, device plan, the
+  host-memory gathers of its missing blocks, attention) between its projections. ``states[i]``
+  is ``(select state, LayerState)`` for a NOSA layer (``stores[i] = (kv, c)`` host arrays), else
+  the layer's cache (``stores[i] = None``). Returns ``(logits [B, V], states, info [L_nosa, 5])``."""
+  posv = jnp.full(tokens.shape, t, jnp.int32)
+  x = _embed(head_gd, head_st, tokens[:, None])
+  out, infos = [], []
+  for gd, st, state, store in zip(gds, sts, states, stores):
+    if store is None:
+      x, state = _other_step(gd, st, x, posv, state)
+    else:
+      sel, layer = state
+      q, k, v, c, gamma, sel = _nosa_pre(gd, st, x, posv, sel, capacity)
+      kv_t = jnp.concatenate([k, v.astype(k.dtype)], axis=-1)
+      o, layer, info = layer_step(layer, *store, kv_t, c, gamma, q, t, chunk=chunk,
+                                  k_dim=k.shape[-1], scale=scale, host=host)
+      x = _nosa_post(gd, st, x, o)
+      state = (sel, layer)
+      infos.append(info)
+    out.append(state)
+  return _logits(head_gd, head_st, x)[:, 0], out, jnp.stack(infos)
+
+
 @dataclasses.dataclass
 class OffloadStats:
   """Transfers of an offloaded generation: ``per_step`` (one dict per decode step, summed over
@@ -150,21 +187,30 @@ class OffloadedDecoder:
     transfer: ``"fresh"`` (a fresh host array per chunk) or ``"staged"`` (reused,
       DMA-registered staging buffers; NumPy store only); see
       :class:`~sparse_attention_jax.nn.offload.OffloadedBlockCache`.
-    plan: ``"host"`` (slot assignment in NumPy after reading the selection back) or
+    plan: ``"host"`` (slot assignment in NumPy after reading the selection back),
       ``"device"`` (one jitted plan per layer and step, the host reads back only the counts;
-      ``store="pinned_array"`` only); see
-      :class:`~sparse_attention_jax.nn.offload.OffloadedBlockCache`.
+      ``store="pinned_array"`` only; see
+      :class:`~sparse_attention_jax.nn.offload.OffloadedBlockCache`) or ``"fused"``
+      (``store="pinned_array"`` only): the whole token step, every layer with its selection,
+      slot plan, host-memory gathers and attention, is ONE jitted call
+      (:func:`~sparse_attention_jax.nn.offload.layer_step`); the host rolls completed tail
+      blocks over to the store before a step that starts a block and reads back one int32
+      ``[L, 5]`` of counts after it (the stats, and the errors of the other plans, raised after
+      the step).
+    chunk: ``plan="fused"``: most blocks one load iteration gathers per layer (the last one of a
+      step is padded to the next of :func:`~sparse_attention_jax.nn.offload.step_sizes`).
   """
 
   def __init__(self, model, *, batch: int, capacity: int, dtype=None,
                num_slots: int | None = None, store: str = "numpy",
-               load_workers: int | None = None, transfer: str = "fresh", plan: str = "host"):
+               load_workers: int | None = None, transfer: str = "fresh", plan: str = "host",
+               chunk: int = MAX_SCATTER):
     dec.check_decodable(model)
     kinds = [blk.kind for blk in model.layers]
     if "nosa" not in kinds:
       raise ValueError(f"offload: expected a model with at least one 'nosa' layer, got kinds "
                        f"{sorted(set(kinds))}")
-    for name, val in (("batch", batch), ("capacity", capacity),
+    for name, val in (("batch", batch), ("capacity", capacity), ("chunk", chunk),
                       *((("load_workers", load_workers),) if load_workers is not None else ())):
       if not isinstance(val, int) or isinstance(val, bool) or val < 1:
         raise ValueError(f"{name}: expected a positive int, got {val!r}")
@@ -173,16 +219,16 @@ class OffloadedDecoder:
     if transfer not in TRANSFERS or (transfer == "staged" and store != "numpy"):
       raise ValueError(f"transfer: expected one of {TRANSFERS} ('staged' with store='numpy' "
                        f"only), got {transfer!r} with store={store!r}")
-    if plan not in PLANS or (plan == "device" and store != "pinned_array"):
-      raise ValueError(f"plan: expected one of {PLANS} ('device' with store='pinned_array' "
-                       f"only), got {plan!r} with store={store!r}")
+    if plan not in DECODER_PLANS or (plan != "host" and store != "pinned_array"):
+      raise ValueError(f"plan: expected one of {DECODER_PLANS} ('device' and 'fused' with "
+                       f"store='pinned_array' only), got {plan!r} with store={store!r}")
     self.model, self.batch, self.capacity, self.dtype = model, batch, capacity, dtype
     self.store, self.load_workers, self.transfer = store, load_workers, transfer
-    self.plan = plan
+    self.plan, self.chunk = plan, chunk
     self.config = model.config
     self.num_slots = offload_slots(self.config, capacity) if num_slots is None else num_slots
     self.traces = {"embed": 0, "logits": 0, "nosa_prefill": 0, "nosa_pre": 0, "nosa_post": 0,
-                   "other_prefill": 0, "other_step": 0}
+                   "other_prefill": 0, "other_step": 0, "fused_step": 0}
     self._blocks = [nnx.split(blk) for blk in model.layers]
     self._scatter_warm = False
     self._head_gd, self._head_st = nnx.split(_Head(model.embed, model.final_norm,
@@ -191,12 +237,16 @@ class OffloadedDecoder:
         ("nosa_prefill", _nosa_prefill, (0,)), ("nosa_pre", _nosa_pre, (0, 5)),
         ("nosa_post", _nosa_post, (0,)), ("other_prefill", _other_prefill, (0,)),
         ("other_step", _other_step, (0,)), ("embed", _embed, (0,)), ("logits", _logits, (0,)))}
+    if plan == "fused":                          # states donated on accelerators
+      donate = (10,) if jax.devices()[0].platform != "cpu" else ()
+      self._fns["fused_step"] = self._counted("fused_step", _fused_step, tuple(range(6)),
+                                              donate)
 
-  def _counted(self, name, fn, static):
+  def _counted(self, name, fn, static, donate=()):
     def wrapped(*args):
       self.traces[name] += 1
       return fn(*args)
-    return jax.jit(wrapped, static_argnums=static)
+    return jax.jit(wrapped, static_argnums=static, donate_argnums=donate)
 
   # ---------------------------------------------------------------------------- state
   def _new_caches(self, dtype):
@@ -211,8 +261,9 @@ class OffloadedDecoder:
                                     k_dim=c.head_dim, v_dim=c.dv, block_size=c.nsa.block_size,
                                     num_slots=self.num_slots, max_len=self.capacity, dtype=dt,
                                     store=self.store, load_workers=self.load_workers,
-                                    transfer=self.transfer, plan=self.plan)
-        if not self._scatter_warm:
+                                    transfer=self.transfer,
+                                    plan="device" if self.plan == "fused" else self.plan)
+        if not self._scatter_warm and self.plan != "fused":
           store.warm_scatter()
           self._scatter_warm = True
         caches.append([sel, store])
@@ -245,6 +296,8 @@ class OffloadedDecoder:
     the NOSA layers and ``stats["per_layer"]``."""
     if not 0 <= pos < self.capacity:
       raise ValueError(f"pos: expected 0 <= pos < capacity = {self.capacity}, got {pos}")
+    if self.plan == "fused":
+      return self._fused(tokens, caches, pos)
     posv = jnp.full((self.batch,), pos, jnp.int32)
     x = self._fns["embed"](self._head_gd, self._head_st, jnp.asarray(tokens, jnp.int32)[:, None])
     per_layer = []
@@ -262,6 +315,38 @@ class OffloadedDecoder:
     stats = _sum_stats(per_layer)
     stats["per_layer"] = per_layer
     return self._fns["logits"](self._head_gd, self._head_st, x)[:, 0], stats
+
+  def _fused(self, tokens, caches, pos: int):
+    """:meth:`step` with ``plan="fused"``: roll completed tails over to the host stores, ONE
+    jitted call for the token, ONE read-back of the layers' counts."""
+    nosa = [c[1] for c in caches if isinstance(c, list)]
+    if any(cache.length != pos for cache in nosa):
+      raise ValueError(f"pos: expected the caches' length {nosa[0].length}, got {pos}")
+    t0 = time.perf_counter()
+    for cache in nosa:
+      cache.roll_over()
+    states = [(c[0], c[1].device_state()) if isinstance(c, list) else c for c in caches]
+    stores = [(c[1].store.kv, c[1].store.c) if isinstance(c, list) else None for c in caches]
+    scale = self.config.nsa.scale(self.config.head_dim)
+    logits, states, info = self._fns["fused_step"](
+        self._head_gd, tuple(gd for gd, _ in self._blocks), self.capacity, self.chunk,
+        float(scale), nosa[0].store.host, self._head_st, [st for _, st in self._blocks],
+        jnp.asarray(tokens, jnp.int32), jnp.int32(pos), states, stores)
+    t1 = time.perf_counter()
+    info = np.asarray(jax.device_get(info))       # the step's only wait for the device
+    t2 = time.perf_counter()
+    per_layer, j = [], 0
+    for i, state in enumerate(states):
+      if isinstance(caches[i], list):
+        caches[i][0] = state[0]
+        per_layer.append(caches[i][1].commit(state[1], info[j], wait_s=(t2 - t1) / len(nosa),
+                                             plan_s=(t1 - t0) / len(nosa)))
+        j += 1
+      else:
+        caches[i] = state
+    stats = _sum_stats(per_layer)
+    stats["per_layer"] = per_layer
+    return logits, stats
 
   def summarize(self, caches, per_step: list[dict]) -> OffloadStats:
     """:class:`OffloadStats` of a run (``per_step`` from :meth:`step`)."""
@@ -322,4 +407,4 @@ def generate_offloaded(decoder: OffloadedDecoder, tokens: np.ndarray, max_new_to
           decoder.summarize(caches, per_step))
 
 
-__all__ = ["OffloadStats", "OffloadedDecoder", "generate_offloaded", "offload_slots"]
+__all__ = ["DECODER_PLANS", "OffloadStats", "OffloadedDecoder", "generate_offloaded", "offload_slots"]

@@ -3,8 +3,8 @@
 Run on the GPU machine from the repository root:
 ``PYTHONPATH=$PWD python3 tests/gpu/check_selected_mgpu_bwd.py [--quick | --docs | --dims-quick |
 --dims | --blocks-quick | --blocks | --smoke | --all | --persistent-docs]`` (``--docs``: only the
-packed-document configs; ``--persistent-docs``: five of them on the persistent forward, which the
-public op does not use with documents yet;
+packed-document configs; ``--persistent-docs``: five of them with ``persistent=True`` (the default
+since they passed, H200, 2026-11-30);
 ``--smoke``: 9 configs across the default dims, documents, Dk != Dv and blocks 32/128;
 ``--new-quick``: Dk/Dv 192/128 and 160/128, blocks 32 and 128, one config each;
 ``--dims``: only the ``Dk != Dv`` configs, e.g. Dk=192/Dv=128 and the ASA GLA global layer's
