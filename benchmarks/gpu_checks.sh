@@ -2,7 +2,7 @@
 # Every quick GPU check in one device call, on one or two GPUs (two lanes run side by side).
 # Usage (repository root, on the GPU machine):  bash benchmarks/gpu_checks.sh [PART ...]
 # PARTs: dense nosa decode offload dims transforms multi context timing breakdown breakdown_docs1
-# nosa_train compile offload_load offload_fused kernel_fb suites fwd_dump persistent persistent_docs h2d (default:
+# nosa_train compile offload_load offload_fused offload_fused_more zero_copy kernel_fb suites fwd_dump persistent persistent_docs h2d (default:
 # dense nosa decode offload dims transforms).
 # `h2d`: host -> device transfer paths of the offload cache's block gather, 256/4096/41000 blocks
 #   of 32 KiB (benchmarks/h2d_transfer.py -> $OUT/h2d.json), under T_H2D (150 s), first lane;
@@ -25,6 +25,11 @@
 #   the layer_step / device-plan / pinned_array CPU tests on the GPU backend, and decode at 32k,
 #   B 16/128 with the fused step (first lane, chunks FUSED_CHUNK, default 1024) and the device
 #   plan (second lane, after persistent_docs);
+# `offload_fused_more`: the fused step at 128k, B 128 (a resident cache that does not fit), first
+#   lane; chunks of 256 and 4096 at 32k, B 128, and resident infllm_v2 / nosa at 32k, B 16/128
+#   (same call), second lane;
+# `zero_copy`: can a Pallas kernel gather straight from a pinned_host array
+#   (benchmarks/h2d_zero_copy.py -> $OUT/zero_copy.json), first lane;
 # `offload_load`: one offloaded-cache update() at B 128, 131k (benchmarks/offload_update_cpu.py)
 #   with load workers 1/2/4/8, fresh and staged transfers, and
 #   and the one-pinned-array-per-layer store (pinned_array), and
@@ -130,6 +135,12 @@ lane_a() {
   has offload_fused && run offload_fused_tests 0 "$T_NOSA" env XLA_PYTHON_CLIENT_PREALLOCATE=false \
     python3 -m pytest -q -p no:cacheprovider tests/test_nosa_offload.py -k \
     "layer_step or device_plan or pinned_array"
+  has zero_copy && run zero_copy 0 "${T_H2D:-150}" python3 benchmarks/h2d_zero_copy.py \
+    --out "$OUT/zero_copy.json"
+  has offload_fused_more && run offload_fused_128k 0 "${T_FUSED_128K:-300}" env \
+    XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 python3 benchmarks/decode.py --shape 1b --kinds \
+    nosa_offload --batch 128 --context 131072 --steps 8 --warmup 2 --report-fit --offload-store \
+    pinned_array --offload-plan fused --out "$OUT/offload_fused_128k"
   for c in ${FUSED_CHUNK:-1024}; do
     has offload_fused && run "offload_fused$c" 0 "$T_OFFLOAD" env XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 \
       python3 benchmarks/decode.py --shape 1b --kinds nosa_offload --batch 16,128 --context 32768 \
@@ -152,6 +163,16 @@ lane_b() {
     XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 python3 benchmarks/decode.py --shape 1b --kinds \
     nosa_offload --batch 16,128 --context 32768 --steps 8 --warmup 2 --offload-store pinned_array \
     --offload-plan device --out "$OUT/offload_plan_device"
+  for c in 256 4096; do
+    has offload_fused_more && run "offload_fused_b128_$c" "$lane1" "$T_OFFLOAD" env \
+      XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 python3 benchmarks/decode.py --shape 1b --kinds \
+      nosa_offload --batch 128 --context 32768 --steps 8 --warmup 2 --offload-store pinned_array \
+      --offload-plan fused --offload-chunk $c --out "$OUT/offload_fused_b128_$c"
+  done
+  has offload_fused_more && run resident32k "$lane1" "$T_OFFLOAD" env \
+    XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 python3 benchmarks/decode.py --shape 1b --kinds \
+    infllm_v2,nosa --batch 16,128 --context 32768 --steps 8 --warmup 2 --report-fit \
+    --out "$OUT/resident32k"
   has offload && run offload "$lane1" "$T_OFFLOAD" env XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 \
     python3 benchmarks/decode.py --shape 1b --kinds nosa_offload --batch 16,128 \
     --context 131072 --steps 8 --warmup 2 --report-fit --out "$OUT/offload"
