@@ -17,8 +17,9 @@ Kinds (random weights, bf16 compute, bf16 caches):
   ``--offload-plan device`` (``pinned_array`` only): the slot assignment and the list of loads
   computed on the device, the host reading back only their counts; ``--offload-plan fused``
   (``pinned_array`` only): the whole token step, every layer's selection, slot plan,
-  host-memory gathers (``--offload-chunk`` blocks per load iteration) and attention, as ONE
-  jitted call): the
+  block copies (``--offload-copy kernel``, the default: a Pallas kernel reading the pinned store
+  directly; ``xla``: XLA's host gather, ``--offload-chunk`` blocks per load iteration) and
+  attention, as ONE jitted call): the
   device holds the selection state, ``k - 1`` block slots and the current block per (sequence,
   KV head); a step is a host loop over the layers (jitted pieces, only the missing blocks
   copied). Rows add the blocks transferred per step, hit rate and bytes moved. The host store is
@@ -270,7 +271,8 @@ def _fill_offloaded(decoder, caches, context: int, seed: int, pool: int):
 
 def run_offload(model, *, batch: int, context: int, steps: int, warmup: int, seed: int,
                 pool: int, store: str = "numpy", load_workers: int | None = None,
-                transfer: str = "fresh", plan: str = "host", chunk: int = 1024) -> dict:
+                transfer: str = "fresh", plan: str = "host", chunk: int = 1024,
+                copy: str = "kernel") -> dict:
   """The ``nosa_offload`` row: :class:`OffloadedDecoder` steps over a filled offloaded cache.
 
   ``compile_s`` is the warm-up steps' time (compilation of the pieces; the slot scatter's size
@@ -280,7 +282,7 @@ def run_offload(model, *, batch: int, context: int, steps: int, warmup: int, see
   capacity = context + warmup + steps
   decoder = OffloadedDecoder(model, batch=batch, capacity=capacity, store=store,
                              load_workers=load_workers, transfer=transfer, plan=plan,
-                             chunk=chunk)
+                             chunk=chunk, copy=copy)
   caches = decoder._new_caches(None)
   _fill_offloaded(decoder, caches, context, seed, pool)
   pick = jax.jit(lambda logits: jnp.argmax(logits, axis=-1).astype(jnp.int32))
@@ -310,6 +312,7 @@ def run_offload(model, *, batch: int, context: int, steps: int, warmup: int, see
           "compile_s": warm_s, "lengths_ok": pos == capacity, "slots": summary.slots,
           "host_memory_kind": summary.host_memory_kind, "host_store": store,
           "transfer": transfer, "plan": plan, "chunk": chunk if plan == "fused" else None,
+          "copy": decoder.copy if plan == "fused" else None,
           "blocks_per_step": summary.total["transferred"] / steps,
           "hit_rate": summary.total["hit_rate"],
           "bytes_per_step": summary.total["bytes"] / steps,
@@ -374,9 +377,12 @@ def main(argv: list[str] | None = None) -> int:
                        "back (host), one jitted plan per layer whose counts alone are read "
                        "back (device), or the whole step as one jitted call (fused); device "
                        "and fused with --offload-store pinned_array only")
+  ap.add_argument("--offload-copy", default="kernel", choices=("kernel", "xla"),
+                  help="nosa_offload with --offload-plan fused: the zero-copy Pallas kernel "
+                       "(pallas_kernels/block_copy.py) or XLA's host gather")
   ap.add_argument("--offload-chunk", type=int, default=1024,
-                  help="nosa_offload with --offload-plan fused: most blocks one load "
-                       "iteration of a layer gathers")
+                  help="nosa_offload with --offload-plan fused --offload-copy xla: most blocks "
+                       "one load iteration of a layer gathers")
   ap.add_argument("--f32-params", action="store_true",
                   help="keep float32 master weights (default: weights in the compute dtype)")
   ap.add_argument("--out", default=os.environ.get("OUT") or os.path.join(ROOT, "benchmarks",
@@ -402,6 +408,7 @@ def main(argv: list[str] | None = None) -> int:
           "host_pool": args.host_pool, "offload_store": args.offload_store,
           "load_workers": args.load_workers, "offload_transfer": args.offload_transfer,
           "offload_plan": args.offload_plan, "offload_chunk": args.offload_chunk,
+          "offload_copy": args.offload_copy,
           "params": "float32" if args.f32_params else "compute dtype"}
   print(f"device {meta['device']}, jax {jax.__version__}")
   os.makedirs(args.out, exist_ok=True)
@@ -436,7 +443,7 @@ def main(argv: list[str] | None = None) -> int:
                             warmup=args.warmup, seed=args.seed, pool=args.host_pool,
                             store=args.offload_store, load_workers=args.load_workers,
                             transfer=args.offload_transfer, plan=args.offload_plan,
-                            chunk=args.offload_chunk)
+                            chunk=args.offload_chunk, copy=args.offload_copy)
           elif fit.get("fits") is False:
             raise MemoryError(f"resident cache {need / GiB:.1f} GiB > device memory "
                               f"{limit / GiB:.1f} GiB (skipped)")

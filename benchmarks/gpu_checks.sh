@@ -2,7 +2,7 @@
 # Every quick GPU check in one device call, on one or two GPUs (two lanes run side by side).
 # Usage (repository root, on the GPU machine):  bash benchmarks/gpu_checks.sh [PART ...]
 # PARTs: dense nosa decode offload dims transforms multi context timing breakdown breakdown_docs1
-# nosa_train compile offload_load offload_fused offload_fused_more zero_copy kernel_fb suites fwd_dump persistent persistent_docs h2d (default:
+# nosa_train compile offload_load offload_fused offload_fused_128k offload_fused_more offload_plan_device zero_copy kernel_fb suites fwd_dump persistent persistent_docs h2d (default:
 # dense nosa decode offload dims transforms).
 # `h2d`: host -> device transfer paths of the offload cache's block gather, 256/4096/41000 blocks
 #   of 32 KiB (benchmarks/h2d_transfer.py -> $OUT/h2d.json), under T_H2D (150 s), first lane;
@@ -23,11 +23,14 @@
 # `offload_fused`: the whole offloaded decode step as one jitted call (--offload-plan fused):
 #   greedy tokens vs resident (check_nosa_decode.py --stores pinned_array:device,pinned_array:fused),
 #   the layer_step / device-plan / pinned_array CPU tests on the GPU backend, and decode at 32k,
-#   B 16/128 with the fused step (first lane, chunks FUSED_CHUNK, default 1024) and the device
+#   B 16/128 with the fused step (first lane; FUSED_COPY, default kernel; with xla, chunks
+#   FUSED_CHUNK, default 1024); part `offload_plan_device`: the device
 #   plan (second lane, after persistent_docs);
-# `offload_fused_more`: the fused step at 128k, B 128 (a resident cache that does not fit), first
-#   lane; chunks of 256 and 4096 at 32k, B 128, and resident infllm_v2 / nosa at 32k, B 16/128
-#   (same call), second lane;
+# `offload_fused_128k`: the fused step at 128k, B 128 (a resident cache that does not fit; 134
+#   GiB of pinned host memory, XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB=HOST_LIMIT_GB, default 200),
+#   second lane;
+# `offload_fused_more`: copy="xla" with chunks of 256 and 4096 at 32k, B 128, and resident
+#   infllm_v2 / nosa at 32k, B 16/128 (same call), second lane;
 # `zero_copy`: can a Pallas kernel gather straight from a pinned_host array
 #   (benchmarks/h2d_zero_copy.py -> $OUT/zero_copy.json), first lane;
 # `offload_load`: one offloaded-cache update() at B 128, 131k (benchmarks/offload_update_cpu.py)
@@ -137,14 +140,11 @@ lane_a() {
     "layer_step or device_plan or pinned_array"
   has zero_copy && run zero_copy 0 "${T_H2D:-150}" python3 benchmarks/h2d_zero_copy.py \
     --out "$OUT/zero_copy.json"
-  has offload_fused_more && run offload_fused_128k 0 "${T_FUSED_128K:-300}" env \
-    XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 python3 benchmarks/decode.py --shape 1b --kinds \
-    nosa_offload --batch 128 --context 131072 --steps 8 --warmup 2 --report-fit --offload-store \
-    pinned_array --offload-plan fused --out "$OUT/offload_fused_128k"
   for c in ${FUSED_CHUNK:-1024}; do
     has offload_fused && run "offload_fused$c" 0 "$T_OFFLOAD" env XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 \
       python3 benchmarks/decode.py --shape 1b --kinds nosa_offload --batch 16,128 --context 32768 \
-      --steps 8 --warmup 2 --offload-store pinned_array --offload-plan fused --offload-chunk "$c" \
+      --steps 8 --warmup 2 --offload-store pinned_array --offload-plan fused \
+      --offload-copy "${FUSED_COPY:-kernel}" --offload-chunk "$c" \
       --out "$OUT/offload_fused$c"
   done
 }
@@ -159,15 +159,20 @@ lane_b() {
   has dims && run dims "$lane1" "$T_DIMS" python3 tests/gpu/check_selected_mgpu_bwd.py --smoke
   has persistent_docs && run persistent_docs "$lane1" "$T_SUITES" python3 \
     tests/gpu/check_selected_mgpu_bwd.py --persistent-docs
-  has offload_fused && run offload_plan_device "$lane1" "$T_OFFLOAD" env \
+  has offload_plan_device && run offload_plan_device "$lane1" "$T_OFFLOAD" env \
     XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 python3 benchmarks/decode.py --shape 1b --kinds \
     nosa_offload --batch 16,128 --context 32768 --steps 8 --warmup 2 --offload-store pinned_array \
     --offload-plan device --out "$OUT/offload_plan_device"
+  has offload_fused_128k && run offload_fused_128k "$lane1" "${T_FUSED_128K:-300}" env \
+    XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB=${HOST_LIMIT_GB:-200} \
+    python3 benchmarks/decode.py --shape 1b --kinds nosa_offload --batch 128 --context 131072 \
+    --steps 8 --warmup 2 --report-fit --offload-store pinned_array --offload-plan fused \
+    --out "$OUT/offload_fused_128k"
   for c in 256 4096; do
     has offload_fused_more && run "offload_fused_b128_$c" "$lane1" "$T_OFFLOAD" env \
       XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 python3 benchmarks/decode.py --shape 1b --kinds \
       nosa_offload --batch 128 --context 32768 --steps 8 --warmup 2 --offload-store pinned_array \
-      --offload-plan fused --offload-chunk $c --out "$OUT/offload_fused_b128_$c"
+      --offload-plan fused --offload-copy xla --offload-chunk $c --out "$OUT/offload_fused_b128_$c"
   done
   has offload_fused_more && run resident32k "$lane1" "$T_OFFLOAD" env \
     XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 python3 benchmarks/decode.py --shape 1b --kinds \

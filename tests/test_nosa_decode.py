@@ -144,13 +144,15 @@ def test_decode_step_never_attends_over_the_capacity():
 
 # ------------------------------------------------------------------------------ offloaded
 @pytest.mark.parametrize("store,plan", [("numpy", "host"), ("pinned_array", "host"),
-                                        ("pinned_array", "device"), ("pinned_array", "fused")])
+                                        ("pinned_array", "device"), ("pinned_array", "fused"),
+                                        ("pinned_array", "fused:xla")])
 def test_offloaded_greedy_equals_device_resident_and_compiles_once(store, plan, monkeypatch):
   """Two rows, prompts of 26 tokens, 20 greedy tokens (blocks start at 32, 40): the offloaded
   decoder (K/V/c of the NOSA layer in a host NumPy store, or in one pinned_host jax array
   loaded by jitted gathers; slot assignment on the host, or on the device with only its counts
-  read back; or the whole step as one jitted call, loading in iterations of at most 4
-  blocks; the first step's 12 loads go in scatters of at most 4 blocks) produces the
+  read back; or the whole step as one jitted call, copying with the zero-copy Pallas kernel
+  (interpreted) or with XLA's host gather in iterations of at most 4 blocks; the first step's 12
+  loads go in scatters of at most 4 blocks) produces the
   device-resident tokens; each jitted piece is traced once (the embedding once per shape; the
   device plan once); a second call with the same prompt length traces nothing."""
   from sparse_attention_jax.nn import offload
@@ -159,10 +161,11 @@ def test_offloaded_greedy_equals_device_resident_and_compiles_once(store, plan, 
   prompts = np.asarray(jax.random.randint(jax.random.key(4), (2, 26), 0, 64)).tolist()
   want = Generator(model, batch=2, capacity=48, prefill_bucket=8).generate(
       prompts, 20, greedy=True)
+  plan, _, copy = plan.partition(":")
   gen = Generator(model, batch=2, capacity=48, offload=True, offload_store=store,
                   offload_plan=plan)
   if plan == "fused":
-    gen._offload.chunk = 4
+    gen._offload.chunk, gen._offload.copy = 4, copy or "kernel"
   plans = offload.plan_slots_on_device._cache_size()
   out = gen.generate(prompts, 20, greedy=True)
   np.testing.assert_array_equal(out.tokens, want.tokens)
@@ -171,7 +174,7 @@ def test_offloaded_greedy_equals_device_resident_and_compiles_once(store, plan, 
   if plan == "fused":                     # the step's pieces are traced inside the fused step
     once = {**{name: 0 for name in once}, "embed": 1, "logits": 1, "nosa_prefill": 1,
             "other_prefill": 1, "fused_step": 1}
-  assert gen._offload.traces == once
+  assert gen._offload.traces == once and gen._offload.copy == (copy or "kernel")
   compiled_plans = offload.plan_slots_on_device._cache_size() - plans
   assert compiled_plans <= (plan != "host")            # (0 if an earlier test had the shape)
   st = out.offload
@@ -240,6 +243,8 @@ def test_offloaded_decoder_passes_the_transfer_to_every_layer():
                                        r"\('device' and 'fused' with store='pinned_array' "
                                        r"only\), got 'fused' with store='numpy'"):
     OffloadedDecoder(model, batch=2, capacity=16, plan="fused")
+  with pytest.raises(ValueError, match=r"copy: expected one of \('kernel', 'xla'\), got 'dma'"):
+    OffloadedDecoder(model, batch=2, capacity=16, store="pinned_array", plan="fused", copy="dma")
   with pytest.raises(ValueError, match=r"chunk: expected a positive int, got 0"):
     OffloadedDecoder(model, batch=2, capacity=16, store="pinned_array", plan="fused", chunk=0)
 
@@ -302,10 +307,10 @@ def test_decode_benchmark_nosa_kinds_smoke(tmp_path, monkeypatch, capsys):
   assert "--offload-plan: expected 'host' with --offload-store numpy" in capsys.readouterr().err
   assert bench.main(["--tiny", "--kinds", "nosa_offload", "--batch", "2", "--context", "37",
                      "--steps", "2", "--warmup", "1", "--offload-store", "pinned_array",
-                     "--offload-plan", "fused", "--offload-chunk", "8",
+                     "--offload-plan", "fused", "--offload-copy", "xla", "--offload-chunk", "8",
                      "--out", str(tmp_path)]) == 0
   row = json.loads((tmp_path / "decode.json").read_text())["rows"][0]
-  assert row["plan"] == "fused" and row["chunk"] == 8 and row["lengths_ok"]
+  assert row["plan"] == "fused" and row["chunk"] == 8 and row["copy"] == "xla" and row["lengths_ok"]
   assert bench.main(["--tiny", "--kinds", "nosa_offload", "--batch", "2", "--context", "37",
                      "--steps", "2", "--warmup", "1", "--offload-store", "pinned_array",
                      "--offload-plan", "device", "--out", str(tmp_path)]) == 0

@@ -355,9 +355,11 @@ def test_device_plan_matches_host_plan_bit_for_bit_and_compiles_once(monkeypatch
       k: ref.totals[k] for k in ("requested", "hits", "transferred", "bytes")}
 
 
-def test_layer_step_matches_the_cache_methods_bit_for_bit():
-  """``layer_step`` (append + device plan + the while/switch load loop + attention as ONE jitted
-  computation, chunks of 3 so a load runs several iterations and several branch sizes) against
+@pytest.mark.parametrize("copy", ["kernel", "xla"])
+def test_layer_step_matches_the_cache_methods_bit_for_bit(copy):
+  """``layer_step`` (append + device plan + the block copy + attention as ONE jitted computation;
+  the copy by the zero-copy Pallas kernel, interpreted here, or by the while/switch load loop in
+  chunks of 3, so a load runs several iterations and several branch sizes) against
   the cache's own ``append`` / ``update`` / ``attend`` with ``plan="device"``, bf16: over appends
   that complete blocks (``roll_over`` between steps) and selections with evictions, duplicates,
   ``-1`` padding and the current block in or out (and one step selecting only resident blocks),
@@ -376,8 +378,9 @@ def test_layer_step_matches_the_cache_methods_bit_for_bit():
   prompt = 22
   for cache in caches:
     cache.prefill(k[:, :prompt], v[:, :prompt], c[:, :prompt])
-  step = jax.jit(functools.partial(layer_step, chunk=3, k_dim=dk, scale=0.5, host=True))
-  loads = set()
+  step = jax.jit(functools.partial(layer_step, chunk=3, k_dim=dk, scale=0.5, host=True,
+                                   copy=copy))
+  loads, compiles = set(), []
   for t in range(prompt, 36):                           # blocks 5 .. 8 complete on the way
     gamma = _random_gamma(rng, np.asarray(ref.slot_block), t // bs, ns, width)
     if t == 30:                                         # the resident blocks: no iteration
@@ -391,6 +394,7 @@ def test_layer_step_matches_the_cache_methods_bit_for_bit():
     o, state, info = step(got.device_state(), got.store.kv, got.store.c, kv_t, c[:, t],
                           jnp.asarray(gamma), q, jnp.int32(t))
     st_got = got.commit(state, np.asarray(info))
+    compiles.append(step._cache_size())
     for key in ("requested", "hits", "transferred", "bytes"):
       assert st_got[key] == st_ref[key], (t, key)
     loads.add(st_ref["transferred"])
@@ -400,7 +404,7 @@ def test_layer_step_matches_the_cache_methods_bit_for_bit():
                                     np.asarray(b.astype(jnp.float32)))
     np.testing.assert_array_equal(np.asarray(o), np.asarray(o_ref))
   assert max(loads) > 6 and 0 in loads and loads & {1, 2, 4, 5}, loads  # several iterations
-  assert step._cache_size() == 1
+  assert compiles[-1] == 1, compiles
   np.testing.assert_array_equal(np.asarray(got.store.kv.astype(jnp.float32)),
                                 np.asarray(ref.store.kv.astype(jnp.float32)))
 

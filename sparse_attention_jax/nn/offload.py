@@ -53,6 +53,7 @@ from __future__ import annotations
 import concurrent.futures
 import functools
 import logging
+import math
 import os
 import threading
 import time
@@ -62,6 +63,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels.block_copy import copy_blocks
 from sparse_attention_jax.nn.offload_store import (
   PinnedArrayBlockStore,
   aligned_empty,
@@ -456,8 +458,14 @@ class LayerState(NamedTuple):
   tail_use: jax.Array     # [B, H] bool
 
 
+# How layer_step moves a step's missing blocks: "kernel" (a Pallas kernel reading the store
+# where it is, zero copy; pallas_kernels.block_copy) or "xla" (XLA's gather on the host store,
+# run as host compute, in a while loop of chunks).
+COPIES = ("kernel", "xla")
+
+
 def layer_step(state: LayerState, store_kv, store_c, kv_t, c_t, gamma, q, t, *, chunk: int,
-               k_dim: int, scale: float, host: bool):
+               k_dim: int, scale: float, host: bool, copy: str = "kernel"):
   """One decode step of one offloaded layer as ONE traced computation: :meth:`OffloadedBlockCache
   .append` (without the block roll-over, done by the caller between steps), ``update`` with
   ``plan="device"`` and ``attend``, on the same arrays with the same results.
@@ -471,7 +479,10 @@ def layer_step(state: LayerState, store_kv, store_c, kv_t, c_t, gamma, q, t, *, 
     gamma: ``[B, H, n]`` int32 selection of the query at ``t``.
     q: ``[B, HQ, Dk]``.
     t: int32 scalar, the new token's position (its block is the tail).
-    chunk: most blocks one load iteration gathers (static); ``host``: the store is in host memory.
+    chunk: most blocks one load iteration gathers (static; ``copy="xla"``); ``host``: the store
+      is in host memory.
+    copy: one of :data:`COPIES`: ``"kernel"`` (:func:`pallas_kernels.block_copy.copy_blocks`,
+      one program per possible load, interpreted on CPU) or ``"xla"`` (:func:`load_planned`).
 
   Returns:
     ``(o [B, HQ, Dv], state, info)``: ``info`` is :func:`plan_slots_on_device`'s int32[5].
@@ -481,8 +492,15 @@ def layer_step(state: LayerState, store_kv, store_c, kv_t, c_t, gamma, q, t, *, 
   tail_c = state.tail_c.at[:, :, t % bs].set(c_t.astype(jnp.float32))
   slot_block, tail_use, loads, info = plan_slots_on_device(gamma.astype(jnp.int32),
                                                            state.slot_block, t // bs, pad=chunk)
-  slot_kv, slot_c = load_planned(store_kv, store_c, state.slot_kv, state.slot_c, loads,
-                                 info[INFO_LOADS], chunk=chunk, host=host)
+  if copy == "kernel":
+    most = math.prod(state.slot_block.shape)
+    slot_kv, slot_c = copy_blocks(store_kv, store_c, state.slot_kv, state.slot_c, loads[:most],
+                                  info[INFO_LOADS], interpret=jax.default_backend() == "cpu")
+  elif copy == "xla":
+    slot_kv, slot_c = load_planned(store_kv, store_c, state.slot_kv, state.slot_c, loads,
+                                   info[INFO_LOADS], chunk=chunk, host=host)
+  else:
+    _fail("copy", f"one of {COPIES}", repr(copy))
   o = _attend(q, slot_kv, slot_c, slot_block, tail_kv, tail_c, tail_use, t, k_dim=k_dim,
               block_size=bs, scale=scale)
   return o, LayerState(slot_kv, slot_c, slot_block, tail_kv, tail_c, tail_use), info
@@ -951,6 +969,6 @@ class OffloadedBlockCache:
                    k_dim=self.k_dim, block_size=self.block_size, scale=float(scale))
 
 
-__all__ = ["MAX_SCATTER", "PLANS", "STAT_KEYS", "TRANSFERS", "OffloadedBlockCache",
+__all__ = ["COPIES", "MAX_SCATTER", "PLANS", "STAT_KEYS", "TRANSFERS", "OffloadedBlockCache",
            "assign_slots", "bucket", "buckets", "default_load_workers", "host_memory_kind",
            "plan_slots_on_device"]

@@ -39,6 +39,7 @@ back, the copies issued from Python) costs latency that NOSI's fused CUDA kernel
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 
 import jax
@@ -48,6 +49,7 @@ from flax import nnx
 
 from sparse_attention_jax.nn import decode as dec
 from sparse_attention_jax.nn.offload import (
+  COPIES,
   MAX_SCATTER,
   PLANS,
   STAT_KEYS,
@@ -63,6 +65,9 @@ from sparse_attention_jax.ops.nosa_decode import (
   select_at,
   update_select_state,
 )
+
+
+log = logging.getLogger(__name__)
 
 
 def offload_slots(config, capacity: int) -> int:
@@ -124,7 +129,7 @@ def _other_step(gd, st, x, pos, cache):
 DECODER_PLANS = (*PLANS, "fused")
 
 
-def _fused_step(head_gd, gds, capacity, chunk, scale, host, head_st, sts, tokens, t, states,
+def _fused_step(head_gd, gds, capacity, chunk, scale, host, copy, head_st, sts, tokens, t, states,
                 stores):
   """One decode step of the whole model as ONE traced computation (``plan="fused"``): every NOSA
   layer runs :func:`~sparse_attention_jax.nn.offload.layer_step` (selection, device plan, the
@@ -142,7 +147,7 @@ def _fused_step(head_gd, gds, capacity, chunk, scale, host, head_st, sts, tokens
       q, k, v, c, gamma, sel = _nosa_pre(gd, st, x, posv, sel, capacity)
       kv_t = jnp.concatenate([k, v.astype(k.dtype)], axis=-1)
       o, layer, info = layer_step(layer, *store, kv_t, c, gamma, q, t, chunk=chunk,
-                                  k_dim=k.shape[-1], scale=scale, host=host)
+                                  k_dim=k.shape[-1], scale=scale, host=host, copy=copy)
       x = _nosa_post(gd, st, x, o)
       state = (sel, layer)
       infos.append(info)
@@ -197,14 +202,20 @@ class OffloadedDecoder:
       blocks over to the store before a step that starts a block and reads back one int32
       ``[L, 5]`` of counts after it (the stats, and the errors of the other plans, raised after
       the step).
-    chunk: ``plan="fused"``: most blocks one load iteration gathers per layer (the last one of a
-      step is padded to the next of :func:`~sparse_attention_jax.nn.offload.step_sizes`).
+    copy: ``plan="fused"``: how the missing blocks move, ``"kernel"`` (default: a Pallas kernel
+      reads them straight from the pinned host store into the slots,
+      :mod:`pallas_kernels.block_copy`; if it does not compile, logged, then ``"xla"``) or
+      ``"xla"`` (XLA's gather on the host store, run as host compute, in iterations of
+      ``chunk`` blocks; see :func:`~sparse_attention_jax.nn.offload.layer_step`).
+    chunk: ``plan="fused"``, ``copy="xla"``: most blocks one load iteration gathers per layer
+      (the last one of a step is padded to the next of
+      :func:`~sparse_attention_jax.nn.offload.step_sizes`).
   """
 
   def __init__(self, model, *, batch: int, capacity: int, dtype=None,
                num_slots: int | None = None, store: str = "numpy",
                load_workers: int | None = None, transfer: str = "fresh", plan: str = "host",
-               chunk: int = MAX_SCATTER):
+               copy: str = "kernel", chunk: int = MAX_SCATTER):
     dec.check_decodable(model)
     kinds = [blk.kind for blk in model.layers]
     if "nosa" not in kinds:
@@ -219,17 +230,20 @@ class OffloadedDecoder:
     if transfer not in TRANSFERS or (transfer == "staged" and store != "numpy"):
       raise ValueError(f"transfer: expected one of {TRANSFERS} ('staged' with store='numpy' "
                        f"only), got {transfer!r} with store={store!r}")
+    if copy not in COPIES:
+      raise ValueError(f"copy: expected one of {COPIES}, got {copy!r}")
     if plan not in DECODER_PLANS or (plan != "host" and store != "pinned_array"):
       raise ValueError(f"plan: expected one of {DECODER_PLANS} ('device' and 'fused' with "
                        f"store='pinned_array' only), got {plan!r} with store={store!r}")
     self.model, self.batch, self.capacity, self.dtype = model, batch, capacity, dtype
     self.store, self.load_workers, self.transfer = store, load_workers, transfer
-    self.plan, self.chunk = plan, chunk
+    self.plan, self.chunk, self.copy = plan, chunk, copy
     self.config = model.config
     self.num_slots = offload_slots(self.config, capacity) if num_slots is None else num_slots
     self.traces = {"embed": 0, "logits": 0, "nosa_prefill": 0, "nosa_pre": 0, "nosa_post": 0,
                    "other_prefill": 0, "other_step": 0, "fused_step": 0}
     self._blocks = [nnx.split(blk) for blk in model.layers]
+    self._copy_checked = False                   # the fused step ran once with self.copy
     self._scatter_warm = False
     self._head_gd, self._head_st = nnx.split(_Head(model.embed, model.final_norm,
                                                    model.lm_head))
@@ -238,8 +252,8 @@ class OffloadedDecoder:
         ("nosa_post", _nosa_post, (0,)), ("other_prefill", _other_prefill, (0,)),
         ("other_step", _other_step, (0,)), ("embed", _embed, (0,)), ("logits", _logits, (0,)))}
     if plan == "fused":                          # states donated on accelerators
-      donate = (10,) if jax.devices()[0].platform != "cpu" else ()
-      self._fns["fused_step"] = self._counted("fused_step", _fused_step, tuple(range(6)),
+      donate = (11,) if jax.devices()[0].platform != "cpu" else ()
+      self._fns["fused_step"] = self._counted("fused_step", _fused_step, tuple(range(7)),
                                               donate)
 
   def _counted(self, name, fn, static, donate=()):
@@ -328,10 +342,23 @@ class OffloadedDecoder:
     states = [(c[0], c[1].device_state()) if isinstance(c, list) else c for c in caches]
     stores = [(c[1].store.kv, c[1].store.c) if isinstance(c, list) else None for c in caches]
     scale = self.config.nsa.scale(self.config.head_dim)
-    logits, states, info = self._fns["fused_step"](
-        self._head_gd, tuple(gd for gd, _ in self._blocks), self.capacity, self.chunk,
-        float(scale), nosa[0].store.host, self._head_st, [st for _, st in self._blocks],
-        jnp.asarray(tokens, jnp.int32), jnp.int32(pos), states, stores)
+
+    def call():
+      return self._fns["fused_step"](
+          self._head_gd, tuple(gd for gd, _ in self._blocks), self.capacity, self.chunk,
+          float(scale), nosa[0].store.host, self.copy, self._head_st,
+          [st for _, st in self._blocks], jnp.asarray(tokens, jnp.int32), jnp.int32(pos), states,
+          stores)
+    try:
+      logits, states, info = call()
+    except Exception as e:
+      if self.copy != "kernel" or self._copy_checked:
+        raise
+      log.warning("offload: the fused step with copy='kernel' does not compile on %s (%s); "
+                  "using copy='xla'", jax.devices()[0].platform, str(e).splitlines()[0])
+      self.copy = "xla"
+      logits, states, info = call()
+    self._copy_checked = True
     t1 = time.perf_counter()
     info = np.asarray(jax.device_get(info))       # the step's only wait for the device
     t2 = time.perf_counter()
