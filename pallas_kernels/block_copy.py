@@ -46,6 +46,10 @@ def copy_blocks(store_kv, store_c, slot_kv, slot_c, loads, n, *, interpret: bool
   """
   if slot_kv.dtype != store_kv.dtype:
     raise ValueError(f"slot_kv: expected the store's dtype {store_kv.dtype}, got {slot_kv.dtype}")
+  block = store_kv.shape[3:]
+  if not interpret and any(x & (x - 1) for x in (*block, store_c.shape[3])):
+    raise NotImplementedError(f"copy_blocks: the Triton lowering needs power-of-two block "
+                              f"shapes, got [l', D] = {list(block)}")
   rows = loads.shape[0]
   count = jnp.reshape(n, (1,)).astype(jnp.int32)
 

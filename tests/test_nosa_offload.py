@@ -368,7 +368,8 @@ def test_layer_step_matches_the_cache_methods_bit_for_bit(copy):
   from sparse_attention_jax.nn.offload import layer_step, step_sizes
   assert step_sizes(3) == (3,) and step_sizes(64) == (8, 12, 16, 24, 32, 48, 64)
   rng = np.random.default_rng(11)
-  bsz, heads, dk, dv, bs, ns, total, width = 2, 3, 4, 3, 4, 5, 44, 8
+  # Dk + Dv and l' powers of two: the kernel's Triton lowering needs them (it also runs on GPUs).
+  bsz, heads, dk, dv, bs, ns, total, width = 2, 3, 5, 3, 4, 5, 44, 8
   caches = [OffloadedBlockCache(batch=bsz, num_kv_heads=heads, k_dim=dk, v_dim=dv,
                                 block_size=bs, num_slots=ns, max_len=total, dtype=jnp.bfloat16,
                                 store="pinned_array", load_workers=1, plan="device")
