@@ -188,16 +188,19 @@ def test_offloaded_greedy_equals_device_resident_and_compiles_once(store, plan, 
   assert offload.plan_slots_on_device._cache_size() - plans == compiled_plans
 
 
-def test_offloaded_transfer_counts_follow_the_selection(monkeypatch):
+@pytest.mark.parametrize("plan", ["host", "fused"])
+def test_offloaded_transfer_counts_follow_the_selection(plan, monkeypatch):
   """Layer 0's slots after every step hold exactly Gamma(t) minus the current block, with
   Gamma(t) from the full op on the whole sequence (independent of the decoder); transfers =
-  newly selected blocks, hits = blocks kept, bytes = transfers x l' x ((Dk + Dv) * 4 + 4)."""
+  newly selected blocks, hits = blocks kept, bytes = transfers x l' x ((Dk + Dv) * 4 + 4); with
+  the fused step too (its stats read back lazily, the totals complete after ``flush``)."""
   from sparse_attention_jax.nn import offload
   from sparse_attention_jax.nn.offload_decode import OffloadedDecoder
   monkeypatch.setattr(offload, "MAX_SCATTER", 4)
   model = nosa_model()
   cfg = model.config
-  dec_ = OffloadedDecoder(model, batch=2, capacity=48)
+  dec_ = OffloadedDecoder(model, batch=2, capacity=48,
+                          **({"store": "pinned_array", "plan": "fused"} if plan == "fused" else {}))
   tokens = np.asarray(jax.random.randint(jax.random.key(2), (2, 40), 0, 64))
   t0 = 33                        # first step: 4 blocks x 2 rows x 2 heads, in scatters of 4
   _, caches = dec_.prefill(tokens[:, :t0])
@@ -209,6 +212,7 @@ def test_offloaded_transfer_counts_follow_the_selection(monkeypatch):
   gamma = np.asarray(nosa_attention(q, k, v, c, config=op_cfg, num_query_selected=kq,
                                     return_aux=True)[1].block_indices)          # [B, T, H, k]
   prev = [[set() for _ in range(2)] for _ in range(2)]
+  moved = []
   block_bytes = 8 * ((8 + 6) * 4 + 4)
   for pos in range(t0, 40):
     _, stats = dec_.step(tokens[:, pos], caches, pos)
@@ -224,6 +228,9 @@ def test_offloaded_transfer_counts_follow_the_selection(monkeypatch):
         prev[b][h] = want
     assert {key: got[key] for key in exp} == exp, pos
     assert got["bytes"] == exp["transferred"] * block_bytes
+    moved.append(got["transferred"])
+  dec_.flush()
+  assert store.totals["steps"] == 40 - t0 and store.totals["transferred"] == sum(moved)
 
 
 def test_offloaded_decoder_passes_the_transfer_to_every_layer():

@@ -715,20 +715,33 @@ class OffloadedBlockCache:
 
   def commit(self, state: LayerState, info, **seconds) -> dict:
     """Takes the result of a :func:`layer_step` the caller ran for the token at ``t = length``
-    (after :meth:`roll_over`): the new arrays, one more token, and the step's stats from its
-    ``info`` (host int32[5], read back by the caller). Raises the errors :meth:`update` raises;
-    after such an error the cache's slots are meaningless (the step already ran)."""
+    (after :meth:`roll_over`): :meth:`adopt` then :meth:`account` (``info`` read back)."""
+    return self.account(info, t=self.adopt(state), **seconds)
+
+  def adopt(self, state: LayerState) -> int:
+    """The new arrays of a :func:`layer_step` the caller ran for the token at ``t = length``
+    (after :meth:`roll_over`), and one more token. Returns ``t``. Nothing waits for the
+    device."""
     self.slot_kv, self.slot_c, self.slot_block, self.tail_kv, self.tail_c, self.tail_use = state
     self.length += 1
-    self._check_info(info)
+    return self.length - 1
+
+  def account(self, info, *, t: int, **seconds) -> dict:
+    """The stats of the step of token ``t`` from its ``info`` (host int32[5] of
+    :func:`layer_step`), also added to ``self.totals``; ``seconds``: the host seconds of
+    :data:`STAT_KEYS` (0 if not given). Raises the errors :meth:`update` raises; after such an
+    error the cache's slots are meaningless (the step already ran)."""
+    self._check_info(info, t)
     n, requested = int(info[INFO_LOADS]), int(info[INFO_REQUESTED])
     return self._record(requested, n, **{key: seconds.get(key, 0.0) for key in STAT_KEYS[4:]})
 
-  def _check_info(self, info) -> None:
-    """The errors of a device plan's ``info`` (see :func:`plan_slots_on_device`)."""
-    cur = self.current_block
+  def _check_info(self, info, t: int | None = None) -> None:
+    """The errors of a device plan's ``info`` (see :func:`plan_slots_on_device`) for the query
+    at ``t`` (default ``length - 1``)."""
+    t = self.length - 1 if t is None else t
+    cur = t // self.block_size
     if info[INFO_MAX_ID] > cur:
-      _fail("gamma", f"block ids <= the current block {cur} (t = {self.length - 1}, no future "
+      _fail("gamma", f"block ids <= the current block {cur} (t = {t}, no future "
             f"blocks)", f"max id {int(info[INFO_MAX_ID])}")
     if info[INFO_OVERFULL_ROW] >= 0:
       bi, hi = divmod(int(info[INFO_OVERFULL_ROW]), self.heads)

@@ -31,6 +31,13 @@ Per step the decoder reports, summed over the NOSA layers,
 the block bookkeeping (``wait_s`` for the selection's read-back, ``plan_s``, ``gather_s``,
 ``put_s``; see :meth:`~sparse_attention_jax.nn.offload.OffloadedBlockCache.update`).
 
+With ``plan="fused"`` (``store="pinned_array"``) the whole step is ONE jitted call: every NOSA
+layer's selection, slot plan (:func:`~sparse_attention_jax.nn.offload.plan_slots_on_device`),
+block copy (a Pallas kernel reading the missing blocks straight from the pinned host store,
+:mod:`pallas_kernels.block_copy`, or XLA's host gather) and attention run inside it
+(:func:`~sparse_attention_jax.nn.offload.layer_step`); the host only rolls completed tail
+blocks over to the store (every ``l'`` tokens) and reads the step's counts back one step later.
+
 Limits: the rows of a batch share one length (the block cache's bookkeeping), so prompts must
 have equal lengths; one document per sequence; the per-layer host round trip (``Gamma`` read
 back, the copies issued from Python) costs latency that NOSI's fused CUDA kernels avoid.
@@ -41,6 +48,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -65,7 +73,6 @@ from sparse_attention_jax.ops.nosa_decode import (
   select_at,
   update_select_state,
 )
-
 
 log = logging.getLogger(__name__)
 
@@ -129,13 +136,16 @@ def _other_step(gd, st, x, pos, cache):
 DECODER_PLANS = (*PLANS, "fused")
 
 
-def _fused_step(head_gd, gds, capacity, chunk, scale, host, copy, head_st, sts, tokens, t, states,
-                stores):
+def _fused_step(head_gd, gds, params_def, capacity, chunk, scale, host, copy, params, tokens, t,
+                states, stores):
   """One decode step of the whole model as ONE traced computation (``plan="fused"``): every NOSA
   layer runs :func:`~sparse_attention_jax.nn.offload.layer_step` (selection, device plan, the
   host-memory gathers of its missing blocks, attention) between its projections. ``states[i]``
   is ``(select state, LayerState)`` for a NOSA layer (``stores[i] = (kv, c)`` host arrays), else
-  the layer's cache (``stores[i] = None``). Returns ``(logits [B, V], states, info [L_nosa, 5])``."""
+  the layer's cache (``stores[i] = None``). ``params``: the leaves of the head's and the layers'
+  parameter states (``params_def`` their tree). Returns ``(logits [B, V], states, info
+  [L_nosa, 5])``."""
+  head_st, sts = jax.tree.unflatten(params_def, params)
   posv = jnp.full(tokens.shape, t, jnp.int32)
   x = _embed(head_gd, head_st, tokens[:, None])
   out, infos = [], []
@@ -153,6 +163,37 @@ def _fused_step(head_gd, gds, capacity, chunk, scale, host, copy, head_st, sts, 
       infos.append(info)
     out.append(state)
   return _logits(head_gd, head_st, x)[:, 0], out, jnp.stack(infos)
+
+
+class _PendingStats(Mapping):
+  """The stats :meth:`OffloadedDecoder.step` returns with ``plan="fused"``: the step's counts
+  stay on the device until read (any access, the next step or ``flush``), then every NOSA
+  layer's cache accounts them (``OffloadedBlockCache.account``, which raises the selection's
+  errors) and this mapping holds what the other plans return."""
+
+  def __init__(self, info, caches, t: int, *, dispatch_s: float):
+    self._info, self._caches, self._t, self._dispatch_s = info, caches, t, dispatch_s
+    self._stats = None
+
+  def resolve(self) -> dict:
+    if self._stats is None:
+      t0 = time.perf_counter()
+      info = np.asarray(jax.device_get(self._info))
+      wait = (time.perf_counter() - t0) / len(self._caches)
+      per_layer = [cache.account(row, t=self._t, wait_s=wait,
+                                 plan_s=self._dispatch_s / len(self._caches))
+                   for cache, row in zip(self._caches, info)]
+      self._stats = {**_sum_stats(per_layer), "per_layer": per_layer}
+    return self._stats
+
+  def __getitem__(self, key):
+    return self.resolve()[key]
+
+  def __iter__(self):
+    return iter(self.resolve())
+
+  def __len__(self):
+    return len(self.resolve())
 
 
 @dataclasses.dataclass
@@ -253,8 +294,12 @@ class OffloadedDecoder:
         ("other_step", _other_step, (0,)), ("embed", _embed, (0,)), ("logits", _logits, (0,)))}
     if plan == "fused":                          # states donated on accelerators
       donate = (11,) if jax.devices()[0].platform != "cpu" else ()
-      self._fns["fused_step"] = self._counted("fused_step", _fused_step, tuple(range(7)),
+      self._fns["fused_step"] = self._counted("fused_step", _fused_step, tuple(range(8)),
                                               donate)
+      # The parameters as one flat list, flattened once (nnx states flatten in Python).
+      self._params, self._params_def = jax.tree.flatten(
+          (self._head_st, [st for _, st in self._blocks]))
+    self._pending = None                         # plan="fused": the step not yet accounted
 
   def _counted(self, name, fn, static, donate=()):
     def wrapped(*args):
@@ -307,7 +352,11 @@ class OffloadedDecoder:
   def step(self, tokens, caches, pos: int):
     """Feeds ``tokens [B]`` at position ``pos`` (host int, ``< capacity``); returns ``(logits
     [B, V], stats)`` (``caches`` are updated in place) with the step's transfer counts summed over
-    the NOSA layers and ``stats["per_layer"]``."""
+    the NOSA layers and ``stats["per_layer"]``. With ``plan="fused"`` nothing waits for the
+    device: ``stats`` is a mapping that reads the counts back when first read, else at the next
+    step (after that step is dispatched, so the host's dispatch overlaps the device's work) or at
+    :meth:`flush` / :meth:`summarize`; a selection error (too many blocks for the slots) is then
+    raised there, one step late."""
     if not 0 <= pos < self.capacity:
       raise ValueError(f"pos: expected 0 <= pos < capacity = {self.capacity}, got {pos}")
     if self.plan == "fused":
@@ -332,7 +381,9 @@ class OffloadedDecoder:
 
   def _fused(self, tokens, caches, pos: int):
     """:meth:`step` with ``plan="fused"``: roll completed tails over to the host stores, ONE
-    jitted call for the token, ONE read-back of the layers' counts."""
+    jitted call for the token; then the PREVIOUS step's counts are read back (the only wait for
+    the device, overlapping this step's dispatch with the previous step's execution) and
+    accounted. The returned stats fill in when read (or at the next step / :meth:`flush`)."""
     nosa = [c[1] for c in caches if isinstance(c, list)]
     if any(cache.length != pos for cache in nosa):
       raise ValueError(f"pos: expected the caches' length {nosa[0].length}, got {pos}")
@@ -345,10 +396,9 @@ class OffloadedDecoder:
 
     def call():
       return self._fns["fused_step"](
-          self._head_gd, tuple(gd for gd, _ in self._blocks), self.capacity, self.chunk,
-          float(scale), nosa[0].store.host, self.copy, self._head_st,
-          [st for _, st in self._blocks], jnp.asarray(tokens, jnp.int32), jnp.int32(pos), states,
-          stores)
+          self._head_gd, tuple(gd for gd, _ in self._blocks), self._params_def, self.capacity,
+          self.chunk, float(scale), nosa[0].store.host, self.copy, self._params,
+          jnp.asarray(tokens, jnp.int32), jnp.int32(pos), states, stores)
     try:
       logits, states, info = call()
     except Exception as e:
@@ -359,24 +409,27 @@ class OffloadedDecoder:
       self.copy = "xla"
       logits, states, info = call()
     self._copy_checked = True
-    t1 = time.perf_counter()
-    info = np.asarray(jax.device_get(info))       # the step's only wait for the device
-    t2 = time.perf_counter()
-    per_layer, j = [], 0
     for i, state in enumerate(states):
       if isinstance(caches[i], list):
         caches[i][0] = state[0]
-        per_layer.append(caches[i][1].commit(state[1], info[j], wait_s=(t2 - t1) / len(nosa),
-                                             plan_s=(t1 - t0) / len(nosa)))
-        j += 1
+        caches[i][1].adopt(state[1])
       else:
         caches[i] = state
-    stats = _sum_stats(per_layer)
-    stats["per_layer"] = per_layer
+    stats = _PendingStats(info, nosa, pos, dispatch_s=time.perf_counter() - t0)
+    self.flush()
+    self._pending = stats
     return logits, stats
+
+  def flush(self) -> None:
+    """``plan="fused"``: reads back and accounts the last step's counts (waits for it); raises
+    the errors of its selection (see :meth:`step`). A no-op otherwise."""
+    pending, self._pending = self._pending, None
+    if pending is not None:
+      pending.resolve()
 
   def summarize(self, caches, per_step: list[dict]) -> OffloadStats:
     """:class:`OffloadStats` of a run (``per_step`` from :meth:`step`)."""
+    self.flush()
     stores = [c[1] for c in caches if isinstance(c, list)]
     dev = sum(dec.cache_bytes((c[0], s.slot_kv, s.slot_c, s.tail_kv, s.tail_c))
               for c, s in zip([c for c in caches if isinstance(c, list)], stores))
