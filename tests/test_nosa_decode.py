@@ -327,7 +327,8 @@ def test_decode_benchmark_nosa_kinds_smoke(tmp_path, monkeypatch, capsys):
 
 def test_generate_cli_nosa_offload_matches_resident(capsys):
   """``python -m train.generate --config configs/nosa_tiny.yaml`` decodes a NOSA model, and with
-  ``--offload`` prints the same text plus the transfer summary."""
+  ``--offload`` (NumPy, pinned_host, or pinned_array with the fused step) prints the same text
+  plus the transfer summary."""
   from train import generate as cli
   small = ["model.d_model=32", "model.mlp_dim=64", "model.num_heads=2", "model.head_dim=16",
            "model.num_layers=1"]
@@ -346,3 +347,8 @@ def test_generate_cli_nosa_offload_matches_resident(capsys):
   pinned = capsys.readouterr().out
   assert text == [ln for ln in pinned.splitlines() if ln.startswith("def f(x)")]
   assert "(pinned_host)" in pinned
+  assert cli.main(["--offload", "--offload-store", "pinned_array", "--offload-plan", "fused",
+                   *args]) == 0
+  fused = capsys.readouterr().out
+  assert text == [ln for ln in fused.splitlines() if ln.startswith("def f(x)")]
+  assert "blocks transferred over 19 steps" in fused

@@ -1,6 +1,7 @@
 """Text generation with KV caches: ``python -m train.generate --config CFG [--checkpoint PATH]
 --prompt TEXT --max-new-tokens N [--temperature T] [--top-p P] [--greedy] [--batch B] [--seed S]
-[--capacity C] [--offload [--offload-store numpy|pinned_host|pinned_array]] [section.key=value ...]``.
+[--capacity C] [--offload [--offload-store numpy|pinned_host|pinned_array]
+[--offload-plan host|device|fused]] [section.key=value ...]``.
 
 Builds the model of the config (random init, or the parameters of a checkpoint written by
 ``python -m train``), prefills the byte-level prompt (UTF-8) in ``--batch`` rows and decodes
@@ -44,6 +45,10 @@ def _parse_args(argv):
                  choices=("numpy", "pinned_host", "pinned_array"),
                  help="with --offload: host block store (one NumPy array per layer, one pinned "
                       "host array per block, or one pinned host array per layer)")
+  p.add_argument("--offload-plan", default="host", choices=("host", "device", "fused"),
+                 help="with --offload: slot plan on the host, on the device, or the whole step "
+                      "as one jitted call (device and fused need --offload-store pinned_array; "
+                      "fused is the fast path on GPUs)")
   p.add_argument("overrides", nargs="*", metavar="section.key=value")
   return p.parse_args(argv)
 
@@ -91,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     source = f"checkpoint {args.checkpoint} (step {step})"
   try:
     gen = Generator(model, batch=args.batch, capacity=capacity, offload=args.offload,
-                    offload_store=args.offload_store)
+                    offload_store=args.offload_store, offload_plan=args.offload_plan)
     out = gen.generate([prompt] * args.batch, args.max_new_tokens,
                        temperature=args.temperature, top_p=args.top_p, greedy=args.greedy,
                        seed=args.seed)
