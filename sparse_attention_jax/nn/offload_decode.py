@@ -39,8 +39,9 @@ block copy (a Pallas kernel reading the missing blocks straight from the pinned 
 blocks over to the store (every ``l'`` tokens) and reads the step's counts back one step later.
 
 Limits: the rows of a batch share one length (the block cache's bookkeeping), so prompts must
-have equal lengths; one document per sequence; the per-layer host round trip (``Gamma`` read
-back, the copies issued from Python) costs latency that NOSI's fused CUDA kernels avoid.
+have equal lengths; one document per sequence; with plans ``"host"`` and ``"device"`` the
+per-layer host round trip (``Gamma`` or the counts read back, the copies issued from Python)
+costs latency that the fused plan avoids.
 """
 
 from __future__ import annotations
