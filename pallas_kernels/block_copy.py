@@ -36,7 +36,8 @@ def copy_blocks(store_kv, store_c, slot_kv, slot_c, loads, n, *, interpret: bool
     slot_kv: ``[B, H, NS, l', D]`` device slots (same dtype as ``store_kv``); ``slot_c
       [B, H, NS, l']``.
     loads: ``[L, 4]`` int32 rows ``(b, h, block, slot)``; the first ``n`` are copied
-      (``plan_slots_on_device``'s list; at most ``L`` programs run).
+      (``plan_slots_on_device``'s list; at most ``L`` programs run). A row with an index outside
+      its array (e.g. slot ``-1``) is skipped, never written out of bounds.
     n: int32 scalar, the number of rows to copy (``0 <= n <= L``).
     interpret: run the Pallas interpreter (CPU tests).
 
@@ -51,6 +52,8 @@ def copy_blocks(store_kv, store_c, slot_kv, slot_c, loads, n, *, interpret: bool
     raise NotImplementedError(f"copy_blocks: the Triton lowering needs power-of-two block "
                               f"shapes, got [l', D] = {list(block)}")
   rows = loads.shape[0]
+  bsz, heads, num_blocks = store_kv.shape[:3]
+  num_slots = slot_kv.shape[2]
   count = jnp.reshape(n, (1,)).astype(jnp.int32)
 
   def kernel(count_ref, loads_ref, store_kv_ref, store_c_ref, _skv, _sc, slot_kv_ref,
@@ -60,8 +63,13 @@ def copy_blocks(store_kv, store_c, slot_kv, slot_c, loads, n, *, interpret: bool
     @pl.when(i < count_ref[0])
     def _():
       b, h, j, s = (loads_ref[i, c] for c in range(4))
-      slot_kv_ref[b, h, s] = store_kv_ref[b, h, j]
-      slot_c_ref[b, h, s] = store_c_ref[b, h, j]
+      inside = ((b >= 0) & (b < bsz) & (h >= 0) & (h < heads) & (j >= 0) & (j < num_blocks)
+                & (s >= 0) & (s < num_slots))
+
+      @pl.when(inside)
+      def _():
+        slot_kv_ref[b, h, s] = store_kv_ref[b, h, j]
+        slot_c_ref[b, h, s] = store_c_ref[b, h, j]
 
   whole = lambda x: pl.BlockSpec(x.shape, lambda i, nd=x.ndim: (0,) * nd)
   return pl.pallas_call(

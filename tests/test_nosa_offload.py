@@ -410,6 +410,36 @@ def test_layer_step_matches_the_cache_methods_bit_for_bit(copy):
                                 np.asarray(ref.store.kv.astype(jnp.float32)))
 
 
+@pytest.mark.parametrize("copy", ["kernel", "xla"])
+def test_layer_step_copies_nothing_for_a_refused_selection(copy):
+  """A selection with more blocks than slots (and one with a future block) is flagged in
+  ``info`` and copies nothing (its load rows would name slot -1 or blocks past the store); the
+  cache's ``commit`` then raises the plans' errors."""
+  from sparse_attention_jax.nn.offload import (
+    INFO_MAX_ID,
+    INFO_OVERFULL_ROW,
+    layer_step,
+  )
+  rng = np.random.default_rng(5)
+  cache = OffloadedBlockCache(batch=1, num_kv_heads=1, k_dim=5, v_dim=3, block_size=4,
+                              num_slots=2, max_len=40, store="pinned_array", plan="device")
+  k, v, c, q = _random_kvcq(rng, 1, 40, 1, 5, 3)
+  cache.prefill(k[:, :30], v[:, :30], c[:, :30])
+  step = jax.jit(functools.partial(layer_step, chunk=8, k_dim=5, scale=0.5, host=True,
+                                   copy=copy))
+  kv_t = jnp.concatenate([k[:, 30], v[:, 30]], axis=-1)
+  for gamma, flag, match in (([[[0, 1, 2, 3]]], INFO_OVERFULL_ROW, "at most num_slots=2"),
+                             ([[[0, 9]]], INFO_MAX_ID, "block ids <= the current block 7")):
+    before = [np.asarray(x) for x in cache.device_state()[:2]]
+    _, state, info = step(cache.device_state(), cache.store.kv, cache.store.c, kv_t, c[:, 30],
+                          jnp.asarray(gamma, jnp.int32), q, jnp.int32(30))
+    assert int(info[flag]) == (0 if flag == INFO_OVERFULL_ROW else 9)
+    for a, b in zip(state[:2], before):
+      np.testing.assert_array_equal(np.asarray(a), b)
+    with pytest.raises(ValueError, match=match):
+      cache.account(np.asarray(info), t=30)
+
+
 def test_device_plan_falls_back_to_sliced_rows_and_the_store_load(caplog):
   """If the fused sliced load cannot be compiled, plan="device" logs it once and slices the
   rows in a separate jitted call before the store's jitted load: same slots as plan="host"."""

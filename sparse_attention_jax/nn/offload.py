@@ -492,13 +492,17 @@ def layer_step(state: LayerState, store_kv, store_c, kv_t, c_t, gamma, q, t, *, 
   tail_c = state.tail_c.at[:, :, t % bs].set(c_t.astype(jnp.float32))
   slot_block, tail_use, loads, info = plan_slots_on_device(gamma.astype(jnp.int32),
                                                            state.slot_block, t // bs, pad=chunk)
+  # A refused selection (a future block, an over-full row; the caller raises from `info`) copies
+  # nothing: its rows may name blocks past the store or slot -1.
+  refused = (info[INFO_MAX_ID] > t // bs) | (info[INFO_OVERFULL_ROW] >= 0)
+  n = jnp.where(refused, 0, info[INFO_LOADS])
   if copy == "kernel":
     most = math.prod(state.slot_block.shape)
     slot_kv, slot_c = copy_blocks(store_kv, store_c, state.slot_kv, state.slot_c, loads[:most],
-                                  info[INFO_LOADS], interpret=jax.default_backend() == "cpu")
+                                  n, interpret=jax.default_backend() == "cpu")
   elif copy == "xla":
-    slot_kv, slot_c = load_planned(store_kv, store_c, state.slot_kv, state.slot_c, loads,
-                                   info[INFO_LOADS], chunk=chunk, host=host)
+    slot_kv, slot_c = load_planned(store_kv, store_c, state.slot_kv, state.slot_c, loads, n,
+                                   chunk=chunk, host=host)
   else:
     _fail("copy", f"one of {COPIES}", repr(copy))
   o = _attend(q, slot_kv, slot_c, slot_block, tail_kv, tail_c, tail_use, t, k_dim=k_dim,
@@ -982,6 +986,7 @@ class OffloadedBlockCache:
                    k_dim=self.k_dim, block_size=self.block_size, scale=float(scale))
 
 
-__all__ = ["COPIES", "MAX_SCATTER", "PLANS", "STAT_KEYS", "TRANSFERS", "OffloadedBlockCache",
-           "assign_slots", "bucket", "buckets", "default_load_workers", "host_memory_kind",
-           "plan_slots_on_device"]
+__all__ = ["COPIES", "MAX_SCATTER", "PLANS", "STAT_KEYS", "TRANSFERS", "LayerState",
+           "OffloadedBlockCache", "assign_slots", "bucket", "buckets", "default_load_workers",
+           "host_memory_kind", "layer_step", "load_planned", "plan_slots_on_device",
+           "step_sizes"]
