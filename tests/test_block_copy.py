@@ -46,3 +46,18 @@ def test_errors_name_the_values():
   with pytest.raises(ValueError, match=r"slot_kv: expected the store's dtype bfloat16, got "
                                        r"float32"):
     copy_blocks(kv, c, kv.astype(jnp.float32), c, rows, jnp.int32(1), interpret=True)
+
+
+def test_kernel_lowers_for_cuda():
+  """The kernel lowers through Pallas' Triton path for an abstract H200 at the ``nosa_1b`` block
+  shape (64 tokens x Dk + Dv = 128, bf16), bounds guards included (compilation itself needs the
+  GPU)."""
+  from jax.sharding import AbstractDevice, AbstractMesh
+  s = jax.ShapeDtypeStruct
+  avals = (s((2, 2, 16, 64, 128), jnp.bfloat16), s((2, 2, 16, 64), jnp.float32),
+           s((2, 2, 8, 64, 128), jnp.bfloat16), s((2, 2, 8, 64), jnp.float32),
+           s((32, 4), jnp.int32), s((), jnp.int32))
+  dev = AbstractDevice(device_kind="NVIDIA H200", num_cores=None, platform="cuda")
+  with jax.sharding.use_abstract_mesh(AbstractMesh((1,), ("x",), abstract_device=dev)):
+    text = jax.jit(copy_blocks).trace(*avals).lower(lowering_platforms=("cuda",)).as_text()
+  assert "xla.gpu.triton" in text and "offload_copy_blocks" in text
