@@ -9,8 +9,9 @@ bias and the query-agnostic part matter), float32, prompts of one length:
 
 1. greedy tokens of ``Generator(offload=True, offload_store=S, offload_plan=P)`` (K/V/c in host
    memory, selected blocks copied into device slots) equal those of the device-resident
-   ``Generator``, for each entry ``S`` or ``S:P`` of ``--stores`` (default ``numpy,pinned_host``;
-   ``P`` = ``host``, the default, or ``device``, e.g. ``pinned_array:device``);
+   ``Generator``, for each entry ``S`` or ``S:P`` of ``--stores`` (default
+   ``numpy,pinned_host,pinned_array:fused``; ``P`` = ``host``, the default, ``device`` or
+   ``fused``, e.g. ``pinned_array:device``);
 2. the host store holds its blocks where it says (``numpy``: NumPy arrays; ``pinned_host``:
    every block a jax array in ``pinned_host`` memory; ``pinned_array``: one jax array per layer
    in ``pinned_host`` memory), read from the arrays of the last generation's caches;
@@ -99,9 +100,9 @@ def main(argv=None) -> int:
   ap = argparse.ArgumentParser()
   ap.add_argument("--tiny", action="store_true")
   ap.add_argument("--batch", type=int, default=4)
-  ap.add_argument("--stores", default="numpy,pinned_host",
+  ap.add_argument("--stores", default="numpy,pinned_host,pinned_array:fused",
                   help="comma-separated offload host stores to check, each S or S:PLAN "
-                       "(PLAN host or device, e.g. pinned_array:device)")
+                       "(PLAN host, device or fused, e.g. pinned_array:device)")
   args = ap.parse_args(argv)
   out_dir = os.environ.get("OUT") or "nosa_decode_out"
   os.makedirs(out_dir, exist_ok=True)
