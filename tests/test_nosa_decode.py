@@ -256,6 +256,28 @@ def test_offloaded_decoder_passes_the_transfer_to_every_layer():
     OffloadedDecoder(model, batch=2, capacity=16, store="pinned_array", plan="fused", chunk=0)
 
 
+def test_fused_step_falls_back_to_the_xla_copy(monkeypatch, caplog):
+  """When the kernel copy cannot be built (e.g. the Triton lowering refuses a block shape), the
+  fused decoder logs it once, switches to ``copy="xla"`` and still gives the device-resident
+  greedy tokens."""
+  from sparse_attention_jax.nn import offload
+
+  def refuse(*args, **kw):
+    raise NotImplementedError("copy_blocks: refused for the test")
+  monkeypatch.setattr(offload, "copy_blocks", refuse)
+  model = nosa_model()
+  prompts = np.asarray(jax.random.randint(jax.random.key(6), (2, 26), 0, 64)).tolist()
+  want = Generator(model, batch=2, capacity=40, prefill_bucket=8).generate(
+      prompts, 8, greedy=True)
+  gen = Generator(model, batch=2, capacity=40, offload=True, offload_store="pinned_array",
+                  offload_plan="fused")
+  with caplog.at_level("WARNING"):
+    out = gen.generate(prompts, 8, greedy=True)
+  np.testing.assert_array_equal(out.tokens, want.tokens)
+  assert gen._offload.copy == "xla"
+  assert sum("does not compile" in r.getMessage() for r in caplog.records) == 1
+
+
 def test_offload_errors_name_the_values():
   model = nosa_model()
   gen = Generator(model, batch=2, capacity=16, offload=True)

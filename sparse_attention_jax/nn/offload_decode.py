@@ -137,16 +137,26 @@ def _other_step(gd, st, x, pos, cache):
 DECODER_PLANS = (*PLANS, "fused")
 
 
-def _fused_step(head_gd, gds, params_def, capacity, chunk, scale, host, copy, params, tokens, t,
-                states, stores):
+class _Structure:
+  """The graph definitions of the head and the layers and the tree of the flat parameters, one
+  static argument of the fused step. Hashed and compared by identity (the default), so jit's key
+  costs nothing per call: hashing 16 nnx GraphDefs took ~1.3 ms per step on the CPU machine."""
+
+  def __init__(self, head_gd, gds, params_def):
+    self.head_gd, self.gds, self.params_def = head_gd, gds, params_def
+
+
+def _fused_step(structure, capacity, chunk, scale, host, copy, params, tokens, t, states,
+                stores):
   """One decode step of the whole model as ONE traced computation (``plan="fused"``): every NOSA
   layer runs :func:`~sparse_attention_jax.nn.offload.layer_step` (selection, device plan, the
   host-memory gathers of its missing blocks, attention) between its projections. ``states[i]``
   is ``(select state, LayerState)`` for a NOSA layer (``stores[i] = (kv, c)`` host arrays), else
   the layer's cache (``stores[i] = None``). ``params``: the leaves of the head's and the layers'
-  parameter states (``params_def`` their tree). Returns ``(logits [B, V], states, info
+  parameter states (``structure.params_def`` their tree). Returns ``(logits [B, V], states, info
   [L_nosa, 5])``."""
-  head_st, sts = jax.tree.unflatten(params_def, params)
+  head_gd, gds = structure.head_gd, structure.gds
+  head_st, sts = jax.tree.unflatten(structure.params_def, params)
   posv = jnp.full(tokens.shape, t, jnp.int32)
   x = _embed(head_gd, head_st, tokens[:, None])
   out, infos = [], []
@@ -294,12 +304,14 @@ class OffloadedDecoder:
         ("nosa_post", _nosa_post, (0,)), ("other_prefill", _other_prefill, (0,)),
         ("other_step", _other_step, (0,)), ("embed", _embed, (0,)), ("logits", _logits, (0,)))}
     if plan == "fused":                          # states donated on accelerators
-      donate = (11,) if jax.devices()[0].platform != "cpu" else ()
-      self._fns["fused_step"] = self._counted("fused_step", _fused_step, tuple(range(8)),
+      donate = (9,) if jax.devices()[0].platform != "cpu" else ()
+      self._fns["fused_step"] = self._counted("fused_step", _fused_step, tuple(range(6)),
                                               donate)
       # The parameters as one flat list, flattened once (nnx states flatten in Python).
-      self._params, self._params_def = jax.tree.flatten(
+      self._params, params_def = jax.tree.flatten(
           (self._head_st, [st for _, st in self._blocks]))
+      self._structure = _Structure(self._head_gd, tuple(gd for gd, _ in self._blocks),
+                                   params_def)
     self._pending = None                         # plan="fused": the step not yet accounted
 
   def _counted(self, name, fn, static, donate=()):
@@ -397,8 +409,8 @@ class OffloadedDecoder:
 
     def call():
       return self._fns["fused_step"](
-          self._head_gd, tuple(gd for gd, _ in self._blocks), self._params_def, self.capacity,
-          self.chunk, float(scale), nosa[0].store.host, self.copy, self._params,
+          self._structure, self.capacity, self.chunk, float(scale), nosa[0].store.host,
+          self.copy, self._params,
           jnp.asarray(tokens, jnp.int32), jnp.int32(pos), states, stores)
     try:
       logits, states, info = call()
