@@ -82,10 +82,14 @@ from sparse_attention_jax.nn import (
 from sparse_attention_jax.nn import decode as dec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = {"full": "configs/full_1p3b.yaml", "nsa": "configs/nsa_1p3b.yaml",
-           "infllm_v2": "configs/infllm_v2_1p3b.yaml", "nosa": "configs/nosa_1b.yaml",
-           "nosa_offload": "configs/nosa_1b.yaml"}
-GiB = 2 ** 30
+CONFIGS = {
+  "full": "configs/full_1p3b.yaml",
+  "nsa": "configs/nsa_1p3b.yaml",
+  "infllm_v2": "configs/infllm_v2_1p3b.yaml",
+  "nosa": "configs/nosa_1b.yaml",
+  "nosa_offload": "configs/nosa_1b.yaml",
+}
+GiB = 2**30
 
 
 def model_config(kind: str, tiny: bool, shape: str = "1p3b") -> ModelConfig:
@@ -99,37 +103,57 @@ def model_config(kind: str, tiny: bool, shape: str = "1p3b") -> ModelConfig:
   if shape == "1b" and not tiny and kind not in ("nosa", "nosa_offload"):
     base = load_model_config(os.path.join(ROOT, CONFIGS["nosa"]))
     nsa = {"full": base.nsa, "nsa": cfg.nsa, "infllm_v2": base.nsa}[kind]
-    cfg = dataclasses.replace(base, attention=("full",) if kind == "full" else ("nsa",),
-                              nsa=nsa, nsa_independent_kv=cfg.nsa_independent_kv, nosa=None)
+    cfg = dataclasses.replace(
+      base,
+      attention=("full",) if kind == "full" else ("nsa",),
+      nsa=nsa,
+      nsa_independent_kv=cfg.nsa_independent_kv,
+      nosa=None,
+    )
   if not tiny:
     return cfg
-  nosa = NSAConfig.infllm_v2(local_window=8, block_size=8, cmp_window=8, cmp_stride=4,
-                             num_selected=5, num_local_blocks=1)
-  nsa = {"full": cfg.nsa,
-         "nsa": NSAConfig.paper(cmp_window=8, cmp_stride=4, block_size=8, num_selected=3,
-                                window=16),
-         "infllm_v2": NSAConfig.infllm_v2(local_window=8, block_size=8, cmp_window=8,
-                                          cmp_stride=4, num_selected=4),
-         "nosa": nosa, "nosa_offload": nosa}[kind]
+  nosa = NSAConfig.infllm_v2(
+    local_window=8, block_size=8, cmp_window=8, cmp_stride=4, num_selected=5, num_local_blocks=1
+  )
+  nsa = {
+    "full": cfg.nsa,
+    "nsa": NSAConfig.paper(cmp_window=8, cmp_stride=4, block_size=8, num_selected=3, window=16),
+    "infllm_v2": NSAConfig.infllm_v2(
+      local_window=8, block_size=8, cmp_window=8, cmp_stride=4, num_selected=4
+    ),
+    "nosa": nosa,
+    "nosa_offload": nosa,
+  }[kind]
   extra = {"nosa": NOSAConfig(query_selected=3)} if kind.startswith("nosa") else {}
-  return dataclasses.replace(cfg, vocab_size=256, d_model=64, num_layers=2, num_heads=4,
-                             num_kv_heads=2, head_dim=16, mlp_dim=128, nsa=nsa, dtype="float32",
-                             **extra)
+  return dataclasses.replace(
+    cfg,
+    vocab_size=256,
+    d_model=64,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=16,
+    mlp_dim=128,
+    nsa=nsa,
+    dtype="float32",
+    **extra,
+  )
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3))
 def _random(key, shape, dtype, scale):
   """``scale * N(0, 1)`` of a static shape (compiled once per distinct shape: layers repeat)."""
   if not jnp.issubdtype(dtype, jnp.floating):
-    return jnp.full(shape, -1, dtype)          # int state (e.g. a stored selection): padding
+    return jnp.full(shape, -1, dtype)  # int state (e.g. a stored selection): padding
   return (scale * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
 
 
 def _random_tree(abstract, key, scale: float):
   leaves, treedef = jax.tree.flatten(abstract)
   keys = jax.random.split(key, max(len(leaves), 1))
-  return jax.tree.unflatten(treedef, [_random(k, tuple(x.shape), jnp.dtype(x.dtype), scale)
-                                      for k, x in zip(keys, leaves)])
+  return jax.tree.unflatten(
+    treedef, [_random(k, tuple(x.shape), jnp.dtype(x.dtype), scale) for k, x in zip(keys, leaves)]
+  )
 
 
 def random_params(cfg: ModelConfig, seed: int, *, compute_dtype_params: bool = True):
@@ -140,8 +164,10 @@ def random_params(cfg: ModelConfig, seed: int, *, compute_dtype_params: bool = T
   graphdef, state = nnx.split(abstract)
   if compute_dtype_params:
     dt = jnp.dtype(cfg.dtype)
-    state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dt) if jnp.issubdtype(
-        x.dtype, jnp.floating) else x, state)
+    state = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, dt) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+      state,
+    )
   return graphdef, _random_tree(state, jax.random.key(seed), 0.02)
 
 
@@ -149,20 +175,26 @@ def filled_state(graphdef, params, batch: int, context: int, capacity: int, seed
   """A decode state as after a prefill of ``context`` tokens per row: random K/V everywhere
   (every position ``< context`` and every compressed token), ``lengths = context``."""
   abstract = jax.eval_shape(
-      lambda p: dec.init_decode_state(nnx.merge(graphdef, p), batch, capacity), params)
+    lambda p: dec.init_decode_state(nnx.merge(graphdef, p), batch, capacity), params
+  )
   caches = _random_tree(abstract.caches, jax.random.key(seed + 1), 1.0)
-  return dec.DecodeState(caches, jnp.full((batch,), context, jnp.int32),
-                         jnp.asarray(capacity, jnp.int32))
+  return dec.DecodeState(
+    caches, jnp.full((batch,), context, jnp.int32), jnp.asarray(capacity, jnp.int32)
+  )
 
 
 def memory_stats() -> dict:
   stats = jax.devices()[0].memory_stats() or {}
-  return {"bytes_in_use": stats.get("bytes_in_use"), "peak_bytes": stats.get("peak_bytes_in_use"),
-          "bytes_limit": stats.get("bytes_limit")}
+  return {
+    "bytes_in_use": stats.get("bytes_in_use"),
+    "peak_bytes": stats.get("peak_bytes_in_use"),
+    "bytes_limit": stats.get("bytes_limit"),
+  }
 
 
-def run_one(graphdef, params, *, batch: int, context: int, steps: int, warmup: int,
-            seed: int) -> dict:
+def run_one(
+  graphdef, params, *, batch: int, context: int, steps: int, warmup: int, seed: int
+) -> dict:
   capacity = context + warmup + steps
   state = filled_state(graphdef, params, batch, context, capacity, seed)
   state_bytes = dec.cache_bytes(state)
@@ -174,8 +206,9 @@ def run_one(graphdef, params, *, batch: int, context: int, steps: int, warmup: i
 
   tokens = jnp.zeros((batch,), jnp.int32)
   t0 = time.perf_counter()
-  compiled = jax.jit(step, donate_argnums=(2,) if donate else ()).lower(
-      params, tokens, state).compile()
+  compiled = (
+    jax.jit(step, donate_argnums=(2,) if donate else ()).lower(params, tokens, state).compile()
+  )
   compile_s = time.perf_counter() - t0
   try:
     temp = compiled.memory_analysis().temp_size_in_bytes
@@ -190,16 +223,26 @@ def run_one(graphdef, params, *, batch: int, context: int, steps: int, warmup: i
   jax.block_until_ready((tokens, state))
   wall = time.perf_counter() - t0
   ok = bool(jnp.all(state.lengths == context + warmup + steps))
-  return {"batch": batch, "context": context, "steps": steps, "ms_per_step": wall / steps * 1e3,
-          "tokens_per_s": batch * steps / wall, "state_bytes": state_bytes,
-          "step_temp_bytes": temp, "compile_s": compile_s, "lengths_ok": ok, **memory_stats()}
+  return {
+    "batch": batch,
+    "context": context,
+    "steps": steps,
+    "ms_per_step": wall / steps * 1e3,
+    "tokens_per_s": batch * steps / wall,
+    "state_bytes": state_bytes,
+    "step_temp_bytes": temp,
+    "compile_s": compile_s,
+    "lengths_ok": ok,
+    **memory_stats(),
+  }
 
 
 def resident_cache_bytes(graphdef, params, batch: int, capacity: int) -> int:
   """Bytes of the device-resident decode state of ``batch`` rows of ``capacity`` tokens
   (abstract: nothing is allocated)."""
   abstract = jax.eval_shape(
-      lambda p: dec.init_decode_state(nnx.merge(graphdef, p), batch, capacity), params)
+    lambda p: dec.init_decode_state(nnx.merge(graphdef, p), batch, capacity), params
+  )
   return dec.cache_bytes(abstract)
 
 
@@ -218,6 +261,7 @@ def _fill_offloaded(decoder, caches, context: int, seed: int, pool: int):
   ``[B, H, NBmax, l', D]`` pinned array per layer (host RAM of every block), block ``j`` of
   every row = pool block ``j % pool``."""
   from sparse_attention_jax.nn.offload_store import PinnedArrayBlockStore
+
   key = jax.random.key(seed + 2)
   for layer, cache in enumerate(caches):
     if not isinstance(cache, list):
@@ -247,7 +291,7 @@ def _fill_offloaded(decoder, caches, context: int, seed: int, pool: int):
     elif store.host_memory_kind == "numpy":
       b, h, nb = host.kv.shape[:3]
       n = b * h * nb if pool <= 0 else min(pool, nb)
-      kv = np.array(_random(lk, (n, bs, d), store.dtype, 1.0))           # writable copies
+      kv = np.array(_random(lk, (n, bs, d), store.dtype, 1.0))  # writable copies
       cc = np.array(_random(jax.random.fold_in(lk, 1), (n, bs), jnp.dtype(jnp.float32), 1.0))
       if pool <= 0:
         host.kv, host.c = kv.reshape(host.kv.shape), cc.reshape(host.c.shape)
@@ -257,32 +301,51 @@ def _fill_offloaded(decoder, caches, context: int, seed: int, pool: int):
         host.kv = np.lib.stride_tricks.as_strided(kv, (b, h, *kv.shape), (0, 0, *kv.strides))
         host.c = np.lib.stride_tricks.as_strided(cc, (b, h, *cc.shape), (0, 0, *cc.strides))
     else:
-      keys = [(b, h, j) for b in range(store.batch) for h in range(store.heads)
-              for j in range(cur)]
+      keys = [(b, h, j) for b in range(store.batch) for h in range(store.heads) for j in range(cur)]
       n = len(keys) if pool <= 0 else min(pool, len(keys))
       kv = _random(lk, (max(n, 1), bs, d), store.dtype, 1.0)
       cc = _random(jax.random.fold_in(lk, 1), (max(n, 1), bs), jnp.dtype(jnp.float32), 1.0)
       blocks = jax.device_put([(kv[i], cc[i]) for i in range(n)], host._host)
       host.blocks = {k: tuple(blocks[i % n]) for i, k in enumerate(keys)}
-    store.tail_kv = _random(jax.random.fold_in(lk, 2), tuple(store.tail_kv.shape),
-                            store.dtype, 1.0)
+    store.tail_kv = _random(jax.random.fold_in(lk, 2), tuple(store.tail_kv.shape), store.dtype, 1.0)
     store.length = context
 
 
-def run_offload(model, *, batch: int, context: int, steps: int, warmup: int, seed: int,
-                pool: int, store: str = "numpy", load_workers: int | None = None,
-                transfer: str = "fresh", plan: str = "host", chunk: int = 1024,
-                copy: str = "kernel") -> dict:
+def run_offload(
+  model,
+  *,
+  batch: int,
+  context: int,
+  steps: int,
+  warmup: int,
+  seed: int,
+  pool: int,
+  store: str = "numpy",
+  load_workers: int | None = None,
+  transfer: str = "fresh",
+  plan: str = "host",
+  chunk: int = 1024,
+  copy: str = "kernel",
+) -> dict:
   """The ``nosa_offload`` row: :class:`OffloadedDecoder` steps over a filled offloaded cache.
 
   ``compile_s`` is the warm-up steps' time (compilation of the pieces; the slot scatter's size
   buckets compile when the decoder builds its caches); the row also reports the median step
   time."""
   from sparse_attention_jax.nn.offload_decode import OffloadedDecoder
+
   capacity = context + warmup + steps
-  decoder = OffloadedDecoder(model, batch=batch, capacity=capacity, store=store,
-                             load_workers=load_workers, transfer=transfer, plan=plan,
-                             chunk=chunk, copy=copy)
+  decoder = OffloadedDecoder(
+    model,
+    batch=batch,
+    capacity=capacity,
+    store=store,
+    load_workers=load_workers,
+    transfer=transfer,
+    plan=plan,
+    chunk=chunk,
+    copy=copy,
+  )
   caches = decoder._new_caches(None)
   _fill_offloaded(decoder, caches, context, seed, pool)
   pick = jax.jit(lambda logits: jnp.argmax(logits, axis=-1).astype(jnp.int32))
@@ -301,25 +364,39 @@ def run_offload(model, *, batch: int, context: int, steps: int, warmup: int, see
     logits, st = decoder.step(tokens, caches, pos)
     tokens, pos = pick(logits), pos + 1
     per_step.append(st)
-    times.append(time.perf_counter() - t1)     # per step (the host loop syncs every layer)
+    times.append(time.perf_counter() - t1)  # per step (the host loop syncs every layer)
   jax.block_until_ready(tokens)
   wall = time.perf_counter() - t0
   summary = decoder.summarize(caches, per_step)
-  return {"batch": batch, "context": context, "steps": steps, "ms_per_step": wall / steps * 1e3,
-          "tokens_per_s": batch * steps / wall, "state_bytes": summary.device_bytes,
-          "ms_per_step_median": float(np.median(times)) * 1e3,
-          "host_bytes": summary.host_bytes, "step_temp_bytes": None,
-          "compile_s": warm_s, "lengths_ok": pos == capacity, "slots": summary.slots,
-          "host_memory_kind": summary.host_memory_kind, "host_store": store,
-          "transfer": transfer, "plan": plan, "chunk": chunk if plan == "fused" else None,
-          "copy": decoder.copy if plan == "fused" else None,
-          "blocks_per_step": summary.total["transferred"] / steps,
-          "hit_rate": summary.total["hit_rate"],
-          "bytes_per_step": summary.total["bytes"] / steps,
-          # Host ms per step summed over the NOSA layers (OffloadedBlockCache.update).
-          "host_ms_per_step": {key[:-2]: summary.total[key] / steps * 1e3
-                               for key in ("wait_s", "plan_s", "gather_s", "put_s", "load_s")},
-          **memory_stats()}
+  return {
+    "batch": batch,
+    "context": context,
+    "steps": steps,
+    "ms_per_step": wall / steps * 1e3,
+    "tokens_per_s": batch * steps / wall,
+    "state_bytes": summary.device_bytes,
+    "ms_per_step_median": float(np.median(times)) * 1e3,
+    "host_bytes": summary.host_bytes,
+    "step_temp_bytes": None,
+    "compile_s": warm_s,
+    "lengths_ok": pos == capacity,
+    "slots": summary.slots,
+    "host_memory_kind": summary.host_memory_kind,
+    "host_store": store,
+    "transfer": transfer,
+    "plan": plan,
+    "chunk": chunk if plan == "fused" else None,
+    "copy": decoder.copy if plan == "fused" else None,
+    "blocks_per_step": summary.total["transferred"] / steps,
+    "hit_rate": summary.total["hit_rate"],
+    "bytes_per_step": summary.total["bytes"] / steps,
+    # Host ms per step summed over the NOSA layers (OffloadedBlockCache.update).
+    "host_ms_per_step": {
+      key[:-2]: summary.total[key] / steps * 1e3
+      for key in ("wait_s", "plan_s", "gather_s", "put_s", "load_s")
+    },
+    **memory_stats(),
+  }
 
 
 def _ints(text: str, name: str) -> list[int]:
@@ -337,7 +414,7 @@ def _gib(x) -> str:
 
 
 def _mib(x):
-  return None if x is None else x / 2 ** 20
+  return None if x is None else x / 2**20
 
 
 def _opt(x, fmt: str) -> str:
@@ -353,81 +430,132 @@ def main(argv: list[str] | None = None) -> int:
   ap.add_argument("--warmup", type=int, default=3)
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--tiny", action="store_true", help="CPU-sized model (smoke test)")
-  ap.add_argument("--shape", default="1p3b", choices=("1p3b", "1b"),
-                  help="1p3b: each kind's 1.3B config; 1b: every kind on configs/nosa_1b.yaml's "
-                       "shape")
-  ap.add_argument("--report-fit", action="store_true",
-                  help="per row, the bytes a device-resident cache needs vs the device memory")
-  ap.add_argument("--host-pool", type=int, default=256,
-                  help="nosa_offload: distinct random host blocks per layer, shared by every "
-                       "sequence and KV head (0 = all distinct; see _fill_offloaded)")
-  ap.add_argument("--offload-store", default="numpy",
-                  choices=("numpy", "pinned_host", "pinned_array"),
-                  help="nosa_offload: host block store (one NumPy array per layer, one pinned "
-                       "host array per block, or one pinned host array per layer loaded by "
-                       "jitted gathers)")
-  ap.add_argument("--load-workers", type=int, default=None,
-                  help="nosa_offload: threads fetching a step's blocks (gather + device_put) "
-                       "side by side (1 = none; default a quarter of the CPUs, 1 to 4)")
-  ap.add_argument("--offload-transfer", default="fresh", choices=("fresh", "staged"),
-                  help="nosa_offload: fresh host array per chunk, or reused DMA-registered "
-                       "staging buffers (numpy store only; see nn/offload.py)")
-  ap.add_argument("--offload-plan", default="host", choices=("host", "device", "fused"),
-                  help="nosa_offload: slot assignment in NumPy after reading the selection "
-                       "back (host), one jitted plan per layer whose counts alone are read "
-                       "back (device), or the whole step as one jitted call (fused); device "
-                       "and fused with --offload-store pinned_array only")
-  ap.add_argument("--offload-copy", default="kernel", choices=("kernel", "xla"),
-                  help="nosa_offload with --offload-plan fused: the zero-copy Pallas kernel "
-                       "(pallas_kernels/block_copy.py) or XLA's host gather")
-  ap.add_argument("--offload-chunk", type=int, default=1024,
-                  help="nosa_offload with --offload-plan fused --offload-copy xla: most blocks "
-                       "one load iteration of a layer gathers")
-  ap.add_argument("--f32-params", action="store_true",
-                  help="keep float32 master weights (default: weights in the compute dtype)")
-  ap.add_argument("--out", default=os.environ.get("OUT") or os.path.join(ROOT, "benchmarks",
-                                                                         "results"))
+  ap.add_argument(
+    "--shape",
+    default="1p3b",
+    choices=("1p3b", "1b"),
+    help="1p3b: each kind's 1.3B config; 1b: every kind on configs/nosa_1b.yaml's shape",
+  )
+  ap.add_argument(
+    "--report-fit",
+    action="store_true",
+    help="per row, the bytes a device-resident cache needs vs the device memory",
+  )
+  ap.add_argument(
+    "--host-pool",
+    type=int,
+    default=256,
+    help="nosa_offload: distinct random host blocks per layer, shared by every "
+    "sequence and KV head (0 = all distinct; see _fill_offloaded)",
+  )
+  ap.add_argument(
+    "--offload-store",
+    default="numpy",
+    choices=("numpy", "pinned_host", "pinned_array"),
+    help="nosa_offload: host block store (one NumPy array per layer, one pinned "
+    "host array per block, or one pinned host array per layer loaded by "
+    "jitted gathers)",
+  )
+  ap.add_argument(
+    "--load-workers",
+    type=int,
+    default=None,
+    help="nosa_offload: threads fetching a step's blocks (gather + device_put) "
+    "side by side (1 = none; default a quarter of the CPUs, 1 to 4)",
+  )
+  ap.add_argument(
+    "--offload-transfer",
+    default="fresh",
+    choices=("fresh", "staged"),
+    help="nosa_offload: fresh host array per chunk, or reused DMA-registered "
+    "staging buffers (numpy store only; see nn/offload.py)",
+  )
+  ap.add_argument(
+    "--offload-plan",
+    default="host",
+    choices=("host", "device", "fused"),
+    help="nosa_offload: slot assignment in NumPy after reading the selection "
+    "back (host), one jitted plan per layer whose counts alone are read "
+    "back (device), or the whole step as one jitted call (fused); device "
+    "and fused with --offload-store pinned_array only",
+  )
+  ap.add_argument(
+    "--offload-copy",
+    default="kernel",
+    choices=("kernel", "xla"),
+    help="nosa_offload with --offload-plan fused: the zero-copy Pallas kernel "
+    "(pallas_kernels/block_copy.py) or XLA's host gather",
+  )
+  ap.add_argument(
+    "--offload-chunk",
+    type=int,
+    default=1024,
+    help="nosa_offload with --offload-plan fused --offload-copy xla: most blocks "
+    "one load iteration of a layer gathers",
+  )
+  ap.add_argument(
+    "--f32-params",
+    action="store_true",
+    help="keep float32 master weights (default: weights in the compute dtype)",
+  )
+  ap.add_argument(
+    "--out", default=os.environ.get("OUT") or os.path.join(ROOT, "benchmarks", "results")
+  )
   args = ap.parse_args(argv)
   kinds = [k for k in args.kinds.split(",") if k]
   if args.load_workers is not None and args.load_workers < 1:
     ap.error(f"--load-workers: expected a positive int, got {args.load_workers}")
   if args.offload_transfer == "staged" and args.offload_store != "numpy":
-    ap.error(f"--offload-transfer: expected 'fresh' with --offload-store "
-             f"{args.offload_store} (staging gathers from the numpy store), got 'staged'")
+    ap.error(
+      f"--offload-transfer: expected 'fresh' with --offload-store "
+      f"{args.offload_store} (staging gathers from the numpy store), got 'staged'"
+    )
   if args.offload_plan != "host" and args.offload_store != "pinned_array":
-    ap.error(f"--offload-plan: expected 'host' with --offload-store {args.offload_store} (the "
-             f"device and fused plans load from the pinned_array store), got "
-             f"{args.offload_plan!r}")
+    ap.error(
+      f"--offload-plan: expected 'host' with --offload-store {args.offload_store} (the "
+      f"device and fused plans load from the pinned_array store), got "
+      f"{args.offload_plan!r}"
+    )
   if args.offload_chunk < 1:
     ap.error(f"--offload-chunk: expected a positive int, got {args.offload_chunk}")
   batches = _ints(args.batch, "--batch")
   contexts = _ints(args.context, "--context")
   dev = jax.devices()[0]
-  meta = {"device": f"{dev.platform} ({dev.device_kind})", "jax": jax.__version__,
-          "tiny": args.tiny, "steps": args.steps, "warmup": args.warmup, "shape": args.shape,
-          "host_pool": args.host_pool, "offload_store": args.offload_store,
-          "load_workers": args.load_workers, "offload_transfer": args.offload_transfer,
-          "offload_plan": args.offload_plan, "offload_chunk": args.offload_chunk,
-          "offload_copy": args.offload_copy,
-          "params": "float32" if args.f32_params else "compute dtype"}
+  meta = {
+    "device": f"{dev.platform} ({dev.device_kind})",
+    "jax": jax.__version__,
+    "tiny": args.tiny,
+    "steps": args.steps,
+    "warmup": args.warmup,
+    "shape": args.shape,
+    "host_pool": args.host_pool,
+    "offload_store": args.offload_store,
+    "load_workers": args.load_workers,
+    "offload_transfer": args.offload_transfer,
+    "offload_plan": args.offload_plan,
+    "offload_chunk": args.offload_chunk,
+    "offload_copy": args.offload_copy,
+    "params": "float32" if args.f32_params else "compute dtype",
+  }
   print(f"device {meta['device']}, jax {jax.__version__}")
   os.makedirs(args.out, exist_ok=True)
   path = os.path.join(args.out, "decode.json")
   rows = []
 
-  def save():                    # after every row: a run cut short keeps what it measured
+  def save():  # after every row: a run cut short keeps what it measured
     with open(path, "w") as f:
       json.dump({"meta": meta, "rows": rows}, f, indent=1)
 
-  header = (f"{'kind':<10} {'B':>4} {'context':>8} {'ms/step':>9} {'tokens/s':>10} "
-            f"{'state GiB':>9} {'temp GiB':>9} {'in use GiB':>10} {'peak GiB':>9} "
-            f"{'compile s':>9} {'blk/step':>8} {'hit':>5} {'MiB/step':>8} {'resident GiB':>12}"
-            f" {'fits':>4}")
+  header = (
+    f"{'kind':<10} {'B':>4} {'context':>8} {'ms/step':>9} {'tokens/s':>10} "
+    f"{'state GiB':>9} {'temp GiB':>9} {'in use GiB':>10} {'peak GiB':>9} "
+    f"{'compile s':>9} {'blk/step':>8} {'hit':>5} {'MiB/step':>8} {'resident GiB':>12}"
+    f" {'fits':>4}"
+  )
   print(header, flush=True)
   for kind in kinds:
     cfg = model_config(kind, args.tiny, args.shape)
-    graphdef, params = random_params(cfg, args.seed,
-                                     compute_dtype_params=not args.f32_params)
+    graphdef, params = random_params(cfg, args.seed, compute_dtype_params=not args.f32_params)
     model = nnx.merge(graphdef, params) if kind == "nosa_offload" else None
     for context in sorted(contexts):
       for batch in sorted(batches):
@@ -439,34 +567,61 @@ def main(argv: list[str] | None = None) -> int:
           fit = {"resident_cache_bytes": need, "fits": None if limit is None else need < limit}
         try:
           if kind == "nosa_offload":
-            r = run_offload(model, batch=batch, context=context, steps=args.steps,
-                            warmup=args.warmup, seed=args.seed, pool=args.host_pool,
-                            store=args.offload_store, load_workers=args.load_workers,
-                            transfer=args.offload_transfer, plan=args.offload_plan,
-                            chunk=args.offload_chunk, copy=args.offload_copy)
+            r = run_offload(
+              model,
+              batch=batch,
+              context=context,
+              steps=args.steps,
+              warmup=args.warmup,
+              seed=args.seed,
+              pool=args.host_pool,
+              store=args.offload_store,
+              load_workers=args.load_workers,
+              transfer=args.offload_transfer,
+              plan=args.offload_plan,
+              chunk=args.offload_chunk,
+              copy=args.offload_copy,
+            )
           elif fit.get("fits") is False:
-            raise MemoryError(f"resident cache {need / GiB:.1f} GiB > device memory "
-                              f"{limit / GiB:.1f} GiB (skipped)")
+            raise MemoryError(
+              f"resident cache {need / GiB:.1f} GiB > device memory {limit / GiB:.1f} GiB (skipped)"
+            )
           else:
-            r = run_one(graphdef, params, batch=batch, context=context, steps=args.steps,
-                        warmup=args.warmup, seed=args.seed)
+            r = run_one(
+              graphdef,
+              params,
+              batch=batch,
+              context=context,
+              steps=args.steps,
+              warmup=args.warmup,
+              seed=args.seed,
+            )
           r.update(fit)
         except Exception as e:  # noqa: BLE001 -- e.g. out of memory: record and go on
-          r = {"batch": batch, "context": context, **fit,
-               "error": f"{type(e).__name__}: {str(e)[:300]}"}
+          r = {
+            "batch": batch,
+            "context": context,
+            **fit,
+            "error": f"{type(e).__name__}: {str(e)[:300]}",
+          }
           print(f"{kind:<10} {batch:>4} {context:>8} error {r['error']}", flush=True)
         else:
-          print(f"{kind:<10} {batch:>4} {context:>8} {r['ms_per_step']:>9.2f} "
-                f"{r['tokens_per_s']:>10.1f} {_gib(r['state_bytes']):>9} "
-                f"{_gib(r['step_temp_bytes']):>9} {_gib(r['bytes_in_use']):>10} "
-                f"{_gib(r['peak_bytes']):>9} {r['compile_s']:>9.1f} "
-                f"{_opt(r.get('blocks_per_step'), '.1f'):>8} {_opt(r.get('hit_rate'), '.3f'):>5} "
-                f"{_opt(_mib(r.get('bytes_per_step')), '.2f'):>8} "
-                f"{_gib(r.get('resident_cache_bytes')):>12} {_opt(r.get('fits'), ''):>4}",
-                flush=True)
+          print(
+            f"{kind:<10} {batch:>4} {context:>8} {r['ms_per_step']:>9.2f} "
+            f"{r['tokens_per_s']:>10.1f} {_gib(r['state_bytes']):>9} "
+            f"{_gib(r['step_temp_bytes']):>9} {_gib(r['bytes_in_use']):>10} "
+            f"{_gib(r['peak_bytes']):>9} {r['compile_s']:>9.1f} "
+            f"{_opt(r.get('blocks_per_step'), '.1f'):>8} {_opt(r.get('hit_rate'), '.3f'):>5} "
+            f"{_opt(_mib(r.get('bytes_per_step')), '.2f'):>8} "
+            f"{_gib(r.get('resident_cache_bytes')):>12} {_opt(r.get('fits'), ''):>4}",
+            flush=True,
+          )
           if "host_ms_per_step" in r:
-            print("    host ms/step over the NOSA layers: " + ", ".join(
-                f"{k} {v:.2f}" for k, v in r["host_ms_per_step"].items()), flush=True)
+            print(
+              "    host ms/step over the NOSA layers: "
+              + ", ".join(f"{k} {v:.2f}" for k, v in r["host_ms_per_step"].items()),
+              flush=True,
+            )
         rows.append({"kind": kind, "config": CONFIGS[kind], **r})
         save()
     del params, model

@@ -74,15 +74,28 @@ from jax import lax
 from sparse_attention_jax.nn.offload_store import aligned_empty, unaliased
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-GROUPS = {"a": ["a"], "b": ["b"], "c": ["c_put", "c_jit", "c_dma"],
-          "d": ["d_loop", "d_unroll", "d_take"], "e": ["e_b", "e_cput", "e_cdma"],
-          "ref": ["ref_gather", "ref_put", "ref_put_pinned"]}
+GROUPS = {
+  "a": ["a"],
+  "b": ["b"],
+  "c": ["c_put", "c_jit", "c_dma"],
+  "d": ["d_loop", "d_unroll", "d_take"],
+  "e": ["e_b", "e_cput", "e_cdma"],
+  "ref": ["ref_gather", "ref_put", "ref_put_pinned"],
+}
 # Only when named: writes through a raw pointer into pinned_host arrays (a wrong pointer would
 # crash the process, not fail a row).
 OPT_IN = ["c_view"]
 ALL_PATHS = [p for group in GROUPS.values() for p in group] + OPT_IN
-NEEDS_PINNED = {"c_put", "c_jit", "c_view", "d_loop", "d_unroll", "d_take", "e_cput",
-                "ref_put_pinned"}
+NEEDS_PINNED = {
+  "c_put",
+  "c_jit",
+  "c_view",
+  "d_loop",
+  "d_unroll",
+  "d_take",
+  "e_cput",
+  "ref_put_pinned",
+}
 NEEDS_DMA = {"c_dma", "e_cdma"}
 DTYPE = np.dtype(jnp.bfloat16)
 
@@ -101,8 +114,10 @@ def _paths(text: str) -> list[str]:
   out = []
   for name in (x.strip() for x in text.split(",") if x.strip()):
     if name not in GROUPS and name not in ALL_PATHS:
-      raise SystemExit(f"--paths: expected comma-separated names from {sorted(GROUPS)} or "
-                       f"{ALL_PATHS}, got {name!r}")
+      raise SystemExit(
+        f"--paths: expected comma-separated names from {sorted(GROUPS)} or "
+        f"{ALL_PATHS}, got {name!r}"
+      )
     out += [p for p in GROUPS.get(name, [name]) if p not in out]
   return out
 
@@ -115,7 +130,7 @@ def fill_store(store: np.ndarray) -> None:
   for at in range(0, words.size, step):
     w = np.arange(at, min(at + step, words.size), dtype=np.uint32)
     w *= np.uint32(2654435761)
-    words[at:at + w.size] = w
+    words[at : at + w.size] = w
 
 
 def pinned_view(arr: jax.Array) -> np.ndarray:
@@ -149,15 +164,19 @@ def _fetch_loop(store, idx):
 
   def body(i, out):
     blk = lax.dynamic_slice_in_dim(store, idx[i], 1, axis=0)
-    return lax.dynamic_update_slice_in_dim(out, jax.device_put(blk, jax.memory.Space.Device), i,
-                                           axis=0)
+    return lax.dynamic_update_slice_in_dim(
+      out, jax.device_put(blk, jax.memory.Space.Device), i, axis=0
+    )
+
   return lax.fori_loop(0, idx.shape[0], body, out)
 
 
 def _fetch_unrolled(store, idx):
   """As :func:`_fetch_loop`, one dynamic slice per block unrolled."""
-  blks = [jax.device_put(lax.dynamic_slice_in_dim(store, idx[i], 1, axis=0),
-                         jax.memory.Space.Device) for i in range(idx.shape[0])]
+  blks = [
+    jax.device_put(lax.dynamic_slice_in_dim(store, idx[i], 1, axis=0), jax.memory.Space.Device)
+    for i in range(idx.shape[0])
+  ]
   return jnp.concatenate(blks, axis=0)
 
 
@@ -175,8 +194,11 @@ class Bench:
     self.dev = jax.devices()[0]
     self.kinds = [m.kind for m in self.dev.addressable_memories()]
     self.dev_s = jax.sharding.SingleDeviceSharding(self.dev, memory_kind="device")
-    self.host_s = (jax.sharding.SingleDeviceSharding(self.dev, memory_kind="pinned_host")
-                   if "pinned_host" in self.kinds else None)
+    self.host_s = (
+      jax.sharding.SingleDeviceSharding(self.dev, memory_kind="pinned_host")
+      if "pinned_host" in self.kinds
+      else None
+    )
     self.chunk, self.unroll = args.chunk, min(args.unroll, args.chunk)
     d = args.block_bytes // (args.block_tokens * DTYPE.itemsize)
     self.block = (args.block_tokens, d)
@@ -185,7 +207,7 @@ class Bench:
     self.shape5 = (args.batch, args.heads, nb, *self.block)
     self.store5 = aligned_empty(self.shape5, DTYPE)
     fill_store(self.store5)
-    self.flat = self.store5.reshape(-1, *self.block)            # [R, l', D], a view
+    self.flat = self.store5.reshape(-1, *self.block)  # [R, l', D], a view
     self._pinned_store = None
     self._jits = {}
     self._pools = {}
@@ -201,7 +223,7 @@ class Bench:
     try:
       fn(buf.ctypes.data, buf.nbytes)
       self.dev.client.dma_unmap(buf.ctypes.data)
-    except Exception as e:                                       # noqa: BLE001
+    except Exception as e:  # noqa: BLE001
       return f"client.dma_map failed on {self.dev.platform}: {str(e).splitlines()[0]}"
     return None
 
@@ -217,7 +239,7 @@ class Bench:
         view[:] = 3.0
         if not np.array_equal(np.asarray(jax.device_put(probe, self.dev_s)), view):
           return "writes through unsafe_buffer_pointer are not seen by device_put"
-      except Exception as e:                                     # noqa: BLE001
+      except Exception as e:  # noqa: BLE001
         return f"no writable view of pinned_host memory: {str(e).splitlines()[0]}"
     return None
 
@@ -241,7 +263,7 @@ class Bench:
       return arrs, [pinned_view(a) for a in arrs]
     bufs = [aligned_empty(shape, DTYPE) for _ in range(count)]
     for b in bufs:
-      b.fill(0)                                                  # touch every page once
+      b.fill(0)  # touch every page once
       if kind == "dma":
         self.dev.client.dma_map(b.ctypes.data, b.nbytes)
     return bufs, bufs
@@ -251,7 +273,7 @@ class Bench:
       self.dev.client.dma_unmap(b.ctypes.data)
 
   def _gather(self, chunk, out):
-    np.take(self.flat, chunk, axis=0, out=out, mode="clip")     # "raise" would buffer `out`
+    np.take(self.flat, chunk, axis=0, out=out, mode="clip")  # "raise" would buffer `out`
 
   def _staged(self, move: str):
     """Per-chunk fetch through a fresh ring: gather into a staging buffer, then ``move`` it."""
@@ -267,17 +289,18 @@ class Bench:
       self._gather(chunk, view)
       if move == "b":
         x = jax.device_put(view, self.dev_s)
-        if self.dev.platform == "cpu":          # device memory is host memory: may alias
+        if self.dev.platform == "cpu":  # device memory is host memory: may alias
           x = unaliased(x, view)
       elif move == "c_dma":
         x = jax.device_put(view, self.dev_s, may_alias=True)
       elif move == "c_view":
-        x = jax.device_put(arrs[k], self.dev_s)                  # the whole chunk buffer
+        x = jax.device_put(arrs[k], self.dev_s)  # the whole chunk buffer
       else:
         p = jax.device_put(view, self.host_s)
         x = jax.device_put(p, self.dev_s) if move == "c_put" else to_dev(p)
       ring.pending[k] = x
       return x, m
+
     cleanup = (lambda: self._unmap(arrs)) if kind == "dma" else (lambda: None)
     return one, cleanup
 
@@ -286,12 +309,14 @@ class Bench:
     """``(fetch, cleanup)`` for ``path``."""
     nothing = lambda: None
     if path == "a":
+
       def fetch(chunks):
         out = []
         for c in chunks:
           b, h, j = np.unravel_index(c, self.shape5[:3])
           out.append((jax.device_put(self.store5[b, h, j], self.dev_s), len(c)))
         return out
+
       return fetch, nothing
     if path in ("b", "c_put", "c_jit", "c_dma", "c_view"):
       one, cleanup = self._staged(path)
@@ -302,10 +327,13 @@ class Bench:
       pool = self._pools.setdefault(threads, concurrent.futures.ThreadPoolExecutor(threads))
 
       def fetch(chunks):
-        futs = [pool.submit(lambda w=w: [workers[w][0](c) for c in chunks[w::threads]])
-                for w in range(threads)]
+        futs = [
+          pool.submit(lambda w=w: [workers[w][0](c) for c in chunks[w::threads]])
+          for w in range(threads)
+        ]
         parts = [f.result() for f in futs]
         return [parts[i % threads][i // threads] for i in range(len(chunks))]
+
       return fetch, lambda: [w[1]() for w in workers]
     if path.startswith("d_"):
       size = self.unroll if path == "d_unroll" else self.chunk
@@ -317,11 +345,12 @@ class Bench:
         out = []
         for c in chunks:
           for at in range(0, len(c), size):
-            part = c[at:at + size]
+            part = c[at : at + size]
             idx = np.full((size,), part[0], np.int32)
-            idx[:len(part)] = part
+            idx[: len(part)] = part
             out.append((jitted(store, jax.device_put(idx, self.dev_s)), len(part)))
         return out
+
       return fetch, nothing
     raise ValueError(f"path: expected one of {ALL_PATHS}, got {path!r}")
 
@@ -334,8 +363,9 @@ class Bench:
 
       def fetch(_):
         for c, at in zip(chunks, offs):
-          self._gather(c, out[at:at + len(c)])
+          self._gather(c, out[at : at + len(c)])
         return [(out, len(out))]
+
       return fetch
     host = [self.flat[c] for c in chunks]
     if path == "ref_put_pinned":
@@ -364,6 +394,7 @@ def time_row(fetch, chunks, want, reps: int, budget_s: float):
 def _jaxlib_version() -> str | None:
   try:
     import jaxlib
+
     return jaxlib.__version__
   except (ImportError, AttributeError):
     return None
@@ -390,58 +421,96 @@ def main(argv=None) -> dict:
   ap.add_argument("--unroll", type=int, default=64, help="blocks per d_unroll call")
   ap.add_argument("--reps", type=int, default=5)
   ap.add_argument("--budget-s", type=float, default=1.5, help="timed seconds per row, at most")
-  ap.add_argument("--slow-s", type=float, default=3.0,
-                  help="a path whose fastest call takes longer is not run at larger sizes")
+  ap.add_argument(
+    "--slow-s",
+    type=float,
+    default=3.0,
+    help="a path whose fastest call takes longer is not run at larger sizes",
+  )
   ap.add_argument("--seed", type=int, default=0)
-  ap.add_argument("--out", default=os.path.join(
-      os.environ.get("OUT") or os.path.join(ROOT, "benchmarks", "results"), "h2d.json"))
+  ap.add_argument(
+    "--out",
+    default=os.path.join(
+      os.environ.get("OUT") or os.path.join(ROOT, "benchmarks", "results"), "h2d.json"
+    ),
+  )
   args = ap.parse_args(argv)
   sizes = _ints(args.blocks, "--blocks")
   threads = _ints(args.threads, "--threads")
   paths = _paths(args.paths)
-  for name in ("block_bytes", "block_tokens", "store_mib", "batch", "heads", "chunk", "unroll",
-               "reps"):
+  for name in (
+    "block_bytes",
+    "block_tokens",
+    "store_mib",
+    "batch",
+    "heads",
+    "chunk",
+    "unroll",
+    "reps",
+  ):
     if getattr(args, name) < 1:
-      raise SystemExit(f"--{name.replace('_', '-')}: expected a positive int, "
-                       f"got {getattr(args, name)}")
+      raise SystemExit(
+        f"--{name.replace('_', '-')}: expected a positive int, got {getattr(args, name)}"
+      )
   if args.block_bytes % (args.block_tokens * DTYPE.itemsize):
-    raise SystemExit(f"--block-bytes: expected a multiple of --block-tokens * 2 = "
-                     f"{args.block_tokens * 2} (bf16), got {args.block_bytes}")
+    raise SystemExit(
+      f"--block-bytes: expected a multiple of --block-tokens * 2 = "
+      f"{args.block_tokens * 2} (bf16), got {args.block_bytes}"
+    )
   need = max(sizes) * args.block_bytes
   rows = args.batch * args.heads
   if (args.store_mib << 20) // (rows * args.block_bytes) * rows < max(sizes):
-    raise SystemExit(f"--store-mib: expected at least {-(-need >> 20)} MiB (plus a block per "
-                     f"row) to hold {max(sizes)} distinct blocks, got {args.store_mib}")
+    raise SystemExit(
+      f"--store-mib: expected at least {-(-need >> 20)} MiB (plus a block per "
+      f"row) to hold {max(sizes)} distinct blocks, got {args.store_mib}"
+    )
 
   t0 = time.perf_counter()
   bench = Bench(args)
   rng = np.random.default_rng(args.seed)
-  result = {"meta": {
-      "device": str(bench.dev), "device_kind": bench.dev.device_kind,
-      "platform": bench.dev.platform, "jax": jax.__version__,
+  result = {
+    "meta": {
+      "device": str(bench.dev),
+      "device_kind": bench.dev.device_kind,
+      "platform": bench.dev.platform,
+      "jax": jax.__version__,
       "jaxlib": _jaxlib_version(),
-      "python": platform.python_version(), "host_cpus": os.cpu_count(),
-      "memory_kinds": bench.kinds, "store_shape": list(bench.shape5), "dtype": "bfloat16",
-      "block_bytes": args.block_bytes, "chunk": args.chunk, "unroll": bench.unroll,
-      "reps": args.reps, "budget_s": args.budget_s, "dma_map": bench.dma_error or "ok",
-      "setup_s": None}, "skipped": {}, "rows": []}
-  print(f"[h2d] jax {jax.__version__} on {bench.dev} ({bench.dev.device_kind}), "
-        f"{os.cpu_count()} CPUs, memories {bench.kinds}; store {list(bench.shape5)} bf16 "
-        f"({args.store_mib} MiB), block {args.block_bytes} B, chunk {args.chunk}", flush=True)
+      "python": platform.python_version(),
+      "host_cpus": os.cpu_count(),
+      "memory_kinds": bench.kinds,
+      "store_shape": list(bench.shape5),
+      "dtype": "bfloat16",
+      "block_bytes": args.block_bytes,
+      "chunk": args.chunk,
+      "unroll": bench.unroll,
+      "reps": args.reps,
+      "budget_s": args.budget_s,
+      "dma_map": bench.dma_error or "ok",
+      "setup_s": None,
+    },
+    "skipped": {},
+    "rows": [],
+  }
+  print(
+    f"[h2d] jax {jax.__version__} on {bench.dev} ({bench.dev.device_kind}), "
+    f"{os.cpu_count()} CPUs, memories {bench.kinds}; store {list(bench.shape5)} bf16 "
+    f"({args.store_mib} MiB), block {args.block_bytes} B, chunk {args.chunk}",
+    flush=True,
+  )
   for path in paths:
     reason = bench.skip_reason(path)
     if reason:
       result["skipped"][path] = reason
       print(f"[h2d] skip {path}: {reason}", flush=True)
   runnable = [p for p in paths if p not in result["skipped"]]
-  slow = {}                                      # label -> why its larger sizes are skipped
+  slow = {}  # label -> why its larger sizes are skipped
   result["meta"]["setup_s"] = round(time.perf_counter() - t0, 2)
   for n in sizes:
     flat_idx = np.sort(rng.choice(bench.flat.shape[0], n, replace=False)).astype(np.int32)
-    chunks = [flat_idx[at:at + args.chunk] for at in range(0, n, args.chunk)]
+    chunks = [flat_idx[at : at + args.chunk] for at in range(0, n, args.chunk)]
     want = bench.flat[flat_idx]
     for path in runnable:
-      for t in (threads if path.startswith("e_") else [1]):
+      for t in threads if path.startswith("e_") else [1]:
         label = f"{path} x{t}" if path.startswith("e_") else path
         if label in slow:
           result["skipped"][f"{label} @{n}"] = slow[label]
@@ -457,26 +526,41 @@ def main(argv=None) -> dict:
             fetch, cleanup = bench.make(path, t)
           times, ok = time_row(fetch, chunks, want, args.reps, args.budget_s)
           ms = 1e3 * statistics.median(times)
-          row.update(ms=ms, gbps=n * args.block_bytes / ms / 1e6, ok=ok, reps=len(times),
-                     ms_min=1e3 * min(times))
+          row.update(
+            ms=ms,
+            gbps=n * args.block_bytes / ms / 1e6,
+            ok=ok,
+            reps=len(times),
+            ms_min=1e3 * min(times),
+          )
           if min(times) > args.slow_s:
             slow[label] = f"a call took {min(times):.3g} s at {n} blocks (> --slow-s)"
-        except Exception as e:                                   # noqa: BLE001
-          row.update(ms=None, gbps=None, ok=False, reps=0,
-                     error=f"{type(e).__name__}: {str(e).strip()[:400]}")
+        except Exception as e:  # noqa: BLE001
+          row.update(
+            ms=None,
+            gbps=None,
+            ok=False,
+            reps=0,
+            error=f"{type(e).__name__}: {str(e).strip()[:400]}",
+          )
         finally:
           if cleanup:
             cleanup()
         result["rows"].append(row)
         _write(args.out, result)
-        print(f"{row['ms'] or float('nan'):9.2f} ms {row['gbps'] or float('nan'):7.2f} GB/s "
-              f"ok={row['ok']}" + (f" ({row['error']})" if "error" in row else ""), flush=True)
+        print(
+          f"{row['ms'] or float('nan'):9.2f} ms {row['gbps'] or float('nan'):7.2f} GB/s "
+          f"ok={row['ok']}" + (f" ({row['error']})" if "error" in row else ""),
+          flush=True,
+        )
   bench.close()
   print(f"\n{'path':<16} {'blocks':>7} {'MiB':>8} {'ms':>9} {'GB/s':>7} {'reps':>4}  ok")
   for r in result["rows"]:
     label = f"{r['path']} x{r['threads']}" if r["path"].startswith("e_") else r["path"]
-    print(f"{label:<16} {r['blocks']:>7} {r['mib']:>8.1f} {r['ms'] or float('nan'):>9.2f} "
-          f"{r['gbps'] or float('nan'):>7.2f} {r['reps']:>4}  {r['ok']}")
+    print(
+      f"{label:<16} {r['blocks']:>7} {r['mib']:>8.1f} {r['ms'] or float('nan'):>9.2f} "
+      f"{r['gbps'] or float('nan'):>7.2f} {r['reps']:>4}  {r['ok']}"
+    )
   for path, reason in result["skipped"].items():
     print(f"{path:<16} skipped: {reason}")
   result["meta"]["total_s"] = round(time.perf_counter() - t0, 2)

@@ -40,21 +40,25 @@ def zero_copy_gather(store, idx, *, per_program: int = 8, interpret: bool = Fals
     out_ref[...] = store_ref[rows]
 
   return pl.pallas_call(
-      kernel, grid=(n // per_program,),
-      in_specs=[pl.BlockSpec((n,), lambda i: (0,)),
-                pl.BlockSpec((nb, bs, d), lambda i: (0, 0, 0))],
-      out_specs=pl.BlockSpec((per_program, bs, d), lambda i: (i, 0, 0)),
-      out_shape=jax.ShapeDtypeStruct((n, bs, d), store.dtype), interpret=interpret)(idx, store)
+    kernel,
+    grid=(n // per_program,),
+    in_specs=[pl.BlockSpec((n,), lambda i: (0,)), pl.BlockSpec((nb, bs, d), lambda i: (0, 0, 0))],
+    out_specs=pl.BlockSpec((per_program, bs, d), lambda i: (i, 0, 0)),
+    out_shape=jax.ShapeDtypeStruct((n, bs, d), store.dtype),
+    interpret=interpret,
+  )(idx, store)
 
 
 def _host_take(store, idx):
   """``h2d_transfer.py``'s ``d_take``: XLA's gather on the host store (run as host compute),
   the result moved to the device: ``[n, 1, l', D]``."""
-  dnums = jax.lax.GatherDimensionNumbers(offset_dims=(1, 2, 3), collapsed_slice_dims=(),
-                                         start_index_map=(0,))
+  dnums = jax.lax.GatherDimensionNumbers(
+    offset_dims=(1, 2, 3), collapsed_slice_dims=(), start_index_map=(0,)
+  )
   rows = jax.device_put(idx[:, None], jax.memory.Space.Host)
-  out = jax.lax.gather(store, rows, dnums, slice_sizes=(1, *store.shape[1:]),
-                       mode=jax.lax.GatherScatterMode.CLIP)
+  out = jax.lax.gather(
+    store, rows, dnums, slice_sizes=(1, *store.shape[1:]), mode=jax.lax.GatherScatterMode.CLIP
+  )
   return jax.device_put(out, jax.memory.Space.Device)
 
 
@@ -83,31 +87,42 @@ def main(argv=None) -> int:
   shape = (args.blocks, args.block_size, args.dim)
   store_np = rng.standard_normal(shape, np.float32).astype(jnp.bfloat16)
   block_bytes = args.block_size * args.dim * 2
-  stores = {"pinned_host": jax.device_put(store_np, jax.sharding.SingleDeviceSharding(
-      dev, memory_kind=host)), "device": jax.device_put(store_np, dev)}
+  stores = {
+    "pinned_host": jax.device_put(
+      store_np, jax.sharding.SingleDeviceSharding(dev, memory_kind=host)
+    ),
+    "device": jax.device_put(store_np, dev),
+  }
   gather = jax.jit(lambda s, i: zero_copy_gather(s, i, interpret=args.interpret))
   take = jax.jit(_host_take)
   rows = []
-  print(f"device {dev.platform} ({dev.device_kind}), jax {jax.__version__}, store "
-        f"{store_np.nbytes / 2**30:.2f} GiB in {host}")
+  print(
+    f"device {dev.platform} ({dev.device_kind}), jax {jax.__version__}, store "
+    f"{store_np.nbytes / 2**30:.2f} GiB in {host}"
+  )
   print(f"{'path':<26} {'blocks':>7} {'ms':>8} {'GB/s':>7} exact")
   for n in [int(x) for x in args.counts.split(",")]:
     idx_np = rng.integers(0, args.blocks, n).astype(np.int32)
     want = store_np[idx_np]
     idx = jax.device_put(idx_np, dev)
-    for name, fn, store in (("pallas, pinned_host store", gather, stores["pinned_host"]),
-                            ("pallas, device store", gather, stores["device"]),
-                            ("d_take (XLA host gather)", take, stores["pinned_host"])):
+    for name, fn, store in (
+      ("pallas, pinned_host store", gather, stores["pinned_host"]),
+      ("pallas, device store", gather, stores["device"]),
+      ("d_take (XLA host gather)", take, stores["pinned_host"]),
+    ):
       row = {"path": name, "blocks": n, "memory_kind": store.sharding.memory_kind}
       try:
         out = fn(store, idx)
-        row["exact"] = bool(np.array_equal(np.asarray(out).reshape(want.shape).view(np.uint16),
-                                           want.view(np.uint16)))
+        row["exact"] = bool(
+          np.array_equal(np.asarray(out).reshape(want.shape).view(np.uint16), want.view(np.uint16))
+        )
         row["out_memory_kind"] = out.sharding.memory_kind
         row["s"] = _time(fn, store, idx)
         row["gb_per_s"] = n * block_bytes / row["s"] / 1e9
-        print(f"{name:<26} {n:>7} {row['s'] * 1e3:>8.3f} {row['gb_per_s']:>7.2f} {row['exact']}",
-              flush=True)
+        print(
+          f"{name:<26} {n:>7} {row['s'] * 1e3:>8.3f} {row['gb_per_s']:>7.2f} {row['exact']}",
+          flush=True,
+        )
       except Exception as e:  # noqa: BLE001 -- the probe records what XLA refuses
         row["error"] = f"{type(e).__name__}: {str(e)[:600]}"
         row["trace"] = traceback.format_exc()[-1500:]
@@ -118,9 +133,13 @@ def main(argv=None) -> int:
     copies = [ln.strip()[:200] for ln in hlo.splitlines() if "S(5)" in ln][:20]
   except Exception as e:  # noqa: BLE001
     copies = [f"{type(e).__name__}: {str(e)[:300]}"]
-  meta = {"device": f"{dev.platform} ({dev.device_kind})", "jax": jax.__version__,
-          "store_bytes": int(store_np.nbytes), "host_memory_kind": host,
-          "hlo_host_memory_lines": copies}
+  meta = {
+    "device": f"{dev.platform} ({dev.device_kind})",
+    "jax": jax.__version__,
+    "store_bytes": int(store_np.nbytes),
+    "host_memory_kind": host,
+    "hlo_host_memory_lines": copies,
+  }
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   with open(args.out, "w") as f:
     json.dump({"meta": meta, "rows": rows}, f, indent=1)

@@ -91,8 +91,11 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 AXES = ("data", "fsdp", "tensor")
-NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
-                "NVSHMEM_DISABLE_NVLS": "1"}
+NO_MULTICAST = {
+  "NCCL_NVLS_ENABLE": "0",
+  "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+  "NVSHMEM_DISABLE_NVLS": "1",
+}
 # How much of a failed phase's log goes into the summary.
 _TAIL_CHARS = 3000
 
@@ -113,9 +116,11 @@ def parse_meshes(text: str) -> list[dict[str, int]]:
       name, sep, value = part.partition("=")
       name = name.strip()
       if not sep or name not in AXES or not re.fullmatch(r"\s*\d+\s*", value) or int(value) < 1:
-        raise ValueError(f"--meshes: expected ';'-separated meshes of axis=size pairs with axes "
-                         f"in {list(AXES)} and sizes >= 1 (e.g. 'data=2;fsdp=2;data=1,tensor=2'), "
-                         f"got {text!r} (bad part {part!r})")
+        raise ValueError(
+          f"--meshes: expected ';'-separated meshes of axis=size pairs with axes "
+          f"in {list(AXES)} and sizes >= 1 (e.g. 'data=2;fsdp=2;data=1,tensor=2'), "
+          f"got {text!r} (bad part {part!r})"
+        )
       mesh[name] = int(value)
     meshes.append(mesh)
   if not meshes:
@@ -162,32 +167,46 @@ def moving_average(values: list[float], window: int) -> list[float]:
   return out
 
 
-def curve_diff(curve: dict[int, float], ref: dict[int, float], smooth: int,
-               early: int = 0) -> dict:
+def curve_diff(curve: dict[int, float], ref: dict[int, float], smooth: int, early: int = 0) -> dict:
   """Max |curve - ref| over the common steps: raw, of ``smooth``-step trailing means, and raw
   over the first ``early`` common steps (``None`` when ``early`` is 0)."""
   common = sorted(set(curve) & set(ref))
   if not common:
-    return {"common_steps": 0, "max_abs_diff": None, "max_abs_diff_smoothed": None,
-            "max_abs_diff_early": None}
+    return {
+      "common_steps": 0,
+      "max_abs_diff": None,
+      "max_abs_diff_smoothed": None,
+      "max_abs_diff_early": None,
+    }
   a = [curve[s] for s in common]
   b = [ref[s] for s in common]
   diffs = [abs(x - y) for x, y in zip(a, b)]
   sm = max(abs(x - y) for x, y in zip(moving_average(a, smooth), moving_average(b, smooth)))
-  return {"common_steps": len(common), "first_common_step": common[0],
-          "max_abs_diff": max(diffs), "max_abs_diff_smoothed": sm,
-          "max_abs_diff_early": max(diffs[:early]) if early else None}
+  return {
+    "common_steps": len(common),
+    "first_common_step": common[0],
+    "max_abs_diff": max(diffs),
+    "max_abs_diff_smoothed": sm,
+    "max_abs_diff_early": max(diffs[:early]) if early else None,
+  }
 
 
 def phase_stats(events: list[dict], tokens_per_step: int, devices: int) -> dict:
   """Medians over the timed steps (the compiling first step of a process has no rate)."""
   rates = [e["tokens_per_s"] for e in events if e.get("tokens_per_s", 0) > 0]
-  out = {"tokens_per_s": None, "tokens_per_s_per_device": None, "step_s": None, "mfu": None,
-         "tflops_per_device": None, "peak_memory_gib": None}
+  out = {
+    "tokens_per_s": None,
+    "tokens_per_s_per_device": None,
+    "step_s": None,
+    "mfu": None,
+    "tflops_per_device": None,
+    "peak_memory_gib": None,
+  }
   if rates:
     tok = statistics.median(rates)
-    out.update(tokens_per_s=tok, tokens_per_s_per_device=tok / devices,
-               step_s=tokens_per_step / tok)
+    out.update(
+      tokens_per_s=tok, tokens_per_s_per_device=tok / devices, step_s=tokens_per_step / tok
+    )
   for key in ("mfu", "tflops_per_device"):
     vals = [e[key] for e in events if e.get(key) is not None and e.get("tokens_per_s", 0) > 0]
     if vals:
@@ -205,12 +224,14 @@ def phase_stats(events: list[dict], tokens_per_step: int, devices: int) -> dict:
 def gpu_count() -> int:
   """GPUs listed by ``nvidia-smi -L`` (0 when it is missing or fails)."""
   try:
-    proc = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30,
-                          check=False)
+    proc = subprocess.run(
+      ["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30, check=False
+    )
   except (OSError, subprocess.SubprocessError):
     return 0
-  return sum(line.startswith("GPU ") for line in proc.stdout.splitlines()) if proc.returncode == 0 \
-      else 0
+  return (
+    sum(line.startswith("GPU ") for line in proc.stdout.splitlines()) if proc.returncode == 0 else 0
+  )
 
 
 def run_env() -> dict[str, str]:
@@ -224,8 +245,11 @@ def phase_env(platform: str, devices: int, cache_dir: str | None) -> dict[str, s
   """The environment of a phase on ``devices`` devices (and multicast off)."""
   env = {**os.environ, **NO_MULTICAST, "PYTHONUNBUFFERED": "1"}
   env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-  flags = [f for f in env.get("XLA_FLAGS", "").split()
-           if not f.startswith("--xla_force_host_platform_device_count")]
+  flags = [
+    f
+    for f in env.get("XLA_FLAGS", "").split()
+    if not f.startswith("--xla_force_host_platform_device_count")
+  ]
   if platform == "gpu":
     env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(devices))
   else:
@@ -239,15 +263,24 @@ def phase_env(platform: str, devices: int, cache_dir: str | None) -> dict[str, s
   return env
 
 
-def train_args(args, run_dir: str, mesh: dict[str, int] | None, checkpoint_every: int,
-               resume: bool) -> list[str]:
+def train_args(
+  args, run_dir: str, mesh: dict[str, int] | None, checkpoint_every: int, resume: bool
+) -> list[str]:
   cmd = [sys.executable, "-m", "train", "--config", args.config, "--no-progress"]
   if resume:
     cmd.append("--resume")
-  cmd += [f"train.output_dir={run_dir}", f"train.steps={args.steps}",
-          f"train.batch_size={args.global_batch}", "train.log_every=1", "train.eval_every=0",
-          "train.eval_batches=0", "train.sample_bytes=0", "train.tensorboard=false",
-          f"train.checkpoint_every={checkpoint_every}", f"train.keep_checkpoints={args.keep}"]
+  cmd += [
+    f"train.output_dir={run_dir}",
+    f"train.steps={args.steps}",
+    f"train.batch_size={args.global_batch}",
+    "train.log_every=1",
+    "train.eval_every=0",
+    "train.eval_batches=0",
+    "train.sample_bytes=0",
+    "train.tensorboard=false",
+    f"train.checkpoint_every={checkpoint_every}",
+    f"train.keep_checkpoints={args.keep}",
+  ]
   if args.seq_len:
     cmd.append(f"train.seq_len={args.seq_len}")
   if mesh is not None:
@@ -264,8 +297,11 @@ class Runner:
     self.phases: list[dict] = []
     self.overhead_s = 0.0  # Largest startup + compile time seen (wall - timed steps).
     self.step_s: dict[int, float] = {}  # Step time by device count.
-    self.cache = None if args.no_compile_cache else os.path.abspath(
-        args.compile_cache or os.path.join(args.out, "jax_cache"))
+    self.cache = (
+      None
+      if args.no_compile_cache
+      else os.path.abspath(args.compile_cache or os.path.join(args.out, "jax_cache"))
+    )
 
   def elapsed(self) -> float:
     return time.perf_counter() - self.t0
@@ -274,14 +310,26 @@ class Runner:
     step = self.step_s.get(devices, max(self.step_s.values(), default=0.0))
     return self.overhead_s + steps * step
 
-  def run(self, name: str, kind: str, mesh, steps: int, checkpoint_every: int,
-          resume: bool = False, prepare=None) -> dict:
+  def run(
+    self,
+    name: str,
+    kind: str,
+    mesh,
+    steps: int,
+    checkpoint_every: int,
+    resume: bool = False,
+    prepare=None,
+  ) -> dict:
     args = self.args
     devices = mesh_devices(mesh)
     run_dir = os.path.join(args.out, name)
-    rec = {"phase": name, "kind": kind, "devices": devices,
-           "mesh": "none (1 device)" if mesh is None else ",".join(
-               f"{a}={n}" for a, n in mesh.items()), "status": "skipped"}
+    rec = {
+      "phase": name,
+      "kind": kind,
+      "devices": devices,
+      "mesh": "none (1 device)" if mesh is None else ",".join(f"{a}={n}" for a, n in mesh.items()),
+      "status": "skipped",
+    }
     self.phases.append(rec)
     if devices > self.available:
       rec["reason"] = f"needs {devices} devices, {self.available} available"
@@ -302,8 +350,11 @@ class Runner:
     cmd = train_args(args, run_dir, mesh, checkpoint_every, resume)
     rec["command"] = shlex.join(["python3"] + cmd[1:])
     env = phase_env(self.platform, devices, self.cache)
-    print(f"[multi] {name}: {devices} {self.platform} device(s), {rec['mesh']}, {steps} steps "
-          f"({self.elapsed():.0f} s of {args.budget_s:.0f} s used)", flush=True)
+    print(
+      f"[multi] {name}: {devices} {self.platform} device(s), {rec['mesh']}, {steps} steps "
+      f"({self.elapsed():.0f} s of {args.budget_s:.0f} s used)",
+      flush=True,
+    )
     t = time.perf_counter()
     log_path = os.path.join(run_dir, "log.txt")
     with open(log_path, "w") as log:
@@ -323,8 +374,7 @@ class Runner:
       text = f.read()
     curve, events = read_curve(run_dir)
     status = "failed" if rc != 0 or not curve else "cut" if rec.get("cut_by_budget") else "ok"
-    rec.update(status=status, rc=rc, wall_s=wall,
-               run_dir=run_dir, steps_run=len(curve))
+    rec.update(status=status, rc=rc, wall_s=wall, run_dir=run_dir, steps_run=len(curve))
     if rc != 0 or not curve:
       rec["log_tail"] = text[-_TAIL_CHARS:]
     rec.update(phase_stats(events, args.global_batch * self.seq_len, devices))
@@ -338,8 +388,9 @@ class Runner:
       self.overhead_s = max(self.overhead_s, wall - max(len(curve) - 1, 0) * rec["step_s"])
     else:
       self.overhead_s = max(self.overhead_s, wall)
-    print(f"[multi] {name}: {rec['status']} (rc {rc}) in {wall:.0f} s, {len(curve)} steps",
-          flush=True)
+    print(
+      f"[multi] {name}: {rec['status']} (rc {rc}) in {wall:.0f} s, {len(curve)} steps", flush=True
+    )
     return rec
 
   @property
@@ -349,6 +400,7 @@ class Runner:
 
 def copy_checkpoint(src_dir: str, step: int):
   """A ``prepare`` hook: copies ``src_dir/checkpoints/<step>`` into the new run directory."""
+
   def prepare(run_dir: str) -> None:
     src = os.path.join(src_dir, "checkpoints", str(step))
     dst = os.path.join(run_dir, "checkpoints", str(step))
@@ -357,6 +409,7 @@ def copy_checkpoint(src_dir: str, step: int):
     except OSError:
       shutil.rmtree(dst, ignore_errors=True)
       shutil.copytree(src, dst)
+
   return prepare
 
 
@@ -393,26 +446,44 @@ def summarize(runner: Runner, args) -> dict:
       src = curves.get(p["source"], {})
       d = curve_diff(c, src, args.smooth)
       p["vs_source"] = d
-      ok = (p["resumed"] and p["first_step"] == p["from_step"] + 1
-            and p["last_step"] == args.steps and d["max_abs_diff"] is not None
-            and d["max_abs_diff"] <= args.restore_tol)
+      ok = (
+        p["resumed"]
+        and p["first_step"] == p["from_step"] + 1
+        and p["last_step"] == args.steps
+        and d["max_abs_diff"] is not None
+        and d["max_abs_diff"] <= args.restore_tol
+      )
       p["restore_check"] = "pass" if ok else "fail"
   # The same statistic between every two mesh runs: how far runs that differ only in their
   # reduction order drift apart (the noise floor the baseline comparison is read against).
   meshes = [p["phase"] for p in phases if p["kind"] == "mesh" and curves.get(p["phase"])]
-  spread = {f"{a} vs {b}": curve_diff(curves[a], curves[b], args.smooth, early)
-            for i, a in enumerate(meshes) for b in meshes[i + 1:]}
+  spread = {
+    f"{a} vs {b}": curve_diff(curves[a], curves[b], args.smooth, early)
+    for i, a in enumerate(meshes)
+    for b in meshes[i + 1 :]
+  }
   summary = {
-      "config": args.config, "platform": runner.platform, "devices_available": runner.available,
-      "steps": args.steps, "seq_len": args.resolved_seq_len, "global_batch": args.global_batch,
-      "tokens_per_step": args.global_batch * args.resolved_seq_len,
-      "meshes": args.meshes, "checkpoint_every": args.checkpoint_every,
-      "loss_tol": args.loss_tol, "restore_tol": args.restore_tol, "smooth": args.smooth,
-      "early_steps": early, "early_tol": early_tol, "mesh_spread": spread,
-      "budget_s": args.budget_s, "elapsed_s": runner.elapsed(),
-      "command": getattr(args, "command", None) or shlex.join(
-          [os.path.relpath(__file__, ROOT)] + sys.argv[1:]),
-      "env": getattr(args, "env", None) or run_env(), "phases": phases,
+    "config": args.config,
+    "platform": runner.platform,
+    "devices_available": runner.available,
+    "steps": args.steps,
+    "seq_len": args.resolved_seq_len,
+    "global_batch": args.global_batch,
+    "tokens_per_step": args.global_batch * args.resolved_seq_len,
+    "meshes": args.meshes,
+    "checkpoint_every": args.checkpoint_every,
+    "loss_tol": args.loss_tol,
+    "restore_tol": args.restore_tol,
+    "smooth": args.smooth,
+    "early_steps": early,
+    "early_tol": early_tol,
+    "mesh_spread": spread,
+    "budget_s": args.budget_s,
+    "elapsed_s": runner.elapsed(),
+    "command": getattr(args, "command", None)
+    or shlex.join([os.path.relpath(__file__, ROOT)] + sys.argv[1:]),
+    "env": getattr(args, "env", None) or run_env(),
+    "phases": phases,
   }
   checks = [p[k] for p in phases for k in ("loss_check", "restore_check") if k in p]
   summary["all_checks_pass"] = bool(checks) and all(c == "pass" for c in checks)
@@ -426,35 +497,45 @@ def _fmt(v, spec: str, scale: float = 1.0) -> str:
 
 
 def print_table(summary: dict) -> None:
-  print(f"\nconfig {summary['config']} | seq {summary['seq_len']} x global batch "
-        f"{summary['global_batch']} | {summary['steps']} steps | {summary['platform']}")
-  head = (f"{'phase':<26} {'dev':>3} {'mesh':<22} {'status':<8} {'steps':>9} {'step ms':>9} "
-          f"{'tok/s':>10} {'tok/s/dev':>10} {'MFU':>6} {'scale eff':>9} {'final loss':>10} "
-          f"{'max|dL|':>9} {'smooth':>8} {'early':>8} {'check':>6}")
+  print(
+    f"\nconfig {summary['config']} | seq {summary['seq_len']} x global batch "
+    f"{summary['global_batch']} | {summary['steps']} steps | {summary['platform']}"
+  )
+  head = (
+    f"{'phase':<26} {'dev':>3} {'mesh':<22} {'status':<8} {'steps':>9} {'step ms':>9} "
+    f"{'tok/s':>10} {'tok/s/dev':>10} {'MFU':>6} {'scale eff':>9} {'final loss':>10} "
+    f"{'max|dL|':>9} {'smooth':>8} {'early':>8} {'check':>6}"
+  )
   print(head)
   print("-" * len(head))
   for p in summary["phases"]:
     d = p.get("vs_source") if p["kind"] == "restore" else p.get("vs_baseline")
     d = d or {}
     check = p.get("restore_check") or p.get("loss_check") or "-"
-    steps = (f"{p['first_step']}-{p['last_step']}" if p.get("first_step") is not None else "-")
-    print(f"{p['phase']:<26} {p['devices']:>3} {p['mesh']:<22} {p['status']:<8} {steps:>9} "
-          f"{_fmt(p.get('step_s'), '.1f', 1e3):>9} {_fmt(p.get('tokens_per_s'), ',.0f'):>10} "
-          f"{_fmt(p.get('tokens_per_s_per_device'), ',.0f'):>10} "
-          f"{_fmt(p.get('mfu'), '.1f', 100):>6} {_fmt(p.get('scaling_efficiency'), '.3f'):>9} "
-          f"{_fmt(p.get('final_loss'), '.4f'):>10} {_fmt(d.get('max_abs_diff'), '.2e'):>9} "
-          f"{_fmt(d.get('max_abs_diff_smoothed'), '.2e'):>8} "
-          f"{_fmt(d.get('max_abs_diff_early'), '.2e'):>8} {check:>6}")
+    steps = f"{p['first_step']}-{p['last_step']}" if p.get("first_step") is not None else "-"
+    print(
+      f"{p['phase']:<26} {p['devices']:>3} {p['mesh']:<22} {p['status']:<8} {steps:>9} "
+      f"{_fmt(p.get('step_s'), '.1f', 1e3):>9} {_fmt(p.get('tokens_per_s'), ',.0f'):>10} "
+      f"{_fmt(p.get('tokens_per_s_per_device'), ',.0f'):>10} "
+      f"{_fmt(p.get('mfu'), '.1f', 100):>6} {_fmt(p.get('scaling_efficiency'), '.3f'):>9} "
+      f"{_fmt(p.get('final_loss'), '.4f'):>10} {_fmt(d.get('max_abs_diff'), '.2e'):>9} "
+      f"{_fmt(d.get('max_abs_diff_smoothed'), '.2e'):>8} "
+      f"{_fmt(d.get('max_abs_diff_early'), '.2e'):>8} {check:>6}"
+    )
     if p["status"] != "ok" and p.get("reason"):
       print(f"    ({p['reason']})")
   for pair, d in summary.get("mesh_spread", {}).items():
-    print(f"spread {pair}: max|dL| {_fmt(d['max_abs_diff'], '.2e')}, smoothed "
-          f"{_fmt(d['max_abs_diff_smoothed'], '.2e')}, early "
-          f"{_fmt(d['max_abs_diff_early'], '.2e')}")
-  print(f"max|dL|: vs the baseline curve (restore_*: vs the uninterrupted source run at the same "
-        f"steps); smooth: of {summary['smooth']}-step means (check <= {summary['loss_tol']}); "
-        f"early: over the first {summary.get('early_steps', 0)} steps (check <= "
-        f"{summary.get('early_tol')}); scale eff: tok/s per device / 1-device tok/s")
+    print(
+      f"spread {pair}: max|dL| {_fmt(d['max_abs_diff'], '.2e')}, smoothed "
+      f"{_fmt(d['max_abs_diff_smoothed'], '.2e')}, early "
+      f"{_fmt(d['max_abs_diff_early'], '.2e')}"
+    )
+  print(
+    f"max|dL|: vs the baseline curve (restore_*: vs the uninterrupted source run at the same "
+    f"steps); smooth: of {summary['smooth']}-step means (check <= {summary['loss_tol']}); "
+    f"early: over the first {summary.get('early_steps', 0)} steps (check <= "
+    f"{summary.get('early_tol')}); scale eff: tok/s per device / 1-device tok/s"
+  )
   print(f"all checks pass: {summary['all_checks_pass']}")
 
 
@@ -462,16 +543,30 @@ def markdown(summary: dict) -> str:
   """A ``benchmarks/RESULTS.md``-ready block: the command and one table row per phase."""
   dev = next((p["device"] for p in summary["phases"] if p.get("device")), "?")
   env = ", ".join(f"{k}={v}" for k, v in summary["env"].items())
-  note = (f"{summary['config']}, seq {summary['seq_len']} x global batch "
-          f"{summary['global_batch']}, {summary['steps']} steps; max |dL| vs the 1-device curve "
-          f"(restores: vs the uninterrupted run at the same steps): raw, of "
-          f"{summary['smooth']}-step means (check <= {summary['loss_tol']}) and over the first "
-          f"{summary.get('early_steps', 0)} steps (check <= {summary.get('early_tol')}); "
-          f"scaling efficiency = tokens/s per device / 1-device tokens/s.")
-  head = ("| phase | devices | mesh | steps | step ms | tokens/s | tokens/s/dev | MFU | "
-          "scaling eff. | final loss | max abs dL (smoothed, early) | check |")
-  lines = [f"**Device:** {dev}. **Command** (repository root, {env}):", "", "```",
-           f"python3 {summary['command']}", "```", "", note, "", head, "|---" * 12 + "|"]
+  note = (
+    f"{summary['config']}, seq {summary['seq_len']} x global batch "
+    f"{summary['global_batch']}, {summary['steps']} steps; max |dL| vs the 1-device curve "
+    f"(restores: vs the uninterrupted run at the same steps): raw, of "
+    f"{summary['smooth']}-step means (check <= {summary['loss_tol']}) and over the first "
+    f"{summary.get('early_steps', 0)} steps (check <= {summary.get('early_tol')}); "
+    f"scaling efficiency = tokens/s per device / 1-device tokens/s."
+  )
+  head = (
+    "| phase | devices | mesh | steps | step ms | tokens/s | tokens/s/dev | MFU | "
+    "scaling eff. | final loss | max abs dL (smoothed, early) | check |"
+  )
+  lines = [
+    f"**Device:** {dev}. **Command** (repository root, {env}):",
+    "",
+    "```",
+    f"python3 {summary['command']}",
+    "```",
+    "",
+    note,
+    "",
+    head,
+    "|---" * 12 + "|",
+  ]
   for p in summary["phases"]:
     d = (p.get("vs_source") if p["kind"] == "restore" else p.get("vs_baseline")) or {}
     steps = f"{p['first_step']}-{p['last_step']}" if p.get("first_step") is not None else "-"
@@ -479,23 +574,27 @@ def markdown(summary: dict) -> str:
     if p["status"] != "ok":
       check = f"{p['status']}: {p.get('reason', 'rc ' + str(p.get('rc')))}"
     lines.append(
-        f"| {p['phase']} | {p['devices']} | {p['mesh']} | {steps} | "
-        f"{_fmt(p.get('step_s'), '.1f', 1e3)} | {_fmt(p.get('tokens_per_s'), ',.0f')} | "
-        f"{_fmt(p.get('tokens_per_s_per_device'), ',.0f')} | "
-        f"{_fmt(p.get('mfu'), '.1f', 100)}{'%' if p.get('mfu') is not None else ''} | "
-        f"{_fmt(p.get('scaling_efficiency'), '.3f')} | {_fmt(p.get('final_loss'), '.4f')} | "
-        f"{_fmt(d.get('max_abs_diff'), '.2e')} ({_fmt(d.get('max_abs_diff_smoothed'), '.2e')}, "
-        f"{_fmt(d.get('max_abs_diff_early'), '.2e')}) | {check} |")
+      f"| {p['phase']} | {p['devices']} | {p['mesh']} | {steps} | "
+      f"{_fmt(p.get('step_s'), '.1f', 1e3)} | {_fmt(p.get('tokens_per_s'), ',.0f')} | "
+      f"{_fmt(p.get('tokens_per_s_per_device'), ',.0f')} | "
+      f"{_fmt(p.get('mfu'), '.1f', 100)}{'%' if p.get('mfu') is not None else ''} | "
+      f"{_fmt(p.get('scaling_efficiency'), '.3f')} | {_fmt(p.get('final_loss'), '.4f')} | "
+      f"{_fmt(d.get('max_abs_diff'), '.2e')} ({_fmt(d.get('max_abs_diff_smoothed'), '.2e')}, "
+      f"{_fmt(d.get('max_abs_diff_early'), '.2e')}) | {check} |"
+    )
   for pair, d in summary.get("mesh_spread", {}).items():
-    lines.append(f"| spread: {pair} | | | | | | | | | | {_fmt(d['max_abs_diff'], '.2e')} "
-                 f"({_fmt(d['max_abs_diff_smoothed'], '.2e')}, "
-                 f"{_fmt(d['max_abs_diff_early'], '.2e')}) | - |")
+    lines.append(
+      f"| spread: {pair} | | | | | | | | | | {_fmt(d['max_abs_diff'], '.2e')} "
+      f"({_fmt(d['max_abs_diff_smoothed'], '.2e')}, "
+      f"{_fmt(d['max_abs_diff_early'], '.2e')}) | - |"
+    )
   return "\n".join(lines) + "\n"
 
 
 def plot(summary: dict, path: str) -> str | None:
   try:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
   except ImportError:
@@ -512,8 +611,10 @@ def plot(summary: dict, path: str) -> str | None:
       ax.plot(steps, [curve[s] for s in steps], style, label=f"{p['phase']} ({p['devices']} dev)")
   ax.set_xlabel("step")
   ax.set_ylabel("train loss")
-  ax.set_title(f"{os.path.basename(summary['config'])}: seq {summary['seq_len']}, global batch "
-               f"{summary['global_batch']}")
+  ax.set_title(
+    f"{os.path.basename(summary['config'])}: seq {summary['seq_len']}, global batch "
+    f"{summary['global_batch']}"
+  )
   ax.legend()
   fig.tight_layout()
   fig.savefig(path, dpi=120)
@@ -522,68 +623,143 @@ def plot(summary: dict, path: str) -> str | None:
 
 
 def _args(argv=None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(
+    description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   p.add_argument("--config", default="configs/nsa_340m.yaml")
   p.add_argument("--steps", type=int, default=200)
   p.add_argument("--seq-len", type=int, default=0, help="0 = the config's train.seq_len")
-  p.add_argument("--global-batch", type=int, default=0,
-                 help="rows per step in every phase (0 = the largest mesh's device count)")
-  p.add_argument("--meshes", default="data=2;fsdp=2",
-                 help="';'-separated meshes, axes of one mesh ','-separated")
-  p.add_argument("--restore-mesh", default=None,
-                 help="mesh the checkpoint is restored onto besides 1 device (default: the next "
-                      "mesh of --meshes)")
-  p.add_argument("--devices-for-baseline", type=int, default=1, choices=(1,),
-                 help="devices of the baseline phase (1)")
-  p.add_argument("--checkpoint-every", type=int, default=0,
-                 help="checkpoint period of the mesh runs (0 = steps // 4)")
+  p.add_argument(
+    "--global-batch",
+    type=int,
+    default=0,
+    help="rows per step in every phase (0 = the largest mesh's device count)",
+  )
+  p.add_argument(
+    "--meshes", default="data=2;fsdp=2", help="';'-separated meshes, axes of one mesh ','-separated"
+  )
+  p.add_argument(
+    "--restore-mesh",
+    default=None,
+    help="mesh the checkpoint is restored onto besides 1 device (default: the next "
+    "mesh of --meshes)",
+  )
+  p.add_argument(
+    "--devices-for-baseline",
+    type=int,
+    default=1,
+    choices=(1,),
+    help="devices of the baseline phase (1)",
+  )
+  p.add_argument(
+    "--checkpoint-every",
+    type=int,
+    default=0,
+    help="checkpoint period of the mesh runs (0 = steps // 4)",
+  )
   p.add_argument("--keep", type=int, default=3, help="train.keep_checkpoints")
   # The check settings default to None so that --resummarize can tell a given flag from the
   # recorded value; CHECK_DEFAULTS fills the rest.
-  p.add_argument("--loss-tol", type=float, default=None,
-                 help="max |smoothed loss - smoothed baseline loss| for the loss check (0.06)")
-  p.add_argument("--early-steps", type=int, default=None,
-                 help="the loss check also bounds the raw |dL| over this many first steps (30)")
-  p.add_argument("--early-tol", type=float, default=None,
-                 help="max raw |loss - baseline loss| over the first --early-steps steps (0.02)")
-  p.add_argument("--restore-tol", type=float, default=None,
-                 help="max |resumed loss - uninterrupted loss| at the same steps (0.05)")
-  p.add_argument("--smooth", type=int, default=None,
-                 help="moving-average window of the loss check (50)")
-  p.add_argument("--baseline-from", metavar="DIR", default=None,
-                 help="reuse the 1-device baseline of an earlier run directory (same config, "
-                      "steps, global batch, sequence length) and run only the meshes")
-  p.add_argument("--resummarize", metavar="DIR", default=None,
-                 help="no runs: recompute the checks of a finished run directory (its "
-                      "summary.json and metrics) and rewrite its summary; tolerances, smoothing "
-                      "and early steps are the recorded ones unless given on this command line")
-  p.add_argument("--platform", choices=("auto", "gpu", "cpu"), default="auto",
-                 help="auto: gpu when nvidia-smi lists GPUs")
-  p.add_argument("--cpu-devices", type=int, default=0,
-                 help="simulated CPU devices available (0 = the largest mesh)")
+  p.add_argument(
+    "--loss-tol",
+    type=float,
+    default=None,
+    help="max |smoothed loss - smoothed baseline loss| for the loss check (0.06)",
+  )
+  p.add_argument(
+    "--early-steps",
+    type=int,
+    default=None,
+    help="the loss check also bounds the raw |dL| over this many first steps (30)",
+  )
+  p.add_argument(
+    "--early-tol",
+    type=float,
+    default=None,
+    help="max raw |loss - baseline loss| over the first --early-steps steps (0.02)",
+  )
+  p.add_argument(
+    "--restore-tol",
+    type=float,
+    default=None,
+    help="max |resumed loss - uninterrupted loss| at the same steps (0.05)",
+  )
+  p.add_argument(
+    "--smooth", type=int, default=None, help="moving-average window of the loss check (50)"
+  )
+  p.add_argument(
+    "--baseline-from",
+    metavar="DIR",
+    default=None,
+    help="reuse the 1-device baseline of an earlier run directory (same config, "
+    "steps, global batch, sequence length) and run only the meshes",
+  )
+  p.add_argument(
+    "--resummarize",
+    metavar="DIR",
+    default=None,
+    help="no runs: recompute the checks of a finished run directory (its "
+    "summary.json and metrics) and rewrite its summary; tolerances, smoothing "
+    "and early steps are the recorded ones unless given on this command line",
+  )
+  p.add_argument(
+    "--platform",
+    choices=("auto", "gpu", "cpu"),
+    default="auto",
+    help="auto: gpu when nvidia-smi lists GPUs",
+  )
+  p.add_argument(
+    "--cpu-devices",
+    type=int,
+    default=0,
+    help="simulated CPU devices available (0 = the largest mesh)",
+  )
   p.add_argument("--budget-s", type=float, default=560.0)
-  p.add_argument("--grace-s", type=float, default=60.0,
-                 help="after SIGTERM at the budget, wait this long before killing the phase")
+  p.add_argument(
+    "--grace-s",
+    type=float,
+    default=60.0,
+    help="after SIGTERM at the budget, wait this long before killing the phase",
+  )
   p.add_argument("--no-compile-cache", action="store_true")
-  p.add_argument("--compile-cache", metavar="DIR", default=None,
-                 help="persistent compilation cache (default <out>/jax_cache); a directory kept "
-                 "between calls lets a later call reuse executables, e.g. a mesh compiled by an "
-                 "earlier restore")
-  p.add_argument("--restore", choices=("both", "single", "mesh", "none"), default="both",
-                 help="which restores of the first mesh run's checkpoint to run: on one device, "
-                 "on another mesh, both, or none")
+  p.add_argument(
+    "--compile-cache",
+    metavar="DIR",
+    default=None,
+    help="persistent compilation cache (default <out>/jax_cache); a directory kept "
+    "between calls lets a later call reuse executables, e.g. a mesh compiled by an "
+    "earlier restore",
+  )
+  p.add_argument(
+    "--restore",
+    choices=("both", "single", "mesh", "none"),
+    default="both",
+    help="which restores of the first mesh run's checkpoint to run: on one device, "
+    "on another mesh, both, or none",
+  )
   p.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "multi_device_run"))
-  p.add_argument("--overwrite", action="store_true",
-                 help="run into an --out that already holds a run (summary.json): its phases "
-                      "are run again and replaced")
-  p.add_argument("overrides", nargs="*", metavar="section.key=value",
-                 help="extra overrides for every phase (e.g. model.remat=dots)")
+  p.add_argument(
+    "--overwrite",
+    action="store_true",
+    help="run into an --out that already holds a run (summary.json): its phases "
+    "are run again and replaced",
+  )
+  p.add_argument(
+    "overrides",
+    nargs="*",
+    metavar="section.key=value",
+    help="extra overrides for every phase (e.g. model.remat=dots)",
+  )
   return p.parse_args(argv)
 
 
-CHECK_DEFAULTS = {"loss_tol": 0.06, "restore_tol": 0.05, "smooth": 50, "early_steps": 30,
-                  "early_tol": 0.02}
+CHECK_DEFAULTS = {
+  "loss_tol": 0.06,
+  "restore_tol": 0.05,
+  "smooth": 50,
+  "early_steps": 30,
+  "early_tol": 0.02,
+}
 """Check settings not given on the command line (``--resummarize``: the recorded ones first)."""
 
 
@@ -607,17 +783,28 @@ def main(argv=None) -> int:
   if args.steps < 2:
     print(f"--steps: expected an int >= 2, got {args.steps}", file=sys.stderr)
     return 2
-  args.config = os.path.relpath(os.path.abspath(args.config), ROOT) if os.path.exists(
-      args.config) else args.config
+  args.config = (
+    os.path.relpath(os.path.abspath(args.config), ROOT)
+    if os.path.exists(args.config)
+    else args.config
+  )
   import importlib.util
-  missing = [m for m in ("grain", "tqdm", "orbax.checkpoint") if importlib.util.find_spec(
-      m.split(".")[0]) is None]
+
+  missing = [
+    m
+    for m in ("grain", "tqdm", "orbax.checkpoint")
+    if importlib.util.find_spec(m.split(".")[0]) is None
+  ]
   if missing:  # `python -m train` needs them; fail before any phase starts.
-    print(f"missing modules for `python -m train`: {missing}; install the wheels carried with "
-          f"the device call (see this script's docstring)", file=sys.stderr)
+    print(
+      f"missing modules for `python -m train`: {missing}; install the wheels carried with "
+      f"the device call (see this script's docstring)",
+      file=sys.stderr,
+    )
     return 2
   sys.path.insert(0, ROOT)
   from train.config import load_config  # Validates the config and the overrides up front.
+
   try:
     cfg = load_config(os.path.join(ROOT, args.config), list(args.overrides))
   except (ValueError, FileNotFoundError) as e:
@@ -632,20 +819,30 @@ def main(argv=None) -> int:
     platform = "gpu" if gpu_count() > 0 else "cpu"
   available = gpu_count() if platform == "gpu" else (args.cpu_devices or largest)
   if platform == "gpu" and available == 0:  # No nvidia-smi: ask JAX in a throwaway process.
-    proc = subprocess.run([sys.executable, "-c", "import jax; print(jax.device_count())"],
-                          capture_output=True, text=True, check=False)
+    proc = subprocess.run(
+      [sys.executable, "-c", "import jax; print(jax.device_count())"],
+      capture_output=True,
+      text=True,
+      check=False,
+    )
     available = int(proc.stdout.split()[-1]) if proc.returncode == 0 and proc.stdout else 0
   args.out = os.path.abspath(args.out)
   if os.path.exists(os.path.join(args.out, "summary.json")) and not args.overwrite:
-    print(f"--out: {args.out} already holds a run (summary.json), whose phases this command "
-          f"would run again and replace; pass --overwrite, or choose another --out (with "
-          f"--baseline-from to reuse its baseline)", file=sys.stderr)
+    print(
+      f"--out: {args.out} already holds a run (summary.json), whose phases this command "
+      f"would run again and replace; pass --overwrite, or choose another --out (with "
+      f"--baseline-from to reuse its baseline)",
+      file=sys.stderr,
+    )
     return 2
   os.makedirs(args.out, exist_ok=True)
   runner = Runner(args, platform, available)
-  print(f"[multi] {args.config}: {platform}, {available} device(s), {args.steps} steps x "
-        f"{args.global_batch} x {args.resolved_seq_len} tokens, meshes {args.meshes}, out "
-        f"{args.out}", flush=True)
+  print(
+    f"[multi] {args.config}: {platform}, {available} device(s), {args.steps} steps x "
+    f"{args.global_batch} x {args.resolved_seq_len} tokens, meshes {args.meshes}, out "
+    f"{args.out}",
+    flush=True,
+  )
 
   def step_and_save(rec):
     summary = summarize(runner, args)
@@ -670,24 +867,47 @@ def main(argv=None) -> int:
   if args.restore == "none":
     pass
   elif source is None:
-    runner.phases.append({"phase": "restore", "kind": "restore", "devices": 0, "mesh": "-",
-                          "status": "skipped", "reason": "no mesh run finished"})
+    runner.phases.append(
+      {
+        "phase": "restore",
+        "kind": "restore",
+        "devices": 0,
+        "mesh": "-",
+        "status": "skipped",
+        "reason": "no mesh run finished",
+      }
+    )
   else:
     src_mesh, src_rec = source
     before = [s for s in checkpoint_steps(src_rec["run_dir"]) if s < args.steps]
     if not before:
-      runner.phases.append({"phase": "restore", "kind": "restore", "devices": 0, "mesh": "-",
-                            "status": "skipped", "reason": f"no checkpoint before step "
-                            f"{args.steps} in {src_rec['run_dir']} (lower --checkpoint-every)"})
+      runner.phases.append(
+        {
+          "phase": "restore",
+          "kind": "restore",
+          "devices": 0,
+          "mesh": "-",
+          "status": "skipped",
+          "reason": f"no checkpoint before step "
+          f"{args.steps} in {src_rec['run_dir']} (lower --checkpoint-every)",
+        }
+      )
     else:
       k = before[-1]
       other = restore_mesh or next((m for m, _ in mesh_recs if m != src_mesh), None)
       targets = ([None] if args.restore in ("both", "single") else []) + (
-          [other] if other is not None and args.restore in ("both", "mesh") else [])
+        [other] if other is not None and args.restore in ("both", "mesh") else []
+      )
       for target in targets:
-        rec = runner.run(f"restore_{mesh_name(src_mesh)}_on_{mesh_name(target)}", "restore",
-                         target, args.steps - k, 0, resume=True,
-                         prepare=copy_checkpoint(src_rec["run_dir"], k))
+        rec = runner.run(
+          f"restore_{mesh_name(src_mesh)}_on_{mesh_name(target)}",
+          "restore",
+          target,
+          args.steps - k,
+          0,
+          resume=True,
+          prepare=copy_checkpoint(src_rec["run_dir"], k),
+        )
         rec.update(source=src_rec["phase"], from_step=k)
         step_and_save(rec)
   return finish(runner, args)
@@ -712,8 +932,12 @@ def reuse_baseline(src: str, args) -> dict:
   src = os.path.abspath(src)
   with open(os.path.join(src, "summary.json")) as f:
     old = json.load(f)
-  for key, want in (("config", args.config), ("steps", args.steps),
-                    ("global_batch", args.global_batch), ("seq_len", args.resolved_seq_len)):
+  for key, want in (
+    ("config", args.config),
+    ("steps", args.steps),
+    ("global_batch", args.global_batch),
+    ("seq_len", args.resolved_seq_len),
+  ):
     if old.get(key) != want:
       raise ValueError(f"--baseline-from: {src} has {key}={old.get(key)!r}, this run {want!r}")
   rec = next((p for p in old["phases"] if p["kind"] == "baseline"), None)
@@ -722,8 +946,9 @@ def reuse_baseline(src: str, args) -> dict:
   dst = os.path.join(args.out, "baseline")
   if os.path.abspath(dst) != os.path.join(src, "baseline"):
     shutil.rmtree(dst, ignore_errors=True)
-    shutil.copytree(os.path.join(src, "baseline"), dst,
-                    ignore=shutil.ignore_patterns("checkpoints"))
+    shutil.copytree(
+      os.path.join(src, "baseline"), dst, ignore=shutil.ignore_patterns("checkpoints")
+    )
   return {**rec, "run_dir": dst, "reused_from": src}
 
 
@@ -737,13 +962,24 @@ def resummarize(args) -> int:
       p.pop(key, None)
     if p.get("run_dir"):
       p["run_dir"] = os.path.join(out, os.path.basename(p["run_dir"]))
-  for key in ("config", "steps", "global_batch", "meshes", "checkpoint_every", "budget_s",
-              "command"):
+  for key in (
+    "config",
+    "steps",
+    "global_batch",
+    "meshes",
+    "checkpoint_every",
+    "budget_s",
+    "command",
+  ):
     setattr(args, key, old[key])
   _fill_checks(args, old)  # the recorded checks, unless this command line sets them
   args.resolved_seq_len, args.out, args.env = old["seq_len"], out, old.get("env")
-  runner = argparse.Namespace(platform=old["platform"], available=old["devices_available"],
-                              phases=old["phases"], elapsed=lambda: old["elapsed_s"])
+  runner = argparse.Namespace(
+    platform=old["platform"],
+    available=old["devices_available"],
+    phases=old["phases"],
+    elapsed=lambda: old["elapsed_s"],
+  )
   return finish(runner, args)
 
 

@@ -42,15 +42,15 @@ import numpy as np
 from sparse_attention_jax.config import NSAConfig
 from sparse_attention_jax.nn.dense_attention import causal_attention
 from sparse_attention_jax.ops import (
-    CompressorParams,
-    block_importance,
-    compress,
-    compressed_attention,
-    init_mlp_compressor,
-    nsa_attention,
-    select_blocks,
-    selected_attention,
-    sliding_window_attention,
+  CompressorParams,
+  block_importance,
+  compress,
+  compressed_attention,
+  init_mlp_compressor,
+  nsa_attention,
+  select_blocks,
+  selected_attention,
+  sliding_window_attention,
 )
 
 
@@ -69,9 +69,11 @@ def _bench(fn, args, reps: int) -> tuple[float, float]:
 
 def _grad_of(fn, argnums):
   """``grad`` of ``sum(fn(*args) * w)`` (``w`` the last argument) w.r.t. ``argnums``."""
+
   def loss(*args):
     *xs, w = args
     return jnp.sum(fn(*xs).astype(jnp.float32) * w)
+
   return jax.grad(loss, argnums)
 
 
@@ -103,60 +105,124 @@ def main(argv=None) -> int:
     return jax.random.normal(next(keys), shape, jnp.float32).astype(dt)
 
   q, k, v = rnd(b, t, hq, d), rnd(b, t, h, d), rnd(b, t, h, d)
-  k2, v2 = rnd(b, t, h, d), rnd(b, t, h, d)          # the independent selected / window K/V
+  k2, v2 = rnd(b, t, h, d), rnd(b, t, h, d)  # the independent selected / window K/V
   gates = jax.nn.sigmoid(rnd(b, t, hq, 3, dt=jnp.float32))
   w_out = rnd(b, t, hq, d, dt=jnp.float32)
   seg = None
   if args.docs > 1:
-    seg = jnp.asarray(np.repeat(np.arange(args.docs, dtype=np.int32), t // args.docs)[None]
-                      .repeat(b, 0))
-  params = CompressorParams(*(init_mlp_compressor(next(keys), num_kv_heads=h,
-                                                  window=cfg.cmp_window, in_dim=d)
-                              for _ in range(2)))
+    seg = jnp.asarray(
+      np.repeat(np.arange(args.docs, dtype=np.int32), t // args.docs)[None].repeat(b, 0)
+    )
+  params = CompressorParams(
+    *(
+      init_mlp_compressor(next(keys), num_kv_heads=h, window=cfg.cmp_window, in_dim=d)
+      for _ in range(2)
+    )
+  )
   scale = cfg.scale(d)
   k_cmp = compress(k, cfg, params.k, name="k")
   v_cmp = compress(v, cfg, params.v, name="v")
   cmp = jax.jit(lambda q, kc, vc, sg: compressed_attention(q, kc, vc, cfg, segment_ids=sg))(
-      q, k_cmp, v_cmp, seg)
-  select = lambda probs, sg: select_blocks(block_importance(probs, cfg, num_kv_heads=h,
-                                                           seq_len=t), cfg, segment_ids=sg)
+    q, k_cmp, v_cmp, seg
+  )
+  select = lambda probs, sg: select_blocks(
+    block_importance(probs, cfg, num_kv_heads=h, seq_len=t), cfg, segment_ids=sg
+  )
   blocks = jax.jit(select)(cmp.probs, seg)
 
   # Every array is an argument of the timed function, the segment ids (last) and the selected
   # blocks included: a captured array would be an HLO constant, and XLA could fold the masks and
   # the kernels' index preparation that depend only on it into the executable.
   stages = {
-      "compress": (lambda k, v, p, sg: jnp.concatenate(
-          [compress(k, cfg, p.k, name="k"), compress(v, cfg, p.v, name="v")], axis=-1),
-          (k, v, params, seg), (0, 1, 2), jnp.concatenate([k_cmp, v_cmp], -1)),
-      "compressed": (lambda q, kc, vc, sg: compressed_attention(q, kc, vc, cfg,
-                                                              segment_ids=sg).out,
-                     (q, k_cmp, v_cmp, seg), (0, 1, 2), None),
-      "select": (select, (cmp.probs, seg), None, None),
-      "selected": (lambda q, k, v, bl, sg: selected_attention(
-          q, k, v, bl, block_size=cfg.block_size, segment_ids=sg, softmax_scale=scale),
-          (q, k, v, blocks, seg), (0, 1, 2), None),
-      "window auto": (lambda q, k, v, sg: sliding_window_attention(
-          q, k, v, window=cfg.window, segment_ids=sg, softmax_scale=scale), (q, k2, v2, seg),
-          (0, 1, 2), None),
-      "window blocked": (lambda q, k, v, sg: sliding_window_attention(
-          q, k, v, window=cfg.window, segment_ids=sg, softmax_scale=scale, impl="blocked"),
-          (q, k2, v2, seg), (0, 1, 2), None),
-      "nsa": (lambda q, k, v, g, p, k2, v2, sg: nsa_attention(
-          q, k, v, g, config=cfg, segment_ids=sg, compress_params=p, k_slc=k2, v_slc=v2,
-          k_win=k2, v_win=v2), (q, k, v, gates, params, k2, v2, seg), (0, 1, 2, 3, 4, 5, 6),
-          None),
-      "dense (cuDNN on GPU)": (lambda q, k, v, sg: causal_attention(q, k, v, segment_ids=sg),
-                               (q, k, v, seg), (0, 1, 2), None),
+    "compress": (
+      lambda k, v, p, sg: jnp.concatenate(
+        [compress(k, cfg, p.k, name="k"), compress(v, cfg, p.v, name="v")], axis=-1
+      ),
+      (k, v, params, seg),
+      (0, 1, 2),
+      jnp.concatenate([k_cmp, v_cmp], -1),
+    ),
+    "compressed": (
+      lambda q, kc, vc, sg: compressed_attention(q, kc, vc, cfg, segment_ids=sg).out,
+      (q, k_cmp, v_cmp, seg),
+      (0, 1, 2),
+      None,
+    ),
+    "select": (select, (cmp.probs, seg), None, None),
+    "selected": (
+      lambda q, k, v, bl, sg: selected_attention(
+        q, k, v, bl, block_size=cfg.block_size, segment_ids=sg, softmax_scale=scale
+      ),
+      (q, k, v, blocks, seg),
+      (0, 1, 2),
+      None,
+    ),
+    "window auto": (
+      lambda q, k, v, sg: sliding_window_attention(
+        q, k, v, window=cfg.window, segment_ids=sg, softmax_scale=scale
+      ),
+      (q, k2, v2, seg),
+      (0, 1, 2),
+      None,
+    ),
+    "window blocked": (
+      lambda q, k, v, sg: sliding_window_attention(
+        q, k, v, window=cfg.window, segment_ids=sg, softmax_scale=scale, impl="blocked"
+      ),
+      (q, k2, v2, seg),
+      (0, 1, 2),
+      None,
+    ),
+    "nsa": (
+      lambda q, k, v, g, p, k2, v2, sg: nsa_attention(
+        q,
+        k,
+        v,
+        g,
+        config=cfg,
+        segment_ids=sg,
+        compress_params=p,
+        k_slc=k2,
+        v_slc=v2,
+        k_win=k2,
+        v_win=v2,
+      ),
+      (q, k, v, gates, params, k2, v2, seg),
+      (0, 1, 2, 3, 4, 5, 6),
+      None,
+    ),
+    "dense (cuDNN on GPU)": (
+      lambda q, k, v, sg: causal_attention(q, k, v, segment_ids=sg),
+      (q, k, v, seg),
+      (0, 1, 2),
+      None,
+    ),
   }
   dev = jax.devices()[0]
-  meta = {"device": f"{dev.platform} ({dev.device_kind})", "jax": jax.__version__, "B": b,
-          "T": t, "HQ": hq, "H": h, "D": d, "docs": args.docs, "dtype": "bfloat16",
-          "config": {"cmp_window": cfg.cmp_window, "cmp_stride": cfg.cmp_stride,
-                     "block_size": cfg.block_size, "num_selected": cfg.num_selected,
-                     "window": cfg.window, "compression": cfg.compression}}
-  print(f"device {meta['device']}, jax {jax.__version__}, B {b} T {t} HQ {hq} H {h} D {d}, "
-        f"{args.docs} document(s) per row", flush=True)
+  meta = {
+    "device": f"{dev.platform} ({dev.device_kind})",
+    "jax": jax.__version__,
+    "B": b,
+    "T": t,
+    "HQ": hq,
+    "H": h,
+    "D": d,
+    "docs": args.docs,
+    "dtype": "bfloat16",
+    "config": {
+      "cmp_window": cfg.cmp_window,
+      "cmp_stride": cfg.cmp_stride,
+      "block_size": cfg.block_size,
+      "num_selected": cfg.num_selected,
+      "window": cfg.window,
+      "compression": cfg.compression,
+    },
+  }
+  print(
+    f"device {meta['device']}, jax {jax.__version__}, B {b} T {t} HQ {hq} H {h} D {d}, "
+    f"{args.docs} document(s) per row",
+    flush=True,
+  )
   print(f"{'stage':<22} {'fwd ms':>9} {'fwd MiB':>9} {'f+b ms':>9} {'f+b MiB':>9}", flush=True)
   rows = []
   os.makedirs(args.out, exist_ok=True)
@@ -173,9 +239,12 @@ def main(argv=None) -> int:
     with open(os.path.join(args.out, "nsa_breakdown.json"), "w") as f:
       json.dump({"meta": meta, "rows": rows}, f, indent=1)
     fmt = lambda key, spec, row=row: format(row[key], spec) if key in row else f"{'-':>9}"
-    print(f"{name:<22} {fmt('fwd_ms', '9.3f')} {fmt('fwd_temp_mib', '9.0f')} "
-          f"{fmt('fb_ms', '9.3f')} {fmt('fb_temp_mib', '9.0f')}"
-          + (f"  {row['error']}" if "error" in row else ""), flush=True)
+    print(
+      f"{name:<22} {fmt('fwd_ms', '9.3f')} {fmt('fwd_temp_mib', '9.0f')} "
+      f"{fmt('fb_ms', '9.3f')} {fmt('fb_temp_mib', '9.0f')}"
+      + (f"  {row['error']}" if "error" in row else ""),
+      flush=True,
+    )
   return 1 if any("error" in r for r in rows) else 0
 
 

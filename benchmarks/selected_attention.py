@@ -55,12 +55,12 @@ B, HQ, H, D, BS, N = 1, 64, 4, 128, 64, 16
 
 def selection(key, t, kind):
   """``[1, T, H, N]`` int32 ids: slot 0 = current block, others random earlier blocks."""
-  cur = jnp.arange(t, dtype=jnp.int32) // BS                               # [T]
+  cur = jnp.arange(t, dtype=jnp.int32) // BS  # [T]
   if kind == "exact-corr":
-    u = jax.random.uniform(key, (1, t // BS + 1, H, N))[:, cur]           # same per block
+    u = jax.random.uniform(key, (1, t // BS + 1, H, N))[:, cur]  # same per block
   else:
     u = jax.random.uniform(key, (1, t, H, N))
-  ids = jnp.floor(u * cur[None, :, None, None]).astype(jnp.int32)        # in [0, cur)
+  ids = jnp.floor(u * cur[None, :, None, None]).astype(jnp.int32)  # in [0, cur)
   ids = jnp.where(cur[None, :, None, None] == 0, -1, ids)
   return ids.at[..., 0].set(jnp.broadcast_to(cur[None, :, None], (1, t, H)))
 
@@ -99,8 +99,10 @@ def grad_fn(attn):
   function would become an HLO constant, and XLA could fold the work that depends only on it
   (the kernels' list building, the backward's inverse map) into the executable.
   """
+
   def loss(q, k, v, w, *extra):
     return jnp.sum(attn(q, k, v, *extra).astype(jnp.float32) * w)
+
   return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
 
 
@@ -118,26 +120,48 @@ def backward_parts(q, k, v, w, bi, cfg, reps):
   """Median ms of the backward's XLA preparation, its dQ call and its dK/dV call (each with
   its XLA epilogue) on operands prepared once."""
   from pallas_kernels import selected_attention_mgpu_bwd as bw
-  q, k, v = dims.pad_head_dims(q, k, v)                                    # the kernels' dims
+
+  q, k, v = dims.pad_head_dims(q, k, v)  # the kernels' dims
   w = jnp.pad(w, ((0, 0),) * 3 + ((0, v.shape[-1] - w.shape[-1]),))
   o, lse = jax.jit(lambda q, k, v, bi: mg._forward(q, k, v, bi, None, cfg))(q, k, v, bi)
   do = w.astype(q.dtype)
   bcfg = bw.BwdConfig(chunk=cfg.bwd_chunk, direct=cfg.bwd_direct)
   direct = bcfg.direct and bw.use_direct(HQ // H)
   t = q.shape[1]
-  prep = jax.jit(lambda q, k, v, o, lse, do, bi: bw.prepare_backward(
-      q, k, v, o, lse, do, bi, mode=cfg.mode, chunk=bcfg.chunk, direct=direct,
-      block_size=cfg.block_size))
+  prep = jax.jit(
+    lambda q, k, v, o, lse, do, bi: bw.prepare_backward(
+      q,
+      k,
+      v,
+      o,
+      lse,
+      do,
+      bi,
+      mode=cfg.mode,
+      chunk=bcfg.chunk,
+      direct=direct,
+      block_size=cfg.block_size,
+    )
+  )
   ops = prep(q, k, v, o, lse, do, bi)
-  kw = {"softmax_scale": cfg.softmax_scale, "seq_len": t, "num_q_heads": HQ, "cfg": bcfg,
-        "direct": direct, "block_size": cfg.block_size}
+  kw = {
+    "softmax_scale": cfg.softmax_scale,
+    "seq_len": t,
+    "num_q_heads": HQ,
+    "cfg": bcfg,
+    "direct": direct,
+    "block_size": cfg.block_size,
+  }
   dq = jax.jit(lambda ops: bw.dq_call(ops, **kw))
   dkv = jax.jit(lambda ops: bw.dkv_call(ops, **kw))
   n_items = int(jnp.sum(ops.work.item_count > 0))
-  return {"bwd_prep_ms": bench(prep, (q, k, v, o, lse, do, bi), reps=reps)[0],
-          "bwd_dq_ms": bench(dq, (ops,), reps=reps)[0],
-          "bwd_dkv_ms": bench(dkv, (ops,), reps=reps)[0],
-          "bwd_items_used": n_items, "bwd_items": int(ops.work.item_count.size)}
+  return {
+    "bwd_prep_ms": bench(prep, (q, k, v, o, lse, do, bi), reps=reps)[0],
+    "bwd_dq_ms": bench(dq, (ops,), reps=reps)[0],
+    "bwd_dkv_ms": bench(dkv, (ops,), reps=reps)[0],
+    "bwd_items_used": n_items,
+    "bwd_items": int(ops.work.item_count.size),
+  }
 
 
 def main():
@@ -148,12 +172,18 @@ def main():
   ap.add_argument("--kinds", default="shared,exact-corr,exact-random")
   ap.add_argument("--reps", type=int, default=10)
   ap.add_argument("--bwd", action="store_true", help="also time forward+backward")
-  ap.add_argument("--bwd-parts", action="store_true",
-                  help="with --bwd: also time the backward's preparation, dQ and dK/dV calls")
-  ap.add_argument("--variants", default="64:tiles,128:tiles,128:direct",
-                  help="tile_rows:q_layout[:nopp][:noidx][:nomskip][:bwdtiles][:s<stages>]"
-                  "[:persist][:ctas<N>] list (persist: one CTA per SM walking many 128-row "
-                  "tiles; ctas<N>: persistent with N CTAs)")
+  ap.add_argument(
+    "--bwd-parts",
+    action="store_true",
+    help="with --bwd: also time the backward's preparation, dQ and dK/dV calls",
+  )
+  ap.add_argument(
+    "--variants",
+    default="64:tiles,128:tiles,128:direct",
+    help="tile_rows:q_layout[:nopp][:noidx][:nomskip][:bwdtiles][:s<stages>]"
+    "[:persist][:ctas<N>] list (persist: one CTA per SM walking many 128-row "
+    "tiles; ctas<N>: persistent with N CTAs)",
+  )
   ap.add_argument("--dk", type=int, default=D, help="q/k head dim")
   ap.add_argument("--dv", type=int, default=D, help="v head dim")
   ap.add_argument("--hq", type=int, default=HQ, help="query heads")
@@ -164,8 +194,18 @@ def main():
   HQ, H, BS, N = args.hq, args.h, args.block, args.n
   dk, dv = args.dk, args.dv
   dev = jax.devices()[0]
-  meta = {"device": dev.device_kind, "jax": jax.__version__, "B": B, "HQ": HQ, "H": H, "Dk": dk,
-          "Dv": dv, "block": BS, "n": N, "dtype": "bfloat16"}
+  meta = {
+    "device": dev.device_kind,
+    "jax": jax.__version__,
+    "B": B,
+    "HQ": HQ,
+    "H": H,
+    "Dk": dk,
+    "Dv": dv,
+    "block": BS,
+    "n": N,
+    "dtype": "bfloat16",
+  }
   # The fixed cost of one synchronised call, from a program that does almost nothing: the part of
   # every "ms" figure that is dispatch and waiting, not device work.
   tiny = jnp.zeros((8,), jnp.float32)
@@ -174,8 +214,9 @@ def main():
   meta["noop_pipe_ms"] = bench_pipelined(noop, (tiny,), reps=max(args.reps, 20))
   # One cuBLAS GEMM of ~0.5 ms device time: the two clocks' gap for a single-kernel program
   # of about the forward's length (if it matches the kernels' gap, the gap is the host's wait).
-  a = jax.random.normal(jax.random.key(0), (8192 if dev.platform == "gpu" else 64, 4096),
-                        jnp.bfloat16)
+  a = jax.random.normal(
+    jax.random.key(0), (8192 if dev.platform == "gpu" else 64, 4096), jnp.bfloat16
+  )
   gemm = jax.jit(lambda a: a @ a.T)
   meta["gemm_sync_ms"] = bench(gemm, (a,), reps=max(args.reps, 20))[0]
   meta["gemm_pipe_ms"] = bench_pipelined(gemm, (a,), reps=max(args.reps, 20))
@@ -189,7 +230,7 @@ def main():
     k = jax.random.normal(kk, (B, t, H, dk), jnp.bfloat16)
     v = jax.random.normal(kv, (B, t, H, dv), jnp.bfloat16)
     w = jax.random.normal(jax.random.fold_in(key, 1), (B, t, HQ, dv), jnp.float32)
-    qp, kp, vp = dims.pad_head_dims(q, k, v)                                # kernel operands
+    qp, kp, vp = dims.pad_head_dims(q, k, v)  # kernel operands
     sparse_flops = 2 * B * HQ * t * (N * BS) * (dk + dv)
     dense_flops = B * HQ * t * t * (dk + dv)
     for kind in args.kinds.split(","):
@@ -199,22 +240,35 @@ def main():
         rows_s, layout, *flags = variant.split(":")
         stages = [int(f[1:]) for f in flags if f.startswith("s")] or [2]
         ctas = [int(f[4:]) for f in flags if f.startswith("ctas")] or [0]
-        cfg = mg.resolve_config(mg._Config(softmax_scale=dk ** -0.5, mode=mode, block_size=BS,
-                                           bwd_direct="bwdtiles" not in flags,
-                                           tile_rows=int(rows_s), q_layout=layout,
-                                           group_size=HQ // H, ping_pong="nopp" not in flags,
-                                           smem_index="noidx" not in flags,
-                                           mask_skip="nomskip" not in flags,
-                                           num_stages=stages[0],
-                                           persistent="persist" in flags or ctas != [0],
-                                           num_ctas=ctas[0]), HQ // H)
+        cfg = mg.resolve_config(
+          mg._Config(
+            softmax_scale=dk**-0.5,
+            mode=mode,
+            block_size=BS,
+            bwd_direct="bwdtiles" not in flags,
+            tile_rows=int(rows_s),
+            q_layout=layout,
+            group_size=HQ // H,
+            ping_pong="nopp" not in flags,
+            smem_index="noidx" not in flags,
+            mask_skip="nomskip" not in flags,
+            num_stages=stages[0],
+            persistent="persist" in flags or ctas != [0],
+            num_ctas=ctas[0],
+          ),
+          HQ // H,
+        )
         name = "-".join([f"mgpu-{kind}-{cfg.tile_rows}-{cfg.q_layout}", *flags])
-        attn = lambda q, k, v, bi, cfg=cfg: dims.with_padded_head_dims(mg._attention, q, k, v,
-                                                                        bi, None, cfg)
+        attn = lambda q, k, v, bi, cfg=cfg: dims.with_padded_head_dims(
+          mg._attention, q, k, v, bi, None, cfg
+        )
         f = jax.jit(attn)
         prep = jax.jit(functools.partial(mg.prepare, cfg=cfg, num_kv_heads=H))  # "jit_prepare"
-        kern = jax.jit(lambda qx, k, v, lists, cfg=cfg, t=t: mg.call_kernel(
-            qx, k, v, lists, cfg, num_kv_heads=H, seq_len=t)[0])
+        kern = jax.jit(
+          lambda qx, k, v, lists, cfg=cfg, t=t: mg.call_kernel(
+            qx, k, v, lists, cfg, num_kv_heads=H, seq_len=t
+          )[0]
+        )
         try:
           ms, ms_min = bench(f, (q, k, v, bi), reps=args.reps)
           pipe_ms = bench_pipelined(f, (q, k, v, bi), reps=args.reps)
@@ -225,16 +279,31 @@ def main():
           kern_pipe_ms = bench_pipelined(kern, (qx, kp, vp, lists), reps=args.reps)
           mean_list = float(jnp.mean(lists.counts.astype(jnp.float32)))
           del qx, lists
-          row = {"T": t, "impl": name, "ms": ms, "ms_min": ms_min, "pipe_ms": pipe_ms,
-                 "tflops": sparse_flops / ms / 1e9, "pipe_tflops": sparse_flops / pipe_ms / 1e9,
-                 "prep_ms": prep_ms, "prep_pipe_ms": prep_pipe_ms,
-                 "kernel_plus_out_ms": kern_ms, "kernel_plus_out_pipe_ms": kern_pipe_ms,
-                 "kernel_tflops": sparse_flops / kern_ms / 1e9,
-                 "mean_list_len": mean_list, "union_over_n": mean_list / N}
+          row = {
+            "T": t,
+            "impl": name,
+            "ms": ms,
+            "ms_min": ms_min,
+            "pipe_ms": pipe_ms,
+            "tflops": sparse_flops / ms / 1e9,
+            "pipe_tflops": sparse_flops / pipe_ms / 1e9,
+            "prep_ms": prep_ms,
+            "prep_pipe_ms": prep_pipe_ms,
+            "kernel_plus_out_ms": kern_ms,
+            "kernel_plus_out_pipe_ms": kern_pipe_ms,
+            "kernel_tflops": sparse_flops / kern_ms / 1e9,
+            "mean_list_len": mean_list,
+            "union_over_n": mean_list / N,
+          }
           if args.bwd:
             fb_ms, fb_pipe, temp = fwd_bwd(attn, q, k, v, w, args.reps, bi)
-            row.update(fb_ms=fb_ms, fb_tflops=3.5 * sparse_flops / fb_ms / 1e9, fb_temp_mib=temp,
-                       fb_pipe_ms=fb_pipe, fb_pipe_tflops=3.5 * sparse_flops / fb_pipe / 1e9)
+            row.update(
+              fb_ms=fb_ms,
+              fb_tflops=3.5 * sparse_flops / fb_ms / 1e9,
+              fb_temp_mib=temp,
+              fb_pipe_ms=fb_pipe,
+              fb_pipe_tflops=3.5 * sparse_flops / fb_pipe / 1e9,
+            )
           if args.bwd and args.bwd_parts:
             row.update(backward_parts(q, k, v, w, bi, cfg, args.reps))
         except Exception as e:  # noqa: BLE001  (report the failure, time the other variants)
@@ -243,22 +312,37 @@ def main():
         print(row, flush=True)
     # jax.nn.dot_product_attention needs Dv == Dk: v is zero padded to Dk (output sliced)
     dense_name = "cudnn-dense-causal" + ("" if dv == dk else f"-v-padded-to-{dk}")
+
     def dense_attn(q, k, v):
       vd = jnp.pad(v, ((0, 0),) * 3 + ((0, max(dk - dv, 0)),))
       qd, kd = (jnp.pad(x, ((0, 0),) * 3 + ((0, max(dv - dk, 0)),)) for x in (q, k))
-      o = jax.nn.dot_product_attention(qd, kd, vd, is_causal=True, implementation="cudnn",
-                                       scale=dk ** -0.5)
+      o = jax.nn.dot_product_attention(
+        qd, kd, vd, is_causal=True, implementation="cudnn", scale=dk**-0.5
+      )
       return o[..., :dv]
+
     try:
       dense = jax.jit(dense_attn)
       ms, ms_min = bench(dense, (q, k, v), reps=args.reps)
       pipe_ms = bench_pipelined(dense, (q, k, v), reps=args.reps)
-      row = {"T": t, "impl": dense_name, "ms": ms, "ms_min": ms_min, "pipe_ms": pipe_ms,
-             "tflops": dense_flops / ms / 1e9, "pipe_tflops": dense_flops / pipe_ms / 1e9}
+      row = {
+        "T": t,
+        "impl": dense_name,
+        "ms": ms,
+        "ms_min": ms_min,
+        "pipe_ms": pipe_ms,
+        "tflops": dense_flops / ms / 1e9,
+        "pipe_tflops": dense_flops / pipe_ms / 1e9,
+      }
       if args.bwd:
         fb_ms, fb_pipe, temp = fwd_bwd(dense_attn, q, k, v, w, args.reps)
-        row.update(fb_ms=fb_ms, fb_tflops=3.5 * dense_flops / fb_ms / 1e9, fb_temp_mib=temp,
-                   fb_pipe_ms=fb_pipe, fb_pipe_tflops=3.5 * dense_flops / fb_pipe / 1e9)
+        row.update(
+          fb_ms=fb_ms,
+          fb_tflops=3.5 * dense_flops / fb_ms / 1e9,
+          fb_temp_mib=temp,
+          fb_pipe_ms=fb_pipe,
+          fb_pipe_tflops=3.5 * dense_flops / fb_pipe / 1e9,
+        )
     except Exception as e:  # noqa: BLE001  (report the failure, keep the sparse rows)
       row = {"T": t, "impl": dense_name, "error": f"{type(e).__name__}: {str(e)[:500]}"}
     rows.append(row)
@@ -266,23 +350,29 @@ def main():
     del q, k, v, w, qp, kp, vp
   print()
   print("ms: synchronised calls (median); pipe: back-to-back calls (mean per call)")
-  print(f"{'T':>6} {'impl':34} {'ms':>9} {'pipe':>7} {'TFLOP/s':>8} {'prep ms':>8} {'pipe':>6} "
-        f"{'kern ms':>8} {'pipe':>6} {'list/n':>7} {'f+b ms':>8} {'pipe':>7} {'f+b TF/s':>8} "
-        f"{'f+b MiB':>8}")
+  print(
+    f"{'T':>6} {'impl':34} {'ms':>9} {'pipe':>7} {'TFLOP/s':>8} {'prep ms':>8} {'pipe':>6} "
+    f"{'kern ms':>8} {'pipe':>6} {'list/n':>7} {'f+b ms':>8} {'pipe':>7} {'f+b TF/s':>8} "
+    f"{'f+b MiB':>8}"
+  )
   for r in rows:
     if "error" in r:
       print(f"{r['T']:>6} {r['impl']:34} ERROR {r['error'][:80]}")
       continue
     if "bwd_prep_ms" in r:
-      print(f"{'':>6} {'  backward parts':34} prep {r['bwd_prep_ms']:.3f} ms, dQ {r['bwd_dq_ms']:.3f} "
-            f"ms, dK/dV {r['bwd_dkv_ms']:.3f} ms ({r['bwd_items_used']}/{r['bwd_items']} items)")
+      print(
+        f"{'':>6} {'  backward parts':34} prep {r['bwd_prep_ms']:.3f} ms, dQ {r['bwd_dq_ms']:.3f} "
+        f"ms, dK/dV {r['bwd_dkv_ms']:.3f} ms ({r['bwd_items_used']}/{r['bwd_items']} items)"
+      )
     nan = float("nan")
-    print(f"{r['T']:>6} {r['impl']:34} {r['ms']:9.3f} {r['pipe_ms']:7.3f} {r['tflops']:8.1f} "
-          f"{r.get('prep_ms', nan):8.3f} {r.get('prep_pipe_ms', nan):6.3f} "
-          f"{r.get('kernel_plus_out_ms', nan):8.3f} {r.get('kernel_plus_out_pipe_ms', nan):6.3f} "
-          f"{r.get('union_over_n', nan):7.2f} {r.get('fb_ms', nan):8.3f} "
-          f"{r.get('fb_pipe_ms', nan):7.3f} {r.get('fb_tflops', nan):8.1f} "
-          f"{r.get('fb_temp_mib', nan):8.0f}")
+    print(
+      f"{r['T']:>6} {r['impl']:34} {r['ms']:9.3f} {r['pipe_ms']:7.3f} {r['tflops']:8.1f} "
+      f"{r.get('prep_ms', nan):8.3f} {r.get('prep_pipe_ms', nan):6.3f} "
+      f"{r.get('kernel_plus_out_ms', nan):8.3f} {r.get('kernel_plus_out_pipe_ms', nan):6.3f} "
+      f"{r.get('union_over_n', nan):7.2f} {r.get('fb_ms', nan):8.3f} "
+      f"{r.get('fb_pipe_ms', nan):7.3f} {r.get('fb_tflops', nan):8.1f} "
+      f"{r.get('fb_temp_mib', nan):8.0f}"
+    )
   if args.out:
     with open(args.out, "w") as fh:
       json.dump({"meta": meta, "rows": rows}, fh, indent=1)

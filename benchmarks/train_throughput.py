@@ -48,29 +48,46 @@ def parse_mesh(text: str) -> dict[str, int]:
         raise ValueError
       out[name.strip()] = int(value)
     except ValueError:
-      raise SystemExit(f"--mesh: expected axis=size pairs like data=1,fsdp=-1,tensor=1, got "
-                       f"{text!r}") from None
+      raise SystemExit(
+        f"--mesh: expected axis=size pairs like data=1,fsdp=-1,tensor=1, got {text!r}"
+      ) from None
   return out
 
 
 def _args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--config", action="append", default=None,
-                 help=f"config YAML (repeatable; default {' '.join(DEFAULT_CONFIGS)})")
+  p.add_argument(
+    "--config",
+    action="append",
+    default=None,
+    help=f"config YAML (repeatable; default {' '.join(DEFAULT_CONFIGS)})",
+  )
   p.add_argument("--seq-len", type=int, default=8192)
-  p.add_argument("--batch-size", type=int, default=0,
-                 help="global rows per step (0 = --rows-per-device x batch shards)")
+  p.add_argument(
+    "--batch-size",
+    type=int,
+    default=0,
+    help="global rows per step (0 = --rows-per-device x batch shards)",
+  )
   p.add_argument("--rows-per-device", type=int, default=1)
   p.add_argument("--mesh", default="data=1,fsdp=-1,tensor=1")
   p.add_argument("--steps", type=int, default=10, help="timed steps")
   p.add_argument("--warmup", type=int, default=2, help="untimed steps (the first compiles)")
   p.add_argument("--dtype", default="bfloat16", help="model.dtype of every config")
-  p.add_argument("--peak-flops", type=float, default=0.0,
-                 help="peak FLOP/s per device (0 = table by device kind)")
+  p.add_argument(
+    "--peak-flops",
+    type=float,
+    default=0.0,
+    help="peak FLOP/s per device (0 = table by device kind)",
+  )
   p.add_argument("--out", default=None, help="JSON path (default $OUT/train_throughput.json)")
   p.add_argument("--in-process", action="store_true", help="no subprocess per config")
-  p.add_argument("--override", action="append", default=[],
-                 help="extra section.key=value override for every config (repeatable)")
+  p.add_argument(
+    "--override",
+    action="append",
+    default=[],
+    help="extra section.key=value override for every config (repeatable)",
+  )
   p.add_argument("--_child", default=None, help=argparse.SUPPRESS)
   return p.parse_args(argv)
 
@@ -91,20 +108,28 @@ def run_one(path: str, args: argparse.Namespace) -> dict:
   mesh = mesh_lib.make_mesh(spec) if n_dev > 1 else None
   shards = sharding.batch_shards(mesh) if mesh is not None else 1
   batch = args.batch_size or args.rows_per_device * shards
-  overrides = [f"train.seq_len={args.seq_len}", f"train.batch_size={batch}",
-               f"model.dtype={args.dtype}", *args.override]
+  overrides = [
+    f"train.seq_len={args.seq_len}",
+    f"train.batch_size={batch}",
+    f"model.dtype={args.dtype}",
+    *args.override,
+  ]
   config = load_config(os.path.join(ROOT, path) if not os.path.isabs(path) else path, overrides)
   model, optimizer = loop.build(config) if mesh is None else loop.build_sharded(config, mesh)
-  trainer = loop.Trainer(model, optimizer, mesh=mesh,
-                         grad_accum_steps=config.train.grad_accum_steps)
+  trainer = loop.Trainer(
+    model, optimizer, mesh=mesh, grad_accum_steps=config.train.grad_accum_steps
+  )
 
   t, vocab = args.seq_len, config.model.vocab_size
   rng = np.random.default_rng(0)
   tokens = rng.integers(0, vocab, (batch, t + 1), dtype=np.int32)
-  data = {"tokens": tokens[:, :-1], "targets": tokens[:, 1:],
-          "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (batch, t)).copy(),
-          "segment_ids": np.ones((batch, t), np.int32),
-          "loss_mask": np.ones((batch, t), np.float32)}
+  data = {
+    "tokens": tokens[:, :-1],
+    "targets": tokens[:, 1:],
+    "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (batch, t)).copy(),
+    "segment_ids": np.ones((batch, t), np.int32),
+    "loss_mask": np.ones((batch, t), np.float32),
+  }
 
   t0 = time.perf_counter()
   for _ in range(max(args.warmup, 1)):
@@ -123,17 +148,31 @@ def run_one(path: str, args: argparse.Namespace) -> dict:
   tflops_dev = fpt * tok_s / n_dev / 1e12
   mem = flops_lib.peak_memory_bytes()
   return {
-      "config": path, "device_kind": dev.device_kind, "platform": dev.platform,
-      "devices": n_dev, "mesh": ("none" if mesh is None else
-               ",".join(f"{a}={mesh.shape[a]}" for a in ("data", "fsdp", "tensor"))),
-      "global_batch": batch, "seq_len": t, "dtype": args.dtype,
-      "params": count_params(model),
-      "flops_per_token": fpt, "step_ms": step_s * 1e3, "step_ms_min": min(times) * 1e3,
-      "warmup_s": warm_s, "tokens_per_s": tok_s, "tokens_per_s_per_device": tok_s / n_dev,
-      "tflops_per_device": tflops_dev,
-      "mfu": flops_lib.mfu(tflops_dev * 1e12, peak), "peak_flops": peak,
-      "peak_memory_gib": mem / 2**30 if mem is not None else None,
-      "loss": float(metrics["loss"]), "steps": args.steps,
+    "config": path,
+    "device_kind": dev.device_kind,
+    "platform": dev.platform,
+    "devices": n_dev,
+    "mesh": (
+      "none"
+      if mesh is None
+      else ",".join(f"{a}={mesh.shape[a]}" for a in ("data", "fsdp", "tensor"))
+    ),
+    "global_batch": batch,
+    "seq_len": t,
+    "dtype": args.dtype,
+    "params": count_params(model),
+    "flops_per_token": fpt,
+    "step_ms": step_s * 1e3,
+    "step_ms_min": min(times) * 1e3,
+    "warmup_s": warm_s,
+    "tokens_per_s": tok_s,
+    "tokens_per_s_per_device": tok_s / n_dev,
+    "tflops_per_device": tflops_dev,
+    "mfu": flops_lib.mfu(tflops_dev * 1e12, peak),
+    "peak_flops": peak,
+    "peak_memory_gib": mem / 2**30 if mem is not None else None,
+    "loss": float(metrics["loss"]),
+    "steps": args.steps,
   }
 
 
@@ -142,8 +181,10 @@ def _fmt(v, spec):
 
 
 def print_table(rows: list[dict]) -> None:
-  head = (f"{'config':<26} {'dev':>3} {'mesh':<22} {'batch':>5} {'step ms':>9} {'tok/s':>10} "
-          f"{'tok/s/dev':>10} {'TFLOP/s/dev':>11} {'MFU':>6} {'peak GiB':>8}")
+  head = (
+    f"{'config':<26} {'dev':>3} {'mesh':<22} {'batch':>5} {'step ms':>9} {'tok/s':>10} "
+    f"{'tok/s/dev':>10} {'TFLOP/s/dev':>11} {'MFU':>6} {'peak GiB':>8}"
+  )
   print(head)
   print("-" * len(head))
   for r in rows:
@@ -151,20 +192,41 @@ def print_table(rows: list[dict]) -> None:
     if "error" in r:
       print(f"{name:<26} error: {r['error']}")
       continue
-    print(f"{name:<26} {r['devices']:>3} {r['mesh']:<22} {r['global_batch']:>5} "
-          f"{r['step_ms']:>9.1f} {r['tokens_per_s']:>10,.0f} "
-          f"{r['tokens_per_s_per_device']:>10,.0f} "
-          f"{r['tflops_per_device']:>11.2f} "
-          f"{'n/a' if r['mfu'] is None else format(100 * r['mfu'], '.1f') + '%':>6} "
-          f"{_fmt(r['peak_memory_gib'], '.1f'):>8}")
+    print(
+      f"{name:<26} {r['devices']:>3} {r['mesh']:<22} {r['global_batch']:>5} "
+      f"{r['step_ms']:>9.1f} {r['tokens_per_s']:>10,.0f} "
+      f"{r['tokens_per_s_per_device']:>10,.0f} "
+      f"{r['tflops_per_device']:>11.2f} "
+      f"{'n/a' if r['mfu'] is None else format(100 * r['mfu'], '.1f') + '%':>6} "
+      f"{_fmt(r['peak_memory_gib'], '.1f'):>8}"
+    )
 
 
 def _child_argv(args: argparse.Namespace, path: str, out: str) -> list[str]:
-  argv = [sys.executable, os.path.abspath(__file__), "--config", path, "--seq-len",
-          str(args.seq_len), "--batch-size", str(args.batch_size), "--rows-per-device",
-          str(args.rows_per_device), "--mesh", args.mesh, "--steps", str(args.steps), "--warmup",
-          str(args.warmup), "--dtype", args.dtype, "--peak-flops", str(args.peak_flops),
-          "--_child", out]
+  argv = [
+    sys.executable,
+    os.path.abspath(__file__),
+    "--config",
+    path,
+    "--seq-len",
+    str(args.seq_len),
+    "--batch-size",
+    str(args.batch_size),
+    "--rows-per-device",
+    str(args.rows_per_device),
+    "--mesh",
+    args.mesh,
+    "--steps",
+    str(args.steps),
+    "--warmup",
+    str(args.warmup),
+    "--dtype",
+    args.dtype,
+    "--peak-flops",
+    str(args.peak_flops),
+    "--_child",
+    out,
+  ]
   for o in args.override:
     argv += ["--override", o]
   return argv

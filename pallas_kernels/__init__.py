@@ -17,8 +17,8 @@ import dataclasses
 from collections.abc import Callable, Mapping
 
 KNOWN_BACKENDS: Mapping[str, str] = {
-    "pallas_gpu": "Mosaic GPU kernels for NVIDIA Hopper (sm90)",
-    "pallas_tpu": "Pallas TPU kernels",
+  "pallas_gpu": "Mosaic GPU kernels for NVIDIA Hopper (sm90)",
+  "pallas_tpu": "Pallas TPU kernels",
 }
 """Backend names the library reserves, with what each will be."""
 
@@ -33,6 +33,7 @@ class Backend:
     ops: op name (``"nsa_attention"``, ``"selected_attention"``, ...) -> implementation.
     priority: higher runs first under ``impl="auto"``.
   """
+
   name: str
   platforms: tuple[str, ...]
   ops: Mapping[str, Callable] = dataclasses.field(default_factory=dict)
@@ -68,8 +69,15 @@ def registered() -> tuple[str, ...]:
 def _selected_attention_pallas_gpu(*args, **kwargs):
   """Lazy entry: imports the Mosaic GPU module on first use (see ``selected_attention_mgpu``)."""
   from pallas_kernels import selected_attention_mgpu
+
   return selected_attention_mgpu.selected_attention_op(*args, **kwargs)
 
 
-register(Backend(name="pallas_gpu", platforms=("gpu",),
-                 ops={"selected_attention": _selected_attention_pallas_gpu}, priority=10))
+register(
+  Backend(
+    name="pallas_gpu",
+    platforms=("gpu",),
+    ops={"selected_attention": _selected_attention_pallas_gpu},
+    priority=10,
+  )
+)

@@ -15,16 +15,17 @@ in place (aliased to the outputs).
 
 from __future__ import annotations
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-try:  # Registers a config option that joins jit's tracing context. The Pallas interpreter
-  # imports it on its first run, which would make every jitted caller retrace once; importing it
-  # here keeps the context fixed from the start.
+# Registers a config option that joins jit's tracing context. The Pallas interpreter imports it on
+# its first run, which would make every jitted caller retrace once; importing it here keeps the
+# context fixed from the start (absent on older jax).
+with contextlib.suppress(ImportError):
   from jax.experimental.pallas import fuser as _fuser  # noqa: F401
-except ImportError:  # pragma: no cover (older jax)
-  pass
 
 
 def copy_blocks(store_kv, store_c, slot_kv, slot_c, loads, n, *, interpret: bool = False):
@@ -49,22 +50,31 @@ def copy_blocks(store_kv, store_c, slot_kv, slot_c, loads, n, *, interpret: bool
     raise ValueError(f"slot_kv: expected the store's dtype {store_kv.dtype}, got {slot_kv.dtype}")
   block = store_kv.shape[3:]
   if not interpret and any(x & (x - 1) for x in (*block, store_c.shape[3])):
-    raise NotImplementedError(f"copy_blocks: the Triton lowering needs power-of-two block "
-                              f"shapes, got [l', D] = {list(block)}")
+    raise NotImplementedError(
+      f"copy_blocks: the Triton lowering needs power-of-two block "
+      f"shapes, got [l', D] = {list(block)}"
+    )
   rows = loads.shape[0]
   bsz, heads, num_blocks = store_kv.shape[:3]
   num_slots = slot_kv.shape[2]
   count = jnp.reshape(n, (1,)).astype(jnp.int32)
 
-  def kernel(count_ref, loads_ref, store_kv_ref, store_c_ref, _skv, _sc, slot_kv_ref,
-             slot_c_ref):
+  def kernel(count_ref, loads_ref, store_kv_ref, store_c_ref, _skv, _sc, slot_kv_ref, slot_c_ref):
     i = pl.program_id(0)
 
     @pl.when(i < count_ref[0])
     def _():
       b, h, j, s = (loads_ref[i, c] for c in range(4))
-      inside = ((b >= 0) & (b < bsz) & (h >= 0) & (h < heads) & (j >= 0) & (j < num_blocks)
-                & (s >= 0) & (s < num_slots))
+      inside = (
+        (b >= 0)
+        & (b < bsz)
+        & (h >= 0)
+        & (h < heads)
+        & (j >= 0)
+        & (j < num_blocks)
+        & (s >= 0)
+        & (s < num_slots)
+      )
 
       @pl.when(inside)
       def _():
@@ -73,14 +83,25 @@ def copy_blocks(store_kv, store_c, slot_kv, slot_c, loads, n, *, interpret: bool
 
   whole = lambda x: pl.BlockSpec(x.shape, lambda i, nd=x.ndim: (0,) * nd)
   return pl.pallas_call(
-      kernel, grid=(rows,),
-      in_specs=[whole(count), whole(loads), whole(store_kv), whole(store_c), whole(slot_kv),
-                whole(slot_c)],
-      out_specs=[whole(slot_kv), whole(slot_c)],
-      out_shape=[jax.ShapeDtypeStruct(slot_kv.shape, slot_kv.dtype),
-                 jax.ShapeDtypeStruct(slot_c.shape, slot_c.dtype)],
-      input_output_aliases={4: 0, 5: 1}, interpret=interpret,
-      name="offload_copy_blocks")(count, loads, store_kv, store_c, slot_kv, slot_c)
+    kernel,
+    grid=(rows,),
+    in_specs=[
+      whole(count),
+      whole(loads),
+      whole(store_kv),
+      whole(store_c),
+      whole(slot_kv),
+      whole(slot_c),
+    ],
+    out_specs=[whole(slot_kv), whole(slot_c)],
+    out_shape=[
+      jax.ShapeDtypeStruct(slot_kv.shape, slot_kv.dtype),
+      jax.ShapeDtypeStruct(slot_c.shape, slot_c.dtype),
+    ],
+    input_output_aliases={4: 0, 5: 1},
+    interpret=interpret,
+    name="offload_copy_blocks",
+  )(count, loads, store_kv, store_c, slot_kv, slot_c)
 
 
 __all__ = ["copy_blocks"]

@@ -31,7 +31,7 @@ ptxas may spill (slower, still correct): time it with ``benchmarks/selected_atte
 SMEM_LIMIT = 227 * 1024
 """Dynamic shared memory per CTA on sm90 (what Mosaic GPU checks at lowering)."""
 
-_ALIGN = 1024                  # Mosaic GPU's SMEM_ALIGNMENT: every scratch buffer starts here
+_ALIGN = 1024  # Mosaic GPU's SMEM_ALIGNMENT: every scratch buffer starts here
 _RESERVED = 2 * _ALIGN + 2048  # barriers (own allocation) + default reduction_scratch_bytes
 
 
@@ -44,14 +44,20 @@ def head_dims_reason(dk: int, dv: int) -> str | None:
   """Why the kernels cannot serve head dims ``(Dk, Dv)``, or ``None`` (after padding)."""
   pk, pv = padded_head_dim(dk), padded_head_dim(dv)
   if dk < 1 or pk > MAX_HEAD_DIM:
-    return (f"q/k head dim Dk={dk} (expected 1 <= Dk and Dk padded to a multiple of "
-            f"{COLUMN_TILE} <= {MAX_HEAD_DIM}, got {pk})")
+    return (
+      f"q/k head dim Dk={dk} (expected 1 <= Dk and Dk padded to a multiple of "
+      f"{COLUMN_TILE} <= {MAX_HEAD_DIM}, got {pk})"
+    )
   if dv < 1 or pv > MAX_HEAD_DIM:
-    return (f"v head dim Dv={dv} (expected 1 <= Dv and Dv padded to a multiple of "
-            f"{COLUMN_TILE} <= {MAX_HEAD_DIM}, got {pv})")
+    return (
+      f"v head dim Dv={dv} (expected 1 <= Dv and Dv padded to a multiple of "
+      f"{COLUMN_TILE} <= {MAX_HEAD_DIM}, got {pv})"
+    )
   if pk + pv > MAX_DK_PLUS_DV:
-    return (f"head dims Dk={dk}, Dv={dv} (expected padded Dk + Dv <= {MAX_DK_PLUS_DV}: the dK/dV "
-            f"kernel holds both accumulators in registers; got {pk} + {pv})")
+    return (
+      f"head dims Dk={dk}, Dv={dv} (expected padded Dk + Dv <= {MAX_DK_PLUS_DV}: the dK/dV "
+      f"kernel holds both accumulators in registers; got {pk} + {pv})"
+    )
   return None
 
 
@@ -64,6 +70,7 @@ def pad_head_dims(q, k, v):
     d = x.shape[-1]
     extra = padded_head_dim(d) - d
     return x if extra == 0 else jnp.pad(x, ((0, 0),) * (x.ndim - 1) + ((0, extra),))
+
   return pad(q), pad(k), pad(v)
 
 
@@ -90,8 +97,17 @@ def _buf(*shape_and_itemsize) -> int:
   return -(-n // _ALIGN) * _ALIGN
 
 
-def smem_bytes(kernel: str, *, dk: int, dv: int, stages: int, length: int, block_size: int = 64,
-               itemsize: int = 2, has_docs: bool = True) -> int:
+def smem_bytes(
+  kernel: str,
+  *,
+  dk: int,
+  dv: int,
+  stages: int,
+  length: int,
+  block_size: int = 64,
+  itemsize: int = 2,
+  has_docs: bool = True,
+) -> int:
   """Upper bound on the dynamic SMEM of one CTA of ``kernel`` (bytes).
 
   Args:
@@ -110,24 +126,56 @@ def smem_bytes(kernel: str, *, dk: int, dv: int, stages: int, length: int, block
   kv_ring = _buf(stages, block_size, dk, e) + _buf(stages, block_size, dv, e)
   if kernel == "fwd64":
     o = 0 if dk == dv or block_size == rows else _buf(rows, dv, e)
-    return (_buf(rows, dk, e) + kv_ring + o + _buf(rows, 4) + 3 * _buf(length, 4)
-            + docs * _buf(rows, 4) + _RESERVED)
+    return (
+      _buf(rows, dk, e)
+      + kv_ring
+      + o
+      + _buf(rows, 4)
+      + 3 * _buf(length, 4)
+      + docs * _buf(rows, 4)
+      + _RESERVED
+    )
   if kernel == "fwd128":
     o = 0 if dk == dv else _buf(2, rows, dv, e)
-    return (_buf(2, rows, dk, e) + kv_ring + o + _buf(2, rows, 4) + 3 * _buf(length, 4)
-            + docs * _buf(2, rows, 4) + _RESERVED)
-  if kernel == "fwd128p":                          # persistent: Q, lists, docs double buffered
-    return (_buf(2, 2, rows, dk, e) + kv_ring + _buf(2, rows, dv, e) + _buf(2, rows, 4)
-            + 3 * _buf(2, -(-length // 32) * 32, 4) + _buf(2, 2, rows, 4) + _RESERVED)
+    return (
+      _buf(2, rows, dk, e)
+      + kv_ring
+      + o
+      + _buf(2, rows, 4)
+      + 3 * _buf(length, 4)
+      + docs * _buf(2, rows, 4)
+      + _RESERVED
+    )
+  if kernel == "fwd128p":  # persistent: Q, lists, docs double buffered
+    return (
+      _buf(2, 2, rows, dk, e)
+      + kv_ring
+      + _buf(2, rows, dv, e)
+      + _buf(2, rows, 4)
+      + 3 * _buf(2, -(-length // 32) * 32, 4)
+      + _buf(2, 2, rows, 4)
+      + _RESERVED
+    )
   if kernel == "dq":
-    return (_buf(rows, dk, e) + _buf(rows, dv, e) + 2 * _buf(rows, 4) + kv_ring
-            + docs * _buf(rows, 4) + _RESERVED)
-  if kernel == "dkv":                              # 64-key tiles whatever the block size
-    return (_buf(rows, dk, e) + _buf(rows, dv, e) + _buf(stages, rows, dk, e)
-            + _buf(stages, rows, dv, e) + 2 * _buf(stages, rows, 4) + docs * _buf(stages, rows, 4)
-            + _RESERVED)
-  raise ValueError(f"kernel: expected 'fwd64', 'fwd128', 'fwd128p', 'dq' or 'dkv', got "
-                   f"{kernel!r}")
+    return (
+      _buf(rows, dk, e)
+      + _buf(rows, dv, e)
+      + 2 * _buf(rows, 4)
+      + kv_ring
+      + docs * _buf(rows, 4)
+      + _RESERVED
+    )
+  if kernel == "dkv":  # 64-key tiles whatever the block size
+    return (
+      _buf(rows, dk, e)
+      + _buf(rows, dv, e)
+      + _buf(stages, rows, dk, e)
+      + _buf(stages, rows, dv, e)
+      + 2 * _buf(stages, rows, 4)
+      + docs * _buf(stages, rows, 4)
+      + _RESERVED
+    )
+  raise ValueError(f"kernel: expected 'fwd64', 'fwd128', 'fwd128p', 'dq' or 'dkv', got {kernel!r}")
 
 
 def fit_stages(kernel: str, requested: int, **kw) -> int:
@@ -140,6 +188,8 @@ def fit_stages(kernel: str, requested: int, **kw) -> int:
     if smem_bytes(kernel, stages=stages, **kw) <= SMEM_LIMIT:
       return stages
   need = smem_bytes(kernel, stages=1, **kw)
-  raise NotImplementedError(f"pallas_gpu selected_attention: the {kernel} kernel needs {need} "
-                            f"bytes of shared memory at one stage ({kw}), more than the "
-                            f"{SMEM_LIMIT} of a CTA")
+  raise NotImplementedError(
+    f"pallas_gpu selected_attention: the {kernel} kernel needs {need} "
+    f"bytes of shared memory at one stage ({kw}), more than the "
+    f"{SMEM_LIMIT} of a CTA"
+  )

@@ -72,6 +72,7 @@ def smem_transforms(block_size: int):
   cols = 64 if block_size % 64 == 0 else 32
   return (plgpu.TilingTransform((8, cols)), plgpu.SwizzleTransform(2 * cols))
 
+
 DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 MODES = ("exact", "shared")
 _LOG2E = math.log2(math.e)
@@ -81,22 +82,23 @@ _LN2 = math.log(2.0)
 @dataclasses.dataclass(frozen=True)
 class _Config:
   """Static kernel parameters (hashable: a ``custom_vjp`` nondiff argument)."""
+
   softmax_scale: float
   mode: str
   block_size: int = BLOCK_SIZE
   num_stages: int = 2
-  tile_rows: int = TILE_ROWS          # 64: one warpgroup; 128: two compute warpgroups + producer
-  q_layout: str = "tiles"             # "tiles": XLA transpose to [B, H, NT*rows, D]; "direct"
-  group_size: int = 0                 # G, filled in by _forward
-  ping_pong: bool = True              # 128 rows: alternate the two warpgroups' softmax and MMA
-  smem_index: bool = True             # copy the tile's ids / membership words to SMEM first
-  mask_skip: bool = True              # no mask on blocks every row of the warpgroup fully sees
-  backward: str = "kernel"            # "kernel": dQ and dK/dV kernels; "reference": XLA VJP
-  bwd_direct: bool = True             # backward: per-token TMA for Q/dO/dQ where G allows
-  bwd_chunk: int = 256                # backward: smallest cap on a dK/dV work item's tiles
-  has_docs: bool = False              # packed documents: per-row first visible key
-  persistent: bool = False            # 128 rows: one CTA per SM walking many tiles
-  num_ctas: int = 0                   # persistent CTAs (0: the device's SM count)
+  tile_rows: int = TILE_ROWS  # 64: one warpgroup; 128: two compute warpgroups + producer
+  q_layout: str = "tiles"  # "tiles": XLA transpose to [B, H, NT*rows, D]; "direct"
+  group_size: int = 0  # G, filled in by _forward
+  ping_pong: bool = True  # 128 rows: alternate the two warpgroups' softmax and MMA
+  smem_index: bool = True  # copy the tile's ids / membership words to SMEM first
+  mask_skip: bool = True  # no mask on blocks every row of the warpgroup fully sees
+  backward: str = "kernel"  # "kernel": dQ and dK/dV kernels; "reference": XLA VJP
+  bwd_direct: bool = True  # backward: per-token TMA for Q/dO/dQ where G allows
+  bwd_chunk: int = 256  # backward: smallest cap on a dK/dV work item's tiles
+  has_docs: bool = False  # packed documents: per-row first visible key
+  persistent: bool = False  # 128 rows: one CTA per SM walking many tiles
+  num_ctas: int = 0  # persistent CTAs (0: the device's SM count)
 
 
 def tokens_per_tile(num_groups: int) -> int:
@@ -104,8 +106,9 @@ def tokens_per_tile(num_groups: int) -> int:
   return TILE_ROWS // num_groups
 
 
-def unsupported_reason(q, k, v, block_indices, *, block_size, segment_ids=None,
-                       mode: str = "exact") -> str | None:
+def unsupported_reason(
+  q, k, v, block_indices, *, block_size, segment_ids=None, mode: str = "exact"
+) -> str | None:
   """Why the kernel cannot serve this call, or ``None`` when it can (static checks only)."""
   if mode not in MODES:
     return f"mode={mode!r} (expected one of {MODES})"
@@ -136,11 +139,20 @@ def unsupported_reason(q, k, v, block_indices, *, block_size, segment_ids=None,
   length = -(-min(r_max * block_indices.shape[-1], nb) // 4) * 4
   pk, pv = dims.padded_head_dim(dk), dims.padded_head_dim(dv)
   for kernel in ("fwd64", "fwd128", "dq", "dkv"):
-    need = dims.smem_bytes(kernel, dk=pk, dv=pv, stages=1, length=length, block_size=block_size,
-                           itemsize=jnp.dtype(q.dtype).itemsize)
+    need = dims.smem_bytes(
+      kernel,
+      dk=pk,
+      dv=pv,
+      stages=1,
+      length=length,
+      block_size=block_size,
+      itemsize=jnp.dtype(q.dtype).itemsize,
+    )
     if need > dims.SMEM_LIMIT:
-      return (f"shared memory: the {kernel} kernel needs {need} bytes at one stage for padded "
-              f"Dk={pk}, Dv={pv}, list length {length} (expected <= {dims.SMEM_LIMIT})")
+      return (
+        f"shared memory: the {kernel} kernel needs {need} bytes at one stage for padded "
+        f"Dk={pk}, Dv={pv}, list length {length} (expected <= {dims.SMEM_LIMIT})"
+      )
   return None
 
 
@@ -150,7 +162,7 @@ def _to_tiles(x, r: int, h: int, rows: int = TILE_ROWS):
   g = hq // h
   nt = -(-t // r)
   x = jnp.pad(x, ((0, 0), (0, nt * r - t), (0, 0), (0, 0)))
-  x = x.reshape(b, nt, r, h, g, d).transpose(0, 3, 1, 2, 4, 5)              # [B, H, NT, r, G, D]
+  x = x.reshape(b, nt, r, h, g, d).transpose(0, 3, 1, 2, 4, 5)  # [B, H, NT, r, G, D]
   x = x.reshape(b, h, nt, r * g, d)
   x = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, rows - r * g), (0, 0)))
   return x.reshape(b, h, nt * rows, d)
@@ -162,7 +174,7 @@ def _from_tiles(x, t: int, g: int, rows: int = TILE_ROWS):
   rest = x.shape[3:]
   nt = n_rows // rows
   r = rows // g
-  x = x.reshape(b, h, nt, rows, *rest)[:, :, :, :r * g]
+  x = x.reshape(b, h, nt, rows, *rest)[:, :, :, : r * g]
   x = x.reshape(b, h, nt, r, g, *rest)
   perm = (0, 2, 3, 1, 4) + tuple(range(5, 5 + len(rest)))
   x = x.transpose(perm).reshape(b, nt * r, h * g, *rest)
@@ -175,12 +187,13 @@ def _row_tokens(g: int, bs: int):
   layout = plgpu.Layout.WGMMA
   row_ids = plgpu.broadcasted_iota(jnp.int32, (TILE_ROWS, bs), 0, layout=layout)
   col_ids = plgpu.broadcasted_iota(jnp.int32, (TILE_ROWS, bs), 1, layout=layout)
-  tok = lax.div(row_ids, jnp.int32(g)).max(axis=1)                       # [64] reduce(1)
+  tok = lax.div(row_ids, jnp.int32(g)).max(axis=1)  # [64] reduce(1)
   return col_ids, tok
 
 
-def _masked_scores(s, col_ids, tok, *, tok_base, t_base, blk, bs, lo, hi, need, skip,
-                   first=None, first_max=None):
+def _masked_scores(
+  s, col_ids, tok, *, tok_base, t_base, blk, bs, lo, hi, need, skip, first=None, first_max=None
+):
   """Raw scores with invisible keys at ``-inf``.
 
   Row ``i`` (token ``tok[i] + tok_base`` within the tile, absolute ``tok[i] + t_base``) sees key
@@ -195,8 +208,9 @@ def _masked_scores(s, col_ids, tok, *, tok_base, t_base, blk, bs, lo, hi, need, 
   are contiguous runs, so with causality this is "same document"); ``first_max`` (scalar) is
   the largest ``first`` of the group, so a block at or after it needs no document mask.
   """
+
   def masked(s):
-    limit = tok + (t_base - blk * bs)                                      # [64] row vector
+    limit = tok + (t_base - blk * bs)  # [64] row vector
     if lo is not None:
       tt = tok + tok_base
       word = jnp.where(tt < 32, lo, hi)
@@ -233,7 +247,7 @@ def _online_softmax(s, m_i, l_i, acc, scale2):
   the exponent (one FMA per element). Returns ``(p, m_new, l_new, acc_rescaled)``.
   """
   m_new = jnp.maximum(m_i, s.max(axis=1))
-  m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)                         # fully masked rows
+  m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # fully masked rows
   alpha = jnp.exp2((m_i - m_use) * scale2)
   p = jnp.exp2(s * scale2 - lax.broadcast_in_dim(m_use * scale2, s.shape, [0]))
   l_i = l_i * alpha + p.sum(axis=1)
@@ -241,12 +255,36 @@ def _online_softmax(s, m_i, l_i, acc, scale2):
   return p, m_new, l_i, acc
 
 
-def _kernel(q_ref, k_ref, v_ref, ids_ref, cnt_ref, lo_ref, hi_ref,       # inputs (GMEM)
-            doc_ref, dmax_ref,
-            o_ref, lse_ref,                                                # outputs (GMEM)
-            q_smem, k_smem, v_smem, lse_smem, q_bar, k_bar, v_bar,         # scratch
-            ids_smem, lo_smem, hi_smem, idx_bar, doc_smem, *o_smem,
-            num_heads: int, g: int, cfg: _Config, dtype):
+def _kernel(
+  q_ref,
+  k_ref,
+  v_ref,
+  ids_ref,
+  cnt_ref,
+  lo_ref,
+  hi_ref,  # inputs (GMEM)
+  doc_ref,
+  dmax_ref,
+  o_ref,
+  lse_ref,  # outputs (GMEM)
+  q_smem,
+  k_smem,
+  v_smem,
+  lse_smem,
+  q_bar,
+  k_bar,
+  v_bar,  # scratch
+  ids_smem,
+  lo_smem,
+  hi_smem,
+  idx_bar,
+  doc_smem,
+  *o_smem,
+  num_heads: int,
+  g: int,
+  cfg: _Config,
+  dtype,
+):
   """One CTA: query tile ``tile`` of (batch, KV head) ``bh``.
 
   Refs: ``q_ref [B, H, NT*64, Dk]``, ``k_ref [B, Tk, H, Dk]``, ``v_ref [B, Tk, H, Dv]``,
@@ -269,11 +307,11 @@ def _kernel(q_ref, k_ref, v_ref, ids_ref, cnt_ref, lo_ref, hi_ref,       # input
   count = cnt_ref[b, h, tile]
   rows = pl.ds(tile * TILE_ROWS, TILE_ROWS)
   if o_smem:
-    o_smem, = o_smem
+    (o_smem,) = o_smem
   elif q_smem.shape[-1] == dv:
     o_smem = q_smem
   else:
-    o_smem = v_smem.at[0]                          # [bs == 64, Dv], no copy in flight after loop
+    o_smem = v_smem.at[0]  # [bs == 64, Dv], no copy in flight after loop
 
   plgpu.copy_gmem_to_smem(q_ref.at[b, h, rows], q_smem, q_bar)
   if cfg.has_docs:
@@ -304,8 +342,7 @@ def _kernel(q_ref, k_ref, v_ref, ids_ref, cnt_ref, lo_ref, hi_ref,       # input
     plgpu.barrier_wait(idx_bar)
   docs = {}
   if cfg.has_docs:
-    docs = {"first": plgpu.load(doc_smem, layout=layout.reduce(1)),
-            "first_max": dmax_ref[b, tile]}
+    docs = {"first": plgpu.load(doc_smem, layout=layout.reduce(1)), "first_max": dmax_ref[b, tile]}
 
   def step(j, carry):
     acc, m_i, l_i = carry
@@ -316,19 +353,33 @@ def _kernel(q_ref, k_ref, v_ref, ids_ref, cnt_ref, lo_ref, hi_ref,       # input
     def qk(acc_ref):
       plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
       return acc_ref[...]
-    s = pl.run_scoped(qk, plgpu.ACC((TILE_ROWS, bs), jnp.float32))          # [64 rows, 64 keys]
+
+    s = pl.run_scoped(qk, plgpu.ACC((TILE_ROWS, bs), jnp.float32))  # [64 rows, 64 keys]
 
     exact = cfg.mode == "exact"
     lo = read(lo_ref, lo_smem, j) if exact else None
     hi = read(hi_ref, hi_smem, j) if exact else None
-    s = _masked_scores(s, col_ids, tok, tok_base=0, t_base=tile * r, blk=blk, bs=bs, lo=lo,
-                       hi=hi, need=_need_words(0, r), skip=cfg.mask_skip, **docs)
+    s = _masked_scores(
+      s,
+      col_ids,
+      tok,
+      tok_base=0,
+      t_base=tile * r,
+      blk=blk,
+      bs=bs,
+      lo=lo,
+      hi=hi,
+      need=_need_words(0, r),
+      skip=cfg.mask_skip,
+      **docs,
+    )
     p, m_new, l_i, acc = _online_softmax(s, m_i, l_i, acc, scale2)
     p16 = p.astype(dtype)
     plgpu.barrier_wait(v_bar.at[slot])
 
     def pv(acc_ref):
       plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+
     acc = pl.run_state(pv)(plgpu.ACC.init(acc))
     # Slot `slot` is free again (both wgmmas retired): prefetch step j + S into it.
     nxt = j + stages
@@ -348,8 +399,24 @@ def _kernel(q_ref, k_ref, v_ref, ids_ref, cnt_ref, lo_ref, hi_ref,       # input
   plgpu.wait_smem_to_gmem(0)
 
 
-def ws_consumer_step(carry, *, slot, blk, read_words, q_smem, k_smem, v_smem, k_bar, v_bar,
-                     consumed, sched, mask_kw, scale2, bs, dtype):
+def ws_consumer_step(
+  carry,
+  *,
+  slot,
+  blk,
+  read_words,
+  q_smem,
+  k_smem,
+  v_smem,
+  k_bar,
+  v_bar,
+  consumed,
+  sched,
+  mask_kw,
+  scale2,
+  bs,
+  dtype,
+):
   """One listed K/V block for a compute warpgroup of the warp-specialized 128-row kernels
   (:func:`_kernel_ws` and the persistent one): wait for K in ring ``slot``, ``S = Q Kᵀ``, mask
   (``read_words()`` gives the block's membership words ``(lo, hi)``; ``mask_kw``: the other
@@ -362,10 +429,11 @@ def ws_consumer_step(carry, *, slot, blk, read_words, q_smem, k_smem, v_smem, k_
 
   def qk(acc_ref):
     plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
-    if sched is not None:                  # hand the tensor cores to the other warpgroup
+    if sched is not None:  # hand the tensor cores to the other warpgroup
       plgpu.barrier_arrive(sched)
       plgpu.barrier_wait(sched)
     return acc_ref[...]
+
   s = pl.run_scoped(qk, plgpu.ACC((rows, bs), jnp.float32))
 
   lo, hi = read_words()
@@ -374,20 +442,37 @@ def ws_consumer_step(carry, *, slot, blk, read_words, q_smem, k_smem, v_smem, k_
   p16 = p.astype(dtype)
   if sched is not None:
     acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
-    plgpu.barrier_arrive(sched)                                            # softmax done
+    plgpu.barrier_arrive(sched)  # softmax done
   plgpu.barrier_wait(v_bar.at[slot])
   if sched is not None:
-    plgpu.barrier_wait(sched)                                              # tensor cores free
+    plgpu.barrier_wait(sched)  # tensor cores free
 
   def pv(acc_ref):
     plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+
   acc = pl.run_state(pv)(plgpu.ACC.init(acc))
   plgpu.barrier_arrive(consumed.at[slot])
   return acc, m_new, l_i
 
 
-def _kernel_ws(q_ref, k_ref, v_ref, ids_ref, cnt_ref, lo_ref, hi_ref, doc_ref, dmax_ref, o_ref,
-               lse_ref, *, num_heads: int, g: int, cfg: _Config, dtype):
+def _kernel_ws(
+  q_ref,
+  k_ref,
+  v_ref,
+  ids_ref,
+  cnt_ref,
+  lo_ref,
+  hi_ref,
+  doc_ref,
+  dmax_ref,
+  o_ref,
+  lse_ref,
+  *,
+  num_heads: int,
+  g: int,
+  cfg: _Config,
+  dtype,
+):
   """One CTA, 128 query rows: two compute warpgroups (64 rows each) share one K/V stream that a
   third (producer) warpgroup feeds with TMA through a ring of ``S`` slots.
 
@@ -405,7 +490,7 @@ def _kernel_ws(q_ref, k_ref, v_ref, ids_ref, cnt_ref, lo_ref, hi_ref, doc_ref, d
   b = lax.div(bh, jnp.int32(num_heads))
   h = lax.rem(bh, jnp.int32(num_heads))
   rows_wg = TILE_ROWS
-  r_wg = rows_wg // g                                                      # tokens per warpgroup
+  r_wg = rows_wg // g  # tokens per warpgroup
   bs = cfg.block_size
   stages = cfg.num_stages
   dk, dv = q_ref.shape[-1], v_ref.shape[-1]
@@ -413,8 +498,23 @@ def _kernel_ws(q_ref, k_ref, v_ref, ids_ref, cnt_ref, lo_ref, hi_ref, doc_ref, d
   count = cnt_ref[b, h, tile]
   direct = cfg.q_layout == "direct"
 
-  def body(q_smem2, k_smem, v_smem, lse_smem2, q_bar, k_bar, v_bar, consumed, sched, ids_smem,
-           lo_smem, hi_smem, idx_bar, doc_smem2, *o_smem2):
+  def body(
+    q_smem2,
+    k_smem,
+    v_smem,
+    lse_smem2,
+    q_bar,
+    k_bar,
+    v_bar,
+    consumed,
+    sched,
+    ids_smem,
+    lo_smem,
+    hi_smem,
+    idx_bar,
+    doc_smem2,
+    *o_smem2,
+  ):
     o_smem2 = o_smem2[0] if o_smem2 else q_smem2
     wg = lax.axis_index("wg")
     pp = cfg.ping_pong
@@ -435,11 +535,12 @@ def _kernel_ws(q_ref, k_ref, v_ref, ids_ref, cnt_ref, lo_ref, hi_ref, doc_ref, d
       q_smem = q_smem2.at[wg]
       o_smem = o_smem2.at[wg]
       lse_smem = lse_smem2.at[wg]
-      t_first = tile * (2 * r_wg) + wg * r_wg                              # first token of wg
+      t_first = tile * (2 * r_wg) + wg * r_wg  # first token of wg
       if direct:
         for i in range(r_wg):
-          plgpu.copy_gmem_to_smem(q_ref.at[b, t_first + i, pl.ds(h * g, g)],
-                                  q_smem.at[pl.ds(i * g, g)], q_bar.at[wg])
+          plgpu.copy_gmem_to_smem(
+            q_ref.at[b, t_first + i, pl.ds(h * g, g)], q_smem.at[pl.ds(i * g, g)], q_bar.at[wg]
+          )
       else:
         plgpu.copy_gmem_to_smem(q_ref.at[b, h, q_rows(wg)], q_smem, q_bar.at[wg])
       if cfg.has_docs:
@@ -458,22 +559,42 @@ def _kernel_ws(q_ref, k_ref, v_ref, ids_ref, cnt_ref, lo_ref, hi_ref, doc_ref, d
         plgpu.barrier_wait(idx_bar)
       docs = {}
       if cfg.has_docs:
-        docs = {"first": plgpu.load(doc_smem2.at[wg], layout=layout.reduce(1)),
-                "first_max": dmax_ref[b, tile * 2 + wg]}
+        docs = {
+          "first": plgpu.load(doc_smem2.at[wg], layout=layout.reduce(1)),
+          "first_max": dmax_ref[b, tile * 2 + wg],
+        }
       if pp:
         pl.when(wg == 1)(schedule_barrier)
 
-      mask_kw = dict(col_ids=col_ids, tok=tok, tok_base=wg * r_wg, t_base=t_first, need=need,
-                     skip=cfg.mask_skip, **docs)
+      mask_kw = dict(
+        col_ids=col_ids,
+        tok=tok,
+        tok_base=wg * r_wg,
+        t_base=t_first,
+        need=need,
+        skip=cfg.mask_skip,
+        **docs,
+      )
 
       def step(j, carry):
         slot = lax.rem(j, jnp.int32(stages))
         return ws_consumer_step(
-            carry, slot=slot, blk=read(ids_ref, ids_smem, j),
-            read_words=lambda: (read(lo_ref, lo_smem, j), read(hi_ref, hi_smem, j)),
-            q_smem=q_smem, k_smem=k_smem, v_smem=v_smem, k_bar=k_bar, v_bar=v_bar,
-            consumed=consumed, sched=sched if pp else None, mask_kw=mask_kw, scale2=scale2,
-            bs=bs, dtype=dtype)
+          carry,
+          slot=slot,
+          blk=read(ids_ref, ids_smem, j),
+          read_words=lambda: (read(lo_ref, lo_smem, j), read(hi_ref, hi_smem, j)),
+          q_smem=q_smem,
+          k_smem=k_smem,
+          v_smem=v_smem,
+          k_bar=k_bar,
+          v_bar=v_bar,
+          consumed=consumed,
+          sched=sched if pp else None,
+          mask_kw=mask_kw,
+          scale2=scale2,
+          bs=bs,
+          dtype=dtype,
+        )
 
       acc, m_i, l_i = lax.fori_loop(0, count, step, (acc, m_i, l_i))
       if pp:
@@ -482,15 +603,16 @@ def _kernel_ws(q_ref, k_ref, v_ref, ids_ref, cnt_ref, lo_ref, hi_ref, doc_ref, d
       l_div = jnp.where(seen, l_i, 1.0)
       acc = acc / lax.broadcast_in_dim(l_div, acc.shape, [0])
       o_smem[...] = acc.astype(dtype)
-      lse_smem[...] = jnp.where(seen, (m_i * scale2 + jnp.log(l_div) * _LOG2E) * _LN2,
-                                -jnp.inf)
+      lse_smem[...] = jnp.where(seen, (m_i * scale2 + jnp.log(l_div) * _LOG2E) * _LN2, -jnp.inf)
       plgpu.commit_smem()
       if direct:
         for i in range(r_wg):
-          plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(i * g, g)],
-                                  o_ref.at[b, t_first + i, pl.ds(h * g, g)])
-          plgpu.copy_smem_to_gmem(lse_smem.at[pl.ds(i * g, g)],
-                                  lse_ref.at[b, t_first + i, pl.ds(h * g, g)])
+          plgpu.copy_smem_to_gmem(
+            o_smem.at[pl.ds(i * g, g)], o_ref.at[b, t_first + i, pl.ds(h * g, g)]
+          )
+          plgpu.copy_smem_to_gmem(
+            lse_smem.at[pl.ds(i * g, g)], lse_ref.at[b, t_first + i, pl.ds(h * g, g)]
+          )
       else:
         plgpu.copy_smem_to_gmem(o_smem, o_ref.at[b, h, q_rows(wg)])
         plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, h, q_rows(wg)])
@@ -512,29 +634,30 @@ def _kernel_ws(q_ref, k_ref, v_ref, ids_ref, cnt_ref, lo_ref, hi_ref, doc_ref, d
         plgpu.copy_gmem_to_smem(k_ref.at[b, keys, h], k_smem.at[slot], k_bar.at[slot])
         plgpu.copy_gmem_to_smem(v_ref.at[b, keys, h], v_smem.at[slot], v_bar.at[slot])
         return _
+
       lax.fori_loop(0, count, produce, None)
 
   transforms = smem_transforms(bs)
   q_arrivals = (r_wg if direct else 1) + int(cfg.has_docs)
   o_extra = [] if dk == dv else [plgpu.SMEM((2, rows_wg, dv), dtype, transforms=transforms)]
   pl.run_scoped(
-      body,
-      plgpu.SMEM((2, rows_wg, dk), dtype, transforms=transforms),
-      plgpu.SMEM((stages, bs, dk), dtype, transforms=transforms),
-      plgpu.SMEM((stages, bs, dv), dtype, transforms=transforms),
-      plgpu.SMEM((2, rows_wg), jnp.float32),
-      plgpu.Barrier(num_arrivals=q_arrivals, num_barriers=2),
-      plgpu.Barrier(num_arrivals=1, num_barriers=stages),
-      plgpu.Barrier(num_arrivals=1, num_barriers=stages),
-      plgpu.Barrier(num_arrivals=2, num_barriers=stages),
-      plgpu.Barrier(num_arrivals=2),
-      plgpu.SMEM((length,), jnp.int32),
-      plgpu.SMEM((length,), jnp.int32),
-      plgpu.SMEM((length,), jnp.int32),
-      plgpu.Barrier(num_arrivals=3),
-      plgpu.SMEM((2, rows_wg), jnp.int32),
-      *o_extra,
-      collective_axes="wg",
+    body,
+    plgpu.SMEM((2, rows_wg, dk), dtype, transforms=transforms),
+    plgpu.SMEM((stages, bs, dk), dtype, transforms=transforms),
+    plgpu.SMEM((stages, bs, dv), dtype, transforms=transforms),
+    plgpu.SMEM((2, rows_wg), jnp.float32),
+    plgpu.Barrier(num_arrivals=q_arrivals, num_barriers=2),
+    plgpu.Barrier(num_arrivals=1, num_barriers=stages),
+    plgpu.Barrier(num_arrivals=1, num_barriers=stages),
+    plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+    plgpu.Barrier(num_arrivals=2),
+    plgpu.SMEM((length,), jnp.int32),
+    plgpu.SMEM((length,), jnp.int32),
+    plgpu.SMEM((length,), jnp.int32),
+    plgpu.Barrier(num_arrivals=3),
+    plgpu.SMEM((2, rows_wg), jnp.int32),
+    *o_extra,
+    collective_axes="wg",
   )
 
 
@@ -550,8 +673,9 @@ def resolve_config(cfg: _Config, g: int) -> _Config:
     raise ValueError(f"num_ctas: expected an int >= 0 (0 = one per SM), got {cfg.num_ctas!r}")
   rows = cfg.tile_rows if 2 * (TILE_ROWS // g) <= 64 else TILE_ROWS
   layout = cfg.q_layout if rows == 128 and g % 8 == 0 and g <= TILE_ROWS else "tiles"
-  return dataclasses.replace(cfg, tile_rows=rows, q_layout=layout,
-                             persistent=cfg.persistent and rows == 128)
+  return dataclasses.replace(
+    cfg, tile_rows=rows, q_layout=layout, persistent=cfg.persistent and rows == 128
+  )
 
 
 def prepare(q, block_indices, cfg: _Config, num_kv_heads: int):
@@ -568,20 +692,23 @@ def prepare(q, block_indices, cfg: _Config, num_kv_heads: int):
   nb = -(-t // cfg.block_size)
   one_list = cfg.mode == "shared" and cfg.tile_rows == TILE_ROWS
   length = min(n if one_list else r_tile * n, nb)
-  length = -(-length // 4) * 4                     # 16-byte rows for the TMA copy to SMEM
+  length = -(-length // 4) * 4  # 16-byte rows for the TMA copy to SMEM
   if one_list:
-    lists = tile_iteration_lists(block_indices, tokens_per_tile=r_tile,
-                                 block_size=cfg.block_size, shared=True, max_len=length)
+    lists = tile_iteration_lists(
+      block_indices, tokens_per_tile=r_tile, block_size=cfg.block_size, shared=True, max_len=length
+    )
   else:
-    if cfg.mode == "shared":                       # two 64-row groups: union of their lists
+    if cfg.mode == "shared":  # two 64-row groups: union of their lists
       from sparse_attention_jax.ops.selection import share_selection
+
       block_indices = share_selection(block_indices, r64)
-    lists = tile_iteration_lists(block_indices, tokens_per_tile=r_tile,
-                                 block_size=cfg.block_size, max_len=length)
+    lists = tile_iteration_lists(
+      block_indices, tokens_per_tile=r_tile, block_size=cfg.block_size, max_len=length
+    )
   tp = -(-t // r_tile) * r_tile
   qx = q if tp == t else jnp.pad(q, ((0, 0), (0, tp - t), (0, 0), (0, 0)))
   if cfg.q_layout == "tiles":
-    qx = _to_tiles(qx, r64, num_kv_heads)                                  # [B, H, NT*rows, D]
+    qx = _to_tiles(qx, r64, num_kv_heads)  # [B, H, NT*rows, D]
   return qx, lists
 
 
@@ -618,8 +745,14 @@ def fit_config(cfg: _Config, *, dk: int, dv: int, length: int, itemsize: int) ->
     at the schedule barrier for the other's next ``Q Kᵀ``, whose block the producer may load only
     after both consumed the current one (a deadlock: the hang of Dk 192 / Dv 128 / block 128).
   """
-  kw = {"dk": dk, "dv": dv, "length": length, "block_size": cfg.block_size, "itemsize": itemsize,
-        "has_docs": cfg.has_docs}
+  kw = {
+    "dk": dk,
+    "dv": dv,
+    "length": length,
+    "block_size": cfg.block_size,
+    "itemsize": itemsize,
+    "has_docs": cfg.has_docs,
+  }
   if cfg.persistent and dims.smem_bytes("fwd128p", stages=1, **kw) > dims.SMEM_LIMIT:
     cfg = dataclasses.replace(cfg, persistent=False)
   name = "fwd64" if cfg.tile_rows == TILE_ROWS else "fwd128p" if cfg.persistent else "fwd128"
@@ -646,9 +779,10 @@ def call_kernel(qx, k, v, lists, cfg: _Config, *, num_kv_heads: int, seq_len: in
   cfg = fit_config(cfg, dk=dk, dv=dv, length=length, itemsize=jnp.dtype(dtype).itemsize)
   stages = cfg.num_stages
   if cfg.has_docs != (docs is not None):
-    raise ValueError(f"docs: expected {'doc_tiles(...)' if cfg.has_docs else 'None'} for "
-                     f"has_docs={cfg.has_docs}")
-  if docs is None:                                 # never read: has_docs is static
+    raise ValueError(
+      f"docs: expected {'doc_tiles(...)' if cfg.has_docs else 'None'} for has_docs={cfg.has_docs}"
+    )
+  if docs is None:  # never read: has_docs is static
     docs = (jnp.zeros((b, TILE_ROWS), jnp.int32), jnp.zeros((b, 1), jnp.int32))
   args = (qx, kp, vp, lists.ids, lists.counts, lists.member_lo, lists.member_hi, *docs)
   params = plgpu.CompilerParams(approx_math=True)
@@ -656,44 +790,71 @@ def call_kernel(qx, k, v, lists, cfg: _Config, *, num_kv_heads: int, seq_len: in
   if cfg.tile_rows == TILE_ROWS:
     transforms = smem_transforms(bs)
     scratch = [
-        plgpu.SMEM((TILE_ROWS, dk), dtype, transforms=transforms),
-        plgpu.SMEM((stages, bs, dk), dtype, transforms=transforms),
-        plgpu.SMEM((stages, bs, dv), dtype, transforms=transforms),
-        plgpu.SMEM((TILE_ROWS,), jnp.float32),
-        plgpu.Barrier(num_arrivals=1 + int(cfg.has_docs)),
-        plgpu.Barrier(num_arrivals=1, num_barriers=stages),
-        plgpu.Barrier(num_arrivals=1, num_barriers=stages),
-        plgpu.SMEM((length,), jnp.int32),
-        plgpu.SMEM((length,), jnp.int32),
-        plgpu.SMEM((length,), jnp.int32),
-        plgpu.Barrier(num_arrivals=3),
-        plgpu.SMEM((TILE_ROWS,), jnp.int32),
+      plgpu.SMEM((TILE_ROWS, dk), dtype, transforms=transforms),
+      plgpu.SMEM((stages, bs, dk), dtype, transforms=transforms),
+      plgpu.SMEM((stages, bs, dv), dtype, transforms=transforms),
+      plgpu.SMEM((TILE_ROWS,), jnp.float32),
+      plgpu.Barrier(num_arrivals=1 + int(cfg.has_docs)),
+      plgpu.Barrier(num_arrivals=1, num_barriers=stages),
+      plgpu.Barrier(num_arrivals=1, num_barriers=stages),
+      plgpu.SMEM((length,), jnp.int32),
+      plgpu.SMEM((length,), jnp.int32),
+      plgpu.SMEM((length,), jnp.int32),
+      plgpu.Barrier(num_arrivals=3),
+      plgpu.SMEM((TILE_ROWS,), jnp.int32),
     ]
-    if dk != dv and bs != TILE_ROWS:               # O cannot live in a V slot
+    if dk != dv and bs != TILE_ROWS:  # O cannot live in a V slot
       scratch.append(plgpu.SMEM((TILE_ROWS, dv), dtype, transforms=transforms))
     n_rows = qx.shape[2]
-    out_type = (jax.ShapeDtypeStruct((b, h, n_rows, dv), dtype),
-                jax.ShapeDtypeStruct((b, h, n_rows), jnp.float32))
+    out_type = (
+      jax.ShapeDtypeStruct((b, h, n_rows, dv), dtype),
+      jax.ShapeDtypeStruct((b, h, n_rows), jnp.float32),
+    )
     kernel = functools.partial(_kernel, num_heads=h, g=g, cfg=cfg, dtype=dtype)
-    ot, lset = plgpu.kernel(kernel, out_type=out_type, scratch_types=scratch, grid=(nt, b * h),
-                            grid_names=("tile", "bh"), compiler_params=params)(*args)
+    ot, lset = plgpu.kernel(
+      kernel,
+      out_type=out_type,
+      scratch_types=scratch,
+      grid=(nt, b * h),
+      grid_names=("tile", "bh"),
+      compiler_params=params,
+    )(*args)
     return (_from_tiles(ot, seq_len, g), _from_tiles(lset, seq_len, g))
   if cfg.q_layout == "direct":
     tp = qx.shape[1]
-    out_type = (jax.ShapeDtypeStruct((b, tp, hq, dv), dtype),
-                jax.ShapeDtypeStruct((b, tp, hq), jnp.float32))
+    out_type = (
+      jax.ShapeDtypeStruct((b, tp, hq, dv), dtype),
+      jax.ShapeDtypeStruct((b, tp, hq), jnp.float32),
+    )
   else:
-    out_type = (jax.ShapeDtypeStruct((*qx.shape[:3], dv), dtype),
-                jax.ShapeDtypeStruct(qx.shape[:3], jnp.float32))
+    out_type = (
+      jax.ShapeDtypeStruct((*qx.shape[:3], dv), dtype),
+      jax.ShapeDtypeStruct(qx.shape[:3], jnp.float32),
+    )
   if cfg.persistent:
     from pallas_kernels import selected_attention_mgpu_persistent as persistent
-    ot, lset = persistent.call(args, out_type, cfg, num_heads=h, num_tiles=nt, batch=b,
-                               dtype=dtype, num_ctas=cfg.num_ctas or None)
+
+    ot, lset = persistent.call(
+      args,
+      out_type,
+      cfg,
+      num_heads=h,
+      num_tiles=nt,
+      batch=b,
+      dtype=dtype,
+      num_ctas=cfg.num_ctas or None,
+    )
   else:
     kernel = functools.partial(_kernel_ws, num_heads=h, g=g, cfg=cfg, dtype=dtype)
-    ot, lset = plgpu.kernel(kernel, out_type=out_type, grid=(nt, b * h),
-                            grid_names=("tile", "bh"), num_threads=3, thread_name="wg",
-                            compiler_params=params)(*args)
+    ot, lset = plgpu.kernel(
+      kernel,
+      out_type=out_type,
+      grid=(nt, b * h),
+      grid_names=("tile", "bh"),
+      num_threads=3,
+      thread_name="wg",
+      compiler_params=params,
+    )(*args)
   if cfg.q_layout == "direct":
     return ot[:, :seq_len], lset[:, :seq_len]
   return _from_tiles(ot, seq_len, g), _from_tiles(lset, seq_len, g)
@@ -707,8 +868,9 @@ def _forward(q, k, v, block_indices, doc_start, cfg: _Config):
   qx, lists = prepare(q, block_indices, cfg, h)
   docs = None
   if doc_start is not None:
-    docs = doc_tiles(doc_start, g,
-                     lists.ids.shape[2] * (cfg.tile_rows // TILE_ROWS) * tokens_per_tile(g))
+    docs = doc_tiles(
+      doc_start, g, lists.ids.shape[2] * (cfg.tile_rows // TILE_ROWS) * tokens_per_tile(g)
+    )
   return call_kernel(qx, k, v, lists, cfg, num_kv_heads=h, seq_len=q.shape[1], docs=docs)
 
 
@@ -716,10 +878,18 @@ def _reference(q, k, v, block_indices, doc_start, cfg: _Config):
   """Plain-JAX reference with the same semantics (``backward="reference"``)."""
   from sparse_attention_jax.ops.selected import _selected_reference
   from sparse_attention_jax.ops.selection import share_selection
+
   if cfg.mode == "shared":
     block_indices = share_selection(block_indices, tokens_per_tile(q.shape[2] // k.shape[2]))
-  return _selected_reference(q, k, v, block_indices, block_size=cfg.block_size,
-                             segment_ids=doc_start, softmax_scale=cfg.softmax_scale)
+  return _selected_reference(
+    q,
+    k,
+    v,
+    block_indices,
+    block_size=cfg.block_size,
+    segment_ids=doc_start,
+    softmax_scale=cfg.softmax_scale,
+  )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
@@ -735,27 +905,52 @@ def _attention_fwd(q, k, v, block_indices, doc_start, cfg: _Config):
 def _attention_bwd(cfg: _Config, res, do):
   q, k, v, o, lse, block_indices, doc_start = res
   if cfg.backward == "reference":
-    _, vjp = jax.vjp(lambda q_, k_, v_: _reference(q_, k_, v_, block_indices, doc_start, cfg),
-                     q, k, v)
+    _, vjp = jax.vjp(
+      lambda q_, k_, v_: _reference(q_, k_, v_, block_indices, doc_start, cfg), q, k, v
+    )
     dq, dk, dv = vjp(do)
   else:
     from pallas_kernels import selected_attention_mgpu_bwd as bwd
-    dq, dk, dv = bwd.backward(q, k, v, o, lse, do, block_indices, doc_start=doc_start,
-                              softmax_scale=cfg.softmax_scale, mode=cfg.mode,
-                              cfg=bwd.BwdConfig(chunk=cfg.bwd_chunk, direct=cfg.bwd_direct),
-                              block_size=cfg.block_size)
+
+    dq, dk, dv = bwd.backward(
+      q,
+      k,
+      v,
+      o,
+      lse,
+      do,
+      block_indices,
+      doc_start=doc_start,
+      softmax_scale=cfg.softmax_scale,
+      mode=cfg.mode,
+      cfg=bwd.BwdConfig(chunk=cfg.bwd_chunk, direct=cfg.bwd_direct),
+      block_size=cfg.block_size,
+    )
   return dq, dk, dv, None, None
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-def selected_attention_mgpu(q, k, v, block_indices, *, block_size: int = BLOCK_SIZE,
-                            segment_ids=None, softmax_scale: float | None = None,
-                            mode: str = "exact", return_lse: bool = False, num_stages: int = 2,
-                            tile_rows: int | None = None, q_layout: str = "direct",
-                            ping_pong: bool = True, backward: str = "kernel",
-                            persistent: bool | None = None, num_ctas: int = 0):
+def selected_attention_mgpu(
+  q,
+  k,
+  v,
+  block_indices,
+  *,
+  block_size: int = BLOCK_SIZE,
+  segment_ids=None,
+  softmax_scale: float | None = None,
+  mode: str = "exact",
+  return_lse: bool = False,
+  num_stages: int = 2,
+  tile_rows: int | None = None,
+  q_layout: str = "direct",
+  ping_pong: bool = True,
+  backward: str = "kernel",
+  persistent: bool | None = None,
+  num_ctas: int = 0,
+):
   """Selected-block attention with the Mosaic GPU forward kernel.
 
   Args:
@@ -797,26 +992,38 @@ def selected_attention_mgpu(q, k, v, block_indices, *, block_size: int = BLOCK_S
   Raises:
     NotImplementedError: for a configuration the kernel does not serve (the message says why).
   """
-  reason = unsupported_reason(q, k, v, block_indices, block_size=block_size,
-                              segment_ids=segment_ids, mode=mode)
+  reason = unsupported_reason(
+    q, k, v, block_indices, block_size=block_size, segment_ids=segment_ids, mode=mode
+  )
   if reason is not None:
     raise NotImplementedError(f"pallas_gpu selected_attention: {reason}")
   if not isinstance(num_stages, int) or num_stages < 1:
     raise ValueError(f"num_stages: expected a positive int, got {num_stages!r}")
   scale = float(softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5)
   if not scale > 0:
-    raise NotImplementedError(f"pallas_gpu selected_attention: softmax_scale={scale} (the kernel "
-                              "keeps the running max in raw score units, so it needs scale > 0)")
+    raise NotImplementedError(
+      f"pallas_gpu selected_attention: softmax_scale={scale} (the kernel "
+      "keeps the running max in raw score units, so it needs scale > 0)"
+    )
   if backward not in ("kernel", "reference"):
     raise ValueError(f"backward: expected 'kernel' or 'reference', got {backward!r}")
   if tile_rows is None:
     tile_rows = 2 * TILE_ROWS if mode == "exact" else TILE_ROWS
   if persistent is None:
     persistent = True
-  cfg = _Config(softmax_scale=scale, mode=mode, block_size=block_size, num_stages=num_stages,
-                tile_rows=tile_rows, q_layout=q_layout, ping_pong=ping_pong, backward=backward,
-                persistent=persistent, num_ctas=num_ctas)
-  resolve_config(cfg, q.shape[2] // k.shape[2])                           # validates
+  cfg = _Config(
+    softmax_scale=scale,
+    mode=mode,
+    block_size=block_size,
+    num_stages=num_stages,
+    tile_rows=tile_rows,
+    q_layout=q_layout,
+    ping_pong=ping_pong,
+    backward=backward,
+    persistent=persistent,
+    num_ctas=num_ctas,
+  )
+  resolve_config(cfg, q.shape[2] // k.shape[2])  # validates
   doc_start = None
   if segment_ids is not None:
     doc_start = document_starts(segment_ids, q.shape[0], q.shape[1])
@@ -827,11 +1034,22 @@ def selected_attention_mgpu(q, k, v, block_indices, *, block_size: int = BLOCK_S
 def selected_attention_op(q, k, v, block_indices, *, block_size, segment_ids, softmax_scale):
   """The ``selected_attention`` op of backend ``pallas_gpu`` (exact per-token selection)."""
   if jax.default_backend() != "gpu":
-    raise NotImplementedError(f"pallas_gpu selected_attention: needs a Hopper GPU, the default "
-                              f"backend is {jax.default_backend()!r}")
+    raise NotImplementedError(
+      f"pallas_gpu selected_attention: needs a Hopper GPU, the default "
+      f"backend is {jax.default_backend()!r}"
+    )
   cc = getattr(jax.devices()[0], "compute_capability", None)
   if cc is not None and not str(cc).startswith("9"):
-    raise NotImplementedError(f"pallas_gpu selected_attention: needs a Hopper GPU (sm90, wgmma), "
-                              f"got compute capability {cc}")
-  return selected_attention_mgpu(q, k, v, block_indices, block_size=block_size,
-                                 segment_ids=segment_ids, softmax_scale=softmax_scale)
+    raise NotImplementedError(
+      f"pallas_gpu selected_attention: needs a Hopper GPU (sm90, wgmma), "
+      f"got compute capability {cc}"
+    )
+  return selected_attention_mgpu(
+    q,
+    k,
+    v,
+    block_indices,
+    block_size=block_size,
+    segment_ids=segment_ids,
+    softmax_scale=softmax_scale,
+  )

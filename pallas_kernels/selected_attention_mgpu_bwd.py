@@ -66,6 +66,7 @@ class BwdConfig:
     direct: per-token TMA copies of Q/dO/dQ instead of XLA transposes to 64-row tiles,
       where :func:`use_direct` allows.
   """
+
   num_stages: int = 2
   chunk: int = 256
   mask_skip: bool = True
@@ -90,19 +91,49 @@ def _copy_rows(pairs, b, h, tile, barrier, *, direct: bool, g: int):
     r = ROWS // g
     for i in range(r):
       for src, dst in pairs:
-        plgpu.copy_gmem_to_smem(src.at[b, tile * r + i, pl.ds(h * g, g)],
-                                dst.at[pl.ds(i * g, g)], barrier)
+        plgpu.copy_gmem_to_smem(
+          src.at[b, tile * r + i, pl.ds(h * g, g)], dst.at[pl.ds(i * g, g)], barrier
+        )
   else:
     for src, dst in pairs:
       plgpu.copy_gmem_to_smem(src.at[b, h, pl.ds(tile * ROWS, ROWS)], dst, barrier)
 
 
-def _dq_kernel(q_ref, do_ref, lse_ref, dl_ref, k_ref, v_ref, ids_ref, cnt_ref, lo_ref, hi_ref,
-               doc_ref, dmax_ref,
-               dq_ref,
-               q_smem, do_smem, lse_smem, dl_smem, k_smem, v_smem, q_bar, k_bar, v_bar, doc_smem,
-               *, num_heads: int, g: int, scale2: float, stages: int, mask_skip: bool, dtype,
-               direct: bool, has_docs: bool, bs: int):
+def _dq_kernel(
+  q_ref,
+  do_ref,
+  lse_ref,
+  dl_ref,
+  k_ref,
+  v_ref,
+  ids_ref,
+  cnt_ref,
+  lo_ref,
+  hi_ref,
+  doc_ref,
+  dmax_ref,
+  dq_ref,
+  q_smem,
+  do_smem,
+  lse_smem,
+  dl_smem,
+  k_smem,
+  v_smem,
+  q_bar,
+  k_bar,
+  v_bar,
+  doc_smem,
+  *,
+  num_heads: int,
+  g: int,
+  scale2: float,
+  stages: int,
+  mask_skip: bool,
+  dtype,
+  direct: bool,
+  has_docs: bool,
+  bs: int,
+):
   """One CTA: query tile ``tile`` of ``bh`` (refs: :func:`backward`); K/V tiles are one block
   of ``bs`` keys.
 
@@ -132,12 +163,11 @@ def _dq_kernel(q_ref, do_ref, lse_ref, dl_ref, k_ref, v_ref, ids_ref, cnt_ref, l
   col_ids, tok = fwd._row_tokens(g, bs)
   dk = q_smem.shape[-1]
   plgpu.barrier_wait(q_bar)
-  lse2 = plgpu.load(lse_smem, layout=layout.reduce(1))                 # [64] log2 units
+  lse2 = plgpu.load(lse_smem, layout=layout.reduce(1))  # [64] log2 units
   delta = plgpu.load(dl_smem, layout=layout.reduce(1))
   docs = {}
   if has_docs:
-    docs = {"first": plgpu.load(doc_smem, layout=layout.reduce(1)),
-            "first_max": dmax_ref[b, tile]}
+    docs = {"first": plgpu.load(doc_smem, layout=layout.reduce(1)), "first_max": dmax_ref[b, tile]}
   dq = plgpu.layout_cast(jnp.full((ROWS, dk), 0.0, jnp.float32), layout)
 
   def step(j, dq):
@@ -148,43 +178,91 @@ def _dq_kernel(q_ref, do_ref, lse_ref, dl_ref, k_ref, v_ref, ids_ref, cnt_ref, l
     def qk(acc_ref):
       plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
       return acc_ref[...]
+
     s = pl.run_scoped(qk, plgpu.ACC((ROWS, bs), jnp.float32))
-    s = fwd._masked_scores(s, col_ids, tok, tok_base=0, t_base=tile * r, blk=blk, bs=bs,
-                           lo=lo_ref[b, h, tile, j], hi=hi_ref[b, h, tile, j],
-                           need=fwd._need_words(0, r), skip=mask_skip, **docs)
+    s = fwd._masked_scores(
+      s,
+      col_ids,
+      tok,
+      tok_base=0,
+      t_base=tile * r,
+      blk=blk,
+      bs=bs,
+      lo=lo_ref[b, h, tile, j],
+      hi=hi_ref[b, h, tile, j],
+      need=fwd._need_words(0, r),
+      skip=mask_skip,
+      **docs,
+    )
     p = jnp.exp2(s * scale2 - lax.broadcast_in_dim(lse2, s.shape, [0]))
     plgpu.barrier_wait(v_bar.at[slot])
 
     def dov(acc_ref):
       plgpu.wgmma(acc_ref, do_smem, v_smem.at[slot].transpose((1, 0)))
       return acc_ref[...]
+
     dp = pl.run_scoped(dov, plgpu.ACC((ROWS, bs), jnp.float32))
     ds = p * (dp - lax.broadcast_in_dim(delta, s.shape, [0]))
 
     def dsk(acc_ref):
       plgpu.wgmma(acc_ref, ds.astype(dtype), k_smem.at[slot])
+
     dq = pl.run_state(dsk)(plgpu.ACC.init(dq))
     nxt = j + stages
     pl.when(nxt < count)(lambda: fetch(nxt, slot))
     return dq
 
   dq = lax.fori_loop(0, count, step, dq)
-  q_smem[...] = dq.astype(dtype)                   # unscaled: the caller multiplies by scale
+  q_smem[...] = dq.astype(dtype)  # unscaled: the caller multiplies by scale
   plgpu.commit_smem()
   if direct:
     for i in range(r):
-      plgpu.copy_smem_to_gmem(q_smem.at[pl.ds(i * g, g)], dq_ref.at[b, tile * r + i, pl.ds(h * g, g)])
+      plgpu.copy_smem_to_gmem(
+        q_smem.at[pl.ds(i * g, g)], dq_ref.at[b, tile * r + i, pl.ds(h * g, g)]
+      )
   else:
     plgpu.copy_smem_to_gmem(q_smem, dq_ref.at[b, h, pl.ds(tile * ROWS, ROWS)])
   plgpu.wait_smem_to_gmem(0)
 
 
-def _dkv_kernel(q_ref, do_ref, lse_ref, dl_ref, k_ref, v_ref, tiles_ref, plo_ref, phi_ref,
-                iblk_ref, istart_ref, icnt_ref, doc_ref, dmax_ref,
-                dk_ref, dv_ref,
-                k_smem, v_smem, q_smem, do_smem, lse_smem, dl_smem, kv_bar, q_bar, doc_smem,
-                *, num_heads: int, num_blocks: int, g: int, scale2: float, stages: int,
-                mask_skip: bool, dtype, direct: bool, has_docs: bool, bs: int):
+def _dkv_kernel(
+  q_ref,
+  do_ref,
+  lse_ref,
+  dl_ref,
+  k_ref,
+  v_ref,
+  tiles_ref,
+  plo_ref,
+  phi_ref,
+  iblk_ref,
+  istart_ref,
+  icnt_ref,
+  doc_ref,
+  dmax_ref,
+  dk_ref,
+  dv_ref,
+  k_smem,
+  v_smem,
+  q_smem,
+  do_smem,
+  lse_smem,
+  dl_smem,
+  kv_bar,
+  q_bar,
+  doc_smem,
+  *,
+  num_heads: int,
+  num_blocks: int,
+  g: int,
+  scale2: float,
+  stages: int,
+  mask_skip: bool,
+  dtype,
+  direct: bool,
+  has_docs: bool,
+  bs: int,
+):
   """One CTA: key tile ``half`` of work item ``item`` of ``bh`` (a KV block and a run of its
   query tiles).
 
@@ -201,31 +279,47 @@ def _dkv_kernel(q_ref, do_ref, lse_ref, dl_ref, k_ref, v_ref, tiles_ref, plo_ref
   h = lax.rem(bh, jnp.int32(num_heads))
   r = ROWS // g
   kt = KEY_TILE
-  blk = jnp.minimum(iblk_ref[b, h, item], num_blocks - 1)                  # unused items: count 0
+  blk = jnp.minimum(iblk_ref[b, h, item], num_blocks - 1)  # unused items: count 0
   start = istart_ref[b, h, item]
   count = icnt_ref[b, h, item]
-  key0 = blk * bs + half * kt                                              # first key of tile
+  key0 = blk * bs + half * kt  # first key of tile
   keys = pl.ds(key0, kt)
   plgpu.copy_gmem_to_smem(k_ref.at[b, keys, h], k_smem, kv_bar)
   plgpu.copy_gmem_to_smem(v_ref.at[b, keys, h], v_smem, kv_bar)
 
   def fetch(j, slot):
     tile = tiles_ref[b, h, start + j]
-    _copy_rows(((q_ref, q_smem.at[slot]), (do_ref, do_smem.at[slot])), b, h, tile,
-               q_bar.at[slot], direct=direct, g=g)
-    _copy_rows(((lse_ref, lse_smem.at[slot]), (dl_ref, dl_smem.at[slot])), b, h, tile,
-               q_bar.at[slot], direct=False, g=g)
+    _copy_rows(
+      ((q_ref, q_smem.at[slot]), (do_ref, do_smem.at[slot])),
+      b,
+      h,
+      tile,
+      q_bar.at[slot],
+      direct=direct,
+      g=g,
+    )
+    _copy_rows(
+      ((lse_ref, lse_smem.at[slot]), (dl_ref, dl_smem.at[slot])),
+      b,
+      h,
+      tile,
+      q_bar.at[slot],
+      direct=False,
+      g=g,
+    )
     if has_docs:
-      plgpu.copy_gmem_to_smem(doc_ref.at[b, pl.ds(tile * ROWS, ROWS)], doc_smem.at[slot],
-                              q_bar.at[slot])
+      plgpu.copy_gmem_to_smem(
+        doc_ref.at[b, pl.ds(tile * ROWS, ROWS)], doc_smem.at[slot], q_bar.at[slot]
+      )
 
   for s in range(stages):
     pl.when(s < count)(functools.partial(fetch, jnp.int32(s), s))
 
   layout = plgpu.Layout.WGMMA
-  key_ids = plgpu.broadcasted_iota(jnp.int32, (kt, ROWS), 0, layout=layout)   # [64 keys, 64 rows]
-  row_tok = lax.div(plgpu.broadcasted_iota(jnp.int32, (kt, ROWS), 1, layout=layout),
-                    jnp.int32(g))                                           # token of each column
+  key_ids = plgpu.broadcasted_iota(jnp.int32, (kt, ROWS), 0, layout=layout)  # [64 keys, 64 rows]
+  row_tok = lax.div(
+    plgpu.broadcasted_iota(jnp.int32, (kt, ROWS), 1, layout=layout), jnp.int32(g)
+  )  # token of each column
   need_lo, need_hi = fwd._need_words(0, r)
   dk = plgpu.layout_cast(jnp.full((kt, k_smem.shape[-1]), 0.0, jnp.float32), layout)
   dv = plgpu.layout_cast(jnp.full((kt, v_smem.shape[-1]), 0.0, jnp.float32), layout)
@@ -236,9 +330,9 @@ def _dkv_kernel(q_ref, do_ref, lse_ref, dl_ref, k_ref, v_ref, tiles_ref, plo_ref
     shift = jnp.where(row_tok < 32, row_tok, row_tok - 32)
     member = (lax.shift_right_logical(word, shift) & 1) == 1
     visible = member & (key_ids + key0 <= row_tok + t_base)
-    if bs < kt:                                    # keys past the block belong to the next one
+    if bs < kt:  # keys past the block belong to the next one
       visible = visible & (key_ids < bs)
-    if first is not None:                          # the key is in the column's document
+    if first is not None:  # the key is in the column's document
       visible = visible & (key_ids + key0 >= lax.broadcast_in_dim(first, st.shape, [1]))
     return jnp.where(visible, st, -jnp.inf)
 
@@ -253,44 +347,47 @@ def _dkv_kernel(q_ref, do_ref, lse_ref, dl_ref, k_ref, v_ref, tiles_ref, plo_ref
     def kq(acc_ref):
       plgpu.wgmma(acc_ref, k_smem, q_smem.at[slot].transpose((1, 0)))
       return acc_ref[...]
-    st = pl.run_scoped(kq, plgpu.ACC((kt, ROWS), jnp.float32))               # [keys, rows]
+
+    st = pl.run_scoped(kq, plgpu.ACC((kt, ROWS), jnp.float32))  # [keys, rows]
     t_base = tile * r
     first = plgpu.load(doc_smem.at[slot], layout=layout.reduce(0)) if has_docs else None
     if mask_skip and bs >= kt:
-      full = ((key0 + (kt - 1) <= t_base) & ((lo & need_lo) == need_lo)
-              & ((hi & need_hi) == need_hi))
+      full = (key0 + (kt - 1) <= t_base) & ((lo & need_lo) == need_lo) & ((hi & need_hi) == need_hi)
       if has_docs:
         full = full & (key0 >= dmax_ref[b, tile])
       st = lax.cond(full, lambda x: x, lambda x: masked(x, t_base, lo, hi, first), st)
     else:
       st = masked(st, t_base, lo, hi, first)
-    lse2 = plgpu.load(lse_smem.at[slot], layout=layout.reduce(0))        # [64 rows]
+    lse2 = plgpu.load(lse_smem.at[slot], layout=layout.reduce(0))  # [64 rows]
     pt = jnp.exp2(st * scale2 - lax.broadcast_in_dim(lse2, st.shape, [1]))
 
     def pdo_vdo(refs):
       dv_ref, dpt_ref = refs
-      plgpu.wgmma(dv_ref, pt.astype(dtype), do_smem.at[slot])               # dV += Pᵀ dO
-      plgpu.wgmma(dpt_ref, v_smem, do_smem.at[slot].transpose((1, 0)))      # dPᵀ = V dOᵀ
+      plgpu.wgmma(dv_ref, pt.astype(dtype), do_smem.at[slot])  # dV += Pᵀ dO
+      plgpu.wgmma(dpt_ref, v_smem, do_smem.at[slot].transpose((1, 0)))  # dPᵀ = V dOᵀ
+
     zeros = plgpu.layout_cast(jnp.full((kt, ROWS), 0.0, jnp.float32), layout)
     dv, dpt = pl.run_state(pdo_vdo)((plgpu.ACC.init(dv), plgpu.ACC.init(zeros)))
     delta = plgpu.load(dl_smem.at[slot], layout=layout.reduce(0))
     dst = pt * (dpt - lax.broadcast_in_dim(delta, st.shape, [1]))
 
     def dsq(acc_ref):
-      plgpu.wgmma(acc_ref, dst.astype(dtype), q_smem.at[slot])              # dK += dSᵀ Q
+      plgpu.wgmma(acc_ref, dst.astype(dtype), q_smem.at[slot])  # dK += dSᵀ Q
+
     dk = pl.run_state(dsq)(plgpu.ACC.init(dk))
     nxt = j + stages
     pl.when(nxt < count)(lambda: fetch(nxt, slot))
     return dk, dv
 
   dk, dv = lax.fori_loop(0, count, step, (dk, dv))
-  k_smem[...] = dk.astype(dtype)                   # unscaled: the caller multiplies by scale
+  k_smem[...] = dk.astype(dtype)  # unscaled: the caller multiplies by scale
   v_smem[...] = dv.astype(dtype)
   plgpu.commit_smem()
   n_out = min(bs, kt)
   out_rows = pl.ds(item * bs + half * kt, n_out)
-  k_out, v_out = (k_smem, v_smem) if n_out == kt else (k_smem.at[pl.ds(0, n_out)],
-                                                        v_smem.at[pl.ds(0, n_out)])
+  k_out, v_out = (
+    (k_smem, v_smem) if n_out == kt else (k_smem.at[pl.ds(0, n_out)], v_smem.at[pl.ds(0, n_out)])
+  )
   plgpu.copy_smem_to_gmem(k_out, dk_ref.at[b, h, out_rows])
   plgpu.copy_smem_to_gmem(v_out, dv_ref.at[b, h, out_rows])
   plgpu.wait_smem_to_gmem(0)
@@ -307,6 +404,7 @@ class BwdOperands(NamedTuple):
       lists: the 64-row tiles' iteration lists; work: the dK/dV work items; docs: ``None`` or
       :func:`pallas_kernels.selected_attention_mgpu.doc_tiles` of the 64-row tiles.
   """
+
   qx: jax.Array
   dox: jax.Array
   lsex: jax.Array
@@ -324,9 +422,21 @@ def use_direct(g: int) -> bool:
   return g % 8 == 0 and ROWS % g == 0
 
 
-def prepare_backward(q, k, v, o, lse, do, block_indices, *, mode: str, chunk: int,
-                     direct: bool = False, doc_start=None,
-                     block_size: int = fwd.BLOCK_SIZE) -> BwdOperands:
+def prepare_backward(
+  q,
+  k,
+  v,
+  o,
+  lse,
+  do,
+  block_indices,
+  *,
+  mode: str,
+  chunk: int,
+  direct: bool = False,
+  doc_start=None,
+  block_size: int = fwd.BLOCK_SIZE,
+) -> BwdOperands:
   """Tiles, residuals and index structures for the two kernels (shapes as :func:`backward`).
 
   K and V are zero padded to ``NB * bs`` rows, plus ``64 - bs`` when ``bs < 64`` (the dK/dV
@@ -338,9 +448,10 @@ def prepare_backward(q, k, v, o, lse, do, block_indices, *, mode: str, chunk: in
   nb = -(-t // bs)
   if mode == "shared":
     from sparse_attention_jax.ops.selection import share_selection
+
     block_indices = share_selection(block_indices, r)
   length = min(r * block_indices.shape[-1], nb)
-  length = -(-length // 4) * 4                     # 16-byte rows, as the forward's lists
+  length = -(-length // 4) * 4  # 16-byte rows, as the forward's lists
   lists = tile_iteration_lists(block_indices, tokens_per_tile=r, block_size=bs, max_len=length)
   tp = lists.ids.shape[2] * r
   pad_t = lambda x: jnp.pad(x, ((0, 0), (0, tp - t)) + ((0, 0),) * (x.ndim - 2))
@@ -352,11 +463,17 @@ def prepare_backward(q, k, v, o, lse, do, block_indices, *, mode: str, chunk: in
   lse2 = jnp.where(lse == -jnp.inf, jnp.inf, lse * _LOG2E)
   tail = max(0, KEY_TILE - bs)
   pad_kv = lambda x: jnp.pad(x, ((0, 0), (0, nb * bs + tail - t), (0, 0), (0, 0)))
-  return BwdOperands(qx=to_tiles(q), dox=to_tiles(do.astype(q.dtype)),
-                     lsex=rows(lse2[..., None])[..., 0], dlx=rows(delta[..., None])[..., 0],
-                     kp=pad_kv(k), vp=pad_kv(v), lists=lists,
-                     work=inverse_work_items(lists, nb, chunk=chunk),
-                     docs=None if doc_start is None else fwd.doc_tiles(doc_start, hq // h, tp))
+  return BwdOperands(
+    qx=to_tiles(q),
+    dox=to_tiles(do.astype(q.dtype)),
+    lsex=rows(lse2[..., None])[..., 0],
+    dlx=rows(delta[..., None])[..., 0],
+    kp=pad_kv(k),
+    vp=pad_kv(v),
+    lists=lists,
+    work=inverse_work_items(lists, nb, chunk=chunk),
+    docs=None if doc_start is None else fwd.doc_tiles(doc_start, hq // h, tp),
+  )
 
 
 def _no_docs(b: int):
@@ -364,24 +481,39 @@ def _no_docs(b: int):
   return jnp.zeros((b, ROWS), jnp.int32), jnp.zeros((b, 1), jnp.int32)
 
 
-def reduce_items(part, item_block, *, num_blocks: int, seq_len: int,
-                 block_size: int = fwd.BLOCK_SIZE):
+def reduce_items(
+  part, item_block, *, num_blocks: int, seq_len: int, block_size: int = fwd.BLOCK_SIZE
+):
   """``[B, T, H, D]`` float32 sums of the work items' partial ``[B, H, 2NB*64, D]`` (``D`` is
   ``Dk`` for dK, ``Dv`` for dV): the first
   ``NB`` items are the blocks in order, the rest are added to their block."""
   b, h, _, d = part.shape
   bs = block_size
   part = part.astype(jnp.float32)
-  first = part[:, :, :num_blocks * bs]                                     # [B, H, NB*64, D]
-  extra = part[:, :, num_blocks * bs:].reshape(b, h, num_blocks, bs, d)
-  seg = jnp.minimum(item_block[..., num_blocks:], num_blocks)              # NB: unused
+  first = part[:, :, : num_blocks * bs]  # [B, H, NB*64, D]
+  extra = part[:, :, num_blocks * bs :].reshape(b, h, num_blocks, bs, d)
+  seg = jnp.minimum(item_block[..., num_blocks:], num_blocks)  # NB: unused
   summed = jax.vmap(jax.vmap(lambda p, s: jax.ops.segment_sum(p, s, num_segments=num_blocks + 1)))(
-      extra, seg)[:, :, :num_blocks].reshape(b, h, num_blocks * bs, d)
+    extra, seg
+  )[:, :, :num_blocks].reshape(b, h, num_blocks * bs, d)
   return (first + summed)[:, :, :seq_len].transpose(0, 2, 1, 3)
 
 
-def backward(q, k, v, o, lse, do, block_indices, *, softmax_scale: float, mode: str,
-             doc_start=None, cfg: BwdConfig = BwdConfig(), block_size: int = fwd.BLOCK_SIZE):
+def backward(
+  q,
+  k,
+  v,
+  o,
+  lse,
+  do,
+  block_indices,
+  *,
+  softmax_scale: float,
+  mode: str,
+  doc_start=None,
+  cfg: BwdConfig = BwdConfig(),
+  block_size: int = fwd.BLOCK_SIZE,
+):
   """Gradients of selected-block attention from the forward's ``o`` and ``lse``.
 
   Args:
@@ -401,17 +533,51 @@ def backward(q, k, v, o, lse, do, block_indices, *, softmax_scale: float, mode: 
   """
   t, hq = q.shape[1], q.shape[2]
   direct = cfg.direct and use_direct(hq // k.shape[2])
-  ops = prepare_backward(q, k, v, o, lse, do, block_indices, mode=mode, chunk=cfg.chunk,
-                         direct=direct, doc_start=doc_start, block_size=block_size)
-  dq = dq_call(ops, softmax_scale=softmax_scale, seq_len=t, num_q_heads=hq, cfg=cfg,
-               direct=direct, block_size=block_size)
-  dk, dv = dkv_call(ops, softmax_scale=softmax_scale, seq_len=t, num_q_heads=hq, cfg=cfg,
-                    direct=direct, block_size=block_size)
+  ops = prepare_backward(
+    q,
+    k,
+    v,
+    o,
+    lse,
+    do,
+    block_indices,
+    mode=mode,
+    chunk=cfg.chunk,
+    direct=direct,
+    doc_start=doc_start,
+    block_size=block_size,
+  )
+  dq = dq_call(
+    ops,
+    softmax_scale=softmax_scale,
+    seq_len=t,
+    num_q_heads=hq,
+    cfg=cfg,
+    direct=direct,
+    block_size=block_size,
+  )
+  dk, dv = dkv_call(
+    ops,
+    softmax_scale=softmax_scale,
+    seq_len=t,
+    num_q_heads=hq,
+    cfg=cfg,
+    direct=direct,
+    block_size=block_size,
+  )
   return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
-def dq_call(ops: BwdOperands, *, softmax_scale: float, seq_len: int, num_q_heads: int,
-            cfg: BwdConfig, direct: bool, block_size: int = fwd.BLOCK_SIZE):
+def dq_call(
+  ops: BwdOperands,
+  *,
+  softmax_scale: float,
+  seq_len: int,
+  num_q_heads: int,
+  cfg: BwdConfig,
+  direct: bool,
+  block_size: int = fwd.BLOCK_SIZE,
+):
   """The dQ kernel on prepared operands: ``[B, T, HQ, Dk]`` float32."""
   b, _, h, dk = ops.kp.shape
   dv = ops.vp.shape[-1]
@@ -426,36 +592,62 @@ def dq_call(ops: BwdOperands, *, softmax_scale: float, seq_len: int, num_q_heads
   nt, length = lists.ids.shape[2:]
   scale2 = float(softmax_scale) * _LOG2E
   params = plgpu.CompilerParams(approx_math=True)
-  stages_dq = dims.fit_stages("dq", max(1, min(cfg.num_stages, length)), dk=dk, dv=dv,
-                              length=length, block_size=bs,
-                              itemsize=jnp.dtype(dtype).itemsize, has_docs=has_docs)
+  stages_dq = dims.fit_stages(
+    "dq",
+    max(1, min(cfg.num_stages, length)),
+    dk=dk,
+    dv=dv,
+    length=length,
+    block_size=bs,
+    itemsize=jnp.dtype(dtype).itemsize,
+    has_docs=has_docs,
+  )
   arrivals = 2 * (ROWS // g) + 2 if direct else 4
-  dq_kernel = functools.partial(_dq_kernel, num_heads=h, g=g, scale2=scale2, stages=stages_dq,
-                                mask_skip=cfg.mask_skip, dtype=dtype, direct=direct,
-                                has_docs=has_docs, bs=bs)
+  dq_kernel = functools.partial(
+    _dq_kernel,
+    num_heads=h,
+    g=g,
+    scale2=scale2,
+    stages=stages_dq,
+    mask_skip=cfg.mask_skip,
+    dtype=dtype,
+    direct=direct,
+    has_docs=has_docs,
+    bs=bs,
+  )
   dqx = plgpu.kernel(
-      dq_kernel,
-      out_type=jax.ShapeDtypeStruct(qx.shape, dtype),
-      scratch_types=[
-          plgpu.SMEM((ROWS, dk), dtype, transforms=transforms),
-          plgpu.SMEM((ROWS, dv), dtype, transforms=transforms),
-          plgpu.SMEM((ROWS,), jnp.float32),
-          plgpu.SMEM((ROWS,), jnp.float32),
-          plgpu.SMEM((stages_dq, bs, dk), dtype, transforms=transforms),
-          plgpu.SMEM((stages_dq, bs, dv), dtype, transforms=transforms),
-          plgpu.Barrier(num_arrivals=arrivals + int(has_docs)),
-          plgpu.Barrier(num_arrivals=1, num_barriers=stages_dq),
-          plgpu.Barrier(num_arrivals=1, num_barriers=stages_dq),
-          plgpu.SMEM((ROWS,), jnp.int32),
-      ],
-      grid=(nt, b * h), grid_names=("tile", "bh"), compiler_params=params,
+    dq_kernel,
+    out_type=jax.ShapeDtypeStruct(qx.shape, dtype),
+    scratch_types=[
+      plgpu.SMEM((ROWS, dk), dtype, transforms=transforms),
+      plgpu.SMEM((ROWS, dv), dtype, transforms=transforms),
+      plgpu.SMEM((ROWS,), jnp.float32),
+      plgpu.SMEM((ROWS,), jnp.float32),
+      plgpu.SMEM((stages_dq, bs, dk), dtype, transforms=transforms),
+      plgpu.SMEM((stages_dq, bs, dv), dtype, transforms=transforms),
+      plgpu.Barrier(num_arrivals=arrivals + int(has_docs)),
+      plgpu.Barrier(num_arrivals=1, num_barriers=stages_dq),
+      plgpu.Barrier(num_arrivals=1, num_barriers=stages_dq),
+      plgpu.SMEM((ROWS,), jnp.int32),
+    ],
+    grid=(nt, b * h),
+    grid_names=("tile", "bh"),
+    compiler_params=params,
   )(qx, dox, lsex, dlx, kp, vp, lists.ids, lists.counts, lists.member_lo, lists.member_hi, *docs)
   dq = dqx[:, :t] if direct else fwd._from_tiles(dqx, t, g)
   return dq.astype(jnp.float32) * softmax_scale
 
 
-def dkv_call(ops: BwdOperands, *, softmax_scale: float, seq_len: int, num_q_heads: int,
-             cfg: BwdConfig, direct: bool, block_size: int = fwd.BLOCK_SIZE):
+def dkv_call(
+  ops: BwdOperands,
+  *,
+  softmax_scale: float,
+  seq_len: int,
+  num_q_heads: int,
+  cfg: BwdConfig,
+  direct: bool,
+  block_size: int = fwd.BLOCK_SIZE,
+):
   """The dK/dV kernel on prepared operands, partials reduced: ``[B, T, H, Dk]`` and
   ``[B, T, H, Dv]`` float32."""
   b, _, h, dk = ops.kp.shape
@@ -464,7 +656,7 @@ def dkv_call(ops: BwdOperands, *, softmax_scale: float, seq_len: int, num_q_head
   t = seq_len
   bs = block_size
   kt = KEY_TILE
-  halves = max(1, bs // kt)                        # key tiles (CTAs) per block
+  halves = max(1, bs // kt)  # key tiles (CTAs) per block
   nb = -(-t // bs)
   qx, dox, lsex, dlx, kp, vp, _, work, docs = ops
   has_docs = docs is not None
@@ -474,32 +666,67 @@ def dkv_call(ops: BwdOperands, *, softmax_scale: float, seq_len: int, num_q_head
   params = plgpu.CompilerParams(approx_math=True)
   arrivals = 2 * (ROWS // g) + 2 if direct else 4
   w = work.item_block.shape[-1]
-  stages_kv = dims.fit_stages("dkv", max(1, min(cfg.num_stages, cfg.chunk)), dk=dk, dv=dv,
-                              length=0, block_size=bs, itemsize=jnp.dtype(dtype).itemsize,
-                              has_docs=has_docs)
-  dkv_kernel = functools.partial(_dkv_kernel, num_heads=h, num_blocks=nb, g=g, scale2=scale2,
-                                 stages=stages_kv, mask_skip=cfg.mask_skip, dtype=dtype,
-                                 direct=direct, has_docs=has_docs, bs=bs)
+  stages_kv = dims.fit_stages(
+    "dkv",
+    max(1, min(cfg.num_stages, cfg.chunk)),
+    dk=dk,
+    dv=dv,
+    length=0,
+    block_size=bs,
+    itemsize=jnp.dtype(dtype).itemsize,
+    has_docs=has_docs,
+  )
+  dkv_kernel = functools.partial(
+    _dkv_kernel,
+    num_heads=h,
+    num_blocks=nb,
+    g=g,
+    scale2=scale2,
+    stages=stages_kv,
+    mask_skip=cfg.mask_skip,
+    dtype=dtype,
+    direct=direct,
+    has_docs=has_docs,
+    bs=bs,
+  )
   dk_part, dv_part = plgpu.kernel(
-      dkv_kernel,
-      out_type=(jax.ShapeDtypeStruct((b, h, w * bs, dk), dtype),
-                jax.ShapeDtypeStruct((b, h, w * bs, dv), dtype)),
-      scratch_types=[
-          plgpu.SMEM((kt, dk), dtype, transforms=_TRANSFORMS),
-          plgpu.SMEM((kt, dv), dtype, transforms=_TRANSFORMS),
-          plgpu.SMEM((stages_kv, ROWS, dk), dtype, transforms=_TRANSFORMS),
-          plgpu.SMEM((stages_kv, ROWS, dv), dtype, transforms=_TRANSFORMS),
-          plgpu.SMEM((stages_kv, ROWS), jnp.float32),
-          plgpu.SMEM((stages_kv, ROWS), jnp.float32),
-          plgpu.Barrier(num_arrivals=2),
-          plgpu.Barrier(num_arrivals=arrivals + int(has_docs), num_barriers=stages_kv),
-          plgpu.SMEM((stages_kv, ROWS), jnp.int32),
-      ],
-      grid=(w, halves, b * h), grid_names=("item", "half", "bh"), compiler_params=params,
-  )(qx, dox, lsex, dlx, kp, vp, work.tiles, work.member_lo, work.member_hi, work.item_block,
-    work.item_start, work.item_count, *docs)
+    dkv_kernel,
+    out_type=(
+      jax.ShapeDtypeStruct((b, h, w * bs, dk), dtype),
+      jax.ShapeDtypeStruct((b, h, w * bs, dv), dtype),
+    ),
+    scratch_types=[
+      plgpu.SMEM((kt, dk), dtype, transforms=_TRANSFORMS),
+      plgpu.SMEM((kt, dv), dtype, transforms=_TRANSFORMS),
+      plgpu.SMEM((stages_kv, ROWS, dk), dtype, transforms=_TRANSFORMS),
+      plgpu.SMEM((stages_kv, ROWS, dv), dtype, transforms=_TRANSFORMS),
+      plgpu.SMEM((stages_kv, ROWS), jnp.float32),
+      plgpu.SMEM((stages_kv, ROWS), jnp.float32),
+      plgpu.Barrier(num_arrivals=2),
+      plgpu.Barrier(num_arrivals=arrivals + int(has_docs), num_barriers=stages_kv),
+      plgpu.SMEM((stages_kv, ROWS), jnp.int32),
+    ],
+    grid=(w, halves, b * h),
+    grid_names=("item", "half", "bh"),
+    compiler_params=params,
+  )(
+    qx,
+    dox,
+    lsex,
+    dlx,
+    kp,
+    vp,
+    work.tiles,
+    work.member_lo,
+    work.member_hi,
+    work.item_block,
+    work.item_start,
+    work.item_count,
+    *docs,
+  )
 
-  dk = reduce_items(dk_part, work.item_block, num_blocks=nb, seq_len=t,
-                    block_size=bs) * softmax_scale
+  dk = (
+    reduce_items(dk_part, work.item_block, num_blocks=nb, seq_len=t, block_size=bs) * softmax_scale
+  )
   dv = reduce_items(dv_part, work.item_block, num_blocks=nb, seq_len=t, block_size=bs)
   return dk, dv

@@ -48,9 +48,27 @@ def list_row(length: int) -> int:
   return -(-length // 32) * 32
 
 
-def _kernel(q_ref, k_ref, v_ref, ids_ref, cnt_ref, lo_ref, hi_ref, doc_ref, dmax_ref, o_ref,
-            lse_ref, *, num_heads: int, num_tiles: int, num_items: int, num_ctas: int, g: int,
-            cfg, dtype):
+def _kernel(
+  q_ref,
+  k_ref,
+  v_ref,
+  ids_ref,
+  cnt_ref,
+  lo_ref,
+  hi_ref,
+  doc_ref,
+  dmax_ref,
+  o_ref,
+  lse_ref,
+  *,
+  num_heads: int,
+  num_tiles: int,
+  num_items: int,
+  num_ctas: int,
+  g: int,
+  cfg,
+  dtype,
+):
   """One persistent CTA. Refs as in :func:`pallas_kernels.selected_attention_mgpu._kernel_ws`
   (``num_tiles`` = NT 128-row tiles per (batch, KV head); ``num_items = B * H * NT``)."""
   sm = lax.axis_index("sm")
@@ -67,14 +85,33 @@ def _kernel(q_ref, k_ref, v_ref, ids_ref, cnt_ref, lo_ref, hi_ref, doc_ref, dmax
     """``(b, h, tile)`` of this CTA's ``i``-th work item."""
     w = sm + i * num_ctas
     bh = lax.div(w, jnp.int32(num_tiles))
-    return lax.div(bh, jnp.int32(num_heads)), lax.rem(bh, jnp.int32(num_heads)), \
-        lax.rem(w, jnp.int32(num_tiles))
+    return (
+      lax.div(bh, jnp.int32(num_heads)),
+      lax.rem(bh, jnp.int32(num_heads)),
+      lax.rem(w, jnp.int32(num_tiles)),
+    )
 
   def q_rows(tile, w):
     return pl.ds(tile * (2 * rows_wg) + w * rows_wg, rows_wg)
 
-  def body(q_smem, k_smem, v_smem, o_smem, lse_smem, q_bar, k_bar, v_bar, consumed, sched,
-           free, ids_smem, lo_smem, hi_smem, idx_bar, doc_smem):
+  def body(
+    q_smem,
+    k_smem,
+    v_smem,
+    o_smem,
+    lse_smem,
+    q_bar,
+    k_bar,
+    v_bar,
+    consumed,
+    sched,
+    free,
+    ids_smem,
+    lo_smem,
+    hi_smem,
+    idx_bar,
+    doc_smem,
+  ):
     wg = lax.axis_index("wg")
     pp = cfg.ping_pong
 
@@ -95,7 +132,7 @@ def _kernel(q_ref, k_ref, v_ref, ids_ref, cnt_ref, lo_ref, hi_ref, doc_ref, dmax
         b, h, tile = item(i)
         buf = lax.rem(i, jnp.int32(2))
         count = cnt_ref[b, h, tile]
-        t_first = tile * (2 * r_wg) + wg * r_wg                            # first token of wg
+        t_first = tile * (2 * r_wg) + wg * r_wg  # first token of wg
         q_cur = q_smem.at[buf, wg]
         m_i = plgpu.layout_cast(jnp.full((rows_wg,), -jnp.inf, jnp.float32), layout.reduce(1))
         l_i = plgpu.layout_cast(jnp.full((rows_wg,), 0.0, jnp.float32), layout.reduce(1))
@@ -104,40 +141,64 @@ def _kernel(q_ref, k_ref, v_ref, ids_ref, cnt_ref, lo_ref, hi_ref, doc_ref, dmax
         plgpu.barrier_wait(idx_bar.at[buf])
         docs = {}
         if cfg.has_docs:
-          docs = {"first": plgpu.load(doc_smem.at[buf, wg], layout=layout.reduce(1)),
-                  "first_max": dmax_ref[b, tile * 2 + wg]}
+          docs = {
+            "first": plgpu.load(doc_smem.at[buf, wg], layout=layout.reduce(1)),
+            "first_max": dmax_ref[b, tile * 2 + wg],
+          }
         if pp:
           pl.when(wg == 1)(schedule_barrier)
 
-        mask_kw = dict(col_ids=col_ids, tok=tok, tok_base=wg * r_wg, t_base=t_first,
-                       need=need, skip=cfg.mask_skip, **docs)
+        mask_kw = dict(
+          col_ids=col_ids,
+          tok=tok,
+          tok_base=wg * r_wg,
+          t_base=t_first,
+          need=need,
+          skip=cfg.mask_skip,
+          **docs,
+        )
 
         def step(j, carry):
           slot = lax.rem(base + j, jnp.int32(stages))
           return mg.ws_consumer_step(
-              carry, slot=slot, blk=ids_smem[buf, j],
-              read_words=lambda: (lo_smem[buf, j], hi_smem[buf, j]), q_smem=q_cur,
-              k_smem=k_smem, v_smem=v_smem, k_bar=k_bar, v_bar=v_bar, consumed=consumed,
-              sched=sched if pp else None, mask_kw=mask_kw, scale2=scale2, bs=bs, dtype=dtype)
+            carry,
+            slot=slot,
+            blk=ids_smem[buf, j],
+            read_words=lambda: (lo_smem[buf, j], hi_smem[buf, j]),
+            q_smem=q_cur,
+            k_smem=k_smem,
+            v_smem=v_smem,
+            k_bar=k_bar,
+            v_bar=v_bar,
+            consumed=consumed,
+            sched=sched if pp else None,
+            mask_kw=mask_kw,
+            scale2=scale2,
+            bs=bs,
+            dtype=dtype,
+          )
 
         acc, m_i, l_i = lax.fori_loop(0, count, step, (acc, m_i, l_i))
         if pp:
           pl.when(wg == 0)(schedule_barrier)
-        plgpu.barrier_arrive(free.at[buf])               # Q, list and docs of `buf` are read
+        plgpu.barrier_arrive(free.at[buf])  # Q, list and docs of `buf` are read
         seen = l_i > 0.0
         l_div = jnp.where(seen, l_i, 1.0)
         acc = acc / lax.broadcast_in_dim(l_div, acc.shape, [0])
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous item's O/LSE are out
         o_smem.at[wg][...] = acc.astype(dtype)
         lse_smem.at[wg][...] = jnp.where(
-            seen, (m_i * scale2 + jnp.log(l_div) * mg._LOG2E) * mg._LN2, -jnp.inf)
+          seen, (m_i * scale2 + jnp.log(l_div) * mg._LOG2E) * mg._LN2, -jnp.inf
+        )
         plgpu.commit_smem()
         if direct:
           for t in range(r_wg):
-            plgpu.copy_smem_to_gmem(o_smem.at[wg, pl.ds(t * g, g)],
-                                    o_ref.at[b, t_first + t, pl.ds(h * g, g)])
-            plgpu.copy_smem_to_gmem(lse_smem.at[wg, pl.ds(t * g, g)],
-                                    lse_ref.at[b, t_first + t, pl.ds(h * g, g)])
+            plgpu.copy_smem_to_gmem(
+              o_smem.at[wg, pl.ds(t * g, g)], o_ref.at[b, t_first + t, pl.ds(h * g, g)]
+            )
+            plgpu.copy_smem_to_gmem(
+              lse_smem.at[wg, pl.ds(t * g, g)], lse_ref.at[b, t_first + t, pl.ds(h * g, g)]
+            )
         else:
           plgpu.copy_smem_to_gmem(o_smem.at[wg], o_ref.at[b, h, q_rows(tile, wg)])
           plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[b, h, q_rows(tile, wg)])
@@ -153,22 +214,28 @@ def _kernel(q_ref, k_ref, v_ref, ids_ref, cnt_ref, lo_ref, hi_ref, doc_ref, dmax
       def load_item(i, base):
         b, h, tile = item(i)
         buf = lax.rem(i, jnp.int32(2))
-        pl.when(i >= 2)(lambda: plgpu.barrier_wait(free.at[buf]))         # item i - 2 is done
+        pl.when(i >= 2)(lambda: plgpu.barrier_wait(free.at[buf]))  # item i - 2 is done
         for src, dst in ((ids_ref, ids_smem), (lo_ref, lo_smem), (hi_ref, hi_smem)):
-          plgpu.copy_gmem_to_smem(src.at[b, h, tile], dst.at[buf, pl.ds(0, length)],
-                                  idx_bar.at[buf])
+          plgpu.copy_gmem_to_smem(
+            src.at[b, h, tile], dst.at[buf, pl.ds(0, length)], idx_bar.at[buf]
+          )
         for w in range(2):
           if direct:
             t_first = tile * (2 * r_wg) + w * r_wg
             for t in range(r_wg):
-              plgpu.copy_gmem_to_smem(q_ref.at[b, t_first + t, pl.ds(h * g, g)],
-                                      q_smem.at[buf, w, pl.ds(t * g, g)], q_bar.at[buf])
+              plgpu.copy_gmem_to_smem(
+                q_ref.at[b, t_first + t, pl.ds(h * g, g)],
+                q_smem.at[buf, w, pl.ds(t * g, g)],
+                q_bar.at[buf],
+              )
           else:
-            plgpu.copy_gmem_to_smem(q_ref.at[b, h, q_rows(tile, w)], q_smem.at[buf, w],
-                                    q_bar.at[buf])
+            plgpu.copy_gmem_to_smem(
+              q_ref.at[b, h, q_rows(tile, w)], q_smem.at[buf, w], q_bar.at[buf]
+            )
           if cfg.has_docs:
-            plgpu.copy_gmem_to_smem(doc_ref.at[b, q_rows(tile, w)], doc_smem.at[buf, w],
-                                    q_bar.at[buf])
+            plgpu.copy_gmem_to_smem(
+              doc_ref.at[b, q_rows(tile, w)], doc_smem.at[buf, w], q_bar.at[buf]
+            )
         count = cnt_ref[b, h, tile]
         plgpu.barrier_wait(idx_bar.at[buf])
 
@@ -180,6 +247,7 @@ def _kernel(q_ref, k_ref, v_ref, ids_ref, cnt_ref, lo_ref, hi_ref, doc_ref, dmax
           plgpu.copy_gmem_to_smem(k_ref.at[b, keys, h], k_smem.at[slot], k_bar.at[slot])
           plgpu.copy_gmem_to_smem(v_ref.at[b, keys, h], v_smem.at[slot], v_bar.at[slot])
           return _
+
         lax.fori_loop(0, count, produce, None)
         return base + count
 
@@ -189,36 +257,58 @@ def _kernel(q_ref, k_ref, v_ref, ids_ref, cnt_ref, lo_ref, hi_ref, doc_ref, dmax
   row = list_row(length)
   q_arrivals = 2 * ((r_wg if direct else 1) + int(cfg.has_docs))
   pl.run_scoped(
-      body,
-      plgpu.SMEM((2, 2, rows_wg, dk), dtype, transforms=transforms),      # Q [buf, wg]
-      plgpu.SMEM((stages, bs, dk), dtype, transforms=transforms),
-      plgpu.SMEM((stages, bs, dv), dtype, transforms=transforms),
-      plgpu.SMEM((2, rows_wg, dv), dtype, transforms=transforms),          # O [wg]
-      plgpu.SMEM((2, rows_wg), jnp.float32),                               # LSE [wg]
-      plgpu.Barrier(num_arrivals=q_arrivals, num_barriers=2),
-      plgpu.Barrier(num_arrivals=1, num_barriers=stages),
-      plgpu.Barrier(num_arrivals=1, num_barriers=stages),
-      plgpu.Barrier(num_arrivals=2, num_barriers=stages),
-      plgpu.Barrier(num_arrivals=2),
-      plgpu.Barrier(num_arrivals=2, num_barriers=2),                       # free [buf]
-      plgpu.SMEM((2, row), jnp.int32),                                     # lists [buf]
-      plgpu.SMEM((2, row), jnp.int32),
-      plgpu.SMEM((2, row), jnp.int32),
-      plgpu.Barrier(num_arrivals=3, num_barriers=2),
-      plgpu.SMEM((2, 2, rows_wg), jnp.int32),                              # docs [buf, wg]
-      collective_axes="wg",
+    body,
+    plgpu.SMEM((2, 2, rows_wg, dk), dtype, transforms=transforms),  # Q [buf, wg]
+    plgpu.SMEM((stages, bs, dk), dtype, transforms=transforms),
+    plgpu.SMEM((stages, bs, dv), dtype, transforms=transforms),
+    plgpu.SMEM((2, rows_wg, dv), dtype, transforms=transforms),  # O [wg]
+    plgpu.SMEM((2, rows_wg), jnp.float32),  # LSE [wg]
+    plgpu.Barrier(num_arrivals=q_arrivals, num_barriers=2),
+    plgpu.Barrier(num_arrivals=1, num_barriers=stages),
+    plgpu.Barrier(num_arrivals=1, num_barriers=stages),
+    plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+    plgpu.Barrier(num_arrivals=2),
+    plgpu.Barrier(num_arrivals=2, num_barriers=2),  # free [buf]
+    plgpu.SMEM((2, row), jnp.int32),  # lists [buf]
+    plgpu.SMEM((2, row), jnp.int32),
+    plgpu.SMEM((2, row), jnp.int32),
+    plgpu.Barrier(num_arrivals=3, num_barriers=2),
+    plgpu.SMEM((2, 2, rows_wg), jnp.int32),  # docs [buf, wg]
+    collective_axes="wg",
   )
 
 
-def call(args, out_type, cfg, *, num_heads: int, num_tiles: int, batch: int, dtype,
-         num_ctas: int | None = None):
+def call(
+  args,
+  out_type,
+  cfg,
+  *,
+  num_heads: int,
+  num_tiles: int,
+  batch: int,
+  dtype,
+  num_ctas: int | None = None,
+):
   """Runs the persistent kernel on :func:`pallas_kernels.selected_attention_mgpu.call_kernel`'s
   operands ``args`` (``cfg`` resolved, ring depth fitted with ``"fwd128p"``)."""
   num_items = batch * num_heads * num_tiles
   num_ctas = max(1, min(num_ctas or device_num_ctas(), num_items))
-  kernel = functools.partial(_kernel, num_heads=num_heads, num_tiles=num_tiles,
-                             num_items=num_items, num_ctas=num_ctas, g=cfg.group_size, cfg=cfg,
-                             dtype=dtype)
-  return plgpu.kernel(kernel, out_type=out_type, grid=(num_ctas,), grid_names=("sm",),
-                      num_threads=3, thread_name="wg",
-                      compiler_params=plgpu.CompilerParams(approx_math=True))(*args)
+  kernel = functools.partial(
+    _kernel,
+    num_heads=num_heads,
+    num_tiles=num_tiles,
+    num_items=num_items,
+    num_ctas=num_ctas,
+    g=cfg.group_size,
+    cfg=cfg,
+    dtype=dtype,
+  )
+  return plgpu.kernel(
+    kernel,
+    out_type=out_type,
+    grid=(num_ctas,),
+    grid_names=("sm",),
+    num_threads=3,
+    thread_name="wg",
+    compiler_params=plgpu.CompilerParams(approx_math=True),
+  )(*args)

@@ -38,6 +38,7 @@ class TileLists(NamedTuple):
     member_lo: ``[B, H, NT, L]`` int32 bit ``i`` = token ``i`` (``i < 32``) selected ``ids[j]``.
     member_hi: ``[B, H, NT, L]`` int32 bit ``i - 32`` = token ``i`` (``32 <= i < 64``) selected it.
   """
+
   ids: jax.Array
   counts: jax.Array
   member_lo: jax.Array
@@ -46,19 +47,28 @@ class TileLists(NamedTuple):
 
 def _check(block_indices, tokens_per_tile: int, block_size: int) -> None:
   if not hasattr(block_indices, "ndim") or block_indices.ndim != 4:
-    raise ValueError(f"block_indices: expected a rank-4 array [B, T, H, n], got shape "
-                     f"{getattr(block_indices, 'shape', type(block_indices).__name__)}")
+    raise ValueError(
+      f"block_indices: expected a rank-4 array [B, T, H, n], got shape "
+      f"{getattr(block_indices, 'shape', type(block_indices).__name__)}"
+    )
   if not jnp.issubdtype(block_indices.dtype, jnp.integer):
     raise ValueError(f"block_indices: expected an integer dtype, got {block_indices.dtype}")
   if not isinstance(tokens_per_tile, int) or not 1 <= tokens_per_tile <= MAX_TOKENS_PER_TILE:
-    raise ValueError(f"tokens_per_tile: expected an int in [1, {MAX_TOKENS_PER_TILE}], got "
-                     f"{tokens_per_tile!r}")
+    raise ValueError(
+      f"tokens_per_tile: expected an int in [1, {MAX_TOKENS_PER_TILE}], got {tokens_per_tile!r}"
+    )
   if not isinstance(block_size, int) or block_size < 1:
     raise ValueError(f"block_size: expected a positive int, got {block_size!r}")
 
 
-def tile_iteration_lists(block_indices, *, tokens_per_tile: int, block_size: int,
-                         shared: bool = False, max_len: int | None = None) -> TileLists:
+def tile_iteration_lists(
+  block_indices,
+  *,
+  tokens_per_tile: int,
+  block_size: int,
+  shared: bool = False,
+  max_len: int | None = None,
+) -> TileLists:
   """Builds the iteration list and per-row membership of every query tile.
 
   Args:
@@ -86,16 +96,16 @@ def tile_iteration_lists(block_indices, *, tokens_per_tile: int, block_size: int
 
   bi = jnp.asarray(block_indices, jnp.int32)
   bi = jnp.pad(bi, ((0, 0), (0, nt * r - t), (0, 0), (0, 0)), constant_values=-1)
-  bi = bi.reshape(b, nt, r, h, n).transpose(0, 3, 1, 2, 4)                 # [B, H, NT, r, n]
-  tok = jnp.arange(nt * r, dtype=jnp.int32).reshape(nt, r)                 # [NT, r]
+  bi = bi.reshape(b, nt, r, h, n).transpose(0, 3, 1, 2, 4)  # [B, H, NT, r, n]
+  tok = jnp.arange(nt * r, dtype=jnp.int32).reshape(nt, r)  # [NT, r]
   if shared:
-    bi = bi[:, :, :, :1, :]                                                # first token's list
-    last = tok[:, -1:]                                                     # [NT, 1]
-    visible_to = jnp.minimum(last, t - 1)[None, None, :, :, None]          # [1, 1, NT, 1, 1]
+    bi = bi[:, :, :, :1, :]  # first token's list
+    last = tok[:, -1:]  # [NT, 1]
+    visible_to = jnp.minimum(last, t - 1)[None, None, :, :, None]  # [1, 1, NT, 1, 1]
     token_of = jnp.zeros((1, 1, 1, 1, 1), jnp.int32)
     rr = 1
   else:
-    visible_to = tok[None, None, :, :, None]                               # [1, 1, NT, r, 1]
+    visible_to = tok[None, None, :, :, None]  # [1, 1, NT, r, 1]
     token_of = jnp.arange(r, dtype=jnp.int32)[None, None, None, :, None]
     rr = r
   valid = (bi >= 0) & (bi < nb) & (bi * block_size <= visible_to)
@@ -103,7 +113,7 @@ def tile_iteration_lists(block_indices, *, tokens_per_tile: int, block_size: int
   # One sort of (block id, token) pairs per tile; key = id * 64 + token.
   big = jnp.iinfo(jnp.int32).max
   key = jnp.where(valid, bi * MAX_TOKENS_PER_TILE + token_of, big)
-  key = jnp.sort(key.reshape(b, h, nt, rr * n), axis=-1)                   # [B, H, NT, rr*n]
+  key = jnp.sort(key.reshape(b, h, nt, rr * n), axis=-1)  # [B, H, NT, rr*n]
   ok = key != big
   blk = key // MAX_TOKENS_PER_TILE
   tk = key % MAX_TOKENS_PER_TILE
@@ -111,7 +121,7 @@ def tile_iteration_lists(block_indices, *, tokens_per_tile: int, block_size: int
   prev_blk = prev_key // MAX_TOKENS_PER_TILE
   new_pair = ok & (key != prev_key)
   new_blk = ok & ((blk != prev_blk) | (prev_key < 0))
-  rank = jnp.cumsum(new_blk.astype(jnp.int32), axis=-1) - 1                # [B, H, NT, rr*n]
+  rank = jnp.cumsum(new_blk.astype(jnp.int32), axis=-1) - 1  # [B, H, NT, rr*n]
   counts = jnp.minimum(jnp.sum(new_blk, axis=-1, dtype=jnp.int32), length)
 
   # One scatter-add into a [.., L + 1, 3] table (id, lo bits, hi bits) whose last row swallows
@@ -125,12 +135,17 @@ def tile_iteration_lists(block_indices, *, tokens_per_tile: int, block_size: int
     bits_hi = bits_lo
   else:
     one = jnp.uint32(1)
-    bits_lo = jnp.where(new_pair & (tk < 32), one << jnp.minimum(tk, 31).astype(jnp.uint32),
-                        jnp.uint32(0))
-    bits_hi = jnp.where(new_pair & (tk >= 32), one << jnp.maximum(tk - 32, 0).astype(jnp.uint32),
-                        jnp.uint32(0))
-  table = jnp.zeros((b, h, nt, length + 1, 3), jnp.uint32).at[ib, ih, it, col].add(
-      jnp.stack([id_part, bits_lo, bits_hi], axis=-1))[..., :length, :]
+    bits_lo = jnp.where(
+      new_pair & (tk < 32), one << jnp.minimum(tk, 31).astype(jnp.uint32), jnp.uint32(0)
+    )
+    bits_hi = jnp.where(
+      new_pair & (tk >= 32), one << jnp.maximum(tk - 32, 0).astype(jnp.uint32), jnp.uint32(0)
+    )
+  table = (
+    jnp.zeros((b, h, nt, length + 1, 3), jnp.uint32)
+    .at[ib, ih, it, col]
+    .add(jnp.stack([id_part, bits_lo, bits_hi], axis=-1))[..., :length, :]
+  )
   ids = table[..., 0].astype(jnp.int32)
   lo, hi = table[..., 1], table[..., 2]
 
@@ -154,6 +169,7 @@ class InverseMap(NamedTuple):
       the last valid tile id (``0`` when there is none).
     offsets: ``[B, H, NB + 1]`` int32 row starts.
   """
+
   tiles: jax.Array
   offsets: jax.Array
 
@@ -171,15 +187,15 @@ def inverse_tile_map(lists: TileLists, num_blocks: int) -> InverseMap:
   if not isinstance(num_blocks, int) or num_blocks < 1:
     raise ValueError(f"num_blocks: expected a positive int, got {num_blocks!r}")
   b, h, nt, length = lists.ids.shape
-  valid = jnp.arange(length, dtype=jnp.int32) < lists.counts[..., None]    # [B, H, NT, L]
+  valid = jnp.arange(length, dtype=jnp.int32) < lists.counts[..., None]  # [B, H, NT, L]
   tile = jnp.arange(nt, dtype=jnp.int32)[:, None]
   big = jnp.iinfo(jnp.int32).max
   if num_blocks * nt >= big:
     raise ValueError(f"num_blocks: {num_blocks} blocks x {nt} tiles overflow int32 sort keys")
   key = jnp.where(valid, lists.ids * nt + tile, big).reshape(b, h, nt * length)
   key = jnp.sort(key, axis=-1)
-  total = jnp.sum(key != big, axis=-1, dtype=jnp.int32)                    # [B, H]
-  bounds = jnp.arange(num_blocks + 1, dtype=jnp.int32) * nt                # [NB + 1]
+  total = jnp.sum(key != big, axis=-1, dtype=jnp.int32)  # [B, H]
+  bounds = jnp.arange(num_blocks + 1, dtype=jnp.int32) * nt  # [NB + 1]
   offsets = jax.vmap(jax.vmap(lambda kk: jnp.searchsorted(kk, bounds, side="left")))(key)
   tiles = key % nt
   last = jnp.take_along_axis(tiles, jnp.maximum(total - 1, 0)[..., None], axis=-1)
@@ -202,13 +218,12 @@ def inverse_tile_map_padded(inv: InverseMap, cap: int) -> tuple[jax.Array, jax.A
   """
   if not isinstance(cap, int) or cap < 1:
     raise ValueError(f"cap: expected a positive int, got {cap!r}")
-  start, end = inv.offsets[..., :-1], inv.offsets[..., 1:]                 # [B, H, NB]
+  start, end = inv.offsets[..., :-1], inv.offsets[..., 1:]  # [B, H, NB]
   counts = end - start
   c = jnp.arange(cap, dtype=jnp.int32)
   pos = start[..., None] + jnp.minimum(c, jnp.maximum(counts - 1, 0)[..., None])
   b, h, nb = start.shape
-  got = jnp.take_along_axis(inv.tiles, pos.reshape(b, h, nb * cap), axis=-1).reshape(b, h, nb,
-                                                                                    cap)
+  got = jnp.take_along_axis(inv.tiles, pos.reshape(b, h, nb * cap), axis=-1).reshape(b, h, nb, cap)
   return jnp.where(counts[..., None] > 0, got, 0), counts
 
 
@@ -229,6 +244,7 @@ class WorkItems(NamedTuple):
     item_count: ``[B, H, 2NB]`` int32 pairs in the item (0 for an unused item or a block no tile
       selected).
   """
+
   tiles: jax.Array
   member_lo: jax.Array
   member_hi: jax.Array
@@ -262,14 +278,14 @@ def inverse_work_items(lists: TileLists, num_blocks: int, *, chunk: int) -> Work
   if num_blocks * nt >= big:
     raise ValueError(f"num_blocks: {num_blocks} blocks x {nt} tiles overflow int32 sort keys")
   p = nt * length
-  valid = jnp.arange(length, dtype=jnp.int32) < lists.counts[..., None]    # [B, H, NT, L]
+  valid = jnp.arange(length, dtype=jnp.int32) < lists.counts[..., None]  # [B, H, NT, L]
   tile = jnp.arange(nt, dtype=jnp.int32)[:, None]
   # One (uint32 key, int32 position) pair sort, which XLA on GPU can hand to CUB's radix sort;
   # the membership words follow through the permutation.
   key = jnp.where(valid, lists.ids * nt + tile, big).reshape(b, h, p).astype(jnp.uint32)
   pos = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, h, p))
   key, perm = jax.lax.sort((key, pos), dimension=2, num_keys=1)
-  key = key.astype(jnp.int32)                                              # big stays big
+  key = key.astype(jnp.int32)  # big stays big
   ok = key != big
   tiles = jnp.where(ok, key % nt, 0)
   take = lambda x: jnp.take_along_axis(x.reshape(b, h, p), perm, axis=-1)
@@ -278,23 +294,27 @@ def inverse_work_items(lists: TileLists, num_blocks: int, *, chunk: int) -> Work
 
   bounds = jnp.arange(num_blocks + 1, dtype=jnp.int32) * nt
   search = lambda a, v: jax.vmap(jax.vmap(lambda x: jnp.searchsorted(x, v, side="right")))(a)
-  offsets = search(key, bounds - 1).astype(jnp.int32)                      # [B, H, NB + 1]
-  pairs = offsets[..., 1:] - offsets[..., :-1]                             # [B, H, NB]
-  total = jnp.sum(ok, axis=-1, dtype=jnp.int32)[..., None]                 # [B, H, 1]
-  c = jnp.maximum(chunk, -(-total // num_blocks))                          # [B, H, 1]
+  offsets = search(key, bounds - 1).astype(jnp.int32)  # [B, H, NB + 1]
+  pairs = offsets[..., 1:] - offsets[..., :-1]  # [B, H, NB]
+  total = jnp.sum(ok, axis=-1, dtype=jnp.int32)[..., None]  # [B, H, 1]
+  c = jnp.maximum(chunk, -(-total // num_blocks))  # [B, H, 1]
   first_count = jnp.minimum(pairs, c)
-  extra = jnp.maximum(0, -(-pairs // c) - 1)                               # further chunks
-  ends = jnp.cumsum(extra, axis=-1)                                        # inclusive, <= NB
+  extra = jnp.maximum(0, -(-pairs // c) - 1)  # further chunks
+  ends = jnp.cumsum(extra, axis=-1)  # inclusive, <= NB
   e = jnp.arange(num_blocks, dtype=jnp.int32)
-  block = search(ends, e).astype(jnp.int32)                                # [B, H, NB]; NB=unused
+  block = search(ends, e).astype(jnp.int32)  # [B, H, NB]; NB=unused
   used = block < num_blocks
   bc = jnp.minimum(block, num_blocks - 1)
-  part = e - jnp.take_along_axis(ends - extra, bc, axis=-1) + 1            # chunk >= 1 of block
+  part = e - jnp.take_along_axis(ends - extra, bc, axis=-1) + 1  # chunk >= 1 of block
   start = jnp.take_along_axis(offsets[..., :-1], bc, axis=-1) + part * c
   count = jnp.clip(jnp.take_along_axis(pairs, bc, axis=-1) - part * c, 0, c)
   first_block = jnp.broadcast_to(e, (b, h, num_blocks))
   cat = lambda x, y: jnp.concatenate([x, y], axis=-1).astype(jnp.int32)
-  return WorkItems(tiles=tiles, member_lo=lo, member_hi=hi,
-                   item_block=cat(first_block, block),
-                   item_start=cat(offsets[..., :-1], jnp.where(used, start, 0)),
-                   item_count=cat(first_count, jnp.where(used, count, 0)))
+  return WorkItems(
+    tiles=tiles,
+    member_lo=lo,
+    member_hi=hi,
+    item_block=cat(first_block, block),
+    item_start=cat(offsets[..., :-1], jnp.where(used, start, 0)),
+    item_count=cat(first_count, jnp.where(used, count, 0)),
+  )

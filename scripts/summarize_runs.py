@@ -43,22 +43,24 @@ def read_run(run: str, tail: int = 5) -> dict:
       if "eval_loss" in event and "step" in event:
         evals.append((int(event["step"]), float(event["eval_loss"])))
   if not train or not evals:
-    raise ValueError(f"run: expected train and eval losses in {path}, got {len(train)} train and "
-                     f"{len(evals)} eval events")
+    raise ValueError(
+      f"run: expected train and eval losses in {path}, got {len(train)} train and "
+      f"{len(evals)} eval events"
+    )
   cfg = load_config(os.path.join(run, "config.yaml"))
   final_eval = evals[-1][1]
   return {
-      "run": os.path.basename(os.path.normpath(run)),
-      "attention": list(cfg.model.layer_kinds()),
-      "params": param_count(cfg.model),
-      "seed": cfg.train.seed,
-      "steps": train[-1][0],
-      "train_loss_tail": statistics.fmean(v for _, v in train[-tail:]),
-      "eval_losses": {str(s): v for s, v in evals},
-      "final_eval_loss": final_eval,
-      "final_eval_bits_per_byte": final_eval / math.log(2),
-      "median_tokens_per_s": statistics.median(speeds[1:] or speeds),
-      "train_losses": {str(s): v for s, v in train},
+    "run": os.path.basename(os.path.normpath(run)),
+    "attention": list(cfg.model.layer_kinds()),
+    "params": param_count(cfg.model),
+    "seed": cfg.train.seed,
+    "steps": train[-1][0],
+    "train_loss_tail": statistics.fmean(v for _, v in train[-tail:]),
+    "eval_losses": {str(s): v for s, v in evals},
+    "final_eval_loss": final_eval,
+    "final_eval_bits_per_byte": final_eval / math.log(2),
+    "median_tokens_per_s": statistics.median(speeds[1:] or speeds),
+    "train_losses": {str(s): v for s, v in train},
   }
 
 
@@ -71,11 +73,14 @@ def group_by_name(rows: list[dict]) -> dict[str, dict]:
   out = {}
   for name, rs in groups.items():
     losses = [r["final_eval_loss"] for r in rs]
-    out[name] = {"seeds": [r["seed"] for r in rs], "final_eval_loss_mean": statistics.fmean(losses),
-                 "final_eval_loss_half_range": (max(losses) - min(losses)) / 2,
-                 "final_eval_bits_per_byte_mean": statistics.fmean(losses) / math.log(2),
-                 "train_loss_tail_mean": statistics.fmean(r["train_loss_tail"] for r in rs),
-                 "params": rs[0]["params"]}
+    out[name] = {
+      "seeds": [r["seed"] for r in rs],
+      "final_eval_loss_mean": statistics.fmean(losses),
+      "final_eval_loss_half_range": (max(losses) - min(losses)) / 2,
+      "final_eval_bits_per_byte_mean": statistics.fmean(losses) / math.log(2),
+      "train_loss_tail_mean": statistics.fmean(r["train_loss_tail"] for r in rs),
+      "params": rs[0]["params"],
+    }
   return out
 
 
@@ -93,8 +98,9 @@ def plot_groups(rows: list[dict], out: str, title: str | None = None) -> str:
   for i, (name, rs) in enumerate(groups.items()):
     color = f"C{i % 10}"
     for key, style in (("train_losses", "-"), ("eval_losses", "o--")):
-      steps = sorted({int(s) for r in rs for s in r[key]}.intersection(
-          *({int(s) for s in r[key]} for r in rs)))
+      steps = sorted(
+        {int(s) for r in rs for s in r[key]}.intersection(*({int(s) for s in r[key]} for r in rs))
+      )
       vals = [[r[key][str(s)] for r in rs] for s in steps]
       mean = [statistics.fmean(v) for v in vals]
       label = f"{name} {'train' if key == 'train_losses' else 'eval'} (mean of {len(rs)})"
@@ -116,27 +122,41 @@ def plot_groups(rows: list[dict], out: str, title: str | None = None) -> str:
 
 def markdown(rows: list[dict], groups: dict[str, dict]) -> str:
   steps = sorted({int(s) for r in rows for s in r["eval_losses"]})
-  head = ("| run | attention | params | " + " | ".join(f"eval@{s}" for s in steps)
-          + " | final bits/byte | train loss (last logs) | median tok/s |")
+  head = (
+    "| run | attention | params | "
+    + " | ".join(f"eval@{s}" for s in steps)
+    + " | final bits/byte | train loss (last logs) | median tok/s |"
+  )
   lines = [head, "|" + "---|" * (head.count("|") - 1)]
   for r in rows:
-    ev = " | ".join(f"{r['eval_losses'][str(s)]:.4f}" if str(s) in r["eval_losses"] else "-"
-                    for s in steps)
-    lines.append(f"| {r['run']} | {','.join(r['attention'])} | {r['params']:,} | {ev} | "
-                 f"{r['final_eval_bits_per_byte']:.4f} | {r['train_loss_tail']:.4f} | "
-                 f"{r['median_tokens_per_s']:,.0f} |")
-  lines += ["", "| config | seeds | final eval loss (mean ± half-range) | bits/byte | params |",
-            "|---|---|---|---|---|"]
+    ev = " | ".join(
+      f"{r['eval_losses'][str(s)]:.4f}" if str(s) in r["eval_losses"] else "-" for s in steps
+    )
+    lines.append(
+      f"| {r['run']} | {','.join(r['attention'])} | {r['params']:,} | {ev} | "
+      f"{r['final_eval_bits_per_byte']:.4f} | {r['train_loss_tail']:.4f} | "
+      f"{r['median_tokens_per_s']:,.0f} |"
+    )
+  lines += [
+    "",
+    "| config | seeds | final eval loss (mean ± half-range) | bits/byte | params |",
+    "|---|---|---|---|---|",
+  ]
   for name, g in groups.items():
-    lines.append(f"| {name} | {g['seeds']} | {g['final_eval_loss_mean']:.4f} ± "
-                 f"{g['final_eval_loss_half_range']:.4f} | {g['final_eval_bits_per_byte_mean']:.4f}"
-                 f" | {g['params']:,} |")
+    lines.append(
+      f"| {name} | {g['seeds']} | {g['final_eval_loss_mean']:.4f} ± "
+      f"{g['final_eval_loss_half_range']:.4f} | {g['final_eval_bits_per_byte_mean']:.4f}"
+      f" | {g['params']:,} |"
+    )
   return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-  p = argparse.ArgumentParser(prog="python scripts/summarize_runs.py", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(
+    prog="python scripts/summarize_runs.py",
+    description=__doc__,
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
   p.add_argument("runs", nargs="+", help="run folders (train.output_dir of python -m train)")
   p.add_argument("--out", default=None, help="JSON file to write (default: none)")
   p.add_argument("--plot", default=None, help="PNG of the per-config curves (default: none)")

@@ -81,28 +81,52 @@ class NSAConfig:
     for name in ("num_init_blocks", "num_local_blocks", "window"):
       v = getattr(self, name)
       _require(isinstance(v, int) and v >= 0, name, "a non-negative int", v)
-    _require(self.cmp_window % self.cmp_stride == 0, "cmp_stride",
-             f"a divisor of cmp_window={self.cmp_window}", self.cmp_stride)
-    _require(self.block_size % self.cmp_stride == 0, "cmp_stride",
-             f"a divisor of block_size={self.block_size}", self.cmp_stride)
-    _require(self.block_size % self.selection_share == 0, "selection_share",
-             f"a divisor of block_size={self.block_size}", self.selection_share)
-    _require(self.compression in ("mean", "mlp"), "compression", "'mean' or 'mlp'",
-             self.compression)
-    _require(self.score_pooling in ("sum", "max"), "score_pooling", "'sum' or 'max'",
-             self.score_pooling)
-    _require(isinstance(self.branches, tuple) and len(self.branches) > 0
-             and all(b in BRANCHES for b in self.branches)
-             and len(set(self.branches)) == len(self.branches),
-             "branches", f"a non-empty tuple of distinct names from {BRANCHES}", self.branches)
+    _require(
+      self.cmp_window % self.cmp_stride == 0,
+      "cmp_stride",
+      f"a divisor of cmp_window={self.cmp_window}",
+      self.cmp_stride,
+    )
+    _require(
+      self.block_size % self.cmp_stride == 0,
+      "cmp_stride",
+      f"a divisor of block_size={self.block_size}",
+      self.cmp_stride,
+    )
+    _require(
+      self.block_size % self.selection_share == 0,
+      "selection_share",
+      f"a divisor of block_size={self.block_size}",
+      self.selection_share,
+    )
+    _require(
+      self.compression in ("mean", "mlp"), "compression", "'mean' or 'mlp'", self.compression
+    )
+    _require(
+      self.score_pooling in ("sum", "max"), "score_pooling", "'sum' or 'max'", self.score_pooling
+    )
+    _require(
+      isinstance(self.branches, tuple)
+      and len(self.branches) > 0
+      and all(b in BRANCHES for b in self.branches)
+      and len(set(self.branches)) == len(self.branches),
+      "branches",
+      f"a non-empty tuple of distinct names from {BRANCHES}",
+      self.branches,
+    )
     forced = self.num_init_blocks + self.num_local_blocks
-    _require(forced <= self.num_selected, "num_selected",
-             f">= num_init_blocks + num_local_blocks = {forced}", self.num_selected)
+    _require(
+      forced <= self.num_selected,
+      "num_selected",
+      f">= num_init_blocks + num_local_blocks = {forced}",
+      self.num_selected,
+    )
     if "win" in self.branches:
       _require(self.window >= 1, "window", ">= 1 when the 'win' branch is enabled", self.window)
     if self.softmax_scale is not None:
-      _require(self.softmax_scale > 0, "softmax_scale", "a positive float or None",
-               self.softmax_scale)
+      _require(
+        self.softmax_scale > 0, "softmax_scale", "a positive float or None", self.softmax_scale
+      )
 
   # ----------------------------------------------------------------------------- derived sizes
   def num_cmp_tokens(self, seq_len: int) -> int:
@@ -116,7 +140,7 @@ class NSAConfig:
     return -(-seq_len // self.block_size)
 
   def scale(self, head_dim: int) -> float:
-    return self.softmax_scale if self.softmax_scale is not None else head_dim ** -0.5
+    return self.softmax_scale if self.softmax_scale is not None else head_dim**-0.5
 
   def for_length(self, seq_len: int) -> NSAConfig:
     """The same config with ``num_selected`` clamped to the blocks a ``seq_len`` sequence has.
@@ -132,8 +156,7 @@ class NSAConfig:
     # with n (they must stay <= n for the config to validate).
     init = min(self.num_init_blocks, nb)
     local = min(self.num_local_blocks, nb - init)
-    return dataclasses.replace(self, num_selected=nb, num_init_blocks=init,
-                               num_local_blocks=local)
+    return dataclasses.replace(self, num_selected=nb, num_init_blocks=init, num_local_blocks=local)
 
   def replace(self, **kw) -> NSAConfig:
     return dataclasses.replace(self, **kw)
@@ -142,17 +165,35 @@ class NSAConfig:
   @classmethod
   def paper(cls, **kw) -> NSAConfig:
     """NSA paper (arXiv 2502.11089 sec. 4.1): phi-MLP l=32 d=16, l'=64, n=16 (1+2 forced), w=512."""
-    base = dict(cmp_window=32, cmp_stride=16, compression="mlp", block_size=64, num_selected=16,
-                num_init_blocks=1, num_local_blocks=2, score_pooling="sum", window=512,
-                branches=BRANCHES)
+    base = dict(
+      cmp_window=32,
+      cmp_stride=16,
+      compression="mlp",
+      block_size=64,
+      num_selected=16,
+      num_init_blocks=1,
+      num_local_blocks=2,
+      score_pooling="sum",
+      window=512,
+      branches=BRANCHES,
+    )
     return cls(**{**base, **kw})
 
   @classmethod
   def fla(cls, *, window: int = 512, **kw) -> NSAConfig:
     """Open-source simplification (fla-org >= 0.3.2): mean pooling l=d=l'=64, {0, cur, cur-1}."""
-    base = dict(cmp_window=64, cmp_stride=64, compression="mean", block_size=64, num_selected=16,
-                num_init_blocks=1, num_local_blocks=2, score_pooling="sum", window=window,
-                branches=BRANCHES)
+    base = dict(
+      cmp_window=64,
+      cmp_stride=64,
+      compression="mean",
+      block_size=64,
+      num_selected=16,
+      num_init_blocks=1,
+      num_local_blocks=2,
+      score_pooling="sum",
+      window=window,
+      branches=BRANCHES,
+    )
     return cls(**{**base, **kw})
 
   @classmethod
@@ -163,7 +204,16 @@ class NSAConfig:
     blocks. Call the op with ``gates=None`` (InfLLM-V2 has no gates).
     """
     block = kw.get("block_size", 64)
-    base = dict(cmp_window=32, cmp_stride=16, compression="mean", block_size=block,
-                num_selected=64, num_init_blocks=1, num_local_blocks=local_window // block + 1,
-                score_pooling="max", window=0, branches=("slc",))
+    base = dict(
+      cmp_window=32,
+      cmp_stride=16,
+      compression="mean",
+      block_size=block,
+      num_selected=64,
+      num_init_blocks=1,
+      num_local_blocks=local_window // block + 1,
+      score_pooling="max",
+      window=0,
+      branches=("slc",),
+    )
     return cls(**{**base, **kw})

@@ -22,7 +22,8 @@ def load_script(relpath: str, name: str | None = None):
   from ``relpath`` under the repository root (imported fresh each call)."""
   path = os.path.join(ROOT, relpath)
   spec = importlib.util.spec_from_file_location(
-      name or os.path.splitext(os.path.basename(path))[0], path)
+    name or os.path.splitext(os.path.basename(path))[0], path
+  )
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
   return mod
@@ -65,15 +66,16 @@ def np_reference(q, k, v, visible, scale=None):
   b, t, hq, dk = q.shape
   h = k.shape[2]
   g = hq // h
-  scale = dk ** -0.5 if scale is None else scale
+  scale = dk**-0.5 if scale is None else scale
   o = np.zeros((b, t, hq, v.shape[-1]))
   lse = np.zeros((b, t, hq))
   for bi in range(b):
     for ti in range(t):
       for hh in range(hq):
         pos = np.asarray(sorted(visible(bi, ti, hh // g)), np.int64)
-        o[bi, ti, hh], lse[bi, ti, hh] = np_attend(q[bi, ti, hh], k[bi, pos, hh // g],
-                                                   v[bi, pos, hh // g], scale)
+        o[bi, ti, hh], lse[bi, ti, hh] = np_attend(
+          q[bi, ti, hh], k[bi, pos, hh // g], v[bi, pos, hh // g], scale
+        )
   return o, lse
 
 
@@ -126,12 +128,34 @@ def np_select(score, cfg, seg=None):
     for ti in range(t):
       doc0 = starts[ti]
       cand = [j for j in range(nb) if j * bs <= ti and (j + 1) * bs - 1 >= doc0]
-      forced = [j for j in cand
-                if doc0 // bs <= j < doc0 // bs + cfg.num_init_blocks
-                or ti // bs - cfg.num_local_blocks < j <= ti // bs]
+      forced = [
+        j
+        for j in cand
+        if doc0 // bs <= j < doc0 // bs + cfg.num_init_blocks
+        or ti // bs - cfg.num_local_blocks < j <= ti // bs
+      ]
       for hh in range(h):
-        rest = sorted((j for j in cand if j not in forced),
-                      key=lambda j: (-score[bi, ti, hh, j], j))
-        chosen = sorted(forced + rest[:max(n - len(forced), 0)])
-        out[bi, ti, hh, :len(chosen)] = chosen
+        rest = sorted(
+          (j for j in cand if j not in forced), key=lambda j: (-score[bi, ti, hh, j], j)
+        )
+        chosen = sorted(forced + rest[: max(n - len(forced), 0)])
+        out[bi, ti, hh, : len(chosen)] = chosen
   return out
+
+
+def hopper_gpu_available() -> bool:
+  """True when the default backend is a GPU of compute capability 9.x (H100/H200)."""
+  if jax.default_backend() != "gpu":
+    return False
+  cc = getattr(jax.devices()[0], "compute_capability", None)
+  return cc is not None and str(cc).startswith("9")
+
+
+def pytest_collection_modifyitems(config, items):
+  """Tests marked ``gpu`` run only where a Hopper GPU is the default backend."""
+  if hopper_gpu_available():
+    return
+  skip = pytest.mark.skip(reason="needs a Hopper GPU (sm90) as the default JAX backend")
+  for item in items:
+    if "gpu" in item.keywords:
+      item.add_marker(skip)

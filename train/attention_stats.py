@@ -32,8 +32,10 @@ def _ints(text: str) -> tuple[int, ...]:
 
 
 def _parse_args(argv):
-  p = argparse.ArgumentParser(prog="python -m train.attention_stats",
-                              description="Per-layer attention-sparsity metrics of a model.")
+  p = argparse.ArgumentParser(
+    prog="python -m train.attention_stats",
+    description="Per-layer attention-sparsity metrics of a model.",
+  )
   p.add_argument("--config", required=True, help="YAML file with model: and train: sections")
   p.add_argument("--checkpoint", help="checkpoint folder (.../checkpoints/<step>); default: init")
   p.add_argument("--out", required=True, help="folder for attention_stats.json / .png")
@@ -48,15 +50,18 @@ def _parse_args(argv):
 
 def _plot(stats: dict, path: str) -> None:
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+
   fig, ax = plt.subplots(figsize=(6, 4))
   for s in stats["layers"]:
     if "skipped" in s:
       continue
     ks = sorted(s["topk_mass"])
-    ax.plot(ks, [s["topk_mass"][k] for k in ks], marker="o", label=f"layer {s['layer']} "
-            f"({s['kind']})")
+    ax.plot(
+      ks, [s["topk_mass"][k] for k in ks], marker="o", label=f"layer {s['layer']} ({s['kind']})"
+    )
   ax.set_xscale("log", base=2)
   ax.set_xlabel("k (keys kept per query)")
   ax.set_ylabel("attention mass of the top-k keys")
@@ -71,6 +76,7 @@ def _plot(stats: dict, path: str) -> None:
 def main(argv: list[str] | None = None) -> int:
   args = _parse_args(argv)
   from train import cli
+
   config = cli.load_config_or_none(args.config, args.overrides)
   if config is None:
     return 2
@@ -82,9 +88,16 @@ def main(argv: list[str] | None = None) -> int:
   tc = config.train
   model, _, batches = cli.model_and_batches(config, args.checkpoint, args.batches)
   kw = {"ks": args.ks, "block_size": args.block_size, "block_ks": args.block_ks, "sink": args.sink}
-  per_batch = [model_attention_stats(model, jnp.asarray(b["tokens"]),
-                                     jnp.asarray(b["positions"]), jnp.asarray(b["segment_ids"]),
-                                     **kw) for b in batches]
+  per_batch = [
+    model_attention_stats(
+      model,
+      jnp.asarray(b["tokens"]),
+      jnp.asarray(b["positions"]),
+      jnp.asarray(b["segment_ids"]),
+      **kw,
+    )
+    for b in batches
+  ]
   stats = per_batch[0]
   for i, layer in enumerate(stats["layers"]):  # Mean over batches.
     if "skipped" in layer:
@@ -95,23 +108,33 @@ def main(argv: list[str] | None = None) -> int:
     for key in ("topk_mass", "block_mass"):
       layer[key] = {k: float(np.mean([r[key][k] for r in rows])) for k in layer[key]}
   stats["mean"] = mean_over_layers(stats)
-  stats["settings"] = {**{k: list(v) if isinstance(v, tuple) else v for k, v in kw.items()},
-                       "config": args.config, "checkpoint": args.checkpoint,
-                       "batches": args.batches, "seq_len": tc.seq_len,
-                       "batch_size": tc.batch_size}
+  stats["settings"] = {
+    **{k: list(v) if isinstance(v, tuple) else v for k, v in kw.items()},
+    "config": args.config,
+    "checkpoint": args.checkpoint,
+    "batches": args.batches,
+    "seq_len": tc.seq_len,
+    "batch_size": tc.batch_size,
+  }
 
   ks, bks = list(args.ks), list(args.block_ks)
-  head = (f"{'layer':>5} {'kind':<10} {'entropy':>8} {'sink':>6} "
-          + " ".join(f"{'top' + str(k):>7}" for k in ks) + " "
-          + " ".join(f"{'blk' + str(k):>7}" for k in bks))
+  head = (
+    f"{'layer':>5} {'kind':<10} {'entropy':>8} {'sink':>6} "
+    + " ".join(f"{'top' + str(k):>7}" for k in ks)
+    + " "
+    + " ".join(f"{'blk' + str(k):>7}" for k in bks)
+  )
   print(head)
   for s in stats["layers"]:
     if "skipped" in s:
       print(f"{s['layer']:>5} {s['kind']:<10} skipped: {s['skipped']}")
       continue
-    print(f"{s['layer']:>5} {s['kind']:<10} {s['entropy']:8.3f} {s['sink_mass']:6.3f} "
-          + " ".join(f"{s['topk_mass'][k]:7.3f}" for k in ks) + " "
-          + " ".join(f"{s['block_mass'][k]:7.3f}" for k in bks))
+    print(
+      f"{s['layer']:>5} {s['kind']:<10} {s['entropy']:8.3f} {s['sink_mass']:6.3f} "
+      + " ".join(f"{s['topk_mass'][k]:7.3f}" for k in ks)
+      + " "
+      + " ".join(f"{s['block_mass'][k]:7.3f}" for k in bks)
+    )
   os.makedirs(args.out, exist_ok=True)
   json_path = os.path.join(args.out, "attention_stats.json")
   with open(json_path, "w") as f:

@@ -44,8 +44,9 @@ def _tree(model: nnx.Module, optimizer: nnx.Optimizer | None, step: int) -> dict
   return tree
 
 
-def save(directory: str | os.PathLike, model: nnx.Module, optimizer: nnx.Optimizer | None,
-         step: int) -> str:
+def save(
+  directory: str | os.PathLike, model: nnx.Module, optimizer: nnx.Optimizer | None, step: int
+) -> str:
   """Saves ``model`` (and ``optimizer``) to ``directory/<step>`` and waits until it is written.
 
   Args:
@@ -72,17 +73,24 @@ def latest(directory: str | os.PathLike) -> str | None:
   directory = os.path.abspath(os.fspath(directory))
   if not os.path.isdir(directory):
     return None
-  steps = [int(n) for n in os.listdir(directory)
-           if n.isdigit() and os.path.isdir(os.path.join(directory, n))]
+  steps = [
+    int(n)
+    for n in os.listdir(directory)
+    if n.isdigit() and os.path.isdir(os.path.join(directory, n))
+  ]
   return os.path.join(directory, str(max(steps))) if steps else None
 
 
 def _flat(tree) -> dict[str, object]:
   """``{"model/layers/0/attn/...": leaf}`` (keys as strings: Orbax stores list indices so)."""
+
   def name(k):
     return str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))))
-  return {"/".join(name(k) for k in path): leaf
-          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+  return {
+    "/".join(name(k) for k in path): leaf
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+  }
 
 
 def _check_shapes(path: str, saved, abstract) -> None:
@@ -90,20 +98,29 @@ def _check_shapes(path: str, saved, abstract) -> None:
   want, have = _flat(abstract), _flat(dict(saved))
   sections = {k.split("/", 1)[0] for k in want}
   problems = [f"{k}: not in the checkpoint" for k in sorted(want) if k not in have]
-  problems += [f"{k}: in the checkpoint but not in the model/optimizer" for k in sorted(have)
-               if k not in want and k.split("/", 1)[0] in sections]
-  problems += [f"{k}: saved shape {tuple(have[k].shape)}, expected {tuple(want[k].shape)}"
-               for k in sorted(want)
-               if k in have and tuple(getattr(have[k], "shape", ())) != tuple(want[k].shape)]
+  problems += [
+    f"{k}: in the checkpoint but not in the model/optimizer"
+    for k in sorted(have)
+    if k not in want and k.split("/", 1)[0] in sections
+  ]
+  problems += [
+    f"{k}: saved shape {tuple(have[k].shape)}, expected {tuple(want[k].shape)}"
+    for k in sorted(want)
+    if k in have and tuple(getattr(have[k], "shape", ())) != tuple(want[k].shape)
+  ]
   if problems:
-    shown = "; ".join(problems[:6]) + (f"; ... ({len(problems)} in all)"
-                                       if len(problems) > 6 else "")
-    raise ValueError(f"checkpoint {path}: does not match the model/optimizer built from the "
-                     f"current config: {shown}")
+    shown = "; ".join(problems[:6]) + (
+      f"; ... ({len(problems)} in all)" if len(problems) > 6 else ""
+    )
+    raise ValueError(
+      f"checkpoint {path}: does not match the model/optimizer built from the "
+      f"current config: {shown}"
+    )
 
 
-def restore(path: str | os.PathLike, model: nnx.Module,
-            optimizer: nnx.Optimizer | None = None) -> int:
+def restore(
+  path: str | os.PathLike, model: nnx.Module, optimizer: nnx.Optimizer | None = None
+) -> int:
   """Loads a checkpoint written by :func:`save` into ``model`` (and ``optimizer``) in place.
 
   Args:
@@ -121,30 +138,40 @@ def restore(path: str | os.PathLike, model: nnx.Module,
   """
   path = os.path.abspath(os.fspath(path))
   if not os.path.isdir(path):
-    raise FileNotFoundError(f"checkpoint: expected a directory written by train.checkpoint.save, "
-                            f"got {path!r}")
+    raise FileNotFoundError(
+      f"checkpoint: expected a directory written by train.checkpoint.save, got {path!r}"
+    )
   if os.path.isdir(os.path.join(path, _STATE)):  # A Checkpointer step: read its state item.
     path = os.path.join(path, _STATE)
   with ocp.StandardCheckpointer() as ckptr:
     saved = ckptr.metadata(path).item_metadata
     saved_keys = set(saved.keys()) if saved is not None else set()
     if optimizer is not None and "optimizer" not in saved_keys:
-      raise ValueError(f"checkpoint {path}: has no optimizer state (saved {sorted(saved_keys)}); "
-                       f"pass optimizer=None to restore parameters only")
+      raise ValueError(
+        f"checkpoint {path}: has no optimizer state (saved {sorted(saved_keys)}); "
+        f"pass optimizer=None to restore parameters only"
+      )
     target = _tree(model, optimizer, 0)
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
     _check_shapes(path, saved, abstract)
     try:
       if "optimizer" in saved_keys and optimizer is None:  # Parameters only.
         with ocp.PyTreeCheckpointer() as pytree_ckptr:
-          restored = pytree_ckptr.restore(path, args=ocp.args.PyTreeRestore(
-              item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
-              partial_restore=True))
+          restored = pytree_ckptr.restore(
+            path,
+            args=ocp.args.PyTreeRestore(
+              item=abstract,
+              restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+              partial_restore=True,
+            ),
+          )
       else:
         restored = ckptr.restore(path, abstract)
     except ValueError as e:
-      raise ValueError(f"checkpoint {path}: does not match the model/optimizer built from the "
-                       f"current config ({str(e)[:2000]})") from None
+      raise ValueError(
+        f"checkpoint {path}: does not match the model/optimizer built from the "
+        f"current config ({str(e)[:2000]})"
+      ) from None
   model_state = nnx.state(model)
   nnx.replace_by_pure_dict(model_state, restored["model"])
   nnx.update(model, model_state)
@@ -174,8 +201,10 @@ class _DataStateHandler(ocp.CheckpointHandler):
     path = directory / f"process_{i}-of-{n}.json"
     if not path.exists():
       found = sorted(p.name for p in directory.iterdir())
-      raise ValueError(f"checkpoint {directory}: expected the data state of process {i} of {n} "
-                       f"({path.name}), found {found} (the process count changed?)")
+      raise ValueError(
+        f"checkpoint {directory}: expected the data state of process {i} of {n} "
+        f"({path.name}), found {found} (the process count changed?)"
+      )
     return json.loads(path.read_text())
 
   def metadata(self, directory: epath.Path) -> None:
@@ -214,19 +243,24 @@ class Checkpointer:
       training continues at once); :meth:`wait` / :meth:`close` block until written.
   """
 
-  def __init__(self, directory: str | os.PathLike, *, every: int = 0, keep: int = 3,
-               async_save: bool = True):
+  def __init__(
+    self, directory: str | os.PathLike, *, every: int = 0, keep: int = 3, async_save: bool = True
+  ):
     if not isinstance(every, int) or every < 0:
       raise ValueError(f"every (train.checkpoint_every): expected an int >= 0, got {every!r}")
     if not isinstance(keep, int) or keep < 1:
       raise ValueError(f"keep (train.keep_checkpoints): expected an int >= 1, got {keep!r}")
     self.directory = os.path.abspath(os.fspath(directory))
     self.every = every
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                           enable_async_checkpointing=async_save)
+    options = ocp.CheckpointManagerOptions(
+      max_to_keep=keep, create=True, enable_async_checkpointing=async_save
+    )
     self._manager = ocp.CheckpointManager(
-        self.directory, item_names=(_STATE, _DATA), options=options,
-        item_handlers={_STATE: ocp.StandardCheckpointHandler(), _DATA: _DataStateHandler()})
+      self.directory,
+      item_names=(_STATE, _DATA),
+      options=options,
+      item_handlers={_STATE: ocp.StandardCheckpointHandler(), _DATA: _DataStateHandler()},
+    )
 
   def steps(self) -> list[int]:
     """Saved steps (finished or in flight), ascending."""
@@ -236,8 +270,15 @@ class Checkpointer:
     """The newest saved step, or None."""
     return self._manager.latest_step()
 
-  def save(self, step: int, model: nnx.Module, optimizer: nnx.Optimizer,
-           data_iterator: Any = None, *, force: bool = False) -> bool:
+  def save(
+    self,
+    step: int,
+    model: nnx.Module,
+    optimizer: nnx.Optimizer,
+    data_iterator: Any = None,
+    *,
+    force: bool = False,
+  ) -> bool:
     """Saves when ``force`` or ``step`` is a multiple of ``every``; True if a save started.
 
     Args:
@@ -252,12 +293,22 @@ class Checkpointer:
     if step in self._manager.all_steps():
       return False  # Already saved (e.g. a periodic save of the final step).
     data_state = {} if data_iterator is None else data_iterator.get_state()
-    args = ocp.args.Composite(**{_STATE: ocp.args.StandardSave(_tree(model, optimizer, step)),
-                                 _DATA: DataStateSave(data_state)})
+    args = ocp.args.Composite(
+      **{
+        _STATE: ocp.args.StandardSave(_tree(model, optimizer, step)),
+        _DATA: DataStateSave(data_state),
+      }
+    )
     return bool(self._manager.save(step, args=args, force=True))
 
-  def restore(self, model: nnx.Module, optimizer: nnx.Optimizer | None = None,
-              data_iterator: Any = None, *, step: int | None = None) -> int:
+  def restore(
+    self,
+    model: nnx.Module,
+    optimizer: nnx.Optimizer | None = None,
+    data_iterator: Any = None,
+    *,
+    step: int | None = None,
+  ) -> int:
     """Loads ``step`` (default: the newest) into the objects in place; returns the step.
 
     Every array is read directly into the sharding of the target's current array, so the
@@ -270,8 +321,10 @@ class Checkpointer:
     self.wait()
     step = self.latest_step() if step is None else step
     if step is None or step not in self._manager.all_steps():
-      raise FileNotFoundError(f"checkpoint: expected a saved step under {self.directory}, got "
-                              f"{step!r} (saved: {self.steps()})")
+      raise FileNotFoundError(
+        f"checkpoint: expected a saved step under {self.directory}, got "
+        f"{step!r} (saved: {self.steps()})"
+      )
     path = os.path.join(self.directory, str(step))
     target = _tree(model, optimizer, 0)
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)

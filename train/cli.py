@@ -9,6 +9,7 @@ import sys
 def load_config_or_none(path: str, overrides):
   """The resolved config, or ``None`` after printing the error (the caller exits with 2)."""
   from train.config import load_config
+
   try:
     return load_config(path, overrides)
   except (ValueError, FileNotFoundError) as e:

@@ -54,8 +54,9 @@ def validate_mesh_config(spec: dict[str, int] | None) -> dict[str, int]:
   out = {a: spec.get(a, 1 if free or a != "fsdp" else -1) for a in MESH_AXES}
   for a, n in out.items():
     if not isinstance(n, int) or isinstance(n, bool) or (n < 1 and n != -1):
-      raise ValueError(f"train.mesh.{a}: expected a positive int or -1 (all remaining "
-                       f"devices), got {n!r}")
+      raise ValueError(
+        f"train.mesh.{a}: expected a positive int or -1 (all remaining devices), got {n!r}"
+      )
   if sum(n == -1 for n in out.values()) > 1:
     raise ValueError(f"train.mesh: expected at most one axis of size -1, got {out}")
   return out
@@ -125,7 +126,8 @@ class TrainConfig:
   corpus_max_bytes: int = 4_000_000
   heldout_fraction: float = 0.05
   mesh: dict[str, int] = dataclasses.field(
-      default_factory=lambda: {"data": 1, "fsdp": -1, "tensor": 1})
+    default_factory=lambda: {"data": 1, "fsdp": -1, "tensor": 1}
+  )
   distributed: bool = False
   grad_accum_steps: int = 1
   checkpoint_every: int = 0
@@ -143,9 +145,16 @@ class TrainConfig:
     def is_real(v):
       return (is_int(v) or isinstance(v, float)) and math.isfinite(v)
 
-    for name, lo in (("seq_len", 2), ("batch_size", 1), ("steps", 1), ("eval_batches", 0),
-                     ("log_every", 1), ("corpus_max_bytes", 4096), ("grad_accum_steps", 1),
-                     ("keep_checkpoints", 1)):
+    for name, lo in (
+      ("seq_len", 2),
+      ("batch_size", 1),
+      ("steps", 1),
+      ("eval_batches", 0),
+      ("log_every", 1),
+      ("corpus_max_bytes", 4096),
+      ("grad_accum_steps", 1),
+      ("keep_checkpoints", 1),
+    ):
       if not is_int(getattr(self, name)) or getattr(self, name) < lo:
         fail(name, f"an int >= {lo}")
     for name in ("warmup_steps", "eval_every", "sample_bytes", "checkpoint_every"):
@@ -213,23 +222,30 @@ class RunConfig:
       raise TypeError(f"data: expected a DataConfig, got {type(self.data).__name__}")
     # With a tokenizer the vocabulary is checked when the tokenizer is loaded (train.sources).
     if self.data.tokenizer is None and self.model.vocab_size < BYTE_VOCAB:
-      raise ValueError(f"model.vocab_size: expected >= {BYTE_VOCAB} for byte-level data "
-                       f"(data.source={self.data.source!r}, no data.tokenizer), got "
-                       f"{self.model.vocab_size}")
+      raise ValueError(
+        f"model.vocab_size: expected >= {BYTE_VOCAB} for byte-level data "
+        f"(data.source={self.data.source!r}, no data.tokenizer), got "
+        f"{self.model.vocab_size}"
+      )
 
   def to_dict(self) -> dict[str, Any]:
-    return {"model": self.model.to_dict(), "train": self.train.to_dict(),
-            "data": self.data.to_dict()}
+    return {
+      "model": self.model.to_dict(),
+      "train": self.train.to_dict(),
+      "data": self.data.to_dict(),
+    }
 
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> RunConfig:
     if not isinstance(d, dict):
-      raise ValueError(f"config: expected a mapping with 'model' and 'train', got "
-                       f"{type(d).__name__}")
+      raise ValueError(
+        f"config: expected a mapping with 'model' and 'train', got {type(d).__name__}"
+      )
     unknown = sorted(set(d) - {"model", "train", "data"})
     if unknown:
-      raise ValueError(f"config: unknown top-level keys {unknown}; expected 'model', 'train' "
-                       f"and optionally 'data'")
+      raise ValueError(
+        f"config: unknown top-level keys {unknown}; expected 'model', 'train' and optionally 'data'"
+      )
     if not isinstance(d.get("model"), dict):
       raise ValueError(f"model: expected a mapping, got {d.get('model')!r}")
     try:
@@ -241,8 +257,11 @@ class RunConfig:
       if field in _NSA_FIELDS:
         raise ValueError(f"model.nsa.{msg}") from None
       raise
-    return cls(model=model, train=TrainConfig.from_dict(d.get("train") or {}),
-               data=DataConfig.from_dict(d.get("data")))
+    return cls(
+      model=model,
+      train=TrainConfig.from_dict(d.get("train") or {}),
+      data=DataConfig.from_dict(d.get("data")),
+    )
 
 
 _NSA_FIELDS = frozenset(f.name for f in dataclasses.fields(NSAConfig))
@@ -250,15 +269,14 @@ _NSA_FIELDS = frozenset(f.name for f in dataclasses.fields(NSAConfig))
 # The dataclass behind each overridable section: `key=value` overrides are checked against these
 # (not against the YAML file), so a field the file leaves at its default can still be overridden.
 _SECTIONS: dict[tuple[str, ...], tuple[set[str], set[str]]] = {
-    ("model",): ({f.name for f in dataclasses.fields(ModelConfig)}, {"nsa", "latent", "ssa",
-                                                                    "nosa"}),
-    ("model", "nsa"): ({f.name for f in dataclasses.fields(NSAConfig)} | {"preset"}, set()),
-    ("model", "latent"): ({f.name for f in dataclasses.fields(LatentConfig)}, set()),
-    ("model", "ssa"): ({f.name for f in dataclasses.fields(SSAConfig)}, set()),
-    ("model", "nosa"): ({f.name for f in dataclasses.fields(NOSAConfig)}, set()),
-    ("train",): ({f.name for f in dataclasses.fields(TrainConfig)}, {"mesh"}),
-    ("train", "mesh"): ({"data", "fsdp", "tensor"}, set()),
-    ("data",): ({f.name for f in dataclasses.fields(DataConfig)}, set()),
+  ("model",): ({f.name for f in dataclasses.fields(ModelConfig)}, {"nsa", "latent", "ssa", "nosa"}),
+  ("model", "nsa"): ({f.name for f in dataclasses.fields(NSAConfig)} | {"preset"}, set()),
+  ("model", "latent"): ({f.name for f in dataclasses.fields(LatentConfig)}, set()),
+  ("model", "ssa"): ({f.name for f in dataclasses.fields(SSAConfig)}, set()),
+  ("model", "nosa"): ({f.name for f in dataclasses.fields(NOSAConfig)}, set()),
+  ("train",): ({f.name for f in dataclasses.fields(TrainConfig)}, {"mesh"}),
+  ("train", "mesh"): ({"data", "fsdp", "tensor"}, set()),
+  ("data",): ({f.name for f in dataclasses.fields(DataConfig)}, set()),
 }
 
 
@@ -274,37 +292,45 @@ def apply_override(data: dict[str, Any], override: str) -> None:
     ValueError: malformed override or a key that no config section has.
   """
   if not isinstance(override, str) or "=" not in override:
-    raise ValueError(f"override: expected 'section.key=value' (e.g. train.steps=50), got "
-                     f"{override!r}")
+    raise ValueError(
+      f"override: expected 'section.key=value' (e.g. train.steps=50), got {override!r}"
+    )
   key, raw = override.split("=", 1)
   parts = tuple(key.strip().split("."))
   if len(parts) < 2 or not all(parts):
-    raise ValueError(f"override {override!r}: expected a dotted key like train.steps or "
-                     f"model.nsa.num_selected, got {key!r}")
+    raise ValueError(
+      f"override {override!r}: expected a dotted key like train.steps or "
+      f"model.nsa.num_selected, got {key!r}"
+    )
   section, name = parts[:-1], parts[-1]
   if section not in _SECTIONS:
     known = sorted(".".join(s) for s in _SECTIONS)
-    raise ValueError(f"override {override!r}: unknown section {'.'.join(section)!r}; known "
-                     f"sections are {known}")
+    raise ValueError(
+      f"override {override!r}: unknown section {'.'.join(section)!r}; known sections are {known}"
+    )
   fields, subsections = _SECTIONS[section]
   if name not in fields:
-    raise ValueError(f"override {override!r}: unknown key {key!r}; {'.'.join(section)} has "
-                     f"{sorted(fields)}")
+    raise ValueError(
+      f"override {override!r}: unknown key {key!r}; {'.'.join(section)} has {sorted(fields)}"
+    )
   try:
     value = yaml.safe_load(raw) if raw.strip() else None
   except yaml.YAMLError as e:
     raise ValueError(f"override {override!r}: value {raw!r} is not valid YAML ({e})") from None
   if name in subsections and not isinstance(value, dict):
-    raise ValueError(f"override {override!r}: {key} is a section; set its fields one by one "
-                     f"({key}.FIELD=VALUE)")
+    raise ValueError(
+      f"override {override!r}: {key} is a section; set its fields one by one ({key}.FIELD=VALUE)"
+    )
   node = data
   for p in section:
     child = node.get(p)
     if child is None:
       child = node[p] = {}
     elif not isinstance(child, dict):
-      raise ValueError(f"override {override!r}: {p!r} in the config file is "
-                       f"{type(child).__name__}, expected a mapping")
+      raise ValueError(
+        f"override {override!r}: {p!r} in the config file is "
+        f"{type(child).__name__}, expected a mapping"
+      )
     node = child
   node[name] = value
 
@@ -329,8 +355,9 @@ def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] 
     except yaml.YAMLError as e:
       raise ValueError(f"{path}: not valid YAML ({e})") from None
   if not isinstance(data, dict):
-    raise ValueError(f"{path}: expected a mapping with 'model' and 'train' sections, got "
-                     f"{type(data).__name__}")
+    raise ValueError(
+      f"{path}: expected a mapping with 'model' and 'train' sections, got {type(data).__name__}"
+    )
   for o in overrides:
     apply_override(data, o)
   try:

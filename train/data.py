@@ -30,8 +30,9 @@ import grain.experimental
 import numpy as np
 
 # Directories of the standard library that are not ordinary library source.
-_SKIP_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test",
-                        "__pycache__"})
+_SKIP_DIRS = frozenset(
+  {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +63,7 @@ class Corpus:
 def _hash_unit(text: str) -> float:
   """A deterministic pseudo-random number in [0, 1) from a string (stable across runs)."""
   digest = hashlib.sha256(text.encode("utf-8")).digest()
-  return int.from_bytes(digest[:8], "little") / 2.0 ** 64
+  return int.from_bytes(digest[:8], "little") / 2.0**64
 
 
 def list_source_files(root: str | os.PathLike | None = None, suffix: str = ".py") -> list[str]:
@@ -83,8 +84,9 @@ def list_source_files(root: str | os.PathLike | None = None, suffix: str = ".py"
   return sorted(out)
 
 
-def split_documents(names: Sequence[str], docs: Sequence[np.ndarray],
-                    heldout_fraction: float) -> Corpus:
+def split_documents(
+  names: Sequence[str], docs: Sequence[np.ndarray], heldout_fraction: float
+) -> Corpus:
   """Splits documents by a hash of their names; both sides get at least one document."""
   if len(names) != len(docs):
     raise ValueError(f"names/docs: expected equal lengths, got {len(names)} and {len(docs)}")
@@ -97,12 +99,21 @@ def split_documents(names: Sequence[str], docs: Sequence[np.ndarray],
     held[max(range(len(names)), key=lambda i: _hash_unit("heldout:" + names[i]))] = False
   tr = tuple(i for i, h in enumerate(held) if not h)
   he = tuple(i for i, h in enumerate(held) if h)
-  return Corpus(train=tuple(docs[i] for i in tr), heldout=tuple(docs[i] for i in he),
-                train_names=tuple(names[i] for i in tr), heldout_names=tuple(names[i] for i in he))
+  return Corpus(
+    train=tuple(docs[i] for i in tr),
+    heldout=tuple(docs[i] for i in he),
+    train_names=tuple(names[i] for i in tr),
+    heldout_names=tuple(names[i] for i in he),
+  )
 
 
-def load_corpus(max_bytes: int = 4_000_000, heldout_fraction: float = 0.05, *,
-                root: str | os.PathLike | None = None, max_file_bytes: int = 200_000) -> Corpus:
+def load_corpus(
+  max_bytes: int = 4_000_000,
+  heldout_fraction: float = 0.05,
+  *,
+  root: str | os.PathLike | None = None,
+  max_file_bytes: int = 200_000,
+) -> Corpus:
   """The default corpus: Python standard library sources as byte documents.
 
   Files are taken in the order of a hash of their relative path (a deterministic sample spread
@@ -134,8 +145,10 @@ def load_corpus(max_bytes: int = 4_000_000, heldout_fraction: float = 0.05, *,
     docs.append(np.frombuffer(data, dtype=np.uint8))
     total += len(data)
   if len(docs) < 2:
-    raise ValueError(f"corpus: expected at least 2 non-empty *.py files under {root!r} "
-                     f"(<= {max_file_bytes} bytes each), found {len(docs)}")
+    raise ValueError(
+      f"corpus: expected at least 2 non-empty *.py files under {root!r} "
+      f"(<= {max_file_bytes} bytes each), found {len(docs)}"
+    )
   # Restore path order so the split and the documents do not depend on the sampling order.
   order = sorted(range(len(chosen)), key=lambda i: chosen[i])
   return split_documents([chosen[i] for i in order], [docs[i] for i in order], heldout_fraction)
@@ -161,13 +174,21 @@ def chunk_documents(docs: Sequence[np.ndarray], max_len: int) -> list[np.ndarray
   out = []
   for d in docs:
     d = np.asarray(d).astype(np.int32)
-    out.extend(d[i:i + max_len] for i in range(0, len(d), max_len))
+    out.extend(d[i : i + max_len] for i in range(0, len(d), max_len))
   return out
 
 
-def packed_rows(docs: Sequence[np.ndarray], row_len: int, *, seed: int = 0, shuffle: bool = True,
-                repeat: bool = True, num_packing_bins: int = 16, shard_index: int = 0,
-                shard_count: int = 1) -> grain.IterDataset:
+def packed_rows(
+  docs: Sequence[np.ndarray],
+  row_len: int,
+  *,
+  seed: int = 0,
+  shuffle: bool = True,
+  repeat: bool = True,
+  num_packing_bins: int = 16,
+  shard_index: int = 0,
+  shard_count: int = 1,
+) -> grain.IterDataset:
   """Grain dataset of packed rows ``{"tokens", "tokens_segment_ids", "tokens_positions"}``.
 
   Args:
@@ -185,12 +206,15 @@ def packed_rows(docs: Sequence[np.ndarray], row_len: int, *, seed: int = 0, shuf
     1, 2, ... within a row (0 = padding) and positions restart at 0 at each piece.
   """
   if not 0 <= shard_index < shard_count:
-    raise ValueError(f"shard_index: expected 0 <= shard_index < shard_count={shard_count}, got "
-                     f"{shard_index}")
+    raise ValueError(
+      f"shard_index: expected 0 <= shard_index < shard_count={shard_count}, got {shard_index}"
+    )
   pieces = chunk_documents(docs, row_len)[shard_index::shard_count]
   if not pieces:
-    raise ValueError(f"docs: expected at least one non-empty document piece for shard "
-                     f"{shard_index} of {shard_count}, got none")
+    raise ValueError(
+      f"docs: expected at least one non-empty document piece for shard "
+      f"{shard_index} of {shard_count}, got none"
+    )
   ds = grain.MapDataset.source(pieces)
   if shuffle:
     ds = ds.shuffle(seed=seed)
@@ -198,8 +222,12 @@ def packed_rows(docs: Sequence[np.ndarray], row_len: int, *, seed: int = 0, shuf
     ds = ds.repeat(None)
   ds = ds.map(lambda x: {"tokens": x}).to_iter_dataset()
   return grain.experimental.FirstFitPackIterDataset(
-      ds, length_struct={"tokens": row_len}, num_packing_bins=num_packing_bins, seed=seed,
-      shuffle_bins=shuffle)
+    ds,
+    length_struct={"tokens": row_len},
+    num_packing_bins=num_packing_bins,
+    seed=seed,
+    shuffle_bins=shuffle,
+  )
 
 
 def shift_rows(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -213,13 +241,27 @@ def shift_rows(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   seg = np.asarray(rows["tokens_segment_ids"], np.int32)
   pos = np.asarray(rows["tokens_positions"], np.int32)
   mask = (seg[..., :-1] == seg[..., 1:]) & (seg[..., :-1] != 0)
-  return {"tokens": tok[..., :-1], "positions": pos[..., :-1], "segment_ids": seg[..., :-1],
-          "targets": tok[..., 1:], "loss_mask": mask.astype(np.float32)}
+  return {
+    "tokens": tok[..., :-1],
+    "positions": pos[..., :-1],
+    "segment_ids": seg[..., :-1],
+    "targets": tok[..., 1:],
+    "loss_mask": mask.astype(np.float32),
+  }
 
 
-def batches(docs: Sequence[np.ndarray], seq_len: int, batch_size: int, *, seed: int = 0,
-            shuffle: bool = True, repeat: bool = True, num_packing_bins: int | None = None,
-            shard_index: int = 0, shard_count: int = 1) -> grain.IterDataset:
+def batches(
+  docs: Sequence[np.ndarray],
+  seq_len: int,
+  batch_size: int,
+  *,
+  seed: int = 0,
+  shuffle: bool = True,
+  repeat: bool = True,
+  num_packing_bins: int | None = None,
+  shard_index: int = 0,
+  shard_count: int = 1,
+) -> grain.IterDataset:
   """Grain dataset of model batches (dicts of ``[batch_size, seq_len]`` numpy arrays).
 
   See :func:`shift_rows` for the keys. With ``repeat=True`` it never ends; otherwise the last
@@ -229,14 +271,29 @@ def batches(docs: Sequence[np.ndarray], seq_len: int, batch_size: int, *, seed: 
   if seq_len < 1 or batch_size < 1:
     raise ValueError(f"seq_len, batch_size: expected >= 1, got {seq_len}, {batch_size}")
   bins = 2 * batch_size if num_packing_bins is None else num_packing_bins
-  rows = packed_rows(docs, seq_len + 1, seed=seed, shuffle=shuffle, repeat=repeat,
-                     num_packing_bins=bins, shard_index=shard_index, shard_count=shard_count)
+  rows = packed_rows(
+    docs,
+    seq_len + 1,
+    seed=seed,
+    shuffle=shuffle,
+    repeat=repeat,
+    num_packing_bins=bins,
+    shard_index=shard_index,
+    shard_count=shard_count,
+  )
   return rows.batch(batch_size, drop_remainder=True).map(shift_rows)
 
 
-def eval_batches(docs: Sequence[np.ndarray], seq_len: int, batch_size: int, num_batches: int,
-                 *, seed: int = 0, shard_index: int = 0,
-                 shard_count: int = 1) -> list[dict[str, np.ndarray]]:
+def eval_batches(
+  docs: Sequence[np.ndarray],
+  seq_len: int,
+  batch_size: int,
+  num_batches: int,
+  *,
+  seed: int = 0,
+  shard_index: int = 0,
+  shard_count: int = 1,
+) -> list[dict[str, np.ndarray]]:
   """``num_batches`` held-out batches, the same every call (and for every training seed).
 
   The pieces are drawn in a fixed shuffled order (``seed``), so a few batches sample all held-out
@@ -244,18 +301,45 @@ def eval_batches(docs: Sequence[np.ndarray], seq_len: int, batch_size: int, num_
   """
   if num_batches < 1:
     raise ValueError(f"num_batches: expected >= 1, got {num_batches}")
-  it = iter(batches(docs, seq_len, batch_size, seed=seed, shuffle=True, repeat=True,
-                    shard_index=shard_index, shard_count=shard_count))
+  it = iter(
+    batches(
+      docs,
+      seq_len,
+      batch_size,
+      seed=seed,
+      shuffle=True,
+      repeat=True,
+      shard_index=shard_index,
+      shard_count=shard_count,
+    )
+  )
   return [next(it) for _ in range(num_batches)]
 
 
-def train_iterator(docs: Sequence[np.ndarray], seq_len: int, batch_size: int, seed: int, *,
-                   shard_index: int = 0, shard_count: int = 1) -> grain.DatasetIterator:
+def train_iterator(
+  docs: Sequence[np.ndarray],
+  seq_len: int,
+  batch_size: int,
+  seed: int,
+  *,
+  shard_index: int = 0,
+  shard_count: int = 1,
+) -> grain.DatasetIterator:
   """Endless shuffled training batches, deterministic given ``seed``.
 
   A Grain ``DatasetIterator``: ``get_state()``/``set_state()`` save and restore its position (the
   training checkpoints do), so a resumed run sees the same data stream. With ``shard_count > 1``
   it yields this process's ``batch_size`` rows of its shard of the pieces.
   """
-  return iter(batches(docs, seq_len, batch_size, seed=seed, shuffle=True, repeat=True,
-                      shard_index=shard_index, shard_count=shard_count))
+  return iter(
+    batches(
+      docs,
+      seq_len,
+      batch_size,
+      seed=seed,
+      shuffle=True,
+      repeat=True,
+      shard_index=shard_index,
+      shard_count=shard_count,
+    )
+  )

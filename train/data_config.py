@@ -78,8 +78,7 @@ class DataConfig:
       value = getattr(self, name)
       if isinstance(value, str):
         value = (value,)
-      if not isinstance(value, (list, tuple)) or not all(isinstance(p, str) and p
-                                                          for p in value):
+      if not isinstance(value, (list, tuple)) or not all(isinstance(p, str) and p for p in value):
         fail(name, "a list of non-empty path globs")
       object.__setattr__(self, name, tuple(value))
     if self.source in FILE_SOURCES and not self.paths:
@@ -91,15 +90,19 @@ class DataConfig:
     if self.tokenizer is not None and (not isinstance(self.tokenizer, str) or not self.tokenizer):
       fail("tokenizer", "a tokenizer.json path or null")
     if self.tokenizer is not None and self.source not in FILE_SOURCES:
-      fail("tokenizer", f"null for data.source={self.source!r} (tokenizers apply to "
-                        f"{list(FILE_SOURCES)})")
+      fail(
+        "tokenizer",
+        f"null for data.source={self.source!r} (tokenizers apply to {list(FILE_SOURCES)})",
+      )
     if not is_int(self.max_bytes) or self.max_bytes < 0:
       fail("max_bytes", "an int >= 0")
     if self.loss_on not in ("all", "answers"):
       fail("loss_on", "'all' or 'answers'")
     if self.loss_on == "answers" and self.source not in SYNTHETIC_SOURCES:
-      fail("loss_on", f"'all' for data.source={self.source!r} (answers exist only in "
-                      f"{list(SYNTHETIC_SOURCES)})")
+      fail(
+        "loss_on",
+        f"'all' for data.source={self.source!r} (answers exist only in {list(SYNTHETIC_SOURCES)})",
+      )
     for name in ("num_pairs", "num_queries"):
       if not is_int(getattr(self, name)) or not 1 <= getattr(self, name) <= 127:
         fail(name, "an int in [1, 127]")

@@ -50,16 +50,16 @@ from sparse_attention_jax.nn.ssa_config import SSAConfig
 
 # Dense bf16 peak FLOP/s per device by a substring of ``jax.Device.device_kind`` (first match).
 PEAK_FLOPS: tuple[tuple[str, float], ...] = (
-    ("H200", 989e12),
-    ("H100", 989e12),
-    ("GH200", 989e12),
-    ("A100", 312e12),
-    ("L40S", 362e12),
-    ("TPU v5p", 459e12),
-    ("TPU v5 lite", 197e12),
-    ("TPU v5e", 197e12),
-    ("TPU v4", 275e12),
-    ("TPU v6", 918e12),
+  ("H200", 989e12),
+  ("H100", 989e12),
+  ("GH200", 989e12),
+  ("A100", 312e12),
+  ("L40S", 362e12),
+  ("TPU v5p", 459e12),
+  ("TPU v5 lite", 197e12),
+  ("TPU v5e", 197e12),
+  ("TPU v4", 275e12),
+  ("TPU v6", 918e12),
 )
 
 _COMPRESSOR_WEIGHTS = frozenset({"w1", "w2"})
@@ -88,8 +88,7 @@ def param_split(config: ModelConfig) -> tuple[int, int]:
   return n_matmul, p_phi
 
 
-def _nsa_branch_terms(config: ModelConfig, t: int, branches, dk: int,
-                      dv: int) -> float:
+def _nsa_branch_terms(config: ModelConfig, t: int, branches, dk: int, dv: int) -> float:
   """``sum_b keys_b * (Dk + Dv_b)`` of an NSA-style layer (see the module docstring)."""
   nsa = config.nsa
   half = t / 2
@@ -111,7 +110,7 @@ def attention_flops_per_token(config: ModelConfig, kind: str, seq_len: int) -> f
     keys_dims = half * (dk + dv)
   elif kind == "swa":
     keys_dims = min(config.window, half) * (dk + dv)
-  elif kind in ("nsa", "nosa"):       # NOSA: InfLLM-V2 scoring + its k selected blocks
+  elif kind in ("nsa", "nosa"):  # NOSA: InfLLM-V2 scoring + its k selected blocks
     keys_dims = _nsa_branch_terms(config, t, config.nsa.branches, dk, dv)
   elif kind == "ssa":
     ssa = config.ssa or SSAConfig()
@@ -124,8 +123,9 @@ def attention_flops_per_token(config: ModelConfig, kind: str, seq_len: int) -> f
     dl = lat.kv_rank // lat.groups
     keys_dims = _nsa_branch_terms(config, t, config.nsa.branches, dl + lat.rope_dim, dl)
   else:
-    raise ValueError(f"kind: expected one of full, swa, nsa, nosa, ssa, asa_local, asa_global, got "
-                     f"{kind!r}")
+    raise ValueError(
+      f"kind: expected one of full, swa, nsa, nosa, ssa, asa_local, asa_global, got {kind!r}"
+    )
   return 6.0 * hq * keys_dims
 
 

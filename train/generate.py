@@ -25,11 +25,15 @@ import sys
 
 
 def _parse_args(argv):
-  p = argparse.ArgumentParser(prog="python -m train.generate",
-                              description="Prefill + cached decoding of a byte-level model.")
+  p = argparse.ArgumentParser(
+    prog="python -m train.generate", description="Prefill + cached decoding of a byte-level model."
+  )
   p.add_argument("--config", required=True, help="YAML file with a model: section")
-  p.add_argument("--checkpoint", default=None,
-                 help="checkpoint folder (.../checkpoints/<step>); default: random init")
+  p.add_argument(
+    "--checkpoint",
+    default=None,
+    help="checkpoint folder (.../checkpoints/<step>); default: random init",
+  )
   p.add_argument("--prompt", required=True, help="prompt text (UTF-8 bytes are the tokens)")
   p.add_argument("--max-new-tokens", type=int, required=True, help="tokens to generate per row")
   p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (> 0)")
@@ -37,18 +41,29 @@ def _parse_args(argv):
   p.add_argument("--greedy", action="store_true", help="argmax decoding")
   p.add_argument("--batch", type=int, default=1, help="rows (the prompt repeated)")
   p.add_argument("--seed", type=int, default=0, help="seed of the init and the sampling")
-  p.add_argument("--capacity", type=int, default=None,
-                 help="cache capacity (default: prompt + new tokens)")
-  p.add_argument("--offload", action="store_true",
-                 help="NOSA layers: K/V/c in host memory, selected blocks copied per step")
-  p.add_argument("--offload-store", default="numpy",
-                 choices=("numpy", "pinned_host", "pinned_array"),
-                 help="with --offload: host block store (one NumPy array per layer, one pinned "
-                      "host array per block, or one pinned host array per layer)")
-  p.add_argument("--offload-plan", default="host", choices=("host", "device", "fused"),
-                 help="with --offload: slot plan on the host, on the device, or the whole step "
-                      "as one jitted call (device and fused need --offload-store pinned_array; "
-                      "fused is the fast path on GPUs)")
+  p.add_argument(
+    "--capacity", type=int, default=None, help="cache capacity (default: prompt + new tokens)"
+  )
+  p.add_argument(
+    "--offload",
+    action="store_true",
+    help="NOSA layers: K/V/c in host memory, selected blocks copied per step",
+  )
+  p.add_argument(
+    "--offload-store",
+    default="numpy",
+    choices=("numpy", "pinned_host", "pinned_array"),
+    help="with --offload: host block store (one NumPy array per layer, one pinned "
+    "host array per block, or one pinned host array per layer)",
+  )
+  p.add_argument(
+    "--offload-plan",
+    default="host",
+    choices=("host", "device", "fused"),
+    help="with --offload: slot plan on the host, on the device, or the whole step "
+    "as one jitted call (device and fused need --offload-store pinned_array; "
+    "fused is the fast path on GPUs)",
+  )
   p.add_argument("overrides", nargs="*", metavar="section.key=value")
   return p.parse_args(argv)
 
@@ -56,6 +71,7 @@ def _parse_args(argv):
 def main(argv: list[str] | None = None) -> int:
   args = _parse_args(argv)
   from train.config import load_config
+
   try:
     config = load_config(args.config, args.overrides)
   except (ValueError, FileNotFoundError) as e:
@@ -67,8 +83,9 @@ def main(argv: list[str] | None = None) -> int:
   if not prompt:
     problems.append("--prompt: expected at least one byte, got ''")
   if max(prompt, default=0) >= mc.vocab_size:
-    problems.append(f"--prompt: expected bytes below model.vocab_size={mc.vocab_size}, got "
-                    f"{max(prompt)}")
+    problems.append(
+      f"--prompt: expected bytes below model.vocab_size={mc.vocab_size}, got {max(prompt)}"
+    )
   if args.max_new_tokens < 1:
     problems.append(f"--max-new-tokens: expected a positive int, got {args.max_new_tokens}")
   if args.batch < 1:
@@ -88,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
   source = "random init"
   if args.checkpoint:
     from train import checkpoint
+
     try:
       step = checkpoint.restore(args.checkpoint, model)
     except (ValueError, FileNotFoundError) as e:
@@ -95,34 +113,51 @@ def main(argv: list[str] | None = None) -> int:
       return 2
     source = f"checkpoint {args.checkpoint} (step {step})"
   try:
-    gen = Generator(model, batch=args.batch, capacity=capacity, offload=args.offload,
-                    offload_store=args.offload_store, offload_plan=args.offload_plan)
-    out = gen.generate([prompt] * args.batch, args.max_new_tokens,
-                       temperature=args.temperature, top_p=args.top_p, greedy=args.greedy,
-                       seed=args.seed)
+    gen = Generator(
+      model,
+      batch=args.batch,
+      capacity=capacity,
+      offload=args.offload,
+      offload_store=args.offload_store,
+      offload_plan=args.offload_plan,
+    )
+    out = gen.generate(
+      [prompt] * args.batch,
+      args.max_new_tokens,
+      temperature=args.temperature,
+      top_p=args.top_p,
+      greedy=args.greedy,
+      seed=args.seed,
+    )
   except (ValueError, NotImplementedError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   dev = jax.devices()[0]
   mode = "greedy" if args.greedy else f"temperature {args.temperature:g}, top-p {args.top_p:g}"
   print(f"model: layers {list(mc.layer_kinds())}, {source}, {dev.platform} ({dev.device_kind})")
-  print(f"batch {args.batch}, prompt {len(prompt)} tokens, {args.max_new_tokens} new tokens, "
-        f"capacity {capacity}, {mode}")
+  print(
+    f"batch {args.batch}, prompt {len(prompt)} tokens, {args.max_new_tokens} new tokens, "
+    f"capacity {capacity}, {mode}"
+  )
   for r in range(args.batch):
     text = bytes(int(t) % 256 for t in out.tokens[r]).decode("utf-8", errors="replace")
     print("-" * 72)
     print(args.prompt + text)
   print("-" * 72)
   print(f"prefill  {out.prefill_tokens_per_s:,.0f} tokens/s ({out.prefill_s * 1e3:.1f} ms)")
-  print(f"decode   {out.decode_tokens_per_s:,.0f} tokens/s ({out.decode_s * 1e3:.1f} ms for "
-        f"{max(args.max_new_tokens - 1, 0)} steps x {args.batch} rows)")
+  print(
+    f"decode   {out.decode_tokens_per_s:,.0f} tokens/s ({out.decode_s * 1e3:.1f} ms for "
+    f"{max(args.max_new_tokens - 1, 0)} steps x {args.batch} rows)"
+  )
   print(f"compile  {out.compile_s:.1f} s")
   if out.offload is not None:
     t = out.offload.total
-    print(f"offload  {t['transferred']} blocks transferred over {len(out.offload.per_step)} "
-          f"steps ({t['bytes'] / 2**20:.2f} MiB host -> device), hit rate {t['hit_rate']:.3f}, "
-          f"{out.offload.slots} device slots per sequence and KV head "
-          f"({out.offload.host_memory_kind})")
+    print(
+      f"offload  {t['transferred']} blocks transferred over {len(out.offload.per_step)} "
+      f"steps ({t['bytes'] / 2**20:.2f} MiB host -> device), hit rate {t['hit_rate']:.3f}, "
+      f"{out.offload.slots} device slots per sequence and KV head "
+      f"({out.offload.host_memory_kind})"
+    )
   return 0
 
 

@@ -23,14 +23,19 @@ import sys
 
 
 def _parse_args(argv):
-  p = argparse.ArgumentParser(prog="python -m train.locality",
-                              description="Per-layer block-selection locality of a model.")
+  p = argparse.ArgumentParser(
+    prog="python -m train.locality", description="Per-layer block-selection locality of a model."
+  )
   p.add_argument("--config", required=True, help="YAML file with model: and train: sections")
   p.add_argument("--checkpoint", help="checkpoint folder (.../checkpoints/<step>); default: init")
   p.add_argument("--out", help="folder for locality.json (default <train.output_dir>/locality)")
   p.add_argument("--num-selected", type=int, default=None, help="k (default model.nsa)")
-  p.add_argument("--query-selected", type=int, default=None,
-                 help="k_q (default model.nosa, else half of the non-forced budget)")
+  p.add_argument(
+    "--query-selected",
+    type=int,
+    default=None,
+    help="k_q (default model.nosa, else half of the non-forced budget)",
+  )
   p.add_argument("--batches", type=int, default=1, help="held-out batches measured")
   p.add_argument("overrides", nargs="*", metavar="section.key=value")
   return p.parse_args(argv)
@@ -47,8 +52,10 @@ def _mean_stats(runs: list[dict]) -> dict:
     row = dict(layer)
     for m in ("nsa", "infllm_v2", "nosa"):
       vals = [r["layers"][i][m] for r in runs]
-      row[m] = {key: (min if key == "min" else (lambda xs: sum(xs) / len(xs)))(
-          [v[key] for v in vals]) for key in vals[0]}
+      row[m] = {
+        key: (min if key == "min" else (lambda xs: sum(xs) / len(xs)))([v[key] for v in vals])
+        for key in vals[0]
+      }
     layers.append(row)
   out["layers"] = layers
   return out
@@ -57,6 +64,7 @@ def _mean_stats(runs: list[dict]) -> dict:
 def main(argv: list[str] | None = None) -> int:
   args = _parse_args(argv)
   from train import cli
+
   config = cli.load_config_or_none(args.config, args.overrides)
   if config is None:
     return 2
@@ -67,30 +75,50 @@ def main(argv: list[str] | None = None) -> int:
   tc = config.train
   model, _, batches = cli.model_and_batches(config, args.checkpoint, args.batches)
   try:
-    runs = [model_selection_locality(model, jnp.asarray(b["tokens"]), jnp.asarray(b["positions"]),
-                                     jnp.asarray(b["segment_ids"]),
-                                     num_selected=args.num_selected,
-                                     num_query_selected=args.query_selected) for b in batches]
+    runs = [
+      model_selection_locality(
+        model,
+        jnp.asarray(b["tokens"]),
+        jnp.asarray(b["positions"]),
+        jnp.asarray(b["segment_ids"]),
+        num_selected=args.num_selected,
+        num_query_selected=args.query_selected,
+      )
+      for b in batches
+    ]
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   stats = _mean_stats(runs)
-  stats["settings"] = {"config": args.config, "checkpoint": args.checkpoint,
-                       "batches": args.batches, "seq_len": tc.seq_len,
-                       "batch_size": tc.batch_size, "block_size": config.model.nsa.block_size}
-  print(f"k = {stats['k']} blocks, k_q = {stats['k_q']}, NOSA bound on in-block steps "
-        f"1 - k_q/k = {stats['bound_static_steps']:.3f}")
-  head = (f"{'layer':>5} {'kind':<10} {'evict':<6} " + " ".join(
-      f"{'gamma ' + m:>15}" for m in ("nsa", "infllm_v2", "nosa")) + " " + " ".join(
-      f"{'new/step ' + m:>18}" for m in ("nsa", "infllm_v2", "nosa")))
+  stats["settings"] = {
+    "config": args.config,
+    "checkpoint": args.checkpoint,
+    "batches": args.batches,
+    "seq_len": tc.seq_len,
+    "batch_size": tc.batch_size,
+    "block_size": config.model.nsa.block_size,
+  }
+  print(
+    f"k = {stats['k']} blocks, k_q = {stats['k_q']}, NOSA bound on in-block steps "
+    f"1 - k_q/k = {stats['bound_static_steps']:.3f}"
+  )
+  head = (
+    f"{'layer':>5} {'kind':<10} {'evict':<6} "
+    + " ".join(f"{'gamma ' + m:>15}" for m in ("nsa", "infllm_v2", "nosa"))
+    + " "
+    + " ".join(f"{'new/step ' + m:>18}" for m in ("nsa", "infllm_v2", "nosa"))
+  )
   print(head)
   for s in stats["layers"]:
     if "skipped" in s:
       print(f"{s['layer']:>5} {s['kind']:<10} skipped: {s['skipped']}")
       continue
-    print(f"{s['layer']:>5} {s['kind']:<10} {s['eviction']:<6} "
-          + " ".join(f"{s[m]['mean']:15.3f}" for m in ("nsa", "infllm_v2", "nosa")) + " "
-          + " ".join(f"{s[m]['new_blocks_per_step']:18.3f}" for m in ("nsa", "infllm_v2", "nosa")))
+    print(
+      f"{s['layer']:>5} {s['kind']:<10} {s['eviction']:<6} "
+      + " ".join(f"{s[m]['mean']:15.3f}" for m in ("nsa", "infllm_v2", "nosa"))
+      + " "
+      + " ".join(f"{s[m]['new_blocks_per_step']:18.3f}" for m in ("nsa", "infllm_v2", "nosa"))
+    )
   out_dir = args.out or os.path.join(tc.output_dir, "locality")
   os.makedirs(out_dir, exist_ok=True)
   path = os.path.join(out_dir, "locality.json")

@@ -55,8 +55,9 @@ Batch = dict[str, Any]
 _NO_DECAY_NAMES = frozenset({"bias", "scale", "b1", "b2"})
 
 
-def cross_entropy(logits: jax.Array, targets: jax.Array,
-                  loss_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+def cross_entropy(
+  logits: jax.Array, targets: jax.Array, loss_mask: jax.Array
+) -> tuple[jax.Array, jax.Array]:
   """Summed next-token cross-entropy over unmasked targets and the number of targets.
 
   Args:
@@ -75,8 +76,7 @@ def cross_entropy(logits: jax.Array, targets: jax.Array,
 
 def loss_fn(model: nnx.Module, batch: Batch) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
   """Mean cross-entropy of ``model`` on a packed batch (see :func:`train.data.shift_rows`)."""
-  logits = model(batch["tokens"], positions=batch["positions"],
-                 segment_ids=batch["segment_ids"])
+  logits = model(batch["tokens"], positions=batch["positions"], segment_ids=batch["segment_ids"])
   total, count = cross_entropy(logits, batch["targets"], batch["loss_mask"])
   return total / jnp.maximum(count, 1.0), (total, count)
 
@@ -102,10 +102,12 @@ def _ssa_settings(model: nnx.Module) -> SSAConfig | None:
 
 def decay_mask(params: Any) -> Any:
   """True for parameters that get weight decay: matrices (ndim >= 2) that are not biases/scales."""
+
   def keep(path, x):
     last = path[-1] if path else None
     name = getattr(last, "key", getattr(last, "name", last))
     return bool(x.ndim >= 2 and str(name) not in _NO_DECAY_NAMES)
+
   return jax.tree_util.tree_map_with_path(keep, params)
 
 
@@ -116,13 +118,25 @@ def lr_schedule(cfg: TrainConfig) -> optax.Schedule:
   """
   warmup = min(cfg.warmup_steps, cfg.steps)
   return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=cfg.lr, warmup_steps=warmup,
-      decay_steps=max(cfg.steps, warmup + 1), end_value=cfg.lr * cfg.min_lr_ratio)
+    init_value=0.0,
+    peak_value=cfg.lr,
+    warmup_steps=warmup,
+    decay_steps=max(cfg.steps, warmup + 1),
+    end_value=cfg.lr * cfg.min_lr_ratio,
+  )
 
 
 # The TrainConfig fields that define the optimizer (not e.g. the seed or the output folder).
-_TX_FIELDS = ("lr", "warmup_steps", "steps", "min_lr_ratio", "adam_b1", "adam_b2", "weight_decay",
-              "grad_clip")
+_TX_FIELDS = (
+  "lr",
+  "warmup_steps",
+  "steps",
+  "min_lr_ratio",
+  "adam_b1",
+  "adam_b2",
+  "weight_decay",
+  "grad_clip",
+)
 
 
 @functools.lru_cache(maxsize=32)
@@ -131,8 +145,15 @@ def _cached_tx(**fields) -> optax.GradientTransformation:
   parts = []
   if cfg.grad_clip > 0:
     parts.append(optax.clip_by_global_norm(cfg.grad_clip))
-  parts.append(optax.adamw(lr_schedule(cfg), b1=cfg.adam_b1, b2=cfg.adam_b2,
-                           weight_decay=cfg.weight_decay, mask=decay_mask))
+  parts.append(
+    optax.adamw(
+      lr_schedule(cfg),
+      b1=cfg.adam_b1,
+      b2=cfg.adam_b2,
+      weight_decay=cfg.weight_decay,
+      mask=decay_mask,
+    )
+  )
   return optax.chain(*parts)
 
 
@@ -185,8 +206,9 @@ def _grads_accumulated(model, batch, accum: int, ssa: SSAConfig | None = None, s
   """
   rows = batch["tokens"].shape[0]
   if rows % accum:
-    raise ValueError(f"train.grad_accum_steps: expected a divisor of the batch's {rows} rows, "
-                     f"got {accum}")
+    raise ValueError(
+      f"train.grad_accum_steps: expected a divisor of the batch's {rows} rows, got {accum}"
+    )
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   axes = mesh_axes("batch")  # () without a mesh and rules.
   shards = math.prod(jax.sharding.get_abstract_mesh().shape[a] for a in axes)
@@ -227,13 +249,20 @@ def _grads_accumulated(model, batch, accum: int, ssa: SSAConfig | None = None, s
       g_acc, total_acc, count_acc, terms_acc, full_acc = carry
       mb, i = xs
       (_, (total, count, terms, full)), g = jax.value_and_grad(ssa_objective, has_aux=True)(
-          params, rest, mb, i)
-      return (jax.tree.map(jnp.add, g_acc, g), total_acc + total, count_acc + count,
-              terms_acc + terms, full_acc + full), None
+        params, rest, mb, i
+      )
+      return (
+        jax.tree.map(jnp.add, g_acc, g),
+        total_acc + total,
+        count_acc + count,
+        terms_acc + terms,
+        full_acc + full,
+      ), None
 
     init = (zeros, jnp.float32(0), jnp.float32(0), jnp.zeros((2,), jnp.float32), jnp.float32(0))
     (g, total, count, terms, full), _ = jax.lax.scan(
-        ssa_body, init, (micro, jnp.arange(accum, dtype=jnp.uint32)))
+      ssa_body, init, (micro, jnp.arange(accum, dtype=jnp.uint32))
+    )
     return total / denom, count, g, (terms / accum, full / accum)
   (g, total, count), _ = jax.lax.scan(body, (zeros, jnp.float32(0), jnp.float32(0)), micro)
   denom = jnp.maximum(count, 1.0)
@@ -260,8 +289,12 @@ def _train_step(model_def, opt_def, accum, model_state, opt_state, batch):
   metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "targets": count}
   if extra is not None:
     terms, full = extra
-    metrics.update(total_loss=loss + ssa.align_weight * jnp.sum(terms), align_full=terms[0],
-                   align_sparse=terms[1], mode_full=full)
+    metrics.update(
+      total_loss=loss + ssa.align_weight * jnp.sum(terms),
+      align_full=terms[0],
+      align_sparse=terms[1],
+      mode_full=full,
+    )
   return nnx.state(model), nnx.state(opt), metrics
 
 
@@ -273,8 +306,9 @@ def _eval_step(model_def, model_state, batch):
 def _answer_step(model_def, model_state, batch):
   """Summed cross-entropy, correct argmax predictions and count over ``answer_mask``."""
   model = nnx.merge(model_def, model_state)
-  logits = model(batch["tokens"], positions=batch["positions"],
-                 segment_ids=batch["segment_ids"]).astype(jnp.float32)
+  logits = model(
+    batch["tokens"], positions=batch["positions"], segment_ids=batch["segment_ids"]
+  ).astype(jnp.float32)
   mask = batch["answer_mask"].astype(jnp.float32)
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
   correct = (jnp.argmax(logits, axis=-1) == batch["targets"]).astype(jnp.float32)
@@ -307,8 +341,9 @@ class Trainer:
     grad_accum_steps: microbatches per optimizer step.
   """
 
-  def __init__(self, model: nnx.Module, optimizer: nnx.Optimizer, *, mesh=None,
-               grad_accum_steps: int = 1):
+  def __init__(
+    self, model: nnx.Module, optimizer: nnx.Optimizer, *, mesh=None, grad_accum_steps: int = 1
+  ):
     if not isinstance(grad_accum_steps, int) or grad_accum_steps < 1:
       raise ValueError(f"grad_accum_steps: expected an int >= 1, got {grad_accum_steps!r}")
     self.model, self.optimizer = model, optimizer
@@ -321,15 +356,22 @@ class Trainer:
     self.opt_shardings = shd.state_shardings(self._opt_state, mesh)
     data = {k: NamedSharding(mesh, shd.batch_spec(mesh, 2)) for k in _BATCH_KEYS}
     self._train_jit = jax.jit(
-        functools.partial(_train_step, self._model_def, self._opt_def, grad_accum_steps),
-        in_shardings=(self.model_shardings, self.opt_shardings, data),
-        out_shardings=(self.model_shardings, self.opt_shardings, None), donate_argnums=(0, 1))
-    self._eval_jit = jax.jit(functools.partial(_eval_step, self._model_def),
-                             in_shardings=(self.model_shardings, data), out_shardings=None)
+      functools.partial(_train_step, self._model_def, self._opt_def, grad_accum_steps),
+      in_shardings=(self.model_shardings, self.opt_shardings, data),
+      out_shardings=(self.model_shardings, self.opt_shardings, None),
+      donate_argnums=(0, 1),
+    )
+    self._eval_jit = jax.jit(
+      functools.partial(_eval_step, self._model_def),
+      in_shardings=(self.model_shardings, data),
+      out_shardings=None,
+    )
     answer_data = {**data, "answer_mask": data["loss_mask"]}
-    self._answer_jit = jax.jit(functools.partial(_answer_step, self._model_def),
-                               in_shardings=(self.model_shardings, answer_data),
-                               out_shardings=None)
+    self._answer_jit = jax.jit(
+      functools.partial(_answer_step, self._model_def),
+      in_shardings=(self.model_shardings, answer_data),
+      out_shardings=None,
+    )
     self.refresh()
 
   def refresh(self) -> None:
@@ -356,12 +398,18 @@ class Trainer:
     batch = self._put(batch)
     if self.mesh is None:
       self._model_state, self._opt_state, metrics = _train_step_jit(
-          self._model_def, self._opt_def, self.grad_accum_steps, self._model_state,
-          self._opt_state, batch)
+        self._model_def,
+        self._opt_def,
+        self.grad_accum_steps,
+        self._model_state,
+        self._opt_state,
+        batch,
+      )
     else:
       with shd.activate(self.mesh):
         self._model_state, self._opt_state, metrics = self._train_jit(
-            self._model_state, self._opt_state, batch)
+          self._model_state, self._opt_state, batch
+        )
     nnx.update(self.model, self._model_state)
     nnx.update(self.optimizer, self._opt_state)
     return metrics
@@ -390,8 +438,9 @@ class Trainer:
     ce, correct, count = 0.0, 0.0, 0.0
     for b in batches:
       if "answer_mask" not in b:
-        raise ValueError(f"batches: expected synthetic-task batches with 'answer_mask', got "
-                         f"keys {sorted(b)}")
+        raise ValueError(
+          f"batches: expected synthetic-task batches with 'answer_mask', got keys {sorted(b)}"
+        )
       b = self._put(b, _BATCH_KEYS + ("answer_mask",))
       if self.mesh is None:
         s, c, n = _answer_step_jit(self._model_def, self._model_state, b)
@@ -442,12 +491,21 @@ def _tokens(batch: Batch) -> int:
   return int(np.prod(np.shape(batch["tokens"])))
 
 
-def train(trainer: Trainer, config: TrainConfig, train_batches: Iterator[Batch],
-          eval_batches: list[Batch] | None = None, *, metrics_path: str | None = None,
-          progress: bool = True, log: Callable[[str], None] | None = None,
-          on_step: Callable[[int, bool], None] | None = None,
-          handle_sigterm: bool = True, flops_per_token: float = 0.0,
-          peak_flops: float | None = None, tensorboard_dir: str | None = None) -> TrainResult:
+def train(
+  trainer: Trainer,
+  config: TrainConfig,
+  train_batches: Iterator[Batch],
+  eval_batches: list[Batch] | None = None,
+  *,
+  metrics_path: str | None = None,
+  progress: bool = True,
+  log: Callable[[str], None] | None = None,
+  on_step: Callable[[int, bool], None] | None = None,
+  handle_sigterm: bool = True,
+  flops_per_token: float = 0.0,
+  peak_flops: float | None = None,
+  tensorboard_dir: str | None = None,
+) -> TrainResult:
   """Trains up to step ``config.steps`` with a tqdm bar, periodic log lines, evaluation, metrics.
 
   A trainer restored from a checkpoint at step ``k`` runs steps ``k+1 .. config.steps``, so a
@@ -490,12 +548,24 @@ def train(trainer: Trainer, config: TrainConfig, train_batches: Iterator[Batch],
       stack.callback(signal.signal, signal.SIGTERM, previous)
     tb = stack.enter_context(scalars.ScalarLog(tensorboard_dir, warn=log))
     perf = (flops_per_token, peak_flops, jax.device_count())
-    return _train(trainer, config, train_batches, eval_batches, metrics_file, progress, log,
-                  on_step, stop, tb, perf)
+    return _train(
+      trainer,
+      config,
+      train_batches,
+      eval_batches,
+      metrics_file,
+      progress,
+      log,
+      on_step,
+      stop,
+      tb,
+      perf,
+    )
 
 
-def _train(trainer, config, train_batches, eval_batches, metrics_file, progress, log, on_step,
-           stop, tb, perf):
+def _train(
+  trainer, config, train_batches, eval_batches, metrics_file, progress, log, on_step, stop, tb, perf
+):
   """:func:`train` with the metrics file (or None) and TensorBoard writer already open and the
   stop flag set up; ``perf = (flops_per_token, peak_flops, num_devices)``."""
   from tqdm.auto import tqdm
@@ -519,8 +589,16 @@ def _train(trainer, config, train_batches, eval_batches, metrics_file, progress,
   start = time.perf_counter()
   step0 = trainer.step_count
   todo = max(config.steps - step0, 0)
-  bar = tqdm(total=config.steps, initial=min(step0, config.steps), desc="train", unit="step",
-             disable=not progress, file=sys.stdout, dynamic_ncols=True, mininterval=0.5)
+  bar = tqdm(
+    total=config.steps,
+    initial=min(step0, config.steps),
+    desc="train",
+    unit="step",
+    disable=not progress,
+    file=sys.stdout,
+    dynamic_ncols=True,
+    mininterval=0.5,
+  )
   try:
     for i in range(todo):
       step = step0 + i + 1
@@ -531,8 +609,9 @@ def _train(trainer, config, train_batches, eval_batches, metrics_file, progress,
       loss = float(metrics["loss"])  # Blocks: per-step timing and a finite-loss check.
       dt = time.perf_counter() - t0
       if not np.isfinite(loss):
-        raise FloatingPointError(f"train loss is {loss} at step {step}; lower train.lr or set "
-                                 f"train.grad_clip")
+        raise FloatingPointError(
+          f"train loss is {loss} at step {step}; lower train.lr or set train.grad_clip"
+        )
       if i == 0:
         first_loss, compile_s = loss, dt
       else:  # Throughput counts data + step time after the compiling step, never evaluation.
@@ -555,20 +634,29 @@ def _train(trainer, config, train_batches, eval_batches, metrics_file, progress,
       if step % config.log_every == 0 or i == todo - 1:
         mean_loss = float(np.mean(window_losses))
         rate = window_tokens / window_s if window_s > 0 else 0.0
-        event = {"step": step, "loss": mean_loss, "lr": float(schedule(step - 1)),
-                 "grad_norm": float(metrics["grad_norm"]), "tokens_per_s": rate,
-                 "elapsed_s": time.perf_counter() - start}
+        event = {
+          "step": step,
+          "loss": mean_loss,
+          "lr": float(schedule(step - 1)),
+          "grad_norm": float(metrics["grad_norm"]),
+          "tokens_per_s": rate,
+          "elapsed_s": time.perf_counter() - start,
+        }
         perf_fields = scalars.throughput_fields(rate, flops_per_token, num_devices, peak_flops)
         event.update({k: v for k, v in perf_fields.items() if v is not None})
         ssa_text = ""
         if window_extra:
           event.update({k: float(np.mean(v)) for k, v in window_extra.items()})
-          ssa_text = (f" | ce {mean_loss:.4f} align full {event['align_full']:.4f} sparse "
-                      f"{event['align_sparse']:.4f} total {event['total_loss']:.4f} full-mode "
-                      f"{event['mode_full']:.2f}")
-        log(f"step {step:5d} | loss {mean_loss:.4f} | lr {event['lr']:.2e} | "
-            f"grad_norm {event['grad_norm']:.3f} | {rate:,.0f} tok/s"
-            f"{scalars.describe_throughput(perf_fields)}{ssa_text}")
+          ssa_text = (
+            f" | ce {mean_loss:.4f} align full {event['align_full']:.4f} sparse "
+            f"{event['align_sparse']:.4f} total {event['total_loss']:.4f} full-mode "
+            f"{event['mode_full']:.2f}"
+          )
+        log(
+          f"step {step:5d} | loss {mean_loss:.4f} | lr {event['lr']:.2e} | "
+          f"grad_norm {event['grad_norm']:.3f} | {rate:,.0f} tok/s"
+          f"{scalars.describe_throughput(perf_fields)}{ssa_text}"
+        )
         record(event)
         last_window = window_losses
         window_losses, window_tokens, window_s = [], 0, 0.0
@@ -585,10 +673,13 @@ def _train(trainer, config, train_batches, eval_batches, metrics_file, progress,
           answers = trainer.evaluate_answers(eval_batches)
           eval_event.update({f"eval_{k}": v for k, v in answers.items()})
           eval_accuracy = answers["answer_accuracy"]
-          answer_text = (f" | answer accuracy {answers['answer_accuracy']:.3f} loss "
-                         f"{answers['answer_loss']:.4f}")
-        log(f"step {step:5d} | eval loss {eval_loss:.4f} ({eval_loss / np.log(2):.3f} "
-            f"bits/token){answer_text}")
+          answer_text = (
+            f" | answer accuracy {answers['answer_accuracy']:.3f} loss {answers['answer_loss']:.4f}"
+          )
+        log(
+          f"step {step:5d} | eval loss {eval_loss:.4f} ({eval_loss / np.log(2):.3f} "
+          f"bits/token){answer_text}"
+        )
         record(eval_event)
       if stop.is_set():
         if on_step is not None:
@@ -604,9 +695,16 @@ def _train(trainer, config, train_batches, eval_batches, metrics_file, progress,
     bar.close()
   train_s = time.perf_counter() - start
   last_window = last_window or window_losses
-  return TrainResult(first_loss=first_loss if first_loss is not None else float("nan"),
-                     last_loss=float(np.mean(last_window)) if last_window else float("nan"),
-                     eval_loss=eval_loss, eval_history=eval_history,
-                     tokens_per_s=timed_tokens / timed_s if timed_s > 0 else 0.0,
-                     compile_s=compile_s, train_s=train_s, steps=len(losses), losses=losses,
-                     stopped=stopped, eval_accuracy=eval_accuracy)
+  return TrainResult(
+    first_loss=first_loss if first_loss is not None else float("nan"),
+    last_loss=float(np.mean(last_window)) if last_window else float("nan"),
+    eval_loss=eval_loss,
+    eval_history=eval_history,
+    tokens_per_s=timed_tokens / timed_s if timed_s > 0 else 0.0,
+    compile_s=compile_s,
+    train_s=train_s,
+    steps=len(losses),
+    losses=losses,
+    stopped=stopped,
+    eval_accuracy=eval_accuracy,
+  )

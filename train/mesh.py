@@ -43,31 +43,39 @@ def mesh_shape(spec: Mapping[str, int] | None, num_devices: int) -> tuple[int, i
   free = [a for a, n in sizes.items() if n == -1]
   if free:
     if num_devices % fixed:
-      raise ValueError(f"train.mesh: the fixed axes {sizes} (product {fixed}) do not divide the "
-                       f"{num_devices} devices")
+      raise ValueError(
+        f"train.mesh: the fixed axes {sizes} (product {fixed}) do not divide the "
+        f"{num_devices} devices"
+      )
     sizes[free[0]] = num_devices // fixed
   if math.prod(sizes.values()) != num_devices:
-    raise ValueError(f"train.mesh: expected axis sizes whose product is the number of devices "
-                     f"({num_devices}), got {sizes} (product {math.prod(sizes.values())})")
+    raise ValueError(
+      f"train.mesh: expected axis sizes whose product is the number of devices "
+      f"({num_devices}), got {sizes} (product {math.prod(sizes.values())})"
+    )
   return tuple(sizes[a] for a in MESH_AXES)
 
 
-def make_mesh(spec: Mapping[str, int] | None = None,
-              devices: Sequence[jax.Device] | None = None) -> Mesh:
+def make_mesh(
+  spec: Mapping[str, int] | None = None, devices: Sequence[jax.Device] | None = None
+) -> Mesh:
   """A ``("data", "fsdp", "tensor")`` mesh with ``AxisType.Auto`` axes over ``devices`` (default:
   all devices of all processes)."""
   devices = list(jax.devices() if devices is None else devices)
   shape = mesh_shape(spec, len(devices))
-  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
-                       devices=devices)
+  return jax.make_mesh(
+    shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices
+  )
 
 
 def describe(mesh: Mesh) -> str:
   """``"data=2 fsdp=2 tensor=2 (8 cpu devices, 1 process)"``."""
   axes = " ".join(f"{a}={n}" for a, n in mesh.shape.items())
   dev = mesh.devices.flat[0]
-  return (f"{axes} ({mesh.devices.size} {dev.platform} devices, {jax.process_count()} "
-          f"process{'es' if jax.process_count() > 1 else ''})")
+  return (
+    f"{axes} ({mesh.devices.size} {dev.platform} devices, {jax.process_count()} "
+    f"process{'es' if jax.process_count() > 1 else ''})"
+  )
 
 
 def _env(*names: str) -> str | None:
@@ -94,8 +102,10 @@ def initialize_distributed(enabled: bool = False) -> bool:
   kwargs = {}
   if address is not None:
     kwargs["coordinator_address"] = address
-  for key, raw, name in (("num_processes", count, "JAX_PROCESS_COUNT"),
-                         ("process_id", index, "JAX_PROCESS_INDEX")):
+  for key, raw, name in (
+    ("num_processes", count, "JAX_PROCESS_COUNT"),
+    ("process_id", index, "JAX_PROCESS_INDEX"),
+  ):
     if raw is not None:
       try:
         kwargs[key] = int(raw)
@@ -105,5 +115,12 @@ def initialize_distributed(enabled: bool = False) -> bool:
   return True
 
 
-__all__ = ["DEFAULT_MESH", "MESH_AXES", "describe", "initialize_distributed", "make_mesh",
-           "mesh_shape", "validate_mesh_config"]
+__all__ = [
+  "DEFAULT_MESH",
+  "MESH_AXES",
+  "describe",
+  "initialize_distributed",
+  "make_mesh",
+  "mesh_shape",
+  "validate_mesh_config",
+]

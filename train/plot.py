@@ -23,8 +23,9 @@ def read_metrics(run: str) -> tuple[list[tuple[int, float]], list[tuple[int, flo
   """
   path = run if run.endswith(".jsonl") else os.path.join(run, "metrics.jsonl")
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"run: expected a run folder with metrics.jsonl (or the file), got "
-                            f"{run!r}")
+    raise FileNotFoundError(
+      f"run: expected a run folder with metrics.jsonl (or the file), got {run!r}"
+    )
   train, evals = [], []
   with open(path) as f:
     for n, line in enumerate(f, 1):
@@ -41,8 +42,14 @@ def read_metrics(run: str) -> tuple[list[tuple[int, float]], list[tuple[int, flo
   return train, evals
 
 
-def plot_runs(runs: list[str], out: str, *, labels: list[str] | None = None,
-              title: str | None = None, logy: bool = False) -> str:
+def plot_runs(
+  runs: list[str],
+  out: str,
+  *,
+  labels: list[str] | None = None,
+  title: str | None = None,
+  logy: bool = False,
+) -> str:
   """Writes the figure of ``runs`` to ``out`` (PNG, or any matplotlib format by extension)."""
   import matplotlib
 
@@ -61,8 +68,7 @@ def plot_runs(runs: list[str], out: str, *, labels: list[str] | None = None,
     if train:
       ax.plot(*zip(*train), color=color, lw=1.5, label=f"{name} train")
     if evals:
-      ax.plot(*zip(*evals), color=color, lw=1.5, ls="--", marker="o", ms=4,
-              label=f"{name} eval")
+      ax.plot(*zip(*evals), color=color, lw=1.5, ls="--", marker="o", ms=4, label=f"{name} eval")
   ax.set_xlabel("step")
   ax.set_ylabel("loss (nats / token)")
   if logy:
@@ -86,8 +92,13 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--logy", action="store_true", help="log-scale loss axis")
   args = p.parse_args(argv)
   try:
-    plot_runs(args.runs, args.out, labels=args.labels.split(",") if args.labels else None,
-              title=args.title, logy=args.logy)
+    plot_runs(
+      args.runs,
+      args.out,
+      labels=args.labels.split(",") if args.labels else None,
+      title=args.title,
+      logy=args.logy,
+    )
   except (FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -18,8 +18,15 @@ from flax import nnx
 from train.data import decode, encode
 
 
-def sample(model: nnx.Module, prompt: str | bytes, num_bytes: int, *, temperature: float = 0.8,
-           seed: int = 0, max_len: int = 256) -> np.ndarray:
+def sample(
+  model: nnx.Module,
+  prompt: str | bytes,
+  num_bytes: int,
+  *,
+  temperature: float = 0.8,
+  seed: int = 0,
+  max_len: int = 256,
+) -> np.ndarray:
   """Samples ``num_bytes`` bytes after ``prompt``.
 
   Args:
@@ -48,9 +55,11 @@ def sample(model: nnx.Module, prompt: str | bytes, num_bytes: int, *, temperatur
   greedy = temperature == 0
   if ids.size + num_bytes <= max_len:
     from sparse_attention_jax.nn.generate import Generator
+
     gen = Generator(model, batch=1, capacity=ids.size + num_bytes)
-    out = gen.generate([ids.tolist()], num_bytes, temperature=temperature or 1.0, greedy=greedy,
-                       seed=seed)
+    out = gen.generate(
+      [ids.tolist()], num_bytes, temperature=temperature or 1.0, greedy=greedy, seed=seed
+    )
     return out.tokens[0].astype(np.int32)
 
   length = min(ids.size + num_bytes, max_len)
@@ -72,7 +81,7 @@ def sample(model: nnx.Module, prompt: str | bytes, num_bytes: int, *, temperatur
     if len(context) > length:
       context = context[-length:]
     buf = np.zeros((1, length), np.int32)
-    buf[0, :len(context)] = context
+    buf[0, : len(context)] = context
     key, sub = jax.random.split(key)
     tok = int(next_byte(state, jnp.asarray(buf), jnp.int32(len(context) - 1), sub))
     out.append(tok)

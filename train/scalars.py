@@ -40,8 +40,10 @@ class ScalarLog:
     try:
       from tensorboardX import SummaryWriter
     except ImportError:
-      warn("tensorboard: tensorboardX is not installed; writing metrics.jsonl only "
-           "(pip install tensorboardX)")
+      warn(
+        "tensorboard: tensorboardX is not installed; writing metrics.jsonl only "
+        "(pip install tensorboardX)"
+      )
       return
     self.writer = SummaryWriter(logdir=logdir)
 
@@ -76,8 +78,9 @@ class ScalarLog:
     self.close()
 
 
-def throughput_fields(tokens_per_s: float, flops_per_token: float, num_devices: int,
-                      peak_flops: float | None) -> dict[str, float | None]:
+def throughput_fields(
+  tokens_per_s: float, flops_per_token: float, num_devices: int, peak_flops: float | None
+) -> dict[str, float | None]:
   """Per-device throughput, model TFLOP/s, MFU (None if ``peak_flops`` is None) and peak memory.
 
   Args:

@@ -26,15 +26,15 @@ from jax.sharding import PartitionSpec as P
 
 # logical axis -> mesh axes (a name, a tuple of names, or None = replicated).
 RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
-    ("batch", ("data", "fsdp")),   # activations and input batches
-    ("embed", "fsdp"),             # d_model dim of every weight: FSDP / ZeRO-3
-    ("vocab", "tensor"),
-    ("q_heads", "tensor"),
-    ("kv_heads", "tensor"),
-    ("mlp", "tensor"),
-    ("head_dim", None),
-    ("norm", None),
-    ("compressor", None),
+  ("batch", ("data", "fsdp")),  # activations and input batches
+  ("embed", "fsdp"),  # d_model dim of every weight: FSDP / ZeRO-3
+  ("vocab", "tensor"),
+  ("q_heads", "tensor"),
+  ("kv_heads", "tensor"),
+  ("mlp", "tensor"),
+  ("head_dim", None),
+  ("norm", None),
+  ("compressor", None),
 )
 
 
@@ -46,20 +46,23 @@ def _rule(logical: str | None, rules) -> tuple[str, ...]:
       if target is None:
         return ()
       return (target,) if isinstance(target, str) else tuple(target)
-  raise ValueError(f"logical axis {logical!r}: expected one of the rules' names "
-                   f"{[n for n, _ in rules]}")
+  raise ValueError(
+    f"logical axis {logical!r}: expected one of the rules' names {[n for n, _ in rules]}"
+  )
 
 
-def logical_to_spec(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
-                    rules=RULES) -> P:
+def logical_to_spec(
+  names: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules=RULES
+) -> P:
   """The ``PartitionSpec`` of an array of ``shape`` whose dims have logical ``names``.
 
   Mesh axes of size 1 are dropped; a dim not divisible by its mesh axes (or whose axes another
   dim already uses) is replicated.
   """
   if len(names) != len(shape):
-    raise ValueError(f"names: expected one logical name per dim of shape {tuple(shape)}, got "
-                     f"{tuple(names)}")
+    raise ValueError(
+      f"names: expected one logical name per dim of shape {tuple(shape)}, got {tuple(names)}"
+    )
   used: set[str] = set()
   out = []
   for name, size in zip(names, shape):
@@ -85,6 +88,7 @@ def state_shardings(state: Any, mesh: Mesh, rules=RULES) -> Any:
   is sharded by :func:`logical_to_spec`; everything else (step counters, unannotated variables)
   is replicated. The result has the structure of ``state`` (usable as ``jax.jit`` shardings).
   """
+
   def one(x):
     if isinstance(x, nnx.Variable):
       names = _logical_names(x)
@@ -92,6 +96,7 @@ def state_shardings(state: Any, mesh: Mesh, rules=RULES) -> Any:
       spec = P() if names is None else logical_to_spec(names, shape, mesh, rules)
       return x.replace(NamedSharding(mesh, spec))
     return NamedSharding(mesh, P()) if hasattr(x, "shape") else None
+
   return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
@@ -116,7 +121,8 @@ def put_batch(local: dict[str, np.ndarray], mesh: Mesh, rules=RULES) -> dict[str
   for k, v in local.items():
     v = np.asarray(v)
     out[k] = jax.make_array_from_process_local_data(
-        NamedSharding(mesh, batch_spec(mesh, v.ndim, rules)), v)
+      NamedSharding(mesh, batch_spec(mesh, v.ndim, rules)), v
+    )
   return out
 
 
@@ -138,11 +144,18 @@ def describe_state(state: Any) -> dict[str, str]:
   """``{"embed/embedding": "P('tensor', 'fsdp')", ...}`` of the arrays of a placed state."""
   out = {}
   for path, x in jax.tree_util.tree_leaves_with_path(state):
-    keys = "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))))
-                    for k in path)
+    keys = "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
     out[keys] = str(getattr(getattr(x, "sharding", None), "spec", None))
   return out
 
 
-__all__ = ["RULES", "activate", "batch_shards", "batch_spec", "describe_state",
-           "logical_to_spec", "put_batch", "state_shardings"]
+__all__ = [
+  "RULES",
+  "activate",
+  "batch_shards",
+  "batch_spec",
+  "describe_state",
+  "logical_to_spec",
+  "put_batch",
+  "state_shardings",
+]

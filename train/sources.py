@@ -47,8 +47,9 @@ def expand_globs(patterns: Sequence[str], what: str = "data.paths") -> list[str]
   """
   out = []
   for pattern in patterns:
-    found = sorted(p for p in glob.glob(os.path.expanduser(pattern), recursive=True)
-                   if os.path.isfile(p))
+    found = sorted(
+      p for p in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p)
+    )
     if not found:
       raise FileNotFoundError(f"{what}: pattern {pattern!r} matches no file")
     out.extend(found)
@@ -65,8 +66,9 @@ class Tokenizer:
       try:
         from tokenizers import Tokenizer as HFTokenizer
       except ImportError:
-        raise ImportError("data.tokenizer needs the `tokenizers` package (pip install "
-                          "'sparse-attention-jax[text]')") from None
+        raise ImportError(
+          "data.tokenizer needs the `tokenizers` package (pip install 'sparse-attention-jax[text]')"
+        ) from None
       if not os.path.isfile(path):
         raise FileNotFoundError(f"data.tokenizer: expected a tokenizer.json file, got {path!r}")
       self._tok = HFTokenizer.from_file(path)
@@ -91,8 +93,10 @@ class Tokenizer:
   def check_vocab(self, vocab_size: int) -> None:
     """Raises ValueError when ids of this tokenizer would not fit ``model.vocab_size``."""
     if self.vocab_size > vocab_size:
-      raise ValueError(f"model.vocab_size: expected >= {self.vocab_size} (the vocabulary of "
-                       f"data.tokenizer={self.path!r}), got {vocab_size}")
+      raise ValueError(
+        f"model.vocab_size: expected >= {self.vocab_size} (the vocabulary of "
+        f"data.tokenizer={self.path!r}), got {vocab_size}"
+      )
 
 
 def _read_texts(path: str, cfg: DataConfig) -> Iterator[tuple[str, bytes | str]]:
@@ -115,20 +119,19 @@ def _read_texts(path: str, cfg: DataConfig) -> Iterator[tuple[str, bytes | str]]
         rec = _field(json.loads(rec), cfg.text_field, f"{path}:{i}")
       yield f"{path}:{i}", rec
   else:
-    raise ValueError(f"data.source: expected one of text, jsonl, array_record, got "
-                     f"{cfg.source!r}")
+    raise ValueError(f"data.source: expected one of text, jsonl, array_record, got {cfg.source!r}")
 
 
 def _field(obj: Any, field: str, where: str) -> str:
   if not isinstance(obj, dict) or not isinstance(obj.get(field), str):
     got = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
-    raise ValueError(f"data.text_field: expected a string field {field!r} in {where}, got "
-                     f"{got}")
+    raise ValueError(f"data.text_field: expected a string field {field!r} in {where}, got {got}")
   return obj[field]
 
 
-def read_documents(files: Sequence[str], cfg: DataConfig,
-                   tokenizer: Tokenizer) -> tuple[list[str], list[np.ndarray]]:
+def read_documents(
+  files: Sequence[str], cfg: DataConfig, tokenizer: Tokenizer
+) -> tuple[list[str], list[np.ndarray]]:
   """Names and token ids of the non-empty documents of ``files`` (up to ``cfg.max_bytes``)."""
   names, docs, total = [], [], 0
   for path in files:
@@ -144,8 +147,9 @@ def read_documents(files: Sequence[str], cfg: DataConfig,
   return names, docs
 
 
-def load_file_corpus(cfg: DataConfig, heldout_fraction: float,
-                     tokenizer: Tokenizer) -> data_lib.Corpus:
+def load_file_corpus(
+  cfg: DataConfig, heldout_fraction: float, tokenizer: Tokenizer
+) -> data_lib.Corpus:
   """The train/held-out :class:`train.data.Corpus` of a file source (token-id documents)."""
   files = expand_globs(cfg.paths)
   if cfg.eval_paths:
@@ -154,14 +158,19 @@ def load_file_corpus(cfg: DataConfig, heldout_fraction: float,
     tn, td = read_documents(train_files, cfg, tokenizer)
     en, ed = read_documents(eval_files, cfg, tokenizer)
     if not td or not ed:
-      raise ValueError(f"data.paths/eval_paths: expected non-empty documents on both sides, got "
-                       f"{len(td)} train and {len(ed)} held-out")
-    return data_lib.Corpus(train=tuple(td), heldout=tuple(ed), train_names=tuple(tn),
-                           heldout_names=tuple(en))
+      raise ValueError(
+        f"data.paths/eval_paths: expected non-empty documents on both sides, got "
+        f"{len(td)} train and {len(ed)} held-out"
+      )
+    return data_lib.Corpus(
+      train=tuple(td), heldout=tuple(ed), train_names=tuple(tn), heldout_names=tuple(en)
+    )
   names, docs = read_documents(files, cfg, tokenizer)
   if len(docs) < 2:
-    raise ValueError(f"data.paths: expected at least 2 non-empty documents to split into train "
-                     f"and held-out, got {len(docs)} from {len(files)} file(s)")
+    raise ValueError(
+      f"data.paths: expected at least 2 non-empty documents to split into train "
+      f"and held-out, got {len(docs)} from {len(files)} file(s)"
+    )
   return data_lib.split_documents(names, docs, heldout_fraction)
 
 
@@ -184,8 +193,9 @@ class DataSetup:
   text: bool
 
 
-def make_data(config: RunConfig, *, shard_index: int = 0, shard_count: int = 1,
-              local_batch: int | None = None) -> DataSetup:
+def make_data(
+  config: RunConfig, *, shard_index: int = 0, shard_count: int = 1, local_batch: int | None = None
+) -> DataSetup:
   """Training iterator and held-out batches of ``config.data`` for this process.
 
   Args:
@@ -200,19 +210,30 @@ def make_data(config: RunConfig, *, shard_index: int = 0, shard_count: int = 1,
   local_batch = local_batch or tc.batch_size // shard_count
   shards = {"shard_index": shard_index, "shard_count": shard_count}
   if cfg.source in ("mqar", "needle"):
-    task = {"context_len": cfg.context_len, "num_pairs": cfg.num_pairs,
-            "num_queries": cfg.num_queries, "needle_depth": cfg.needle_depth,
-            "answers_only": cfg.loss_on == "answers"}
-    train_it = synthetic.task_iterator(cfg.source, tc.seq_len, local_batch, tc.seed, **shards,
-                                       **task)
-    eval_set = []                                   # train.eval_batches = 0: no evaluation
+    task = {
+      "context_len": cfg.context_len,
+      "num_pairs": cfg.num_pairs,
+      "num_queries": cfg.num_queries,
+      "needle_depth": cfg.needle_depth,
+      "answers_only": cfg.loss_on == "answers",
+    }
+    train_it = synthetic.task_iterator(
+      cfg.source, tc.seq_len, local_batch, tc.seed, **shards, **task
+    )
+    eval_set = []  # train.eval_batches = 0: no evaluation
     if tc.eval_batches:
-      eval_set = synthetic.task_eval_batches(cfg.source, tc.seq_len, local_batch,
-                                             tc.eval_batches, **shards, **task)
-    extra = (f"{cfg.num_pairs} pairs, {cfg.num_queries} queries" if cfg.source == "mqar" else
-             f"depth {'random' if cfg.needle_depth == -1 else cfg.needle_depth}")
-    desc = (f"data: synthetic {cfg.source} ({extra}, {cfg.context_len or tc.seq_len + 1} tokens "
-            f"per sample, loss on {cfg.loss_on}), held-out stream seed {synthetic.EVAL_SEED}")
+      eval_set = synthetic.task_eval_batches(
+        cfg.source, tc.seq_len, local_batch, tc.eval_batches, **shards, **task
+      )
+    extra = (
+      f"{cfg.num_pairs} pairs, {cfg.num_queries} queries"
+      if cfg.source == "mqar"
+      else f"depth {'random' if cfg.needle_depth == -1 else cfg.needle_depth}"
+    )
+    desc = (
+      f"data: synthetic {cfg.source} ({extra}, {cfg.context_len or tc.seq_len + 1} tokens "
+      f"per sample, loss on {cfg.loss_on}), held-out stream seed {synthetic.EVAL_SEED}"
+    )
     return DataSetup(train_it, eval_set, desc, Tokenizer(), text=False)
   tokenizer = Tokenizer(cfg.tokenizer)
   tokenizer.check_vocab(config.model.vocab_size)
@@ -223,11 +244,15 @@ def make_data(config: RunConfig, *, shard_index: int = 0, shard_count: int = 1,
     corpus = load_file_corpus(cfg, tc.heldout_fraction, tokenizer)
     what = f"{cfg.source} {list(cfg.paths)}"
   unit = "bytes" if cfg.tokenizer is None else f"tokens of {os.path.basename(cfg.tokenizer)}"
-  desc = (f"corpus: {what}, {len(corpus.train)} train documents "
-          f"({corpus.train_bytes / 1e6:.2f} M {unit}), {len(corpus.heldout)} held-out "
-          f"({corpus.heldout_bytes / 1e6:.2f} M)")
+  desc = (
+    f"corpus: {what}, {len(corpus.train)} train documents "
+    f"({corpus.train_bytes / 1e6:.2f} M {unit}), {len(corpus.heldout)} held-out "
+    f"({corpus.heldout_bytes / 1e6:.2f} M)"
+  )
   train_it = data_lib.train_iterator(corpus.train, tc.seq_len, local_batch, tc.seed, **shards)
-  eval_set = data_lib.eval_batches(corpus.heldout, tc.seq_len, local_batch, tc.eval_batches,
-                                   **shards) if tc.eval_batches else []
+  eval_set = (
+    data_lib.eval_batches(corpus.heldout, tc.seq_len, local_batch, tc.eval_batches, **shards)
+    if tc.eval_batches
+    else []
+  )
   return DataSetup(train_it, eval_set, desc, tokenizer, text=True)
-

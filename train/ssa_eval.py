@@ -19,14 +19,16 @@ import argparse
 import sys
 
 
-def evaluate(model, batches, mode: str, *, block_size: int | None = None,
-             num_selected: int | None = None) -> float:
+def evaluate(
+  model, batches, mode: str, *, block_size: int | None = None, num_selected: int | None = None
+) -> float:
   """Mean held-out cross-entropy (nats per byte) of ``model`` with its SSA layers set to
   ``mode`` (and the sparse budget), over ``batches``."""
   from flax import nnx
 
   from sparse_attention_jax.nn.ssa import set_inference
   from train import loop
+
   set_inference(model, mode, block_size=block_size, num_selected=num_selected)
   graphdef, state = nnx.split(model)
   total, count = 0.0, 0.0
@@ -37,39 +39,51 @@ def evaluate(model, batches, mode: str, *, block_size: int | None = None,
 
 
 def main(argv: list[str] | None = None) -> int:
-  p = argparse.ArgumentParser(prog="python -m train.ssa_eval",
-                              description="Held-out loss of an SSA checkpoint: full attention and "
-                                          "sparse attention at several budgets.")
+  p = argparse.ArgumentParser(
+    prog="python -m train.ssa_eval",
+    description="Held-out loss of an SSA checkpoint: full attention and "
+    "sparse attention at several budgets.",
+  )
   p.add_argument("--config", required=True, help="YAML file with model: and train: sections")
   p.add_argument("--checkpoint", required=True, help="checkpoint folder (.../checkpoints/<step>)")
-  p.add_argument("--budgets", default=None,
-                 help="comma-separated numbers of selected blocks (default: the config's)")
+  p.add_argument(
+    "--budgets",
+    default=None,
+    help="comma-separated numbers of selected blocks (default: the config's)",
+  )
   p.add_argument("--block-size", type=int, default=None, help="selection block size override")
   p.add_argument("overrides", nargs="*", metavar="section.key=value")
   args = p.parse_args(argv)
 
   from train.config import load_config
+
   try:
     config = load_config(args.config, args.overrides)
-    budgets = ([int(x) for x in args.budgets.split(",") if x.strip()] if args.budgets
-               else [config.model.nsa.num_selected])
+    budgets = (
+      [int(x) for x in args.budgets.split(",") if x.strip()]
+      if args.budgets
+      else [config.model.nsa.num_selected]
+    )
   except (ValueError, FileNotFoundError) as e:
     print(f"config error: {e}", file=sys.stderr)
     return 2
   if not budgets or min(budgets) < 1:
-    print(f"config error: --budgets: expected positive ints, got {args.budgets!r}",
-          file=sys.stderr)
+    print(f"config error: --budgets: expected positive ints, got {args.budgets!r}", file=sys.stderr)
     return 2
   if "ssa" not in config.model.layer_kinds():
-    print(f"config error: model.attention: expected 'ssa' layers, got "
-          f"{list(config.model.attention)}", file=sys.stderr)
+    print(
+      f"config error: model.attention: expected 'ssa' layers, got {list(config.model.attention)}",
+      file=sys.stderr,
+    )
     return 2
   from train import cli
 
   tc = config.train
   model, step, batches = cli.model_and_batches(config, args.checkpoint, tc.eval_batches)
-  print(f"checkpoint {args.checkpoint} (step {step}); {tc.eval_batches} x {tc.batch_size} "
-        f"held-out rows of {tc.seq_len} bytes")
+  print(
+    f"checkpoint {args.checkpoint} (step {step}); {tc.eval_batches} x {tc.batch_size} "
+    f"held-out rows of {tc.seq_len} bytes"
+  )
   full = evaluate(model, batches, "full")
   print(f"{'full':<28} eval loss {full:.4f} ({full / 0.6931471805599453:.3f} bits/byte)")
   for n in budgets:

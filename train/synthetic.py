@@ -28,11 +28,40 @@ import numpy as np
 # other than this one never produce it).
 EVAL_SEED = 1_000_003
 # Enough indices for any run (Grain ranges are lazy).
-_STREAM_LEN = 2 ** 40
+_STREAM_LEN = 2**40
 
-_WORDS = ("the", "grass", "is", "green", "sky", "blue", "and", "a", "river", "runs", "past",
-          "old", "mill", "where", "birds", "sing", "every", "morning", "under", "bright", "sun",
-          "quiet", "town", "sleeps", "while", "wind", "moves", "through", "tall", "trees")
+_WORDS = (
+  "the",
+  "grass",
+  "is",
+  "green",
+  "sky",
+  "blue",
+  "and",
+  "a",
+  "river",
+  "runs",
+  "past",
+  "old",
+  "mill",
+  "where",
+  "birds",
+  "sing",
+  "every",
+  "morning",
+  "under",
+  "bright",
+  "sun",
+  "quiet",
+  "town",
+  "sleeps",
+  "while",
+  "wind",
+  "moves",
+  "through",
+  "tall",
+  "trees",
+)
 _KEY_CHARS = np.frombuffer(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789", np.uint8)
 _DIGITS = np.frombuffer(b"0123456789", np.uint8)
 
@@ -41,8 +70,9 @@ def _rng(seed: int, index: int) -> np.random.Generator:
   return np.random.default_rng([int(seed) & 0xFFFFFFFF, int(index)])
 
 
-def mqar_sample(seed: int, index: int, length: int, num_pairs: int,
-                num_queries: int) -> tuple[np.ndarray, np.ndarray]:
+def mqar_sample(
+  seed: int, index: int, length: int, num_pairs: int, num_queries: int
+) -> tuple[np.ndarray, np.ndarray]:
   """One MQAR sequence.
 
   Returns:
@@ -51,21 +81,25 @@ def mqar_sample(seed: int, index: int, length: int, num_pairs: int,
   """
   need = 2 * num_pairs + 2 * num_queries
   if length < need:
-    raise ValueError(f"length: expected >= 2 * (num_pairs + num_queries) = {need} tokens for "
-                     f"MQAR, got {length} (raise train.seq_len or lower data.num_pairs)")
+    raise ValueError(
+      f"length: expected >= 2 * (num_pairs + num_queries) = {need} tokens for "
+      f"MQAR, got {length} (raise train.seq_len or lower data.num_pairs)"
+    )
   if not 1 <= num_queries <= num_pairs <= 127:
-    raise ValueError(f"num_pairs, num_queries: expected 1 <= num_queries <= num_pairs <= 127, "
-                     f"got {num_pairs}, {num_queries}")
+    raise ValueError(
+      f"num_pairs, num_queries: expected 1 <= num_queries <= num_pairs <= 127, "
+      f"got {num_pairs}, {num_queries}"
+    )
   rng = _rng(seed, index)
   keys = rng.choice(np.arange(1, 128), size=num_pairs, replace=False)
   values = rng.integers(128, 256, size=num_pairs)
   asked = rng.choice(num_pairs, size=num_queries, replace=False)
   ids = np.zeros(length, np.int32)
-  ids[0:2 * num_pairs:2], ids[1:2 * num_pairs:2] = keys, values
+  ids[0 : 2 * num_pairs : 2], ids[1 : 2 * num_pairs : 2] = keys, values
   start = length - 2 * num_queries
-  ids[start::2], ids[start + 1::2] = keys[asked], values[asked]
+  ids[start::2], ids[start + 1 :: 2] = keys[asked], values[asked]
   answer = np.zeros(length, bool)
-  answer[start + 1::2] = True
+  answer[start + 1 :: 2] = True
   return ids, answer
 
 
@@ -79,8 +113,9 @@ def _filler(rng: np.random.Generator, n: int) -> bytes:
   return "".join(out).encode()[:n]
 
 
-def needle_sample(seed: int, index: int, length: int,
-                  depth: float = -1.0) -> tuple[np.ndarray, np.ndarray]:
+def needle_sample(
+  seed: int, index: int, length: int, depth: float = -1.0
+) -> tuple[np.ndarray, np.ndarray]:
   """One needle-retrieval sequence of ``length`` byte ids (see the module docstring).
 
   Args:
@@ -97,21 +132,31 @@ def needle_sample(seed: int, index: int, length: int,
   tail = question + value + b"."
   filler_len = length - len(needle) - len(tail)
   if filler_len < 0:
-    raise ValueError(f"length: expected >= {len(needle) + len(tail)} tokens for a needle "
-                     f"sample, got {length} (raise train.seq_len or data.context_len)")
+    raise ValueError(
+      f"length: expected >= {len(needle) + len(tail)} tokens for a needle "
+      f"sample, got {length} (raise train.seq_len or data.context_len)"
+    )
   d = rng.uniform() if depth == -1 else float(depth)
   filler = _filler(rng, filler_len)
   cut = int(round(d * filler_len))
   text = filler[:cut] + needle + filler[cut:] + tail
   ids = np.frombuffer(text, np.uint8).astype(np.int32)
   answer = np.zeros(length, bool)
-  answer[length - 1 - len(value):length - 1] = True
+  answer[length - 1 - len(value) : length - 1] = True
   return ids, answer
 
 
-def sample_row(source: str, seed: int, index: int, row_len: int, *, context_len: int = 0,
-               num_pairs: int = 16, num_queries: int = 16,
-               needle_depth: float = -1.0) -> dict[str, np.ndarray]:
+def sample_row(
+  source: str,
+  seed: int,
+  index: int,
+  row_len: int,
+  *,
+  context_len: int = 0,
+  num_pairs: int = 16,
+  num_queries: int = 16,
+  needle_depth: float = -1.0,
+) -> dict[str, np.ndarray]:
   """One packed row ``[row_len]`` (``tokens``, ``tokens_segment_ids``, ``tokens_positions``,
   ``answer``): the sample of ``source`` (``mqar``/``needle``) then padding (segment 0)."""
   n = context_len or row_len
@@ -124,10 +169,12 @@ def sample_row(source: str, seed: int, index: int, row_len: int, *, context_len:
   else:
     raise ValueError(f"source: expected 'mqar' or 'needle', got {source!r}")
   pad = row_len - n
-  return {"tokens": np.pad(ids, (0, pad)),
-          "tokens_segment_ids": np.pad(np.ones(n, np.int32), (0, pad)),
-          "tokens_positions": np.pad(np.arange(n, dtype=np.int32), (0, pad)),
-          "answer": np.pad(answer, (0, pad))}
+  return {
+    "tokens": np.pad(ids, (0, pad)),
+    "tokens_segment_ids": np.pad(np.ones(n, np.int32), (0, pad)),
+    "tokens_positions": np.pad(np.arange(n, dtype=np.int32), (0, pad)),
+    "answer": np.pad(answer, (0, pad)),
+  }
 
 
 def shift_task_rows(rows: dict[str, np.ndarray], answers_only: bool) -> dict[str, np.ndarray]:
@@ -142,29 +189,43 @@ def shift_task_rows(rows: dict[str, np.ndarray], answers_only: bool) -> dict[str
   return out
 
 
-def task_batches(source: str, seq_len: int, batch_size: int, seed: int, *,
-                 shard_index: int = 0, shard_count: int = 1, answers_only: bool = False,
-                 **task) -> grain.IterDataset:
+def task_batches(
+  source: str,
+  seq_len: int,
+  batch_size: int,
+  seed: int,
+  *,
+  shard_index: int = 0,
+  shard_count: int = 1,
+  answers_only: bool = False,
+  **task,
+) -> grain.IterDataset:
   """Endless Grain dataset of batches of ``source`` samples ``seed``, indices ``shard_index,
   shard_index + shard_count, ...`` (this process's share). ``task``: see :func:`sample_row`."""
   if not 0 <= shard_index < shard_count:
-    raise ValueError(f"shard_index: expected 0 <= shard_index < shard_count={shard_count}, got "
-                     f"{shard_index}")
+    raise ValueError(
+      f"shard_index: expected 0 <= shard_index < shard_count={shard_count}, got {shard_index}"
+    )
   sample_row(source, seed, 0, seq_len + 1, **task)  # Fail now on a bad size, not in a worker.
   ds = grain.MapDataset.range(_STREAM_LEN)[shard_index::shard_count]
   ds = ds.map(lambda i: sample_row(source, seed, int(i), seq_len + 1, **task))
-  return (ds.to_iter_dataset().batch(batch_size, drop_remainder=True)
-          .map(lambda rows: shift_task_rows(rows, answers_only)))
+  return (
+    ds.to_iter_dataset()
+    .batch(batch_size, drop_remainder=True)
+    .map(lambda rows: shift_task_rows(rows, answers_only))
+  )
 
 
-def task_iterator(source: str, seq_len: int, batch_size: int, seed: int,
-                  **kwargs) -> grain.DatasetIterator:
+def task_iterator(
+  source: str, seq_len: int, batch_size: int, seed: int, **kwargs
+) -> grain.DatasetIterator:
   """Training batches (a checkpointable Grain iterator); see :func:`task_batches`."""
   return iter(task_batches(source, seq_len, batch_size, seed, **kwargs))
 
 
-def task_eval_batches(source: str, seq_len: int, batch_size: int, num_batches: int, *,
-                      seed: int = EVAL_SEED, **kwargs) -> list[dict[str, np.ndarray]]:
+def task_eval_batches(
+  source: str, seq_len: int, batch_size: int, num_batches: int, *, seed: int = EVAL_SEED, **kwargs
+) -> list[dict[str, np.ndarray]]:
   """``num_batches`` held-out batches from the stream of ``seed`` (default :data:`EVAL_SEED`)."""
   it = iter(task_batches(source, seq_len, batch_size, seed, **kwargs))
   return [next(it) for _ in range(num_batches)]

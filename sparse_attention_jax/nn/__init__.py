@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import os
 
-import yaml
-
 from sparse_attention_jax.nn.asa import GLAGlobalAttention, MLALocalAttention
 from sparse_attention_jax.nn.attention import (
   ATTENTION_KINDS,
@@ -41,19 +39,47 @@ from sparse_attention_jax.nn.ssa_config import SSAConfig
 
 def load_model_config(path: str | os.PathLike) -> ModelConfig:
   """Reads the ``model:`` section of a YAML config file into a :class:`ModelConfig`."""
+  import yaml  # PyYAML ships with flax; imported here so the modules need no YAML
+
   with open(path) as f:
     data = yaml.safe_load(f)
   if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
-    raise ValueError(f"{path}: expected a YAML mapping with a 'model:' section, got "
-                     f"{type(data).__name__ if not isinstance(data, dict) else sorted(data)}")
+    raise ValueError(
+      f"{path}: expected a YAML mapping with a 'model:' section, got "
+      f"{type(data).__name__ if not isinstance(data, dict) else sorted(data)}"
+    )
   return ModelConfig.from_dict(data["model"])
 
 
 __all__ = [
-    "ATTENTION_KINDS", "DecodeState", "DecoderBlock", "DecoderLM", "Embed", "FullAttention",
-    "GLAGlobalAttention", "Generator", "LatentConfig", "MLALocalAttention", "MLPCompressor",
-    "ModelConfig", "NOSAAttention", "NOSAConfig", "NSAAttention", "RMSNorm",
-    "SSAAttention", "SSAConfig", "SlidingWindowAttention", "SwiGLU", "apply_rope",
-    "count_params", "decode_step", "get_attention_kind", "init_decode_state",
-    "load_model_config", "param_count", "prefill", "register_attention_kind", "set_inference",
+  "ATTENTION_KINDS",
+  "DecodeState",
+  "DecoderBlock",
+  "DecoderLM",
+  "Embed",
+  "FullAttention",
+  "GLAGlobalAttention",
+  "Generator",
+  "LatentConfig",
+  "MLALocalAttention",
+  "MLPCompressor",
+  "ModelConfig",
+  "NOSAAttention",
+  "NOSAConfig",
+  "NSAAttention",
+  "RMSNorm",
+  "SSAAttention",
+  "SSAConfig",
+  "SlidingWindowAttention",
+  "SwiGLU",
+  "apply_rope",
+  "count_params",
+  "decode_step",
+  "get_attention_kind",
+  "init_decode_state",
+  "load_model_config",
+  "param_count",
+  "prefill",
+  "register_attention_kind",
+  "set_inference",
 ]

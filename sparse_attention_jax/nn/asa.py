@@ -93,6 +93,7 @@ class Latents(NamedTuple):
     c: ``[B, T, g, dl]`` normalized KV latent (what the cache stores, with ``k_rope``).
     k_rope: ``[B, T, 1, d_R]`` decoupled RoPE key shared by all heads.
   """
+
   q_nope: jax.Array
   q_rope: jax.Array
   c: jax.Array
@@ -110,8 +111,9 @@ class GroupRMSNorm(nnx.Module):
   def __call__(self, x):
     """``x [..., g, dl]`` -> same shape in ``dtype`` (statistics in float32)."""
     if x.shape[-2:] != self.scale.shape:
-      raise ValueError(f"x: expected trailing dims [g, dl] = {self.scale.shape}, got shape "
-                       f"{x.shape}")
+      raise ValueError(
+        f"x: expected trailing dims [g, dl] = {self.scale.shape}, got shape {x.shape}"
+      )
     x32 = x.astype(jnp.float32)
     inv = jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
     return (x32 * inv * self.scale[...]).astype(self.dtype)
@@ -119,9 +121,11 @@ class GroupRMSNorm(nnx.Module):
 
 def _latent_config(config: ModelConfig, kind: str) -> LatentConfig:
   if not isinstance(config.latent, LatentConfig):
-    raise ValueError(f"model.latent: expected a LatentConfig (kv_rank, q_rank, rope_dim, "
-                     f"nope_dim, v_dim, groups) for attention kind {kind!r}, got "
-                     f"{config.latent!r}")
+    raise ValueError(
+      f"model.latent: expected a LatentConfig (kv_rank, q_rank, rope_dim, "
+      f"nope_dim, v_dim, groups) for attention kind {kind!r}, got "
+      f"{config.latent!r}"
+    )
   return config.latent
 
 
@@ -141,57 +145,111 @@ class LatentAttentionBase(nnx.Module):
     lat = _latent_config(config, self.kind)
     hq = config.num_heads
     if not isinstance(groups, int) or groups < 1 or hq % groups or lat.kv_rank % groups:
-      raise ValueError(f"model.latent.groups: expected a divisor of num_heads={hq} and of "
-                       f"kv_rank={lat.kv_rank} for attention kind {self.kind!r}, got {groups!r}")
+      raise ValueError(
+        f"model.latent.groups: expected a divisor of num_heads={hq} and of "
+        f"kv_rank={lat.kv_rank} for attention kind {self.kind!r}, got {groups!r}"
+      )
     self.config = config
     self.latent = lat
     self.groups = g = groups
     self.dtype = dt = as_dtype(config.dtype)
     d, dl, gq = config.d_model, lat.kv_rank // groups, hq // groups
-    self.q_down = projection("btd,dr->btr", (d, lat.q_rank), in_axes=0, out_axes=1, dtype=dt,
-                             rngs=rngs, names=("embed", None))
+    self.q_down = projection(
+      "btd,dr->btr",
+      (d, lat.q_rank),
+      in_axes=0,
+      out_axes=1,
+      dtype=dt,
+      rngs=rngs,
+      names=("embed", None),
+    )
     self.q_norm = RMSNorm(lat.q_rank, eps=config.norm_eps, dtype=config.dtype)
-    self.q_up_nope = projection("btr,rhn->bthn", (lat.q_rank, hq, lat.nope_dim), in_axes=0,
-                                out_axes=(1, 2), dtype=dt, rngs=rngs,
-                                names=(None, "q_heads", "head_dim"))
-    self.q_up_rope = projection("btr,rhn->bthn", (lat.q_rank, hq, lat.rope_dim), in_axes=0,
-                                out_axes=(1, 2), dtype=dt, rngs=rngs,
-                                names=(None, "q_heads", "head_dim"))
-    self.kv_down = projection("btd,dgc->btgc", (d, g, dl), in_axes=0, out_axes=(1, 2), dtype=dt,
-                              rngs=rngs, names=("embed", "kv_heads", "head_dim"))
+    self.q_up_nope = projection(
+      "btr,rhn->bthn",
+      (lat.q_rank, hq, lat.nope_dim),
+      in_axes=0,
+      out_axes=(1, 2),
+      dtype=dt,
+      rngs=rngs,
+      names=(None, "q_heads", "head_dim"),
+    )
+    self.q_up_rope = projection(
+      "btr,rhn->bthn",
+      (lat.q_rank, hq, lat.rope_dim),
+      in_axes=0,
+      out_axes=(1, 2),
+      dtype=dt,
+      rngs=rngs,
+      names=(None, "q_heads", "head_dim"),
+    )
+    self.kv_down = projection(
+      "btd,dgc->btgc",
+      (d, g, dl),
+      in_axes=0,
+      out_axes=(1, 2),
+      dtype=dt,
+      rngs=rngs,
+      names=("embed", "kv_heads", "head_dim"),
+    )
     self.kv_norm = GroupRMSNorm(g, dl, eps=config.norm_eps, dtype=config.dtype)
-    self.k_rope_proj = projection("btd,dr->btr", (d, lat.rope_dim), in_axes=0, out_axes=1,
-                                  dtype=dt, rngs=rngs, names=("embed", "head_dim"))
-    self.k_up = projection("btgc,gcjn->btgjn", (g, dl, gq, lat.nope_dim), in_axes=1,
-                           out_axes=(0, 2, 3), dtype=dt, rngs=rngs,
-                           names=("kv_heads", "head_dim", None, "head_dim"))
-    self.v_up = projection("btgc,gcjv->btgjv", (g, dl, gq, lat.v_dim), in_axes=1,
-                           out_axes=(0, 2, 3), dtype=dt, rngs=rngs,
-                           names=("kv_heads", "head_dim", None, "head_dim"))
-    self.o_proj = projection("bthv,hvd->btd", (hq, lat.v_dim, d), in_axes=(0, 1), out_axes=2,
-                             dtype=dt, rngs=rngs, names=("q_heads", "head_dim", "embed"))
+    self.k_rope_proj = projection(
+      "btd,dr->btr",
+      (d, lat.rope_dim),
+      in_axes=0,
+      out_axes=1,
+      dtype=dt,
+      rngs=rngs,
+      names=("embed", "head_dim"),
+    )
+    self.k_up = projection(
+      "btgc,gcjn->btgjn",
+      (g, dl, gq, lat.nope_dim),
+      in_axes=1,
+      out_axes=(0, 2, 3),
+      dtype=dt,
+      rngs=rngs,
+      names=("kv_heads", "head_dim", None, "head_dim"),
+    )
+    self.v_up = projection(
+      "btgc,gcjv->btgjv",
+      (g, dl, gq, lat.v_dim),
+      in_axes=1,
+      out_axes=(0, 2, 3),
+      dtype=dt,
+      rngs=rngs,
+      names=("kv_heads", "head_dim", None, "head_dim"),
+    )
+    self.o_proj = projection(
+      "bthv,hvd->btd",
+      (hq, lat.v_dim, d),
+      in_axes=(0, 1),
+      out_axes=2,
+      dtype=dt,
+      rngs=rngs,
+      names=("q_heads", "head_dim", "embed"),
+    )
 
   @property
   def softmax_scale(self) -> float:
     """``(nope_dim + d_R) ** -0.5`` unless ``config.nsa.softmax_scale`` is set (global layer)."""
-    return self.latent.qk_dim ** -0.5
+    return self.latent.qk_dim**-0.5
 
   # ------------------------------------------------------------------------------ projections
   def project(self, x, positions) -> Latents:
     """``x [B, T, d_model]``, ``positions [B, T]`` -> :class:`Latents`."""
     theta = self.config.rope_theta
-    c_q = self.q_norm(self.q_down(x))                                          # [B, T, d_cq]
-    q_nope = self.q_up_nope(c_q)                                               # [B, T, HQ, n]
-    q_rope = apply_rope(self.q_up_rope(c_q), positions, theta)                 # [B, T, HQ, R]
-    c = self.kv_norm(self.kv_down(x))                                          # [B, T, g, dl]
+    c_q = self.q_norm(self.q_down(x))  # [B, T, d_cq]
+    q_nope = self.q_up_nope(c_q)  # [B, T, HQ, n]
+    q_rope = apply_rope(self.q_up_rope(c_q), positions, theta)  # [B, T, HQ, R]
+    c = self.kv_norm(self.kv_down(x))  # [B, T, g, dl]
     k_rope = apply_rope(self.k_rope_proj(x)[:, :, None, :], positions, theta)  # [B, T, 1, R]
     return Latents(q_nope, q_rope, c, k_rope)
 
   def expanded_qkv(self, lat: Latents):
     """Training form: ``q, k [B, T, HQ, nope_dim + d_R]``, ``v [B, T, HQ, v_dim]`` (``H = HQ``)."""
     b, t, hq, _ = lat.q_nope.shape
-    k_nope = self.k_up(lat.c).reshape(b, t, hq, -1)                           # [B, T, HQ, n]
-    v = self.v_up(lat.c).reshape(b, t, hq, -1)                                 # [B, T, HQ, dv]
+    k_nope = self.k_up(lat.c).reshape(b, t, hq, -1)  # [B, T, HQ, n]
+    v = self.v_up(lat.c).reshape(b, t, hq, -1)  # [B, T, HQ, dv]
     k_rope = jnp.broadcast_to(lat.k_rope, (b, t, hq, lat.k_rope.shape[-1]))
     q = jnp.concatenate([lat.q_nope, lat.q_rope], axis=-1)
     k = jnp.concatenate([k_nope, k_rope], axis=-1)
@@ -205,7 +263,7 @@ class LatentAttentionBase(nnx.Module):
     b, t, hq, n = lat.q_nope.shape
     g = self.groups
     q_nope = lat.q_nope.reshape(b, t, g, hq // g, n)
-    w_uk = self.k_up.kernel[...].astype(self.dtype)                            # [g, dl, G, n]
+    w_uk = self.k_up.kernel[...].astype(self.dtype)  # [g, dl, G, n]
     q_lat = jnp.einsum("btgjn,gcjn->btgjc", q_nope, w_uk).reshape(b, t, hq, -1)
     k_rope = jnp.broadcast_to(lat.k_rope, (b, t, g, lat.k_rope.shape[-1]))
     q = jnp.concatenate([q_lat, lat.q_rope], axis=-1)
@@ -223,13 +281,14 @@ class LatentAttentionBase(nnx.Module):
     """Attended latent ``[B, T, HQ, dl]`` -> per-head values ``[B, T, HQ, v_dim]`` via W_uv."""
     b, t, hq, dl = o_lat.shape
     g = self.groups
-    w_uv = self.v_up.kernel[...].astype(self.dtype)                            # [g, dl, G, dv]
+    w_uv = self.v_up.kernel[...].astype(self.dtype)  # [g, dl, G, dv]
     o = jnp.einsum("btgjc,gcjv->btgjv", o_lat.reshape(b, t, g, hq // g, dl), w_uv)
     return o.reshape(b, t, hq, -1)
 
   # -------------------------------------------------------------------------- dense attention
-  def dense(self, x, positions, segment_ids=None, *, form: str = "expanded",
-            window: int | None = None):
+  def dense(
+    self, x, positions, segment_ids=None, *, form: str = "expanded", window: int | None = None
+  ):
     """Causal (``window=None``) or sliding-window latent attention with the plain masked op.
 
     Args:
@@ -248,15 +307,16 @@ class LatentAttentionBase(nnx.Module):
     mask = causal_mask(t, segment_ids, window)
     if form == "expanded":
       q, k, v = self.expanded_qkv(lat)
-      o = masked_attention(q, k, v, mask, self.softmax_scale)[0]               # [B, T, HQ, dv]
+      o = masked_attention(q, k, v, mask, self.softmax_scale)[0]  # [B, T, HQ, dv]
     else:
       q, k, v = self.absorbed_qkv(lat)
       o = self.up_values(masked_attention(q, k, v, mask, self.softmax_scale)[0])
     return self.o_proj(o)
 
 
-def _window_attention(q, k, v, *, window: int, segment_ids, softmax_scale: float,
-                      impl: str = "auto"):
+def _window_attention(
+  q, k, v, *, window: int, segment_ids, softmax_scale: float, impl: str = "auto"
+):
   """Sliding-window attention of the local layer, memory-lean: cuDNN flash attention on GPU
   (packed rows with a document mask up to a size limit), else the blocked plain-JAX op (see
   :func:`~sparse_attention_jax.nn.dense_attention.causal_attention`).
@@ -269,8 +329,9 @@ def _window_attention(q, k, v, *, window: int, segment_ids, softmax_scale: float
   Returns:
     ``[B, T, HQ, Dv]`` in ``q.dtype``, equal to ``ops.sliding_window_attention``.
   """
-  return causal_attention(q, k, v, segment_ids=segment_ids, window=window,
-                          softmax_scale=softmax_scale, impl=impl)
+  return causal_attention(
+    q, k, v, segment_ids=segment_ids, window=window, softmax_scale=softmax_scale, impl=impl
+  )
 
 
 class MLALocalAttention(LatentAttentionBase):
@@ -296,13 +357,22 @@ class MLALocalAttention(LatentAttentionBase):
     scale = self.softmax_scale
 
     def op(**a):
-      return _window_attention(a["q"], a["k"], a["v"], window=c.window,
-                               segment_ids=a["segment_ids"], softmax_scale=scale,
-                               impl=c.attn_impl)
+      return _window_attention(
+        a["q"],
+        a["k"],
+        a["v"],
+        window=c.window,
+        segment_ids=a["segment_ids"],
+        softmax_scale=scale,
+        impl=c.attn_impl,
+      )
 
-    o = sharded_call(op, {"q": q, "k": k, "v": v, "segment_ids": segment_ids},
-                     {"q": "bthd", "k": "bthd", "v": "bthd", "segment_ids": "bt"},
-                     num_kv_heads=c.num_heads)                                 # [B, T, HQ, dv]
+    o = sharded_call(
+      op,
+      {"q": q, "k": k, "v": v, "segment_ids": segment_ids},
+      {"q": "bthd", "k": "bthd", "v": "bthd", "segment_ids": "bt"},
+      num_kv_heads=c.num_heads,
+    )  # [B, T, HQ, dv]
     return self.o_proj(o)
 
   def absorbed(self, x, positions, segment_ids=None):
@@ -313,8 +383,15 @@ class MLALocalAttention(LatentAttentionBase):
   def init_cache(self, batch: int, capacity: int, dtype=None):
     """A ring of ``min(window, capacity)`` latent keys ``[c ; k_rope]`` (no value buffer)."""
     lat = self.latent
-    return init_dense_cache(batch, capacity, num_kv_heads=1, dk=lat.kv_rank + lat.rope_dim,
-                            dv=None, dtype=dtype or self.dtype, window=self.config.window)
+    return init_dense_cache(
+      batch,
+      capacity,
+      num_kv_heads=1,
+      dk=lat.kv_rank + lat.rope_dim,
+      dv=None,
+      dtype=dtype or self.dtype,
+      window=self.config.window,
+    )
 
   def prefill(self, x, lengths, cache):
     """``x [B, T, d_model]`` right-padded prompts of ``lengths [B]`` -> ``(y, cache)`` (the
@@ -323,18 +400,26 @@ class MLALocalAttention(LatentAttentionBase):
     _check_inputs(x, _positions(x), None, c.d_model)
     lat = self.project(x, _positions(x))
     q, k, v = self.expanded_qkv(lat)
-    o = _window_attention(q, k, v, window=c.window, segment_ids=None,
-                          softmax_scale=self.softmax_scale)
-    return self.o_proj(o), fill_dense_cache(cache, self.latent_keys(lat), None, lengths,
-                                            ring=True)
+    o = _window_attention(
+      q, k, v, window=c.window, segment_ids=None, softmax_scale=self.softmax_scale
+    )
+    return self.o_proj(o), fill_dense_cache(cache, self.latent_keys(lat), None, lengths, ring=True)
 
   def decode(self, x, pos, cache):
     """``x [B, 1, d_model]`` at ``pos [B]`` -> ``(y [B, 1, d_model], cache)``: MQA of the
     absorbed queries over the cached latents, then W_uv."""
     q, k, _ = self.absorbed_qkv(self.project(x, pos[:, None]))
-    o_lat, cache = dense_decode(cache, q[:, 0], k[:, 0], None, pos, scale=self.softmax_scale,
-                                ring=True, window=self.config.window,
-                                dv=self.latent.kv_rank // self.groups)
+    o_lat, cache = dense_decode(
+      cache,
+      q[:, 0],
+      k[:, 0],
+      None,
+      pos,
+      scale=self.softmax_scale,
+      ring=True,
+      window=self.config.window,
+      dv=self.latent.kv_rank // self.groups,
+    )
     return self.o_proj(self.up_values(o_lat[:, None])), cache
 
 
@@ -358,21 +443,45 @@ class GLAGlobalAttention(LatentAttentionBase):
     c, nsa = config, config.nsa
     branches = tuple(b for b in nsa.branches if b != "win")
     if not branches:
-      raise ValueError(f"model.nsa.branches: expected 'cmp' and/or 'slc' for attention kind "
-                       f"'asa_global' (its window branch is dropped), got {nsa.branches}")
-    scale = nsa.softmax_scale if nsa.softmax_scale is not None else lat.qk_dim ** -0.5
+      raise ValueError(
+        f"model.nsa.branches: expected 'cmp' and/or 'slc' for attention kind "
+        f"'asa_global' (its window branch is dropped), got {nsa.branches}"
+      )
+    scale = nsa.softmax_scale if nsa.softmax_scale is not None else lat.qk_dim**-0.5
     self.nsa = nsa.replace(branches=branches, softmax_scale=scale)
     self.branches = branches
-    self.gate_proj = projection("btd,dhc->bthc", (c.d_model, c.num_heads, len(branches)),
-                                in_axes=0, out_axes=(1, 2), dtype=self.dtype, rngs=rngs,
-                                names=("embed", "q_heads", None)) if len(branches) > 1 else None
+    self.gate_proj = (
+      projection(
+        "btd,dhc->bthc",
+        (c.d_model, c.num_heads, len(branches)),
+        in_axes=0,
+        out_axes=(1, 2),
+        dtype=self.dtype,
+        rngs=rngs,
+        names=("embed", "q_heads", None),
+      )
+      if len(branches) > 1
+      else None
+    )
     if nsa.compression == "mlp":
       hidden = c.nsa_compressor_hidden or c.head_dim
       dl, dk = lat.group_rank, lat.group_rank + lat.rope_dim
-      self.phi_k = MLPCompressor(num_kv_heads=lat.groups, window=nsa.cmp_window, in_dim=dk,
-                                 out_dim=dk, hidden=hidden, rngs=rngs)
-      self.phi_v = MLPCompressor(num_kv_heads=lat.groups, window=nsa.cmp_window, in_dim=dl,
-                                 out_dim=dl, hidden=hidden, rngs=rngs)
+      self.phi_k = MLPCompressor(
+        num_kv_heads=lat.groups,
+        window=nsa.cmp_window,
+        in_dim=dk,
+        out_dim=dk,
+        hidden=hidden,
+        rngs=rngs,
+      )
+      self.phi_v = MLPCompressor(
+        num_kv_heads=lat.groups,
+        window=nsa.cmp_window,
+        in_dim=dl,
+        out_dim=dl,
+        hidden=hidden,
+        rngs=rngs,
+      )
     else:
       self.phi_k = self.phi_v = None
 
@@ -386,7 +495,7 @@ class GLAGlobalAttention(LatentAttentionBase):
     q, k, v = self.absorbed_qkv(self.project(x, positions))
     gates = None
     if self.gate_proj is not None:
-      g = jax.nn.sigmoid(self.gate_proj(x).astype(jnp.float32))              # [B, T, HQ, 2]
+      g = jax.nn.sigmoid(self.gate_proj(x).astype(jnp.float32))  # [B, T, HQ, 2]
       cols = {name: g[..., i] for i, name in enumerate(self.branches)}
       zero = jnp.zeros_like(g[..., 0])
       gates = jnp.stack([cols.get(name, zero) for name in ("cmp", "slc", "win")], axis=-1)
@@ -405,16 +514,30 @@ class GLAGlobalAttention(LatentAttentionBase):
     op_config = self.nsa.for_length(x.shape[1])
 
     def op(**a):
-      return nsa_attention(a["q"], a["k"], a["v"], a["gates"], config=op_config,
-                           segment_ids=a["segment_ids"], compress_params=a["compress_params"],
-                           impl=c.attn_impl, return_aux=return_aux)
+      return nsa_attention(
+        a["q"],
+        a["k"],
+        a["v"],
+        a["gates"],
+        config=op_config,
+        segment_ids=a["segment_ids"],
+        compress_params=a["compress_params"],
+        impl=c.attn_impl,
+        return_aux=return_aux,
+      )
 
     if return_aux:
       o_lat, aux = op(**args)
       return self.o_proj(self.up_values(o_lat)), aux
-    layouts = {"q": "bthd", "k": "bthd", "v": "bthd", "gates": "bthd", "segment_ids": "bt",
-               "compress_params": "h"}
-    o_lat = sharded_call(op, args, layouts, num_kv_heads=self.groups)        # [B, T, HQ, dl]
+    layouts = {
+      "q": "bthd",
+      "k": "bthd",
+      "v": "bthd",
+      "gates": "bthd",
+      "segment_ids": "bt",
+      "compress_params": "h",
+    }
+    o_lat = sharded_call(op, args, layouts, num_kv_heads=self.groups)  # [B, T, HQ, dl]
     return self.o_proj(self.up_values(o_lat))
 
   # ------------------------------------------------------- decoding (see nn/decode.py)
@@ -422,36 +545,66 @@ class GLAGlobalAttention(LatentAttentionBase):
     """:class:`~sparse_attention_jax.ops.nsa_decode.NSACache` over the latent: linear
     ``[c ; k_rope]`` (values read from it) and the compressed latent keys/values."""
     lat = self.latent
-    return init_nsa_cache(batch, capacity, config=self.nsa, num_kv_heads=self.groups,
-                          dk=lat.group_rank + lat.rope_dim, dv=lat.group_rank,
-                          dtype=dtype or self.dtype, values_in_keys=True)
+    return init_nsa_cache(
+      batch,
+      capacity,
+      config=self.nsa,
+      num_kv_heads=self.groups,
+      dk=lat.group_rank + lat.rope_dim,
+      dv=lat.group_rank,
+      dtype=dtype or self.dtype,
+      values_in_keys=True,
+    )
 
   def prefill(self, x, lengths, cache):
     """``x [B, T, d_model]`` right-padded prompts of ``lengths [B]`` -> ``(y, cache)``."""
     c = self.config
     _check_inputs(x, _positions(x), None, c.d_model)
     a = self.op_inputs(x, _positions(x))
-    o_lat, aux = nsa_attention(a["q"], a["k"], a["v"], a["gates"],
-                               config=self.nsa.for_length(x.shape[1]),
-                               compress_params=a["compress_params"], impl=c.attn_impl,
-                               return_aux=True)
-    cache = fill_nsa_cache(cache, config=self.nsa, lengths=lengths, k=a["k"], v=None,
-                           compress_params=a["compress_params"],
-                           block_indices=aux.block_indices)
+    o_lat, aux = nsa_attention(
+      a["q"],
+      a["k"],
+      a["v"],
+      a["gates"],
+      config=self.nsa.for_length(x.shape[1]),
+      compress_params=a["compress_params"],
+      impl=c.attn_impl,
+      return_aux=True,
+    )
+    cache = fill_nsa_cache(
+      cache,
+      config=self.nsa,
+      lengths=lengths,
+      k=a["k"],
+      v=None,
+      compress_params=a["compress_params"],
+      block_indices=aux.block_indices,
+    )
     return self.o_proj(self.up_values(o_lat)), cache
 
   def decode(self, x, pos, cache):
     """``x [B, 1, d_model]`` at ``pos [B]`` -> ``(y [B, 1, d_model], cache)``."""
     a = self.op_inputs(x, pos[:, None])
     gates = None if a["gates"] is None else a["gates"][:, 0]
-    o_lat, cache = nsa_decode_step(cache, a["q"][:, 0], config=self.nsa, pos=pos,
-                                   k=a["k"][:, 0], gates=gates,
-                                   compress_params=a["compress_params"])
+    o_lat, cache = nsa_decode_step(
+      cache,
+      a["q"][:, 0],
+      config=self.nsa,
+      pos=pos,
+      k=a["k"][:, 0],
+      gates=gates,
+      compress_params=a["compress_params"],
+    )
     return self.o_proj(self.up_values(o_lat[:, None])), cache
 
 
 register_attention_kind("asa_local", MLALocalAttention)
 register_attention_kind("asa_global", GLAGlobalAttention)
 
-__all__ = ["GLAGlobalAttention", "GroupRMSNorm", "LatentAttentionBase", "Latents",
-           "MLALocalAttention"]
+__all__ = [
+  "GLAGlobalAttention",
+  "GroupRMSNorm",
+  "LatentAttentionBase",
+  "Latents",
+  "MLALocalAttention",
+]

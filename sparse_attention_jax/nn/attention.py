@@ -51,8 +51,10 @@ def register_attention_kind(name: str, cls: type | None = None):
       raise TypeError(f"cls: expected a class, got {c!r}")
     old = ATTENTION_KINDS.get(name)
     if old is not None and old is not c:
-      raise ValueError(f"name: attention kind {name!r} is already registered to "
-                       f"{old.__module__}.{old.__qualname__}")
+      raise ValueError(
+        f"name: attention kind {name!r} is already registered to "
+        f"{old.__module__}.{old.__qualname__}"
+      )
     ATTENTION_KINDS[name] = c
     return c
 
@@ -64,8 +66,9 @@ def get_attention_kind(name: str) -> type:
   try:
     return ATTENTION_KINDS[name]
   except KeyError:
-    raise ValueError(f"attention kind: expected one of {sorted(ATTENTION_KINDS)}, got "
-                     f"{name!r}") from None
+    raise ValueError(
+      f"attention kind: expected one of {sorted(ATTENTION_KINDS)}, got {name!r}"
+    ) from None
 
 
 def _check_inputs(x, positions, segment_ids, d_model: int):
@@ -74,30 +77,48 @@ def _check_inputs(x, positions, segment_ids, d_model: int):
   if positions.shape != x.shape[:2]:
     raise ValueError(f"positions: expected shape [B, T] = {x.shape[:2]}, got {positions.shape}")
   if segment_ids is not None and segment_ids.shape != x.shape[:2]:
-    raise ValueError(f"segment_ids: expected shape [B, T] = {x.shape[:2]}, got "
-                     f"{segment_ids.shape}")
+    raise ValueError(f"segment_ids: expected shape [B, T] = {x.shape[:2]}, got {segment_ids.shape}")
 
 
 def _kv_projection(config: ModelConfig, head_dim: int, dtype, rngs: nnx.Rngs) -> nnx.Einsum:
   """``[B, T, d_model] -> [B, T, H, head_dim]``."""
-  return projection("btd,dhk->bthk", (config.d_model, config.num_kv_heads, head_dim),
-                    in_axes=0, out_axes=(1, 2), dtype=dtype, rngs=rngs,
-                    names=("embed", "kv_heads", "head_dim"))
+  return projection(
+    "btd,dhk->bthk",
+    (config.d_model, config.num_kv_heads, head_dim),
+    in_axes=0,
+    out_axes=(1, 2),
+    dtype=dtype,
+    rngs=rngs,
+    names=("embed", "kv_heads", "head_dim"),
+  )
 
 
 def _q_projection(config: ModelConfig, dtype, rngs: nnx.Rngs) -> nnx.Einsum:
   """``[B, T, d_model] -> [B, T, HQ, head_dim]``."""
   c = config
-  return projection("btd,dhk->bthk", (c.d_model, c.num_heads, c.head_dim), in_axes=0,
-                    out_axes=(1, 2), dtype=dtype, rngs=rngs,
-                    names=("embed", "q_heads", "head_dim"))
+  return projection(
+    "btd,dhk->bthk",
+    (c.d_model, c.num_heads, c.head_dim),
+    in_axes=0,
+    out_axes=(1, 2),
+    dtype=dtype,
+    rngs=rngs,
+    names=("embed", "q_heads", "head_dim"),
+  )
 
 
 def _o_projection(config: ModelConfig, dtype, rngs: nnx.Rngs) -> nnx.Einsum:
   """``[B, T, HQ, Dv] -> [B, T, d_model]``."""
   c = config
-  return projection("bthv,hvd->btd", (c.num_heads, c.dv, c.d_model), in_axes=(0, 1),
-                    out_axes=2, dtype=dtype, rngs=rngs, names=("q_heads", "head_dim", "embed"))
+  return projection(
+    "bthv,hvd->btd",
+    (c.num_heads, c.dv, c.d_model),
+    in_axes=(0, 1),
+    out_axes=2,
+    dtype=dtype,
+    rngs=rngs,
+    names=("q_heads", "head_dim", "embed"),
+  )
 
 
 class _DenseAttentionBase(nnx.Module):
@@ -130,8 +151,15 @@ class _DenseAttentionBase(nnx.Module):
     """:class:`~sparse_attention_jax.nn.decode.DenseCache`: linear (full) or a ring of the
     window (swa)."""
     c = self.config
-    return init_dense_cache(batch, capacity, num_kv_heads=c.num_kv_heads, dk=c.head_dim,
-                            dv=c.dv, dtype=dtype or self.dtype, window=self.cache_window)
+    return init_dense_cache(
+      batch,
+      capacity,
+      num_kv_heads=c.num_kv_heads,
+      dk=c.head_dim,
+      dv=c.dv,
+      dtype=dtype or self.dtype,
+      window=self.cache_window,
+    )
 
   def prefill(self, x, lengths, cache):
     """``x [B, T, d_model]`` right-padded prompts of ``lengths [B]`` -> ``(y, cache)``."""
@@ -143,8 +171,16 @@ class _DenseAttentionBase(nnx.Module):
   def decode(self, x, pos, cache):
     """``x [B, 1, d_model]`` at positions ``pos [B]`` -> ``(y [B, 1, d_model], cache)``."""
     q, k, v = self.qkv(x, pos[:, None])
-    o, cache = dense_decode(cache, q[:, 0], k[:, 0], v[:, 0], pos, scale=q.shape[-1] ** -0.5,
-                            ring=self.cache_window is not None, window=self.cache_window)
+    o, cache = dense_decode(
+      cache,
+      q[:, 0],
+      k[:, 0],
+      v[:, 0],
+      pos,
+      scale=q.shape[-1] ** -0.5,
+      ring=self.cache_window is not None,
+      window=self.cache_window,
+    )
     return self.o_proj(o[:, None]), cache
 
   def __call__(self, x, positions, segment_ids=None):
@@ -152,10 +188,13 @@ class _DenseAttentionBase(nnx.Module):
     ``[B, T, d_model]``."""
     c = self.config
     _check_inputs(x, positions, segment_ids, c.d_model)
-    q, k, v = self.qkv(x, positions)   # [B, T, HQ, Dk], [B, T, H, Dk], [B, T, H, Dv]
-    o = sharded_call(self._attend, {"q": q, "k": k, "v": v, "segment_ids": segment_ids},
-                     {"q": "bthd", "k": "bthd", "v": "bthd", "segment_ids": "bt"},
-                     num_kv_heads=c.num_kv_heads)
+    q, k, v = self.qkv(x, positions)  # [B, T, HQ, Dk], [B, T, H, Dk], [B, T, H, Dv]
+    o = sharded_call(
+      self._attend,
+      {"q": q, "k": k, "v": v, "segment_ids": segment_ids},
+      {"q": "bthd", "k": "bthd", "v": "bthd", "segment_ids": "bt"},
+      num_kv_heads=c.num_kv_heads,
+    )
     return self.o_proj(o)
 
 
@@ -188,15 +227,19 @@ class SlidingWindowAttention(_DenseAttentionBase):
     self.cache_window = config.window
 
   def _attend(self, q, k, v, segment_ids):
-    return causal_attention(q, k, v, segment_ids=segment_ids, window=self.config.window,
-                            impl=self.config.attn_impl)
+    return causal_attention(
+      q, k, v, segment_ids=segment_ids, window=self.config.window, impl=self.config.attn_impl
+    )
 
 
 # Logical axes of phi's parameters: the leading axis is the KV head (sharded like K/V).
-_PHI_AXES = {"pos": ("kv_heads", "compressor", "head_dim"),
-             "w1": ("kv_heads", "compressor", "head_dim", "compressor"),
-             "b1": ("kv_heads", "compressor"), "w2": ("kv_heads", "compressor", "head_dim"),
-             "b2": ("kv_heads", "head_dim")}
+_PHI_AXES = {
+  "pos": ("kv_heads", "compressor", "head_dim"),
+  "w1": ("kv_heads", "compressor", "head_dim", "compressor"),
+  "b1": ("kv_heads", "compressor"),
+  "w2": ("kv_heads", "compressor", "head_dim"),
+  "b2": ("kv_heads", "head_dim"),
+}
 
 
 class MLPCompressor(nnx.Module):
@@ -207,10 +250,18 @@ class MLPCompressor(nnx.Module):
   :func:`~sparse_attention_jax.ops.init_mlp_compressor`.
   """
 
-  def __init__(self, *, num_kv_heads: int, window: int, in_dim: int, out_dim: int, hidden: int,
-               rngs: nnx.Rngs):
-    p = init_mlp_compressor(rngs.params(), num_kv_heads=num_kv_heads, window=window,
-                            in_dim=in_dim, out_dim=out_dim, hidden=hidden, dtype=jnp.float32)
+  def __init__(
+    self, *, num_kv_heads: int, window: int, in_dim: int, out_dim: int, hidden: int, rngs: nnx.Rngs
+  ):
+    p = init_mlp_compressor(
+      rngs.params(),
+      num_kv_heads=num_kv_heads,
+      window=window,
+      in_dim=in_dim,
+      out_dim=out_dim,
+      hidden=hidden,
+      dtype=jnp.float32,
+    )
     self.pos = param(p.pos, _PHI_AXES["pos"])
     self.w1 = param(p.w1, _PHI_AXES["w1"])
     self.b1 = param(p.b1, _PHI_AXES["b1"])
@@ -219,8 +270,9 @@ class MLPCompressor(nnx.Module):
 
   def params(self) -> MLPCompressorParams:
     """The op's parameter tuple (float32: the compressor computes in float32)."""
-    return MLPCompressorParams(pos=self.pos[...], w1=self.w1[...], b1=self.b1[...],
-                               w2=self.w2[...], b2=self.b2[...])
+    return MLPCompressorParams(
+      pos=self.pos[...], w1=self.w1[...], b1=self.b1[...], w2=self.w2[...], b2=self.b2[...]
+    )
 
 
 class NSAAttention(nnx.Module):
@@ -253,24 +305,49 @@ class NSAAttention(nnx.Module):
     self.k_cmp = _kv_projection(c, c.head_dim, dt, rngs)
     self.v_cmp = _kv_projection(c, c.dv, dt, rngs)
     independent = c.nsa_independent_kv
-    self.k_slc = _kv_projection(c, c.head_dim, dt, rngs) if (
-        independent and "slc" in nsa.branches) else None
-    self.v_slc = _kv_projection(c, c.dv, dt, rngs) if (
-        independent and "slc" in nsa.branches) else None
-    self.k_win = _kv_projection(c, c.head_dim, dt, rngs) if (
-        independent and "win" in nsa.branches) else None
-    self.v_win = _kv_projection(c, c.dv, dt, rngs) if (
-        independent and "win" in nsa.branches) else None
-    self.gate_proj = projection("btd,dhc->bthc", (c.d_model, c.num_heads, 3), in_axes=0,
-                                out_axes=(1, 2), dtype=dt, rngs=rngs,
-                                names=("embed", "q_heads", None)) if (
-                                    len(nsa.branches) > 1) else None
+    self.k_slc = (
+      _kv_projection(c, c.head_dim, dt, rngs) if (independent and "slc" in nsa.branches) else None
+    )
+    self.v_slc = (
+      _kv_projection(c, c.dv, dt, rngs) if (independent and "slc" in nsa.branches) else None
+    )
+    self.k_win = (
+      _kv_projection(c, c.head_dim, dt, rngs) if (independent and "win" in nsa.branches) else None
+    )
+    self.v_win = (
+      _kv_projection(c, c.dv, dt, rngs) if (independent and "win" in nsa.branches) else None
+    )
+    self.gate_proj = (
+      projection(
+        "btd,dhc->bthc",
+        (c.d_model, c.num_heads, 3),
+        in_axes=0,
+        out_axes=(1, 2),
+        dtype=dt,
+        rngs=rngs,
+        names=("embed", "q_heads", None),
+      )
+      if (len(nsa.branches) > 1)
+      else None
+    )
     if nsa.compression == "mlp":
       hidden = c.nsa_compressor_hidden or c.head_dim
-      self.phi_k = MLPCompressor(num_kv_heads=c.num_kv_heads, window=nsa.cmp_window,
-                                 in_dim=c.head_dim, out_dim=c.head_dim, hidden=hidden, rngs=rngs)
-      self.phi_v = MLPCompressor(num_kv_heads=c.num_kv_heads, window=nsa.cmp_window,
-                                 in_dim=c.dv, out_dim=c.dv, hidden=hidden, rngs=rngs)
+      self.phi_k = MLPCompressor(
+        num_kv_heads=c.num_kv_heads,
+        window=nsa.cmp_window,
+        in_dim=c.head_dim,
+        out_dim=c.head_dim,
+        hidden=hidden,
+        rngs=rngs,
+      )
+      self.phi_v = MLPCompressor(
+        num_kv_heads=c.num_kv_heads,
+        window=nsa.cmp_window,
+        in_dim=c.dv,
+        out_dim=c.dv,
+        hidden=hidden,
+        rngs=rngs,
+      )
     else:
       self.phi_k = self.phi_v = None
     self.o_proj = _o_projection(c, dt, rngs)
@@ -286,16 +363,21 @@ class NSAAttention(nnx.Module):
 
     gates = None
     if self.gate_proj is not None:
-      gates = jax.nn.sigmoid(self.gate_proj(x).astype(jnp.float32))   # [B, T, HQ, 3]
+      gates = jax.nn.sigmoid(self.gate_proj(x).astype(jnp.float32))  # [B, T, HQ, 3]
     compress_params = None
     if self.phi_k is not None:
       compress_params = CompressorParams(k=self.phi_k.params(), v=self.phi_v.params())
-    return {"q": rope(self.q_proj(x)), "k": rope(self.k_cmp(x)), "v": self.v_cmp(x),
-            "gates": gates, "compress_params": compress_params,
-            "k_slc": None if self.k_slc is None else rope(self.k_slc(x)),
-            "v_slc": None if self.v_slc is None else self.v_slc(x),
-            "k_win": None if self.k_win is None else rope(self.k_win(x)),
-            "v_win": None if self.v_win is None else self.v_win(x)}
+    return {
+      "q": rope(self.q_proj(x)),
+      "k": rope(self.k_cmp(x)),
+      "v": self.v_cmp(x),
+      "gates": gates,
+      "compress_params": compress_params,
+      "k_slc": None if self.k_slc is None else rope(self.k_slc(x)),
+      "v_slc": None if self.v_slc is None else self.v_slc(x),
+      "k_win": None if self.k_win is None else rope(self.k_win(x)),
+      "v_win": None if self.v_win is None else self.v_win(x),
+    }
 
   def __call__(self, x, positions, segment_ids=None):
     """``x [B, T, d_model]``, ``positions [B, T]``, ``segment_ids [B, T] | None`` ->
@@ -305,52 +387,92 @@ class NSAAttention(nnx.Module):
     op_config = c.nsa.for_length(x.shape[1])
 
     def op(**a):
-      return nsa_attention(a["q"], a["k"], a["v"], a["gates"], config=op_config,
-                           segment_ids=a["segment_ids"], compress_params=a["compress_params"],
-                           k_slc=a["k_slc"], v_slc=a["v_slc"], k_win=a["k_win"],
-                           v_win=a["v_win"], impl=c.attn_impl)
+      return nsa_attention(
+        a["q"],
+        a["k"],
+        a["v"],
+        a["gates"],
+        config=op_config,
+        segment_ids=a["segment_ids"],
+        compress_params=a["compress_params"],
+        k_slc=a["k_slc"],
+        v_slc=a["v_slc"],
+        k_win=a["k_win"],
+        v_win=a["v_win"],
+        impl=c.attn_impl,
+      )
 
     args = {**self.op_inputs(x, positions), "segment_ids": segment_ids}
     layouts = {name: "bthd" for name in args}
     layouts.update(segment_ids="bt", compress_params="h")
     # Per shard (batch, heads) under a mesh; a plain call without one.
-    o = sharded_call(op, args, layouts, num_kv_heads=c.num_kv_heads)   # [B, T, HQ, Dv]
+    o = sharded_call(op, args, layouts, num_kv_heads=c.num_kv_heads)  # [B, T, HQ, Dv]
     return self.o_proj(o)
 
   # ------------------------------------------------------- decoding (see nn/decode.py)
   def init_cache(self, batch: int, capacity: int, dtype=None):
     """:class:`~sparse_attention_jax.ops.nsa_decode.NSACache` of this layer."""
     c = self.config
-    return init_nsa_cache(batch, capacity, config=c.nsa, num_kv_heads=c.num_kv_heads,
-                          dk=c.head_dim, dv=c.dv, dtype=dtype or self.dtype,
-                          independent_slc=self.k_slc is not None,
-                          independent_win=self.k_win is not None)
+    return init_nsa_cache(
+      batch,
+      capacity,
+      config=c.nsa,
+      num_kv_heads=c.num_kv_heads,
+      dk=c.head_dim,
+      dv=c.dv,
+      dtype=dtype or self.dtype,
+      independent_slc=self.k_slc is not None,
+      independent_win=self.k_win is not None,
+    )
 
   def prefill(self, x, lengths, cache):
     """``x [B, T, d_model]`` right-padded prompts of ``lengths [B]`` -> ``(y, cache)``."""
     c = self.config
     _check_inputs(x, _positions(x), None, c.d_model)
     a = self.op_inputs(x, _positions(x))
-    o, aux = nsa_attention(a["q"], a["k"], a["v"], a["gates"],
-                           config=c.nsa.for_length(x.shape[1]),
-                           compress_params=a["compress_params"], k_slc=a["k_slc"],
-                           v_slc=a["v_slc"], k_win=a["k_win"], v_win=a["v_win"],
-                           impl=c.attn_impl, return_aux=True)
-    kw = {name: a[name] for name in ("k", "v", "k_slc", "v_slc", "k_win", "v_win",
-                                     "compress_params")}
-    cache = fill_nsa_cache(cache, config=c.nsa, lengths=lengths,
-                           block_indices=aux.block_indices, **kw)
+    o, aux = nsa_attention(
+      a["q"],
+      a["k"],
+      a["v"],
+      a["gates"],
+      config=c.nsa.for_length(x.shape[1]),
+      compress_params=a["compress_params"],
+      k_slc=a["k_slc"],
+      v_slc=a["v_slc"],
+      k_win=a["k_win"],
+      v_win=a["v_win"],
+      impl=c.attn_impl,
+      return_aux=True,
+    )
+    kw = {
+      name: a[name] for name in ("k", "v", "k_slc", "v_slc", "k_win", "v_win", "compress_params")
+    }
+    cache = fill_nsa_cache(
+      cache, config=c.nsa, lengths=lengths, block_indices=aux.block_indices, **kw
+    )
     return self.o_proj(o), cache
 
   def decode(self, x, pos, cache):
     """``x [B, 1, d_model]`` at positions ``pos [B]`` -> ``(y [B, 1, d_model], cache)``."""
     a = self.op_inputs(x, pos[:, None])
-    one = {name: None if val is None or name == "compress_params" else val[:, 0]
-           for name, val in a.items()}
-    o, cache = nsa_decode_step(cache, one["q"], config=self.config.nsa, pos=pos, k=one["k"],
-                               v=one["v"], k_slc=one["k_slc"], v_slc=one["v_slc"],
-                               k_win=one["k_win"], v_win=one["v_win"], gates=one["gates"],
-                               compress_params=a["compress_params"])
+    one = {
+      name: None if val is None or name == "compress_params" else val[:, 0]
+      for name, val in a.items()
+    }
+    o, cache = nsa_decode_step(
+      cache,
+      one["q"],
+      config=self.config.nsa,
+      pos=pos,
+      k=one["k"],
+      v=one["v"],
+      k_slc=one["k_slc"],
+      v_slc=one["v_slc"],
+      k_win=one["k_win"],
+      v_win=one["v_win"],
+      gates=one["gates"],
+      compress_params=a["compress_params"],
+    )
     return self.o_proj(o[:, None]), cache
 
 
@@ -358,6 +480,12 @@ register_attention_kind("full", FullAttention)
 register_attention_kind("swa", SlidingWindowAttention)
 register_attention_kind("nsa", NSAAttention)
 
-__all__ = ["ATTENTION_KINDS", "FullAttention", "MLPCompressor", "NSAAttention",
-           "SlidingWindowAttention", "get_attention_kind",
-           "register_attention_kind"]
+__all__ = [
+  "ATTENTION_KINDS",
+  "FullAttention",
+  "MLPCompressor",
+  "NSAAttention",
+  "SlidingWindowAttention",
+  "get_attention_kind",
+  "register_attention_kind",
+]

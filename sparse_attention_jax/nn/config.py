@@ -79,35 +79,62 @@ class ModelConfig:
   remat: str = "none"
   scan_layers: bool = False
   scan_unroll: int = 1
-  latent: LatentConfig | None = None     # MLA/GLA sizes of the asa_* kinds
-  ssa: SSAConfig | None = None           # settings of the ssa kind (None = SSAConfig())
-  nosa: NOSAConfig | None = None         # settings of the nosa kind (None = NOSAConfig())
+  latent: LatentConfig | None = None  # MLA/GLA sizes of the asa_* kinds
+  ssa: SSAConfig | None = None  # settings of the ssa kind (None = SSAConfig())
+  nosa: NOSAConfig | None = None  # settings of the nosa kind (None = NOSAConfig())
 
   def __post_init__(self):
     def need(cond, name, expected):
       if not cond:
         raise ValueError(f"model.{name}: expected {expected}, got {getattr(self, name)!r}")
-    for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim",
-                 "mlp_dim", "window"):
-      need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name,
-           "a positive int")
-    need(self.num_heads % self.num_kv_heads == 0, "num_kv_heads",
-         f"a divisor of num_heads={self.num_heads}")
-    need(self.v_head_dim is None or (isinstance(self.v_head_dim, int) and self.v_head_dim >= 1),
-         "v_head_dim", "None or a positive int")
-    need(isinstance(self.attention, tuple) and len(self.attention) >= 1
-         and all(isinstance(a, str) for a in self.attention), "attention",
-         "a non-empty tuple of attention kind names")
-    need(self.dtype in ("float32", "bfloat16", "float16"), "dtype",
-         "'float32', 'bfloat16' or 'float16'")
+
+    for name in (
+      "vocab_size",
+      "d_model",
+      "num_layers",
+      "num_heads",
+      "num_kv_heads",
+      "head_dim",
+      "mlp_dim",
+      "window",
+    ):
+      need(
+        isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name, "a positive int"
+      )
+    need(
+      self.num_heads % self.num_kv_heads == 0,
+      "num_kv_heads",
+      f"a divisor of num_heads={self.num_heads}",
+    )
+    need(
+      self.v_head_dim is None or (isinstance(self.v_head_dim, int) and self.v_head_dim >= 1),
+      "v_head_dim",
+      "None or a positive int",
+    )
+    need(
+      isinstance(self.attention, tuple)
+      and len(self.attention) >= 1
+      and all(isinstance(a, str) for a in self.attention),
+      "attention",
+      "a non-empty tuple of attention kind names",
+    )
+    need(
+      self.dtype in ("float32", "bfloat16", "float16"),
+      "dtype",
+      "'float32', 'bfloat16' or 'float16'",
+    )
     need(isinstance(self.nsa, NSAConfig), "nsa", "an NSAConfig")
     need(self.remat in ("none", "full", "dots"), "remat", "'none', 'full' or 'dots'")
     need(isinstance(self.scan_layers, bool), "scan_layers", "a bool")
-    need(isinstance(self.scan_unroll, int) and not isinstance(self.scan_unroll, bool)
-         and self.scan_unroll >= 1, "scan_unroll", "a positive int")
+    need(
+      isinstance(self.scan_unroll, int)
+      and not isinstance(self.scan_unroll, bool)
+      and self.scan_unroll >= 1,
+      "scan_unroll",
+      "a positive int",
+    )
     need(self.ssa is None or isinstance(self.ssa, SSAConfig), "ssa", "None or an SSAConfig")
-    need(self.nosa is None or isinstance(self.nosa, NOSAConfig), "nosa",
-         "None or a NOSAConfig")
+    need(self.nosa is None or isinstance(self.nosa, NOSAConfig), "nosa", "None or a NOSAConfig")
 
   @property
   def dv(self) -> int:
@@ -129,8 +156,7 @@ class ModelConfig:
       preset = nsa.pop("preset", "paper")
       if "branches" in nsa:
         nsa["branches"] = tuple(nsa["branches"])
-      factories = {"paper": NSAConfig.paper, "fla": NSAConfig.fla,
-                   "infllm_v2": NSAConfig.infllm_v2}
+      factories = {"paper": NSAConfig.paper, "fla": NSAConfig.fla, "infllm_v2": NSAConfig.infllm_v2}
       if preset not in factories:
         raise ValueError(f"model.nsa.preset: expected one of {sorted(factories)}, got {preset!r}")
       d["nsa"] = factories[preset](**nsa)

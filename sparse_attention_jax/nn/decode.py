@@ -62,12 +62,21 @@ class DenseCache(NamedTuple):
   transpose): ``k [B, H, S, Dk]``, ``v [B, H, S, Dv]`` (``v`` None when the values are
   ``k[..., :Dv]``, as for MLA's latent); linear (``S`` = capacity) or a ring of the window
   (``S = min(window, capacity)``)."""
+
   k: jax.Array
   v: jax.Array | None
 
 
-def init_dense_cache(batch: int, capacity: int, *, num_kv_heads: int, dk: int, dv: int | None,
-                     dtype, window: int | None = None) -> DenseCache:
+def init_dense_cache(
+  batch: int,
+  capacity: int,
+  *,
+  num_kv_heads: int,
+  dk: int,
+  dv: int | None,
+  dtype,
+  window: int | None = None,
+) -> DenseCache:
   """Zero :class:`DenseCache`; a ring of ``min(window, capacity)`` slots when ``window`` is set,
   no ``v`` buffer when ``dv`` is None."""
   for name, val in (("batch", batch), ("capacity", capacity)):
@@ -75,24 +84,40 @@ def init_dense_cache(batch: int, capacity: int, *, num_kv_heads: int, dk: int, d
       raise ValueError(f"{name}: expected a positive int, got {val!r}")
   slots = capacity if window is None else min(window, capacity)
   shape = (batch, num_kv_heads, slots)
-  return DenseCache(jnp.zeros(shape + (dk,), dtype),
-                    None if dv is None else jnp.zeros(shape + (dv,), dtype))
+  return DenseCache(
+    jnp.zeros(shape + (dk,), dtype), None if dv is None else jnp.zeros(shape + (dv,), dtype)
+  )
 
 
 def fill_dense_cache(cache: DenseCache, k, v, lengths, *, ring: bool) -> DenseCache:
   """Prefill: ``k``/``v`` ``[B, T, H, D]`` of right-padded prompts of ``lengths [B]`` tokens."""
   if not ring:
     if k.shape[1] > cache.k.shape[2]:
-      raise ValueError(f"tokens: expected a prompt of at most the cache capacity "
-                       f"{cache.k.shape[2]} tokens, got {k.shape[1]}")
-    return DenseCache(fill_linear(cache.k, k, axis=2),
-                      None if v is None else fill_linear(cache.v, v, axis=2))
-  return DenseCache(fill_ring(cache.k, k, lengths, axis=2),
-                    None if v is None else fill_ring(cache.v, v, lengths, axis=2))
+      raise ValueError(
+        f"tokens: expected a prompt of at most the cache capacity "
+        f"{cache.k.shape[2]} tokens, got {k.shape[1]}"
+      )
+    return DenseCache(
+      fill_linear(cache.k, k, axis=2), None if v is None else fill_linear(cache.v, v, axis=2)
+    )
+  return DenseCache(
+    fill_ring(cache.k, k, lengths, axis=2),
+    None if v is None else fill_ring(cache.v, v, lengths, axis=2),
+  )
 
 
-def dense_decode(cache: DenseCache, q, k, v, pos, *, scale: float, ring: bool,
-                 window: int | None, dv: int | None = None):
+def dense_decode(
+  cache: DenseCache,
+  q,
+  k,
+  v,
+  pos,
+  *,
+  scale: float,
+  ring: bool,
+  window: int | None,
+  dv: int | None = None,
+):
   """One dense decode step: writes ``k``/``v`` ``[B, H, D]`` at ``pos [B]``, attends ``q [B, HQ,
   Dk]`` over the cached positions ``<= pos`` (within ``window``); ``dv`` slices the values out of
   the keys when ``cache.v`` is None. Returns ``(o [B, HQ, Dv], cache)``."""
@@ -100,10 +125,10 @@ def dense_decode(cache: DenseCache, q, k, v, pos, *, scale: float, ring: bool,
   ck = write(cache.k, k, pos, axis=2)
   cv = None if cache.v is None else write(cache.v, v, pos, axis=2)
   slots = ck.shape[2]
-  slot_pos = (ring_positions(slots, pos) if ring
-              else jnp.arange(slots, dtype=jnp.int32)[None, :])
-  o = attend_one(q, ck, ck[..., :dv] if cv is None else cv, window_mask(slot_pos, pos, window),
-                 scale, axis=2)
+  slot_pos = ring_positions(slots, pos) if ring else jnp.arange(slots, dtype=jnp.int32)[None, :]
+  o = attend_one(
+    q, ck, ck[..., :dv] if cv is None else cv, window_mask(slot_pos, pos, window), scale, axis=2
+  )
   return o, DenseCache(ck, cv)
 
 
@@ -111,6 +136,7 @@ class DecodeState(NamedTuple):
   """Decode state of a model: ``caches`` (one per layer, in order), ``lengths [B]`` int32
   (tokens cached per sequence = the position of the next token) and ``capacity`` (int32 scalar:
   the most tokens a sequence may hold)."""
+
   caches: tuple
   lengths: jax.Array
   capacity: jax.Array
@@ -119,11 +145,18 @@ class DecodeState(NamedTuple):
 def check_decodable(model) -> None:
   """Raises ``NotImplementedError`` naming the layer kinds of ``model`` without the decode
   protocol (see the module docstring)."""
-  missing = sorted({blk.kind for blk in model.layers
-                    if not all(callable(getattr(blk.attn, m, None)) for m in _METHODS)})
+  missing = sorted(
+    {
+      blk.kind
+      for blk in model.layers
+      if not all(callable(getattr(blk.attn, m, None)) for m in _METHODS)
+    }
+  )
   if missing:
-    raise NotImplementedError(f"model.attention: expected kinds implementing {_METHODS} for "
-                              f"cached decoding, got {missing} without them")
+    raise NotImplementedError(
+      f"model.attention: expected kinds implementing {_METHODS} for "
+      f"cached decoding, got {missing} without them"
+    )
 
 
 def init_decode_state(model, batch: int, capacity: int, dtype=None) -> DecodeState:
@@ -164,7 +197,7 @@ def prefill(model, tokens, lengths, state: DecodeState) -> tuple[jax.Array, Deco
     x = x + y.astype(x.dtype)
     x = x + blk.mlp(blk.mlp_norm(x)).astype(x.dtype)
     caches.append(cache)
-  last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)      # [B, 1, d]
+  last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)  # [B, 1, d]
   return _logits(model, last)[:, 0], state._replace(caches=tuple(caches), lengths=lengths)
 
 
@@ -177,7 +210,7 @@ def decode_step(model, tokens, state: DecodeState) -> tuple[jax.Array, DecodeSta
   if tokens.shape != state.lengths.shape:
     raise ValueError(f"tokens: expected shape [B] = {state.lengths.shape}, got {tokens.shape}")
   pos = state.lengths
-  x = model.embed(tokens[:, None])                                          # [B, 1, d]
+  x = model.embed(tokens[:, None])  # [B, 1, d]
   caches = []
   for blk, cache in zip(model.layers, state.caches):
     y, cache = blk.attn.decode(blk.attn_norm(x), pos, cache)
@@ -194,6 +227,15 @@ def cache_bytes(state: Any) -> int:
   return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(state))
 
 
-__all__ = ["DecodeState", "DenseCache", "cache_bytes", "check_decodable",
-           "decode_step", "dense_decode", "fill_dense_cache", "init_decode_state",
-           "init_dense_cache", "prefill"]
+__all__ = [
+  "DecodeState",
+  "DenseCache",
+  "cache_bytes",
+  "check_decodable",
+  "decode_step",
+  "dense_decode",
+  "fill_dense_cache",
+  "init_decode_state",
+  "init_dense_cache",
+  "prefill",
+]

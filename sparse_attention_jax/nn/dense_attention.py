@@ -20,8 +20,16 @@ from sparse_attention_jax.ops import cudnn, dense_causal_attention, sliding_wind
 from sparse_attention_jax.ops.blocked import blocked_attention
 
 
-def causal_attention(q, k, v, *, segment_ids=None, window: int | None = None,
-                     softmax_scale: float | None = None, impl: str = "auto"):
+def causal_attention(
+  q,
+  k,
+  v,
+  *,
+  segment_ids=None,
+  window: int | None = None,
+  softmax_scale: float | None = None,
+  impl: str = "auto",
+):
   """Causal GQA attention (over the last ``window`` keys incl. the query, if given) within
   documents.
 
@@ -38,20 +46,23 @@ def causal_attention(q, k, v, *, segment_ids=None, window: int | None = None,
     ``[B, T, HQ, Dv]`` in ``q.dtype``.
   """
   scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
-  if window is not None:                       # the same routing as NSA's window branch
-    return sliding_window_attention(q, k, v, window=window, segment_ids=segment_ids,
-                                    softmax_scale=scale, impl=impl)
+  if window is not None:  # the same routing as NSA's window branch
+    return sliding_window_attention(
+      q, k, v, window=window, segment_ids=segment_ids, softmax_scale=scale, impl=impl
+    )
   if impl == "reference":
-    return dense_causal_attention(q, k, v, segment_ids=segment_ids, softmax_scale=scale,
-                                  impl="reference")
+    return dense_causal_attention(
+      q, k, v, segment_ids=segment_ids, softmax_scale=scale, impl="reference"
+    )
 
   def blocked(q, k, v, segment_ids):
     return blocked_attention(q, k, v, segment_ids=segment_ids, softmax_scale=scale)[0]
 
   if impl == "blocked":
     return blocked(q, k, v, segment_ids)
-  return cudnn.causal_attention_or(blocked, q, k, v, window=None, softmax_scale=scale,
-                                   segment_ids=segment_ids)
+  return cudnn.causal_attention_or(
+    blocked, q, k, v, window=None, softmax_scale=scale, segment_ids=segment_ids
+  )
 
 
 __all__ = ["causal_attention"]

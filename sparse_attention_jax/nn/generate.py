@@ -43,7 +43,7 @@ def sample_logits(logits, key, *, temperature, top_p, greedy: bool):
   order = jnp.argsort(-scaled, axis=-1)
   sorted_logits = jnp.take_along_axis(scaled, order, axis=-1)
   probs = jax.nn.softmax(sorted_logits, axis=-1)
-  before = jnp.cumsum(probs, axis=-1) - probs                  # mass of the better tokens
+  before = jnp.cumsum(probs, axis=-1) - probs  # mass of the better tokens
   keep = before < top_p
   keep = keep.at[:, 0].set(True)
   choice = jax.random.categorical(key, jnp.where(keep, sorted_logits, -jnp.inf), axis=-1)
@@ -53,12 +53,13 @@ def sample_logits(logits, key, *, temperature, top_p, greedy: bool):
 @dataclasses.dataclass
 class GenerateResult:
   """``tokens [B, N]`` int32 new tokens; timings exclude compilation (reported apart)."""
+
   tokens: np.ndarray
   prompt_lengths: np.ndarray
   prefill_s: float
   decode_s: float
   compile_s: float
-  offload: object | None = None     # offload_decode.OffloadStats with offload=True
+  offload: object | None = None  # offload_decode.OffloadStats with offload=True
 
   @property
   def prefill_tokens_per_s(self) -> float:
@@ -97,19 +98,35 @@ class Generator:
       the host-memory gathers inside); the last two with ``offload_store="pinned_array"`` only.
   """
 
-  def __init__(self, model, *, batch: int, capacity: int, dtype=None, prefill_bucket: int = 64,
-               offload: bool = False, num_slots: int | None = None,
-               offload_store: str = "numpy", offload_plan: str = "host"):
+  def __init__(
+    self,
+    model,
+    *,
+    batch: int,
+    capacity: int,
+    dtype=None,
+    prefill_bucket: int = 64,
+    offload: bool = False,
+    num_slots: int | None = None,
+    offload_store: str = "numpy",
+    offload_plan: str = "host",
+  ):
     dec.check_decodable(model)
     self._offload = None
     if offload:
       from sparse_attention_jax.nn.offload_decode import OffloadedDecoder
-      self._offload = OffloadedDecoder(model, batch=batch, capacity=capacity, dtype=dtype,
-                                       num_slots=num_slots, store=offload_store,
-                                       plan=offload_plan)
+
+      self._offload = OffloadedDecoder(
+        model,
+        batch=batch,
+        capacity=capacity,
+        dtype=dtype,
+        num_slots=num_slots,
+        store=offload_store,
+        plan=offload_plan,
+      )
       self._warm: set[int] = set()
-    for name, val in (("batch", batch), ("capacity", capacity), ("prefill_bucket",
-                                                                   prefill_bucket)):
+    for name, val in (("batch", batch), ("capacity", capacity), ("prefill_bucket", prefill_bucket)):
       if not isinstance(val, int) or isinstance(val, bool) or val < 1:
         raise ValueError(f"{name}: expected a positive int, got {val!r}")
     self.batch, self.capacity, self.dtype = batch, capacity, dtype
@@ -134,27 +151,37 @@ class Generator:
       return sample_logits(logits, key, temperature=temperature, top_p=top_p, greedy=greedy)
 
     self._prefill = jax.jit(prefill_fn)
-    self._decode = jax.jit(decode_fn, static_argnames="greedy",
-                           donate_argnums=(2,) if donate else ())
+    self._decode = jax.jit(
+      decode_fn, static_argnames="greedy", donate_argnums=(2,) if donate else ()
+    )
     self._first = jax.jit(first_fn, static_argnames="greedy")
 
   def _pad(self, prompts: Sequence[Sequence[int]]):
     if len(prompts) != self.batch:
-      raise ValueError(f"prompts: expected {self.batch} prompts (the generator's batch), got "
-                       f"{len(prompts)}")
+      raise ValueError(
+        f"prompts: expected {self.batch} prompts (the generator's batch), got {len(prompts)}"
+      )
     lengths = np.asarray([len(p) for p in prompts], np.int32)
     if lengths.min() < 1:
-      raise ValueError(f"prompts: expected at least one token per prompt, got lengths "
-                       f"{lengths.tolist()}")
+      raise ValueError(
+        f"prompts: expected at least one token per prompt, got lengths {lengths.tolist()}"
+      )
     t = min(_round_up(int(lengths.max()), self.prefill_bucket), self.capacity)
     tokens = np.zeros((self.batch, t), np.int32)
     for i, p in enumerate(prompts):
-      tokens[i, :len(p)] = np.asarray(p, np.int32)
+      tokens[i, : len(p)] = np.asarray(p, np.int32)
     return tokens, lengths
 
-  def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
-               temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False,
-               seed: int = 0) -> GenerateResult:
+  def generate(
+    self,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    greedy: bool = False,
+    seed: int = 0,
+  ) -> GenerateResult:
     """Prefills ``prompts`` (``batch`` token lists) and samples ``max_new_tokens`` per row.
 
     Raises ``ValueError`` (naming the values) when a prompt plus ``max_new_tokens`` would exceed
@@ -169,14 +196,21 @@ class Generator:
     tokens, lengths = self._pad(prompts)
     longest = int(lengths.max())
     if longest + max_new_tokens > self.capacity:
-      raise ValueError(f"max_new_tokens: expected at most capacity - longest prompt = "
-                       f"{self.capacity} - {longest} = {self.capacity - longest}, got "
-                       f"{max_new_tokens} (raise capacity)")
+      raise ValueError(
+        f"max_new_tokens: expected at most capacity - longest prompt = "
+        f"{self.capacity} - {longest} = {self.capacity - longest}, got "
+        f"{max_new_tokens} (raise capacity)"
+      )
     temp, tp = jnp.float32(temperature), jnp.float32(top_p)
     keys = jax.random.split(jax.random.key(seed), max_new_tokens)
     if self._offload is not None:
-      return self._generate_offloaded(prompts, lengths, max_new_tokens, keys,
-                                      lambda lg, k: self._first(lg, k, temp, tp, greedy=greedy))
+      return self._generate_offloaded(
+        prompts,
+        lengths,
+        max_new_tokens,
+        keys,
+        lambda lg, k: self._first(lg, k, temp, tp, greedy=greedy),
+      )
     t0 = time.perf_counter()
     pre = self._prefill.lower(self._params, tokens, lengths).compile()
     compile_s = time.perf_counter() - t0
@@ -186,8 +220,7 @@ class Generator:
     prefill_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     tok = self._first(logits, keys[0], temp, tp, greedy=greedy)
-    step = self._decode.lower(self._params, tok, state, keys[0], temp, tp,
-                              greedy=greedy).compile()
+    step = self._decode.lower(self._params, tok, state, keys[0], temp, tp, greedy=greedy).compile()
     compile_s += time.perf_counter() - t0
     out = [tok]
     t0 = time.perf_counter()
@@ -196,28 +229,32 @@ class Generator:
       out.append(tok)
     jax.block_until_ready(out)
     decode_s = time.perf_counter() - t0
-    return GenerateResult(np.stack([np.asarray(t) for t in out], axis=1), lengths, prefill_s,
-                          decode_s, compile_s)
-
+    return GenerateResult(
+      np.stack([np.asarray(t) for t in out], axis=1), lengths, prefill_s, decode_s, compile_s
+    )
 
   def _generate_offloaded(self, prompts, lengths, max_new_tokens, keys, sample):
     from sparse_attention_jax.nn.offload_decode import generate_offloaded
+
     if len(set(lengths.tolist())) != 1:
-      raise ValueError(f"prompts: expected prompts of one length with offload=True (the "
-                       f"offloaded block cache keeps one length per batch), got lengths "
-                       f"{lengths.tolist()}")
+      raise ValueError(
+        f"prompts: expected prompts of one length with offload=True (the "
+        f"offloaded block cache keeps one length per batch), got lengths "
+        f"{lengths.tolist()}"
+      )
     tokens = np.asarray(prompts, np.int32)
     compile_s = 0.0
-    if tokens.shape[1] not in self._warm and max_new_tokens > 1:   # compile outside the timing
+    if tokens.shape[1] not in self._warm and max_new_tokens > 1:  # compile outside the timing
       t0 = time.perf_counter()
       logits, caches = self._offload.prefill(tokens)
-      for i in range(2):         # the 2nd step recompiles for committed (device-made) inputs
+      for i in range(2):  # the 2nd step recompiles for committed (device-made) inputs
         logits = self._offload.step(sample(logits, keys[0]), caches, tokens.shape[1] + i)[0]
       jax.block_until_ready(logits)
       compile_s = time.perf_counter() - t0
       self._warm.add(tokens.shape[1])
-    new, prefill_s, decode_s, stats = generate_offloaded(self._offload, tokens, max_new_tokens,
-                                                         sample=sample, keys=keys)
+    new, prefill_s, decode_s, stats = generate_offloaded(
+      self._offload, tokens, max_new_tokens, sample=sample, keys=keys
+    )
     return GenerateResult(new, lengths, prefill_s, decode_s, compile_s, stats)
 
 
@@ -231,14 +268,14 @@ def greedy_by_reforward(model, prompt: Sequence[int], max_new_tokens: int) -> np
 
   @jax.jit
   def next_token(params, buf, last):
-    logits = nnx.merge(graphdef, params)(buf)[0]                       # [size, V]
+    logits = nnx.merge(graphdef, params)(buf)[0]  # [size, V]
     return jnp.argmax(jnp.take(logits, last, axis=0)).astype(jnp.int32)
 
   buf = np.zeros((1, size), np.int32)
-  buf[0, :len(prompt)] = np.asarray(prompt, np.int32)
+  buf[0, : len(prompt)] = np.asarray(prompt, np.int32)
   for n in range(len(prompt), size):
     buf[0, n] = int(next_token(params, jnp.asarray(buf), n - 1))
-  return buf[0, len(prompt):].copy()
+  return buf[0, len(prompt) :].copy()
 
 
 __all__ = ["GenerateResult", "Generator", "greedy_by_reforward", "sample_logits"]

@@ -59,36 +59,49 @@ def layer_kv_elements(config: ModelConfig, kind: str) -> dict:
   c = config
   h, dk, dv = c.num_kv_heads, c.head_dim, c.dv
   if kind in ("full", "swa"):
-    return {"kind": kind, "elements_per_token": float(h * (dk + dv)),
-            "window": c.window if kind == "swa" else None,
-            "note": "K+V" + (f"; only the last w={c.window} tokens needed" if kind == "swa"
-                             else "")}
+    return {
+      "kind": kind,
+      "elements_per_token": float(h * (dk + dv)),
+      "window": c.window if kind == "swa" else None,
+      "note": "K+V" + (f"; only the last w={c.window} tokens needed" if kind == "swa" else ""),
+    }
   if kind == "nsa":
     nsa = c.nsa
     pairs = 1 + (sum(b in nsa.branches for b in ("slc", "win")) if c.nsa_independent_kv else 0)
     cmp = h * (dk + (dv if "cmp" in nsa.branches else 0)) / nsa.cmp_stride
-    return {"kind": kind, "elements_per_token": float(pairs * h * (dk + dv) + cmp),
-            "window": None,
-            "note": f"{pairs} K/V pair(s) resident + compressed 1/{nsa.cmp_stride}"}
+    return {
+      "kind": kind,
+      "elements_per_token": float(pairs * h * (dk + dv) + cmp),
+      "window": None,
+      "note": f"{pairs} K/V pair(s) resident + compressed 1/{nsa.cmp_stride}",
+    }
   if kind == "asa_local":
     lat = _latent(c, kind)
-    return {"kind": kind, "elements_per_token": float(lat.kv_rank + lat.rope_dim),
-            "window": c.window,
-            "note": f"MLA latent d_c+d_R; only the last w={c.window} tokens needed"}
+    return {
+      "kind": kind,
+      "elements_per_token": float(lat.kv_rank + lat.rope_dim),
+      "window": c.window,
+      "note": f"MLA latent d_c+d_R; only the last w={c.window} tokens needed",
+    }
   if kind == "asa_global":
     lat, nsa = _latent(c, kind), c.nsa
     cmp_k = lat.groups * (lat.group_rank + lat.rope_dim)
     cmp_v = lat.kv_rank if "cmp" in nsa.branches else 0
-    return {"kind": kind,
-            "elements_per_token": float(lat.kv_rank + lat.rope_dim
-                                        + (cmp_k + cmp_v) / nsa.cmp_stride),
-            "window": None,
-            "note": f"GLA latent d_c+d_R (g={lat.groups}) + compressed 1/{nsa.cmp_stride}"}
+    return {
+      "kind": kind,
+      "elements_per_token": float(lat.kv_rank + lat.rope_dim + (cmp_k + cmp_v) / nsa.cmp_stride),
+      "window": None,
+      "note": f"GLA latent d_c+d_R (g={lat.groups}) + compressed 1/{nsa.cmp_stride}",
+    }
   if kind == "nosa":
     nsa = c.nsa
     cmp = h * (dk + 1) / nsa.cmp_stride
-    return {"kind": kind, "elements_per_token": float(h * (dk + dv + 1) + cmp), "window": None,
-            "note": f"K+V+c resident + compressed K and c 1/{nsa.cmp_stride} (offloadable)"}
+    return {
+      "kind": kind,
+      "elements_per_token": float(h * (dk + dv + 1) + cmp),
+      "window": None,
+      "note": f"K+V+c resident + compressed K and c 1/{nsa.cmp_stride} (offloadable)",
+    }
   raise ValueError(f"kind: expected one of {KNOWN_KINDS} for KV-cache accounting, got {kind!r}")
 
 
@@ -109,9 +122,12 @@ def nosa_offload_elements(config: ModelConfig) -> dict:
   c = config
   h, dk, dv, nsa = c.num_kv_heads, c.head_dim, c.dv, c.nsa
   slots = nosa_slots(c)
-  return {"device_per_token": h * (dk + 1) / nsa.cmp_stride,
-          "device_fixed": float(slots * nsa.block_size * h * (dk + dv + 1)),
-          "host_per_token": float(h * (dk + dv + 1)), "slots": slots}
+  return {
+    "device_per_token": h * (dk + 1) / nsa.cmp_stride,
+    "device_fixed": float(slots * nsa.block_size * h * (dk + dv + 1)),
+    "host_per_token": float(h * (dk + dv + 1)),
+    "slots": slots,
+  }
 
 
 def offloaded_kv_bytes(config: ModelConfig, context: int, dtype_bytes: int = 2) -> dict:
@@ -129,7 +145,7 @@ def offloaded_kv_bytes(config: ModelConfig, context: int, dtype_bytes: int = 2) 
     if r["kind"] == "nosa":
       e = nosa_offload_elements(config)
       slot_tokens = e["slots"] * config.nsa.block_size
-      fixed = e["device_fixed"] * min(1.0, context / slot_tokens)   # never more than the context
+      fixed = e["device_fixed"] * min(1.0, context / slot_tokens)  # never more than the context
       device += (e["device_per_token"] * context + fixed) * dtype_bytes
       host += e["host_per_token"] * context * dtype_bytes
     else:
@@ -156,9 +172,12 @@ def kv_cache_bytes_per_token(config: ModelConfig, dtype_bytes: int = 2) -> dict:
   for i, kind in enumerate(config.layer_kinds()):
     row = layer_kv_elements(config, kind)
     layers.append({"layer": i, **row, "bytes_per_token": row["elements_per_token"] * dtype_bytes})
-  return {"dtype_bytes": dtype_bytes, "layers": layers,
-          "by_kind": {r["kind"]: r["bytes_per_token"] for r in layers},
-          "total_bytes_per_token": sum(r["bytes_per_token"] for r in layers)}
+  return {
+    "dtype_bytes": dtype_bytes,
+    "layers": layers,
+    "by_kind": {r["kind"]: r["bytes_per_token"] for r in layers},
+    "total_bytes_per_token": sum(r["bytes_per_token"] for r in layers),
+  }
 
 
 def kv_cache_bytes(config: ModelConfig, context: int, dtype_bytes: int = 2) -> dict:
@@ -179,8 +198,7 @@ def kv_cache_bytes(config: ModelConfig, context: int, dtype_bytes: int = 2) -> d
   return {"resident": resident, "windowed": windowed}
 
 
-def describe_kv_cache(config: ModelConfig, dtype_bytes: int = 2, context: int | None = None
-                      ) -> str:
+def describe_kv_cache(config: ModelConfig, dtype_bytes: int = 2, context: int | None = None) -> str:
   """A plain-text table: one row per layer kind (bytes per token per layer and over its layers),
   the total per token and, with ``context``, the totals at that context length."""
   per = kv_cache_bytes_per_token(config, dtype_bytes)
@@ -193,24 +211,32 @@ def describe_kv_cache(config: ModelConfig, dtype_bytes: int = 2, context: int | 
   for kind, n in counts.items():
     b = per["by_kind"][kind]
     lines.append(f"{kind:<11} {n:>6} {b:>14,.1f} {b * n:>10,.1f}  {notes[kind]}")
-  lines.append(f"{'total':<11} {config.num_layers:>6} {'':>14} "
-               f"{per['total_bytes_per_token']:>10,.1f}  ({dtype_bytes} bytes per element)")
+  lines.append(
+    f"{'total':<11} {config.num_layers:>6} {'':>14} "
+    f"{per['total_bytes_per_token']:>10,.1f}  ({dtype_bytes} bytes per element)"
+  )
   if context is not None:
     tot = kv_cache_bytes(config, context, dtype_bytes)
-    lines.append(f"at context {context:,}: resident {tot['resident'] / 2**20:,.1f} MiB, "
-                 f"window layers capped at w {tot['windowed'] / 2**20:,.1f} MiB per sequence")
+    lines.append(
+      f"at context {context:,}: resident {tot['resident'] / 2**20:,.1f} MiB, "
+      f"window layers capped at w {tot['windowed'] / 2**20:,.1f} MiB per sequence"
+    )
     if "nosa" in per["by_kind"]:
       off = offloaded_kv_bytes(config, context, dtype_bytes)
-      lines.append(f"NOSA layers offloaded ({nosa_slots(config)} block slots of "
-                   f"{config.nsa.block_size} tokens on the device): device "
-                   f"{off['device'] / 2**20:,.1f} MiB, host {off['host'] / 2**20:,.1f} MiB per "
-                   f"sequence")
+      lines.append(
+        f"NOSA layers offloaded ({nosa_slots(config)} block slots of "
+        f"{config.nsa.block_size} tokens on the device): device "
+        f"{off['device'] / 2**20:,.1f} MiB, host {off['host'] / 2**20:,.1f} MiB per "
+        f"sequence"
+      )
   return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-  p = argparse.ArgumentParser(prog="python -m sparse_attention_jax.nn.kv_cache",
-                              description="KV-cache bytes per token of model configs.")
+  p = argparse.ArgumentParser(
+    prog="python -m sparse_attention_jax.nn.kv_cache",
+    description="KV-cache bytes per token of model configs.",
+  )
   p.add_argument("configs", nargs="+", help="YAML config files with a model: section")
   p.add_argument("--dtype-bytes", type=int, default=2, help="bytes per element (default 2)")
   p.add_argument("--context", type=int, default=None, help="also report totals at this length")
@@ -226,8 +252,15 @@ def main(argv: list[str] | None = None) -> int:
   return 0
 
 
-__all__ = ["describe_kv_cache", "kv_cache_bytes", "kv_cache_bytes_per_token",
-           "layer_kv_elements", "nosa_offload_elements", "nosa_slots", "offloaded_kv_bytes"]
+__all__ = [
+  "describe_kv_cache",
+  "kv_cache_bytes",
+  "kv_cache_bytes_per_token",
+  "layer_kv_elements",
+  "nosa_offload_elements",
+  "nosa_slots",
+  "offloaded_kv_bytes",
+]
 
 if __name__ == "__main__":
   sys.exit(main())

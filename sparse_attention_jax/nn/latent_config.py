@@ -43,11 +43,13 @@ class LatentConfig:
       if not isinstance(v, int) or isinstance(v, bool) or v < 1:
         raise ValueError(f"model.latent.{name}: expected a positive int, got {v!r}")
     if self.rope_dim % 2:
-      raise ValueError(f"model.latent.rope_dim: expected an even int (RoPE rotates pairs), got "
-                       f"{self.rope_dim}")
+      raise ValueError(
+        f"model.latent.rope_dim: expected an even int (RoPE rotates pairs), got {self.rope_dim}"
+      )
     if self.kv_rank % self.groups:
-      raise ValueError(f"model.latent.groups: expected a divisor of kv_rank={self.kv_rank}, got "
-                       f"{self.groups}")
+      raise ValueError(
+        f"model.latent.groups: expected a divisor of kv_rank={self.kv_rank}, got {self.groups}"
+      )
 
   @property
   def group_rank(self) -> int:

@@ -22,13 +22,22 @@ def as_dtype(name: str | jnp.dtype):
 
 def fan_in_init(in_axes: int | Sequence[int], out_axes: int | Sequence[int]):
   """LeCun (truncated) normal over a multi-axis kernel: variance ``1 / prod(kernel[in_axes])``."""
-  return nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=in_axes,
-                                           out_axis=out_axes)
+  return nnx.initializers.variance_scaling(
+    1.0, "fan_in", "truncated_normal", in_axis=in_axes, out_axis=out_axes
+  )
 
 
-def projection(einsum_str: str, kernel_shape: Sequence[int], *, in_axes, out_axes, dtype,
-               rngs: nnx.Rngs, preferred_element_type=None,
-               names: Sequence[str | None] | None = None) -> nnx.Einsum:
+def projection(
+  einsum_str: str,
+  kernel_shape: Sequence[int],
+  *,
+  in_axes,
+  out_axes,
+  dtype,
+  rngs: nnx.Rngs,
+  preferred_element_type=None,
+  names: Sequence[str | None] | None = None,
+) -> nnx.Einsum:
   """A bias-free :class:`nnx.Einsum` with a float32 kernel, computing in ``dtype``.
 
   Args:
@@ -44,12 +53,21 @@ def projection(einsum_str: str, kernel_shape: Sequence[int], *, in_axes, out_axe
   init = fan_in_init(in_axes, out_axes)
   if names is not None:
     if len(names) != len(kernel_shape):
-      raise ValueError(f"names: expected one logical axis name per kernel dim of "
-                       f"{tuple(kernel_shape)}, got {tuple(names)}")
+      raise ValueError(
+        f"names: expected one logical axis name per kernel dim of "
+        f"{tuple(kernel_shape)}, got {tuple(names)}"
+      )
     init = partitioned(init, names)
-  return nnx.Einsum(einsum_str, tuple(kernel_shape), None, dtype=dtype, param_dtype=jnp.float32,
-                    kernel_init=init,
-                    preferred_element_type=preferred_element_type, rngs=rngs)
+  return nnx.Einsum(
+    einsum_str,
+    tuple(kernel_shape),
+    None,
+    dtype=dtype,
+    param_dtype=jnp.float32,
+    kernel_init=init,
+    preferred_element_type=preferred_element_type,
+    rngs=rngs,
+  )
 
 
 class RMSNorm(nnx.Module):
@@ -79,12 +97,33 @@ class SwiGLU(nnx.Module):
 
   def __init__(self, d_model: int, hidden: int, *, dtype="float32", rngs: nnx.Rngs):
     dt = as_dtype(dtype)
-    self.gate = projection("btd,df->btf", (d_model, hidden), in_axes=0, out_axes=1, dtype=dt,
-                           rngs=rngs, names=("embed", "mlp"))
-    self.up = projection("btd,df->btf", (d_model, hidden), in_axes=0, out_axes=1, dtype=dt,
-                         rngs=rngs, names=("embed", "mlp"))
-    self.down = projection("btf,fd->btd", (hidden, d_model), in_axes=0, out_axes=1, dtype=dt,
-                           rngs=rngs, names=("mlp", "embed"))
+    self.gate = projection(
+      "btd,df->btf",
+      (d_model, hidden),
+      in_axes=0,
+      out_axes=1,
+      dtype=dt,
+      rngs=rngs,
+      names=("embed", "mlp"),
+    )
+    self.up = projection(
+      "btd,df->btf",
+      (d_model, hidden),
+      in_axes=0,
+      out_axes=1,
+      dtype=dt,
+      rngs=rngs,
+      names=("embed", "mlp"),
+    )
+    self.down = projection(
+      "btf,fd->btd",
+      (hidden, d_model),
+      in_axes=0,
+      out_axes=1,
+      dtype=dt,
+      rngs=rngs,
+      names=("mlp", "embed"),
+    )
 
   def __call__(self, x):
     """``x [B, T, d_model]`` -> ``[B, T, d_model]`` in the compute dtype."""
@@ -100,8 +139,9 @@ class Embed(nnx.Module):
     self.d_model = d_model
     self.dtype = as_dtype(dtype)
     init = nnx.initializers.variance_scaling(1.0, "fan_in", "normal", in_axis=1, out_axis=0)
-    self.embedding = param(init(rngs.params(), (vocab_size, d_model), jnp.float32),
-                           ("vocab", "embed"))
+    self.embedding = param(
+      init(rngs.params(), (vocab_size, d_model), jnp.float32), ("vocab", "embed")
+    )
 
   def __call__(self, tokens):
     """``tokens [B, T]`` int -> ``[B, T, d_model]`` in ``dtype``."""
@@ -111,8 +151,12 @@ class Embed(nnx.Module):
 
   def attend(self, x):
     """Tied output projection: ``x [B, T, d_model]`` -> ``[B, T, V]`` float32 logits."""
-    return jnp.einsum("btd,vd->btv", x.astype(self.dtype), self.embedding[...].astype(self.dtype),
-                      preferred_element_type=jnp.float32)
+    return jnp.einsum(
+      "btd,vd->btv",
+      x.astype(self.dtype),
+      self.embedding[...].astype(self.dtype),
+      preferred_element_type=jnp.float32,
+    )
 
 
 __all__ = ["Embed", "RMSNorm", "SwiGLU", "as_dtype", "fan_in_init", "projection"]

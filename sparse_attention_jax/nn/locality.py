@@ -33,8 +33,9 @@ from sparse_attention_jax.ops.selection import select_blocks
 METHODS = ("nsa", "infllm_v2", "nosa")
 
 
-def selection_budgets(config, num_selected: int | None = None,
-                      num_query_selected: int | None = None) -> tuple[NSAConfig, int]:
+def selection_budgets(
+  config, num_selected: int | None = None, num_query_selected: int | None = None
+) -> tuple[NSAConfig, int]:
   """``(NSAConfig, k_q)`` of the comparison: ``model.nsa`` with mean compression and
   ``num_selected`` (k) if given; ``k_q`` from the argument, ``model.nosa`` or half of the
   non-forced budget."""
@@ -43,8 +44,11 @@ def selection_budgets(config, num_selected: int | None = None,
     nsa = nsa.replace(num_selected=num_selected)
   forced = nsa.num_init_blocks + nsa.num_local_blocks
   if num_query_selected is None:
-    num_query_selected = (config.nosa.query_selected if config.nosa is not None
-                          else forced + (nsa.num_selected - forced) // 2)
+    num_query_selected = (
+      config.nosa.query_selected
+      if config.nosa is not None
+      else forced + (nsa.num_selected - forced) // 2
+    )
   nosa_selection.check_budget(nsa, num_query_selected)
   return nsa, num_query_selected
 
@@ -61,8 +65,9 @@ def layer_selections(q, k, c, nsa: NSAConfig, kq: int, segment_ids=None) -> dict
     s_q, _ = nosa_scores(q, k, c, m_cfg, segment_ids=segment_ids)
     out[method] = select_blocks(s_q, m_cfg, segment_ids=segment_ids)
   s_q, s_a = nosa_scores(q, k, c, cfg.replace(score_pooling="max"), segment_ids=segment_ids)
-  out["nosa"] = nosa_selection.nosa_select(s_q, s_a, cfg.replace(score_pooling="max"),
-                                           num_query_selected=kq, segment_ids=segment_ids)
+  out["nosa"] = nosa_selection.nosa_select(
+    s_q, s_a, cfg.replace(score_pooling="max"), num_query_selected=kq, segment_ids=segment_ids
+  )
   return out
 
 
@@ -71,13 +76,23 @@ def _summary(block_indices, keep) -> dict:
   keep = jnp.broadcast_to(keep[:, :, None], gamma.shape)
   g = np.asarray(gamma)[np.asarray(keep)]
   n = np.asarray(new)[np.asarray(keep)]
-  return {"mean": float(g.mean()), "min": float(g.min()), "p10": float(np.quantile(g, 0.1)),
-          "new_blocks_per_step": float(n.mean())}
+  return {
+    "mean": float(g.mean()),
+    "min": float(g.min()),
+    "p10": float(np.quantile(g, 0.1)),
+    "new_blocks_per_step": float(n.mean()),
+  }
 
 
-def model_selection_locality(model: nnx.Module, tokens, positions=None, segment_ids=None, *,
-                             num_selected: int | None = None,
-                             num_query_selected: int | None = None) -> dict:
+def model_selection_locality(
+  model: nnx.Module,
+  tokens,
+  positions=None,
+  segment_ids=None,
+  *,
+  num_selected: int | None = None,
+  num_query_selected: int | None = None,
+) -> dict:
   """Locality ``gamma`` of the three selections at every layer of a ``DecoderLM``.
 
   Args:
@@ -95,8 +110,11 @@ def model_selection_locality(model: nnx.Module, tokens, positions=None, segment_
   if positions is None:
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
   nsa, kq = selection_budgets(model.config, num_selected, num_query_selected)
-  keep = jnp.ones((b, t - 1), bool) if segment_ids is None else (
-      segment_ids[:, 1:] == segment_ids[:, :-1])
+  keep = (
+    jnp.ones((b, t - 1), bool)
+    if segment_ids is None
+    else (segment_ids[:, 1:] == segment_ids[:, :-1])
+  )
   x = model.embed(tokens)
   layers = []
   for i, block in enumerate(model.layers):
@@ -113,11 +131,21 @@ def model_selection_locality(model: nnx.Module, tokens, positions=None, segment_
       q, k = qk
       c, source = jnp.zeros(k.shape[:3], jnp.float32), "none"
     sel = layer_selections(q, k, c, nsa, kq, segment_ids)
-    layers.append({"layer": i, "kind": block.kind, "eviction": source,
-                   **{m: _summary(sel[m], keep) for m in METHODS}})
+    layers.append(
+      {
+        "layer": i,
+        "kind": block.kind,
+        "eviction": source,
+        **{m: _summary(sel[m], keep) for m in METHODS},
+      }
+    )
     x = block(x, positions, segment_ids)
-  return {"k": nsa.num_selected, "k_q": kq, "bound_static_steps": 1 - kq / nsa.num_selected,
-          "layers": layers}
+  return {
+    "k": nsa.num_selected,
+    "k_q": kq,
+    "bound_static_steps": 1 - kq / nsa.num_selected,
+    "layers": layers,
+  }
 
 
 __all__ = ["METHODS", "layer_selections", "model_selection_locality", "selection_budgets"]

@@ -18,8 +18,7 @@ from sparse_attention_jax.nn.layers import Embed, RMSNorm, SwiGLU, as_dtype, pro
 from sparse_attention_jax.nn.parallel import constrain_batch
 
 # ``model.remat`` -> checkpoint policy of each decoder block (None = save nothing: recompute all).
-_REMAT_POLICIES = {"full": None,
-                   "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+_REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 
 
 def _block(layer, x, positions, segment_ids):
@@ -50,15 +49,18 @@ def _scan_blocks(graphdef, layers, x, positions, segment_ids, policy, unroll=1):
   their parameters stacked on a new leading axis: the block is traced and compiled once instead
   of once per layer. The stacking copies the run's parameters once per call (and its transpose
   splits the gradients); the model's parameters and checkpoints keep their per-layer layout."""
-  stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[nnx.state(layer, nnx.Param)
-                                                      for layer in layers])
+  stacked = jax.tree.map(
+    lambda *xs: jnp.stack(xs), *[nnx.state(layer, nnx.Param) for layer in layers]
+  )
 
   def body(x, params):
     return constrain_batch(_block(nnx.merge(graphdef, params), x, positions, segment_ids))
+
   if policy is not False:
     body = jax.checkpoint(body, policy=policy)
-  x, _ = jax.lax.scan(lambda x, params: (body(x, params), None), x, stacked,
-                      unroll=min(unroll, len(layers)))
+  x, _ = jax.lax.scan(
+    lambda x, params: (body(x, params), None), x, stacked, unroll=min(unroll, len(layers))
+  )
   return x
 
 
@@ -101,16 +103,29 @@ class DecoderLM(nnx.Module):
     kinds = config.layer_kinds()
     unknown = sorted({k for k in kinds if k not in ATTENTION_KINDS})
     if unknown:
-      raise ValueError(f"model.attention: expected kinds from the registered "
-                       f"{sorted(ATTENTION_KINDS)}, got unknown {unknown}")
+      raise ValueError(
+        f"model.attention: expected kinds from the registered "
+        f"{sorted(ATTENTION_KINDS)}, got unknown {unknown}"
+      )
     self.config = config
     c = config
     self.embed = Embed(c.vocab_size, c.d_model, dtype=c.dtype, rngs=rngs)
     self.layers = nnx.List([DecoderBlock(c, kind, rngs=rngs) for kind in kinds])
     self.final_norm = RMSNorm(c.d_model, eps=c.norm_eps, dtype=c.dtype)
-    self.lm_head = None if c.tie_embeddings else projection(
-        "btd,dv->btv", (c.d_model, c.vocab_size), in_axes=0, out_axes=1, dtype=as_dtype(c.dtype),
-        rngs=rngs, preferred_element_type=jnp.float32, names=("embed", "vocab"))
+    self.lm_head = (
+      None
+      if c.tie_embeddings
+      else projection(
+        "btd,dv->btv",
+        (c.d_model, c.vocab_size),
+        in_axes=0,
+        out_axes=1,
+        dtype=as_dtype(c.dtype),
+        rngs=rngs,
+        preferred_element_type=jnp.float32,
+        names=("embed", "vocab"),
+      )
+    )
 
   def __call__(self, tokens, positions=None, segment_ids=None):
     """Next-token logits.
@@ -141,10 +156,10 @@ class DecoderLM(nnx.Module):
       for layer in layers[i:start]:
         x = constrain_batch(block(layer, x, positions, segment_ids))
       if stop > start:
-        policy = (False if self.config.remat == "none"
-                  else _REMAT_POLICIES[self.config.remat])
-        x = _scan_blocks(graphdef, layers[start:stop], x, positions, segment_ids, policy,
-                         self.config.scan_unroll)
+        policy = False if self.config.remat == "none" else _REMAT_POLICIES[self.config.remat]
+        x = _scan_blocks(
+          graphdef, layers[start:stop], x, positions, segment_ids, policy, self.config.scan_unroll
+        )
       i = stop
     x = self.final_norm(x)
     if self.lm_head is None:

@@ -53,13 +53,17 @@ def check_nosa_config(config: ModelConfig) -> NOSAConfig:
   nosa = config.nosa or NOSAConfig()
   nsa = config.nsa
   if nsa.compression != "mean":
-    raise ValueError(f"model.nsa.compression: expected 'mean' for 'nosa' layers (InfLLM-V2 "
-                     f"scoring over mean-pooled keys), got {nsa.compression!r}")
+    raise ValueError(
+      f"model.nsa.compression: expected 'mean' for 'nosa' layers (InfLLM-V2 "
+      f"scoring over mean-pooled keys), got {nsa.compression!r}"
+    )
   forced = nsa.num_init_blocks + nsa.num_local_blocks
   if not forced <= nosa.query_selected <= nsa.num_selected:
-    raise ValueError(f"model.nosa.query_selected: expected k_q with num_init_blocks + "
-                     f"num_local_blocks = {forced} <= k_q <= model.nsa.num_selected = "
-                     f"{nsa.num_selected}, got {nosa.query_selected}")
+    raise ValueError(
+      f"model.nosa.query_selected: expected k_q with num_init_blocks + "
+      f"num_local_blocks = {forced} <= k_q <= model.nsa.num_selected = "
+      f"{nsa.num_selected}, got {nosa.query_selected}"
+    )
   return nosa
 
 
@@ -106,21 +110,35 @@ class NOSAAttention(nnx.Module):
     op_config, kq = nosa_selection.for_length(cfg.nsa, self.query_selected, x.shape[1])
 
     def op(**a):
-      return nosa_attention(a["q"], a["k"], a["v"], a["c"], config=op_config,
-                            num_query_selected=kq, segment_ids=a["segment_ids"],
-                            impl=cfg.attn_impl)
+      return nosa_attention(
+        a["q"],
+        a["k"],
+        a["v"],
+        a["c"],
+        config=op_config,
+        num_query_selected=kq,
+        segment_ids=a["segment_ids"],
+        impl=cfg.attn_impl,
+      )
 
     args = {"q": q, "k": k, "v": v, "c": c, "segment_ids": segment_ids}
     layouts = {"q": "bthd", "k": "bthd", "v": "bthd", "c": "bthd", "segment_ids": "bt"}
-    o = sharded_call(op, args, layouts, num_kv_heads=cfg.num_kv_heads)    # [B, T, HQ, Dv]
+    o = sharded_call(op, args, layouts, num_kv_heads=cfg.num_kv_heads)  # [B, T, HQ, Dv]
     return self.o_proj(o)
 
   # ------------------------------------------------------- decoding (see nn/decode.py)
   def init_cache(self, batch: int, capacity: int, dtype=None):
     """:class:`~sparse_attention_jax.ops.nosa_decode.NOSACache` of this layer."""
     c = self.config
-    return init_nosa_cache(batch, capacity, config=c.nsa, num_kv_heads=c.num_kv_heads,
-                           dk=c.head_dim, dv=c.dv, dtype=dtype or self.dtype)
+    return init_nosa_cache(
+      batch,
+      capacity,
+      config=c.nsa,
+      num_kv_heads=c.num_kv_heads,
+      dk=c.head_dim,
+      dv=c.dv,
+      dtype=dtype or self.dtype,
+    )
 
   def prefill_outputs(self, x):
     """Prefill of right-padded prompts ``x [B, T, d_model]``: ``(y [B, T, d_model], k, v, c)``
@@ -140,9 +158,16 @@ class NOSAAttention(nnx.Module):
   def decode(self, x, pos, cache):
     """``x [B, 1, d_model]`` at positions ``pos [B]`` -> ``(y [B, 1, d_model], cache)``."""
     q, k, v, c = self.qkvc(x, pos[:, None])
-    o, cache = nosa_decode_step(cache, q[:, 0], config=self.config.nsa,
-                                num_query_selected=self.query_selected, pos=pos, k=k[:, 0],
-                                v=v[:, 0], c=c[:, 0])
+    o, cache = nosa_decode_step(
+      cache,
+      q[:, 0],
+      config=self.config.nsa,
+      num_query_selected=self.query_selected,
+      pos=pos,
+      k=k[:, 0],
+      v=v[:, 0],
+      c=c[:, 0],
+    )
     return self.o_proj(o[:, None]), cache
 
 

@@ -86,8 +86,17 @@ MAX_SCATTER = 1024
 # (``benchmarks/offload_update_cpu.py``), the cost of fresh large allocations.
 LOAD_CHUNK = 256
 # Per-step counts and host seconds of :meth:`OffloadedBlockCache.update` (summed over steps).
-STAT_KEYS = ("requested", "hits", "transferred", "bytes", "wait_s", "plan_s", "gather_s", "put_s",
-             "load_s")
+STAT_KEYS = (
+  "requested",
+  "hits",
+  "transferred",
+  "bytes",
+  "wait_s",
+  "plan_s",
+  "gather_s",
+  "put_s",
+  "load_s",
+)
 
 # Ways a step's blocks move host -> device (see the module docstring).
 TRANSFERS = ("fresh", "staged")
@@ -115,7 +124,8 @@ def _pool(workers: int) -> concurrent.futures.ThreadPoolExecutor:
   """One shared thread pool per worker count (for every cache and layer)."""
   if workers not in _POOLS:
     _POOLS[workers] = concurrent.futures.ThreadPoolExecutor(
-        workers, thread_name_prefix="offload-load")
+      workers, thread_name_prefix="offload-load"
+    )
   return _POOLS[workers]
 
 
@@ -127,7 +137,7 @@ class _Staging:
   def __init__(self, rows: int, block_size: int, dim: int, dtype, device):
     self.kv = aligned_empty((rows, block_size, dim), dtype)
     self.c = aligned_empty((rows, block_size), np.float32)
-    self.kv.fill(0)                      # touch every page now, not during a decode step
+    self.kv.fill(0)  # touch every page now, not during a decode step
     self.c.fill(0)
     self.pinned = all(_dma_map(device, x) for x in (self.kv, self.c))
     self.pending = None
@@ -141,9 +151,13 @@ def _dma_map(device, buf: np.ndarray) -> bool:
     return False
   try:
     client.dma_map(buf.ctypes.data, buf.nbytes)
-  except Exception as e:                                        # noqa: BLE001
-    log.info("offload: staging buffers are not DMA-registered on %s (%s): device_put copies "
-             "them through PJRT's own staging", device.platform, str(e).splitlines()[0])
+  except Exception as e:  # noqa: BLE001
+    log.info(
+      "offload: staging buffers are not DMA-registered on %s (%s): device_put copies "
+      "them through PJRT's own staging",
+      device.platform,
+      str(e).splitlines()[0],
+    )
     _DMA_MAP_OK[id(client)] = False
     return False
   _DMA_MAP_OK[id(client)] = True
@@ -158,8 +172,10 @@ def _staging_slot(rows: int, block_size: int, dim: int, dtype, device) -> _Stagi
   with _STAGING_LOCK:
     ring = _STAGING.get(key)
     if ring is None:
-      ring = _STAGING[key] = [[_Staging(rows, block_size, dim, dtype, device)
-                               for _ in range(STAGING_DEPTH)], 0]
+      ring = _STAGING[key] = [
+        [_Staging(rows, block_size, dim, dtype, device) for _ in range(STAGING_DEPTH)],
+        0,
+      ]
   bufs, at = ring
   ring[1] = (at + 1) % len(bufs)
   slot = bufs[at]
@@ -175,7 +191,7 @@ def bucket(n: int) -> int:
   doubling of the largest load)."""
   if n <= 8:
     return 1 << (n - 1).bit_length()
-  e = (n - 1).bit_length() - 3            # 2^(e+2) < n <= 2^(e+3)
+  e = (n - 1).bit_length() - 3  # 2^(e+2) < n <= 2^(e+3)
   return -(-n // (1 << e)) << e
 
 
@@ -216,29 +232,31 @@ def assign_slots(gamma: np.ndarray, slot_block: np.ndarray, current: int):
   g = np.asarray(gamma).astype(np.int64)
   if g.shape[-1] == 0:
     g = np.full((bsz, heads, 1), -1, np.int64)
-  g = np.sort(g, axis=-1)                                                # [B, H, n]
+  g = np.sort(g, axis=-1)  # [B, H, n]
   tail_use = np.any(g == current, axis=-1)
   dup = np.zeros_like(g, dtype=bool)
   dup[..., 1:] = g[..., 1:] == g[..., :-1]
-  want = (g >= 0) & (g != current) & ~dup                                # [B, H, n]
+  want = (g >= 0) & (g != current) & ~dup  # [B, H, n]
   count = want.sum(-1)
   if count.max(initial=0) > ns:
     bi, hi = (int(x) for x in np.argwhere(count > ns)[0])
-    _fail("gamma", f"at most num_slots={ns} selected blocks besides the current block per "
-          f"(sequence, KV head)", f"{int(count[bi, hi])} at (b={bi}, h={hi}); build the cache "
-                                  f"with more slots")
+    _fail(
+      "gamma",
+      f"at most num_slots={ns} selected blocks besides the current block per (sequence, KV head)",
+      f"{int(count[bi, hi])} at (b={bi}, h={hi}); build the cache with more slots",
+    )
   # Row-tagged keys: row r's block j -> r * stride + j. Rows of g are sorted, so the flat keys are
   # sorted and one searchsorted finds every slot's block among its row's selection.
   stride = max(int(g.max(initial=0)), int(slot_block.max(initial=0)), current) + 2
   rows = np.arange(bsz * heads, dtype=np.int64).reshape(bsz, heads, 1) * stride
-  want_keys = (np.maximum(g, -1) + rows).reshape(-1)                  # sorted
+  want_keys = (np.maximum(g, -1) + rows).reshape(-1)  # sorted
   slot_keys = np.where(slot_block >= 0, slot_block.astype(np.int64) + rows, -2).reshape(-1)
   at = np.minimum(np.searchsorted(want_keys, slot_keys), want_keys.size - 1)
-  keep = (want_keys[at] == slot_keys) & want.reshape(-1)[at]         # first of duplicates
+  keep = (want_keys[at] == slot_keys) & want.reshape(-1)[at]  # first of duplicates
   hit = np.zeros(want_keys.size, bool)
   hit[at[keep]] = True
-  missing = want & ~hit.reshape(want.shape)                             # [B, H, n]
-  keep = keep.reshape(slot_block.shape)                                 # [B, H, NS]
+  missing = want & ~hit.reshape(want.shape)  # [B, H, n]
+  keep = keep.reshape(slot_block.shape)  # [B, H, NS]
   slot_block[~keep] = -1
   # The r-th missing block of a row (ascending ids) goes to the row's r-th free slot.
   free = ~keep
@@ -289,26 +307,30 @@ def plan_slots_on_device(gamma, slot_block, current, *, pad: int):
   max_id = jnp.max(gamma, initial=-1).astype(jnp.int32)
   if gamma.shape[-1] == 0:
     gamma = jnp.full((bsz, heads, 1), -1, jnp.int32)
-  sel = jnp.sort(gamma.astype(jnp.int32), axis=-1)                          # [B, H, n]
-  tail_use = jnp.any(sel == current, axis=-1)                               # [B, H]
-  first = jnp.concatenate([jnp.ones_like(sel[..., :1], bool), sel[..., 1:] != sel[..., :-1]],
-                          axis=-1)                                          # first of duplicates
-  want = (sel >= 0) & (sel != current) & first                              # [B, H, n]
-  count = jnp.sum(want, axis=-1, dtype=jnp.int32)                           # [B, H]
+  sel = jnp.sort(gamma.astype(jnp.int32), axis=-1)  # [B, H, n]
+  tail_use = jnp.any(sel == current, axis=-1)  # [B, H]
+  first = jnp.concatenate(
+    [jnp.ones_like(sel[..., :1], bool), sel[..., 1:] != sel[..., :-1]], axis=-1
+  )  # first of duplicates
+  want = (sel >= 0) & (sel != current) & first  # [B, H, n]
+  count = jnp.sum(want, axis=-1, dtype=jnp.int32)  # [B, H]
   # slot_holds[b, h, s, i]: slot s already holds the wanted block sel[b, h, i].
   slot_holds = (slot_block[..., :, None] == sel[..., None, :]) & want[..., None, :]
-  keep = jnp.any(slot_holds, axis=-1)                                       # [B, H, NS]
-  missing = want & ~jnp.any(slot_holds, axis=-2)                            # [B, H, n]
+  keep = jnp.any(slot_holds, axis=-1)  # [B, H, NS]
+  missing = want & ~jnp.any(slot_holds, axis=-2)  # [B, H, n]
   free = ~keep
-  free_rank = jnp.cumsum(free, axis=-1, dtype=jnp.int32) - 1                # [B, H, NS]
-  miss_rank = jnp.cumsum(missing, axis=-1, dtype=jnp.int32) - 1             # [B, H, n]
+  free_rank = jnp.cumsum(free, axis=-1, dtype=jnp.int32) - 1  # [B, H, NS]
+  miss_rank = jnp.cumsum(missing, axis=-1, dtype=jnp.int32) - 1  # [B, H, n]
   # goes[b, h, s, i]: the r-th missing block of the row goes to its r-th free slot.
-  goes = (free[..., :, None] & missing[..., None, :]
-          & (free_rank[..., :, None] == miss_rank[..., None, :]))           # [B, H, NS, n]
-  new_block = jnp.max(jnp.where(goes, sel[..., None, :], -1), axis=-1)      # [B, H, NS]
+  goes = (
+    free[..., :, None]
+    & missing[..., None, :]
+    & (free_rank[..., :, None] == miss_rank[..., None, :])
+  )  # [B, H, NS, n]
+  new_block = jnp.max(jnp.where(goes, sel[..., None, :], -1), axis=-1)  # [B, H, NS]
   new_slot_block = jnp.where(keep, slot_block, new_block)
   slot_ids = jnp.arange(num_slots, dtype=jnp.int32)
-  slot_of = jnp.max(jnp.where(goes, slot_ids[:, None], -1), axis=-2)        # [B, H, n]
+  slot_of = jnp.max(jnp.where(goes, slot_ids[:, None], -1), axis=-2)  # [B, H, n]
   # Compaction: the missing rows, in row-major order, to the front of `loads`.
   seq_ids = jnp.broadcast_to(jnp.arange(bsz, dtype=jnp.int32)[:, None, None], sel.shape)
   head_ids = jnp.broadcast_to(jnp.arange(heads, dtype=jnp.int32)[None, :, None], sel.shape)
@@ -316,12 +338,19 @@ def plan_slots_on_device(gamma, slot_block, current, *, pad: int):
   is_load = missing.reshape(-1)
   load_index = jnp.cumsum(is_load, dtype=jnp.int32) - 1
   size = bsz * heads * num_slots + pad
-  dest = jnp.where(is_load, load_index, size)                               # size: dropped
+  dest = jnp.where(is_load, load_index, size)  # size: dropped
   loads = jnp.zeros((size, 4), jnp.int32).at[dest].set(rows, mode="drop")
   over = (count > num_slots).reshape(-1)
   over_row = jnp.argmax(over).astype(jnp.int32)
-  info = jnp.stack([jnp.sum(is_load, dtype=jnp.int32), jnp.sum(count, dtype=jnp.int32), max_id,
-                    jnp.where(jnp.any(over), over_row, -1), count.reshape(-1)[over_row]])
+  info = jnp.stack(
+    [
+      jnp.sum(is_load, dtype=jnp.int32),
+      jnp.sum(count, dtype=jnp.int32),
+      max_id,
+      jnp.where(jnp.any(over), over_row, -1),
+      count.reshape(-1)[over_row],
+    ]
+  )
   return new_slot_block, tail_use, loads, info
 
 
@@ -375,6 +404,7 @@ def _array_loader(donate: bool, host: bool, fused: bool):
   def split(store_kv, store_c, slot_kv, slot_c, src, dst):
     kv, c = take(store_kv, store_c, src)
     return put(slot_kv, slot_c, kv, c, dst)
+
   split._cache_size = lambda: take._cache_size() + put._cache_size()
   return split
 
@@ -383,13 +413,14 @@ def _chunk_of_loads(loads, at, valid, *, size: int):
   """Rows ``at .. at + size - 1`` of ``loads [L, 4]`` (``(b, h, block, slot)``, from
   :func:`plan_slots_on_device`), the rows from ``valid`` on replaced by the chunk's first row
   (as :func:`_chunk_rows` pads): ``(src [size, 3] (b, h, block), dst [size, 3] (b, h, slot))``."""
-  rows = jax.lax.dynamic_slice_in_dim(loads, at, size, axis=0)              # [size, 4]
+  rows = jax.lax.dynamic_slice_in_dim(loads, at, size, axis=0)  # [size, 4]
   rows = jnp.where((jnp.arange(size) < valid)[:, None], rows, rows[:1])
   return rows[:, :3], jnp.stack([rows[:, 0], rows[:, 1], rows[:, 3]], axis=1)
 
 
-def _load_planned_chunk(store_kv, store_c, slot_kv, slot_c, loads, at, valid, *, size: int,
-                        host: bool):
+def _load_planned_chunk(
+  store_kv, store_c, slot_kv, slot_c, loads, at, valid, *, size: int, host: bool
+):
   src, dst = _chunk_of_loads(loads, at, valid, size=size)
   return load_into_slots(store_kv, store_c, slot_kv, slot_c, src, dst, host=host)
 
@@ -400,8 +431,11 @@ def _planned_loader(donate: bool, host: bool):
   at, valid, *, size) -> (slot_kv, slot_c)``: slices the chunk's rows out of the device-resident
   ``loads`` and gathers + scatters them (:func:`load_into_slots`) in ONE call, compiled once per
   ``size`` (a :func:`bucket`). Slots donated when ``donate``."""
-  return jax.jit(functools.partial(_load_planned_chunk, host=host), static_argnames=("size",),
-                 donate_argnums=(2, 3) if donate else ())
+  return jax.jit(
+    functools.partial(_load_planned_chunk, host=host),
+    static_argnames=("size",),
+    donate_argnums=(2, 3) if donate else (),
+  )
 
 
 # Fallback of the planned load: the chunk's rows as device arrays, then the store's jitted load.
@@ -433,6 +467,7 @@ def load_planned(store_kv, store_c, slot_kv, slot_c, loads, n, *, chunk: int, ho
     def run(skv, sc, at, valid):
       src, dst = _chunk_of_loads(loads, at, valid, size=size)
       return load_into_slots(store_kv, store_c, skv, sc, src, dst, host=host)
+
     return run
 
   def body(carry):
@@ -442,20 +477,20 @@ def load_planned(store_kv, store_c, slot_kv, slot_c, loads, n, *, chunk: int, ho
     skv, sc = jax.lax.switch(which, [branch(s) for s in sizes], skv, sc, at, valid)
     return at + valid, skv, sc
 
-  _, slot_kv, slot_c = jax.lax.while_loop(lambda c: c[0] < n, body,
-                                          (jnp.int32(0), slot_kv, slot_c))
+  _, slot_kv, slot_c = jax.lax.while_loop(lambda c: c[0] < n, body, (jnp.int32(0), slot_kv, slot_c))
   return slot_kv, slot_c
 
 
 class LayerState(NamedTuple):
   """The device state of one offloaded layer, as :func:`layer_step` reads and returns it (the
   arrays of :class:`OffloadedBlockCache` with ``plan="device"``)."""
-  slot_kv: jax.Array      # [B, H, NS, l', Dk + Dv]
-  slot_c: jax.Array       # [B, H, NS, l'] float32
-  slot_block: jax.Array   # [B, H, NS] int32, -1 = empty
-  tail_kv: jax.Array      # [B, H, l', Dk + Dv]
-  tail_c: jax.Array       # [B, H, l'] float32
-  tail_use: jax.Array     # [B, H] bool
+
+  slot_kv: jax.Array  # [B, H, NS, l', Dk + Dv]
+  slot_c: jax.Array  # [B, H, NS, l'] float32
+  slot_block: jax.Array  # [B, H, NS] int32, -1 = empty
+  tail_kv: jax.Array  # [B, H, l', Dk + Dv]
+  tail_c: jax.Array  # [B, H, l'] float32
+  tail_use: jax.Array  # [B, H] bool
 
 
 # How layer_step moves a step's missing blocks: "kernel" (a Pallas kernel reading the store
@@ -464,8 +499,22 @@ class LayerState(NamedTuple):
 COPIES = ("kernel", "xla")
 
 
-def layer_step(state: LayerState, store_kv, store_c, kv_t, c_t, gamma, q, t, *, chunk: int,
-               k_dim: int, scale: float, host: bool, copy: str = "kernel"):
+def layer_step(
+  state: LayerState,
+  store_kv,
+  store_c,
+  kv_t,
+  c_t,
+  gamma,
+  q,
+  t,
+  *,
+  chunk: int,
+  k_dim: int,
+  scale: float,
+  host: bool,
+  copy: str = "kernel",
+):
   """One decode step of one offloaded layer as ONE traced computation: :meth:`OffloadedBlockCache
   .append` (without the block roll-over, done by the caller between steps), ``update`` with
   ``plan="device"`` and ``attend``, on the same arrays with the same results.
@@ -490,43 +539,76 @@ def layer_step(state: LayerState, store_kv, store_c, kv_t, c_t, gamma, q, t, *, 
   bs = state.tail_kv.shape[2]
   tail_kv = state.tail_kv.at[:, :, t % bs].set(kv_t.astype(state.tail_kv.dtype))
   tail_c = state.tail_c.at[:, :, t % bs].set(c_t.astype(jnp.float32))
-  slot_block, tail_use, loads, info = plan_slots_on_device(gamma.astype(jnp.int32),
-                                                           state.slot_block, t // bs, pad=chunk)
+  slot_block, tail_use, loads, info = plan_slots_on_device(
+    gamma.astype(jnp.int32), state.slot_block, t // bs, pad=chunk
+  )
   # A refused selection (a future block, an over-full row; the caller raises from `info`) copies
   # nothing: its rows may name blocks past the store or slot -1.
   refused = (info[INFO_MAX_ID] > t // bs) | (info[INFO_OVERFULL_ROW] >= 0)
   n = jnp.where(refused, 0, info[INFO_LOADS])
   if copy == "kernel":
     most = math.prod(state.slot_block.shape)
-    slot_kv, slot_c = copy_blocks(store_kv, store_c, state.slot_kv, state.slot_c, loads[:most],
-                                  n, interpret=jax.default_backend() == "cpu")
+    slot_kv, slot_c = copy_blocks(
+      store_kv,
+      store_c,
+      state.slot_kv,
+      state.slot_c,
+      loads[:most],
+      n,
+      interpret=jax.default_backend() == "cpu",
+    )
   elif copy == "xla":
-    slot_kv, slot_c = load_planned(store_kv, store_c, state.slot_kv, state.slot_c, loads, n,
-                                   chunk=chunk, host=host)
+    slot_kv, slot_c = load_planned(
+      store_kv, store_c, state.slot_kv, state.slot_c, loads, n, chunk=chunk, host=host
+    )
   else:
     _fail("copy", f"one of {COPIES}", repr(copy))
-  o = _attend(q, slot_kv, slot_c, slot_block, tail_kv, tail_c, tail_use, t, k_dim=k_dim,
-              block_size=bs, scale=scale)
+  o = _attend(
+    q,
+    slot_kv,
+    slot_c,
+    slot_block,
+    tail_kv,
+    tail_c,
+    tail_use,
+    t,
+    k_dim=k_dim,
+    block_size=bs,
+    scale=scale,
+  )
   return o, LayerState(slot_kv, slot_c, slot_block, tail_kv, tail_c, tail_use), info
 
 
 @functools.partial(jax.jit, static_argnames=("k_dim", "block_size", "scale"))
-def _attend(q, slot_kv, slot_c, slot_block, tail_kv, tail_c, tail_use, t, *, k_dim: int,
-            block_size: int, scale: float):
+def _attend(
+  q,
+  slot_kv,
+  slot_c,
+  slot_block,
+  tail_kv,
+  tail_c,
+  tail_use,
+  t,
+  *,
+  k_dim: int,
+  block_size: int,
+  scale: float,
+):
   """Biased attention of ``q [B, HQ, Dk]`` over the slots and the tail: ``[B, HQ, Dv]``."""
   b, h, ns, bs, _ = slot_kv.shape
-  kv = jnp.concatenate([slot_kv.reshape(b, h, ns * bs, -1), tail_kv], axis=2)   # [B,H,S,Dk+Dv]
-  c = jnp.concatenate([slot_c.reshape(b, h, ns * bs), tail_c], axis=2)          # [B, H, S]
+  kv = jnp.concatenate([slot_kv.reshape(b, h, ns * bs, -1), tail_kv], axis=2)  # [B,H,S,Dk+Dv]
+  c = jnp.concatenate([slot_c.reshape(b, h, ns * bs), tail_c], axis=2)  # [B, H, S]
   offs = jnp.arange(bs, dtype=jnp.int32)
-  slot_ok = jnp.repeat(slot_block >= 0, bs, axis=2)                              # [B, H, NS*bs]
-  tail_pos = (t // block_size) * block_size + offs                                # [bs]
-  tail_ok = tail_use[:, :, None] & (tail_pos <= t)[None, None, :]                 # [B, H, bs]
-  mask = jnp.concatenate([slot_ok, tail_ok], axis=2)                              # [B, H, S]
-  k = jnp.transpose(kv[..., :k_dim], (0, 2, 1, 3))                                # [B, S, H, Dk]
+  slot_ok = jnp.repeat(slot_block >= 0, bs, axis=2)  # [B, H, NS*bs]
+  tail_pos = (t // block_size) * block_size + offs  # [bs]
+  tail_ok = tail_use[:, :, None] & (tail_pos <= t)[None, None, :]  # [B, H, bs]
+  mask = jnp.concatenate([slot_ok, tail_ok], axis=2)  # [B, H, S]
+  k = jnp.transpose(kv[..., :k_dim], (0, 2, 1, 3))  # [B, S, H, Dk]
   v = jnp.transpose(kv[..., k_dim:], (0, 2, 1, 3))
   bias = jnp.transpose(c, (0, 2, 1))
-  o = biased_masked_attention(q[:, None], k.astype(q.dtype), v.astype(q.dtype), bias,
-                              mask[:, None], scale)
+  o = biased_masked_attention(
+    q[:, None], k.astype(q.dtype), v.astype(q.dtype), bias, mask[:, None], scale
+  )
   return o[:, 0]
 
 
@@ -562,24 +644,51 @@ class OffloadedBlockCache:
       slot bytes.
   """
 
-  def __init__(self, *, batch: int, num_kv_heads: int, k_dim: int, v_dim: int,
-               block_size: int, num_slots: int, max_len: int, dtype=jnp.float32, device=None,
-               store: str = "numpy", load_workers: int | None = None, transfer: str = "fresh",
-               plan: str = "host"):
+  def __init__(
+    self,
+    *,
+    batch: int,
+    num_kv_heads: int,
+    k_dim: int,
+    v_dim: int,
+    block_size: int,
+    num_slots: int,
+    max_len: int,
+    dtype=jnp.float32,
+    device=None,
+    store: str = "numpy",
+    load_workers: int | None = None,
+    transfer: str = "fresh",
+    plan: str = "host",
+  ):
     if transfer not in TRANSFERS:
       _fail("transfer", f"one of {TRANSFERS}", repr(transfer))
     if transfer == "staged" and store != "numpy":
-      _fail("transfer", "'fresh' with a store other than 'numpy' (staging gathers from the NumPy "
-            "store)", f"'staged' with store={store!r}")
+      _fail(
+        "transfer",
+        "'fresh' with a store other than 'numpy' (staging gathers from the NumPy store)",
+        f"'staged' with store={store!r}",
+      )
     if plan not in PLANS:
       _fail("plan", f"one of {PLANS}", repr(plan))
     if plan == "device" and store != "pinned_array":
-      _fail("plan", "'host' with a store other than 'pinned_array' (the device plan's loads "
-            "gather from the pinned_array store)", f"'device' with store={store!r}")
+      _fail(
+        "plan",
+        "'host' with a store other than 'pinned_array' (the device plan's loads "
+        "gather from the pinned_array store)",
+        f"'device' with store={store!r}",
+      )
     load_workers = default_load_workers() if load_workers is None else load_workers
-    for name, val in (("batch", batch), ("num_kv_heads", num_kv_heads), ("k_dim", k_dim),
-                      ("v_dim", v_dim), ("block_size", block_size), ("num_slots", num_slots),
-                      ("max_len", max_len), ("load_workers", load_workers)):
+    for name, val in (
+      ("batch", batch),
+      ("num_kv_heads", num_kv_heads),
+      ("k_dim", k_dim),
+      ("v_dim", v_dim),
+      ("block_size", block_size),
+      ("num_slots", num_slots),
+      ("max_len", max_len),
+      ("load_workers", load_workers),
+    ):
       if not isinstance(val, int) or isinstance(val, bool) or val < 1:
         _fail(name, "a positive int", repr(val))
     self.batch, self.heads, self.k_dim, self.v_dim = batch, num_kv_heads, k_dim, v_dim
@@ -588,9 +697,16 @@ class OffloadedBlockCache:
     self.dtype = jnp.dtype(dtype)
     self.device = jax.devices()[0] if device is None else device
     d = k_dim + v_dim
-    self.store = make_store(store, batch=batch, heads=num_kv_heads,
-                            num_blocks=-(-max_len // block_size), block_size=block_size, dim=d,
-                            dtype=self.dtype, device=self.device)
+    self.store = make_store(
+      store,
+      batch=batch,
+      heads=num_kv_heads,
+      num_blocks=-(-max_len // block_size),
+      block_size=block_size,
+      dim=d,
+      dtype=self.dtype,
+      device=self.device,
+    )
     self._dev = jax.sharding.SingleDeviceSharding(self.device, memory_kind="device")
     zeros = functools.partial(jax.device_put, device=self._dev)
     self.slot_kv = zeros(jnp.zeros((batch, num_kv_heads, num_slots, block_size, d), self.dtype))
@@ -603,13 +719,13 @@ class OffloadedBlockCache:
     self.tail_use = np.zeros((batch, num_kv_heads), bool)
     if plan == "device":
       self.slot_block, self.tail_use = jax.device_put((self.slot_block, self.tail_use), self._dev)
-      self._no_tail = self.tail_use                # all False, reused when a block completes
+      self._no_tail = self.tail_use  # all False, reused when a block completes
     self._scatter, self._write_token = _updaters(self.device.platform != "cpu")
-    self._array_load = None                      # store="pinned_array": the jitted chunk load
+    self._array_load = None  # store="pinned_array": the jitted chunk load
     self._array_fused = True
     if isinstance(self.store, PinnedArrayBlockStore):
       self._array_load = _array_loader(self.device.platform != "cpu", self.store.host, True)
-    self._planned_load = None                    # plan="device": the jitted sliced chunk load
+    self._planned_load = None  # plan="device": the jitted sliced chunk load
     self._planned_fused = True
     if plan == "device":
       self._planned_load = _planned_loader(self.device.platform != "cpu", self.store.host)
@@ -653,10 +769,12 @@ class OffloadedBlockCache:
       _fail("prefill", "an empty cache", f"length {self.length}")
     b, h = self.batch, self.heads
     t = k.shape[1] if k.ndim == 4 else -1
-    if (k.shape != (b, t, h, self.k_dim) or v.shape != (b, t, h, self.v_dim)
-        or c.shape != (b, t, h)):
-      _fail("k/v/c", f"shapes [B, T, H, Dk] = {(b, 'T', h, self.k_dim)}, [B, T, H, Dv] and "
-            f"[B, T, H]", f"{k.shape}, {v.shape}, {c.shape}")
+    if k.shape != (b, t, h, self.k_dim) or v.shape != (b, t, h, self.v_dim) or c.shape != (b, t, h):
+      _fail(
+        "k/v/c",
+        f"shapes [B, T, H, Dk] = {(b, 'T', h, self.k_dim)}, [B, T, H, Dv] and [B, T, H]",
+        f"{k.shape}, {v.shape}, {c.shape}",
+      )
     if not 1 <= t <= self.max_len:
       _fail("k.shape[1]", f"1 <= T <= max_len={self.max_len}", t)
     bs = self.block_size
@@ -665,8 +783,8 @@ class OffloadedBlockCache:
     kv = jnp.concatenate([k.astype(self.dtype), v.astype(self.dtype)], axis=-1)
     kv = jnp.pad(kv, ((0, 0), (0, pad), (0, 0), (0, 0)))
     cc = jnp.pad(c.astype(jnp.float32), ((0, 0), (0, pad), (0, 0)))
-    kv = jnp.transpose(kv.reshape(b, cur + 1, bs, h, -1), (0, 3, 1, 2, 4))   # [B, H, NB, l', D]
-    cc = jnp.transpose(cc.reshape(b, cur + 1, bs, h), (0, 3, 1, 2))        # [B, H, NB, l']
+    kv = jnp.transpose(kv.reshape(b, cur + 1, bs, h, -1), (0, 3, 1, 2, 4))  # [B, H, NB, l', D]
+    cc = jnp.transpose(cc.reshape(b, cur + 1, bs, h), (0, 3, 1, 2))  # [B, H, NB, l']
     if cur:
       self.store.write(0, kv[:, :, :cur], cc[:, :, :cur])
     self.tail_kv = jax.device_put(kv[:, :, cur], self._dev)
@@ -680,17 +798,20 @@ class OffloadedBlockCache:
     every sequence's and head's tail).
     """
     b, h = self.batch, self.heads
-    if (k_t.shape != (b, h, self.k_dim) or v_t.shape != (b, h, self.v_dim)
-        or c_t.shape != (b, h)):
-      _fail("k_t/v_t/c_t", f"shapes {(b, h, self.k_dim)}, {(b, h, self.v_dim)}, {(b, h)}",
-            f"{k_t.shape}, {v_t.shape}, {c_t.shape}")
+    if k_t.shape != (b, h, self.k_dim) or v_t.shape != (b, h, self.v_dim) or c_t.shape != (b, h):
+      _fail(
+        "k_t/v_t/c_t",
+        f"shapes {(b, h, self.k_dim)}, {(b, h, self.v_dim)}, {(b, h)}",
+        f"{k_t.shape}, {v_t.shape}, {c_t.shape}",
+      )
     if self.length >= self.max_len:
       _fail("append", f"at most max_len={self.max_len} tokens", f"token {self.length + 1}")
     pos, bs = self.length, self.block_size
     self.roll_over()
     kv = jnp.concatenate([k_t.astype(self.dtype), v_t.astype(self.dtype)], axis=-1)
-    self.tail_kv, self.tail_c = self._write_token(self.tail_kv, self.tail_c, pos % bs, kv,
-                                                  c_t.astype(jnp.float32))
+    self.tail_kv, self.tail_c = self._write_token(
+      self.tail_kv, self.tail_c, pos % bs, kv, c_t.astype(jnp.float32)
+    )
     self.length = pos + 1
 
   def roll_over(self) -> None:
@@ -712,10 +833,12 @@ class OffloadedBlockCache:
   def device_state(self) -> LayerState:
     """The arrays :func:`layer_step` reads (``plan="device"`` only)."""
     if self.plan != "device":
-      _fail("plan", "'device' for device_state (the slot map must be a device array)",
-            repr(self.plan))
-    return LayerState(self.slot_kv, self.slot_c, self.slot_block, self.tail_kv, self.tail_c,
-                      self.tail_use)
+      _fail(
+        "plan", "'device' for device_state (the slot map must be a device array)", repr(self.plan)
+      )
+    return LayerState(
+      self.slot_kv, self.slot_c, self.slot_block, self.tail_kv, self.tail_c, self.tail_use
+    )
 
   def commit(self, state: LayerState, info, **seconds) -> dict:
     """Takes the result of a :func:`layer_step` the caller ran for the token at ``t = length``
@@ -745,13 +868,19 @@ class OffloadedBlockCache:
     t = self.length - 1 if t is None else t
     cur = t // self.block_size
     if info[INFO_MAX_ID] > cur:
-      _fail("gamma", f"block ids <= the current block {cur} (t = {t}, no future "
-            f"blocks)", f"max id {int(info[INFO_MAX_ID])}")
+      _fail(
+        "gamma",
+        f"block ids <= the current block {cur} (t = {t}, no future blocks)",
+        f"max id {int(info[INFO_MAX_ID])}",
+      )
     if info[INFO_OVERFULL_ROW] >= 0:
       bi, hi = divmod(int(info[INFO_OVERFULL_ROW]), self.heads)
-      _fail("gamma", f"at most num_slots={self.num_slots} selected blocks besides the current "
-            f"block per (sequence, KV head)", f"{int(info[INFO_OVERFULL_COUNT])} at (b={bi}, "
-                                              f"h={hi}); build the cache with more slots")
+      _fail(
+        "gamma",
+        f"at most num_slots={self.num_slots} selected blocks besides the current "
+        f"block per (sequence, KV head)",
+        f"{int(info[INFO_OVERFULL_COUNT])} at (b={bi}, h={hi}); build the cache with more slots",
+      )
 
   # ------------------------------------------------------------------------------ a step
   def update(self, gamma) -> dict:
@@ -787,15 +916,18 @@ class OffloadedBlockCache:
     if self.plan == "device":
       return self._update_planned_on_device(gamma)
     t0 = time.perf_counter()
-    g = np.asarray(gamma)                        # waits for the device's selection
+    g = np.asarray(gamma)  # waits for the device's selection
     t1 = time.perf_counter()
     if g.ndim != 3 or g.shape[:2] != (self.batch, self.heads):
       _fail("gamma", f"shape [B, H, n] = {(self.batch, self.heads, 'n')}", g.shape)
     cur = self.current_block
     if g.max(initial=-1) > cur:
-      _fail("gamma", f"block ids <= the current block {cur} (t = {self.length - 1}, no future "
-            f"blocks)", f"max id {int(g.max())}")
-    slot_block = self.slot_block.copy()          # unchanged if the selection is refused
+      _fail(
+        "gamma",
+        f"block ids <= the current block {cur} (t = {self.length - 1}, no future blocks)",
+        f"max id {int(g.max())}",
+      )
+    slot_block = self.slot_block.copy()  # unchanged if the selection is refused
     loads, tail_use, requested, _ = assign_slots(g, slot_block, cur)
     self.slot_block, self.tail_use = slot_block, tail_use
     n = len(loads[0])
@@ -807,16 +939,28 @@ class OffloadedBlockCache:
       for kv, c, b, h, s, dg, dp in self._fetch_all(loads, n):
         self.slot_kv, self.slot_c = self._scatter(self.slot_kv, self.slot_c, b, h, s, kv, c)
         gather_s, put_s = gather_s + dg, put_s + dp
-    return self._record(requested, n, wait_s=t1 - t0, plan_s=t2 - t1, gather_s=gather_s,
-                        put_s=put_s, load_s=time.perf_counter() - t2)
+    return self._record(
+      requested,
+      n,
+      wait_s=t1 - t0,
+      plan_s=t2 - t1,
+      gather_s=gather_s,
+      put_s=put_s,
+      load_s=time.perf_counter() - t2,
+    )
 
   def _record(self, requested: int, n: int, **seconds) -> dict:
     """The stats of one :meth:`update` (``requested`` blocks, ``n`` of them loaded; the host
     seconds of its parts), also added to ``self.totals``."""
     hits = requested - n
-    stats = {"requested": requested, "hits": hits, "transferred": n,
-             "hit_rate": hits / requested if requested else 1.0, "bytes": n * self.block_bytes,
-             **seconds}
+    stats = {
+      "requested": requested,
+      "hits": hits,
+      "transferred": n,
+      "hit_rate": hits / requested if requested else 1.0,
+      "bytes": n * self.block_bytes,
+      **seconds,
+    }
     for key in STAT_KEYS:
       self.totals[key] += stats[key]
     self.totals["steps"] += 1
@@ -835,10 +979,11 @@ class OffloadedBlockCache:
     # Committed to the cache's device (a no-op for the selection already there): jit keys its
     # compilations on whether an argument is committed, which the selection's inputs decide.
     gamma = jax.device_put(jnp.asarray(gamma, jnp.int32), self._dev)
-    slot_block, tail_use, loads, info = plan_slots_on_device(gamma, self.slot_block,
-                                                             np.int32(cur), pad=bucket(size))
+    slot_block, tail_use, loads, info = plan_slots_on_device(
+      gamma, self.slot_block, np.int32(cur), pad=bucket(size)
+    )
     t1 = time.perf_counter()
-    info = np.asarray(jax.device_get(info))      # the step's only wait for the device
+    info = np.asarray(jax.device_get(info))  # the step's only wait for the device
     t2 = time.perf_counter()
     n, requested = int(info[INFO_LOADS]), int(info[INFO_REQUESTED])
     self._check_info(info)
@@ -846,9 +991,10 @@ class OffloadedBlockCache:
     for at in range(0, n, size):
       valid = min(size, n - at)
       self._run_planned_load(loads, at, valid, bucket(valid))
-    t3 = time.perf_counter()                     # the loads are only dispatched: put = load
-    return self._record(requested, n, wait_s=t2 - t1, plan_s=t1 - t0, gather_s=0.0,
-                        put_s=t3 - t2, load_s=t3 - t2)
+    t3 = time.perf_counter()  # the loads are only dispatched: put = load
+    return self._record(
+      requested, n, wait_s=t2 - t1, plan_s=t1 - t0, gather_s=0.0, put_s=t3 - t2, load_s=t3 - t2
+    )
 
   def _run_planned_load(self, loads, at: int, valid: int, size: int) -> None:
     """One chunk of a ``plan="device"`` load: rows ``at .. at + valid - 1`` of the device list
@@ -858,13 +1004,17 @@ class OffloadedBlockCache:
     at, valid = np.int32(at), np.int32(valid)
     if self._planned_fused:
       try:
-        self.slot_kv, self.slot_c = self._planned_load(self.store.kv, self.store.c, self.slot_kv,
-                                                       self.slot_c, loads, at, valid, size=size)
+        self.slot_kv, self.slot_c = self._planned_load(
+          self.store.kv, self.store.c, self.slot_kv, self.slot_c, loads, at, valid, size=size
+        )
         return
-      except Exception as e:                                    # noqa: BLE001 (logged)
-        log.warning("offload: the fused plan='device' load does not compile on %s (%s); "
-                    "slicing its rows in a separate call", self.device.platform,
-                    str(e).splitlines()[0])
+      except Exception as e:  # noqa: BLE001 (logged)
+        log.warning(
+          "offload: the fused plan='device' load does not compile on %s (%s); "
+          "slicing its rows in a separate call",
+          self.device.platform,
+          str(e).splitlines()[0],
+        )
         self._planned_fused = False
     src, dst = _chunk_of_loads_jit(loads, at, valid, size=size)
     self._run_array_load(src, dst)
@@ -878,7 +1028,7 @@ class OffloadedBlockCache:
     index_s = call_s = 0.0
     for at in range(0, n, size):
       t0 = time.perf_counter()
-      src, dst = _chunk_rows([x[at:at + size] for x in loads])
+      src, dst = _chunk_rows([x[at : at + size] for x in loads])
       t1 = time.perf_counter()
       self._run_array_load(src, dst)
       index_s, call_s = index_s + t1 - t0, call_s + time.perf_counter() - t1
@@ -888,26 +1038,31 @@ class OffloadedBlockCache:
     """One chunk of :meth:`_load_array`; if XLA cannot compile the fused gather + scatter, logs
     it once and uses a jitted gather then the jitted slot scatter from then on."""
     try:
-      self.slot_kv, self.slot_c = self._array_load(self.store.kv, self.store.c, self.slot_kv,
-                                                   self.slot_c, src, dst)
+      self.slot_kv, self.slot_c = self._array_load(
+        self.store.kv, self.store.c, self.slot_kv, self.slot_c, src, dst
+      )
       return
     except Exception as e:
       if not self._array_fused:
         raise
-      log.warning("offload: the fused pinned_array load does not compile on %s (%s); using "
-                  "a separate gather and scatter", self.device.platform,
-                  str(e).splitlines()[0])
+      log.warning(
+        "offload: the fused pinned_array load does not compile on %s (%s); using "
+        "a separate gather and scatter",
+        self.device.platform,
+        str(e).splitlines()[0],
+      )
     self._array_fused = False
     self._array_load = _array_loader(self.device.platform != "cpu", self.store.host, False)
-    self.slot_kv, self.slot_c = self._array_load(self.store.kv, self.store.c, self.slot_kv,
-                                                 self.slot_c, src, dst)
+    self.slot_kv, self.slot_c = self._array_load(
+      self.store.kv, self.store.c, self.slot_kv, self.slot_c, src, dst
+    )
 
   def _fetch_all(self, loads, n: int):
     """Yields :meth:`_fetch` of every chunk (``LOAD_CHUNK`` blocks) of ``loads`` (``(b, h, s,
     j)`` arrays of ``n`` blocks) in order; with ``load_workers > 1`` the chunks are fetched by
     the shared thread pool while the caller scatters the ones already fetched."""
     size = min(MAX_SCATTER, LOAD_CHUNK)
-    chunks = [[x[at:at + size] for x in loads] for at in range(0, n, size)]
+    chunks = [[x[at : at + size] for x in loads] for at in range(0, n, size)]
     if self.load_workers == 1 or len(chunks) < 2:
       yield from map(self._fetch, chunks)
       return
@@ -926,14 +1081,19 @@ class OffloadedBlockCache:
     idx[:, n:] = idx[:, :1]
     t0 = time.perf_counter()
     if self.transfer == "staged":
-      slot = _staging_slot(bucket(min(MAX_SCATTER, LOAD_CHUNK)), self.block_size,
-                           self.k_dim + self.v_dim, self.dtype, self.device)
+      slot = _staging_slot(
+        bucket(min(MAX_SCATTER, LOAD_CHUNK)),
+        self.block_size,
+        self.k_dim + self.v_dim,
+        self.dtype,
+        self.device,
+      )
       kv, c = slot.kv[:size], slot.c[:size]
-      t0 = time.perf_counter()                   # (the wait for the buffer is not a gather)
+      t0 = time.perf_counter()  # (the wait for the buffer is not a gather)
       self.store.gather_into(idx[0], idx[1], idx[3], kv, c)
       t1 = time.perf_counter()
       out = jax.device_put((kv, c, idx[0], idx[1], idx[2]), self._dev, may_alias=True)
-      if self.device.platform == "cpu":        # device memory is host memory: may alias
+      if self.device.platform == "cpu":  # device memory is host memory: may alias
         out = (unaliased(out[0], slot.kv), unaliased(out[1], slot.c), *out[2:])
       slot.pending = out[:2]
     else:
@@ -949,16 +1109,17 @@ class OffloadedBlockCache:
     stored block ``(0, 0, 0)``) into the slot ``(0, 0, 0)`` (call it on a cache whose slots are
     still empty)."""
     most = min(self.batch * self.heads * self.num_slots, MAX_SCATTER)
-    if self.plan == "device":                  # (copies block (0, 0, 0) into the empty slot)
+    if self.plan == "device":  # (copies block (0, 0, 0) into the empty slot)
       size = min(MAX_SCATTER, LOAD_CHUNK)
-      loads = jax.device_put(np.zeros((self.batch * self.heads * self.num_slots + bucket(size),
-                                       4), np.int32), self._dev)
+      loads = jax.device_put(
+        np.zeros((self.batch * self.heads * self.num_slots + bucket(size), 4), np.int32), self._dev
+      )
       for n in buckets(min(most, size)):
         self._run_planned_load(loads, 0, n, n)
       jax.block_until_ready(self.slot_kv)
       return
     for n in buckets(most):
-      if self._array_load is not None:         # (copies block (0, 0, 0) into the empty slot)
+      if self._array_load is not None:  # (copies block (0, 0, 0) into the empty slot)
         self._run_array_load(np.zeros((n, 3), np.int32), np.zeros((n, 3), np.int32))
         continue
       kv, c, idx = jax.device_put((*self.store.zeros(n), np.zeros((n,), np.int32)), self._dev)
@@ -976,17 +1137,48 @@ class OffloadedBlockCache:
       ``[B, HQ, Dv]`` in ``q.dtype``: ``sum_j e^{s_j + c_j} v_j / sum_j e^{s_j + c_j}`` over the
       tokens of the slots' blocks and, if selected, the tail's tokens ``<= t``.
     """
-    if q.ndim != 3 or q.shape[0] != self.batch or q.shape[2] != self.k_dim or (
-        q.shape[1] % self.heads):
-      _fail("q", f"shape [B, HQ, Dk] = {(self.batch, 'HQ', self.k_dim)} with H={self.heads} "
-            f"dividing HQ", q.shape)
-    scale = softmax_scale if softmax_scale is not None else self.k_dim ** -0.5
-    return _attend(q, self.slot_kv, self.slot_c, jnp.asarray(self.slot_block), self.tail_kv,
-                   self.tail_c, jnp.asarray(self.tail_use), jnp.int32(self.length - 1),
-                   k_dim=self.k_dim, block_size=self.block_size, scale=float(scale))
+    if (
+      q.ndim != 3
+      or q.shape[0] != self.batch
+      or q.shape[2] != self.k_dim
+      or (q.shape[1] % self.heads)
+    ):
+      _fail(
+        "q",
+        f"shape [B, HQ, Dk] = {(self.batch, 'HQ', self.k_dim)} with H={self.heads} dividing HQ",
+        q.shape,
+      )
+    scale = softmax_scale if softmax_scale is not None else self.k_dim**-0.5
+    return _attend(
+      q,
+      self.slot_kv,
+      self.slot_c,
+      jnp.asarray(self.slot_block),
+      self.tail_kv,
+      self.tail_c,
+      jnp.asarray(self.tail_use),
+      jnp.int32(self.length - 1),
+      k_dim=self.k_dim,
+      block_size=self.block_size,
+      scale=float(scale),
+    )
 
 
-__all__ = ["COPIES", "MAX_SCATTER", "PLANS", "STAT_KEYS", "TRANSFERS", "LayerState",
-           "OffloadedBlockCache", "assign_slots", "bucket", "buckets", "default_load_workers",
-           "host_memory_kind", "layer_step", "load_planned", "plan_slots_on_device",
-           "step_sizes"]
+__all__ = [
+  "COPIES",
+  "MAX_SCATTER",
+  "PLANS",
+  "STAT_KEYS",
+  "TRANSFERS",
+  "LayerState",
+  "OffloadedBlockCache",
+  "assign_slots",
+  "bucket",
+  "buckets",
+  "default_load_workers",
+  "host_memory_kind",
+  "layer_step",
+  "load_planned",
+  "plan_slots_on_device",
+  "step_sizes",
+]

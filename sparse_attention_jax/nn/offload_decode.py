@@ -83,8 +83,7 @@ def offload_slots(config, capacity: int) -> int:
   clamped to the capacity's blocks) when every selection holds the current block (forced local
   blocks, or a budget covering every block), else ``k``."""
   cfg = config.nsa.for_length(capacity)
-  always_current = config.nsa.num_local_blocks >= 1 or cfg.num_selected >= cfg.num_blocks(
-      capacity)
+  always_current = config.nsa.num_local_blocks >= 1 or cfg.num_selected >= cfg.num_blocks(capacity)
   return max(1, cfg.num_selected - (1 if always_current else 0))
 
 
@@ -146,8 +145,7 @@ class _Structure:
     self.head_gd, self.gds, self.params_def = head_gd, gds, params_def
 
 
-def _fused_step(structure, capacity, chunk, scale, host, copy, params, tokens, t, states,
-                stores):
+def _fused_step(structure, capacity, chunk, scale, host, copy, params, tokens, t, states, stores):
   """One decode step of the whole model as ONE traced computation (``plan="fused"``): every NOSA
   layer runs :func:`~sparse_attention_jax.nn.offload.layer_step` (selection, device plan, the
   host-memory gathers of its missing blocks, attention) between its projections. ``states[i]``
@@ -167,8 +165,20 @@ def _fused_step(structure, capacity, chunk, scale, host, copy, params, tokens, t
       sel, layer = state
       q, k, v, c, gamma, sel = _nosa_pre(gd, st, x, posv, sel, capacity)
       kv_t = jnp.concatenate([k, v.astype(k.dtype)], axis=-1)
-      o, layer, info = layer_step(layer, *store, kv_t, c, gamma, q, t, chunk=chunk,
-                                  k_dim=k.shape[-1], scale=scale, host=host, copy=copy)
+      o, layer, info = layer_step(
+        layer,
+        *store,
+        kv_t,
+        c,
+        gamma,
+        q,
+        t,
+        chunk=chunk,
+        k_dim=k.shape[-1],
+        scale=scale,
+        host=host,
+        copy=copy,
+      )
       x = _nosa_post(gd, st, x, o)
       state = (sel, layer)
       infos.append(info)
@@ -191,9 +201,10 @@ class _PendingStats(Mapping):
       t0 = time.perf_counter()
       info = np.asarray(jax.device_get(self._info))
       wait = (time.perf_counter() - t0) / len(self._caches)
-      per_layer = [cache.account(row, t=self._t, wait_s=wait,
-                                 plan_s=self._dispatch_s / len(self._caches))
-                   for cache, row in zip(self._caches, info)]
+      per_layer = [
+        cache.account(row, t=self._t, wait_s=wait, plan_s=self._dispatch_s / len(self._caches))
+        for cache, row in zip(self._caches, info)
+      ]
       self._stats = {**_sum_stats(per_layer), "per_layer": per_layer}
     return self._stats
 
@@ -215,6 +226,7 @@ class OffloadStats:
   sequence and KV head), ``host_memory_kind``, ``device_bytes`` / ``host_bytes`` (buffers of
   the NOSA layers' slot pools and select states / host block stores after the run; the NumPy
   store counts its whole ``capacity``)."""
+
   per_step: list
   total: dict
   per_layer: list
@@ -264,60 +276,93 @@ class OffloadedDecoder:
       :func:`~sparse_attention_jax.nn.offload.step_sizes`).
   """
 
-  def __init__(self, model, *, batch: int, capacity: int, dtype=None,
-               num_slots: int | None = None, store: str = "numpy",
-               load_workers: int | None = None, transfer: str = "fresh", plan: str = "host",
-               copy: str = "kernel", chunk: int = MAX_SCATTER):
+  def __init__(
+    self,
+    model,
+    *,
+    batch: int,
+    capacity: int,
+    dtype=None,
+    num_slots: int | None = None,
+    store: str = "numpy",
+    load_workers: int | None = None,
+    transfer: str = "fresh",
+    plan: str = "host",
+    copy: str = "kernel",
+    chunk: int = MAX_SCATTER,
+  ):
     dec.check_decodable(model)
     kinds = [blk.kind for blk in model.layers]
     if "nosa" not in kinds:
-      raise ValueError(f"offload: expected a model with at least one 'nosa' layer, got kinds "
-                       f"{sorted(set(kinds))}")
-    for name, val in (("batch", batch), ("capacity", capacity), ("chunk", chunk),
-                      *((("load_workers", load_workers),) if load_workers is not None else ())):
+      raise ValueError(
+        f"offload: expected a model with at least one 'nosa' layer, got kinds {sorted(set(kinds))}"
+      )
+    for name, val in (
+      ("batch", batch),
+      ("capacity", capacity),
+      ("chunk", chunk),
+      *((("load_workers", load_workers),) if load_workers is not None else ()),
+    ):
       if not isinstance(val, int) or isinstance(val, bool) or val < 1:
         raise ValueError(f"{name}: expected a positive int, got {val!r}")
     if store not in STORES:
       raise ValueError(f"store: expected one of {STORES}, got {store!r}")
     if transfer not in TRANSFERS or (transfer == "staged" and store != "numpy"):
-      raise ValueError(f"transfer: expected one of {TRANSFERS} ('staged' with store='numpy' "
-                       f"only), got {transfer!r} with store={store!r}")
+      raise ValueError(
+        f"transfer: expected one of {TRANSFERS} ('staged' with store='numpy' "
+        f"only), got {transfer!r} with store={store!r}"
+      )
     if copy not in COPIES:
       raise ValueError(f"copy: expected one of {COPIES}, got {copy!r}")
     if plan not in DECODER_PLANS or (plan != "host" and store != "pinned_array"):
-      raise ValueError(f"plan: expected one of {DECODER_PLANS} ('device' and 'fused' with "
-                       f"store='pinned_array' only), got {plan!r} with store={store!r}")
+      raise ValueError(
+        f"plan: expected one of {DECODER_PLANS} ('device' and 'fused' with "
+        f"store='pinned_array' only), got {plan!r} with store={store!r}"
+      )
     self.model, self.batch, self.capacity, self.dtype = model, batch, capacity, dtype
     self.store, self.load_workers, self.transfer = store, load_workers, transfer
     self.plan, self.chunk, self.copy = plan, chunk, copy
     self.config = model.config
     self.num_slots = offload_slots(self.config, capacity) if num_slots is None else num_slots
-    self.traces = {"embed": 0, "logits": 0, "nosa_prefill": 0, "nosa_pre": 0, "nosa_post": 0,
-                   "other_prefill": 0, "other_step": 0, "fused_step": 0}
+    self.traces = {
+      "embed": 0,
+      "logits": 0,
+      "nosa_prefill": 0,
+      "nosa_pre": 0,
+      "nosa_post": 0,
+      "other_prefill": 0,
+      "other_step": 0,
+      "fused_step": 0,
+    }
     self._blocks = [nnx.split(blk) for blk in model.layers]
-    self._copy_checked = False                   # the fused step ran once with self.copy
+    self._copy_checked = False  # the fused step ran once with self.copy
     self._scatter_warm = False
-    self._head_gd, self._head_st = nnx.split(_Head(model.embed, model.final_norm,
-                                                   model.lm_head))
-    self._fns = {name: self._counted(name, fn, static) for name, fn, static in (
-        ("nosa_prefill", _nosa_prefill, (0,)), ("nosa_pre", _nosa_pre, (0, 5)),
-        ("nosa_post", _nosa_post, (0,)), ("other_prefill", _other_prefill, (0,)),
-        ("other_step", _other_step, (0,)), ("embed", _embed, (0,)), ("logits", _logits, (0,)))}
-    if plan == "fused":                          # states donated on accelerators
+    self._head_gd, self._head_st = nnx.split(_Head(model.embed, model.final_norm, model.lm_head))
+    self._fns = {
+      name: self._counted(name, fn, static)
+      for name, fn, static in (
+        ("nosa_prefill", _nosa_prefill, (0,)),
+        ("nosa_pre", _nosa_pre, (0, 5)),
+        ("nosa_post", _nosa_post, (0,)),
+        ("other_prefill", _other_prefill, (0,)),
+        ("other_step", _other_step, (0,)),
+        ("embed", _embed, (0,)),
+        ("logits", _logits, (0,)),
+      )
+    }
+    if plan == "fused":  # states donated on accelerators
       donate = (9,) if jax.devices()[0].platform != "cpu" else ()
-      self._fns["fused_step"] = self._counted("fused_step", _fused_step, tuple(range(6)),
-                                              donate)
+      self._fns["fused_step"] = self._counted("fused_step", _fused_step, tuple(range(6)), donate)
       # The parameters as one flat list, flattened once (nnx states flatten in Python).
-      self._params, params_def = jax.tree.flatten(
-          (self._head_st, [st for _, st in self._blocks]))
-      self._structure = _Structure(self._head_gd, tuple(gd for gd, _ in self._blocks),
-                                   params_def)
-    self._pending = None                         # plan="fused": the step not yet accounted
+      self._params, params_def = jax.tree.flatten((self._head_st, [st for _, st in self._blocks]))
+      self._structure = _Structure(self._head_gd, tuple(gd for gd, _ in self._blocks), params_def)
+    self._pending = None  # plan="fused": the step not yet accounted
 
   def _counted(self, name, fn, static, donate=()):
     def wrapped(*args):
       self.traces[name] += 1
       return fn(*args)
+
     return jax.jit(wrapped, static_argnums=static, donate_argnums=donate)
 
   # ---------------------------------------------------------------------------- state
@@ -327,14 +372,28 @@ class OffloadedDecoder:
       a, c = blk.attn, self.config
       if blk.kind == "nosa":
         dt = dtype or a.dtype
-        sel = init_select_state(self.batch, self.capacity, config=c.nsa,
-                                num_kv_heads=c.num_kv_heads, dk=c.head_dim, dtype=dt)
-        store = OffloadedBlockCache(batch=self.batch, num_kv_heads=c.num_kv_heads,
-                                    k_dim=c.head_dim, v_dim=c.dv, block_size=c.nsa.block_size,
-                                    num_slots=self.num_slots, max_len=self.capacity, dtype=dt,
-                                    store=self.store, load_workers=self.load_workers,
-                                    transfer=self.transfer,
-                                    plan="device" if self.plan == "fused" else self.plan)
+        sel = init_select_state(
+          self.batch,
+          self.capacity,
+          config=c.nsa,
+          num_kv_heads=c.num_kv_heads,
+          dk=c.head_dim,
+          dtype=dt,
+        )
+        store = OffloadedBlockCache(
+          batch=self.batch,
+          num_kv_heads=c.num_kv_heads,
+          k_dim=c.head_dim,
+          v_dim=c.dv,
+          block_size=c.nsa.block_size,
+          num_slots=self.num_slots,
+          max_len=self.capacity,
+          dtype=dt,
+          store=self.store,
+          load_workers=self.load_workers,
+          transfer=self.transfer,
+          plan="device" if self.plan == "fused" else self.plan,
+        )
         if not self._scatter_warm and self.plan != "fused":
           store.warm_scatter()
           self._scatter_warm = True
@@ -349,8 +408,10 @@ class OffloadedDecoder:
     tokens = jnp.asarray(tokens, jnp.int32)
     b, t = tokens.shape
     if b != self.batch or not 1 <= t <= self.capacity:
-      raise ValueError(f"tokens: expected shape [B, T] with B = {self.batch} and 1 <= T <= "
-                       f"capacity = {self.capacity}, got {tokens.shape}")
+      raise ValueError(
+        f"tokens: expected shape [B, T] with B = {self.batch} and 1 <= T <= "
+        f"capacity = {self.capacity}, got {tokens.shape}"
+      )
     caches = self._new_caches(self.dtype)
     lengths = jnp.full((b,), t, jnp.int32)
     x = self._fns["embed"](self._head_gd, self._head_st, tokens)
@@ -380,8 +441,7 @@ class OffloadedDecoder:
     for i, (gd, st) in enumerate(self._blocks):
       if isinstance(caches[i], list):
         sel, store = caches[i]
-        q, k, v, c, gamma, caches[i][0] = self._fns["nosa_pre"](gd, st, x, posv, sel,
-                                                                self.capacity)
+        q, k, v, c, gamma, caches[i][0] = self._fns["nosa_pre"](gd, st, x, posv, sel, self.capacity)
         store.append(k, v, c)
         per_layer.append(store.update(gamma))
         scale = self.config.nsa.scale(self.config.head_dim)
@@ -409,16 +469,29 @@ class OffloadedDecoder:
 
     def call():
       return self._fns["fused_step"](
-          self._structure, self.capacity, self.chunk, float(scale), nosa[0].store.host,
-          self.copy, self._params,
-          jnp.asarray(tokens, jnp.int32), jnp.int32(pos), states, stores)
+        self._structure,
+        self.capacity,
+        self.chunk,
+        float(scale),
+        nosa[0].store.host,
+        self.copy,
+        self._params,
+        jnp.asarray(tokens, jnp.int32),
+        jnp.int32(pos),
+        states,
+        stores,
+      )
+
     try:
       logits, states, info = call()
     except Exception as e:
       if self.copy != "kernel" or self._copy_checked:
         raise
-      log.warning("offload: the fused step with copy='kernel' does not compile on %s (%s); "
-                  "using copy='xla'", jax.devices()[0].platform, str(e).splitlines()[0])
+      log.warning(
+        "offload: the fused step with copy='kernel' does not compile on %s (%s); using copy='xla'",
+        jax.devices()[0].platform,
+        str(e).splitlines()[0],
+      )
       self.copy = "xla"
       logits, states, info = call()
     self._copy_checked = True
@@ -444,15 +517,28 @@ class OffloadedDecoder:
     """:class:`OffloadStats` of a run (``per_step`` from :meth:`step`)."""
     self.flush()
     stores = [c[1] for c in caches if isinstance(c, list)]
-    dev = sum(dec.cache_bytes((c[0], s.slot_kv, s.slot_c, s.tail_kv, s.tail_c))
-              for c, s in zip([c for c in caches if isinstance(c, list)], stores))
+    dev = sum(
+      dec.cache_bytes((c[0], s.slot_kv, s.slot_c, s.tail_kv, s.tail_c))
+      for c, s in zip([c for c in caches if isinstance(c, list)], stores)
+    )
     host = sum(s.host_bytes for s in stores)
-    per_layer = [{**{k: s.totals[k] for k in STAT_KEYS},
-                  "hit_rate": s.totals["hits"] / s.totals["requested"]
-                  if s.totals["requested"] else 1.0} for s in stores]
+    per_layer = [
+      {
+        **{k: s.totals[k] for k in STAT_KEYS},
+        "hit_rate": s.totals["hits"] / s.totals["requested"] if s.totals["requested"] else 1.0,
+      }
+      for s in stores
+    ]
     steps = [{k: v for k, v in s.items() if k != "per_layer"} for s in per_step]
-    return OffloadStats(steps, _sum_stats(steps) if steps else _sum_stats([]), per_layer,
-                        self.num_slots, stores[0].host_memory_kind, dev, host)
+    return OffloadStats(
+      steps,
+      _sum_stats(steps) if steps else _sum_stats([]),
+      per_layer,
+      self.num_slots,
+      stores[0].host_memory_kind,
+      dev,
+      host,
+    )
 
 
 class _Head(nnx.Module):
@@ -474,8 +560,9 @@ def _logits(gd, st, x):
   return h.lm_head(x).astype(jnp.float32)
 
 
-def generate_offloaded(decoder: OffloadedDecoder, tokens: np.ndarray, max_new_tokens: int, *,
-                       sample, keys):
+def generate_offloaded(
+  decoder: OffloadedDecoder, tokens: np.ndarray, max_new_tokens: int, *, sample, keys
+):
   """Greedy/sampled generation with ``decoder``: ``tokens [B, T]`` prompts of one length,
   ``sample(logits, key) -> [B]`` (jitted), ``keys`` one PRNG key per new token. Returns
   ``(new tokens [B, N] numpy, prefill_s, decode_s, OffloadStats)`` (times include any
@@ -496,8 +583,18 @@ def generate_offloaded(decoder: OffloadedDecoder, tokens: np.ndarray, max_new_to
     pos += 1
   jax.block_until_ready(out)
   decode_s = time.perf_counter() - t0
-  return (np.stack([np.asarray(t) for t in out], axis=1), prefill_s, decode_s,
-          decoder.summarize(caches, per_step))
+  return (
+    np.stack([np.asarray(t) for t in out], axis=1),
+    prefill_s,
+    decode_s,
+    decoder.summarize(caches, per_step),
+  )
 
 
-__all__ = ["DECODER_PLANS", "OffloadStats", "OffloadedDecoder", "generate_offloaded", "offload_slots"]
+__all__ = [
+  "DECODER_PLANS",
+  "OffloadStats",
+  "OffloadedDecoder",
+  "generate_offloaded",
+  "offload_slots",
+]

@@ -46,7 +46,7 @@ def aligned_empty(shape, dtype, align: int = 4096) -> np.ndarray:
   nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
   raw = np.empty(nbytes + align, np.uint8)
   off = (-raw.ctypes.data) % align
-  return raw[off:off + nbytes].view(dtype).reshape(shape)
+  return raw[off : off + nbytes].view(dtype).reshape(shape)
 
 
 def unaliased(x: jax.Array, buf: np.ndarray) -> jax.Array:
@@ -55,7 +55,7 @@ def unaliased(x: jax.Array, buf: np.ndarray) -> jax.Array:
   0.12), which a refill of the staging buffer would overwrite."""
   try:
     ptr = x.unsafe_buffer_pointer()
-  except Exception:                                             # noqa: BLE001
+  except Exception:  # noqa: BLE001
     return x
   return jnp.copy(x) if buf.ctypes.data <= ptr < buf.ctypes.data + max(buf.nbytes, 1) else x
 
@@ -69,9 +69,10 @@ def row_view(arr: np.ndarray):
     return None
   m0, m1 = s0 // s2, s1 // s2
   b, h, nb = arr.shape[:3]
-  count = (b - 1) * m0 + (h - 1) * m1 + nb          # row of arr[-1, -1, -1], plus one
-  rows = np.lib.stride_tricks.as_strided(arr, (count, *arr.shape[3:]), (s2, *arr.strides[3:]),
-                                         writeable=False)
+  count = (b - 1) * m0 + (h - 1) * m1 + nb  # row of arr[-1, -1, -1], plus one
+  rows = np.lib.stride_tricks.as_strided(
+    arr, (count, *arr.shape[3:]), (s2, *arr.strides[3:]), writeable=False
+  )
   return rows, (m0, m1)
 
 
@@ -80,8 +81,12 @@ def host_memory_kind(device) -> str:
   kinds = [m.kind for m in device.addressable_memories()]
   if "pinned_host" in kinds:
     return "pinned_host"
-  log.warning("offload: %s has no pinned_host memory (memories: %s); the host block store "
-              "falls back to device memory", device, kinds)
+  log.warning(
+    "offload: %s has no pinned_host memory (memories: %s); the host block store "
+    "falls back to device memory",
+    device,
+    kinds,
+  )
   return "device"
 
 
@@ -125,8 +130,9 @@ class NumpyBlockStore(_LazyArrays):
     c: ``[B, H, NBmax, l']`` float32, likewise.
   """
 
-  def __init__(self, *, batch: int, heads: int, num_blocks: int, block_size: int, dim: int,
-               dtype, device):
+  def __init__(
+    self, *, batch: int, heads: int, num_blocks: int, block_size: int, dim: int, dtype, device
+  ):
     del device
     self.shape = (batch, heads, num_blocks, block_size, dim)
     self.dtype = np.dtype(dtype)
@@ -137,7 +143,7 @@ class NumpyBlockStore(_LazyArrays):
 
   @property
   def memory_kind(self) -> str:
-    arrays = [x for x in (self._kv, self._c) if x is not None]     # not yet allocated: NumPy
+    arrays = [x for x in (self._kv, self._c) if x is not None]  # not yet allocated: NumPy
     bad = [type(x).__name__ for x in arrays if not isinstance(x, np.ndarray)]
     return bad[0] if bad else "numpy"
 
@@ -150,8 +156,8 @@ class NumpyBlockStore(_LazyArrays):
     """Blocks ``start .. start + n - 1`` of every ``(b, h)``: ``kv [B, H, n, l', D]``, ``c [B, H,
     n, l']`` (device or host arrays; one device -> host copy each)."""
     kv, c = jax.device_get((kv, c))
-    self.kv[:, :, start:start + kv.shape[2]] = kv
-    self.c[:, :, start:start + c.shape[2]] = c
+    self.kv[:, :, start : start + kv.shape[2]] = kv
+    self.c[:, :, start : start + c.shape[2]] = c
 
   def block(self, b: int, h: int, j: int) -> tuple[np.ndarray, np.ndarray]:
     """Host copy of block ``(b, h, j)``: ``(kv [l', D], c [l'])``."""
@@ -173,7 +179,7 @@ class NumpyBlockStore(_LazyArrays):
         continue
       rows, (m0, m1) = view
       r = np.asarray(b, np.int64) * m0 + np.asarray(h, np.int64) * m1 + np.asarray(j, np.int64)
-      np.take(rows, r, axis=0, out=out, mode="clip")      # mode "raise" would buffer `out`
+      np.take(rows, r, axis=0, out=out, mode="clip")  # mode "raise" would buffer `out`
 
   def zeros(self, n: int):
     """``n`` zero blocks in :meth:`gather`'s format (to compile the scatter)."""
@@ -188,8 +194,9 @@ class PinnedHostBlockStore:
     blocks: ``{(b, h, j): (kv [l', D], c [l'])}`` jax arrays in host memory.
   """
 
-  def __init__(self, *, batch: int, heads: int, num_blocks: int, block_size: int, dim: int,
-               dtype, device):
+  def __init__(
+    self, *, batch: int, heads: int, num_blocks: int, block_size: int, dim: int, dtype, device
+  ):
     del num_blocks
     self.batch, self.heads, self.block_size, self.dim = batch, heads, block_size, dim
     self.dtype = jnp.dtype(dtype)
@@ -209,11 +216,16 @@ class PinnedHostBlockStore:
 
   def write(self, start: int, kv, c) -> None:
     """As :meth:`NumpyBlockStore.write` (one host array per block)."""
-    keys = [(b, h, start + j) for b in range(kv.shape[0]) for h in range(kv.shape[1])
-            for j in range(kv.shape[2])]
+    keys = [
+      (b, h, start + j)
+      for b in range(kv.shape[0])
+      for h in range(kv.shape[1])
+      for j in range(kv.shape[2])
+    ]
     kv, c = jnp.asarray(kv), jnp.asarray(c)
-    moved = jax.device_put([(kv[b, h, j - start], c[b, h, j - start]) for b, h, j in keys],
-                           self._host)
+    moved = jax.device_put(
+      [(kv[b, h, j - start], c[b, h, j - start]) for b, h, j in keys], self._host
+    )
     self.blocks.update(zip(keys, (tuple(m) for m in moved)))
 
   def block(self, b: int, h: int, j: int) -> tuple[np.ndarray, np.ndarray]:
@@ -227,8 +239,13 @@ class PinnedHostBlockStore:
     return [x[0] for x in blocks], [x[1] for x in blocks]
 
   def zeros(self, n: int):
-    kv, c = jax.device_put((jnp.zeros((self.block_size, self.dim), self.dtype),
-                            jnp.zeros((self.block_size,), jnp.float32)), self._host)
+    kv, c = jax.device_put(
+      (
+        jnp.zeros((self.block_size, self.dim), self.dtype),
+        jnp.zeros((self.block_size,), jnp.float32),
+      ),
+      self._host,
+    )
     return [kv] * n, [c] * n
 
 
@@ -240,10 +257,14 @@ def _block_dims(ndim: int):
   host memory fails to compile on GPU, jax 0.11.2: "Bitcast cannot have different memory
   spaces")."""
   window = tuple(range(1, ndim + 1))
-  return (jax.lax.GatherDimensionNumbers(offset_dims=window, collapsed_slice_dims=(),
-                                         start_index_map=(0, 1, 2)),
-          jax.lax.ScatterDimensionNumbers(update_window_dims=window, inserted_window_dims=(),
-                                          scatter_dims_to_operand_dims=(0, 1, 2)))
+  return (
+    jax.lax.GatherDimensionNumbers(
+      offset_dims=window, collapsed_slice_dims=(), start_index_map=(0, 1, 2)
+    ),
+    jax.lax.ScatterDimensionNumbers(
+      update_window_dims=window, inserted_window_dims=(), scatter_dims_to_operand_dims=(0, 1, 2)
+    ),
+  )
 
 
 def take_blocks(store, rows, *, host: bool):
@@ -253,8 +274,9 @@ def take_blocks(store, rows, *, host: bool):
   gdn, _ = _block_dims(store.ndim)
   if host:
     rows = jax.device_put(rows, jax.memory.Space.Host)
-  out = jax.lax.gather(store, rows, gdn, slice_sizes=(1, 1, 1, *store.shape[3:]),
-                       mode=jax.lax.GatherScatterMode.CLIP)
+  out = jax.lax.gather(
+    store, rows, gdn, slice_sizes=(1, 1, 1, *store.shape[3:]), mode=jax.lax.GatherScatterMode.CLIP
+  )
   return jax.device_put(out, jax.memory.Space.Device) if host else out
 
 
@@ -267,8 +289,9 @@ def put_blocks(slots, dst, blocks):
   """``slots`` with ``blocks [n, 1, 1, 1, ...]`` written at ``dst [n, 3]`` rows ``(b, h, s)``
   (repeated rows must carry the same block)."""
   _, sdn = _block_dims(slots.ndim)
-  return jax.lax.scatter(slots, dst, blocks.astype(slots.dtype), sdn,
-                         mode=jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS)
+  return jax.lax.scatter(
+    slots, dst, blocks.astype(slots.dtype), sdn, mode=jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS
+  )
 
 
 def load_into_slots(store_kv, store_c, slot_kv, slot_c, src, dst, *, host: bool):
@@ -285,9 +308,12 @@ def _write_blocks(kv_store, c_store, kv, c, start, *, host: bool):
   if host:
     kv, c = jax.device_put((kv, c), jax.memory.Space.Host)
   zero = jnp.int32(0)
-  return (jax.lax.dynamic_update_slice(kv_store, kv.astype(kv_store.dtype),
-                                       (zero, zero, start, zero, zero)),
-          jax.lax.dynamic_update_slice(c_store, c, (zero, zero, start, zero)))
+  return (
+    jax.lax.dynamic_update_slice(
+      kv_store, kv.astype(kv_store.dtype), (zero, zero, start, zero, zero)
+    ),
+    jax.lax.dynamic_update_slice(c_store, c, (zero, zero, start, zero)),
+  )
 
 
 @functools.cache
@@ -297,8 +323,11 @@ def _pinned_array_fns(sharding: jax.sharding.Sharding):
   take returns device memory."""
   host = sharding.memory_kind != "device"
   dev = sharding.with_memory_kind("device")
-  write = jax.jit(functools.partial(_write_blocks, host=host), donate_argnums=(0, 1),
-                  out_shardings=(sharding, sharding))
+  write = jax.jit(
+    functools.partial(_write_blocks, host=host),
+    donate_argnums=(0, 1),
+    out_shardings=(sharding, sharding),
+  )
   take = jax.jit(functools.partial(take_kv_c, host=host), out_shardings=(dev, dev))
   return write, take
 
@@ -313,8 +342,9 @@ class PinnedArrayBlockStore(_LazyArrays):
     sharding: their sharding (one device, that memory kind).
   """
 
-  def __init__(self, *, batch: int, heads: int, num_blocks: int, block_size: int, dim: int,
-               dtype, device):
+  def __init__(
+    self, *, batch: int, heads: int, num_blocks: int, block_size: int, dim: int, dtype, device
+  ):
     self.shape = (batch, heads, num_blocks, block_size, dim)
     self.dtype = jnp.dtype(dtype)
     self.kind = host_memory_kind(device)
@@ -342,8 +372,9 @@ class PinnedArrayBlockStore(_LazyArrays):
     """As :meth:`NumpyBlockStore.write`: one jitted in-place update of each array (device ->
     host copy inside it; compiles once per block count ``n``)."""
     write, _ = _pinned_array_fns(self.sharding)
-    self.kv, self.c = write(self.kv, self.c, jnp.asarray(kv), jnp.asarray(c, jnp.float32),
-                            jnp.int32(start))
+    self.kv, self.c = write(
+      self.kv, self.c, jnp.asarray(kv), jnp.asarray(c, jnp.float32), jnp.int32(start)
+    )
 
   def block(self, b: int, h: int, j: int) -> tuple[np.ndarray, np.ndarray]:
     kv, c = self.gather(np.array([b]), np.array([h]), np.array([j]))
@@ -373,6 +404,16 @@ def make_store(store: str, **kw):
   raise ValueError(f"store: expected one of {STORES}, got {store!r}")
 
 
-__all__ = ["STORES", "NumpyBlockStore", "PinnedArrayBlockStore", "PinnedHostBlockStore",
-           "aligned_empty", "host_memory_kind", "load_into_slots", "make_store", "put_blocks",
-           "row_view", "take_blocks"]
+__all__ = [
+  "STORES",
+  "NumpyBlockStore",
+  "PinnedArrayBlockStore",
+  "PinnedHostBlockStore",
+  "aligned_empty",
+  "host_memory_kind",
+  "load_into_slots",
+  "make_store",
+  "put_blocks",
+  "row_view",
+  "take_blocks",
+]

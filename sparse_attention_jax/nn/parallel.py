@@ -36,16 +36,27 @@ from flax import nnx
 from flax.core import spmd
 from jax.sharding import PartitionSpec as P
 
-LOGICAL_AXES = ("vocab", "embed", "q_heads", "kv_heads", "head_dim", "mlp", "norm", "compressor",
-                "batch")
+LOGICAL_AXES = (
+  "vocab",
+  "embed",
+  "q_heads",
+  "kv_heads",
+  "head_dim",
+  "mlp",
+  "norm",
+  "compressor",
+  "batch",
+)
 
 
 def param(value: jax.Array, names: Sequence[str | None]) -> nnx.Param:
   """An :class:`nnx.Param` annotated with logical axis ``names`` (one per dim, None = never
   sharded); eager sharding is off, so no mesh is needed to create it."""
   if len(names) != value.ndim:
-    raise ValueError(f"names: expected one logical axis name per dim of a shape {value.shape} "
-                     f"parameter, got {tuple(names)}")
+    raise ValueError(
+      f"names: expected one logical axis name per dim of a shape {value.shape} "
+      f"parameter, got {tuple(names)}"
+    )
   return nnx.Param(value, sharding=tuple(names), eager_sharding=False)
 
 
@@ -95,8 +106,9 @@ def constrain_batch(x: jax.Array) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, P(axes, *([None] * (x.ndim - 1))))
 
 
-def sharded_call(fn: Callable[..., jax.Array], args: dict[str, Any],
-                 layouts: dict[str, str], *, num_kv_heads: int) -> jax.Array:
+def sharded_call(
+  fn: Callable[..., jax.Array], args: dict[str, Any], layouts: dict[str, str], *, num_kv_heads: int
+) -> jax.Array:
   """``fn(**args)`` per shard (batch and heads) when a mesh and logical rules are active.
 
   Args:
@@ -118,8 +130,11 @@ def sharded_call(fn: Callable[..., jax.Array], args: dict[str, Any],
   missing = sorted(set(args) - set(layouts))
   if missing:
     raise ValueError(f"layouts: expected a layout for every argument, missing {missing}")
-  batch = next(jax.tree.leaves(args[k]) for k in args if layouts[k] in ("bthd", "bt")
-               and jax.tree.leaves(args[k]))[0].shape[0]
+  batch = next(
+    jax.tree.leaves(args[k])
+    for k in args
+    if layouts[k] in ("bthd", "bt") and jax.tree.leaves(args[k])
+  )[0].shape[0]
   b_axes = _fits(batch, mesh_axes("batch", mesh), mesh)
   h_axes = _fits(num_kv_heads, mesh_axes("kv_heads", mesh), mesh)
   if b_axes is None and h_axes is None:
@@ -136,13 +151,18 @@ def sharded_call(fn: Callable[..., jax.Array], args: dict[str, Any],
 
   present = {k: v for k, v in args.items() if jax.tree.leaves(v)}
   absent = {k: v for k, v in args.items() if k not in present}  # None: passed through as is.
-  in_specs = {k: jax.tree.map(lambda x, lay=layouts[k]: spec(lay, x), v)
-              for k, v in present.items()}
+  in_specs = {
+    k: jax.tree.map(lambda x, lay=layouts[k]: spec(lay, x), v) for k, v in present.items()
+  }
   out_spec = P(b_axes, None, h_axes, None)
-  mapped = jax.shard_map(lambda a: fn(**a, **absent), mesh=mesh, in_specs=(in_specs,),
-                         out_specs=out_spec, check_vma=False)
+  mapped = jax.shard_map(
+    lambda a: fn(**a, **absent),
+    mesh=mesh,
+    in_specs=(in_specs,),
+    out_specs=out_spec,
+    check_vma=False,
+  )
   return mapped(present)
 
 
-__all__ = ["LOGICAL_AXES", "constrain_batch", "mesh_axes", "param", "partitioned",
-           "sharded_call"]
+__all__ = ["LOGICAL_AXES", "constrain_batch", "mesh_axes", "param", "partitioned", "sharded_call"]

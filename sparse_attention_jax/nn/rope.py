@@ -20,8 +20,8 @@ def rope_angles(positions, head_dim: int, theta: float):
   """
   if head_dim % 2:
     raise ValueError(f"head_dim: expected an even head dim for RoPE, got {head_dim}")
-  inv_freq = theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)   # [D/2]
-  return positions.astype(jnp.float32)[..., None] * inv_freq                        # [B,T,D/2]
+  inv_freq = theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)  # [D/2]
+  return positions.astype(jnp.float32)[..., None] * inv_freq  # [B,T,D/2]
 
 
 def apply_rope(x, positions, theta: float = 10000.0):
@@ -42,7 +42,7 @@ def apply_rope(x, positions, theta: float = 10000.0):
     raise ValueError(f"positions: expected shape [B, T] = {x.shape[:2]}, got {positions.shape}")
   if not jnp.issubdtype(positions.dtype, jnp.integer):
     raise ValueError(f"positions: expected an integer dtype, got {positions.dtype}")
-  angles = rope_angles(positions, x.shape[-1], theta)[:, :, None, :]                # [B,T,1,D/2]
+  angles = rope_angles(positions, x.shape[-1], theta)[:, :, None, :]  # [B,T,1,D/2]
   cos, sin = jnp.cos(angles), jnp.sin(angles)
   x32 = x.astype(jnp.float32)
   x1, x2 = jnp.split(x32, 2, axis=-1)

@@ -33,8 +33,9 @@ from sparse_attention_jax.nn.rope import apply_rope
 from sparse_attention_jax.ops.masked import same_document
 
 
-def attention_probs(q: jax.Array, k: jax.Array, segment_ids: jax.Array | None = None,
-                    scale: float | None = None) -> jax.Array:
+def attention_probs(
+  q: jax.Array, k: jax.Array, segment_ids: jax.Array | None = None, scale: float | None = None
+) -> jax.Array:
   """Dense causal softmax probabilities ``[B, HQ, T, T]`` float32.
 
   Args:
@@ -45,10 +46,11 @@ def attention_probs(q: jax.Array, k: jax.Array, segment_ids: jax.Array | None = 
   """
   b, t, hq, dk = q.shape
   if k.ndim != 4 or k.shape[0] != b or k.shape[1] != t or k.shape[3] != dk or hq % k.shape[2]:
-    raise ValueError(f"k: expected [B={b}, T={t}, H, Dk={dk}] with H dividing HQ={hq}, got "
-                     f"{k.shape}")
+    raise ValueError(
+      f"k: expected [B={b}, T={t}, H, Dk={dk}] with H dividing HQ={hq}, got {k.shape}"
+    )
   g = hq // k.shape[2]
-  scale = dk ** -0.5 if scale is None else scale
+  scale = dk**-0.5 if scale is None else scale
   qg = q.astype(jnp.float32).reshape(b, t, k.shape[2], g, dk)
   s = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k.astype(jnp.float32)).reshape(b, hq, t, t) * scale
   mask = jnp.tril(jnp.ones((t, t), bool))[None]
@@ -58,9 +60,15 @@ def attention_probs(q: jax.Array, k: jax.Array, segment_ids: jax.Array | None = 
   return jax.nn.softmax(s, axis=-1)
 
 
-def sparsity_metrics(probs: jax.Array, *, ks: Sequence[int] = (1, 2, 4, 8, 16, 32, 64),
-                     block_size: int = 16, block_ks: Sequence[int] = (1, 2, 4, 8, 16),
-                     sink: int = 4, positions: jax.Array | None = None) -> dict:
+def sparsity_metrics(
+  probs: jax.Array,
+  *,
+  ks: Sequence[int] = (1, 2, 4, 8, 16, 32, 64),
+  block_size: int = 16,
+  block_ks: Sequence[int] = (1, 2, 4, 8, 16),
+  sink: int = 4,
+  positions: jax.Array | None = None,
+) -> dict:
   """Top-k, top-k-block, entropy and sink metrics of attention rows.
 
   Args:
@@ -84,17 +92,18 @@ def sparsity_metrics(probs: jax.Array, *, ks: Sequence[int] = (1, 2, 4, 8, 16, 3
   p = probs.astype(jnp.float32)
   if positions is None:
     positions = jnp.broadcast_to(jnp.arange(t), (b, t))
-  csum = jnp.cumsum(-jnp.sort(-p, axis=-1), axis=-1)                 # [B, HQ, T, T]
+  csum = jnp.cumsum(-jnp.sort(-p, axis=-1), axis=-1)  # [B, HQ, T, T]
   topk = {int(k): float(jnp.mean(csum[..., min(int(k), t) - 1])) for k in ks}
   nb = -(-t // block_size)
   pb = jnp.pad(p, ((0, 0), (0, 0), (0, 0), (0, nb * block_size - t)))
-  blocks = pb.reshape(*p.shape[:3], nb, block_size).sum(-1)          # [B, HQ, T, NB]
+  blocks = pb.reshape(*p.shape[:3], nb, block_size).sum(-1)  # [B, HQ, T, NB]
   bsum = jnp.cumsum(-jnp.sort(-blocks, axis=-1), axis=-1)
   block = {int(k): float(jnp.mean(bsum[..., min(int(k), nb) - 1])) for k in block_ks}
-  entropy = float(jnp.mean(-jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0),
-                                    axis=-1)))
-  is_sink = (positions < sink)[:, None, None, :]                    # keys [B, 1, 1, T]
-  sink_rows = jnp.sum(jnp.where(is_sink, p, 0.0), axis=-1)          # [B, HQ, T]
+  entropy = float(
+    jnp.mean(-jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0), axis=-1))
+  )
+  is_sink = (positions < sink)[:, None, None, :]  # keys [B, 1, 1, T]
+  sink_rows = jnp.sum(jnp.where(is_sink, p, 0.0), axis=-1)  # [B, HQ, T]
   queries = jnp.broadcast_to((positions >= sink)[:, None, :], sink_rows.shape)
   n = jnp.sum(queries)
   sink_mass = float(jnp.sum(jnp.where(queries, sink_rows, 0.0)) / n) if int(n) else float("nan")
@@ -104,19 +113,26 @@ def sparsity_metrics(probs: jax.Array, *, ks: Sequence[int] = (1, 2, 4, 8, 16, 3
 def layer_qk(attn: nnx.Module, x: jax.Array, positions: jax.Array):
   """``(q [B, T, HQ, Dk], k [B, T, H, Dk])`` of an attention layer on its input ``x``, or None
   for kinds without plain RoPE'd q/k projections (e.g. the latent ASA kinds)."""
-  if hasattr(attn, "qkv"):                                            # ssa
+  if hasattr(attn, "qkv"):  # ssa
     q, k, _ = attn.qkv(x, positions)
     return q, k
-  keys = next((getattr(attn, n) for n in ("k_slc", "k_cmp", "k_proj")
-               if getattr(attn, n, None) is not None), None)
+  keys = next(
+    (getattr(attn, n) for n in ("k_slc", "k_cmp", "k_proj") if getattr(attn, n, None) is not None),
+    None,
+  )
   if getattr(attn, "q_proj", None) is None or keys is None:
     return None
   theta = attn.config.rope_theta
   return apply_rope(attn.q_proj(x), positions, theta), apply_rope(keys(x), positions, theta)
 
 
-def model_attention_stats(model: nnx.Module, tokens: jax.Array, positions: jax.Array | None = None,
-                          segment_ids: jax.Array | None = None, **metric_kw) -> dict:
+def model_attention_stats(
+  model: nnx.Module,
+  tokens: jax.Array,
+  positions: jax.Array | None = None,
+  segment_ids: jax.Array | None = None,
+  **metric_kw,
+) -> dict:
   """Per-layer :func:`sparsity_metrics` of a ``DecoderLM`` on ``tokens [B, T]``.
 
   The residual stream runs through the model as usual (each layer's own attention); at every
@@ -138,8 +154,13 @@ def model_attention_stats(model: nnx.Module, tokens: jax.Array, positions: jax.A
       out.append({"layer": i, "kind": block.kind, "skipped": "no plain q/k projections"})
     else:
       probs = attention_probs(*qk, segment_ids=segment_ids)
-      out.append({"layer": i, "kind": block.kind,
-                  **sparsity_metrics(probs, positions=positions, **metric_kw)})
+      out.append(
+        {
+          "layer": i,
+          "kind": block.kind,
+          **sparsity_metrics(probs, positions=positions, **metric_kw),
+        }
+      )
     x = block(x, positions, segment_ids)
   return {"layers": out}
 
@@ -150,13 +171,22 @@ def mean_over_layers(stats: dict) -> dict:
   layers = [s for s in stats["layers"] if "skipped" not in s]
   if not layers:
     return {}
-  return {"entropy": float(np.mean([s["entropy"] for s in layers])),
-          "sink_mass": float(np.mean([s["sink_mass"] for s in layers])),
-          "topk_mass": {k: float(np.mean([s["topk_mass"][k] for s in layers]))
-                        for k in layers[0]["topk_mass"]},
-          "block_mass": {k: float(np.mean([s["block_mass"][k] for s in layers]))
-                         for k in layers[0]["block_mass"]}}
+  return {
+    "entropy": float(np.mean([s["entropy"] for s in layers])),
+    "sink_mass": float(np.mean([s["sink_mass"] for s in layers])),
+    "topk_mass": {
+      k: float(np.mean([s["topk_mass"][k] for s in layers])) for k in layers[0]["topk_mass"]
+    },
+    "block_mass": {
+      k: float(np.mean([s["block_mass"][k] for s in layers])) for k in layers[0]["block_mass"]
+    },
+  }
 
 
-__all__ = ["attention_probs", "layer_qk", "mean_over_layers", "model_attention_stats",
-           "sparsity_metrics"]
+__all__ = [
+  "attention_probs",
+  "layer_qk",
+  "mean_over_layers",
+  "model_attention_stats",
+  "sparsity_metrics",
+]

@@ -41,9 +41,9 @@ from flax import nnx
 from sparse_attention_jax.config import NSAConfig
 from sparse_attention_jax.nn.attention import (
   _check_inputs,
-  _positions,
   _kv_projection,
   _o_projection,
+  _positions,
   _q_projection,
   register_attention_kind,
 )
@@ -116,17 +116,25 @@ class SSAAttention(nnx.Module):
     ssa = c.ssa or SSAConfig()
     self.sparse_config = sparse_op_config(c)
     if self.sparse_config.compression != "mean":
-      raise ValueError(f"model.nsa.compression: expected 'mean' for 'ssa' layers (the sparse "
-                       f"path has no learnable compressor), got "
-                       f"{self.sparse_config.compression!r}")
+      raise ValueError(
+        f"model.nsa.compression: expected 'mean' for 'ssa' layers (the sparse "
+        f"path has no learnable compressor), got "
+        f"{self.sparse_config.compression!r}"
+      )
     self.inference_mode = ssa.inference_mode
     self.training = False
     self.q_proj = _q_projection(c, dt, rngs)
     self.k_proj = _kv_projection(c, c.head_dim, dt, rngs)
     self.v_proj = _kv_projection(c, c.dv, dt, rngs)
-    self.gate_proj = projection("btd,dhc->bthc", (c.d_model, c.num_heads, 3), in_axes=0,
-                                out_axes=(1, 2), dtype=dt, rngs=rngs,
-                                names=("embed", "q_heads", None))
+    self.gate_proj = projection(
+      "btd,dhc->bthc",
+      (c.d_model, c.num_heads, 3),
+      in_axes=0,
+      out_axes=(1, 2),
+      dtype=dt,
+      rngs=rngs,
+      names=("embed", "q_heads", None),
+    )
     self.o_proj = _o_projection(c, dt, rngs)
     self.mode = SSAMode(jnp.asarray(ssa.inference_mode == "full"))
     self.align = SSAAlign(jnp.zeros((2,), jnp.float32))
@@ -142,14 +150,21 @@ class SSAAttention(nnx.Module):
     """The gated pre-projection outputs ``{path: [B, T, HQ, Dv]}`` of the requested paths."""
     c = self.config
     q, k, v = self.qkv(x, positions)
-    g = jax.nn.sigmoid(self.gate_proj(x).astype(jnp.float32))[..., 1:2]   # [B, T, HQ, 1]
+    g = jax.nn.sigmoid(self.gate_proj(x).astype(jnp.float32))[..., 1:2]  # [B, T, HQ, 1]
     args = {"q": q, "k": k, "v": v, "segment_ids": segment_ids}
     layouts = {"q": "bthd", "k": "bthd", "v": "bthd", "segment_ids": "bt"}
     op_config = self.sparse_config.for_length(x.shape[1])
 
     def sparse(**a):
-      return nsa_attention(a["q"], a["k"], a["v"], None, config=op_config,
-                           segment_ids=a["segment_ids"], impl=c.attn_impl)
+      return nsa_attention(
+        a["q"],
+        a["k"],
+        a["v"],
+        None,
+        config=op_config,
+        segment_ids=a["segment_ids"],
+        impl=c.attn_impl,
+      )
 
     fns = {"full": lambda **a: _dense(**a, impl=c.attn_impl), "sparse": sparse}
     out = {}
@@ -169,47 +184,63 @@ class SSAAttention(nnx.Module):
     self.align[...] = alignment_loss_terms(o["full"], o["sparse"])
     return self.o_proj(jnp.where(self.mode[...], o["full"], o["sparse"]))
 
-
   # ------------------------------------------------------- decoding (see nn/decode.py)
   # Inference form only (``layer.inference_mode``); the compressed/selection state is kept up
   # to date by the sparse mode, the full mode only writes and reads the K/V buffers.
   def init_cache(self, batch: int, capacity: int, dtype=None):
     """:class:`~sparse_attention_jax.ops.nsa_decode.NSACache` of ``layer.sparse_config``."""
     c = self.config
-    return init_nsa_cache(batch, capacity, config=self.sparse_config,
-                          num_kv_heads=c.num_kv_heads, dk=c.head_dim, dv=c.dv,
-                          dtype=dtype or self.dtype)
+    return init_nsa_cache(
+      batch,
+      capacity,
+      config=self.sparse_config,
+      num_kv_heads=c.num_kv_heads,
+      dk=c.head_dim,
+      dv=c.dv,
+      dtype=dtype or self.dtype,
+    )
 
   def prefill(self, x, lengths, cache):
     """``x [B, T, d_model]`` right-padded prompts of ``lengths [B]`` -> ``(y, cache)``."""
     c = self.config
     _check_inputs(x, _positions(x), None, c.d_model)
     q, k, v = self.qkv(x, _positions(x))
-    g = jax.nn.sigmoid(self.gate_proj(x).astype(jnp.float32))[..., 1:2]   # [B, T, HQ, 1]
+    g = jax.nn.sigmoid(self.gate_proj(x).astype(jnp.float32))[..., 1:2]  # [B, T, HQ, 1]
     if self.inference_mode == "full":
       o = _dense(q, k, v, None)
       sel = jnp.full(k.shape[:3] + (1,), -1, jnp.int32)
     else:
-      o, aux = nsa_attention(q, k, v, None, config=self.sparse_config.for_length(x.shape[1]),
-                             impl=c.attn_impl, return_aux=True)
+      o, aux = nsa_attention(
+        q,
+        k,
+        v,
+        None,
+        config=self.sparse_config.for_length(x.shape[1]),
+        impl=c.attn_impl,
+        return_aux=True,
+      )
       sel = aux.block_indices
-    cache = fill_nsa_cache(cache, config=self.sparse_config, lengths=lengths, k=k, v=v,
-                           block_indices=sel)
+    cache = fill_nsa_cache(
+      cache, config=self.sparse_config, lengths=lengths, k=k, v=v, block_indices=sel
+    )
     return self.o_proj((g * o.astype(jnp.float32)).astype(self.dtype)), cache
 
   def decode(self, x, pos, cache):
     """``x [B, 1, d_model]`` at ``pos [B]`` -> ``(y [B, 1, d_model], cache)``."""
     q, k, v = self.qkv(x, pos[:, None])
-    g = jax.nn.sigmoid(self.gate_proj(x).astype(jnp.float32))[:, 0, :, 1:2]   # [B, HQ, 1]
+    g = jax.nn.sigmoid(self.gate_proj(x).astype(jnp.float32))[:, 0, :, 1:2]  # [B, HQ, 1]
     if self.inference_mode == "full":
-      cache = cache._replace(k=write_linear(cache.k, k[:, 0], pos),
-                             v=write_linear(cache.v, v[:, 0], pos))
+      cache = cache._replace(
+        k=write_linear(cache.k, k[:, 0], pos), v=write_linear(cache.v, v[:, 0], pos)
+      )
       slot_pos = jnp.arange(cache.k.shape[1], dtype=jnp.int32)[None, :]
-      o = attend_one(q[:, 0], cache.k, cache.v, window_mask(slot_pos, pos, None),
-                     q.shape[-1] ** -0.5)
+      o = attend_one(
+        q[:, 0], cache.k, cache.v, window_mask(slot_pos, pos, None), q.shape[-1] ** -0.5
+      )
     else:
-      o, cache = nsa_decode_step(cache, q[:, 0], config=self.sparse_config, pos=pos,
-                                 k=k[:, 0], v=v[:, 0])
+      o, cache = nsa_decode_step(
+        cache, q[:, 0], config=self.sparse_config, pos=pos, k=k[:, 0], v=v[:, 0]
+      )
     return self.o_proj((g * o.astype(jnp.float32)).astype(self.dtype)[:, None]), cache
 
 
@@ -247,8 +278,13 @@ def alignment_terms(model: nnx.Module) -> jax.Array | None:
   return jnp.mean(jnp.stack([layer.align[...] for layer in layers]), axis=0)
 
 
-def set_inference(model: nnx.Module, mode: str | None = None, *, block_size: int | None = None,
-                  num_selected: int | None = None) -> nnx.Module:
+def set_inference(
+  model: nnx.Module,
+  mode: str | None = None,
+  *,
+  block_size: int | None = None,
+  num_selected: int | None = None,
+) -> nnx.Module:
   """Sets how every SSA layer of ``model`` attends outside training, without retraining.
 
   Args:
@@ -269,8 +305,9 @@ def set_inference(model: nnx.Module, mode: str | None = None, *, block_size: int
       raise ValueError(f"{name}: expected a positive int or None, got {v!r}")
   layers = ssa_layers(model)
   if not layers:
-    raise ValueError(f"model: expected a model with 'ssa' layers, got none in "
-                     f"{type(model).__name__}")
+    raise ValueError(
+      f"model: expected a model with 'ssa' layers, got none in {type(model).__name__}"
+    )
   for layer in layers:
     base = sparse_op_config(layer.config)
     cfg = layer.sparse_config
@@ -287,6 +324,16 @@ def set_inference(model: nnx.Module, mode: str | None = None, *, block_size: int
   return model
 
 
-__all__ = ["SSAAlign", "SSAAttention", "SSAMode", "alignment_loss_terms", "alignment_terms",
-           "draw_mode", "set_inference", "set_training", "smooth_l1", "sparse_op_config",
-           "ssa_layers"]
+__all__ = [
+  "SSAAlign",
+  "SSAAttention",
+  "SSAMode",
+  "alignment_loss_terms",
+  "alignment_terms",
+  "draw_mode",
+  "set_inference",
+  "set_training",
+  "smooth_l1",
+  "sparse_op_config",
+  "ssa_layers",
+]

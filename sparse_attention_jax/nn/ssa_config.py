@@ -34,20 +34,26 @@ class SSAConfig:
   def __post_init__(self):
     def real(v):
       return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
     if not real(self.full_prob) or not 0 <= self.full_prob <= 1:
-      raise ValueError(f"model.ssa.full_prob: expected a number in [0, 1], got "
-                       f"{self.full_prob!r}")
+      raise ValueError(f"model.ssa.full_prob: expected a number in [0, 1], got {self.full_prob!r}")
     if not real(self.align_weight) or self.align_weight < 0:
-      raise ValueError(f"model.ssa.align_weight: expected a number >= 0, got "
-                       f"{self.align_weight!r}")
+      raise ValueError(f"model.ssa.align_weight: expected a number >= 0, got {self.align_weight!r}")
     if self.inference_mode not in ("sparse", "full"):
-      raise ValueError(f"model.ssa.inference_mode: expected 'sparse' or 'full', got "
-                       f"{self.inference_mode!r}")
+      raise ValueError(
+        f"model.ssa.inference_mode: expected 'sparse' or 'full', got {self.inference_mode!r}"
+      )
     b = self.branches
-    if (not isinstance(b, tuple) or not b or len(set(b)) != len(b)
-        or not all(x in _BRANCHES for x in b)):
-      raise ValueError(f"model.ssa.branches: expected a non-empty tuple of distinct names from "
-                       f"{_BRANCHES}, got {b!r}")
+    if (
+      not isinstance(b, tuple)
+      or not b
+      or len(set(b)) != len(b)
+      or not all(x in _BRANCHES for x in b)
+    ):
+      raise ValueError(
+        f"model.ssa.branches: expected a non-empty tuple of distinct names from "
+        f"{_BRANCHES}, got {b!r}"
+      )
 
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> SSAConfig:

@@ -16,8 +16,7 @@ def fail(name: str, expected: str, got) -> None:
 
 def check_rank(name: str, x, rank: int, layout: str) -> None:
   if not hasattr(x, "shape") or x.ndim != rank:
-    fail(name, f"a rank-{rank} array {layout}",
-         f"shape {getattr(x, 'shape', type(x).__name__)}")
+    fail(name, f"a rank-{rank} array {layout}", f"shape {getattr(x, 'shape', type(x).__name__)}")
 
 
 def check_float(name: str, x) -> None:
@@ -25,8 +24,9 @@ def check_float(name: str, x) -> None:
     fail(name, "dtype float32, bfloat16 or float16", x.dtype)
 
 
-def check_qkv(q, k, v, *, k_name: str = "k", v_name: str = "v"
-              ) -> tuple[int, int, int, int, int, int]:
+def check_qkv(
+  q, k, v, *, k_name: str = "k", v_name: str = "v"
+) -> tuple[int, int, int, int, int, int]:
   """Validates ``q [B,T,HQ,Dk]``, ``k [B,S,H,Dk]``, ``v [B,S,H,Dv]``.
 
   Returns:
@@ -38,8 +38,11 @@ def check_qkv(q, k, v, *, k_name: str = "k", v_name: str = "v"
   for name, x in (("q", q), (k_name, k), (v_name, v)):
     check_float(name, x)
   if k.dtype != q.dtype or v.dtype != q.dtype:
-    fail(f"{k_name}/{v_name}", f"the dtype of q ({q.dtype})", f"{k_name}.dtype={k.dtype}, "
-         f"{v_name}.dtype={v.dtype}")
+    fail(
+      f"{k_name}/{v_name}",
+      f"the dtype of q ({q.dtype})",
+      f"{k_name}.dtype={k.dtype}, {v_name}.dtype={v.dtype}",
+    )
   b, t, hq, dk = q.shape
   if k.shape[0] != b or v.shape[0] != b:
     fail(f"{k_name}/{v_name}", f"batch size {b} (from q)", f"{k.shape[0]} and {v.shape[0]}")
@@ -68,15 +71,21 @@ def check_gates(gates, batch: int, seq_len: int, num_heads: int) -> None:
     return
   check_rank("gates", gates, 4, "[B, T, HQ, 3]")
   if gates.shape != (batch, seq_len, num_heads, 3):
-    fail("gates", f"shape {(batch, seq_len, num_heads, 3)} (sigmoid-activated, order "
-         "cmp, slc, win)", gates.shape)
+    fail(
+      "gates",
+      f"shape {(batch, seq_len, num_heads, 3)} (sigmoid-activated, order cmp, slc, win)",
+      gates.shape,
+    )
   check_float("gates", gates)
 
 
 def check_block_indices(block_indices, batch: int, seq_len: int, num_kv_heads: int) -> None:
   check_rank("block_indices", block_indices, 4, "[B, T, H, n]")
   if block_indices.shape[:3] != (batch, seq_len, num_kv_heads):
-    fail("block_indices", f"leading shape {(batch, seq_len, num_kv_heads)} ([B, T, H])",
-         block_indices.shape[:3])
+    fail(
+      "block_indices",
+      f"leading shape {(batch, seq_len, num_kv_heads)} ([B, T, H])",
+      block_indices.shape[:3],
+    )
   if not jnp.issubdtype(block_indices.dtype, jnp.integer):
     fail("block_indices", "an integer dtype (int32, -1 = padding)", block_indices.dtype)

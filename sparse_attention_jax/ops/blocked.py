@@ -95,14 +95,22 @@ def _tile_mask(i, j, doc_c, geo: _Geometry):
   m = s[None, :] <= t[:, None]
   if geo.window is not None:
     m &= t[:, None] - s[None, :] < geo.window
-  m = m[None] & (doc_c[i][:, :, None] == doc_c[j][:, None, :])            # [B, C, C]
+  m = m[None] & (doc_c[i][:, :, None] == doc_c[j][:, None, :])  # [B, C, C]
   return m[:, :, None, None, :]
 
 
 def _logits(qi, kj, scale):
   """``qi [B, C, H, G, Dk]``, ``kj [B, C, H, Dk]`` -> float32 ``[B, Cq, H, G, Ck]``."""
-  return jnp.einsum("bqhgd,bkhd->bqhgk", qi, kj, precision=matmul_precision(qi.dtype),
-                    preferred_element_type=jnp.float32) * scale
+  return (
+    jnp.einsum(
+      "bqhgd,bkhd->bqhgk",
+      qi,
+      kj,
+      precision=matmul_precision(qi.dtype),
+      preferred_element_type=jnp.float32,
+    )
+    * scale
+  )
 
 
 def _prepare(q, k, v, segment_ids, geo: _Geometry):
@@ -120,7 +128,7 @@ def _prepare(q, k, v, segment_ids, geo: _Geometry):
     doc = document_ids(segment_ids)
     starts = document_starts(segment_ids, b, t)
   doc = jnp.pad(doc, [(0, 0), (0, geo.tp - t)], constant_values=-1)
-  first_start = jnp.min(starts[:, ::geo.c], axis=0)                        # [N]
+  first_start = jnp.min(starts[:, :: geo.c], axis=0)  # [N]
   return q_c, k_c, v_c, _chunked(doc, geo), first_start
 
 
@@ -137,16 +145,24 @@ def _forward(q, k, v, segment_ids, scale, geo: _Geometry):
     def key_chunk(j, carry):
       m, l, acc = carry
       mask = _tile_mask(i, j, doc_c, geo)
-      s = jnp.where(mask, _logits(qi, k_c[j], scale), _NEG)               # [B, Cq, H, G, Ck]
+      s = jnp.where(mask, _logits(qi, k_c[j], scale), _NEG)  # [B, Cq, H, G, Ck]
       m_new = jnp.maximum(m, jnp.max(s, axis=-1))
       p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
       alpha = jnp.exp(m - m_new)
-      pv = jnp.einsum("bqhgk,bkhv->bqhgv", p.astype(v.dtype), v_c[j],
-                      precision=matmul_precision(v.dtype), preferred_element_type=jnp.float32)
+      pv = jnp.einsum(
+        "bqhgk,bkhv->bqhgv",
+        p.astype(v.dtype),
+        v_c[j],
+        precision=matmul_precision(v.dtype),
+        preferred_element_type=jnp.float32,
+      )
       return m_new, alpha * l + jnp.sum(p, axis=-1), alpha[..., None] * acc + pv
 
-    init = (jnp.full((b, geo.c, h, g), _NEG, jnp.float32), jnp.zeros((b, geo.c, h, g), jnp.float32),
-            jnp.zeros((b, geo.c, h, g, dv), jnp.float32))
+    init = (
+      jnp.full((b, geo.c, h, g), _NEG, jnp.float32),
+      jnp.zeros((b, geo.c, h, g), jnp.float32),
+      jnp.zeros((b, geo.c, h, g, dv), jnp.float32),
+    )
     lo, hi = _key_range(i, first_start, geo)
     m, l, acc = jax.lax.fori_loop(lo, hi, key_chunk, init)
     seen = l > 0
@@ -167,7 +183,7 @@ def _backward(q, k, v, segment_ids, o, lse, do, scale, geo: _Geometry):
   q_c, k_c, v_c, doc_c, first_start = _prepare(q, k, v, segment_ids, geo)
   do_c = _chunked(do.reshape(b, t, h, g, dv), geo)
   delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1)
-  delta_c = _chunked(delta.reshape(b, t, h, g), geo)                        # [N, B, C, H, G]
+  delta_c = _chunked(delta.reshape(b, t, h, g), geo)  # [N, B, C, H, G]
   seen_c = _chunked(jnp.isfinite(lse), geo)
   lse_c = jnp.where(seen_c, _chunked(lse, geo), 0.0)
   prec_k, prec_v = matmul_precision(k.dtype), matmul_precision(v.dtype)
@@ -180,15 +196,31 @@ def _backward(q, k, v, segment_ids, o, lse, do, scale, geo: _Geometry):
       dq_i, dk_acc, dv_acc = inner
       mask = _tile_mask(i, j, doc_c, geo) & seen_c[i][..., None]
       p = jnp.where(mask, jnp.exp(_logits(qi, k_c[j], scale) - lse_c[i][..., None]), 0.0)
-      dp = jnp.einsum("bqhgv,bkhv->bqhgk", doi, v_c[j], precision=prec_v,
-                      preferred_element_type=jnp.float32)
-      ds = p * (dp - delta_c[i][..., None]) * scale                         # [B, Cq, H, G, Ck]
-      dv_j = jnp.einsum("bqhgk,bqhgv->bkhv", p.astype(do.dtype), doi, precision=prec_v,
-                        preferred_element_type=jnp.float32)
-      dk_j = jnp.einsum("bqhgk,bqhgd->bkhd", ds.astype(q.dtype), qi, precision=prec_k,
-                        preferred_element_type=jnp.float32)
-      dq_i = dq_i + jnp.einsum("bqhgk,bkhd->bqhgd", ds.astype(k.dtype), k_c[j],
-                               precision=prec_k, preferred_element_type=jnp.float32)
+      dp = jnp.einsum(
+        "bqhgv,bkhv->bqhgk", doi, v_c[j], precision=prec_v, preferred_element_type=jnp.float32
+      )
+      ds = p * (dp - delta_c[i][..., None]) * scale  # [B, Cq, H, G, Ck]
+      dv_j = jnp.einsum(
+        "bqhgk,bqhgv->bkhv",
+        p.astype(do.dtype),
+        doi,
+        precision=prec_v,
+        preferred_element_type=jnp.float32,
+      )
+      dk_j = jnp.einsum(
+        "bqhgk,bqhgd->bkhd",
+        ds.astype(q.dtype),
+        qi,
+        precision=prec_k,
+        preferred_element_type=jnp.float32,
+      )
+      dq_i = dq_i + jnp.einsum(
+        "bqhgk,bkhd->bqhgd",
+        ds.astype(k.dtype),
+        k_c[j],
+        precision=prec_k,
+        preferred_element_type=jnp.float32,
+      )
       dk_acc = dk_acc.at[j].add(dk_j)
       dv_acc = dv_acc.at[j].add(dv_j)
       return dq_i, dk_acc, dv_acc
@@ -198,8 +230,10 @@ def _backward(q, k, v, segment_ids, o, lse, do, scale, geo: _Geometry):
     dq_i, dk_acc, dv_acc = jax.lax.fori_loop(lo, hi, key_chunk, (dq_i, dk_acc, dv_acc))
     return (dk_acc, dv_acc), dq_i.astype(q.dtype)
 
-  init = (jnp.zeros((geo.n, b, geo.c, h, dk), jnp.float32),
-          jnp.zeros((geo.n, b, geo.c, h, dv), jnp.float32))
+  init = (
+    jnp.zeros((geo.n, b, geo.c, h, dk), jnp.float32),
+    jnp.zeros((geo.n, b, geo.c, h, dv), jnp.float32),
+  )
   (dk_c, dv_c), dq_c = jax.lax.scan(query_chunk, init, jnp.arange(geo.n))
   dq = _unchunked(dq_c, t).reshape(b, t, hq, dk)
   return dq, _unchunked(dk_c, t).astype(k.dtype), _unchunked(dv_c, t).astype(v.dtype)
@@ -218,7 +252,7 @@ def _attention_fwd(q, k, v, segment_ids, scale, window, chunk):
 
 def _attention_bwd(scale, window, chunk, res, cts):
   q, k, v, segment_ids, o, lse = res
-  do, _ = cts            # lse is an auxiliary output: its cotangent is not propagated
+  do, _ = cts  # lse is an auxiliary output: its cotangent is not propagated
   geo = _Geometry(q.shape[1], window, chunk)
   dq, dk, dv = _backward(q, k, v, segment_ids, o, lse, do, scale, geo)
   return dq, dk, dv, None
@@ -227,8 +261,16 @@ def _attention_bwd(scale, window, chunk, res, cts):
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-def blocked_attention(q, k, v, *, window: int | None = None, segment_ids=None,
-                      softmax_scale: float, chunk: int | None = None):
+def blocked_attention(
+  q,
+  k,
+  v,
+  *,
+  window: int | None = None,
+  segment_ids=None,
+  softmax_scale: float,
+  chunk: int | None = None,
+):
   """Causal (``window=None``) or sliding-window attention in ``O(T * C)`` memory.
 
   Callers validate inputs (see :func:`~sparse_attention_jax.ops.sliding_window_attention` and

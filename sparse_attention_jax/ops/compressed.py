@@ -14,19 +14,21 @@ from sparse_attention_jax.ops.masked_lean import recompute_masked_attention
 
 class CompressedAttentionOutput(NamedTuple):
   """Attributes:
-    out: ``[B, T, HQ, Dv]`` branch output (0 for queries that see no compressed token).
-    lse: ``[B, T, HQ]`` float32 log-sum-exp of the scaled logits (``-inf`` when nothing is seen;
-      no gradient).
-    probs: ``[B, T, HQ, NC]`` float32 per-head softmax probabilities (what selection scores are
-      built from; no gradient flows through selection).
+  out: ``[B, T, HQ, Dv]`` branch output (0 for queries that see no compressed token).
+  lse: ``[B, T, HQ]`` float32 log-sum-exp of the scaled logits (``-inf`` when nothing is seen;
+    no gradient).
+  probs: ``[B, T, HQ, NC]`` float32 per-head softmax probabilities (what selection scores are
+    built from; no gradient flows through selection).
   """
+
   out: jax.Array
   lse: jax.Array
   probs: jax.Array
 
 
-def compressed_attention(q, k_cmp, v_cmp, config: NSAConfig, *, segment_ids=None
-                         ) -> CompressedAttentionOutput:
+def compressed_attention(
+  q, k_cmp, v_cmp, config: NSAConfig, *, segment_ids=None
+) -> CompressedAttentionOutput:
   """Attention of ``q [B, T, HQ, Dk]`` over ``k_cmp [B, NC, H, Dk]``, ``v_cmp [B, NC, H, Dv]``.
 
   Query ``t`` sees compressed token ``i`` iff ``i*d + l - 1 <= t`` (and, with ``segment_ids``
@@ -38,9 +40,13 @@ def compressed_attention(q, k_cmp, v_cmp, config: NSAConfig, *, segment_ids=None
   """
   b, t, nc, _, _, _ = _checks.check_qkv(q, k_cmp, v_cmp, k_name="k_cmp", v_name="v_cmp")
   if nc != config.num_cmp_tokens(t):
-    _checks.fail("k_cmp", f"{config.num_cmp_tokens(t)} compressed tokens for T={t}, "
-                 f"l={config.cmp_window}, d={config.cmp_stride}", nc)
+    _checks.fail(
+      "k_cmp",
+      f"{config.num_cmp_tokens(t)} compressed tokens for T={t}, "
+      f"l={config.cmp_window}, d={config.cmp_stride}",
+      nc,
+    )
   _checks.check_segment_ids(segment_ids, b, t)
-  mask = cmp_visibility(config, t, segment_ids, b)[:, :, None, :]         # [B|1, T, 1, NC]
+  mask = cmp_visibility(config, t, segment_ids, b)[:, :, None, :]  # [B|1, T, 1, NC]
   o, lse, probs = recompute_masked_attention(q, k_cmp, v_cmp, mask, config.scale(q.shape[-1]))
   return CompressedAttentionOutput(o, lse, jax.lax.stop_gradient(probs))

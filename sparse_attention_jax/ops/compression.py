@@ -30,6 +30,7 @@ class MLPCompressorParams(NamedTuple):
     w1: ``[H, l, D, F]`` first layer over the flattened window; ``b1``: ``[H, F]``.
     w2: ``[H, F, Dout]`` second layer; ``b2``: ``[H, Dout]``.
   """
+
   pos: jax.Array
   w1: jax.Array
   b1: jax.Array
@@ -39,42 +40,55 @@ class MLPCompressorParams(NamedTuple):
 
 class CompressorParams(NamedTuple):
   """phi for keys (``k``) and for values (``v``): the paper uses two MLPs of the same form."""
+
   k: MLPCompressorParams
   v: MLPCompressorParams
 
 
-def init_mlp_compressor(key, *, num_kv_heads: int, window: int, in_dim: int,
-                        out_dim: int | None = None, hidden: int | None = None,
-                        dtype=jnp.float32) -> MLPCompressorParams:
+def init_mlp_compressor(
+  key,
+  *,
+  num_kv_heads: int,
+  window: int,
+  in_dim: int,
+  out_dim: int | None = None,
+  hidden: int | None = None,
+  dtype=jnp.float32,
+) -> MLPCompressorParams:
   """Random phi parameters (LeCun-normal weights, zero biases, N(0, 0.02) position encoding)."""
   out_dim = in_dim if out_dim is None else out_dim
   hidden = in_dim if hidden is None else hidden
   k1, k2, k3 = jax.random.split(key, 3)
   fan1 = window * in_dim
   return MLPCompressorParams(
-      pos=0.02 * jax.random.normal(k1, (num_kv_heads, window, in_dim), dtype),
-      w1=(jax.random.normal(k2, (num_kv_heads, window, in_dim, hidden), jnp.float32)
-          / np.sqrt(fan1)).astype(dtype),
-      b1=jnp.zeros((num_kv_heads, hidden), dtype),
-      w2=(jax.random.normal(k3, (num_kv_heads, hidden, out_dim), jnp.float32)
-          / np.sqrt(hidden)).astype(dtype),
-      b2=jnp.zeros((num_kv_heads, out_dim), dtype),
+    pos=0.02 * jax.random.normal(k1, (num_kv_heads, window, in_dim), dtype),
+    w1=(
+      jax.random.normal(k2, (num_kv_heads, window, in_dim, hidden), jnp.float32) / np.sqrt(fan1)
+    ).astype(dtype),
+    b1=jnp.zeros((num_kv_heads, hidden), dtype),
+    w2=(
+      jax.random.normal(k3, (num_kv_heads, hidden, out_dim), jnp.float32) / np.sqrt(hidden)
+    ).astype(dtype),
+    b2=jnp.zeros((num_kv_heads, out_dim), dtype),
   )
 
 
 def window_token_indices(config: NSAConfig, seq_len: int) -> np.ndarray:
   """``[NC, l]`` int32 token positions of each compressed token's window (static)."""
   nc = config.num_cmp_tokens(seq_len)
-  return (np.arange(nc)[:, None] * config.cmp_stride
-          + np.arange(config.cmp_window)[None, :]).astype(np.int32)
+  return (
+    np.arange(nc)[:, None] * config.cmp_stride + np.arange(config.cmp_window)[None, :]
+  ).astype(np.int32)
 
 
 def window_gather_index(config: NSAConfig, seq_len: int) -> jax.Array:
   """:func:`window_token_indices` built from iotas inside the traced program, for gathers: a
   NumPy index array would be embedded in the HLO as a literal (per layer and per use)."""
   nc = config.num_cmp_tokens(seq_len)
-  return (jnp.arange(nc, dtype=jnp.int32)[:, None] * config.cmp_stride
-          + jnp.arange(config.cmp_window, dtype=jnp.int32)[None, :])
+  return (
+    jnp.arange(nc, dtype=jnp.int32)[:, None] * config.cmp_stride
+    + jnp.arange(config.cmp_window, dtype=jnp.int32)[None, :]
+  )
 
 
 def compress(x, config: NSAConfig, params: MLPCompressorParams | None = None, *, name: str = "x"):
@@ -98,23 +112,26 @@ def compress(x, config: NSAConfig, params: MLPCompressorParams | None = None, *,
       _checks.fail("compress_params", "None for compression='mean'", type(params).__name__)
     if idx.shape[0] == 0:
       return jnp.zeros((b, 0, h, d), x.dtype)
-    out = jnp.mean(x[:, window_gather_index(config, t)].astype(jnp.float32),
-                   axis=2).astype(x.dtype)
+    out = jnp.mean(x[:, window_gather_index(config, t)].astype(jnp.float32), axis=2).astype(x.dtype)
     chex.assert_shape(out, (b, idx.shape[0], h, d))
     return out
   if not isinstance(params, MLPCompressorParams):
-    _checks.fail("compress_params", "MLPCompressorParams for compression='mlp'",
-                 type(params).__name__)
+    _checks.fail(
+      "compress_params", "MLPCompressorParams for compression='mlp'", type(params).__name__
+    )
   l = config.cmp_window
   if params.pos.shape != (h, l, d) or params.w1.shape[:3] != (h, l, d):
-    _checks.fail("compress_params", f"pos {(h, l, d)} and w1 {(h, l, d, 'F')} for {name} of "
-                 f"shape {x.shape} and cmp_window={l}", f"pos {params.pos.shape}, w1 "
-                 f"{params.w1.shape}")
+    _checks.fail(
+      "compress_params",
+      f"pos {(h, l, d)} and w1 {(h, l, d, 'F')} for {name} of shape {x.shape} and cmp_window={l}",
+      f"pos {params.pos.shape}, w1 {params.w1.shape}",
+    )
   dout = params.w2.shape[-1]
   if idx.shape[0] == 0:
     return jnp.zeros((b, 0, h, dout), x.dtype)
-  win = (x[:, window_gather_index(config, t)].astype(jnp.float32)
-         + params.pos.astype(jnp.float32).transpose(1, 0, 2))
+  win = x[:, window_gather_index(config, t)].astype(jnp.float32) + params.pos.astype(
+    jnp.float32
+  ).transpose(1, 0, 2)
   # win: [B, NC, l, H, D]
   hid = jnp.einsum("bnlhd,hldf->bnhf", win, params.w1.astype(jnp.float32), precision=_HI)
   hid = jax.nn.gelu(hid + params.b1.astype(jnp.float32))
@@ -130,16 +147,16 @@ def cmp_visibility(config: NSAConfig, seq_len: int, segment_ids=None, batch: int
   Visible iff ``i*d + l - 1 <= t`` and (with ``segment_ids``) every token of the window is in the
   query's document.
   """
-  idx = window_token_indices(config, seq_len)                              # [NC, l]
+  idx = window_token_indices(config, seq_len)  # [NC, l]
   # From iotas, not a NumPy [T, NC] table: a host-built table becomes a literal of T * NC bytes
   # in the HLO of every layer (4 MB per layer at T = 8192, d = 16), which bloats compiles.
   last = jnp.arange(idx.shape[0], dtype=jnp.int32) * config.cmp_stride + config.cmp_window - 1
   t = jnp.arange(seq_len, dtype=jnp.int32)
-  vis = (last[None, :] <= t[:, None])[None]                                # [1, T, NC]
+  vis = (last[None, :] <= t[:, None])[None]  # [1, T, NC]
   if segment_ids is None or idx.shape[0] == 0:
     return vis
-  doc = document_ids(segment_ids)                                          # [B, T]
-  win_doc = doc[:, window_gather_index(config, seq_len)]                   # [B, NC, l]
-  uniform = jnp.all(win_doc == win_doc[:, :, :1], axis=-1)                 # [B, NC]
-  same = win_doc[:, None, :, 0] == doc[:, :, None]                         # [B, T, NC]
+  doc = document_ids(segment_ids)  # [B, T]
+  win_doc = doc[:, window_gather_index(config, seq_len)]  # [B, NC, l]
+  uniform = jnp.all(win_doc == win_doc[:, :, :1], axis=-1)  # [B, NC]
+  same = win_doc[:, None, :, 0] == doc[:, :, None]  # [B, T, NC]
   return vis & same & uniform[:, None, :]

@@ -36,9 +36,16 @@ MASK_MAX_ELEMENTS = 2**28
 
 def _sdpa(q, k, v, mask, *, scale, local_window_size):
   """cuDNN's fused attention (tests swap in ``implementation="xla"`` to run the path on a CPU)."""
-  return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, is_causal=True,
-                                      local_window_size=local_window_size,
-                                      implementation="cudnn")
+  return jax.nn.dot_product_attention(
+    q,
+    k,
+    v,
+    mask=mask,
+    scale=scale,
+    is_causal=True,
+    local_window_size=local_window_size,
+    implementation="cudnn",
+  )
 
 
 def attention(q, k, v, *, window: int | None, softmax_scale: float, segment_ids=None):
@@ -58,7 +65,7 @@ def attention(q, k, v, *, window: int | None, softmax_scale: float, segment_ids=
     return jnp.pad(y, [(0, 0)] * 3 + [(0, width - y.shape[-1])])
 
   mask = None
-  if segment_ids is not None:                  # [B, 1, T(query), S(key)]: shared by all heads
+  if segment_ids is not None:  # [B, 1, T(query), S(key)]: shared by all heads
     mask = same_document(segment_ids)[:, None]
   local = None if window is None else (window - 1, 0)
   o = _sdpa(pad(q), pad(k), pad(v), mask, scale=softmax_scale, local_window_size=local)
@@ -70,17 +77,29 @@ def usable(q, k, v, window, scale, segment_ids=None) -> bool:
   if jax.default_backend() != "gpu" or q.dtype not in _DTYPES:
     return False
   try:
-    jax.eval_shape(lambda a, b, c, s: attention(a, b, c, window=window, softmax_scale=scale,
-                                                segment_ids=s), q, k, v, segment_ids)
+    jax.eval_shape(
+      lambda a, b, c, s: attention(a, b, c, window=window, softmax_scale=scale, segment_ids=s),
+      q,
+      k,
+      v,
+      segment_ids,
+    )
   except Exception as e:  # noqa: BLE001 -- any trace-time refusal means "use the fallback"
-    log.debug("cuDNN attention cannot serve q %s k %s v %s (mask: %s; %s); using the fallback",
-              q.shape, k.shape, v.shape, segment_ids is not None, e)
+    log.debug(
+      "cuDNN attention cannot serve q %s k %s v %s (mask: %s; %s); using the fallback",
+      q.shape,
+      k.shape,
+      v.shape,
+      segment_ids is not None,
+      e,
+    )
     return False
   return True
 
 
-def causal_attention_or(fallback, q, k, v, *, window: int | None, softmax_scale: float,
-                        segment_ids=None):
+def causal_attention_or(
+  fallback, q, k, v, *, window: int | None, softmax_scale: float, segment_ids=None
+):
   """cuDNN where it serves (see the module docstring), else ``fallback(q, k, v, segment_ids)``.
 
   Args:
@@ -98,8 +117,7 @@ def causal_attention_or(fallback, q, k, v, *, window: int | None, softmax_scale:
     return plain(q, k, v, None)
   b, t = segment_ids.shape
   if b * t * t <= MASK_MAX_ELEMENTS and usable(q, k, v, window, softmax_scale, segment_ids):
-    return attention(q, k, v, window=window, softmax_scale=softmax_scale,
-                     segment_ids=segment_ids)
+    return attention(q, k, v, window=window, softmax_scale=softmax_scale, segment_ids=segment_ids)
   one_document = jnp.all(segment_ids == segment_ids[:, :1])
   return jax.lax.cond(one_document, plain, fallback, q, k, v, segment_ids)
 

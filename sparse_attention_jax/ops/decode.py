@@ -64,7 +64,7 @@ def ring_positions(num_slots: int, pos):
 def fill_ring(buf, x, lengths, *, axis: int = 1):
   """Ring ``buf`` (``W`` slots on ``axis``) holding the last ``W`` of the first ``lengths [B]``
   tokens of ``x [B, T, H, D]`` (slots of positions ``< 0`` get token 0: they are masked)."""
-  held = ring_positions(buf.shape[axis], lengths - 1)                    # [B, W]
+  held = ring_positions(buf.shape[axis], lengths - 1)  # [B, W]
   rows = jnp.take_along_axis(x, jnp.clip(held, 0, x.shape[1] - 1)[:, :, None, None], axis=1)
   return (rows if axis == 1 else rows.transpose(0, 2, 1, 3)).astype(buf.dtype)
 
@@ -100,18 +100,23 @@ def attend_one(q, k, v, mask, scale: float, *, return_probs: bool = False, axis:
     o = jnp.zeros((b, hq, dv), q.dtype)
     return (o, jnp.zeros((b, h, g, 0), jnp.float32)) if return_probs else o
   m = mask if mask.ndim == 3 else mask[:, :, None]
-  m = jnp.broadcast_to(m, (b, s, h)).transpose(0, 2, 1)[:, :, None, :]    # [B, H, 1, S]
+  m = jnp.broadcast_to(m, (b, s, h)).transpose(0, 2, 1)[:, :, None, :]  # [B, H, 1, S]
   qg = q.reshape(b, h, g, dk)
-  logits = jnp.einsum(f"bhgd,{kv}->bhgs", qg.astype(k.dtype), k, precision=_HI,
-                      preferred_element_type=jnp.float32) * scale
+  logits = (
+    jnp.einsum(
+      f"bhgd,{kv}->bhgs", qg.astype(k.dtype), k, precision=_HI, preferred_element_type=jnp.float32
+    )
+    * scale
+  )
   logits = jnp.where(m, logits, _NEG)
   row_max = jnp.max(logits, axis=-1, keepdims=True)
   p = jnp.where(m, jnp.exp(logits - row_max), 0.0)
   denom = jnp.sum(p, axis=-1, keepdims=True)
   p = p / jnp.where(denom > 0, denom, 1.0)
   pv = p if v.dtype == jnp.float32 else p.astype(v.dtype)
-  o = jnp.einsum(f"bhgs,{kv.replace('d', 'v')}->bhgv", pv, v, precision=_HI,
-                 preferred_element_type=jnp.float32)
+  o = jnp.einsum(
+    f"bhgs,{kv.replace('d', 'v')}->bhgv", pv, v, precision=_HI, preferred_element_type=jnp.float32
+  )
   o = o.reshape(b, hq, dv).astype(q.dtype)
   return (o, p) if return_probs else o
 
@@ -126,5 +131,13 @@ def window_mask(slot_pos, pos, window: int | None):
   return m
 
 
-__all__ = ["attend_one", "fill_linear", "fill_ring", "gather_tokens", "ring_positions",
-           "window_mask", "write_linear", "write_ring"]
+__all__ = [
+  "attend_one",
+  "fill_linear",
+  "fill_ring",
+  "gather_tokens",
+  "ring_positions",
+  "window_mask",
+  "write_linear",
+  "write_ring",
+]

@@ -21,8 +21,11 @@ log = logging.getLogger("sparse_attention_jax")
 
 
 def valid_impls() -> tuple[str, ...]:
-  return ("auto", "reference", *sorted(set(pallas_kernels.KNOWN_BACKENDS)
-                                       | set(pallas_kernels.registered())))
+  return (
+    "auto",
+    "reference",
+    *sorted(set(pallas_kernels.KNOWN_BACKENDS) | set(pallas_kernels.registered())),
+  )
 
 
 def run(op: str, impl: str, reference: Callable, *args, composite: bool = False, **kwargs):
@@ -41,16 +44,18 @@ def run(op: str, impl: str, reference: Callable, *args, composite: bool = False,
       try:
         return fn(*args, **kwargs)
       except NotImplementedError as e:
-        log.debug("%s: backend %r cannot serve this call (%s); trying the next", op,
-                  backend.name, e)
+        log.debug(
+          "%s: backend %r cannot serve this call (%s); trying the next", op, backend.name, e
+        )
     log.debug("%s: using the plain-JAX reference on platform %r", op, platform)
     return reference(*args, **kwargs)
   backend = pallas_kernels.get(impl)
   if backend is None:
     if impl in pallas_kernels.KNOWN_BACKENDS:
       raise NotImplementedError(
-          f"impl={impl!r} ({pallas_kernels.KNOWN_BACKENDS[impl]}) is not available in this build; "
-          "use impl='auto' to fall back to the reference")
+        f"impl={impl!r} ({pallas_kernels.KNOWN_BACKENDS[impl]}) is not available in this build; "
+        "use impl='auto' to fall back to the reference"
+      )
     raise ValueError(f"impl: expected one of {valid_impls()}, got {impl!r}")
   fn = backend.ops.get(op)
   if fn is None:

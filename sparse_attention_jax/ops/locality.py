@@ -31,7 +31,7 @@ def selection_locality(block_indices):
     ``|Gamma(t) \\ Gamma(t-1)|``.
   """
   _checks.check_rank("block_indices", block_indices, 4, "[B, T, H, n]")
-  m = _members(jnp.asarray(block_indices))                               # [B, T, H, NB]
+  m = _members(jnp.asarray(block_indices))  # [B, T, H, NB]
   cur, prev = m[:, 1:], m[:, :-1]
   size = jnp.sum(cur, axis=-1)
   inter = jnp.sum(cur & prev, axis=-1)

@@ -50,14 +50,14 @@ def masked_attention(q, k, v, mask, scale: float, *, return_probs: bool = False)
   b, t, hq, dk = q.shape
   h = k.shape[2]
   g = hq // h
-  if k.shape[1] == 0:            # no keys at all (e.g. T < l for the compressed branch)
+  if k.shape[1] == 0:  # no keys at all (e.g. T < l for the compressed branch)
     o = jnp.zeros((b, t, hq, v.shape[3]), q.dtype)
     lse = jnp.full((b, t, hq), -jnp.inf, jnp.float32)
     return (o, lse, jnp.zeros((b, t, hq, 0), jnp.float32)) if return_probs else (o, lse)
   qg = q.reshape(b, t, h, g, dk).astype(jnp.float32)
   logits = jnp.einsum("bthgd,bshd->bthgs", qg, k.astype(jnp.float32), precision=_HI) * scale
-  m5 = jnp.broadcast_to(mask, (b, t, h, k.shape[1]))[:, :, :, None, :]   # [B,T,H,1,S]
-  p, lse = masked_softmax(logits, m5)                                      # [B,T,H,G,S]
+  m5 = jnp.broadcast_to(mask, (b, t, h, k.shape[1]))[:, :, :, None, :]  # [B,T,H,1,S]
+  p, lse = masked_softmax(logits, m5)  # [B,T,H,G,S]
   o = jnp.einsum("bthgs,bshv->bthgv", p, v.astype(jnp.float32), precision=_HI)
   o = o.reshape(b, t, hq, v.shape[3]).astype(q.dtype)
   lse = lse.reshape(b, t, hq)
@@ -71,8 +71,9 @@ def masked_attention(q, k, v, mask, scale: float, *, return_probs: bool = False)
 def document_ids(segment_ids):
   """``[B, T]`` int32 run index: documents are maximal runs of equal segment ids, so an id that
   comes back later (``0 0 1 1 0 0``) starts a new document."""
-  is_start = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool),
-                              segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+  is_start = jnp.concatenate(
+    [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1
+  )
   return jnp.cumsum(is_start, axis=1, dtype=jnp.int32)
 
 
@@ -91,7 +92,8 @@ def document_starts(segment_ids, batch: int, seq_len: int):
   if segment_ids is None:
     return jnp.zeros((batch, seq_len), jnp.int32)
   is_start = jnp.concatenate(
-      [jnp.ones((batch, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+    [jnp.ones((batch, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1
+  )
   return jax.lax.cummax(jnp.where(is_start, pos[None, :], 0), axis=1)
 
 
@@ -108,8 +110,16 @@ def causal_mask(seq_len: int, segment_ids=None, window: int | None = None):
   return m[:, :, None, :]
 
 
-def dense_causal_attention(q, k, v, *, segment_ids=None, softmax_scale: float | None = None,
-                           impl: str = "auto", chunk: int | None = None):
+def dense_causal_attention(
+  q,
+  k,
+  v,
+  *,
+  segment_ids=None,
+  softmax_scale: float | None = None,
+  impl: str = "auto",
+  chunk: int | None = None,
+):
   """Dense causal (GQA) attention, the baseline every sparse branch reduces to.
 
   By default it runs the blocked op of :mod:`sparse_attention_jax.ops.blocked` (``O(T * C)``
@@ -128,6 +138,7 @@ def dense_causal_attention(q, k, v, *, segment_ids=None, softmax_scale: float | 
   """
   from sparse_attention_jax.ops import _checks
   from sparse_attention_jax.ops.blocked import blocked_attention
+
   b, t, s, _, _, _ = _checks.check_qkv(q, k, v)
   if s != t:
     _checks.fail("k", f"the query length T={t} (self-attention)", s)

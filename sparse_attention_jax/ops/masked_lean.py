@@ -31,8 +31,9 @@ from sparse_attention_jax.ops.masked import masked_attention, masked_softmax
 
 def _mm(spec, a, b):
   """einsum with float32 accumulation; ``HIGHEST`` for float32 operands."""
-  return jnp.einsum(spec, a, b, precision=matmul_precision(a.dtype),
-                    preferred_element_type=jnp.float32)
+  return jnp.einsum(
+    spec, a, b, precision=matmul_precision(a.dtype), preferred_element_type=jnp.float32
+  )
 
 
 def _forward(q, k, v, mask, scale):
@@ -42,11 +43,14 @@ def _forward(q, k, v, mask, scale):
   g = hq // h
   qg = q.reshape(b, t, h, g, dk)
   logits = _mm("bthgd,bshd->bthgs", qg, k.astype(q.dtype)) * scale
-  m5 = jnp.broadcast_to(mask, (b, t, h, s))[:, :, :, None, :]             # [B,T,H,1,S]
-  p, lse = masked_softmax(logits, m5)                                      # [B,T,H,G,S]
+  m5 = jnp.broadcast_to(mask, (b, t, h, s))[:, :, :, None, :]  # [B,T,H,1,S]
+  p, lse = masked_softmax(logits, m5)  # [B,T,H,G,S]
   o = _mm("bthgs,bshv->bthgv", p.astype(v.dtype), v)
-  return (o.reshape(b, t, hq, v.shape[3]).astype(q.dtype), lse.reshape(b, t, hq),
-          p.reshape(b, t, hq, s))
+  return (
+    o.reshape(b, t, hq, v.shape[3]).astype(q.dtype),
+    lse.reshape(b, t, hq),
+    p.reshape(b, t, hq, s),
+  )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -61,7 +65,7 @@ def _attention_fwd(q, k, v, mask, scale):
 
 def _attention_bwd(scale, res, cts):
   q, k, v, mask, o, lse = res
-  do = cts[0]                       # lse and probs are auxiliary outputs without gradient
+  do = cts[0]  # lse and probs are auxiliary outputs without gradient
   b, t, hq, dk = q.shape
   s, h, dv = k.shape[1], k.shape[2], v.shape[3]
   g = hq // h
@@ -72,15 +76,13 @@ def _attention_bwd(scale, res, cts):
   m5 = jnp.broadcast_to(mask, (b, t, h, s))[:, :, :, None, :] & seen[..., None]
   logits = _mm("bthgd,bshd->bthgs", qg, k.astype(q.dtype)) * scale
   p = jnp.where(m5, jnp.exp(logits - jnp.where(seen, lse5, 0.0)[..., None]), 0.0)
-  delta = jnp.sum(dog.astype(jnp.float32) * o.reshape(b, t, h, g, dv).astype(jnp.float32),
-                  axis=-1)
+  delta = jnp.sum(dog.astype(jnp.float32) * o.reshape(b, t, h, g, dv).astype(jnp.float32), axis=-1)
   dp = _mm("bthgv,bshv->bthgs", dog, v)
   ds = p * (dp - delta[..., None]) * scale
   dq = _mm("bthgs,bshd->bthgd", ds.astype(k.dtype), k)
   dk_ = _mm("bthgs,bthgd->bshd", ds.astype(q.dtype), qg)
   dv_ = _mm("bthgs,bthgv->bshv", p.astype(v.dtype), dog)
-  return (dq.reshape(b, t, hq, dk).astype(q.dtype), dk_.astype(k.dtype), dv_.astype(v.dtype),
-          None)
+  return (dq.reshape(b, t, hq, dk).astype(q.dtype), dk_.astype(k.dtype), dv_.astype(v.dtype), None)
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)

@@ -57,10 +57,10 @@ def biased_masked_attention(q, k, v, bias, mask, scale: float):
   qg = q.reshape(b, t, h, g, dk).astype(jnp.float32)
   logits = jnp.einsum("bthgd,bshd->bthgs", qg, k.astype(jnp.float32), precision=_HI) * scale
   logits = logits + jnp.transpose(bias.astype(jnp.float32), (0, 2, 1))[:, None, :, None, :]
-  m5 = jnp.broadcast_to(mask, (b, t, h, s))[:, :, :, None, :]             # [B, T, H, 1, S]
+  m5 = jnp.broadcast_to(mask, (b, t, h, s))[:, :, :, None, :]  # [B, T, H, 1, S]
   logits = jnp.where(m5, logits, _NEG)
   row_max = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
-  p = jnp.where(m5, jnp.exp(logits - row_max), 0.0)                        # [B, T, H, G, S]
+  p = jnp.where(m5, jnp.exp(logits - row_max), 0.0)  # [B, T, H, G, S]
   denom = jnp.sum(p, axis=-1, keepdims=True)
   p = p / jnp.where(denom > 0, denom, 1.0)
   o = jnp.einsum("bthgs,bshv->bthgv", p, v.astype(jnp.float32), precision=_HI)
@@ -69,9 +69,18 @@ def biased_masked_attention(q, k, v, bias, mask, scale: float):
   return o
 
 
-def biased_selected_attention(q, k, v, bias, block_indices, *, block_size: int,
-                              segment_ids=None, softmax_scale: float | None = None,
-                              impl: str = "auto"):
+def biased_selected_attention(
+  q,
+  k,
+  v,
+  bias,
+  block_indices,
+  *,
+  block_size: int,
+  segment_ids=None,
+  softmax_scale: float | None = None,
+  impl: str = "auto",
+):
   """Selected-block attention (as ``selected_attention``) with the eviction bias on every key.
 
   Args:
@@ -103,20 +112,26 @@ def biased_selected_attention(q, k, v, bias, block_indices, *, block_size: int,
     _checks.fail("block_size", "a positive int", block_size)
   scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
   if impl == "reference":
-    mask = selected_mask(block_indices, block_size=block_size, seq_len=t,
-                         segment_ids=segment_ids)
+    mask = selected_mask(block_indices, block_size=block_size, seq_len=t, segment_ids=segment_ids)
     return biased_masked_attention(q, k, v, bias, mask, scale)
-  c = bias.astype(jnp.float32)[..., None]                                  # [B, T, H, 1]
+  c = bias.astype(jnp.float32)[..., None]  # [B, T, H, 1]
   if k.dtype == jnp.float32:
-    cols = [c]                                                             # exact
-  else:   # c_lo = c - c_hi; its derivative in c is 1 - 1 = 0, so dc is the c_hi column's dK'
+    cols = [c]  # exact
+  else:  # c_lo = c - c_hi; its derivative in c is 1 - 1 = 0, so dc is the c_hi column's dK'
     c_hi = c.astype(k.dtype)
     cols = [c_hi, (c - c_hi.astype(jnp.float32)).astype(k.dtype)]
   k_aug = jnp.concatenate([k, *cols], axis=-1)
-  q_aug = jnp.concatenate([q, jnp.full(q.shape[:3] + (len(cols),), 1.0 / scale, q.dtype)],
-                          axis=-1)
-  return selected_attention(q_aug, k_aug, v, block_indices, block_size=block_size,
-                            segment_ids=segment_ids, softmax_scale=scale, impl=impl)
+  q_aug = jnp.concatenate([q, jnp.full(q.shape[:3] + (len(cols),), 1.0 / scale, q.dtype)], axis=-1)
+  return selected_attention(
+    q_aug,
+    k_aug,
+    v,
+    block_indices,
+    block_size=block_size,
+    segment_ids=segment_ids,
+    softmax_scale=scale,
+    impl=impl,
+  )
 
 
 class NOSAAux(NamedTuple):
@@ -129,6 +144,7 @@ class NOSAAux(NamedTuple):
     query_scores: ``[B, T, H, NB]`` ``s^q`` (None when the selection was passed in).
     agnostic_scores: ``[B, T, H, NB]`` ``s^a`` (None when the selection was passed in).
   """
+
   block_indices: jax.Array
   query_indices: jax.Array | None
   query_scores: jax.Array | None
@@ -148,8 +164,9 @@ def nosa_scores(q, k, c, config: NSAConfig, *, segment_ids=None):
   return s_q, s_a
 
 
-def decode_selection(q, k_cmp, c_cmp, config: NSAConfig, *, seq_len: int,
-                     num_query_selected: int, query_positions):
+def decode_selection(
+  q, k_cmp, c_cmp, config: NSAConfig, *, seq_len: int, num_query_selected: int, query_positions
+):
   """``Gamma(t)`` of queries at given positions from the compressed caches (decoding).
 
   Reads only what a NOSA decode cache keeps on the device besides the slot pool: the compressed
@@ -173,17 +190,30 @@ def decode_selection(q, k_cmp, c_cmp, config: NSAConfig, *, seq_len: int,
   nc, h = config.num_cmp_tokens(seq_len), k_cmp.shape[2]
   if k_cmp.shape[1] != nc:
     _checks.fail("k_cmp", f"{nc} compressed tokens for seq_len={seq_len}", k_cmp.shape[1])
-  vis = position_visibility(config, seq_len, query_positions)              # [1, Tq, NC]
-  probs = masked_attention(q, k_cmp, k_cmp, vis[:, :, None, :], config.scale(q.shape[-1]),
-                           return_probs=True)[2]
+  vis = position_visibility(config, seq_len, query_positions)  # [1, Tq, NC]
+  probs = masked_attention(
+    q, k_cmp, k_cmp, vis[:, :, None, :], config.scale(q.shape[-1]), return_probs=True
+  )[2]
   s_q = block_importance(probs, config, num_kv_heads=h, seq_len=seq_len)
   s_a = pool_agnostic_scores(c_cmp, vis, config, seq_len=seq_len)
-  return nosa_select(s_q, s_a, config, num_query_selected=num_query_selected,
-                     query_positions=query_positions)
+  return nosa_select(
+    s_q, s_a, config, num_query_selected=num_query_selected, query_positions=query_positions
+  )
 
 
-def nosa_attention(q, k, v, c, *, config: NSAConfig, num_query_selected: int, segment_ids=None,
-                   block_indices=None, return_aux: bool = False, impl: str = "auto"):
+def nosa_attention(
+  q,
+  k,
+  v,
+  c,
+  *,
+  config: NSAConfig,
+  num_query_selected: int,
+  segment_ids=None,
+  block_indices=None,
+  return_aux: bool = False,
+  impl: str = "auto",
+):
   """NOSA over ``[B, T, H, D]`` inputs: selection ``Gamma(t)`` + biased selected attention.
 
   Args:
@@ -206,8 +236,9 @@ def nosa_attention(q, k, v, c, *, config: NSAConfig, num_query_selected: int, se
   if not isinstance(config, NSAConfig):
     _checks.fail("config", "an NSAConfig", type(config).__name__)
   if config.compression != "mean":
-    _checks.fail("config.compression", "'mean' (NOSA scores blocks with mean-pooled keys)",
-                 config.compression)
+    _checks.fail(
+      "config.compression", "'mean' (NOSA scores blocks with mean-pooled keys)", config.compression
+    )
   b, t, s, _, h, _ = _checks.check_qkv(q, k, v)
   if s != t:
     _checks.fail("k", f"the query length T={t} (self-attention)", s)
@@ -218,14 +249,34 @@ def nosa_attention(q, k, v, c, *, config: NSAConfig, num_query_selected: int, se
   aux = NOSAAux(block_indices, None, None, None)
   if block_indices is None:
     s_q, s_a = nosa_scores(q, k, c, config, segment_ids=segment_ids)
-    block_indices, gq = nosa_select(s_q, s_a, config, num_query_selected=num_query_selected,
-                                    segment_ids=segment_ids, return_query_part=True)
+    block_indices, gq = nosa_select(
+      s_q,
+      s_a,
+      config,
+      num_query_selected=num_query_selected,
+      segment_ids=segment_ids,
+      return_query_part=True,
+    )
     aux = NOSAAux(block_indices, gq, s_q, s_a)
-  o = biased_selected_attention(q, k, v, c, block_indices, block_size=config.block_size,
-                                segment_ids=segment_ids, softmax_scale=config.scale(q.shape[-1]),
-                                impl=impl)
+  o = biased_selected_attention(
+    q,
+    k,
+    v,
+    c,
+    block_indices,
+    block_size=config.block_size,
+    segment_ids=segment_ids,
+    softmax_scale=config.scale(q.shape[-1]),
+    impl=impl,
+  )
   return (o, aux) if return_aux else o
 
 
-__all__ = ["NOSAAux", "biased_masked_attention", "biased_selected_attention", "decode_selection",
-           "nosa_attention", "nosa_scores"]
+__all__ = [
+  "NOSAAux",
+  "biased_masked_attention",
+  "biased_selected_attention",
+  "decode_selection",
+  "nosa_attention",
+  "nosa_scores",
+]

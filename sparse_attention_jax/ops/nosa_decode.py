@@ -61,6 +61,7 @@ from sparse_attention_jax.ops.selection import block_importance
 class NOSASelectState(NamedTuple):
   """Selection state of one NOSA layer (device-resident in both modes; shapes in the module
   docstring)."""
+
   k_ring: jax.Array
   c_ring: jax.Array
   k_cmp: jax.Array
@@ -69,26 +70,30 @@ class NOSASelectState(NamedTuple):
 
 class NOSACache(NamedTuple):
   """Device-resident decode cache of one NOSA layer: ``sel`` and the linear K/V/c buffers."""
+
   sel: NOSASelectState
   k: jax.Array
   v: jax.Array
   c: jax.Array
 
 
-def decode_budgets(config: NSAConfig, num_query_selected: int, capacity: int
-                   ) -> tuple[NSAConfig, int]:
+def decode_budgets(
+  config: NSAConfig, num_query_selected: int, capacity: int
+) -> tuple[NSAConfig, int]:
   """``(config, k_q)`` clamped to a cache of ``capacity`` tokens (the same selection as the
   full op's clamping to any prefix length: a budget of at least the candidates takes them all)."""
   if not isinstance(capacity, int) or isinstance(capacity, bool) or capacity < 1:
     _checks.fail("capacity", "a positive int", capacity)
   if config.compression != "mean":
-    _checks.fail("config.compression", "'mean' (NOSA scores blocks with mean-pooled keys)",
-                 config.compression)
+    _checks.fail(
+      "config.compression", "'mean' (NOSA scores blocks with mean-pooled keys)", config.compression
+    )
   return for_length(config, num_query_selected, capacity)
 
 
-def init_select_state(batch: int, capacity: int, *, config: NSAConfig, num_kv_heads: int,
-                      dk: int, dtype) -> NOSASelectState:
+def init_select_state(
+  batch: int, capacity: int, *, config: NSAConfig, num_kv_heads: int, dk: int, dtype
+) -> NOSASelectState:
   """Zero rings and compressed keys, ``s_a = -inf``, for ``batch`` sequences of up to
   ``capacity`` tokens."""
   for name, val in (("batch", batch), ("capacity", capacity)):
@@ -97,24 +102,33 @@ def init_select_state(batch: int, capacity: int, *, config: NSAConfig, num_kv_he
   cfg = config.for_length(capacity)
   h, l = num_kv_heads, cfg.cmp_window
   nc, nb = cfg.num_cmp_tokens(capacity), cfg.num_blocks(capacity)
-  return NOSASelectState(k_ring=jnp.zeros((batch, l, h, dk), dtype),
-                         c_ring=jnp.zeros((batch, l, h), jnp.float32),
-                         k_cmp=jnp.zeros((batch, nc, h, dk), dtype),
-                         s_a=jnp.full((batch, h, nb), -jnp.inf, jnp.float32))
+  return NOSASelectState(
+    k_ring=jnp.zeros((batch, l, h, dk), dtype),
+    c_ring=jnp.zeros((batch, l, h), jnp.float32),
+    k_cmp=jnp.zeros((batch, nc, h, dk), dtype),
+    s_a=jnp.full((batch, h, nb), -jnp.inf, jnp.float32),
+  )
 
 
-def init_nosa_cache(batch: int, capacity: int, *, config: NSAConfig, num_kv_heads: int, dk: int,
-                    dv: int, dtype) -> NOSACache:
+def init_nosa_cache(
+  batch: int, capacity: int, *, config: NSAConfig, num_kv_heads: int, dk: int, dv: int, dtype
+) -> NOSACache:
   """Zero :class:`NOSACache` (K/V in ``dtype``, ``c`` float32)."""
-  sel = init_select_state(batch, capacity, config=config, num_kv_heads=num_kv_heads, dk=dk,
-                          dtype=dtype)
+  sel = init_select_state(
+    batch, capacity, config=config, num_kv_heads=num_kv_heads, dk=dk, dtype=dtype
+  )
   shape = (batch, capacity, num_kv_heads)
-  return NOSACache(sel, jnp.zeros(shape + (dk,), dtype), jnp.zeros(shape + (dv,), dtype),
-                   jnp.zeros(shape, jnp.float32))
+  return NOSACache(
+    sel,
+    jnp.zeros(shape + (dk,), dtype),
+    jnp.zeros(shape + (dv,), dtype),
+    jnp.zeros(shape, jnp.float32),
+  )
 
 
-def fill_select_state(state: NOSASelectState, *, config: NSAConfig, lengths, k, c
-                      ) -> NOSASelectState:
+def fill_select_state(
+  state: NOSASelectState, *, config: NSAConfig, lengths, k, c
+) -> NOSASelectState:
   """The select state after a prefill of right-padded prompts: ``k [B, T, H, Dk]`` (RoPE'd),
   ``c [B, T, H]``, ``lengths [B]`` (``1 <= lengths <= T <= capacity``).
 
@@ -124,15 +138,18 @@ def fill_select_state(state: NOSASelectState, *, config: NSAConfig, lengths, k, 
   nb = state.s_a.shape[-1]
   t = k.shape[1]
   cfg = config.for_length(t)
-  k_cmp = compress(k, cfg, name="k")                                      # [B, NC(T), H, Dk]
-  c_cmp = compressed_bias(c, cfg)                                         # [B, NC(T), H]
-  last = (jnp.arange(c_cmp.shape[1], dtype=jnp.int32) * cfg.cmp_stride + cfg.cmp_window - 1)
-  vis = last[None, None, :] <= (lengths.astype(jnp.int32) - 1)[:, None, None]   # [B, 1, NC]
-  s_a = pool_agnostic_scores(c_cmp, vis, cfg, seq_len=t)[:, 0]            # [B, H, NB(T)]
+  k_cmp = compress(k, cfg, name="k")  # [B, NC(T), H, Dk]
+  c_cmp = compressed_bias(c, cfg)  # [B, NC(T), H]
+  last = jnp.arange(c_cmp.shape[1], dtype=jnp.int32) * cfg.cmp_stride + cfg.cmp_window - 1
+  vis = last[None, None, :] <= (lengths.astype(jnp.int32) - 1)[:, None, None]  # [B, 1, NC]
+  s_a = pool_agnostic_scores(c_cmp, vis, cfg, seq_len=t)[:, 0]  # [B, H, NB(T)]
   s_a = jnp.pad(s_a, ((0, 0), (0, 0), (0, nb - s_a.shape[-1])), constant_values=-jnp.inf)
-  return NOSASelectState(k_ring=fill_ring(state.k_ring, k, lengths),
-                         c_ring=fill_ring(state.c_ring[..., None], c[..., None], lengths)[..., 0],
-                         k_cmp=fill_linear(state.k_cmp, k_cmp), s_a=s_a)
+  return NOSASelectState(
+    k_ring=fill_ring(state.k_ring, k, lengths),
+    c_ring=fill_ring(state.c_ring[..., None], c[..., None], lengths)[..., 0],
+    k_cmp=fill_linear(state.k_cmp, k_cmp),
+    s_a=s_a,
+  )
 
 
 def fill_nosa_cache(cache: NOSACache, *, config: NSAConfig, lengths, k, v, c) -> NOSACache:
@@ -141,12 +158,15 @@ def fill_nosa_cache(cache: NOSACache, *, config: NSAConfig, lengths, k, v, c) ->
   if k.shape[1] > cap:
     _checks.fail("tokens", f"a prompt of at most the cache capacity {cap} tokens", k.shape[1])
   sel = fill_select_state(cache.sel, config=config, lengths=lengths, k=k, c=c)
-  return NOSACache(sel, fill_linear(cache.k, k), fill_linear(cache.v, v),
-                   fill_linear(cache.c[..., None], c[..., None].astype(jnp.float32))[..., 0])
+  return NOSACache(
+    sel,
+    fill_linear(cache.k, k),
+    fill_linear(cache.v, v),
+    fill_linear(cache.c[..., None], c[..., None].astype(jnp.float32))[..., 0],
+  )
 
 
-def update_select_state(state: NOSASelectState, *, config: NSAConfig, pos, k, c
-                        ) -> NOSASelectState:
+def update_select_state(state: NOSASelectState, *, config: NSAConfig, pos, k, c) -> NOSASelectState:
   """Writes the token at ``pos [B]`` (``k [B, H, Dk]`` RoPE'd, ``c [B, H]``) into the rings and,
   when a compressed window ends at ``pos``, its mean-pooled key and the running max of the block
   scores it overlaps."""
@@ -157,27 +177,28 @@ def update_select_state(state: NOSASelectState, *, config: NSAConfig, pos, k, c
   if nc == 0:
     return state
   l, d, bs = config.cmp_window, config.cmp_stride, config.block_size
-  done = pos.astype(jnp.int32) + 1 - l                                    # window start [B]
+  done = pos.astype(jnp.int32) + 1 - l  # window start [B]
   complete = (done >= 0) & (done % d == 0)
   i = jnp.clip(done // d, 0, nc - 1)
   start = i * d
-  slots = (start[:, None] + jnp.arange(l, dtype=jnp.int32)[None, :]) % l   # [B, l], in order
+  slots = (start[:, None] + jnp.arange(l, dtype=jnp.int32)[None, :]) % l  # [B, l], in order
   h = k_ring.shape[2]
   win_k = gather_tokens(k_ring, jnp.broadcast_to(slots[:, :, None], slots.shape + (h,)))
-  win_c = jnp.take_along_axis(c_ring, slots[:, :, None], axis=1)          # [B, l, H]
-  kc = compress(win_k, config, name="k")[:, 0]                            # [B, H, Dk]
-  cc = compressed_bias(win_c, config)[:, 0]                               # [B, H]
+  win_c = jnp.take_along_axis(c_ring, slots[:, :, None], axis=1)  # [B, l, H]
+  kc = compress(win_k, config, name="k")[:, 0]  # [B, H, Dk]
+  cc = compressed_bias(win_c, config)[:, 0]  # [B, H]
   rows = jnp.arange(pos.shape[0])
   kc = jnp.where(complete[:, None, None], kc, state.k_cmp[rows, i])
   j = jnp.arange(nb, dtype=jnp.int32)[None, :]
-  overlap = (j * bs < (start + l)[:, None]) & ((j + 1) * bs > start[:, None])   # [B, NB]
-  grow = (complete[:, None] & overlap)[:, None, :]                        # [B, 1, NB]
+  overlap = (j * bs < (start + l)[:, None]) & ((j + 1) * bs > start[:, None])  # [B, NB]
+  grow = (complete[:, None] & overlap)[:, None, :]  # [B, 1, NB]
   s_a = jnp.where(grow, jnp.maximum(state.s_a, cc[:, :, None]), state.s_a)
   return state._replace(k_cmp=write_linear(state.k_cmp, kc, i), s_a=s_a)
 
 
-def select_at(state: NOSASelectState, q, *, config: NSAConfig, num_query_selected: int, pos,
-              capacity: int):
+def select_at(
+  state: NOSASelectState, q, *, config: NSAConfig, num_query_selected: int, pos, capacity: int
+):
   """``Gamma(pos)`` ``[B, H, k]`` int32 (ascending, ``-1`` padding) of queries ``q [B, HQ, Dk]``
   at positions ``pos [B]``, from the select state holding positions ``<= pos``.
 
@@ -188,16 +209,19 @@ def select_at(state: NOSASelectState, q, *, config: NSAConfig, num_query_selecte
   h = state.k_cmp.shape[2]
   cfg = config
   visible = (jnp.arange(nc, dtype=jnp.int32) * cfg.cmp_stride + cfg.cmp_window - 1)[None, :]
-  _, probs = attend_one(q, state.k_cmp, state.k_cmp, visible <= pos[:, None],
-                        cfg.scale(q.shape[-1]), return_probs=True)      # [B, H, G, NC]
-  s_q = block_importance(probs.reshape(b, 1, hq, nc), cfg, num_kv_heads=h,
-                         seq_len=capacity)[:, 0]                          # [B, H, NB]
+  _, probs = attend_one(
+    q, state.k_cmp, state.k_cmp, visible <= pos[:, None], cfg.scale(q.shape[-1]), return_probs=True
+  )  # [B, H, G, NC]
+  s_q = block_importance(probs.reshape(b, 1, hq, nc), cfg, num_kv_heads=h, seq_len=capacity)[
+    :, 0
+  ]  # [B, H, NB]
   bs = cfg.block_size
   j = jnp.arange(nb, dtype=jnp.int32)[None, None, :]
-  p = pos.astype(jnp.int32)[:, None, None]                                # [B, 1, 1]
+  p = pos.astype(jnp.int32)[:, None, None]  # [B, 1, 1]
   candidate = j * bs <= p
-  forced = candidate & ((j < cfg.num_init_blocks)
-                        | ((j <= p // bs) & (j > p // bs - cfg.num_local_blocks)))
+  forced = candidate & (
+    (j < cfg.num_init_blocks) | ((j <= p // bs) & (j > p // bs - cfg.num_local_blocks))
+  )
   gq = top_blocks(s_q, num_query_selected, candidate, forced)
   return top_blocks(state.s_a, cfg.num_selected, candidate, forced | membership(gq, nb))
 
@@ -207,17 +231,18 @@ def gather_attend(q, k, v, c, gamma, *, pos, block_size: int, scale: float):
   linear buffers ``k [B, C, H, Dk]``, ``v [B, C, H, Dv]``, ``c [B, C, H]`` (keys ``<= pos``):
   ``[B, HQ, Dv]`` in ``q.dtype``."""
   b, h, n = gamma.shape
-  tok = gamma[..., None] * block_size + jnp.arange(block_size, dtype=jnp.int32)   # [B,H,n,l']
+  tok = gamma[..., None] * block_size + jnp.arange(block_size, dtype=jnp.int32)  # [B,H,n,l']
   ok = (gamma[..., None] >= 0) & (tok <= pos[:, None, None, None])
-  tok = tok.reshape(b, h, n * block_size).transpose(0, 2, 1)              # [B, S, H]
-  ok = ok.reshape(b, h, n * block_size)                                   # [B, H, S]
-  kg, vg = gather_tokens(k, tok), gather_tokens(v, tok)                   # [B, S, H, D]
-  cg = gather_tokens(c[..., None], tok)[..., 0]                           # [B, S, H]
+  tok = tok.reshape(b, h, n * block_size).transpose(0, 2, 1)  # [B, S, H]
+  ok = ok.reshape(b, h, n * block_size)  # [B, H, S]
+  kg, vg = gather_tokens(k, tok), gather_tokens(v, tok)  # [B, S, H, D]
+  cg = gather_tokens(c[..., None], tok)[..., 0]  # [B, S, H]
   return biased_masked_attention(q[:, None], kg, vg, cg, ok[:, None], scale)[:, 0]
 
 
-def nosa_decode_step(cache: NOSACache, q, *, config: NSAConfig, num_query_selected: int, pos,
-                     k, v, c):
+def nosa_decode_step(
+  cache: NOSACache, q, *, config: NSAConfig, num_query_selected: int, pos, k, v, c
+):
   """One device-resident NOSA decode step for the token at position ``pos [B]``.
 
   Args:
@@ -235,15 +260,36 @@ def nosa_decode_step(cache: NOSACache, q, *, config: NSAConfig, num_query_select
   cap = cache.k.shape[1]
   cfg, kq = decode_budgets(config, num_query_selected, cap)
   sel = update_select_state(cache.sel, config=cfg, pos=pos, k=k, c=c)
-  cache = NOSACache(sel, write_linear(cache.k, k, pos), write_linear(cache.v, v, pos),
-                    write_linear(cache.c[..., None], c[..., None].astype(jnp.float32),
-                                 pos)[..., 0])
+  cache = NOSACache(
+    sel,
+    write_linear(cache.k, k, pos),
+    write_linear(cache.v, v, pos),
+    write_linear(cache.c[..., None], c[..., None].astype(jnp.float32), pos)[..., 0],
+  )
   gamma = select_at(sel, q, config=cfg, num_query_selected=kq, pos=pos, capacity=cap)
-  o = gather_attend(q, cache.k, cache.v, cache.c, gamma, pos=pos, block_size=cfg.block_size,
-                    scale=cfg.scale(q.shape[-1]))
+  o = gather_attend(
+    q,
+    cache.k,
+    cache.v,
+    cache.c,
+    gamma,
+    pos=pos,
+    block_size=cfg.block_size,
+    scale=cfg.scale(q.shape[-1]),
+  )
   return o, cache
 
 
-__all__ = ["NOSACache", "NOSASelectState", "decode_budgets", "fill_nosa_cache",
-           "fill_select_state", "gather_attend", "init_nosa_cache", "init_select_state",
-           "nosa_decode_step", "select_at", "update_select_state"]
+__all__ = [
+  "NOSACache",
+  "NOSASelectState",
+  "decode_budgets",
+  "fill_nosa_cache",
+  "fill_select_state",
+  "gather_attend",
+  "init_nosa_cache",
+  "init_select_state",
+  "nosa_decode_step",
+  "select_at",
+  "update_select_state",
+]

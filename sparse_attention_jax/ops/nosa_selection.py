@@ -57,12 +57,16 @@ def eviction_bias(v, w_delta, a):
   _checks.check_rank("v", v, 4, "[B, T, H, Dv]")
   _, _, h, dv = v.shape
   if getattr(w_delta, "shape", None) != (h, dv, h):
-    _checks.fail("w_delta", f"shape (H, Dv, H) = {(h, dv, h)} for v of shape {v.shape}",
-                 getattr(w_delta, "shape", type(w_delta).__name__))
+    _checks.fail(
+      "w_delta",
+      f"shape (H, Dv, H) = {(h, dv, h)} for v of shape {v.shape}",
+      getattr(w_delta, "shape", type(w_delta).__name__),
+    )
   if getattr(a, "shape", None) != (h,):
     _checks.fail("a", f"shape (H,) = {(h,)}", getattr(a, "shape", type(a).__name__))
-  pre = jnp.einsum("bthe,heo->bto", v.astype(jnp.float32), w_delta.astype(jnp.float32),
-                   precision=_HI)
+  pre = jnp.einsum(
+    "bthe,heo->bto", v.astype(jnp.float32), w_delta.astype(jnp.float32), precision=_HI
+  )
   return a.astype(jnp.float32) * jax.nn.softplus(pre)
 
 
@@ -70,14 +74,19 @@ def check_budget(config: NSAConfig, num_query_selected: int) -> None:
   """``num_init_blocks + num_local_blocks <= k_q <= k = config.num_selected``, else ValueError."""
   forced = config.num_init_blocks + config.num_local_blocks
   k = config.num_selected
-  if (not isinstance(num_query_selected, int) or isinstance(num_query_selected, bool)
-      or not forced <= num_query_selected <= k):
-    _checks.fail("num_query_selected", f"an int k_q with num_init_blocks + num_local_blocks = "
-                 f"{forced} <= k_q <= num_selected = {k}", num_query_selected)
+  if (
+    not isinstance(num_query_selected, int)
+    or isinstance(num_query_selected, bool)
+    or not forced <= num_query_selected <= k
+  ):
+    _checks.fail(
+      "num_query_selected",
+      f"an int k_q with num_init_blocks + num_local_blocks = {forced} <= k_q <= num_selected = {k}",
+      num_query_selected,
+    )
 
 
-def for_length(config: NSAConfig, num_query_selected: int, seq_len: int
-               ) -> tuple[NSAConfig, int]:
+def for_length(config: NSAConfig, num_query_selected: int, seq_len: int) -> tuple[NSAConfig, int]:
   """``(config.for_length(T), min(k_q, clamped k))``: budgets clamped to a length-``T``
   sequence's blocks (the same selection: with ``k >= NB`` every candidate is taken)."""
   check_budget(config, num_query_selected)
@@ -89,7 +98,7 @@ def compressed_bias(c, config: NSAConfig):
   """Average pool of the eviction scores like the compressed keys: ``[B, T, H] -> [B, NC, H]``
   float32 (token ``i`` averages ``c[i*d : i*d + l]``)."""
   _checks.check_rank("c", c, 3, "[B, T, H]")
-  idx = window_token_indices(config, c.shape[1])                           # [NC, l]
+  idx = window_token_indices(config, c.shape[1])  # [NC, l]
   if idx.shape[0] == 0:
     return jnp.zeros((c.shape[0], 0, c.shape[2]), jnp.float32)
   return jnp.mean(c.astype(jnp.float32)[:, window_gather_index(config, c.shape[1])], axis=2)
@@ -121,9 +130,10 @@ def agnostic_block_scores(c, config: NSAConfig, *, segment_ids=None, query_posit
   _checks.check_segment_ids(segment_ids, b, s)
   if query_positions is not None and segment_ids is not None:
     _checks.fail("segment_ids", "None when query_positions is given", "an array")
-  vis = _visibility(config, s, segment_ids, b, query_positions)           # [B|1, Tq, NC]
-  return pool_agnostic_scores(compressed_bias(jax.lax.stop_gradient(c), config), vis, config,
-                              seq_len=s)
+  vis = _visibility(config, s, segment_ids, b, query_positions)  # [B|1, Tq, NC]
+  return pool_agnostic_scores(
+    compressed_bias(jax.lax.stop_gradient(c), config), vis, config, seq_len=s
+  )
 
 
 def pool_agnostic_scores(c_cmp, visible, config: NSAConfig, *, seq_len: int):
@@ -141,16 +151,15 @@ def pool_agnostic_scores(c_cmp, visible, config: NSAConfig, *, seq_len: int):
   _checks.check_rank("c_cmp", c_cmp, 3, "[B, NC, H]")
   b, nc, h = c_cmp.shape
   if nc != config.num_cmp_tokens(seq_len):
-    _checks.fail("c_cmp", f"{config.num_cmp_tokens(seq_len)} compressed tokens for S={seq_len}",
-                 nc)
-  idx, weight = overlap_table(config, seq_len)                             # [NB, K]
+    _checks.fail("c_cmp", f"{config.num_cmp_tokens(seq_len)} compressed tokens for S={seq_len}", nc)
+  idx, weight = overlap_table(config, seq_len)  # [NB, K]
   nb, tq = idx.shape[0], visible.shape[1]
   if nc == 0:
     return jnp.full((b, tq, h, nb), -jnp.inf, jnp.float32)
   c_cmp = jax.lax.stop_gradient(c_cmp).astype(jnp.float32)
-  valid = visible[:, :, idx] & jnp.asarray(weight > 0)                     # [B|1, Tq, NB, K]
-  vals = jnp.moveaxis(c_cmp[:, idx], -1, 1)[:, :, None]                    # [B, H, 1, NB, K]
-  pooled = jnp.where(valid[:, None], vals, -jnp.inf).max(axis=-1)         # [B, H, Tq, NB]
+  valid = visible[:, :, idx] & jnp.asarray(weight > 0)  # [B|1, Tq, NB, K]
+  vals = jnp.moveaxis(c_cmp[:, idx], -1, 1)[:, :, None]  # [B, H, 1, NB, K]
+  pooled = jnp.where(valid[:, None], vals, -jnp.inf).max(axis=-1)  # [B, H, Tq, NB]
   out = jnp.moveaxis(pooled, 1, 2)
   chex.assert_shape(out, (b, tq, h, nb))
   return out
@@ -159,17 +168,16 @@ def pool_agnostic_scores(c_cmp, visible, config: NSAConfig, *, seq_len: int):
 def position_visibility(config: NSAConfig, seq_len: int, query_positions):
   """``[1, Tq, NC]`` bool: compressed token ``i`` (of ``seq_len`` tokens) is complete at each
   query position (``i*d + l - 1 <= t``)."""
-  last = window_token_indices(config, seq_len)[:, -1]                     # [NC]
+  last = window_token_indices(config, seq_len)[:, -1]  # [NC]
   return (jnp.asarray(last)[None, :] <= query_positions[:, None])[None]
 
 
-def _candidates(config: NSAConfig, nb: int, seq_len: int, batch: int, segment_ids,
-                query_positions):
+def _candidates(config: NSAConfig, nb: int, seq_len: int, batch: int, segment_ids, query_positions):
   """``(candidate, forced)`` ``[B|1, Tq, NB]`` bool for queries at their positions."""
   if query_positions is None:
     return candidate_and_forced(config, seq_len, segment_ids, batch)
   bs = config.block_size
-  t = query_positions.astype(jnp.int32)[None, :, None]                    # [1, Tq, 1]
+  t = query_positions.astype(jnp.int32)[None, :, None]  # [1, Tq, 1]
   j = jnp.arange(nb, dtype=jnp.int32)[None, None, :]
   candidate = j * bs <= t
   init = j < config.num_init_blocks
@@ -192,8 +200,9 @@ def top_blocks(score, n: int, candidate, take):
   """
   nb = score.shape[-1]
   fmax = jnp.finfo(jnp.float32).max
-  s = jnp.nan_to_num(jax.lax.stop_gradient(score).astype(jnp.float32), nan=-fmax, posinf=fmax,
-                     neginf=-fmax)
+  s = jnp.nan_to_num(
+    jax.lax.stop_gradient(score).astype(jnp.float32), nan=-fmax, posinf=fmax, neginf=-fmax
+  )
   s = jnp.where(take, jnp.inf, s)
   s = jnp.where(candidate, s, -jnp.inf)
   top, idx = jax.lax.top_k(s, n)
@@ -203,12 +212,21 @@ def top_blocks(score, n: int, candidate, take):
 
 def membership(block_indices, num_blocks: int):
   """``[..., n]`` block ids (``-1`` padding) -> ``[..., NB]`` bool membership."""
-  return jnp.any(block_indices[..., None] == jnp.arange(num_blocks, dtype=block_indices.dtype),
-                 axis=-2)
+  return jnp.any(
+    block_indices[..., None] == jnp.arange(num_blocks, dtype=block_indices.dtype), axis=-2
+  )
 
 
-def nosa_select(query_scores, agnostic_scores, config: NSAConfig, *, num_query_selected: int,
-                segment_ids=None, query_positions=None, return_query_part: bool = False):
+def nosa_select(
+  query_scores,
+  agnostic_scores,
+  config: NSAConfig,
+  *,
+  num_query_selected: int,
+  segment_ids=None,
+  query_positions=None,
+  return_query_part: bool = False,
+):
   """NOSA's block selection ``Gamma(t) = top_{k_q}(s^q_t) ∪ best remaining blocks by s^a``.
 
   Args:
@@ -230,14 +248,18 @@ def nosa_select(query_scores, agnostic_scores, config: NSAConfig, *, num_query_s
   for name, x in (("query_scores", query_scores), ("agnostic_scores", agnostic_scores)):
     _checks.check_rank(name, x, 4, "[B, T, H, NB]")
   if agnostic_scores.shape != query_scores.shape:
-    _checks.fail("agnostic_scores", f"the shape of query_scores {query_scores.shape}",
-                 agnostic_scores.shape)
+    _checks.fail(
+      "agnostic_scores", f"the shape of query_scores {query_scores.shape}", agnostic_scores.shape
+    )
   check_budget(config, num_query_selected)
   b, t, _, nb = query_scores.shape
   if query_positions is None:
     if nb != config.num_blocks(t):
-      _checks.fail("query_scores", f"{config.num_blocks(t)} blocks on the last axis for T={t}, "
-                   f"block_size={config.block_size}", nb)
+      _checks.fail(
+        "query_scores",
+        f"{config.num_blocks(t)} blocks on the last axis for T={t}, block_size={config.block_size}",
+        nb,
+      )
     _checks.check_segment_ids(segment_ids, b, t)
   else:
     if segment_ids is not None:
@@ -246,8 +268,11 @@ def nosa_select(query_scores, agnostic_scores, config: NSAConfig, *, num_query_s
       _checks.fail("query_positions", f"shape ({t},)", getattr(query_positions, "shape", None))
   k = config.num_selected
   if k > nb:
-    _checks.fail("config.num_selected", f"at most the {nb} blocks (block_size="
-                 f"{config.block_size}); use nosa_selection.for_length", k)
+    _checks.fail(
+      "config.num_selected",
+      f"at most the {nb} blocks (block_size={config.block_size}); use nosa_selection.for_length",
+      k,
+    )
   candidate, forced = _candidates(config, nb, t, b, segment_ids, query_positions)
   candidate, forced = candidate[:, :, None, :], forced[:, :, None, :]
   gq = top_blocks(query_scores, num_query_selected, candidate, forced)
@@ -256,6 +281,15 @@ def nosa_select(query_scores, agnostic_scores, config: NSAConfig, *, num_query_s
   return (out, gq) if return_query_part else out
 
 
-__all__ = ["agnostic_block_scores", "check_budget", "compressed_bias", "eviction_bias",
-           "for_length", "membership", "nosa_select", "pool_agnostic_scores",
-           "position_visibility", "top_blocks"]
+__all__ = [
+  "agnostic_block_scores",
+  "check_budget",
+  "compressed_bias",
+  "eviction_bias",
+  "for_length",
+  "membership",
+  "nosa_select",
+  "pool_agnostic_scores",
+  "position_visibility",
+  "top_blocks",
+]

@@ -27,6 +27,7 @@ class NSAAux(NamedTuple):
     cmp_lse: ``[B, T, HQ]`` float32 log-sum-exp of the compressed branch.
     branch_outputs: dict branch name -> ``[B, T, HQ, Dv]`` ungated output of each enabled branch.
   """
+
   block_indices: jax.Array
   cmp_lse: jax.Array
   branch_outputs: dict
@@ -52,8 +53,23 @@ def combine_branches(outputs: dict, gates):
   return total.astype(next(iter(outputs.values())).dtype)
 
 
-def _nsa_reference(q, k, v, gates, *, config, segment_ids, compress_params, k_slc, v_slc, k_win,
-                   v_win, block_indices, return_aux, impl="reference"):
+def _nsa_reference(
+  q,
+  k,
+  v,
+  gates,
+  *,
+  config,
+  segment_ids,
+  compress_params,
+  k_slc,
+  v_slc,
+  k_win,
+  v_win,
+  block_indices,
+  return_aux,
+  impl="reference",
+):
   t, h = q.shape[1], k.shape[2]
   k_cmp = compress(k, config, None if compress_params is None else compress_params.k, name="k")
   v_cmp = compress(v, config, None if compress_params is None else compress_params.v, name="v")
@@ -68,13 +84,20 @@ def _nsa_reference(q, k, v, gates, *, config, segment_ids, compress_params, k_sl
   if "cmp" in config.branches:
     outputs["cmp"] = cmp.out
   if "slc" in config.branches:
-    outputs["slc"] = selected_attention(q, k_slc, v_slc, block_indices,
-                                        block_size=config.block_size, segment_ids=segment_ids,
-                                        softmax_scale=scale, impl=impl)
+    outputs["slc"] = selected_attention(
+      q,
+      k_slc,
+      v_slc,
+      block_indices,
+      block_size=config.block_size,
+      segment_ids=segment_ids,
+      softmax_scale=scale,
+      impl=impl,
+    )
   if "win" in config.branches:
-    outputs["win"] = sliding_window_attention(q, k_win, v_win, window=config.window,
-                                              segment_ids=segment_ids, softmax_scale=scale,
-                                              impl=impl)
+    outputs["win"] = sliding_window_attention(
+      q, k_win, v_win, window=config.window, segment_ids=segment_ids, softmax_scale=scale, impl=impl
+    )
   ordered = {name: outputs[name] for name in BRANCHES if name in outputs}
   o = combine_branches(ordered, gates)
   chex.assert_shape(o, q.shape[:3] + (v_slc.shape[3],))
@@ -83,10 +106,23 @@ def _nsa_reference(q, k, v, gates, *, config, segment_ids, compress_params, k_sl
   return o
 
 
-def nsa_attention(q, k, v, gates=None, *, config: NSAConfig, segment_ids=None,
-                  compress_params: CompressorParams | None = None, k_slc=None, v_slc=None,
-                  k_win=None, v_win=None, block_indices=None, impl: str = "auto",
-                  return_aux: bool = False):
+def nsa_attention(
+  q,
+  k,
+  v,
+  gates=None,
+  *,
+  config: NSAConfig,
+  segment_ids=None,
+  compress_params: CompressorParams | None = None,
+  k_slc=None,
+  v_slc=None,
+  k_win=None,
+  v_win=None,
+  block_indices=None,
+  impl: str = "auto",
+  return_aux: bool = False,
+):
   """Native Sparse Attention over ``[B, T, H, D]`` inputs.
 
   Args:
@@ -132,18 +168,39 @@ def nsa_attention(q, k, v, gates=None, *, config: NSAConfig, segment_ids=None,
   if block_indices is None:
     n, nb = config.num_selected, config.num_blocks(t)
     if n > nb:
-      _checks.fail("config.num_selected", f"at most the {nb} blocks of a T={t} sequence "
-                   f"(block_size={config.block_size}); use config.for_length(T)", n)
+      _checks.fail(
+        "config.num_selected",
+        f"at most the {nb} blocks of a T={t} sequence "
+        f"(block_size={config.block_size}); use config.for_length(T)",
+        n,
+      )
   else:
     _checks.check_block_indices(block_indices, b, t, h)
   if config.compression == "mlp" and not isinstance(compress_params, CompressorParams):
-    _checks.fail("compress_params", "CompressorParams(k=..., v=...) for compression='mlp'",
-                 type(compress_params).__name__)
+    _checks.fail(
+      "compress_params",
+      "CompressorParams(k=..., v=...) for compression='mlp'",
+      type(compress_params).__name__,
+    )
   # A backend may implement the whole op or only some branches: the reference pipeline passes
   # ``impl`` on to the branch ops, which dispatch on their own.
   reference = functools.partial(_nsa_reference, impl=impl)
   return dispatch.run(
-      "nsa_attention", impl, reference, q, k, v, gates, config=config,
-      segment_ids=segment_ids, compress_params=compress_params, k_slc=k_slc, v_slc=v_slc,
-      k_win=k_win, v_win=v_win, block_indices=block_indices, return_aux=return_aux,
-      composite=True)
+    "nsa_attention",
+    impl,
+    reference,
+    q,
+    k,
+    v,
+    gates,
+    config=config,
+    segment_ids=segment_ids,
+    compress_params=compress_params,
+    k_slc=k_slc,
+    v_slc=v_slc,
+    k_win=k_win,
+    v_win=v_win,
+    block_indices=block_indices,
+    return_aux=return_aux,
+    composite=True,
+  )

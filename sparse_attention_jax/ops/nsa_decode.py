@@ -48,6 +48,7 @@ from sparse_attention_jax.ops.selection import block_importance, top_n_blocks
 
 class NSACache(NamedTuple):
   """Decode state of one NSA layer (see the module docstring for shapes)."""
+
   k: jax.Array
   v: jax.Array | None
   k_cmp: jax.Array
@@ -65,9 +66,19 @@ def decode_config(config: NSAConfig, capacity: int) -> NSAConfig:
   return config.for_length(capacity)
 
 
-def init_nsa_cache(batch: int, capacity: int, *, config: NSAConfig, num_kv_heads: int, dk: int,
-                   dv: int, dtype, values_in_keys: bool = False, independent_slc: bool = False,
-                   independent_win: bool = False) -> NSACache:
+def init_nsa_cache(
+  batch: int,
+  capacity: int,
+  *,
+  config: NSAConfig,
+  num_kv_heads: int,
+  dk: int,
+  dv: int,
+  dtype,
+  values_in_keys: bool = False,
+  independent_slc: bool = False,
+  independent_win: bool = False,
+) -> NSACache:
   """Zero buffers for ``batch`` sequences of up to ``capacity`` tokens.
 
   Args:
@@ -91,22 +102,38 @@ def init_nsa_cache(batch: int, capacity: int, *, config: NSAConfig, num_kv_heads
   win = "win" in cfg.branches
   w = min(cfg.window, capacity)
   return NSACache(
-      k=z(capacity, dk), v=None if values_in_keys else z(capacity, dv),
-      k_cmp=z(nc, dk), v_cmp=z(nc, dv),
-      k_slc=z(capacity, dk) if slc else None, v_slc=z(capacity, dv) if slc else None,
-      k_win=z(w, dk) if win else None,
-      v_win=z(w, dv) if win and (independent_win or not values_in_keys) else None,
-      sel=(jnp.full((batch, h, cfg.num_selected), -1, jnp.int32)
-           if cfg.selection_share > 1 else None))
+    k=z(capacity, dk),
+    v=None if values_in_keys else z(capacity, dv),
+    k_cmp=z(nc, dk),
+    v_cmp=z(nc, dv),
+    k_slc=z(capacity, dk) if slc else None,
+    v_slc=z(capacity, dv) if slc else None,
+    k_win=z(w, dk) if win else None,
+    v_win=z(w, dv) if win and (independent_win or not values_in_keys) else None,
+    sel=(
+      jnp.full((batch, h, cfg.num_selected), -1, jnp.int32) if cfg.selection_share > 1 else None
+    ),
+  )
 
 
 def _values(cache: NSACache, dv: int):
   return cache.k[..., :dv] if cache.v is None else cache.v
 
 
-def fill_nsa_cache(cache: NSACache, *, config: NSAConfig, lengths, k, v, k_slc=None, v_slc=None,
-                   k_win=None, v_win=None, compress_params: CompressorParams | None = None,
-                   block_indices=None) -> NSACache:
+def fill_nsa_cache(
+  cache: NSACache,
+  *,
+  config: NSAConfig,
+  lengths,
+  k,
+  v,
+  k_slc=None,
+  v_slc=None,
+  k_win=None,
+  v_win=None,
+  compress_params: CompressorParams | None = None,
+  block_indices=None,
+) -> NSACache:
   """The cache after a prefill of ``[B, T]`` right-padded prompts of ``lengths [B]`` tokens.
 
   Args:
@@ -132,8 +159,11 @@ def fill_nsa_cache(cache: NSACache, *, config: NSAConfig, lengths, k, v, k_slc=N
   pv = None if compress_params is None else compress_params.v
   kc = compress(k, cfg, pk, name="k")
   vc = compress(v, cfg, pv, name="v")
-  new = dict(k=fill_linear(cache.k, k), k_cmp=fill_linear(cache.k_cmp, kc),
-             v_cmp=fill_linear(cache.v_cmp, vc))
+  new = dict(
+    k=fill_linear(cache.k, k),
+    k_cmp=fill_linear(cache.k_cmp, kc),
+    v_cmp=fill_linear(cache.v_cmp, vc),
+  )
   if cache.v is not None:
     new["v"] = fill_linear(cache.v, v)
   if cache.k_slc is not None:
@@ -145,8 +175,11 @@ def fill_nsa_cache(cache: NSACache, *, config: NSAConfig, lengths, k, v, k_slc=N
       new["v_win"] = fill_ring(cache.v_win, v if v_win is None else v_win, lengths)
   if cache.sel is not None:
     if block_indices is None:
-      _checks.fail("block_indices", "the prefill's [B, T, H, n] selection when "
-                   "config.selection_share > 1", None)
+      _checks.fail(
+        "block_indices",
+        "the prefill's [B, T, H, n] selection when config.selection_share > 1",
+        None,
+      )
     last = jnp.take_along_axis(block_indices, (lengths - 1)[:, None, None, None], axis=1)[:, 0]
     n = cache.sel.shape[-1]
     last = last[..., :n]
@@ -160,43 +193,58 @@ def _compress_step(cache: NSACache, cfg: NSAConfig, pos, dv: int, compress_param
   if nc == 0:
     return cache
   l, d = cfg.cmp_window, cfg.cmp_stride
-  done = pos + 1 - l                                                        # [B]
+  done = pos + 1 - l  # [B]
   complete = (done >= 0) & (done % d == 0)
   i = jnp.clip(done // d, 0, nc - 1)
-  tok = i[:, None] * d + jnp.arange(l, dtype=jnp.int32)[None, :]           # [B, l]
+  tok = i[:, None] * d + jnp.arange(l, dtype=jnp.int32)[None, :]  # [B, l]
   h = cache.k.shape[2]
   tok3 = jnp.broadcast_to(tok[:, :, None], tok.shape + (h,))
-  win_k = gather_tokens(cache.k, tok3)                                      # [B, l, H, Dk]
+  win_k = gather_tokens(cache.k, tok3)  # [B, l, H, Dk]
   win_v = gather_tokens(_values(cache, dv), tok3)
   pk = None if compress_params is None else compress_params.k
   pv = None if compress_params is None else compress_params.v
-  kc = compress(win_k, cfg, pk, name="k")[:, 0]                             # [B, H, Dk]
+  kc = compress(win_k, cfg, pk, name="k")[:, 0]  # [B, H, Dk]
   vc = compress(win_v, cfg, pv, name="v")[:, 0]
   rows = jnp.arange(pos.shape[0])
   kc = jnp.where(complete[:, None, None], kc, cache.k_cmp[rows, i])
   vc = jnp.where(complete[:, None, None], vc, cache.v_cmp[rows, i])
-  return cache._replace(k_cmp=write_linear(cache.k_cmp, kc, i),
-                        v_cmp=write_linear(cache.v_cmp, vc, i))
+  return cache._replace(
+    k_cmp=write_linear(cache.k_cmp, kc, i), v_cmp=write_linear(cache.v_cmp, vc, i)
+  )
 
 
 def select_at(probs, cfg: NSAConfig, pos, *, capacity: int):
   """``[B, H, n]`` int32 blocks of query position ``pos [B]`` from its compressed-attention
   probabilities ``probs [B, H, G, NC]`` (NSA eq. 9-11, as :func:`select_blocks`)."""
   b, h, g, nc = probs.shape
-  imp = block_importance(probs.reshape(b, 1, h * g, nc), cfg, num_kv_heads=h,
-                         seq_len=capacity)[:, 0]                             # [B, H, NB]
+  imp = block_importance(probs.reshape(b, 1, h * g, nc), cfg, num_kv_heads=h, seq_len=capacity)[
+    :, 0
+  ]  # [B, H, NB]
   nb, bs = imp.shape[-1], cfg.block_size
   j = jnp.arange(nb, dtype=jnp.int32)[None, :]
   p = pos[:, None]
   candidate = j * bs <= p
-  forced = candidate & ((j < cfg.num_init_blocks)
-                        | ((j <= p // bs) & (j > p // bs - cfg.num_local_blocks)))
+  forced = candidate & (
+    (j < cfg.num_init_blocks) | ((j <= p // bs) & (j > p // bs - cfg.num_local_blocks))
+  )
   return top_n_blocks(imp, candidate[:, None], forced[:, None], cfg.num_selected)
 
 
-def nsa_decode_step(cache: NSACache, q, *, config: NSAConfig, pos, k, v=None, k_slc=None,
-                    v_slc=None, k_win=None, v_win=None, gates=None,
-                    compress_params: CompressorParams | None = None):
+def nsa_decode_step(
+  cache: NSACache,
+  q,
+  *,
+  config: NSAConfig,
+  pos,
+  k,
+  v=None,
+  k_slc=None,
+  v_slc=None,
+  k_win=None,
+  v_win=None,
+  gates=None,
+  compress_params: CompressorParams | None = None,
+):
   """One NSA decode step for the token at position ``pos [B]`` of every sequence.
 
   Args:
@@ -219,8 +267,9 @@ def nsa_decode_step(cache: NSACache, q, *, config: NSAConfig, pos, k, v=None, k_
   if cache.v is not None:
     new["v"] = write_linear(cache.v, v, pos)
   if cache.k_slc is not None:
-    new.update(k_slc=write_linear(cache.k_slc, k_slc, pos),
-               v_slc=write_linear(cache.v_slc, v_slc, pos))
+    new.update(
+      k_slc=write_linear(cache.k_slc, k_slc, pos), v_slc=write_linear(cache.v_slc, v_slc, pos)
+    )
   if cache.k_win is not None:
     new["k_win"] = write_ring(cache.k_win, k if k_win is None else k_win, pos)
     if cache.v_win is not None:
@@ -230,21 +279,22 @@ def nsa_decode_step(cache: NSACache, q, *, config: NSAConfig, pos, k, v=None, k_
   scale = cfg.scale(q.shape[-1])
   nc = cache.k_cmp.shape[1]
   visible = (jnp.arange(nc, dtype=jnp.int32) * cfg.cmp_stride + cfg.cmp_window - 1)[None, :]
-  o_cmp, probs = attend_one(q, cache.k_cmp, cache.v_cmp, visible <= pos[:, None], scale,
-                            return_probs=True)
+  o_cmp, probs = attend_one(
+    q, cache.k_cmp, cache.v_cmp, visible <= pos[:, None], scale, return_probs=True
+  )
   outputs = {}
   if "cmp" in cfg.branches:
     outputs["cmp"] = o_cmp
   if "slc" in cfg.branches:
-    sel = select_at(probs, cfg, pos, capacity=cap)                          # [B, H, n]
+    sel = select_at(probs, cfg, pos, capacity=cap)  # [B, H, n]
     if cache.sel is not None:
       sel = jnp.where((pos % cfg.selection_share == 0)[:, None, None], sel, cache.sel)
       cache = cache._replace(sel=sel)
     bs = cfg.block_size
     b, h, n = sel.shape
-    tok = sel[..., None] * bs + jnp.arange(bs, dtype=jnp.int32)            # [B, H, n, l']
+    tok = sel[..., None] * bs + jnp.arange(bs, dtype=jnp.int32)  # [B, H, n, l']
     ok = (sel[..., None] >= 0) & (tok <= pos[:, None, None, None])
-    tok = tok.reshape(b, h, n * bs).transpose(0, 2, 1)                      # [B, n*l', H]
+    tok = tok.reshape(b, h, n * bs).transpose(0, 2, 1)  # [B, n*l', H]
     ok = ok.reshape(b, h, n * bs).transpose(0, 2, 1)
     ks = cache.k if cache.k_slc is None else cache.k_slc
     vs = _values(cache, dv) if cache.v_slc is None else cache.v_slc
@@ -258,5 +308,11 @@ def nsa_decode_step(cache: NSACache, q, *, config: NSAConfig, pos, k, v=None, k_
   return combine_branches(order, gates), cache
 
 
-__all__ = ["NSACache", "decode_config", "fill_nsa_cache", "init_nsa_cache", "nsa_decode_step",
-           "select_at"]
+__all__ = [
+  "NSACache",
+  "decode_config",
+  "fill_nsa_cache",
+  "init_nsa_cache",
+  "nsa_decode_step",
+  "select_at",
+]

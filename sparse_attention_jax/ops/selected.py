@@ -27,14 +27,24 @@ def selected_mask(block_indices, *, block_size: int, seq_len: int, segment_ids=N
   once), satisfy ``s <= t`` (causal inside the query's own block) and share the query's document.
   """
   nb = -(-seq_len // block_size)
-  member = jnp.any(block_indices[..., None] == jnp.arange(nb, dtype=block_indices.dtype),
-                   axis=-2)                                                # [B, T, H, NB]
+  member = jnp.any(
+    block_indices[..., None] == jnp.arange(nb, dtype=block_indices.dtype), axis=-2
+  )  # [B, T, H, NB]
   key_block = jnp.arange(seq_len) // block_size
   return member[..., key_block] & causal_mask(seq_len, segment_ids)
 
 
-def selected_attention(q, k, v, block_indices, *, block_size: int, segment_ids=None,
-                       softmax_scale: float | None = None, impl: str = "auto"):
+def selected_attention(
+  q,
+  k,
+  v,
+  block_indices,
+  *,
+  block_size: int,
+  segment_ids=None,
+  softmax_scale: float | None = None,
+  impl: str = "auto",
+):
   """Attention restricted to selected key blocks.
 
   Args:
@@ -60,23 +70,49 @@ def selected_attention(q, k, v, block_indices, *, block_size: int, segment_ids=N
     _checks.fail("block_size", "a positive int", block_size)
   scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
   if impl == "reference":
-    return _selected_reference(q, k, v, block_indices, block_size=block_size,
-                               segment_ids=segment_ids, softmax_scale=scale)
-  return dispatch.run("selected_attention", impl, _selected_fallback, q, k, v, block_indices,
-                      block_size=block_size, segment_ids=segment_ids, softmax_scale=scale)
+    return _selected_reference(
+      q, k, v, block_indices, block_size=block_size, segment_ids=segment_ids, softmax_scale=scale
+    )
+  return dispatch.run(
+    "selected_attention",
+    impl,
+    _selected_fallback,
+    q,
+    k,
+    v,
+    block_indices,
+    block_size=block_size,
+    segment_ids=segment_ids,
+    softmax_scale=scale,
+  )
 
 
 def _selected_fallback(q, k, v, block_indices, *, block_size, segment_ids, softmax_scale):
   """No kernel: the dense reference for small calls, else the gathered form."""
   b, t, hq, _ = q.shape
   if b * t * hq * t <= DENSE_MAX_ELEMENTS:
-    return _selected_reference(q, k, v, block_indices, block_size=block_size,
-                               segment_ids=segment_ids, softmax_scale=softmax_scale)
-  return gathered_selected_attention(q, k, v, block_indices, block_size=block_size,
-                                     segment_ids=segment_ids, softmax_scale=softmax_scale)
+    return _selected_reference(
+      q,
+      k,
+      v,
+      block_indices,
+      block_size=block_size,
+      segment_ids=segment_ids,
+      softmax_scale=softmax_scale,
+    )
+  return gathered_selected_attention(
+    q,
+    k,
+    v,
+    block_indices,
+    block_size=block_size,
+    segment_ids=segment_ids,
+    softmax_scale=softmax_scale,
+  )
 
 
 def _selected_reference(q, k, v, block_indices, *, block_size, segment_ids, softmax_scale):
-  mask = selected_mask(block_indices, block_size=block_size, seq_len=q.shape[1],
-                       segment_ids=segment_ids)
+  mask = selected_mask(
+    block_indices, block_size=block_size, seq_len=q.shape[1], segment_ids=segment_ids
+  )
   return masked_attention(q, k, v, mask, softmax_scale)[0]

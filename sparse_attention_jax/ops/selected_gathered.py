@@ -30,16 +30,32 @@ _NEG = -1e30
 _CHUNK_ELEMENTS = 2**23
 
 
-def default_chunk(seq_len: int, num_q_heads: int, num_kv_heads: int, num_selected: int,
-                  block_size: int, dk: int, dv: int) -> int:
+def default_chunk(
+  seq_len: int,
+  num_q_heads: int,
+  num_kv_heads: int,
+  num_selected: int,
+  block_size: int,
+  dk: int,
+  dv: int,
+) -> int:
   """Query tokens per chunk: ~8M elements of logits (``HQ * n * l'`` per token) plus gathered
   keys and values (``H * n * l' * (Dk + Dv)`` per token), between 8 and ``seq_len``."""
   per_token = num_selected * block_size * (num_q_heads + num_kv_heads * (dk + dv))
   return max(1, min(seq_len, max(8, _CHUNK_ELEMENTS // max(1, per_token))))
 
 
-def gathered_selected_attention(q, k, v, block_indices, *, block_size: int, segment_ids=None,
-                                softmax_scale: float, chunk: int | None = None):
+def gathered_selected_attention(
+  q,
+  k,
+  v,
+  block_indices,
+  *,
+  block_size: int,
+  segment_ids=None,
+  softmax_scale: float,
+  chunk: int | None = None,
+):
   """Selected-block attention by gathering the selected blocks per query chunk.
 
   Args:
@@ -61,37 +77,42 @@ def gathered_selected_attention(q, k, v, block_indices, *, block_size: int, segm
   nt = -(-t // c)
   tp = nt * c
 
-  def blocks(x):                                   # [B, T, H, D] -> [B, H, NB, l', D] float32
+  def blocks(x):  # [B, T, H, D] -> [B, H, NB, l', D] float32
     x = jnp.pad(x.astype(jnp.float32), ((0, 0), (0, nb * bs - t), (0, 0), (0, 0)))
     return x.reshape(b, nb, bs, h, x.shape[-1]).transpose(0, 3, 1, 2, 4)
 
   kb, vb = blocks(k), blocks(v)
-  doc = (jnp.zeros((b, t), jnp.int32) if segment_ids is None
-         else document_ids(jnp.asarray(segment_ids)))
+  doc = (
+    jnp.zeros((b, t), jnp.int32) if segment_ids is None else document_ids(jnp.asarray(segment_ids))
+  )
   doc_k = jnp.pad(doc, ((0, 0), (0, nb * bs - t)), constant_values=-1).reshape(b, nb, bs)
-  pad_t = lambda x, value: jnp.pad(x, ((0, 0), (0, tp - t)) + ((0, 0),) * (x.ndim - 2),
-                                   constant_values=value)
+  pad_t = lambda x, value: jnp.pad(
+    x, ((0, 0), (0, tp - t)) + ((0, 0),) * (x.ndim - 2), constant_values=value
+  )
   # Scanned over chunks: [NT, B, C, ...]
   qs = pad_t(q, 0).reshape(b, nt, c, h, g, dk).swapaxes(0, 1)
   idx = pad_t(jnp.asarray(block_indices, jnp.int32), -1).reshape(b, nt, c, h, n).swapaxes(0, 1)
-  doc_q = pad_t(doc, -2).reshape(b, nt, c).swapaxes(0, 1)   # padded queries match no document
+  doc_q = pad_t(doc, -2).reshape(b, nt, c).swapaxes(0, 1)  # padded queries match no document
   pos = jnp.arange(tp, dtype=jnp.int32).reshape(nt, c)
-  earlier = jnp.tril(jnp.ones((n, n), bool), -1)             # [j, i]: i comes before j
+  earlier = jnp.tril(jnp.ones((n, n), bool), -1)  # [j, i]: i comes before j
   bi = jnp.arange(b)[:, None, None, None]
   hi = jnp.arange(h)[None, None, :, None]
 
   def chunk_attention(_, xs):
-    qc, ic, dq, pc = xs                          # [B,C,H,G,Dk], [B,C,H,n], [B,C], [C]
+    qc, ic, dq, pc = xs  # [B,C,H,G,Dk], [B,C,H,n], [B,C], [C]
     ok = (ic >= 0) & (ic < nb)
     dup = jnp.any((ic[..., :, None] == ic[..., None, :]) & earlier, axis=-1)
-    ok = ok & ~dup                                              # duplicates count once
+    ok = ok & ~dup  # duplicates count once
     safe = jnp.where(ok, ic, 0)
-    kg = kb[bi, hi, safe].astype(q.dtype)                       # [B, C, H, n, l', Dk]
-    vg = vb[bi, hi, safe].astype(v.dtype)                       # [B, C, H, n, l', Dv]
-    key_pos = safe[..., None] * bs + jnp.arange(bs, dtype=jnp.int32)      # [B, C, H, n, l']
-    vis = (ok[..., None] & (key_pos <= pc[None, :, None, None, None])
-           & (doc_k[bi, safe] == dq[:, :, None, None, None]))
-    logits = _mm("bchgd,bchnsd->bchgns", qc, kg) * softmax_scale         # [B,C,H,G,n,l']
+    kg = kb[bi, hi, safe].astype(q.dtype)  # [B, C, H, n, l', Dk]
+    vg = vb[bi, hi, safe].astype(v.dtype)  # [B, C, H, n, l', Dv]
+    key_pos = safe[..., None] * bs + jnp.arange(bs, dtype=jnp.int32)  # [B, C, H, n, l']
+    vis = (
+      ok[..., None]
+      & (key_pos <= pc[None, :, None, None, None])
+      & (doc_k[bi, safe] == dq[:, :, None, None, None])
+    )
+    logits = _mm("bchgd,bchnsd->bchgns", qc, kg) * softmax_scale  # [B,C,H,G,n,l']
     vis6 = vis[:, :, :, None]
     logits = jnp.where(vis6, logits, _NEG)
     m = jax.lax.stop_gradient(jnp.max(logits, axis=(-2, -1), keepdims=True))

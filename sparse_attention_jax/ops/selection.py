@@ -43,7 +43,7 @@ def overlap_table(config: NSAConfig, seq_len: int) -> tuple[np.ndarray, np.ndarr
   nb, nc = config.num_blocks(seq_len), config.num_cmp_tokens(seq_len)
   kk = bs // d + l // d - 1
   lo = np.arange(nb)[:, None] * (bs // d) - l // d + 1
-  i = lo + np.arange(kk)[None, :]                                          # [NB, K]
+  i = lo + np.arange(kk)[None, :]  # [NB, K]
   j = np.arange(nb)[:, None]
   overlap = np.minimum(i * d + l, (j + 1) * bs) - np.maximum(i * d, j * bs)
   weight = np.where((i >= 0) & (i < nc), overlap // d, 0)
@@ -68,15 +68,16 @@ def block_importance(probs, config: NSAConfig, *, num_kv_heads: int, seq_len: in
   if hq % num_kv_heads:
     _checks.fail("num_kv_heads", f"a divisor of HQ={hq}", num_kv_heads)
   if nc != config.num_cmp_tokens(seq_len):
-    _checks.fail("probs", f"{config.num_cmp_tokens(seq_len)} compressed tokens on the last axis",
-                 nc)
+    _checks.fail(
+      "probs", f"{config.num_cmp_tokens(seq_len)} compressed tokens on the last axis", nc
+    )
   p = jax.lax.stop_gradient(probs).astype(jnp.float32)
   p = p.reshape(b, t, num_kv_heads, hq // num_kv_heads, nc).sum(axis=3)  # [B,T,H,NC] eq. 10
   idx, weight = overlap_table(config, seq_len)
   nb = idx.shape[0]
   if nc == 0:
     return jnp.zeros((b, t, num_kv_heads, nb), jnp.float32)
-  pk = p[..., idx]                                                         # [B,T,H,NB,K]
+  pk = p[..., idx]  # [B,T,H,NB,K]
   if config.score_pooling == "sum":
     out = jnp.sum(pk * weight, axis=-1)
   else:
@@ -89,12 +90,12 @@ def candidate_and_forced(config: NSAConfig, seq_len: int, segment_ids=None, batc
   """``(candidate, forced)``, both ``[B|1, T, NB]`` bool (see the module docstring)."""
   bs = config.block_size
   nb = config.num_blocks(seq_len)
-  t = jnp.arange(seq_len, dtype=jnp.int32)[None, :, None]                  # [1, T, 1]
-  j = jnp.arange(nb, dtype=jnp.int32)[None, None, :]                       # [1, 1, NB]
+  t = jnp.arange(seq_len, dtype=jnp.int32)[None, :, None]  # [1, T, 1]
+  j = jnp.arange(nb, dtype=jnp.int32)[None, None, :]  # [1, 1, NB]
   if segment_ids is None:
     doc0 = jnp.zeros((1, seq_len, 1), jnp.int32)
   else:
-    doc0 = document_starts(segment_ids, batch, seq_len)[:, :, None]       # [B, T, 1]
+    doc0 = document_starts(segment_ids, batch, seq_len)[:, :, None]  # [B, T, 1]
   candidate = (j * bs <= t) & ((j + 1) * bs - 1 >= doc0)
   init = (j >= doc0 // bs) & (j < doc0 // bs + config.num_init_blocks)
   local = (j <= t // bs) & (j > t // bs - config.num_local_blocks)
@@ -116,12 +117,19 @@ def select_blocks(importance, config: NSAConfig, *, segment_ids=None):
   _checks.check_rank("importance", importance, 4, "[B, T, H, NB]")
   b, t, _, nb = importance.shape
   if nb != config.num_blocks(t):
-    _checks.fail("importance", f"{config.num_blocks(t)} blocks on the last axis for T={t}, "
-                 f"block_size={config.block_size}", nb)
+    _checks.fail(
+      "importance",
+      f"{config.num_blocks(t)} blocks on the last axis for T={t}, block_size={config.block_size}",
+      nb,
+    )
   n = config.num_selected
   if n > nb:
-    _checks.fail("config.num_selected", f"at most the {nb} blocks of a T={t} sequence "
-                 f"(block_size={config.block_size}); use config.for_length(T)", n)
+    _checks.fail(
+      "config.num_selected",
+      f"at most the {nb} blocks of a T={t} sequence "
+      f"(block_size={config.block_size}); use config.for_length(T)",
+      n,
+    )
   _checks.check_segment_ids(segment_ids, b, t)
   candidate, forced = candidate_and_forced(config, t, segment_ids, b)
   out = top_n_blocks(importance, candidate[:, :, None, :], forced[:, :, None, :], n)
@@ -142,11 +150,11 @@ def top_n_blocks(importance, candidate, forced, n: int):
   """
   nb = importance.shape[-1]
   score = jax.lax.stop_gradient(importance).astype(jnp.float32)
-  fmax = jnp.finfo(jnp.float32).max       # keep +inf for forced blocks and -inf for non-candidates
+  fmax = jnp.finfo(jnp.float32).max  # keep +inf for forced blocks and -inf for non-candidates
   score = jnp.nan_to_num(score, nan=-fmax, posinf=fmax, neginf=-fmax)
   score = jnp.where(forced, jnp.inf, score)
   score = jnp.where(candidate, score, -jnp.inf)
-  top, idx = jax.lax.top_k(score, n)                    # ties: lower index first (stable)
+  top, idx = jax.lax.top_k(score, n)  # ties: lower index first (stable)
   idx = jnp.where(top == -jnp.inf, nb, idx)
   idx = jnp.sort(idx, axis=-1)
   return jnp.where(idx >= nb, -1, idx).astype(jnp.int32)
@@ -169,5 +177,5 @@ def share_selection(block_indices, r: int):
   if not isinstance(r, int) or r < 1:
     _checks.fail("r", "a positive int", r)
   t = block_indices.shape[1]
-  leader = (jnp.arange(t, dtype=jnp.int32) // r) * r                       # [T]
+  leader = (jnp.arange(t, dtype=jnp.int32) // r) * r  # [T]
   return jnp.take(block_indices, leader, axis=1)

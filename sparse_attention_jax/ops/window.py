@@ -14,9 +14,17 @@ from sparse_attention_jax.ops.blocked import blocked_attention
 from sparse_attention_jax.ops.masked import causal_mask, masked_attention
 
 
-def sliding_window_attention(q, k, v, *, window: int, segment_ids=None,
-                             softmax_scale: float | None = None, impl: str = "auto",
-                             chunk: int | None = None):
+def sliding_window_attention(
+  q,
+  k,
+  v,
+  *,
+  window: int,
+  segment_ids=None,
+  softmax_scale: float | None = None,
+  impl: str = "auto",
+  chunk: int | None = None,
+):
   """Causal attention over the last ``window`` keys.
 
   Args:
@@ -44,10 +52,12 @@ def sliding_window_attention(q, k, v, *, window: int, segment_ids=None,
     return masked_attention(q, k, v, causal_mask(t, segment_ids, window), scale)[0]
 
   def blocked(q, k, v, segment_ids):
-    return blocked_attention(q, k, v, window=window, segment_ids=segment_ids,
-                             softmax_scale=scale, chunk=chunk)[0]
+    return blocked_attention(
+      q, k, v, window=window, segment_ids=segment_ids, softmax_scale=scale, chunk=chunk
+    )[0]
 
   if impl == "blocked":
     return blocked(q, k, v, segment_ids)
-  return cudnn.causal_attention_or(blocked, q, k, v, window=window, softmax_scale=scale,
-                                   segment_ids=segment_ids)
+  return cudnn.causal_attention_or(
+    blocked, q, k, v, window=window, softmax_scale=scale, segment_ids=segment_ids
+  )

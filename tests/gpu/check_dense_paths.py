@@ -53,8 +53,8 @@ def segments(kind, b, t):
   if kind in ("packed", "padded"):
     for c in (t // 5, t // 2 + 3, t - t // 10):
       ids[:, c:] += 1
-  if kind == "padded":                   # the data pipeline's layout: documents, then 0 padding
-    ids[:, t - t // 16:] = 0
+  if kind == "padded":  # the data pipeline's layout: documents, then 0 padding
+    ids[:, t - t // 16 :] = 0
   return jnp.asarray(ids)
 
 
@@ -62,6 +62,7 @@ def value_and_grads(fn, q, k, v, ct):
   def loss(q, k, v):
     o = fn(q, k, v)
     return jnp.sum(o.astype(jnp.float32) * ct), o
+
   return jax.jit(jax.grad(loss, (0, 1, 2), has_aux=True))(q, k, v)
 
 
@@ -76,33 +77,55 @@ def correctness(quick):
       q, k, v, ct = inputs(jax.random.key(len(rows)), 2, t, jnp.bfloat16)
       seg = segments(seg_kind, 2, t)
       f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+
       def ref(q, k, v, seg=seg, window=window):
-        return masked_attention(q, k, v, causal_mask(t, seg, window), D ** -0.5)[0]
+        return masked_attention(q, k, v, causal_mask(t, seg, window), D**-0.5)[0]
+
       g_ref, o_ref = value_and_grads(ref, *f32, ct)
       impls = ("auto", "blocked") + (("nsa_window",) if window else ())
       for impl in impls:
-        fn = functools.partial(dense_attention.causal_attention, segment_ids=seg, window=window,
-                               impl=impl)
-        if impl == "nsa_window":         # NSA's window branch: the ops-level entry point
-          fn = functools.partial(sliding_window_attention, segment_ids=seg, window=window,
-                                 impl="auto")
+        fn = functools.partial(
+          dense_attention.causal_attention, segment_ids=seg, window=window, impl=impl
+        )
+        if impl == "nsa_window":  # NSA's window branch: the ops-level entry point
+          fn = functools.partial(
+            sliding_window_attention, segment_ids=seg, window=window, impl="auto"
+          )
         try:
           g, o = value_and_grads(fn, q, k, v, ct)
         except Exception as e:  # noqa: BLE001 -- a refused path is a failure: report it
           ok = False
-          rows.append({"check": "correctness", "window": window, "segments": seg_kind,
-                       "impl": impl, "error": f"{type(e).__name__}: {str(e)[:300]}", "ok": False})
+          rows.append(
+            {
+              "check": "correctness",
+              "window": window,
+              "segments": seg_kind,
+              "impl": impl,
+              "error": f"{type(e).__name__}: {str(e)[:300]}",
+              "ok": False,
+            }
+          )
           show(rows[-1])
           continue
         err_o = float(jnp.max(jnp.abs(o.astype(jnp.float32) - o_ref)))
-        err_g = max(float(jnp.max(jnp.abs(a.astype(jnp.float32) - b)) / jnp.max(jnp.abs(b)))
-                    for a, b in zip(g, g_ref))
+        err_g = max(
+          float(jnp.max(jnp.abs(a.astype(jnp.float32) - b)) / jnp.max(jnp.abs(b)))
+          for a, b in zip(g, g_ref)
+        )
         good = err_o < 0.05 and err_g < 0.05 and all(bool(jnp.all(jnp.isfinite(x))) for x in g)
         ok &= good
-        rows.append({"check": "correctness", "window": window, "segments": seg_kind,
-                     "impl": impl, "cudnn_usable": cudnn.usable(q, k, v, window, D ** -0.5),
-                     "max_err_o": err_o,
-                     "max_rel_err_grad": err_g, "ok": good})
+        rows.append(
+          {
+            "check": "correctness",
+            "window": window,
+            "segments": seg_kind,
+            "impl": impl,
+            "cudnn_usable": cudnn.usable(q, k, v, window, D**-0.5),
+            "max_err_o": err_o,
+            "max_rel_err_grad": err_g,
+            "ok": good,
+          }
+        )
         show(rows[-1])
   return rows, ok
 
@@ -112,8 +135,10 @@ SHOWN: list[dict] = []
 
 def show(row):
   """Prints a row and rewrites the JSON with every row so far (a run cut short keeps them)."""
-  print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
-        flush=True)
+  print(
+    " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
+    flush=True,
+  )
   SHOWN.append(row)
   out = os.environ.get("OUT", ".")
   os.makedirs(out, exist_ok=True)
@@ -136,9 +161,16 @@ def timing(quick):
         # 128 MiB that XLA constant-folds for minutes).
         def loss(q, k, v, ct, seg, fn=fn):
           return jnp.sum(fn(q, k, v, segment_ids=seg).astype(jnp.float32) * ct)
+
         step = jax.jit(jax.value_and_grad(loss, (0, 1, 2)))
-        row = {"check": "memory_time", "B": b, "T": t, "window": window, "segments": seg_kind,
-               "impl": impl}
+        row = {
+          "check": "memory_time",
+          "B": b,
+          "T": t,
+          "window": window,
+          "segments": seg_kind,
+          "impl": impl,
+        }
         args = (q, k, v, ct, seg)
         try:
           compiled = step.lower(*args).compile()
@@ -161,7 +193,7 @@ def main():
   quick = "--quick" in sys.argv
   print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}")
   ok = correctness(quick)[1]
-  timing(quick)                                  # every row is in the JSON as soon as shown
+  timing(quick)  # every row is in the JSON as soon as shown
   print("OK" if ok else "FAILED")
   sys.exit(0 if ok else 1)
 

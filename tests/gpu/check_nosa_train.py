@@ -36,8 +36,9 @@ SMOKE = "--smoke" in sys.argv
 HQ, H, D = (4, 2, 16) if SMOKE else (32, 2, 64)
 # (config, k_q): correctness selects 24 of the 32 blocks of T = 2048 (nosa_1b's k = 64 would take
 # them all); timing at T = 8192 uses nosa_1b's budgets (k = 64, k_q = 33).
-SMOKE_CFG = NSAConfig.infllm_v2(cmp_window=16, cmp_stride=8, block_size=16, num_selected=6,
-                                local_window=32)
+SMOKE_CFG = NSAConfig.infllm_v2(
+  cmp_window=16, cmp_stride=8, block_size=16, num_selected=6, local_window=32
+)
 CHECK = (SMOKE_CFG, 4) if SMOKE else (NSAConfig.infllm_v2(num_selected=24), 20)
 TIMING = (SMOKE_CFG, 4) if SMOKE else (NSAConfig.infllm_v2(num_selected=64), 33)
 
@@ -56,9 +57,11 @@ def inputs(key, t, dtype=jnp.bfloat16):
 def grads(impl, bs):
   """``(q, k, v, c, idx, seg, ct) -> ((dq, dk, dv, dc), o)``, jitted; every array is an argument
   (a captured one would be an HLO constant that XLA may fold)."""
+
   def loss(q, k, v, c, idx, seg, ct):
     o = biased_selected_attention(q, k, v, c, idx, block_size=bs, segment_ids=seg, impl=impl)
     return jnp.sum(o.astype(jnp.float32) * ct), o
+
   return jax.jit(jax.grad(loss, (0, 1, 2, 3), has_aux=True))
 
 
@@ -71,20 +74,29 @@ def correctness():
   t = 256 if SMOKE else 2048
   cfg, kq = for_length(*CHECK, t)
   q, k, v, c, ct, seg = inputs(jax.random.key(0), t)
-  _, aux = jax.jit(lambda q, k, v, c, seg: nosa_attention(
-      q, k, v, c, config=cfg, num_query_selected=kq, segment_ids=seg, return_aux=True))(
-          q, k, v, c, seg)
+  _, aux = jax.jit(
+    lambda q, k, v, c, seg: nosa_attention(
+      q, k, v, c, config=cfg, num_query_selected=kq, segment_ids=seg, return_aux=True
+    )
+  )(q, k, v, c, seg)
   idx = aux.block_indices
   g1, o1 = grads("auto", cfg.block_size)(q, k, v, c, idx, seg, ct)
   g2, o2 = grads("auto", cfg.block_size)(q, k, v, c, idx, seg, ct)
   f32 = [x.astype(jnp.float32) for x in (q, k, v)]
   gr, orf = grads("reference", cfg.block_size)(*f32, c, idx, seg, ct)
-  row = {"check": "correctness", "T": t, "o_rel": rel(o1, orf),
-         **{f"d{n}_rel": rel(a, b) for n, a, b in zip("qkvc", g1, gr)},
-         "repeat_equal": all(bool(jnp.array_equal(a, b)) for a, b in zip((o1, *g1), (o2, *g2))),
-         "finite": all(bool(jnp.all(jnp.isfinite(x))) for x in (o1, *g1))}
-  row["ok"] = (row["finite"] and row["repeat_equal"]
-               and all(row[key] <= 2e-2 for key in row if key.endswith("_rel")))
+  row = {
+    "check": "correctness",
+    "T": t,
+    "o_rel": rel(o1, orf),
+    **{f"d{n}_rel": rel(a, b) for n, a, b in zip("qkvc", g1, gr)},
+    "repeat_equal": all(bool(jnp.array_equal(a, b)) for a, b in zip((o1, *g1), (o2, *g2))),
+    "finite": all(bool(jnp.all(jnp.isfinite(x))) for x in (o1, *g1)),
+  }
+  row["ok"] = (
+    row["finite"]
+    and row["repeat_equal"]
+    and all(row[key] <= 2e-2 for key in row if key.endswith("_rel"))
+  )
   return row
 
 
@@ -93,17 +105,24 @@ def timing():
   t = 512 if SMOKE else 8192
   cfg, kq = for_length(*TIMING, t)
   q, k, v, c, ct, seg = inputs(jax.random.key(1), t)
-  idx = jax.jit(lambda q, k, v, c, seg: nosa_attention(
-      q, k, v, c, config=cfg, num_query_selected=kq, segment_ids=seg, return_aux=True)[1]
-      .block_indices)(q, k, v, c, seg)
+  idx = jax.jit(
+    lambda q, k, v, c, seg: (
+      nosa_attention(
+        q, k, v, c, config=cfg, num_query_selected=kq, segment_ids=seg, return_aux=True
+      )[1].block_indices
+    )
+  )(q, k, v, c, seg)
 
   def whole(q, k, v, c, idx, seg, ct):
-    del idx                                            # nosa_attention selects by itself
+    del idx  # nosa_attention selects by itself
     o = nosa_attention(q, k, v, c, config=cfg, num_query_selected=kq, segment_ids=seg)
     return jnp.sum(o.astype(jnp.float32) * ct)
-  cases = {"biased auto": grads("auto", cfg.block_size),
-           "biased reference": grads("reference", cfg.block_size),
-           "nosa_attention auto": jax.jit(jax.grad(whole, (0, 1, 2, 3)))}
+
+  cases = {
+    "biased auto": grads("auto", cfg.block_size),
+    "biased reference": grads("reference", cfg.block_size),
+    "nosa_attention auto": jax.jit(jax.grad(whole, (0, 1, 2, 3))),
+  }
   args = (q, k, v, c, idx, seg, ct)
   for name, fn in cases.items():
     row = {"check": "time", "T": t, "case": name}

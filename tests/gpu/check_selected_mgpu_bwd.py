@@ -43,29 +43,28 @@ sys.path.insert(0, "tests/gpu")
 from check_selected_mgpu import BS, random_selection
 
 CONFIGS = [
-    # name, b, t, hq, h, d, n, dtype, mode
-    ("G16 D128 bf16 exact T=301", 1, 301, 32, 2, 128, 16, jnp.bfloat16, "exact"),
-    ("G16 D128 bf16 shared T=301", 1, 301, 32, 2, 128, 16, jnp.bfloat16, "shared"),
-    ("G16 D64 f16 exact T=1000 B=2", 2, 1000, 32, 2, 64, 8, jnp.float16, "exact"),
-    ("G8 D128 f16 exact T=517", 1, 517, 16, 2, 128, 6, jnp.float16, "exact"),
-    ("G4 D128 bf16 shared T=333", 1, 333, 8, 2, 128, 5, jnp.bfloat16, "shared"),
-    ("G3 D128 bf16 exact T=250", 1, 250, 6, 2, 128, 4, jnp.bfloat16, "exact"),
-    ("G1 D64 bf16 exact T=250", 1, 250, 2, 2, 64, 4, jnp.bfloat16, "exact"),
-    ("G16 D128 bf16 exact T=4096 std", 1, 4096, 64, 4, 128, 16, jnp.bfloat16, "exact"),
+  # name, b, t, hq, h, d, n, dtype, mode
+  ("G16 D128 bf16 exact T=301", 1, 301, 32, 2, 128, 16, jnp.bfloat16, "exact"),
+  ("G16 D128 bf16 shared T=301", 1, 301, 32, 2, 128, 16, jnp.bfloat16, "shared"),
+  ("G16 D64 f16 exact T=1000 B=2", 2, 1000, 32, 2, 64, 8, jnp.float16, "exact"),
+  ("G8 D128 f16 exact T=517", 1, 517, 16, 2, 128, 6, jnp.float16, "exact"),
+  ("G4 D128 bf16 shared T=333", 1, 333, 8, 2, 128, 5, jnp.bfloat16, "shared"),
+  ("G3 D128 bf16 exact T=250", 1, 250, 6, 2, 128, 4, jnp.bfloat16, "exact"),
+  ("G1 D64 bf16 exact T=250", 1, 250, 2, 2, 64, 4, jnp.bfloat16, "exact"),
+  ("G16 D128 bf16 exact T=4096 std", 1, 4096, 64, 4, 128, 16, jnp.bfloat16, "exact"),
 ]
 
 DIM_CONFIGS = [
-    # name, b, t, hq, h, (dk, dv), n, dtype, mode: Dk != Dv; 160 is padded to 192 by the wrapper
-    ("G16 Dk192 Dv128 bf16 exact T=301", 1, 301, 32, 2, (192, 128), 16, jnp.bfloat16, "exact"),
-    ("G4 Dk192 Dv128 bf16 exact T=333", 1, 333, 8, 2, (192, 128), 5, jnp.bfloat16, "exact"),
-    ("G16 Dk160 Dv128 bf16 exact T=517", 1, 517, 32, 2, (160, 128), 8, jnp.bfloat16, "exact"),
-    ("G4 Dk160 Dv128 bf16 shared T=250", 1, 250, 8, 2, (160, 128), 4, jnp.bfloat16, "shared"),
-    ("G16 Dk160 Dv128 bf16 shared T=301", 1, 301, 32, 2, (160, 128), 16, jnp.bfloat16, "shared"),
-    ("G16 Dk160 Dv128 bf16 exact T=4096 GLA", 1, 4096, 32, 2, (160, 128), 16, jnp.bfloat16,
-     "exact"),
-    ("G8 Dk192 Dv128 f16 exact T=300 B=2", 2, 300, 16, 2, (192, 128), 6, jnp.float16, "exact"),
-    ("G16 Dk256 Dv128 bf16 exact T=301", 1, 301, 32, 2, (256, 128), 8, jnp.bfloat16, "exact"),
-    ("G16 Dk64 Dv128 bf16 exact T=301", 1, 301, 32, 2, (64, 128), 8, jnp.bfloat16, "exact"),
+  # name, b, t, hq, h, (dk, dv), n, dtype, mode: Dk != Dv; 160 is padded to 192 by the wrapper
+  ("G16 Dk192 Dv128 bf16 exact T=301", 1, 301, 32, 2, (192, 128), 16, jnp.bfloat16, "exact"),
+  ("G4 Dk192 Dv128 bf16 exact T=333", 1, 333, 8, 2, (192, 128), 5, jnp.bfloat16, "exact"),
+  ("G16 Dk160 Dv128 bf16 exact T=517", 1, 517, 32, 2, (160, 128), 8, jnp.bfloat16, "exact"),
+  ("G4 Dk160 Dv128 bf16 shared T=250", 1, 250, 8, 2, (160, 128), 4, jnp.bfloat16, "shared"),
+  ("G16 Dk160 Dv128 bf16 shared T=301", 1, 301, 32, 2, (160, 128), 16, jnp.bfloat16, "shared"),
+  ("G16 Dk160 Dv128 bf16 exact T=4096 GLA", 1, 4096, 32, 2, (160, 128), 16, jnp.bfloat16, "exact"),
+  ("G8 Dk192 Dv128 f16 exact T=300 B=2", 2, 300, 16, 2, (192, 128), 6, jnp.float16, "exact"),
+  ("G16 Dk256 Dv128 bf16 exact T=301", 1, 301, 32, 2, (256, 128), 8, jnp.bfloat16, "exact"),
+  ("G16 Dk64 Dv128 bf16 exact T=301", 1, 301, 32, 2, (64, 128), 8, jnp.bfloat16, "exact"),
 ]
 
 
@@ -89,15 +88,22 @@ def check(name, b, t, hq, h, d, n, dtype, mode, seed, docs=False, **kw):
   do = jax.random.normal(kd, (b, t, hq, dv), jnp.float32).astype(dtype)
   bs = kw.get("block_size", BS)
   bi = random_selection(ki, b, t, h, n, block_size=bs).at[:, 70:74].set(-1)  # rows see nothing
-  opts = {"tile_rows": 128 if mode == "exact" else 64, "q_layout": "direct",  # public defaults
-          "persistent": not docs}
-  cfg = mg._Config(softmax_scale=dk ** -0.5, mode=mode, **{**opts, **kw})
+  opts = {
+    "tile_rows": 128 if mode == "exact" else 64,
+    "q_layout": "direct",  # public defaults
+    "persistent": not docs,
+  }
+  cfg = mg._Config(softmax_scale=dk**-0.5, mode=mode, **{**opts, **kw})
   seg = segments(b, t, seed) if docs else None
   doc_start = None if seg is None else document_starts(seg, b, t)
-  padded = lambda fn: (lambda q, k, v, bi: dims.with_padded_head_dims(fn, q, k, v, bi, doc_start,
-                                                                       cfg))
-  f = jax.jit(lambda q, k, v, do, bi: jax.vjp(
-      lambda q, k, v: padded(mg._attention)(q, k, v, bi), q, k, v)[1](do))
+  padded = lambda fn: (
+    lambda q, k, v, bi: dims.with_padded_head_dims(fn, q, k, v, bi, doc_start, cfg)
+  )
+  f = jax.jit(
+    lambda q, k, v, do, bi: jax.vjp(lambda q, k, v: padded(mg._attention)(q, k, v, bi), q, k, v)[1](
+      do
+    )
+  )
   g1 = jax.block_until_ready(f(q, k, v, do, bi))
   g2 = jax.block_until_ready(f(q, k, v, do, bi))
   o_k, lse_k = jax.jit(padded(mg._forward))(q, k, v, bi)
@@ -105,15 +111,17 @@ def check(name, b, t, hq, h, d, n, dtype, mode, seed, docs=False, **kw):
   bi_ref = share_selection(bi, mg.tokens_per_tile(g)) if mode == "shared" else bi
   f32 = lambda x: x.astype(jnp.float32)
   mask = selected_mask(bi_ref, block_size=bs, seq_len=t, segment_ids=seg)
-  (o_r, lse_r), vjp = jax.vjp(lambda q, k, v: masked_attention(q, k, v, mask, dk ** -0.5),
-                              f32(q), f32(k), f32(v))
+  (o_r, lse_r), vjp = jax.vjp(
+    lambda q, k, v: masked_attention(q, k, v, mask, dk**-0.5), f32(q), f32(k), f32(v)
+  )
   want = vjp((f32(do), jnp.zeros_like(lse_r)))
   o_k, o_r = np.asarray(f32(o_k)), np.asarray(o_r)
   o_rel = np.linalg.norm(o_k - o_r) / np.linalg.norm(o_r)
   lse_k, lse_r = np.asarray(lse_k), np.asarray(lse_r)
   fin = np.isfinite(lse_r)
   lse_ok = bool(np.all(np.isneginf(lse_k[~fin]))) and (
-      not fin.any() or np.max(np.abs(lse_k[fin] - lse_r[fin])) < 2e-2)
+    not fin.any() or np.max(np.abs(lse_k[fin] - lse_r[fin])) < 2e-2
+  )
   ok = o_rel < 1e-2 and lse_ok
   parts = [f"o: rel={o_rel:.1e} lse_ok={lse_ok}"]
   for nm, a, a2, w in zip(("dq", "dk", "dv"), g1, g2, want):
@@ -123,8 +131,9 @@ def check(name, b, t, hq, h, d, n, dtype, mode, seed, docs=False, **kw):
     race = not np.array_equal(a, a2)
     nan = bool(np.isnan(a).any())
     ok &= rel < 2e-2 and mx < 5e-2 and not race and not nan
-    parts.append(f"{nm}: rel={rel:.1e} max/|ref|={mx:.1e}{' RACE' if race else ''}"
-                 f"{' NAN' if nan else ''}")
+    parts.append(
+      f"{nm}: rel={rel:.1e} max/|ref|={mx:.1e}{' RACE' if race else ''}{' NAN' if nan else ''}"
+    )
   print(f"{'OK  ' if ok else 'FAIL'} {name:50s} " + "  ".join(parts), flush=True)
   return ok
 
@@ -138,15 +147,23 @@ def check_dispatch_grad(seed=100, dk=64, dv=64, bs=BS):
   v = jax.random.normal(kv, (b, t, h, dv), jnp.float32).astype(jnp.bfloat16)
   bi = random_selection(ki, b, t, h, n, block_size=bs)
   w = jax.random.normal(kw, (b, t, hq, dv), jnp.float32)
-  loss = lambda impl: (lambda q, k, v: jnp.sum(selected_attention(
-      q, k, v, bi, block_size=bs, impl=impl).astype(jnp.float32) * w))
+  loss = lambda impl: (
+    lambda q, k, v: jnp.sum(
+      selected_attention(q, k, v, bi, block_size=bs, impl=impl).astype(jnp.float32) * w
+    )
+  )
   gk = jax.jit(jax.grad(loss("pallas_gpu"), argnums=(0, 1, 2)))(q, k, v)
   gr = jax.jit(jax.grad(loss("reference"), argnums=(0, 1, 2)))(q, k, v)
-  rel = max(float(jnp.linalg.norm(f32a - f32b) / jnp.linalg.norm(f32b)) for f32a, f32b in
-            ((a.astype(jnp.float32), c.astype(jnp.float32)) for a, c in zip(gk, gr)))
+  rel = max(
+    float(jnp.linalg.norm(f32a - f32b) / jnp.linalg.norm(f32b))
+    for f32a, f32b in ((a.astype(jnp.float32), c.astype(jnp.float32)) for a, c in zip(gk, gr))
+  )
   ok = rel < 2e-2
-  print(f"{'OK  ' if ok else 'FAIL'} grad through impl='pallas_gpu' vs reference (Dk={dk}, "
-        f"Dv={dv}, block {bs}): max rel={rel:.1e}", flush=True)
+  print(
+    f"{'OK  ' if ok else 'FAIL'} grad through impl='pallas_gpu' vs reference (Dk={dk}, "
+    f"Dv={dv}, block {bs}): max rel={rel:.1e}",
+    flush=True,
+  )
   return ok
 
 
@@ -154,43 +171,65 @@ def main():
   print("device:", jax.devices()[0].device_kind, "jax", jax.__version__, flush=True)
   jobs = [(c, {}) for c in CONFIGS]
   jobs += [(CONFIGS[i], {"tile_rows": 64, "q_layout": "tiles"}) for i in (0, 3)]
-  jobs += [(CONFIGS[i], {"bwd_direct": False}) for i in (0, 2, 7)]         # tiles backward
-  jobs += [(CONFIGS[i], {"bwd_chunk": 3}) for i in (2, 7)]                 # many split items
-  docs = [(CONFIGS[i], {"docs": True, **kw}) for i, kw in
-          ((0, {}), (1, {}), (2, {}), (3, {"tile_rows": 64, "q_layout": "tiles"}), (4, {}),
-           (5, {}), (6, {}), (7, {}), (2, {"bwd_direct": False}))]          # packed documents
+  jobs += [(CONFIGS[i], {"bwd_direct": False}) for i in (0, 2, 7)]  # tiles backward
+  jobs += [(CONFIGS[i], {"bwd_chunk": 3}) for i in (2, 7)]  # many split items
+  docs = [
+    (CONFIGS[i], {"docs": True, **kw})
+    for i, kw in (
+      (0, {}),
+      (1, {}),
+      (2, {}),
+      (3, {"tile_rows": 64, "q_layout": "tiles"}),
+      (4, {}),
+      (5, {}),
+      (6, {}),
+      (7, {}),
+      (2, {"bwd_direct": False}),
+    )
+  ]  # packed documents
   dim_jobs = [(c, {}) for c in DIM_CONFIGS]
   dim_jobs += [(DIM_CONFIGS[i], {"tile_rows": 64, "q_layout": "tiles"}) for i in (0, 2)]
   dim_jobs += [(DIM_CONFIGS[i], {"tile_rows": 128, "q_layout": "tiles"}) for i in (1,)]
-  dim_jobs += [(DIM_CONFIGS[i], {"bwd_direct": False}) for i in (0, 2)]    # tiles backward
-  dim_jobs += [(DIM_CONFIGS[i], {"docs": True}) for i in (2, 3)]            # packed documents
+  dim_jobs += [(DIM_CONFIGS[i], {"bwd_direct": False}) for i in (0, 2)]  # tiles backward
+  dim_jobs += [(DIM_CONFIGS[i], {"docs": True}) for i in (2, 3)]  # packed documents
   dim_jobs += [(DIM_CONFIGS[5], {"bwd_chunk": 3, "num_stages": 3})]
   c = CONFIGS
-  block_jobs = [(c[0], {"block_size": 32}), (c[0], {"block_size": 128}),
-                (c[4], {"block_size": 32}), (c[4], {"block_size": 128}),
-                (c[5], {"block_size": 128, "docs": True}), (c[6], {"block_size": 32, "docs": True}),
-                (c[3], {"block_size": 128, "tile_rows": 64, "q_layout": "tiles"}),
-                (c[2], {"block_size": 32, "bwd_direct": False, "bwd_chunk": 3}),
-                (DIM_CONFIGS[2], {"block_size": 128}), (DIM_CONFIGS[0], {"block_size": 32}),
-                (c[7][:6] + (8,) + c[7][7:], {"block_size": 128}),      # T=4096, n*bs = 1024
-                (c[7][:6] + (32,) + c[7][7:], {"block_size": 32})]
+  block_jobs = [
+    (c[0], {"block_size": 32}),
+    (c[0], {"block_size": 128}),
+    (c[4], {"block_size": 32}),
+    (c[4], {"block_size": 128}),
+    (c[5], {"block_size": 128, "docs": True}),
+    (c[6], {"block_size": 32, "docs": True}),
+    (c[3], {"block_size": 128, "tile_rows": 64, "q_layout": "tiles"}),
+    (c[2], {"block_size": 32, "bwd_direct": False, "bwd_chunk": 3}),
+    (DIM_CONFIGS[2], {"block_size": 128}),
+    (DIM_CONFIGS[0], {"block_size": 32}),
+    (c[7][:6] + (8,) + c[7][7:], {"block_size": 128}),  # T=4096, n*bs = 1024
+    (c[7][:6] + (32,) + c[7][7:], {"block_size": 32}),
+  ]
   dispatch_dims = [(64, 64, BS)]
-  if "--new-quick" in sys.argv:              # the four new shapes only: 192/128, 160/128, 32, 128
+  if "--new-quick" in sys.argv:  # the four new shapes only: 192/128, 160/128, 32, 128
     jobs = [dim_jobs[0], dim_jobs[2], block_jobs[0], block_jobs[1]]
     dispatch_dims = [(160, 128, BS)]
-  elif "--smoke" in sys.argv:                  # one short call: regression + new dims + new blocks
-    jobs = [jobs[i] for i in (0, 4, 7, 13)] + [docs[0], dim_jobs[0], dim_jobs[2],
-                                                block_jobs[0], block_jobs[1]]
+  elif "--smoke" in sys.argv:  # one short call: regression + new dims + new blocks
+    jobs = [jobs[i] for i in (0, 4, 7, 13)] + [
+      docs[0],
+      dim_jobs[0],
+      dim_jobs[2],
+      block_jobs[0],
+      block_jobs[1],
+    ]
     dispatch_dims = [(160, 128, BS)]
   elif "--quick" in sys.argv:
     jobs = [jobs[i] for i in (0, 1, 4, 6, 7, 13)]
-  if "--persistent-docs" in sys.argv:          # packed documents on the persistent forward
+  if "--persistent-docs" in sys.argv:  # packed documents on the persistent forward
     jobs = [(c, {**kw, "persistent": True}) for c, kw in (docs[i] for i in (0, 2, 4, 6, 7))]
   elif "--docs-quick" in sys.argv:
     jobs = [docs[i] for i in (0, 3, 4, 6, 8)]
   elif "--docs" in sys.argv:
     jobs = docs
-  elif "--dims-quick" in sys.argv:                 # 192/128 and 160/128, both tile sizes and
+  elif "--dims-quick" in sys.argv:  # 192/128 and 160/128, both tile sizes and
     jobs = [dim_jobs[i] for i in (0, 1, 2, 3, 5, 7, 9, 13, 14, 16)]  # layouts, docs, 256/128
     dispatch_dims = [(160, 128, BS)]
   elif "--dims" in sys.argv:
@@ -203,8 +242,14 @@ def main():
   elif "--all" in sys.argv:
     jobs += docs + dim_jobs + block_jobs
     dispatch_dims += [(160, 128, BS), (64, 64, 32), (160, 128, 128)]
-  opt = lambda name: next((a.split("=", 1)[1] if "=" in a else sys.argv[j + 1]
-                           for j, a in enumerate(sys.argv) if a.split("=", 1)[0] == name), None)
+  opt = lambda name: next(
+    (
+      a.split("=", 1)[1] if "=" in a else sys.argv[j + 1]
+      for j, a in enumerate(sys.argv)
+      if a.split("=", 1)[0] == name
+    ),
+    None,
+  )
   jobs = list(enumerate(jobs))
   picked = opt("--configs")
   if picked is not None:
@@ -239,8 +284,9 @@ def main():
       ok &= check_dispatch_grad(dk=dk, dv=dv, bs=bs)
     except Exception as e:  # noqa: BLE001
       ok = False
-      print(f"FAIL dispatch grad (Dk={dk}, Dv={dv}): {type(e).__name__}: {str(e)[:3000]}",
-            flush=True)
+      print(
+        f"FAIL dispatch grad (Dk={dk}, Dv={dv}): {type(e).__name__}: {str(e)[:3000]}", flush=True
+      )
   print("ALL OK" if ok else "SOME FAILED", flush=True)
   sys.exit(0 if ok else 1)
 

@@ -46,6 +46,7 @@ def fwd_and_grads(fn, q, k, v, bi, w):
   def loss(q, k, v):
     o = fn(q, k, v, bi)
     return jnp.sum(o.astype(jnp.float32) * w), o
+
   (_, o), g = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
   return o, g
 
@@ -70,10 +71,11 @@ def rel(a, b):
 def compare(name, got, want):
   (o, g), (o_r, g_r) = got, want
   errs = {"o": rel(o, o_r), **{nm: rel(a, b) for nm, a, b in zip(("dq", "dk", "dv"), g, g_r)}}
-  ok = all(e < TOL for e in errs.values()) and all(
-      bool(jnp.all(jnp.isfinite(x))) for x in (o, *g))
-  print(f"{'OK  ' if ok else 'FAIL'} {name:44s} " + "  ".join(
-      f"{k}={e:.1e}" for k, e in errs.items()), flush=True)
+  ok = all(e < TOL for e in errs.values()) and all(bool(jnp.all(jnp.isfinite(x))) for x in (o, *g))
+  print(
+    f"{'OK  ' if ok else 'FAIL'} {name:44s} " + "  ".join(f"{k}={e:.1e}" for k, e in errs.items()),
+    flush=True,
+  )
   return {"case": name, "ok": ok, **errs}
 
 
@@ -87,9 +89,11 @@ def main():
   # vmap over a leading axis of 3 independent problems (batch 1 each).
   q, k, v, bi, w = inputs(1, (3, 1), t, hq, h, d, n)
   got = jax.jit(jax.vmap(lambda q, k, v, bi, w: fwd_and_grads(op("pallas_gpu"), q, k, v, bi, w)))(
-      q, k, v, bi, w)
-  want = jax.jit(jax.vmap(lambda q, k, v, bi, w: fwd_and_grads(op("reference"), *f32((q, k, v)),
-                                                               bi, w)))(q, k, v, bi, w)
+    q, k, v, bi, w
+  )
+  want = jax.jit(
+    jax.vmap(lambda q, k, v, bi, w: fwd_and_grads(op("reference"), *f32((q, k, v)), bi, w))
+  )(q, k, v, bi, w)
   rows.append(compare("vmap x3 (G16 D128 T=333)", got, want))
 
   # shard_map over the batch (data=N) and over the KV heads (kv=N when N divides H).
@@ -100,19 +104,24 @@ def main():
     spec = P("data", None, "kv", None)
     shard = NamedSharding(mesh, spec)
     q, k, v, bi, w = inputs(2 + shape[0], (2 * shape[0],), t, hq, h, d, n)
-    mapped = jax.shard_map(op("pallas_gpu"), mesh=mesh, in_specs=(spec,) * 4, out_specs=spec,
-                           check_vma=False)
+    mapped = jax.shard_map(
+      op("pallas_gpu"), mesh=mesh, in_specs=(spec,) * 4, out_specs=spec, check_vma=False
+    )
     args = [jax.device_put(x, shard) for x in (q, k, v, bi, w)]
     got = jax.jit(lambda q, k, v, bi, w, f=mapped: fwd_and_grads(f, q, k, v, bi, w))(*args)
-    want = jax.jit(lambda q, k, v, bi, w: fwd_and_grads(op("reference"), *f32((q, k, v)), bi,
-                                                        w))(q, k, v, bi, w)
+    want = jax.jit(lambda q, k, v, bi, w: fwd_and_grads(op("reference"), *f32((q, k, v)), bi, w))(
+      q, k, v, bi, w
+    )
     rows.append(compare(f"shard_map {label}={max(shape)} B={q.shape[0]}", got, want))
 
   out = os.environ.get("OUT", ".")
   os.makedirs(out, exist_ok=True)
   with open(os.path.join(out, "selected_transforms.json"), "w") as f:
-    json.dump({"jax": jax.__version__, "device": devs[0].device_kind, "devices": nd,
-               "rows": rows}, f, indent=1)
+    json.dump(
+      {"jax": jax.__version__, "device": devs[0].device_kind, "devices": nd, "rows": rows},
+      f,
+      indent=1,
+    )
   ok = all(r["ok"] for r in rows)
   print("OK" if ok else "FAILED")
   return 0 if ok else 1
