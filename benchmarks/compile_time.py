@@ -85,7 +85,7 @@ def main(argv=None) -> int:
     help="comma-separated layer modes to measure, in order: unrolled, scan, "
     "scanK (scan with K layers per loop iteration)",
   )
-  ap.add_argument("--out", default=os.environ.get("OUT", "."))
+  ap.add_argument("--out", default=os.environ.get("OUT", "runs/bench"))
   args = ap.parse_args(argv)
   if args.num_layers < 0:
     ap.error(f"--num-layers: expected 0 (the config's) or a positive int, got {args.num_layers}")

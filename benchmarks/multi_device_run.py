@@ -1,4 +1,4 @@
-"""Multi-device training check (issue 8): one command, every phase a ``python -m train`` subprocess.
+"""Multi-device training check: one command, every phase a ``python -m train`` subprocess.
 
 Phases (each in its own process, with the devices chosen by ``CUDA_VISIBLE_DEVICES`` on GPUs or
 ``XLA_FLAGS=--xla_force_host_platform_device_count=N`` on CPU):
@@ -25,7 +25,7 @@ Phases (each in its own process, with the devices chosen by ``CUDA_VISIBLE_DEVIC
 
 Phases train without evaluation (``train.eval_batches=0``: no eval program to compile).
 ``--baseline-from DIR`` reuses the finished baseline of an earlier run directory (same config,
-steps, global batch and sequence length, checked) so that a later device call runs only
+steps, global batch and sequence length, checked) so that a later run executes only
 meshes, e.g. one NSA mesh per call; ``--restore single|mesh|none`` limits the restore phases
 (default both). An ``--out`` that already holds a run (``summary.json``) is refused unless
 ``--overwrite`` is given: a second command into it would run and replace its phases.
@@ -39,15 +39,12 @@ in every phase's environment; the caller's ``XLA_FLAGS`` reach every phase and a
 GPU: without such a setting two runs of the NSA model on one mesh differ from step 3, see
 ``benchmarks/RESULTS.md``). Phases share a persistent compilation cache (``<out>/jax_cache``,
 ``--no-compile-cache`` to disable, ``--compile-cache DIR`` to keep it elsewhere, e.g. in an ignored
-folder of the repository that a warm device machine keeps between calls), so a restore on a mesh reuses that mesh run's executable (a
+folder of the repository that a GPU machine keeps between runs), so a restore on a mesh reuses that mesh run's executable (a
 restore on one device compiles again: restored arrays carry a single-device sharding that the
 freshly built baseline's do not, so the step's HLO differs).
 
-Device command (2-GPU H200, one call). Prepare on the CPU machine:
-``../shared/tools/device-wheels.sh .whl`` (grain and its missing dependencies) and
-``python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -d .whl
-tqdm==4.67.1`` (``python -m train`` imports tqdm, which the GPU machine may lack; the script
-checks for grain and tqdm before any phase), add ``.whl`` to ``.git/info/exclude`` and carry it::
+GPU command (2 GPUs). ``python -m train`` needs grain and tqdm (the script checks for them
+before any phase); on a GPU machine without a package index, install them from wheels first::
 
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \\
     --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PYTHONPATH && \\
@@ -57,16 +54,16 @@ checks for grain and tqdm before any phase), add ``.whl`` to ``.git/info/exclude
     --budget-s 560 --out $OUT/multi_full_340m
 
 and the NSA model with ``--config configs/nsa_340m.yaml --out $OUT/multi_nsa_340m``. Measured
-cost (H200x2, 2026-11-29, `benchmarks/RESULTS.md`): the full twin steps in ~0.30 s (1 GPU, 2 packed
+cost (two H200s, `benchmarks/RESULTS.md`): the full twin steps in ~0.30 s (1 GPU, 2 packed
 rows on cuDNN with a document mask) and ~0.17 s (2 GPUs), compiles in ~30-40 s, so 200 steps of
 the baseline, three meshes and the restore on 1 GPU took 490 s; the NSA model's first step
 compiles for 209-231 s per new layout (63 s with a persistent-cache hit) and steps in 0.38 s (1 GPU,
-2 rows) / 0.24 s (fsdp=2): ``--steps 100 --checkpoint-every 25`` fits one phase per 10-minute call
-(keep ``--compile-cache`` in an ignored folder so a later call reuses the executables; the budget
+2 rows) / 0.24 s (fsdp=2): ``--steps 100 --checkpoint-every 25`` fits one phase in 10 minutes
+(keep ``--compile-cache`` in an ignored folder so a later run reuses the executables; the budget
 logic skips and records what does not fit). With ``model.scan_layers=true`` (an override after
 the flags) its first step takes 47 s (1 GPU) / 58-89 s (2-GPU meshes) and a step 0.50 s /
-0.31-0.34 s (2026-11-30): 200 steps of the baseline and one mesh fit one call, two meshes and a
-restore the next.
+0.31-0.34 s: 200 steps of the baseline and one mesh fit in 10 minutes, two meshes and a
+restore in the next 10.
 
 CPU smoke run (2 simulated devices, seconds per phase)::
 
@@ -737,7 +734,7 @@ def _args(argv=None) -> argparse.Namespace:
     help="which restores of the first mesh run's checkpoint to run: on one device, "
     "on another mesh, both, or none",
   )
-  p.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "multi_device_run"))
+  p.add_argument("--out", default=os.path.join(os.environ.get("OUT", "runs"), "multi_device_run"))
   p.add_argument(
     "--overwrite",
     action="store_true",
@@ -797,8 +794,8 @@ def main(argv=None) -> int:
   ]
   if missing:  # `python -m train` needs them; fail before any phase starts.
     print(
-      f"missing modules for `python -m train`: {missing}; install the wheels carried with "
-      f"the device call (see this script's docstring)",
+      f"missing modules for `python -m train`: {missing}; install them first "
+      f"(see this script's docstring)",
       file=sys.stderr,
     )
     return 2

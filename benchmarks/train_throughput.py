@@ -244,7 +244,7 @@ def main(argv=None) -> int:
     with open(args._child, "w") as f:
       json.dump(row, f)
     return 0
-  out = args.out or os.path.join(os.environ.get("OUT", "."), "train_throughput.json")
+  out = args.out or os.path.join(os.environ.get("OUT", "runs/bench"), "train_throughput.json")
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   rows = []
   for path in configs:
