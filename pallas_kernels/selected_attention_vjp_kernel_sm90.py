@@ -6,7 +6,7 @@ over the keys a row may see, ``δ = rowsum(dO ∘ O)`` and ``dS = P ∘ (dO Vᵀ
 the forward's log-sum-exp, so the forward saves only ``O`` and ``LSE``.
 
 Both kernels use 64-row query tiles (``r = 64 // G`` tokens x the ``G`` heads of one KV group, the
-layout of :func:`pallas_kernels.selected_attention_mgpu._to_tiles`) and one warpgroup per CTA.
+layout of :func:`pallas_kernels.selected_attention_common.to_tiles`) and one warpgroup per CTA.
 
 * **dQ** (:func:`_dq_kernel`): grid over (query tile, batch x KV head), the forward's loop: per
   block of the tile's iteration list, K and V stream through a TMA ring, ``S = Q Kᵀ`` and
@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import NamedTuple
 
 import jax
@@ -39,7 +38,20 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels import selected_attention_dims as dims
-from pallas_kernels import selected_attention_mgpu as fwd
+from pallas_kernels.selected_attention_common import (
+  BLOCK_SIZE,
+  LOG2E,
+  TILE_ROWS,
+  doc_tiles,
+  from_tiles,
+  masked_scores,
+  need_words,
+  row_tokens,
+  share_selection,
+  smem_transforms,
+  to_tiles,
+  tokens_per_tile,
+)
 from pallas_kernels.selection_tiles import (
   TileLists,
   WorkItems,
@@ -47,10 +59,9 @@ from pallas_kernels.selection_tiles import (
   tile_iteration_lists,
 )
 
-ROWS = fwd.TILE_ROWS
+ROWS = TILE_ROWS
 KEY_TILE = 64
 """Keys per dK/dV CTA (the wgmma M of ``Sᵀ = K Qᵀ``, one warpgroup)."""
-_LOG2E = math.log2(math.e)
 _TRANSFORMS = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
 
 
@@ -62,14 +73,12 @@ class BwdConfig:
     num_stages: TMA ring depth of both kernels.
     chunk: the smallest cap on the query tiles of one dK/dV work item (the cap grows to
       ``cdiv(pairs, NB)`` so that at most ``2 NB`` items exist).
-    mask_skip: skip the mask on (block, tile) pairs every row fully sees.
     direct: per-token TMA copies of Q/dO/dQ instead of XLA transposes to 64-row tiles,
       where :func:`use_direct` allows.
   """
 
   num_stages: int = 2
   chunk: int = 256
-  mask_skip: bool = True
   direct: bool = True
 
   def __post_init__(self):
@@ -128,7 +137,6 @@ def _dq_kernel(
   g: int,
   scale2: float,
   stages: int,
-  mask_skip: bool,
   dtype,
   direct: bool,
   has_docs: bool,
@@ -160,7 +168,7 @@ def _dq_kernel(
     pl.when(s < count)(functools.partial(fetch, jnp.int32(s), s))
 
   layout = plgpu.Layout.WGMMA
-  col_ids, tok = fwd._row_tokens(g, bs)
+  col_ids, tok = row_tokens(g, bs)
   dk = q_smem.shape[-1]
   plgpu.barrier_wait(q_bar)
   lse2 = plgpu.load(lse_smem, layout=layout.reduce(1))  # [64] log2 units
@@ -180,7 +188,7 @@ def _dq_kernel(
       return acc_ref[...]
 
     s = pl.run_scoped(qk, plgpu.ACC((ROWS, bs), jnp.float32))
-    s = fwd._masked_scores(
+    s = masked_scores(
       s,
       col_ids,
       tok,
@@ -190,8 +198,7 @@ def _dq_kernel(
       bs=bs,
       lo=lo_ref[b, h, tile, j],
       hi=hi_ref[b, h, tile, j],
-      need=fwd._need_words(0, r),
-      skip=mask_skip,
+      need=need_words(0, r),
       **docs,
     )
     p = jnp.exp2(s * scale2 - lax.broadcast_in_dim(lse2, s.shape, [0]))
@@ -257,7 +264,6 @@ def _dkv_kernel(
   g: int,
   scale2: float,
   stages: int,
-  mask_skip: bool,
   dtype,
   direct: bool,
   has_docs: bool,
@@ -320,7 +326,7 @@ def _dkv_kernel(
   row_tok = lax.div(
     plgpu.broadcasted_iota(jnp.int32, (kt, ROWS), 1, layout=layout), jnp.int32(g)
   )  # token of each column
-  need_lo, need_hi = fwd._need_words(0, r)
+  need_lo, need_hi = need_words(0, r)
   dk = plgpu.layout_cast(jnp.full((kt, k_smem.shape[-1]), 0.0, jnp.float32), layout)
   dv = plgpu.layout_cast(jnp.full((kt, v_smem.shape[-1]), 0.0, jnp.float32), layout)
   plgpu.barrier_wait(kv_bar)
@@ -351,7 +357,7 @@ def _dkv_kernel(
     st = pl.run_scoped(kq, plgpu.ACC((kt, ROWS), jnp.float32))  # [keys, rows]
     t_base = tile * r
     first = plgpu.load(doc_smem.at[slot], layout=layout.reduce(0)) if has_docs else None
-    if mask_skip and bs >= kt:
+    if bs >= kt:  # no mask on pairs every row fully sees
       full = (key0 + (kt - 1) <= t_base) & ((lo & need_lo) == need_lo) & ((hi & need_hi) == need_hi)
       if has_docs:
         full = full & (key0 >= dmax_ref[b, tile])
@@ -402,7 +408,7 @@ class BwdOperands(NamedTuple):
       units (``+inf`` for rows that saw no key, so their ``P`` is 0); dlx: ``[B, H, NT*64]``
       ``δ = rowsum(dO ∘ O)``; kp, vp: ``[B, NB*64, H, Dk|Dv]`` K and V padded to whole blocks;
       lists: the 64-row tiles' iteration lists; work: the dK/dV work items; docs: ``None`` or
-      :func:`pallas_kernels.selected_attention_mgpu.doc_tiles` of the 64-row tiles.
+      :func:`pallas_kernels.selected_attention_common.doc_tiles` of the 64-row tiles.
   """
 
   qx: jax.Array
@@ -435,7 +441,7 @@ def prepare_backward(
   chunk: int,
   direct: bool = False,
   doc_start=None,
-  block_size: int = fwd.BLOCK_SIZE,
+  block_size: int = BLOCK_SIZE,
 ) -> BwdOperands:
   """Tiles, residuals and index structures for the two kernels (shapes as :func:`backward`).
 
@@ -443,12 +449,10 @@ def prepare_backward(
   kernel's 64-key tile of the last block)."""
   t, hq = q.shape[1], q.shape[2]
   h = k.shape[2]
-  r = fwd.tokens_per_tile(hq // h)
+  r = tokens_per_tile(hq // h)
   bs = block_size
   nb = -(-t // bs)
   if mode == "shared":
-    from sparse_attention_jax.ops.selection import share_selection
-
     block_indices = share_selection(block_indices, r)
   length = min(r * block_indices.shape[-1], nb)
   length = -(-length // 4) * 4  # 16-byte rows, as the forward's lists
@@ -457,22 +461,22 @@ def prepare_backward(
   pad_t = lambda x: jnp.pad(x, ((0, 0), (0, tp - t)) + ((0, 0),) * (x.ndim - 2))
   if direct and tp == t:
     pad_t = lambda x: x
-  rows = lambda x: fwd._to_tiles(pad_t(x), r, h)
-  to_tiles = pad_t if direct else rows
+  rows = lambda x: to_tiles(pad_t(x), r, h)
+  q_rows = pad_t if direct else rows
   delta = jnp.einsum("bthd,bthd->bth", o.astype(jnp.float32), do.astype(jnp.float32))
-  lse2 = jnp.where(lse == -jnp.inf, jnp.inf, lse * _LOG2E)
+  lse2 = jnp.where(lse == -jnp.inf, jnp.inf, lse * LOG2E)
   tail = max(0, KEY_TILE - bs)
   pad_kv = lambda x: jnp.pad(x, ((0, 0), (0, nb * bs + tail - t), (0, 0), (0, 0)))
   return BwdOperands(
-    qx=to_tiles(q),
-    dox=to_tiles(do.astype(q.dtype)),
+    qx=q_rows(q),
+    dox=q_rows(do.astype(q.dtype)),
     lsex=rows(lse2[..., None])[..., 0],
     dlx=rows(delta[..., None])[..., 0],
     kp=pad_kv(k),
     vp=pad_kv(v),
     lists=lists,
     work=inverse_work_items(lists, nb, chunk=chunk),
-    docs=None if doc_start is None else fwd.doc_tiles(doc_start, hq // h, tp),
+    docs=None if doc_start is None else doc_tiles(doc_start, hq // h, tp),
   )
 
 
@@ -481,9 +485,7 @@ def _no_docs(b: int):
   return jnp.zeros((b, ROWS), jnp.int32), jnp.zeros((b, 1), jnp.int32)
 
 
-def reduce_items(
-  part, item_block, *, num_blocks: int, seq_len: int, block_size: int = fwd.BLOCK_SIZE
-):
+def reduce_items(part, item_block, *, num_blocks: int, seq_len: int, block_size: int = BLOCK_SIZE):
   """``[B, T, H, D]`` float32 sums of the work items' partial ``[B, H, 2NB*64, D]`` (``D`` is
   ``Dk`` for dK, ``Dv`` for dV): the first
   ``NB`` items are the blocks in order, the rest are added to their block."""
@@ -512,7 +514,7 @@ def backward(
   mode: str,
   doc_start=None,
   cfg: BwdConfig = BwdConfig(),
-  block_size: int = fwd.BLOCK_SIZE,
+  block_size: int = BLOCK_SIZE,
 ):
   """Gradients of selected-block attention from the forward's ``o`` and ``lse``.
 
@@ -576,7 +578,7 @@ def dq_call(
   num_q_heads: int,
   cfg: BwdConfig,
   direct: bool,
-  block_size: int = fwd.BLOCK_SIZE,
+  block_size: int = BLOCK_SIZE,
 ):
   """The dQ kernel on prepared operands: ``[B, T, HQ, Dk]`` float32."""
   b, _, h, dk = ops.kp.shape
@@ -584,13 +586,13 @@ def dq_call(
   g = num_q_heads // h
   t = seq_len
   bs = block_size
-  transforms = fwd.smem_transforms(bs)
+  transforms = smem_transforms(bs)
   qx, dox, lsex, dlx, kp, vp, lists, _, docs = ops
   has_docs = docs is not None
   docs = docs if has_docs else _no_docs(b)
   dtype = qx.dtype
   nt, length = lists.ids.shape[2:]
-  scale2 = float(softmax_scale) * _LOG2E
+  scale2 = float(softmax_scale) * LOG2E
   params = plgpu.CompilerParams(approx_math=True)
   stages_dq = dims.fit_stages(
     "dq",
@@ -609,7 +611,6 @@ def dq_call(
     g=g,
     scale2=scale2,
     stages=stages_dq,
-    mask_skip=cfg.mask_skip,
     dtype=dtype,
     direct=direct,
     has_docs=has_docs,
@@ -634,7 +635,7 @@ def dq_call(
     grid_names=("tile", "bh"),
     compiler_params=params,
   )(qx, dox, lsex, dlx, kp, vp, lists.ids, lists.counts, lists.member_lo, lists.member_hi, *docs)
-  dq = dqx[:, :t] if direct else fwd._from_tiles(dqx, t, g)
+  dq = dqx[:, :t] if direct else from_tiles(dqx, t, g)
   return dq.astype(jnp.float32) * softmax_scale
 
 
@@ -646,7 +647,7 @@ def dkv_call(
   num_q_heads: int,
   cfg: BwdConfig,
   direct: bool,
-  block_size: int = fwd.BLOCK_SIZE,
+  block_size: int = BLOCK_SIZE,
 ):
   """The dK/dV kernel on prepared operands, partials reduced: ``[B, T, H, Dk]`` and
   ``[B, T, H, Dv]`` float32."""
@@ -662,7 +663,7 @@ def dkv_call(
   has_docs = docs is not None
   docs = docs if has_docs else _no_docs(b)
   dtype = qx.dtype
-  scale2 = float(softmax_scale) * _LOG2E
+  scale2 = float(softmax_scale) * LOG2E
   params = plgpu.CompilerParams(approx_math=True)
   arrivals = 2 * (ROWS // g) + 2 if direct else 4
   w = work.item_block.shape[-1]
@@ -683,7 +684,6 @@ def dkv_call(
     g=g,
     scale2=scale2,
     stages=stages_kv,
-    mask_skip=cfg.mask_skip,
     dtype=dtype,
     direct=direct,
     has_docs=has_docs,
