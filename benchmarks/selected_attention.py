@@ -49,6 +49,7 @@ import jax.numpy as jnp
 
 from pallas_kernels import selected_attention_dims as dims
 from pallas_kernels import selected_attention_mgpu as mg
+from pallas_kernels import selected_attention_vjp_common as vc
 from pallas_kernels import selected_attention_vjp_kernel_sm90 as bw
 from pallas_kernels.selected_attention_common import prepare
 from pallas_kernels.selected_attention_kernel_sm90 import call_kernel
@@ -130,11 +131,11 @@ def backward_parts(q, k, v, w, bi, tuning, cfg, reps):
     )
   )(q, k, v, bi)
   do = w.astype(q.dtype)
-  bcfg = bw.BwdConfig(chunk=cfg.bwd_chunk, direct=cfg.bwd_direct)
-  direct = bcfg.direct and bw.use_direct(HQ // H)
+  bcfg = vc.BwdConfig(chunk=cfg.bwd_chunk, direct=cfg.bwd_direct)
+  direct = bcfg.direct and vc.use_direct(HQ // H)
   t = q.shape[1]
   prep = jax.jit(
-    lambda q, k, v, o, lse, do, bi: bw.prepare_backward(
+    lambda q, k, v, o, lse, do, bi: vc.prepare_backward(
       q,
       k,
       v,

@@ -81,10 +81,9 @@ def tokens_per_tile(num_groups: int) -> int:
   return TILE_ROWS // num_groups
 
 
-def unsupported_reason(
-  q, k, v, block_indices, *, block_size, segment_ids=None, mode: str = "exact"
-) -> str | None:
-  """Why the kernel cannot serve this call, or ``None`` when it can (static checks only)."""
+def unsupported_reason(q, k, v, block_indices, *, block_size, mode: str = "exact") -> str | None:
+  """Why the kernels cannot serve this call, or ``None`` when they can (static checks of shapes,
+  dtypes, head dims, block size, mode and shared memory)."""
   if mode not in MODES:
     return f"mode={mode!r} (expected one of {MODES})"
   if q.ndim != 4 or k.ndim != 4 or v.ndim != 4 or block_indices.ndim != 4:

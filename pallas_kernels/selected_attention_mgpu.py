@@ -43,6 +43,7 @@ from pallas_kernels.selected_attention_common import (
   unsupported_reason,
 )
 from pallas_kernels.selected_attention_kernel_sm90 import call_kernel
+from pallas_kernels.selected_attention_vjp_common import BwdConfig
 
 TILE_ROW_CHOICES = (64, 128)
 Q_LAYOUTS = ("tiles", "direct")
@@ -177,7 +178,7 @@ def _attention_bwd(cfg: KernelConfig, res, do):
     doc_start=doc_start,
     softmax_scale=cfg.softmax_scale,
     mode=cfg.mode,
-    cfg=vjp_kernel.BwdConfig(chunk=cfg.bwd_chunk, direct=cfg.bwd_direct),
+    cfg=BwdConfig(chunk=cfg.bwd_chunk, direct=cfg.bwd_direct),
     block_size=cfg.block_size,
   )
   return dq, dk, dv, None, None
@@ -228,7 +229,6 @@ def selected_attention_mgpu(
     v,
     block_indices,
     block_size=tuning.block_size,
-    segment_ids=segment_ids,
     mode=tuning.mode,
   )
   if reason is not None:

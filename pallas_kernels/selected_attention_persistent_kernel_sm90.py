@@ -1,7 +1,7 @@
 """Persistent variant of the 128-row selected-attention forward kernel (Hopper, Mosaic GPU).
 
-The per-tile kernel (:func:`pallas_kernels.selected_attention_kernel_sm90.forward_128_kernel`) launches
-one CTA per 128-row query tile; at the standard shape a tile walks only ~16 K/V blocks, so each
+The per-tile kernel (:func:`pallas_kernels.selected_attention_kernel_sm90.forward_128_kernel`)
+launches one CTA per 128-row query tile; at the standard shape a tile walks only ~16 K/V blocks, so each
 CTA's serial prologue (Q, list and first K/V loads) and epilogue (O/LSE store) are a large part of
 its life, and with one 128-row CTA per SM (the compute warpgroups take 232 registers a thread)
 nothing hides them. Here the grid is one CTA per SM (``num_ctas``) and each CTA walks the work

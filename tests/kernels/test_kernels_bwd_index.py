@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels import selected_attention_common as common
-from pallas_kernels import selected_attention_vjp_kernel_sm90 as bw
+from pallas_kernels import selected_attention_vjp_common as vc
 from pallas_kernels.selection_tiles import inverse_work_items, tile_iteration_lists
 from sparse_attention_jax.ops.masked import document_starts, masked_attention
 from sparse_attention_jax.ops.selected import selected_mask
@@ -86,7 +86,7 @@ def _normal(seed):
   return lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)
 
 
-def _emulate(ops: bw.BwdOperands, *, g, scale, t, nb, bs=BS):
+def _emulate(ops: vc.BwdOperands, *, g, scale, t, nb, bs=BS):
   """The two kernels' loops in numpy on the kernels' own operands: dQ per (tile, listed block)
   over the block's ``bs`` keys; dK/dV per (work item, 64-key tile) as the kernel's CTAs do
   (two tiles per 128-key block; one 64-key window with the keys past the block masked for a
@@ -97,7 +97,7 @@ def _emulate(ops: bw.BwdOperands, *, g, scale, t, nb, bs=BS):
   b, h = qx.shape[:2]
   dk, dv = kp.shape[-1], vp.shape[-1]
   r = 64 // g
-  kt = bw.KEY_TILE
+  kt = vc.KEY_TILE
   scale2 = scale * np.log2(np.e)
   tok = np.arange(64) // g
   first = None if ops.docs is None else np.asarray(ops.docs[0])  # [B, NT*64]
@@ -150,7 +150,7 @@ def _emulate(ops: bw.BwdOperands, *, g, scale, t, nb, bs=BS):
             dv_part[bb, hh, out] += (pr.T @ dox[bb, hh, rows])[:n_out]
             dk_part[bb, hh, out] += (ds.T @ qx[bb, hh, rows])[:n_out]
   dq = common.from_tiles(jnp.asarray(dqx, jnp.float32), t, g) * scale
-  reduce = functools.partial(bw.reduce_items, num_blocks=nb, seq_len=t, block_size=bs)
+  reduce = functools.partial(vc.reduce_items, num_blocks=nb, seq_len=t, block_size=bs)
   dk = reduce(jnp.asarray(dk_part, jnp.float32), ops.work.item_block) * scale
   dv = reduce(jnp.asarray(dv_part, jnp.float32), ops.work.item_block)
   return dq, dk, dv
@@ -185,7 +185,7 @@ def test_emulated_kernels_match_reference_grads(g, mode, chunk, docs):
   want = vjp((do, jnp.zeros_like(lse)))
   assert bool(jnp.any(jnp.isneginf(lse)))
   doc_start = None if seg is None else document_starts(seg, b, t)
-  ops = bw.prepare_backward(q, k, v, o, lse, do, bi, mode=mode, chunk=chunk, doc_start=doc_start)
+  ops = vc.prepare_backward(q, k, v, o, lse, do, bi, mode=mode, chunk=chunk, doc_start=doc_start)
   got = _emulate(ops, g=g, scale=scale, t=t, nb=-(-t // BS))
   for name, a, w in zip(("dq", "dk", "dv"), got, want):
     np.testing.assert_allclose(np.asarray(a), np.asarray(w), rtol=2e-4, atol=2e-4, err_msg=name)
@@ -215,7 +215,7 @@ def test_emulated_kernels_with_padded_head_dims_match_reference_grads(g, dk, dv,
   assert qp.shape[-1] > dk and vp.shape[-1] > dv
   (o_p, lse_p), _ = jax.vjp(attn, qp, kp, vp)
   np.testing.assert_allclose(np.asarray(o_p[..., :dv]), np.asarray(o), rtol=1e-5, atol=1e-5)
-  ops = bw.prepare_backward(qp, kp, vp, o_p, lse_p, pad(do), bi, mode=mode, chunk=3)
+  ops = vc.prepare_backward(qp, kp, vp, o_p, lse_p, pad(do), bi, mode=mode, chunk=3)
   dq, dk_, dv_ = _emulate(ops, g=g, scale=scale, t=t, nb=-(-t // BS))
   assert dq.shape[-1] == qp.shape[-1] and dk_.shape[-1] == kp.shape[-1]
   assert dv_.shape[-1] == vp.shape[-1]
@@ -261,7 +261,7 @@ def test_emulated_kernels_match_reference_grads_block_sizes(bs, g, mode, docs):
   (o, lse), vjp = jax.vjp(attn, q, k, v)
   want = vjp((do, jnp.zeros_like(lse)))
   doc_start = None if seg is None else document_starts(seg, b, t)
-  ops = bw.prepare_backward(
+  ops = vc.prepare_backward(
     q, k, v, o, lse, do, bi, mode=mode, chunk=3, doc_start=doc_start, block_size=bs
   )
   got = _emulate(ops, g=g, scale=scale, t=t, nb=-(-t // bs), bs=bs)

@@ -176,7 +176,8 @@ def test_pallas_kernels_is_a_leaf_package():
 
   code = (
     "import sys, pallas_kernels, pallas_kernels.selected_attention_mgpu, "
-    "pallas_kernels.selected_attention_vjp_kernel_sm90, pallas_kernels.selection_tiles\n"
+    "pallas_kernels.selected_attention_vjp_kernel_sm90, pallas_kernels.selection_tiles, "
+    "pallas_kernels.selected_attention_vjp_common, pallas_kernels.selected_attention_dims\n"
     "bad = sorted(m for m in sys.modules if m.split('.')[0] == 'sparse_attention_jax')\n"
     "assert not bad, bad\n"
   )

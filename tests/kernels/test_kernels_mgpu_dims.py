@@ -18,6 +18,7 @@ import pytest
 from pallas_kernels import selected_attention_common as common
 from pallas_kernels import selected_attention_dims as dims
 from pallas_kernels import selected_attention_mgpu as mg
+from pallas_kernels import selected_attention_vjp_common as vc
 from pallas_kernels import selected_attention_vjp_kernel_sm90 as bw
 from sparse_attention_jax.ops.masked import masked_attention
 from sparse_attention_jax.ops.selected import selected_mask
@@ -124,12 +125,12 @@ def test_smem_model_bounds_what_mosaic_allocates(dk, dv, stages, bs):
     want = dims.smem_bytes(kernel, stages=used, **kw)
     assert got <= want <= got + 8192, (kernel, got, want)
 
-  cfg = bw.BwdConfig(num_stages=stages)
+  cfg = vc.BwdConfig(num_stages=stages)
 
   def operands(q, k, v, bi):
     o = jnp.zeros(q.shape[:3] + (dv,), q.dtype)
     lse = jnp.zeros(q.shape[:3], jnp.float32)
-    return bw.prepare_backward(
+    return vc.prepare_backward(
       q, k, v, o, lse, o, bi, mode="exact", chunk=cfg.chunk, direct=True, block_size=bs
     )
 
