@@ -118,23 +118,24 @@ def test_forward_and_gradients_match_the_reference(case, run_twice):
   call = lambda q, k, v, bi, seg, **kw: mg.selected_attention_mgpu(
     q, k, v, bi, segment_ids=seg, tuning=tuning, **kw
   )
-  o, lse = run_twice(jax.jit(lambda *a: call(*a, return_lse=True)), q, k, v, bi, seg)
-  grads = run_twice(
-    jax.jit(lambda q, k, v, do, bi, seg: jax.vjp(lambda *x: call(*x, bi, seg), q, k, v)[1](do)),
-    q,
-    k,
-    v,
-    do,
-    bi,
-    seg,
-  )
+
+  def kernel(q, k, v, do, bi, seg):  # one executable: forward with LSE, and the VJP
+    grads = jax.vjp(lambda *x: call(*x, bi, seg), q, k, v)[1](do)
+    return call(q, k, v, bi, seg, return_lse=True), grads
+
+  (o, lse), grads = run_twice(jax.jit(kernel), q, k, v, do, bi, seg)
   shared_run = common.tokens_per_tile(prob.hq // prob.h) if tuning.mode == "shared" else None
-  ref = lambda q, k, v: sc.reference(
-    q, k, v, bi, block_size=bs, scale=scale, segment_ids=seg, shared_run=shared_run
-  )
-  f32 = lambda x: x.astype(jnp.float32)
-  (o_ref, lse_ref), vjp = jax.vjp(ref, f32(q), f32(k), f32(v))
-  grads_ref = vjp((f32(do), jnp.zeros_like(lse_ref)))
+
+  @jax.jit
+  def reference(q, k, v, do, bi, seg):
+    ref = lambda q, k, v: sc.reference(
+      q, k, v, bi, block_size=bs, scale=scale, segment_ids=seg, shared_run=shared_run
+    )
+    f32 = lambda x: x.astype(jnp.float32)
+    (o_ref, lse_ref), vjp = jax.vjp(ref, f32(q), f32(k), f32(v))
+    return o_ref, lse_ref, vjp((f32(do), jnp.zeros_like(lse_ref)))
+
+  o_ref, lse_ref, grads_ref = reference(q, k, v, do, bi, seg)
   tol = sc.TOLERANCES[jnp.dtype(prob.dtype)]
   assert o.dtype == q.dtype and o.shape == (prob.b, prob.t, prob.hq, prob.dv)
   sc.assert_forward_close(o, lse, o_ref, lse_ref, tol)
@@ -153,7 +154,9 @@ def test_standard_shape_forward(run_twice):
     v,
     bi,
   )
-  o_ref, lse_ref = sc.reference(q, k, v, bi, block_size=64, scale=128**-0.5)
+  o_ref, lse_ref = jax.jit(
+    lambda q, k, v, bi: sc.reference(q, k, v, bi, block_size=64, scale=128**-0.5)
+  )(q, k, v, bi)
   sc.assert_forward_close(o, lse, o_ref, lse_ref, sc.TOLERANCES[q.dtype])
 
 
