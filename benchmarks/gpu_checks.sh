@@ -6,10 +6,9 @@
 # dense nosa decode offload dims transforms).
 # `h2d`: host -> device transfer paths of the offload cache's block gather, 256/4096/41000 blocks
 #   of 32 KiB (benchmarks/h2d_transfer.py -> $OUT/h2d.json), under T_H2D (150 s), first lane;
-# `persistent_docs`: packed documents on the persistent forward (check_selected_mgpu_bwd.py
-#   --persistent-docs; the public op keeps the per-tile forward with documents until this passes),
-#   second lane;
-# `persistent`: the persistent-grid forward (tests/gpu/check_selected_mgpu.py --persistent), then
+# `persistent_docs`: the kernel tests with packed documents (pytest -m gpu
+#   tests/kernels/test_kernels_mgpu_gpu.py -k docs), second lane;
+# `persistent`: the persistent-grid forward (the kernel tests -k persistent), then
 #   its benchmark against the per-tile kernels at 8k and 64k, fwd and fwd+bwd ($PERSIST_VARIANTS),
 #   first lane;
 # `context`: decode tokens/s of every kind at 16k/32k/64k (B 1 and 16), and offloaded NOSA at
@@ -47,11 +46,8 @@
 #   model.scan_layers (benchmarks/compile_time.py --execute, one process per mode; COMPILE_MODES,
 #   default "unrolled scan"; "scan4" = 4 layers per loop iteration, model.scan_unroll;
 #   COMPILE_ARGS, e.g. "--remat dots", is appended), first lane;
-# `suites`: the selected-attention backward correctness suite ($SUITE, default --all; e.g.
-#   SUITE="--all --configs 11,12 --dispatch" reruns two of its configs and the dispatch checks) cut
-#   into SUITE_SHARDS (default 4) processes side by side on the second lane (compilation
-#   dominates), each under T_SUITES; logs suite_<i>.log. 8 processes on one H200 ran out of memory
-#   in the T=1000/4096 configs (float32 references with [B, HQ, T, T] scores);
+# `suites`: the selected-attention kernel tests (pytest -m gpu tests/kernels/test_kernels_mgpu_gpu.py:
+#   forward, gradients, transforms, dispatch) on the second lane under T_SUITES;
 # `fwd_dump`: the optimized HLO of the forward's XLA preparation (tile lists) at 8k under
 #   $OUT/hlo (XLA_FLAGS dump), first lane.
 # With two GPUs the parts are split between the two lanes.
@@ -74,7 +70,7 @@ T_CONTEXT=${T_CONTEXT:-120} T_TIMING=${T_TIMING:-120} T_BREAKDOWN=${T_BREAKDOWN:
 T_NOSA_TRAIN=${T_NOSA_TRAIN:-180} T_COMPILE=${T_COMPILE:-300} T_KERNEL_FB=${T_KERNEL_FB:-240}
 T_PERSIST=${T_PERSIST:-240} T_PERSIST_BENCH=${T_PERSIST_BENCH:-300}
 PERSIST_VARIANTS=${PERSIST_VARIANTS:-128:direct,128:direct:persist,128:direct:persist:s3,128:direct:persist:nopp,64:tiles}
-T_SUITES=${T_SUITES:-480} SUITE_SHARDS=${SUITE_SHARDS:-4} SUITE=${SUITE:---all}
+T_SUITES=${T_SUITES:-480}
 COMPILE_MODES=${COMPILE_MODES:-"unrolled scan"}
 
 run() {  # run NAME GPU SECONDS CMD...
@@ -102,9 +98,9 @@ timing_part() {  # timing_part NAME GPU ARGS...: a new kernel shape vs cuDNN at 
 # Two GPUs: the context kinds and the timing parts are split between the lanes.
 if (( ngpu > 1 )); then ctx_a="full nsa" ctx_b="infllm_v2 nosa"; else ctx_a="full nsa infllm_v2 nosa" ctx_b=""; fi
 
+KERNEL_TESTS="python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels/test_kernels_mgpu_gpu.py"
 lane_a() {
-  has persistent && run persistent_check 0 "$T_PERSIST" python3 tests/gpu/check_selected_mgpu.py \
-    --persistent
+  has persistent && run persistent_check 0 "$T_PERSIST" $KERNEL_TESTS -k persistent
   has persistent && run persistent_bench 0 "$T_PERSIST_BENCH" python3 \
     benchmarks/selected_attention.py --bwd --reps 10 --seqs 8192,65536 --kinds exact-corr,shared \
     --variants "$PERSIST_VARIANTS" --out "$OUT/persistent.json"
@@ -149,16 +145,9 @@ lane_a() {
   done
 }
 lane_b() {
-  if has suites; then  # shards side by side on one GPU: no preallocation, each grows as it needs
-    for ((i = 0; i < SUITE_SHARDS; i++)); do
-      run "suite_$i" "$lane1" "$T_SUITES" env XLA_PYTHON_CLIENT_PREALLOCATE=false python3 \
-        tests/gpu/check_selected_mgpu_bwd.py $SUITE --shard "$i/$SUITE_SHARDS" &
-    done
-    wait
-  fi
-  has dims && run dims "$lane1" "$T_DIMS" python3 tests/gpu/check_selected_mgpu_bwd.py --smoke
-  has persistent_docs && run persistent_docs "$lane1" "$T_SUITES" python3 \
-    tests/gpu/check_selected_mgpu_bwd.py --persistent-docs
+  has suites && run suites "$lane1" "$T_SUITES" $KERNEL_TESTS
+  has dims && run dims "$lane1" "$T_DIMS" $KERNEL_TESTS -k "dk1 or block"
+  has persistent_docs && run persistent_docs "$lane1" "$T_SUITES" $KERNEL_TESTS -k docs
   has offload_plan_device && run offload_plan_device "$lane1" "$T_OFFLOAD" env \
     XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 python3 benchmarks/decode.py --shape 1b --kinds \
     nosa_offload --batch 16,128 --context 32768 --steps 8 --warmup 2 --offload-store pinned_array \
@@ -213,8 +202,7 @@ lane_b() {
 }
 if (( ngpu > 1 )); then lane_a & lane_b & wait; else lane_a; lane_b; fi
 all=$(seq -s, 0 $((ngpu - 1)))
-has transforms && run transforms "$all" "$T_TRANSFORMS" env OUT="$OUT/transforms" \
-  python3 tests/gpu/check_selected_transforms.py
+has transforms && run transforms "$all" "$T_TRANSFORMS" $KERNEL_TESTS -k transforms
 has multi && run multi "$all" "$T_MULTI" python3 benchmarks/multi_device_run.py \
   --config configs/full_340m.yaml --steps 100 --seq-len 8192 --global-batch 2 \
   --meshes "data=2;fsdp=2" --checkpoint-every 40 --budget-s $((T_MULTI - 15)) --out "$OUT/multi"

@@ -4,7 +4,7 @@ Standard NSA shape (B=1, HQ=64, H=4, D=128, bf16, block 64, n=16 with the curren
 T in {8192, 16384, 32768, 65536}. Two timings per measurement, after warm-up: ``ms`` is the median
 of timed repeats with ``jax.block_until_ready`` around each call (host clock: includes the
 dispatch and synchronisation latency of one call, 0.25-0.35 ms on the H200 host for cuDNN and
-these kernels alike, 2026-11-30), ``pipe_ms`` the mean of
+these kernels alike), ``pipe_ms`` the mean of
 ``reps`` calls issued back to back and waited for once (the device time per call in steady state,
 as CUDA-event benchmarks such as ``triton.testing.do_bench`` report it; the dispatch of the next
 call overlaps the device work of the previous one). Effective TFLOP/s use
@@ -49,6 +49,10 @@ import jax.numpy as jnp
 
 from pallas_kernels import selected_attention_dims as dims
 from pallas_kernels import selected_attention_mgpu as mg
+from pallas_kernels import selected_attention_vjp_common as vc
+from pallas_kernels import selected_attention_vjp_kernel_sm90 as bw
+from pallas_kernels.selected_attention_common import prepare
+from pallas_kernels.selected_attention_kernel_sm90 import call_kernel
 
 B, HQ, H, D, BS, N = 1, 64, 4, 128, 64, 16
 
@@ -116,20 +120,22 @@ def fwd_bwd(attn, q, k, v, w, reps, *extra):
   return ms, bench_pipelined(g, (q, k, v, w, *extra), reps=reps), temp_mib
 
 
-def backward_parts(q, k, v, w, bi, cfg, reps):
+def backward_parts(q, k, v, w, bi, tuning, cfg, reps):
   """Median ms of the backward's XLA preparation, its dQ call and its dK/dV call (each with
-  its XLA epilogue) on operands prepared once."""
-  from pallas_kernels import selected_attention_mgpu_bwd as bw
-
+  its XLA epilogue) on operands prepared once (``cfg``: ``mg.kernel_config`` of ``tuning``)."""
   q, k, v = dims.pad_head_dims(q, k, v)  # the kernels' dims
   w = jnp.pad(w, ((0, 0),) * 3 + ((0, v.shape[-1] - w.shape[-1]),))
-  o, lse = jax.jit(lambda q, k, v, bi: mg._forward(q, k, v, bi, None, cfg))(q, k, v, bi)
+  o, lse = jax.jit(
+    lambda q, k, v, bi: mg.selected_attention_mgpu(
+      q, k, v, bi, softmax_scale=cfg.softmax_scale, return_lse=True, tuning=tuning
+    )
+  )(q, k, v, bi)
   do = w.astype(q.dtype)
-  bcfg = bw.BwdConfig(chunk=cfg.bwd_chunk, direct=cfg.bwd_direct)
-  direct = bcfg.direct and bw.use_direct(HQ // H)
+  bcfg = vc.BwdConfig(chunk=cfg.bwd_chunk, direct=cfg.bwd_direct)
+  direct = bcfg.direct and vc.use_direct(HQ // H)
   t = q.shape[1]
   prep = jax.jit(
-    lambda q, k, v, o, lse, do, bi: bw.prepare_backward(
+    lambda q, k, v, o, lse, do, bi: vc.prepare_backward(
       q,
       k,
       v,
@@ -180,7 +186,7 @@ def main():
   ap.add_argument(
     "--variants",
     default="64:tiles,128:tiles,128:direct",
-    help="tile_rows:q_layout[:nopp][:noidx][:nomskip][:bwdtiles][:s<stages>]"
+    help="tile_rows:q_layout[:nopp][:bwdtiles][:s<stages>]"
     "[:persist][:ctas<N>] list (persist: one CTA per SM walking many 128-row "
     "tiles; ctas<N>: persistent with N CTAs)",
   )
@@ -240,32 +246,28 @@ def main():
         rows_s, layout, *flags = variant.split(":")
         stages = [int(f[1:]) for f in flags if f.startswith("s")] or [2]
         ctas = [int(f[4:]) for f in flags if f.startswith("ctas")] or [0]
-        cfg = mg.resolve_config(
-          mg._Config(
-            softmax_scale=dk**-0.5,
-            mode=mode,
-            block_size=BS,
-            bwd_direct="bwdtiles" not in flags,
-            tile_rows=int(rows_s),
-            q_layout=layout,
-            group_size=HQ // H,
-            ping_pong="nopp" not in flags,
-            smem_index="noidx" not in flags,
-            mask_skip="nomskip" not in flags,
-            num_stages=stages[0],
-            persistent="persist" in flags or ctas != [0],
-            num_ctas=ctas[0],
-          ),
-          HQ // H,
+        tuning = mg.TuningConfig(
+          mode=mode,
+          block_size=BS,
+          bwd_direct="bwdtiles" not in flags,
+          tile_rows=int(rows_s),
+          q_layout=layout,
+          ping_pong="nopp" not in flags,
+          num_stages=stages[0],
+          persistent="persist" in flags or ctas != [0],
+          num_ctas=ctas[0],
         )
+        cfg = mg.kernel_config(
+          tuning, softmax_scale=dk**-0.5, group_size=HQ // H, has_docs=False
+        )  # the resolved per-call configuration, for the prepare / kernel timings
         name = "-".join([f"mgpu-{kind}-{cfg.tile_rows}-{cfg.q_layout}", *flags])
-        attn = lambda q, k, v, bi, cfg=cfg: dims.with_padded_head_dims(
-          mg._attention, q, k, v, bi, None, cfg
+        attn = lambda q, k, v, bi, tuning=tuning: mg.selected_attention_mgpu(
+          q, k, v, bi, softmax_scale=dk**-0.5, tuning=tuning
         )
         f = jax.jit(attn)
-        prep = jax.jit(functools.partial(mg.prepare, cfg=cfg, num_kv_heads=H))  # "jit_prepare"
+        prep = jax.jit(functools.partial(prepare, cfg=cfg, num_kv_heads=H))  # "jit_prepare"
         kern = jax.jit(
-          lambda qx, k, v, lists, cfg=cfg, t=t: mg.call_kernel(
+          lambda qx, k, v, lists, cfg=cfg, t=t: call_kernel(
             qx, k, v, lists, cfg, num_kv_heads=H, seq_len=t
           )[0]
         )
@@ -305,7 +307,7 @@ def main():
               fb_pipe_tflops=3.5 * sparse_flops / fb_pipe / 1e9,
             )
           if args.bwd and args.bwd_parts:
-            row.update(backward_parts(q, k, v, w, bi, cfg, args.reps))
+            row.update(backward_parts(q, k, v, w, bi, tuning, cfg, args.reps))
         except Exception as e:  # noqa: BLE001  (report the failure, time the other variants)
           row = {"T": t, "impl": name, "error": f"{type(e).__name__}: {str(e)[:500]}"}
         rows.append(row)

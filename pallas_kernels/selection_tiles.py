@@ -12,7 +12,8 @@ is token ``t0 + i``, query head ``h*G + g``). Per tile:
   ``i - 32`` in ``hi``) says token ``t0 + i`` itself selected block ``ids[j]``: the per-row mask of
   exact per-token selection. The causal mask inside a block is left to the kernel.
 * **shared mode** (ASA): the tile iterates over its first token's list only (this is exact
-  per-token selection applied to :func:`sparse_attention_jax.ops.selection.share_selection`).
+  per-token selection applied to
+  :func:`pallas_kernels.selected_attention_common.share_selection`).
 
 The inverse map (KV block -> query tiles whose iteration list holds it) is what a dK/dV kernel
 without atomics iterates over; it is built by one sort.

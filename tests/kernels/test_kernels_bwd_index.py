@@ -3,7 +3,7 @@ emulation of the dQ and dK/dV kernel loops on exactly the operands the kernels r
 against ``jax.grad`` of the float32 reference. (The Mosaic GPU kernels themselves cannot run on
 CPU: GPU interpret mode has no ``wgmma``; they are cross-lowered in
 ``test_kernels_mgpu_lowering.py`` and checked numerically on the GPU by
-``tests/gpu/check_selected_mgpu.py``.)"""
+``test_kernels_mgpu_gpu.py``.)"""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import selected_attention_mgpu as mg
-from pallas_kernels import selected_attention_mgpu_bwd as bw
+from pallas_kernels import selected_attention_common as common
+from pallas_kernels import selected_attention_vjp_common as vc
 from pallas_kernels.selection_tiles import inverse_work_items, tile_iteration_lists
 from sparse_attention_jax.ops.masked import document_starts, masked_attention
 from sparse_attention_jax.ops.selected import selected_mask
@@ -86,7 +86,7 @@ def _normal(seed):
   return lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)
 
 
-def _emulate(ops: bw.BwdOperands, *, g, scale, t, nb, bs=BS):
+def _emulate(ops: vc.BwdOperands, *, g, scale, t, nb, bs=BS):
   """The two kernels' loops in numpy on the kernels' own operands: dQ per (tile, listed block)
   over the block's ``bs`` keys; dK/dV per (work item, 64-key tile) as the kernel's CTAs do
   (two tiles per 128-key block; one 64-key window with the keys past the block masked for a
@@ -97,7 +97,7 @@ def _emulate(ops: bw.BwdOperands, *, g, scale, t, nb, bs=BS):
   b, h = qx.shape[:2]
   dk, dv = kp.shape[-1], vp.shape[-1]
   r = 64 // g
-  kt = bw.KEY_TILE
+  kt = vc.KEY_TILE
   scale2 = scale * np.log2(np.e)
   tok = np.arange(64) // g
   first = None if ops.docs is None else np.asarray(ops.docs[0])  # [B, NT*64]
@@ -149,8 +149,8 @@ def _emulate(ops: bw.BwdOperands, *, g, scale, t, nb, bs=BS):
             )
             dv_part[bb, hh, out] += (pr.T @ dox[bb, hh, rows])[:n_out]
             dk_part[bb, hh, out] += (ds.T @ qx[bb, hh, rows])[:n_out]
-  dq = mg._from_tiles(jnp.asarray(dqx, jnp.float32), t, g) * scale
-  reduce = functools.partial(bw.reduce_items, num_blocks=nb, seq_len=t, block_size=bs)
+  dq = common.from_tiles(jnp.asarray(dqx, jnp.float32), t, g) * scale
+  reduce = functools.partial(vc.reduce_items, num_blocks=nb, seq_len=t, block_size=bs)
   dk = reduce(jnp.asarray(dk_part, jnp.float32), ops.work.item_block) * scale
   dv = reduce(jnp.asarray(dv_part, jnp.float32), ops.work.item_block)
   return dq, dk, dv
@@ -174,7 +174,7 @@ def test_emulated_kernels_match_reference_grads(g, mode, chunk, docs):
   v = jax.random.normal(kv, (b, t, h, d), jnp.float32)
   do = jax.random.normal(kw, (b, t, h * g, d), jnp.float32)
   bi = _selection(ki, b, t, h, n).at[:, 64:80].set(-1)  # tokens that see nothing
-  bi_ref = share_selection(bi, mg.tokens_per_tile(g)) if mode == "shared" else bi
+  bi_ref = share_selection(bi, common.tokens_per_tile(g)) if mode == "shared" else bi
   scale = d**-0.5
   seg = None
   if docs:  # documents start mid-block and mid-tile
@@ -185,7 +185,7 @@ def test_emulated_kernels_match_reference_grads(g, mode, chunk, docs):
   want = vjp((do, jnp.zeros_like(lse)))
   assert bool(jnp.any(jnp.isneginf(lse)))
   doc_start = None if seg is None else document_starts(seg, b, t)
-  ops = bw.prepare_backward(q, k, v, o, lse, do, bi, mode=mode, chunk=chunk, doc_start=doc_start)
+  ops = vc.prepare_backward(q, k, v, o, lse, do, bi, mode=mode, chunk=chunk, doc_start=doc_start)
   got = _emulate(ops, g=g, scale=scale, t=t, nb=-(-t // BS))
   for name, a, w in zip(("dq", "dk", "dv"), got, want):
     np.testing.assert_allclose(np.asarray(a), np.asarray(w), rtol=2e-4, atol=2e-4, err_msg=name)
@@ -204,7 +204,7 @@ def test_emulated_kernels_with_padded_head_dims_match_reference_grads(g, dk, dv,
     normal(b, t, h * g, dv),
   )
   bi = _selection(jax.random.key(g), b, t, h, n)
-  bi_ref = share_selection(bi, mg.tokens_per_tile(g)) if mode == "shared" else bi
+  bi_ref = share_selection(bi, common.tokens_per_tile(g)) if mode == "shared" else bi
   scale = dk**-0.5  # the unpadded Dk
   mask = selected_mask(bi_ref, block_size=BS, seq_len=t)
   attn = lambda q, k, v: masked_attention(q, k, v, mask, scale)
@@ -215,7 +215,7 @@ def test_emulated_kernels_with_padded_head_dims_match_reference_grads(g, dk, dv,
   assert qp.shape[-1] > dk and vp.shape[-1] > dv
   (o_p, lse_p), _ = jax.vjp(attn, qp, kp, vp)
   np.testing.assert_allclose(np.asarray(o_p[..., :dv]), np.asarray(o), rtol=1e-5, atol=1e-5)
-  ops = bw.prepare_backward(qp, kp, vp, o_p, lse_p, pad(do), bi, mode=mode, chunk=3)
+  ops = vc.prepare_backward(qp, kp, vp, o_p, lse_p, pad(do), bi, mode=mode, chunk=3)
   dq, dk_, dv_ = _emulate(ops, g=g, scale=scale, t=t, nb=-(-t // BS))
   assert dq.shape[-1] == qp.shape[-1] and dk_.shape[-1] == kp.shape[-1]
   assert dv_.shape[-1] == vp.shape[-1]
@@ -229,7 +229,7 @@ def test_emulated_kernels_with_padded_head_dims_match_reference_grads(g, dk, dv,
 def test_doc_tiles_rows_and_group_max():
   seg = jnp.array([[5, 5, 5, 7, 7, 9, 9, 9, 9, 9]], jnp.int32)
   ds = document_starts(seg, 1, 10)  # [0,0,0,3,3,5,5,5,5,5]
-  rows, gmax = mg.doc_tiles(ds, 16, 12)  # r = 4 tokens per group
+  rows, gmax = common.doc_tiles(ds, 16, 12)  # r = 4 tokens per group
   rows, gmax = np.asarray(rows), np.asarray(gmax)
   assert rows.shape == (1, 3 * 64) and gmax.tolist() == [[3, 5, 5]]
   np.testing.assert_array_equal(rows[0, 16 * 3 : 16 * 4], 3)  # token 3, all 16 heads
@@ -251,7 +251,7 @@ def test_emulated_kernels_match_reference_grads_block_sizes(bs, g, mode, docs):
     normal(b, t, h * g, d + 8),
   )
   bi = _selection(jax.random.key(bs + g), b, t, h, n, bs)
-  bi_ref = share_selection(bi, mg.tokens_per_tile(g)) if mode == "shared" else bi
+  bi_ref = share_selection(bi, common.tokens_per_tile(g)) if mode == "shared" else bi
   scale = d**-0.5
   seg = None
   if docs:
@@ -261,7 +261,7 @@ def test_emulated_kernels_match_reference_grads_block_sizes(bs, g, mode, docs):
   (o, lse), vjp = jax.vjp(attn, q, k, v)
   want = vjp((do, jnp.zeros_like(lse)))
   doc_start = None if seg is None else document_starts(seg, b, t)
-  ops = bw.prepare_backward(
+  ops = vc.prepare_backward(
     q, k, v, o, lse, do, bi, mode=mode, chunk=3, doc_start=doc_start, block_size=bs
   )
   got = _emulate(ops, g=g, scale=scale, t=t, nb=-(-t // bs), bs=bs)

@@ -149,3 +149,41 @@ def test_inverse_map_matches_brute_force(shared):
       assert offsets[bb, hh, nb] == total
       if total:
         assert np.all(tiles[bb, hh, total:] == tiles[bb, hh, total - 1])
+
+
+@pytest.mark.parametrize("r", [1, 4, 7])
+def test_kernels_share_selection_equals_the_library(r):
+  from pallas_kernels import selected_attention_common as common
+
+  bi = jnp.asarray(rand_indices(np.random.default_rng(r), 2, 45, 3, 5, 8))
+  np.testing.assert_array_equal(common.share_selection(bi, r), share_selection(bi, r))
+
+
+def test_kernels_document_starts_equal_the_library():
+  from pallas_kernels import selected_attention_common as common
+  from sparse_attention_jax.ops.masked import document_starts
+
+  seg = jnp.asarray([[0, 0, 0, 1, 1, 2, 2, 2, 5, 5], [3, 3, 3, 3, 3, 3, 3, 3, 3, 4]], jnp.int32)
+  np.testing.assert_array_equal(common.document_starts(seg, 2, 10), document_starts(seg, 2, 10))
+  np.testing.assert_array_equal(common.document_starts(None, 2, 10), jnp.zeros((2, 10), jnp.int32))
+
+
+def test_pallas_kernels_is_a_leaf_package():
+  """Importing every kernel module loads nothing of the library."""
+  import os
+  import subprocess
+  import sys
+
+  code = (
+    "import sys, pallas_kernels, pallas_kernels.selected_attention_mgpu, "
+    "pallas_kernels.selected_attention_vjp_kernel_sm90, pallas_kernels.selection_tiles, "
+    "pallas_kernels.selected_attention_vjp_common, pallas_kernels.selected_attention_dims\n"
+    "bad = sorted(m for m in sys.modules if m.split('.')[0] == 'sparse_attention_jax')\n"
+    "assert not bad, bad\n"
+  )
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+  proc = subprocess.run(
+    [sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=300
+  )
+  assert proc.returncode == 0, proc.stderr

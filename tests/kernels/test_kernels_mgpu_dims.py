@@ -2,7 +2,7 @@
 cross-lowering for CUDA of the forward and backward kernels, the shared-memory model against what
 Mosaic GPU allocates, and the wrapper's head-dim padding checked numerically with the reference
 in place of the kernels (the kernels themselves run only on the GPU:
-``tests/gpu/check_selected_mgpu_bwd.py --dims-quick``)."""
+``tests/kernels/test_kernels_mgpu_gpu.py``)."""
 
 from __future__ import annotations
 
@@ -15,9 +15,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pallas_kernels import selected_attention_common as common
 from pallas_kernels import selected_attention_dims as dims
 from pallas_kernels import selected_attention_mgpu as mg
-from pallas_kernels import selected_attention_mgpu_bwd as bw
+from pallas_kernels import selected_attention_vjp_common as vc
+from pallas_kernels import selected_attention_vjp_kernel_sm90 as bw
 from sparse_attention_jax.ops.masked import masked_attention
 from sparse_attention_jax.ops.selected import selected_mask
 
@@ -44,15 +46,12 @@ def _lower(fn, *avals):
 )
 def test_forward_and_backward_lower_for_cuda(dk, dv, g, rows, bwd_direct):
   t, h = 200, 2
-  cfg = mg._Config(
-    softmax_scale=dk**-0.5,
-    mode="exact",
-    tile_rows=rows,
-    q_layout="direct",
-    bwd_direct=bwd_direct,
-    bwd_chunk=2,
+  tuning = mg.TuningConfig(
+    tile_rows=rows, q_layout="direct", persistent=False, bwd_direct=bwd_direct, bwd_chunk=2
   )
-  attn = lambda q, k, v, bi: dims.with_padded_head_dims(mg._attention, q, k, v, bi, None, cfg)
+  attn = lambda q, k, v, bi: mg.selected_attention_mgpu(
+    q, k, v, bi, softmax_scale=dk**-0.5, tuning=tuning
+  )
   fwd_text = _lower(attn, *_avals(t, h, g, dk, dv))
   loss = lambda q, k, v, bi: jnp.sum(attn(q, k, v, bi).astype(jnp.float32))
   text = _lower(jax.grad(loss, argnums=(0, 1, 2)), *_avals(t, h, g, dk, dv))
@@ -68,7 +67,8 @@ def test_public_wrapper_lowers_gla_global_dims(mode, rows):
   seg = jnp.repeat(jnp.arange(3, dtype=jnp.int32), 100)[None]
 
   def loss(q, k, v, bi):
-    o = mg.selected_attention_mgpu(q, k, v, bi, mode=mode, tile_rows=rows, segment_ids=seg)
+    tuning = mg.TuningConfig(mode=mode, tile_rows=rows)
+    o = mg.selected_attention_mgpu(q, k, v, bi, segment_ids=seg, tuning=tuning)
     assert o.shape == (1, t, 32, 128)
     return jnp.sum(o.astype(jnp.float32))
 
@@ -113,11 +113,10 @@ def test_smem_model_bounds_what_mosaic_allocates(dk, dv, stages, bs):
       k,
       v,
       bi,
-      tile_rows=rows,
-      block_size=bs,
-      num_stages=stages,
       return_lse=True,
-      persistent=persistent,
+      tuning=mg.TuningConfig(
+        tile_rows=rows, block_size=bs, num_stages=stages, persistent=persistent
+      ),
     )
     kw = {"dk": dk, "dv": dv, "length": length, "has_docs": False, "block_size": bs}
     used = dims.fit_stages(kernel, stages, **kw)
@@ -126,12 +125,12 @@ def test_smem_model_bounds_what_mosaic_allocates(dk, dv, stages, bs):
     want = dims.smem_bytes(kernel, stages=used, **kw)
     assert got <= want <= got + 8192, (kernel, got, want)
 
-  cfg = bw.BwdConfig(num_stages=stages)
+  cfg = vc.BwdConfig(num_stages=stages)
 
   def operands(q, k, v, bi):
     o = jnp.zeros(q.shape[:3] + (dv,), q.dtype)
     lse = jnp.zeros(q.shape[:3], jnp.float32)
-    return bw.prepare_backward(
+    return vc.prepare_backward(
       q, k, v, o, lse, o, bi, mode="exact", chunk=cfg.chunk, direct=True, block_size=bs
     )
 
@@ -161,7 +160,8 @@ def test_fit_stages_lowers_the_ring_until_it_fits_and_refuses_beyond():
   with pytest.raises(NotImplementedError, match="shared memory"):
     dims.fit_stages("fwd128", 2, dk=256, dv=256, length=40000, has_docs=False)
   # the forward lowers at the fitted depth even when asked for more
-  f = lambda q, k, v, bi: mg.selected_attention_mgpu(q, k, v, bi, tile_rows=128, num_stages=4)
+  tuning = mg.TuningConfig(tile_rows=128, num_stages=4)
+  f = lambda q, k, v, bi: mg.selected_attention_mgpu(q, k, v, bi, tuning=tuning)
   assert "mosaic_gpu" in _lower(f, *_avals(200, 2, 16, 256, 128))
 
 
@@ -205,7 +205,7 @@ def test_wrapper_pads_head_dims_exactly(monkeypatch, dk, dv, g, segments):
   seg = jnp.asarray(np.repeat(np.arange(2, dtype=np.int32), 75)[None]) if segments else None
 
   def loss_kernel(q, k, v):
-    o = mg.selected_attention_mgpu(q, k, v, bi, mode="exact", segment_ids=seg)
+    o = mg.selected_attention_mgpu(q, k, v, bi, segment_ids=seg)
     return jnp.sum(o.astype(jnp.float32) * w), o
 
   mask = selected_mask(bi, block_size=BS, seq_len=t, segment_ids=seg)
@@ -252,9 +252,8 @@ def test_block_sizes_lower_for_cuda_forward_and_backward(bs, g, rows, mode, bwd_
   seg = jnp.repeat(jnp.arange(3, dtype=jnp.int32), 100)[None] if g == 3 else None
 
   def attn(q, k, v, bi):
-    return mg.selected_attention_mgpu(
-      q, k, v, bi, block_size=bs, mode=mode, tile_rows=rows, segment_ids=seg
-    )
+    tuning = mg.TuningConfig(block_size=bs, mode=mode, tile_rows=rows, bwd_direct=bwd_direct)
+    return mg.selected_attention_mgpu(q, k, v, bi, segment_ids=seg, tuning=tuning)
 
   loss = lambda q, k, v, bi: jnp.sum(attn(q, k, v, bi).astype(jnp.float32))
   fwd_text = _lower(attn, *_avals(t, h, g, dk, dv, n))
@@ -268,7 +267,10 @@ def test_block_size_changes_the_kernels():
   avals = _avals(300, 2, 16, 128, 128)
   texts = {
     bs: _lower(
-      lambda q, k, v, bi, bs=bs: mg.selected_attention_mgpu(q, k, v, bi, block_size=bs), *avals
+      lambda q, k, v, bi, bs=bs: mg.selected_attention_mgpu(
+        q, k, v, bi, tuning=mg.TuningConfig(block_size=bs)
+      ),
+      *avals,
     )
     for bs in (32, 64, 128)
   }
@@ -279,16 +281,18 @@ def test_fit_config_drops_ping_pong_at_one_stage_and_keeps_persistent_rings_deep
   """One K/V slot + ping-pong deadlocks the 128-row kernel (the GPU hang of Dk 192 / Dv 128 /
   block 128): fit_config turns ping-pong off there; a persistent ring is not capped by the list
   length (it runs on across tiles); persistent is dropped where one stage does not fit."""
-  base = mg._Config(softmax_scale=0.1, mode="exact", tile_rows=128, num_stages=2)
+  base = common.KernelConfig(
+    softmax_scale=0.1, mode="exact", group_size=16, tile_rows=128, num_stages=2
+  )
   kw = {"length": 8, "itemsize": 2}
-  one = mg.fit_config(dataclasses.replace(base, block_size=128), dk=192, dv=128, **kw)
+  one = common.fit_config(dataclasses.replace(base, block_size=128), dk=192, dv=128, **kw)
   assert (one.num_stages, one.ping_pong) == (1, False)
-  two = mg.fit_config(base, dk=128, dv=128, **kw)
+  two = common.fit_config(base, dk=128, dv=128, **kw)
   assert (two.num_stages, two.ping_pong) == (2, True)
   short = dict(kw, length=1)
-  assert mg.fit_config(base, dk=128, dv=128, **short).num_stages == 1  # per-tile: <= list
+  assert common.fit_config(base, dk=128, dv=128, **short).num_stages == 1  # per-tile: <= list
   per = dataclasses.replace(base, persistent=True, num_stages=3)
-  assert mg.fit_config(per, dk=128, dv=128, **short).num_stages == 3
-  assert not mg.fit_config(
+  assert common.fit_config(per, dk=128, dv=128, **short).num_stages == 3
+  assert not common.fit_config(
     dataclasses.replace(per, block_size=128), dk=256, dv=128, **kw
   ).persistent

@@ -6,7 +6,7 @@ over the keys a row may see, ``δ = rowsum(dO ∘ O)`` and ``dS = P ∘ (dO Vᵀ
 the forward's log-sum-exp, so the forward saves only ``O`` and ``LSE``.
 
 Both kernels use 64-row query tiles (``r = 64 // G`` tokens x the ``G`` heads of one KV group, the
-layout of :func:`pallas_kernels.selected_attention_mgpu._to_tiles`) and one warpgroup per CTA.
+layout of :func:`pallas_kernels.selected_attention_common.to_tiles`) and one warpgroup per CTA.
 
 * **dQ** (:func:`_dq_kernel`): grid over (query tile, batch x KV head), the forward's loop: per
   block of the tile's iteration list, K and V stream through a TMA ring, ``S = Q Kᵀ`` and
@@ -27,10 +27,7 @@ after the first token of the row's document; rows whose token saw no key at all 
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import math
-from typing import NamedTuple
 
 import jax
 import jax.experimental.pallas as pl
@@ -39,44 +36,28 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels import selected_attention_dims as dims
-from pallas_kernels import selected_attention_mgpu as fwd
-from pallas_kernels.selection_tiles import (
-  TileLists,
-  WorkItems,
-  inverse_work_items,
-  tile_iteration_lists,
+from pallas_kernels.selected_attention_common import (
+  BLOCK_SIZE,
+  LOG2E,
+  TILE_ROWS,
+  from_tiles,
+  masked_scores,
+  need_words,
+  row_tokens,
+  smem_transforms,
+)
+from pallas_kernels.selected_attention_vjp_common import (
+  KEY_TILE,
+  BwdConfig,
+  BwdOperands,
+  no_docs,
+  prepare_backward,
+  reduce_items,
+  use_direct,
 )
 
-ROWS = fwd.TILE_ROWS
-KEY_TILE = 64
-"""Keys per dK/dV CTA (the wgmma M of ``Sᵀ = K Qᵀ``, one warpgroup)."""
-_LOG2E = math.log2(math.e)
+ROWS = TILE_ROWS
 _TRANSFORMS = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
-
-
-@dataclasses.dataclass(frozen=True)
-class BwdConfig:
-  """Static parameters of the backward kernels.
-
-  Attributes:
-    num_stages: TMA ring depth of both kernels.
-    chunk: the smallest cap on the query tiles of one dK/dV work item (the cap grows to
-      ``cdiv(pairs, NB)`` so that at most ``2 NB`` items exist).
-    mask_skip: skip the mask on (block, tile) pairs every row fully sees.
-    direct: per-token TMA copies of Q/dO/dQ instead of XLA transposes to 64-row tiles,
-      where :func:`use_direct` allows.
-  """
-
-  num_stages: int = 2
-  chunk: int = 256
-  mask_skip: bool = True
-  direct: bool = True
-
-  def __post_init__(self):
-    if not isinstance(self.num_stages, int) or self.num_stages < 1:
-      raise ValueError(f"num_stages: expected a positive int, got {self.num_stages!r}")
-    if not isinstance(self.chunk, int) or self.chunk < 1:
-      raise ValueError(f"chunk: expected a positive int, got {self.chunk!r}")
 
 
 def _copy_rows(pairs, b, h, tile, barrier, *, direct: bool, g: int):
@@ -128,7 +109,6 @@ def _dq_kernel(
   g: int,
   scale2: float,
   stages: int,
-  mask_skip: bool,
   dtype,
   direct: bool,
   has_docs: bool,
@@ -160,7 +140,7 @@ def _dq_kernel(
     pl.when(s < count)(functools.partial(fetch, jnp.int32(s), s))
 
   layout = plgpu.Layout.WGMMA
-  col_ids, tok = fwd._row_tokens(g, bs)
+  col_ids, tok = row_tokens(g, bs)
   dk = q_smem.shape[-1]
   plgpu.barrier_wait(q_bar)
   lse2 = plgpu.load(lse_smem, layout=layout.reduce(1))  # [64] log2 units
@@ -180,7 +160,7 @@ def _dq_kernel(
       return acc_ref[...]
 
     s = pl.run_scoped(qk, plgpu.ACC((ROWS, bs), jnp.float32))
-    s = fwd._masked_scores(
+    s = masked_scores(
       s,
       col_ids,
       tok,
@@ -190,8 +170,7 @@ def _dq_kernel(
       bs=bs,
       lo=lo_ref[b, h, tile, j],
       hi=hi_ref[b, h, tile, j],
-      need=fwd._need_words(0, r),
-      skip=mask_skip,
+      need=need_words(0, r),
       **docs,
     )
     p = jnp.exp2(s * scale2 - lax.broadcast_in_dim(lse2, s.shape, [0]))
@@ -257,7 +236,6 @@ def _dkv_kernel(
   g: int,
   scale2: float,
   stages: int,
-  mask_skip: bool,
   dtype,
   direct: bool,
   has_docs: bool,
@@ -320,7 +298,7 @@ def _dkv_kernel(
   row_tok = lax.div(
     plgpu.broadcasted_iota(jnp.int32, (kt, ROWS), 1, layout=layout), jnp.int32(g)
   )  # token of each column
-  need_lo, need_hi = fwd._need_words(0, r)
+  need_lo, need_hi = need_words(0, r)
   dk = plgpu.layout_cast(jnp.full((kt, k_smem.shape[-1]), 0.0, jnp.float32), layout)
   dv = plgpu.layout_cast(jnp.full((kt, v_smem.shape[-1]), 0.0, jnp.float32), layout)
   plgpu.barrier_wait(kv_bar)
@@ -351,7 +329,7 @@ def _dkv_kernel(
     st = pl.run_scoped(kq, plgpu.ACC((kt, ROWS), jnp.float32))  # [keys, rows]
     t_base = tile * r
     first = plgpu.load(doc_smem.at[slot], layout=layout.reduce(0)) if has_docs else None
-    if mask_skip and bs >= kt:
+    if bs >= kt:  # no mask on pairs every row fully sees
       full = (key0 + (kt - 1) <= t_base) & ((lo & need_lo) == need_lo) & ((hi & need_hi) == need_hi)
       if has_docs:
         full = full & (key0 >= dmax_ref[b, tile])
@@ -393,112 +371,6 @@ def _dkv_kernel(
   plgpu.wait_smem_to_gmem(0)
 
 
-class BwdOperands(NamedTuple):
-  """XLA-side operands of the backward kernels (see :func:`prepare_backward`).
-
-  Attributes:
-    qx, dox: ``[B, H, NT*64, Dk]`` Q and ``[.., Dv]`` dO in 64-row tiles (``direct``:
-      ``[B, NT*r, HQ, Dk|Dv]``, padded to whole tiles); lsex: ``[B, H, NT*64]`` LSE in log2
-      units (``+inf`` for rows that saw no key, so their ``P`` is 0); dlx: ``[B, H, NT*64]``
-      ``δ = rowsum(dO ∘ O)``; kp, vp: ``[B, NB*64, H, Dk|Dv]`` K and V padded to whole blocks;
-      lists: the 64-row tiles' iteration lists; work: the dK/dV work items; docs: ``None`` or
-      :func:`pallas_kernels.selected_attention_mgpu.doc_tiles` of the 64-row tiles.
-  """
-
-  qx: jax.Array
-  dox: jax.Array
-  lsex: jax.Array
-  dlx: jax.Array
-  kp: jax.Array
-  vp: jax.Array
-  lists: TileLists
-  work: WorkItems
-  docs: tuple | None
-
-
-def use_direct(g: int) -> bool:
-  """Q/dO/dQ move by one TMA copy per token (no XLA transposes) when ``G % 8 == 0`` and ``G``
-  divides 64 (so a tile has no padding rows)."""
-  return g % 8 == 0 and ROWS % g == 0
-
-
-def prepare_backward(
-  q,
-  k,
-  v,
-  o,
-  lse,
-  do,
-  block_indices,
-  *,
-  mode: str,
-  chunk: int,
-  direct: bool = False,
-  doc_start=None,
-  block_size: int = fwd.BLOCK_SIZE,
-) -> BwdOperands:
-  """Tiles, residuals and index structures for the two kernels (shapes as :func:`backward`).
-
-  K and V are zero padded to ``NB * bs`` rows, plus ``64 - bs`` when ``bs < 64`` (the dK/dV
-  kernel's 64-key tile of the last block)."""
-  t, hq = q.shape[1], q.shape[2]
-  h = k.shape[2]
-  r = fwd.tokens_per_tile(hq // h)
-  bs = block_size
-  nb = -(-t // bs)
-  if mode == "shared":
-    from sparse_attention_jax.ops.selection import share_selection
-
-    block_indices = share_selection(block_indices, r)
-  length = min(r * block_indices.shape[-1], nb)
-  length = -(-length // 4) * 4  # 16-byte rows, as the forward's lists
-  lists = tile_iteration_lists(block_indices, tokens_per_tile=r, block_size=bs, max_len=length)
-  tp = lists.ids.shape[2] * r
-  pad_t = lambda x: jnp.pad(x, ((0, 0), (0, tp - t)) + ((0, 0),) * (x.ndim - 2))
-  if direct and tp == t:
-    pad_t = lambda x: x
-  rows = lambda x: fwd._to_tiles(pad_t(x), r, h)
-  to_tiles = pad_t if direct else rows
-  delta = jnp.einsum("bthd,bthd->bth", o.astype(jnp.float32), do.astype(jnp.float32))
-  lse2 = jnp.where(lse == -jnp.inf, jnp.inf, lse * _LOG2E)
-  tail = max(0, KEY_TILE - bs)
-  pad_kv = lambda x: jnp.pad(x, ((0, 0), (0, nb * bs + tail - t), (0, 0), (0, 0)))
-  return BwdOperands(
-    qx=to_tiles(q),
-    dox=to_tiles(do.astype(q.dtype)),
-    lsex=rows(lse2[..., None])[..., 0],
-    dlx=rows(delta[..., None])[..., 0],
-    kp=pad_kv(k),
-    vp=pad_kv(v),
-    lists=lists,
-    work=inverse_work_items(lists, nb, chunk=chunk),
-    docs=None if doc_start is None else fwd.doc_tiles(doc_start, hq // h, tp),
-  )
-
-
-def _no_docs(b: int):
-  """Placeholder document operands for kernels compiled without documents (never read)."""
-  return jnp.zeros((b, ROWS), jnp.int32), jnp.zeros((b, 1), jnp.int32)
-
-
-def reduce_items(
-  part, item_block, *, num_blocks: int, seq_len: int, block_size: int = fwd.BLOCK_SIZE
-):
-  """``[B, T, H, D]`` float32 sums of the work items' partial ``[B, H, 2NB*64, D]`` (``D`` is
-  ``Dk`` for dK, ``Dv`` for dV): the first
-  ``NB`` items are the blocks in order, the rest are added to their block."""
-  b, h, _, d = part.shape
-  bs = block_size
-  part = part.astype(jnp.float32)
-  first = part[:, :, : num_blocks * bs]  # [B, H, NB*64, D]
-  extra = part[:, :, num_blocks * bs :].reshape(b, h, num_blocks, bs, d)
-  seg = jnp.minimum(item_block[..., num_blocks:], num_blocks)  # NB: unused
-  summed = jax.vmap(jax.vmap(lambda p, s: jax.ops.segment_sum(p, s, num_segments=num_blocks + 1)))(
-    extra, seg
-  )[:, :, :num_blocks].reshape(b, h, num_blocks * bs, d)
-  return (first + summed)[:, :, :seq_len].transpose(0, 2, 1, 3)
-
-
 def backward(
   q,
   k,
@@ -511,8 +383,8 @@ def backward(
   softmax_scale: float,
   mode: str,
   doc_start=None,
-  cfg: BwdConfig = BwdConfig(),
-  block_size: int = fwd.BLOCK_SIZE,
+  cfg: BwdConfig | None = None,
+  block_size: int = BLOCK_SIZE,
 ):
   """Gradients of selected-block attention from the forward's ``o`` and ``lse``.
 
@@ -526,11 +398,13 @@ def backward(
     doc_start: optional ``[B, T]`` int32 first position of each token's document.
     mode: ``"exact"`` or ``"shared"`` (tokens of each aligned run of ``64 // G`` use their
       first token's list, as in the forward's 64-row tiles).
+    cfg: the kernels' static parameters (default :class:`BwdConfig` ``()``).
     block_size: KV block size (32, 64 or 128).
 
   Returns:
     ``(dq, dk, dv)`` in the input dtype.
   """
+  cfg = BwdConfig() if cfg is None else cfg
   t, hq = q.shape[1], q.shape[2]
   direct = cfg.direct and use_direct(hq // k.shape[2])
   ops = prepare_backward(
@@ -576,7 +450,7 @@ def dq_call(
   num_q_heads: int,
   cfg: BwdConfig,
   direct: bool,
-  block_size: int = fwd.BLOCK_SIZE,
+  block_size: int = BLOCK_SIZE,
 ):
   """The dQ kernel on prepared operands: ``[B, T, HQ, Dk]`` float32."""
   b, _, h, dk = ops.kp.shape
@@ -584,13 +458,13 @@ def dq_call(
   g = num_q_heads // h
   t = seq_len
   bs = block_size
-  transforms = fwd.smem_transforms(bs)
+  transforms = smem_transforms(bs)
   qx, dox, lsex, dlx, kp, vp, lists, _, docs = ops
   has_docs = docs is not None
-  docs = docs if has_docs else _no_docs(b)
+  docs = docs if has_docs else no_docs(b)
   dtype = qx.dtype
   nt, length = lists.ids.shape[2:]
-  scale2 = float(softmax_scale) * _LOG2E
+  scale2 = float(softmax_scale) * LOG2E
   params = plgpu.CompilerParams(approx_math=True)
   stages_dq = dims.fit_stages(
     "dq",
@@ -609,7 +483,6 @@ def dq_call(
     g=g,
     scale2=scale2,
     stages=stages_dq,
-    mask_skip=cfg.mask_skip,
     dtype=dtype,
     direct=direct,
     has_docs=has_docs,
@@ -634,7 +507,7 @@ def dq_call(
     grid_names=("tile", "bh"),
     compiler_params=params,
   )(qx, dox, lsex, dlx, kp, vp, lists.ids, lists.counts, lists.member_lo, lists.member_hi, *docs)
-  dq = dqx[:, :t] if direct else fwd._from_tiles(dqx, t, g)
+  dq = dqx[:, :t] if direct else from_tiles(dqx, t, g)
   return dq.astype(jnp.float32) * softmax_scale
 
 
@@ -646,7 +519,7 @@ def dkv_call(
   num_q_heads: int,
   cfg: BwdConfig,
   direct: bool,
-  block_size: int = fwd.BLOCK_SIZE,
+  block_size: int = BLOCK_SIZE,
 ):
   """The dK/dV kernel on prepared operands, partials reduced: ``[B, T, H, Dk]`` and
   ``[B, T, H, Dv]`` float32."""
@@ -660,9 +533,9 @@ def dkv_call(
   nb = -(-t // bs)
   qx, dox, lsex, dlx, kp, vp, _, work, docs = ops
   has_docs = docs is not None
-  docs = docs if has_docs else _no_docs(b)
+  docs = docs if has_docs else no_docs(b)
   dtype = qx.dtype
-  scale2 = float(softmax_scale) * _LOG2E
+  scale2 = float(softmax_scale) * LOG2E
   params = plgpu.CompilerParams(approx_math=True)
   arrivals = 2 * (ROWS // g) + 2 if direct else 4
   w = work.item_block.shape[-1]
@@ -683,7 +556,6 @@ def dkv_call(
     g=g,
     scale2=scale2,
     stages=stages_kv,
-    mask_skip=cfg.mask_skip,
     dtype=dtype,
     direct=direct,
     has_docs=has_docs,

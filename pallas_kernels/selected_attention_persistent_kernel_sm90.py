@@ -1,7 +1,7 @@
 """Persistent variant of the 128-row selected-attention forward kernel (Hopper, Mosaic GPU).
 
-The non-persistent kernel (:func:`pallas_kernels.selected_attention_mgpu._kernel_ws`) launches
-one CTA per 128-row query tile; at the standard shape a tile walks only ~16 K/V blocks, so each
+The per-tile kernel (:func:`pallas_kernels.selected_attention_kernel_sm90.forward_128_kernel`)
+launches one CTA per 128-row query tile; at the standard shape a tile walks only ~16 K/V blocks, so each
 CTA's serial prologue (Q, list and first K/V loads) and epilogue (O/LSE store) are a large part of
 its life, and with one 128-row CTA per SM (the compute warpgroups take 232 registers a thread)
 nothing hides them. Here the grid is one CTA per SM (``num_ctas``) and each CTA walks the work
@@ -15,7 +15,7 @@ items ``w = sm, sm + num_ctas, ...`` (``w = bh * NT + tile``, so neighbouring CT
 * O and LSE are staged in their own SMEM buffer; the store of item ``i`` is only waited for
   (read side) before item ``i + 1`` writes its O, so it overlaps the next item's loop.
 
-The math per item (masking, online softmax, ping-pong schedule) is that of ``_kernel_ws``.
+The math per item (masking, online softmax, ping-pong schedule) is that of ``forward_128_kernel``.
 """
 
 from __future__ import annotations
@@ -28,7 +28,15 @@ import jax.experimental.pallas.mosaic_gpu as plgpu
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels import selected_attention_mgpu as mg
+from pallas_kernels.selected_attention_common import (
+  LN2,
+  LOG2E,
+  TILE_ROWS,
+  need_words,
+  row_tokens,
+  smem_transforms,
+  ws_consumer_step,
+)
 
 DEFAULT_NUM_CTAS = 132
 """CTAs when the device does not say how many SMs it has (H100 SXM: 132; H200: 132)."""
@@ -69,10 +77,10 @@ def _kernel(
   cfg,
   dtype,
 ):
-  """One persistent CTA. Refs as in :func:`pallas_kernels.selected_attention_mgpu._kernel_ws`
+  """One persistent CTA. Refs as in :func:`pallas_kernels.selected_attention_kernel_sm90.forward_128_kernel`
   (``num_tiles`` = NT 128-row tiles per (batch, KV head); ``num_items = B * H * NT``)."""
   sm = lax.axis_index("sm")
-  rows_wg = mg.TILE_ROWS
+  rows_wg = TILE_ROWS
   r_wg = rows_wg // g
   bs = cfg.block_size
   stages = cfg.num_stages
@@ -123,9 +131,9 @@ def _kernel(
     def _compute():
       plgpu.set_max_registers(232, action="increase")
       layout = plgpu.Layout.WGMMA
-      col_ids, tok = mg._row_tokens(g, bs)
-      scale2 = cfg.softmax_scale * mg._LOG2E
-      need0, need1 = mg._need_words(0, r_wg), mg._need_words(r_wg, r_wg)
+      col_ids, tok = row_tokens(g, bs)
+      scale2 = cfg.softmax_scale * LOG2E
+      need0, need1 = need_words(0, r_wg), need_words(r_wg, r_wg)
       need = tuple(jnp.where(wg == 0, jnp.int32(a), jnp.int32(c)) for a, c in zip(need0, need1))
 
       def run_item(i, base):
@@ -154,13 +162,12 @@ def _kernel(
           tok_base=wg * r_wg,
           t_base=t_first,
           need=need,
-          skip=cfg.mask_skip,
           **docs,
         )
 
         def step(j, carry):
           slot = lax.rem(base + j, jnp.int32(stages))
-          return mg.ws_consumer_step(
+          return ws_consumer_step(
             carry,
             slot=slot,
             blk=ids_smem[buf, j],
@@ -188,7 +195,7 @@ def _kernel(
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous item's O/LSE are out
         o_smem.at[wg][...] = acc.astype(dtype)
         lse_smem.at[wg][...] = jnp.where(
-          seen, (m_i * scale2 + jnp.log(l_div) * mg._LOG2E) * mg._LN2, -jnp.inf
+          seen, (m_i * scale2 + jnp.log(l_div) * LOG2E) * LN2, -jnp.inf
         )
         plgpu.commit_smem()
         if direct:
@@ -253,7 +260,7 @@ def _kernel(
 
       lax.fori_loop(0, n_local, load_item, jnp.int32(0))
 
-  transforms = mg.smem_transforms(bs)
+  transforms = smem_transforms(bs)
   row = list_row(length)
   q_arrivals = 2 * ((r_wg if direct else 1) + int(cfg.has_docs))
   pl.run_scoped(
@@ -289,7 +296,7 @@ def call(
   dtype,
   num_ctas: int | None = None,
 ):
-  """Runs the persistent kernel on :func:`pallas_kernels.selected_attention_mgpu.call_kernel`'s
+  """Runs the persistent kernel on :func:`pallas_kernels.selected_attention_kernel_sm90.call_kernel`'s
   operands ``args`` (``cfg`` resolved, ring depth fitted with ``"fwd128p"``)."""
   num_items = batch * num_heads * num_tiles
   num_ctas = max(1, min(num_ctas or device_num_ctas(), num_items))
