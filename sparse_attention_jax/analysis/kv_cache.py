@@ -1,26 +1,14 @@
-"""KV-cache accounting per layer kind: bytes a decoder keeps per context token.
+"""KV-cache accounting: bytes a decoder keeps per context token, summed over the layers.
 
-Per layer and token (``H`` KV heads, ``Dk``/``Dv`` head dims, ``d`` compression stride, latent
-sizes from ``config.latent``: ``d_c``, ``d_R``, ``g`` latent heads of width ``dl = d_c / g``):
-
-==============  ==========================================================================
-``full``         K and V: ``H * (Dk + Dv)``.
-``swa``          the same; only the last ``w`` tokens are needed (``window``).
-``nsa``          ``pairs * H * (Dk + Dv)`` (``pairs`` = 3 with independent per-branch K/V and all
-                 branches, 1 when shared) plus the compressed K (and V if the ``cmp`` branch is
-                 output) amortized: ``H * (Dk + Dv) / d``. Reported as the *resident* cache, as
-                 the NSA paper does: full K/V must stay resident for selection (the window pair
-                 would need only ``w`` tokens and phi's raw input only the last ``l``).
-``asa_local``    MLA latent ``d_c + d_R`` (one latent head); only the last ``w`` tokens are needed.
-``asa_global``   GLA latent ``d_c + d_R`` plus the compressed latent amortized:
-                 ``(g * (dl + d_R) + d_c) / d`` (keys per latent head, values if ``cmp`` is
-                 output).
-``nosa``         all device-resident: K, V and the eviction score ``c`` (``H * (Dk + Dv + 1)``)
-                 plus the compressed K and compressed ``c`` amortized: ``H * (Dk + 1) / d``.
-==============  ==========================================================================
+Each layer's elements per token come from its kind's registry entry
+(``AttentionKind.kv_elements``, defined next to the layer in
+:mod:`sparse_attention_jax.nn.attention`, whose module docstrings give the formulas): e.g. ``full``
+keeps ``H * (Dk + Dv)`` (K and V), ``swa`` the same for its last ``w`` tokens only, ``nsa`` its
+resident K/V pairs plus the compressed keys amortized over the stride ``d``. A kind registered
+without ``kv_elements`` is an error naming it.
 
 NOSA offloaded (:func:`nosa_offload_elements`, :func:`offloaded_kv_bytes`; NOSI's layout,
-ALGORITHMS.md §4.3): the host holds ``H * (Dk + Dv + 1)`` per token (K, V, ``c``); the device
+docs/algorithms.md): the host holds ``H * (Dk + Dv + 1)`` per token (K, V, ``c``); the device
 holds the compressed K and ``c`` per token (``H * (Dk + 1) / d``, needed for the scores) plus a
 fixed pool of ``k`` block slots per sequence (``num_selected * l' * H * (Dk + Dv + 1)``: the
 ``k - 1`` non-current selected blocks and the current block, when the local blocks include it;
@@ -29,7 +17,7 @@ fixed pool of ``k`` block slots per sequence (``num_selected * l' * H * (Dk + Dv
 "Per token" numbers count every layer as holding the whole sequence;
 :func:`kv_cache_bytes` gives the bytes at a context length with window layers capped at ``w``.
 
-Entry point: ``python -m sparse_attention_jax.nn.kv_cache configs/asa_340m.yaml
+Entry point: ``python -m sparse_attention_jax.analysis.kv_cache configs/asa_340m.yaml
 configs/nsa_340m.yaml [--context 8192] [--dtype-bytes 2]`` prints one table per config.
 """
 
@@ -39,70 +27,27 @@ import argparse
 import sys
 
 from sparse_attention_jax.nn import load_model_config
+from sparse_attention_jax.nn.attention.registry import get_attention_kind
 from sparse_attention_jax.nn.config import ModelConfig
-
-KNOWN_KINDS = ("full", "swa", "nsa", "asa_local", "asa_global", "nosa")
-
-
-def _latent(config: ModelConfig, kind: str):
-  if config.latent is None:
-    raise ValueError(f"model.latent: expected a LatentConfig for attention kind {kind!r}, got None")
-  return config.latent
 
 
 def layer_kv_elements(config: ModelConfig, kind: str) -> dict:
-  """Cache elements per token of one layer of ``kind``.
+  """Cache elements per token of one layer of ``kind`` (its registry entry's ``kv_elements``).
 
   Returns:
     ``{"kind", "elements_per_token" (float), "window" (int tokens or None), "note"}``.
+
+  Raises:
+    ValueError: naming the kind and the registered kinds when ``kind`` is unknown, or naming
+      the kind when it registers no KV accounting.
   """
-  c = config
-  h, dk, dv = c.num_kv_heads, c.head_dim, c.dv
-  if kind in ("full", "swa"):
-    return {
-      "kind": kind,
-      "elements_per_token": float(h * (dk + dv)),
-      "window": c.window if kind == "swa" else None,
-      "note": "K+V" + (f"; only the last w={c.window} tokens needed" if kind == "swa" else ""),
-    }
-  if kind == "nsa":
-    nsa = c.nsa
-    pairs = 1 + (sum(b in nsa.branches for b in ("slc", "win")) if c.nsa_independent_kv else 0)
-    cmp = h * (dk + (dv if "cmp" in nsa.branches else 0)) / nsa.cmp_stride
-    return {
-      "kind": kind,
-      "elements_per_token": float(pairs * h * (dk + dv) + cmp),
-      "window": None,
-      "note": f"{pairs} K/V pair(s) resident + compressed 1/{nsa.cmp_stride}",
-    }
-  if kind == "asa_local":
-    lat = _latent(c, kind)
-    return {
-      "kind": kind,
-      "elements_per_token": float(lat.kv_rank + lat.rope_dim),
-      "window": c.window,
-      "note": f"MLA latent d_c+d_R; only the last w={c.window} tokens needed",
-    }
-  if kind == "asa_global":
-    lat, nsa = _latent(c, kind), c.nsa
-    cmp_k = lat.groups * (lat.group_rank + lat.rope_dim)
-    cmp_v = lat.kv_rank if "cmp" in nsa.branches else 0
-    return {
-      "kind": kind,
-      "elements_per_token": float(lat.kv_rank + lat.rope_dim + (cmp_k + cmp_v) / nsa.cmp_stride),
-      "window": None,
-      "note": f"GLA latent d_c+d_R (g={lat.groups}) + compressed 1/{nsa.cmp_stride}",
-    }
-  if kind == "nosa":
-    nsa = c.nsa
-    cmp = h * (dk + 1) / nsa.cmp_stride
-    return {
-      "kind": kind,
-      "elements_per_token": float(h * (dk + dv + 1) + cmp),
-      "window": None,
-      "note": f"K+V+c resident + compressed K and c 1/{nsa.cmp_stride} (offloadable)",
-    }
-  raise ValueError(f"kind: expected one of {KNOWN_KINDS} for KV-cache accounting, got {kind!r}")
+  e = get_attention_kind(kind).kv(config)
+  return {
+    "kind": kind,
+    "elements_per_token": float(e.elements_per_token),
+    "window": e.window,
+    "note": e.note,
+  }
 
 
 def nosa_slots(config: ModelConfig) -> int:
@@ -234,7 +179,7 @@ def describe_kv_cache(config: ModelConfig, dtype_bytes: int = 2, context: int | 
 
 def main(argv: list[str] | None = None) -> int:
   p = argparse.ArgumentParser(
-    prog="python -m sparse_attention_jax.nn.kv_cache",
+    prog="python -m sparse_attention_jax.analysis.kv_cache",
     description="KV-cache bytes per token of model configs.",
   )
   p.add_argument("configs", nargs="+", help="YAML config files with a model: section")
