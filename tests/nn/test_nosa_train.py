@@ -155,13 +155,17 @@ _SMOKE_CFG = NSAConfig.infllm_v2(
 )
 
 
-def test_nosa_train_checks_on_tiny_shapes():
-  """The GPU cases' plumbing on the CPU: the reference stands in for the kernels."""
+def test_nosa_train_checks_on_tiny_shapes(tmp_path, monkeypatch):
+  """The GPU cases' plumbing on the CPU (the reference stands in for the kernels) and the JSON
+  record."""
   row = correctness_row(256, (_SMOKE_CFG, 4), _SMOKE_HEADS)
   assert row["ok"] and 0 < row["dc_rel"] < 2e-2, row  # bf16 vs f32: small, not zero
   rows = timing_rows(512, (_SMOKE_CFG, 4), _SMOKE_HEADS)
   assert [r["case"] for r in rows] == list(TIMING_CASES)
   assert all(r["fwd_bwd_ms"] > 0 for r in rows), rows
+  monkeypatch.setenv("OUT", str(tmp_path))
+  _record([row, *rows])
+  assert json.loads((tmp_path / "nosa_train.json").read_text()) == [row, *rows]
 
 
 # --------------------------------------------------------------------------------- GPU
