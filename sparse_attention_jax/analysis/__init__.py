@@ -12,29 +12,6 @@ Modules: :mod:`.kv_cache` (``python -m sparse_attention_jax.analysis.kv_cache CO
 
 from __future__ import annotations
 
-from sparse_attention_jax.analysis.flops import (
-  attention_flops_per_token,
-  flops_per_token,
-  param_split,
-)
-from sparse_attention_jax.analysis.kv_cache import (
-  describe_kv_cache,
-  kv_cache_bytes,
-  kv_cache_bytes_per_token,
-  layer_kv_elements,
-)
-from sparse_attention_jax.analysis.locality import model_selection_locality
-from sparse_attention_jax.analysis.sparsity import model_attention_stats, sparsity_metrics
-
-__all__ = [
-  "attention_flops_per_token",
-  "describe_kv_cache",
-  "flops_per_token",
-  "kv_cache_bytes",
-  "kv_cache_bytes_per_token",
-  "layer_kv_elements",
-  "model_attention_stats",
-  "model_selection_locality",
-  "param_split",
-  "sparsity_metrics",
-]
+# Submodules are imported by name (``from sparse_attention_jax.analysis import kv_cache``), not
+# here, so ``python -m sparse_attention_jax.analysis.kv_cache`` runs the module only once.
+__all__ = ["flops", "kv_cache", "locality", "sparsity"]

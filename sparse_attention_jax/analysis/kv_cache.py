@@ -7,12 +7,10 @@ keeps ``H * (Dk + Dv)`` (K and V), ``swa`` the same for its last ``w`` tokens on
 resident K/V pairs plus the compressed keys amortized over the stride ``d``. A kind registered
 without ``kv_elements`` is an error naming it.
 
-NOSA offloaded (:func:`nosa_offload_elements`, :func:`offloaded_kv_bytes`; NOSI's layout,
-docs/algorithms.md): the host holds ``H * (Dk + Dv + 1)`` per token (K, V, ``c``); the device
-holds the compressed K and ``c`` per token (``H * (Dk + 1) / d``, needed for the scores) plus a
-fixed pool of ``k`` block slots per sequence (``num_selected * l' * H * (Dk + Dv + 1)``: the
-``k - 1`` non-current selected blocks and the current block, when the local blocks include it;
-``k + 1`` slots otherwise). ``c`` is counted in the cache dtype.
+Offloaded (:func:`offloaded_kv_bytes`): kinds registering ``AttentionKind.offload_elements``
+(``nosa``, NOSI's layout: K, V and ``c`` on the host; the compressed K and ``c`` per token plus a
+fixed pool of block slots on the device, :func:`nosa_offload_elements`) count host and device
+bytes apart.
 
 "Per token" numbers count every layer as holding the whole sequence;
 :func:`kv_cache_bytes` gives the bytes at a context length with window layers capped at ``w``.
@@ -27,6 +25,7 @@ import argparse
 import sys
 
 from sparse_attention_jax.nn import load_model_config
+from sparse_attention_jax.nn.attention.nosa import nosa_slots
 from sparse_attention_jax.nn.attention.registry import get_attention_kind
 from sparse_attention_jax.nn.config import ModelConfig
 
@@ -50,13 +49,6 @@ def layer_kv_elements(config: ModelConfig, kind: str) -> dict:
   }
 
 
-def nosa_slots(config: ModelConfig) -> int:
-  """Device block slots per sequence of an offloaded NOSA layer, the current block included:
-  ``k`` when the forced local blocks include the current block (it is always in the selection),
-  else ``k + 1``."""
-  return config.nsa.num_selected + (0 if config.nsa.num_local_blocks >= 1 else 1)
-
-
 def nosa_offload_elements(config: ModelConfig) -> dict:
   """Cache elements of one offloaded NOSA layer.
 
@@ -64,35 +56,34 @@ def nosa_offload_elements(config: ModelConfig) -> dict:
     ``{"device_per_token": H * (Dk + 1) / d (compressed K and c), "device_fixed": slots * l' *
     H * (Dk + Dv + 1) per sequence, "host_per_token": H * (Dk + Dv + 1), "slots"}``.
   """
-  c = config
-  h, dk, dv, nsa = c.num_kv_heads, c.head_dim, c.dv, c.nsa
-  slots = nosa_slots(c)
+  e = get_attention_kind("nosa").offload_elements(config)
   return {
-    "device_per_token": h * (dk + 1) / nsa.cmp_stride,
-    "device_fixed": float(slots * nsa.block_size * h * (dk + dv + 1)),
-    "host_per_token": float(h * (dk + dv + 1)),
-    "slots": slots,
+    "device_per_token": e.device_per_token,
+    "device_fixed": e.device_fixed,
+    "host_per_token": e.host_per_token,
+    "slots": nosa_slots(config),
   }
 
 
 def offloaded_kv_bytes(config: ModelConfig, context: int, dtype_bytes: int = 2) -> dict:
-  """Bytes per sequence at a ``context``-token context with every NOSA layer offloaded.
+  """Bytes per sequence at a ``context``-token context with every offloadable layer offloaded.
 
   Returns:
-    ``{"device", "host"}``: NOSA layers count their compressed K/c and slot pool on the device
-    and K/V/c on the host; the other layers stay resident as in :func:`kv_cache_bytes`
+    ``{"device", "host"}``: layers whose kind registers ``offload_elements`` (``nosa``) count
+    their per-token device elements and fixed pool (never more than the context) on the device
+    and the rest on the host; the other layers stay resident as in :func:`kv_cache_bytes`
     (``windowed``: window layers capped at ``w``).
   """
   if not isinstance(context, int) or context < 1:
     raise ValueError(f"context: expected a positive int, got {context!r}")
   device = host = 0.0
   for r in kv_cache_bytes_per_token(config, dtype_bytes)["layers"]:
-    if r["kind"] == "nosa":
-      e = nosa_offload_elements(config)
-      slot_tokens = e["slots"] * config.nsa.block_size
-      fixed = e["device_fixed"] * min(1.0, context / slot_tokens)  # never more than the context
-      device += (e["device_per_token"] * context + fixed) * dtype_bytes
-      host += e["host_per_token"] * context * dtype_bytes
+    offload = get_attention_kind(r["kind"]).offload_elements
+    if offload is not None:
+      e = offload(config)
+      fixed = e.device_fixed * min(1.0, context / e.fixed_tokens)
+      device += (e.device_per_token * context + fixed) * dtype_bytes
+      host += e.host_per_token * context * dtype_bytes
     else:
       tokens = context if r["window"] is None else min(context, r["window"])
       device += r["bytes_per_token"] * tokens
@@ -166,11 +157,16 @@ def describe_kv_cache(config: ModelConfig, dtype_bytes: int = 2, context: int | 
       f"at context {context:,}: resident {tot['resident'] / 2**20:,.1f} MiB, "
       f"window layers capped at w {tot['windowed'] / 2**20:,.1f} MiB per sequence"
     )
-    if "nosa" in per["by_kind"]:
+    offloadable = [k for k in per["by_kind"] if get_attention_kind(k).offload_elements]
+    if offloadable:
       off = offloaded_kv_bytes(config, context, dtype_bytes)
+      pools = ", ".join(
+        f"{k} {get_attention_kind(k).offload_elements(config).fixed_tokens} tokens"
+        for k in offloadable
+      )
       lines.append(
-        f"NOSA layers offloaded ({nosa_slots(config)} block slots of "
-        f"{config.nsa.block_size} tokens on the device): device "
+        f"{', '.join(offloadable)} layers offloaded (device block pool per layer: {pools}): "
+        f"device "
         f"{off['device'] / 2**20:,.1f} MiB, host {off['host'] / 2**20:,.1f} MiB per "
         f"sequence"
       )

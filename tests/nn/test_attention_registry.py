@@ -185,6 +185,7 @@ def test_a_kind_registered_in_a_test_flows_through_model_decode_and_analysis():
     per = kv_cache.kv_cache_bytes_per_token(cfg, dtype_bytes=2)
     assert per["by_kind"] == {"test_self": 0.0, "full": pytest.approx(2 * 16)}
     assert "test_self" in kv_cache.describe_kv_cache(cfg, context=100)
+    assert kv_cache.offloaded_kv_bytes(cfg, 100) == {"device": 100 * 2 * 16, "host": 0.0}
     assert flops.attention_flops_per_token(cfg, "test_self", T) == 6 * 2 * 8
     n_matmul, p_phi = flops.param_split(cfg)
     assert p_phi == 0

@@ -18,6 +18,14 @@ Decoding: the layer implements the decode protocol of :mod:`sparse_attention_jax
 :class:`~sparse_attention_jax.ops.nosa_decode.NOSACache` (a step reads the compressed keys and the
 ``k`` selected blocks); :mod:`sparse_attention_jax.nn.offload_decode` decodes with the K/V/c
 blocks in host memory (:class:`~sparse_attention_jax.nn.offload.OffloadedBlockCache`).
+
+Accounting per layer (``H`` KV heads, ``Dk``/``Dv``, ``model.nsa``: stride ``d``, ``k`` selected
+blocks of ``l'`` tokens): resident cache ``H * (Dk + Dv + 1)`` (K, V and ``c``) plus the
+compressed K and ``c`` amortized, ``H * (Dk + 1) / d``; offloaded (NOSI's layout), the host holds
+``H * (Dk + Dv + 1)`` per token and the device the compressed K and ``c`` per token plus a fixed
+pool of :func:`nosa_slots` block slots per sequence (``c`` counted in the cache dtype). Training
+FLOPs: the InfLLM-V2 scores over ``T / (2 d)`` compressed keys (``q.k`` only) plus the ``k``
+selected blocks (``min(k * l', T / 2)`` keys).
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ from sparse_attention_jax.nn.attention.registry import (
   AttentionKind,
   KVElements,
   LayerQK,
+  OffloadElements,
   register_attention_kind,
 )
 from sparse_attention_jax.nn.config import ModelConfig
@@ -188,6 +197,27 @@ def _kv(config: ModelConfig) -> KVElements:
   )
 
 
+def nosa_slots(config: ModelConfig) -> int:
+  """Device block slots per sequence of an offloaded NOSA layer, the current block included:
+  ``k`` when the forced local blocks include the current block (it is always in the selection),
+  else ``k + 1``."""
+  return config.nsa.num_selected + (0 if config.nsa.num_local_blocks >= 1 else 1)
+
+
+def _offload(config: ModelConfig) -> OffloadElements:
+  """NOSI's layout: K, V and ``c`` of every token on the host; the compressed K and ``c`` per
+  token plus a pool of :func:`nosa_slots` blocks of ``l'`` tokens on the device."""
+  c = config
+  h, dk, dv, nsa = c.num_kv_heads, c.head_dim, c.dv, c.nsa
+  slots = nosa_slots(c)
+  return OffloadElements(
+    device_per_token=h * (dk + 1) / nsa.cmp_stride,
+    device_fixed=float(slots * nsa.block_size * h * (dk + dv + 1)),
+    fixed_tokens=slots * nsa.block_size,
+    host_per_token=float(h * (dk + dv + 1)),
+  )
+
+
 def _flops(config: ModelConfig, seq_len: int) -> float:
   """InfLLM-V2 scoring over the compressed keys plus the ``k`` selected blocks."""
   c = config
@@ -207,7 +237,8 @@ NOSA = register_attention_kind(
     kv_elements=_kv,
     train_flops=_flops,
     qk=_qk,
+    offload_elements=_offload,
   )
 )
 
-__all__ = ["NOSA", "NOSAAttention", "check_nosa_config"]
+__all__ = ["NOSA", "NOSAAttention", "check_nosa_config", "nosa_slots"]

@@ -42,6 +42,22 @@ class LayerQK(NamedTuple):
   c: Any = None
 
 
+class OffloadElements(NamedTuple):
+  """Cache elements of one layer whose KV blocks can live in host memory while decoding.
+
+  Attributes:
+    device_per_token: elements per context token kept on the device (what selection reads).
+    device_fixed: elements of the fixed device pool per sequence (the block slots).
+    fixed_tokens: tokens the pool holds (it never holds more than the context).
+    host_per_token: elements per context token in host memory.
+  """
+
+  device_per_token: float
+  device_fixed: float
+  fixed_tokens: int
+  host_per_token: float
+
+
 @dataclasses.dataclass(frozen=True)
 class DecodeProtocol:
   """How a kind decodes with a KV cache (see :mod:`sparse_attention_jax.nn.decode`).
@@ -88,6 +104,8 @@ class AttentionKind:
     qk: ``(layer, x [B, T, d_model], positions [B, T]) -> LayerQK | None``: the q/k (and
       eviction scores) the analysis tools read; None (or a None result) = the kind has no plain
       RoPE'd q/k and is skipped.
+    offload_elements: ``(config) -> OffloadElements`` for kinds whose KV blocks can be offloaded
+      to host memory while decoding (None = always device-resident).
   """
 
   name: str
@@ -96,6 +114,7 @@ class AttentionKind:
   kv_elements: Callable[[Any], KVElements] | None = None
   train_flops: Callable[[Any, int], float] | None = None
   qk: Callable[[Any, Any, Any], LayerQK | None] | None = None
+  offload_elements: Callable[[Any], OffloadElements] | None = None
 
   def __post_init__(self):
     if not isinstance(self.name, str) or not self.name:
@@ -104,7 +123,7 @@ class AttentionKind:
       raise TypeError(f"module: expected a class, got {self.module!r}")
     if self.decode is not None and not isinstance(self.decode, DecodeProtocol):
       raise TypeError(f"decode: expected a DecodeProtocol or None, got {self.decode!r}")
-    for field in ("kv_elements", "train_flops", "qk"):
+    for field in ("kv_elements", "train_flops", "qk", "offload_elements"):
       v = getattr(self, field)
       if v is not None and not callable(v):
         raise TypeError(f"{field}: expected a callable or None, got {v!r}")
@@ -205,6 +224,7 @@ __all__ = [
   "KVElements",
   "LAYER_METHODS",
   "LayerQK",
+  "OffloadElements",
   "get_attention_kind",
   "register_attention_kind",
   "unknown_kind_message",
