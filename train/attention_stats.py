@@ -3,9 +3,9 @@
 
 Runs the model of ``CFG`` (randomly initialized, or restored from a checkpoint written by
 ``python -m train``) on held-out batches and measures, per layer, how concentrated *dense causal*
-attention over its q/k is (:mod:`sparse_attention_jax.nn.sparsity`): mass of the top-k keys and
-top-k blocks per query, entropy and attention-sink mass. Prints a per-layer table and writes
-``DIR/attention_stats.json`` and ``DIR/attention_stats.png`` (top-k mass vs k per layer).
+attention over its q/k is (:mod:`sparse_attention_jax.analysis.sparsity`): mass of the top-k
+keys and top-k blocks per query, entropy and attention-sink mass. Prints a per-layer table and
+writes ``DIR/attention_stats.json`` and ``DIR/attention_stats.png`` (top-k mass vs k per layer).
 
 Example::
 
@@ -81,9 +81,12 @@ def main(argv: list[str] | None = None) -> int:
   if config is None:
     return 2
   import jax.numpy as jnp
-  import numpy as np
 
-  from sparse_attention_jax.nn.sparsity import mean_over_layers, model_attention_stats
+  from sparse_attention_jax.analysis.sparsity import (
+    mean_over_batches,
+    mean_over_layers,
+    model_attention_stats,
+  )
 
   tc = config.train
   model, _, batches = cli.model_and_batches(config, args.checkpoint, args.batches)
@@ -98,15 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     for b in batches
   ]
-  stats = per_batch[0]
-  for i, layer in enumerate(stats["layers"]):  # Mean over batches.
-    if "skipped" in layer:
-      continue
-    rows = [p["layers"][i] for p in per_batch]
-    layer["entropy"] = float(np.mean([r["entropy"] for r in rows]))
-    layer["sink_mass"] = float(np.mean([r["sink_mass"] for r in rows]))
-    for key in ("topk_mass", "block_mass"):
-      layer[key] = {k: float(np.mean([r[key][k] for r in rows])) for k in layer[key]}
+  stats = mean_over_batches(per_batch)
   stats["mean"] = mean_over_layers(stats)
   stats["settings"] = {
     **{k: list(v) if isinstance(v, tuple) else v for k, v in kw.items()},

@@ -4,7 +4,7 @@
 Runs the model of ``CFG`` (randomly initialized, or restored from a checkpoint written by
 ``python -m train``) on held-out batches and measures, per layer, the locality
 ``gamma(t) = |Gamma(t) ∩ Gamma(t-1)| / |Gamma(t)|`` of NSA, InfLLM-V2-style and NOSA block
-selection over the layer's own q/k (:mod:`sparse_attention_jax.nn.locality`). Prints a table
+selection over the layer's own q/k (:mod:`sparse_attention_jax.analysis.locality`). Prints a table
 (mean gamma and new blocks per step per method) and writes ``DIR/locality.json`` (default
 ``<train.output_dir>/locality``).
 
@@ -41,26 +41,6 @@ def _parse_args(argv):
   return p.parse_args(argv)
 
 
-def _mean_stats(runs: list[dict]) -> dict:
-  """Means over batches of every method's numbers (``min`` is the minimum)."""
-  out = dict(runs[0])
-  layers = []
-  for i, layer in enumerate(runs[0]["layers"]):
-    if "skipped" in layer:
-      layers.append(layer)
-      continue
-    row = dict(layer)
-    for m in ("nsa", "infllm_v2", "nosa"):
-      vals = [r["layers"][i][m] for r in runs]
-      row[m] = {
-        key: (min if key == "min" else (lambda xs: sum(xs) / len(xs)))([v[key] for v in vals])
-        for key in vals[0]
-      }
-    layers.append(row)
-  out["layers"] = layers
-  return out
-
-
 def main(argv: list[str] | None = None) -> int:
   args = _parse_args(argv)
   from train import cli
@@ -70,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     return 2
   import jax.numpy as jnp
 
-  from sparse_attention_jax.nn.locality import model_selection_locality
+  from sparse_attention_jax.analysis.locality import mean_over_batches, model_selection_locality
 
   tc = config.train
   model, _, batches = cli.model_and_batches(config, args.checkpoint, args.batches)
@@ -89,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  stats = _mean_stats(runs)
+  stats = mean_over_batches(runs)
   stats["settings"] = {
     "config": args.config,
     "checkpoint": args.checkpoint,

@@ -13,9 +13,9 @@ loss over the whole batch.
 
 Models with SSA layers (kind ``"ssa"``, ALGORITHMS.md §6) train on ``CE + align_weight *
 mean_layers(term1 + term2)``: each forward pass (step, or microbatch) draws one Bernoulli mode
-shared by all SSA layers (:func:`sparse_attention_jax.nn.ssa.draw_mode`), and the metrics add
-``total_loss``, ``align_full`` (term1), ``align_sparse`` (term2) and ``mode_full``; ``loss``
-stays the cross-entropy. Models without SSA layers run exactly as before.
+shared by all SSA layers (:func:`~sparse_attention_jax.nn.attention.ssa.draw_mode`), and the
+metrics add ``total_loss``, ``align_full`` (term1), ``align_sparse`` (term2) and ``mode_full``;
+``loss`` stays the cross-entropy. Models without SSA layers run exactly as before.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from sparse_attention_jax.nn import DecoderLM
-from sparse_attention_jax.nn import ssa as ssa_lib
+from sparse_attention_jax.nn.attention import ssa as ssa_lib
 from sparse_attention_jax.nn.parallel import mesh_axes
 from sparse_attention_jax.nn.ssa_config import SSAConfig
 from train import scalars
@@ -83,7 +83,8 @@ def loss_fn(model: nnx.Module, batch: Batch) -> tuple[jax.Array, tuple[jax.Array
 
 def ssa_loss_fn(model: nnx.Module, batch: Batch, align_weight: float):
   """SSA objective ``CE + align_weight * (term1 + term2)`` (terms averaged over SSA layers) of a
-  model whose SSA layers are in training form (:func:`sparse_attention_jax.nn.ssa.set_training`).
+  model whose SSA layers are in training form
+  (:func:`sparse_attention_jax.nn.attention.ssa.set_training`).
 
   Returns:
     ``(total, (ce, count, terms))``: ``ce`` the mean cross-entropy, ``terms [2]`` float32.

@@ -2,10 +2,10 @@
 ``python -m train.ssa_eval --config CFG --checkpoint PATH [--budgets 2,4,8] [--block-size N]
 [section.key=value ...]``.
 
-No retraining: :func:`sparse_attention_jax.nn.ssa.set_inference` switches the SSA layers to full
-attention, then to the sparse path with ``num_selected`` = each budget (and ``--block-size``, if
-given). The batches are the held-out ``train.eval_batches`` x ``train.batch_size`` rows of
-``train.seq_len`` bytes that training evaluates on.
+No retraining: :func:`sparse_attention_jax.nn.attention.ssa.set_inference` switches the SSA
+layers to full attention, then to the sparse path with ``num_selected`` = each budget (and
+``--block-size``, if given). The batches are the held-out ``train.eval_batches`` x
+``train.batch_size`` rows of ``train.seq_len`` bytes that training evaluates on.
 
 Example::
 
@@ -26,7 +26,7 @@ def evaluate(
   ``mode`` (and the sparse budget), over ``batches``."""
   from flax import nnx
 
-  from sparse_attention_jax.nn.ssa import set_inference
+  from sparse_attention_jax.nn import set_inference
   from train import loop
 
   set_inference(model, mode, block_size=block_size, num_selected=num_selected)

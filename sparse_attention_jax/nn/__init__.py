@@ -1,5 +1,5 @@
-"""Flax NNX modules: attention layers (full, sliding-window, NSA, ASA, SSA, NOSA, pluggable kinds)
-and a decoder LM.
+"""Flax NNX modules: attention layers (full, sliding-window, NSA, ASA, SSA, NOSA, pluggable kinds;
+one module per kind in :mod:`sparse_attention_jax.nn.attention`) and a decoder LM.
 
 Example::
 
@@ -14,26 +14,29 @@ from __future__ import annotations
 
 import os
 
-from sparse_attention_jax.nn.asa import GLAGlobalAttention, MLALocalAttention
 from sparse_attention_jax.nn.attention import (
   ATTENTION_KINDS,
+  AttentionKind,
   FullAttention,
+  GLAGlobalAttention,
+  MLALocalAttention,
   MLPCompressor,
+  NOSAAttention,
   NSAAttention,
   SlidingWindowAttention,
+  SSAAttention,
   get_attention_kind,
   register_attention_kind,
 )
+from sparse_attention_jax.nn.attention.ssa import set_inference
 from sparse_attention_jax.nn.config import ModelConfig
 from sparse_attention_jax.nn.decode import DecodeState, decode_step, init_decode_state, prefill
 from sparse_attention_jax.nn.generate import Generator
 from sparse_attention_jax.nn.latent_config import LatentConfig
 from sparse_attention_jax.nn.layers import Embed, RMSNorm, SwiGLU
 from sparse_attention_jax.nn.model import DecoderBlock, DecoderLM, count_params, param_count
-from sparse_attention_jax.nn.nosa import NOSAAttention
 from sparse_attention_jax.nn.nosa_config import NOSAConfig
 from sparse_attention_jax.nn.rope import apply_rope
-from sparse_attention_jax.nn.ssa import SSAAttention, set_inference
 from sparse_attention_jax.nn.ssa_config import SSAConfig
 
 
@@ -53,6 +56,7 @@ def load_model_config(path: str | os.PathLike) -> ModelConfig:
 
 __all__ = [
   "ATTENTION_KINDS",
+  "AttentionKind",
   "DecodeState",
   "DecoderBlock",
   "DecoderLM",

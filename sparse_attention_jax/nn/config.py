@@ -12,6 +12,15 @@ from sparse_attention_jax.nn.nosa_config import NOSAConfig
 from sparse_attention_jax.nn.ssa_config import SSAConfig
 
 
+def _registered_kinds():
+  """The registered attention kind names (the built-in kinds register on first import)."""
+  # Imported here: the kind modules import this one.
+  import sparse_attention_jax.nn.attention  # noqa: F401 - registers the built-in kinds
+  from sparse_attention_jax.nn.attention.registry import ATTENTION_KINDS
+
+  return ATTENTION_KINDS
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ModelConfig:
   """A Llama-like decoder whose attention kind is chosen per layer.
@@ -27,7 +36,9 @@ class ModelConfig:
     mlp_dim: SwiGLU hidden width.
     attention: per-layer attention kinds, repeated cyclically over the layers (``("nsa",)`` = all
       NSA; ``("swa", "full")`` = alternating). Kinds are registered in
-      :mod:`sparse_attention_jax.nn.attention` (``full``, ``nsa``, ``swa``).
+      :mod:`sparse_attention_jax.nn.attention` (``full``, ``swa``, ``nsa``, ``asa_local``,
+      ``asa_global``, ``ssa``, ``nosa`` and any kind registered at run time); an unknown name
+      is an error here.
     window: window of ``swa`` layers.
     nsa: the NSA op's config for ``nsa`` layers.
     nsa_independent_kv: separate K/V projections per NSA branch (the paper) instead of shared ones.
@@ -118,6 +129,12 @@ class ModelConfig:
       "attention",
       "a non-empty tuple of attention kind names",
     )
+    unknown = sorted(set(self.attention) - set(_registered_kinds()))
+    if unknown:
+      raise ValueError(
+        f"model.attention: expected kinds from the registered {sorted(_registered_kinds())}, "
+        f"got unknown {unknown}"
+      )
     need(
       self.dtype in ("float32", "bfloat16", "float16"),
       "dtype",

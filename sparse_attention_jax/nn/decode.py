@@ -1,8 +1,9 @@
 """KV-cache decoding of a :class:`~sparse_attention_jax.nn.DecoderLM`: prefill, then one token per
 step, with preallocated fixed-capacity caches and one compiled step for every length.
 
-Layer protocol (every attention kind registered with ``register_attention_kind`` that supports
-decoding implements these three methods; the model calls them through ``block.attn``)::
+Layer protocol (the ``decode`` field of a kind's registry entry,
+:class:`~sparse_attention_jax.nn.attention.registry.DecodeProtocol`; the built-in kinds implement
+it as three methods, ``LAYER_METHODS``)::
 
   cache = layer.init_cache(batch: int, capacity: int, dtype=None)        # a pytree of arrays
   y, cache = layer.prefill(x [B, T, d_model], lengths [B], cache)        # y [B, T, d_model]
@@ -28,7 +29,7 @@ compressed K/V completed as windows fill, ring window, per-step top-n selection)
 ``asa_global`` (NSA over the GLA latent, values read from the cached keys), ``nosa``
 (:mod:`sparse_attention_jax.ops.nosa_decode`: linear K/V/c, compressed keys and running
 query-agnostic block scores; offloaded variant in :mod:`sparse_attention_jax.nn.offload_decode`).
-A new kind implements the three methods; :func:`check_decodable` names the kinds that do not.
+A new kind registers a protocol; :func:`check_decodable` names the kinds that have none.
 
 Model level: :func:`init_decode_state` -> :class:`DecodeState` (per-layer caches and the lengths),
 :func:`prefill` -> next-token logits of every row, :func:`decode_step` -> logits of the next token.
@@ -54,7 +55,7 @@ from sparse_attention_jax.ops.decode import (
   write_ring,
 )
 
-_METHODS = ("init_cache", "prefill", "decode")
+_METHODS = ("init_cache", "prefill", "decode")  # what LAYER_METHODS calls
 
 
 class DenseCache(NamedTuple):
@@ -142,16 +143,19 @@ class DecodeState(NamedTuple):
   capacity: jax.Array
 
 
+def _protocol(kind: str):
+  """The registered :class:`~sparse_attention_jax.nn.attention.registry.DecodeProtocol` of
+  ``kind`` (None when it has none)."""
+  # Imported here: the attention kinds import this module's dense-cache helpers.
+  from sparse_attention_jax.nn.attention.registry import get_attention_kind
+
+  return get_attention_kind(kind).decode
+
+
 def check_decodable(model) -> None:
   """Raises ``NotImplementedError`` naming the layer kinds of ``model`` without the decode
   protocol (see the module docstring)."""
-  missing = sorted(
-    {
-      blk.kind
-      for blk in model.layers
-      if not all(callable(getattr(blk.attn, m, None)) for m in _METHODS)
-    }
-  )
+  missing = sorted({blk.kind for blk in model.layers if _protocol(blk.kind) is None})
   if missing:
     raise NotImplementedError(
       f"model.attention: expected kinds implementing {_METHODS} for "
@@ -162,7 +166,9 @@ def check_decodable(model) -> None:
 def init_decode_state(model, batch: int, capacity: int, dtype=None) -> DecodeState:
   """Empty caches of every layer for ``batch`` sequences of up to ``capacity`` tokens."""
   check_decodable(model)
-  caches = tuple(blk.attn.init_cache(batch, capacity, dtype) for blk in model.layers)
+  caches = tuple(
+    _protocol(blk.kind).init_cache(blk.attn, batch, capacity, dtype) for blk in model.layers
+  )
   return DecodeState(caches, jnp.zeros((batch,), jnp.int32), jnp.asarray(capacity, jnp.int32))
 
 
@@ -193,7 +199,7 @@ def prefill(model, tokens, lengths, state: DecodeState) -> tuple[jax.Array, Deco
   x = model.embed(tokens)
   caches = []
   for blk, cache in zip(model.layers, state.caches):
-    y, cache = blk.attn.prefill(blk.attn_norm(x), lengths, cache)
+    y, cache = _protocol(blk.kind).prefill(blk.attn, blk.attn_norm(x), lengths, cache)
     x = x + y.astype(x.dtype)
     x = x + blk.mlp(blk.mlp_norm(x)).astype(x.dtype)
     caches.append(cache)
@@ -213,7 +219,7 @@ def decode_step(model, tokens, state: DecodeState) -> tuple[jax.Array, DecodeSta
   x = model.embed(tokens[:, None])  # [B, 1, d]
   caches = []
   for blk, cache in zip(model.layers, state.caches):
-    y, cache = blk.attn.decode(blk.attn_norm(x), pos, cache)
+    y, cache = _protocol(blk.kind).step(blk.attn, blk.attn_norm(x), pos, cache)
     x = x + y.astype(x.dtype)
     x = x + blk.mlp(blk.mlp_norm(x)).astype(x.dtype)
     caches.append(cache)

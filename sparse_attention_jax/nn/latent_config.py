@@ -1,6 +1,6 @@
 """Sizes of latent attention (MLA / GLA) for the ASA layer kinds: the ``model.latent:`` section.
 
-Notation (ALGORITHMS.md §5): ``d_c`` = ``kv_rank`` (the cached KV latent), ``d_cq`` = ``q_rank``
+Notation (docs/algorithms.md): ``d_c`` = ``kv_rank`` (the cached KV latent), ``d_cq`` = ``q_rank``
 (the low-rank query), ``d_R`` = ``rope_dim`` (the decoupled RoPE key, shared by all heads),
 ``nope_dim`` (per-head key/query part without RoPE), ``v_dim`` (per-head value dim) and ``g`` =
 ``groups`` (GLA latent heads, each ``d_c / g`` wide; ``g = 1`` is MLA).

@@ -10,7 +10,7 @@ from sparse_attention_jax.nn._config_io import checked_mapping
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class NOSAConfig:
-  """NOSA's query-aware budget (ALGORITHMS.md §4.1); the rest comes from ``model.nsa``.
+  """NOSA's query-aware budget (docs/algorithms.md); the rest comes from ``model.nsa``.
 
   ``model.nsa`` supplies the InfLLM-V2 scoring (mean-pooled keys, l, d, l', max pooling), the
   forced init/local blocks and the total budget ``k = num_selected``.

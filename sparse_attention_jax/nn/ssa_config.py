@@ -13,7 +13,7 @@ _BRANCHES = ("cmp", "slc", "win")
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SSAConfig:
-  """Dual sparse/full training with bidirectional output alignment (ALGORITHMS.md §6).
+  """Dual sparse/full training with bidirectional output alignment (docs/algorithms.md).
 
   Attributes:
     full_prob: probability p that a training step runs the residual stream through full
@@ -21,7 +21,7 @@ class SSAConfig:
     align_weight: weight of the alignment loss, ``CE + align_weight * mean_layers(term1 +
       term2)``; 10 in SSA.
     inference_mode: ``"sparse"`` or ``"full"``: what an SSA layer computes outside training
-      (overridable per model with :func:`sparse_attention_jax.nn.ssa.set_inference`).
+      (overridable per model with :func:`sparse_attention_jax.nn.attention.ssa.set_inference`).
     branches: the NSA branches of the sparse path (``("slc",)`` = selection only, as SSA/MoBA);
       the rest of the sparse op's settings come from ``model.nsa``.
   """

@@ -17,6 +17,7 @@ import optax
 import pytest
 from flax import nnx
 
+from sparse_attention_jax.analysis import kv_cache
 from sparse_attention_jax.config import NSAConfig
 from sparse_attention_jax.nn import (
   DecoderLM,
@@ -24,12 +25,11 @@ from sparse_attention_jax.nn import (
   LatentConfig,
   MLALocalAttention,
   ModelConfig,
-  asa,
   count_params,
-  kv_cache,
   load_model_config,
   param_count,
 )
+from sparse_attention_jax.nn.attention import latent
 from sparse_attention_jax.ops import (
   dense_causal_attention,
   nsa_attention,
@@ -131,7 +131,7 @@ def test_mla_absorbed_equals_training_form():
     close(train, absorbed)
     close(train, dense)
   # The padded jax.nn.dot_product_attention path == the library's window op, either dim wider.
-  seg_op = jax.jit(functools.partial(asa._window_attention, window=5, softmax_scale=0.3))
+  seg_op = jax.jit(functools.partial(latent.window_attention, window=5, softmax_scale=0.3))
   want_op = jax.jit(functools.partial(sliding_window_attention, window=5, softmax_scale=0.3))
   for dk, dv, s in ((12, 6, seg), (6, 12, None)):
     kq, kk, kv = jax.random.split(jax.random.key(dk), 3)

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from sparse_attention_jax.analysis.locality import layer_selections, model_selection_locality
 from sparse_attention_jax.config import NSAConfig
 from sparse_attention_jax.nn import DecoderLM, ModelConfig, NOSAConfig
-from sparse_attention_jax.nn.locality import layer_selections, model_selection_locality
 from sparse_attention_jax.ops.locality import selection_locality
 from train.locality import main as locality_main
 

@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from sparse_attention_jax.analysis import kv_cache
 from sparse_attention_jax.config import NSAConfig
 from sparse_attention_jax.nn import (
   DecoderLM,
   ModelConfig,
   NOSAAttention,
   NOSAConfig,
-  kv_cache,
   load_model_config,
   param_count,
 )

@@ -13,8 +13,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from sparse_attention_jax.analysis import sparsity
 from sparse_attention_jax.config import NSAConfig
-from sparse_attention_jax.nn import DecoderLM, ModelConfig, SSAConfig, sparsity, ssa
+from sparse_attention_jax.nn import DecoderLM, ModelConfig, SSAConfig
+from sparse_attention_jax.nn.attention import ssa
 from sparse_attention_jax.ops import dense_causal_attention, nsa_attention
 from train import loop
 from train.__main__ import main as train_main

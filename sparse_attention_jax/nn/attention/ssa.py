@@ -1,5 +1,9 @@
-"""SSA (ALGORITHMS.md §6): layers trained with both sparse and full attention and a bidirectional
-per-layer alignment loss (kind ``"ssa"``).
+"""SSA (docs/algorithms.md): layers trained with both sparse and full attention and a
+bidirectional per-layer alignment loss (kind ``"ssa"``).
+
+Accounting per layer: the decode cache is the sparse path's NSA cache with one shared K/V pair
+(:func:`~sparse_attention_jax.nn.attention.nsa.nsa_kv_elements` over ``model.ssa.branches``);
+training FLOPs count both paths, ``full`` plus the NSA branches of ``model.ssa.branches``.
 
 Per layer, ``g = sigmoid(gate_proj(x))[..., slc]`` gates both outputs (pre-``o_proj``,
 ``[B, T, HQ, Dv]``)::
@@ -39,12 +43,19 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sparse_attention_jax.config import NSAConfig
-from sparse_attention_jax.nn.attention import (
-  _check_inputs,
-  _kv_projection,
-  _o_projection,
-  _positions,
-  _q_projection,
+from sparse_attention_jax.nn.attention.common import (
+  check_inputs,
+  default_positions,
+  kv_projection,
+  o_projection,
+  q_projection,
+)
+from sparse_attention_jax.nn.attention.nsa import nsa_branch_keys_dims, nsa_kv_elements
+from sparse_attention_jax.nn.attention.registry import (
+  LAYER_METHODS,
+  AttentionKind,
+  KVElements,
+  LayerQK,
   register_attention_kind,
 )
 from sparse_attention_jax.nn.config import ModelConfig
@@ -123,9 +134,9 @@ class SSAAttention(nnx.Module):
       )
     self.inference_mode = ssa.inference_mode
     self.training = False
-    self.q_proj = _q_projection(c, dt, rngs)
-    self.k_proj = _kv_projection(c, c.head_dim, dt, rngs)
-    self.v_proj = _kv_projection(c, c.dv, dt, rngs)
+    self.q_proj = q_projection(c, dt, rngs)
+    self.k_proj = kv_projection(c, c.head_dim, dt, rngs)
+    self.v_proj = kv_projection(c, c.dv, dt, rngs)
     self.gate_proj = projection(
       "btd,dhc->bthc",
       (c.d_model, c.num_heads, 3),
@@ -135,7 +146,7 @@ class SSAAttention(nnx.Module):
       rngs=rngs,
       names=("embed", "q_heads", None),
     )
-    self.o_proj = _o_projection(c, dt, rngs)
+    self.o_proj = o_projection(c, dt, rngs)
     self.mode = SSAMode(jnp.asarray(ssa.inference_mode == "full"))
     self.align = SSAAlign(jnp.zeros((2,), jnp.float32))
 
@@ -176,7 +187,7 @@ class SSAAttention(nnx.Module):
   def __call__(self, x, positions, segment_ids=None):
     """``x [B, T, d_model]``, ``positions [B, T]``, ``segment_ids [B, T] | None`` ->
     ``[B, T, d_model]``."""
-    _check_inputs(x, positions, segment_ids, self.config.d_model)
+    check_inputs(x, positions, segment_ids, self.config.d_model)
     if not self.training:
       o = self.outputs(x, positions, segment_ids, paths=(self.inference_mode,))
       return self.o_proj(o[self.inference_mode])
@@ -203,8 +214,8 @@ class SSAAttention(nnx.Module):
   def prefill(self, x, lengths, cache):
     """``x [B, T, d_model]`` right-padded prompts of ``lengths [B]`` -> ``(y, cache)``."""
     c = self.config
-    _check_inputs(x, _positions(x), None, c.d_model)
-    q, k, v = self.qkv(x, _positions(x))
+    check_inputs(x, default_positions(x), None, c.d_model)
+    q, k, v = self.qkv(x, default_positions(x))
     g = jax.nn.sigmoid(self.gate_proj(x).astype(jnp.float32))[..., 1:2]  # [B, T, HQ, 1]
     if self.inference_mode == "full":
       o = _dense(q, k, v, None)
@@ -244,7 +255,40 @@ class SSAAttention(nnx.Module):
     return self.o_proj((g * o.astype(jnp.float32)).astype(self.dtype)[:, None]), cache
 
 
-register_attention_kind("ssa", SSAAttention)
+def _kv(config: ModelConfig) -> KVElements:
+  """The decode cache of the sparse path: one shared K/V pair plus its compressed keys (and
+  values when ``cmp`` is output), counted as for ``nsa`` (the full mode reads the same K/V)."""
+  c = config
+  branches = (c.ssa or SSAConfig()).branches
+  return nsa_kv_elements(
+    c, branches=branches, pairs=1, dk=c.head_dim, dv=c.dv, heads=c.num_kv_heads
+  )
+
+
+def _flops(config: ModelConfig, seq_len: int) -> float:
+  """Training computes both paths: ``full`` plus the NSA branches of ``model.ssa.branches``."""
+  c = config
+  branches = (c.ssa or SSAConfig()).branches
+  keys_dims = seq_len / 2 * (c.head_dim + c.dv)
+  keys_dims += nsa_branch_keys_dims(c, seq_len, branches, c.head_dim, c.dv)
+  return 6.0 * c.num_heads * keys_dims
+
+
+def _qk(layer: SSAAttention, x, positions) -> LayerQK:
+  q, k, _ = layer.qkv(x, positions)
+  return LayerQK(q, k)
+
+
+SSA = register_attention_kind(
+  AttentionKind(
+    name="ssa",
+    module=SSAAttention,
+    decode=LAYER_METHODS,
+    kv_elements=_kv,
+    train_flops=_flops,
+    qk=_qk,
+  )
+)
 
 
 def ssa_layers(model: nnx.Module) -> list[SSAAttention]:
@@ -325,6 +369,7 @@ def set_inference(
 
 
 __all__ = [
+  "SSA",
   "SSAAlign",
   "SSAAttention",
   "SSAMode",

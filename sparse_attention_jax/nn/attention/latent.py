@@ -1,6 +1,8 @@
 """ASA (Alternating Sparse Attention, arXiv 2511.00819): local MLA layers and global GLA+NSA layers.
 
-Two layer kinds, registered with :func:`~sparse_attention_jax.nn.attention.register_attention_kind`:
+The shared latent projections of the two ASA layer kinds, each in its own module
+(:mod:`~sparse_attention_jax.nn.attention.asa_local`,
+:mod:`~sparse_attention_jax.nn.attention.asa_global`):
 
 * ``"asa_local"`` (:class:`MLALocalAttention`): causal sliding-window attention (``config.window``
   keys incl. the query) with multi-head latent attention (MLA, DeepSeek-V2).
@@ -36,7 +38,7 @@ Two equal ways to compute it (tested):
   ``dl`` features), a ring of ``window`` slots for ``asa_local`` and a linear buffer plus NSA's
   compressed latents for ``asa_global``.
 
-Choices (the ASA paper's body was not checked; see ALGORITHMS.md §5):
+Choices (the ASA paper's body was not checked; see docs/algorithms.md):
 
 * The local layer is MLA (``g = 1``, one latent head; ``latent.groups`` applies only to the global
   layer) and trains in the expanded form over ``H = HQ`` heads: cuDNN flash attention with a local
@@ -66,22 +68,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sparse_attention_jax.nn.attention import (
-  MLPCompressor,
-  _check_inputs,
-  _positions,
-  register_attention_kind,
-)
+from sparse_attention_jax.nn.attention.common import check_inputs
 from sparse_attention_jax.nn.config import ModelConfig
-from sparse_attention_jax.nn.decode import dense_decode, fill_dense_cache, init_dense_cache
 from sparse_attention_jax.nn.dense_attention import causal_attention
 from sparse_attention_jax.nn.latent_config import LatentConfig
 from sparse_attention_jax.nn.layers import RMSNorm, as_dtype, projection
-from sparse_attention_jax.nn.parallel import param, sharded_call
+from sparse_attention_jax.nn.parallel import param
 from sparse_attention_jax.nn.rope import apply_rope
-from sparse_attention_jax.ops import CompressorParams, masked_attention, nsa_attention
+from sparse_attention_jax.ops import masked_attention
 from sparse_attention_jax.ops.masked import causal_mask
-from sparse_attention_jax.ops.nsa_decode import fill_nsa_cache, init_nsa_cache, nsa_decode_step
 
 
 class Latents(NamedTuple):
@@ -119,7 +114,7 @@ class GroupRMSNorm(nnx.Module):
     return (x32 * inv * self.scale[...]).astype(self.dtype)
 
 
-def _latent_config(config: ModelConfig, kind: str) -> LatentConfig:
+def latent_config(config: ModelConfig, kind: str) -> LatentConfig:
   if not isinstance(config.latent, LatentConfig):
     raise ValueError(
       f"model.latent: expected a LatentConfig (kv_rank, q_rank, rope_dim, "
@@ -142,7 +137,7 @@ class LatentAttentionBase(nnx.Module):
   kind = "latent"
 
   def __init__(self, config: ModelConfig, groups: int, *, rngs: nnx.Rngs):
-    lat = _latent_config(config, self.kind)
+    lat = latent_config(config, self.kind)
     hq = config.num_heads
     if not isinstance(groups, int) or groups < 1 or hq % groups or lat.kv_rank % groups:
       raise ValueError(
@@ -299,7 +294,7 @@ class LatentAttentionBase(nnx.Module):
     Returns:
       ``[B, T, d_model]`` in the compute dtype; both forms are equal up to rounding.
     """
-    _check_inputs(x, positions, segment_ids, self.config.d_model)
+    check_inputs(x, positions, segment_ids, self.config.d_model)
     if form not in ("expanded", "absorbed"):
       raise ValueError(f"form: expected 'expanded' or 'absorbed', got {form!r}")
     lat = self.project(x, positions)
@@ -314,7 +309,7 @@ class LatentAttentionBase(nnx.Module):
     return self.o_proj(o)
 
 
-def _window_attention(
+def window_attention(
   q, k, v, *, window: int, segment_ids, softmax_scale: float, impl: str = "auto"
 ):
   """Sliding-window attention of the local layer, memory-lean: cuDNN flash attention on GPU
@@ -334,277 +329,10 @@ def _window_attention(
   )
 
 
-class MLALocalAttention(LatentAttentionBase):
-  """Sliding-window MLA (kind ``"asa_local"``): query ``t`` sees keys ``t - w + 1 .. t`` of its
-  document, ``w = config.window``; one latent head (``g = 1``).
-
-  Trains in the expanded form (``H = HQ``, ``Dk = nope_dim + d_R``, ``Dv = v_dim``) through
-  :func:`~sparse_attention_jax.nn.dense_attention.causal_attention` with a window (cuDNN on GPU
-  where it serves, else the blocked op); :meth:`absorbed` is the decode form.
-  """
-
-  kind = "asa_local"
-
-  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
-    super().__init__(config, 1, rngs=rngs)
-
-  def __call__(self, x, positions, segment_ids=None):
-    """``x [B, T, d_model]``, ``positions [B, T]``, ``segment_ids [B, T] | None`` ->
-    ``[B, T, d_model]``."""
-    c = self.config
-    _check_inputs(x, positions, segment_ids, c.d_model)
-    q, k, v = self.expanded_qkv(self.project(x, positions))
-    scale = self.softmax_scale
-
-    def op(**a):
-      return _window_attention(
-        a["q"],
-        a["k"],
-        a["v"],
-        window=c.window,
-        segment_ids=a["segment_ids"],
-        softmax_scale=scale,
-        impl=c.attn_impl,
-      )
-
-    o = sharded_call(
-      op,
-      {"q": q, "k": k, "v": v, "segment_ids": segment_ids},
-      {"q": "bthd", "k": "bthd", "v": "bthd", "segment_ids": "bt"},
-      num_kv_heads=c.num_heads,
-    )  # [B, T, HQ, dv]
-    return self.o_proj(o)
-
-  def absorbed(self, x, positions, segment_ids=None):
-    """The same layer in the absorbed (decode) form: MQA over the latent ``[c ; k_rope]``."""
-    return self.dense(x, positions, segment_ids, form="absorbed", window=self.config.window)
-
-  # ------------------------------------------------------- decoding (see nn/decode.py)
-  def init_cache(self, batch: int, capacity: int, dtype=None):
-    """A ring of ``min(window, capacity)`` latent keys ``[c ; k_rope]`` (no value buffer)."""
-    lat = self.latent
-    return init_dense_cache(
-      batch,
-      capacity,
-      num_kv_heads=1,
-      dk=lat.kv_rank + lat.rope_dim,
-      dv=None,
-      dtype=dtype or self.dtype,
-      window=self.config.window,
-    )
-
-  def prefill(self, x, lengths, cache):
-    """``x [B, T, d_model]`` right-padded prompts of ``lengths [B]`` -> ``(y, cache)`` (the
-    outputs of the training form, the cache of the latent)."""
-    c = self.config
-    _check_inputs(x, _positions(x), None, c.d_model)
-    lat = self.project(x, _positions(x))
-    q, k, v = self.expanded_qkv(lat)
-    o = _window_attention(
-      q, k, v, window=c.window, segment_ids=None, softmax_scale=self.softmax_scale
-    )
-    return self.o_proj(o), fill_dense_cache(cache, self.latent_keys(lat), None, lengths, ring=True)
-
-  def decode(self, x, pos, cache):
-    """``x [B, 1, d_model]`` at ``pos [B]`` -> ``(y [B, 1, d_model], cache)``: MQA of the
-    absorbed queries over the cached latents, then W_uv."""
-    q, k, _ = self.absorbed_qkv(self.project(x, pos[:, None]))
-    o_lat, cache = dense_decode(
-      cache,
-      q[:, 0],
-      k[:, 0],
-      None,
-      pos,
-      scale=self.softmax_scale,
-      ring=True,
-      window=self.config.window,
-      dv=self.latent.kv_rank // self.groups,
-    )
-    return self.o_proj(self.up_values(o_lat[:, None])), cache
-
-
-class GLAGlobalAttention(LatentAttentionBase):
-  """NSA compressed + selected attention over GLA latents (kind ``"asa_global"``).
-
-  Runs :func:`~sparse_attention_jax.ops.nsa_attention` in latent space with ``H = g``: queries
-  ``[B, T, HQ, dl + d_R]`` (W_uk absorbed), keys ``[c ; k_rope]`` ``[B, T, g, dl + d_R]``, values
-  ``c`` ``[B, T, g, dl]``; the attended latent is up-projected per head by W_uv, then ``o_proj``.
-
-  Extra attributes: ``gate_proj`` ``[d_model, HQ, 2]`` (sigmoid gates of cmp and slc; None when a
-  single branch is enabled), ``phi_k``/``phi_v`` (phi over the latent keys/values of each latent
-  head, when ``config.nsa.compression == "mlp"``).
-  """
-
-  kind = "asa_global"
-
-  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
-    lat = _latent_config(config, self.kind)
-    super().__init__(config, lat.groups, rngs=rngs)
-    c, nsa = config, config.nsa
-    branches = tuple(b for b in nsa.branches if b != "win")
-    if not branches:
-      raise ValueError(
-        f"model.nsa.branches: expected 'cmp' and/or 'slc' for attention kind "
-        f"'asa_global' (its window branch is dropped), got {nsa.branches}"
-      )
-    scale = nsa.softmax_scale if nsa.softmax_scale is not None else lat.qk_dim**-0.5
-    self.nsa = nsa.replace(branches=branches, softmax_scale=scale)
-    self.branches = branches
-    self.gate_proj = (
-      projection(
-        "btd,dhc->bthc",
-        (c.d_model, c.num_heads, len(branches)),
-        in_axes=0,
-        out_axes=(1, 2),
-        dtype=self.dtype,
-        rngs=rngs,
-        names=("embed", "q_heads", None),
-      )
-      if len(branches) > 1
-      else None
-    )
-    if nsa.compression == "mlp":
-      hidden = c.nsa_compressor_hidden or c.head_dim
-      dl, dk = lat.group_rank, lat.group_rank + lat.rope_dim
-      self.phi_k = MLPCompressor(
-        num_kv_heads=lat.groups,
-        window=nsa.cmp_window,
-        in_dim=dk,
-        out_dim=dk,
-        hidden=hidden,
-        rngs=rngs,
-      )
-      self.phi_v = MLPCompressor(
-        num_kv_heads=lat.groups,
-        window=nsa.cmp_window,
-        in_dim=dl,
-        out_dim=dl,
-        hidden=hidden,
-        rngs=rngs,
-      )
-    else:
-      self.phi_k = self.phi_v = None
-
-  @property
-  def softmax_scale(self) -> float:
-    return self.nsa.softmax_scale
-
-  def op_inputs(self, x, positions) -> dict:
-    """The latent-space arguments of ``nsa_attention``: ``q``, ``k``, ``v`` (absorbed form),
-    ``gates`` ``[B, T, HQ, 3]`` (order cmp, slc, win; win unused) or None, ``compress_params``."""
-    q, k, v = self.absorbed_qkv(self.project(x, positions))
-    gates = None
-    if self.gate_proj is not None:
-      g = jax.nn.sigmoid(self.gate_proj(x).astype(jnp.float32))  # [B, T, HQ, 2]
-      cols = {name: g[..., i] for i, name in enumerate(self.branches)}
-      zero = jnp.zeros_like(g[..., 0])
-      gates = jnp.stack([cols.get(name, zero) for name in ("cmp", "slc", "win")], axis=-1)
-    compress_params = None
-    if self.phi_k is not None:
-      compress_params = CompressorParams(k=self.phi_k.params(), v=self.phi_v.params())
-    return {"q": q, "k": k, "v": v, "gates": gates, "compress_params": compress_params}
-
-  def __call__(self, x, positions, segment_ids=None, *, return_aux: bool = False):
-    """``x [B, T, d_model]``, ``positions [B, T]``, ``segment_ids [B, T] | None`` ->
-    ``[B, T, d_model]`` (and the op's :class:`~sparse_attention_jax.ops.NSAAux` if
-    ``return_aux``; then no sharded call is made)."""
-    c = self.config
-    _check_inputs(x, positions, segment_ids, c.d_model)
-    args = {**self.op_inputs(x, positions), "segment_ids": segment_ids}
-    op_config = self.nsa.for_length(x.shape[1])
-
-    def op(**a):
-      return nsa_attention(
-        a["q"],
-        a["k"],
-        a["v"],
-        a["gates"],
-        config=op_config,
-        segment_ids=a["segment_ids"],
-        compress_params=a["compress_params"],
-        impl=c.attn_impl,
-        return_aux=return_aux,
-      )
-
-    if return_aux:
-      o_lat, aux = op(**args)
-      return self.o_proj(self.up_values(o_lat)), aux
-    layouts = {
-      "q": "bthd",
-      "k": "bthd",
-      "v": "bthd",
-      "gates": "bthd",
-      "segment_ids": "bt",
-      "compress_params": "h",
-    }
-    o_lat = sharded_call(op, args, layouts, num_kv_heads=self.groups)  # [B, T, HQ, dl]
-    return self.o_proj(self.up_values(o_lat))
-
-  # ------------------------------------------------------- decoding (see nn/decode.py)
-  def init_cache(self, batch: int, capacity: int, dtype=None):
-    """:class:`~sparse_attention_jax.ops.nsa_decode.NSACache` over the latent: linear
-    ``[c ; k_rope]`` (values read from it) and the compressed latent keys/values."""
-    lat = self.latent
-    return init_nsa_cache(
-      batch,
-      capacity,
-      config=self.nsa,
-      num_kv_heads=self.groups,
-      dk=lat.group_rank + lat.rope_dim,
-      dv=lat.group_rank,
-      dtype=dtype or self.dtype,
-      values_in_keys=True,
-    )
-
-  def prefill(self, x, lengths, cache):
-    """``x [B, T, d_model]`` right-padded prompts of ``lengths [B]`` -> ``(y, cache)``."""
-    c = self.config
-    _check_inputs(x, _positions(x), None, c.d_model)
-    a = self.op_inputs(x, _positions(x))
-    o_lat, aux = nsa_attention(
-      a["q"],
-      a["k"],
-      a["v"],
-      a["gates"],
-      config=self.nsa.for_length(x.shape[1]),
-      compress_params=a["compress_params"],
-      impl=c.attn_impl,
-      return_aux=True,
-    )
-    cache = fill_nsa_cache(
-      cache,
-      config=self.nsa,
-      lengths=lengths,
-      k=a["k"],
-      v=None,
-      compress_params=a["compress_params"],
-      block_indices=aux.block_indices,
-    )
-    return self.o_proj(self.up_values(o_lat)), cache
-
-  def decode(self, x, pos, cache):
-    """``x [B, 1, d_model]`` at ``pos [B]`` -> ``(y [B, 1, d_model], cache)``."""
-    a = self.op_inputs(x, pos[:, None])
-    gates = None if a["gates"] is None else a["gates"][:, 0]
-    o_lat, cache = nsa_decode_step(
-      cache,
-      a["q"][:, 0],
-      config=self.nsa,
-      pos=pos,
-      k=a["k"][:, 0],
-      gates=gates,
-      compress_params=a["compress_params"],
-    )
-    return self.o_proj(self.up_values(o_lat[:, None])), cache
-
-
-register_attention_kind("asa_local", MLALocalAttention)
-register_attention_kind("asa_global", GLAGlobalAttention)
-
 __all__ = [
-  "GLAGlobalAttention",
   "GroupRMSNorm",
   "LatentAttentionBase",
   "Latents",
-  "MLALocalAttention",
+  "latent_config",
+  "window_attention",
 ]

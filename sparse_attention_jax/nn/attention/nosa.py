@@ -1,4 +1,4 @@
-"""NOSA layer (kind ``"nosa"``, ALGORITHMS.md §4): InfLLM-V2-style selected attention whose
+"""NOSA layer (kind ``"nosa"``, docs/algorithms.md): InfLLM-V2-style selected attention whose
 selection is split into a query-aware and a query-agnostic (eviction-head) part, with the eviction
 score as an additive logit bias on every attended key.
 
@@ -18,6 +18,14 @@ Decoding: the layer implements the decode protocol of :mod:`sparse_attention_jax
 :class:`~sparse_attention_jax.ops.nosa_decode.NOSACache` (a step reads the compressed keys and the
 ``k`` selected blocks); :mod:`sparse_attention_jax.nn.offload_decode` decodes with the K/V/c
 blocks in host memory (:class:`~sparse_attention_jax.nn.offload.OffloadedBlockCache`).
+
+Accounting per layer (``H`` KV heads, ``Dk``/``Dv``, ``model.nsa``: stride ``d``, ``k`` selected
+blocks of ``l'`` tokens): resident cache ``H * (Dk + Dv + 1)`` (K, V and ``c``) plus the
+compressed K and ``c`` amortized, ``H * (Dk + 1) / d``; offloaded (NOSI's layout), the host holds
+``H * (Dk + Dv + 1)`` per token and the device the compressed K and ``c`` per token plus a fixed
+pool of :func:`nosa_slots` block slots per sequence (``c`` counted in the cache dtype). Training
+FLOPs: the InfLLM-V2 scores over ``T / (2 d)`` compressed keys (``q.k`` only) plus the ``k``
+selected blocks (``min(k * l', T / 2)`` keys).
 """
 
 from __future__ import annotations
@@ -26,12 +34,20 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sparse_attention_jax.nn.attention import (
-  _check_inputs,
-  _kv_projection,
-  _o_projection,
-  _positions,
-  _q_projection,
+from sparse_attention_jax.nn.attention.common import (
+  check_inputs,
+  default_positions,
+  kv_projection,
+  o_projection,
+  q_projection,
+)
+from sparse_attention_jax.nn.attention.nsa import nsa_branch_keys_dims
+from sparse_attention_jax.nn.attention.registry import (
+  LAYER_METHODS,
+  AttentionKind,
+  KVElements,
+  LayerQK,
+  OffloadElements,
   register_attention_kind,
 )
 from sparse_attention_jax.nn.config import ModelConfig
@@ -83,10 +99,10 @@ class NOSAAttention(nnx.Module):
     self.dtype = dt = as_dtype(config.dtype)
     c = config
     self.query_selected = check_nosa_config(c).query_selected
-    self.q_proj = _q_projection(c, dt, rngs)
-    self.k_proj = _kv_projection(c, c.head_dim, dt, rngs)
-    self.v_proj = _kv_projection(c, c.dv, dt, rngs)
-    self.o_proj = _o_projection(c, dt, rngs)
+    self.q_proj = q_projection(c, dt, rngs)
+    self.k_proj = kv_projection(c, c.head_dim, dt, rngs)
+    self.v_proj = kv_projection(c, c.dv, dt, rngs)
+    self.o_proj = o_projection(c, dt, rngs)
     h, dv = c.num_kv_heads, c.dv
     w = jax.random.normal(rngs.params(), (h, dv, h), jnp.float32) / jnp.sqrt(h * dv)
     self.w_delta = param(w, ("kv_heads", "head_dim", None))
@@ -105,7 +121,7 @@ class NOSAAttention(nnx.Module):
     """``x [B, T, d_model]``, ``positions [B, T]``, ``segment_ids [B, T] | None`` ->
     ``[B, T, d_model]``."""
     cfg = self.config
-    _check_inputs(x, positions, segment_ids, cfg.d_model)
+    check_inputs(x, positions, segment_ids, cfg.d_model)
     q, k, v, c = self.qkvc(x, positions)
     op_config, kq = nosa_selection.for_length(cfg.nsa, self.query_selected, x.shape[1])
 
@@ -144,8 +160,8 @@ class NOSAAttention(nnx.Module):
     """Prefill of right-padded prompts ``x [B, T, d_model]``: ``(y [B, T, d_model], k, v, c)``
     with the rotated keys ``[B, T, H, Dk]``, values and eviction scores to cache."""
     cfg = self.config
-    _check_inputs(x, _positions(x), None, cfg.d_model)
-    q, k, v, c = self.qkvc(x, _positions(x))
+    check_inputs(x, default_positions(x), None, cfg.d_model)
+    q, k, v, c = self.qkvc(x, default_positions(x))
     op_config, kq = nosa_selection.for_length(cfg.nsa, self.query_selected, x.shape[1])
     o = nosa_attention(q, k, v, c, config=op_config, num_query_selected=kq, impl=cfg.attn_impl)
     return self.o_proj(o), k, v, c
@@ -171,6 +187,58 @@ class NOSAAttention(nnx.Module):
     return self.o_proj(o[:, None]), cache
 
 
-register_attention_kind("nosa", NOSAAttention)
+def _kv(config: ModelConfig) -> KVElements:
+  c, d = config, config.nsa.cmp_stride
+  h, dk, dv = c.num_kv_heads, c.head_dim, c.dv
+  return KVElements(
+    float(h * (dk + dv + 1) + h * (dk + 1) / d),
+    None,
+    f"K+V+c resident + compressed K and c 1/{d} (offloadable)",
+  )
 
-__all__ = ["NOSAAttention", "check_nosa_config"]
+
+def nosa_slots(config: ModelConfig) -> int:
+  """Device block slots per sequence of an offloaded NOSA layer, the current block included:
+  ``k`` when the forced local blocks include the current block (it is always in the selection),
+  else ``k + 1``."""
+  return config.nsa.num_selected + (0 if config.nsa.num_local_blocks >= 1 else 1)
+
+
+def _offload(config: ModelConfig) -> OffloadElements:
+  """NOSI's layout: K, V and ``c`` of every token on the host; the compressed K and ``c`` per
+  token plus a pool of :func:`nosa_slots` blocks of ``l'`` tokens on the device."""
+  c = config
+  h, dk, dv, nsa = c.num_kv_heads, c.head_dim, c.dv, c.nsa
+  slots = nosa_slots(c)
+  return OffloadElements(
+    device_per_token=h * (dk + 1) / nsa.cmp_stride,
+    device_fixed=float(slots * nsa.block_size * h * (dk + dv + 1)),
+    fixed_tokens=slots * nsa.block_size,
+    host_per_token=float(h * (dk + dv + 1)),
+  )
+
+
+def _flops(config: ModelConfig, seq_len: int) -> float:
+  """InfLLM-V2 scoring over the compressed keys plus the ``k`` selected blocks."""
+  c = config
+  return 6.0 * c.num_heads * nsa_branch_keys_dims(c, seq_len, c.nsa.branches, c.head_dim, c.dv)
+
+
+def _qk(layer: NOSAAttention, x, positions) -> LayerQK:
+  q, k, _, c = layer.qkvc(x, positions)
+  return LayerQK(q, k, c)
+
+
+NOSA = register_attention_kind(
+  AttentionKind(
+    name="nosa",
+    module=NOSAAttention,
+    decode=LAYER_METHODS,
+    kv_elements=_kv,
+    train_flops=_flops,
+    qk=_qk,
+    offload_elements=_offload,
+  )
+)
+
+__all__ = ["NOSA", "NOSAAttention", "check_nosa_config", "nosa_slots"]

@@ -1,10 +1,11 @@
 """Attention-sparsity metrics from dense causal softmax probabilities (SSA's sparsity analysis).
 
-For every layer the queries and keys are recomputed from the layer's own projections (``full``,
-``swa``, ``nsa`` and ``ssa`` layers; an NSA layer uses its selection keys ``k_slc`` when it has
-independent ones, else ``k_cmp``) and the *dense* causal attention ``P = softmax(q k^T * scale)``
-is formed, whatever the layer computes itself, so the numbers say how concentrated full attention
-would be:
+For every layer the queries and keys are recomputed from the layer's own projections, as its
+kind's registry entry (``AttentionKind.qk``) says (``full``, ``swa``, ``nsa``, ``ssa`` and
+``nosa`` layers; an NSA layer uses its selection keys ``k_slc`` when it has independent ones,
+else ``k_cmp``; kinds without plain q/k are skipped) and the *dense* causal attention
+``P = softmax(q k^T * scale)`` is formed, whatever the layer computes itself, so the numbers say
+how concentrated full attention would be:
 
 * ``topk_mass[k]``: mass of the k largest probabilities of a query row (1 when the row has
   at most k keys), averaged over query rows and heads;
@@ -22,6 +23,7 @@ Example::
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 
 import jax
@@ -29,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sparse_attention_jax.nn.rope import apply_rope
+from sparse_attention_jax.nn.attention.registry import ATTENTION_KINDS, get_attention_kind
 from sparse_attention_jax.ops.masked import same_document
 
 
@@ -110,20 +112,32 @@ def sparsity_metrics(
   return {"topk_mass": topk, "block_mass": block, "entropy": entropy, "sink_mass": sink_mass}
 
 
-def layer_qk(attn: nnx.Module, x: jax.Array, positions: jax.Array):
+def layer_qk(attn: nnx.Module, x: jax.Array, positions: jax.Array, kind: str | None = None):
   """``(q [B, T, HQ, Dk], k [B, T, H, Dk])`` of an attention layer on its input ``x``, or None
-  for kinds without plain RoPE'd q/k projections (e.g. the latent ASA kinds)."""
-  if hasattr(attn, "qkv"):  # ssa
-    q, k, _ = attn.qkv(x, positions)
-    return q, k
-  keys = next(
-    (getattr(attn, n) for n in ("k_slc", "k_cmp", "k_proj") if getattr(attn, n, None) is not None),
-    None,
+  for kinds without plain RoPE'd q/k (e.g. the latent ASA kinds).
+
+  The q/k come from the kind's registry entry (``AttentionKind.qk``); ``kind`` names it, or the
+  entry whose module is ``type(attn)`` is used.
+  """
+  r = layer_probe(attn, x, positions, kind)
+  return None if r is None else (r.q, r.k)
+
+
+def layer_probe(attn: nnx.Module, x: jax.Array, positions: jax.Array, kind: str | None = None):
+  """The :class:`~sparse_attention_jax.nn.attention.LayerQK` (q, k and eviction scores ``c`` or
+  None) the kind of ``attn`` exposes to the analysis, or None when it exposes none."""
+  entry = get_attention_kind(kind) if kind is not None else _entry_of(attn)
+  return None if entry.qk is None else entry.qk(attn, x, positions)
+
+
+def _entry_of(attn: nnx.Module):
+  for entry in ATTENTION_KINDS.values():
+    if type(attn) is entry.module:
+      return entry
+  raise ValueError(
+    f"attn: expected a layer of a registered attention kind {sorted(ATTENTION_KINDS)}, got "
+    f"{type(attn).__qualname__}"
   )
-  if getattr(attn, "q_proj", None) is None or keys is None:
-    return None
-  theta = attn.config.rope_theta
-  return apply_rope(attn.q_proj(x), positions, theta), apply_rope(keys(x), positions, theta)
 
 
 def model_attention_stats(
@@ -149,7 +163,7 @@ def model_attention_stats(
   x = model.embed(tokens)
   out = []
   for i, block in enumerate(model.layers):
-    qk = layer_qk(block.attn, block.attn_norm(x), positions)
+    qk = layer_qk(block.attn, block.attn_norm(x), positions, block.kind)
     if qk is None:
       out.append({"layer": i, "kind": block.kind, "skipped": "no plain q/k projections"})
     else:
@@ -163,6 +177,21 @@ def model_attention_stats(
       )
     x = block(x, positions, segment_ids)
   return {"layers": out}
+
+
+def mean_over_batches(per_batch: list[dict]) -> dict:
+  """One :func:`model_attention_stats` result whose metrics are the means over ``per_batch``
+  (results of the same model on several batches; skipped layers kept as they are)."""
+  stats = copy.deepcopy(per_batch[0])
+  for i, layer in enumerate(stats["layers"]):
+    if "skipped" in layer:
+      continue
+    rows = [p["layers"][i] for p in per_batch]
+    layer["entropy"] = float(np.mean([r["entropy"] for r in rows]))
+    layer["sink_mass"] = float(np.mean([r["sink_mass"] for r in rows]))
+    for key in ("topk_mass", "block_mass"):
+      layer[key] = {k: float(np.mean([r[key][k] for r in rows])) for k in layer[key]}
+  return stats
 
 
 def mean_over_layers(stats: dict) -> dict:
@@ -185,6 +214,8 @@ def mean_over_layers(stats: dict) -> dict:
 
 __all__ = [
   "attention_probs",
+  "layer_probe",
+  "mean_over_batches",
   "layer_qk",
   "mean_over_layers",
   "model_attention_stats",

@@ -1,15 +1,16 @@
 """Per-layer selection locality of NSA, InfLLM-V2-style and NOSA selection on the same inputs.
 
-For every layer with plain RoPE'd q/k projections (``full``, ``swa``, ``nsa``, ``ssa``, ``nosa``)
-the layer's own q/k on the model's residual stream are scored three ways, all with the block
-size, compression (mean-pooled keys), forced blocks and total budget ``k`` of ``model.nsa``:
+For every layer whose kind exposes plain RoPE'd q/k to the analysis (``AttentionKind.qk``:
+``full``, ``swa``, ``nsa``, ``ssa``, ``nosa``) the layer's own q/k on the model's residual
+stream are scored three ways, all with the block size, compression (mean-pooled keys), forced
+blocks and total budget ``k`` of ``model.nsa``:
 
 * ``nsa``: NSA eq. 9 overlap-weighted sum pooling, exact top-k;
 * ``infllm_v2``: max pooling (InfLLM-V2), exact top-k;
 * ``nosa``: max pooling, top-``k_q`` query-aware ∪ the best remaining blocks by the
-  query-agnostic eviction scores. Layers with an eviction head (``nosa``) use theirs; the others
-  use ``c = 0`` (flagged ``"eviction": "none"``: the agnostic part then is the lowest-index
-  blocks).
+  query-agnostic eviction scores. Layers whose kind exposes eviction scores (``nosa``) use
+  theirs; the others use ``c = 0`` (flagged ``"eviction": "none"``: the agnostic part then is
+  the lowest-index blocks).
 
 Steps ``t`` whose query starts a new document are left out.
 """
@@ -23,8 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sparse_attention_jax.analysis.sparsity import layer_probe
 from sparse_attention_jax.config import NSAConfig
-from sparse_attention_jax.nn.sparsity import layer_qk
 from sparse_attention_jax.ops import nosa_selection
 from sparse_attention_jax.ops.locality import selection_locality
 from sparse_attention_jax.ops.nosa import nosa_scores
@@ -118,17 +119,14 @@ def model_selection_locality(
   x = model.embed(tokens)
   layers = []
   for i, block in enumerate(model.layers):
-    attn, h = block.attn, block.attn_norm(x)
-    if hasattr(attn, "qkvc"):
-      q, k, _, c = attn.qkvc(h, positions)
-      source = "layer"
-    else:
-      qk = layer_qk(attn, h, positions)
-      if qk is None:
-        layers.append({"layer": i, "kind": block.kind, "skipped": "no plain q/k projections"})
-        x = block(x, positions, segment_ids)
-        continue
-      q, k = qk
+    probe = layer_probe(block.attn, block.attn_norm(x), positions, block.kind)
+    if probe is None:
+      layers.append({"layer": i, "kind": block.kind, "skipped": "no plain q/k projections"})
+      x = block(x, positions, segment_ids)
+      continue
+    q, k, c = probe
+    source = "layer"
+    if c is None:
       c, source = jnp.zeros(k.shape[:3], jnp.float32), "none"
     sel = layer_selections(q, k, c, nsa, kq, segment_ids)
     layers.append(
@@ -148,4 +146,31 @@ def model_selection_locality(
   }
 
 
-__all__ = ["METHODS", "layer_selections", "model_selection_locality", "selection_budgets"]
+def mean_over_batches(runs: list[dict]) -> dict:
+  """One :func:`model_selection_locality` result whose numbers are the means over ``runs``
+  (the same model on several batches; ``min`` is the minimum; skipped layers kept)."""
+  out = dict(runs[0])
+  layers = []
+  for i, layer in enumerate(runs[0]["layers"]):
+    if "skipped" in layer:
+      layers.append(layer)
+      continue
+    row = dict(layer)
+    for m in METHODS:
+      vals = [r["layers"][i][m] for r in runs]
+      row[m] = {
+        key: min(v[key] for v in vals) if key == "min" else sum(v[key] for v in vals) / len(vals)
+        for key in vals[0]
+      }
+    layers.append(row)
+  out["layers"] = layers
+  return out
+
+
+__all__ = [
+  "METHODS",
+  "layer_selections",
+  "mean_over_batches",
+  "model_selection_locality",
+  "selection_budgets",
+]

@@ -1,35 +1,21 @@
-"""KV-cache accounting per layer kind: bytes a decoder keeps per context token.
+"""KV-cache accounting: bytes a decoder keeps per context token, summed over the layers.
 
-Per layer and token (``H`` KV heads, ``Dk``/``Dv`` head dims, ``d`` compression stride, latent
-sizes from ``config.latent``: ``d_c``, ``d_R``, ``g`` latent heads of width ``dl = d_c / g``):
+Each layer's elements per token come from its kind's registry entry
+(``AttentionKind.kv_elements``, defined next to the layer in
+:mod:`sparse_attention_jax.nn.attention`, whose module docstrings give the formulas): e.g. ``full``
+keeps ``H * (Dk + Dv)`` (K and V), ``swa`` the same for its last ``w`` tokens only, ``nsa`` its
+resident K/V pairs plus the compressed keys amortized over the stride ``d``. A kind registered
+without ``kv_elements`` is an error naming it.
 
-==============  ==========================================================================
-``full``         K and V: ``H * (Dk + Dv)``.
-``swa``          the same; only the last ``w`` tokens are needed (``window``).
-``nsa``          ``pairs * H * (Dk + Dv)`` (``pairs`` = 3 with independent per-branch K/V and all
-                 branches, 1 when shared) plus the compressed K (and V if the ``cmp`` branch is
-                 output) amortized: ``H * (Dk + Dv) / d``. Reported as the *resident* cache, as
-                 the NSA paper does: full K/V must stay resident for selection (the window pair
-                 would need only ``w`` tokens and phi's raw input only the last ``l``).
-``asa_local``    MLA latent ``d_c + d_R`` (one latent head); only the last ``w`` tokens are needed.
-``asa_global``   GLA latent ``d_c + d_R`` plus the compressed latent amortized:
-                 ``(g * (dl + d_R) + d_c) / d`` (keys per latent head, values if ``cmp`` is
-                 output).
-``nosa``         all device-resident: K, V and the eviction score ``c`` (``H * (Dk + Dv + 1)``)
-                 plus the compressed K and compressed ``c`` amortized: ``H * (Dk + 1) / d``.
-==============  ==========================================================================
-
-NOSA offloaded (:func:`nosa_offload_elements`, :func:`offloaded_kv_bytes`; NOSI's layout,
-ALGORITHMS.md §4.3): the host holds ``H * (Dk + Dv + 1)`` per token (K, V, ``c``); the device
-holds the compressed K and ``c`` per token (``H * (Dk + 1) / d``, needed for the scores) plus a
-fixed pool of ``k`` block slots per sequence (``num_selected * l' * H * (Dk + Dv + 1)``: the
-``k - 1`` non-current selected blocks and the current block, when the local blocks include it;
-``k + 1`` slots otherwise). ``c`` is counted in the cache dtype.
+Offloaded (:func:`offloaded_kv_bytes`): kinds registering ``AttentionKind.offload_elements``
+(``nosa``, NOSI's layout: K, V and ``c`` on the host; the compressed K and ``c`` per token plus a
+fixed pool of block slots on the device, :func:`nosa_offload_elements`) count host and device
+bytes apart.
 
 "Per token" numbers count every layer as holding the whole sequence;
 :func:`kv_cache_bytes` gives the bytes at a context length with window layers capped at ``w``.
 
-Entry point: ``python -m sparse_attention_jax.nn.kv_cache configs/asa_340m.yaml
+Entry point: ``python -m sparse_attention_jax.analysis.kv_cache configs/asa_340m.yaml
 configs/nsa_340m.yaml [--context 8192] [--dtype-bytes 2]`` prints one table per config.
 """
 
@@ -39,77 +25,28 @@ import argparse
 import sys
 
 from sparse_attention_jax.nn import load_model_config
+from sparse_attention_jax.nn.attention.nosa import nosa_slots
+from sparse_attention_jax.nn.attention.registry import get_attention_kind
 from sparse_attention_jax.nn.config import ModelConfig
-
-KNOWN_KINDS = ("full", "swa", "nsa", "asa_local", "asa_global", "nosa")
-
-
-def _latent(config: ModelConfig, kind: str):
-  if config.latent is None:
-    raise ValueError(f"model.latent: expected a LatentConfig for attention kind {kind!r}, got None")
-  return config.latent
 
 
 def layer_kv_elements(config: ModelConfig, kind: str) -> dict:
-  """Cache elements per token of one layer of ``kind``.
+  """Cache elements per token of one layer of ``kind`` (its registry entry's ``kv_elements``).
 
   Returns:
     ``{"kind", "elements_per_token" (float), "window" (int tokens or None), "note"}``.
+
+  Raises:
+    ValueError: naming the kind and the registered kinds when ``kind`` is unknown, or naming
+      the kind when it registers no KV accounting.
   """
-  c = config
-  h, dk, dv = c.num_kv_heads, c.head_dim, c.dv
-  if kind in ("full", "swa"):
-    return {
-      "kind": kind,
-      "elements_per_token": float(h * (dk + dv)),
-      "window": c.window if kind == "swa" else None,
-      "note": "K+V" + (f"; only the last w={c.window} tokens needed" if kind == "swa" else ""),
-    }
-  if kind == "nsa":
-    nsa = c.nsa
-    pairs = 1 + (sum(b in nsa.branches for b in ("slc", "win")) if c.nsa_independent_kv else 0)
-    cmp = h * (dk + (dv if "cmp" in nsa.branches else 0)) / nsa.cmp_stride
-    return {
-      "kind": kind,
-      "elements_per_token": float(pairs * h * (dk + dv) + cmp),
-      "window": None,
-      "note": f"{pairs} K/V pair(s) resident + compressed 1/{nsa.cmp_stride}",
-    }
-  if kind == "asa_local":
-    lat = _latent(c, kind)
-    return {
-      "kind": kind,
-      "elements_per_token": float(lat.kv_rank + lat.rope_dim),
-      "window": c.window,
-      "note": f"MLA latent d_c+d_R; only the last w={c.window} tokens needed",
-    }
-  if kind == "asa_global":
-    lat, nsa = _latent(c, kind), c.nsa
-    cmp_k = lat.groups * (lat.group_rank + lat.rope_dim)
-    cmp_v = lat.kv_rank if "cmp" in nsa.branches else 0
-    return {
-      "kind": kind,
-      "elements_per_token": float(lat.kv_rank + lat.rope_dim + (cmp_k + cmp_v) / nsa.cmp_stride),
-      "window": None,
-      "note": f"GLA latent d_c+d_R (g={lat.groups}) + compressed 1/{nsa.cmp_stride}",
-    }
-  if kind == "nosa":
-    nsa = c.nsa
-    cmp = h * (dk + 1) / nsa.cmp_stride
-    return {
-      "kind": kind,
-      "elements_per_token": float(h * (dk + dv + 1) + cmp),
-      "window": None,
-      "note": f"K+V+c resident + compressed K and c 1/{nsa.cmp_stride} (offloadable)",
-    }
-  raise ValueError(f"kind: expected one of {KNOWN_KINDS} for KV-cache accounting, got {kind!r}")
-
-
-def nosa_slots(config: ModelConfig) -> int:
-  """Device block slots per sequence of an offloaded NOSA layer, the current block included:
-  ``k`` when the forced local blocks include the current block (it is always in the selection),
-  else ``k + 1``."""
-  return config.nsa.num_selected + (0 if config.nsa.num_local_blocks >= 1 else 1)
+  e = get_attention_kind(kind).kv(config)
+  return {
+    "kind": kind,
+    "elements_per_token": float(e.elements_per_token),
+    "window": e.window,
+    "note": e.note,
+  }
 
 
 def nosa_offload_elements(config: ModelConfig) -> dict:
@@ -119,35 +56,34 @@ def nosa_offload_elements(config: ModelConfig) -> dict:
     ``{"device_per_token": H * (Dk + 1) / d (compressed K and c), "device_fixed": slots * l' *
     H * (Dk + Dv + 1) per sequence, "host_per_token": H * (Dk + Dv + 1), "slots"}``.
   """
-  c = config
-  h, dk, dv, nsa = c.num_kv_heads, c.head_dim, c.dv, c.nsa
-  slots = nosa_slots(c)
+  e = get_attention_kind("nosa").offload_elements(config)
   return {
-    "device_per_token": h * (dk + 1) / nsa.cmp_stride,
-    "device_fixed": float(slots * nsa.block_size * h * (dk + dv + 1)),
-    "host_per_token": float(h * (dk + dv + 1)),
-    "slots": slots,
+    "device_per_token": e.device_per_token,
+    "device_fixed": e.device_fixed,
+    "host_per_token": e.host_per_token,
+    "slots": nosa_slots(config),
   }
 
 
 def offloaded_kv_bytes(config: ModelConfig, context: int, dtype_bytes: int = 2) -> dict:
-  """Bytes per sequence at a ``context``-token context with every NOSA layer offloaded.
+  """Bytes per sequence at a ``context``-token context with every offloadable layer offloaded.
 
   Returns:
-    ``{"device", "host"}``: NOSA layers count their compressed K/c and slot pool on the device
-    and K/V/c on the host; the other layers stay resident as in :func:`kv_cache_bytes`
+    ``{"device", "host"}``: layers whose kind registers ``offload_elements`` (``nosa``) count
+    their per-token device elements and fixed pool (never more than the context) on the device
+    and the rest on the host; the other layers stay resident as in :func:`kv_cache_bytes`
     (``windowed``: window layers capped at ``w``).
   """
   if not isinstance(context, int) or context < 1:
     raise ValueError(f"context: expected a positive int, got {context!r}")
   device = host = 0.0
   for r in kv_cache_bytes_per_token(config, dtype_bytes)["layers"]:
-    if r["kind"] == "nosa":
-      e = nosa_offload_elements(config)
-      slot_tokens = e["slots"] * config.nsa.block_size
-      fixed = e["device_fixed"] * min(1.0, context / slot_tokens)  # never more than the context
-      device += (e["device_per_token"] * context + fixed) * dtype_bytes
-      host += e["host_per_token"] * context * dtype_bytes
+    offload = get_attention_kind(r["kind"]).offload_elements
+    if offload is not None:
+      e = offload(config)
+      fixed = e.device_fixed * min(1.0, context / e.fixed_tokens)
+      device += (e.device_per_token * context + fixed) * dtype_bytes
+      host += e.host_per_token * context * dtype_bytes
     else:
       tokens = context if r["window"] is None else min(context, r["window"])
       device += r["bytes_per_token"] * tokens
@@ -221,11 +157,16 @@ def describe_kv_cache(config: ModelConfig, dtype_bytes: int = 2, context: int | 
       f"at context {context:,}: resident {tot['resident'] / 2**20:,.1f} MiB, "
       f"window layers capped at w {tot['windowed'] / 2**20:,.1f} MiB per sequence"
     )
-    if "nosa" in per["by_kind"]:
+    offloadable = [k for k in per["by_kind"] if get_attention_kind(k).offload_elements]
+    if offloadable:
       off = offloaded_kv_bytes(config, context, dtype_bytes)
+      pools = ", ".join(
+        f"{k} {get_attention_kind(k).offload_elements(config).fixed_tokens} tokens"
+        for k in offloadable
+      )
       lines.append(
-        f"NOSA layers offloaded ({nosa_slots(config)} block slots of "
-        f"{config.nsa.block_size} tokens on the device): device "
+        f"{', '.join(offloadable)} layers offloaded (device block pool per layer: {pools}): "
+        f"device "
         f"{off['device'] / 2**20:,.1f} MiB, host {off['host'] / 2**20:,.1f} MiB per "
         f"sequence"
       )
@@ -234,7 +175,7 @@ def describe_kv_cache(config: ModelConfig, dtype_bytes: int = 2, context: int | 
 
 def main(argv: list[str] | None = None) -> int:
   p = argparse.ArgumentParser(
-    prog="python -m sparse_attention_jax.nn.kv_cache",
+    prog="python -m sparse_attention_jax.analysis.kv_cache",
     description="KV-cache bytes per token of model configs.",
   )
   p.add_argument("configs", nargs="+", help="YAML config files with a model: section")
