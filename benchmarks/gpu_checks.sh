@@ -2,7 +2,7 @@
 # Every quick GPU check in one device call, on one or two GPUs (two lanes run side by side).
 # Usage (repository root, on the GPU machine):  bash benchmarks/gpu_checks.sh [PART ...]
 # PARTs: dense nosa decode offload dims transforms multi context timing breakdown breakdown_docs1
-# nosa_train compile offload_load offload_fused offload_fused_128k offload_fused_more offload_plan_device zero_copy kernel_fb suites fwd_dump persistent persistent_docs h2d (default:
+# nosa_train compile offload_load offload_fused offload_fused_128k offload_fused_more zero_copy kernel_fb suites fwd_dump persistent persistent_docs h2d (default:
 # dense nosa decode offload dims transforms).
 # `h2d`: host -> device transfer paths of the offload cache's block gather, 256/4096/41000 blocks
 #   of 32 KiB (benchmarks/h2d_transfer.py -> $OUT/h2d.json), under T_H2D (150 s), first lane;
@@ -20,12 +20,10 @@
 #   4 packed documents per row (`breakdown_docs1`: one document per row, on the first lane);
 # `nosa_train`: NOSA's biased selected attention on the kernels vs the reference
 #   (tests/gpu/check_nosa_train.py);
-# `offload_fused`: the whole offloaded decode step as one jitted call (--offload-plan fused):
-#   greedy tokens vs resident (check_nosa_decode.py --stores pinned_array:device,pinned_array:fused),
-#   the layer_step / device-plan / pinned_array CPU tests on the GPU backend, and decode at 32k,
-#   B 16/128 with the fused step (first lane; FUSED_COPY, default kernel; with xla, chunks
-#   FUSED_CHUNK, default 1024); part `offload_plan_device`: the device
-#   plan (second lane, after persistent_docs);
+# `offload_fused`: offloaded NOSA decoding (one jitted call per step): the tests of tests/offload on
+#   the GPU backend (the `gpu` cases included: greedy tokens vs resident, slots vs the full-cache
+#   reference) and decode at 32k, B 16/128 (first lane; FUSED_COPY, default kernel; with xla,
+#   chunks FUSED_CHUNK, default 1024);
 # `offload_fused_128k`: the fused step at 128k, B 128 (a resident cache that does not fit; 134
 #   GiB of pinned host memory, XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB=HOST_LIMIT_GB, default 200),
 #   second lane;
@@ -33,13 +31,8 @@
 #   infllm_v2 / nosa at 32k, B 16/128 (same call), second lane;
 # `zero_copy`: can a Pallas kernel gather straight from a pinned_host array
 #   (benchmarks/h2d_zero_copy.py -> $OUT/zero_copy.json), first lane;
-# `offload_load`: one offloaded-cache update() at B 128, 131k (benchmarks/offload_update_cpu.py)
-#   with load workers 1/2/4/8, fresh and staged transfers, and
-#   and the one-pinned-array-per-layer store (pinned_array), and
-#   offloaded NOSA at 32k, B 16/128, with 1 and 4 load workers, with 4 through staging
-#   buffers (`offload_staged4`: --offload-transfer staged), and with the pinned_array store
-#   (`offload_pinned_array`: --offload-store pinned_array), and that store with the slot plan
-#   on the device (`offload_plan_device`: --offload-plan device) (second lane);
+# `offload_load`: one offloaded layer step at B 128, 131k, both block copies
+#   (benchmarks/offload_update_cpu.py), second lane;
 # `kernel_fb`: the issue-4 selected-attention benchmark at 8k and 64k, fwd and fwd+bwd, both selection
 #   modes, with the block indices passed as arguments (re-measure of the figures taken while they
 #   were compile-time constants), first lane;
@@ -109,7 +102,8 @@ lane_a() {
     benchmarks/selected_attention.py --bwd --reps 10 --seqs 8192,65536 --kinds exact-corr,shared \
     --variants "$PERSIST_VARIANTS" --out "$OUT/persistent.json"
   has dense && run dense 0 "$T_DENSE" env OUT="$OUT/dense" python3 tests/gpu/check_dense_paths.py --quick
-  has nosa && run nosa_decode 0 "$T_NOSA" env OUT="$OUT/nosa" python3 tests/gpu/check_nosa_decode.py
+  has nosa && run nosa_decode 0 "$T_NOSA" env XLA_PYTHON_CLIENT_PREALLOCATE=false \
+    python3 -m pytest -q -p no:cacheprovider -m gpu tests/offload
   has nosa_train && run nosa_train 0 "$T_NOSA_TRAIN" env OUT="$OUT/nosa_train" \
     python3 tests/gpu/check_nosa_train.py
   for k in infllm_v2 nosa; do      # the largest resident batch at 128k (1.06 GiB per sequence)
@@ -133,18 +127,14 @@ lane_a() {
       --out "$OUT/compile"
   done
   has h2d && run h2d 0 "${T_H2D:-150}" python3 benchmarks/h2d_transfer.py --out "$OUT/h2d.json"
-  has offload_fused && run nosa_fused 0 "$T_NOSA" env OUT="$OUT/nosa_fused" python3 \
-    tests/gpu/check_nosa_decode.py --stores pinned_array:device,pinned_array:fused
   has offload_fused && run offload_fused_tests 0 "$T_NOSA" env XLA_PYTHON_CLIENT_PREALLOCATE=false \
-    python3 -m pytest -q -p no:cacheprovider tests/test_nosa_offload.py -k \
-    "layer_step or device_plan or pinned_array"
+    python3 -m pytest -q -p no:cacheprovider tests/offload
   has zero_copy && run zero_copy 0 "${T_H2D:-150}" python3 benchmarks/h2d_zero_copy.py \
     --out "$OUT/zero_copy.json"
   for c in ${FUSED_CHUNK:-1024}; do
     has offload_fused && run "offload_fused$c" 0 "$T_OFFLOAD" env XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 \
       python3 benchmarks/decode.py --shape 1b --kinds nosa_offload --batch 16,128 --context 32768 \
-      --steps 8 --warmup 2 --offload-store pinned_array --offload-plan fused \
-      --offload-copy "${FUSED_COPY:-kernel}" --offload-chunk "$c" \
+      --steps 8 --warmup 2 --offload-copy "${FUSED_COPY:-kernel}" --offload-chunk "$c" \
       --out "$OUT/offload_fused$c"
   done
 }
@@ -159,20 +149,15 @@ lane_b() {
   has dims && run dims "$lane1" "$T_DIMS" python3 tests/gpu/check_selected_mgpu_bwd.py --smoke
   has persistent_docs && run persistent_docs "$lane1" "$T_SUITES" python3 \
     tests/gpu/check_selected_mgpu_bwd.py --persistent-docs
-  has offload_plan_device && run offload_plan_device "$lane1" "$T_OFFLOAD" env \
-    XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 python3 benchmarks/decode.py --shape 1b --kinds \
-    nosa_offload --batch 16,128 --context 32768 --steps 8 --warmup 2 --offload-store pinned_array \
-    --offload-plan device --out "$OUT/offload_plan_device"
   has offload_fused_128k && run offload_fused_128k "$lane1" "${T_FUSED_128K:-300}" env \
     XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB=${HOST_LIMIT_GB:-200} \
     python3 benchmarks/decode.py --shape 1b --kinds nosa_offload --batch 128 --context 131072 \
-    --steps 8 --warmup 2 --report-fit --offload-store pinned_array --offload-plan fused \
-    --out "$OUT/offload_fused_128k"
+    --steps 8 --warmup 2 --report-fit --out "$OUT/offload_fused_128k"
   for c in 256 4096; do
     has offload_fused_more && run "offload_fused_b128_$c" "$lane1" "$T_OFFLOAD" env \
       XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 python3 benchmarks/decode.py --shape 1b --kinds \
-      nosa_offload --batch 128 --context 32768 --steps 8 --warmup 2 --offload-store pinned_array \
-      --offload-plan fused --offload-copy xla --offload-chunk $c --out "$OUT/offload_fused_b128_$c"
+      nosa_offload --batch 128 --context 32768 --steps 8 --warmup 2 --offload-copy xla \
+      --offload-chunk $c --out "$OUT/offload_fused_b128_$c"
   done
   has offload_fused_more && run resident32k "$lane1" "$T_OFFLOAD" env \
     XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 python3 benchmarks/decode.py --shape 1b --kinds \
@@ -190,26 +175,7 @@ lane_b() {
   has breakdown && run breakdown_docs4 "$lane1" "$T_BREAKDOWN" env OUT="$OUT/breakdown_docs4" \
     python3 benchmarks/nsa_breakdown.py --seq-len 8192 --docs 4
   has offload_load && run offload_load "$lane1" "$T_OFFLOAD" python3 \
-    benchmarks/offload_update_cpu.py --churn 10 --stores numpy,pinned_array --load-workers 1,2,4,8 \
-    --transfers fresh,staged --out "$OUT/offload_load"
-  for w in 1 4; do
-    has offload_load && run "offload_workers$w" "$lane1" "$T_OFFLOAD" \
-      env XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 python3 benchmarks/decode.py --shape 1b \
-      --kinds nosa_offload --batch 16,128 --context 32768 --steps 8 --warmup 2 \
-      --load-workers $w --out "$OUT/offload_workers$w"
-  done
-  has offload_load && run offload_staged4 "$lane1" "$T_OFFLOAD" \
-    env XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 python3 benchmarks/decode.py --shape 1b \
-    --kinds nosa_offload --batch 16,128 --context 32768 --steps 8 --warmup 2 \
-    --load-workers 4 --offload-transfer staged --out "$OUT/offload_staged4"
-  has offload_load && run offload_pinned_array "$lane1" "$T_OFFLOAD" \
-    env XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 python3 benchmarks/decode.py --shape 1b \
-    --kinds nosa_offload --batch 16,128 --context 32768 --steps 8 --warmup 2 \
-    --offload-store pinned_array --out "$OUT/offload_pinned_array"
-  has offload_load && run offload_plan_device "$lane1" "$T_OFFLOAD" \
-    env XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 python3 benchmarks/decode.py --shape 1b \
-    --kinds nosa_offload --batch 16,128 --context 32768 --steps 8 --warmup 2 \
-    --offload-store pinned_array --offload-plan device --out "$OUT/offload_plan_device"
+    benchmarks/offload_update_cpu.py --churn 10 --out "$OUT/offload_load"
 }
 if (( ngpu > 1 )); then lane_a & lane_b & wait; else lane_a; lane_b; fi
 all=$(seq -s, 0 $((ngpu - 1)))

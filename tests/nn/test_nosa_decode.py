@@ -1,14 +1,12 @@
 """NOSA cached decoding: device-resident decode steps equal the full forward (op and model, block
 and compression boundaries, prompts of different lengths, one compilation, reads O(C/d + k*l')
-keys); offloaded decoding (host K/V/c blocks) gives the same tokens and counts its transfers."""
+keys). Offloaded decoding is tested in tests/offload."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
-from conftest import load_script
 from flax import nnx
 
 from sparse_attention_jax.config import NSAConfig
@@ -151,130 +149,3 @@ def test_decode_step_never_attends_over_the_capacity():
   state = jax.eval_shape(lambda: dec.init_decode_state(model, 1, cap))
   dims = _dot_operand_dims(jax.make_jaxpr(step)(params, jnp.zeros((1,), jnp.int32), state).jaxpr)
   assert cap not in dims and 1023 in dims and 40 in dims
-
-
-def test_decode_benchmark_nosa_kinds_smoke(tmp_path, monkeypatch, capsys):
-  """``benchmarks/decode.py --tiny --kinds nosa,nosa_offload --report-fit`` runs on CPU without
-  grain: both rows decode, the offloaded row (loads through staging buffers,
-  ``--offload-transfer staged``) reports its transfers, and the resident-cache bytes are those
-  of the device-resident NOSA state; ``--offload-plan device`` runs with the pinned_array store
-  and is refused with the numpy store."""
-  import json
-  import sys
-
-  monkeypatch.setitem(sys.modules, "grain", None)
-  bench = load_script("benchmarks/decode.py", "bench_decode_nosa")
-  rc = bench.main(
-    [
-      "--tiny",
-      "--kinds",
-      "nosa,nosa_offload",
-      "--batch",
-      "2",
-      "--context",
-      "37",
-      "--steps",
-      "2",
-      "--warmup",
-      "1",
-      "--report-fit",
-      "--host-pool",
-      "3",
-      "--offload-transfer",
-      "staged",
-      "--out",
-      str(tmp_path),
-    ]
-  )
-  assert rc == 0
-  rows = {r["kind"]: r for r in json.loads((tmp_path / "decode.json").read_text())["rows"]}
-  assert set(rows) == {"nosa", "nosa_offload"}
-  assert all(r["lengths_ok"] and r["tokens_per_s"] > 0 for r in rows.values())
-  off = rows["nosa_offload"]
-  assert off["host_memory_kind"] == "numpy" and off["slots"] == 4 and off["transfer"] == "staged"
-  assert 0 <= off["hit_rate"] <= 1 and off["blocks_per_step"] >= 0  # steady state may hit all
-  assert off["bytes_per_step"] == off["blocks_per_step"] * 8 * ((16 + 16) * 4 + 4)
-  # Resident NOSA state of the tiny model (capacity 40, H=2, Dk=Dv=16, l=8, d=4, l'=8), 2 layers:
-  # K, V (4 B) and c (f32) linear + rings of l keys and c + 9 compressed keys + 5 block scores.
-  per_row = (40 * 2 * (16 + 16 + 1) + 8 * 2 * (16 + 1) + 9 * 2 * 16 + 2 * 5) * 4
-  assert rows["nosa"]["resident_cache_bytes"] == 2 * 2 * per_row + 2 * 4 + 4
-  assert off["resident_cache_bytes"] == rows["nosa"]["resident_cache_bytes"]
-  assert off["state_bytes"] < rows["nosa"]["state_bytes"]
-  with pytest.raises(SystemExit):
-    bench.main(
-      [
-        "--tiny",
-        "--kinds",
-        "nosa_offload",
-        "--offload-store",
-        "pinned_host",
-        "--offload-transfer",
-        "staged",
-        "--out",
-        str(tmp_path),
-      ]
-    )
-  assert "--offload-transfer: expected 'fresh' with --offload-store pinned_host" in (
-    capsys.readouterr().err
-  )
-  with pytest.raises(SystemExit):
-    bench.main(
-      ["--tiny", "--kinds", "nosa_offload", "--offload-plan", "device", "--out", str(tmp_path)]
-    )
-  assert "--offload-plan: expected 'host' with --offload-store numpy" in capsys.readouterr().err
-  assert (
-    bench.main(
-      [
-        "--tiny",
-        "--kinds",
-        "nosa_offload",
-        "--batch",
-        "2",
-        "--context",
-        "37",
-        "--steps",
-        "2",
-        "--warmup",
-        "1",
-        "--offload-store",
-        "pinned_array",
-        "--offload-plan",
-        "fused",
-        "--offload-copy",
-        "xla",
-        "--offload-chunk",
-        "8",
-        "--out",
-        str(tmp_path),
-      ]
-    )
-    == 0
-  )
-  row = json.loads((tmp_path / "decode.json").read_text())["rows"][0]
-  assert row["plan"] == "fused" and row["chunk"] == 8 and row["copy"] == "xla" and row["lengths_ok"]
-  assert (
-    bench.main(
-      [
-        "--tiny",
-        "--kinds",
-        "nosa_offload",
-        "--batch",
-        "2",
-        "--context",
-        "37",
-        "--steps",
-        "2",
-        "--warmup",
-        "1",
-        "--offload-store",
-        "pinned_array",
-        "--offload-plan",
-        "device",
-        "--out",
-        str(tmp_path),
-      ]
-    )
-    == 0
-  )
-  row = json.loads((tmp_path / "decode.json").read_text())["rows"][0]
-  assert row["plan"] == "device" and row["lengths_ok"] and row["host_ms_per_step"]["gather"] == 0
