@@ -266,7 +266,8 @@ def _fill_offloaded(caches, context: int, seed: int, pool: int):
       kv = np.broadcast_to(kv, (b, h, *kv.shape))
       cc = np.broadcast_to(cc, (b, h, *cc.shape))
     store.kv, store.c = jax.device_put((kv, cc), store.sharding)
-    layer.tail_kv = _random(jax.random.fold_in(lk, 2), tuple(layer.tail_kv.shape), layer.dtype, 1.0)
+    tail = _random(jax.random.fold_in(lk, 2), tuple(layer.state.tail_kv.shape), layer.dtype, 1.0)
+    layer.state = layer.state._replace(tail_kv=tail)
     layer.length, layer._stored = context, (context - 1) // bs
 
 

@@ -104,16 +104,14 @@ def time_steps(layer, gammas, copy, chunk, rng) -> tuple[float, float]:
   """Mean ms per synchronized layer step and blocks moved per step (after a full refill)."""
   b, h, dk = layer.batch, layer.heads, layer.k_dim
   step = jax.jit(
-    functools.partial(
-      layer_step, chunk=chunk, k_dim=dk, scale=dk**-0.5, host=layer.store.host, copy=copy
-    ),
+    functools.partial(layer_step, chunk=chunk, scale=dk**-0.5, host=layer.store.host, copy=copy),
     donate_argnums=(0,) if jax.devices()[0].platform != "cpu" else (),
   )
   kv_t = jnp.asarray(rng.standard_normal((b, h, 2 * dk)), layer.dtype)
   c_t = jnp.asarray(rng.standard_normal((b, h)), jnp.float32)
   q = jnp.asarray(rng.standard_normal((b, 16 * h, dk)), layer.dtype)
   t = jnp.int32(layer.length)  # the same token every step: only the selection changes
-  state, times, moved = layer.state(), [], []
+  state, times, moved = layer.state, [], []
   for i, g in enumerate(gammas):
     g = jax.device_put(g)
     t0 = time.perf_counter()

@@ -29,8 +29,14 @@ class OffloadConfig:
   def __post_init__(self):
     if self.copy not in COPIES:
       raise ValueError(f"copy: expected one of {COPIES}, got {self.copy!r}")
-    if not isinstance(self.chunk, int) or isinstance(self.chunk, bool) or self.chunk < 1:
-      raise ValueError(f"chunk: expected a positive int, got {self.chunk!r}")
+    check_positive(chunk=self.chunk)
 
 
-__all__ = ["COPIES", "OffloadConfig"]
+def check_positive(**values) -> None:
+  """Raises ``ValueError`` naming the first of ``values`` that is not a positive int."""
+  for name, val in values.items():
+    if not isinstance(val, int) or isinstance(val, bool) or val < 1:
+      raise ValueError(f"{name}: expected a positive int, got {val!r}")
+
+
+__all__ = ["COPIES", "OffloadConfig", "check_positive"]

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sparse_attention_jax.offload.block_copy import copy_into_slots
-from sparse_attention_jax.offload.config import OffloadConfig
+from sparse_attention_jax.offload.config import OffloadConfig, check_positive
 from sparse_attention_jax.offload.slot_plan import (
   INFO_LOADS,
   INFO_REQUESTED,
@@ -55,13 +55,12 @@ class LayerState(NamedTuple):
   tail_use: jax.Array  # [B, H] bool
 
 
-def attend(
-  q, slot_kv, slot_c, slot_block, tail_kv, tail_c, tail_use, t, *, k_dim: int, scale: float
-):
+def attend(q, slot_kv, slot_c, slot_block, tail_kv, tail_c, tail_use, t, *, scale: float):
   """Biased attention of ``q [B, HQ, Dk]`` (``HQ % H == 0``) at position ``t`` over the occupied
   slots and, if ``tail_use``, the tail's tokens ``<= t``: ``[B, HQ, Dv]`` in ``q.dtype``,
   ``sum_j e^{s_j + c_j} v_j / sum_j e^{s_j + c_j}``."""
   b, h, ns, bs, _ = slot_kv.shape
+  k_dim = q.shape[-1]
   kv = jnp.concatenate([slot_kv.reshape(b, h, ns * bs, -1), tail_kv], axis=2)  # [B,H,S,Dk+Dv]
   c = jnp.concatenate([slot_c.reshape(b, h, ns * bs), tail_c], axis=2)  # [B, H, S]
   slot_ok = jnp.repeat(slot_block >= 0, bs, axis=2)  # [B, H, NS*bs]
@@ -88,7 +87,6 @@ def layer_step(
   t,
   *,
   chunk: int,
-  k_dim: int,
   scale: float,
   host: bool,
   copy: str = "kernel",
@@ -124,15 +122,13 @@ def layer_step(
   slot_kv, slot_c = copy_into_slots(
     store_kv, store_c, state.slot_kv, state.slot_c, loads, n, copy=copy, chunk=chunk, host=host
   )
-  o = attend(q, slot_kv, slot_c, slot_block, tail_kv, tail_c, tail_use, t, k_dim=k_dim, scale=scale)
+  o = attend(q, slot_kv, slot_c, slot_block, tail_kv, tail_c, tail_use, t, scale=scale)
   return o, LayerState(slot_kv, slot_c, slot_block, tail_kv, tail_c, tail_use), info
 
 
 @functools.cache
-def _jitted_step(chunk: int, k_dim: int, scale: float, host: bool, copy: str):
-  return jax.jit(
-    functools.partial(layer_step, chunk=chunk, k_dim=k_dim, scale=scale, host=host, copy=copy)
-  )
+def _jitted_step(chunk: int, scale: float, host: bool, copy: str):
+  return jax.jit(functools.partial(layer_step, chunk=chunk, scale=scale, host=host, copy=copy))
 
 
 def _fail(name: str, expected: str, got) -> None:
@@ -149,132 +145,72 @@ class OffloadedLayer:
     max_len: the most tokens a sequence may hold.
     dtype: cache dtype of K/V (``c`` is kept in float32).
     device: the accelerator (default ``jax.devices()[0]``).
-    config: the copy options (:class:`~sparse_attention_jax.offload.config.OffloadConfig`) of
-      :meth:`step` (default ``OffloadConfig()``).
+    config: the copy options of :meth:`step` (default ``OffloadConfig()``).
 
   Attributes:
     store: the host :class:`~sparse_attention_jax.offload.store.BlockStore`.
-    slot_kv, slot_c, slot_block, tail_kv, tail_c, tail_use: the device arrays of
-      :class:`LayerState`.
+    state: the device arrays (:class:`LayerState`).
     length: tokens held per sequence. totals: :data:`STAT_KEYS` summed over steps, and
       ``"steps"``.
   """
 
   def __init__(
-    self,
-    *,
-    batch: int,
-    num_kv_heads: int,
-    k_dim: int,
-    v_dim: int,
-    block_size: int,
-    num_slots: int,
-    max_len: int,
-    dtype=jnp.float32,
-    device=None,
-    config: OffloadConfig | None = None,
-  ):
-    for name, val in (
-      ("batch", batch),
-      ("num_kv_heads", num_kv_heads),
-      ("k_dim", k_dim),
-      ("v_dim", v_dim),
-      ("block_size", block_size),
-      ("num_slots", num_slots),
-      ("max_len", max_len),
-    ):
-      if not isinstance(val, int) or isinstance(val, bool) or val < 1:
-        _fail(name, "a positive int", repr(val))
+    self, *, batch, num_kv_heads, k_dim, v_dim, block_size, num_slots, max_len,
+    dtype=jnp.float32, device=None, config: OffloadConfig | None = None,
+  ):  # fmt: skip
+    check_positive(
+      batch=batch, num_kv_heads=num_kv_heads, k_dim=k_dim, v_dim=v_dim, block_size=block_size,
+      num_slots=num_slots, max_len=max_len,
+    )  # fmt: skip
     self.batch, self.heads, self.k_dim, self.v_dim = batch, num_kv_heads, k_dim, v_dim
     self.block_size, self.num_slots, self.max_len = block_size, num_slots, max_len
     self.dtype = jnp.dtype(dtype)
     self.config = OffloadConfig() if config is None else config
-    self.device = jax.devices()[0] if device is None else device
-    d = k_dim + v_dim
-    self.store = BlockStore(
-      batch=batch,
-      heads=num_kv_heads,
-      num_blocks=-(-max_len // block_size),
-      block_size=block_size,
-      dim=d,
-      dtype=self.dtype,
-      device=self.device,
+    device = jax.devices()[0] if device is None else device
+    rows, d = (batch, num_kv_heads), k_dim + v_dim
+    self.store = BlockStore((*rows, -(-max_len // block_size), block_size, d), self.dtype, device)
+    self._dev = jax.sharding.SingleDeviceSharding(device, memory_kind="device")
+    zeros = (
+      np.zeros((*rows, num_slots, block_size, d), self.dtype),
+      np.zeros((*rows, num_slots, block_size), np.float32),
+      np.full((*rows, num_slots), -1, np.int32),
+      np.zeros((*rows, block_size, d), self.dtype),
+      np.zeros((*rows, block_size), np.float32),
+      np.zeros(rows, bool),
     )
-    self._dev = jax.sharding.SingleDeviceSharding(self.device, memory_kind="device")
-    self.slot_kv, self.slot_c, self.slot_block, self.tail_kv, self.tail_c, self.tail_use = (
-      jax.device_put(
-        (
-          np.zeros((batch, num_kv_heads, num_slots, block_size, d), self.dtype),
-          np.zeros((batch, num_kv_heads, num_slots, block_size), np.float32),
-          np.full((batch, num_kv_heads, num_slots), -1, np.int32),
-          np.zeros((batch, num_kv_heads, block_size, d), self.dtype),
-          np.zeros((batch, num_kv_heads, block_size), np.float32),
-          np.zeros((batch, num_kv_heads), bool),
-        ),
-        self._dev,
-      )
-    )
-    self._no_tail = self.tail_use  # all False, reused when a block completes
-    self.length = 0
-    self._stored = 0  # complete blocks written to the store
-    self.totals = {"steps": 0, **{key: 0 for key in STAT_KEYS}}
-
-  # ------------------------------------------------------------------------------ sizes
-  @property
-  def host_memory_kind(self) -> str:
-    """Where the store's arrays are: ``"pinned_host"``, or ``"device"`` (no pinned host memory)."""
-    return self.store.memory_kind
-
-  @property
-  def host_bytes(self) -> int:
-    """Bytes of the host store (its full ``max_len`` capacity)."""
-    return self.store.nbytes
+    self.state = LayerState(*jax.device_put(zeros, self._dev))
+    self.length = self._stored = 0  # tokens; complete blocks written to the store
+    self.totals = {"steps": 0, **dict.fromkeys(STAT_KEYS, 0)}
 
   @property
   def block_bytes(self) -> int:
     """Bytes of one block of one KV head moved host -> device (K, V and float32 ``c``)."""
     return self.block_size * ((self.k_dim + self.v_dim) * self.dtype.itemsize + 4)
 
-  def host_block(self, b: int, h: int, j: int) -> tuple[np.ndarray, np.ndarray]:
-    """Host copy of the stored block ``j`` of sequence ``b``, KV head ``h``: ``(kv [l', Dk+Dv],
-    c [l'])``."""
-    return self.store.block(b, h, j)
-
-  def state(self) -> LayerState:
-    """The arrays :func:`layer_step` reads."""
-    return LayerState(
-      self.slot_kv, self.slot_c, self.slot_block, self.tail_kv, self.tail_c, self.tail_use
-    )
-
-  # ------------------------------------------------------------------------------ writes
   def prefill(self, k, v, c) -> None:
     """Stores a prompt: ``k [B, T, H, Dk]`` (RoPE'd), ``v [B, T, H, Dv]``, ``c [B, T, H]``.
     Blocks before the last token's block go to the host store; the last token's block is the
     tail."""
     if self.length:
       _fail("prefill", "an empty cache", f"length {self.length}")
-    b, h = self.batch, self.heads
-    t = k.shape[1] if k.ndim == 4 else -1
+    (b, t, h, _), bs = k.shape, self.block_size
     if k.shape != (b, t, h, self.k_dim) or v.shape != (b, t, h, self.v_dim) or c.shape != (b, t, h):
       _fail(
-        "k/v/c",
-        f"shapes [B, T, H, Dk] = {(b, 'T', h, self.k_dim)}, [B, T, H, Dv] and [B, T, H]",
-        f"{k.shape}, {v.shape}, {c.shape}",
+        "k/v/c", "shapes [B, T, H, Dk], [B, T, H, Dv] and [B, T, H]", (k.shape, v.shape, c.shape)
       )
-    if not 1 <= t <= self.max_len:
-      _fail("k.shape[1]", f"1 <= T <= max_len={self.max_len}", t)
-    bs = self.block_size
+    if (b, h) != (self.batch, self.heads) or not 1 <= t <= self.max_len:
+      _fail(
+        "k.shape", f"[{self.batch}, T, {self.heads}, Dk], 1 <= T <= max_len={self.max_len}", k.shape
+      )
     cur = (t - 1) // bs
-    pad = (cur + 1) * bs - t
-    kv = jnp.concatenate([k.astype(self.dtype), v.astype(self.dtype)], axis=-1)
-    kv = jnp.pad(kv, ((0, 0), (0, pad), (0, 0), (0, 0)))
-    cc = jnp.pad(c.astype(jnp.float32), ((0, 0), (0, pad), (0, 0)))
+    pad = ((0, 0), (0, (cur + 1) * bs - t), (0, 0))
+    kv = jnp.pad(jnp.concatenate([k, v], axis=-1).astype(self.dtype), (*pad, (0, 0)))
     kv = jnp.transpose(kv.reshape(b, cur + 1, bs, h, -1), (0, 3, 1, 2, 4))  # [B, H, NB, l', D]
-    cc = jnp.transpose(cc.reshape(b, cur + 1, bs, h), (0, 3, 1, 2))  # [B, H, NB, l']
+    cc = jnp.transpose(jnp.pad(c.astype(jnp.float32), pad).reshape(b, cur + 1, bs, h), (0, 3, 1, 2))
     if cur:
       self.store.write(0, kv[:, :, :cur], cc[:, :, :cur])
-    self.tail_kv = jax.device_put(kv[:, :, cur], self._dev)
-    self.tail_c = jax.device_put(cc[:, :, cur], self._dev)
+    tail = jax.device_put((kv[:, :, cur], cc[:, :, cur]), self._dev)
+    self.state = self.state._replace(tail_kv=tail[0], tail_c=tail[1])
     self.length, self._stored = t, cur
 
   def roll_over(self) -> None:
@@ -283,20 +219,20 @@ class OffloadedLayer:
     the tail; otherwise (or when already done) nothing."""
     if self.length >= self.max_len:
       _fail("step", f"at most max_len={self.max_len} tokens", f"token {self.length + 1}")
-    pos, bs = self.length, self.block_size
+    pos, bs, st = self.length, self.block_size, self.state
     if pos and pos % bs == 0 and self._stored < pos // bs:
-      self.store.write(pos // bs - 1, self.tail_kv[:, :, None], self.tail_c[:, :, None])
-      self.tail_kv = jnp.zeros_like(self.tail_kv)
-      self.tail_c = jnp.zeros_like(self.tail_c)
-      self.tail_use = self._no_tail
+      self.store.write(pos // bs - 1, st.tail_kv[:, :, None], st.tail_c[:, :, None])
+      self.state = st._replace(
+        tail_kv=jnp.zeros_like(st.tail_kv),
+        tail_c=jnp.zeros_like(st.tail_c),
+        tail_use=jnp.zeros_like(st.tail_use),
+      )
       self._stored = pos // bs
 
-  # ------------------------------------------------------------------------------ a step
   def adopt(self, state: LayerState) -> int:
     """The new arrays of a :func:`layer_step` run for the token at ``t = length`` (after
     :meth:`roll_over`), and one more token. Returns ``t``. Nothing waits for the device."""
-    self.slot_kv, self.slot_c, self.slot_block, self.tail_kv, self.tail_c, self.tail_use = state
-    self.length += 1
+    self.state, self.length = state, self.length + 1
     return self.length - 1
 
   def account(self, info, *, t: int, **seconds) -> dict:
@@ -312,14 +248,11 @@ class OffloadedLayer:
     """
     check_info(info, t=t, block_size=self.block_size, num_slots=self.num_slots, heads=self.heads)
     n, requested = int(info[INFO_LOADS]), int(info[INFO_REQUESTED])
-    stats = {
-      "requested": requested,
-      "hits": requested - n,
-      "transferred": n,
-      "hit_rate": (requested - n) / requested if requested else 1.0,
-      "bytes": n * self.block_bytes,
-      **{key: seconds.get(key, 0.0) for key in STAT_KEYS[4:]},
-    }
+    stats = {"requested": requested, "hits": requested - n, "transferred": n}
+    stats.update(
+      bytes=n * self.block_bytes, hit_rate=(requested - n) / requested if requested else 1.0
+    )
+    stats.update({key: seconds.get(key, 0.0) for key in STAT_KEYS[4:]})
     for key in STAT_KEYS:
       self.totals[key] += stats[key]
     self.totals["steps"] += 1
@@ -334,31 +267,20 @@ class OffloadedLayer:
 
     Returns:
       ``(o [B, HQ, Dv], stats)`` (:meth:`account`). A refused selection raises and leaves the
-      layer as it was.
+      slots as they were.
     """
-    b, h = self.batch, self.heads
-    if k_t.shape != (b, h, self.k_dim) or v_t.shape != (b, h, self.v_dim) or c_t.shape != (b, h):
-      _fail(
-        "k_t/v_t/c_t",
-        f"shapes {(b, h, self.k_dim)}, {(b, h, self.v_dim)}, {(b, h)}",
-        f"{k_t.shape}, {v_t.shape}, {c_t.shape}",
-      )
-    if np.ndim(gamma) != 3 or np.shape(gamma)[:2] != (b, h):
-      _fail("gamma", f"shape [B, H, n] = {(b, h, 'n')}", np.shape(gamma))
-    if q.ndim != 3 or q.shape[0] != b or q.shape[2] != self.k_dim or q.shape[1] % h:
-      _fail("q", f"shape [B, HQ, Dk] = {(b, 'HQ', self.k_dim)} with H={h} dividing HQ", q.shape)
+    if np.ndim(gamma) != 3 or np.shape(gamma)[:2] != (self.batch, self.heads):
+      _fail("gamma", f"shape [B, H, n] = {(self.batch, self.heads, 'n')}", np.shape(gamma))
     self.roll_over()
     scale = self.k_dim**-0.5 if softmax_scale is None else softmax_scale
-    fn = _jitted_step(
-      self.config.chunk, self.k_dim, float(scale), self.store.host, self.config.copy
-    )
-    kv_t = jnp.concatenate([k_t.astype(self.dtype), v_t.astype(self.dtype)], axis=-1)
+    fn = _jitted_step(self.config.chunk, float(scale), self.store.host, self.config.copy)
+    kv_t = jnp.concatenate([k_t, v_t], axis=-1).astype(self.dtype)
     gamma = jax.device_put(jnp.asarray(gamma, jnp.int32), self._dev)
-    o, state, info = fn(
-      self.state(), self.store.kv, self.store.c, kv_t, c_t, gamma, q, jnp.int32(self.length)
-    )
-    info = np.asarray(info)
-    check_info(info, t=self.length, block_size=self.block_size, num_slots=self.num_slots, heads=h)
+    o, state, info = fn(self.state, self.store.kv, self.store.c, kv_t, c_t, gamma, q, self.length)
+    check_info(
+      info := np.asarray(info), t=self.length, block_size=self.block_size,
+      num_slots=self.num_slots, heads=self.heads,
+    )  # fmt: skip
     return o, self.account(info, t=self.adopt(state))
 
 

@@ -6,9 +6,8 @@ is mapped into the GPU's address space, so the block copy
 (:mod:`sparse_attention_jax.offload.block_copy`) reads the missing blocks straight from it. A
 write (the prompt's blocks, then each completed tail block) is one jitted
 ``dynamic_update_slice`` whose operand and result stay in host memory (donated: in place).
-
 Where the backend has no ``pinned_host`` memory the arrays live in device memory (logged); the
-CPU backend has it (it is the CPU's own memory).
+CPU backend has it (the CPU's own memory).
 """
 
 from __future__ import annotations
@@ -39,36 +38,30 @@ def host_memory_kind(device) -> str:
   return "device"
 
 
-def _write_blocks(kv_store, c_store, kv, c, start, *, host: bool):
-  """``(kv_store, c_store)`` with ``kv [B, H, n, l', D]``, ``c [B, H, n, l']`` written at block
-  ``start`` (traced: one compile per ``n``, not per position)."""
+def _write(kv_store, c_store, kv, c, start, *, host: bool):
+  """The stores with ``kv [B, H, n, l', D]``, ``c [B, H, n, l']`` written at block ``start``."""
   if host:
     kv, c = jax.device_put((kv, c), jax.memory.Space.Host)
-  zero = jnp.int32(0)
+  at = (0, 0, start, 0, 0)
   return (
-    jax.lax.dynamic_update_slice(
-      kv_store, kv.astype(kv_store.dtype), (zero, zero, start, zero, zero)
-    ),
-    jax.lax.dynamic_update_slice(c_store, c, (zero, zero, start, zero)),
+    jax.lax.dynamic_update_slice(kv_store, kv.astype(kv_store.dtype), at),
+    jax.lax.dynamic_update_slice(c_store, c, at[:4]),
   )
-
-
-def _take_kv_c(store_kv, store_c, rows, *, host: bool):
-  return take_blocks(store_kv, rows, host=host), take_blocks(store_c, rows, host=host)
 
 
 @functools.cache
 def _store_fns(sharding: jax.sharding.Sharding):
   """Jitted ``(write, take)`` of a store whose arrays have ``sharding``: the write donates the
-  store and returns it in the same memory (in place); the take returns device memory."""
+  store and returns it in the same memory (in place, one compile per block count); the take
+  returns blocks in device memory."""
   host = sharding.memory_kind != "device"
-  dev = sharding.with_memory_kind("device")
   write = jax.jit(
-    functools.partial(_write_blocks, host=host),
-    donate_argnums=(0, 1),
-    out_shardings=(sharding, sharding),
+    functools.partial(_write, host=host), donate_argnums=(0, 1), out_shardings=(sharding,) * 2
   )
-  take = jax.jit(functools.partial(_take_kv_c, host=host), out_shardings=(dev, dev))
+  take = jax.jit(
+    lambda kv, c, rows: (take_blocks(kv, rows, host=host), take_blocks(c, rows, host=host)),
+    out_shardings=(sharding.with_memory_kind("device"),) * 2,
+  )
   return write, take
 
 
@@ -76,22 +69,18 @@ class BlockStore:
   """One layer's blocks in host memory (see the module docstring).
 
   Args:
-    batch, heads, num_blocks, block_size, dim: ``B, H, NB, l', Dk + Dv``.
-    dtype: the K/V cache dtype (``c`` is float32).
+    shape: ``(B, H, NB, l', D)``. dtype: the K/V cache dtype (``c`` is float32).
     device: the accelerator whose ``pinned_host`` memory holds the arrays.
 
   Attributes:
-    kv: ``[B, H, NB, l', D]`` jax array, zero-filled at its first use (a benchmark may assign
-      its own array of that shape and sharding instead, never reserving the zeros).
+    kv: ``[B, H, NB, l', D]`` jax array, zero-filled at its first use (a benchmark may assign its
+      own array of that shape and sharding instead, never allocating the zeros).
     c: ``[B, H, NB, l']`` float32, likewise.
     sharding: their sharding (one device, memory kind :attr:`kind`).
   """
 
-  def __init__(
-    self, *, batch: int, heads: int, num_blocks: int, block_size: int, dim: int, dtype, device
-  ):
-    self.shape = (batch, heads, num_blocks, block_size, dim)
-    self.dtype = jnp.dtype(dtype)
+  def __init__(self, shape, dtype, device):
+    self.shape, self.dtype = tuple(shape), jnp.dtype(dtype)
     self.kind = host_memory_kind(device)
     self.sharding = jax.sharding.SingleDeviceSharding(device, memory_kind=self.kind)
     self._kv = self._c = None
@@ -124,8 +113,7 @@ class BlockStore:
   @property
   def memory_kind(self) -> str:
     """The memory kind of the stored arrays (:attr:`kind` before the first use)."""
-    arrays = [x for x in (self._kv, self._c) if x is not None]
-    return arrays[0].sharding.memory_kind if arrays else self.kind
+    return self._kv.sharding.memory_kind if self._kv is not None else self.kind
 
   @property
   def nbytes(self) -> int:
@@ -134,16 +122,13 @@ class BlockStore:
 
   def write(self, start: int, kv, c) -> None:
     """Blocks ``start .. start + n - 1`` of every ``(b, h)``: ``kv [B, H, n, l', D]``, ``c [B, H,
-    n, l']`` (device or host arrays): one jitted in-place update of each array."""
+    n, l']`` (device or host arrays), in place."""
     write, _ = _store_fns(self.sharding)
-    self.kv, self.c = write(
-      self.kv, self.c, jnp.asarray(kv), jnp.asarray(c, jnp.float32), jnp.int32(start)
-    )
+    self.kv, self.c = write(self.kv, self.c, kv, jnp.asarray(c, jnp.float32), jnp.int32(start))
 
   def block(self, b: int, h: int, j: int) -> tuple[np.ndarray, np.ndarray]:
     """Host copy of block ``(b, h, j)``: ``(kv [l', D], c [l'])``."""
-    _, take = _store_fns(self.sharding)
-    kv, c = take(self.kv, self.c, np.array([[b, h, j]], np.int32))
+    kv, c = _store_fns(self.sharding)[1](self.kv, self.c, np.array([[b, h, j]], np.int32))
     return np.asarray(kv).reshape(self.shape[3:]), np.asarray(c).reshape(self.shape[3])
 
 

@@ -64,7 +64,7 @@ def test_offloaded_greedy_equals_device_resident_and_compiles_once(copy):
   plans = plan_slots._cache_size()
   out = gen.generate(prompts, 20, greedy=True)
   np.testing.assert_array_equal(out.tokens, want.tokens)
-  once = {"embed": 1, "logits": 1, "nosa_prefill": 1, "other_prefill": 1, "step": 1}
+  once = {"prefill": 1, "step": 1}
   assert gen._offload.traces == once and gen._offload.copy == copy
   assert plan_slots._cache_size() == plans  # traced inside the step, never called alone
   st = out.offload
@@ -101,7 +101,7 @@ def test_offloaded_transfer_counts_follow_the_selection():
     _, stats = dec_.step(tokens[:, pos], caches, pos)
     got = stats["per_layer"][0]
     exp = {"requested": 0, "hits": 0, "transferred": 0}
-    slot_block = np.asarray(layer.slot_block)
+    slot_block = np.asarray(layer.state.slot_block)
     for b in range(2):
       for h in range(2):
         want = {int(j) for j in gamma[b, pos, h] if j >= 0} - {pos // 8}
@@ -245,7 +245,7 @@ def test_layer_attends_like_the_full_cache_reference(b, t, hq, h, d, steps, k_to
   prompt = t - steps
   layer.prefill(k[:, :prompt], v[:, :prompt], c[:, :prompt])
   assert {x.sharding.memory_kind for x in (layer.store.kv, layer.store.c)} == {"pinned_host"}
-  assert layer.slot_kv.sharding.memory_kind == "device"
+  assert layer.state.slot_kv.sharding.memory_kind == "device"
   prev = {}
   for s in range(prompt, t):
     want = {

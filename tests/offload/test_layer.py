@@ -69,7 +69,7 @@ def test_slot_pool_attention_equals_full_cache_and_counts_transfers(copy, chunk)
   ref = biased_selected_attention(q, k, v, c, aux.block_indices, block_size=CFG.block_size)
   kv_all, v_all, c_all = np.asarray(k), np.asarray(v), np.asarray(c)
   layer = _layer(config=OffloadConfig(copy=copy, chunk=chunk))
-  assert layer.host_memory_kind == "pinned_host"
+  assert layer.store.memory_kind == "pinned_host"
   prompt = 21
   layer.prefill(k[:, :prompt], v[:, :prompt], c[:, :prompt])
   prev = None
@@ -88,17 +88,17 @@ def test_slot_pool_attention_equals_full_cache_and_counts_transfers(copy, chunk)
     assert stats["bytes"] == exp * CFG.block_size * ((D + DV) * 4 + 4)
     changed += prev is not None and exp > 0
     prev = want
-    slot_block = np.asarray(layer.slot_block)
+    slot_block = np.asarray(layer.state.slot_block)
     for (bi, hi), w in want.items():
       assert {int(j) for j in slot_block[bi, hi] if j >= 0} == w
     # Every occupied slot holds its block's true K/V/c.
     bb, hh, ss = np.nonzero(slot_block >= 0)
     rows = slot_block[bb, hh, ss][:, None] * CFG.block_size + np.arange(CFG.block_size)
-    slot_kv = np.asarray(layer.slot_kv)[bb, hh, ss]  # [N, l', D + DV]
+    slot_kv = np.asarray(layer.state.slot_kv)[bb, hh, ss]  # [N, l', D + DV]
     np.testing.assert_array_equal(slot_kv[..., :D], kv_all[bb[:, None], rows, hh[:, None]])
     np.testing.assert_array_equal(slot_kv[..., D:], v_all[bb[:, None], rows, hh[:, None]])
     np.testing.assert_array_equal(
-      np.asarray(layer.slot_c)[bb, hh, ss], c_all[bb[:, None], rows, hh[:, None]]
+      np.asarray(layer.state.slot_c)[bb, hh, ss], c_all[bb[:, None], rows, hh[:, None]]
     )
     np.testing.assert_allclose(o, ref[:, t], atol=2e-5, rtol=1e-4, err_msg=f"t={t}")
   assert changed >= 8  # the selection did change over steps
@@ -107,12 +107,12 @@ def test_slot_pool_attention_equals_full_cache_and_counts_transfers(copy, chunk)
   assert layer.store.kv.shape == (B, H, 9, 8, D + DV) and layer.store.c.shape == (B, H, 9, 8)
   assert {x.sharding.memory_kind for x in (layer.store.kv, layer.store.c)} == {"pinned_host"}
   for bi, hi, j in ((1, 0, 2), (0, 1, 1), (1, 1, 7)):
-    kv, cc = layer.host_block(bi, hi, j)
+    kv, cc = layer.store.block(bi, hi, j)
     sl = slice(8 * j, 8 * j + 8)
     np.testing.assert_array_equal(kv[:, :D], np.asarray(k[bi, sl, hi]))
     np.testing.assert_array_equal(kv[:, D:], np.asarray(v[bi, sl, hi]))
     np.testing.assert_array_equal(cc, np.asarray(c[bi, sl, hi]))
-  assert layer.slot_kv.sharding.memory_kind == "device"
+  assert layer.state.slot_kv.sharding.memory_kind == "device"
 
 
 def _random_kvcq(rng, bsz, total, heads, dk, dv):
@@ -177,21 +177,21 @@ def test_kernel_and_xla_copies_are_bit_identical_and_compile_once():
   for layer in layers:
     layer.prefill(k[:, :prompt], v[:, :prompt], c[:, :prompt])
   steps = [
-    jax.jit(functools.partial(layer_step, chunk=3, k_dim=dk, scale=0.5, host=True, copy=copy))
+    jax.jit(functools.partial(layer_step, chunk=3, scale=0.5, host=True, copy=copy))
     for copy in ("kernel", "xla")
   ]
   loads, compiles = set(), []
   for t in range(prompt, 36):  # blocks 5 .. 8 complete on the way
-    gamma = _random_gamma(rng, np.asarray(ref.slot_block), t // bs, ns, width)
+    gamma = _random_gamma(rng, np.asarray(ref.state.slot_block), t // bs, ns, width)
     if t == 30:  # the resident blocks: no iteration
       gamma = np.full((bsz, heads, width), -1, np.int32)
-      gamma[..., :ns] = np.asarray(ref.slot_block)
+      gamma[..., :ns] = np.asarray(ref.state.slot_block)
     outs = []
     for layer, step in zip(layers, steps):
       layer.roll_over()
       kv_t = jnp.concatenate([k[:, t], v[:, t]], axis=-1).astype(jnp.bfloat16)
       o, state, info = step(
-        layer.state(), layer.store.kv, layer.store.c, kv_t, c[:, t], jnp.asarray(gamma), q, t
+        layer.state, layer.store.kv, layer.store.c, kv_t, c[:, t], jnp.asarray(gamma), q, t
       )
       outs.append((o, layer.account(np.asarray(info), t=layer.adopt(state))))
     compiles.append([s._cache_size() for s in steps])
@@ -199,7 +199,7 @@ def test_kernel_and_xla_copies_are_bit_identical_and_compile_once():
       assert outs[0][1][key] == outs[1][1][key], (t, key)
     loads.add(outs[0][1]["transferred"])
     assert got.length == ref.length == t + 1
-    for a, b in zip(got.state(), ref.state()):
+    for a, b in zip(got.state, ref.state):
       np.testing.assert_array_equal(
         np.asarray(a.astype(jnp.float32)), np.asarray(b.astype(jnp.float32))
       )
@@ -229,15 +229,15 @@ def test_refused_selection_copies_nothing_and_raises(copy):
   )
   k, v, c, q = _random_kvcq(rng, 1, 40, 1, 5, 3)
   layer.prefill(k[:, :30], v[:, :30], c[:, :30])
-  step = jax.jit(functools.partial(layer_step, chunk=8, k_dim=5, scale=0.5, host=True, copy=copy))
+  step = jax.jit(functools.partial(layer_step, chunk=8, scale=0.5, host=True, copy=copy))
   kv_t = jnp.concatenate([k[:, 30], v[:, 30]], axis=-1)
   for gamma, flag, match in (
     ([[[0, 1, 2, 3]]], INFO_OVERFULL_ROW, "at most num_slots=2"),
     ([[[0, 9]]], INFO_MAX_ID, "block ids <= the current block 7"),
   ):
-    before = [np.asarray(x) for x in layer.state()]
+    before = [np.asarray(x) for x in layer.state]
     _, state, info = step(
-      layer.state(), layer.store.kv, layer.store.c, kv_t, c[:, 30], jnp.asarray(gamma), q, 30
+      layer.state, layer.store.kv, layer.store.c, kv_t, c[:, 30], jnp.asarray(gamma), q, 30
     )
     assert int(info[flag]) == (0 if flag == INFO_OVERFULL_ROW else 9)
     for a, b in zip(state[:2], before):
@@ -246,20 +246,20 @@ def test_refused_selection_copies_nothing_and_raises(copy):
       layer.account(np.asarray(info), t=30)
     with pytest.raises(ValueError, match=match):
       layer.step(k[:, 30], v[:, 30], c[:, 30], np.asarray(gamma), q)
-    for a, b in zip(layer.state(), before):
+    for a, b in zip(layer.state, before):
       np.testing.assert_array_equal(np.asarray(a), b)
     assert layer.length == 30
 
 
 def test_step_errors_leave_slots_and_empty_selection_evicts():
   """``step`` raises the plan's errors (too many blocks in a row, named by ``(b, h)``; a future
-  block; bad shapes) and keeps the slots; an empty selection evicts everything."""
+  block; a bad selection shape) and keeps the slots; an empty selection evicts everything."""
   q, k, v, c = _inputs(6)
   layer = _layer(num_slots=2)
   layer.prefill(k[:, :38], v[:, :38], c[:, :38])  # tokens 38, 39: current block 4
   _, st = layer.step(k[:, 38], v[:, 38], c[:, 38], np.array([[[0, 1, 4, -1]] * H] * B), q[:, 38])
   assert st["transferred"] == 2 * B * H
-  before = np.asarray(layer.slot_block).copy()
+  before = np.asarray(layer.state.slot_block).copy()
   gamma = np.array([[[0, 1, 4, -1]] * H] * B)
   gamma[1, 1] = [0, 1, 2, 3]
   args = (k[:, 39], v[:, 39], c[:, 39])
@@ -273,14 +273,12 @@ def test_step_errors_leave_slots_and_empty_selection_evicts():
     layer.step(*args, np.array([[[0, 5, -1, -1]] * H] * B), q[:, 39])
   with pytest.raises(ValueError, match=r"gamma: expected shape \[B, H, n\]"):
     layer.step(*args, np.zeros((B, 4), np.int32), q[:, 39])
-  with pytest.raises(ValueError, match=r"q: expected shape \[B, HQ, Dk\]"):
-    layer.step(*args, np.zeros((B, H, 4), np.int32), q[:, 40, :, :4])
-  with pytest.raises(ValueError, match=r"k_t/v_t/c_t: expected shapes"):
-    layer.step(k[:, 39, :1], v[:, 39], c[:, 39], np.zeros((B, H, 4), np.int32), q[:, 39])
-  np.testing.assert_array_equal(np.asarray(layer.slot_block), before)
+  np.testing.assert_array_equal(np.asarray(layer.state.slot_block), before)
   _, st = layer.step(*args, np.zeros((B, H, 0), np.int32), q[:, 39])  # evicts everything
   assert (st["requested"], st["transferred"]) == (0, 0)
-  assert (np.asarray(layer.slot_block) == -1).all() and not np.asarray(layer.tail_use).any()
+  assert (np.asarray(layer.state.slot_block) == -1).all() and not np.asarray(
+    layer.state.tail_use
+  ).any()
 
 
 def test_current_block_outside_the_selection_is_not_attended():
@@ -307,7 +305,7 @@ def test_capacity_and_argument_errors():
     layer.step(k[:, 24], v[:, 24], c[:, 24], np.zeros((B, H, 1), np.int32), q)
   with pytest.raises(ValueError, match="prefill: expected an empty cache"):
     layer.prefill(k[:, :8], v[:, :8], c[:, :8])
-  with pytest.raises(ValueError, match=r"k.shape\[1\]: expected 1 <= T <= max_len=8"):
+  with pytest.raises(ValueError, match=r"k.shape: expected \[2, T, 2, Dk\], 1 <= T <= max_len=8"):
     _layer(max_len=8).prefill(k[:, :9], v[:, :9], c[:, :9])
   with pytest.raises(ValueError, match="num_slots: expected a positive int"):
     _layer(num_slots=0)
