@@ -1,14 +1,5 @@
 """Offloaded NOSA decoding: every NOSA layer's K/V/c in pinned host memory, the selected blocks
-in device slots, one jitted call per decode step.
-
-Modules, one concern each: :mod:`~sparse_attention_jax.offload.config` (:class:`OffloadConfig`),
-:mod:`~sparse_attention_jax.offload.store` (the pinned host block store),
-:mod:`~sparse_attention_jax.offload.slot_plan` (device-side slot planning),
-:mod:`~sparse_attention_jax.offload.block_copy` (the zero-copy Pallas kernel, XLA's host gather
-as the fallback), :mod:`~sparse_attention_jax.offload.layer` (one layer's state and traced step)
-and :mod:`~sparse_attention_jax.offload.decoder` (the whole model). ``docs/nosa.md`` describes
-the design.
-"""
+in device slots, one jitted call per decode step (``docs/nosa.md``, "Offloaded decoding")."""
 
 from sparse_attention_jax.offload.config import COPIES, OffloadConfig
 from sparse_attention_jax.offload.decoder import (

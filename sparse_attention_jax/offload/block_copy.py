@@ -1,20 +1,13 @@
 """Block copy of offloaded KV caches: listed blocks of a host-memory store into device slots.
 
-Two ways, same result:
-
 * :func:`copy_blocks` (the default, ``copy="kernel"``): a Pallas (Triton) kernel whose loads read
   the ``pinned_host`` store directly (pinned host memory is mapped into the GPU's address space):
-  no host thread gathers the blocks and no staging copy is made. One program per possible load:
-  program ``i`` copies row ``i`` of ``loads`` when ``i < n`` (``n`` read on the device), so the
-  number of blocks moved follows the selection without a host round trip or a recompilation,
-  and idle programs return at once. The slots are updated in place (aliased to the outputs).
-  On CPU it runs in the Pallas interpreter.
+  no host thread, no staging copy. Program ``i`` copies row ``i`` of the load list when ``i < n``
+  (``n`` read on the device), so what moves follows the selection without a host round trip or a
+  recompilation. The slots are updated in place. On CPU it runs in the Pallas interpreter.
 * :func:`load_planned` (``copy="xla"``, and the fallback where the kernel cannot serve a call,
-  :func:`kernel_serves`): XLA's gather on the host array (run as host compute) and a scatter
-  into the slots, in a ``lax.while_loop`` of chunks.
-
-``benchmarks/h2d_zero_copy.py`` and ``benchmarks/h2d_transfer.py`` measure both against the
-other ways of moving blocks host -> device.
+  :func:`kernel_serves`): XLA's gather on the host array (run as host compute) and a scatter into
+  the slots, in a ``lax.while_loop`` of chunks.
 """
 
 from __future__ import annotations
@@ -204,12 +197,4 @@ def copy_into_slots(
   return load_planned(store_kv, store_c, slot_kv, slot_c, loads, n, chunk=chunk, host=host)
 
 
-__all__ = [
-  "copy_blocks",
-  "copy_into_slots",
-  "kernel_serves",
-  "load_planned",
-  "put_blocks",
-  "step_sizes",
-  "take_blocks",
-]
+__all__ = ["copy_blocks", "copy_into_slots", "kernel_serves", "load_planned", "step_sizes"]

@@ -1,21 +1,11 @@
 """One offloaded NOSA layer: its host block store, device slots and the traced decode step.
 
-The full K/V and eviction scores ``c`` of every sequence live in the host block store
-(:class:`~sparse_attention_jax.offload.store.BlockStore`). The device holds, per (sequence, KV
-head):
-
-* ``num_slots`` block slots (``slot_kv [B, H, NS, l', Dk + Dv]``, ``slot_c [B, H, NS, l']``)
-  with a block-id map ``slot_block [B, H, NS]`` (``-1`` = empty);
-* the tail: the block of the newest token (``tail_kv [B, H, l', Dk + Dv]``, ``tail_c``), written
-  on the device and copied to the host store when it is complete and the next token starts a new
-  block (:meth:`OffloadedLayer.roll_over`). It is never loaded from the host.
-
-:func:`layer_step` is one decode step as ONE traced computation: the new token into the tail,
-the slot plan (:func:`~sparse_attention_jax.offload.slot_plan.plan_slots`), the copy of ONLY the
-missing blocks host -> slots (:mod:`~sparse_attention_jax.offload.block_copy`) and the biased
-attention over the slots (+ the tail when ``Gamma(t)`` holds the current block). A block that was
-the tail and is selected after it completed is loaded from the host once (counted as a
-transfer). Sequences share one length (no ragged batches) and one document (no segment ids).
+The full K/V and eviction scores ``c`` of every sequence live in the host
+:class:`~sparse_attention_jax.offload.store.BlockStore`. The device holds, per (sequence, KV
+head), ``num_slots`` block slots with a block-id map (``-1`` = empty) and the tail, the block of
+the newest token, written on the device and copied to the store when the next token starts a new
+block (:meth:`OffloadedLayer.roll_over`); a completed tail selected later is loaded from the host
+once. Sequences share one length (no ragged batches) and one document (no segment ids).
 """
 
 from __future__ import annotations
@@ -77,20 +67,9 @@ def attend(q, slot_kv, slot_c, slot_block, tail_kv, tail_c, tail_use, t, *, scal
 
 
 def layer_step(
-  state: LayerState,
-  store_kv,
-  store_c,
-  kv_t,
-  c_t,
-  gamma,
-  q,
-  t,
-  *,
-  chunk: int,
-  scale: float,
-  host: bool,
-  copy: str = "kernel",
-):
+  state: LayerState, store_kv, store_c, kv_t, c_t, gamma, q, t, *, chunk: int, scale: float,
+  host: bool, copy: str = "kernel",
+):  # fmt: skip
   """One decode step of one offloaded layer as ONE traced computation (the tail roll-over, every
   ``l'`` tokens, is done by the caller between steps: :meth:`OffloadedLayer.roll_over`).
 

@@ -122,14 +122,4 @@ def check_info(info, *, t: int, block_size: int, num_slots: int, heads: int) -> 
     )
 
 
-__all__ = [
-  "INFO_FIELDS",
-  "INFO_LOADS",
-  "INFO_MAX_ID",
-  "INFO_OVERFULL_COUNT",
-  "INFO_OVERFULL_ROW",
-  "INFO_REQUESTED",
-  "check_info",
-  "plan_slots",
-  "refused",
-]
+__all__ = ["INFO_FIELDS", "check_info", "plan_slots", "refused"]

@@ -83,37 +83,24 @@ class BlockStore:
     self.shape, self.dtype = tuple(shape), jnp.dtype(dtype)
     self.kind = host_memory_kind(device)
     self.sharding = jax.sharding.SingleDeviceSharding(device, memory_kind=self.kind)
-    self._kv = self._c = None
 
   @property
   def host(self) -> bool:
     """Whether the arrays are in a host memory (else the fallback: device memory)."""
     return self.kind != "device"
 
-  @property
+  @functools.cached_property
   def kv(self) -> jax.Array:
-    if self._kv is None:
-      self._kv = jax.device_put(np.zeros(self.shape, self.dtype), self.sharding)
-    return self._kv
+    return jax.device_put(np.zeros(self.shape, self.dtype), self.sharding)
 
-  @kv.setter
-  def kv(self, value):
-    self._kv = value
-
-  @property
+  @functools.cached_property
   def c(self) -> jax.Array:
-    if self._c is None:
-      self._c = jax.device_put(np.zeros(self.shape[:4], np.float32), self.sharding)
-    return self._c
-
-  @c.setter
-  def c(self, value):
-    self._c = value
+    return jax.device_put(np.zeros(self.shape[:4], np.float32), self.sharding)
 
   @property
   def memory_kind(self) -> str:
     """The memory kind of the stored arrays (:attr:`kind` before the first use)."""
-    return self._kv.sharding.memory_kind if self._kv is not None else self.kind
+    return self.__dict__["kv"].sharding.memory_kind if "kv" in self.__dict__ else self.kind
 
   @property
   def nbytes(self) -> int:
