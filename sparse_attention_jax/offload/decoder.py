@@ -3,7 +3,8 @@
 The device keeps per NOSA layer the selection state
 (:class:`~sparse_attention_jax.ops.nosa_decode.NOSASelectState`), the block slots and the current
 block of every (sequence, KV head) (:class:`~sparse_attention_jax.offload.layer.OffloadedLayer`).
-The prefill and each decode step are ONE jitted call over every layer, a NOSA layer running its
+The prefill runs layer by layer (each NOSA layer's K/V/c go to its host store before the next
+layer runs); each decode step is ONE jitted call over every layer, a NOSA layer running its
 selection and :func:`~sparse_attention_jax.offload.layer.layer_step` between its projections;
 the host only rolls completed tail blocks over to the stores (every ``l'`` tokens) and reads a
 step's counts back one step later, so its dispatch overlaps the device's work. The tokens equal
@@ -81,25 +82,27 @@ def _mlp(blk, x, y):
   return x + blk.mlp(blk.mlp_norm(x)).astype(x.dtype)
 
 
-def _prefill(static, params, tokens, lengths, states):
-  """``tokens [B, T]`` through every layer. ``states[i]``: a NOSA layer's select state, else the
-  layer's cache. Returns ``(logits [B, V], states, kvc)``, ``kvc[i] = (k [B, T, H, Dk], v [B, T,
-  H, Dv], c [B, T, H])`` for a NOSA layer (for its host store), else ``None``."""
-  head_st, sts = jax.tree.unflatten(static.params_def, params)
-  head = nnx.merge(static.head_gd, head_st)
-  x, out, kvc = head.embed(tokens), [], []
-  for gd, st, state, kind in zip(static.gds, sts, states, static.kinds):
-    blk = nnx.merge(gd, st)
-    if kind == "nosa":
-      y, k, v, c = blk.attn.prefill_outputs(blk.attn_norm(x))
-      state = fill_select_state(state, config=blk.attn.config.nsa, lengths=lengths, k=k, c=c)
-      kvc.append((k, v, c))
-    else:
-      y, state = blk.attn.prefill(blk.attn_norm(x), lengths, state)
-      kvc.append(None)
-    x = _mlp(blk, x, y)
-    out.append(state)
-  return head.logits(x[:, -1:])[:, 0], out, kvc
+def _embed(gd, st, tokens):
+  return nnx.merge(gd, st).embed(tokens)
+
+
+def _last_logits(gd, st, x):
+  return nnx.merge(gd, st).logits(x[:, -1:])[:, 0]
+
+
+def _prefill_layer(gd, st, kind, x, lengths, state):
+  """One layer of the prompt ``x [B, T, d]``; ``state``: a NOSA layer's select state, else the
+  layer's cache. Returns ``(x, state, kvc)``, ``kvc = (k [B, T, H, Dk], v [B, T, H, Dv],
+  c [B, T, H])`` for a NOSA layer (for its host store), else ``None``. One call per layer, so a
+  layer's K/V/c reach its host store before the next layer runs."""
+  blk, kvc = nnx.merge(gd, st), None
+  if kind == "nosa":
+    y, k, v, c = blk.attn.prefill_outputs(blk.attn_norm(x))
+    state = fill_select_state(state, config=blk.attn.config.nsa, lengths=lengths, k=k, c=c)
+    kvc = (k, v, c)
+  else:
+    y, state = blk.attn.prefill(blk.attn_norm(x), lengths, state)
+  return _mlp(blk, x, y), state, kvc
 
 
 def _step(static, host, copy, params, tokens, t, states, stores):
@@ -198,7 +201,7 @@ class OffloadedDecoder:
       ``OffloadConfig()``).
 
   Attributes:
-    traces: how often the prefill and the step were traced.
+    traces: how often each jitted piece was traced (``prefill``: once per layer kind).
     copy: the copy in use (``config.copy``, or ``"xla"`` after the kernel failed to compile).
   """
 
@@ -218,16 +221,20 @@ class OffloadedDecoder:
     self.model, self.batch, self.capacity, self.dtype = model, batch, capacity, dtype
     self.config, self.copy = config, config.copy
     self.num_slots = num_slots or offload_slots(model.config, capacity)
-    self.traces = {"prefill": 0, "step": 0}
+    self.traces = {"embed": 0, "prefill": 0, "logits": 0, "step": 0}
     self._copy_checked = False  # a step ran with self.copy
     head_gd, head_st = nnx.split(_Head(model.embed, model.final_norm, model.lm_head))
     gds, sts = zip(*(nnx.split(blk) for blk in model.layers))
     # The parameters as one flat list, flattened once (nnx states flatten in Python).
     self._params, params_def = jax.tree.flatten((head_st, list(sts)))
+    self._head_st = head_st
     scale = float(model.config.nsa.scale(model.config.head_dim))
     self._static = _Static(head_gd, gds, kinds, params_def, capacity, config.chunk, scale)
     donate = (6,) if jax.devices()[0].platform != "cpu" else ()  # the states
-    self._prefill = self._counted("prefill", _prefill, (0,))
+    self._embed = self._counted("embed", _embed, (0,))
+    self._prefill = self._counted("prefill", _prefill_layer, (0, 2))
+    self._logits = self._counted("logits", _last_logits, (0,))
+    self._sts = sts
     self._step = self._counted("step", _step, (0, 1, 2), donate)
     self._pending = None  # the step not yet accounted
 
@@ -268,17 +275,18 @@ class OffloadedDecoder:
         f"tokens: expected shape [B, T] with B = {self.batch} and 1 <= T <= "
         f"capacity = {self.capacity}, got {tokens.shape}"
       )
-    caches = self._new_caches(self.dtype)
-    states = [c[0] if isinstance(c, list) else c for c in caches]
+    caches, static = self._new_caches(self.dtype), self._static
     lengths = jnp.full((b,), t, jnp.int32)
-    logits, states, kvc = self._prefill(self._static, self._params, tokens, lengths, states)
-    for i, (state, x) in enumerate(zip(states, kvc)):
-      if x is None:
-        caches[i] = state
-      else:
+    x = self._embed(static.head_gd, self._head_st, tokens)
+    for i, (gd, st, kind) in enumerate(zip(static.gds, self._sts, static.kinds)):
+      state = caches[i][0] if kind == "nosa" else caches[i]
+      x, state, kvc = self._prefill(gd, st, kind, x, lengths, state)
+      if kind == "nosa":
         caches[i][0] = state
-        caches[i][1].prefill(*x)
-    return logits, caches
+        caches[i][1].prefill(*kvc)
+      else:
+        caches[i] = state
+    return self._logits(static.head_gd, self._head_st, x), caches
 
   def step(self, tokens, caches, pos: int):
     """Feeds ``tokens [B]`` at position ``pos`` (the caches' length, ``< capacity``); returns

@@ -64,7 +64,7 @@ def test_offloaded_greedy_equals_device_resident_and_compiles_once(copy):
   plans = plan_slots._cache_size()
   out = gen.generate(prompts, 20, greedy=True)
   np.testing.assert_array_equal(out.tokens, want.tokens)
-  once = {"prefill": 1, "step": 1}
+  once = {"embed": 1, "prefill": 2, "logits": 1, "step": 1}  # prefill: per layer kind
   assert gen._offload.traces == once and gen._offload.copy == copy
   assert plan_slots._cache_size() == plans  # traced inside the step, never called alone
   st = out.offload
