@@ -9,23 +9,16 @@ Kinds (random weights, bf16 compute, bf16 caches):
   shared K/V).
 * ``nosa``: ``configs/nosa_1b.yaml`` (InfLLM-V2 scoring, k = 64 blocks of which k_q = 33 query-aware
   and 31 by the eviction head, eviction bias), device-resident cache, one jitted step.
-* ``nosa_offload``: the same model with every layer's K/V/c in host memory
-  (:class:`sparse_attention_jax.nn.offload_decode.OffloadedDecoder`; ``--offload-store numpy``,
-  the default, one NumPy array per layer, ``pinned_host``, one pinned array per block, or
-  ``pinned_array``, one pinned array per layer loaded by jitted gathers (host RAM of every
-  block, the pool tiled); ``--offload-transfer staged``: reused DMA-registered staging buffers for the loads;
-  ``--offload-plan device`` (``pinned_array`` only): the slot assignment and the list of loads
-  computed on the device, the host reading back only their counts; ``--offload-plan fused``
-  (``pinned_array`` only): the whole token step, every layer's selection, slot plan,
-  block copies (``--offload-copy kernel``, the default: a Pallas kernel reading the pinned store
-  directly; ``xla``: XLA's host gather, ``--offload-chunk`` blocks per load iteration) and
-  attention, as ONE jitted call): the
-  device holds the selection state, ``k - 1`` block slots and the current block per (sequence,
-  KV head); a step is a host loop over the layers (jitted pieces, only the missing blocks
-  copied). Rows add the blocks transferred per step, hit rate and bytes moved. The host store is
-  filled with ``--host-pool`` distinct random blocks per layer shared by every sequence and KV
-  head (a strided view: host RAM of one row per layer, benchmark only; 0 = every block distinct;
-  transfers copy real data either way, only host RAM use differs).
+* ``nosa_offload``: the same model with every layer's K/V/c in pinned host memory
+  (:class:`sparse_attention_jax.offload.OffloadedDecoder`): the device holds the selection
+  state, ``k - 1`` block slots and the current block per (sequence, KV head); the whole token
+  step (every layer's selection, slot plan, copy of only the missing blocks, attention) is ONE
+  jitted call. ``--offload-copy kernel`` (default: a Pallas kernel reading the pinned store
+  directly) or ``xla`` (XLA's host gather, ``--offload-chunk`` blocks per load iteration). Rows
+  add the blocks transferred per step, hit rate and bytes moved. The host store is filled with
+  ``--host-pool`` distinct random blocks per layer, tiled over the blocks of every row (0 =
+  every block distinct; the store holds every block either way, the pool only saves random
+  draws).
 
 ``--shape 1b`` builds every kind on the 1B shape of ``configs/nosa_1b.yaml`` (hidden 2048, 16
 layers, 32 q / 2 KV heads, vocab 128256): ``full`` with dense attention, ``nsa`` with
@@ -246,69 +239,36 @@ def resident_cache_bytes(graphdef, params, batch: int, capacity: int) -> int:
   return dec.cache_bytes(abstract)
 
 
-def _fill_offloaded(decoder, caches, context: int, seed: int, pool: int):
+def _fill_offloaded(caches, context: int, seed: int, pool: int):
   """Offloaded caches as after a prefill of ``context`` tokens: random select states and tails
-  on the device, random host blocks for every complete block.
-
-  NumPy store (default): with ``pool > 0``, ``pool`` distinct random blocks per layer; block
-  ``j`` of every (sequence, KV head) is pool block ``j % pool``, and the store is a strided view
-  (stride 0 over sequences and heads) of one ``[NBmax, l', D]`` array, so a layer takes
-  ``NBmax`` blocks of host RAM instead of ``B * H * NBmax`` (BENCHMARK-ONLY memory saving: the
-  rows share storage; tails completed while decoding overwrite the shared block, the last row
-  wins). ``pool = 0`` fills the whole store with distinct blocks. Gathers and transfers copy
-  real bytes either way. ``pinned_host`` store: ``pool`` distinct pinned blocks per layer reused
-  cyclically over the (b, h, j) keys (0 = all distinct). ``pinned_array`` store: one full
-  ``[B, H, NBmax, l', D]`` pinned array per layer (host RAM of every block), block ``j`` of
-  every row = pool block ``j % pool``."""
-  from sparse_attention_jax.nn.offload_store import PinnedArrayBlockStore
-
+  on the device, random host blocks for every block: with ``pool > 0``, block ``j`` of every
+  (sequence, KV head) is pool block ``j % pool`` (``pool`` distinct random blocks per layer);
+  ``pool = 0``: every block distinct."""
   key = jax.random.key(seed + 2)
-  for layer, cache in enumerate(caches):
+  for i, cache in enumerate(caches):
     if not isinstance(cache, list):
       cache_abs = jax.eval_shape(lambda c=cache: c)
-      caches[layer] = _random_tree(cache_abs, jax.random.fold_in(key, layer), 1.0)
+      caches[i] = _random_tree(cache_abs, jax.random.fold_in(key, i), 1.0)
       continue
-    sel, store = cache
-    cache[0] = _random_tree(jax.eval_shape(lambda s=sel: s), jax.random.fold_in(key, layer), 1.0)
-    bs = store.block_size
-    cur = (context - 1) // bs
-    lk = jax.random.fold_in(key, 1000 + layer)
-    d = store.k_dim + store.v_dim
-    host = store.store
-    if isinstance(host, PinnedArrayBlockStore):
-      b, h, nb = host.shape[:3]
-      n = b * h * nb if pool <= 0 else min(pool, nb)
-      kv = np.asarray(_random(lk, (n, bs, d), store.dtype, 1.0))
-      cc = np.asarray(_random(jax.random.fold_in(lk, 1), (n, bs), jnp.dtype(jnp.float32), 1.0))
-      if pool <= 0:
-        kv, cc = kv.reshape(host.shape), cc.reshape(host.shape[:4])
-      else:
-        reps = -(-nb // n)
-        kv, cc = np.tile(kv, (reps, 1, 1))[:nb], np.tile(cc, (reps, 1))[:nb]
-        kv = np.broadcast_to(kv, (b, h, *kv.shape))
-        cc = np.broadcast_to(cc, (b, h, *cc.shape))
-      host.kv, host.c = jax.device_put((kv, cc), host.sharding)
-    elif store.host_memory_kind == "numpy":
-      b, h, nb = host.kv.shape[:3]
-      n = b * h * nb if pool <= 0 else min(pool, nb)
-      kv = np.array(_random(lk, (n, bs, d), store.dtype, 1.0))  # writable copies
-      cc = np.array(_random(jax.random.fold_in(lk, 1), (n, bs), jnp.dtype(jnp.float32), 1.0))
-      if pool <= 0:
-        host.kv, host.c = kv.reshape(host.kv.shape), cc.reshape(host.c.shape)
-      else:
-        reps = -(-nb // n)
-        kv, cc = np.tile(kv, (reps, 1, 1))[:nb], np.tile(cc, (reps, 1))[:nb]
-        host.kv = np.lib.stride_tricks.as_strided(kv, (b, h, *kv.shape), (0, 0, *kv.strides))
-        host.c = np.lib.stride_tricks.as_strided(cc, (b, h, *cc.shape), (0, 0, *cc.strides))
+    sel, layer = cache
+    cache[0] = _random_tree(jax.eval_shape(lambda s=sel: s), jax.random.fold_in(key, i), 1.0)
+    lk = jax.random.fold_in(key, 1000 + i)
+    store = layer.store
+    b, h, nb, bs, d = store.shape
+    n = b * h * nb if pool <= 0 else min(pool, nb)
+    kv = np.asarray(_random(lk, (n, bs, d), layer.dtype, 1.0))
+    cc = np.asarray(_random(jax.random.fold_in(lk, 1), (n, bs), jnp.dtype(jnp.float32), 1.0))
+    if pool <= 0:
+      kv, cc = kv.reshape(store.shape), cc.reshape(store.shape[:4])
     else:
-      keys = [(b, h, j) for b in range(store.batch) for h in range(store.heads) for j in range(cur)]
-      n = len(keys) if pool <= 0 else min(pool, len(keys))
-      kv = _random(lk, (max(n, 1), bs, d), store.dtype, 1.0)
-      cc = _random(jax.random.fold_in(lk, 1), (max(n, 1), bs), jnp.dtype(jnp.float32), 1.0)
-      blocks = jax.device_put([(kv[i], cc[i]) for i in range(n)], host._host)
-      host.blocks = {k: tuple(blocks[i % n]) for i, k in enumerate(keys)}
-    store.tail_kv = _random(jax.random.fold_in(lk, 2), tuple(store.tail_kv.shape), store.dtype, 1.0)
-    store.length = context
+      reps = -(-nb // n)
+      kv, cc = np.tile(kv, (reps, 1, 1))[:nb], np.tile(cc, (reps, 1))[:nb]
+      kv = np.broadcast_to(kv, (b, h, *kv.shape))
+      cc = np.broadcast_to(cc, (b, h, *cc.shape))
+    store.kv, store.c = jax.device_put((kv, cc), store.sharding)
+    tail = _random(jax.random.fold_in(lk, 2), tuple(layer.state.tail_kv.shape), layer.dtype, 1.0)
+    layer.state = layer.state._replace(tail_kv=tail)
+    layer.length, layer._stored = context, (context - 1) // bs
 
 
 def run_offload(
@@ -320,34 +280,21 @@ def run_offload(
   warmup: int,
   seed: int,
   pool: int,
-  store: str = "numpy",
-  load_workers: int | None = None,
-  transfer: str = "fresh",
-  plan: str = "host",
   chunk: int = 1024,
   copy: str = "kernel",
 ) -> dict:
   """The ``nosa_offload`` row: :class:`OffloadedDecoder` steps over a filled offloaded cache.
 
-  ``compile_s`` is the warm-up steps' time (compilation of the pieces; the slot scatter's size
-  buckets compile when the decoder builds its caches); the row also reports the median step
-  time."""
-  from sparse_attention_jax.nn.offload_decode import OffloadedDecoder
+  ``compile_s`` is the warm-up steps' time (compilation included); the row also reports the
+  median step time."""
+  from sparse_attention_jax.offload import OffloadConfig, OffloadedDecoder
 
   capacity = context + warmup + steps
   decoder = OffloadedDecoder(
-    model,
-    batch=batch,
-    capacity=capacity,
-    store=store,
-    load_workers=load_workers,
-    transfer=transfer,
-    plan=plan,
-    chunk=chunk,
-    copy=copy,
+    model, batch=batch, capacity=capacity, config=OffloadConfig(copy=copy, chunk=chunk)
   )
   caches = decoder._new_caches(None)
-  _fill_offloaded(decoder, caches, context, seed, pool)
+  _fill_offloaded(caches, context, seed, pool)
   pick = jax.jit(lambda logits: jnp.argmax(logits, axis=-1).astype(jnp.int32))
   tokens = jnp.zeros((batch,), jnp.int32)
   pos = context
@@ -364,7 +311,7 @@ def run_offload(
     logits, st = decoder.step(tokens, caches, pos)
     tokens, pos = pick(logits), pos + 1
     per_step.append(st)
-    times.append(time.perf_counter() - t1)  # per step (the host loop syncs every layer)
+    times.append(time.perf_counter() - t1)  # host time per step (dispatch + last read-back)
   jax.block_until_ready(tokens)
   wall = time.perf_counter() - t0
   summary = decoder.summarize(caches, per_step)
@@ -382,18 +329,14 @@ def run_offload(
     "lengths_ok": pos == capacity,
     "slots": summary.slots,
     "host_memory_kind": summary.host_memory_kind,
-    "host_store": store,
-    "transfer": transfer,
-    "plan": plan,
-    "chunk": chunk if plan == "fused" else None,
-    "copy": decoder.copy if plan == "fused" else None,
+    "chunk": chunk,
+    "copy": decoder.copy,
     "blocks_per_step": summary.total["transferred"] / steps,
     "hit_rate": summary.total["hit_rate"],
     "bytes_per_step": summary.total["bytes"] / steps,
-    # Host ms per step summed over the NOSA layers (OffloadedBlockCache.update).
+    # Host ms per step: reading the counts back, dispatching the step.
     "host_ms_per_step": {
-      key[:-2]: summary.total[key] / steps * 1e3
-      for key in ("wait_s", "plan_s", "gather_s", "put_s", "load_s")
+      key[:-2]: summary.total[key] / steps * 1e3 for key in ("wait_s", "dispatch_s")
     },
     **memory_stats(),
   }
@@ -445,53 +388,21 @@ def main(argv: list[str] | None = None) -> int:
     "--host-pool",
     type=int,
     default=256,
-    help="nosa_offload: distinct random host blocks per layer, shared by every "
+    help="nosa_offload: distinct random host blocks per layer, tiled over every "
     "sequence and KV head (0 = all distinct; see _fill_offloaded)",
-  )
-  ap.add_argument(
-    "--offload-store",
-    default="numpy",
-    choices=("numpy", "pinned_host", "pinned_array"),
-    help="nosa_offload: host block store (one NumPy array per layer, one pinned "
-    "host array per block, or one pinned host array per layer loaded by "
-    "jitted gathers)",
-  )
-  ap.add_argument(
-    "--load-workers",
-    type=int,
-    default=None,
-    help="nosa_offload: threads fetching a step's blocks (gather + device_put) "
-    "side by side (1 = none; default a quarter of the CPUs, 1 to 4)",
-  )
-  ap.add_argument(
-    "--offload-transfer",
-    default="fresh",
-    choices=("fresh", "staged"),
-    help="nosa_offload: fresh host array per chunk, or reused DMA-registered "
-    "staging buffers (numpy store only; see nn/offload.py)",
-  )
-  ap.add_argument(
-    "--offload-plan",
-    default="host",
-    choices=("host", "device", "fused"),
-    help="nosa_offload: slot assignment in NumPy after reading the selection "
-    "back (host), one jitted plan per layer whose counts alone are read "
-    "back (device), or the whole step as one jitted call (fused); device "
-    "and fused with --offload-store pinned_array only",
   )
   ap.add_argument(
     "--offload-copy",
     default="kernel",
     choices=("kernel", "xla"),
-    help="nosa_offload with --offload-plan fused: the zero-copy Pallas kernel "
-    "(pallas_kernels/block_copy.py) or XLA's host gather",
+    help="nosa_offload: the zero-copy Pallas kernel "
+    "(sparse_attention_jax/offload/block_copy.py) or XLA's host gather",
   )
   ap.add_argument(
     "--offload-chunk",
     type=int,
     default=1024,
-    help="nosa_offload with --offload-plan fused --offload-copy xla: most blocks "
-    "one load iteration of a layer gathers",
+    help="nosa_offload with --offload-copy xla: most blocks one load iteration of a layer gathers",
   )
   ap.add_argument(
     "--f32-params",
@@ -503,19 +414,6 @@ def main(argv: list[str] | None = None) -> int:
   )
   args = ap.parse_args(argv)
   kinds = [k for k in args.kinds.split(",") if k]
-  if args.load_workers is not None and args.load_workers < 1:
-    ap.error(f"--load-workers: expected a positive int, got {args.load_workers}")
-  if args.offload_transfer == "staged" and args.offload_store != "numpy":
-    ap.error(
-      f"--offload-transfer: expected 'fresh' with --offload-store "
-      f"{args.offload_store} (staging gathers from the numpy store), got 'staged'"
-    )
-  if args.offload_plan != "host" and args.offload_store != "pinned_array":
-    ap.error(
-      f"--offload-plan: expected 'host' with --offload-store {args.offload_store} (the "
-      f"device and fused plans load from the pinned_array store), got "
-      f"{args.offload_plan!r}"
-    )
   if args.offload_chunk < 1:
     ap.error(f"--offload-chunk: expected a positive int, got {args.offload_chunk}")
   batches = _ints(args.batch, "--batch")
@@ -529,10 +427,6 @@ def main(argv: list[str] | None = None) -> int:
     "warmup": args.warmup,
     "shape": args.shape,
     "host_pool": args.host_pool,
-    "offload_store": args.offload_store,
-    "load_workers": args.load_workers,
-    "offload_transfer": args.offload_transfer,
-    "offload_plan": args.offload_plan,
     "offload_chunk": args.offload_chunk,
     "offload_copy": args.offload_copy,
     "params": "float32" if args.f32_params else "compute dtype",
@@ -575,10 +469,6 @@ def main(argv: list[str] | None = None) -> int:
               warmup=args.warmup,
               seed=args.seed,
               pool=args.host_pool,
-              store=args.offload_store,
-              load_workers=args.load_workers,
-              transfer=args.offload_transfer,
-              plan=args.offload_plan,
               chunk=args.offload_chunk,
               copy=args.offload_copy,
             )

@@ -1,15 +1,17 @@
 """Host -> device transfer paths for the block gather of the offloaded NOSA cache, not a test.
 
-The offloaded cache (:mod:`sparse_attention_jax.nn.offload`) keeps every block of a layer in a host
+The offloaded cache (:mod:`sparse_attention_jax.offload`) keeps every block of a layer in a host
 store ``[B, H, NB, l', D]`` and, each decode step, moves the ``n`` missing blocks (random
-``(b, h, j)``) to the device in chunks of ``--chunk`` blocks (the cache's ``LOAD_CHUNK``). This
+``(b, h, j)``) to the device in chunks of ``--chunk`` blocks. The library copies them with a
+zero-copy kernel (``benchmarks/h2d_zero_copy.py``), XLA's host gather (path ``d_take``) as the
+fallback; the other paths are those of the retired stores and staging buffers. This
 script times only that move, for several ways of doing it, on a store of ``--store-mib`` MiB of
 ``--block-bytes``-byte bf16 blocks of ``--block-tokens`` tokens (default 32 KiB = 64 x 256 x 2 B).
 Every path is checked bit for bit against a NumPy gather of the same blocks (column ``ok``).
 
 Paths (``--paths`` takes letters or names):
 
-* ``a``: the cache's current path: a fancy-index gather ``store[b, h, j]`` into a fresh array and
+* ``a``: the retired NumPy store's path: a fancy-index gather ``store[b, h, j]`` into a fresh array and
   ``jax.device_put`` of it (pageable memory; on GPU, PJRT copies it through its own pinned
   staging buffer on a worker thread).
 * ``b``: ``np.take(..., out=)`` into reused host buffers (a ring of two, so no page faults on
@@ -71,7 +73,26 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from sparse_attention_jax.nn.offload_store import aligned_empty, unaliased
+
+def aligned_empty(shape, dtype, align: int = 4096) -> np.ndarray:
+  """An uninitialized C-contiguous array whose data starts on an ``align``-byte boundary (page
+  aligned by default, as host-memory registration for DMA wants)."""
+  nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+  raw = np.empty(nbytes + align, np.uint8)
+  off = (-raw.ctypes.data) % align
+  return raw[off : off + nbytes].view(dtype).reshape(shape)
+
+
+def unaliased(x: jax.Array, buf: np.ndarray) -> jax.Array:
+  """``x``, or a device copy of it when its memory is ``buf``'s: the CPU backend makes the
+  ``device_put`` of an aligned NumPy array an alias of it (even with ``may_alias=False``, jax
+  0.12), which a refill of the staging buffer would overwrite."""
+  try:
+    ptr = x.unsafe_buffer_pointer()
+  except Exception:  # noqa: BLE001
+    return x
+  return jnp.copy(x) if buf.ctypes.data <= ptr < buf.ctypes.data + max(buf.nbytes, 1) else x
+
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GROUPS = {

@@ -1,7 +1,6 @@
 """Text generation with KV caches: ``python -m train.generate --config CFG [--checkpoint PATH]
 --prompt TEXT --max-new-tokens N [--temperature T] [--top-p P] [--greedy] [--batch B] [--seed S]
-[--capacity C] [--offload [--offload-store numpy|pinned_host|pinned_array]
-[--offload-plan host|device|fused]] [section.key=value ...]``.
+[--capacity C] [--offload [--offload-copy kernel|xla]] [section.key=value ...]``.
 
 Builds the model of the config (random init, or the parameters of a checkpoint written by
 ``python -m train``), prefills the byte-level prompt (UTF-8) in ``--batch`` rows and decodes
@@ -9,7 +8,7 @@ Builds the model of the config (random init, or the parameters of a checkpoint w
 (:class:`sparse_attention_jax.nn.generate.Generator`); prints each row's text and the prefill and
 decode throughput (tokens/s, compilation excluded and reported apart). Every decodable kind works,
 NOSA included (``configs/nosa_*.yaml``); ``--offload`` keeps the K/V/c of every NOSA layer in
-host memory (:mod:`sparse_attention_jax.nn.offload_decode`) and also prints the blocks
+pinned host memory (:mod:`sparse_attention_jax.offload`) and also prints the blocks
 transferred, hit rate and bytes moved host -> device.
 
 Example::
@@ -50,19 +49,11 @@ def _parse_args(argv):
     help="NOSA layers: K/V/c in host memory, selected blocks copied per step",
   )
   p.add_argument(
-    "--offload-store",
-    default="numpy",
-    choices=("numpy", "pinned_host", "pinned_array"),
-    help="with --offload: host block store (one NumPy array per layer, one pinned "
-    "host array per block, or one pinned host array per layer)",
-  )
-  p.add_argument(
-    "--offload-plan",
-    default="host",
-    choices=("host", "device", "fused"),
-    help="with --offload: slot plan on the host, on the device, or the whole step "
-    "as one jitted call (device and fused need --offload-store pinned_array; "
-    "fused is the fast path on GPUs)",
+    "--offload-copy",
+    default="kernel",
+    choices=("kernel", "xla"),
+    help="with --offload: how the missing blocks reach the device slots (the zero-copy "
+    "Pallas kernel, or XLA's gather on the host store)",
   )
   p.add_argument("overrides", nargs="*", metavar="section.key=value")
   return p.parse_args(argv)
@@ -100,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
 
   from sparse_attention_jax.nn import DecoderLM
   from sparse_attention_jax.nn.generate import Generator
+  from sparse_attention_jax.offload import OffloadConfig
 
   model = DecoderLM(mc, rngs=nnx.Rngs(args.seed))
   source = "random init"
@@ -117,9 +109,7 @@ def main(argv: list[str] | None = None) -> int:
       model,
       batch=args.batch,
       capacity=capacity,
-      offload=args.offload,
-      offload_store=args.offload_store,
-      offload_plan=args.offload_plan,
+      offload=OffloadConfig(copy=args.offload_copy) if args.offload else False,
     )
     out = gen.generate(
       [prompt] * args.batch,

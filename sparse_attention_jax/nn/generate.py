@@ -13,8 +13,8 @@ compiled once per ``(batch, capacity, greedy)``; ``temperature``/``top_p``/the P
 arguments. ``Generator.traces`` counts how often each function was traced.
 
 ``Generator(model, ..., offload=True)`` keeps every NOSA layer's K/V/c in host memory and the
-selected blocks in device slots (:mod:`sparse_attention_jax.nn.offload_decode`: a host-side loop
-over the layers per step, prompts of one length); ``result.offload`` then holds the blocks
+selected blocks in device slots (:mod:`sparse_attention_jax.offload`: one jitted call per step,
+prompts of one length); ``result.offload`` then holds the blocks
 transferred, hit rate and bytes moved per step and in total.
 """
 
@@ -59,7 +59,7 @@ class GenerateResult:
   prefill_s: float
   decode_s: float
   compile_s: float
-  offload: object | None = None  # offload_decode.OffloadStats with offload=True
+  offload: object | None = None  # offload.OffloadStats with offload
 
   @property
   def prefill_tokens_per_s(self) -> float:
@@ -86,16 +86,11 @@ class Generator:
     dtype: cache dtype (default: each layer's compute dtype).
     prefill_bucket: the padded prompt length is rounded up to a multiple of this (fewer
       prefill compilations), capped at ``capacity``.
-    offload: keep the K/V/c of every NOSA layer in host memory
-      (:class:`~sparse_attention_jax.nn.offload_decode.OffloadedDecoder`; prompts must share one
-      length; the step is a host-side loop over the layers of jitted pieces).
+    offload: keep the K/V/c of every NOSA layer in pinned host memory
+      (:class:`~sparse_attention_jax.offload.decoder.OffloadedDecoder`, one jitted call per
+      step; prompts must share one length): ``True`` (default options) or an
+      :class:`~sparse_attention_jax.offload.config.OffloadConfig`.
     num_slots: device block slots per (sequence, KV head) with ``offload`` (default ``k - 1``).
-    offload_store: host block store with ``offload``: ``"numpy"`` (one contiguous array per
-      layer), ``"pinned_host"`` (one pinned host array per block) or ``"pinned_array"`` (one
-      pinned host array per layer, loaded by jitted gathers).
-    offload_plan: slot assignment with ``offload``: ``"host"`` (NumPy), ``"device"`` (one
-      jitted plan per layer and step) or ``"fused"`` (the whole step as one jitted call, with
-      the host-memory gathers inside); the last two with ``offload_store="pinned_array"`` only.
   """
 
   def __init__(
@@ -106,24 +101,23 @@ class Generator:
     capacity: int,
     dtype=None,
     prefill_bucket: int = 64,
-    offload: bool = False,
+    offload=False,
     num_slots: int | None = None,
-    offload_store: str = "numpy",
-    offload_plan: str = "host",
   ):
     dec.check_decodable(model)
     self._offload = None
-    if offload:
-      from sparse_attention_jax.nn.offload_decode import OffloadedDecoder
+    if offload is not False:
+      from sparse_attention_jax.offload import OffloadConfig, OffloadedDecoder
 
+      if offload is not True and not isinstance(offload, OffloadConfig):
+        raise ValueError(f"offload: expected True, False or an OffloadConfig, got {offload!r}")
       self._offload = OffloadedDecoder(
         model,
         batch=batch,
         capacity=capacity,
         dtype=dtype,
         num_slots=num_slots,
-        store=offload_store,
-        plan=offload_plan,
+        config=None if offload is True else offload,
       )
       self._warm: set[int] = set()
     for name, val in (("batch", batch), ("capacity", capacity), ("prefill_bucket", prefill_bucket)):
@@ -234,7 +228,7 @@ class Generator:
     )
 
   def _generate_offloaded(self, prompts, lengths, max_new_tokens, keys, sample):
-    from sparse_attention_jax.nn.offload_decode import generate_offloaded
+    from sparse_attention_jax.offload import generate_offloaded
 
     if len(set(lengths.tolist())) != 1:
       raise ValueError(

@@ -61,16 +61,15 @@ def test_every_supported_path_is_bit_exact(h2d, tmp_path):
     assert {"c_put", "d_loop", "d_take"} <= ran
 
 
-def test_staged_buffers_are_not_reused_while_a_result_aliases_them():
+def test_staged_buffers_are_not_reused_while_a_result_aliases_them(h2d):
   # The CPU backend's device_put of an aligned NumPy buffer aliases it: `unaliased` copies then.
   import jax
   import numpy as np
 
-  from sparse_attention_jax.nn.offload_store import aligned_empty, unaliased
-
-  buf = aligned_empty((8, 4), np.float32)
+  buf = h2d.aligned_empty((8, 4), np.float32)
+  assert buf.ctypes.data % 4096 == 0
   buf[:] = 1.0
-  x = unaliased(jax.device_put(buf), buf)
+  x = h2d.unaliased(jax.device_put(buf), buf)
   buf[:] = 2.0
   np.testing.assert_array_equal(np.asarray(x), 1.0)
 

@@ -1,16 +1,19 @@
-"""The zero-copy block copy kernel (``pallas_kernels/block_copy.py``) in the Pallas interpreter:
-exactly the first ``n`` listed blocks land in their slots (bit for bit, bf16 K/V and float32
-``c``, from a ``pinned_host`` store), every other slot keeps its bytes, rows with an index out of
-range are skipped, and power-of-two block shapes are required off the interpreter."""
+"""The block copy (:mod:`sparse_attention_jax.offload.block_copy`): the zero-copy kernel in the
+Pallas interpreter copies exactly the first ``n`` listed blocks into their slots (bit for bit,
+bf16 K/V and float32 ``c``, from a ``pinned_host`` store), every other slot keeps its bytes, rows
+with an index out of range are skipped, and power-of-two block shapes are required off the
+interpreter, where the XLA copy serves instead (same bytes); the kernel lowers for CUDA."""
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.block_copy import copy_blocks
+from sparse_attention_jax.offload.block_copy import copy_blocks, copy_into_slots, kernel_serves
 
 
 def test_copies_exactly_the_listed_blocks_and_skips_bad_rows():
@@ -92,3 +95,51 @@ def test_kernel_lowers_for_cuda():
   with jax.sharding.use_abstract_mesh(AbstractMesh((1,), ("x",), abstract_device=dev)):
     text = jax.jit(copy_blocks).trace(*avals).lower(lowering_platforms=("cuda",)).as_text()
   assert "xla.gpu.triton" in text and "offload_copy_blocks" in text
+
+
+def test_xla_copy_equals_the_kernel_and_serves_other_block_shapes(monkeypatch):
+  """The XLA copy (chunks of 3: several iterations) leaves the kernel's bytes; ``copy="kernel"``
+  falls back to it where the compiled kernel cannot serve (``[l', D] = [4, 6]`` off the
+  interpreter)."""
+  from sparse_attention_jax.offload import block_copy
+
+  rng = np.random.default_rng(4)
+  b, h, nb, ns, bs, d = 2, 2, 7, 3, 4, 8
+  store = jax.device_put(
+    (
+      rng.standard_normal((b, h, nb, bs, d)).astype(jnp.bfloat16),
+      rng.standard_normal((b, h, nb, bs)).astype(np.float32),
+    ),
+    jax.sharding.SingleDeviceSharding(jax.devices()[0], memory_kind="pinned_host"),
+  )
+  slots = (jnp.zeros((b, h, ns, bs, d), jnp.bfloat16), jnp.zeros((b, h, ns, bs)))
+  loads = np.zeros((b * h * ns + 3, 4), np.int32)
+  loads[:7] = [
+    [0, 0, 5, 1],
+    [1, 1, 6, 2],
+    [1, 0, 0, 0],
+    [0, 1, 3, 0],
+    [1, 1, 2, 1],
+    [0, 0, 1, 2],
+  ] + [[1, 0, 4, 2]]
+  outs = [
+    jax.jit(
+      functools.partial(copy_into_slots, copy=copy, chunk=3, host=True),
+    )(*store, *slots, jnp.asarray(loads), jnp.int32(n))
+    for copy in ("kernel", "xla")
+    for n in (7, 5)
+  ]
+  for a, x in zip(outs[:2], outs[2:]):
+    for u, w in zip(a, x):
+      np.testing.assert_array_equal(
+        np.asarray(u.astype(jnp.float32)), np.asarray(w.astype(jnp.float32))
+      )
+  np.testing.assert_array_equal(np.asarray(outs[0][1][1, 0, 2]), np.asarray(store[1][1, 0, 4]))
+  assert not np.asarray(outs[1][1][1, 0, 2]).any()  # row 6 not among the first 5
+  odd = jnp.zeros((1, 1, 2, 4, 6), jnp.bfloat16), jnp.zeros((1, 1, 2, 4))
+  assert kernel_serves(*odd, interpret=True) and not kernel_serves(*odd, interpret=False)
+  monkeypatch.setattr(block_copy.jax, "default_backend", lambda: "gpu")  # compiled kernel
+  out = copy_into_slots(
+    *odd, *odd, jnp.array([[0, 0, 1, 0]] * 3), jnp.int32(1), copy="kernel", chunk=2, host=False
+  )
+  assert out[0].shape == odd[0].shape  # served by the XLA copy, no NotImplementedError
