@@ -16,8 +16,8 @@ values of all KV heads, so ``c`` is computed outside the per-head-shard attentio
 Decoding: the layer implements the decode protocol of :mod:`sparse_attention_jax.nn.decode`
 (``init_cache`` / ``prefill`` / ``decode``) with the device-resident
 :class:`~sparse_attention_jax.ops.nosa_decode.NOSACache` (a step reads the compressed keys and the
-``k`` selected blocks); :mod:`sparse_attention_jax.nn.offload_decode` decodes with the K/V/c
-blocks in host memory (:class:`~sparse_attention_jax.nn.offload.OffloadedBlockCache`).
+``k`` selected blocks); :mod:`sparse_attention_jax.offload` decodes with the K/V/c
+blocks in host memory (:class:`~sparse_attention_jax.offload.OffloadedDecoder`).
 
 Accounting per layer (``H`` KV heads, ``Dk``/``Dv``, ``model.nsa``: stride ``d``, ``k`` selected
 blocks of ``l'`` tokens): resident cache ``H * (Dk + Dv + 1)`` (K, V and ``c``) plus the
