@@ -44,7 +44,7 @@ Usage (from the repository root; no grain, orbax or tensorboard needed)::
   python3 benchmarks/decode.py --shape 1b --kinds full,nsa,infllm_v2,nosa,nosa_offload \\
       --batch 1,8,32 --context 32768,131072 --steps 16 --report-fit --out $OUT
 
-Writes ``decode.json`` under ``--out`` (default ``$OUT`` or ``benchmarks/results``) and prints
+Writes ``decode.json`` under ``--out`` (default ``$OUT`` or ``runs/bench``) and prints
 a table. ``--tiny`` swaps in a CPU-sized model for smoke tests.
 """
 
@@ -409,9 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     action="store_true",
     help="keep float32 master weights (default: weights in the compute dtype)",
   )
-  ap.add_argument(
-    "--out", default=os.environ.get("OUT") or os.path.join(ROOT, "benchmarks", "results")
-  )
+  ap.add_argument("--out", default=os.environ.get("OUT") or os.path.join(ROOT, "runs", "bench"))
   args = ap.parse_args(argv)
   kinds = [k for k in args.kinds.split(",") if k]
   if args.offload_chunk < 1:

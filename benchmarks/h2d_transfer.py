@@ -53,7 +53,7 @@ A path that raises (say a jitted gather this XLA version cannot compile) gets a 
 Usage: ``PYTHONPATH=$PWD python3 benchmarks/h2d_transfer.py [--blocks 256,4096,41000] [--paths a,b,c,d,e,ref]
 [--threads 4,8] [--out h2d.json]``. Prints a progress line per row and a table; writes the rows
 and the device, jax version and host CPU count as JSON to ``--out`` (default
-``$OUT/h2d.json`` or ``benchmarks/results/h2d.json``), rewritten after every row.
+``$OUT/h2d.json`` or ``runs/bench/h2d.json``), rewritten after every row.
 """
 
 from __future__ import annotations
@@ -451,9 +451,7 @@ def main(argv=None) -> dict:
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument(
     "--out",
-    default=os.path.join(
-      os.environ.get("OUT") or os.path.join(ROOT, "benchmarks", "results"), "h2d.json"
-    ),
+    default=os.path.join(os.environ.get("OUT") or os.path.join(ROOT, "runs", "bench"), "h2d.json"),
   )
   args = ap.parse_args(argv)
   sizes = _ints(args.blocks, "--blocks")

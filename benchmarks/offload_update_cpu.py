@@ -23,7 +23,7 @@ them in place, as the decoder does on a GPU). The numbers of the modes retired f
 
 Usage: ``python3 benchmarks/offload_update_cpu.py [--batch 128] [--steps 10] [--copies
 kernel,xla]``. Runs on a GPU too (the device is ``jax.devices()[0]``). Prints a table and writes
-``offload_update_cpu.json`` under ``--out`` (default ``$OUT`` or ``benchmarks/results``).
+``offload_update_cpu.json`` under ``--out`` (default ``$OUT`` or ``runs/bench``).
 """
 
 from __future__ import annotations
@@ -137,9 +137,7 @@ def main(argv=None) -> int:
     help=f"comma-separated block copies, from {COPIES} (default: xla on CPU, both elsewhere)",
   )
   ap.add_argument("--chunk", type=int, default=1024, help="blocks per XLA copy iteration")
-  ap.add_argument(
-    "--out", default=os.environ.get("OUT") or os.path.join(ROOT, "benchmarks", "results")
-  )
+  ap.add_argument("--out", default=os.environ.get("OUT") or os.path.join(ROOT, "runs", "bench"))
   args = ap.parse_args(argv)
   copies = [x for x in args.copies.split(",") if x.strip()]
   if not copies or set(copies) - set(COPIES):

@@ -1,4 +1,4 @@
-"""ASA (issue 5): MLA local / GLA global layers, their two computation forms, the layer pattern,
+"""ASA: MLA local / GLA global layers, their two computation forms, the layer pattern,
 model-level causality and document isolation, shared selection, KV-cache accounting, parameter
 counts of the named configs and a short training run."""
 

@@ -1,4 +1,4 @@
-"""KV-cache decoding (issue 7): decode steps equal the full forward at every position (op and
+"""KV-cache decoding: decode steps equal the full forward at every position (op and
 model level, every layer kind, selection-block and compression-window boundaries, GQA, prompts of
 different lengths in one batch), one compilation for many steps, capacity errors, sampling."""
 

@@ -1,4 +1,4 @@
-"""Selection locality (issue 7): gamma on crafted selections, the per-layer comparison of NSA,
+"""Selection locality: gamma on crafted selections, the per-layer comparison of NSA,
 InfLLM-V2-style and NOSA selection, and the CLI."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""NOSA layer kind (issue 7): wiring vs the op, causality and documents through the model,
+"""NOSA layer kind: wiring vs the op, causality and documents through the model,
 gradients of the eviction head, config section, KV-cache accounting and a short training run."""
 
 from __future__ import annotations

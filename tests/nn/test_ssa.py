@@ -1,4 +1,4 @@
-"""SSA (issue 6): the alignment terms and their stop-gradients, the full/sparse paths of the layer,
+"""SSA: the alignment terms and their stop-gradients, the full/sparse paths of the layer,
 the per-step mode shared by all layers, inference overrides, sparsity metrics, causality, the
 config section and a short training run with the CLIs that evaluate it."""
 
