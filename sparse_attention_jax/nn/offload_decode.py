@@ -3,7 +3,7 @@
 per-block ``pinned_host`` arrays with ``store="pinned_host"``, or one ``pinned_host`` array per
 layer with ``store="pinned_array"``); the device keeps
 per layer the selection state (a ring of the last ``l`` keys, the compressed keys and the
-query-agnostic block scores, :class:`~sparse_attention_jax.ops.nosa_decode.NOSASelectState`), the
+query-agnostic block scores, :class:`~sparse_attention_jax.ops.nosa.decode.NOSASelectState`), the
 ``k - 1`` block slots and the current block of every (sequence, KV head).
 
 A decode step runs the model layer by layer from a host-side Python loop, because the block
@@ -67,7 +67,7 @@ from sparse_attention_jax.nn.offload import (
   layer_step,
 )
 from sparse_attention_jax.nn.offload_store import STORES
-from sparse_attention_jax.ops.nosa_decode import (
+from sparse_attention_jax.ops.nosa.decode import (
   decode_budgets,
   fill_select_state,
   init_select_state,

@@ -30,7 +30,7 @@ import numpy as np
 
 from sparse_attention_jax.config import NSAConfig
 from sparse_attention_jax.ops.nosa import biased_selected_attention, nosa_attention
-from sparse_attention_jax.ops.nosa_selection import for_length
+from sparse_attention_jax.ops.nosa.selection import for_length
 
 SMOKE = "--smoke" in sys.argv
 HQ, H, D = (4, 2, 16) if SMOKE else (32, 2, 64)
