@@ -108,7 +108,7 @@ lane_a() {
   has persistent && run persistent_bench 0 "$T_PERSIST_BENCH" python3 \
     benchmarks/selected_attention.py --bwd --reps 10 --seqs 8192,65536 --kinds exact-corr,shared \
     --variants "$PERSIST_VARIANTS" --out "$OUT/persistent.json"
-  has dense && run dense 0 "$T_DENSE" env OUT="$OUT/dense" python3 tests/gpu/check_dense_paths.py --quick
+  has dense && run dense 0 "$T_DENSE" python3 -m pytest -q -m gpu tests/ops/test_semantics_causal.py
   has nosa && run nosa_decode 0 "$T_NOSA" env OUT="$OUT/nosa" python3 tests/gpu/check_nosa_decode.py
   has nosa_train && run nosa_train 0 "$T_NOSA_TRAIN" env OUT="$OUT/nosa_train" \
     python3 tests/gpu/check_nosa_train.py
