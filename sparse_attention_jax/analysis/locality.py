@@ -26,9 +26,9 @@ from flax import nnx
 
 from sparse_attention_jax.analysis.sparsity import layer_probe
 from sparse_attention_jax.config import NSAConfig
-from sparse_attention_jax.ops import nosa_selection
 from sparse_attention_jax.ops.locality import selection_locality
 from sparse_attention_jax.ops.nosa import nosa_scores
+from sparse_attention_jax.ops.nosa import selection as nosa_selection
 from sparse_attention_jax.ops.selection import select_blocks
 
 METHODS = ("nsa", "infllm_v2", "nosa")

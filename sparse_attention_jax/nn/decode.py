@@ -27,7 +27,7 @@ of ``window`` slots), ``nsa`` / ``ssa`` (:mod:`sparse_attention_jax.ops.nsa_deco
 compressed K/V completed as windows fill, ring window, per-step top-n selection), ``asa_local``
 (MLA absorbed form: a ring of the latent ``[c ; k_rope]``, attention in latent space),
 ``asa_global`` (NSA over the GLA latent, values read from the cached keys), ``nosa``
-(:mod:`sparse_attention_jax.ops.nosa_decode`: linear K/V/c, compressed keys and running
+(:mod:`sparse_attention_jax.ops.nosa.decode`: linear K/V/c, compressed keys and running
 query-agnostic block scores; offloaded variant in :mod:`sparse_attention_jax.offload`).
 A new kind registers a protocol; :func:`check_decodable` names the kinds that have none.
 

@@ -1,7 +1,7 @@
 """Offloaded NOSA decoding of a ``DecoderLM``: every NOSA layer's K/V/c in pinned host memory.
 
 The device keeps per NOSA layer the selection state
-(:class:`~sparse_attention_jax.ops.nosa_decode.NOSASelectState`), the block slots and the current
+(:class:`~sparse_attention_jax.ops.nosa.decode.NOSASelectState`), the block slots and the current
 block of every (sequence, KV head) (:class:`~sparse_attention_jax.offload.layer.OffloadedLayer`).
 The prefill runs layer by layer (each NOSA layer's K/V/c go to its host store before the next
 layer runs); each decode step is ONE jitted call over every layer, a NOSA layer running its
@@ -27,7 +27,7 @@ from flax import nnx
 from sparse_attention_jax.nn import decode as dec
 from sparse_attention_jax.offload.config import OffloadConfig, check_positive
 from sparse_attention_jax.offload.layer import STAT_KEYS, OffloadedLayer, layer_step
-from sparse_attention_jax.ops.nosa_decode import (
+from sparse_attention_jax.ops.nosa.decode import (
   decode_budgets,
   fill_select_state,
   init_select_state,

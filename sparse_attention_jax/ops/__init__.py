@@ -1,24 +1,34 @@
-"""Plain-JAX NSA ops: the reference every kernel is tested against."""
+"""Plain-JAX sparse attention ops (NSA, NOSA) and the ``impl=`` dispatch to kernels.
 
-from sparse_attention_jax.ops.compressed import CompressedAttentionOutput, compressed_attention
+Every op taking ``impl=`` dispatches through one table (:mod:`sparse_attention_jax.ops.dispatch`;
+:func:`valid_impls` lists the names); ``impl="reference"`` is the plain-JAX masked reference
+(:mod:`sparse_attention_jax.ops.masked`) every other implementation is tested against.
+"""
+
+from sparse_attention_jax.ops.causal import (
+  causal_attention,
+  dense_causal_attention,
+  sliding_window_attention,
+)
 from sparse_attention_jax.ops.compression import (
+  CompressedAttentionOutput,
   CompressorParams,
   MLPCompressorParams,
   cmp_visibility,
   compress,
+  compressed_attention,
   init_mlp_compressor,
 )
 from sparse_attention_jax.ops.decode import attend_one
-from sparse_attention_jax.ops.masked import dense_causal_attention, masked_attention
+from sparse_attention_jax.ops.dispatch import valid_impls
+from sparse_attention_jax.ops.masked import masked_attention
 from sparse_attention_jax.ops.nosa import (
   NOSAAux,
+  agnostic_block_scores,
   biased_selected_attention,
+  eviction_bias,
   nosa_attention,
   nosa_scores,
-)
-from sparse_attention_jax.ops.nosa_selection import (
-  agnostic_block_scores,
-  eviction_bias,
   nosa_select,
 )
 from sparse_attention_jax.ops.nsa import NSAAux, combine_branches, nsa_attention
@@ -35,7 +45,6 @@ from sparse_attention_jax.ops.selection import (
   select_blocks,
   share_selection,
 )
-from sparse_attention_jax.ops.window import sliding_window_attention
 
 __all__ = [
   "CompressedAttentionOutput",
@@ -48,6 +57,7 @@ __all__ = [
   "attend_one",
   "biased_selected_attention",
   "block_importance",
+  "causal_attention",
   "cmp_visibility",
   "combine_branches",
   "compress",
@@ -68,4 +78,5 @@ __all__ = [
   "selected_attention",
   "share_selection",
   "sliding_window_attention",
+  "valid_impls",
 ]

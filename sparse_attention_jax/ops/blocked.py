@@ -31,10 +31,9 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from sparse_attention_jax.ops.masked import document_ids, document_starts
+from sparse_attention_jax.ops.masked import document_ids, document_starts, matmul_precision
 
 _NEG = -1e30
-_HI = jax.lax.Precision.HIGHEST
 
 
 def default_chunk(window: int | None) -> int:
@@ -46,11 +45,6 @@ def default_chunk(window: int | None) -> int:
   while p < -(-window // 2):
     p *= 2
   return min(512, max(32, p))
-
-
-def matmul_precision(dtype):
-  """``HIGHEST`` for float32 operands; the default (tensor cores as they are) otherwise."""
-  return _HI if dtype == jnp.float32 else None
 
 
 class _Geometry:
@@ -273,8 +267,8 @@ def blocked_attention(
 ):
   """Causal (``window=None``) or sliding-window attention in ``O(T * C)`` memory.
 
-  Callers validate inputs (see :func:`~sparse_attention_jax.ops.sliding_window_attention` and
-  :func:`~sparse_attention_jax.ops.dense_causal_attention`, which route here).
+  Callers validate inputs: this is the ``"blocked"`` implementation of
+  :func:`~sparse_attention_jax.ops.causal.causal_attention`.
 
   Args:
     q: ``[B, T, HQ, Dk]``; k: ``[B, T, H, Dk]``; v: ``[B, T, H, Dv]`` (one float dtype).

@@ -1,4 +1,5 @@
-"""Compression of keys/values into block tokens (NSA eq. 7): mean pooling or the learnable phi.
+"""The compressed branch: keys/values pooled into block tokens (NSA eq. 7, mean pooling or the
+learnable phi) and attention over them (NSA eq. 8).
 
 Compressed token ``i`` summarizes tokens ``[i*d, i*d + l)`` (0-based) and exists for
 ``0 <= i <= (T - l) // d``; with ``d < l`` consecutive windows overlap. It is visible to query
@@ -17,7 +18,7 @@ import numpy as np
 
 from sparse_attention_jax.config import NSAConfig
 from sparse_attention_jax.ops import _checks
-from sparse_attention_jax.ops.masked import document_ids
+from sparse_attention_jax.ops.masked import document_ids, recompute_masked_attention
 
 _HI = jax.lax.Precision.HIGHEST
 
@@ -160,3 +161,55 @@ def cmp_visibility(config: NSAConfig, seq_len: int, segment_ids=None, batch: int
   uniform = jnp.all(win_doc == win_doc[:, :, :1], axis=-1)  # [B, NC]
   same = win_doc[:, None, :, 0] == doc[:, :, None]  # [B, T, NC]
   return vis & same & uniform[:, None, :]
+
+
+class CompressedAttentionOutput(NamedTuple):
+  """Attributes:
+  out: ``[B, T, HQ, Dv]`` branch output (0 for queries that see no compressed token).
+  lse: ``[B, T, HQ]`` float32 log-sum-exp of the scaled logits (``-inf`` when nothing is seen;
+    no gradient).
+  probs: ``[B, T, HQ, NC]`` float32 per-head softmax probabilities (what selection scores are
+    built from; no gradient flows through selection).
+  """
+
+  out: jax.Array
+  lse: jax.Array
+  probs: jax.Array
+
+
+def compressed_attention(
+  q, k_cmp, v_cmp, config: NSAConfig, *, segment_ids=None
+) -> CompressedAttentionOutput:
+  """Attention of ``q [B, T, HQ, Dk]`` over ``k_cmp [B, NC, H, Dk]``, ``v_cmp [B, NC, H, Dv]``.
+
+  Query ``t`` sees compressed token ``i`` iff ``i*d + l - 1 <= t`` (and, with ``segment_ids``
+  ``[B, T]``, iff the whole window lies in the query's document).
+
+  Runs :func:`~sparse_attention_jax.ops.masked.recompute_masked_attention`: the backward pass
+  recomputes the ``[B, T, HQ, NC]`` probabilities instead of keeping them.
+  """
+  b, t, nc, _, _, _ = _checks.check_qkv(q, k_cmp, v_cmp, k_name="k_cmp", v_name="v_cmp")
+  if nc != config.num_cmp_tokens(t):
+    _checks.fail(
+      "k_cmp",
+      f"{config.num_cmp_tokens(t)} compressed tokens for T={t}, "
+      f"l={config.cmp_window}, d={config.cmp_stride}",
+      nc,
+    )
+  _checks.check_segment_ids(segment_ids, b, t)
+  mask = cmp_visibility(config, t, segment_ids, b)[:, :, None, :]  # [B|1, T, 1, NC]
+  o, lse, probs = recompute_masked_attention(q, k_cmp, v_cmp, mask, config.scale(q.shape[-1]))
+  return CompressedAttentionOutput(o, lse, jax.lax.stop_gradient(probs))
+
+
+__all__ = [
+  "CompressedAttentionOutput",
+  "CompressorParams",
+  "MLPCompressorParams",
+  "cmp_visibility",
+  "compress",
+  "compressed_attention",
+  "init_mlp_compressor",
+  "window_gather_index",
+  "window_token_indices",
+]

@@ -1,8 +1,8 @@
 """cuDNN flash attention for causal (windowed) attention within documents, with a fallback.
 
-Shared by the modules' dense path (:func:`sparse_attention_jax.nn.dense_attention.causal_attention`:
-full, swa, asa_local, SSA's full branch) and NSA's window branch
-(:func:`sparse_attention_jax.ops.window.sliding_window_attention`). On GPU, for bf16/f16 inputs:
+The ``"cudnn"`` implementation of :func:`~sparse_attention_jax.ops.causal.causal_attention` (dense
+causal and sliding-window attention: the public ops, NSA's window branch and the modules' dense
+path). On GPU, for bf16/f16 inputs:
 
 * rows without ``segment_ids``: ``jax.nn.dot_product_attention(implementation="cudnn")``;
 * packed rows (several documents): the same call with a ``[B, 1, T, T]`` boolean same-document
@@ -10,10 +10,11 @@ full, swa, asa_local, SSA's full branch) and NSA's window branch
   makes a constant additive bias of it (no bias gradient), and since the mask depends only on
   the segment ids, XLA builds it once per step for all layers;
 * longer packed rows: a runtime ``lax.cond``, cuDNN without a mask when every row is one
-  document, else the caller's fallback (the blocked plain-JAX op).
+  document, else the blocked plain-JAX op.
 
 ``Dk != Dv`` is served by zero-padding the narrower side. Anything cuDNN refuses at trace time
-(no GPU, float32, unsupported shapes) takes the fallback.
+(no GPU, float32, unsupported shapes) raises ``NotImplementedError``: ``impl="auto"`` then takes
+the blocked op, ``impl="cudnn"`` fails.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import logging
 import jax
 import jax.numpy as jnp
 
+from sparse_attention_jax.ops.blocked import blocked_attention
 from sparse_attention_jax.ops.masked import same_document
 
 log = logging.getLogger("sparse_attention_jax")
@@ -97,21 +99,31 @@ def usable(q, k, v, window, scale, segment_ids=None) -> bool:
   return True
 
 
-def causal_attention_or(
-  fallback, q, k, v, *, window: int | None, softmax_scale: float, segment_ids=None
-):
-  """cuDNN where it serves (see the module docstring), else ``fallback(q, k, v, segment_ids)``.
+def causal_attention(q, k, v, *, window: int | None, segment_ids, softmax_scale: float, chunk=None):
+  """The ``"cudnn"`` implementation of :func:`~sparse_attention_jax.ops.causal.causal_attention`.
+
+  Raises ``NotImplementedError`` where cuDNN cannot serve the call (see :func:`usable`); packed
+  rows past :data:`MASK_MAX_ELEMENTS` take the blocked op at run time unless every row is one
+  document (module docstring).
 
   Args:
-    fallback: the same attention by other means, e.g. the blocked op.
     q, k, v, window, softmax_scale, segment_ids: as :func:`attention`.
+    chunk: tokens per chunk of the blocked op in the run-time fallback.
   """
   if not usable(q, k, v, window, softmax_scale):
-    return fallback(q, k, v, segment_ids)
+    raise NotImplementedError(
+      f"cuDNN attention needs a GPU and bf16/f16 inputs it accepts; got {q.dtype} q {q.shape}, "
+      f"k {k.shape}, v {v.shape} on {jax.default_backend()!r}"
+    )
 
   def plain(q, k, v, segment_ids):
     del segment_ids
     return attention(q, k, v, window=window, softmax_scale=softmax_scale)
+
+  def blocked(q, k, v, segment_ids):
+    return blocked_attention(
+      q, k, v, window=window, segment_ids=segment_ids, softmax_scale=softmax_scale, chunk=chunk
+    )[0]
 
   if segment_ids is None:
     return plain(q, k, v, None)
@@ -119,7 +131,7 @@ def causal_attention_or(
   if b * t * t <= MASK_MAX_ELEMENTS and usable(q, k, v, window, softmax_scale, segment_ids):
     return attention(q, k, v, window=window, softmax_scale=softmax_scale, segment_ids=segment_ids)
   one_document = jnp.all(segment_ids == segment_ids[:, :1])
-  return jax.lax.cond(one_document, plain, fallback, q, k, v, segment_ids)
+  return jax.lax.cond(one_document, plain, blocked, q, k, v, segment_ids)
 
 
-__all__ = ["MASK_MAX_ELEMENTS", "attention", "causal_attention_or", "usable"]
+__all__ = ["MASK_MAX_ELEMENTS", "attention", "causal_attention", "usable"]

@@ -23,9 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from sparse_attention_jax.ops import _checks
-
-_NEG = -1e30
-_HI = jax.lax.Precision.HIGHEST
+from sparse_attention_jax.ops.masked import masked_attention
 
 
 # ---------------------------------------------------------------------------------- buffers
@@ -89,36 +87,26 @@ def attend_one(q, k, v, mask, scale: float, *, return_probs: bool = False, axis:
     return_probs: also return the probabilities ``[B, H, G, S]`` float32.
 
   Returns:
-    ``o [B, HQ, Dv]`` in ``q.dtype`` (0 where no key is visible), and the probabilities if asked.
-    Logits, softmax and accumulation run in float32, as :func:`ops.masked_attention`.
+    ``o [B, HQ, Dv]`` in ``q.dtype`` (0 where no key is visible), and the probabilities if asked:
+    :func:`~sparse_attention_jax.ops.masked.masked_attention` of one query (``precision="input"``,
+    ``q`` cast to the cache dtype).
   """
-  b, hq, dk = q.shape
-  s, h, dv = k.shape[axis], k.shape[3 - axis], v.shape[3]
-  kv = "bshd" if axis == 1 else "bhsd"
-  g = hq // h
-  if s == 0:
-    o = jnp.zeros((b, hq, dv), q.dtype)
-    return (o, jnp.zeros((b, h, g, 0), jnp.float32)) if return_probs else o
+  b, hq, _ = q.shape
+  s, h = k.shape[axis], k.shape[3 - axis]
   m = mask if mask.ndim == 3 else mask[:, :, None]
-  m = jnp.broadcast_to(m, (b, s, h)).transpose(0, 2, 1)[:, :, None, :]  # [B, H, 1, S]
-  qg = q.reshape(b, h, g, dk)
-  logits = (
-    jnp.einsum(
-      f"bhgd,{kv}->bhgs", qg.astype(k.dtype), k, precision=_HI, preferred_element_type=jnp.float32
-    )
-    * scale
+  m = jnp.broadcast_to(m, (b, s, h))[:, None]  # [B, 1(T), S, H]
+  res = masked_attention(
+    q.astype(k.dtype)[:, None],
+    k,
+    v,
+    m.transpose(0, 1, 3, 2),  # [B, 1, H, S]
+    scale,
+    return_probs=return_probs,
+    precision="input",
+    kv_axis=axis,
   )
-  logits = jnp.where(m, logits, _NEG)
-  row_max = jnp.max(logits, axis=-1, keepdims=True)
-  p = jnp.where(m, jnp.exp(logits - row_max), 0.0)
-  denom = jnp.sum(p, axis=-1, keepdims=True)
-  p = p / jnp.where(denom > 0, denom, 1.0)
-  pv = p if v.dtype == jnp.float32 else p.astype(v.dtype)
-  o = jnp.einsum(
-    f"bhgs,{kv.replace('d', 'v')}->bhgv", pv, v, precision=_HI, preferred_element_type=jnp.float32
-  )
-  o = o.reshape(b, hq, dv).astype(q.dtype)
-  return (o, p) if return_probs else o
+  o = res[0][:, 0].astype(q.dtype)
+  return (o, res[2][:, 0].reshape(b, h, hq // h, s)) if return_probs else o
 
 
 def window_mask(slot_pos, pos, window: int | None):

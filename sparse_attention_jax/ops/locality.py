@@ -1,4 +1,4 @@
-"""Selection locality (ALGORITHMS.md §4): how much of a query's block selection the previous query
+"""Selection locality (``docs/algorithms.md``): how much of a query's block selection the previous query
 already had, ``gamma(t) = |Gamma(t) ∩ Gamma(t-1)| / |Gamma(t)|``.
 
 With NOSI's eviction policy (device slots hold exactly the selection) ``gamma(t)`` is the cache

@@ -3,7 +3,6 @@ attention -> gated sum (NSA eq. 5)."""
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import chex
@@ -12,11 +11,10 @@ import jax.numpy as jnp
 
 from sparse_attention_jax.config import BRANCHES, NSAConfig
 from sparse_attention_jax.ops import _checks, dispatch
-from sparse_attention_jax.ops.compressed import compressed_attention
-from sparse_attention_jax.ops.compression import CompressorParams, compress
+from sparse_attention_jax.ops.causal import sliding_window_attention
+from sparse_attention_jax.ops.compression import CompressorParams, compress, compressed_attention
 from sparse_attention_jax.ops.selected import selected_attention
 from sparse_attention_jax.ops.selection import block_importance, select_blocks, share_selection
-from sparse_attention_jax.ops.window import sliding_window_attention
 
 
 class NSAAux(NamedTuple):
@@ -53,7 +51,7 @@ def combine_branches(outputs: dict, gates):
   return total.astype(next(iter(outputs.values())).dtype)
 
 
-def _nsa_reference(
+def nsa_pipeline(
   q,
   k,
   v,
@@ -68,9 +66,16 @@ def _nsa_reference(
   v_win,
   block_indices,
   return_aux,
-  impl="reference",
+  impl: str,
 ):
+  """The composite ``"reference"`` entry of ``nsa_attention``: the branch ops in sequence.
+
+  ``impl`` (the name asked for) goes to the selected branch, which must then be served by it; the
+  window branch takes it where its op has an entry of that name, else ``"auto"``. The compressed
+  branch and selection are plain JAX.
+  """
   t, h = q.shape[1], k.shape[2]
+  win_impl = impl if dispatch.implements("causal_attention", impl) else "auto"
   k_cmp = compress(k, config, None if compress_params is None else compress_params.k, name="k")
   v_cmp = compress(v, config, None if compress_params is None else compress_params.v, name="v")
   cmp = compressed_attention(q, k_cmp, v_cmp, config, segment_ids=segment_ids)
@@ -96,7 +101,13 @@ def _nsa_reference(
     )
   if "win" in config.branches:
     outputs["win"] = sliding_window_attention(
-      q, k_win, v_win, window=config.window, segment_ids=segment_ids, softmax_scale=scale, impl=impl
+      q,
+      k_win,
+      v_win,
+      window=config.window,
+      segment_ids=segment_ids,
+      softmax_scale=scale,
+      impl=win_impl,
     )
   ordered = {name: outputs[name] for name in BRANCHES if name in outputs}
   o = combine_branches(ordered, gates)
@@ -141,8 +152,9 @@ def nsa_attention(
       paper's per-branch K/V); default to ``k``/``v``.
     block_indices: optional precomputed ``[B, T, H, n]`` selection (skips scoring, top-n and
       ``config.selection_share``).
-    impl: ``"auto"``, ``"reference"`` or a backend name (see
-      :mod:`sparse_attention_jax.ops.dispatch`).
+    impl: ``"auto"``, ``"reference"`` or another name of :mod:`sparse_attention_jax.ops.dispatch`:
+      an implementation of the whole op if one has that name, else the pipeline of branch ops
+      with ``impl`` passed on (:func:`nsa_pipeline`).
     return_aux: also return :class:`NSAAux`.
 
   Returns:
@@ -182,13 +194,11 @@ def nsa_attention(
       "CompressorParams(k=..., v=...) for compression='mlp'",
       type(compress_params).__name__,
     )
-  # A backend may implement the whole op or only some branches: the reference pipeline passes
-  # ``impl`` on to the branch ops, which dispatch on their own.
-  reference = functools.partial(_nsa_reference, impl=impl)
+  # A backend may implement the whole op or only some branches: the pipeline (the composite
+  # entry) passes ``impl`` on to the branch ops, which dispatch on their own.
   return dispatch.run(
     "nsa_attention",
     impl,
-    reference,
     q,
     k,
     v,
@@ -202,5 +212,4 @@ def nsa_attention(
     v_win=v_win,
     block_indices=block_indices,
     return_aux=return_aux,
-    composite=True,
   )

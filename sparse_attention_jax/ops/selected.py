@@ -1,23 +1,45 @@
 """Selected-block attention (NSA eq. 12): queries attend over the tokens of their group's blocks.
 
-Where no kernel serves a call (``impl="auto"`` on CPU, TPU, or a GPU without the Mosaic
-kernels), small calls run the dense masked reference and calls whose ``[B, T, HQ, T]`` logits
-would exceed :data:`DENSE_MAX_ELEMENTS` run the memory-lean gathered form
-(:mod:`sparse_attention_jax.ops.selected_gathered`); ``impl="reference"`` is always the dense
-reference.
+Implementations (:mod:`sparse_attention_jax.ops.dispatch`, op ``"selected_attention"``):
+
+* ``"pallas_gpu"``: the Mosaic GPU kernels (Hopper), tried first by ``"auto"`` on GPU;
+* ``"reference"``: :func:`~sparse_attention_jax.ops.masked.masked_attention` over
+  :func:`selected_mask` (dense ``[B, T, HQ, T]`` logits). ``"auto"`` takes it while those logits
+  stay within :data:`DENSE_MAX_ELEMENTS`;
+* ``"gathered"``: :func:`gathered_selected_attention`, the memory-lean plain-JAX form ``"auto"``
+  takes above that size. Queries go in chunks of ``C`` tokens through a ``lax.scan`` whose body is
+  rematerialized in the backward pass; each chunk gathers the ``n`` selected blocks of every
+  (token, KV head) from ``K, V`` laid out as ``[B, H, NB, l', D]``, so the live memory is
+  ``O(C * HQ * n * l')`` logits and ``O(C * H * n * l' * D)`` gathered keys and values instead of
+  ``O(T^2 * HQ)``; the work is the sparse ``O(T * HQ * n * l' * D)`` plus the gathers (which bound
+  its speed: a fallback, not a kernel). Precision: as the blocked op (bf16/f16 operands with
+  float32 accumulation, ``HIGHEST`` for float32; float32 softmax); the gathered keys and values
+  are float32 copies so that their gradients accumulate over the chunks in float32.
+
+Semantics (every implementation): key ``s`` is visible to query ``t`` through KV head ``h`` iff it
+lies in a block of ``h``'s selection (``-1`` and out-of-range entries match nothing, duplicates
+count once), ``s <= t`` and both share a document; a query that sees nothing outputs 0.
 """
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 from sparse_attention_jax.ops import _checks, dispatch
-from sparse_attention_jax.ops.masked import causal_mask, masked_attention
-from sparse_attention_jax.ops.selected_gathered import gathered_selected_attention
+from sparse_attention_jax.ops.masked import (
+  causal_mask,
+  document_ids,
+  f32_einsum,
+  masked_attention,
+  masked_softmax,
+)
 
-# Logit elements (B * T * HQ * T) above which the kernel-less fallback gathers the selected blocks
+# Logit elements (B * T * HQ * T) above which "auto" without a kernel gathers the selected blocks
 # instead of running the dense reference (2^26 float32 logits = 256 MiB per copy).
 DENSE_MAX_ELEMENTS = 2**26
+# Elements per chunk of the logits plus the gathered keys and values (float32: 32 MiB each).
+_CHUNK_ELEMENTS = 2**23
 
 
 def selected_mask(block_indices, *, block_size: int, seq_len: int, segment_ids=None):
@@ -54,9 +76,8 @@ def selected_attention(
     block_size: l', tokens per block.
     segment_ids: optional ``[B, T]`` document ids.
     softmax_scale: defaults to ``Dk ** -0.5``.
-    impl: ``"auto"``, ``"reference"`` or a backend name (see
-      :mod:`sparse_attention_jax.ops.dispatch`; without a kernel, ``"auto"`` gathers the
-      selected blocks when the dense logits would exceed :data:`DENSE_MAX_ELEMENTS`).
+    impl: ``"auto"``, ``"pallas_gpu"``, ``"reference"`` or ``"gathered"`` (module docstring;
+      names: :mod:`sparse_attention_jax.ops.dispatch`).
 
   Returns:
     ``[B, T, HQ, Dv]`` in ``q.dtype``; a query whose selection holds no visible key gets 0.
@@ -69,14 +90,9 @@ def selected_attention(
   if not isinstance(block_size, int) or block_size < 1:
     _checks.fail("block_size", "a positive int", block_size)
   scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
-  if impl == "reference":
-    return _selected_reference(
-      q, k, v, block_indices, block_size=block_size, segment_ids=segment_ids, softmax_scale=scale
-    )
   return dispatch.run(
     "selected_attention",
     impl,
-    _selected_fallback,
     q,
     k,
     v,
@@ -87,32 +103,124 @@ def selected_attention(
   )
 
 
-def _selected_fallback(q, k, v, block_indices, *, block_size, segment_ids, softmax_scale):
-  """No kernel: the dense reference for small calls, else the gathered form."""
-  b, t, hq, _ = q.shape
-  if b * t * hq * t <= DENSE_MAX_ELEMENTS:
-    return _selected_reference(
-      q,
-      k,
-      v,
-      block_indices,
-      block_size=block_size,
-      segment_ids=segment_ids,
-      softmax_scale=softmax_scale,
-    )
-  return gathered_selected_attention(
-    q,
-    k,
-    v,
-    block_indices,
-    block_size=block_size,
-    segment_ids=segment_ids,
-    softmax_scale=softmax_scale,
-  )
-
-
-def _selected_reference(q, k, v, block_indices, *, block_size, segment_ids, softmax_scale):
+def reference_impl(q, k, v, block_indices, *, block_size, segment_ids, softmax_scale):
+  """The ``"reference"`` entry: dense masked attention over :func:`selected_mask`."""
   mask = selected_mask(
     block_indices, block_size=block_size, seq_len=q.shape[1], segment_ids=segment_ids
   )
   return masked_attention(q, k, v, mask, softmax_scale)[0]
+
+
+_selected_reference = reference_impl  # the name pallas_kernels' reference backward imports
+
+
+def dense_too_large(q, k, v, block_indices, **kwargs) -> str | None:
+  """``"auto"``'s guard of the reference: a reason while its logits exceed the budget."""
+  del k, v, block_indices, kwargs
+  b, t, hq, _ = q.shape
+  if b * t * hq * t > DENSE_MAX_ELEMENTS:
+    return f"dense logits B*T*HQ*T = {b * t * hq * t} > DENSE_MAX_ELEMENTS = {DENSE_MAX_ELEMENTS}"
+  return None
+
+
+def default_chunk(
+  seq_len: int,
+  num_q_heads: int,
+  num_kv_heads: int,
+  num_selected: int,
+  block_size: int,
+  dk: int,
+  dv: int,
+) -> int:
+  """Query tokens per chunk: ~8M elements of logits (``HQ * n * l'`` per token) plus gathered
+  keys and values (``H * n * l' * (Dk + Dv)`` per token), between 8 and ``seq_len``."""
+  per_token = num_selected * block_size * (num_q_heads + num_kv_heads * (dk + dv))
+  return max(1, min(seq_len, max(8, _CHUNK_ELEMENTS // max(1, per_token))))
+
+
+def gathered_selected_attention(
+  q,
+  k,
+  v,
+  block_indices,
+  *,
+  block_size: int,
+  segment_ids=None,
+  softmax_scale: float,
+  chunk: int | None = None,
+):
+  """Selected-block attention by gathering the selected blocks per query chunk.
+
+  Args:
+    q: ``[B, T, HQ, Dk]``; k: ``[B, T, H, Dk]``; v: ``[B, T, H, Dv]``.
+    block_indices: ``[B, T, H, n]`` int block ids (``-1`` = padding).
+    block_size: l'.
+    segment_ids: optional ``[B, T]`` document ids (maximal runs of equal ids).
+    softmax_scale: logit scale.
+    chunk: query tokens per scan step (default :func:`default_chunk`).
+
+  Returns:
+    ``[B, T, HQ, Dv]`` in ``q.dtype``.
+  """
+  b, t, hq, dk = q.shape
+  h, dv, n = k.shape[2], v.shape[3], block_indices.shape[-1]
+  g, bs = hq // h, block_size
+  nb = -(-t // bs)
+  c = chunk or default_chunk(t, hq, h, n, bs, dk, dv)
+  nt = -(-t // c)
+  tp = nt * c
+
+  def blocks(x):  # [B, T, H, D] -> [B, H, NB, l', D] float32
+    x = jnp.pad(x.astype(jnp.float32), ((0, 0), (0, nb * bs - t), (0, 0), (0, 0)))
+    return x.reshape(b, nb, bs, h, x.shape[-1]).transpose(0, 3, 1, 2, 4)
+
+  kb, vb = blocks(k), blocks(v)
+  doc = (
+    jnp.zeros((b, t), jnp.int32) if segment_ids is None else document_ids(jnp.asarray(segment_ids))
+  )
+  doc_k = jnp.pad(doc, ((0, 0), (0, nb * bs - t)), constant_values=-1).reshape(b, nb, bs)
+  pad_t = lambda x, value: jnp.pad(
+    x, ((0, 0), (0, tp - t)) + ((0, 0),) * (x.ndim - 2), constant_values=value
+  )
+  # Scanned over chunks: [NT, B, C, ...]
+  qs = pad_t(q, 0).reshape(b, nt, c, h, g, dk).swapaxes(0, 1)
+  idx = pad_t(jnp.asarray(block_indices, jnp.int32), -1).reshape(b, nt, c, h, n).swapaxes(0, 1)
+  doc_q = pad_t(doc, -2).reshape(b, nt, c).swapaxes(0, 1)  # padded queries match no document
+  pos = jnp.arange(tp, dtype=jnp.int32).reshape(nt, c)
+  earlier = jnp.tril(jnp.ones((n, n), bool), -1)  # [j, i]: i comes before j
+  bi = jnp.arange(b)[:, None, None, None]
+  hi = jnp.arange(h)[None, None, :, None]
+
+  def chunk_attention(_, xs):
+    qc, ic, dq, pc = xs  # [B,C,H,G,Dk], [B,C,H,n], [B,C], [C]
+    ok = (ic >= 0) & (ic < nb)
+    dup = jnp.any((ic[..., :, None] == ic[..., None, :]) & earlier, axis=-1)
+    ok = ok & ~dup  # duplicates count once
+    safe = jnp.where(ok, ic, 0)
+    kg = kb[bi, hi, safe].astype(q.dtype)  # [B, C, H, n, l', Dk]
+    vg = vb[bi, hi, safe].astype(v.dtype)  # [B, C, H, n, l', Dv]
+    key_pos = safe[..., None] * bs + jnp.arange(bs, dtype=jnp.int32)  # [B, C, H, n, l']
+    vis = (
+      ok[..., None]
+      & (key_pos <= pc[None, :, None, None, None])
+      & (doc_k[bi, safe] == dq[:, :, None, None, None])
+    )
+    logits = f32_einsum("bchgd,bchnsd->bchgns", qc, kg) * softmax_scale  # [B,C,H,G,n,l']
+    flat = logits.shape[:4] + (n * bs,)  # one softmax over the n*l' gathered keys
+    p, _ = masked_softmax(logits.reshape(flat), vis.reshape(b, c, h, 1, n * bs))
+    o = f32_einsum("bchgns,bchnsv->bchgv", p.reshape(logits.shape).astype(v.dtype), vg)
+    return None, o.astype(q.dtype)
+
+  _, o = jax.lax.scan(jax.checkpoint(chunk_attention), None, (qs, idx, doc_q, pos))
+  return o.swapaxes(0, 1).reshape(b, tp, hq, dv)[:, :t]
+
+
+__all__ = [
+  "DENSE_MAX_ELEMENTS",
+  "default_chunk",
+  "dense_too_large",
+  "gathered_selected_attention",
+  "reference_impl",
+  "selected_attention",
+  "selected_mask",
+]

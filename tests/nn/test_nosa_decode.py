@@ -14,12 +14,12 @@ from sparse_attention_jax.nn import DecoderLM, ModelConfig
 from sparse_attention_jax.nn import decode as dec
 from sparse_attention_jax.nn.nosa_config import NOSAConfig
 from sparse_attention_jax.ops.nosa import nosa_attention
-from sparse_attention_jax.ops.nosa_decode import (
+from sparse_attention_jax.ops.nosa.decode import (
   fill_nosa_cache,
   init_nosa_cache,
   nosa_decode_step,
 )
-from sparse_attention_jax.ops.nosa_selection import for_length
+from sparse_attention_jax.ops.nosa.selection import for_length
 
 # l=8, d=4: a compressed token completes at 7, 11, 15, ...; blocks of 8 start at 8, 16, ...
 # k = 5 blocks: 1 init + 1 local (the current block) forced, k_q = 3 query-aware, 2 agnostic.

@@ -28,7 +28,7 @@ import pytest
 
 from sparse_attention_jax.config import NSAConfig
 from sparse_attention_jax.ops.nosa import biased_selected_attention, nosa_attention
-from sparse_attention_jax.ops.nosa_selection import for_length
+from sparse_attention_jax.ops.nosa.selection import for_length
 
 TIMING_CASES = ("biased auto", "biased reference", "nosa_attention auto")
 

@@ -19,7 +19,7 @@ from sparse_attention_jax.nn.generate import Generator
 from sparse_attention_jax.nn.nosa_config import NOSAConfig
 from sparse_attention_jax.offload import OffloadConfig, OffloadedDecoder, OffloadedLayer, plan_slots
 from sparse_attention_jax.ops.nosa import biased_selected_attention, nosa_attention
-from sparse_attention_jax.ops.nosa_selection import for_length
+from sparse_attention_jax.ops.nosa.selection import for_length
 
 # l=8, d=4: a compressed token completes at 7, 11, 15, ...; blocks of 8 start at 8, 16, ...
 # k = 5 blocks: 1 init + 1 local (the current block) forced, k_q = 3 query-aware, 2 agnostic.

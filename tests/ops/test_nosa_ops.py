@@ -12,13 +12,13 @@ from conftest import rand_qkv, segments
 
 from sparse_attention_jax.config import NSAConfig
 from sparse_attention_jax.ops import compress
-from sparse_attention_jax.ops import nosa_selection as ns
 from sparse_attention_jax.ops.nosa import (
   biased_selected_attention,
   decode_selection,
   nosa_attention,
   nosa_scores,
 )
+from sparse_attention_jax.ops.nosa import selection as ns
 
 CFG = NSAConfig.infllm_v2(
   cmp_window=8, cmp_stride=4, block_size=8, num_selected=5, num_init_blocks=1, num_local_blocks=1

@@ -16,7 +16,12 @@ import pytest
 from conftest import rand_qkv
 
 from sparse_attention_jax.nn import dense_attention
-from sparse_attention_jax.ops import cudnn, dense_causal_attention, sliding_window_attention
+from sparse_attention_jax.ops import (
+  cudnn,
+  dense_causal_attention,
+  dispatch,
+  sliding_window_attention,
+)
 from sparse_attention_jax.ops.blocked import blocked_attention, default_chunk
 from sparse_attention_jax.ops.masked import causal_mask, masked_attention
 
@@ -189,6 +194,7 @@ def test_causal_attention_cudnn_routes_equal_reference(monkeypatch, mask_max):
       implementation="xla",
     )
 
+  monkeypatch.setattr(dispatch, "platform", lambda: "gpu")  # "auto" tries the cuDNN entry
   monkeypatch.setattr(cudnn, "usable", lambda *a: True)
   monkeypatch.setattr(cudnn, "_sdpa", stand_in)
   monkeypatch.setattr(cudnn, "MASK_MAX_ELEMENTS", mask_max)
@@ -242,6 +248,7 @@ def test_nsa_window_branch_takes_the_cudnn_route(monkeypatch):
       implementation="xla",
     )
 
+  monkeypatch.setattr(dispatch, "platform", lambda: "gpu")  # "auto" tries the cuDNN entry
   monkeypatch.setattr(cudnn, "usable", lambda *a: True)
   monkeypatch.setattr(cudnn, "_sdpa", stand_in)
   cfg = NSAConfig(
@@ -275,7 +282,7 @@ def test_nsa_window_branch_takes_the_cudnn_route(monkeypatch):
 def test_recompute_masked_attention_equals_autodiff_reference():
   """Same forward as ``masked_attention`` and the same gradient as its autodiff, incl. rows that
   see nothing (0 output, no NaN) and GQA with ``Dk != Dv``."""
-  from sparse_attention_jax.ops.masked_lean import recompute_masked_attention
+  from sparse_attention_jax.ops.masked import recompute_masked_attention
 
   q, k, v = rand_qkv(jax.random.key(21), 2, 24, 4, 2, 8, 6)
   k, v = k[:, :9], v[:, :9]  # S = 9 keys
@@ -304,7 +311,7 @@ def test_recompute_masked_attention_bf16_uses_bf16_matmuls_and_stays_close():
   """bf16 inputs: every matmul takes bf16 operands with float32 accumulation (upcast float32
   operands would run without tensor cores on GPUs), and the outputs, probabilities and
   gradients stay within bf16 rounding of the float32 computation on the same (rounded) inputs."""
-  from sparse_attention_jax.ops.masked_lean import recompute_masked_attention
+  from sparse_attention_jax.ops.masked import recompute_masked_attention
 
   q, k, v = rand_qkv(jax.random.key(31), 2, 40, 4, 2, 16, 8, dtype=jnp.bfloat16)
   k, v = k[:, :12], v[:, :12]

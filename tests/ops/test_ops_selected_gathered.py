@@ -11,7 +11,7 @@ import pytest
 from conftest import rand_qkv
 
 from sparse_attention_jax.ops import selected as sel
-from sparse_attention_jax.ops.selected_gathered import default_chunk, gathered_selected_attention
+from sparse_attention_jax.ops.selected import default_chunk, gathered_selected_attention
 
 TOL = {"atol": 2e-5, "rtol": 2e-5}
 

@@ -15,7 +15,7 @@ values of all KV heads, so ``c`` is computed outside the per-head-shard attentio
 
 Decoding: the layer implements the decode protocol of :mod:`sparse_attention_jax.nn.decode`
 (``init_cache`` / ``prefill`` / ``decode``) with the device-resident
-:class:`~sparse_attention_jax.ops.nosa_decode.NOSACache` (a step reads the compressed keys and the
+:class:`~sparse_attention_jax.ops.nosa.decode.NOSACache` (a step reads the compressed keys and the
 ``k`` selected blocks); :mod:`sparse_attention_jax.offload` decodes with the K/V/c
 blocks in host memory (:class:`~sparse_attention_jax.offload.OffloadedDecoder`).
 
@@ -55,9 +55,9 @@ from sparse_attention_jax.nn.layers import as_dtype
 from sparse_attention_jax.nn.nosa_config import NOSAConfig
 from sparse_attention_jax.nn.parallel import param, sharded_call
 from sparse_attention_jax.nn.rope import apply_rope
-from sparse_attention_jax.ops import nosa_selection
 from sparse_attention_jax.ops.nosa import nosa_attention
-from sparse_attention_jax.ops.nosa_decode import (
+from sparse_attention_jax.ops.nosa import selection as nosa_selection
+from sparse_attention_jax.ops.nosa.decode import (
   fill_nosa_cache,
   init_nosa_cache,
   nosa_decode_step,
@@ -144,7 +144,7 @@ class NOSAAttention(nnx.Module):
 
   # ------------------------------------------------------- decoding (see nn/decode.py)
   def init_cache(self, batch: int, capacity: int, dtype=None):
-    """:class:`~sparse_attention_jax.ops.nosa_decode.NOSACache` of this layer."""
+    """:class:`~sparse_attention_jax.ops.nosa.decode.NOSACache` of this layer."""
     c = self.config
     return init_nosa_cache(
       batch,

@@ -1,4 +1,4 @@
-"""NOSA's selection (ALGORITHMS.md §4.1): eviction head, query-agnostic block scores, and the
+"""NOSA's selection (``docs/algorithms.md``): eviction head, query-agnostic block scores, and the
 union of a query-aware and a query-agnostic top-k.
 
 * Eviction head: ``c[b, j, h] = A_h * softplus((W_delta . concat_heads(v_j))_h)``, one scalar per
@@ -270,7 +270,7 @@ def nosa_select(
   if k > nb:
     _checks.fail(
       "config.num_selected",
-      f"at most the {nb} blocks (block_size={config.block_size}); use nosa_selection.for_length",
+      f"at most the {nb} blocks (block_size={config.block_size}); use nosa.selection.for_length",
       k,
     )
   candidate, forced = _candidates(config, nb, t, b, segment_ids, query_positions)

@@ -2,7 +2,7 @@
 
 State of one layer (``C`` = capacity, ``NC = num_cmp_tokens(C)``, ``NB = num_blocks(C)``, ``l`` the
 compression window, budgets clamped to ``C`` as :func:`~sparse_attention_jax.ops.
-nosa_selection.for_length` does):
+nosa.selection.for_length` does):
 
 * :class:`NOSASelectState` -- what selection needs, always on the device (also when the blocks
   are offloaded, :mod:`sparse_attention_jax.nn.offload_decode`):
@@ -47,8 +47,8 @@ from sparse_attention_jax.ops.decode import (
   write_linear,
   write_ring,
 )
-from sparse_attention_jax.ops.nosa import biased_masked_attention
-from sparse_attention_jax.ops.nosa_selection import (
+from sparse_attention_jax.ops.nosa.attention import biased_masked_attention
+from sparse_attention_jax.ops.nosa.selection import (
   compressed_bias,
   for_length,
   membership,

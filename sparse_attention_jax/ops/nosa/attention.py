@@ -1,4 +1,4 @@
-"""NOSA attention (ALGORITHMS.md §4): InfLLM-V2 block selection split into a query-aware and a
+"""NOSA attention (``docs/algorithms.md``): InfLLM-V2 block selection split into a query-aware and a
 query-agnostic part, and selected attention with the eviction bias as an additive logit bias.
 
 For query ``t`` with selected token set ``S_t`` (the tokens ``<= t`` of the blocks of
@@ -15,16 +15,14 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-import chex
 import jax
 import jax.numpy as jnp
 
 from sparse_attention_jax.config import NSAConfig
 from sparse_attention_jax.ops import _checks
-from sparse_attention_jax.ops.compressed import compressed_attention
-from sparse_attention_jax.ops.compression import compress
+from sparse_attention_jax.ops.compression import compress, compressed_attention
 from sparse_attention_jax.ops.masked import masked_attention
-from sparse_attention_jax.ops.nosa_selection import (
+from sparse_attention_jax.ops.nosa.selection import (
   agnostic_block_scores,
   nosa_select,
   pool_agnostic_scores,
@@ -32,9 +30,6 @@ from sparse_attention_jax.ops.nosa_selection import (
 )
 from sparse_attention_jax.ops.selected import selected_attention, selected_mask
 from sparse_attention_jax.ops.selection import block_importance
-
-_NEG = -1e30
-_HI = jax.lax.Precision.HIGHEST
 
 
 def biased_masked_attention(q, k, v, bias, mask, scale: float):
@@ -47,26 +42,13 @@ def biased_masked_attention(q, k, v, bias, mask, scale: float):
     scale: logit scale.
 
   Returns:
-    ``[B, T, HQ, Dv]`` in ``q.dtype``; float32 softmax; rows that see no key output 0.
+    ``[B, T, HQ, Dv]`` in ``q.dtype``; float32 softmax; rows that see no key output 0
+    (:func:`~sparse_attention_jax.ops.masked.masked_attention` with ``bias``).
   """
-  b, t, hq, dk = q.shape
-  s, h = k.shape[1], k.shape[2]
-  g = hq // h
+  b, s, h = k.shape[0], k.shape[1], k.shape[2]
   if getattr(bias, "shape", None) != (b, s, h):
     _checks.fail("bias", f"shape [B, S, H] = {(b, s, h)}", getattr(bias, "shape", None))
-  qg = q.reshape(b, t, h, g, dk).astype(jnp.float32)
-  logits = jnp.einsum("bthgd,bshd->bthgs", qg, k.astype(jnp.float32), precision=_HI) * scale
-  logits = logits + jnp.transpose(bias.astype(jnp.float32), (0, 2, 1))[:, None, :, None, :]
-  m5 = jnp.broadcast_to(mask, (b, t, h, s))[:, :, :, None, :]  # [B, T, H, 1, S]
-  logits = jnp.where(m5, logits, _NEG)
-  row_max = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
-  p = jnp.where(m5, jnp.exp(logits - row_max), 0.0)  # [B, T, H, G, S]
-  denom = jnp.sum(p, axis=-1, keepdims=True)
-  p = p / jnp.where(denom > 0, denom, 1.0)
-  o = jnp.einsum("bthgs,bshv->bthgv", p, v.astype(jnp.float32), precision=_HI)
-  o = o.reshape(b, t, hq, v.shape[3]).astype(q.dtype)
-  chex.assert_shape(o, (b, t, hq, v.shape[3]))
-  return o
+  return masked_attention(q, k, v, mask, scale, bias=bias)[0]
 
 
 def biased_selected_attention(
@@ -175,9 +157,9 @@ def decode_selection(
   Args:
     q: ``[B, Tq, HQ, Dk]`` new queries (RoPE'd) at ``query_positions``.
     k_cmp: ``[B, NC, H, Dk]`` = ``compress(k, config)`` of the cached RoPE'd keys.
-    c_cmp: ``[B, NC, H]`` = ``nosa_selection.compressed_bias(c, config)``.
+    c_cmp: ``[B, NC, H]`` = ``nosa.selection.compressed_bias(c, config)``.
     config: as in :func:`nosa_attention`, budgets clamped to the blocks of ``seq_len`` (e.g.
-      with ``nosa_selection.for_length``).
+      with ``nosa.selection.for_length``).
     seq_len: S, cached tokens (the queries' own tokens included).
     num_query_selected: k_q.
     query_positions: ``[Tq]`` int positions ``< S``.
@@ -218,7 +200,7 @@ def nosa_attention(
 
   Args:
     q: ``[B, T, HQ, Dk]`` (RoPE applied); k: ``[B, T, H, Dk]`` (RoPE applied); v: ``[B, T, H, Dv]``.
-    c: ``[B, T, H]`` eviction scores (:func:`~sparse_attention_jax.ops.nosa_selection.
+    c: ``[B, T, H]`` eviction scores (:func:`~sparse_attention_jax.ops.nosa.selection.
       eviction_bias`); gradients flow into them through the attention bias only.
     config: an :class:`NSAConfig` with ``compression="mean"`` (e.g. ``NSAConfig.infllm_v2``):
       l, d, l', ``score_pooling``, forced blocks and the total budget ``k = num_selected``. Its
