@@ -1,10 +1,10 @@
 """NSA configuration: one frozen, hashable dataclass that fixes every semantic choice.
 
-Notation follows ALGORITHMS.md: ``l`` compression window (``cmp_window``), ``d`` compression
+Notation follows docs/algorithms.md §1: ``l`` compression window (``cmp_window``), ``d`` compression
 stride (``cmp_stride``), ``l'`` selection block (``block_size``), ``n`` selected blocks
 (``num_selected``), ``w`` sliding window (``window``).
 
-Presets (see README "Which settings give which variant"):
+Presets (docs/algorithms.md §3):
 
 * :meth:`NSAConfig.paper` -- the NSA paper: learnable compressor phi with intra-block position
   encoding, l=32, d=16, l'=64, n=16 incl. 1 initial + 2 local blocks, overlap-weighted scores

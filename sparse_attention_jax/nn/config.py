@@ -56,12 +56,10 @@ class ModelConfig:
       state) with one ``lax.scan`` over their stacked parameters, so the block compiles once per
       run instead of once per layer (compile time of deep models); parameters and checkpoints
       keep their per-layer layout.
-      Step-time cost: with ``remat="none"`` the scanned nsa_340m stepped 32% slower on an H200
-      (CPU: 11-43%), with ``remat="dots"`` scanned and unrolled steps were within 3% on the CPU
-      (both slower than unrolled without remat). The
-      likely reason: a scanned layer materializes every residual its backward needs as a
-      stacked loop output (3 layers at T=512 on the CPU: 1.07 vs 0.62 GB of temporaries), where
-      the unrolled program lets XLA fuse cheap ones into their consumers.
+      Step-time cost: a scanned layer materializes every residual its backward needs as a
+      stacked loop output, where the unrolled program lets XLA fuse cheap ones into their
+      consumers, so steps can be slower without remat (measured figures:
+      ``benchmarks/RESULTS.md``, compile time).
     scan_unroll: layers per iteration of those scans (``lax.scan``'s ``unroll``; 1 = one layer
       per loop iteration); a larger value trades compile time for fewer loop iterations.
     latent: MLA/GLA sizes of the ``asa_*`` kinds.

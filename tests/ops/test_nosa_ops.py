@@ -1,4 +1,4 @@
-"""NOSA ops (issue 7): eviction head, biased selected attention vs the dense formula and its
+"""NOSA ops: eviction head, biased selected attention vs the dense formula and its
 gradients, query-agnostic scores, the selection vs brute force, causality, documents, the
 decoding form and the locality bound."""
 
