@@ -197,6 +197,21 @@ def _run(args: argparse.Namespace, sig) -> int:
       )
   local_batch = tc.batch_size // nproc
 
+  # The output folder: refuse early (nothing is touched here), delete only after validation.
+  out = tc.output_dir
+  ckpt_dir = os.path.join(out, run_dir.CHECKPOINTS)
+  previous = [] if args.resume else run_dir.previous_run(out)
+  if args.resume and checkpoint.latest(ckpt_dir) is None:
+    raise _Fail(
+      f"--resume: nothing to resume in {out} (no checkpoint under {ckpt_dir}); run without "
+      f"--resume to start fresh"
+    )
+  if previous and not args.overwrite:
+    raise _Fail(
+      f"{out} holds a previous run ({', '.join(previous)}); pass --resume to continue it "
+      f"or --overwrite to delete it and start fresh"
+    )
+
   # Data, model (abstract: no arrays) and the first batch, before the output folder is touched.
   try:
     setup = sources.make_data(config, shard_index=pid, shard_count=nproc, local_batch=local_batch)
@@ -208,24 +223,9 @@ def _run(args: argparse.Namespace, sig) -> int:
     raise _Fail(f"model: {' '.join(str(e).split())}") from None
   _check_first_batch(setup.train, local_batch, tc.seq_len, config.model.vocab_size)
 
-  out = tc.output_dir
-  ckpt_dir = os.path.join(out, run_dir.CHECKPOINTS)
-  if args.resume:
-    if checkpoint.latest(ckpt_dir) is None:
-      raise _Fail(
-        f"--resume: nothing to resume in {out} (no checkpoint under {ckpt_dir}); run without "
-        f"--resume to start fresh"
-      )
-  else:
-    previous = run_dir.previous_run(out)
-    if previous and not args.overwrite:
-      raise _Fail(
-        f"{out} holds a previous run ({', '.join(previous)}); pass --resume to continue it "
-        f"or --overwrite to delete it and start fresh"
-      )
-    if previous and pid == 0:
-      run_dir.remove(out)
-      print(f"--overwrite: removed the previous run's {', '.join(previous)} from {out}")
+  if previous and pid == 0:  # --overwrite, after everything validated.
+    run_dir.remove(out)
+    print(f"--overwrite: removed the previous run's {', '.join(previous)} from {out}")
   if nproc > 1:  # No process writes before every process has checked the folder.
     from jax.experimental import multihost_utils
 

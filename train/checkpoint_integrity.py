@@ -30,7 +30,7 @@ from etils import epath
 META_FILE = "meta.json"
 
 
-class CorruptCheckpoint(Exception):
+class CorruptCheckpoint(ValueError):
   """A checkpoint that cannot be read back as saved (missing or damaged files, wrong checksum);
   the message names the step folder and what is wrong."""
 

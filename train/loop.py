@@ -11,7 +11,7 @@ runs per shard), and batches are assembled from each process's rows into global 
 ``grad_accum_steps > 1`` scans microbatches and applies one update with the gradient of the mean
 loss over the whole batch.
 
-Models with SSA layers (kind ``"ssa"``, ALGORITHMS.md §6) train on ``CE + align_weight *
+Models with SSA layers (kind ``"ssa"``, docs/algorithms.md §6) train on ``CE + align_weight *
 mean_layers(term1 + term2)``: each forward pass (step, or microbatch) draws one Bernoulli mode
 shared by all SSA layers (:func:`sparse_attention_jax.nn.ssa.draw_mode`), and the metrics add
 ``total_loss``, ``align_full`` (term1), ``align_sparse`` (term2) and ``mode_full``; ``loss``

@@ -100,7 +100,8 @@ def test_help_documents_resume_and_overwrite(capsys):
 )
 def test_bad_run_leaves_the_previous_run_intact(run, capsys, overrides, needle):
   before = _snapshot(run)
-  assert main([*COMMON, *overrides, f"train.output_dir={run}"]) == 2
+  # Even with --overwrite: nothing is deleted before everything validated.
+  assert main([*COMMON, *overrides, f"train.output_dir={run}", "--overwrite"]) == 2
   _one_line_error(capsys.readouterr().err, needle)
   assert _snapshot(run) == before
 
