@@ -70,24 +70,27 @@ def _leaf_checksum(x: jax.Array) -> jax.Array:
 
 
 @jax.jit
-def _tree_checksums(tree):
-  return jax.tree.map(_leaf_checksum, tree)
+def _tree_checksums(tree: dict) -> jax.Array:
+  """``[N, 2]`` uint32: the checksums of the ``N`` arrays of ``tree`` in key order."""
+  return jnp.stack([_leaf_checksum(tree[k]) for k in sorted(tree)])
 
 
 def checksums(flat: dict[str, jax.Array]) -> dict[str, str]:
   """``{name: "<16 hex digits>"}`` of every array of ``flat`` (``{"model/...": array}``).
 
-  Computed by one jitted program on the arrays where they live; every process gets the same
-  values (the sums reduce over the global arrays)."""
+  Computed by one jitted program on the arrays where they live and fetched in one transfer;
+  every process gets the same values (the sums reduce over the global arrays)."""
   arrays = {k: v for k, v in flat.items() if isinstance(v, jax.Array)}
   if not arrays:
     return {}
   sums = _tree_checksums(arrays)
-  out = {}
-  for k, s in sums.items():
-    host = np.asarray(s.addressable_data(0)) if isinstance(s, jax.Array) else np.asarray(s)
-    out[k] = f"{int(host[0]):08x}{int(host[1]):08x}"
-  return out
+  if jax.process_count() > 1 and not sums.is_fully_addressable:
+    from jax.experimental import multihost_utils
+
+    host = np.asarray(multihost_utils.process_allgather(sums, tiled=True))
+  else:
+    host = np.asarray(sums)
+  return {k: f"{int(a):08x}{int(b):08x}" for k, (a, b) in zip(sorted(arrays), host)}
 
 
 def verify(path: str, saved: dict[str, str], flat: dict[str, jax.Array]) -> None:

@@ -195,3 +195,16 @@ def test_checkpoints_folder_instead_of_a_step_is_a_clear_error(saved):
   model, _ = loop.build(cfg)
   with pytest.raises(FileNotFoundError, match="checkpoints folder"):
     checkpoint.restore(src, model)
+
+
+def test_a_checkpoint_without_meta_restores_unverified(saved, tmp_path):
+  """Checkpoints written without the meta item (older versions) still restore, marked
+  unverified."""
+  cfg, src, _ = saved
+  directory = tmp_path / "checkpoints"
+  shutil.copytree(src, directory)
+  shutil.rmtree(directory / "4" / "meta")
+  model, opt = loop.build(cfg)
+  with checkpoint.Checkpointer(directory) as ckpt:
+    restored = ckpt.restore_latest(model, opt, _iterator(cfg))
+  assert restored.step == 4 and not restored.verified and restored.config is None
