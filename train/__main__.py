@@ -108,6 +108,22 @@ def _config_changes(saved: dict, current: dict) -> list[str]:
   ]
 
 
+def _config_warnings(config) -> list[str]:
+  """Settings that are valid but do not do what they say at this ``train.seq_len``."""
+  out = []
+  nsa, t = config.model.nsa, config.train.seq_len
+  kinds = set(config.model.layer_kinds())
+  if nsa is not None and kinds & {"nsa", "nosa", "ssa"}:  # The kinds that select blocks.
+    blocks = -(-t // nsa.block_size)
+    if nsa.num_selected > blocks:
+      out.append(
+        f"model.nsa.num_selected={nsa.num_selected}: a row of train.seq_len={t} has only "
+        f"{blocks} blocks of {nsa.block_size}; selection is clamped to {blocks} (sparse "
+        f"layers attend densely)"
+      )
+  return out
+
+
 def _check_first_batch(train_it, local_batch: int, seq_len: int, vocab_size: int) -> None:
   """Peeks at the first training batch (the iterator's position is restored): its shape and
   that every token id is in ``[0, vocab_size)``."""
@@ -162,6 +178,8 @@ def _run(args: argparse.Namespace, sig) -> int:
   except (ValueError, FileNotFoundError) as e:
     raise _Fail(f"config: {e}") from None
   tc = config.train
+  for line in _config_warnings(config):
+    print(f"warning: {line}")
 
   import jax
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from train import loop
-from train.__main__ import _check_first_batch, _Fail, main
+from train.__main__ import _check_first_batch, _config_warnings, _Fail, main
 from train.config import load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -79,3 +79,12 @@ def test_cli_failures_are_one_error_line(tmp_path, capsys, args, needle):
   err = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
   assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0], err
   assert not (tmp_path / "out").exists()
+
+
+def test_num_selected_beyond_the_row_is_a_warning():
+  cfg = load_config(
+    TINY, ["train.seq_len=64", "model.nsa.block_size=32", "model.nsa.num_selected=4"]
+  )
+  (warning,) = _config_warnings(cfg)
+  assert "model.nsa.num_selected=4" in warning and "only 2 blocks" in warning
+  assert _config_warnings(load_config(TINY, [])) == []
