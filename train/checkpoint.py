@@ -5,11 +5,14 @@ Two writers share one tree ``{"model": <model params>, "optimizer": <optimizer s
 restores into any freshly built model/optimizer of the same config, on any mesh:
 
 * :class:`Checkpointer` (the training job): an Orbax ``CheckpointManager`` over
-  ``<output_dir>/checkpoints/<step>/{state,data}/`` with asynchronous saves, keep-last-N, and the
-  Grain iterator state of every process (``data/process_<i>-of-<n>.json``), so a resumed run sees
-  exactly the same batches.
+  ``<output_dir>/checkpoints/<step>/{state,data,meta}/`` with asynchronous saves by steps and by
+  time, keep-last-N, the Grain iterator state of every process
+  (``data/process_<i>-of-<n>.json``, so a resumed run sees exactly the same batches) and content
+  checksums plus the run config (``meta/meta.json``, :mod:`train.checkpoint_integrity`).
+  :meth:`Checkpointer.restore_latest` walks back from the newest step to the newest one that
+  reads back and verifies, moving damaged ones aside to ``<step>.corrupt``.
 * :func:`save` / :func:`restore`: one synchronous tree at ``<dir>/<step>/`` (tools, tests);
-  :func:`restore` also reads the ``state`` item of a :class:`Checkpointer` step.
+  :func:`restore` also reads (and verifies) the ``state`` item of a :class:`Checkpointer` step.
 
 Restoring reads every array straight into the sharding of the corresponding array of the target
 model/optimizer (resharding: a checkpoint saved on mesh (2, 2, 2) restores onto (1, 8, 1) or one
@@ -17,9 +20,9 @@ device).
 
 Example::
 
-  ckpt = Checkpointer(os.path.join(out, "checkpoints"), every=100, keep=3)
+  ckpt = Checkpointer(os.path.join(out, "checkpoints"), every=100, every_minutes=30, keep=3)
   ckpt.save(step, model, optimizer, data_iterator)            # async; returns at once
-  step = ckpt.restore(model, optimizer, data_iterator)        # latest step, in place
+  restored = ckpt.restore_latest(model, optimizer, data_iterator)   # newest good step, in place
 """
 
 from __future__ import annotations
@@ -48,6 +51,10 @@ __all__ = [
   "restore",
   "save",
 ]
+
+
+# The items of a Checkpointer step.
+_STATE, _DATA, _META = "state", "data", "meta"
 
 
 def _tree(model: nnx.Module, optimizer: nnx.Optimizer | None, step: int) -> dict:
@@ -217,8 +224,6 @@ def restore(
 
 # ----------------------------------------------------------------------------------------------
 # CheckpointManager: periodic async saves with the data iterator
-
-_STATE, _DATA, _META = "state", "data", "meta"
 
 
 class _DataStateHandler(ocp.CheckpointHandler):
