@@ -13,7 +13,7 @@ def load_config_or_none(path: str, overrides):
   try:
     return load_config(path, overrides)
   except (ValueError, FileNotFoundError) as e:
-    print(f"config error: {e}", file=sys.stderr)
+    print(f"error: config: {e}", file=sys.stderr)
     return None
 
 

@@ -96,8 +96,10 @@ class TrainConfig:
       ``JAX_COORDINATOR_ADDRESS`` is set).
     grad_accum_steps: microbatches per optimizer step (must divide the per-device rows); the
       update uses the gradient of the mean loss of the whole ``batch_size`` rows.
-    checkpoint_every: save an (asynchronous) checkpoint every this many steps (0 = only at the
-      end); the last step is always saved.
+    checkpoint_every: save an (asynchronous) checkpoint every this many steps (0 = no step
+      period); the last step is always saved.
+    checkpoint_every_minutes: also save when this many minutes passed since the last save
+      (0 = no time period), so a long step period never risks more than this much work.
     keep_checkpoints: keep only the newest this many checkpoints.
     tensorboard: also write the logged scalars as TensorBoard events under
       ``output_dir/tensorboard`` (needs ``tensorboardX``; skipped with a notice without it).
@@ -130,7 +132,8 @@ class TrainConfig:
   )
   distributed: bool = False
   grad_accum_steps: int = 1
-  checkpoint_every: int = 0
+  checkpoint_every: int = 500
+  checkpoint_every_minutes: float = 30.0
   keep_checkpoints: int = 3
   tensorboard: bool = True
   peak_flops: float = 0.0
@@ -164,7 +167,7 @@ class TrainConfig:
       fail("seed", "an int")
     if not is_real(self.lr) or self.lr <= 0:
       fail("lr", "a positive number (write 3.0e-3, not 3e-3: YAML reads the latter as a string)")
-    for name in ("weight_decay", "grad_clip", "sample_temperature"):
+    for name in ("weight_decay", "grad_clip", "sample_temperature", "checkpoint_every_minutes"):
       if not is_real(getattr(self, name)) or getattr(self, name) < 0:
         fail(name, "a number >= 0")
     for name in ("min_lr_ratio",):
@@ -220,6 +223,14 @@ class RunConfig:
       raise TypeError(f"train: expected a TrainConfig, got {type(self.train).__name__}")
     if not isinstance(self.data, DataConfig):
       raise TypeError(f"data: expected a DataConfig, got {type(self.data).__name__}")
+    # Every listed kind, also one that the layer count leaves unused (a typo is never silent).
+    from sparse_attention_jax.nn import ATTENTION_KINDS
+
+    unknown = [k for k in self.model.attention if k not in ATTENTION_KINDS]
+    if unknown:
+      raise ValueError(
+        f"model.attention: unknown kinds {unknown}; registered kinds are {sorted(ATTENTION_KINDS)}"
+      )
     # With a tokenizer the vocabulary is checked when the tokenizer is loaded (train.sources).
     if self.data.tokenizer is None and self.model.vocab_size < BYTE_VOCAB:
       raise ValueError(

@@ -11,7 +11,7 @@ runs per shard), and batches are assembled from each process's rows into global 
 ``grad_accum_steps > 1`` scans microbatches and applies one update with the gradient of the mean
 loss over the whole batch.
 
-Models with SSA layers (kind ``"ssa"``, ALGORITHMS.md §6) train on ``CE + align_weight *
+Models with SSA layers (kind ``"ssa"``, docs/algorithms.md §6) train on ``CE + align_weight *
 mean_layers(term1 + term2)``: each forward pass (step, or microbatch) draws one Bernoulli mode
 shared by all SSA layers (:func:`~sparse_attention_jax.nn.attention.ssa.draw_mode`), and the
 metrics add ``total_loss``, ``align_full`` (term1), ``align_sparse`` (term2) and ``mode_full``;
@@ -26,7 +26,6 @@ import functools
 import json
 import math
 import os
-import signal
 import sys
 import threading
 import time
@@ -45,7 +44,7 @@ from sparse_attention_jax.nn import DecoderLM
 from sparse_attention_jax.nn.attention import ssa as ssa_lib
 from sparse_attention_jax.nn.parallel import mesh_axes
 from sparse_attention_jax.nn.ssa_config import SSAConfig
-from train import scalars
+from train import interrupts, scalars
 from train import sharding as shd
 from train.config import RunConfig, TrainConfig
 
@@ -471,7 +470,7 @@ class TrainResult:
     train_s: wall time of the training loop.
     steps: steps run (this call; a resumed run counts from its checkpoint).
     losses: the train loss of every step run, in order.
-    stopped: True when SIGTERM stopped the run early (after saving a checkpoint).
+    stopped: True when a signal (SIGTERM, SIGINT) stopped the run early (after saving).
     eval_accuracy: final held-out answer accuracy of synthetic tasks (None otherwise).
   """
 
@@ -503,6 +502,7 @@ def train(
   log: Callable[[str], None] | None = None,
   on_step: Callable[[int, bool], None] | None = None,
   handle_sigterm: bool = True,
+  stop: Any = None,
   flops_per_token: float = 0.0,
   peak_flops: float | None = None,
   tensorboard_dir: str | None = None,
@@ -521,9 +521,12 @@ def train(
     progress: show the tqdm bar.
     log: where log lines go (default: ``tqdm.write`` to stdout).
     on_step: called as ``on_step(step, force)`` after every step (e.g. a periodic checkpoint);
-      ``force=True`` when the run stops on SIGTERM and the state must be saved now.
-    handle_sigterm: while training (in the main thread), SIGTERM finishes the current step,
-      calls ``on_step(step, True)`` and returns with ``stopped=True`` instead of dying.
+      ``force=True`` when the run stops on a signal and the state must be saved now.
+    handle_sigterm: while training (in the main thread), SIGTERM or SIGINT finishes the current
+      step, calls ``on_step(step, True)`` and returns with ``stopped=True`` instead of dying; a
+      second SIGINT exits at once (:mod:`train.interrupts`).
+    stop: an event (e.g. :attr:`train.interrupts.Interrupts.stop`) that, once set, stops the
+      run the same way; given, the loop installs no signal handlers itself.
     flops_per_token: model training FLOPs per token (:func:`train.flops.flops_per_token`);
       with it the log adds ``tflops_per_device`` and ``mfu`` (0 = not logged).
     peak_flops: peak FLOP/s of one device for the MFU (None = MFU n/a).
@@ -543,10 +546,13 @@ def train(
     if metrics_path:
       os.makedirs(os.path.dirname(os.path.abspath(metrics_path)), exist_ok=True)
       metrics_file = stack.enter_context(open(metrics_path, "a"))
-    stop = threading.Event()
-    if handle_sigterm and threading.current_thread() is threading.main_thread():
-      previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
-      stack.callback(signal.signal, signal.SIGTERM, previous)
+    if stop is None:
+      if handle_sigterm:
+        sig = stack.enter_context(interrupts.Interrupts())
+        sig.training()
+        stop = sig.stop
+      else:
+        stop = threading.Event()
     tb = stack.enter_context(scalars.ScalarLog(tensorboard_dir, warn=log))
     perf = (flops_per_token, peak_flops, jax.device_count())
     return _train(
@@ -685,8 +691,9 @@ def _train(
       if stop.is_set():
         if on_step is not None:
           on_step(step, True)
-        log(f"step {step:5d} | SIGTERM: saved and stopping")
-        record({"step": step, "stopped": "SIGTERM"})
+        name = getattr(stop, "signame", None) or "stop"
+        log(f"step {step:5d} | {name}: saved and stopping")
+        record({"step": step, "stopped": name})
         last_window = window_losses or last_window
         stopped = True
         break

@@ -20,6 +20,10 @@ Example::
 from __future__ import annotations
 
 import math
+import os
+import socket
+import struct
+import time
 from typing import Any
 
 from train import flops as flops_lib
@@ -27,6 +31,10 @@ from train import flops as flops_lib
 
 class ScalarLog:
   """TensorBoard scalar writer (a no-op when disabled or ``tensorboardX`` is missing).
+
+  Writes the event file itself, synchronously, in the calling thread (tensorboardX's protos and
+  record format, not its ``SummaryWriter``): no queue, no lock and no background thread, so an
+  interrupt at any point can never make :meth:`close` (or the interpreter's exit) wait.
 
   Args:
     logdir: event file folder, or None = disabled.
@@ -38,18 +46,33 @@ class ScalarLog:
     if logdir is None:
       return
     try:
-      from tensorboardX import SummaryWriter
+      from tensorboardX.proto import event_pb2
+      from tensorboardX.record_writer import masked_crc32c
+      from tensorboardX.summary import scalar
     except ImportError:
       warn(
         "tensorboard: tensorboardX is not installed; writing metrics.jsonl only "
         "(pip install tensorboardX)"
       )
       return
-    self.writer = SummaryWriter(logdir=logdir)
+    self._event, self._crc, self._scalar = event_pb2.Event, masked_crc32c, scalar
+    os.makedirs(logdir, exist_ok=True)
+    name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}"
+    self.path = os.path.join(logdir, name)
+    self.writer = open(self.path, "ab")  # noqa: SIM115 (closed by close())
+    self._write(self._event(wall_time=time.time(), file_version="brain.Event:2"))
 
   @property
   def enabled(self) -> bool:
     return self.writer is not None
+
+  def _write(self, event) -> None:
+    data = event.SerializeToString()
+    header = struct.pack("<Q", len(data))
+    record = (
+      header + struct.pack("<I", self._crc(header)) + data + struct.pack("<I", self._crc(data))
+    )
+    self.writer.write(record)  # One write per record.
 
   def write(self, event: dict[str, Any]) -> None:
     """Adds the numeric, finite fields of ``event`` (except ``step``) at ``event["step"]``."""
@@ -63,13 +86,15 @@ class ScalarLog:
       if not math.isfinite(v):
         continue
       tag = f"eval/{k.removeprefix('eval_')}" if is_eval else f"train/{k}"
-      self.writer.add_scalar(tag, float(v), step)
+      summary = self._scalar(tag, float(v))
+      self._write(self._event(wall_time=time.time(), step=step, summary=summary))
     self.writer.flush()
 
   def close(self) -> None:
-    if self.writer is not None:
-      self.writer.close()
-      self.writer = None
+    """Closes the file (returns at once: a plain file close)."""
+    writer, self.writer = self.writer, None
+    if writer is not None:
+      writer.close()
 
   def __enter__(self) -> ScalarLog:
     return self

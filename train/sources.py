@@ -193,6 +193,27 @@ class DataSetup:
   text: bool
 
 
+# A packed row may take at most this many passes over the documents to fill (larger would pack
+# for minutes or hours before the first batch, silently).
+MAX_PASSES_PER_ROW = 16
+
+
+def _check_corpus_size(corpus, seq_len: int, shard_count: int, with_eval: bool) -> None:
+  """Raises ValueError when ``train.seq_len`` is out of proportion to the documents."""
+  sizes = [("training", sum(len(d) for d in corpus.train) // shard_count)]
+  if with_eval:
+    sizes.append(("held-out", sum(len(d) for d in corpus.heldout) // shard_count))
+  for what, tokens in sizes:
+    if tokens == 0:
+      raise ValueError(f"data: the {what} documents of this process are empty")
+    if tokens * MAX_PASSES_PER_ROW < seq_len + 1:
+      raise ValueError(
+        f"train.seq_len: expected at most {tokens * MAX_PASSES_PER_ROW - 1} (the {what} "
+        f"documents of this process hold {tokens} tokens; one packed row of seq_len + 1 tokens "
+        f"may take at most {MAX_PASSES_PER_ROW} passes over them), got {seq_len}"
+      )
+
+
 def make_data(
   config: RunConfig, *, shard_index: int = 0, shard_count: int = 1, local_batch: int | None = None
 ) -> DataSetup:
@@ -249,6 +270,7 @@ def make_data(
     f"({corpus.train_bytes / 1e6:.2f} M {unit}), {len(corpus.heldout)} held-out "
     f"({corpus.heldout_bytes / 1e6:.2f} M)"
   )
+  _check_corpus_size(corpus, tc.seq_len, shard_count, tc.eval_batches > 0)
   train_it = data_lib.train_iterator(corpus.train, tc.seq_len, local_batch, tc.seed, **shards)
   eval_set = (
     data_lib.eval_batches(corpus.heldout, tc.seq_len, local_batch, tc.eval_batches, **shards)

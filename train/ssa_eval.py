@@ -65,21 +65,27 @@ def main(argv: list[str] | None = None) -> int:
       else [config.model.nsa.num_selected]
     )
   except (ValueError, FileNotFoundError) as e:
-    print(f"config error: {e}", file=sys.stderr)
+    print(f"error: config: {e}", file=sys.stderr)
     return 2
   if not budgets or min(budgets) < 1:
-    print(f"config error: --budgets: expected positive ints, got {args.budgets!r}", file=sys.stderr)
+    print(
+      f"error: config: --budgets: expected positive ints, got {args.budgets!r}", file=sys.stderr
+    )
     return 2
   if "ssa" not in config.model.layer_kinds():
     print(
-      f"config error: model.attention: expected 'ssa' layers, got {list(config.model.attention)}",
+      f"error: config: model.attention: expected 'ssa' layers, got {list(config.model.attention)}",
       file=sys.stderr,
     )
     return 2
   from train import cli
 
   tc = config.train
-  model, step, batches = cli.model_and_batches(config, args.checkpoint, tc.eval_batches)
+  try:
+    model, step, batches = cli.model_and_batches(config, args.checkpoint, tc.eval_batches)
+  except (ValueError, FileNotFoundError) as e:  # A missing, mismatching or damaged checkpoint.
+    print(f"error: checkpoint: {' '.join(str(e).split())}", file=sys.stderr)
+    return 2
   print(
     f"checkpoint {args.checkpoint} (step {step}); {tc.eval_batches} x {tc.batch_size} "
     f"held-out rows of {tc.seq_len} bytes"
@@ -90,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
       loss = evaluate(model, batches, "sparse", block_size=args.block_size, num_selected=n)
     except ValueError as e:
-      print(f"sparse n={n}: {e}", file=sys.stderr)
+      print(f"error: sparse n={n}: {e}", file=sys.stderr)
       return 2
     bs = args.block_size or config.model.nsa.block_size
     label = f"sparse n={n} x l'={bs} ({n * bs} tok)"

@@ -124,6 +124,7 @@ class Generator:
       if not isinstance(val, int) or isinstance(val, bool) or val < 1:
         raise ValueError(f"{name}: expected a positive int, got {val!r}")
     self.batch, self.capacity, self.dtype = batch, capacity, dtype
+    self.vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
     self.prefill_bucket = prefill_bucket
     self.traces = {"prefill": 0, "decode": 0}
     graphdef, self._params = nnx.split(model)
@@ -163,7 +164,16 @@ class Generator:
     t = min(_round_up(int(lengths.max()), self.prefill_bucket), self.capacity)
     tokens = np.zeros((self.batch, t), np.int32)
     for i, p in enumerate(prompts):
-      tokens[i, : len(p)] = np.asarray(p, np.int32)
+      ids = np.asarray(p)
+      if ids.dtype.kind not in "iu":
+        raise ValueError(f"prompts[{i}]: expected integer token ids, got dtype {ids.dtype}")
+      lo, hi = int(ids.min()), int(ids.max())
+      if lo < 0 or (self.vocab_size is not None and hi >= self.vocab_size):
+        raise ValueError(
+          f"prompts[{i}]: expected token ids in [0, vocab_size={self.vocab_size}), got ids in "
+          f"[{lo}, {hi}]"
+        )
+      tokens[i, : len(p)] = ids.astype(np.int32)
     return tokens, lengths
 
   def generate(
