@@ -5,7 +5,7 @@
 Builds the model of the config (random init, or the parameters of a checkpoint written by
 ``python -m train``), prefills the byte-level prompt (UTF-8) in ``--batch`` rows and decodes
 ``--max-new-tokens`` bytes per row with the cached decode step
-(:class:`sparse_attention_jax.nn.generate.Generator`); prints each row's text and the prefill and
+(:class:`sparse_attention_jax.generation.generator.Generator`); prints each row's text and the prefill and
 decode throughput (tokens/s, compilation excluded and reported apart). Every decodable kind works,
 NOSA included (``configs/nosa_*.yaml``); ``--offload`` keeps the K/V/c of every NOSA layer in
 pinned host memory (:mod:`sparse_attention_jax.offload`) and also prints the blocks
@@ -89,8 +89,8 @@ def main(argv: list[str] | None = None) -> int:
   import jax
   from flax import nnx
 
+  from sparse_attention_jax.generation.generator import Generator
   from sparse_attention_jax.nn import DecoderLM
-  from sparse_attention_jax.nn.generate import Generator
   from sparse_attention_jax.offload import OffloadConfig
 
   model = DecoderLM(mc, rngs=nnx.Rngs(args.seed))

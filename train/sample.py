@@ -1,7 +1,7 @@
 """Autoregressive byte sampling.
 
 When the prompt and the new bytes fit in ``max_len`` (the demo's case) this is cached decoding
-(:class:`sparse_attention_jax.nn.generate.Generator`: prefill, then one compiled step per byte).
+(:class:`sparse_attention_jax.generation.generator.Generator`: prefill, then one compiled step per byte).
 Longer generations fall back to re-running the model on a sliding window: the buffer is
 ``[1, max_len]``, bytes after the current one are padding that causal attention never sees, and
 once the buffer is full it slides left (the model then sees the last ``max_len`` bytes, positions
@@ -54,7 +54,7 @@ def sample(
     return np.zeros((0,), np.int32)
   greedy = temperature == 0
   if ids.size + num_bytes <= max_len:
-    from sparse_attention_jax.nn.generate import Generator
+    from sparse_attention_jax.generation.generator import Generator
 
     gen = Generator(model, batch=1, capacity=ids.size + num_bytes)
     out = gen.generate(

@@ -30,9 +30,9 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
-from sparse_attention_jax.nn.attention.registry import get_attention_kind
 from sparse_attention_jax.nn.config import ModelConfig
 from sparse_attention_jax.nn.model import DecoderLM
+from sparse_attention_jax.nn.registry import get_attention_kind
 
 _COMPRESSOR_WEIGHTS = frozenset({"w1", "w2"})
 

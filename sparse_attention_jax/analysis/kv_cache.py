@@ -26,8 +26,8 @@ import sys
 
 from sparse_attention_jax.nn import load_model_config
 from sparse_attention_jax.nn.attention.nosa import nosa_slots
-from sparse_attention_jax.nn.attention.registry import get_attention_kind
 from sparse_attention_jax.nn.config import ModelConfig
+from sparse_attention_jax.nn.registry import get_attention_kind
 
 
 def layer_kv_elements(config: ModelConfig, kind: str) -> dict:

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sparse_attention_jax.nn.attention.registry import ATTENTION_KINDS, get_attention_kind
+from sparse_attention_jax.nn.registry import ATTENTION_KINDS, get_attention_kind
 from sparse_attention_jax.ops.masked import same_document
 
 

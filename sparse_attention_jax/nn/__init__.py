@@ -31,7 +31,6 @@ from sparse_attention_jax.nn.attention import (
 from sparse_attention_jax.nn.attention.ssa import set_inference
 from sparse_attention_jax.nn.config import ModelConfig
 from sparse_attention_jax.nn.decode import DecodeState, decode_step, init_decode_state, prefill
-from sparse_attention_jax.nn.generate import Generator
 from sparse_attention_jax.nn.latent_config import LatentConfig
 from sparse_attention_jax.nn.layers import Embed, RMSNorm, SwiGLU
 from sparse_attention_jax.nn.model import DecoderBlock, DecoderLM, count_params, param_count
@@ -63,7 +62,6 @@ __all__ = [
   "Embed",
   "FullAttention",
   "GLAGlobalAttention",
-  "Generator",
   "LatentConfig",
   "MLALocalAttention",
   "MLPCompressor",

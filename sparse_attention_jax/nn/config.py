@@ -13,10 +13,10 @@ from sparse_attention_jax.nn.ssa_config import SSAConfig
 
 
 def _registered_kinds():
-  """The registered attention kind names (the built-in kinds register on first import)."""
-  # Imported here: the kind modules import this one.
-  import sparse_attention_jax.nn.attention  # noqa: F401 - registers the built-in kinds
-  from sparse_attention_jax.nn.attention.registry import ATTENTION_KINDS
+  """The registered attention kinds. The built-in kinds register when
+  :mod:`sparse_attention_jax.nn.attention` is imported, which ``sparse_attention_jax.nn`` does
+  before any of its modules is used."""
+  from sparse_attention_jax.nn.registry import ATTENTION_KINDS
 
   return ATTENTION_KINDS
 

@@ -2,7 +2,7 @@
 step, with preallocated fixed-capacity caches and one compiled step for every length.
 
 Layer protocol (the ``decode`` field of a kind's registry entry,
-:class:`~sparse_attention_jax.nn.attention.registry.DecodeProtocol`; the built-in kinds implement
+:class:`~sparse_attention_jax.nn.registry.DecodeProtocol`; the built-in kinds implement
 it as three methods, ``LAYER_METHODS``)::
 
   cache = layer.init_cache(batch: int, capacity: int, dtype=None)        # a pytree of arrays
@@ -34,7 +34,7 @@ A new kind registers a protocol; :func:`check_decodable` names the kinds that ha
 Model level: :func:`init_decode_state` -> :class:`DecodeState` (per-layer caches and the lengths),
 :func:`prefill` -> next-token logits of every row, :func:`decode_step` -> logits of the next token.
 Both are pure functions of ``(model, ...)`` meant to run under ``jax.jit`` (see
-:mod:`sparse_attention_jax.nn.generate`). Capacity is checked on the host by the generator; a
+:mod:`sparse_attention_jax.generation.generator`). Capacity is checked on the host by the generator; a
 raw ``decode_step`` past the capacity returns NaN logits for that row (never silently wrong).
 """
 
@@ -144,10 +144,10 @@ class DecodeState(NamedTuple):
 
 
 def _protocol(kind: str):
-  """The registered :class:`~sparse_attention_jax.nn.attention.registry.DecodeProtocol` of
+  """The registered :class:`~sparse_attention_jax.nn.registry.DecodeProtocol` of
   ``kind`` (None when it has none)."""
   # Imported here: the attention kinds import this module's dense-cache helpers.
-  from sparse_attention_jax.nn.attention.registry import get_attention_kind
+  from sparse_attention_jax.nn.registry import get_attention_kind
 
   return get_attention_kind(kind).decode
 

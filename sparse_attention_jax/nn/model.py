@@ -12,10 +12,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sparse_attention_jax.nn.attention import ATTENTION_KINDS, get_attention_kind
 from sparse_attention_jax.nn.config import ModelConfig
 from sparse_attention_jax.nn.layers import Embed, RMSNorm, SwiGLU, as_dtype, projection
 from sparse_attention_jax.nn.parallel import constrain_batch
+from sparse_attention_jax.nn.registry import ATTENTION_KINDS, get_attention_kind
 
 # ``model.remat`` -> checkpoint policy of each decoder block (None = save nothing: recompute all).
 _REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}

@@ -15,6 +15,7 @@ from conftest import load_script
 from flax import nnx
 
 from sparse_attention_jax.config import NSAConfig
+from sparse_attention_jax.generation.generator import Generator, greedy_by_reforward, sample_logits
 from sparse_attention_jax.nn import (
   ATTENTION_KINDS,
   DecoderLM,
@@ -25,7 +26,6 @@ from sparse_attention_jax.nn import (
 )
 from sparse_attention_jax.nn import decode as dec
 from sparse_attention_jax.nn.attention import FullAttention
-from sparse_attention_jax.nn.generate import Generator, greedy_by_reforward, sample_logits
 from sparse_attention_jax.ops import CompressorParams, init_mlp_compressor, nsa_attention
 from sparse_attention_jax.ops.nsa_decode import fill_nsa_cache, init_nsa_cache, nsa_decode_step
 

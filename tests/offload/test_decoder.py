@@ -14,8 +14,8 @@ import pytest
 from flax import nnx
 
 from sparse_attention_jax.config import NSAConfig
+from sparse_attention_jax.generation.generator import Generator
 from sparse_attention_jax.nn import DecoderLM, ModelConfig
-from sparse_attention_jax.nn.generate import Generator
 from sparse_attention_jax.nn.nosa_config import NOSAConfig
 from sparse_attention_jax.offload import OffloadConfig, OffloadedDecoder, OffloadedLayer, plan_slots
 from sparse_attention_jax.ops.nosa import biased_selected_attention, nosa_attention

@@ -32,7 +32,7 @@ SMALL = [
 def test_generator_rejects_token_ids_outside_the_vocabulary(prompt, needle):
   from flax import nnx
 
-  from sparse_attention_jax.nn.generate import Generator
+  from sparse_attention_jax.generation.generator import Generator
 
   model, _ = nnx.eval_shape(lambda: loop.build(load_config(TINY, SMALL)))  # No values needed.
   gen = Generator(model, batch=1, capacity=16)

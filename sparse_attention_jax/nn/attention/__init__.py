@@ -1,4 +1,6 @@
-"""Attention layer kinds of the decoder: one module per kind plus the registry that describes them.
+"""Attention layer kinds of the decoder: one module per kind, each registered in
+:mod:`sparse_attention_jax.nn.registry` (a leaf module, so the config and the decode loop can read
+it without importing the layers).
 
 Every kind is an :class:`nnx.Module` built as ``Cls(config: ModelConfig, *, rngs: nnx.Rngs)`` and
 called as ``layer(x [B, T, d_model], positions [B, T] int32, segment_ids [B, T] int32 | None)``
@@ -19,7 +21,7 @@ kind            module                      layer
 ==============  ==========================  ===================================================
 
 Shared pieces: :mod:`.common` (input checks, q/k/v/o projections), :mod:`.latent` (the MLA/GLA
-projections of the two ASA kinds), :mod:`.registry` (:class:`AttentionKind`,
+projections of the two ASA kinds), :mod:`sparse_attention_jax.nn.registry` (:class:`AttentionKind`,
 :func:`register_attention_kind`, :func:`get_attention_kind`).
 
 Adding a kind = one file + one registration, no other file edited::
@@ -53,7 +55,9 @@ from sparse_attention_jax.nn.attention.asa_local import MLALocalAttention
 from sparse_attention_jax.nn.attention.full import FullAttention
 from sparse_attention_jax.nn.attention.nosa import NOSAAttention
 from sparse_attention_jax.nn.attention.nsa import MLPCompressor, NSAAttention
-from sparse_attention_jax.nn.attention.registry import (
+from sparse_attention_jax.nn.attention.sliding_window import SlidingWindowAttention
+from sparse_attention_jax.nn.attention.ssa import SSAAttention
+from sparse_attention_jax.nn.registry import (
   ATTENTION_KINDS,
   LAYER_METHODS,
   AttentionKind,
@@ -63,8 +67,6 @@ from sparse_attention_jax.nn.attention.registry import (
   get_attention_kind,
   register_attention_kind,
 )
-from sparse_attention_jax.nn.attention.sliding_window import SlidingWindowAttention
-from sparse_attention_jax.nn.attention.ssa import SSAAttention
 
 __all__ = [
   "ATTENTION_KINDS",

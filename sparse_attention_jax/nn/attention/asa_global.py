@@ -24,15 +24,15 @@ from sparse_attention_jax.nn.attention.nsa import (
   MLPCompressor,
   nsa_branch_keys_dims,
 )
-from sparse_attention_jax.nn.attention.registry import (
+from sparse_attention_jax.nn.config import ModelConfig
+from sparse_attention_jax.nn.layers import projection
+from sparse_attention_jax.nn.parallel import sharded_call
+from sparse_attention_jax.nn.registry import (
   LAYER_METHODS,
   AttentionKind,
   KVElements,
   register_attention_kind,
 )
-from sparse_attention_jax.nn.config import ModelConfig
-from sparse_attention_jax.nn.layers import projection
-from sparse_attention_jax.nn.parallel import sharded_call
 from sparse_attention_jax.ops import CompressorParams, nsa_attention
 from sparse_attention_jax.ops.nsa_decode import fill_nsa_cache, init_nsa_cache, nsa_decode_step
 

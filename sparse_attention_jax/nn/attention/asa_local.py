@@ -17,15 +17,15 @@ from sparse_attention_jax.nn.attention.latent import (
   latent_config,
   window_attention,
 )
-from sparse_attention_jax.nn.attention.registry import (
+from sparse_attention_jax.nn.config import ModelConfig
+from sparse_attention_jax.nn.decode import dense_decode, fill_dense_cache, init_dense_cache
+from sparse_attention_jax.nn.parallel import sharded_call
+from sparse_attention_jax.nn.registry import (
   LAYER_METHODS,
   AttentionKind,
   KVElements,
   register_attention_kind,
 )
-from sparse_attention_jax.nn.config import ModelConfig
-from sparse_attention_jax.nn.decode import dense_decode, fill_dense_cache, init_dense_cache
-from sparse_attention_jax.nn.parallel import sharded_call
 
 
 class MLALocalAttention(LatentAttentionBase):

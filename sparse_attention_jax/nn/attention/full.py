@@ -19,18 +19,18 @@ from sparse_attention_jax.nn.attention.common import (
   q_projection,
   rope_qk,
 )
-from sparse_attention_jax.nn.attention.registry import (
+from sparse_attention_jax.nn.config import ModelConfig
+from sparse_attention_jax.nn.decode import dense_decode, fill_dense_cache, init_dense_cache
+from sparse_attention_jax.nn.dense_attention import causal_attention
+from sparse_attention_jax.nn.layers import as_dtype
+from sparse_attention_jax.nn.parallel import sharded_call
+from sparse_attention_jax.nn.registry import (
   LAYER_METHODS,
   AttentionKind,
   KVElements,
   LayerQK,
   register_attention_kind,
 )
-from sparse_attention_jax.nn.config import ModelConfig
-from sparse_attention_jax.nn.decode import dense_decode, fill_dense_cache, init_dense_cache
-from sparse_attention_jax.nn.dense_attention import causal_attention
-from sparse_attention_jax.nn.layers import as_dtype
-from sparse_attention_jax.nn.parallel import sharded_call
 from sparse_attention_jax.nn.rope import apply_rope
 
 

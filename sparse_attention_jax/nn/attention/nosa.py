@@ -42,7 +42,11 @@ from sparse_attention_jax.nn.attention.common import (
   q_projection,
 )
 from sparse_attention_jax.nn.attention.nsa import nsa_branch_keys_dims
-from sparse_attention_jax.nn.attention.registry import (
+from sparse_attention_jax.nn.config import ModelConfig
+from sparse_attention_jax.nn.layers import as_dtype
+from sparse_attention_jax.nn.nosa_config import NOSAConfig
+from sparse_attention_jax.nn.parallel import param, sharded_call
+from sparse_attention_jax.nn.registry import (
   LAYER_METHODS,
   AttentionKind,
   KVElements,
@@ -50,10 +54,6 @@ from sparse_attention_jax.nn.attention.registry import (
   OffloadElements,
   register_attention_kind,
 )
-from sparse_attention_jax.nn.config import ModelConfig
-from sparse_attention_jax.nn.layers import as_dtype
-from sparse_attention_jax.nn.nosa_config import NOSAConfig
-from sparse_attention_jax.nn.parallel import param, sharded_call
 from sparse_attention_jax.nn.rope import apply_rope
 from sparse_attention_jax.ops.nosa import nosa_attention
 from sparse_attention_jax.ops.nosa import selection as nosa_selection

@@ -29,16 +29,16 @@ from sparse_attention_jax.nn.attention.common import (
   q_projection,
   rope_qk,
 )
-from sparse_attention_jax.nn.attention.registry import (
+from sparse_attention_jax.nn.config import ModelConfig
+from sparse_attention_jax.nn.layers import as_dtype, projection
+from sparse_attention_jax.nn.parallel import param, sharded_call
+from sparse_attention_jax.nn.registry import (
   LAYER_METHODS,
   AttentionKind,
   KVElements,
   LayerQK,
   register_attention_kind,
 )
-from sparse_attention_jax.nn.config import ModelConfig
-from sparse_attention_jax.nn.layers import as_dtype, projection
-from sparse_attention_jax.nn.parallel import param, sharded_call
 from sparse_attention_jax.nn.rope import apply_rope
 from sparse_attention_jax.ops import (
   CompressorParams,

@@ -15,13 +15,13 @@ from sparse_attention_jax.nn.attention.full import (
   dense_qk,
   dense_train_flops,
 )
-from sparse_attention_jax.nn.attention.registry import (
+from sparse_attention_jax.nn.config import ModelConfig
+from sparse_attention_jax.nn.dense_attention import causal_attention
+from sparse_attention_jax.nn.registry import (
   LAYER_METHODS,
   AttentionKind,
   register_attention_kind,
 )
-from sparse_attention_jax.nn.config import ModelConfig
-from sparse_attention_jax.nn.dense_attention import causal_attention
 
 
 class SlidingWindowAttention(DenseAttentionBase):

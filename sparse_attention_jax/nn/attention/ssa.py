@@ -51,17 +51,17 @@ from sparse_attention_jax.nn.attention.common import (
   q_projection,
 )
 from sparse_attention_jax.nn.attention.nsa import nsa_branch_keys_dims, nsa_kv_elements
-from sparse_attention_jax.nn.attention.registry import (
+from sparse_attention_jax.nn.config import ModelConfig
+from sparse_attention_jax.nn.dense_attention import causal_attention
+from sparse_attention_jax.nn.layers import as_dtype, projection
+from sparse_attention_jax.nn.parallel import sharded_call
+from sparse_attention_jax.nn.registry import (
   LAYER_METHODS,
   AttentionKind,
   KVElements,
   LayerQK,
   register_attention_kind,
 )
-from sparse_attention_jax.nn.config import ModelConfig
-from sparse_attention_jax.nn.dense_attention import causal_attention
-from sparse_attention_jax.nn.layers import as_dtype, projection
-from sparse_attention_jax.nn.parallel import sharded_call
 from sparse_attention_jax.nn.rope import apply_rope
 from sparse_attention_jax.nn.ssa_config import SSAConfig
 from sparse_attention_jax.ops import nsa_attention
