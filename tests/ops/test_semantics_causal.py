@@ -3,7 +3,7 @@ against the float32 reference, forward and gradients (shared base: ``semantics_b
 
 Also the module path (``nn.dense_attention.causal_attention``) and the public ops route through the
 same table, and, on a Hopper GPU, the bf16 checks at the 340M head layout and the compiled memory
-at 8k that ``tests/gpu/check_dense_paths.py`` used to run by hand.
+at 8k.
 """
 
 from __future__ import annotations
