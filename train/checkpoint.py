@@ -226,7 +226,7 @@ def restore(
 # CheckpointManager: periodic async saves with the data iterator
 
 
-class _DataStateHandler(ocp.CheckpointHandler):
+class _DataStateHandler(integrity.JsonItemHandler):
   """Writes this process's data-iterator state (a JSON-able dict captured when the save was
   requested) to ``process_<i>-of-<n>.json``; every process writes its own file."""
 
@@ -246,18 +246,6 @@ class _DataStateHandler(ocp.CheckpointHandler):
         f"({path.name}), found {found} (the process count changed?)"
       )
     return json.loads(path.read_text())
-
-  def metadata(self, directory: epath.Path) -> None:
-    return None
-
-  def structure(self, directory: epath.Path) -> None:
-    return None
-
-  def finalize(self, directory: epath.Path) -> None:
-    pass
-
-  def close(self) -> None:
-    pass
 
 
 @ocp.args.register_with_handler(_DataStateHandler, for_save=True)

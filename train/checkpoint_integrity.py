@@ -106,7 +106,24 @@ def verify(path: str, saved: dict[str, str], flat: dict[str, jax.Array]) -> None
     )
 
 
-class MetaHandler(ocp.CheckpointHandler):
+class JsonItemHandler(ocp.CheckpointHandler):
+  """Base of the small JSON checkpoint items (``meta``, the data state): no metadata, structure
+  or finalization of their own."""
+
+  def metadata(self, directory: epath.Path) -> None:
+    return None
+
+  def structure(self, directory: epath.Path) -> None:
+    return None
+
+  def finalize(self, directory: epath.Path) -> None:
+    pass
+
+  def close(self) -> None:
+    pass
+
+
+class MetaHandler(JsonItemHandler):
   """Writes/reads ``meta.json`` (process 0 writes; every process reads)."""
 
   def save(self, directory: epath.Path, args: MetaSave) -> None:
@@ -124,18 +141,6 @@ class MetaHandler(ocp.CheckpointHandler):
     if not isinstance(meta, dict) or not isinstance(meta.get("checksums"), dict):
       raise CorruptCheckpoint(f"checkpoint {directory}: {META_FILE} has no checksums")
     return meta
-
-  def metadata(self, directory: epath.Path) -> None:
-    return None
-
-  def structure(self, directory: epath.Path) -> None:
-    return None
-
-  def finalize(self, directory: epath.Path) -> None:
-    pass
-
-  def close(self) -> None:
-    pass
 
 
 @ocp.args.register_with_handler(MetaHandler, for_save=True)
