@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml $(LOCK)
 	@touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m train --config configs/tiny.yaml
+	$(PY) -m train --config configs/tiny.yaml --overwrite
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --durations=15 tests
