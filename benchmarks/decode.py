@@ -293,7 +293,7 @@ def run_offload(
   decoder = OffloadedDecoder(
     model, batch=batch, capacity=capacity, config=OffloadConfig(copy=copy, chunk=chunk)
   )
-  caches = decoder._new_caches(None)
+  caches = decoder._new_caches()
   _fill_offloaded(caches, context, seed, pool)
   pick = jax.jit(lambda logits: jnp.argmax(logits, axis=-1).astype(jnp.int32))
   tokens = jnp.zeros((batch,), jnp.int32)

@@ -89,7 +89,7 @@ class Generator:
     offload: keep the K/V/c of every NOSA layer in pinned host memory
       (:class:`~sparse_attention_jax.offload.decoder.OffloadedDecoder`, one jitted call per
       step; prompts must share one length): ``True`` (default options) or an
-      :class:`~sparse_attention_jax.offload.config.OffloadConfig`.
+      :class:`~sparse_attention_jax.offload.OffloadConfig`.
     num_slots: device block slots per (sequence, KV head) with ``offload`` (default ``k - 1``).
   """
 

@@ -1,20 +1,15 @@
 """Offloaded NOSA decoding of a ``DecoderLM``: every NOSA layer's K/V/c in pinned host memory.
 
-The device keeps per NOSA layer the selection state
-(:class:`~sparse_attention_jax.ops.nosa.decode.NOSASelectState`), the block slots and the current
-block of every (sequence, KV head) (:class:`~sparse_attention_jax.offload.layer.OffloadedLayer`).
-The prefill runs layer by layer (each NOSA layer's K/V/c go to its host store before the next
-layer runs); each decode step is ONE jitted call over every layer, a NOSA layer running its
-selection and :func:`~sparse_attention_jax.offload.layer.layer_step` between its projections;
-the host only rolls completed tail blocks over to the stores (every ``l'`` tokens) and reads a
-step's counts back one step later, so its dispatch overlaps the device's work. The tokens equal
-the device-resident decode's. Limits: the rows of a batch share one length (prompts of equal
-lengths); one document per sequence.
+The device keeps per NOSA layer its selection state, block slots and current block. The prefill
+runs layer by layer (a layer's K/V/c reach its host store before the next layer runs); a decode
+step is ONE jitted call over every layer; the host only rolls completed tails over to the stores
+and reads a step's counts back one step later, so its dispatch overlaps the device's work.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
 from collections.abc import Mapping
@@ -25,15 +20,14 @@ import numpy as np
 from flax import nnx
 
 from sparse_attention_jax.nn import decode as dec
-from sparse_attention_jax.offload.config import OffloadConfig, check_positive
-from sparse_attention_jax.offload.layer import STAT_KEYS, OffloadedLayer, layer_step
-from sparse_attention_jax.ops.nosa.decode import (
-  decode_budgets,
-  fill_select_state,
-  init_select_state,
-  select_at,
-  update_select_state,
+from sparse_attention_jax.offload.layer import (
+  STAT_KEYS,
+  OffloadConfig,
+  OffloadedLayer,
+  check_positive,
+  layer_step,
 )
+from sparse_attention_jax.ops.nosa import decode as nd
 
 log = logging.getLogger("sparse_attention_jax.offload")
 
@@ -52,130 +46,79 @@ def _sum_stats(stats: list) -> dict:
   return {**out, "hit_rate": out["hits"] / out["requested"] if out["requested"] else 1.0}
 
 
-class _Head(nnx.Module):
-  """The embedding, final norm and LM head of a model (shared with it, not copied)."""
-
-  def __init__(self, embed, final_norm, lm_head):
-    self.embed, self.final_norm, self.lm_head = embed, final_norm, lm_head
-
-  def logits(self, x):
-    x = self.final_norm(x)
-    return self.embed.attend(x) if self.lm_head is None else self.lm_head(x).astype(jnp.float32)
-
-
-@dataclasses.dataclass(eq=False)  # hashed by identity: a free jit key (no GraphDef hashing)
-class _Static:
-  """The static argument of the traced calls: graph definitions, kinds, parameter tree and the
-  step's options."""
-
-  head_gd: object
-  gds: tuple
-  kinds: tuple
-  params_def: object
-  capacity: int
-  chunk: int
-  scale: float
-
-
 def _mlp(blk, x, y):
   x = x + y.astype(x.dtype)
   return x + blk.mlp(blk.mlp_norm(x)).astype(x.dtype)
 
 
-def _embed(gd, st, tokens):
-  return nnx.merge(gd, st).embed(tokens)
-
-
-def _last_logits(gd, st, x):
-  return nnx.merge(gd, st).logits(x[:, -1:])[:, 0]
-
-
 def _prefill_layer(gd, st, kind, x, lengths, state):
-  """One layer of the prompt ``x [B, T, d]``; ``state``: a NOSA layer's select state, else the
-  layer's cache. Returns ``(x, state, kvc)``, ``kvc = (k [B, T, H, Dk], v [B, T, H, Dv],
-  c [B, T, H])`` for a NOSA layer (for its host store), else ``None``. One call per layer, so a
-  layer's K/V/c reach its host store before the next layer runs."""
+  """One layer over the prompt ``x [B, T, d]``: ``(x, state, kvc)``, ``state`` the select state
+  (NOSA) or the layer's cache, ``kvc = (k [B, T, H, Dk], v [B, T, H, Dv], c [B, T, H])`` (NOSA,
+  for its host store) or ``None``."""
   blk, kvc = nnx.merge(gd, st), None
   if kind == "nosa":
     y, k, v, c = blk.attn.prefill_outputs(blk.attn_norm(x))
-    state = fill_select_state(state, config=blk.attn.config.nsa, lengths=lengths, k=k, c=c)
+    state = nd.fill_select_state(state, config=blk.attn.config.nsa, lengths=lengths, k=k, c=c)
     kvc = (k, v, c)
   else:
     y, state = blk.attn.prefill(blk.attn_norm(x), lengths, state)
   return _mlp(blk, x, y), state, kvc
 
 
-def _step(static, host, copy, params, tokens, t, states, stores):
-  """One decode step: ``tokens [B]`` at position ``t``. ``states[i]`` is ``(select state,
-  LayerState)`` for a NOSA layer (``stores[i] = (kv, c)``, its host arrays), else the layer's
-  cache (``stores[i] = None``). Returns ``(logits [B, V], states, info [L_nosa, 5])``."""
-  head_st, sts = jax.tree.unflatten(static.params_def, params)
-  head = nnx.merge(static.head_gd, head_st)
+def _step(decoder, host, copy, params, tokens, t, states, stores):
+  """One decode step of ``tokens [B]`` at ``t``. ``states[i]``: ``(select state, LayerState)``
+  with ``stores[i] = (kv, c)`` (NOSA), else the layer's cache with ``stores[i] = None``.
+  Returns ``(logits [B, V], states, info [L_nosa, 5])``."""
+  model, cap = decoder._model(params), decoder.capacity
   pos = jnp.full(tokens.shape, t, jnp.int32)
-  x, out, infos = head.embed(tokens[:, None]), [], []
-  for gd, st, state, store in zip(static.gds, sts, states, stores):
-    blk = nnx.merge(gd, st)
+  x, out, infos = model.embed(tokens[:, None]), [], []
+  for blk, state, store in zip(model.layers, states, stores):
     if store is None:
       y, state = blk.attn.decode(blk.attn_norm(x), pos, state)
     else:
       attn, (sel, layer) = blk.attn, state
       q, k, v, c = attn.qkvc(blk.attn_norm(x), pos[:, None])
-      cfg, kq = decode_budgets(attn.config.nsa, attn.query_selected, static.capacity)
-      sel = update_select_state(sel, config=cfg, pos=pos, k=k[:, 0], c=c[:, 0])
-      gamma = select_at(
-        sel, q[:, 0], config=cfg, num_query_selected=kq, pos=pos, capacity=static.capacity
-      )
+      cfg, kq = nd.decode_budgets(attn.config.nsa, attn.query_selected, cap)
+      sel = nd.update_select_state(sel, config=cfg, pos=pos, k=k[:, 0], c=c[:, 0])
+      gamma = nd.select_at(sel, q[:, 0], config=cfg, num_query_selected=kq, pos=pos, capacity=cap)
       kv_t = jnp.concatenate([k[:, 0], v[:, 0].astype(k.dtype)], axis=-1)
       o, layer, info = layer_step(
-        layer, *store, kv_t, c[:, 0], gamma, q[:, 0], t, chunk=static.chunk, scale=static.scale,
-        host=host, copy=copy,
+        layer, *store, kv_t, c[:, 0], gamma, q[:, 0], t, chunk=decoder.config.chunk,
+        scale=decoder.scale, host=host, copy=copy,
       )  # fmt: skip
       y, state = attn.o_proj(o[:, None]), (sel, layer)
       infos.append(info)
     x = _mlp(blk, x, y)
     out.append(state)
-  return head.logits(x)[:, 0], out, jnp.stack(infos)
+  return dec._logits(model, x)[:, 0], out, jnp.stack(infos)
 
 
 class _PendingStats(Mapping):
-  """The stats of :meth:`OffloadedDecoder.step`: the counts stay on the device until read (any
-  access, the next step or ``flush``); then every NOSA layer accounts them
-  (:meth:`~sparse_attention_jax.offload.layer.OffloadedLayer.account`, raising the selection's
-  errors)."""
+  """The stats of :meth:`OffloadedDecoder.step`, read back at the first access (or the next step,
+  or ``flush``) and accounted by every NOSA layer (:meth:`~.layer.OffloadedLayer.account`)."""
 
   def __init__(self, info, layers, t: int, dispatch_s: float):
-    self._info, self._layers, self._t, self._dispatch_s = info, layers, t, dispatch_s
-    self._stats = None
+    self._args = info, layers, t, dispatch_s
 
-  def resolve(self) -> dict:
-    if self._stats is None:
-      t0 = time.perf_counter()
-      info = np.asarray(jax.device_get(self._info))
-      n, wait = len(self._layers), time.perf_counter() - t0
-      per_layer = [
-        layer.account(row, t=self._t, wait_s=wait / n, dispatch_s=self._dispatch_s / n)
-        for layer, row in zip(self._layers, info)
-      ]
-      self._stats = {**_sum_stats(per_layer), "per_layer": per_layer}
-    return self._stats
+  @functools.cached_property
+  def stats(self) -> dict:
+    (info, layers, t, dispatch_s), t0 = self._args, time.perf_counter()
+    info, n = np.asarray(jax.device_get(info)), len(layers)
+    seconds = {"wait_s": (time.perf_counter() - t0) / n, "dispatch_s": dispatch_s / n}
+    per_layer = [layer.account(row, t=t, **seconds) for layer, row in zip(layers, info)]
+    return {**_sum_stats(per_layer), "per_layer": per_layer}
 
-  def __getitem__(self, key):
-    return self.resolve()[key]
-
-  def __iter__(self):
-    return iter(self.resolve())
-
-  def __len__(self):
-    return len(self.resolve())
+  __getitem__ = lambda self, key: self.stats[key]
+  __iter__ = lambda self: iter(self.stats)
+  __len__ = lambda self: len(self.stats)
 
 
 @dataclasses.dataclass
 class OffloadStats:
-  """Transfers of an offloaded generation: ``per_step`` (one dict per decode step, summed over
-  the NOSA layers: :data:`~sparse_attention_jax.offload.layer.STAT_KEYS` and ``hit_rate``),
-  ``total`` (the same over all steps), ``per_layer`` (totals of each NOSA layer), ``slots``
-  (device slots per sequence and KV head), ``host_memory_kind``, ``device_bytes`` /
-  ``host_bytes`` (the NOSA layers' slot pools and select states / host stores, at capacity)."""
+  """Transfers of an offloaded generation: ``per_step`` (per decode step, summed over the NOSA
+  layers: :data:`~.layer.STAT_KEYS` and ``hit_rate``), ``total`` (over all steps), ``per_layer``,
+  ``slots``, ``host_memory_kind``, ``device_bytes`` (slots, tails, select states) and
+  ``host_bytes`` (stores), at capacity."""
 
   per_step: list
   total: dict
@@ -187,23 +130,12 @@ class OffloadStats:
 
 
 class OffloadedDecoder:
-  """Prefill and per-step decoding of a ``DecoderLM`` with its NOSA layers offloaded.
-
-  Args:
-    model: a ``DecoderLM`` with at least one ``nosa`` layer (the other kinds decode
-      device-resident as usual).
-    batch, capacity: rows and most tokens per row.
-    dtype: cache dtype (default: the layers' compute dtype).
-    num_slots: device slots per (sequence, KV head) besides the current block (default
-      :func:`offload_slots`); fewer than a selection needs is an error at the step that needs
-      them.
-    config: :class:`~sparse_attention_jax.offload.config.OffloadConfig` (default
-      ``OffloadConfig()``).
-
-  Attributes:
-    traces: how often each jitted piece was traced (``prefill``: once per layer kind).
-    copy: the copy in use (``config.copy``, or ``"xla"`` after the kernel failed to compile).
-  """
+  """Prefill and per-step decoding of a ``DecoderLM`` (at least one ``nosa`` layer; the others
+  decode device-resident) for ``batch`` rows of up to ``capacity`` tokens, cache ``dtype``
+  (default: the layers'), ``num_slots`` per (sequence, KV head) besides the current block
+  (default :func:`offload_slots`) and ``config`` (:class:`~.layer.OffloadConfig`). ``traces``
+  counts the traces of each jitted piece; ``copy`` is the copy in use (``"xla"`` after the
+  kernel failed to compile)."""
 
   def __init__(self, model, *, batch: int, capacity: int, dtype=None, num_slots=None, config=None):
     dec.check_decodable(model)
@@ -212,48 +144,48 @@ class OffloadedDecoder:
       raise ValueError(
         f"offload: expected a model with at least one 'nosa' layer, got kinds {sorted(set(kinds))}"
       )
-    check_positive(
-      batch=batch, capacity=capacity, **({} if num_slots is None else {"num_slots": num_slots})
-    )
+    check_positive(batch=batch, capacity=capacity)
     config = OffloadConfig() if config is None else config
     if not isinstance(config, OffloadConfig):
       raise ValueError(f"config: expected an OffloadConfig, got {type(config).__name__}")
     self.model, self.batch, self.capacity, self.dtype = model, batch, capacity, dtype
-    self.config, self.copy = config, config.copy
-    self.num_slots = num_slots or offload_slots(model.config, capacity)
+    self.config, self.copy, self._copy_checked = config, config.copy, False
+    self.num_slots = offload_slots(model.config, capacity) if num_slots is None else num_slots
+    check_positive(num_slots=self.num_slots)
     self.traces = {"embed": 0, "prefill": 0, "logits": 0, "step": 0}
-    self._copy_checked = False  # a step ran with self.copy
-    head_gd, head_st = nnx.split(_Head(model.embed, model.final_norm, model.lm_head))
-    gds, sts = zip(*(nnx.split(blk) for blk in model.layers))
-    # The parameters as one flat list, flattened once (nnx states flatten in Python).
-    self._params, params_def = jax.tree.flatten((head_st, list(sts)))
-    self._head_st = head_st
-    scale = float(model.config.nsa.scale(model.config.head_dim))
-    self._static = _Static(head_gd, gds, kinds, params_def, capacity, config.chunk, scale)
-    donate = (6,) if jax.devices()[0].platform != "cpu" else ()  # the states
-    self._embed = self._counted("embed", _embed, (0,))
-    self._prefill = self._counted("prefill", _prefill_layer, (0, 2))
-    self._logits = self._counted("logits", _last_logits, (0,))
-    self._sts = sts
-    self._step = self._counted("step", _step, (0, 1, 2), donate)
+    self.scale = float(model.config.nsa.scale(model.config.head_dim))
+    self._graphdef, state = nnx.split(model)
+    self._params, self._params_def = jax.tree.flatten(state)  # once: nnx flattens in Python
+    self._layers = [nnx.split(blk) for blk in model.layers]
+    donate = (5,) if jax.devices()[0].platform != "cpu" else ()  # the states
+    self._embed = self._counted("embed", lambda d, p, tokens: d._model(p).embed(tokens))
+    self._prefill = self._counted("prefill", lambda d, *a: _prefill_layer(*a), (0, 2))
+    last = lambda d, p, x: dec._logits(d._model(p), x[:, -1:])[:, 0]
+    self._logits = self._counted("logits", last)
+    self._step = self._counted("step", _step, (0, 1), donate)
     self._pending = None  # the step not yet accounted
 
-  def _counted(self, name, fn, static, donate=()):
+  def _counted(self, name, fn, static=(), donate=()):
+    """``fn(self, *args)`` jitted, its traces counted in :attr:`traces`."""
+
     def wrapped(*args):
       self.traces[name] += 1
-      return fn(*args)
+      return fn(self, *args)
 
     return jax.jit(wrapped, static_argnums=static, donate_argnums=donate)
 
-  def _new_caches(self, dtype):
+  def _model(self, params):
+    return nnx.merge(self._graphdef, jax.tree.unflatten(self._params_def, params))
+
+  def _new_caches(self) -> list:
     """Per layer: ``[select state, OffloadedLayer]`` (NOSA) or the layer's decode cache."""
     c, caches = self.model.config, []
     for blk in self.model.layers:
       if blk.kind != "nosa":
-        caches.append(blk.attn.init_cache(self.batch, self.capacity, dtype))
+        caches.append(blk.attn.init_cache(self.batch, self.capacity, self.dtype))
         continue
-      dt = dtype or blk.attn.dtype
-      sel = init_select_state(
+      dt = self.dtype or blk.attn.dtype
+      sel = nd.init_select_state(
         self.batch, self.capacity, config=c.nsa, num_kv_heads=c.num_kv_heads, dk=c.head_dim,
         dtype=dt,
       )  # fmt: skip
@@ -266,41 +198,34 @@ class OffloadedDecoder:
     return caches
 
   def prefill(self, tokens):
-    """``tokens [B, T]`` (one length for every row, ``T <= capacity``) -> ``(logits [B, V],
-    caches)``; the NOSA layers' K/V/c go to the host stores."""
+    """``tokens [B, T]`` (one length, ``T <= capacity``) -> ``(logits [B, V], caches)``."""
     tokens = jnp.asarray(tokens, jnp.int32)
-    b, t = tokens.shape
-    if b != self.batch or not 1 <= t <= self.capacity:
+    if tokens.shape[0] != self.batch or not 1 <= tokens.shape[1] <= self.capacity:
       raise ValueError(
         f"tokens: expected shape [B, T] with B = {self.batch} and 1 <= T <= "
         f"capacity = {self.capacity}, got {tokens.shape}"
       )
-    caches, static = self._new_caches(self.dtype), self._static
-    lengths = jnp.full((b,), t, jnp.int32)
-    x = self._embed(static.head_gd, self._head_st, tokens)
-    for i, (gd, st, kind) in enumerate(zip(static.gds, self._sts, static.kinds)):
-      state = caches[i][0] if kind == "nosa" else caches[i]
-      x, state, kvc = self._prefill(gd, st, kind, x, lengths, state)
-      if kind == "nosa":
+    caches, lengths = self._new_caches(), jnp.full(tokens.shape[:1], tokens.shape[1], jnp.int32)
+    x = self._embed(self._params, tokens)
+    for i, ((gd, st), blk) in enumerate(zip(self._layers, self.model.layers)):
+      nosa = isinstance(caches[i], list)
+      x, state, kvc = self._prefill(
+        gd, st, blk.kind, x, lengths, caches[i][0] if nosa else caches[i]
+      )
+      if nosa:
         caches[i][0] = state
         caches[i][1].prefill(*kvc)
       else:
         caches[i] = state
-    return self._logits(static.head_gd, self._head_st, x), caches
+    return self._logits(self._params, x), caches
 
   def step(self, tokens, caches, pos: int):
-    """Feeds ``tokens [B]`` at position ``pos`` (the caches' length, ``< capacity``); returns
-    ``(logits [B, V], stats)`` (``caches`` are updated in place).
-
-    Rolls completed tails over to the host stores, dispatches ONE jitted call, then reads back
-    the PREVIOUS step's counts (the only wait for the device). ``stats`` (the step's transfer
-    counts summed over the NOSA layers, and ``stats["per_layer"]``) reads this step's counts when
-    first accessed, else at the next step, :meth:`flush` or :meth:`summarize`; a selection error
-    (too many blocks for the slots) is raised there, one step late. If the kernel copy does not
-    compile, logs it once and uses the XLA copy.
-    """
-    if not 0 <= pos < self.capacity:
-      raise ValueError(f"pos: expected 0 <= pos < capacity = {self.capacity}, got {pos}")
+    """Feeds ``tokens [B]`` at ``pos`` (the caches' length), updating ``caches`` in place:
+    ``(logits [B, V], stats)``. Rolls tails over, dispatches ONE jitted call, then reads back the
+    PREVIOUS step's counts (the only wait). ``stats`` (transfer counts summed over the NOSA
+    layers, and ``"per_layer"``) are read at first access, the next step or :meth:`flush`, so a
+    selection error is raised one step late. A kernel copy that does not compile falls back to
+    the XLA copy (logged once)."""
     nosa = [c[1] for c in caches if isinstance(c, list)]
     if any(layer.length != pos for layer in nosa):
       raise ValueError(f"pos: expected the caches' length {nosa[0].length}, got {pos}")
@@ -312,17 +237,14 @@ class OffloadedDecoder:
     args = (self._params, jnp.asarray(tokens, jnp.int32), jnp.int32(pos), states, stores)
     host = nosa[0].store.host
     try:
-      logits, states, info = self._step(self._static, host, self.copy, *args)
+      logits, states, info = self._step(host, self.copy, *args)
     except Exception as e:
       if self.copy != "kernel" or self._copy_checked:
         raise
-      log.warning(
-        "offload: the step with copy='kernel' does not compile on %s (%s); using copy='xla'",
-        jax.devices()[0].platform,
-        str(e).splitlines()[0],
-      )
+      err = str(e).splitlines()[0]
+      log.warning(f"offload: the step with copy='kernel' does not compile ({err}); using 'xla'")
       self.copy = "xla"
-      logits, states, info = self._step(self._static, host, self.copy, *args)
+      logits, states, info = self._step(host, self.copy, *args)
     self._copy_checked = True
     for i, state in enumerate(states):
       if isinstance(caches[i], list):
@@ -336,11 +258,10 @@ class OffloadedDecoder:
     return logits, stats
 
   def flush(self) -> None:
-    """Reads back and accounts the last step's counts (waits for it); raises the errors of its
-    selection (see :meth:`step`)."""
+    """Reads back and accounts the last step's counts, raising its selection's errors."""
     pending, self._pending = self._pending, None
     if pending is not None:
-      pending.resolve()
+      _ = pending.stats  # reads back and accounts
 
   def summarize(self, caches, per_step: list) -> OffloadStats:
     """:class:`OffloadStats` of a run (``per_step`` from :meth:`step`)."""
@@ -348,27 +269,21 @@ class OffloadedDecoder:
     nosa = [c for c in caches if isinstance(c, list)]
     dev = sum(dec.cache_bytes((s, *x.state[:2], *x.state[3:5])) for s, x in nosa)
     steps = [{k: v for k, v in s.items() if k != "per_layer"} for s in per_step]
+    per_layer = [_sum_stats([x.totals]) for _, x in nosa]
+    host = sum(x.store.nbytes for _, x in nosa)
     return OffloadStats(
-      steps,
-      _sum_stats(steps),
-      [_sum_stats([x.totals]) for _, x in nosa],
-      self.num_slots,
-      nosa[0][1].store.memory_kind,
-      dev,
-      sum(x.store.nbytes for _, x in nosa),
+      steps, _sum_stats(steps), per_layer, self.num_slots, nosa[0][1].store.kind, dev, host
     )
 
 
 def generate_offloaded(decoder: OffloadedDecoder, tokens, max_new_tokens: int, *, sample, keys):
-  """Greedy/sampled generation with ``decoder``: ``tokens [B, T]`` prompts of one length,
-  ``sample(logits, key) -> [B]`` (jitted), ``keys`` one PRNG key per new token. Returns
-  ``(new tokens [B, N] numpy, prefill_s, decode_s, OffloadStats)`` (times include any
-  compilation: warm the decoder up first to time steady state)."""
+  """Generation from ``tokens [B, T]`` with ``sample(logits, key) -> [B]``, one of ``keys`` per
+  new token: ``(new tokens [B, N] numpy, prefill_s, decode_s, OffloadStats)``."""
   t0 = time.perf_counter()
   logits, caches = decoder.prefill(tokens)
   logits.block_until_ready()
-  prefill_s = time.perf_counter() - t0
-  out, per_step, pos = [sample(logits, keys[0])], [], tokens.shape[1]
+  prefill_s, pos = time.perf_counter() - t0, tokens.shape[1]
+  out, per_step = [sample(logits, keys[0])], []
   t0 = time.perf_counter()
   for i in range(1, max_new_tokens):
     logits, stats = decoder.step(out[-1], caches, pos + i - 1)
@@ -378,6 +293,3 @@ def generate_offloaded(decoder: OffloadedDecoder, tokens, max_new_tokens: int, *
   decode_s = time.perf_counter() - t0
   new = np.stack([np.asarray(t) for t in out], axis=1)
   return new, prefill_s, decode_s, decoder.summarize(caches, per_step)
-
-
-__all__ = ["OffloadStats", "OffloadedDecoder", "generate_offloaded", "offload_slots"]

@@ -1,16 +1,16 @@
-"""One offloaded NOSA layer: its host block store, device slots and the traced decode step.
+"""One offloaded NOSA layer: its options, host block store, device slots and traced decode step.
 
-The full K/V and eviction scores ``c`` of every sequence live in the host
-:class:`~sparse_attention_jax.offload.store.BlockStore`. The device holds, per (sequence, KV
-head), ``num_slots`` block slots with a block-id map (``-1`` = empty) and the tail, the block of
-the newest token, written on the device and copied to the store when the next token starts a new
-block (:meth:`OffloadedLayer.roll_over`); a completed tail selected later is loaded from the host
-once. Sequences share one length (no ragged batches) and one document (no segment ids).
+K/V and eviction scores ``c`` live in the host :class:`BlockStore`. The device holds, per
+(sequence, KV head), ``num_slots`` block slots and the tail (the newest token's block, copied to
+the store when the next token starts a block; loaded back once if selected later). Sequences
+share one length and one document.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import logging
 from typing import NamedTuple
 
 import jax
@@ -18,20 +18,94 @@ import jax.numpy as jnp
 import numpy as np
 
 from sparse_attention_jax.offload.block_copy import copy_into_slots
-from sparse_attention_jax.offload.config import OffloadConfig, check_positive
-from sparse_attention_jax.offload.slot_plan import (
-  INFO_LOADS,
-  INFO_REQUESTED,
-  check_info,
-  plan_slots,
-  refused,
-)
-from sparse_attention_jax.offload.store import BlockStore
+from sparse_attention_jax.offload.slot_plan import check_info, load_count, plan_slots
 from sparse_attention_jax.ops.nosa import biased_masked_attention
 
-# Per-step counts and host seconds of a layer's step (summed over steps in ``totals``):
-# ``wait_s`` reading the step's counts back, ``dispatch_s`` dispatching the step.
+log = logging.getLogger("sparse_attention_jax.offload")
+
+# How missing blocks move host -> device slots (:mod:`~.block_copy`): a Pallas kernel reading the
+# pinned store in place, or XLA's gather on the host store in a while loop of chunks.
+COPIES = ("kernel", "xla")
+# A step's counts and host seconds (reading its counts back, dispatching it).
 STAT_KEYS = ("requested", "hits", "transferred", "bytes", "wait_s", "dispatch_s")
+
+
+def check_positive(**values) -> None:
+  """Raises ``ValueError`` naming the first of ``values`` that is not a positive int."""
+  for name, val in values.items():
+    if not isinstance(val, int) or isinstance(val, bool) or val < 1:
+      raise ValueError(f"{name}: expected a positive int, got {val!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class OffloadConfig:
+  """Options of offloaded decoding: ``copy``, one of :data:`COPIES` (``"kernel"`` falls back to
+  ``"xla"`` where the kernel cannot serve); ``chunk``, most blocks per XLA load iteration."""
+
+  copy: str = "kernel"
+  chunk: int = 1024
+
+  def __post_init__(self):
+    if self.copy not in COPIES:
+      raise ValueError(f"copy: expected one of {COPIES}, got {self.copy!r}")
+    check_positive(chunk=self.chunk)
+
+
+def host_memory_kind(device) -> str:
+  """``"pinned_host"`` if ``device`` can address pinned host memory, else ``"device"`` (logged)."""
+  kinds = [m.kind for m in device.addressable_memories()]
+  if "pinned_host" in kinds:
+    return "pinned_host"
+  log.warning(
+    f"offload: {device} has no pinned_host memory ({kinds}); the store uses device memory"
+  )
+  return "device"
+
+
+@functools.cache
+def _store_write(sharding: jax.sharding.Sharding):
+  """The jitted in-place write (store donated) of a store with ``sharding``."""
+
+  def write(kv_store, c_store, kv, c, start):
+    if sharding.memory_kind != "device":
+      kv, c = jax.device_put((kv, c), jax.memory.Space.Host)
+    at = (0, 0, start, 0, 0)
+    return (
+      jax.lax.dynamic_update_slice(kv_store, kv.astype(kv_store.dtype), at),
+      jax.lax.dynamic_update_slice(c_store, c, at[:4]),
+    )
+
+  return jax.jit(write, donate_argnums=(0, 1), out_shardings=(sharding,) * 2)
+
+
+class BlockStore:
+  """One layer's blocks, ``kv [B, H, NB, l', D]`` (``shape``, ``dtype``) and float32 ``c [B, H,
+  NB, l']``: ONE jax array each in ``device``'s ``pinned_host`` memory (mapped into the GPU's
+  address space: the block copy reads it in place), else in device memory (``kind``, ``host``).
+  Zero-filled at first use (a benchmark may assign its own arrays with :attr:`sharding`)."""
+
+  def __init__(self, shape, dtype, device):
+    self.shape, self.dtype = tuple(shape), jnp.dtype(dtype)
+    self.kind = host_memory_kind(device)
+    self.host = self.kind != "device"
+    self.sharding = jax.sharding.SingleDeviceSharding(device, memory_kind=self.kind)
+
+  @functools.cached_property
+  def kv(self) -> jax.Array:
+    return jax.device_put(np.zeros(self.shape, self.dtype), self.sharding)
+
+  @functools.cached_property
+  def c(self) -> jax.Array:
+    return jax.device_put(np.zeros(self.shape[:4], np.float32), self.sharding)
+
+  @property
+  def nbytes(self) -> int:
+    return int(np.prod(self.shape) * self.dtype.itemsize + np.prod(self.shape[:4]) * 4)
+
+  def write(self, start: int, kv, c) -> None:
+    """Writes ``kv [B, H, n, l', D]``, ``c [B, H, n, l']`` at blocks ``start ..`` in place."""
+    write = _store_write(self.sharding)
+    self.kv, self.c = write(self.kv, self.c, kv, jnp.asarray(c, jnp.float32), jnp.int32(start))
 
 
 class LayerState(NamedTuple):
@@ -45,93 +119,54 @@ class LayerState(NamedTuple):
   tail_use: jax.Array  # [B, H] bool
 
 
-def attend(q, slot_kv, slot_c, slot_block, tail_kv, tail_c, tail_use, t, *, scale: float):
-  """Biased attention of ``q [B, HQ, Dk]`` (``HQ % H == 0``) at position ``t`` over the occupied
-  slots and, if ``tail_use``, the tail's tokens ``<= t``: ``[B, HQ, Dv]`` in ``q.dtype``,
-  ``sum_j e^{s_j + c_j} v_j / sum_j e^{s_j + c_j}``."""
-  b, h, ns, bs, _ = slot_kv.shape
-  k_dim = q.shape[-1]
-  kv = jnp.concatenate([slot_kv.reshape(b, h, ns * bs, -1), tail_kv], axis=2)  # [B,H,S,Dk+Dv]
-  c = jnp.concatenate([slot_c.reshape(b, h, ns * bs), tail_c], axis=2)  # [B, H, S]
-  slot_ok = jnp.repeat(slot_block >= 0, bs, axis=2)  # [B, H, NS*bs]
+def attend(q, st: LayerState, t, *, scale: float):
+  """Biased attention (``softmax(s + c)``) of ``q [B, HQ, Dk]`` at position ``t`` over the
+  occupied slots and, if ``tail_use``, the tail's tokens ``<= t``: ``[B, HQ, Dv]``."""
+  b, h, ns, bs, _ = st.slot_kv.shape
+  kv = jnp.concatenate([st.slot_kv.reshape(b, h, ns * bs, -1), st.tail_kv], axis=2)  # [B,H,S,D]
+  c = jnp.concatenate([st.slot_c.reshape(b, h, ns * bs), st.tail_c], axis=2)  # [B, H, S]
   tail_pos = (t // bs) * bs + jnp.arange(bs, dtype=jnp.int32)  # [bs]
-  tail_ok = tail_use[:, :, None] & (tail_pos <= t)[None, None, :]  # [B, H, bs]
-  mask = jnp.concatenate([slot_ok, tail_ok], axis=2)  # [B, H, S]
-  k = jnp.transpose(kv[..., :k_dim], (0, 2, 1, 3))  # [B, S, H, Dk]
-  v = jnp.transpose(kv[..., k_dim:], (0, 2, 1, 3))
+  tail_ok = st.tail_use[:, :, None] & (tail_pos <= t)[None, None, :]  # [B, H, bs]
+  mask = jnp.concatenate([jnp.repeat(st.slot_block >= 0, bs, axis=2), tail_ok], axis=2)
+  k, v = jnp.split(jnp.transpose(kv, (0, 2, 1, 3)).astype(q.dtype), [q.shape[-1]], axis=-1)
   bias = jnp.transpose(c, (0, 2, 1))  # [B, S, H]
-  o = biased_masked_attention(
-    q[:, None], k.astype(q.dtype), v.astype(q.dtype), bias, mask[:, None], scale
-  )
-  return o[:, 0]
+  return biased_masked_attention(q[:, None], k, v, bias, mask[:, None], scale)[:, 0]
 
 
 def layer_step(
   state: LayerState, store_kv, store_c, kv_t, c_t, gamma, q, t, *, chunk: int, scale: float,
   host: bool, copy: str = "kernel",
 ):  # fmt: skip
-  """One decode step of one offloaded layer as ONE traced computation (the tail roll-over, every
-  ``l'`` tokens, is done by the caller between steps: :meth:`OffloadedLayer.roll_over`).
-
-  Args:
-    state: the layer's :class:`LayerState`.
-    store_kv, store_c: the :class:`~sparse_attention_jax.offload.store.BlockStore` arrays (read
-      only); ``host``: they are in host memory.
-    kv_t: ``[B, H, Dk + Dv]`` the new token's RoPE'd key and value; ``c_t [B, H]`` its eviction
-      score.
-    gamma: ``[B, H, n]`` int selection of the query at ``t`` (``-1`` padding).
-    q: ``[B, HQ, Dk]``.
-    t: int32 scalar, the new token's position (its block is the tail).
-    chunk: most blocks one XLA load iteration gathers (static; also the plan's padding).
-    copy: ``"kernel"`` or ``"xla"`` (:func:`~sparse_attention_jax.offload.block_copy
-      .copy_into_slots`).
-
-  Returns:
-    ``(o [B, HQ, Dv], state, info)``: ``info`` is :func:`~sparse_attention_jax.offload.slot_plan
-    .plan_slots`'s int32[5]. A refused selection (a future block, an over-full row) copies
-    nothing; the caller raises from ``info``.
-  """
+  """One decode step of one layer as ONE traced computation: the new token (``kv_t [B, H, Dk +
+  Dv]`` RoPE'd, ``c_t [B, H]``) at position ``t`` into the tail, the slots made to hold ``gamma
+  [B, H, n]`` (``-1`` padding) from the store (``host``: in host memory; ``copy``, ``chunk``:
+  :func:`~.block_copy.copy_into_slots`), attention of ``q [B, HQ, Dk]``. The tail roll-over is
+  the caller's (:meth:`OffloadedLayer.roll_over`). Returns ``(o [B, HQ, Dv], state, info)``,
+  ``info`` the int32[5] of :func:`~.slot_plan.plan_slots`; a refused selection copies nothing
+  (the caller raises from ``info``)."""
   bs = state.tail_kv.shape[2]
   tail_kv = state.tail_kv.at[:, :, t % bs].set(kv_t.astype(state.tail_kv.dtype))
   tail_c = state.tail_c.at[:, :, t % bs].set(c_t.astype(jnp.float32))
   slot_block, tail_use, loads, info = plan_slots(
     gamma.astype(jnp.int32), state.slot_block, t // bs, pad=chunk
   )
-  n = jnp.where(refused(info, t // bs), 0, info[INFO_LOADS])
+  n = load_count(info, t // bs)
   slot_kv, slot_c = copy_into_slots(
     store_kv, store_c, state.slot_kv, state.slot_c, loads, n, copy=copy, chunk=chunk, host=host
   )
-  o = attend(q, slot_kv, slot_c, slot_block, tail_kv, tail_c, tail_use, t, scale=scale)
-  return o, LayerState(slot_kv, slot_c, slot_block, tail_kv, tail_c, tail_use), info
+  state = LayerState(slot_kv, slot_c, slot_block, tail_kv, tail_c, tail_use)
+  return attend(q, state, t, scale=scale), state, info
 
 
-@functools.cache
-def _jitted_step(chunk: int, scale: float, host: bool, copy: str):
-  return jax.jit(functools.partial(layer_step, chunk=chunk, scale=scale, host=host, copy=copy))
-
-
-def _fail(name: str, expected: str, got) -> None:
-  raise ValueError(f"{name}: expected {expected}, got {got}")
+_jitted_step = jax.jit(layer_step, static_argnames=("chunk", "scale", "host", "copy"))
 
 
 class OffloadedLayer:
-  """The offloaded KV cache of one NOSA layer (see the module docstring).
-
-  Args:
-    batch: B sequences. num_kv_heads: H. k_dim, v_dim: Dk, Dv. block_size: l'.
-    num_slots: NS device slots per (sequence, KV head) for the selected blocks other than the
-      current one.
-    max_len: the most tokens a sequence may hold.
-    dtype: cache dtype of K/V (``c`` is kept in float32).
-    device: the accelerator (default ``jax.devices()[0]``).
-    config: the copy options of :meth:`step` (default ``OffloadConfig()``).
-
-  Attributes:
-    store: the host :class:`~sparse_attention_jax.offload.store.BlockStore`.
-    state: the device arrays (:class:`LayerState`).
-    length: tokens held per sequence. totals: :data:`STAT_KEYS` summed over steps, and
-      ``"steps"``.
-  """
+  """The offloaded KV cache of one NOSA layer: ``batch`` B, ``num_kv_heads`` H, ``k_dim`` Dk,
+  ``v_dim`` Dv, ``block_size`` l', ``num_slots`` NS (slots per (sequence, KV head) besides the
+  current block), ``max_len`` tokens per sequence, K/V ``dtype``; ``config`` for :meth:`step`.
+  Attributes: ``store`` (:class:`BlockStore`), ``state`` (:class:`LayerState`), ``length``
+  (tokens per sequence), ``totals`` (:data:`STAT_KEYS` summed over steps, and ``"steps"``)."""
 
   def __init__(
     self, *, batch, num_kv_heads, k_dim, v_dim, block_size, num_slots, max_len,
@@ -161,25 +196,19 @@ class OffloadedLayer:
     self.length = self._stored = 0  # tokens; complete blocks written to the store
     self.totals = {"steps": 0, **dict.fromkeys(STAT_KEYS, 0)}
 
-  @property
-  def block_bytes(self) -> int:
-    """Bytes of one block of one KV head moved host -> device (K, V and float32 ``c``)."""
-    return self.block_size * ((self.k_dim + self.v_dim) * self.dtype.itemsize + 4)
-
   def prefill(self, k, v, c) -> None:
-    """Stores a prompt: ``k [B, T, H, Dk]`` (RoPE'd), ``v [B, T, H, Dv]``, ``c [B, T, H]``.
-    Blocks before the last token's block go to the host store; the last token's block is the
-    tail."""
+    """Stores a prompt ``k [B, T, H, Dk]`` (RoPE'd), ``v [B, T, H, Dv]``, ``c [B, T, H]``; the
+    last token's block is the tail."""
     if self.length:
-      _fail("prefill", "an empty cache", f"length {self.length}")
+      raise ValueError(f"prefill: expected an empty cache, got length {self.length}")
     (b, t, h, _), bs = k.shape, self.block_size
-    if k.shape != (b, t, h, self.k_dim) or v.shape != (b, t, h, self.v_dim) or c.shape != (b, t, h):
-      _fail(
-        "k/v/c", "shapes [B, T, H, Dk], [B, T, H, Dv] and [B, T, H]", (k.shape, v.shape, c.shape)
-      )
-    if (b, h) != (self.batch, self.heads) or not 1 <= t <= self.max_len:
-      _fail(
-        "k.shape", f"[{self.batch}, T, {self.heads}, Dk], 1 <= T <= max_len={self.max_len}", k.shape
+    if (
+      (b, h) != (self.batch, self.heads) or not 1 <= t <= self.max_len
+      or k.shape[3] != self.k_dim or v.shape != (b, t, h, self.v_dim) or c.shape != (b, t, h)
+    ):  # fmt: skip
+      raise ValueError(
+        f"k.shape: expected [{self.batch}, T, {self.heads}, Dk], 1 <= T <= max_len="
+        f"{self.max_len} (v [B, T, H, Dv], c [B, T, H]), got {(k.shape, v.shape, c.shape)}"
       )
     cur = (t - 1) // bs
     pad = ((0, 0), (0, (cur + 1) * bs - t), (0, 0))
@@ -193,44 +222,30 @@ class OffloadedLayer:
     self.length, self._stored = t, cur
 
   def roll_over(self) -> None:
-    """Before the step of the token at ``t = length``: when that token starts a new block, copies
-    the complete tail of every sequence and head to the host store (one jitted write) and empties
-    the tail; otherwise (or when already done) nothing."""
+    """Before the step at ``t = length``: if it starts a block, moves the full tail to the store."""
     if self.length >= self.max_len:
-      _fail("step", f"at most max_len={self.max_len} tokens", f"token {self.length + 1}")
+      raise ValueError(
+        f"step: expected at most max_len={self.max_len} tokens, got token {self.length + 1}"
+      )
     pos, bs, st = self.length, self.block_size, self.state
     if pos and pos % bs == 0 and self._stored < pos // bs:
       self.store.write(pos // bs - 1, st.tail_kv[:, :, None], st.tail_c[:, :, None])
-      self.state = st._replace(
-        tail_kv=jnp.zeros_like(st.tail_kv),
-        tail_c=jnp.zeros_like(st.tail_c),
-        tail_use=jnp.zeros_like(st.tail_use),
-      )
+      self.state = LayerState(*st[:3], *map(jnp.zeros_like, st[3:]))  # an empty tail
       self._stored = pos // bs
 
   def adopt(self, state: LayerState) -> int:
-    """The new arrays of a :func:`layer_step` run for the token at ``t = length`` (after
-    :meth:`roll_over`), and one more token. Returns ``t``. Nothing waits for the device."""
+    """Takes the new state of the step at ``t = length`` (no wait); returns ``t``."""
     self.state, self.length = state, self.length + 1
     return self.length - 1
 
   def account(self, info, *, t: int, **seconds) -> dict:
-    """The stats of the step of token ``t`` from its host ``info`` (int32[5] of
-    :func:`layer_step`), also added to :attr:`totals`; ``seconds``: host seconds of
-    :data:`STAT_KEYS` (0 if not given). Raises the selection's errors
-    (:func:`~sparse_attention_jax.offload.slot_plan.check_info`).
-
-    Returns:
-      ``{"requested": selected blocks other than the current one, "hits": those already
-      resident, "transferred": blocks copied host -> device, "hit_rate", "bytes": bytes moved,
-      "wait_s", "dispatch_s"}`` summed over the batch and heads.
-    """
-    check_info(info, t=t, block_size=self.block_size, num_slots=self.num_slots, heads=self.heads)
-    n, requested = int(info[INFO_LOADS]), int(info[INFO_REQUESTED])
+    """The stats of the step at ``t`` from its host ``info``, added to :attr:`totals`:
+    ``requested`` (selected blocks besides the current one), ``hits``, ``transferred``,
+    ``hit_rate``, ``bytes``, and host ``seconds``. Raises the selection's errors."""
+    n, requested = check_info(info, t, self.block_size, self.num_slots, self.heads)
+    block_bytes = self.block_size * ((self.k_dim + self.v_dim) * self.dtype.itemsize + 4)
     stats = {"requested": requested, "hits": requested - n, "transferred": n}
-    stats.update(
-      bytes=n * self.block_bytes, hit_rate=(requested - n) / requested if requested else 1.0
-    )
+    stats.update(bytes=n * block_bytes, hit_rate=(requested - n) / requested if requested else 1.0)
     stats.update({key: seconds.get(key, 0.0) for key in STAT_KEYS[4:]})
     for key in STAT_KEYS:
       self.totals[key] += stats[key]
@@ -238,29 +253,18 @@ class OffloadedLayer:
     return stats
 
   def step(self, k_t, v_t, c_t, gamma, q, *, softmax_scale: float | None = None):
-    """One synchronous decode step of this layer alone (the decoder fuses every layer's step
-    into one call instead): appends the token ``k_t [B, H, Dk]`` (RoPE'd), ``v_t [B, H, Dv]``,
-    ``c_t [B, H]`` at ``t = length``, makes the slots hold ``gamma [B, H, n]`` (block ids
-    ``<= t // l'``, ``-1`` padding) besides the current block, and attends ``q [B, HQ, Dk]``
-    (``softmax_scale`` default ``Dk ** -0.5``).
-
-    Returns:
-      ``(o [B, HQ, Dv], stats)`` (:meth:`account`). A refused selection raises and leaves the
-      slots as they were.
-    """
+    """:func:`layer_step` of this layer alone, synchronous, with ``k_t [B, H, Dk]`` and ``v_t
+    [B, H, Dv]``: ``(o, stats)`` (:meth:`account`); a refused selection raises, slots kept."""
     if np.ndim(gamma) != 3 or np.shape(gamma)[:2] != (self.batch, self.heads):
-      _fail("gamma", f"shape [B, H, n] = {(self.batch, self.heads, 'n')}", np.shape(gamma))
+      want = (self.batch, self.heads, "n")
+      raise ValueError(f"gamma: expected shape [B, H, n] = {want}, got {np.shape(gamma)}")
     self.roll_over()
     scale = self.k_dim**-0.5 if softmax_scale is None else softmax_scale
-    fn = _jitted_step(self.config.chunk, float(scale), self.store.host, self.config.copy)
     kv_t = jnp.concatenate([k_t, v_t], axis=-1).astype(self.dtype)
     gamma = jax.device_put(jnp.asarray(gamma, jnp.int32), self._dev)
-    o, state, info = fn(self.state, self.store.kv, self.store.c, kv_t, c_t, gamma, q, self.length)
-    check_info(
-      info := np.asarray(info), t=self.length, block_size=self.block_size,
-      num_slots=self.num_slots, heads=self.heads,
+    o, state, info = _jitted_step(
+      self.state, self.store.kv, self.store.c, kv_t, c_t, gamma, q, self.length,
+      chunk=self.config.chunk, scale=float(scale), host=self.store.host, copy=self.config.copy,
     )  # fmt: skip
+    check_info(info := np.asarray(info), self.length, self.block_size, self.num_slots, self.heads)
     return o, self.account(info, t=self.adopt(state))
-
-
-__all__ = ["STAT_KEYS", "LayerState", "OffloadedLayer", "attend", "layer_step"]
