@@ -11,6 +11,9 @@ NOSA included (``configs/nosa_*.yaml``); ``--offload`` keeps the K/V/c of every 
 pinned host memory (:mod:`sparse_attention_jax.offload`) and also prints the blocks
 transferred, hit rate and bytes moved host -> device.
 
+Every failure (a bad flag or override, an unreadable config or checkpoint, a request the model
+cannot serve) is one line on stderr starting with ``error:`` and exit status 2, never a traceback.
+
 Example::
 
   python -m train.generate --config configs/tiny.yaml \\
@@ -23,8 +26,23 @@ import argparse
 import sys
 
 
+class _UsageError(Exception):
+  """A command-line error argparse found (printed as one ``error:`` line)."""
+
+
+class _Parser(argparse.ArgumentParser):
+  def error(self, message):
+    raise _UsageError(message)
+
+
+def _fail(message) -> int:
+  """Prints ``error: <message>`` as one line on stderr; returns the exit status 2."""
+  print("error: " + " ".join(str(message).split()), file=sys.stderr)
+  return 2
+
+
 def _parse_args(argv):
-  p = argparse.ArgumentParser(
+  p = _Parser(
     prog="python -m train.generate", description="Prefill + cached decoding of a byte-level model."
   )
   p.add_argument("--config", required=True, help="YAML file with a model: section")
@@ -60,14 +78,26 @@ def _parse_args(argv):
 
 
 def main(argv: list[str] | None = None) -> int:
+  """Runs the CLI; returns the exit status (0, or 2 after printing one ``error:`` line)."""
+  try:
+    return _main(argv)
+  except _UsageError as e:
+    return _fail(e)
+  except Exception as e:  # noqa: BLE001 - the CLI's contract: one line, never a traceback
+    return _fail(f"{type(e).__name__}: {e}")
+
+
+def _main(argv) -> int:
   args = _parse_args(argv)
   from train.config import load_config
 
   try:
     config = load_config(args.config, args.overrides)
-  except (ValueError, FileNotFoundError) as e:
-    print(f"config error: {e}", file=sys.stderr)
-    return 2
+  except FileNotFoundError as e:
+    why = e.strerror or e
+    return _fail(f"--config: expected a readable YAML file, got {args.config!r} ({why})")
+  except (ValueError, TypeError) as e:
+    return _fail(e)
   prompt = list(args.prompt.encode("utf-8"))
   mc = config.model
   problems = []
@@ -83,8 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     problems.append(f"--batch: expected a positive int, got {args.batch}")
   capacity = args.capacity or len(prompt) + max(args.max_new_tokens, 0)
   if problems:
-    print("argument error: " + "; ".join(problems), file=sys.stderr)
-    return 2
+    return _fail("; ".join(problems))
 
   import jax
   from flax import nnx
@@ -100,9 +129,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
       step = checkpoint.restore(args.checkpoint, model)
-    except (ValueError, FileNotFoundError) as e:
-      print(f"checkpoint error: {e}", file=sys.stderr)
-      return 2
+    except Exception as e:  # noqa: BLE001 - unreadable, corrupt or mismatched: one line
+      return _fail(f"--checkpoint: could not restore {args.checkpoint}: {type(e).__name__}: {e}")
     source = f"checkpoint {args.checkpoint} (step {step})"
   try:
     gen = Generator(
@@ -120,8 +148,7 @@ def main(argv: list[str] | None = None) -> int:
       seed=args.seed,
     )
   except (ValueError, NotImplementedError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+    return _fail(e)
   dev = jax.devices()[0]
   mode = "greedy" if args.greedy else f"temperature {args.temperature:g}, top-p {args.top_p:g}"
   print(f"model: layers {list(mc.layer_kinds())}, {source}, {dev.platform} ({dev.device_kind})")

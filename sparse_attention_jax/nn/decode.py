@@ -44,7 +44,9 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from sparse_attention_jax.nn.inputs import check_tokens, is_concrete
 from sparse_attention_jax.ops.decode import (
   attend_one,
   fill_linear,
@@ -185,16 +187,36 @@ def prefill(model, tokens, lengths, state: DecodeState) -> tuple[jax.Array, Deco
   Args:
     model: a ``DecoderLM`` whose kinds implement the protocol.
     tokens: ``[B, T]`` int32, row ``b`` = a prompt of ``lengths[b]`` tokens then padding.
-    lengths: ``[B]`` int32, ``1 <= lengths <= T <= capacity`` (values checked by the caller).
+    lengths: ``[B]`` int32, ``1 <= lengths <= T <= capacity``.
     state: from :func:`init_decode_state` (its lengths are replaced).
 
   Returns:
     ``(logits [B, V] float32 of the token after each prompt, state)``.
+
+  Raises:
+    ValueError: on bad shapes or dtypes, and, where they are concrete (called outside ``jit``),
+      on token ids outside ``[0, vocab_size)``, ``lengths`` outside ``[1, T]`` or
+      ``T > capacity``. Under ``jit`` these values are the caller's contract: a length of 0
+      or past the prompt gives meaningless logits and caches
+      (:class:`~sparse_attention_jax.generation.Generator` checks its prompts on the host).
   """
-  if tokens.ndim != 2:
-    raise ValueError(f"tokens: expected [B, T], got shape {tokens.shape}")
-  if lengths.shape != tokens.shape[:1]:
-    raise ValueError(f"lengths: expected shape [B] = {tokens.shape[:1]}, got {lengths.shape}")
+  check_tokens(tokens, model.config.vocab_size)
+  b, t = tokens.shape
+  if not hasattr(lengths, "shape") or lengths.shape != (b,):
+    got = f"shape {lengths.shape}" if hasattr(lengths, "shape") else type(lengths).__name__
+    raise ValueError(f"lengths: expected shape [B] = ({b},), got {got}")
+  if not jnp.issubdtype(lengths.dtype, jnp.integer):
+    raise ValueError(f"lengths: expected an integer dtype, got {lengths.dtype}")
+  if is_concrete(state.capacity) and t > int(state.capacity):
+    raise ValueError(
+      f"tokens: expected a prompt of at most the cache capacity {int(state.capacity)} tokens, "
+      f"got {t}"
+    )
+  if is_concrete(lengths):
+    host = np.asarray(lengths)
+    lo, hi = int(host.min()), int(host.max())
+    if lo < 1 or hi > t:
+      raise ValueError(f"lengths: expected values in [1, T={t}], got values in [{lo}, {hi}]")
   lengths = lengths.astype(jnp.int32)
   x = model.embed(tokens)
   caches = []

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sparse_attention_jax.nn.config import ModelConfig
+from sparse_attention_jax.nn.inputs import check_tokens
 from sparse_attention_jax.nn.layers import Embed, RMSNorm, SwiGLU, as_dtype, projection
 from sparse_attention_jax.nn.parallel import constrain_batch
 from sparse_attention_jax.nn.registry import ATTENTION_KINDS, get_attention_kind
@@ -139,9 +140,14 @@ class DecoderLM(nnx.Module):
 
     Returns:
       ``[B, T, V]`` float32 logits.
+
+    Raises:
+      ValueError: ``tokens`` is not a rank-2 integer array with ``B >= 1`` and ``T >= 1``, or,
+        when it is concrete (called outside ``jit``), holds ids outside ``[0, vocab_size)``
+        (those would give NaN logits or wrap around). Under ``jit`` the ids are not checked:
+        use :func:`~sparse_attention_jax.nn.inputs.check_token_ids` with ``checkify``.
     """
-    if tokens.ndim != 2:
-      raise ValueError(f"tokens: expected [B, T], got shape {tokens.shape}")
+    check_tokens(tokens, self.config.vocab_size)
     b, t = tokens.shape
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from sparse_attention_jax.config import NSAConfig
+
 FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 
@@ -17,6 +19,20 @@ def fail(name: str, expected: str, got) -> None:
 def check_rank(name: str, x, rank: int, layout: str) -> None:
   if not hasattr(x, "shape") or x.ndim != rank:
     fail(name, f"a rank-{rank} array {layout}", f"shape {getattr(x, 'shape', type(x).__name__)}")
+
+
+def check_config(config, name: str = "config") -> None:
+  """``config`` must be an :class:`NSAConfig` (not None, a dict or a module config)."""
+  if not isinstance(config, NSAConfig):
+    fail(name, "an NSAConfig", type(config).__name__)
+
+
+def check_batch_len(name: str, x) -> None:
+  """``x [B, T, ...]`` must hold at least one sequence (B >= 1) of at least one token (T >= 1)."""
+  if x.shape[0] < 1:
+    fail(f"{name}.shape[0]", "a batch size B >= 1", x.shape[0])
+  if x.shape[1] < 1:
+    fail(f"{name}.shape[1]", "a length T >= 1", x.shape[1])
 
 
 def check_float(name: str, x) -> None:
@@ -43,6 +59,7 @@ def check_qkv(
       f"the dtype of q ({q.dtype})",
       f"{k_name}.dtype={k.dtype}, {v_name}.dtype={v.dtype}",
     )
+  check_batch_len("q", q)
   b, t, hq, dk = q.shape
   if k.shape[0] != b or v.shape[0] != b:
     fail(f"{k_name}/{v_name}", f"batch size {b} (from q)", f"{k.shape[0]} and {v.shape[0]}")

@@ -105,7 +105,9 @@ def compress(x, config: NSAConfig, params: MLPCompressorParams | None = None, *,
     ``[B, NC, H, Dout]`` in ``x.dtype`` with ``NC = config.num_cmp_tokens(T)``; ``Dout = D`` for
     mean pooling. The MLP computes in float32.
   """
+  _checks.check_config(config)
   _checks.check_rank(name, x, 4, "[B, T, H, D]")
+  _checks.check_batch_len(name, x)
   b, t, h, d = x.shape
   idx = window_token_indices(config, t)
   if config.compression == "mean":
@@ -148,6 +150,7 @@ def cmp_visibility(config: NSAConfig, seq_len: int, segment_ids=None, batch: int
   Visible iff ``i*d + l - 1 <= t`` and (with ``segment_ids``) every token of the window is in the
   query's document.
   """
+  _checks.check_config(config)
   idx = window_token_indices(config, seq_len)  # [NC, l]
   # From iotas, not a NumPy [T, NC] table: a host-built table becomes a literal of T * NC bytes
   # in the HLO of every layer (4 MB per layer at T = 8192, d = 16), which bloats compiles.
@@ -188,6 +191,7 @@ def compressed_attention(
   Runs :func:`~sparse_attention_jax.ops.masked.recompute_masked_attention`: the backward pass
   recomputes the ``[B, T, HQ, NC]`` probabilities instead of keeping them.
   """
+  _checks.check_config(config)
   b, t, nc, _, _, _ = _checks.check_qkv(q, k_cmp, v_cmp, k_name="k_cmp", v_name="v_cmp")
   if nc != config.num_cmp_tokens(t):
     _checks.fail(

@@ -160,8 +160,7 @@ def nsa_attention(
   Returns:
     ``[B, T, HQ, Dv]`` in ``q.dtype`` (and :class:`NSAAux` if ``return_aux``).
   """
-  if not isinstance(config, NSAConfig):
-    _checks.fail("config", "an NSAConfig", type(config).__name__)
+  _checks.check_config(config)
   b, t, s, hq, h, dv = _checks.check_qkv(q, k, v)
   if s != t:
     _checks.fail("k", f"the query length T={t} (self-attention)", s)

@@ -63,6 +63,7 @@ class NSACache(NamedTuple):
 def decode_config(config: NSAConfig, capacity: int) -> NSAConfig:
   """The op config of a cache of ``capacity`` tokens (``num_selected`` clamped as the modules'
   ``config.for_length(T)``: the same selected set for every prefix length)."""
+  _checks.check_config(config)
   return config.for_length(capacity)
 
 

@@ -62,7 +62,9 @@ def block_importance(probs, config: NSAConfig, *, num_kv_heads: int, seq_len: in
   Returns:
     ``[B, T, H, NB]`` float32 importance (no gradient).
   """
+  _checks.check_config(config)
   _checks.check_rank("probs", probs, 4, "[B, T, HQ, NC]")
+  _checks.check_batch_len("probs", probs)
   b, t, hq, nc = probs.shape
   seq_len = t if seq_len is None else seq_len
   if hq % num_kv_heads:
@@ -114,7 +116,9 @@ def select_blocks(importance, config: NSAConfig, *, segment_ids=None):
     ``[B, T, H, n]`` int32 block indices, ascending, padded with ``-1`` when fewer than ``n``
     blocks are candidates.
   """
+  _checks.check_config(config)
   _checks.check_rank("importance", importance, 4, "[B, T, H, NB]")
+  _checks.check_batch_len("importance", importance)
   b, t, _, nb = importance.shape
   if nb != config.num_blocks(t):
     _checks.fail(

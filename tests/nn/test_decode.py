@@ -456,3 +456,35 @@ def test_sparse_decode_step_never_attends_over_the_capacity(kinds, reads_all):
   assert (cap in dims) == reads_all
   if not reads_all:  # the compressed branch: (4099 - 8) // 4 + 1 tokens
     assert NSA.num_cmp_tokens(cap) == 1023 and 1023 in dims
+
+
+def test_prefill_length_errors_on_concrete_lengths():
+  """Concrete lengths outside ``[1, T]`` (a length of 0 used to return garbage), empty or too
+  long prompts and out-of-vocabulary ids are rejected; under jit lengths are not read."""
+  model = _model(["full"])
+  state = dec.init_decode_state(model, 2, 8)
+  tokens = jnp.ones((2, 4), jnp.int32)
+  cases = [
+    (
+      tokens,
+      jnp.asarray([0, 4]),
+      r"^lengths: expected values in \[1, T=4\], got values in \[0, 4\]$",
+    ),
+    (
+      tokens,
+      jnp.asarray([2, 5]),
+      r"^lengths: expected values in \[1, T=4\], got values in \[2, 5\]$",
+    ),
+    (tokens, np.asarray([3]), r"^lengths: expected shape \[B\] = \(2,\), got shape \(1,\)$"),
+    (tokens, jnp.asarray([1.0, 2.0]), r"^lengths: expected an integer dtype, got float32$"),
+    (tokens[:, :0], jnp.asarray([1, 1]), r"^tokens\.shape\[1\]: expected a length T >= 1, got 0$"),
+    (tokens.at[0, 0].set(64), jnp.asarray([1, 1]), r"^tokens: expected token ids in \[0, vocab"),
+  ]
+  for toks, lengths, msg in cases:
+    with pytest.raises(ValueError, match=msg):
+      dec.prefill(model, toks, lengths, state)
+  logits, _ = dec.prefill(model, tokens, jnp.asarray([1, 4]), state)
+  assert logits.shape == (2, 64) and bool(jnp.all(jnp.isfinite(logits)))
+  graphdef, params = nnx.split(model)
+  jitted = jax.jit(lambda p, t, n, s: dec.prefill(nnx.merge(graphdef, p), t, n, s)[0])
+  assert jitted(params, tokens, jnp.asarray([0, 4]), state).shape == (2, 64)  # caller's contract

@@ -498,3 +498,69 @@ def test_scan_layers_skips_layers_with_non_parameter_state():
   for bad in (0, 1.5, True):
     with pytest.raises(ValueError, match="model.scan_unroll: expected a positive int"):
       dataclasses.replace(cfg, scan_unroll=bad)
+
+
+# ------------------------------------------------------------------------------ token checks
+def test_model_token_errors_name_the_argument():
+  """Empty batches or sequences, non-integer or non-rank-2 tokens, and (concrete) ids outside
+  ``[0, vocab)`` are rejected with one message naming ``tokens``; traced ids are not read."""
+  model = DecoderLM(tiny("full"), rngs=nnx.Rngs(0))
+  v = model.config.vocab_size
+  ok = jnp.ones((2, 8), jnp.int32)
+  cases = [
+    (jnp.ones((0, 8), jnp.int32), r"^tokens\.shape\[0\]: expected a batch size B >= 1, got 0$"),
+    (jnp.ones((2, 0), jnp.int32), r"^tokens\.shape\[1\]: expected a length T >= 1, got 0$"),
+    (ok[0], r"^tokens: expected a rank-2 \[B, T\] array of token ids, got shape \(8,\)$"),
+    (ok.astype(jnp.float32), r"^tokens: expected an integer dtype \(token ids\), got float32$"),
+    (
+      ok.at[0, 3].set(v),
+      rf"^tokens: expected token ids in \[0, vocab_size={v}\), got ids in \[1, {v}\]$",
+    ),
+    (
+      ok.at[1, 0].set(-1),
+      rf"^tokens: expected token ids in \[0, vocab_size={v}\), got ids in \[-1, 1\]$",
+    ),
+    (np.full((1, 4), v, np.int32), r"^tokens: expected token ids in"),
+  ]
+  for tokens, msg in cases:
+    with pytest.raises(ValueError, match=msg):
+      model(tokens)
+  assert model(ok).shape == (2, 8, v)
+  # Under jit the values are unknown: only shapes and dtypes are checked at trace time.
+  graphdef, state = nnx.split(model)
+  fwd = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t))
+  assert fwd(state, ok.at[0, 3].set(v)).shape == (2, 8, v)
+  with pytest.raises(ValueError, match=r"^tokens\.shape\[0\]: expected a batch size"):
+    fwd(state, jnp.ones((0, 8), jnp.int32))
+
+
+def test_check_token_ids_under_checkify():
+  """``check_token_ids`` reports out-of-range ids of jitted code through checkify and is a no-op
+  without it."""
+  from jax.experimental import checkify
+
+  from sparse_attention_jax.nn.inputs import check_token_ids
+
+  model = DecoderLM(tiny("full"), rngs=nnx.Rngs(0))
+  v = model.config.vocab_size
+  graphdef, state = nnx.split(model)
+
+  def logits(s, tokens):
+    check_token_ids(tokens, v)
+    return nnx.merge(graphdef, s)(tokens)
+
+  checked = jax.jit(checkify.checkify(logits))
+  ok = jnp.ones((2, 8), jnp.int32)
+  err, out = checked(state, ok)
+  err.throw()
+  assert out.shape == (2, 8, v)
+  for bad, lo, hi in ((ok.at[1, 2].set(v + 5), 1, v + 5), (ok.at[0, 0].set(-3), -3, 1)):
+    err, _ = checked(state, bad)
+    with pytest.raises(
+      checkify.JaxRuntimeError,
+      match=rf"tokens: expected token ids in \[0, vocab_size={v}\), got ids in \[{lo}, {hi}\]",
+    ):
+      err.throw()
+  assert jax.jit(logits)(state, ok.at[1, 2].set(v + 5)).shape == (2, 8, v)  # removed unchecked
+  with pytest.raises(ValueError, match="^tokens: expected an integer dtype"):
+    check_token_ids(ok.astype(jnp.float32), v)

@@ -127,6 +127,31 @@ def test_bad_segment_ids(op):
     OPS[op](q, k, v, segment_ids=seg[0])
 
 
+@pytest.mark.parametrize("op", list(OPS))
+def test_empty_batch_or_length_rejected(op):
+  """B = 0 or T = 0 fails at the entry check naming the axis, not deep inside a kernel."""
+  q, k, v = qkv(b=0)
+  with pytest.raises(ValueError, match=r"^q\.shape\[0\]: expected a batch size B >= 1, got 0$"):
+    OPS[op](q, k, v)
+  q, k, v = qkv(t=0)
+  with pytest.raises(ValueError, match=r"^q\.shape\[1\]: expected a length T >= 1, got 0$"):
+    OPS[op](q, k, v)
+
+
+def test_empty_inputs_of_the_nsa_pieces_rejected():
+  _, k, _ = qkv(b=0)
+  with raises(ValueError, r"k\.shape\[0\]"):
+    compress(k, CFG, name="k")
+  with raises(ValueError, r"probs\.shape\[1\]"):
+    block_importance(jnp.ones((B, 0, HQ, 0)), CFG, num_kv_heads=H)
+  with raises(ValueError, r"importance\.shape\[0\]"):
+    select_blocks(jnp.ones((0, T, H, T // 8)), CFG)
+  q, _, _ = qkv(t=0)
+  k_cmp = jnp.zeros((B, 0, H, DK))
+  with raises(ValueError, r"q\.shape\[1\]"):
+    compressed_attention(q, k_cmp, k_cmp, CFG)
+
+
 def test_cross_attention_lengths_rejected():
   q, k, v = qkv()
   for op in OPS.values():
@@ -212,6 +237,63 @@ def test_config_must_be_nsaconfig():
   q, k, v = qkv()
   with raises(ValueError, "config"):
     nsa_attention(q, k, v, config={"block_size": 8})
+
+
+@pytest.mark.parametrize("bad", [None, {"block_size": 8}, "fla"])
+def test_every_config_taking_op_checks_the_type(bad):
+  """``config=None`` (or a dict) names ``config`` instead of an AttributeError deep inside."""
+  from sparse_attention_jax.ops import (
+    agnostic_block_scores,
+    cmp_visibility,
+    fill_nsa_cache,
+    init_nsa_cache,
+    nosa_attention,
+    nosa_scores,
+    nosa_select,
+  )
+  from sparse_attention_jax.ops.nosa import fill_nosa_cache, init_nosa_cache, nosa_decode_step
+  from sparse_attention_jax.ops.nsa_decode import nsa_decode_step
+
+  q, k, v = qkv()
+  k_cmp = compress(k, CFG, name="k")
+  nb = T // 8
+  probs = jnp.ones((B, T, HQ, CFG.num_cmp_tokens(T)))
+  c = jnp.zeros((B, T, H))
+  scores = jnp.zeros((B, T, H, nb))
+  lengths = jnp.full((B,), T, jnp.int32)
+  cache = init_nsa_cache(B, T, config=CFG, num_kv_heads=H, dk=DK, dv=DV, dtype=jnp.float32)
+  calls = {
+    "compress": lambda: compress(k, bad),
+    "compressed_attention": lambda: compressed_attention(q, k_cmp, k_cmp, bad),
+    "block_importance": lambda: block_importance(probs, bad, num_kv_heads=H),
+    "select_blocks": lambda: select_blocks(scores, bad),
+    "nsa_attention": lambda: nsa_attention(q, k, v, config=bad),
+    "cmp_visibility": lambda: cmp_visibility(bad, T),
+    "init_nsa_cache": lambda: init_nsa_cache(
+      B, T, config=bad, num_kv_heads=H, dk=DK, dv=DV, dtype=jnp.float32
+    ),
+    "fill_nsa_cache": lambda: fill_nsa_cache(cache, config=bad, lengths=lengths, k=k, v=v),
+    "nsa_decode_step": lambda: nsa_decode_step(
+      cache, q[:, 0], config=bad, pos=lengths - 1, k=k[:, 0], v=v[:, 0]
+    ),
+    "agnostic_block_scores": lambda: agnostic_block_scores(c, bad),
+    "nosa_scores": lambda: nosa_scores(q, k, c, bad),
+    "nosa_select": lambda: nosa_select(scores, scores, bad, num_query_selected=2),
+    "nosa_attention": lambda: nosa_attention(q, k, v, c, config=bad, num_query_selected=2),
+    "init_nosa_cache": lambda: init_nosa_cache(
+      B, T, config=bad, num_kv_heads=H, dk=DK, dv=DV, dtype=jnp.float32
+    ),
+    "fill_nosa_cache": lambda: fill_nosa_cache(None, config=bad, lengths=lengths, k=k, v=v, c=c),
+    "nosa_decode_step": lambda: nosa_decode_step(
+      None, q[:, 0], config=bad, num_query_selected=2, pos=lengths - 1, k=k, v=v, c=c
+    ),
+  }
+  for name, call in calls.items():
+    with pytest.raises(
+      ValueError, match=rf"^config: expected an NSAConfig, got {type(bad).__name__}$"
+    ):
+      call()
+      pytest.fail(f"{name} accepted config={bad!r}")
 
 
 def test_num_selected_larger_than_blocks():

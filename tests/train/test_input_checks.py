@@ -88,3 +88,29 @@ def test_num_selected_beyond_the_row_is_a_warning():
   (warning,) = _config_warnings(cfg)
   assert "model.nsa.num_selected=4" in warning and "only 2 blocks" in warning
   assert _config_warnings(load_config(TINY, [])) == []
+
+
+@pytest.mark.parametrize(
+  "args, needle",
+  [
+    (["--prompt", "x"], "--max-new-tokens"),  # a required flag missing
+    (["--prompt", "x", "--max-new-tokens", "two"], "--max-new-tokens"),
+    (["--prompt", "x", "--max-new-tokens", "2", "--offload-copy", "dma"], "--offload-copy"),
+    (["--prompt", "x", "--max-new-tokens", "2", "--bogus"], "--bogus"),
+    (["--config", "no/such.yaml", "--prompt", "x", "--max-new-tokens", "2"], "no/such.yaml"),
+    (["--prompt", "x", "--max-new-tokens", "2", "train.stepz=3"], "train.stepz"),
+    (["--prompt", "", "--max-new-tokens", "0"], "--prompt: expected at least one byte"),
+    (["--prompt", "x", "--max-new-tokens", "2", "--checkpoint", "no/such/ckpt"], "--checkpoint"),
+    (["--prompt", "x", "--max-new-tokens", "2", "--capacity", "1"], "max_new_tokens"),
+  ],
+)
+def test_generate_cli_failures_are_one_error_line(capsys, args, needle):
+  """``python -m train.generate``: every failure is one ``error:`` line and status 2."""
+  from train import generate
+
+  argv = args if "--config" in args else ["--config", TINY, *args]
+  assert generate.main([*argv, *SMALL]) == 2
+  captured = capsys.readouterr()
+  err = [x for x in captured.err.splitlines() if x.strip()]
+  assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0], err
+  assert "Traceback" not in captured.err + captured.out

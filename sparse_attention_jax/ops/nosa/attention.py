@@ -137,6 +137,7 @@ def nosa_scores(q, k, c, config: NSAConfig, *, segment_ids=None):
   """``(s^q, s^a)``, both ``[B, T, H, NB]`` float32: InfLLM-V2's query-aware block scores (mean
   compressed keys, per-head softmax summed over the group, ``config.score_pooling``) and the
   query-agnostic scores from the eviction scores ``c [B, T, H]``."""
+  _checks.check_config(config)
   t, h = q.shape[1], k.shape[2]
   k_cmp = compress(k, config, name="k")
   # Only the probabilities are used; the compressed keys stand in for the unused values.
@@ -215,8 +216,7 @@ def nosa_attention(
   Returns:
     ``[B, T, HQ, Dv]`` in ``q.dtype`` (and :class:`NOSAAux`).
   """
-  if not isinstance(config, NSAConfig):
-    _checks.fail("config", "an NSAConfig", type(config).__name__)
+  _checks.check_config(config)
   if config.compression != "mean":
     _checks.fail(
       "config.compression", "'mean' (NOSA scores blocks with mean-pooled keys)", config.compression

@@ -82,6 +82,7 @@ def decode_budgets(
 ) -> tuple[NSAConfig, int]:
   """``(config, k_q)`` clamped to a cache of ``capacity`` tokens (the same selection as the
   full op's clamping to any prefix length: a budget of at least the candidates takes them all)."""
+  _checks.check_config(config)
   if not isinstance(capacity, int) or isinstance(capacity, bool) or capacity < 1:
     _checks.fail("capacity", "a positive int", capacity)
   if config.compression != "mean":
@@ -96,6 +97,7 @@ def init_select_state(
 ) -> NOSASelectState:
   """Zero rings and compressed keys, ``s_a = -inf``, for ``batch`` sequences of up to
   ``capacity`` tokens."""
+  _checks.check_config(config)
   for name, val in (("batch", batch), ("capacity", capacity)):
     if not isinstance(val, int) or isinstance(val, bool) or val < 1:
       _checks.fail(name, "a positive int", val)
@@ -135,6 +137,7 @@ def fill_select_state(
   Compressed tokens whose window reaches past a row's length hold padding; they are invisible
   until the decode step that completes them overwrites them.
   """
+  _checks.check_config(config)
   nb = state.s_a.shape[-1]
   t = k.shape[1]
   cfg = config.for_length(t)
@@ -154,6 +157,7 @@ def fill_select_state(
 
 def fill_nosa_cache(cache: NOSACache, *, config: NSAConfig, lengths, k, v, c) -> NOSACache:
   """:func:`fill_select_state` plus the linear K/V/c buffers (``v [B, T, H, Dv]``)."""
+  _checks.check_config(config)
   cap = cache.k.shape[1]
   if k.shape[1] > cap:
     _checks.fail("tokens", f"a prompt of at most the cache capacity {cap} tokens", k.shape[1])
@@ -257,6 +261,7 @@ def nosa_decode_step(
   Returns:
     ``(o [B, HQ, Dv] in q.dtype, new cache)``.
   """
+  _checks.check_config(config)
   cap = cache.k.shape[1]
   cfg, kq = decode_budgets(config, num_query_selected, cap)
   sel = update_select_state(cache.sel, config=cfg, pos=pos, k=k, c=c)

@@ -72,6 +72,7 @@ def eviction_bias(v, w_delta, a):
 
 def check_budget(config: NSAConfig, num_query_selected: int) -> None:
   """``num_init_blocks + num_local_blocks <= k_q <= k = config.num_selected``, else ValueError."""
+  _checks.check_config(config)
   forced = config.num_init_blocks + config.num_local_blocks
   k = config.num_selected
   if (
@@ -125,7 +126,9 @@ def agnostic_block_scores(c, config: NSAConfig, *, segment_ids=None, query_posit
     ``[B, Tq, H, NB]`` float32 (no gradient): the max over the compressed tokens overlapping the
     block that the query sees of the pooled ``c``; ``-inf`` where it sees none.
   """
+  _checks.check_config(config)
   _checks.check_rank("c", c, 3, "[B, S, H]")
+  _checks.check_batch_len("c", c)
   b, s, _ = c.shape
   _checks.check_segment_ids(segment_ids, b, s)
   if query_positions is not None and segment_ids is not None:
