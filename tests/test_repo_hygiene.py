@@ -3,9 +3,9 @@
 Greps every text file of ``git ls-files`` (binary files and the ``results/`` archives are
 skipped) for
 
-* absolute machine paths (``/work/...``, ``/root/...``, ``/home/<user>/...``);
-* wording about the process that produced the code rather than the code: "session N",
-  "issue N" (a bare number; public issue links such as ``#123`` are fine) and "lent machine";
+* absolute machine paths (under the work, root and home trees of a development machine);
+* wording about the process that produced the code rather than the code: a numbered session or
+  issue (public issue links such as ``#123`` are fine) and machines lent for the work;
 * references that do not resolve: ``*.md`` file names anywhere (URLs excluded; file names that
   scripts write, ``GENERATED``, are allowed), repo-relative paths (``docs/x.md``,
   ``benchmarks/x.py``, ``tests/.../x.py``, ...) inside backticks or Markdown link targets, and
@@ -145,12 +145,13 @@ def find_problems() -> list[str]:
 @pytest.mark.parametrize(
   "line, expected",
   [
-    ("see /work/main/README.md", "absolute machine path"),
-    ("cd /root/x", "absolute machine path"),
-    ("open('/home/alice/data')", "absolute machine path"),
-    ("measured in Session 16", "process wording"),
-    ("done (issue 7)", "process wording"),
-    ("notes for a lent machine", "process wording"),
+    # Built from pieces so that this file does not itself carry the patterns it looks for.
+    ("see /" + "work/main/README.md", "absolute machine path"),
+    ("cd /" + "root/x", "absolute machine path"),
+    ("open('/" + "home/alice/data')", "absolute machine path"),
+    ("measured in Sess" + "ion 16", "process wording"),
+    ("done (iss" + "ue 7)", "process wording"),
+    ("notes for a le" + "nt machine", "process wording"),
     ("see `docs/nowhere.md`", "not in the tree"),
     ("run `python3 benchmarks/nowhere.py --x`", "not in the tree"),
     ("[x](docs/missing.md)", "not in the tree"),
@@ -168,9 +169,9 @@ def test_patterns_flag(line, expected):
   [
     "jax.lax.top_k and jax.nn.dot_product_attention",
     "https://github.com/fla-org/flash-linear-attention/blob/main/README.md",
-    "https://example.org/work/root/home/user/",
+    "https://example.org/" + "work/root/home/user/",  # a URL path, not a machine path
     "fla-org/native-sparse-attention issue #11 and PR #574",
-    "writes runs/work/x and $OUT/check.json, /tmp/x",
+    "writes runs/" + "work/x and $OUT/check.json, /tmp/x",
     "see `docs/algorithms.md` §2.4 and [the page](docs/performance.md#targets)",
     "`train/sharding.py::RULES` and `configs/*.yaml` and `runs/tiny/checkpoints/300`",
     "raw files in `results/decode.tar.xz`; writes summary.md and `$OUT/summary.md`",
