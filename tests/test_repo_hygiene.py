@@ -169,7 +169,7 @@ def test_patterns_flag(line, expected):
   [
     "jax.lax.top_k and jax.nn.dot_product_attention",
     "https://github.com/fla-org/flash-linear-attention/blob/main/README.md",
-    "https://example.org/" + "work/root/home/user/",  # a URL path, not a machine path
+    "/".join(["https://example.org", "work", "root", "home", "user", ""]),  # a URL, not a path
     "fla-org/native-sparse-attention issue #11 and PR #574",
     "writes runs/" + "work/x and $OUT/check.json, /tmp/x",
     "see `docs/algorithms.md` §2.4 and [the page](docs/performance.md#targets)",
