@@ -111,9 +111,6 @@ def reference_impl(q, k, v, block_indices, *, block_size, segment_ids, softmax_s
   return masked_attention(q, k, v, mask, softmax_scale)[0]
 
 
-_selected_reference = reference_impl  # the name pallas_kernels' reference backward imports
-
-
 def dense_too_large(q, k, v, block_indices, **kwargs) -> str | None:
   """``"auto"``'s guard of the reference: a reason while its logits exceed the budget."""
   del k, v, block_indices, kwargs

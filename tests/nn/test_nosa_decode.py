@@ -8,11 +8,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from nosa_models import CFG, KQ, nosa_model
 
-from sparse_attention_jax.config import NSAConfig
-from sparse_attention_jax.nn import DecoderLM, ModelConfig
 from sparse_attention_jax.nn import decode as dec
-from sparse_attention_jax.nn.nosa_config import NOSAConfig
 from sparse_attention_jax.ops.nosa import nosa_attention
 from sparse_attention_jax.ops.nosa.decode import (
   fill_nosa_cache,
@@ -22,11 +20,6 @@ from sparse_attention_jax.ops.nosa.decode import (
 from sparse_attention_jax.ops.nosa.selection import for_length
 
 # l=8, d=4: a compressed token completes at 7, 11, 15, ...; blocks of 8 start at 8, 16, ...
-# k = 5 blocks: 1 init + 1 local (the current block) forced, k_q = 3 query-aware, 2 agnostic.
-CFG = NSAConfig.infllm_v2(
-  local_window=8, block_size=8, cmp_window=8, cmp_stride=4, num_selected=5, num_local_blocks=1
-)
-KQ = 3
 B, T, CAP = 2, 56, 60
 LENGTHS = (6, 13)
 
@@ -70,25 +63,6 @@ def test_nosa_decode_step_equals_op_at_every_position():
 
 
 # --------------------------------------------------------------------------- model level
-def nosa_model(kinds=("nosa", "full"), seed=3, **kw) -> DecoderLM:
-  base = {
-    "vocab_size": 64,
-    "d_model": 32,
-    "num_layers": len(kinds),
-    "num_heads": 4,
-    "num_kv_heads": 2,
-    "head_dim": 8,
-    "v_head_dim": 6,
-    "mlp_dim": 64,
-    "attention": tuple(kinds),
-    "nsa": CFG,
-    "nosa": NOSAConfig(query_selected=KQ),
-  }
-  model = DecoderLM(ModelConfig(**{**base, **kw}), rngs=nnx.Rngs(seed))
-  for i, blk in enumerate(model.layers):  # A = 0 at init would make c = 0: use both signs
-    if blk.kind == "nosa":
-      blk.attn.a[...] = jnp.array([1.5, -2.0]) * (1 + i)
-  return model
 
 
 def test_model_decode_equals_full_forward():

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from nosa_models import CFG, KQ, nosa_model
 
 from sparse_attention_jax.config import NSAConfig
 from sparse_attention_jax.generation.generator import Generator
@@ -22,32 +23,6 @@ from sparse_attention_jax.ops.nosa import biased_selected_attention, nosa_attent
 from sparse_attention_jax.ops.nosa.selection import for_length
 
 # l=8, d=4: a compressed token completes at 7, 11, 15, ...; blocks of 8 start at 8, 16, ...
-# k = 5 blocks: 1 init + 1 local (the current block) forced, k_q = 3 query-aware, 2 agnostic.
-CFG = NSAConfig.infllm_v2(
-  local_window=8, block_size=8, cmp_window=8, cmp_stride=4, num_selected=5, num_local_blocks=1
-)
-KQ = 3
-
-
-def nosa_model(kinds=("nosa", "full"), seed=3, **kw) -> DecoderLM:
-  base = {
-    "vocab_size": 64,
-    "d_model": 32,
-    "num_layers": len(kinds),
-    "num_heads": 4,
-    "num_kv_heads": 2,
-    "head_dim": 8,
-    "v_head_dim": 6,
-    "mlp_dim": 64,
-    "attention": tuple(kinds),
-    "nsa": CFG,
-    "nosa": NOSAConfig(query_selected=KQ),
-  }
-  model = DecoderLM(ModelConfig(**{**base, **kw}), rngs=nnx.Rngs(seed))
-  for i, blk in enumerate(model.layers):  # A = 0 at init would make c = 0: use both signs
-    if blk.kind == "nosa":
-      blk.attn.a[...] = jnp.array([1.5, -2.0]) * (1 + i)
-  return model
 
 
 @pytest.mark.parametrize("copy", ["kernel", "xla"])

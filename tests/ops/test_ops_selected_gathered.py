@@ -53,7 +53,7 @@ def _value_and_grads(fn, q, k, v, idx, seg, ct, bs, **kw):
 )
 def test_equals_the_dense_reference_forward_and_gradients(t, hq, h, dk, dv, bs, n, chunk, cuts):
   q, k, v, idx, seg, ct = _case(jax.random.key(t + n), 2, t, hq, h, dk, dv, bs, n, cuts=cuts)
-  o_ref, g_ref = _value_and_grads(sel._selected_reference, q, k, v, idx, seg, ct, bs)
+  o_ref, g_ref = _value_and_grads(sel.reference_impl, q, k, v, idx, seg, ct, bs)
   o, g = _value_and_grads(gathered_selected_attention, q, k, v, idx, seg, ct, bs, chunk=chunk)
   np.testing.assert_allclose(np.asarray(o), np.asarray(o_ref), **TOL)
   for x, y in zip(g, g_ref):
