@@ -32,7 +32,7 @@ import numpy as np
 from flax import nnx
 
 from sparse_attention_jax.nn.registry import ATTENTION_KINDS, get_attention_kind
-from sparse_attention_jax.ops.masked import same_document
+from sparse_attention_jax.ops.documents import same_document
 
 
 def attention_probs(

@@ -31,7 +31,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from sparse_attention_jax.ops.masked import document_ids, document_starts, matmul_precision
+from sparse_attention_jax.ops.documents import document_ids, document_starts
+from sparse_attention_jax.ops.masked import matmul_precision
 
 _NEG = -1e30
 

@@ -3,8 +3,12 @@ learnable phi) and attention over them (NSA eq. 8).
 
 Compressed token ``i`` summarizes tokens ``[i*d, i*d + l)`` (0-based) and exists for
 ``0 <= i <= (T - l) // d``; with ``d < l`` consecutive windows overlap. It is visible to query
-``t`` iff its window is complete at ``t`` (``i*d + l - 1 <= t``) and lies inside the query's
-document (a window straddling a document boundary is visible to no one).
+``t`` iff its window is complete at ``t`` (``i*d + l - 1 <= t``).
+
+Packed documents (``segment_ids``): the windows restart at every document, so compressed token
+``i`` of a document covers its tokens ``[i*d, i*d + l)`` and a query sees the complete windows of
+its own document only; the row's ``NC`` slots hold the documents' compressed tokens one after the
+other (:func:`sparse_attention_jax.ops.documents.cmp_layout`).
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ import numpy as np
 
 from sparse_attention_jax.config import NSAConfig
 from sparse_attention_jax.ops import _checks
-from sparse_attention_jax.ops.masked import document_ids, recompute_masked_attention
+from sparse_attention_jax.ops.documents import cmp_layout, document_positions, document_starts
+from sparse_attention_jax.ops.masked import recompute_masked_attention
 
 _HI = jax.lax.Precision.HIGHEST
 
@@ -92,13 +97,40 @@ def window_gather_index(config: NSAConfig, seq_len: int) -> jax.Array:
   )
 
 
-def compress(x, config: NSAConfig, params: MLPCompressorParams | None = None, *, name: str = "x"):
+def _windows(x, config: NSAConfig, segment_ids):
+  """``([B, NC, l, H, D] windows of x, [B, NC] bool used slot or None)``."""
+  t = x.shape[1]
+  if segment_ids is None:
+    return x[:, window_gather_index(config, t)], None
+  layout = cmp_layout(config, segment_ids, x.shape[0], t)
+  rows = layout.slot_start[:, :, None] + jnp.arange(config.cmp_window, dtype=jnp.int32)
+  rows = jnp.minimum(rows, t - 1)  # unused slots: masked below
+  win = jax.vmap(lambda xb, rb: xb[rb])(x, rows)  # [B, NC, l, H, D]
+  return win, layout.slot_doc >= 0
+
+
+def _zero_unused(out, used):
+  """``out [B, NC, H, D]`` with unused slots (``used [B, NC]`` False) set to 0."""
+  return out if used is None else jnp.where(used[:, :, None, None], out, 0.0)
+
+
+def compress(
+  x,
+  config: NSAConfig,
+  params: MLPCompressorParams | None = None,
+  *,
+  segment_ids=None,
+  name: str = "x",
+):
   """Compresses ``x [B, T, H, D]`` into ``[B, NC, H, Dout]`` block tokens.
 
   Args:
     x: keys or values, ``[B, T, H, D]``.
     config: supplies ``cmp_window`` (l), ``cmp_stride`` (d) and ``compression``.
     params: phi's parameters when ``config.compression == "mlp"``; must be None for ``"mean"``.
+    segment_ids: optional ``[B, T]`` document ids: windows restart at every document and the
+      output holds the documents' compressed tokens one after the other (unused slots are 0;
+      :func:`sparse_attention_jax.ops.documents.cmp_layout`).
     name: the argument name used in error messages.
 
   Returns:
@@ -109,13 +141,15 @@ def compress(x, config: NSAConfig, params: MLPCompressorParams | None = None, *,
   _checks.check_rank(name, x, 4, "[B, T, H, D]")
   _checks.check_batch_len(name, x)
   b, t, h, d = x.shape
+  _checks.check_segment_ids(segment_ids, b, t)
   idx = window_token_indices(config, t)
   if config.compression == "mean":
     if params is not None:
       _checks.fail("compress_params", "None for compression='mean'", type(params).__name__)
     if idx.shape[0] == 0:
       return jnp.zeros((b, 0, h, d), x.dtype)
-    out = jnp.mean(x[:, window_gather_index(config, t)].astype(jnp.float32), axis=2).astype(x.dtype)
+    win, used = _windows(x, config, segment_ids)
+    out = _zero_unused(jnp.mean(win.astype(jnp.float32), axis=2), used).astype(x.dtype)
     chex.assert_shape(out, (b, idx.shape[0], h, d))
     return out
   if not isinstance(params, MLPCompressorParams):
@@ -132,38 +166,37 @@ def compress(x, config: NSAConfig, params: MLPCompressorParams | None = None, *,
   dout = params.w2.shape[-1]
   if idx.shape[0] == 0:
     return jnp.zeros((b, 0, h, dout), x.dtype)
-  win = x[:, window_gather_index(config, t)].astype(jnp.float32) + params.pos.astype(
-    jnp.float32
-  ).transpose(1, 0, 2)
-  # win: [B, NC, l, H, D]
+  win, used = _windows(x, config, segment_ids)  # [B, NC, l, H, D]
+  win = win.astype(jnp.float32) + params.pos.astype(jnp.float32).transpose(1, 0, 2)
   hid = jnp.einsum("bnlhd,hldf->bnhf", win, params.w1.astype(jnp.float32), precision=_HI)
   hid = jax.nn.gelu(hid + params.b1.astype(jnp.float32))
   out = jnp.einsum("bnhf,hfo->bnho", hid, params.w2.astype(jnp.float32), precision=_HI)
-  out = (out + params.b2.astype(jnp.float32)).astype(x.dtype)
+  out = _zero_unused(out + params.b2.astype(jnp.float32), used).astype(x.dtype)
   chex.assert_shape(out, (b, idx.shape[0], h, dout))
   return out
 
 
 def cmp_visibility(config: NSAConfig, seq_len: int, segment_ids=None, batch: int = 1):
-  """``[B|1, T, NC]`` bool: compressed token ``i`` visible to query ``t``.
+  """``[B|1, T, NC]`` bool: compressed slot ``k`` visible to query ``t``.
 
-  Visible iff ``i*d + l - 1 <= t`` and (with ``segment_ids``) every token of the window is in the
-  query's document.
+  Without ``segment_ids``: ``k*d + l - 1 <= t``. With them: slot ``k`` holds compressed token
+  ``i`` of a document (:func:`~sparse_attention_jax.ops.documents.cmp_layout`), visible iff that is
+  the query's document and ``i*d + l - 1 <= u`` (``u`` the query's document position).
   """
   _checks.check_config(config)
-  idx = window_token_indices(config, seq_len)  # [NC, l]
+  nc = config.num_cmp_tokens(seq_len)
   # From iotas, not a NumPy [T, NC] table: a host-built table becomes a literal of T * NC bytes
   # in the HLO of every layer (4 MB per layer at T = 8192, d = 16), which bloats compiles.
-  last = jnp.arange(idx.shape[0], dtype=jnp.int32) * config.cmp_stride + config.cmp_window - 1
+  last = jnp.arange(nc, dtype=jnp.int32) * config.cmp_stride + config.cmp_window - 1
   t = jnp.arange(seq_len, dtype=jnp.int32)
-  vis = (last[None, :] <= t[:, None])[None]  # [1, T, NC]
-  if segment_ids is None or idx.shape[0] == 0:
-    return vis
-  doc = document_ids(segment_ids)  # [B, T]
-  win_doc = doc[:, window_gather_index(config, seq_len)]  # [B, NC, l]
-  uniform = jnp.all(win_doc == win_doc[:, :, :1], axis=-1)  # [B, NC]
-  same = win_doc[:, None, :, 0] == doc[:, :, None]  # [B, T, NC]
-  return vis & same & uniform[:, None, :]
+  if segment_ids is None or nc == 0:
+    return (last[None, :] <= t[:, None])[None]  # [1, T, NC]
+  layout = cmp_layout(config, segment_ids, batch, seq_len)
+  start = document_starts(segment_ids, batch, seq_len)  # [B, T]
+  u = document_positions(segment_ids, batch, seq_len)  # [B, T]
+  last = layout.slot_index * config.cmp_stride + config.cmp_window - 1  # [B, NC]
+  same = layout.slot_doc[:, None, :] == start[:, :, None]  # [B, T, NC]
+  return same & (last[:, None, :] <= u[:, :, None])
 
 
 class CompressedAttentionOutput(NamedTuple):
@@ -185,8 +218,10 @@ def compressed_attention(
 ) -> CompressedAttentionOutput:
   """Attention of ``q [B, T, HQ, Dk]`` over ``k_cmp [B, NC, H, Dk]``, ``v_cmp [B, NC, H, Dv]``.
 
-  Query ``t`` sees compressed token ``i`` iff ``i*d + l - 1 <= t`` (and, with ``segment_ids``
-  ``[B, T]``, iff the whole window lies in the query's document).
+  Query ``t`` sees compressed token ``i`` iff ``i*d + l - 1 <= t``; with ``segment_ids [B, T]``,
+  ``k_cmp``/``v_cmp`` are ``compress(..., segment_ids=segment_ids)`` (the documents' compressed
+  tokens one after the other) and a query sees the complete windows of its own document
+  (:func:`cmp_visibility`).
 
   Runs :func:`~sparse_attention_jax.ops.masked.recompute_masked_attention`: the backward pass
   recomputes the ``[B, T, HQ, NC]`` probabilities instead of keeping them.

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from sparse_attention_jax.ops.blocked import blocked_attention
-from sparse_attention_jax.ops.masked import same_document
+from sparse_attention_jax.ops.documents import same_document
 
 log = logging.getLogger("sparse_attention_jax")
 

@@ -26,41 +26,14 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from sparse_attention_jax.ops.documents import same_document
+
 _NEG = -1e30
 _HI = jax.lax.Precision.HIGHEST
 PRECISIONS = ("float32", "input")
 
 
 # ------------------------------------------------------------------------------------- masks
-def document_ids(segment_ids):
-  """``[B, T]`` int32 run index: documents are maximal runs of equal segment ids, so an id that
-  comes back later (``0 0 1 1 0 0``) starts a new document."""
-  is_start = jnp.concatenate(
-    [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1
-  )
-  return jnp.cumsum(is_start, axis=1, dtype=jnp.int32)
-
-
-def same_document(segment_ids):
-  """``[B, T, T]`` bool: tokens ``t`` and ``s`` belong to the same document."""
-  doc = document_ids(segment_ids)
-  return doc[:, :, None] == doc[:, None, :]
-
-
-def document_starts(segment_ids, batch: int, seq_len: int):
-  """``[B, T]`` int32: position of the first token of each token's document (0 without ids).
-
-  Documents are maximal runs of equal segment ids.
-  """
-  pos = jnp.arange(seq_len, dtype=jnp.int32)
-  if segment_ids is None:
-    return jnp.zeros((batch, seq_len), jnp.int32)
-  is_start = jnp.concatenate(
-    [jnp.ones((batch, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1
-  )
-  return jax.lax.cummax(jnp.where(is_start, pos[None, :], 0), axis=1)
-
-
 def causal_mask(seq_len: int, segment_ids=None, window: int | None = None):
   """``[B|1, T, 1, T]`` bool: key ``s`` visible to query ``t`` iff ``s <= t`` (and
   ``t - s < window``, and same document)."""
@@ -237,12 +210,9 @@ def recompute_masked_attention(q, k, v, mask, scale: float):
 __all__ = [
   "PRECISIONS",
   "causal_mask",
-  "document_ids",
-  "document_starts",
   "f32_einsum",
   "masked_attention",
   "masked_softmax",
   "matmul_precision",
   "recompute_masked_attention",
-  "same_document",
 ]

@@ -76,14 +76,19 @@ def nsa_pipeline(
   """
   t, h = q.shape[1], k.shape[2]
   win_impl = impl if dispatch.implements("causal_attention", impl) else "auto"
-  k_cmp = compress(k, config, None if compress_params is None else compress_params.k, name="k")
-  v_cmp = compress(v, config, None if compress_params is None else compress_params.v, name="v")
+  pk, pv = (None, None) if compress_params is None else compress_params
+  k_cmp = compress(k, config, pk, segment_ids=segment_ids, name="k")
+  v_cmp = compress(v, config, pv, segment_ids=segment_ids, name="v")
   cmp = compressed_attention(q, k_cmp, v_cmp, config, segment_ids=segment_ids)
   if block_indices is None:
-    importance = block_importance(cmp.probs, config, num_kv_heads=h, seq_len=t)
+    importance = block_importance(
+      cmp.probs, config, num_kv_heads=h, seq_len=t, segment_ids=segment_ids
+    )
     block_indices = select_blocks(importance, config, segment_ids=segment_ids)
     if config.selection_share > 1:
-      block_indices = share_selection(block_indices, config.selection_share)
+      block_indices = share_selection(
+        block_indices, config.selection_share, segment_ids=segment_ids
+      )
   scale = config.scale(q.shape[-1])
   outputs = {}
   if "cmp" in config.branches:
@@ -144,14 +149,16 @@ def nsa_attention(
     gates: ``[B, T, HQ, 3]`` per-head branch gates, already sigmoid-activated, order
       (cmp, slc, win); None sums the enabled branches ungated.
     config: the :class:`NSAConfig` (static).
-    segment_ids: optional ``[B, T]`` integer document ids for packed sequences; no branch
-      attends across documents.
+    segment_ids: optional ``[B, T]`` integer document ids for packed sequences: no branch
+      attends across documents and every block structure restarts at each document, so a
+      document's result does not depend on where it sits in the row
+      (:mod:`sparse_attention_jax.ops.documents`).
     compress_params: phi's parameters (:class:`CompressorParams`) when
       ``config.compression == "mlp"``.
     k_slc, v_slc, k_win, v_win: independent keys/values for the selected and window branches (the
       paper's per-branch K/V); default to ``k``/``v``.
-    block_indices: optional precomputed ``[B, T, H, n]`` selection (skips scoring, top-n and
-      ``config.selection_share``).
+    block_indices: optional precomputed ``[B, T, H, n]`` selection (document-relative with
+      ``segment_ids``; skips scoring, top-n and ``config.selection_share``).
     impl: ``"auto"``, ``"reference"`` or another name of :mod:`sparse_attention_jax.ops.dispatch`:
       an implementation of the whole op if one has that name, else the pipeline of branch ops
       with ``impl`` passed on (:func:`nsa_pipeline`).

@@ -18,7 +18,10 @@ Implementations (:mod:`sparse_attention_jax.ops.dispatch`, op ``"selected_attent
 
 Semantics (every implementation): key ``s`` is visible to query ``t`` through KV head ``h`` iff it
 lies in a block of ``h``'s selection (``-1`` and out-of-range entries match nothing, duplicates
-count once), ``s <= t`` and both share a document; a query that sees nothing outputs 0.
+count once), ``s <= t`` and both share a document; a query that sees nothing outputs 0. Block
+indices are document-relative: with ``segment_ids``, block ``j`` of a query whose document starts
+at row position ``ds`` holds keys ``[ds + j*l', ds + (j+1)*l')`` (without them ``ds = 0``;
+:mod:`sparse_attention_jax.ops.documents`).
 """
 
 from __future__ import annotations
@@ -27,9 +30,9 @@ import jax
 import jax.numpy as jnp
 
 from sparse_attention_jax.ops import _checks, dispatch
+from sparse_attention_jax.ops.documents import document_starts
 from sparse_attention_jax.ops.masked import (
   causal_mask,
-  document_ids,
   f32_einsum,
   masked_attention,
   masked_softmax,
@@ -46,14 +49,20 @@ def selected_mask(block_indices, *, block_size: int, seq_len: int, segment_ids=N
   """``[B, T, H, T]`` bool: key ``s`` visible to query ``t`` through KV head ``h``'s selection.
 
   ``s`` must lie in a listed block (``-1`` and out-of-range entries match nothing, duplicates count
-  once), satisfy ``s <= t`` (causal inside the query's own block) and share the query's document.
+  once; document-relative with ``segment_ids``), satisfy ``s <= t`` (causal inside the query's own
+  block) and share the query's document.
   """
   nb = -(-seq_len // block_size)
   member = jnp.any(
     block_indices[..., None] == jnp.arange(nb, dtype=block_indices.dtype), axis=-2
   )  # [B, T, H, NB]
-  key_block = jnp.arange(seq_len) // block_size
-  return member[..., key_block] & causal_mask(seq_len, segment_ids)
+  key = jnp.arange(seq_len, dtype=jnp.int32)
+  if segment_ids is None:
+    return member[..., key // block_size] & causal_mask(seq_len)
+  start = document_starts(segment_ids, *segment_ids.shape)  # [B, T]
+  rel = jnp.maximum(key[None, None, :] - start[:, :, None], 0) // block_size  # [B, T, S]
+  listed = jnp.take_along_axis(member, rel[:, :, None, :], axis=-1)  # [B, T, H, S]
+  return listed & causal_mask(seq_len, segment_ids)
 
 
 def selected_attention(
@@ -152,7 +161,8 @@ def gathered_selected_attention(
     q: ``[B, T, HQ, Dk]``; k: ``[B, T, H, Dk]``; v: ``[B, T, H, Dv]``.
     block_indices: ``[B, T, H, n]`` int block ids (``-1`` = padding).
     block_size: l'.
-    segment_ids: optional ``[B, T]`` document ids (maximal runs of equal ids).
+    segment_ids: optional ``[B, T]`` document ids (maximal runs of equal ids); block indices are
+      then document-relative.
     softmax_scale: logit scale.
     chunk: query tokens per scan step (default :func:`default_chunk`).
 
@@ -171,44 +181,51 @@ def gathered_selected_attention(
     x = jnp.pad(x.astype(jnp.float32), ((0, 0), (0, nb * bs - t), (0, 0), (0, 0)))
     return x.reshape(b, nb, bs, h, x.shape[-1]).transpose(0, 3, 1, 2, 4)
 
-  kb, vb = blocks(k), blocks(v)
-  doc = (
-    jnp.zeros((b, t), jnp.int32) if segment_ids is None else document_ids(jnp.asarray(segment_ids))
-  )
-  doc_k = jnp.pad(doc, ((0, 0), (0, nb * bs - t)), constant_values=-1).reshape(b, nb, bs)
+  packed = segment_ids is not None
+  if packed:  # blocks start at document offsets: gather rows of [B, H, T + l', D]
+    rows = lambda x: jnp.pad(x.astype(jnp.float32), ((0, 0), (0, bs), (0, 0), (0, 0))).swapaxes(
+      1, 2
+    )
+    kb, vb = rows(k), rows(v)
+    start = document_starts(jnp.asarray(segment_ids), b, t)
+  else:
+    kb, vb = blocks(k), blocks(v)
+    start = jnp.zeros((b, t), jnp.int32)
   pad_t = lambda x, value: jnp.pad(
     x, ((0, 0), (0, tp - t)) + ((0, 0),) * (x.ndim - 2), constant_values=value
   )
   # Scanned over chunks: [NT, B, C, ...]
   qs = pad_t(q, 0).reshape(b, nt, c, h, g, dk).swapaxes(0, 1)
   idx = pad_t(jnp.asarray(block_indices, jnp.int32), -1).reshape(b, nt, c, h, n).swapaxes(0, 1)
-  doc_q = pad_t(doc, -2).reshape(b, nt, c).swapaxes(0, 1)  # padded queries match no document
+  start_q = pad_t(start, 0).reshape(b, nt, c).swapaxes(0, 1)
   pos = jnp.arange(tp, dtype=jnp.int32).reshape(nt, c)
   earlier = jnp.tril(jnp.ones((n, n), bool), -1)  # [j, i]: i comes before j
   bi = jnp.arange(b)[:, None, None, None]
   hi = jnp.arange(h)[None, None, :, None]
 
   def chunk_attention(_, xs):
-    qc, ic, dq, pc = xs  # [B,C,H,G,Dk], [B,C,H,n], [B,C], [C]
+    qc, ic, sc, pc = xs  # [B,C,H,G,Dk], [B,C,H,n], [B,C], [C]
     ok = (ic >= 0) & (ic < nb)
     dup = jnp.any((ic[..., :, None] == ic[..., None, :]) & earlier, axis=-1)
     ok = ok & ~dup  # duplicates count once
     safe = jnp.where(ok, ic, 0)
-    kg = kb[bi, hi, safe].astype(q.dtype)  # [B, C, H, n, l', Dk]
-    vg = vb[bi, hi, safe].astype(v.dtype)  # [B, C, H, n, l', Dv]
-    key_pos = safe[..., None] * bs + jnp.arange(bs, dtype=jnp.int32)  # [B, C, H, n, l']
-    vis = (
-      ok[..., None]
-      & (key_pos <= pc[None, :, None, None, None])
-      & (doc_k[bi, safe] == dq[:, :, None, None, None])
-    )
+    # Keys ds + j*l' + c: at or after the document start, so "s <= t" keeps them in the document.
+    key_pos = sc[:, :, None, None, None] + safe[..., None] * bs + jnp.arange(bs, dtype=jnp.int32)
+    if packed:
+      key_row = jnp.minimum(key_pos, t + bs - 1)  # [B, C, H, n, l']
+      kg = kb[bi[..., None], hi[..., None], key_row].astype(q.dtype)  # [B, C, H, n, l', Dk]
+      vg = vb[bi[..., None], hi[..., None], key_row].astype(v.dtype)
+    else:
+      kg = kb[bi, hi, safe].astype(q.dtype)  # [B, C, H, n, l', Dk]
+      vg = vb[bi, hi, safe].astype(v.dtype)  # [B, C, H, n, l', Dv]
+    vis = ok[..., None] & (key_pos <= pc[None, :, None, None, None])
     logits = f32_einsum("bchgd,bchnsd->bchgns", qc, kg) * softmax_scale  # [B,C,H,G,n,l']
     flat = logits.shape[:4] + (n * bs,)  # one softmax over the n*l' gathered keys
     p, _ = masked_softmax(logits.reshape(flat), vis.reshape(b, c, h, 1, n * bs))
     o = f32_einsum("bchgns,bchnsv->bchgv", p.reshape(logits.shape).astype(v.dtype), vg)
     return None, o.astype(q.dtype)
 
-  _, o = jax.lax.scan(jax.checkpoint(chunk_attention), None, (qs, idx, doc_q, pos))
+  _, o = jax.lax.scan(jax.checkpoint(chunk_attention), None, (qs, idx, start_q, pos))
   return o.swapaxes(0, 1).reshape(b, tp, hq, dv)[:, :t]
 
 

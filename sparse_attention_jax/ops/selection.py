@@ -11,10 +11,15 @@ probabilities of every compressed token whose window overlaps the block:
 Probabilities are first summed over the ``G`` query heads of each KV group (eq. 10; summing and
 pooling commute for ``"sum"``, and InfLLM-V2 sums before max-pooling).
 
-A block is a *candidate* for query ``t`` iff it starts at or before ``t`` and reaches into the
-query's document. Forced blocks (``num_init_blocks`` from the document's first block,
-``num_local_blocks`` ending at the query's block) are selected whenever they are candidates and
-count toward ``n``. The rest are the top-scoring candidates; ties go to the lower block index
+Packed documents (``segment_ids``): blocks, compressed tokens and forced blocks restart at every
+document and **block indices are document-relative**: block ``j`` of a query whose document starts
+at row position ``ds`` covers row positions ``[ds + j*l', ds + (j+1)*l')``
+(:mod:`sparse_attention_jax.ops.documents`). Below, ``u`` is the query's document position
+(``u = t`` without ``segment_ids``).
+
+A block is a *candidate* for query ``t`` iff it starts at or before ``u``. Forced blocks
+(``num_init_blocks`` from the document's first block, ``num_local_blocks`` ending at the query's
+block) are selected whenever they are candidates and count toward ``n``. The rest are the top-scoring candidates; ties go to the lower block index
 (non-finite importances are clamped to the finite float32 range, so forced blocks always win).
 Output indices are sorted ascending, then ``-1`` padding.
 """
@@ -28,7 +33,7 @@ import numpy as np
 
 from sparse_attention_jax.config import NSAConfig
 from sparse_attention_jax.ops import _checks
-from sparse_attention_jax.ops.masked import document_starts
+from sparse_attention_jax.ops.documents import cmp_layout, document_positions
 
 
 def overlap_table(config: NSAConfig, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
@@ -39,6 +44,13 @@ def overlap_table(config: NSAConfig, seq_len: int) -> tuple[np.ndarray, np.ndarr
     indices (clipped into range) and ``weight`` the number of shared stride-``d`` chunks (0 for
     entries that fall outside ``[0, NC)``).
   """
+  i, weight = _overlap(config, seq_len)
+  nc = config.num_cmp_tokens(seq_len)
+  return np.clip(i, 0, max(nc - 1, 0)).astype(np.int32), weight
+
+
+def _overlap(config: NSAConfig, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+  """:func:`overlap_table` before clipping: ``i`` may fall outside ``[0, NC)`` (weight 0)."""
   l, d, bs = config.cmp_window, config.cmp_stride, config.block_size
   nb, nc = config.num_blocks(seq_len), config.num_cmp_tokens(seq_len)
   kk = bs // d + l // d - 1
@@ -47,10 +59,12 @@ def overlap_table(config: NSAConfig, seq_len: int) -> tuple[np.ndarray, np.ndarr
   j = np.arange(nb)[:, None]
   overlap = np.minimum(i * d + l, (j + 1) * bs) - np.maximum(i * d, j * bs)
   weight = np.where((i >= 0) & (i < nc), overlap // d, 0)
-  return np.clip(i, 0, max(nc - 1, 0)).astype(np.int32), weight.astype(np.float32)
+  return i.astype(np.int32), weight.astype(np.float32)
 
 
-def block_importance(probs, config: NSAConfig, *, num_kv_heads: int, seq_len: int | None = None):
+def block_importance(
+  probs, config: NSAConfig, *, num_kv_heads: int, seq_len: int | None = None, segment_ids=None
+):
   """Scores of selection blocks from compressed probabilities.
 
   Args:
@@ -58,6 +72,9 @@ def block_importance(probs, config: NSAConfig, *, num_kv_heads: int, seq_len: in
     config: supplies l, d, l' and ``score_pooling``.
     num_kv_heads: ``H``; heads ``h*G .. h*G + G - 1`` form group ``h``.
     seq_len: ``T`` of the keys (defaults to ``probs.shape[1]``).
+    segment_ids: optional ``[B, T]`` document ids (self-attention only): ``probs`` are over the
+      packed compressed slots of :func:`~sparse_attention_jax.ops.documents.cmp_layout` and
+      block ``j`` is document-relative.
 
   Returns:
     ``[B, T, H, NB]`` float32 importance (no gradient).
@@ -75,11 +92,23 @@ def block_importance(probs, config: NSAConfig, *, num_kv_heads: int, seq_len: in
     )
   p = jax.lax.stop_gradient(probs).astype(jnp.float32)
   p = p.reshape(b, t, num_kv_heads, hq // num_kv_heads, nc).sum(axis=3)  # [B,T,H,NC] eq. 10
-  idx, weight = overlap_table(config, seq_len)
-  nb = idx.shape[0]
+  nb = config.num_blocks(seq_len)
   if nc == 0:
     return jnp.zeros((b, t, num_kv_heads, nb), jnp.float32)
-  pk = p[..., idx]  # [B,T,H,NB,K]
+  if segment_ids is None:
+    idx, weight = overlap_table(config, seq_len)
+    pk = p[..., idx]  # [B,T,H,NB,K]
+  else:
+    if seq_len != t:
+      _checks.fail("seq_len", f"the query length T={t} with segment_ids", seq_len)
+    _checks.check_segment_ids(segment_ids, b, t)
+    i, weight = _overlap(config, seq_len)  # [NB, K] document-relative compressed tokens
+    layout = cmp_layout(config, segment_ids, b, t)
+    slot = layout.offset[:, :, None, None] + i  # [B, T, NB, K]
+    own = (i >= 0) & (i < layout.count[:, :, None, None])  # the query's document's tokens
+    slot = jnp.where(own, slot, 0).reshape(b, t, 1, nb * i.shape[1])
+    pk = jnp.take_along_axis(p, slot, axis=-1).reshape(b, t, num_kv_heads, nb, i.shape[1])
+    weight = jnp.where(own[:, :, None], weight, 0.0)
   if config.score_pooling == "sum":
     out = jnp.sum(pk * weight, axis=-1)
   else:
@@ -92,15 +121,14 @@ def candidate_and_forced(config: NSAConfig, seq_len: int, segment_ids=None, batc
   """``(candidate, forced)``, both ``[B|1, T, NB]`` bool (see the module docstring)."""
   bs = config.block_size
   nb = config.num_blocks(seq_len)
-  t = jnp.arange(seq_len, dtype=jnp.int32)[None, :, None]  # [1, T, 1]
   j = jnp.arange(nb, dtype=jnp.int32)[None, None, :]  # [1, 1, NB]
   if segment_ids is None:
-    doc0 = jnp.zeros((1, seq_len, 1), jnp.int32)
+    u = jnp.arange(seq_len, dtype=jnp.int32)[None, :, None]  # [1, T, 1]
   else:
-    doc0 = document_starts(segment_ids, batch, seq_len)[:, :, None]  # [B, T, 1]
-  candidate = (j * bs <= t) & ((j + 1) * bs - 1 >= doc0)
-  init = (j >= doc0 // bs) & (j < doc0 // bs + config.num_init_blocks)
-  local = (j <= t // bs) & (j > t // bs - config.num_local_blocks)
+    u = document_positions(segment_ids, batch, seq_len)[:, :, None]  # [B, T, 1]
+  candidate = j * bs <= u
+  init = j < config.num_init_blocks
+  local = (j <= u // bs) & (j > u // bs - config.num_local_blocks)
   return candidate, candidate & (init | local)
 
 
@@ -113,8 +141,8 @@ def select_blocks(importance, config: NSAConfig, *, segment_ids=None):
     segment_ids: optional ``[B, T]`` document ids.
 
   Returns:
-    ``[B, T, H, n]`` int32 block indices, ascending, padded with ``-1`` when fewer than ``n``
-    blocks are candidates.
+    ``[B, T, H, n]`` int32 block indices, document-relative with ``segment_ids``, ascending,
+    padded with ``-1`` when fewer than ``n`` blocks are candidates.
   """
   _checks.check_config(config)
   _checks.check_rank("importance", importance, 4, "[B, T, H, NB]")
@@ -164,22 +192,30 @@ def top_n_blocks(importance, candidate, forced, n: int):
   return jnp.where(idx >= nb, -1, idx).astype(jnp.int32)
 
 
-def share_selection(block_indices, r: int):
+def share_selection(block_indices, r: int, *, segment_ids=None):
   """ASA's shared selection: token ``t`` uses the block list of token ``t - t % r``.
 
   Aligned runs of ``r`` consecutive tokens (per batch row and KV head) share the list of their
-  first token, so a kernel tile of ``r`` tokens iterates over one list with no per-row mask.
+  first token, so a kernel tile of ``r`` tokens iterates over one list with no per-row mask. With
+  ``segment_ids`` the runs are aligned to each document's start: a token at document position
+  ``u`` uses the list of the document's token ``u - u % r``.
 
   Args:
     block_indices: ``[B, T, H, n]`` int block ids (``-1`` = padding).
     r: tokens per shared run, a positive int.
+    segment_ids: optional ``[B, T]`` document ids.
 
   Returns:
-    ``[B, T, H, n]``, same dtype: row ``t`` holds ``block_indices[:, t - t % r]``.
+    ``[B, T, H, n]``, same dtype: row ``t`` holds ``block_indices[:, t - t % r]`` (``t - u % r``
+    with ``segment_ids``).
   """
   _checks.check_rank("block_indices", block_indices, 4, "[B, T, H, n]")
   if not isinstance(r, int) or r < 1:
     _checks.fail("r", "a positive int", r)
-  t = block_indices.shape[1]
-  leader = (jnp.arange(t, dtype=jnp.int32) // r) * r  # [T]
-  return jnp.take(block_indices, leader, axis=1)
+  b, t = block_indices.shape[:2]
+  pos = jnp.arange(t, dtype=jnp.int32)
+  if segment_ids is None:
+    return jnp.take(block_indices, (pos // r) * r, axis=1)
+  _checks.check_segment_ids(segment_ids, b, t)
+  leader = pos[None, :] - document_positions(segment_ids, b, t) % r  # [B, T]
+  return jnp.take_along_axis(block_indices, leader[:, :, None, None], axis=1)

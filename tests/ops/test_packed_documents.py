@@ -1,0 +1,256 @@
+"""Packed documents: each document's result is independent of where it sits in the row.
+
+Property (float32, fresh random inputs): for every document of a packed row (lengths that are not
+multiples of ``l``, ``d`` or ``l'``, including documents shorter than one block and of length 1),
+the packed op's outputs, gradients (q, k, v, gates, compressor parameters) and block-index sets
+equal those of the document run alone, for every implementation of the selected branch this
+machine has and for the paper, fla-style and InfLLM-V2 presets.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import rand_qkv
+
+from sparse_attention_jax import CompressorParams, NSAConfig, init_mlp_compressor, nsa_attention
+from sparse_attention_jax.ops import dispatch
+from sparse_attention_jax.ops.causal import sliding_window_attention
+from sparse_attention_jax.ops.compression import compress, compressed_attention
+from sparse_attention_jax.ops.documents import (
+  cmp_layout,
+  cu_seqlens_from_segment_ids,
+  document_positions,
+  document_starts,
+  segment_ids_from_cu_seqlens,
+)
+from sparse_attention_jax.ops.selected import selected_attention
+from sparse_attention_jax.ops.selection import block_importance, select_blocks
+
+HQ, H, DK, DV = 4, 2, 8, 4
+PRESETS = {
+  "paper": NSAConfig.paper(cmp_window=8, cmp_stride=4, block_size=8, num_selected=3, window=8),
+  "fla": NSAConfig.fla(cmp_window=8, cmp_stride=8, block_size=8, num_selected=3, window=8),
+  "infllm_v2": NSAConfig.infllm_v2(
+    cmp_window=8, cmp_stride=4, block_size=8, num_selected=4, local_window=8
+  ),
+}
+# Two rows: documents of 1 and 5 tokens (shorter than a block), lengths off every grid.
+LENGTHS = ((13, 1, 29, 5, 22), (37, 9, 3, 21))
+SELECTED_IMPLS = [i for i in dispatch.available_impls("selected_attention") if i != "pallas_gpu"]
+
+
+def seg_row(lengths):
+  """``[1, T]`` ids 1, 2, ... for consecutive documents of the given lengths."""
+  return jnp.asarray(np.repeat(np.arange(1, len(lengths) + 1), lengths)[None], jnp.int32)
+
+
+def bounds(lengths):
+  ends = np.cumsum(lengths)
+  return list(zip(ends - np.asarray(lengths), ends, strict=True))
+
+
+def mlp_params(seed):
+  kk, kv = jax.random.split(jax.random.key(seed))
+  p = CompressorParams(
+    k=init_mlp_compressor(kk, num_kv_heads=H, window=8, in_dim=DK, hidden=8),
+    v=init_mlp_compressor(kv, num_kv_heads=H, window=8, in_dim=DV, hidden=8),
+  )
+  noise = jax.random.key(seed + 1)
+  return jax.tree.map(lambda x: x + 0.1 * jax.random.normal(noise, x.shape, x.dtype), p)
+
+
+def inputs(t, seed):
+  q, k, v = rand_qkv(jax.random.key(seed), 1, t, HQ, H, DK, DV)
+  gates = jax.nn.sigmoid(jax.random.normal(jax.random.key(seed + 7), (1, t, HQ, 3)))
+  cot = jax.random.normal(jax.random.key(seed + 9), (1, t, HQ, DV))
+  return q, k, v, gates, cot
+
+
+def run(cfg, impl, q, k, v, gates, params, seg):
+  """``(out, block_indices)`` of the whole op (block indices from the aux output)."""
+  t = q.shape[1]
+  cfg = cfg if cfg.num_selected <= cfg.num_blocks(t) else cfg.for_length(t)
+  gates = gates if cfg.branches != ("slc",) else None
+  return nsa_attention(
+    q, k, v, gates, config=cfg, segment_ids=seg, compress_params=params, impl=impl, return_aux=True
+  )
+
+
+def index_sets(idx):
+  """``[T, H]`` list of frozensets of the non-padding block ids."""
+  idx = np.asarray(idx)[0]
+  return [
+    [frozenset(int(x) for x in idx[t, h] if x >= 0) for h in range(idx.shape[1])]
+    for t in range(idx.shape[0])
+  ]
+
+
+@pytest.mark.parametrize("impl", SELECTED_IMPLS)
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_each_document_matches_itself_alone(preset, impl):
+  cfg = PRESETS[preset]
+  lengths = LENGTHS[0]
+  t = sum(lengths)
+  q, k, v, gates, cot = inputs(t, 3)
+  params = mlp_params(5) if cfg.compression == "mlp" else None
+  seg = seg_row(lengths)
+  out, aux = run(cfg, impl, q, k, v, gates, params, seg)
+  packed_sets = index_sets(aux.block_indices)
+  for a, b in bounds(lengths):
+    alone, alone_aux = run(cfg, impl, q[:, a:b], k[:, a:b], v[:, a:b], gates[:, a:b], params, None)
+    np.testing.assert_allclose(out[:, a:b], alone, atol=2e-5, rtol=2e-5, err_msg=f"doc [{a},{b})")
+    assert packed_sets[a:b] == index_sets(alone_aux.block_indices), f"doc [{a},{b})"
+
+
+@pytest.mark.parametrize("impl", SELECTED_IMPLS)
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_each_documents_gradients_match_itself_alone(preset, impl):
+  """The cotangent covers one document: its gradients equal the alone run's, every other row gets
+  none, and the compressor's parameter gradients are the alone run's."""
+  cfg = PRESETS[preset]
+  lengths = LENGTHS[1]
+  t = sum(lengths)
+  q, k, v, gates, cot = inputs(t, 11)
+  params = mlp_params(13) if cfg.compression == "mlp" else None
+  seg = seg_row(lengths)
+
+  def loss(q, k, v, gates, params, seg, cot):
+    return jnp.sum(run(cfg, impl, q, k, v, gates, params, seg)[0] * cot)
+
+  grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)), static_argnums=())
+  for a, b in bounds(lengths):
+    only = jnp.zeros_like(cot).at[:, a:b].set(cot[:, a:b])
+    g_packed = grad(q, k, v, gates, params, seg, only)
+    g_alone = jax.grad(loss, argnums=(0, 1, 2, 3, 4))(
+      q[:, a:b], k[:, a:b], v[:, a:b], gates[:, a:b], params, None, cot[:, a:b]
+    )
+    for name, gp, ga in zip("qkvg", g_packed[:4], g_alone[:4], strict=True):
+      np.testing.assert_allclose(gp[:, a:b], ga, atol=5e-5, rtol=5e-5, err_msg=f"d{name} [{a},{b})")
+      rest = jnp.concatenate([gp[:, :a], gp[:, b:]], axis=1)
+      np.testing.assert_array_equal(rest, 0.0, err_msg=f"d{name} outside [{a},{b})")
+    if params is not None:
+      jax.tree.map(
+        lambda x, y: np.testing.assert_allclose(x, y, atol=5e-5, rtol=5e-5), g_packed[4], g_alone[4]
+      )
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_branch_ops_are_packing_invariant(preset):
+  """compress, compressed attention, importance and top-n, one document at a time."""
+  cfg = PRESETS[preset]
+  lengths = LENGTHS[0]
+  t = sum(lengths)
+  q, k, v, _, _ = inputs(t, 17)
+  seg = seg_row(lengths)
+  params = mlp_params(19).k if cfg.compression == "mlp" else None
+  k_cmp = compress(k, cfg, params, segment_ids=seg)
+  v_cmp = compress(v, cfg, None if params is None else mlp_params(19).v, segment_ids=seg)
+  cmp = compressed_attention(q, k_cmp, v_cmp, cfg, segment_ids=seg)
+  imp = block_importance(cmp.probs, cfg, num_kv_heads=H, segment_ids=seg)
+  layout = cmp_layout(cfg, seg, 1, t)
+  for a, b in bounds(lengths):
+    alone_k = compress(k[:, a:b], cfg, params)
+    n = alone_k.shape[1]
+    off = int(layout.offset[0, a])
+    np.testing.assert_allclose(k_cmp[:, off : off + n], alone_k, atol=1e-6, rtol=1e-6)
+    alone_v = compress(v[:, a:b], cfg, None if params is None else mlp_params(19).v)
+    alone = compressed_attention(q[:, a:b], alone_k, alone_v, cfg)
+    np.testing.assert_allclose(cmp.out[:, a:b], alone.out, atol=2e-6, rtol=2e-6)
+    np.testing.assert_allclose(cmp.probs[:, a:b, :, off : off + n], alone.probs, atol=1e-6)
+    rest = jnp.concatenate([cmp.probs[:, a:b, :, :off], cmp.probs[:, a:b, :, off + n :]], axis=-1)
+    np.testing.assert_array_equal(rest, 0.0)
+    alone_imp = block_importance(alone.probs, cfg, num_kv_heads=H)
+    nb = alone_imp.shape[-1]
+    np.testing.assert_allclose(imp[:, a:b, :, :nb], alone_imp, atol=1e-6)
+    np.testing.assert_array_equal(imp[:, a:b, :, nb:], 0.0)
+  # Unused slots past the last document hold zeros.
+  used = int(layout.offset[0, -1] + layout.count[0, -1])
+  np.testing.assert_array_equal(k_cmp[:, used:], 0.0)
+
+
+def test_selection_is_document_relative():
+  """Forced initial and local blocks count from the document's start; indices are relative."""
+  cfg = NSAConfig.fla(cmp_window=8, cmp_stride=8, block_size=8, num_selected=3, window=8)
+  lengths = (11, 30)
+  seg = seg_row(lengths)
+  t = sum(lengths)
+  imp = jax.random.uniform(jax.random.key(1), (1, t, 1, cfg.num_blocks(t)))
+  idx = np.asarray(select_blocks(imp, cfg, segment_ids=seg))[0, :, 0]
+  u = np.asarray(document_positions(seg, 1, t))[0]
+  for tt in range(t):
+    chosen = set(idx[tt][idx[tt] >= 0].tolist())
+    cur = u[tt] // 8
+    assert {0, cur, max(cur - 1, 0)} <= chosen, (tt, chosen)
+    assert max(chosen) == cur  # nothing past the query's own document block
+
+
+@pytest.mark.parametrize("impl", SELECTED_IMPLS)
+def test_selected_blocks_start_at_the_document(impl):
+  """Block 0 of a document that starts at row 5 holds rows 5..12 (l' = 8), not the row grid's."""
+  lengths = (5, 19)
+  t = sum(lengths)
+  q, k, v, _, _ = inputs(t, 23)
+  seg = seg_row(lengths)
+  idx = jnp.zeros((1, t, H, 1), jnp.int32)  # every query selects its document's block 0
+  out = selected_attention(q, k, v, idx, block_size=8, segment_ids=seg, impl=impl)
+  for a, b in bounds(lengths):
+    alone = selected_attention(
+      q[:, a:b], k[:, a:b], v[:, a:b], idx[:, a:b], block_size=8, impl="reference"
+    )
+    np.testing.assert_allclose(out[:, a:b], alone, atol=2e-6, rtol=2e-6)
+
+
+@pytest.mark.parametrize("impl", dispatch.available_impls("causal_attention"))
+def test_window_branch_is_packing_invariant(impl):
+  lengths = LENGTHS[1]
+  t = sum(lengths)
+  q, k, v, _, _ = inputs(t, 29)
+  seg = seg_row(lengths)
+  fn = functools.partial(sliding_window_attention, window=6, impl=impl)
+  out = fn(q, k, v, segment_ids=seg)
+  for a, b in bounds(lengths):
+    np.testing.assert_allclose(out[:, a:b], fn(q[:, a:b], k[:, a:b], v[:, a:b]), atol=2e-6)
+
+
+def test_no_segment_ids_means_one_document():
+  cfg = PRESETS["paper"]
+  t = 40
+  q, k, v, gates, _ = inputs(t, 31)
+  params = mlp_params(37)
+  one = jnp.ones((1, t), jnp.int32)
+  a, aux_a = run(cfg, "reference", q, k, v, gates, params, None)
+  b, aux_b = run(cfg, "reference", q, k, v, gates, params, one)
+  np.testing.assert_allclose(a, b, atol=1e-6)
+  np.testing.assert_array_equal(aux_a.block_indices, aux_b.block_indices)
+
+
+# ------------------------------------------------------------------------- cu_seqlens helpers
+def test_cu_seqlens_round_trip():
+  seg = jnp.asarray([[1, 1, 2, 2, 2, 7], [3, 3, 3, 3, 4, 4]], jnp.int32)
+  cu, num = cu_seqlens_from_segment_ids(seg)
+  np.testing.assert_array_equal(cu, [0, 2, 5, 6, 10, 12])
+  assert int(num) == 5
+  back = segment_ids_from_cu_seqlens(cu, 12).reshape(2, 6)
+  np.testing.assert_array_equal(document_starts(back, 2, 6), document_starts(seg, 2, 6))
+  padded, num = jax.jit(functools.partial(cu_seqlens_from_segment_ids, max_documents=7))(seg)
+  np.testing.assert_array_equal(padded, [0, 2, 5, 6, 10, 12, 12, 12])
+  assert int(num) == 5
+  ids = segment_ids_from_cu_seqlens(padded, 12)
+  np.testing.assert_array_equal(ids, [1, 1, 2, 2, 2, 3, 4, 4, 4, 4, 5, 5])
+
+
+def test_cu_seqlens_errors_name_the_argument():
+  seg = jnp.asarray([[1, 2, 3, 4]], jnp.int32)
+  with pytest.raises(ValueError, match="max_documents: expected at least the 4 documents, got 2"):
+    cu_seqlens_from_segment_ids(seg, max_documents=2)
+  with pytest.raises(ValueError, match="segment_ids: expected a \\[B, T\\] array"):
+    cu_seqlens_from_segment_ids(jnp.zeros((4,), jnp.int32))
+  with pytest.raises(ValueError, match="cu_seqlens: expected an integer dtype"):
+    segment_ids_from_cu_seqlens(jnp.zeros((3,), jnp.float32), 4)
+  with pytest.raises(ValueError, match="total_len: expected a positive int"):
+    segment_ids_from_cu_seqlens(jnp.asarray([0, 4]), 0)
