@@ -4,6 +4,8 @@ decoding form and the locality bound."""
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,7 +13,7 @@ import pytest
 from conftest import rand_qkv, segments
 
 from sparse_attention_jax.config import NSAConfig
-from sparse_attention_jax.ops import compress
+from sparse_attention_jax.ops import compress, dispatch
 from sparse_attention_jax.ops.nosa import (
   biased_selected_attention,
   decode_selection,
@@ -42,26 +44,39 @@ def np_eviction(v, w, a):
   return np.asarray(a, np.float64) * np.logaddexp(0.0, pre)
 
 
+def np_doc_bounds(seg, b, t):
+  """``(ds, de)`` ``[B, T]``: row positions of the first token and one past the last token of
+  each token's document (maximal runs of equal ids; one document per row without ids)."""
+  seg = np.zeros((b, t)) if seg is None else np.asarray(seg)
+  ds, de = np.zeros((b, t), int), np.full((b, t), t)
+  for bb in range(b):
+    for tt in range(t):
+      a = tt
+      while a > 0 and seg[bb, a - 1] == seg[bb, tt]:
+        a -= 1
+      e = tt + 1
+      while e < t and seg[bb, e] == seg[bb, tt]:
+        e += 1
+      ds[bb, tt], de[bb, tt] = a, e
+  return ds, de
+
+
 def np_dense_biased(q, k, v, c, block_indices, bs, seg=None):
-  """o_t = sum_{j in S_t} e^{s_tj + c_j} v_j / sum_{j in S_t} e^{s_tj + c_j} (float64 loop)."""
+  """o_t = sum_{j in S_t} e^{s_tj + c_j} v_j / sum_{j in S_t} e^{s_tj + c_j} (float64 loop);
+  ``S_t``: the keys ``ds <= j <= t`` of the query's document with ``(j - ds) // l'`` listed."""
   q, k, v, c = (np.asarray(x, np.float64) for x in (q, k, v, c))
   bi_ = np.asarray(block_indices)
   b, t, hq, dk = q.shape
   h = k.shape[2]
-  seg = np.zeros((b, t)) if seg is None else np.asarray(seg)
+  ds, _ = np_doc_bounds(seg, b, t)
   o = np.zeros((b, t, hq, v.shape[-1]))
   for bb in range(b):
     for tt in range(t):
       for hh in range(hq):
         kh = hh // (hq // h)
         blocks = set(int(x) for x in bi_[bb, tt, kh] if x >= 0)
-        js = [
-          j
-          for j in range(tt + 1)
-          if j // bs in blocks
-          and seg[bb, j] == seg[bb, tt]
-          and all(seg[bb, j : tt + 1] == seg[bb, tt])
-        ]
+        a = ds[bb, tt]
+        js = [j for j in range(a, tt + 1) if (j - a) // bs in blocks]
         if not js:
           continue
         s = k[bb, js, kh] @ q[bb, tt, hh] * dk**-0.5 + c[bb, js, kh]
@@ -70,36 +85,44 @@ def np_dense_biased(q, k, v, c, block_indices, bs, seg=None):
   return o
 
 
-def np_agnostic(c, cfg):
+def np_agnostic(c, cfg, seg=None):
+  """s^a by brute force: compressed token i of the query's document averages its tokens
+  [i*d, i*d + l); block j (document-relative) takes the max over the visible ones overlapping it."""
   c = np.asarray(c, np.float64)
   b, t, h = c.shape
   l, d, bs = cfg.cmp_window, cfg.cmp_stride, cfg.block_size
-  nc, nb = cfg.num_cmp_tokens(t), cfg.num_blocks(t)
-  cc = np.stack([c[:, i * d : i * d + l].mean(1) for i in range(nc)], 1)  # [B, NC, H]
+  nb = cfg.num_blocks(t)
+  ds, de = np_doc_bounds(seg, b, t)
   out = np.full((b, t, h, nb), -np.inf)
-  for tt in range(t):
-    for j in range(nb):
-      ids = [
-        i for i in range(nc) if i * d < (j + 1) * bs and i * d + l > j * bs and i * d + l - 1 <= tt
-      ]
-      if ids:
-        out[:, tt, :, j] = cc[:, ids].max(1)
+  for bb in range(b):
+    for tt in range(t):
+      doc, u = c[bb, ds[bb, tt] : de[bb, tt]], tt - ds[bb, tt]
+      for j in range(nb):
+        ids = [
+          i
+          for i in range(cfg.num_cmp_tokens(len(doc)))
+          if i * d < (j + 1) * bs and i * d + l > j * bs and i * d + l - 1 <= u
+        ]
+        if ids:
+          out[bb, tt, :, j] = np.max([doc[i * d : i * d + l].mean(0) for i in ids], axis=0)
   return out
 
 
-def np_select(sq, sa, cfg, kq):
-  """Brute-force NOSA selection (single document)."""
+def np_select(sq, sa, cfg, kq, seg=None):
+  """Brute-force NOSA selection; blocks counted from each query's document start."""
   sq = np.asarray(sq, np.float64)
   sa = np.asarray(sa, np.float64)
   b, t, h, nb = sq.shape
   bs, k = cfg.block_size, cfg.num_selected
+  ds, _ = np_doc_bounds(seg, b, t)
   out = np.full((b, t, h, k), -1, np.int32)
-  for tt in range(t):
-    cand = [j for j in range(nb) if j * bs <= tt]
-    forced = [
-      j for j in cand if j < cfg.num_init_blocks or tt // bs - cfg.num_local_blocks < j <= tt // bs
-    ]
-    for bb in range(b):
+  for bb in range(b):
+    for tt in range(t):
+      u = tt - ds[bb, tt]
+      cand = [j for j in range(nb) if j * bs <= u]
+      forced = [
+        j for j in cand if j < cfg.num_init_blocks or u // bs - cfg.num_local_blocks < j <= u // bs
+      ]
       for hh in range(h):
         rest = sorted((j for j in cand if j not in forced), key=lambda j: (-sq[bb, tt, hh, j], j))
         gq = forced + rest[: kq - len(forced)]
@@ -202,14 +225,18 @@ def test_gradients_reach_w_delta_and_a_and_match_the_dense_formula(impl):
   assert float(jnp.max(jnp.abs(g0a))) > 1e-3 and float(jnp.max(jnp.abs(g0w))) == 0.0
 
 
-def test_agnostic_scores_pool_visible_compressed_bias():
+@pytest.mark.parametrize("use_seg", [False, True])
+def test_agnostic_scores_pool_visible_compressed_bias(use_seg):
   c = rand_c(jax.random.key(5))
-  got = ns.agnostic_block_scores(c, CFG)
-  want = np_agnostic(c, CFG)
+  seg = segments(B, T, [3, 27]) if use_seg else None  # documents of 3, 24 and 37 tokens
+  got = ns.agnostic_block_scores(c, CFG, segment_ids=seg)
+  want = np_agnostic(c, CFG, seg)
   assert np.isneginf(want).any() and np.isfinite(want).any()
   np.testing.assert_array_equal(np.isneginf(np.asarray(got)), np.isneginf(want))
   fin = np.isfinite(want)
   np.testing.assert_allclose(np.asarray(got)[fin], want[fin], rtol=1e-5, atol=1e-6)
+  if use_seg:
+    return
   # Decoding form: scores of a few query positions equal the rows of the full computation.
   pos = jnp.array([7, 30, 63])
   np.testing.assert_array_equal(ns.agnostic_block_scores(c, CFG, query_positions=pos), got[:, pos])
@@ -243,6 +270,10 @@ def test_selection_matches_brute_force_and_contains_its_query_aware_part():
     ns.nosa_select(sq[:, pos], sa[:, pos], CFG, num_query_selected=KQ, query_positions=pos),
     got[:, pos],
   )
+  # Packed documents: candidates and forced blocks count from each query's document start.
+  seg = segments(B, T, [3, 27])
+  got = ns.nosa_select(sq, sa, CFG, num_query_selected=KQ, segment_ids=seg)
+  np.testing.assert_array_equal(got, np_select(sq, sa, CFG, KQ, seg))
 
 
 def test_selection_budget_errors():
@@ -394,3 +425,63 @@ def test_bias_columns_in_bf16_keep_the_bias_and_its_gradient():
   g_ref = jax.grad(loss, (0, 1))(w, a, "reference")
   for x, y in zip(g, g_ref):
     assert float(jnp.max(jnp.abs(x - y))) <= 3e-2 * float(jnp.max(jnp.abs(y))), (x, y)
+
+
+# ------------------------------------------------------------------------- packed documents
+PACK_CFG = NSAConfig.infllm_v2(
+  cmp_window=8, cmp_stride=4, block_size=8, num_selected=4, num_init_blocks=1, num_local_blocks=1
+)
+PACK_KQ = 3
+# Lengths off the l, d and l' grids, one document of 1 token and one shorter than a block; the
+# 37-token one has more blocks than k (both top-k parts choose) and starts off the row's grid.
+PACK_LENGTHS = (14, 1, 37, 5)
+SELECTED_IMPLS = [i for i in dispatch.available_impls("selected_attention") if i != "pallas_gpu"]
+
+
+@functools.partial(jax.jit, static_argnames=("config", "kq", "impl"))
+def nosa_value_and_grad(q, k, v, c, seg, cot, *, config, kq, impl):
+  """``(o, aux, (dq, dk, dv, dc))`` of ``sum(nosa_attention(...) * cot)``, one compiled call."""
+
+  def loss(q, k, v, c):
+    o, aux = nosa_attention(
+      q, k, v, c, config=config, num_query_selected=kq, segment_ids=seg, return_aux=True, impl=impl
+    )
+    return jnp.sum(o * cot), (o, aux)
+
+  (_, (o, aux)), grads = jax.value_and_grad(loss, (0, 1, 2, 3), has_aux=True)(q, k, v, c)
+  return o, aux, grads
+
+
+def index_sets(idx):
+  """``[T][H]`` frozensets of the non-padding block ids of ``idx [1, T, H, n]``."""
+  return [[frozenset(sets(row)) for row in tok] for tok in np.asarray(idx)[0]]
+
+
+@pytest.mark.parametrize("impl", SELECTED_IMPLS)
+def test_each_document_matches_itself_alone(impl):
+  """Packing invariance: in a packed row, each document's output, gradients (q, k, v, c), scores
+  and block-index sets (Gamma and its query-aware part) equal those of the document run alone
+  (its budgets clamped to its blocks with ``nosa.selection.for_length``)."""
+  t = sum(PACK_LENGTHS)
+  q, k, v = rand_qkv(jax.random.key(20), 1, t, HQ, H, D)
+  c = rand_c(jax.random.key(21), 1, t)
+  cot = jax.random.normal(jax.random.key(22), q.shape)
+  seg = jnp.asarray(np.repeat(np.arange(len(PACK_LENGTHS)), PACK_LENGTHS)[None], jnp.int32)
+  o, aux, grads = nosa_value_and_grad(q, k, v, c, seg, cot, config=PACK_CFG, kq=PACK_KQ, impl=impl)
+  gamma, gamma_q = index_sets(aux.block_indices), index_sets(aux.query_indices)
+  ends = np.cumsum(PACK_LENGTHS)
+  for a, b in zip(ends - np.asarray(PACK_LENGTHS), ends, strict=True):
+    msg = f"document [{a}, {b})"
+    cfg, kq = ns.for_length(PACK_CFG, PACK_KQ, int(b - a))
+    o1, aux1, grads1 = nosa_value_and_grad(
+      *(x[:, a:b] for x in (q, k, v, c)), None, cot[:, a:b], config=cfg, kq=kq, impl=impl
+    )
+    np.testing.assert_allclose(o[:, a:b], o1, atol=2e-5, rtol=2e-5, err_msg=msg)
+    for name, g, g1 in zip(("dq", "dk", "dv", "dc"), grads, grads1, strict=True):
+      np.testing.assert_allclose(g[:, a:b], g1, atol=5e-5, rtol=5e-5, err_msg=f"{name} {msg}")
+    nb = cfg.num_blocks(int(b - a))
+    for name in ("query_scores", "agnostic_scores"):
+      got, want = getattr(aux, name)[:, a:b], getattr(aux1, name)
+      np.testing.assert_allclose(got[..., :nb], want, atol=1e-6, rtol=1e-6, err_msg=f"{name} {msg}")
+    assert gamma[a:b] == index_sets(aux1.block_indices), msg
+    assert gamma_q[a:b] == index_sets(aux1.query_indices), msg

@@ -2,7 +2,8 @@
 query-agnostic part, and selected attention with the eviction bias as an additive logit bias.
 
 For query ``t`` with selected token set ``S_t`` (the tokens ``<= t`` of the blocks of
-``Gamma(t)``, forced init/local blocks included, inside the query's document)::
+``Gamma(t)``, forced init/local blocks included, inside the query's document; with
+``segment_ids`` block ``j`` is document-relative, :mod:`sparse_attention_jax.ops.documents`)::
 
   o_t = sum_{j in S_t} exp(s_tj + c_j) v_j / sum_{j in S_t} exp(s_tj + c_j)
   s_tj = q_t . k_j * scale
@@ -68,7 +69,9 @@ def biased_selected_attention(
   Args:
     q: ``[B, T, HQ, Dk]``; k: ``[B, T, H, Dk]``; v: ``[B, T, H, Dv]``.
     bias: ``[B, T, H]`` eviction scores ``c`` of the keys (float).
-    block_indices: ``[B, T, H, n]`` int block ids (``-1`` = padding).
+    block_indices: ``[B, T, H, n]`` int block ids (``-1`` = padding; document-relative with
+      ``segment_ids``: block ``j`` of a query whose document starts at ``ds`` holds keys
+      ``[ds + j*l', ds + (j+1)*l')``).
     block_size: l'.
     segment_ids: optional ``[B, T]`` document ids.
     softmax_scale: defaults to ``Dk ** -0.5``.
@@ -136,13 +139,16 @@ class NOSAAux(NamedTuple):
 def nosa_scores(q, k, c, config: NSAConfig, *, segment_ids=None):
   """``(s^q, s^a)``, both ``[B, T, H, NB]`` float32: InfLLM-V2's query-aware block scores (mean
   compressed keys, per-head softmax summed over the group, ``config.score_pooling``) and the
-  query-agnostic scores from the eviction scores ``c [B, T, H]``."""
+  query-agnostic scores from the eviction scores ``c [B, T, H]``.
+
+  With ``segment_ids [B, T]`` both restart at every document: keys and eviction scores are
+  compressed per document window (``cmp_layout``) and block ``j`` is document-relative."""
   _checks.check_config(config)
   t, h = q.shape[1], k.shape[2]
-  k_cmp = compress(k, config, name="k")
+  k_cmp = compress(k, config, segment_ids=segment_ids, name="k")
   # Only the probabilities are used; the compressed keys stand in for the unused values.
   probs = compressed_attention(q, k_cmp, k_cmp, config, segment_ids=segment_ids).probs
-  s_q = block_importance(probs, config, num_kv_heads=h, seq_len=t)
+  s_q = block_importance(probs, config, num_kv_heads=h, seq_len=t, segment_ids=segment_ids)
   s_a = agnostic_block_scores(c, config, segment_ids=segment_ids)
   return s_q, s_a
 
@@ -153,7 +159,9 @@ def decode_selection(
   """``Gamma(t)`` of queries at given positions from the compressed caches (decoding).
 
   Reads only what a NOSA decode cache keeps on the device besides the slot pool: the compressed
-  keys and the compressed eviction scores of the ``seq_len`` cached tokens.
+  keys and the compressed eviction scores of the ``seq_len`` cached tokens. Each sequence is one
+  document (no ``segment_ids``): its grids start at position 0, so the block ids are the
+  document-relative ids of the packed convention with ``ds = 0``.
 
   Args:
     q: ``[B, Tq, HQ, Dk]`` new queries (RoPE'd) at ``query_positions``.
@@ -207,8 +215,11 @@ def nosa_attention(
       l, d, l', ``score_pooling``, forced blocks and the total budget ``k = num_selected``. Its
       ``branches``/``window`` are ignored (NOSA has only the selected branch).
     num_query_selected: k_q, the query-aware budget (forced blocks included).
-    segment_ids: optional ``[B, T]`` document ids.
-    block_indices: optional precomputed ``[B, T, H, k]`` selection (skips scoring).
+    segment_ids: optional ``[B, T]`` document ids for packed sequences: every block structure
+      restarts at each document, so a document's result does not depend on where it sits in the
+      row (:mod:`sparse_attention_jax.ops.documents`).
+    block_indices: optional precomputed ``[B, T, H, k]`` selection (document-relative with
+      ``segment_ids``; skips scoring).
     return_aux: also return :class:`NOSAAux`.
     impl: of the biased selected attention (:func:`biased_selected_attention`): ``"auto"`` (the
       selected-attention kernels where they serve), ``"reference"``, or a backend name.

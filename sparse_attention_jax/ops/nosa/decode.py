@@ -27,6 +27,12 @@ keys for InfLLM-V2's query-aware score ``s^q`` (per-head softmax summed over the
 pooling), selects ``Gamma(p) = top_{k_q}(s^q) ∪ best of s^a`` (forced init/local blocks first)
 and attends over the ``k*l'`` selected keys with the eviction bias ``c`` on every logit -- the
 full op's computation for query ``p`` of the prefix ``0..p`` (one document per sequence).
+
+Packed documents: a decoded sequence is one document, so its compressed tokens, blocks and forced
+blocks are counted from position 0 -- the document-relative grids of
+:mod:`sparse_attention_jax.ops.documents` with ``ds = 0``; block ids here (and in the offloaded
+cache, :mod:`sparse_attention_jax.offload`) are row positions ``// l'``. A prefill of a packed
+row is not a decode state (no ``segment_ids`` here).
 """
 
 from __future__ import annotations

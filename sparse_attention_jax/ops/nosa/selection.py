@@ -6,13 +6,20 @@ union of a query-aware and a query-agnostic top-k.
 * Query-agnostic scores ``s^a``: the eviction scores are average-pooled like the compressed keys
   (window ``l``, stride ``d``), then max-pooled onto selection blocks over the same compressed
   tokens as InfLLM-V2's query-aware score (``overlap_table``). Only compressed tokens visible to
-  the query (window complete at ``t``, inside its document) enter, so the selection stays causal;
-  a candidate block with no visible compressed token scores ``-inf`` (ranked last, ties to the
-  lower index).
+  the query (window complete at ``t``) enter, so the selection stays causal; a candidate block
+  with no visible compressed token scores ``-inf`` (ranked last, ties to the lower index).
 * Selection ``Gamma(t) = Gamma_q(t) ∪ best (k - |Gamma_q(t)|) blocks by s^a``, where
   ``Gamma_q(t) = top_{k_q}(s^q_t)`` with the forced init/local blocks included (they count toward
   ``k_q``). Candidates, forced blocks, tie-breaking and the output layout follow
   :mod:`sparse_attention_jax.ops.selection`: ``[B, T, H, k]`` int32 ascending, ``-1`` padding.
+
+Packed documents (``segment_ids``, :mod:`sparse_attention_jax.ops.documents`): everything restarts
+at each document as if it were a sequence of its own. The eviction scores are pooled over each
+document's windows into the packed compressed slots (``cmp_layout``, as ``compress`` lays out the
+keys), a query sees only its own document's compressed tokens, block indices are
+document-relative (block ``j`` covers row positions ``[ds + j*l', ds + (j+1)*l')``, ``ds`` the
+document's start) and the forced blocks count from the document's start; ``t`` above reads as
+the document position ``u = t - ds``.
 
 Budgets: ``k = config.num_selected`` (total) and ``k_q = num_query_selected`` with
 ``num_init_blocks + num_local_blocks <= k_q <= k``.
@@ -37,6 +44,7 @@ from sparse_attention_jax.ops.compression import (
   window_gather_index,
   window_token_indices,
 )
+from sparse_attention_jax.ops.documents import cmp_layout, document_positions
 from sparse_attention_jax.ops.selection import candidate_and_forced, overlap_table
 
 _HI = jax.lax.Precision.HIGHEST
@@ -95,21 +103,29 @@ def for_length(config: NSAConfig, num_query_selected: int, seq_len: int) -> tupl
   return clamped, min(num_query_selected, clamped.num_selected)
 
 
-def compressed_bias(c, config: NSAConfig):
+def compressed_bias(c, config: NSAConfig, *, segment_ids=None):
   """Average pool of the eviction scores like the compressed keys: ``[B, T, H] -> [B, NC, H]``
-  float32 (token ``i`` averages ``c[i*d : i*d + l]``)."""
+  float32 (token ``i`` averages ``c[i*d : i*d + l]``).
+
+  With ``segment_ids [B, T]`` the windows restart at every document and the output holds the
+  documents' compressed tokens one after the other in the ``NC`` slots, unused slots 0
+  (:func:`~sparse_attention_jax.ops.documents.cmp_layout`, the layout of ``compress``).
+  """
   _checks.check_rank("c", c, 3, "[B, T, H]")
-  idx = window_token_indices(config, c.shape[1])  # [NC, l]
-  if idx.shape[0] == 0:
-    return jnp.zeros((c.shape[0], 0, c.shape[2]), jnp.float32)
-  return jnp.mean(c.astype(jnp.float32)[:, window_gather_index(config, c.shape[1])], axis=2)
-
-
-def _visibility(config: NSAConfig, seq_len: int, segment_ids, batch: int, query_positions):
-  """``[B|1, Tq, NC]`` bool: compressed token ``i`` visible to each query."""
-  if query_positions is None:
-    return cmp_visibility(config, seq_len, segment_ids, batch)
-  return position_visibility(config, seq_len, query_positions)
+  b, t, h = c.shape
+  _checks.check_segment_ids(segment_ids, b, t)
+  idx = window_token_indices(config, t)  # [NC, l]
+  nc = idx.shape[0]
+  if nc == 0:
+    return jnp.zeros((b, 0, h), jnp.float32)
+  c = c.astype(jnp.float32)
+  if segment_ids is None:
+    return jnp.mean(c[:, window_gather_index(config, t)], axis=2)
+  layout = cmp_layout(config, segment_ids, b, t)
+  rows = layout.slot_start[:, :, None] + jnp.arange(config.cmp_window, dtype=jnp.int32)
+  rows = jnp.minimum(rows, t - 1).reshape(b, nc * config.cmp_window, 1)  # unused: masked below
+  win = jnp.take_along_axis(c, rows, axis=1).reshape(b, nc, config.cmp_window, h)
+  return jnp.where(layout.slot_doc[:, :, None] >= 0, jnp.mean(win, axis=2), 0.0)
 
 
 def agnostic_block_scores(c, config: NSAConfig, *, segment_ids=None, query_positions=None):
@@ -118,7 +134,8 @@ def agnostic_block_scores(c, config: NSAConfig, *, segment_ids=None, query_posit
   Args:
     c: ``[B, S, H]`` eviction scores of the keys (:func:`eviction_bias`).
     config: supplies ``cmp_window`` (l), ``cmp_stride`` (d) and ``block_size`` (l').
-    segment_ids: optional ``[B, S]`` document ids (queries are the keys' positions).
+    segment_ids: optional ``[B, S]`` document ids (queries are the keys' positions): each query
+      pools its own document's compressed tokens onto document-relative blocks.
     query_positions: optional ``[Tq]`` int positions of the queries (decoding: e.g. ``[t]``);
       default ``arange(S)``. Not combinable with ``segment_ids``.
 
@@ -133,10 +150,52 @@ def agnostic_block_scores(c, config: NSAConfig, *, segment_ids=None, query_posit
   _checks.check_segment_ids(segment_ids, b, s)
   if query_positions is not None and segment_ids is not None:
     _checks.fail("segment_ids", "None when query_positions is given", "an array")
-  vis = _visibility(config, s, segment_ids, b, query_positions)  # [B|1, Tq, NC]
-  return pool_agnostic_scores(
-    compressed_bias(jax.lax.stop_gradient(c), config), vis, config, seq_len=s
-  )
+  c = jax.lax.stop_gradient(c)
+  if segment_ids is not None:
+    return document_agnostic_scores(
+      compressed_bias(c, config, segment_ids=segment_ids), config, segment_ids=segment_ids
+    )
+  if query_positions is None:
+    vis = cmp_visibility(config, s)  # [1, S, NC]
+  else:
+    vis = position_visibility(config, s, query_positions)
+  return pool_agnostic_scores(compressed_bias(c, config), vis, config, seq_len=s)
+
+
+def document_agnostic_scores(c_cmp, config: NSAConfig, *, segment_ids):
+  """``s^a`` of the queries of packed rows from their packed compressed eviction scores.
+
+  Args:
+    c_cmp: ``[B, NC, H]`` = ``compressed_bias(c, config, segment_ids=segment_ids)``.
+    config: supplies l, d and l'.
+    segment_ids: ``[B, T]`` document ids (``NC = num_cmp_tokens(T)``).
+
+  Returns:
+    ``[B, T, H, NB]`` float32: block ``j`` (document-relative) of the query at document position
+    ``u`` pools the compressed tokens ``i`` of its document overlapping the block with
+    ``i*d + l - 1 <= u``; ``-inf`` where there is none.
+  """
+  _checks.check_rank("c_cmp", c_cmp, 3, "[B, NC, H]")
+  b, nc, h = c_cmp.shape
+  t = segment_ids.shape[1]
+  _checks.check_segment_ids(segment_ids, b, t)
+  if nc != config.num_cmp_tokens(t):
+    _checks.fail("c_cmp", f"{config.num_cmp_tokens(t)} compressed tokens for T={t}", nc)
+  idx, weight = overlap_table(config, t)  # [NB, K] document-relative compressed tokens
+  nb, kk = idx.shape
+  if nc == 0:
+    return jnp.full((b, t, h, nb), -jnp.inf, jnp.float32)
+  last = jnp.asarray(idx * config.cmp_stride + config.cmp_window - 1)  # [NB, K]
+  u = document_positions(segment_ids, b, t)[:, :, None, None]  # [B, T, 1, 1]
+  valid = jnp.asarray(weight > 0) & (last <= u)  # [B, T, NB, K]: inside the query's document
+  slot = cmp_layout(config, segment_ids, b, t).offset[:, :, None, None] + jnp.asarray(idx)
+  slot = jnp.where(valid, slot, 0).reshape(b, t * nb * kk, 1)
+  c_cmp = jax.lax.stop_gradient(c_cmp).astype(jnp.float32)
+  vals = jnp.take_along_axis(c_cmp, slot, axis=1).reshape(b, t, nb, kk, h)
+  pooled = jnp.where(valid[..., None], vals, -jnp.inf).max(axis=3)  # [B, T, NB, H]
+  out = jnp.moveaxis(pooled, -1, 2)
+  chex.assert_shape(out, (b, t, h, nb))
+  return out
 
 
 def pool_agnostic_scores(c_cmp, visible, config: NSAConfig, *, seq_len: int):
@@ -239,14 +298,16 @@ def nosa_select(
       (:func:`agnostic_block_scores`).
     config: supplies ``num_selected`` (k), forced-block counts and ``block_size``.
     num_query_selected: k_q, the query-aware budget including the forced blocks.
-    segment_ids: optional ``[B, T]`` document ids.
+    segment_ids: optional ``[B, T]`` document ids: candidates and forced blocks count from each
+      query's document start and the scores' blocks are document-relative.
     query_positions: optional ``[T]`` positions of the query rows (decoding; default
       ``arange(T)``, and then ``NB`` must be the blocks of ``T`` tokens). Not combinable with
       ``segment_ids``.
     return_query_part: also return ``Gamma_q`` ``[B, T, H, k_q]``.
 
   Returns:
-    ``[B, T, H, k]`` int32 block ids, ascending, ``-1`` padding (and ``Gamma_q``).
+    ``[B, T, H, k]`` int32 block ids (document-relative with ``segment_ids``), ascending, ``-1``
+    padding (and ``Gamma_q``).
   """
   for name, x in (("query_scores", query_scores), ("agnostic_scores", agnostic_scores)):
     _checks.check_rank(name, x, 4, "[B, T, H, NB]")
@@ -288,6 +349,7 @@ __all__ = [
   "agnostic_block_scores",
   "check_budget",
   "compressed_bias",
+  "document_agnostic_scores",
   "eviction_bias",
   "for_length",
   "membership",
