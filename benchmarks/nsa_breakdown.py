@@ -120,13 +120,13 @@ def main(argv=None) -> int:
     )
   )
   scale = cfg.scale(d)
-  k_cmp = compress(k, cfg, params.k, name="k")
-  v_cmp = compress(v, cfg, params.v, name="v")
+  k_cmp = compress(k, cfg, params.k, segment_ids=seg, name="k")
+  v_cmp = compress(v, cfg, params.v, segment_ids=seg, name="v")
   cmp = jax.jit(lambda q, kc, vc, sg: compressed_attention(q, kc, vc, cfg, segment_ids=sg))(
     q, k_cmp, v_cmp, seg
   )
   select = lambda probs, sg: select_blocks(
-    block_importance(probs, cfg, num_kv_heads=h, seq_len=t), cfg, segment_ids=sg
+    block_importance(probs, cfg, num_kv_heads=h, seq_len=t, segment_ids=sg), cfg, segment_ids=sg
   )
   blocks = jax.jit(select)(cmp.probs, seg)
 
@@ -136,7 +136,11 @@ def main(argv=None) -> int:
   stages = {
     "compress": (
       lambda k, v, p, sg: jnp.concatenate(
-        [compress(k, cfg, p.k, name="k"), compress(v, cfg, p.v, name="v")], axis=-1
+        [
+          compress(k, cfg, p.k, segment_ids=sg, name="k"),
+          compress(v, cfg, p.v, segment_ids=sg, name="v"),
+        ],
+        axis=-1,
       ),
       (k, v, params, seg),
       (0, 1, 2),

@@ -118,7 +118,8 @@ def np_block_importance(probs, cfg, num_kv_heads):
 
 
 def np_select(score, cfg, seg=None):
-  """Exact top-n with forced init/local blocks, candidate rules and lower-index tie-break."""
+  """Exact top-n with forced init/local blocks, candidate rules and lower-index tie-break; block
+  indices are relative to the query's document (``u`` its document position)."""
   score = np.asarray(score, np.float64)
   b, t, h, nb = score.shape
   bs, n = cfg.block_size, cfg.num_selected
@@ -126,13 +127,10 @@ def np_select(score, cfg, seg=None):
   for bi in range(b):
     starts = np.zeros(t, np.int64) if seg is None else np_doc_starts(np.asarray(seg)[bi])
     for ti in range(t):
-      doc0 = starts[ti]
-      cand = [j for j in range(nb) if j * bs <= ti and (j + 1) * bs - 1 >= doc0]
+      u = ti - starts[ti]
+      cand = [j for j in range(nb) if j * bs <= u]
       forced = [
-        j
-        for j in cand
-        if doc0 // bs <= j < doc0 // bs + cfg.num_init_blocks
-        or ti // bs - cfg.num_local_blocks < j <= ti // bs
+        j for j in cand if j < cfg.num_init_blocks or u // bs - cfg.num_local_blocks < j <= u // bs
       ]
       for hh in range(h):
         rest = sorted(

@@ -76,7 +76,8 @@ def sparsity_metrics(
   Args:
     probs: ``[B, HQ, T, T]`` rows summing to 1 over the keys (0 where masked).
     ks: k values of ``topk_mass``.
-    block_size: key block size of ``block_mass``.
+    block_size: key block size of ``block_mass`` (blocks of ``block_size`` document positions,
+      restarting at every document).
     block_ks: k values of ``block_mass``.
     sink: the first ``sink`` tokens of each document count as the sink.
     positions: ``[B, T]`` positions within the document (default ``arange(T)``).
@@ -97,8 +98,11 @@ def sparsity_metrics(
   csum = jnp.cumsum(-jnp.sort(-p, axis=-1), axis=-1)  # [B, HQ, T, T]
   topk = {int(k): float(jnp.mean(csum[..., min(int(k), t) - 1])) for k in ks}
   nb = -(-t // block_size)
-  pb = jnp.pad(p, ((0, 0), (0, 0), (0, 0), (0, nb * block_size - t)))
-  blocks = pb.reshape(*p.shape[:3], nb, block_size).sum(-1)  # [B, HQ, T, NB]
+  # Key blocks follow each key's document position, so blocks restart at every document (the
+  # selection's document-relative blocks); a row's mass lies in its own document only.
+  key_block = positions // block_size  # [B, T]
+  onehot = (key_block[:, :, None] == jnp.arange(nb)).astype(jnp.float32)  # [B, S, NB]
+  blocks = jnp.einsum("bhts,bsj->bhtj", p, onehot, precision=jax.lax.Precision.HIGHEST)
   bsum = jnp.cumsum(-jnp.sort(-blocks, axis=-1), axis=-1)
   block = {int(k): float(jnp.mean(bsum[..., min(int(k), nb) - 1])) for k in block_ks}
   entropy = float(

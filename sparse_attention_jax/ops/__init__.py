@@ -21,6 +21,10 @@ from sparse_attention_jax.ops.compression import (
 )
 from sparse_attention_jax.ops.decode import attend_one
 from sparse_attention_jax.ops.dispatch import valid_impls
+from sparse_attention_jax.ops.documents import (
+  cu_seqlens_from_segment_ids,
+  segment_ids_from_cu_seqlens,
+)
 from sparse_attention_jax.ops.masked import masked_attention
 from sparse_attention_jax.ops.nosa import (
   NOSAAux,
@@ -62,6 +66,7 @@ __all__ = [
   "combine_branches",
   "compress",
   "compressed_attention",
+  "cu_seqlens_from_segment_ids",
   "dense_causal_attention",
   "eviction_bias",
   "fill_nsa_cache",
@@ -74,6 +79,7 @@ __all__ = [
   "nosa_select",
   "nsa_attention",
   "overlap_table",
+  "segment_ids_from_cu_seqlens",
   "select_blocks",
   "selected_attention",
   "share_selection",

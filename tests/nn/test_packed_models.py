@@ -19,7 +19,11 @@ from sparse_attention_jax.ops.documents import document_positions
 NSA = NSAConfig.paper(cmp_window=8, cmp_stride=4, block_size=8, num_selected=3, window=10)
 LATENT = LatentConfig(kv_rank=16, q_rank=24, rope_dim=4, nope_dim=8, v_dim=6, groups=2)
 SSA_NSA = NSA.replace(
-  compression="mean", cmp_window=8, cmp_stride=8, branches=("slc",), num_init_blocks=0,
+  compression="mean",
+  cmp_window=8,
+  cmp_stride=8,
+  branches=("slc",),
+  num_init_blocks=0,
   num_local_blocks=1,
 )
 # Documents of 13, 1, 21 and 5 tokens: off every grid (l=8, d=4, l'=8), one of length 1.
@@ -29,8 +33,17 @@ T = sum(LENGTHS)
 
 def _model(kinds, **kw) -> DecoderLM:
   base = dict(
-    vocab_size=64, d_model=32, num_layers=len(kinds), num_heads=4, num_kv_heads=2, head_dim=8,
-    mlp_dim=64, attention=tuple(kinds), window=12, nsa=NSA, latent=LATENT,
+    vocab_size=64,
+    d_model=32,
+    num_layers=len(kinds),
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    mlp_dim=64,
+    attention=tuple(kinds),
+    window=12,
+    nsa=NSA,
+    latent=LATENT,
   )
   return DecoderLM(ModelConfig(**{**base, **kw}), rngs=nnx.Rngs(3))
 
@@ -54,7 +67,9 @@ def bounds():
 
 
 def close(a, b, tol=2e-5):
-  np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), atol=tol, rtol=tol)
+  np.testing.assert_allclose(
+    np.asarray(a, np.float32), np.asarray(b, np.float32), atol=tol, rtol=tol
+  )
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -81,7 +96,9 @@ def test_cached_decoding_of_a_document_matches_its_packed_logits(name):
   packed = jax.jit(lambda p, x, ps, s: nnx.merge(graphdef, p)(x, ps, s))(params, tokens, pos, seg)
   pre = jax.jit(
     lambda p, x: dec.prefill(
-      nnx.merge(graphdef, p), x, jnp.ones((1,), jnp.int32),
+      nnx.merge(graphdef, p),
+      x,
+      jnp.ones((1,), jnp.int32),
       dec.init_decode_state(nnx.merge(graphdef, p), 1, max(LENGTHS)),
     )
   )

@@ -60,15 +60,19 @@ def branch_fns(segment_ids=None):
   def cmp_mean(q, k, v):
     return compressed_attention(
       q,
-      compress(k, cfg.replace(compression="mean")),
-      compress(v, cfg.replace(compression="mean")),
+      compress(k, cfg.replace(compression="mean"), segment_ids=segment_ids),
+      compress(v, cfg.replace(compression="mean"), segment_ids=segment_ids),
       cfg,
       segment_ids=segment_ids,
     ).out
 
   def cmp_mlp(q, k, v):
     return compressed_attention(
-      q, compress(k, cfg, params.k), compress(v, cfg, params.v), cfg, segment_ids=segment_ids
+      q,
+      compress(k, cfg, params.k, segment_ids=segment_ids),
+      compress(v, cfg, params.v, segment_ids=segment_ids),
+      cfg,
+      segment_ids=segment_ids,
     ).out
 
   return {
@@ -184,11 +188,12 @@ def test_selection_stays_inside_the_document(name):
     starts[c:] = c
   bs = PRESETS[name].block_size
   for t in range(T):
+    u = t - starts[t]  # document position: block indices are document-relative
     sel = bi[:, t][bi[:, t] >= 0]
-    assert np.all(sel * bs <= t), t  # no future block
-    assert np.all((sel + 1) * bs - 1 >= starts[t]), t  # no block entirely before the doc
-    # the document's first block is forced (init block)
-    assert np.all(np.any(bi[:, t] == starts[t] // bs, axis=-1)), t
+    assert np.all(sel * bs <= u), t  # no future block, nothing before the document's start
+    # the document's first block is forced (init block), and so is the query's own block
+    assert np.all(np.any(bi[:, t] == 0, axis=-1)), t
+    assert np.all(np.any(bi[:, t] == u // bs, axis=-1)), t
 
 
 # --------------------------------------------------------------------------------- empty rows
@@ -196,14 +201,16 @@ def test_query_without_compressed_tokens_gets_zero_and_neg_inf_lse():
   seg = segments(B, T, CUTS)
   q, k, v, gates = inputs(7)
   cfg = PAPER.replace(compression="mean")
-  res = compressed_attention(q, compress(k, cfg), compress(v, cfg), cfg, segment_ids=seg)
+  res = compressed_attention(
+    q, compress(k, cfg, segment_ids=seg), compress(v, cfg, segment_ids=seg), cfg, segment_ids=seg
+  )
   # no window of l tokens is complete inside the query's document before starts + l - 1
   starts = np.zeros(T, np.int64)
   for c in CUTS:
     starts[c:] = c
   pos = np.arange(T)
-  # windows start at multiples of d: the first one inside the document
-  first_end = -(-starts // cfg.cmp_stride) * cfg.cmp_stride + cfg.cmp_window - 1
+  # windows restart at the document's first token
+  first_end = starts + cfg.cmp_window - 1
   empty = np.broadcast_to(pos < first_end, (B, T))
   assert empty[:, 0].all() and (~empty).any()
   out, lse = np.asarray(res.out), np.asarray(res.lse)

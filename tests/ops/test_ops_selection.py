@@ -179,18 +179,18 @@ def test_select_blocks_structure(with_seg):
   if with_seg:
     starts[21:], starts[58:] = 21, 58
   for ti in range(t):
-    cur, first = ti // 8, starts[ti] // 8
+    u = ti - starts[ti]  # document position: indices are document-relative
+    cur = u // 8
     for row in out[:, ti].reshape(-1, cfg.num_selected):
       valid = row[row >= 0]
       assert np.all(row[len(valid) :] == -1), (ti, row)  # padding at the end
       assert np.all(np.diff(valid) > 0), (ti, row)  # ascending, no dups
-      assert np.all(valid * 8 <= ti), (ti, row)  # no future block
-      assert np.all((valid + 1) * 8 - 1 >= starts[ti]), (ti, row)  # not before the doc
-      assert first in valid, (ti, row)  # init = doc's first
+      assert np.all(valid * 8 <= u), (ti, row)  # no future block, none before the doc
+      assert 0 in valid, (ti, row)  # init = doc's first
       for j in (cur, cur - 1):  # local blocks
-        if j >= first:
+        if j >= 0:
           assert j in valid, (ti, row)
-      n_cand = cur - first + 1
+      n_cand = cur + 1
       assert len(valid) == min(cfg.num_selected, n_cand), (ti, row)
 
 
@@ -228,13 +228,15 @@ def test_candidate_and_forced_with_segments():
   cfg = cfg_of(8, 4, 8, n=4, init=1, local=2)
   seg = segments(1, 40, [13])
   cand, forced = (np.asarray(x)[0] for x in candidate_and_forced(cfg, 40, seg, 1))
-  # query 20 lives in the doc starting at 13: blocks 1 (8..15) and 2 (16..23) are candidates
-  np.testing.assert_array_equal(np.nonzero(cand[20])[0], [1, 2])
-  np.testing.assert_array_equal(np.nonzero(forced[20])[0], [1, 2])
-  # query 39: candidates 1..4; init block = 1 (the document's first), local = 3, 4
-  np.testing.assert_array_equal(np.nonzero(cand[39])[0], [1, 2, 3, 4])
-  np.testing.assert_array_equal(np.nonzero(forced[39])[0], [1, 3, 4])
-  assert not forced[39, 0] and not cand[39, 0]
+  # query 20 is token 7 of the doc starting at 13: only its block 0 (rows 13..20) is a candidate
+  np.testing.assert_array_equal(np.nonzero(cand[20])[0], [0])
+  np.testing.assert_array_equal(np.nonzero(forced[20])[0], [0])
+  # query 39 is token 26: blocks 0..3 of its document; init = 0, local = 2, 3
+  np.testing.assert_array_equal(np.nonzero(cand[39])[0], [0, 1, 2, 3])
+  np.testing.assert_array_equal(np.nonzero(forced[39])[0], [0, 2, 3])
+  assert not cand[39, 4]
+  # query 12 (first document, token 12): blocks 0 and 1 of the row, as without segments
+  np.testing.assert_array_equal(np.nonzero(forced[12])[0], [0, 1])
 
 
 # ------------------------------------------------------------------------------------ presets
