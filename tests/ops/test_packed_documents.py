@@ -39,8 +39,8 @@ PRESETS = {
     cmp_window=8, cmp_stride=4, block_size=8, num_selected=4, local_window=8
   ),
 }
-# Two rows: documents of 1 and 5 tokens (shorter than a block), lengths off every grid.
-LENGTHS = ((13, 1, 29, 5, 22), (37, 9, 3, 21))
+# Documents of 1 and 6 tokens (shorter than a block), every length and start off every grid.
+LENGTHS = (13, 1, 27, 6)
 SELECTED_IMPLS = [i for i in dispatch.available_impls("selected_attention") if i != "pallas_gpu"]
 
 
@@ -90,60 +90,55 @@ def index_sets(idx):
   ]
 
 
+def outputs_and_grads(cfg, impl, q, k, v, gates, params, seg, cots):
+  """``(out, block_indices, grads)``: one forward and, per cotangent of ``cots [D, 1, T, HQ, Dv]``,
+  the gradients of ``sum(out * cot)`` w.r.t. q, k, v, gates and the compressor parameters."""
+
+  def f(q, k, v, gates, params):
+    out, aux = run(cfg, impl, q, k, v, gates, params, seg)
+    return out, aux.block_indices
+
+  out, vjp, idx = jax.vjp(f, q, k, v, gates, params, has_aux=True)
+  return out, idx, jax.vmap(vjp)(cots)
+
+
 @pytest.mark.parametrize("impl", SELECTED_IMPLS)
 @pytest.mark.parametrize("preset", list(PRESETS))
 def test_each_document_matches_itself_alone(preset, impl):
+  """Outputs, block-index sets and gradients of every document equal the document run alone: the
+  cotangent covers one document, so its gradients must be the alone run's, every other row must
+  get none, and the compressor's parameter gradients must be the alone run's."""
   cfg = PRESETS[preset]
-  lengths = LENGTHS[0]
-  t = sum(lengths)
+  t = sum(LENGTHS)
   q, k, v, gates, cot = inputs(t, 3)
   params = mlp_params(5) if cfg.compression == "mlp" else None
-  seg = seg_row(lengths)
-  out, aux = run(cfg, impl, q, k, v, gates, params, seg)
-  packed_sets = index_sets(aux.block_indices)
-  for a, b in bounds(lengths):
-    alone, alone_aux = run(cfg, impl, q[:, a:b], k[:, a:b], v[:, a:b], gates[:, a:b], params, None)
-    np.testing.assert_allclose(out[:, a:b], alone, atol=2e-5, rtol=2e-5, err_msg=f"doc [{a},{b})")
-    assert packed_sets[a:b] == index_sets(alone_aux.block_indices), f"doc [{a},{b})"
-
-
-@pytest.mark.parametrize("impl", SELECTED_IMPLS)
-@pytest.mark.parametrize("preset", list(PRESETS))
-def test_each_documents_gradients_match_itself_alone(preset, impl):
-  """The cotangent covers one document: its gradients equal the alone run's, every other row gets
-  none, and the compressor's parameter gradients are the alone run's."""
-  cfg = PRESETS[preset]
-  lengths = LENGTHS[1]
-  t = sum(lengths)
-  q, k, v, gates, cot = inputs(t, 11)
-  params = mlp_params(13) if cfg.compression == "mlp" else None
-  seg = seg_row(lengths)
-
-  def loss(q, k, v, gates, params, seg, cot):
-    return jnp.sum(run(cfg, impl, q, k, v, gates, params, seg)[0] * cot)
-
-  grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)), static_argnums=())
-  for a, b in bounds(lengths):
-    only = jnp.zeros_like(cot).at[:, a:b].set(cot[:, a:b])
-    g_packed = grad(q, k, v, gates, params, seg, only)
-    g_alone = jax.grad(loss, argnums=(0, 1, 2, 3, 4))(
-      q[:, a:b], k[:, a:b], v[:, a:b], gates[:, a:b], params, None, cot[:, a:b]
-    )
-    for name, gp, ga in zip("qkvg", g_packed[:4], g_alone[:4], strict=True):
-      np.testing.assert_allclose(gp[:, a:b], ga, atol=5e-5, rtol=5e-5, err_msg=f"d{name} [{a},{b})")
-      rest = jnp.concatenate([gp[:, :a], gp[:, b:]], axis=1)
-      np.testing.assert_array_equal(rest, 0.0, err_msg=f"d{name} outside [{a},{b})")
-    if params is not None:
-      jax.tree.map(
-        lambda x, y: np.testing.assert_allclose(x, y, atol=5e-5, rtol=5e-5), g_packed[4], g_alone[4]
+  docs = bounds(LENGTHS)
+  cots = jnp.stack([jnp.zeros_like(cot).at[:, a:b].set(cot[:, a:b]) for a, b in docs])
+  fn = jax.jit(functools.partial(outputs_and_grads, cfg, impl))
+  out, idx, grads = fn(q, k, v, gates, params, seg_row(LENGTHS), cots)
+  packed_sets = index_sets(idx)
+  for d, (a, b) in enumerate(docs):
+    msg = f"doc [{a},{b})"
+    part = [x[:, a:b] for x in (q, k, v, gates)]
+    alone, alone_idx, alone_grads = fn(*part, params, None, cot[None, :, a:b])
+    np.testing.assert_allclose(out[:, a:b], alone, atol=2e-5, rtol=2e-5, err_msg=msg)
+    assert packed_sets[a:b] == index_sets(alone_idx), msg
+    for name, gp, ga in zip("qkvg", grads[:4], alone_grads[:4], strict=True):
+      np.testing.assert_allclose(
+        gp[d, :, a:b], ga[0], atol=5e-5, rtol=5e-5, err_msg=f"d{name} {msg}"
       )
+      rest = jnp.concatenate([gp[d, :, :a], gp[d, :, b:]], axis=1)
+      np.testing.assert_array_equal(rest, 0.0, err_msg=f"d{name} outside {msg}")
+    if params is not None:
+      for gp, ga in zip(jax.tree.leaves(grads[4]), jax.tree.leaves(alone_grads[4]), strict=True):
+        np.testing.assert_allclose(gp[d], ga[0], atol=5e-5, rtol=5e-5, err_msg=msg)
 
 
 @pytest.mark.parametrize("preset", list(PRESETS))
 def test_branch_ops_are_packing_invariant(preset):
   """compress, compressed attention, importance and top-n, one document at a time."""
   cfg = PRESETS[preset]
-  lengths = LENGTHS[0]
+  lengths = LENGTHS
   t = sum(lengths)
   q, k, v, _, _ = inputs(t, 17)
   seg = seg_row(lengths)
@@ -207,7 +202,7 @@ def test_selected_blocks_start_at_the_document(impl):
 
 @pytest.mark.parametrize("impl", dispatch.available_impls("causal_attention"))
 def test_window_branch_is_packing_invariant(impl):
-  lengths = LENGTHS[1]
+  lengths = LENGTHS
   t = sum(lengths)
   q, k, v, _, _ = inputs(t, 29)
   seg = seg_row(lengths)
@@ -223,8 +218,9 @@ def test_no_segment_ids_means_one_document():
   q, k, v, gates, _ = inputs(t, 31)
   params = mlp_params(37)
   one = jnp.ones((1, t), jnp.int32)
-  a, aux_a = run(cfg, "reference", q, k, v, gates, params, None)
-  b, aux_b = run(cfg, "reference", q, k, v, gates, params, one)
+  fn = jax.jit(functools.partial(run, cfg, "reference"))
+  a, aux_a = fn(q, k, v, gates, params, None)
+  b, aux_b = fn(q, k, v, gates, params, one)
   np.testing.assert_allclose(a, b, atol=1e-6)
   np.testing.assert_array_equal(aux_a.block_indices, aux_b.block_indices)
 
