@@ -81,9 +81,12 @@ def tokens_per_tile(num_groups: int) -> int:
   return TILE_ROWS // num_groups
 
 
-def unsupported_reason(q, k, v, block_indices, *, block_size, mode: str = "exact") -> str | None:
+def unsupported_reason(
+  q, k, v, block_indices, *, block_size, mode: str = "exact", num_blocks: int | None = None
+) -> str | None:
   """Why the kernels cannot serve this call, or ``None`` when they can (static checks of shapes,
-  dtypes, head dims, block size, mode and shared memory)."""
+  dtypes, head dims, block size, mode and shared memory). ``num_blocks``: blocks of the key grid
+  (default ``cdiv(T, block_size)``; packed documents: the padded layout's)."""
   if mode not in MODES:
     return f"mode={mode!r} (expected one of {MODES})"
   if q.ndim != 4 or k.ndim != 4 or v.ndim != 4 or block_indices.ndim != 4:
@@ -109,7 +112,7 @@ def unsupported_reason(q, k, v, block_indices, *, block_size, mode: str = "exact
   # Shared memory at one ring stage, with the longest tile list any tile_rows can build.
   r64 = TILE_ROWS // g
   r_max = 2 * r64 if 2 * r64 <= 64 else r64
-  nb = -(-q.shape[1] // block_size)
+  nb = -(-q.shape[1] // block_size) if num_blocks is None else num_blocks
   length = -(-min(r_max * block_indices.shape[-1], nb) // 4) * 4
   pk, pv = dims.padded_head_dim(dk), dims.padded_head_dim(dv)
   for kernel in ("fwd64", "fwd128", "dq", "dkv"):

@@ -289,6 +289,7 @@ def selected_attention_mgpu(
     block_indices,
     block_size=tuning.block_size,
     mode=tuning.mode,
+    num_blocks=None if segment_ids is None else packed_num_blocks(q.shape[1], tuning),
   )
   if reason is not None:
     raise NotImplementedError(f"pallas_gpu selected_attention: {reason}")
@@ -318,7 +319,10 @@ def selected_attention_mgpu(
 def selected_attention_op(q, k, v, block_indices, *, block_size, segment_ids, softmax_scale):
   """The ``selected_attention`` op of backend ``pallas_gpu`` (exact per-token selection, default
   tuning): the library op's arguments; raises ``NotImplementedError(reason)`` for a call the
-  kernels cannot serve (not a Hopper GPU, dtype, dims, block size, ...)."""
+  kernels cannot serve (not a Hopper GPU, dtype, dims, block size, ...). With ``segment_ids``
+  the ids are document-relative and rows must fit the default padded layout:
+  ``documents_fit(segment_ids, TuningConfig(block_size=block_size))`` (jittable) says whether
+  they do; where it is ``False`` the caller takes another path."""
   if jax.default_backend() != "gpu":
     raise NotImplementedError(
       f"pallas_gpu selected_attention: needs a Hopper GPU, the default "
