@@ -5,6 +5,8 @@
 #   tests      every kernel numerics check: `pytest -m gpu tests` (kernels, ops, nn, offload)
 #   selected   benchmarks/selected_attention.py: selected kernels vs cuDNN dense, 8k and 64k,
 #              fwd and fwd+bwd, correlated and independent picks
+#   packed     benchmarks/packed_selected.py: selected kernels on packed rows (4 and 16 documents,
+#              document-relative ids) vs unpacked rows and cuDNN dense, 8k, fwd and fwd+bwd
 #   breakdown  benchmarks/nsa_breakdown.py: each stage of one nsa_340m layer at 8k, 4 documents
 #   decode     benchmarks/decode.py: decode tokens/s of every kind at 32k, B 1 and 16, and the
 #              offloaded NOSA decoder at 32k, B 16 and 128
@@ -33,6 +35,8 @@ for part in $parts; do
       --durations=30 --junitxml="$OUT/gpu_tests.xml" tests ;;
     selected) run selected "${T_SELECTED:-300}" python3 benchmarks/selected_attention.py --bwd \
       --reps 10 --seqs 8192,65536 --kinds exact-corr,exact-random --out "$OUT/selected.json" ;;
+    packed) run packed "${T_PACKED:-540}" python3 benchmarks/packed_selected.py --reps 20 \
+      --out "$OUT/packed.json" ;;
     breakdown) run breakdown "${T_BREAKDOWN:-240}" env OUT="$OUT/breakdown" \
       python3 benchmarks/nsa_breakdown.py --seq-len 8192 --docs 4 ;;
     decode) run decode "${T_DECODE:-300}" env XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 \

@@ -12,7 +12,9 @@ Selected-block attention on NVIDIA Hopper (Mosaic GPU, sm90):
 * :mod:`.selected_attention_vjp_common`, :mod:`.selected_attention_vjp_kernel_sm90`: the
   backward's XLA preparation and its dQ and dK/dV kernels;
 * :mod:`.selected_attention_dims`: head dims, padding and the shared-memory budget;
-* :mod:`.selection_tiles`: per-tile iteration lists and membership words.
+* :mod:`.selection_tiles`: per-tile iteration lists and membership words;
+* :mod:`.packed_layout`: packed documents (document-relative block ids): the document-aligned
+  padded K/V layout, padded ids and shifted query positions.
 
 Nothing here is imported by ``import pallas_kernels``; the Mosaic GPU modules load on first use.
 """

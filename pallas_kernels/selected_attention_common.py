@@ -3,7 +3,7 @@
 Layout, masking and softmax helpers used inside the kernels (:func:`row_tokens`,
 :func:`masked_scores`, :func:`need_words`, :func:`online_softmax`, :func:`ws_consumer_step`),
 the XLA-side preparation of their operands (:func:`to_tiles`, :func:`from_tiles`,
-:func:`prepare`, :func:`doc_tiles`, :func:`document_starts`, :func:`share_selection`), the static
+:func:`prepare`, :func:`shift_tiles`, :func:`document_starts`, :func:`share_selection`), the static
 per-call configuration (:class:`KernelConfig`, :func:`resolve_config`, :func:`fit_config`) and
 the static checks of what the kernels serve (:func:`unsupported_reason`).
 
@@ -57,8 +57,8 @@ class KernelConfig:
   Hashable (a ``custom_vjp`` nondiff argument). The tuning fields are those of the public
   ``TuningConfig`` (:mod:`pallas_kernels.selected_attention_mgpu`) after the fallbacks of
   :func:`resolve_config` (``tile_rows`` is 64 or 128); the call adds ``softmax_scale``,
-  ``group_size`` (``G`` query heads per KV head) and ``has_docs`` (packed documents: a per-row
-  first visible key). Built by ``selected_attention_mgpu.kernel_config``.
+  ``group_size`` (``G`` query heads per KV head) and ``has_docs`` (packed documents: keys in the
+  document-aligned padded layout, a per-row position shift; :mod:`pallas_kernels.packed_layout`). Built by ``selected_attention_mgpu.kernel_config``.
   """
 
   softmax_scale: float
@@ -81,9 +81,12 @@ def tokens_per_tile(num_groups: int) -> int:
   return TILE_ROWS // num_groups
 
 
-def unsupported_reason(q, k, v, block_indices, *, block_size, mode: str = "exact") -> str | None:
+def unsupported_reason(
+  q, k, v, block_indices, *, block_size, mode: str = "exact", num_blocks: int | None = None
+) -> str | None:
   """Why the kernels cannot serve this call, or ``None`` when they can (static checks of shapes,
-  dtypes, head dims, block size, mode and shared memory)."""
+  dtypes, head dims, block size, mode and shared memory). ``num_blocks``: blocks of the key grid
+  (default ``cdiv(T, block_size)``; packed documents: the padded layout's)."""
   if mode not in MODES:
     return f"mode={mode!r} (expected one of {MODES})"
   if q.ndim != 4 or k.ndim != 4 or v.ndim != 4 or block_indices.ndim != 4:
@@ -109,7 +112,7 @@ def unsupported_reason(q, k, v, block_indices, *, block_size, mode: str = "exact
   # Shared memory at one ring stage, with the longest tile list any tile_rows can build.
   r64 = TILE_ROWS // g
   r_max = 2 * r64 if 2 * r64 <= 64 else r64
-  nb = -(-q.shape[1] // block_size)
+  nb = -(-q.shape[1] // block_size) if num_blocks is None else num_blocks
   length = -(-min(r_max * block_indices.shape[-1], nb) // 4) * 4
   pk, pv = dims.padded_head_dim(dk), dims.padded_head_dim(dv)
   for kernel in ("fwd64", "fwd128", "dq", "dkv"):
@@ -193,7 +196,7 @@ def row_tokens(g: int, bs: int):
 
 
 def masked_scores(
-  s, col_ids, tok, *, tok_base, t_base, blk, bs, lo, hi, need, first=None, first_max=None
+  s, col_ids, tok, *, tok_base, t_base, blk, bs, lo, hi, need, shift=None, shift_min=None
 ):
   """Raw scores with invisible keys at ``-inf``.
 
@@ -203,28 +206,30 @@ def masked_scores(
   costs a compare and a select. A block that lies wholly before the first token and that every
   token of the group selected (``(lo, hi) & need == need``) takes a branch with no mask at all (the common case: only the diagonal and partly selected blocks pay).
 
-  Packed documents: ``first`` ([64] row vector) is the absolute position of the first token of
-  each row's document, and a row sees key ``blk*bs + c`` only if it is ``>= first`` (documents
-  are contiguous runs, so with causality this is "same document"); ``first_max`` (scalar) is
-  the largest ``first`` of the group, so a block at or after it needs no document mask.
+  Packed documents (:mod:`pallas_kernels.packed_layout`): keys are in the document-aligned
+  padded layout and ``shift`` ([64] row vector) moves each row to its padded position ``t +
+  shift``, so the limit becomes ``blk*bs + c <= t + shift`` (the membership bits only name blocks
+  of the row's own document); ``shift_min`` (scalar) is the smallest ``shift`` of the group, so
+  the no-mask test ``blk*bs + bs - 1 <= t_base + shift_min`` stays conservative.
   """
 
   def masked(s):
     limit = tok + (t_base - blk * bs)  # [64] row vector
+    if shift is not None:
+      limit = limit + shift
     if lo is not None:
       tt = tok + tok_base
       word = jnp.where(tt < 32, lo, hi)
-      shift = jnp.where(tt < 32, tt, tt - 32)
-      member = (lax.shift_right_logical(word, shift) & 1) == 1
+      bit = jnp.where(tt < 32, tt, tt - 32)
+      member = (lax.shift_right_logical(word, bit) & 1) == 1
       limit = jnp.where(member, limit, -1)
     visible = col_ids <= lax.broadcast_in_dim(limit, s.shape, [0])
-    if first is not None:
-      visible = visible & (col_ids >= lax.broadcast_in_dim(first - blk * bs, s.shape, [0]))
     return jnp.where(visible, s, -jnp.inf)
 
-  full = blk * bs + (bs - 1) <= t_base
-  if first is not None:
-    full = full & (blk * bs >= first_max)
+  if shift is None:
+    full = blk * bs + (bs - 1) <= t_base
+  else:
+    full = blk * bs + (bs - 1) <= t_base + shift_min
   if lo is not None:
     need_lo, need_hi = need
     full = full & ((lo & need_lo) == need_lo) & ((hi & need_hi) == need_hi)
@@ -320,30 +325,42 @@ def resolve_config(cfg: KernelConfig, g: int) -> KernelConfig:
   )
 
 
-def prepare(q, block_indices, cfg: KernelConfig, num_kv_heads: int):
+def prepare(
+  q, block_indices, cfg: KernelConfig, num_kv_heads: int, *, num_blocks=None, positions=None
+):
   """XLA-side preparation: ``(q operand, TileLists)`` for :func:`call_kernel` (cfg resolved).
 
   A tile is ``tile_rows // 64`` row groups of 64, each holding ``64 // G`` tokens (padded rows
-  at the end of each group), so a 128-row tile is two consecutive 64-row tiles.
+  at the end of each group), so a 128-row tile is two consecutive 64-row tiles. ``num_blocks``
+  (default ``cdiv(T, bs)``) and ``positions`` (``[B, T]``, default ``t``): the key grid and the
+  queries' positions on it (packed documents: :mod:`pallas_kernels.packed_layout`).
   """
   _, t, hq, _ = q.shape
   g = hq // num_kv_heads
   r64 = tokens_per_tile(g)
   r_tile = (cfg.tile_rows // TILE_ROWS) * r64
   n = block_indices.shape[-1]
-  nb = -(-t // cfg.block_size)
+  nb = -(-t // cfg.block_size) if num_blocks is None else num_blocks
   one_list = cfg.mode == "shared" and cfg.tile_rows == TILE_ROWS
   length = min(n if one_list else r_tile * n, nb)
   length = -(-length // 4) * 4  # 16-byte rows for the TMA copy to SMEM
+  grid = {}
+  if num_blocks is not None or positions is not None:
+    grid = {"num_blocks": nb, "positions": positions}
   if one_list:
     lists = tile_iteration_lists(
-      block_indices, tokens_per_tile=r_tile, block_size=cfg.block_size, shared=True, max_len=length
+      block_indices,
+      tokens_per_tile=r_tile,
+      block_size=cfg.block_size,
+      shared=True,
+      max_len=length,
+      **grid,
     )
   else:
     if cfg.mode == "shared":  # two 64-row groups: union of their lists
       block_indices = share_selection(block_indices, r64)
     lists = tile_iteration_lists(
-      block_indices, tokens_per_tile=r_tile, block_size=cfg.block_size, max_len=length
+      block_indices, tokens_per_tile=r_tile, block_size=cfg.block_size, max_len=length, **grid
     )
   tp = -(-t // r_tile) * r_tile
   qx = q if tp == t else jnp.pad(q, ((0, 0), (0, tp - t), (0, 0), (0, 0)))
@@ -352,27 +369,27 @@ def prepare(q, block_indices, cfg: KernelConfig, num_kv_heads: int):
   return qx, lists
 
 
-def doc_tiles(doc_start, g: int, num_tokens: int):
-  """Per-row document starts in 64-row groups, for the kernels' document mask.
+def shift_tiles(shift, g: int, num_tokens: int):
+  """Per-row padded-position shifts in 64-row groups, for the kernels' packed-document mask.
 
   Args:
-    doc_start: ``[B, T]`` int32 first position of each token's document
-      (:func:`document_starts`).
+    shift: ``[B, T]`` int32 ``shift(t) >= 0``: token ``t`` is at padded key position ``t +
+      shift(t)`` (:class:`pallas_kernels.packed_layout.PackedLayout`).
     g: query heads per KV head (``r = 64 // g`` tokens per 64-row group).
     num_tokens: ``Tp``, the padded token count (a multiple of ``r``).
 
   Returns:
-    ``(rows [B, NG*64], group_max [B, NG])`` int32 with ``NG = Tp // r``: row ``i*G + g`` of
-    group ``n`` holds ``doc_start[n*r + i]`` (padding rows and tokens 0), and ``group_max`` the
-    largest start of the group's tokens.
+    ``(rows [B, NG*64], group_min [B, NG])`` int32 with ``NG = Tp // r``: row ``i*G + g`` of
+    group ``n`` holds ``shift[n*r + i]`` (padding rows and tokens 0), and ``group_min`` the
+    smallest shift of the group's tokens (padding tokens included: 0, which is conservative).
   """
-  b, t = doc_start.shape
+  b, t = shift.shape
   r = TILE_ROWS // g
   ng = num_tokens // r
-  ds = jnp.pad(doc_start.astype(jnp.int32), ((0, 0), (0, num_tokens - t))).reshape(b, ng, r)
-  rows = jnp.broadcast_to(ds[..., None], (b, ng, r, g)).reshape(b, ng, r * g)
+  sh = jnp.pad(shift.astype(jnp.int32), ((0, 0), (0, num_tokens - t))).reshape(b, ng, r)
+  rows = jnp.broadcast_to(sh[..., None], (b, ng, r, g)).reshape(b, ng, r * g)
   rows = jnp.pad(rows, ((0, 0), (0, 0), (0, TILE_ROWS - r * g))).reshape(b, ng * TILE_ROWS)
-  return rows, jnp.max(ds, axis=-1)
+  return rows, jnp.min(sh, axis=-1)
 
 
 def fit_config(cfg: KernelConfig, *, dk: int, dv: int, length: int, itemsize: int) -> KernelConfig:

@@ -4,8 +4,9 @@ A CTA owns a query tile of one KV head (64-row layout: :mod:`pallas_kernels.
 selected_attention_common`). It walks the tile's iteration list
 (:mod:`pallas_kernels.selection_tiles`): per listed KV block, TMA copies K ``[bs, Dk]`` and V
 ``[bs, Dv]`` into a ring of SMEM slots, ``S = Q Kᵀ`` runs on the tensor cores (``wgmma``), the
-scores are masked (the token's own selection via the membership bits, causality inside the block
-and, with packed documents, the first key of the row's document), an online softmax in base 2
+scores are masked (the token's own selection via the membership bits and causality inside the
+block; with packed documents K/V are in the document-aligned padded layout of
+:mod:`pallas_kernels.packed_layout` and each row's position is shifted), an online softmax in base 2
 (scale folded into ``log2 e``) runs in registers, and ``O += P V`` is a second ``wgmma``. O and
 the natural-log LSE are written once at the end. The tile's ids and membership words are first
 copied to SMEM so the K/V loop does no global scalar loads.
@@ -57,8 +58,8 @@ def forward_64_kernel(
   cnt_ref,
   lo_ref,
   hi_ref,  # inputs (GMEM)
-  doc_ref,
-  dmax_ref,
+  shift_ref,
+  smin_ref,
   o_ref,
   lse_ref,  # outputs (GMEM)
   q_smem,
@@ -72,7 +73,7 @@ def forward_64_kernel(
   lo_smem,
   hi_smem,
   idx_bar,
-  doc_smem,
+  shift_smem,
   *o_smem,
   num_heads: int,
   g: int,
@@ -87,8 +88,9 @@ def forward_64_kernel(
   [S, bs, Dv]``, ``lse_smem [64]``, ``ids_smem/lo_smem/hi_smem [L]`` (the tile's list, read per
   step without a global load). O is staged in ``q_smem`` when ``Dk == Dv``, else in V slot 0
   (free after the loop; ``bs == 64``), else in the optional trailing ``o_smem [64, Dv]``.
-  With ``cfg.has_docs``: ``doc_ref [B, NT*64]`` first position of each row's document and
-  ``dmax_ref [B, NT]`` its maximum per tile (:func:`doc_tiles`), ``doc_smem [64]``.
+  With ``cfg.has_docs``: ``k_ref``/``v_ref`` hold the padded layout, ``shift_ref [B, NT*64]``
+  each row's padded-position shift and ``smin_ref [B, NT]`` its minimum per tile
+  (:func:`pallas_kernels.selected_attention_common.shift_tiles`), ``shift_smem [64]``.
   """
   tile = lax.axis_index("tile")
   bh = lax.axis_index("bh")
@@ -109,7 +111,7 @@ def forward_64_kernel(
 
   plgpu.copy_gmem_to_smem(q_ref.at[b, h, rows], q_smem, q_bar)
   if cfg.has_docs:
-    plgpu.copy_gmem_to_smem(doc_ref.at[b, rows], doc_smem, q_bar)
+    plgpu.copy_gmem_to_smem(shift_ref.at[b, rows], shift_smem, q_bar)
   for src, dst in ((ids_ref, ids_smem), (lo_ref, lo_smem), (hi_ref, hi_smem)):
     plgpu.copy_gmem_to_smem(src.at[b, h, tile], dst, idx_bar)
 
@@ -133,7 +135,10 @@ def forward_64_kernel(
   plgpu.barrier_wait(idx_bar)
   docs = {}
   if cfg.has_docs:
-    docs = {"first": plgpu.load(doc_smem, layout=layout.reduce(1)), "first_max": dmax_ref[b, tile]}
+    docs = {
+      "shift": plgpu.load(shift_smem, layout=layout.reduce(1)),
+      "shift_min": smin_ref[b, tile],
+    }
 
   def step(j, carry):
     acc, m_i, l_i = carry
@@ -197,8 +202,8 @@ def forward_128_kernel(
   cnt_ref,
   lo_ref,
   hi_ref,
-  doc_ref,
-  dmax_ref,
+  shift_ref,
+  smin_ref,
   o_ref,
   lse_ref,
   *,
@@ -216,7 +221,7 @@ def forward_128_kernel(
   one TMA copy, so Q and O skip the transposes. ``k_ref [B, Tk, H, Dk]``, ``v_ref [B, Tk, H,
   Dv]``. SMEM: Q ``[2, 64, Dk]`` (reused for O when ``Dk == Dv``, else O ``[2, 64, Dv]``), K and
   V rings ``[S, bs, Dk]`` / ``[S, bs, Dv]`` (:mod:`pallas_kernels.selected_attention_dims`).
-  ``doc_ref [B, NT*128]`` / ``dmax_ref [B, 2*NT]``: documents per 64-row group, as in
+  ``shift_ref [B, NT*128]`` / ``smin_ref [B, 2*NT]``: shifts per 64-row group, as in
   :func:`forward_64_kernel` (read only with ``cfg.has_docs``).
   """
   tile = lax.axis_index("tile")
@@ -246,7 +251,7 @@ def forward_128_kernel(
     lo_smem,
     hi_smem,
     idx_bar,
-    doc_smem2,
+    shift_smem2,
     *o_smem2,
   ):
     o_smem2 = o_smem2[0] if o_smem2 else q_smem2
@@ -277,7 +282,7 @@ def forward_128_kernel(
       else:
         plgpu.copy_gmem_to_smem(q_ref.at[b, h, q_rows(wg)], q_smem, q_bar.at[wg])
       if cfg.has_docs:
-        plgpu.copy_gmem_to_smem(doc_ref.at[b, q_rows(wg)], doc_smem2.at[wg], q_bar.at[wg])
+        plgpu.copy_gmem_to_smem(shift_ref.at[b, q_rows(wg)], shift_smem2.at[wg], q_bar.at[wg])
 
       layout = plgpu.Layout.WGMMA
       col_ids, tok = row_tokens(g, bs)
@@ -292,8 +297,8 @@ def forward_128_kernel(
       docs = {}
       if cfg.has_docs:
         docs = {
-          "first": plgpu.load(doc_smem2.at[wg], layout=layout.reduce(1)),
-          "first_max": dmax_ref[b, tile * 2 + wg],
+          "shift": plgpu.load(shift_smem2.at[wg], layout=layout.reduce(1)),
+          "shift_min": smin_ref[b, tile * 2 + wg],
         }
       if pp:
         pl.when(wg == 1)(schedule_barrier)
@@ -393,9 +398,10 @@ def forward_128_kernel(
 def call_kernel(qx, k, v, lists, cfg: KernelConfig, *, num_kv_heads: int, seq_len: int, docs=None):
   """Runs the kernel on prepared operands; returns ``(o [B, T, HQ, Dv], lse [B, T, HQ])``.
 
-  ``k [B, T, H, Dk]``, ``v [B, T, H, Dv]`` with ``Dk``, ``Dv`` multiples of 64. ``cfg`` is
-  fitted to shared memory first (:func:`fit_config`).
-  ``docs``: :func:`doc_tiles` output (required iff ``cfg.has_docs``)."""
+  ``k [B, Tk, H, Dk]``, ``v [B, Tk, H, Dv]`` with ``Dk``, ``Dv`` multiples of 64 (``Tk = T``, or
+  with packed documents the padded layout's ``num_blocks * bs``). ``cfg`` is fitted to shared
+  memory first (:func:`fit_config`). ``docs``: :func:`shift_tiles` output (required iff
+  ``cfg.has_docs``)."""
   b, t, h, dk = k.shape
   dv = v.shape[-1]
   bs = cfg.block_size
@@ -409,7 +415,7 @@ def call_kernel(qx, k, v, lists, cfg: KernelConfig, *, num_kv_heads: int, seq_le
   stages = cfg.num_stages
   if cfg.has_docs != (docs is not None):
     raise ValueError(
-      f"docs: expected {'doc_tiles(...)' if cfg.has_docs else 'None'} for has_docs={cfg.has_docs}"
+      f"docs: expected {'shift_tiles(...)' if cfg.has_docs else 'None'} for has_docs={cfg.has_docs}"
     )
   if docs is None:  # never read: has_docs is static
     docs = (jnp.zeros((b, TILE_ROWS), jnp.int32), jnp.zeros((b, 1), jnp.int32))

@@ -2,7 +2,8 @@
 
 :func:`selected_attention_mgpu` computes, for each query row, softmax attention over the keys of
 the KV blocks its token selected (``block_indices``), causally and, with ``segment_ids``, inside
-its own document. The forward is one of the kernels of
+its own document with document-relative block ids (:mod:`pallas_kernels.packed_layout`). The
+forward is one of the kernels of
 :mod:`pallas_kernels.selected_attention_kernel_sm90` (per-tile, 64 or 128 query rows a CTA) or
 :mod:`pallas_kernels.selected_attention_persistent_kernel_sm90` (one CTA per SM walking many
 tiles); the backward (:mod:`pallas_kernels.selected_attention_vjp_kernel_sm90`) recomputes the
@@ -26,7 +27,9 @@ import dataclasses
 import functools
 
 import jax
+import jax.numpy as jnp
 
+from pallas_kernels import packed_layout as packed
 from pallas_kernels import selected_attention_dims as dims
 from pallas_kernels import selected_attention_vjp_kernel_sm90 as vjp_kernel
 from pallas_kernels.selected_attention_common import (
@@ -35,10 +38,10 @@ from pallas_kernels.selected_attention_common import (
   MODES,
   TILE_ROWS,
   KernelConfig,
-  doc_tiles,
-  document_starts,
   prepare,
   resolve_config,
+  share_selection,
+  shift_tiles,
   tokens_per_tile,
   unsupported_reason,
 )
@@ -95,6 +98,7 @@ class TuningConfig:
   num_ctas: int = 0
   bwd_direct: bool = True
   bwd_chunk: int = 256
+  doc_blocks: int | None = None
 
   def __post_init__(self):
     if self.mode not in MODES:
@@ -114,6 +118,25 @@ class TuningConfig:
       _fail("num_ctas", "an int >= 0 (0 = one per SM)", self.num_ctas)
     if not _is_int(self.bwd_chunk) or self.bwd_chunk < 1:
       _fail("bwd_chunk", "a positive int", self.bwd_chunk)
+    if self.doc_blocks is not None and (not _is_int(self.doc_blocks) or self.doc_blocks < 0):
+      _fail("doc_blocks", "None or an int >= 0", self.doc_blocks)
+
+
+def packed_num_blocks(seq_len: int, tuning: TuningConfig = TuningConfig()) -> int:
+  """Static blocks of the padded K/V layout for packed rows of ``seq_len`` tokens: ``NB +
+  tuning.doc_blocks`` (``2 NB`` by default) with ``NB = cdiv(seq_len, tuning.block_size)``."""
+  nb = -(-seq_len // tuning.block_size)
+  return nb + (nb if tuning.doc_blocks is None else tuning.doc_blocks)
+
+
+def documents_fit(segment_ids, tuning: TuningConfig = TuningConfig()):
+  """Jittable bool scalar: every row of ``segment_ids [B, T]`` fits the static padded layout
+  (:func:`pallas_kernels.packed_layout.packed_blocks_needed` ``<=`` :func:`packed_num_blocks`).
+  Where it is ``False`` the kernels' results for the rows that do not fit are wrong (their last
+  documents are dropped): take another path, e.g. ``lax.cond(documents_fit(...), kernels,
+  fallback, ...)``."""
+  need = packed.packed_blocks_needed(segment_ids, tuning.block_size)
+  return jnp.all(need <= packed_num_blocks(segment_ids.shape[1], tuning))
 
 
 def kernel_config(
@@ -142,31 +165,58 @@ def kernel_config(
   return resolve_config(cfg, group_size)
 
 
-def _forward(q, k, v, block_indices, doc_start, cfg: KernelConfig):
-  """Kernel forward: ``(o [B, T, HQ, Dv], lse [B, T, HQ] float32 natural log)``."""
+def packed_operands(k, v, block_indices, segment_ids, cfg: KernelConfig, tuning: TuningConfig):
+  """The XLA side of packed documents: ``(kp, vp, bi, shift, cfg)`` for the kernels.
+
+  ``kp``/``vp`` ``[B, NBp*bs, H, D]``: K and V in the document-aligned padded layout of
+  ``NBp =`` :func:`packed_num_blocks` blocks (differentiable gathers); ``bi [B, T, H, n]``: the
+  document-relative ids as padded block ids; ``shift [B, T]`` int32: each query's padded
+  position minus ``t``. ``"shared"`` mode becomes per-token lists (a shared run may span
+  documents) with exact masking: ``cfg.mode`` is ``"exact"`` on return."""
+  layout = packed.packed_layout(
+    jnp.asarray(segment_ids),
+    block_size=cfg.block_size,
+    num_blocks=packed_num_blocks(k.shape[1], tuning),
+  )
+  if cfg.mode == "shared":
+    block_indices = share_selection(block_indices, tokens_per_tile(cfg.group_size))
+    cfg = dataclasses.replace(cfg, mode="exact")
+  bi = packed.padded_block_indices(block_indices, layout, block_size=cfg.block_size)
+  kp, vp = packed.pad_keys(k, layout), packed.pad_keys(v, layout)
+  return kp, vp, bi, layout.shift, cfg
+
+
+def _forward(q, k, v, block_indices, shift, cfg: KernelConfig):
+  """Kernel forward: ``(o [B, T, HQ, Dv], lse [B, T, HQ] float32 natural log)``.
+
+  ``shift``: ``None``, or with packed documents ``[B, T]`` int32 (``k``/``v`` ``[B, NB*bs, H,
+  .]`` and ``block_indices`` in the padded layout of :mod:`pallas_kernels.packed_layout`)."""
   h = k.shape[2]
   g = cfg.group_size
-  qx, lists = prepare(q, block_indices, cfg, h)
-  docs = None
-  if doc_start is not None:
-    docs = doc_tiles(
-      doc_start, g, lists.ids.shape[2] * (cfg.tile_rows // TILE_ROWS) * tokens_per_tile(g)
-    )
+  if shift is None:
+    qx, lists = prepare(q, block_indices, cfg, h)
+    return call_kernel(qx, k, v, lists, cfg, num_kv_heads=h, seq_len=q.shape[1])
+  positions = jnp.arange(q.shape[1], dtype=jnp.int32)[None, :] + shift
+  nb = -(-k.shape[1] // cfg.block_size)
+  qx, lists = prepare(q, block_indices, cfg, h, num_blocks=nb, positions=positions)
+  docs = shift_tiles(
+    shift, g, lists.ids.shape[2] * (cfg.tile_rows // TILE_ROWS) * tokens_per_tile(g)
+  )
   return call_kernel(qx, k, v, lists, cfg, num_kv_heads=h, seq_len=q.shape[1], docs=docs)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _attention(q, k, v, block_indices, doc_start, cfg: KernelConfig):
-  return _forward(q, k, v, block_indices, doc_start, cfg)[0]
+def _attention(q, k, v, block_indices, shift, cfg: KernelConfig):
+  return _forward(q, k, v, block_indices, shift, cfg)[0]
 
 
-def _attention_fwd(q, k, v, block_indices, doc_start, cfg: KernelConfig):
-  o, lse = _forward(q, k, v, block_indices, doc_start, cfg)
-  return o, (q, k, v, o, lse, block_indices, doc_start)
+def _attention_fwd(q, k, v, block_indices, shift, cfg: KernelConfig):
+  o, lse = _forward(q, k, v, block_indices, shift, cfg)
+  return o, (q, k, v, o, lse, block_indices, shift)
 
 
 def _attention_bwd(cfg: KernelConfig, res, do):
-  q, k, v, o, lse, block_indices, doc_start = res
+  q, k, v, o, lse, block_indices, shift = res
   dq, dk, dv = vjp_kernel.backward(
     q,
     k,
@@ -175,7 +225,7 @@ def _attention_bwd(cfg: KernelConfig, res, do):
     lse,
     do,
     block_indices,
-    doc_start=doc_start,
+    shift=shift,
     softmax_scale=cfg.softmax_scale,
     mode=cfg.mode,
     cfg=BwdConfig(chunk=cfg.bwd_chunk, direct=cfg.bwd_direct),
@@ -208,9 +258,18 @@ def selected_attention_mgpu(
       and ``Dk'/Dk`` more Q Kᵀ work and Q/K traffic (``Dv'/Dv`` for P V, O, dO); O is sliced
       back to ``Dv``.
     block_indices: ``[B, T, H, n]`` int block ids of ``tuning.block_size`` keys (``-1``
-      padding, duplicates count once).
-    segment_ids: optional ``[B, T]`` document ids (documents are maximal runs of equal ids); a
-      query sees only keys of its own document.
+      padding, duplicates count once). With ``segment_ids`` they are DOCUMENT-RELATIVE.
+    segment_ids: optional ``[B, T]`` document ids (documents are maximal runs of equal ids).
+      Query ``t`` whose document starts at row position ``ds(t)`` sees key ``s`` through KV
+      head ``h`` iff ``ds(t) <= s <= t`` and ``(s - ds(t)) // block_size`` is in
+      ``block_indices[b, t, h]`` (``-1`` and out-of-range entries match nothing); without ids
+      ``ds = 0``. The kernels read K/V in a document-aligned padded layout of
+      :func:`packed_num_blocks` blocks (:mod:`pallas_kernels.packed_layout`; an XLA gather of K
+      and V, and a gather back for dK/dV). That static size is exceeded by rows with very many
+      short documents: their results are then WRONG, so a caller that cannot rule this out
+      checks :func:`documents_fit` (jittable) and takes another path where it is ``False``.
+      In ``"shared"`` mode token ``t`` uses the list of token ``t - t % (64 // G)``, read
+      relative to ``t``'s own document.
     softmax_scale: defaults to ``Dk ** -0.5`` of the *unpadded* ``Dk``; must be > 0.
     return_lse: also return the ``[B, T, HQ]`` float32 natural-log LSE (no gradient through it).
     tuning: how the kernels run (:class:`TuningConfig`).
@@ -230,6 +289,7 @@ def selected_attention_mgpu(
     block_indices,
     block_size=tuning.block_size,
     mode=tuning.mode,
+    num_blocks=None if segment_ids is None else packed_num_blocks(q.shape[1], tuning),
   )
   if reason is not None:
     raise NotImplementedError(f"pallas_gpu selected_attention: {reason}")
@@ -245,17 +305,24 @@ def selected_attention_mgpu(
     group_size=q.shape[2] // k.shape[2],
     has_docs=segment_ids is not None,
   )
-  doc_start = None
-  if segment_ids is not None:
-    doc_start = document_starts(segment_ids, q.shape[0], q.shape[1])
   fn = _forward if return_lse else _attention
-  return dims.with_padded_head_dims(fn, q, k, v, block_indices, doc_start, cfg)
+  if segment_ids is None:
+    return dims.with_padded_head_dims(fn, q, k, v, block_indices, None, cfg)
+  if jnp.shape(segment_ids) != q.shape[:2]:
+    raise ValueError(
+      f"segment_ids: expected shape {q.shape[:2]} ([B, T]), got {jnp.shape(segment_ids)}"
+    )
+  kp, vp, bi, shift, cfg = packed_operands(k, v, block_indices, segment_ids, cfg, tuning)
+  return dims.with_padded_head_dims(fn, q, kp, vp, bi, shift, cfg)
 
 
 def selected_attention_op(q, k, v, block_indices, *, block_size, segment_ids, softmax_scale):
   """The ``selected_attention`` op of backend ``pallas_gpu`` (exact per-token selection, default
   tuning): the library op's arguments; raises ``NotImplementedError(reason)`` for a call the
-  kernels cannot serve (not a Hopper GPU, dtype, dims, block size, ...)."""
+  kernels cannot serve (not a Hopper GPU, dtype, dims, block size, ...). With ``segment_ids``
+  the ids are document-relative and rows must fit the default padded layout:
+  ``documents_fit(segment_ids, TuningConfig(block_size=block_size))`` (jittable) says whether
+  they do; where it is ``False`` the caller takes another path."""
   if jax.default_backend() != "gpu":
     raise NotImplementedError(
       f"pallas_gpu selected_attention: needs a Hopper GPU, the default "

@@ -64,8 +64,8 @@ def _kernel(
   cnt_ref,
   lo_ref,
   hi_ref,
-  doc_ref,
-  dmax_ref,
+  shift_ref,
+  smin_ref,
   o_ref,
   lse_ref,
   *,
@@ -118,7 +118,7 @@ def _kernel(
     lo_smem,
     hi_smem,
     idx_bar,
-    doc_smem,
+    shift_smem,
   ):
     wg = lax.axis_index("wg")
     pp = cfg.ping_pong
@@ -150,8 +150,8 @@ def _kernel(
         docs = {}
         if cfg.has_docs:
           docs = {
-            "first": plgpu.load(doc_smem.at[buf, wg], layout=layout.reduce(1)),
-            "first_max": dmax_ref[b, tile * 2 + wg],
+            "shift": plgpu.load(shift_smem.at[buf, wg], layout=layout.reduce(1)),
+            "shift_min": smin_ref[b, tile * 2 + wg],
           }
         if pp:
           pl.when(wg == 1)(schedule_barrier)
@@ -241,7 +241,7 @@ def _kernel(
             )
           if cfg.has_docs:
             plgpu.copy_gmem_to_smem(
-              doc_ref.at[b, q_rows(tile, w)], doc_smem.at[buf, w], q_bar.at[buf]
+              shift_ref.at[b, q_rows(tile, w)], shift_smem.at[buf, w], q_bar.at[buf]
             )
         count = cnt_ref[b, h, tile]
         plgpu.barrier_wait(idx_bar.at[buf])

@@ -14,8 +14,8 @@ from pallas_kernels.selected_attention_common import (
   BLOCK_SIZE,
   LOG2E,
   TILE_ROWS,
-  doc_tiles,
   share_selection,
+  shift_tiles,
   to_tiles,
   tokens_per_tile,
 )
@@ -61,9 +61,10 @@ class BwdOperands(NamedTuple):
     qx, dox: ``[B, H, NT*64, Dk]`` Q and ``[.., Dv]`` dO in 64-row tiles (``direct``:
       ``[B, NT*r, HQ, Dk|Dv]``, padded to whole tiles); lsex: ``[B, H, NT*64]`` LSE in log2
       units (``+inf`` for rows that saw no key, so their ``P`` is 0); dlx: ``[B, H, NT*64]``
-      ``δ = rowsum(dO ∘ O)``; kp, vp: ``[B, NB*64, H, Dk|Dv]`` K and V padded to whole blocks;
-      lists: the 64-row tiles' iteration lists; work: the dK/dV work items; docs: ``None`` or
-      :func:`pallas_kernels.selected_attention_common.doc_tiles` of the 64-row tiles.
+      ``δ = rowsum(dO ∘ O)``; kp, vp: ``[B, NB*bs + tail, H, Dk|Dv]`` K and V padded to whole
+      blocks (with packed documents: the padded layout's ``NB``); lists: the 64-row tiles'
+      iteration lists; work: the dK/dV work items; docs: ``None`` or
+      :func:`pallas_kernels.selected_attention_common.shift_tiles` of the 64-row tiles.
   """
 
   qx: jax.Array
@@ -95,23 +96,28 @@ def prepare_backward(
   mode: str,
   chunk: int,
   direct: bool = False,
-  doc_start=None,
+  shift=None,
   block_size: int = BLOCK_SIZE,
 ) -> BwdOperands:
   """Tiles, residuals and index structures for the two kernels (shapes as :func:`backward`).
 
-  K and V are zero padded to ``NB * bs`` rows, plus ``64 - bs`` when ``bs < 64`` (the dK/dV
-  kernel's 64-key tile of the last block)."""
+  K and V are zero padded to ``NB * bs`` rows (``NB = cdiv(Tk, bs)``), plus ``64 - bs`` when
+  ``bs < 64`` (the dK/dV kernel's 64-key tile of the last block)."""
   t, hq = q.shape[1], q.shape[2]
-  h = k.shape[2]
+  tk, h = k.shape[1], k.shape[2]
   r = tokens_per_tile(hq // h)
   bs = block_size
-  nb = -(-t // bs)
+  nb = -(-tk // bs)
   if mode == "shared":
     block_indices = share_selection(block_indices, r)
   length = min(r * block_indices.shape[-1], nb)
   length = -(-length // 4) * 4  # 16-byte rows, as the forward's lists
-  lists = tile_iteration_lists(block_indices, tokens_per_tile=r, block_size=bs, max_len=length)
+  grid = {}
+  if shift is not None:  # packed documents: padded key grid, shifted query positions
+    grid = {"num_blocks": nb, "positions": jnp.arange(t, dtype=jnp.int32)[None, :] + shift}
+  lists = tile_iteration_lists(
+    block_indices, tokens_per_tile=r, block_size=bs, max_len=length, **grid
+  )
   tp = lists.ids.shape[2] * r
   pad_t = lambda x: jnp.pad(x, ((0, 0), (0, tp - t)) + ((0, 0),) * (x.ndim - 2))
   if direct and tp == t:
@@ -121,7 +127,7 @@ def prepare_backward(
   delta = jnp.einsum("bthd,bthd->bth", o.astype(jnp.float32), do.astype(jnp.float32))
   lse2 = jnp.where(lse == -jnp.inf, jnp.inf, lse * LOG2E)
   tail = max(0, KEY_TILE - bs)
-  pad_kv = lambda x: jnp.pad(x, ((0, 0), (0, nb * bs + tail - t), (0, 0), (0, 0)))
+  pad_kv = lambda x: jnp.pad(x, ((0, 0), (0, nb * bs + tail - tk), (0, 0), (0, 0)))
   return BwdOperands(
     qx=q_rows(q),
     dox=q_rows(do.astype(q.dtype)),
@@ -131,7 +137,7 @@ def prepare_backward(
     vp=pad_kv(v),
     lists=lists,
     work=inverse_work_items(lists, nb, chunk=chunk),
-    docs=None if doc_start is None else doc_tiles(doc_start, hq // h, tp),
+    docs=None if shift is None else shift_tiles(shift, hq // h, tp),
   )
 
 

@@ -20,9 +20,10 @@ layout of :func:`pallas_kernels.selected_attention_common.to_tiles`) and one war
   ``dK, dV`` once. XLA adds the partials of each block (one or a few per block) in float32.
 
 Masking matches the forward exactly: a query row sees key ``c`` of block ``k`` iff its token
-selected ``k`` (membership bit), ``k * 64 + c <= t`` and, with packed documents, the key is at or
-after the first token of the row's document; rows whose token saw no key at all carry
-``LSE = -inf`` and get ``P = 0``.
+selected ``k`` (membership bit) and ``k * bs + c <= t``; with packed documents K/V are in the
+document-aligned padded layout (:mod:`pallas_kernels.packed_layout`) and ``t`` is the row's
+padded position ``t + shift(t)``. Rows whose token saw no key at all carry ``LSE = -inf`` and get
+``P = 0``.
 """
 
 from __future__ import annotations
@@ -91,8 +92,8 @@ def _dq_kernel(
   cnt_ref,
   lo_ref,
   hi_ref,
-  doc_ref,
-  dmax_ref,
+  shift_ref,
+  smin_ref,
   dq_ref,
   q_smem,
   do_smem,
@@ -103,7 +104,7 @@ def _dq_kernel(
   q_bar,
   k_bar,
   v_bar,
-  doc_smem,
+  shift_smem,
   *,
   num_heads: int,
   g: int,
@@ -129,7 +130,7 @@ def _dq_kernel(
   _copy_rows(((q_ref, q_smem), (do_ref, do_smem)), b, h, tile, q_bar, direct=direct, g=g)
   _copy_rows(((lse_ref, lse_smem), (dl_ref, dl_smem)), b, h, tile, q_bar, direct=False, g=g)
   if has_docs:
-    plgpu.copy_gmem_to_smem(doc_ref.at[b, pl.ds(tile * ROWS, ROWS)], doc_smem, q_bar)
+    plgpu.copy_gmem_to_smem(shift_ref.at[b, pl.ds(tile * ROWS, ROWS)], shift_smem, q_bar)
 
   def fetch(j, slot):
     keys = pl.ds(ids_ref[b, h, tile, j] * bs, bs)
@@ -147,7 +148,10 @@ def _dq_kernel(
   delta = plgpu.load(dl_smem, layout=layout.reduce(1))
   docs = {}
   if has_docs:
-    docs = {"first": plgpu.load(doc_smem, layout=layout.reduce(1)), "first_max": dmax_ref[b, tile]}
+    docs = {
+      "shift": plgpu.load(shift_smem, layout=layout.reduce(1)),
+      "shift_min": smin_ref[b, tile],
+    }
   dq = plgpu.layout_cast(jnp.full((ROWS, dk), 0.0, jnp.float32), layout)
 
   def step(j, dq):
@@ -217,8 +221,8 @@ def _dkv_kernel(
   iblk_ref,
   istart_ref,
   icnt_ref,
-  doc_ref,
-  dmax_ref,
+  shift_ref,
+  smin_ref,
   dk_ref,
   dv_ref,
   k_smem,
@@ -229,7 +233,7 @@ def _dkv_kernel(
   dl_smem,
   kv_bar,
   q_bar,
-  doc_smem,
+  shift_smem,
   *,
   num_heads: int,
   num_blocks: int,
@@ -287,7 +291,7 @@ def _dkv_kernel(
     )
     if has_docs:
       plgpu.copy_gmem_to_smem(
-        doc_ref.at[b, pl.ds(tile * ROWS, ROWS)], doc_smem.at[slot], q_bar.at[slot]
+        shift_ref.at[b, pl.ds(tile * ROWS, ROWS)], shift_smem.at[slot], q_bar.at[slot]
       )
 
   for s in range(stages):
@@ -303,15 +307,17 @@ def _dkv_kernel(
   dv = plgpu.layout_cast(jnp.full((kt, v_smem.shape[-1]), 0.0, jnp.float32), layout)
   plgpu.barrier_wait(kv_bar)
 
-  def masked(st, t_base, lo, hi, first):
+  def masked(st, t_base, lo, hi, shift):
     word = jnp.where(row_tok < 32, lo, hi)
-    shift = jnp.where(row_tok < 32, row_tok, row_tok - 32)
-    member = (lax.shift_right_logical(word, shift) & 1) == 1
-    visible = member & (key_ids + key0 <= row_tok + t_base)
+    bit = jnp.where(row_tok < 32, row_tok, row_tok - 32)
+    member = (lax.shift_right_logical(word, bit) & 1) == 1
+    if shift is None:
+      visible = member & (key_ids + key0 <= row_tok + t_base)
+    else:  # packed documents: the column's padded position
+      pos = row_tok + t_base + lax.broadcast_in_dim(shift, st.shape, [1])
+      visible = member & (key_ids + key0 <= pos)
     if bs < kt:  # keys past the block belong to the next one
       visible = visible & (key_ids < bs)
-    if first is not None:  # the key is in the column's document
-      visible = visible & (key_ids + key0 >= lax.broadcast_in_dim(first, st.shape, [1]))
     return jnp.where(visible, st, -jnp.inf)
 
   def step(j, carry):
@@ -328,14 +334,16 @@ def _dkv_kernel(
 
     st = pl.run_scoped(kq, plgpu.ACC((kt, ROWS), jnp.float32))  # [keys, rows]
     t_base = tile * r
-    first = plgpu.load(doc_smem.at[slot], layout=layout.reduce(0)) if has_docs else None
+    shift = plgpu.load(shift_smem.at[slot], layout=layout.reduce(0)) if has_docs else None
     if bs >= kt:  # no mask on pairs every row fully sees
-      full = (key0 + (kt - 1) <= t_base) & ((lo & need_lo) == need_lo) & ((hi & need_hi) == need_hi)
       if has_docs:
-        full = full & (key0 >= dmax_ref[b, tile])
-      st = lax.cond(full, lambda x: x, lambda x: masked(x, t_base, lo, hi, first), st)
+        last = t_base + smin_ref[b, tile]  # smallest padded position of the tile's rows
+      else:
+        last = t_base
+      full = (key0 + (kt - 1) <= last) & ((lo & need_lo) == need_lo) & ((hi & need_hi) == need_hi)
+      st = lax.cond(full, lambda x: x, lambda x: masked(x, t_base, lo, hi, shift), st)
     else:
-      st = masked(st, t_base, lo, hi, first)
+      st = masked(st, t_base, lo, hi, shift)
     lse2 = plgpu.load(lse_smem.at[slot], layout=layout.reduce(0))  # [64 rows]
     pt = jnp.exp2(st * scale2 - lax.broadcast_in_dim(lse2, st.shape, [1]))
 
@@ -382,7 +390,7 @@ def backward(
   *,
   softmax_scale: float,
   mode: str,
-  doc_start=None,
+  shift=None,
   cfg: BwdConfig | None = None,
   block_size: int = BLOCK_SIZE,
 ):
@@ -395,7 +403,10 @@ def backward(
       (``-inf`` where a row saw no key); do: ``[B, T, HQ, Dv]`` output cotangent.
     block_indices: ``[B, T, H, n]`` the forward's selection.
     softmax_scale: the forward's scale (> 0).
-    doc_start: optional ``[B, T]`` int32 first position of each token's document.
+    shift: optional ``[B, T]`` int32 padded-position shift of each query (packed documents;
+      ``k``/``v`` and ``block_indices`` are then in the padded layout of
+      :mod:`pallas_kernels.packed_layout`: ``k [B, NB*bs, H, Dk]``, and ``dk``/``dv`` come back
+      in that layout).
     mode: ``"exact"`` or ``"shared"`` (tokens of each aligned run of ``64 // G`` use their
       first token's list, as in the forward's 64-row tiles).
     cfg: the kernels' static parameters (default :class:`BwdConfig` ``()``).
@@ -418,7 +429,7 @@ def backward(
     mode=mode,
     chunk=cfg.chunk,
     direct=direct,
-    doc_start=doc_start,
+    shift=shift,
     block_size=block_size,
   )
   dq = dq_call(
@@ -521,8 +532,9 @@ def dkv_call(
   direct: bool,
   block_size: int = BLOCK_SIZE,
 ):
-  """The dK/dV kernel on prepared operands, partials reduced: ``[B, T, H, Dk]`` and
-  ``[B, T, H, Dv]`` float32."""
+  """The dK/dV kernel on prepared operands, partials reduced: ``[B, Tk, H, Dk]`` and
+  ``[B, Tk, H, Dv]`` float32 (``Tk = T``, or with packed documents the padded layout's
+  ``NB * bs``)."""
   b, _, h, dk = ops.kp.shape
   dv = ops.vp.shape[-1]
   g = num_q_heads // h
@@ -530,9 +542,10 @@ def dkv_call(
   bs = block_size
   kt = KEY_TILE
   halves = max(1, bs // kt)  # key tiles (CTAs) per block
-  nb = -(-t // bs)
+  nb = (ops.kp.shape[1] - max(0, kt - bs)) // bs  # cdiv(T, bs), or the padded layout's NB
   qx, dox, lsex, dlx, kp, vp, _, work, docs = ops
   has_docs = docs is not None
+  key_len = nb * bs if has_docs else t
   docs = docs if has_docs else no_docs(b)
   dtype = qx.dtype
   scale2 = float(softmax_scale) * LOG2E
@@ -598,7 +611,8 @@ def dkv_call(
   )
 
   dk = (
-    reduce_items(dk_part, work.item_block, num_blocks=nb, seq_len=t, block_size=bs) * softmax_scale
+    reduce_items(dk_part, work.item_block, num_blocks=nb, seq_len=key_len, block_size=bs)
+    * softmax_scale
   )
-  dv = reduce_items(dv_part, work.item_block, num_blocks=nb, seq_len=t, block_size=bs)
+  dv = reduce_items(dv_part, work.item_block, num_blocks=nb, seq_len=key_len, block_size=bs)
   return dk, dv

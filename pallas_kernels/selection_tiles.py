@@ -69,6 +69,8 @@ def tile_iteration_lists(
   block_size: int,
   shared: bool = False,
   max_len: int | None = None,
+  positions=None,
+  num_blocks: int | None = None,
 ) -> TileLists:
   """Builds the iteration list and per-row membership of every query tile.
 
@@ -81,6 +83,12 @@ def tile_iteration_lists(
       union of its tokens' lists; every token of the tile is then a member of every entry.
     max_len: ``L``; defaults to the worst case ``min(r * n, NB)`` (``min(n, NB)`` when shared).
       A smaller value truncates longer lists (``counts`` is clipped to ``L``).
+    positions: optional ``[B, T]`` int32 key-grid position of each token, in place of ``t``
+      (packed documents: the padded position ``t + shift(t)`` of
+      :mod:`pallas_kernels.packed_layout`); a token keeps blocks with ``id * block_size <=
+      position``, a shared tile those with ``id * block_size <=`` the largest position of its
+      tokens.
+    num_blocks: ``NB``, blocks of the key grid; defaults to ``cdiv(T, block_size)``.
 
   Returns:
     :class:`TileLists` with ``NT = cdiv(T, r)``.
@@ -89,7 +97,9 @@ def tile_iteration_lists(
   b, t, h, n = block_indices.shape
   r = tokens_per_tile
   nt = -(-t // r)
-  nb = -(-t // block_size)
+  nb = -(-t // block_size) if num_blocks is None else num_blocks
+  if not isinstance(nb, int) or nb < 1:
+    raise ValueError(f"num_blocks: expected a positive int, got {num_blocks!r}")
   per_tile = n if shared else r * n
   length = min(per_tile, nb) if max_len is None else max_len
   if not isinstance(length, int) or length < 1:
@@ -99,14 +109,21 @@ def tile_iteration_lists(
   bi = jnp.pad(bi, ((0, 0), (0, nt * r - t), (0, 0), (0, 0)), constant_values=-1)
   bi = bi.reshape(b, nt, r, h, n).transpose(0, 3, 1, 2, 4)  # [B, H, NT, r, n]
   tok = jnp.arange(nt * r, dtype=jnp.int32).reshape(nt, r)  # [NT, r]
+  if positions is not None:
+    pos = jnp.asarray(positions, jnp.int32)
+    if pos.shape != (b, t):
+      raise ValueError(f"positions: expected shape {(b, t)}, got {pos.shape}")
+    pos = jnp.pad(pos, ((0, 0), (0, nt * r - t)), constant_values=-1).reshape(b, 1, nt, r, 1)
   if shared:
     bi = bi[:, :, :, :1, :]  # first token's list
     last = tok[:, -1:]  # [NT, 1]
     visible_to = jnp.minimum(last, t - 1)[None, None, :, :, None]  # [1, 1, NT, 1, 1]
+    if positions is not None:
+      visible_to = jnp.max(pos, axis=3, keepdims=True)  # [B, 1, NT, 1, 1]
     token_of = jnp.zeros((1, 1, 1, 1, 1), jnp.int32)
     rr = 1
   else:
-    visible_to = tok[None, None, :, :, None]  # [1, 1, NT, r, 1]
+    visible_to = tok[None, None, :, :, None] if positions is None else pos  # [., ., NT, r, 1]
     token_of = jnp.arange(r, dtype=jnp.int32)[None, None, None, :, None]
     rr = r
   valid = (bi >= 0) & (bi < nb) & (bi * block_size <= visible_to)

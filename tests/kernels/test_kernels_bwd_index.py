@@ -12,12 +12,15 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import packed_checks as pc
 import pytest
 
+from pallas_kernels import packed_layout as packed
 from pallas_kernels import selected_attention_common as common
+from pallas_kernels import selected_attention_mgpu as mg
 from pallas_kernels import selected_attention_vjp_common as vc
 from pallas_kernels.selection_tiles import inverse_work_items, tile_iteration_lists
-from sparse_attention_jax.ops.masked import document_starts, masked_attention
+from sparse_attention_jax.ops.masked import masked_attention
 from sparse_attention_jax.ops.selected import selected_mask
 from sparse_attention_jax.ops.selection import share_selection
 
@@ -86,11 +89,13 @@ def _normal(seed):
   return lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)
 
 
-def _emulate(ops: vc.BwdOperands, *, g, scale, t, nb, bs=BS):
+def _emulate(ops: vc.BwdOperands, *, g, scale, t, nb, bs=BS, key_len=None):
   """The two kernels' loops in numpy on the kernels' own operands: dQ per (tile, listed block)
   over the block's ``bs`` keys; dK/dV per (work item, 64-key tile) as the kernel's CTAs do
   (two tiles per 128-key block; one 64-key window with the keys past the block masked for a
-  32-key block), reading K/V rows as the kernel does (so missing padding fails here)."""
+  32-key block), reading K/V rows as the kernel does (so missing padding fails here). With
+  packed documents (``ops.docs``) keys are in the padded layout, a row sees ``key <= t +
+  shift`` and dK/dV come back as ``key_len`` padded rows."""
   qx, dox, lsex, dlx, kp, vp = (np.asarray(x, np.float64) for x in ops[:6])
   ids, counts, lo, hi = (np.asarray(x) for x in ops.lists)
   work = [np.asarray(x) for x in ops.work]
@@ -100,17 +105,16 @@ def _emulate(ops: vc.BwdOperands, *, g, scale, t, nb, bs=BS):
   kt = vc.KEY_TILE
   scale2 = scale * np.log2(np.e)
   tok = np.arange(64) // g
-  first = None if ops.docs is None else np.asarray(ops.docs[0])  # [B, NT*64]
+  shift = None if ops.docs is None else np.asarray(ops.docs[0])  # [B, NT*64]
 
   def mask(bb, blk, key0, nkeys, tile, lo_w, hi_w):  # [64 rows, nkeys keys]
     word = np.where(tok < 32, lo_w, hi_w).astype(np.int64) & 0xFFFFFFFF
     member = (word >> np.where(tok < 32, tok, tok - 32)) & 1
     t_abs = tile * r + tok
+    if shift is not None:
+      t_abs = t_abs + shift[bb, tile * 64 : (tile + 1) * 64]
     key = key0 + np.arange(nkeys)[None, :]
-    m = member[:, None].astype(bool) & (key <= t_abs[:, None]) & (key < (blk + 1) * bs)
-    if first is not None:
-      m &= key >= first[bb, tile * 64 : (tile + 1) * 64, None]
-    return m
+    return member[:, None].astype(bool) & (key <= t_abs[:, None]) & (key < (blk + 1) * bs)
 
   def probs(bb, hh, blk, key0, nkeys, tile, lo_w, hi_w):
     rows = slice(tile * 64, tile * 64 + 64)
@@ -150,10 +154,41 @@ def _emulate(ops: vc.BwdOperands, *, g, scale, t, nb, bs=BS):
             dv_part[bb, hh, out] += (pr.T @ dox[bb, hh, rows])[:n_out]
             dk_part[bb, hh, out] += (ds.T @ qx[bb, hh, rows])[:n_out]
   dq = common.from_tiles(jnp.asarray(dqx, jnp.float32), t, g) * scale
-  reduce = functools.partial(vc.reduce_items, num_blocks=nb, seq_len=t, block_size=bs)
+  seq = t if key_len is None else key_len
+  reduce = functools.partial(vc.reduce_items, num_blocks=nb, seq_len=seq, block_size=bs)
   dk = reduce(jnp.asarray(dk_part, jnp.float32), ops.work.item_block) * scale
   dv = reduce(jnp.asarray(dv_part, jnp.float32), ops.work.item_block)
   return dq, dk, dv
+
+
+def _packed_emulation(q, k, v, do, seg, *, g, mode, chunk, bs, n, seed):
+  """Packed rows: random document-relative ids, the kernels' padded operands
+  (``mg.packed_operands``) and the emulated backward, against ``jax.vjp`` of the
+  document-relative reference (:mod:`packed_checks`); dK/dV mapped back to row positions.
+  Returns ``(got, want)`` triples of ``(dq, dk, dv)``."""
+  t, h = q.shape[1], k.shape[2]
+  bi = pc.relative_selection(np.random.default_rng(seed), seg, h, n, block_size=bs)
+  bi = bi.at[:, 64:80].set(-1)  # tokens that see nothing
+  run = common.tokens_per_tile(g) if mode == "shared" else None
+  scale = q.shape[-1] ** -0.5
+  attn = lambda q, k, v: pc.reference(q, k, v, bi, seg, block_size=bs, scale=scale, shared_run=run)
+  (o, lse), vjp = jax.vjp(attn, q, k, v)
+  want = vjp((do, jnp.zeros_like(lse)))
+  assert bool(jnp.any(jnp.isneginf(lse)))
+  tuning = mg.TuningConfig(mode=mode, block_size=bs)
+  assert bool(mg.documents_fit(seg, tuning))
+  cfg = mg.kernel_config(tuning, softmax_scale=scale, group_size=g, has_docs=True)
+  kp, vp, bip, shift, cfg = mg.packed_operands(k, v, bi, seg, cfg, tuning)
+  ops = vc.prepare_backward(
+    q, kp, vp, o, lse, do, bip, mode=cfg.mode, chunk=chunk, shift=shift, block_size=bs
+  )
+  nbp = kp.shape[1] // bs
+  dq, dkp, dvp = _emulate(ops, g=g, scale=scale, t=t, nb=nbp, bs=bs, key_len=nbp * bs)
+  pos = np.asarray(
+    packed.padded_positions(packed.packed_layout(seg, block_size=bs, num_blocks=nbp))
+  )
+  back = lambda x: np.take_along_axis(np.asarray(x), pos[..., None, None], axis=1)
+  return (dq, back(dkp), back(dvp)), want
 
 
 @pytest.mark.parametrize(
@@ -173,19 +208,21 @@ def test_emulated_kernels_match_reference_grads(g, mode, chunk, docs):
   k = jax.random.normal(kk, (b, t, h, d), jnp.float32)
   v = jax.random.normal(kv, (b, t, h, d), jnp.float32)
   do = jax.random.normal(kw, (b, t, h * g, d), jnp.float32)
+  if docs:  # documents start mid-block and mid-tile; one of length 1
+    seg = jnp.cumsum(jnp.zeros((b, t), jnp.int32).at[:, [37, 90, 91, 200]].set(1), axis=1) * 3
+    got, want = _packed_emulation(q, k, v, do, seg, g=g, mode=mode, chunk=chunk, bs=BS, n=n, seed=g)
+    for name, a, w in zip(("dq", "dk", "dv"), got, want):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(w), rtol=2e-4, atol=2e-4, err_msg=name)
+    return
   bi = _selection(ki, b, t, h, n).at[:, 64:80].set(-1)  # tokens that see nothing
   bi_ref = share_selection(bi, common.tokens_per_tile(g)) if mode == "shared" else bi
   scale = d**-0.5
-  seg = None
-  if docs:  # documents start mid-block and mid-tile
-    seg = jnp.cumsum(jnp.zeros((b, t), jnp.int32).at[:, [37, 90, 91, 200]].set(1), axis=1) * 3
-  mask = selected_mask(bi_ref, block_size=BS, seq_len=t, segment_ids=seg)
+  mask = selected_mask(bi_ref, block_size=BS, seq_len=t)
   attn = lambda q, k, v: masked_attention(q, k, v, mask, scale)
   (o, lse), vjp = jax.vjp(attn, q, k, v)
   want = vjp((do, jnp.zeros_like(lse)))
   assert bool(jnp.any(jnp.isneginf(lse)))
-  doc_start = None if seg is None else document_starts(seg, b, t)
-  ops = vc.prepare_backward(q, k, v, o, lse, do, bi, mode=mode, chunk=chunk, doc_start=doc_start)
+  ops = vc.prepare_backward(q, k, v, o, lse, do, bi, mode=mode, chunk=chunk)
   got = _emulate(ops, g=g, scale=scale, t=t, nb=-(-t // BS))
   for name, a, w in zip(("dq", "dk", "dv"), got, want):
     np.testing.assert_allclose(np.asarray(a), np.asarray(w), rtol=2e-4, atol=2e-4, err_msg=name)
@@ -226,14 +263,14 @@ def test_emulated_kernels_with_padded_head_dims_match_reference_grads(g, dk, dv,
     np.testing.assert_allclose(np.asarray(a), np.asarray(w), rtol=2e-4, atol=2e-4, err_msg=name)
 
 
-def test_doc_tiles_rows_and_group_max():
-  seg = jnp.array([[5, 5, 5, 7, 7, 9, 9, 9, 9, 9]], jnp.int32)
-  ds = document_starts(seg, 1, 10)  # [0,0,0,3,3,5,5,5,5,5]
-  rows, gmax = common.doc_tiles(ds, 16, 12)  # r = 4 tokens per group
-  rows, gmax = np.asarray(rows), np.asarray(gmax)
-  assert rows.shape == (1, 3 * 64) and gmax.tolist() == [[3, 5, 5]]
-  np.testing.assert_array_equal(rows[0, 16 * 3 : 16 * 4], 3)  # token 3, all 16 heads
-  np.testing.assert_array_equal(rows[0, 64 + 16 : 64 + 32], 5)  # token 5
+def test_shift_tiles_rows_and_group_min():
+  shift = jnp.asarray([[0, 0, 0, 61, 61, 7, 7, 7, 9, 9]], jnp.int32)
+  rows, gmin = common.shift_tiles(shift, 16, 12)  # r = 4 tokens per group
+  rows, gmin = np.asarray(rows), np.asarray(gmin)
+  assert rows.shape == (1, 3 * 64) and gmin.tolist() == [[0, 7, 0]]  # padded tokens count 0
+  np.testing.assert_array_equal(rows[0, 16 * 3 : 16 * 4], 61)  # token 3, all 16 heads
+  np.testing.assert_array_equal(rows[0, 64 + 16 : 64 + 32], 7)  # token 5
+  np.testing.assert_array_equal(rows[0, 128 : 128 + 32], 9)  # tokens 8, 9
   np.testing.assert_array_equal(rows[0, 128 + 32 : 128 + 64], 0)  # padded tokens 10, 11
 
 
@@ -250,20 +287,22 @@ def test_emulated_kernels_match_reference_grads_block_sizes(bs, g, mode, docs):
     normal(b, t, h, d + 8),
     normal(b, t, h * g, d + 8),
   )
+  if docs:
+    seg = jnp.cumsum(jnp.zeros((b, t), jnp.int32).at[:, [37, 150, 201]].set(1), axis=1)
+    got, want = _packed_emulation(
+      q, k, v, do, seg, g=g, mode=mode, chunk=3, bs=bs, n=n, seed=bs + g
+    )
+    for name, a, w in zip(("dq", "dk", "dv"), got, want):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(w), rtol=2e-4, atol=2e-4, err_msg=name)
+    return
   bi = _selection(jax.random.key(bs + g), b, t, h, n, bs)
   bi_ref = share_selection(bi, common.tokens_per_tile(g)) if mode == "shared" else bi
   scale = d**-0.5
-  seg = None
-  if docs:
-    seg = jnp.cumsum(jnp.zeros((b, t), jnp.int32).at[:, [37, 150, 201]].set(1), axis=1)
-  mask = selected_mask(bi_ref, block_size=bs, seq_len=t, segment_ids=seg)
+  mask = selected_mask(bi_ref, block_size=bs, seq_len=t)
   attn = lambda q, k, v: masked_attention(q, k, v, mask, scale)
   (o, lse), vjp = jax.vjp(attn, q, k, v)
   want = vjp((do, jnp.zeros_like(lse)))
-  doc_start = None if seg is None else document_starts(seg, b, t)
-  ops = vc.prepare_backward(
-    q, k, v, o, lse, do, bi, mode=mode, chunk=3, doc_start=doc_start, block_size=bs
-  )
+  ops = vc.prepare_backward(q, k, v, o, lse, do, bi, mode=mode, chunk=3, block_size=bs)
   got = _emulate(ops, g=g, scale=scale, t=t, nb=-(-t // bs), bs=bs)
   for name, a, w in zip(("dq", "dk", "dv"), got, want):
     np.testing.assert_allclose(np.asarray(a), np.asarray(w), rtol=2e-4, atol=2e-4, err_msg=name)

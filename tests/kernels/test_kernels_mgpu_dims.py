@@ -13,6 +13,7 @@ import re
 import jax
 import jax.numpy as jnp
 import numpy as np
+import packed_checks as pc
 import pytest
 
 from pallas_kernels import selected_attention_common as common
@@ -187,9 +188,15 @@ def test_wrapper_pads_head_dims_exactly(monkeypatch, dk, dv, g, segments):
   b, t, h, n = 1, 150, 2, 3
   seen = []
 
-  def fake_forward(q, k, v, bi, doc_start, cfg):
+  def fake_forward(q, k, v, bi, shift, cfg):
     seen.append((q.shape[-1], k.shape[-1], v.shape[-1], cfg.softmax_scale))
-    mask = selected_mask(bi, block_size=BS, seq_len=t, segment_ids=doc_start)
+    if shift is None:
+      mask = selected_mask(bi, block_size=BS, seq_len=t)
+    else:  # packed documents: the kernels' mask on the padded keys
+      p = jnp.arange(k.shape[1])
+      sel = (bi[..., None] == p // BS).any(axis=3)  # [B, T, H, Tk]
+      pos = jnp.arange(t)[None, :] + shift
+      mask = sel & (p <= pos[..., None, None])  # [B, T, H, Tk]
     return masked_attention(q, k, v, mask, cfg.softmax_scale)
 
   monkeypatch.setattr(mg, "_forward", fake_forward)
@@ -208,7 +215,10 @@ def test_wrapper_pads_head_dims_exactly(monkeypatch, dk, dv, g, segments):
     o = mg.selected_attention_mgpu(q, k, v, bi, segment_ids=seg)
     return jnp.sum(o.astype(jnp.float32) * w), o
 
-  mask = selected_mask(bi, block_size=BS, seq_len=t, segment_ids=seg)
+  if seg is None:
+    mask = selected_mask(bi, block_size=BS, seq_len=t)
+  else:  # document-relative ids
+    mask = jnp.asarray(pc.reference_mask(bi, seg, block_size=BS)).transpose(0, 2, 1, 3)
 
   def loss_ref(q, k, v):
     o = masked_attention(q, k, v, mask, dk**-0.5)[0]
@@ -259,7 +269,7 @@ def test_block_sizes_lower_for_cuda_forward_and_backward(bs, g, rows, mode, bwd_
   fwd_text = _lower(attn, *_avals(t, h, g, dk, dv, n))
   text = _lower(jax.grad(loss, argnums=(0, 1, 2)), *_avals(t, h, g, dk, dv, n))
   assert text.count("mosaic_gpu") > fwd_text.count("mosaic_gpu") > 0
-  nb = -(-t // bs)
+  nb = -(-t // bs) if seg is None else mg.packed_num_blocks(t, mg.TuningConfig(block_size=bs))
   assert f"tensor<1x{nb * bs}x2x{dims.padded_head_dim(dk)}xbf16>" in fwd_text  # K in blocks
 
 

@@ -5,7 +5,8 @@ Forward O and LSE and the gradients dQ, dK, dV of
 plain-JAX reference (:mod:`selected_checks`) on fresh random inputs, over the forward kernels
 (64-row, 128-row per-tile, persistent with few CTAs so that every CTA walks several tiles),
 selection modes, group sizes, head dims (``Dk != Dv``, padded dims), block sizes, packed
-documents, the backward's layouts and work-item splits, both 16-bit dtypes, ``jax.vmap``,
+documents (document-relative ids, against :mod:`packed_checks`; more in
+``test_kernels_packed_gpu.py``), the backward's layouts and work-item splits, both 16-bit dtypes, ``jax.vmap``,
 ``jax.shard_map`` and the library's dispatch. Every kernel call runs twice and must give
 bit-identical results (a difference means a race). Skipped without a Hopper GPU
 (``tests/conftest.py``); on CPU the same kernels are cross-lowered by
@@ -19,6 +20,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import packed_checks as pc
 import pytest
 import selected_checks as sc
 
@@ -67,9 +69,14 @@ class Problem:
     k = rnd(kk, self.b, self.t, self.h, self.dk)
     v = rnd(kv, self.b, self.t, self.h, self.dv)
     do = rnd(kd, self.b, self.t, self.hq, self.dv)
-    bi = sc.random_selection(ki, self.b, self.t, self.h, self.n, block_size=block_size)
+    seg = None
+    if self.docs:  # document-relative ids (packed_checks)
+      seg = sc.random_segments(ks, self.b, self.t)
+      rng = np.random.default_rng(int(jax.random.randint(ki, (), 0, 2**30)))
+      bi = pc.relative_selection(rng, seg, self.h, self.n, block_size=block_size)
+    else:
+      bi = sc.random_selection(ki, self.b, self.t, self.h, self.n, block_size=block_size)
     bi = bi.at[:, 70:74].set(-1)  # rows that see no key
-    seg = sc.random_segments(ks, self.b, self.t) if self.docs else None
     return q, k, v, do, bi, seg
 
 
@@ -111,9 +118,12 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_forward_and_gradients_match_the_reference(case, run_twice):
   prob, knobs = CASES[case]
+  if prob.docs:  # random_segments: at most 6 documents, so NB + 5 padded blocks always fit
+    knobs = {"doc_blocks": 5, **knobs}
   tuning = mg.TuningConfig(**knobs)
   bs = tuning.block_size
   q, k, v, do, bi, seg = prob.inputs(seed=sorted(CASES).index(case), block_size=bs)
+  assert seg is None or bool(mg.documents_fit(seg, tuning))
   scale = prob.dk**-0.5
   call = lambda q, k, v, bi, seg, **kw: mg.selected_attention_mgpu(
     q, k, v, bi, segment_ids=seg, tuning=tuning, **kw
@@ -128,9 +138,14 @@ def test_forward_and_gradients_match_the_reference(case, run_twice):
 
   @jax.jit
   def reference(q, k, v, do, bi, seg):
-    ref = lambda q, k, v: sc.reference(
-      q, k, v, bi, block_size=bs, scale=scale, segment_ids=seg, shared_run=shared_run
-    )
+    if seg is None:
+      ref = lambda q, k, v: sc.reference(
+        q, k, v, bi, block_size=bs, scale=scale, shared_run=shared_run
+      )
+    else:  # document-relative block ids
+      ref = lambda q, k, v: pc.reference(
+        q, k, v, bi, seg, block_size=bs, scale=scale, shared_run=shared_run
+      )
     f32 = lambda x: x.astype(jnp.float32)
     (o_ref, lse_ref), vjp = jax.vjp(ref, f32(q), f32(k), f32(v))
     return o_ref, lse_ref, vjp((f32(do), jnp.zeros_like(lse_ref)))
