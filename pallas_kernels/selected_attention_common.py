@@ -145,19 +145,24 @@ def document_starts(segment_ids, batch: int, seq_len: int):
   return jax.lax.cummax(jnp.where(is_start, pos[None, :], 0), axis=1)
 
 
-def share_selection(block_indices, r: int):
+def share_selection(block_indices, r: int, doc_start=None):
   """Shared selection: token ``t`` uses the list of token ``t - t % r``.
 
   Args:
     block_indices: ``[B, T, H, n]`` int block ids.
     r: tokens per shared run (a positive int).
+    doc_start: optional ``[B, T]`` int32 first position of each token's document: the runs are
+      then aligned to each document's start (token ``t`` uses token ``t - (t - ds) % r``).
 
   Returns:
     ``[B, T, H, n]``: row ``t`` holds ``block_indices[:, t - t % r]``.
   """
   t = block_indices.shape[1]
-  leader = (jnp.arange(t, dtype=jnp.int32) // r) * r  # [T]
-  return jnp.take(block_indices, leader, axis=1)
+  pos = jnp.arange(t, dtype=jnp.int32)
+  if doc_start is None:
+    return jnp.take(block_indices, (pos // r) * r, axis=1)
+  leader = pos[None, :] - (pos[None, :] - doc_start) % r  # [B, T]
+  return jnp.take_along_axis(block_indices, leader[:, :, None, None], axis=1)
 
 
 def to_tiles(x, r: int, h: int, rows: int = TILE_ROWS):

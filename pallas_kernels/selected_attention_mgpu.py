@@ -38,6 +38,7 @@ from pallas_kernels.selected_attention_common import (
   MODES,
   TILE_ROWS,
   KernelConfig,
+  document_starts,
   prepare,
   resolve_config,
   share_selection,
@@ -171,15 +172,16 @@ def packed_operands(k, v, block_indices, segment_ids, cfg: KernelConfig, tuning:
   ``kp``/``vp`` ``[B, NBp*bs, H, D]``: K and V in the document-aligned padded layout of
   ``NBp =`` :func:`packed_num_blocks` blocks (differentiable gathers); ``bi [B, T, H, n]``: the
   document-relative ids as padded block ids; ``shift [B, T]`` int32: each query's padded
-  position minus ``t``. ``"shared"`` mode becomes per-token lists (a shared run may span
-  documents) with exact masking: ``cfg.mode`` is ``"exact"`` on return."""
+  position minus ``t``. ``"shared"`` mode becomes per-token lists (runs aligned to each
+  document's start) with exact masking: ``cfg.mode`` is ``"exact"`` on return."""
   layout = packed.packed_layout(
     jnp.asarray(segment_ids),
     block_size=cfg.block_size,
     num_blocks=packed_num_blocks(k.shape[1], tuning),
   )
-  if cfg.mode == "shared":
-    block_indices = share_selection(block_indices, tokens_per_tile(cfg.group_size))
+  if cfg.mode == "shared":  # runs aligned to each document's start
+    doc_start = document_starts(segment_ids, *segment_ids.shape)
+    block_indices = share_selection(block_indices, tokens_per_tile(cfg.group_size), doc_start)
     cfg = dataclasses.replace(cfg, mode="exact")
   bi = packed.padded_block_indices(block_indices, layout, block_size=cfg.block_size)
   kp, vp = packed.pad_keys(k, layout), packed.pad_keys(v, layout)
@@ -268,8 +270,9 @@ def selected_attention_mgpu(
       and V, and a gather back for dK/dV). That static size is exceeded by rows with very many
       short documents: their results are then WRONG, so a caller that cannot rule this out
       checks :func:`documents_fit` (jittable) and takes another path where it is ``False``.
-      In ``"shared"`` mode token ``t`` uses the list of token ``t - t % (64 // G)``, read
-      relative to ``t``'s own document.
+      In ``"shared"`` mode the runs of ``r = 64 // G`` tokens are aligned to each document's
+      start: a token at document position ``u`` uses the list of its document's token
+      ``u - u % r``.
     softmax_scale: defaults to ``Dk ** -0.5`` of the *unpadded* ``Dk``; must be > 0.
     return_lse: also return the ``[B, T, HQ]`` float32 natural-log LSE (no gradient through it).
     tuning: how the kernels run (:class:`TuningConfig`).

@@ -90,7 +90,7 @@ _TABLE: dict[str, dict[str, Implementation]] = {
   "selected_attention": _entries(
     Implementation(
       "pallas_gpu",
-      "pallas_kernels.selected_attention_mgpu:selected_attention_op",
+      f"{_OPS}.selected:pallas_gpu_impl",
       platforms=("gpu",),
     ),
     Implementation(

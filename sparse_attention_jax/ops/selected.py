@@ -2,7 +2,8 @@
 
 Implementations (:mod:`sparse_attention_jax.ops.dispatch`, op ``"selected_attention"``):
 
-* ``"pallas_gpu"``: the Mosaic GPU kernels (Hopper), tried first by ``"auto"`` on GPU;
+* ``"pallas_gpu"``: the Mosaic GPU kernels (Hopper), tried first by ``"auto"`` on GPU
+  (:func:`pallas_gpu_impl`);
 * ``"reference"``: :func:`~sparse_attention_jax.ops.masked.masked_attention` over
   :func:`selected_mask` (dense ``[B, T, HQ, T]`` logits). ``"auto"`` takes it while those logits
   stay within :data:`DENSE_MAX_ELEMENTS`;
@@ -120,6 +121,30 @@ def reference_impl(q, k, v, block_indices, *, block_size, segment_ids, softmax_s
   return masked_attention(q, k, v, mask, softmax_scale)[0]
 
 
+def pallas_gpu_impl(q, k, v, block_indices, *, block_size, segment_ids, softmax_scale):
+  """The ``"pallas_gpu"`` entry: the Mosaic GPU kernels (raise ``NotImplementedError`` for a call
+  they cannot serve). With ``segment_ids`` the kernels read K/V in a document-aligned layout of
+  a static number of blocks; a row with so many short documents that they do not fit runs the
+  whole batch through :func:`gathered_selected_attention` instead (``lax.cond``), so no input is
+  ever served wrongly."""
+  from pallas_kernels import selected_attention_mgpu as mgpu
+
+  kw = dict(block_size=block_size, softmax_scale=softmax_scale)
+  if segment_ids is None:
+    return mgpu.selected_attention_op(q, k, v, block_indices, segment_ids=None, **kw)
+  fits = jnp.all(mgpu.documents_fit(segment_ids, mgpu.TuningConfig(block_size=block_size)))
+  return jax.lax.cond(
+    fits,
+    lambda *a: mgpu.selected_attention_op(*a[:4], segment_ids=a[4], **kw),
+    lambda *a: gathered_selected_attention(*a[:4], segment_ids=a[4], **kw),
+    q,
+    k,
+    v,
+    block_indices,
+    segment_ids,
+  )
+
+
 def dense_too_large(q, k, v, block_indices, **kwargs) -> str | None:
   """``"auto"``'s guard of the reference: a reason while its logits exceed the budget."""
   del k, v, block_indices, kwargs
@@ -234,6 +259,7 @@ __all__ = [
   "default_chunk",
   "dense_too_large",
   "gathered_selected_attention",
+  "pallas_gpu_impl",
   "reference_impl",
   "selected_attention",
   "selected_mask",

@@ -105,12 +105,19 @@ def attention(q, k, v, mask, scale):
 
 
 def reference(q, k, v, block_indices, segment_ids, *, block_size, scale, shared_run=None):
-  """float32 ``(o, lse)`` of the semantics above (``shared_run``: token ``t`` uses the list of
-  token ``t - t % shared_run``, read relative to its own document)."""
-  bi = jnp.asarray(block_indices)
+  """float32 ``(o, lse)`` of the semantics above (``shared_run``: a token at document position
+  ``u`` uses the list of its document's token ``u - u % shared_run``)."""
+  bi = np.array(block_indices)
   if shared_run is not None:
-    lead = (jnp.arange(bi.shape[1]) // shared_run) * shared_run
-    bi = jnp.take(bi, lead, axis=1)
+    seg = np.zeros(bi.shape[:2]) if segment_ids is None else np.asarray(segment_ids)
+    for b in range(bi.shape[0]):
+      start = 0
+      src = bi[b].copy()
+      for t in range(bi.shape[1]):
+        if t > 0 and seg[b, t] != seg[b, t - 1]:
+          start = t
+        bi[b, t] = src[t - (t - start) % shared_run]
+  bi = jnp.asarray(bi)
   mask = reference_mask(bi, segment_ids, block_size=block_size)
   return attention(q, k, v, mask, scale)
 

@@ -28,7 +28,11 @@ from sparse_attention_jax.ops.documents import (
   document_starts,
   segment_ids_from_cu_seqlens,
 )
-from sparse_attention_jax.ops.selected import selected_attention
+from sparse_attention_jax.ops.selected import (
+  gathered_selected_attention,
+  pallas_gpu_impl,
+  selected_attention,
+)
 from sparse_attention_jax.ops.selection import block_importance, select_blocks
 
 HQ, H, DK, DV = 4, 2, 8, 4
@@ -250,3 +254,61 @@ def test_cu_seqlens_errors_name_the_argument():
     segment_ids_from_cu_seqlens(jnp.zeros((3,), jnp.float32), 4)
   with pytest.raises(ValueError, match="total_len: expected a positive int"):
     segment_ids_from_cu_seqlens(jnp.asarray([0, 4]), 0)
+
+
+def test_kernel_entry_takes_the_gathered_path_when_documents_do_not_fit(monkeypatch):
+  """The ``pallas_gpu`` entry runs the kernels (here a stand-in) on rows whose documents fit
+  their static padded layout, and the gathered op on rows with too many short documents."""
+  from pallas_kernels import selected_attention_mgpu as mgpu
+
+  def stand_in(q, k, v, block_indices, *, block_size, segment_ids, softmax_scale):
+    return jnp.full(q.shape[:3] + (v.shape[-1],), 7.0, q.dtype)
+
+  monkeypatch.setattr(mgpu, "selected_attention_op", stand_in)
+  t = 64  # block 32: 2 blocks, room for 4 in the padded layout
+  q, k, v, _, _ = inputs(t, 41)
+  idx = jax.random.randint(jax.random.key(43), (1, t, H, 2), -1, 2, jnp.int32)
+  entry = jax.jit(functools.partial(pallas_gpu_impl, block_size=32, softmax_scale=0.3))
+  few = seg_row((20, 44))
+  np.testing.assert_array_equal(entry(q, k, v, idx, segment_ids=few), 7.0)
+  many = seg_row((3,) * 20 + (4,))  # 21 documents need 21 blocks
+  want = gathered_selected_attention(
+    q, k, v, idx, block_size=32, segment_ids=many, softmax_scale=0.3
+  )
+  np.testing.assert_allclose(entry(q, k, v, idx, segment_ids=many), want, atol=1e-6)
+
+
+@pytest.mark.gpu
+def test_kernels_through_the_op_match_each_document_alone():
+  """``impl="pallas_gpu"`` (bf16) on a packed row of 4 documents off the block grid: each
+  document's output and q/k/v gradients equal the document run alone through the kernels."""
+  lengths, hq, h, d, bs = (200, 1, 333, 290), 16, 2, 64, 64
+  t = sum(lengths)
+  q, k, v = rand_qkv(jax.random.key(47), 1, t, hq, h, d, d, jnp.bfloat16)
+  cot = jax.random.normal(jax.random.key(53), (1, t, hq, d), jnp.bfloat16)
+  seg = seg_row(lengths)
+  u = document_positions(seg, 1, t)[0]
+  # Document-relative picks: block 0, the query's own block and one random earlier block.
+  rnd = jax.random.randint(jax.random.key(59), (1, t, h, 1), 0, 1 << 20) % (
+    u[None, :, None, None] // bs + 1
+  )
+  idx = jnp.concatenate(
+    [jnp.zeros_like(rnd), jnp.broadcast_to((u // bs)[None, :, None, None], rnd.shape), rnd], -1
+  )
+
+  def f(q, k, v, idx, seg, cot):
+    fn = lambda q, k, v: selected_attention(
+      q, k, v, idx, block_size=bs, segment_ids=seg, impl="pallas_gpu"
+    )
+    o, vjp = jax.vjp(fn, q, k, v)
+    return o, vjp(cot)
+
+  f = jax.jit(f)
+  out, grads = f(q, k, v, idx.astype(jnp.int32), seg, cot)
+  for a, b in bounds(lengths):
+    alone, alone_grads = f(
+      q[:, a:b], k[:, a:b], v[:, a:b], idx[:, a:b].astype(jnp.int32), None, cot[:, a:b]
+    )
+    np.testing.assert_allclose(np.float32(out[:, a:b]), np.float32(alone), atol=2e-2, rtol=2e-2)
+    for gp, ga in zip(grads, alone_grads, strict=True):
+      np.testing.assert_allclose(np.float32(gp[:, a:b]), np.float32(ga), atol=5e-2, rtol=5e-2)
