@@ -161,7 +161,7 @@ def test_kernels_share_selection_equals_the_library(r):
 
 def test_kernels_document_starts_equal_the_library():
   from pallas_kernels import selected_attention_common as common
-  from sparse_attention_jax.ops.masked import document_starts
+  from sparse_attention_jax.ops.documents import document_starts
 
   seg = jnp.asarray([[0, 0, 0, 1, 1, 2, 2, 2, 5, 5], [3, 3, 3, 3, 3, 3, 3, 3, 3, 4]], jnp.int32)
   np.testing.assert_array_equal(common.document_starts(seg, 2, 10), document_starts(seg, 2, 10))
