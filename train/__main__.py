@@ -328,6 +328,8 @@ def _run(args: argparse.Namespace, sig) -> int:
         f"eval loss at {'init' if not resuming else 'resume'}: {init_eval:.4f} (uniform over "
         f"{config.model.vocab_size} ids: {math.log(config.model.vocab_size):.4f})"
       )
+      if resuming and pid == 0:  # the resumed curve starts with a measured point
+        run_dir.record_resume_eval(metrics_path, step, init_eval)
 
     def on_step(step: int, force: bool) -> None:
       ckpt.save(step, model, optimizer, train_it, force=force)

@@ -324,6 +324,18 @@ _answer_step_jit = jax.jit(_answer_step, static_argnums=(0,))
 # Extra metrics of SSA models (means over the log window in the log line and metrics.jsonl).
 _SSA_METRICS = ("align_full", "align_sparse", "total_loss", "mode_full")
 
+
+def _any_process(flag: bool) -> bool:
+  """``flag`` of any process: a signal that reaches one process of a multi-process job stops
+  every process at the same step boundary (one small all-gather per step), so none is left
+  waiting at a collective of the next step."""
+  if jax.process_count() == 1:
+    return flag
+  from jax.experimental import multihost_utils
+
+  return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
+
+
 _BATCH_KEYS = ("tokens", "positions", "segment_ids", "targets", "loss_mask")
 
 
@@ -688,7 +700,10 @@ def _train(
           f"bits/token){answer_text}"
         )
         record(eval_event)
-      if stop.is_set():
+      if _any_process(stop.is_set()):
+        if not stop.is_set():  # the signal reached another process of the job
+          stop.signame = "a signal to another process"
+          stop.set()
         if on_step is not None:
           on_step(step, True)
         name = getattr(stop, "signame", None) or "stop"

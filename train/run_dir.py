@@ -7,7 +7,8 @@ and the model are validated, and then:
 * a fresh run into a folder holding a previous run refuses (nothing is deleted);
 * ``--overwrite`` removes exactly the files of :func:`previous_run` (:func:`remove`);
 * ``--resume`` keeps them and trims ``metrics.jsonl`` to the restored step
-  (:func:`trim_metrics`), so re-run steps never appear twice.
+  (:func:`trim_metrics`), so re-run steps never appear twice, then records the eval loss of the
+  restored model at that step (:func:`record_resume_eval`).
 
 Other files in the folder (e.g. a launcher's log) are never touched.
 """
@@ -81,3 +82,22 @@ def trim_metrics(path: str | os.PathLike, step: int) -> int:
       f.writelines(kept)
     os.replace(tmp, path)
   return dropped
+
+
+def record_resume_eval(path: str | os.PathLike, step: int, eval_loss: float) -> bool:
+  """Appends ``{"step": step, "eval_loss": eval_loss, "resumed": true}`` to a ``metrics.jsonl``
+  unless it already holds an eval event at ``step`` (a run that evaluated at the step it was
+  saved at), so the resumed curve starts with a measured point. Returns whether it appended."""
+  path = os.fspath(path)
+  if os.path.isfile(path):
+    with open(path) as f:
+      for line in f:
+        try:
+          event = json.loads(line)
+        except ValueError:
+          continue
+        if isinstance(event, dict) and event.get("step") == step and "eval_loss" in event:
+          return False
+  with open(path, "a") as f:
+    f.write(json.dumps({"step": step, "eval_loss": eval_loss, "resumed": True}) + "\n")
+  return True

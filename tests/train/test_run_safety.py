@@ -170,6 +170,10 @@ def test_resume_trims_metrics_and_warns_on_changed_config(run, capsys):
   assert "warning: the config differs" in out and "train.seed 0 -> 1" in out
   assert "train.steps" not in out.split("warning:")[1].splitlines()[0]
   assert _steps(run) == [1, 2, 3, 4, 5]
+  # The resumed curve starts with the restored model's eval loss at step 2, recorded once.
+  events = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+  at_resume = [e for e in events if e.get("resumed")]
+  assert [e["step"] for e in at_resume] == [2] and at_resume[0]["eval_loss"] > 0
 
 
 def test_resume_with_another_model_shape_is_a_one_line_error(run, capsys):
@@ -187,3 +191,16 @@ def test_trim_metrics_drops_later_and_broken_lines(tmp_path):
   assert run_dir.trim_metrics(p, 2) == 2
   assert [json.loads(x)["step"] for x in p.read_text().splitlines()] == [1, 2]
   assert run_dir.trim_metrics(tmp_path / "none.jsonl", 2) == 0
+
+
+def test_resume_eval_is_recorded_once_per_step(tmp_path):
+  p = tmp_path / "metrics.jsonl"
+  p.write_text('{"step": 1, "loss": 2}\n{"step": 2, "eval_loss": 1.5}\n')
+  assert not run_dir.record_resume_eval(p, 2, 1.4)  # the saved run evaluated at step 2
+  assert run_dir.record_resume_eval(p, 1, 1.9)
+  assert json.loads(p.read_text().splitlines()[-1]) == {
+    "step": 1,
+    "eval_loss": 1.9,
+    "resumed": True,
+  }
+  assert run_dir.record_resume_eval(tmp_path / "new.jsonl", 3, 1.0)

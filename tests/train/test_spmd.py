@@ -311,8 +311,10 @@ def _free_port() -> int:
     return sock.getsockname()[1]
 
 
-def _launch_two_processes(args: list[str]) -> list[str]:
-  """``python -m train ARGS`` as 2 processes x 4 CPU devices (gloo collectives); their output."""
+def _launch_two_processes(args: list[str], signal_one_after: str | None = None) -> list[str]:
+  """``python -m train ARGS`` as 2 processes x 4 CPU devices (gloo collectives); their output.
+
+  ``signal_one_after``: SIGTERM goes to process 1 alone once it prints a line starting so."""
   port = _free_port()
   procs = []
   for i in range(2):
@@ -335,7 +337,15 @@ def _launch_two_processes(args: list[str]) -> list[str]:
         text=True,
       )
     )
+  head = ""
+  if signal_one_after is not None:
+    for line in procs[1].stdout:
+      head += line
+      if line.startswith(signal_one_after):
+        procs[1].send_signal(signal.SIGTERM)
+        break
   outs = [p.communicate(timeout=400)[0] for p in procs]
+  outs[1] = head + outs[1]
   for p, out in zip(procs, outs):
     assert p.returncode == 0, out[-3000:]
   return outs
@@ -384,3 +394,36 @@ def test_two_processes_train_checkpoint_and_resume(tmp_path):
   assert all("(step 3 of 6)" in log for log in logs)
   # metrics.jsonl was trimmed to step 3, so steps 4-6 appear once, equal to the first run's.
   assert curve() == first
+
+
+def test_a_signal_to_one_process_stops_every_process_at_the_same_step(tmp_path):
+  """SIGTERM reaches process 1 only: both processes stop after the same step, save one complete
+  checkpoint there and exit cleanly (none is left waiting at a collective)."""
+  out = tmp_path / "run"
+  args = [
+    "--config",
+    TINY,
+    "--no-progress",
+    *SMALL,
+    "model.attention=[full]",
+    "train.batch_size=8",
+    "train.mesh.data=2",
+    "train.steps=400",
+    "train.log_every=1",
+    "train.eval_every=0",
+    "train.eval_batches=1",
+    "train.sample_bytes=0",
+    "train.corpus_max_bytes=100000",
+    "train.checkpoint_every=1000",
+    f"train.output_dir={out}",
+  ]
+  logs = _launch_two_processes(args, signal_one_after="step     3 |")
+  assert "stopped by SIGTERM" in logs[1], logs[1][-3000:]
+  assert "stopped by a signal to another process" in logs[0], logs[0][-3000:]
+  steps = [int(n) for n in os.listdir(out / "checkpoints") if n.isdigit()]
+  assert len(steps) == 1 and 3 <= steps[0] < 400, steps
+  assert sorted(os.listdir(out / "checkpoints" / str(steps[0]) / "data")) == [
+    "commit_success.txt",
+    "process_0-of-2.json",
+    "process_1-of-2.json",
+  ]
