@@ -130,7 +130,7 @@ def pallas_gpu_impl(q, k, v, block_indices, *, block_size, segment_ids, softmax_
   from pallas_kernels import selected_attention_mgpu as mgpu
 
   kw = dict(block_size=block_size, softmax_scale=softmax_scale)
-  if segment_ids is None:
+  if segment_ids is None or block_size not in mgpu.BLOCK_SIZES:  # the op says why it declines
     return mgpu.selected_attention_op(q, k, v, block_indices, segment_ids=None, **kw)
   fits = jnp.all(mgpu.documents_fit(segment_ids, mgpu.TuningConfig(block_size=block_size)))
   return jax.lax.cond(

@@ -53,13 +53,29 @@ def np_selected_visible(block_indices, block_size, segment_ids=None):
   nb = -(-bi_np.shape[1] // block_size)
 
   def visible(b, t, h):
+    """Keys ``ds..t`` of the query's document whose document-relative block is listed."""
     blocks = {int(j) for j in bi_np[b, t, h] if 0 <= j < nb}
-    seg = _seg_of(segment_ids, b)
-    return [
-      s for s in range(t + 1) if s // block_size in blocks and (seg is None or seg[s] == seg[t])
-    ]
+    ds = _doc_start(segment_ids, b, t)
+    return [s for s in range(ds, t + 1) if (s - ds) // block_size in blocks]
 
   return visible
+
+
+def _doc_start(segment_ids, b, t):
+  seg = _seg_of(segment_ids, b)
+  ds = t
+  while seg is not None and ds > 0 and seg[ds - 1] == seg[t]:
+    ds -= 1
+  return 0 if seg is None else ds
+
+
+def np_docs(segment_ids, b, t=T):
+  """``[(start, end)]`` of the documents of row ``b`` (one document without ids)."""
+  seg = _seg_of(segment_ids, b)
+  if seg is None:
+    return [(0, t)]
+  cuts = [0] + [i for i in range(1, t) if seg[i] != seg[i - 1]] + [t]
+  return list(zip(cuts[:-1], cuts[1:], strict=True))
 
 
 def np_cmp_visible(cfg, segment_ids=None, seq_len=T):
@@ -67,23 +83,44 @@ def np_cmp_visible(cfg, segment_ids=None, seq_len=T):
   nc = cfg.num_cmp_tokens(seq_len)
 
   def visible(b, t, h):
+    """Slots of the query's document's compressed tokens whose window is complete at ``t``: the
+    documents' tokens are laid out one after the other (document-relative windows)."""
     del h
-    seg = _seg_of(segment_ids, b)
-    out = []
-    for i in range(nc):
-      if i * d + l - 1 > t:
-        continue
-      if seg is not None and not all(seg[s] == seg[t] for s in range(i * d, i * d + l)):
-        continue
-      out.append(i)
-    return out
+    if segment_ids is None:
+      return [i for i in range(nc) if i * d + l - 1 <= t]
+    slot = 0
+    for a, e in np_docs(segment_ids, b, seq_len):
+      n = (e - a - l) // d + 1 if e - a >= l else 0
+      if a <= t < e:
+        return [slot + i for i in range(n) if i * d + l - 1 <= t - a]
+      slot += n
+    raise AssertionError("unreachable")
 
   return visible
+
+
+def np_packed_compress(x, cfg, segment_ids, compress_one):
+  """Each document's compressed tokens (``compress_one`` of the document alone), one after the
+  other in the row's ``NC`` slots; unused slots 0."""
+  x = np.asarray(jnp.asarray(x, jnp.float32), np.float64)
+  b, t = x.shape[:2]
+  out = None
+  for bi in range(b):
+    slot = 0
+    for a, e in np_docs(segment_ids, bi, t):
+      c = compress_one(x[bi : bi + 1, a:e])
+      if out is None:
+        out = np.zeros((b, cfg.num_cmp_tokens(t)) + c.shape[2:])
+      out[bi, slot : slot + c.shape[1]] = c[0]
+      slot += c.shape[1]
+  return out
 
 
 def np_mean_compress(x, l, d):
   x = np.asarray(jnp.asarray(x, jnp.float32), np.float64)
   nc = (x.shape[1] - l) // d + 1 if x.shape[1] >= l else 0
+  if nc == 0:
+    return np.zeros((x.shape[0], 0) + x.shape[2:])
   return np.stack([x[:, i * d : i * d + l].mean(axis=1) for i in range(nc)], axis=1)
 
 
@@ -94,7 +131,9 @@ def np_gelu(x):
 def np_mlp_compress(x, l, d, p):
   x = np.asarray(x, np.float64)
   pos, w1, b1, w2, b2 = (np.asarray(a, np.float64) for a in p)
-  nc = (x.shape[1] - l) // d + 1
+  nc = (x.shape[1] - l) // d + 1 if x.shape[1] >= l else 0
+  if nc == 0:
+    return np.zeros((x.shape[0], 0, x.shape[2], w2.shape[-1]))
   out = []
   for i in range(nc):
     win = x[:, i * d : i * d + l] + pos.transpose(1, 0, 2)[None]  # [B, l, H, D]
@@ -121,21 +160,32 @@ def np_cmp_probs(q, kc, visible, scale):
 
 
 def np_nsa(q, k, v, gates, cfg, segment_ids=None, params=None):
-  """The whole NSA op in NumPy float64; returns ``(o, block_indices)``."""
+  """The whole NSA op in NumPy float64; returns ``(o, block_indices)``. With ``segment_ids``,
+  every document of a row is the op on that document alone (the packed-document contract)."""
+  if segment_ids is not None:
+    b, t = q.shape[:2]
+    o = np.zeros(q.shape[:3] + (v.shape[-1],))
+    bi = np.full((b, t, k.shape[2], cfg.num_selected), -1, np.int32)
+    for r in range(b):
+      for a, e in np_docs(segment_ids, r, t):
+        g = None if gates is None else gates[r : r + 1, a:e]
+        part = (x[r : r + 1, a:e] for x in (q, k, v))
+        o[r, a:e], bi[r, a:e] = (x[0] for x in np_nsa(*part, g, cfg, None, params))
+    return o, bi
   scale = q.shape[-1] ** -0.5
   l, d = cfg.cmp_window, cfg.cmp_stride
   if params is None:
     kc, vc = np_mean_compress(k, l, d), np_mean_compress(v, l, d)
   else:
     kc, vc = np_mlp_compress(k, l, d, params.k), np_mlp_compress(v, l, d, params.v)
-  cvis = np_cmp_visible(cfg, segment_ids)
+  cvis = np_cmp_visible(cfg, None, q.shape[1])
   o_cmp, _ = np_reference(q, kc, vc, cvis, scale)
   probs = np_cmp_probs(q, kc, cvis, scale)
-  bi = np_select(np_block_importance(probs, cfg, k.shape[2]), cfg, segment_ids)
+  bi = np_select(np_block_importance(probs, cfg, k.shape[2]), cfg)
   outs = {
     "cmp": o_cmp,
-    "slc": np_reference(q, k, v, np_selected_visible(bi, cfg.block_size, segment_ids))[0],
-    "win": np_reference(q, k, v, np_dense_visible(segment_ids, cfg.window))[0],
+    "slc": np_reference(q, k, v, np_selected_visible(bi, cfg.block_size))[0],
+    "win": np_reference(q, k, v, np_dense_visible(None, cfg.window))[0],
   }
   total = 0.0
   for c, name in enumerate(("cmp", "slc", "win")):
@@ -202,9 +252,10 @@ class ReferenceTest(chex.TestCase):
     for (l, d), dv, seg in cases:
       cfg = NSAConfig.fla(cmp_window=l, cmp_stride=d, block_size=8, num_selected=4)
       q, k, v = rand_qkv(jax.random.key(4 + l + d + dv), B, T, HQ, H, DK, dv)
-      kc, vc = compress(k, cfg), compress(v, cfg)
-      np.testing.assert_allclose(np.asarray(kc), np_mean_compress(k, l, d), atol=ATOL)
-      np.testing.assert_allclose(np.asarray(vc), np_mean_compress(v, l, d), atol=ATOL)
+      kc, vc = compress(k, cfg, segment_ids=seg), compress(v, cfg, segment_ids=seg)
+      one = lambda x: np_mean_compress(x, l, d)  # noqa: B023
+      np.testing.assert_allclose(np.asarray(kc), np_packed_compress(k, cfg, seg, one), atol=ATOL)
+      np.testing.assert_allclose(np.asarray(vc), np_packed_compress(v, cfg, seg, one), atol=ATOL)
       fn = functools.partial(compressed_attention, config=cfg, segment_ids=seg)
       res = self.variant(fn)(q, kc, vc)
       vis = np_cmp_visible(cfg, seg)
