@@ -107,19 +107,23 @@ def attention(q, k, v, mask, scale):
 def reference(q, k, v, block_indices, segment_ids, *, block_size, scale, shared_run=None):
   """float32 ``(o, lse)`` of the semantics above (``shared_run``: a token at document position
   ``u`` uses the list of its document's token ``u - u % shared_run``)."""
-  bi = np.array(block_indices)
+  bi = jnp.asarray(block_indices)
   if shared_run is not None:
-    seg = np.zeros(bi.shape[:2]) if segment_ids is None else np.asarray(segment_ids)
-    for b in range(bi.shape[0]):
-      start = 0
-      src = bi[b].copy()
-      for t in range(bi.shape[1]):
-        if t > 0 and seg[b, t] != seg[b, t - 1]:
-          start = t
-        bi[b, t] = src[t - (t - start) % shared_run]
-  bi = jnp.asarray(bi)
+    b, t = bi.shape[:2]
+    pos = jnp.arange(t, dtype=jnp.int32)[None]
+    start = jnp.zeros((b, t), jnp.int32) if segment_ids is None else _starts(segment_ids)
+    lead = pos - (pos - start) % shared_run  # [B, T]
+    bi = jnp.take_along_axis(bi, lead[:, :, None, None], axis=1)
   mask = reference_mask(bi, segment_ids, block_size=block_size)
   return attention(q, k, v, mask, scale)
+
+
+def _starts(segment_ids):
+  """``[B, T]`` first position of each token's document (traceable)."""
+  seg = jnp.asarray(segment_ids)
+  t = seg.shape[1]
+  new = jnp.concatenate([jnp.ones_like(seg[:, :1], bool), seg[:, 1:] != seg[:, :-1]], axis=1)
+  return jax.lax.cummax(jnp.where(new, jnp.arange(t, dtype=jnp.int32), 0), axis=1)
 
 
 def _member(lo, hi, i):
