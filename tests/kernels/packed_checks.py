@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels.selected_attention_common import document_starts
+
 
 def doc_starts(segment_ids):
   """``[B, T]`` int64 numpy: first position of each token's document."""
@@ -111,19 +113,11 @@ def reference(q, k, v, block_indices, segment_ids, *, block_size, scale, shared_
   if shared_run is not None:
     b, t = bi.shape[:2]
     pos = jnp.arange(t, dtype=jnp.int32)[None]
-    start = jnp.zeros((b, t), jnp.int32) if segment_ids is None else _starts(segment_ids)
+    start = document_starts(None if segment_ids is None else jnp.asarray(segment_ids), b, t)
     lead = pos - (pos - start) % shared_run  # [B, T]
     bi = jnp.take_along_axis(bi, lead[:, :, None, None], axis=1)
   mask = reference_mask(bi, segment_ids, block_size=block_size)
   return attention(q, k, v, mask, scale)
-
-
-def _starts(segment_ids):
-  """``[B, T]`` first position of each token's document (traceable)."""
-  seg = jnp.asarray(segment_ids)
-  t = seg.shape[1]
-  new = jnp.concatenate([jnp.ones_like(seg[:, :1], bool), seg[:, 1:] != seg[:, :-1]], axis=1)
-  return jax.lax.cummax(jnp.where(new, jnp.arange(t, dtype=jnp.int32), 0), axis=1)
 
 
 def _member(lo, hi, i):
