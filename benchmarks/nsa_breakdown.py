@@ -40,7 +40,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from sparse_attention_jax.config import NSAConfig
-from sparse_attention_jax.nn.dense_attention import causal_attention
 from sparse_attention_jax.ops import (
   CompressorParams,
   block_importance,
@@ -52,6 +51,7 @@ from sparse_attention_jax.ops import (
   selected_attention,
   sliding_window_attention,
 )
+from sparse_attention_jax.ops.causal import causal_attention
 
 
 def _bench(fn, args, reps: int) -> tuple[float, float]:

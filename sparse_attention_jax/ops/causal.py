@@ -1,7 +1,8 @@
 """Causal attention over all earlier keys or a sliding window, within documents.
 
 One routing serves :func:`dense_causal_attention`, :func:`sliding_window_attention` (NSA's
-window branch) and the modules' dense path (:mod:`sparse_attention_jax.nn.dense_attention`):
+window branch) and the modules' dense path (:func:`causal_attention`, which ``full``, ``swa``,
+``asa_local`` and SSA's ``o_full`` call):
 op ``"causal_attention"`` of :mod:`sparse_attention_jax.ops.dispatch`, whose implementations are
 
 * ``"cudnn"`` (``"auto"`` tries it first on GPU): cuDNN flash attention for bf16/f16, packed rows

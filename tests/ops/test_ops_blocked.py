@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from conftest import rand_qkv
 
-from sparse_attention_jax.nn import dense_attention
+from sparse_attention_jax.ops import causal as dense_attention
 from sparse_attention_jax.ops import (
   cudnn,
   dense_causal_attention,

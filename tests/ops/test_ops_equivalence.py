@@ -9,7 +9,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import np_block_importance, np_reference, np_select, rand_qkv, segments
+from conftest import (
+  np_block_importance,
+  np_doc_starts,
+  np_reference,
+  np_select,
+  rand_qkv,
+  segments,
+)
 
 from sparse_attention_jax import (
   CompressorParams,
@@ -55,18 +62,11 @@ def np_selected_visible(block_indices, block_size, segment_ids=None):
   def visible(b, t, h):
     """Keys ``ds..t`` of the query's document whose document-relative block is listed."""
     blocks = {int(j) for j in bi_np[b, t, h] if 0 <= j < nb}
-    ds = _doc_start(segment_ids, b, t)
+    seg = _seg_of(segment_ids, b)
+    ds = 0 if seg is None else int(np_doc_starts(seg)[t])
     return [s for s in range(ds, t + 1) if (s - ds) // block_size in blocks]
 
   return visible
-
-
-def _doc_start(segment_ids, b, t):
-  seg = _seg_of(segment_ids, b)
-  ds = t
-  while seg is not None and ds > 0 and seg[ds - 1] == seg[t]:
-    ds -= 1
-  return 0 if seg is None else ds
 
 
 def np_docs(segment_ids, b, t=T):

@@ -1,7 +1,7 @@
 """Causal and sliding-window attention (op ``"causal_attention"``): every implementation and dtype
 against the float32 reference, forward and gradients (shared base: ``semantics_base``).
 
-Also the module path (``nn.dense_attention.causal_attention``) and the public ops route through the
+Also the module path (``ops.causal.causal_attention``) and the public ops route through the
 same table, and, on a Hopper GPU, the bf16 checks at the 340M head layout and the compiled memory
 at 8k.
 """
@@ -22,7 +22,7 @@ from semantics_base import (
   impl_params,
 )
 
-from sparse_attention_jax.nn import dense_attention
+from sparse_attention_jax.ops import causal as dense_attention
 from sparse_attention_jax.ops import (
   causal_attention,
   dense_causal_attention,

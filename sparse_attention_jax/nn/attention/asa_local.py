@@ -33,7 +33,7 @@ class MLALocalAttention(LatentAttentionBase):
   document, ``w = config.window``; one latent head (``g = 1``).
 
   Trains in the expanded form (``H = HQ``, ``Dk = nope_dim + d_R``, ``Dv = v_dim``) through
-  :func:`~sparse_attention_jax.nn.dense_attention.causal_attention` with a window (cuDNN on GPU
+  :func:`~sparse_attention_jax.ops.causal.causal_attention` with a window (cuDNN on GPU
   where it serves, else the blocked op); :meth:`absorbed` is the decode form.
   """
 

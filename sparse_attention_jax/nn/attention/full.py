@@ -21,7 +21,6 @@ from sparse_attention_jax.nn.attention.common import (
 )
 from sparse_attention_jax.nn.config import ModelConfig
 from sparse_attention_jax.nn.decode import dense_decode, fill_dense_cache, init_dense_cache
-from sparse_attention_jax.nn.dense_attention import causal_attention
 from sparse_attention_jax.nn.layers import as_dtype
 from sparse_attention_jax.nn.parallel import sharded_call
 from sparse_attention_jax.nn.registry import (
@@ -32,6 +31,7 @@ from sparse_attention_jax.nn.registry import (
   register_attention_kind,
 )
 from sparse_attention_jax.nn.rope import apply_rope
+from sparse_attention_jax.ops.causal import causal_attention
 
 
 class DenseAttentionBase(nnx.Module):
@@ -114,7 +114,7 @@ class DenseAttentionBase(nnx.Module):
 class FullAttention(DenseAttentionBase):
   """Dense causal GQA attention with RoPE (kind ``"full"``).
 
-  Runs :func:`~sparse_attention_jax.nn.dense_attention.causal_attention` with
+  Runs :func:`~sparse_attention_jax.ops.causal.causal_attention` with
   ``impl=config.attn_impl``: cuDNN flash attention on GPU (packed rows: with a ``[B, 1, T, T]``
   document mask while ``B * T * T <= 2**28``, one per step), else the blocked plain-JAX op
   (``O(T * C)`` memory); no ``[B, HQ, T, T]`` logits either way.

@@ -70,12 +70,12 @@ from flax import nnx
 
 from sparse_attention_jax.nn.attention.common import check_inputs
 from sparse_attention_jax.nn.config import ModelConfig
-from sparse_attention_jax.nn.dense_attention import causal_attention
 from sparse_attention_jax.nn.latent_config import LatentConfig
 from sparse_attention_jax.nn.layers import RMSNorm, as_dtype, projection
 from sparse_attention_jax.nn.parallel import param
 from sparse_attention_jax.nn.rope import apply_rope
 from sparse_attention_jax.ops import masked_attention
+from sparse_attention_jax.ops.causal import causal_attention
 from sparse_attention_jax.ops.masked import causal_mask
 
 
@@ -314,7 +314,7 @@ def window_attention(
 ):
   """Sliding-window attention of the local layer, memory-lean: cuDNN flash attention on GPU
   (packed rows with a document mask up to a size limit), else the blocked plain-JAX op (see
-  :func:`~sparse_attention_jax.nn.dense_attention.causal_attention`).
+  :func:`~sparse_attention_jax.ops.causal.causal_attention`).
 
   Args:
     q: ``[B, T, HQ, Dk]``; k: ``[B, T, H, Dk]``; v: ``[B, T, H, Dv]``; segment_ids: ``[B, T]``

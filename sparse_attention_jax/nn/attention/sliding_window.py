@@ -16,18 +16,18 @@ from sparse_attention_jax.nn.attention.full import (
   dense_train_flops,
 )
 from sparse_attention_jax.nn.config import ModelConfig
-from sparse_attention_jax.nn.dense_attention import causal_attention
 from sparse_attention_jax.nn.registry import (
   LAYER_METHODS,
   AttentionKind,
   register_attention_kind,
 )
+from sparse_attention_jax.ops.causal import causal_attention
 
 
 class SlidingWindowAttention(DenseAttentionBase):
   """Causal sliding-window GQA attention with RoPE (kind ``"swa"``): query ``t`` sees keys
   ``t - window + 1 .. t`` (``config.window`` keys including itself) of its own document, through
-  :func:`~sparse_attention_jax.nn.dense_attention.causal_attention` (as ``FullAttention``)."""
+  :func:`~sparse_attention_jax.ops.causal.causal_attention` (as ``FullAttention``)."""
 
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
     super().__init__(config, rngs=rngs)

@@ -52,7 +52,6 @@ from sparse_attention_jax.nn.attention.common import (
 )
 from sparse_attention_jax.nn.attention.nsa import nsa_branch_keys_dims, nsa_kv_elements
 from sparse_attention_jax.nn.config import ModelConfig
-from sparse_attention_jax.nn.dense_attention import causal_attention
 from sparse_attention_jax.nn.layers import as_dtype, projection
 from sparse_attention_jax.nn.parallel import sharded_call
 from sparse_attention_jax.nn.registry import (
@@ -65,6 +64,7 @@ from sparse_attention_jax.nn.registry import (
 from sparse_attention_jax.nn.rope import apply_rope
 from sparse_attention_jax.nn.ssa_config import SSAConfig
 from sparse_attention_jax.ops import nsa_attention
+from sparse_attention_jax.ops.causal import causal_attention
 from sparse_attention_jax.ops.decode import attend_one, window_mask, write_linear
 from sparse_attention_jax.ops.nsa_decode import fill_nsa_cache, init_nsa_cache, nsa_decode_step
 
