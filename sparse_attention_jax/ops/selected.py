@@ -131,7 +131,7 @@ def pallas_gpu_impl(q, k, v, block_indices, *, block_size, segment_ids, softmax_
 
   kw = dict(block_size=block_size, softmax_scale=softmax_scale)
   if segment_ids is None or block_size not in mgpu.BLOCK_SIZES:  # the op says why it declines
-    return mgpu.selected_attention_op(q, k, v, block_indices, segment_ids=None, **kw)
+    return mgpu.selected_attention_op(q, k, v, block_indices, segment_ids=segment_ids, **kw)
   fits = jnp.all(mgpu.documents_fit(segment_ids, mgpu.TuningConfig(block_size=block_size)))
   return jax.lax.cond(
     fits,
