@@ -10,6 +10,7 @@ from sparse_attention_jax.ops.causal import (
   dense_causal_attention,
   sliding_window_attention,
 )
+from sparse_attention_jax.ops.cmp_selection import CompressedSelection, compressed_selection
 from sparse_attention_jax.ops.compression import (
   CompressedAttentionOutput,
   CompressorParams,
@@ -52,6 +53,7 @@ from sparse_attention_jax.ops.selection import (
 
 __all__ = [
   "CompressedAttentionOutput",
+  "CompressedSelection",
   "CompressorParams",
   "MLPCompressorParams",
   "NOSAAux",
@@ -66,6 +68,7 @@ __all__ = [
   "combine_branches",
   "compress",
   "compressed_attention",
+  "compressed_selection",
   "cu_seqlens_from_segment_ids",
   "dense_causal_attention",
   "eviction_bias",

@@ -98,6 +98,15 @@ _TABLE: dict[str, dict[str, Implementation]] = {
     ),
     Implementation("gathered", f"{_OPS}.selected:gathered_selected_attention"),
   ),
+  "compressed_selection": _entries(
+    Implementation("cudnn", f"{_OPS}.cmp_selection:cudnn_impl", platforms=("gpu",)),
+    Implementation(
+      "reference",
+      f"{_OPS}.cmp_selection:reference_impl",
+      guard=f"{_OPS}.cmp_selection:probs_too_large",
+    ),
+    Implementation("blocked", f"{_OPS}.cmp_selection:blocked_impl"),
+  ),
   "nsa_attention": _entries(
     Implementation("reference", f"{_OPS}.nsa:nsa_pipeline", composite=True),
   ),

@@ -12,9 +12,10 @@ import jax.numpy as jnp
 from sparse_attention_jax.config import BRANCHES, NSAConfig
 from sparse_attention_jax.ops import _checks, dispatch
 from sparse_attention_jax.ops.causal import sliding_window_attention
-from sparse_attention_jax.ops.compression import CompressorParams, compress, compressed_attention
+from sparse_attention_jax.ops.cmp_selection import compressed_selection
+from sparse_attention_jax.ops.compression import CompressorParams, compress
 from sparse_attention_jax.ops.selected import selected_attention
-from sparse_attention_jax.ops.selection import block_importance, select_blocks, share_selection
+from sparse_attention_jax.ops.selection import share_selection
 
 
 class NSAAux(NamedTuple):
@@ -71,20 +72,25 @@ def nsa_pipeline(
   """The composite ``"reference"`` entry of ``nsa_attention``: the branch ops in sequence.
 
   ``impl`` (the name asked for) goes to the selected branch, which must then be served by it; the
-  window branch takes it where its op has an entry of that name, else ``"auto"``. The compressed
-  branch and selection are plain JAX.
+  compressed branch with the selection and the window branch take it where their op has an entry
+  of that name, else ``"auto"``.
   """
-  t, h = q.shape[1], k.shape[2]
   win_impl = impl if dispatch.implements("causal_attention", impl) else "auto"
+  cmp_impl = impl if dispatch.implements("compressed_selection", impl) else "auto"
   pk, pv = (None, None) if compress_params is None else compress_params
   k_cmp = compress(k, config, pk, segment_ids=segment_ids, name="k")
   v_cmp = compress(v, config, pv, segment_ids=segment_ids, name="v")
-  cmp = compressed_attention(q, k_cmp, v_cmp, config, segment_ids=segment_ids)
+  cmp = compressed_selection(
+    q,
+    k_cmp,
+    v_cmp,
+    config,
+    segment_ids=segment_ids,
+    select=block_indices is None,
+    impl=cmp_impl,
+  )
   if block_indices is None:
-    importance = block_importance(
-      cmp.probs, config, num_kv_heads=h, seq_len=t, segment_ids=segment_ids
-    )
-    block_indices = select_blocks(importance, config, segment_ids=segment_ids)
+    block_indices = cmp.block_indices
     if config.selection_share > 1:
       block_indices = share_selection(
         block_indices, config.selection_share, segment_ids=segment_ids

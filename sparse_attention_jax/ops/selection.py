@@ -96,36 +96,67 @@ def block_importance(
   if nc == 0:
     return jnp.zeros((b, t, num_kv_heads, nb), jnp.float32)
   if segment_ids is None:
-    idx, weight = overlap_table(config, seq_len)
-    pk = p[..., idx]  # [B,T,H,NB,K]
+    out = pool_blocks(p, config, seq_len)
   else:
     if seq_len != t:
       _checks.fail("seq_len", f"the query length T={t} with segment_ids", seq_len)
     _checks.check_segment_ids(segment_ids, b, t)
-    i, weight = _overlap(config, seq_len)  # [NB, K] document-relative compressed tokens
     layout = cmp_layout(config, segment_ids, b, t)
-    slot = layout.offset[:, :, None, None] + i  # [B, T, NB, K]
-    own = (i >= 0) & (i < layout.count[:, :, None, None])  # the query's document's tokens
-    slot = jnp.where(own, slot, 0).reshape(b, t, 1, nb * i.shape[1])
-    pk = jnp.take_along_axis(p, slot, axis=-1).reshape(b, t, num_kv_heads, nb, i.shape[1])
+    out = pool_blocks(p, config, seq_len, offset=layout.offset, count=layout.count)
+  chex.assert_shape(out, (b, t, num_kv_heads, nb))
+  return out
+
+
+def pool_blocks(p, config: NSAConfig, seq_len: int, *, offset=None, count=None):
+  """Pools group-summed compressed probabilities onto selection blocks (eq. 9, or max).
+
+  Args:
+    p: ``[B, C, H, NC]`` float32 probabilities already summed over each KV group's query heads,
+      for ``C`` query rows (all ``T`` of them, or a chunk).
+    config: supplies l, d, l' and ``score_pooling``.
+    seq_len: ``T`` of the keys (sets ``NC`` and ``NB``).
+    offset, count: ``[B, C]`` int32 slot of compressed token 0 of each row's document and the
+      number of compressed tokens of that document (packed rows,
+      :func:`~sparse_attention_jax.ops.documents.cmp_layout`); None: one document from row 0.
+
+  Returns:
+    ``[B, C, H, NB]`` float32 importance; block ``j`` is document-relative with ``offset``.
+  """
+  b, c, h, _ = p.shape
+  nb = config.num_blocks(seq_len)
+  if offset is None:
+    idx, weight = overlap_table(config, seq_len)
+    pk = p[..., idx]  # [B, C, H, NB, K]
+  else:
+    i, weight = _overlap(config, seq_len)  # [NB, K] document-relative compressed tokens
+    slot = offset[:, :, None, None] + i  # [B, C, NB, K]
+    own = (i >= 0) & (i < count[:, :, None, None])  # the query's document's tokens
+    slot = jnp.where(own, slot, 0).reshape(b, c, 1, nb * i.shape[1])
+    pk = jnp.take_along_axis(p, slot, axis=-1).reshape(b, c, h, nb, i.shape[1])
     weight = jnp.where(own[:, :, None], weight, 0.0)
   if config.score_pooling == "sum":
     out = jnp.sum(pk * weight, axis=-1)
   else:
     out = jnp.max(jnp.where(weight > 0, pk, 0.0), axis=-1)
-  chex.assert_shape(out, (b, t, num_kv_heads, nb))
+  chex.assert_shape(out, (b, c, h, nb))
   return out
 
 
 def candidate_and_forced(config: NSAConfig, seq_len: int, segment_ids=None, batch: int = 1):
   """``(candidate, forced)``, both ``[B|1, T, NB]`` bool (see the module docstring)."""
-  bs = config.block_size
-  nb = config.num_blocks(seq_len)
-  j = jnp.arange(nb, dtype=jnp.int32)[None, None, :]  # [1, 1, NB]
   if segment_ids is None:
-    u = jnp.arange(seq_len, dtype=jnp.int32)[None, :, None]  # [1, T, 1]
+    u = jnp.arange(seq_len, dtype=jnp.int32)[None, :]  # [1, T]
   else:
-    u = document_positions(segment_ids, batch, seq_len)[:, :, None]  # [B, T, 1]
+    u = document_positions(segment_ids, batch, seq_len)  # [B, T]
+  return candidate_and_forced_at(config, config.num_blocks(seq_len), u)
+
+
+def candidate_and_forced_at(config: NSAConfig, num_blocks: int, u):
+  """``(candidate, forced)``, both ``[B|1, C, NB]`` bool, for rows at document positions
+  ``u [B|1, C]`` (int32; a negative position has no candidate)."""
+  bs = config.block_size
+  j = jnp.arange(num_blocks, dtype=jnp.int32)[None, None, :]  # [1, 1, NB]
+  u = u[:, :, None]
   candidate = j * bs <= u
   init = j < config.num_init_blocks
   local = (j <= u // bs) & (j > u // bs - config.num_local_blocks)
