@@ -7,6 +7,8 @@
 #              fwd and fwd+bwd, correlated and independent picks
 #   packed     benchmarks/packed_selected.py: selected kernels on packed rows (4 and 16 documents,
 #              document-relative ids) vs unpacked rows and cuDNN dense, 8k, fwd and fwd+bwd
+#   op         benchmarks/nsa_op.py: the whole NSA op (fla, paper) and its compressed stage vs cuDNN
+#              dense at 8k, 64k and 128k
 #   breakdown  benchmarks/nsa_breakdown.py: each stage of one nsa_340m layer at 8k, 4 documents
 #   decode     benchmarks/decode.py: decode tokens/s of every kind at 32k, B 1 and 16, and the
 #              offloaded NOSA decoder at 32k, B 16 and 128
@@ -37,6 +39,8 @@ for part in $parts; do
       --reps 10 --seqs 8192,65536 --kinds exact-corr,exact-random --out "$OUT/selected.json" ;;
     packed) run packed "${T_PACKED:-540}" python3 benchmarks/packed_selected.py --reps 20 \
       --out "$OUT/packed.json" ;;
+    op) run op "${T_OP:-540}" python3 benchmarks/nsa_op.py --seqs 8192,65536,131072 \
+      --out "$OUT/op.json" --plot "$OUT/op.png" ;;
     breakdown) run breakdown "${T_BREAKDOWN:-240}" env OUT="$OUT/breakdown" \
       python3 benchmarks/nsa_breakdown.py --seq-len 8192 --docs 4 ;;
     decode) run decode "${T_DECODE:-300}" env XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 \
