@@ -99,7 +99,7 @@ def compressed_selection(
     ``v_cmp``).
   """
   _checks.check_config(config)
-  b, t, nc, _, h, _ = _checks.check_qkv(q, k_cmp, v_cmp, k_name="k_cmp", v_name="v_cmp")
+  b, t, nc, *_ = _checks.check_qkv(q, k_cmp, v_cmp, k_name="k_cmp", v_name="v_cmp")
   if nc != config.num_cmp_tokens(t):
     _checks.fail(
       "k_cmp",
@@ -117,7 +117,6 @@ def compressed_selection(
     )
   if chunk is not None and (not isinstance(chunk, int) or chunk < 1):
     _checks.fail("chunk", "a positive int or None", chunk)
-  del h
   return dispatch.run(
     "compressed_selection",
     impl,
@@ -307,7 +306,7 @@ def _attend_bwd(plan: _Plan, res, cts):
   q, k, v, rows, o, lse = res
   do = cts[0]  # lse and the indices carry no gradient
   b, t, hq, dk = q.shape
-  nc, h, dv = k.shape[1], k.shape[2], v.shape[3]
+  h, dv = k.shape[2], v.shape[3]
   g = hq // h
   c, tp = plan.chunk, plan.num_chunks * plan.chunk
   pad = lambda x: jnp.pad(x, ((0, 0), (0, tp - t)) + ((0, 0),) * (x.ndim - 2))
@@ -342,7 +341,6 @@ def _attend_bwd(plan: _Plan, res, cts):
     dk_acc = dk_acc.at[:, :s].add(dks)
     dv_acc = dv_acc.at[:, :s].add(dvs)
   dq = _unchunk(jnp.concatenate(dq_parts, axis=0), t).reshape(b, t, hq, dk)
-  del nc
   return dq, dk_acc.astype(k.dtype), dv_acc.astype(v.dtype), None
 
 
