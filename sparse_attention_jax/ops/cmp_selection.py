@@ -431,6 +431,63 @@ def cudnn_impl(q, k_cmp, v_cmp, config, *, segment_ids, select, chunk):
   )
 
 
+def _kernel_scores(q, k_cmp, config: NSAConfig):
+  """``(lse [B, T, HQ], importance [B, H, T, NB])`` from the Pallas Triton kernels of
+  :mod:`pallas_kernels.cmp_scores_triton` (imported on first use)."""
+  from pallas_kernels import cmp_scores_triton as kern
+
+  cfg = kern.ScoresConfig(
+    cmp_window=config.cmp_window,
+    cmp_stride=config.cmp_stride,
+    block_size=config.block_size,
+    pooling=config.score_pooling,
+    softmax_scale=float(config.scale(q.shape[-1])),
+  )
+  reason = kern.unsupported_reason(cfg, group=q.shape[2] // k_cmp.shape[2], dk=q.shape[-1])
+  if reason:
+    raise NotImplementedError(f"the compressed-scores kernels cannot serve this call: {reason}")
+  return kern.compressed_scores(q, k_cmp, cfg)
+
+
+def pallas_gpu_impl(q, k_cmp, v_cmp, config, *, segment_ids, select, chunk):
+  """Output from :func:`cudnn_output`; log-sum-exp and pooled importance from the Pallas Triton
+  kernels (no ``[B, T, HQ, NC]`` array), forced blocks and the exact top-``n`` in XLA. Packed
+  rows take the blocked path at run time unless every row is one document."""
+  b, t, hq, dk = q.shape
+  nc = k_cmp.shape[1]
+  qs = jax.ShapeDtypeStruct((b, nc, hq * config.cmp_stride, dk), q.dtype)
+  if nc == 0 or not cudnn.usable(qs, k_cmp, v_cmp, None, config.scale(dk)):
+    raise NotImplementedError(
+      f"the compressed branch's cuDNN call needs a GPU, bf16/f16 inputs it accepts and NC >= 1; "
+      f"got {q.dtype} q {q.shape}, k_cmp {k_cmp.shape} on {jax.default_backend()!r}"
+    )
+  jax.eval_shape(lambda q, k: _kernel_scores(q, k, config), q, k_cmp)  # declines early
+
+  def plain(q, k_cmp, v_cmp, segment_ids):
+    del segment_ids
+    lse, imp = _kernel_scores(q, k_cmp, config)  # imp [B, H, T, NB]
+    idx = None
+    if select:
+      u = jnp.arange(t, dtype=jnp.int32)[None]
+      cand, forced = candidate_and_forced_at(config, imp.shape[-1], u)  # [1, T, NB]
+      idx = top_n_blocks(imp, cand[:, None], forced[:, None], config.num_selected)
+      idx = jnp.transpose(idx, (0, 2, 1, 3))  # [B, T, H, n]
+    return cudnn_output(q, k_cmp, v_cmp, config), lse, idx
+
+  if segment_ids is None:
+    return CompressedSelection(*plain(q, k_cmp, v_cmp, None))
+
+  def blocked(q, k_cmp, v_cmp, segment_ids):
+    return tuple(
+      blocked_impl(q, k_cmp, v_cmp, config, segment_ids=segment_ids, select=select, chunk=chunk)
+    )
+
+  one_document = jnp.all(segment_ids == segment_ids[:, :1])
+  return CompressedSelection(
+    *jax.lax.cond(one_document, plain, blocked, q, k_cmp, v_cmp, segment_ids)
+  )
+
+
 __all__ = [
   "CHUNK_ELEMENTS",
   "PROBS_MAX_ELEMENTS",
@@ -438,6 +495,7 @@ __all__ = [
   "blocked_impl",
   "cudnn_impl",
   "cudnn_output",
+  "pallas_gpu_impl",
   "compressed_selection",
   "default_chunk",
   "probs_too_large",

@@ -42,7 +42,7 @@ IMPLS: Mapping[str, str] = {
   "blocked": "plain-JAX flash-style chunks with online softmax, O(T * C) memory",
   "gathered": "plain-JAX gathers of the selected blocks per query chunk",
   "cudnn": "cuDNN flash attention (GPU, bf16/f16)",
-  "pallas_gpu": "Pallas Mosaic GPU kernels for NVIDIA Hopper (sm90)",
+  "pallas_gpu": "Pallas GPU kernels (Mosaic GPU for NVIDIA Hopper sm90; Triton for scores)",
   "pallas_tpu": "reserved: Pallas TPU kernels (not available in this build)",
 }
 """Every implementation name the library defines, with what it is."""
@@ -99,6 +99,7 @@ _TABLE: dict[str, dict[str, Implementation]] = {
     Implementation("gathered", f"{_OPS}.selected:gathered_selected_attention"),
   ),
   "compressed_selection": _entries(
+    Implementation("pallas_gpu", f"{_OPS}.cmp_selection:pallas_gpu_impl", platforms=("gpu",)),
     Implementation("cudnn", f"{_OPS}.cmp_selection:cudnn_impl", platforms=("gpu",)),
     Implementation(
       "reference",

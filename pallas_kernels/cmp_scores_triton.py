@@ -1,0 +1,282 @@
+"""Selection scores of NSA's compressed branch in two Pallas Triton kernels (GPU).
+
+NSA picks each query's blocks from the compressed branch's probabilities ``p[t, hq, i]`` (query
+``t``, query head ``hq``, compressed token ``i``): summed over the ``G`` query heads of a KV group
+and pooled onto selection blocks. Materialized, ``p`` is ``[T, HQ, NC]`` float32 (16 GiB per row
+at ``T = 65536``, ``HQ = 64``, ``NC = 1024``). These kernels recompute it tile by tile and write
+only the pooled importance ``[B, H, T, NB]``:
+
+* :func:`compressed_lse`: per (batch, KV head, tile of ``TQ`` tokens), a loop over the ``G`` heads
+  and the visible compressed-key tiles keeps a running max and sum: the base-2 log-sum-exp of the
+  scaled logits ``[B, H, G, T]`` (the logits are never stored).
+* :func:`pooled_scores`: per (batch, KV head, token tile, tile of ``TB`` selection blocks), the
+  ``TB * l'/d`` compressed tokens the block tile covers plus a *halo* of the ``l/d - 1`` tokens
+  before it (NSA's windows overlap the previous block), for each head ``g``:
+  ``p = exp2(s - lse)`` where visible, summed over ``g`` into ``acc [TQ, tokens]``; then one
+  float32 matmul with a banded pooling matrix (``"sum"``: eq. 9's overlap weights) or, for
+  ``"max"``, the maximum of one-hot selection matmuls over the band positions. The matrices depend
+  only on ``(l, d, l', TB)``: the grid is translation invariant when tiles start on block
+  boundaries.
+
+Visibility: compressed token ``i`` (``0 <= i < NC``) is visible to query ``t`` iff
+``i*d + l - 1 <= t`` (rows without packed documents). Block tiles no query of the token tile can
+see skip their compute and write zeros.
+
+Shapes are padded in XLA so every load is in bounds: K gets ``halo`` zero rows in front and is
+padded at the end; token tiles past ``T`` are computed and dropped. Triton needs power-of-two
+tiles: ``G`` and ``Dk`` must be powers of two (``Dk >= 16``), ``l'/d`` too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.experimental.pallas as pl
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+LOG2E = 1.4426950408889634
+_NEG = -1e30
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoresConfig:
+  """Static shape of one call.
+
+  Attributes:
+    cmp_window, cmp_stride, block_size: ``l``, ``d``, ``l'``.
+    pooling: ``"sum"`` or ``"max"``.
+    softmax_scale: logit scale.
+    tq: query tokens per tile; tb: selection blocks per tile; tkl: compressed keys per tile of
+      the log-sum-exp kernel.
+    num_warps, num_stages: Triton launch parameters.
+  """
+
+  cmp_window: int
+  cmp_stride: int
+  block_size: int
+  pooling: str
+  softmax_scale: float
+  tq: int = 64
+  tb: int = 16
+  tkl: int = 64
+  num_warps: int = 4
+  num_stages: int = 2
+
+  @property
+  def per_block(self) -> int:
+    """Compressed tokens that start inside one selection block: ``l'/d``."""
+    return self.block_size // self.cmp_stride
+
+  @property
+  def halo(self) -> int:
+    """Tokens before a block tile loaded for the overlap (``l/d - 1`` rounded up to 16; 0 if
+    none)."""
+    e = self.cmp_window // self.cmp_stride - 1
+    return 0 if e == 0 else -(-e // 16) * 16
+
+
+def unsupported_reason(cfg: ScoresConfig, *, group: int, dk: int) -> str | None:
+  """Why these kernels cannot serve a call (None if they can)."""
+  pow2 = lambda x: x > 0 and x & (x - 1) == 0
+  if cfg.pooling not in ("sum", "max"):
+    return f"pooling {cfg.pooling!r} (expected 'sum' or 'max')"
+  if cfg.block_size % cfg.cmp_stride or cfg.cmp_window % cfg.cmp_stride:
+    return f"l'={cfg.block_size} and l={cfg.cmp_window} must be multiples of d={cfg.cmp_stride}"
+  if not pow2(cfg.per_block) or cfg.tb * cfg.per_block < 16:
+    return f"l'/d = {cfg.per_block} must be a power of two with tb * l'/d >= 16"
+  if not pow2(group):
+    return f"G = {group} query heads per KV head (Triton tiles need a power of two)"
+  if not pow2(dk) or dk < 16:
+    return f"Dk = {dk} (a power of two >= 16 needed)"
+  return None
+
+
+def pooling_matrices(cfg: ScoresConfig) -> tuple[np.ndarray, np.ndarray]:
+  """``(main [R, TK, TB], halo [R, max(halo, 1), TB])`` float32 pooling matrices of one block
+  tile: token ``i`` of the tile's ``TK = TB * l'/d`` tokens (``i - halo`` for the halo rows) and
+  block ``j`` of its ``TB`` blocks; ``R = 1`` for ``"sum"`` (eq. 9 weights), the band length for
+  ``"max"`` (one-hot per band position)."""
+  l, d, bs, tb = cfg.cmp_window, cfg.cmp_stride, cfg.block_size, cfg.tb
+  a, e = cfg.per_block, l // d - 1
+  tk = tb * a
+  rel = np.arange(-cfg.halo, tk)[:, None]  # token index relative to the tile's first token
+  j = np.arange(tb)[None, :]
+  overlap = np.minimum(rel * d + l, (j + 1) * bs) - np.maximum(rel * d, j * bs)
+  weight = np.maximum(overlap, 0) // d  # [halo + TK, TB]
+  if cfg.pooling == "sum":
+    mats = weight[None].astype(np.float32)
+  else:
+    band = rel - (j * a - e)  # position of the token in block j's band, valid in [0, a + e)
+    mats = np.stack([((band == r) & (weight > 0)) for r in range(a + e)]).astype(np.float32)
+  main, halo = mats[:, cfg.halo :], mats[:, : cfg.halo]
+  if cfg.halo == 0:
+    halo = np.zeros((mats.shape[0], 1, tb), np.float32)
+  return main, halo
+
+
+def _dot(a, b, *, trans_b: bool = False, precision=None):
+  """``a [M, K] @ b`` (``b [K, N]``, or ``[N, K]`` with ``trans_b``) with float32 accumulation."""
+  dims = (((1,), (1 if trans_b else 0,)), ((), ()))
+  return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
+
+
+def _visible(tok, t, cfg: ScoresConfig, nc: int):
+  """``[TQ, K]`` bool: compressed tokens ``tok [K]`` visible to queries ``t [TQ]``."""
+  last = tok * cfg.cmp_stride + cfg.cmp_window - 1
+  ok = (tok >= 0) & (tok < nc)
+  return ok[None, :] & (last[None, :] <= t[:, None])
+
+
+def _lse_kernel(q_ref, k_ref, lse_ref, *, cfg: ScoresConfig, nc: int, group: int, halo: int):
+  """``q_ref [TQ, G, Dk]``, ``k_ref [NCP, Dk]`` (``halo`` zero rows first), ``lse_ref [G, TQ]``."""
+  tile = pl.program_id(1)
+  t = tile * cfg.tq + lax.iota(jnp.int32, cfg.tq)
+  t_max = tile * cfg.tq + cfg.tq - 1
+  n_vis = jnp.clip((t_max - cfg.cmp_window + 1) // cfg.cmp_stride + 1, 0, nc)
+  n_tiles = (n_vis + cfg.tkl - 1) // cfg.tkl
+  scale2 = cfg.softmax_scale * LOG2E
+  for g in range(group):
+    qg = q_ref[:, g, :]
+
+    def body(kt, carry, qg=qg):
+      m, s_sum = carry
+      k = k_ref[pl.ds(halo + kt * cfg.tkl, cfg.tkl), :]
+      s = _dot(qg, k, trans_b=True) * scale2
+      tok = kt * cfg.tkl + lax.iota(jnp.int32, cfg.tkl)
+      vis = _visible(tok, t, cfg, nc)
+      s = jnp.where(vis, s, _NEG)
+      m_new = jnp.maximum(m, jnp.max(s, axis=1))
+      p = jnp.where(vis, jnp.exp2(s - m_new[:, None]), 0.0)
+      return m_new, s_sum * jnp.exp2(m - m_new) + jnp.sum(p, axis=1)
+
+    init = (jnp.full((cfg.tq,), _NEG, jnp.float32), jnp.zeros((cfg.tq,), jnp.float32))
+    m, s_sum = lax.fori_loop(0, n_tiles, body, init)
+    seen = s_sum > 0.0
+    lse_ref[g, :] = jnp.where(seen, m + jnp.log2(jnp.where(seen, s_sum, 1.0)), -jnp.inf)
+
+
+def _scores_kernel(
+  q_ref, k_ref, lse_ref, wm_ref, wh_ref, out_ref, *, cfg: ScoresConfig, nc: int, group: int
+):
+  """``q_ref [TQ, G, Dk]``, ``k_ref [NCP, Dk]``, ``lse_ref [G, TQ]`` (base 2), ``wm_ref [R, TK,
+  TB]``, ``wh_ref [R, HALO|1, TB]``, ``out_ref [TQ, TB]``."""
+  tile, jt = pl.program_id(1), pl.program_id(2)
+  halo, tk = cfg.halo, cfg.tb * cfg.per_block
+  t = tile * cfg.tq + lax.iota(jnp.int32, cfg.tq)
+  t_max = tile * cfg.tq + cfg.tq - 1
+  i0 = jt * tk  # first compressed token of the block tile
+  first = i0 - halo if halo else i0
+  seen_any = (jnp.maximum(first, 0) * cfg.cmp_stride + cfg.cmp_window - 1 <= t_max) & (first < nc)
+  scale2 = cfg.softmax_scale * LOG2E
+
+  def compute():
+    km = k_ref[pl.ds(halo + i0, tk), :]
+    tok_m = i0 + lax.iota(jnp.int32, tk)
+    vis_m = _visible(tok_m, t, cfg, nc)
+    acc_m = jnp.zeros((cfg.tq, tk), jnp.float32)
+    if halo:
+      kh = k_ref[pl.ds(i0, halo), :]
+      tok_h = i0 - halo + lax.iota(jnp.int32, halo)
+      vis_h = _visible(tok_h, t, cfg, nc)
+      acc_h = jnp.zeros((cfg.tq, halo), jnp.float32)
+    for g in range(group):
+      qg = q_ref[:, g, :]
+      lse = lse_ref[g, :][:, None]
+      s = _dot(qg, km, trans_b=True) * scale2
+      acc_m += jnp.where(vis_m, jnp.exp2(s - lse), 0.0)
+      if halo:
+        s = _dot(qg, kh, trans_b=True) * scale2
+        acc_h += jnp.where(vis_h, jnp.exp2(s - lse), 0.0)
+    out = None
+    for r in range(wm_ref.shape[0]):
+      part = _dot(acc_m, wm_ref[r], precision=lax.Precision.HIGHEST)
+      if halo:
+        part += _dot(acc_h, wh_ref[r], precision=lax.Precision.HIGHEST)
+      out = part if out is None else jnp.maximum(out, part)
+    return out
+
+  out_ref[...] = lax.cond(seen_any, compute, lambda: jnp.zeros((cfg.tq, cfg.tb), jnp.float32))
+
+
+def _compiler_params(cfg: ScoresConfig):
+  from jax.experimental.pallas import triton as pltriton
+
+  return pltriton.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "interpret"))
+def compressed_scores(q, k_cmp, cfg: ScoresConfig, *, interpret: bool = False):
+  """Log-sum-exp and pooled block importance of the compressed branch.
+
+  Args:
+    q: ``[B, T, HQ, Dk]`` queries (bf16/f16/f32).
+    k_cmp: ``[B, NC, H, Dk]`` compressed keys, ``NC >= 1``.
+    cfg: :class:`ScoresConfig`.
+    interpret: run the kernels in the Pallas interpreter (CPU tests).
+
+  Returns:
+    ``(lse [B, T, HQ] float32 natural-log log-sum-exp (-inf where nothing is visible),
+    importance [B, H, T, NB] float32)`` with ``NB = ceil(T / l')``: probabilities summed over the
+    ``G`` heads of each KV group and pooled onto blocks (no gradient).
+  """
+  b, t, hq, dk = q.shape
+  nc, h = k_cmp.shape[1], k_cmp.shape[2]
+  g = hq // h
+  reason = unsupported_reason(cfg, group=g, dk=dk)
+  if reason:
+    raise NotImplementedError(f"compressed_scores: {reason}")
+  tq, tb, halo = cfg.tq, cfg.tb, cfg.halo
+  tk = tb * cfg.per_block
+  nb = -(-t // cfg.block_size)
+  nbt = -(-nb // tb)
+  nt = -(-t // tq)
+  tp = nt * tq
+  ncp = halo + max(nbt * tk, -(-nc // cfg.tkl) * cfg.tkl)
+  q = lax.stop_gradient(q)
+  kp = jnp.pad(lax.stop_gradient(k_cmp), ((0, 0), (halo, ncp - halo - nc), (0, 0), (0, 0)))
+  kp = kp.astype(q.dtype)
+  qp = jnp.pad(q, ((0, 0), (0, tp - t), (0, 0), (0, 0)))
+  q_spec = pl.BlockSpec((None, tq, g, dk), lambda bh, i, *_: (bh // h, i, bh % h, 0))
+  k_spec = pl.BlockSpec((None, ncp, None, dk), lambda bh, *_: (bh // h, 0, bh % h, 0))
+  lse_spec = pl.BlockSpec((None, None, g, tq), lambda bh, i, *_: (bh // h, bh % h, 0, i))
+  lse2 = pl.pallas_call(
+    functools.partial(_lse_kernel, cfg=cfg, nc=nc, group=g, halo=halo),
+    grid=(b * h, nt),
+    in_specs=[q_spec, k_spec],
+    out_specs=lse_spec,
+    out_shape=jax.ShapeDtypeStruct((b, h, g, tp), jnp.float32),
+    compiler_params=_compiler_params(cfg),
+    interpret=interpret,
+    name="nsa_compressed_lse",
+  )(qp, kp)
+  wm, wh = (jnp.asarray(x) for x in pooling_matrices(cfg))
+  imp = pl.pallas_call(
+    functools.partial(_scores_kernel, cfg=cfg, nc=nc, group=g),
+    grid=(b * h, nt, nbt),
+    in_specs=[
+      q_spec,
+      k_spec,
+      lse_spec,
+      pl.BlockSpec(wm.shape, lambda *_: (0, 0, 0)),
+      pl.BlockSpec(wh.shape, lambda *_: (0, 0, 0)),
+    ],
+    out_specs=pl.BlockSpec((None, None, tq, tb), lambda bh, i, j: (bh // h, bh % h, i, j)),
+    out_shape=jax.ShapeDtypeStruct((b, h, tp, nbt * tb), jnp.float32),
+    compiler_params=_compiler_params(cfg),
+    interpret=interpret,
+    name="nsa_compressed_scores",
+  )(qp, kp, lse2, wm, wh)
+  lse = jnp.transpose(lse2[..., :t], (0, 3, 1, 2)).reshape(b, t, hq) / LOG2E
+  return lse, imp[:, :, :t, :nb]
+
+
+__all__ = [
+  "ScoresConfig",
+  "compressed_scores",
+  "pooling_matrices",
+  "unsupported_reason",
+]
