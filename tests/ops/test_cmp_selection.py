@@ -187,8 +187,9 @@ def test_cudnn_path_equals_reference(monkeypatch, preset):
 @pytest.mark.gpu
 @pytest.mark.parametrize("preset", ["paper", "fla"])
 def test_gpu_paths_on_the_gpu(preset):
-  """bf16 on a GPU: the pallas_gpu (Triton scores kernels), cuDNN and blocked paths against the float32 reference (outputs and
-  gradients within bf16 tolerance; at least 97% of the block indices equal the reference's)."""
+  """bf16 on a GPU: the pallas_gpu (Triton scores kernels), cuDNN and blocked paths against the
+  float32 reference (outputs and gradients within bf16 tolerance; at least 97% of the block
+  indices equal the reference's)."""
   if jax.default_backend() != "gpu":
     pytest.skip("needs a GPU")
   cfg = PRESETS[preset]
