@@ -133,9 +133,7 @@ def _backward(q, k, v, o, lse, do, block_indices, positions, params: kern.Kernel
   h, bs, s = k.shape[2], params.block_size, k.shape[1]
   nb = -(-s // bs)
   r, _ = prep.tile_geometry(t, params.group, params.tile_rows)
-  lists, ids, counts = prep.tile_lists(
-    block_indices, positions, r=r, block_size=bs, num_blocks=nb
-  )
+  lists, ids, counts = prep.tile_lists(block_indices, positions, r=r, block_size=bs, num_blocks=nb)
   delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)  # [B, T, HQ]
   meta = prep.tile_meta(
     block_indices,
@@ -237,7 +235,9 @@ def selected_attention_tpu(
     kp, vp = k, v
   else:
     if jnp.shape(segment_ids) != (b, t):
-      raise ValueError(f"segment_ids: expected shape {(b, t)} ([B, T]), got {jnp.shape(segment_ids)}")
+      raise ValueError(
+        f"segment_ids: expected shape {(b, t)} ([B, T]), got {jnp.shape(segment_ids)}"
+      )
     layout = packed.packed_layout(
       jnp.asarray(segment_ids),
       block_size=block_size,
@@ -253,14 +253,25 @@ def selected_attention_tpu(
   return _attention(q, kp, vp, bi, positions, params)
 
 
+def interpret_forced() -> bool:
+  """Whether ``pltpu.force_tpu_interpret_mode(...)`` is active (every TPU ``pallas_call`` then
+  runs in the TPU interpreter, e.g. library tests on CPU)."""
+  try:
+    from jax._src import config as jax_config
+
+    return jax_config.pallas_tpu_interpret_mode_context_manager.value is not None
+  except (ImportError, AttributeError):  # pragma: no cover - other jax versions
+    return False
+
+
 def selected_attention_op(
   q, k, v, block_indices, *, block_size, segment_ids, softmax_scale, interpret=None
 ):
   """The ``selected_attention`` op of backend ``pallas_tpu`` (exact per-token selection, default
-  config): raises ``NotImplementedError(reason)`` for a call the kernels cannot serve (no TPU,
-  dtype, group size, block size). With ``segment_ids``, rows must fit the default padded layout
+  config): raises ``NotImplementedError(reason)`` for a call the kernels cannot serve (no TPU
+  and no forced TPU interpret mode, dtype, group size, block size). With ``segment_ids``, rows must fit the default padded layout
   (:func:`documents_fit`); the library's entry checks that and falls back."""
-  if interpret is None and jax.default_backend() != "tpu":
+  if interpret is None and jax.default_backend() != "tpu" and not interpret_forced():
     raise NotImplementedError(
       f"pallas_tpu selected_attention: needs a TPU, the default backend is "
       f"{jax.default_backend()!r}"
@@ -280,6 +291,7 @@ def selected_attention_op(
 __all__ = [
   "TpuConfig",
   "documents_fit",
+  "interpret_forced",
   "packed_num_blocks",
   "selected_attention_op",
   "selected_attention_tpu",

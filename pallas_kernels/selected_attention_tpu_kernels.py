@@ -195,9 +195,7 @@ def forward_call(lists, qt, meta, kf, vf, p: KernelParams):
       pltpu.VMEM((1, rows), jnp.float32),
       pltpu.VMEM((dv, rows), jnp.float32),
     ],
-    compiler_params=pltpu.CompilerParams(
-      dimension_semantics=("parallel", "parallel", "parallel")
-    ),
+    compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel")),
     interpret=p.interpret or False,
     name="selected_attention_tpu_fwd",
   )(lists, qt, meta, kf, vf)
@@ -263,9 +261,7 @@ def dq_call(lists, qt, dot_, meta, kf, vf, p: KernelParams):
       pltpu.SemaphoreType.DMA((2, 2)),
       pltpu.VMEM((dk, rows), jnp.float32),
     ],
-    compiler_params=pltpu.CompilerParams(
-      dimension_semantics=("parallel", "parallel", "parallel")
-    ),
+    compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel")),
     interpret=p.interpret or False,
     name="selected_attention_tpu_dq",
   )(lists, qt, dot_, meta, kf, vf)
@@ -367,9 +363,7 @@ def dkv_call(bounds, pair_tiles, qt, dot_, meta, kf, vf, p: KernelParams):
       pltpu.VMEM((bs, dk), jnp.float32),
       pltpu.VMEM((bs, dv), jnp.float32),
     ],
-    compiler_params=pltpu.CompilerParams(
-      dimension_semantics=("parallel", "parallel", "parallel")
-    ),
+    compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel")),
     interpret=p.interpret or False,
     name="selected_attention_tpu_dkv",
   )(bounds, kf, vf, pair_tiles, qt, dot_, meta)

@@ -24,7 +24,6 @@ Arrays built here (``NT = cdiv(T, r)`` tiles, ``NB`` key blocks, ``n`` picks per
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 from pallas_kernels.selection_tiles import TileLists, inverse_tile_map
@@ -117,7 +116,9 @@ def tile_lists(block_indices, positions, *, r: int, block_size: int, num_blocks:
   return lists, ids, counts
 
 
-def tile_meta(block_indices, positions, *, group: int, r: int, tile_rows: int, lse=None, delta=None):
+def tile_meta(
+  block_indices, positions, *, group: int, r: int, tile_rows: int, lse=None, delta=None
+):
   """``meta [B, H, NT, 8 + n8, R]`` float32 (module docstring).
 
   Args:
@@ -203,4 +204,3 @@ __all__ = [
   "tile_meta",
   "to_tiles",
 ]
-
