@@ -106,7 +106,11 @@ def unsupported_reason(q, k, v, block_indices, *, block_size, config: TpuConfig 
   sub = 8 * 4 // jnp.dtype(q.dtype).itemsize  # sublane tile of the dtype
   if not isinstance(block_size, int) or block_size < sub or block_size % sub:
     return f"block_size={block_size} (expected a multiple of {sub} for {jnp.dtype(q.dtype)})"
-  return prep.check_positions_exact(2 * q.shape[1] + block_size)
+  nb = packed_num_blocks(q.shape[1], block_size, config)  # the larger (packed) key grid
+  nt = -(-q.shape[1] // (config.tile_rows // (hq // h)))
+  if nb * nt >= 2**31:
+    return f"{nb} key blocks x {nt} query tiles overflow the int32 keys of the inverse map"
+  return prep.check_positions_exact(nb * block_size)
 
 
 def _forward(q, k, v, block_indices, positions, params: kern.KernelParams):

@@ -69,7 +69,7 @@ def _row_mask(meta_head, sel, blk, bs: int):
   """``[bs, R]`` bool: row ``x`` sees key ``c`` of block ``blk`` (its token picked ``blk`` and
   ``blk*bs + c <= position``). ``meta_head [8, R]`` f32, ``sel [n8, R]`` int32."""
   pos = meta_head[0:1, :].astype(jnp.int32)  # [1, R]
-  member = jnp.max(jnp.where(sel == blk, 1, 0), axis=0, keepdims=True) > 0  # [1, R]
+  member = jnp.max(jnp.where(sel == blk, 1.0, 0.0), axis=0, keepdims=True) > 0.5  # [1, R]
   limit = jnp.where(member, pos - blk * bs, -1)
   key = lax.broadcasted_iota(jnp.int32, (bs, sel.shape[1]), 0)
   return key <= limit
