@@ -40,6 +40,8 @@ class TpuConfig:
     tile_rows: ``R``, query rows per tile, a multiple of 128 (the lanes): ``R // G`` tokens of
       one KV head. 128 fills the 128-wide MXU of v4/v5e/v5p; 256 suits the 256-wide MXU of v6e
       (more rows per fetched block, a longer union per tile).
+    slots: DMA ring depth, >= 2: K/V blocks in flight in the forward and dQ kernels, query
+      tiles in the dK/dV kernel (one block's compute is short next to a DMA's latency).
     pair_chunk: dK/dV kernel: query-tile ids read into SMEM per refill (>= 1).
     shared: ASA's shared selection: every token uses the picks of the first token of its aligned
       run of ``R // G`` tokens (aligned to each document's start with ``segment_ids``); changes
@@ -51,6 +53,7 @@ class TpuConfig:
   """
 
   tile_rows: int = 128
+  slots: int = 4
   pair_chunk: int = 128
   shared: bool = False
   doc_blocks: int | None = None
@@ -62,6 +65,8 @@ class TpuConfig:
     )
     if not _is_int(self.tile_rows) or self.tile_rows < LANES or self.tile_rows % LANES:
       fail("tile_rows", f"a positive multiple of {LANES}", self.tile_rows)
+    if not _is_int(self.slots) or self.slots < 2:
+      fail("slots", "an int >= 2", self.slots)
     if not _is_int(self.pair_chunk) or self.pair_chunk < 1:
       fail("pair_chunk", "a positive int", self.pair_chunk)
     if not isinstance(self.shared, bool):
@@ -228,6 +233,7 @@ def selected_attention_tpu(
     block_size=block_size,
     tile_rows=config.tile_rows,
     pair_chunk=config.pair_chunk,
+    slots=config.slots,
     interpret=config.interpret,
   )
   bi = jnp.asarray(block_indices, jnp.int32)

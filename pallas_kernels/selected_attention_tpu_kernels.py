@@ -7,15 +7,15 @@ D]`` (``memory_space=pl.ANY``).
 * Forward and dQ: grid ``(B, H, NT)``, one step per query tile. The tile's list (count + sorted
   block ids) is an SMEM block of the grid, so the pipeline prefetches the next tile's list and
   SMEM holds two lists whatever ``T`` is. The kernel walks exactly ``count`` blocks with a
-  double-buffered manual DMA of K/V (``pltpu.make_async_copy``: block ``j + 1`` loads while
-  block ``j`` computes), so padded list entries cost nothing (no grid steps, no copies).
+  manual DMA of K/V through a ring of ``slots`` VMEM buffers (``pltpu.make_async_copy``:
+  block ``j + slots - 1`` loads while block ``j`` computes), so padded list entries cost nothing (no grid steps, no copies).
   Per block: the row mask (the row's token picked the block: compare with its picks in ``meta``;
   causal: ``blk*bs + c <= position``), online softmax with ``m, l`` as ``[1, R]`` rows and the
   accumulator as ``[Dv, R]``; outputs ``O^T [Dv, R]`` and the LSE row.
 * dK/dV: grid ``(B, H, NB)``, one step per KV block (K/V blocks and dK/dV accumulators through
   BlockSpecs); the block's query tiles come from the inverse CSR (``bounds`` SMEM block, tile ids
-  read from HBM into SMEM ``chunk`` at a time) and each tile's Q, dO and ``meta`` stream in by
-  double-buffered DMA. Every (block, tile) pair is visited once, so no atomics are needed.
+  read from HBM into SMEM ``chunk`` at a time) and each tile's Q, dO and ``meta`` stream in through
+  the same kind of DMA ring. Every (block, tile) pair is visited once, so no atomics are needed.
 """
 
 from __future__ import annotations
@@ -46,6 +46,8 @@ class KernelParams:
     block_size: keys per block (``bs``).
     tile_rows: ``R`` query rows per tile (a multiple of 128).
     pair_chunk: dK/dV kernel: tile ids per SMEM refill.
+    slots: DMA ring depth (K/V blocks in the forward and dQ kernels, query tiles in the dK/dV
+      kernel), >= 2.
     interpret: ``None`` (compile with Mosaic) or a ``pallas_call`` ``interpret=`` value.
   """
 
@@ -54,6 +56,7 @@ class KernelParams:
   block_size: int
   tile_rows: int = 128
   pair_chunk: int = 128
+  slots: int = 4
   interpret: Any = None
 
 
@@ -75,21 +78,25 @@ def _row_mask(meta_head, sel, blk, bs: int):
   return key <= limit
 
 
-def _kv_loop(count, start_copies, wait_copies, body):
-  """Double-buffered walk over ``count`` items: ``start_copies(slot, j)`` issues item ``j``'s
-  DMAs into ``slot``, ``wait_copies(slot)`` waits for them, ``body(slot, j)`` computes."""
+def _ring_loop(count, slots: int, start_copies, wait_copies, body):
+  """Walk over ``count`` items with a ring of ``slots`` DMA buffers: item ``j + slots - 1`` is
+  issued before item ``j`` computes. ``start_copies(slot, j)`` issues item ``j``'s DMAs into
+  ``slot`` (called for ``j = 0, 1, ...`` in order), ``wait_copies(slot)`` waits for them,
+  ``body(slot, j)`` computes."""
+  for j in range(slots - 1):  # prologue
 
-  @pl.when(count > 0)
-  def _():
-    start_copies(0, 0)
+    @pl.when(j < count)
+    def _(j=j):
+      start_copies(j, j)
 
   def step(j, carry):
-    slot = j % 2
+    ahead = j + slots - 1
 
-    @pl.when(j + 1 < count)
+    @pl.when(ahead < count)
     def _():
-      start_copies(1 - slot, j + 1)
+      start_copies(ahead % slots, ahead)
 
+    slot = j % slots
     wait_copies(slot)
     body(slot, j)
     return carry
@@ -146,7 +153,7 @@ def _fwd_kernel(
     acc[...] = alpha * acc[...] + pv
     m_scr[...] = m_new
 
-  _kv_loop(count, start, wait, body)
+  _ring_loop(count, p.slots, start, wait, body)
   l = l_scr[...]
   seen = l > 0
   o_ref[0, 0, 0] = (acc[...] * jnp.where(seen, 1.0 / jnp.where(seen, l, 1.0), 0.0)).astype(
@@ -188,9 +195,9 @@ def forward_call(lists, qt, meta, kf, vf, p: KernelParams):
       jax.ShapeDtypeStruct((b, h, nt, 1, rows), jnp.float32),
     ],
     scratch_shapes=[
-      pltpu.VMEM((2, p.block_size, dk), kf.dtype),
-      pltpu.VMEM((2, p.block_size, dv), vf.dtype),
-      pltpu.SemaphoreType.DMA((2, 2)),
+      pltpu.VMEM((p.slots, p.block_size, dk), kf.dtype),
+      pltpu.VMEM((p.slots, p.block_size, dv), vf.dtype),
+      pltpu.SemaphoreType.DMA((2, p.slots)),
       pltpu.VMEM((1, rows), jnp.float32),
       pltpu.VMEM((1, rows), jnp.float32),
       pltpu.VMEM((dv, rows), jnp.float32),
@@ -232,7 +239,7 @@ def _dq_kernel(
     dst = pt * (dpt - delta)
     acc[...] += _dot(k, dst.astype(k.dtype), TN_DIMS, prec)  # [Dk, R]
 
-  _kv_loop(count, start, wait, body)
+  _ring_loop(count, p.slots, start, wait, body)
   dq_ref[0, 0, 0] = (acc[...] * p.softmax_scale).astype(dq_ref.dtype)
 
 
@@ -256,9 +263,9 @@ def dq_call(lists, qt, dot_, meta, kf, vf, p: KernelParams):
     out_specs=pl.BlockSpec((1, 1, 1, dk, rows), lambda i, j, t: (i, j, t, 0, 0)),
     out_shape=jax.ShapeDtypeStruct((b, h, nt, dk, rows), qt.dtype),
     scratch_shapes=[
-      pltpu.VMEM((2, p.block_size, dk), kf.dtype),
-      pltpu.VMEM((2, p.block_size, dv), vf.dtype),
-      pltpu.SemaphoreType.DMA((2, 2)),
+      pltpu.VMEM((p.slots, p.block_size, dk), kf.dtype),
+      pltpu.VMEM((p.slots, p.block_size, dv), vf.dtype),
+      pltpu.SemaphoreType.DMA((2, p.slots)),
       pltpu.VMEM((dk, rows), jnp.float32),
     ],
     compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel")),
@@ -323,7 +330,7 @@ def _dkv_kernel(
     dst = pt * (dpt - delta)
     dk_acc[...] += _dot(dst.astype(q.dtype), q, NN_DIMS, prec)  # [bs, Dk]
 
-  _kv_loop(count, start, wait, body)
+  _ring_loop(count, p.slots, start, wait, body)
   dk_ref[0, 0] = (dk_acc[...] * p.softmax_scale).astype(dk_ref.dtype)
   dv_ref[0, 0] = dv_acc[...].astype(dv_ref.dtype)
 
@@ -356,10 +363,10 @@ def dkv_call(bounds, pair_tiles, qt, dot_, meta, kf, vf, p: KernelParams):
     ],
     scratch_shapes=[
       pltpu.SMEM((p.pair_chunk,), jnp.int32),
-      pltpu.VMEM((2, rows, dk), qt.dtype),
-      pltpu.VMEM((2, rows, dv), dot_.dtype),
-      pltpu.VMEM((2, m, rows), jnp.float32),
-      pltpu.SemaphoreType.DMA((3, 2)),
+      pltpu.VMEM((p.slots, rows, dk), qt.dtype),
+      pltpu.VMEM((p.slots, rows, dv), dot_.dtype),
+      pltpu.VMEM((p.slots, m, rows), jnp.float32),
+      pltpu.SemaphoreType.DMA((3, p.slots)),
       pltpu.VMEM((bs, dk), jnp.float32),
       pltpu.VMEM((bs, dv), jnp.float32),
     ],

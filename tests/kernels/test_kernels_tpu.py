@@ -96,6 +96,8 @@ DEFAULT_CASES = {
   "g16_bf16_packed": (1, 70, 16, 1, 32, 32, 4, 16, jnp.bfloat16, True),
   "g1_f32_batch2": (2, 150, 2, 2, 16, 32, 3, 32, jnp.float32, False),
 }
+# DMA ring depth and dK/dV tile-id refill size per case (small refills exercise the refill path)
+DEFAULT_RINGS = {"g4_f32_dk_ne_dv": (3, 2), "g16_bf16_packed": (4, 128), "g1_f32_batch2": (2, 1)}
 FULL_CASES = {
   f"g{g}_{jnp.dtype(dt).name}_{'packed' if docs else 'plain'}": (
     1,
@@ -119,7 +121,9 @@ FULL_CASES = {
 def test_forward_and_gradients_match_reference(name):
   b, t, hq, h, dk, dv, n, bs, dtype, docs = DEFAULT_CASES[name]
   case = _case(b, t, hq, h, dk, dv, n, bs, dtype=dtype, docs=docs)
-  _check_numerics(case, bs, config=st.TpuConfig(interpret=CHECKED))
+  slots, chunk = DEFAULT_RINGS[name]
+  config = st.TpuConfig(slots=slots, pair_chunk=chunk, interpret=CHECKED)
+  _check_numerics(case, bs, config=config)
 
 
 @pytest.mark.skipif(not FULL, reason="full interpreter matrix: SAJ_FULL_INTERPRET=1")
@@ -297,3 +301,5 @@ def test_declines_with_reasons():
     run(wide, k, v, bi, block_size=16)
   with pytest.raises(ValueError, match="tile_rows"):
     st.TpuConfig(tile_rows=100)
+  with pytest.raises(ValueError, match="slots"):
+    st.TpuConfig(slots=1)
