@@ -14,12 +14,14 @@
   (HQ=64, H=4, D=128, T=65536, n=16, l'=64): Mosaic MLIR is built (shapes, dtypes, block specs,
   unsupported ops surface); compiling it needs a TPU.
 * The library entry (``impl="pallas_tpu"``) under ``force_tpu_interpret_mode`` and inside
-  ``jax.shard_map``; what it declines.
+  ``jax.shard_map`` over batch and heads on 4 simulated devices (a subprocess); what it declines.
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +31,6 @@ import selected_checks as sc
 from conftest import rand_qkv
 from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import AbstractDevice, AbstractMesh
-from jax.sharding import PartitionSpec as P
 
 from pallas_kernels import selected_attention_tpu as st
 from pallas_kernels import selected_attention_tpu_prep as prep
@@ -267,24 +268,6 @@ def test_library_entry_matches_reference_in_interpret_mode():
   np.testing.assert_allclose(np.asarray(o), np.asarray(ro), atol=F32_TOL)
 
 
-def test_kernels_run_inside_shard_map():
-  q, k, v, bi, _, _ = _case(1, 40, 4, 2, 16, 16, 2, 16, dtype=jnp.float32, docs=False)
-  mesh = jax.make_mesh((1, 1), ("b", "h"), axis_types=(jax.sharding.AxisType.Explicit,) * 2)
-  spec = P("b", None, "h", None)
-  cfg = st.TpuConfig(interpret=True)
-  f = jax.shard_map(
-    lambda q, k, v, bi: st.selected_attention_tpu(q, k, v, bi, block_size=16, config=cfg),
-    mesh=mesh,
-    in_specs=(spec, spec, spec, spec),
-    out_specs=spec,
-    check_vma=False,
-  )
-  put = lambda x: jax.device_put(x, jax.sharding.NamedSharding(mesh, spec))
-  o = jax.jit(f)(*map(put, (q, k, v, bi)))
-  ro, _ = sc.reference(q, k, v, bi, block_size=16, scale=16**-0.5)
-  np.testing.assert_allclose(np.asarray(o), np.asarray(ro), atol=F32_TOL)
-
-
 def test_declines_with_reasons():
   q, k, v, bi, _, _ = _case(1, 32, 4, 1, 16, 16, 2, 16, dtype=jnp.float32, docs=False)
   with pytest.raises(NotImplementedError, match="pallas_tpu.*needs a TPU"):
@@ -303,3 +286,18 @@ def test_declines_with_reasons():
     st.TpuConfig(tile_rows=100)
   with pytest.raises(ValueError, match="slots"):
     st.TpuConfig(slots=1)
+
+
+def test_kernels_sharded_over_batch_and_heads_on_four_devices():
+  """4 simulated CPU devices need a fresh process (``tpu_shard_map_worker.py``)."""
+  here = os.path.dirname(os.path.abspath(__file__))
+  root = os.path.dirname(os.path.dirname(here))
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, here, os.path.dirname(here)]))
+  out = subprocess.run(
+    [sys.executable, os.path.join(here, "tpu_shard_map_worker.py")],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert out.returncode == 0 and out.stdout.strip().endswith("OK"), out.stderr[-3000:]
