@@ -60,19 +60,20 @@ class TpuConfig:
   interpret: Any = None
 
   def __post_init__(self):
-    fail = lambda f, exp, got: (_ for _ in ()).throw(
-      ValueError(f"TpuConfig.{f}: expected {exp}, got {got!r}")
-    )
     if not _is_int(self.tile_rows) or self.tile_rows < LANES or self.tile_rows % LANES:
-      fail("tile_rows", f"a positive multiple of {LANES}", self.tile_rows)
+      _fail("tile_rows", f"a positive multiple of {LANES}", self.tile_rows)
     if not _is_int(self.slots) or self.slots < 2:
-      fail("slots", "an int >= 2", self.slots)
+      _fail("slots", "an int >= 2", self.slots)
     if not _is_int(self.pair_chunk) or self.pair_chunk < 1:
-      fail("pair_chunk", "a positive int", self.pair_chunk)
+      _fail("pair_chunk", "a positive int", self.pair_chunk)
     if not isinstance(self.shared, bool):
-      fail("shared", "a bool", self.shared)
+      _fail("shared", "a bool", self.shared)
     if self.doc_blocks is not None and (not _is_int(self.doc_blocks) or self.doc_blocks < 0):
-      fail("doc_blocks", "None or an int >= 0", self.doc_blocks)
+      _fail("doc_blocks", "None or an int >= 0", self.doc_blocks)
+
+
+def _fail(field: str, expected: str, got) -> None:
+  raise ValueError(f"TpuConfig.{field}: expected {expected}, got {got!r}")
 
 
 def _is_int(x) -> bool:

@@ -7,14 +7,15 @@
   DMAs and semaphores, a data race or a read of uninitialized memory fails the test. The default
   set is a representative subset (G = 1, 4, 16; float32 and bfloat16; T not a multiple of the
   tile or block; -1 padding, duplicates, future ids; packed documents; Dk != Dv). The full matrix
-  (every G x dtype x documents, and shared selection with documents) runs with
-  ``SAJ_FULL_INTERPRET=1``.
+  (every G x dtype x documents, G = 3 whose tiles end in padding rows, and shared selection
+  with documents) runs with ``SAJ_FULL_INTERPRET=1`` (about 100 s on one core).
 * XLA-side structures (iteration lists, inverse map, tile layout) against NumPy.
 * Cross-lowering of the forward, dQ and dK/dV kernels for an abstract TPU v5p at the standard shape
   (HQ=64, H=4, D=128, T=65536, n=16, l'=64): Mosaic MLIR is built (shapes, dtypes, block specs,
   unsupported ops surface); compiling it needs a TPU.
-* The library entry (``impl="pallas_tpu"``) under ``force_tpu_interpret_mode`` and inside
-  ``jax.shard_map`` over batch and heads on 4 simulated devices (a subprocess); what it declines.
+* The library entry (``impl="pallas_tpu"``) under ``force_tpu_interpret_mode``; the kernels
+  inside ``jax.shard_map`` over batch and heads on 4 simulated devices (a subprocess); what
+  they decline.
 """
 
 from __future__ import annotations
@@ -116,6 +117,7 @@ FULL_CASES = {
   for dt in (jnp.float32, jnp.bfloat16)
   for docs in (False, True)
 }
+FULL_CASES["g3_float32_packed_padding_rows"] = (1, 90, 6, 2, 32, 16, 4, 16, jnp.float32, True)
 
 
 @pytest.mark.parametrize("name", list(DEFAULT_CASES))
