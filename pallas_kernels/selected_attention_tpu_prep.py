@@ -184,10 +184,11 @@ def shared_picks(block_indices, r: int, doc_start=None):
   return jnp.take_along_axis(block_indices, leader[:, :, None, None], axis=1)
 
 
-def check_positions_exact(seq_len: int) -> str | None:
-  """Positions and ids travel as float32 in ``meta``: a reason when they would not be exact."""
-  if seq_len >= 2**23:
-    return f"sequence length {seq_len} (key-grid positions must stay below 2**24 in float32)"
+def check_positions_exact(grid_len: int) -> str | None:
+  """Positions and ids travel as float32 in ``meta`` (exact below ``2**24``): a reason when a key
+  grid of ``grid_len`` positions reaches ``2**23`` (kept one bit short for margin)."""
+  if grid_len >= 2**23:
+    return f"key grid of {grid_len} positions (positions travel in float32 below 2**23)"
   return None
 
 
