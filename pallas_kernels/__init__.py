@@ -16,5 +16,13 @@ Selected-block attention on NVIDIA Hopper (Mosaic GPU, sm90):
 * :mod:`.packed_layout`: packed documents (document-relative block ids): the document-aligned
   padded K/V layout, padded ids and shifted query positions.
 
-Nothing here is imported by ``import pallas_kernels``; the Mosaic GPU modules load on first use.
+Selected-block attention on TPU (Pallas Mosaic TPU; ``docs/tpu.md``):
+
+* :mod:`.selected_attention_tpu`: the public entry (``selected_attention_tpu``,
+  ``selected_attention_op``) with its ``custom_vjp`` and the frozen ``TpuConfig``;
+* :mod:`.selected_attention_tpu_kernels`: the forward, dQ and dK/dV kernels;
+* :mod:`.selected_attention_tpu_prep`: their XLA side (tile layout, lists, per-row data, inverse
+  map).
+
+Nothing here is imported by ``import pallas_kernels``; the Mosaic modules load on first use.
 """

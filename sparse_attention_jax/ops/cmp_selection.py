@@ -409,7 +409,8 @@ def cudnn_impl(q, k_cmp, v_cmp, config, *, segment_ids, select, chunk):
   qs = jax.ShapeDtypeStruct((b, nc, hq * config.cmp_stride, dk), q.dtype)  # what cuDNN gets
   if nc == 0 or not cudnn.usable(qs, k_cmp, v_cmp, None, config.scale(dk)):
     raise NotImplementedError(
-      f"cuDNN attention needs a GPU, bf16/f16 inputs it accepts and NC >= 1; got {q.dtype} "
+      f"impl='cudnn' (compressed_selection): cuDNN attention needs a GPU, bf16/f16 inputs it "
+      f"accepts and NC >= 1; got {q.dtype} "
       f"q {q.shape}, k_cmp {k_cmp.shape}, v_cmp {v_cmp.shape} on {jax.default_backend()!r}"
     )
 
@@ -445,7 +446,10 @@ def _kernel_scores(q, k_cmp, config: NSAConfig):
   )
   reason = kern.unsupported_reason(cfg, group=q.shape[2] // k_cmp.shape[2], dk=q.shape[-1])
   if reason:
-    raise NotImplementedError(f"the compressed-scores kernels cannot serve this call: {reason}")
+    raise NotImplementedError(
+      f"impl='pallas_gpu' (compressed_selection): the scores kernels cannot serve this call: "
+      f"{reason}"
+    )
   return kern.compressed_scores(q, k_cmp, cfg)
 
 
@@ -458,7 +462,8 @@ def pallas_gpu_impl(q, k_cmp, v_cmp, config, *, segment_ids, select, chunk):
   qs = jax.ShapeDtypeStruct((b, nc, hq * config.cmp_stride, dk), q.dtype)
   if nc == 0 or not cudnn.usable(qs, k_cmp, v_cmp, None, config.scale(dk)):
     raise NotImplementedError(
-      f"the compressed branch's cuDNN call needs a GPU, bf16/f16 inputs it accepts and NC >= 1; "
+      f"impl='pallas_gpu' (compressed_selection): the output's cuDNN call needs a GPU, "
+      f"bf16/f16 inputs it accepts and NC >= 1; "
       f"got {q.dtype} q {q.shape}, k_cmp {k_cmp.shape} on {jax.default_backend()!r}"
     )
   jax.eval_shape(lambda q, k: _kernel_scores(q, k, config), q, k_cmp)  # declines early

@@ -13,7 +13,8 @@ Implementation names (:data:`IMPLS`; the same meaning for every op that takes ``
 * ``"cudnn"``: cuDNN flash attention (GPU, bf16/f16; :mod:`sparse_attention_jax.ops.cudnn`).
 * ``"pallas_gpu"``: the Pallas Mosaic GPU kernels of ``pallas_kernels`` (NVIDIA Hopper), imported
   on first use.
-* ``"pallas_tpu"``: reserved for Pallas TPU kernels (none yet).
+* ``"pallas_tpu"``: the Pallas TPU (Mosaic) kernels of ``pallas_kernels`` (selected attention),
+  imported on first use.
 
 A named implementation (anything but ``"auto"``) runs without guards and fails loudly: an unknown
 name raises ``ValueError``; a name the op has no entry for, or an entry that cannot serve the call,
@@ -22,7 +23,8 @@ dispatched ops) runs its pipeline when the name has no entry for the whole op, a
 passes the name on to its branch ops (see :func:`sparse_attention_jax.ops.nsa_attention`).
 
 Table entries name their function as ``"module:attribute"``, imported when called: the table costs
-no import, and ``pallas_kernels`` is never imported before a ``pallas_gpu`` entry is called.
+no import, and ``pallas_kernels`` is never imported before a ``pallas_gpu`` or ``pallas_tpu`` entry is
+called.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ IMPLS: Mapping[str, str] = {
   "gathered": "plain-JAX gathers of the selected blocks per query chunk",
   "cudnn": "cuDNN flash attention (GPU, bf16/f16)",
   "pallas_gpu": "Pallas GPU kernels (Mosaic GPU for NVIDIA Hopper sm90; Triton for scores)",
-  "pallas_tpu": "reserved: Pallas TPU kernels (not available in this build)",
+  "pallas_tpu": "Pallas TPU (Mosaic) kernels (selected attention)",
 }
 """Every implementation name the library defines, with what it is."""
 
@@ -93,6 +95,7 @@ _TABLE: dict[str, dict[str, Implementation]] = {
       f"{_OPS}.selected:pallas_gpu_impl",
       platforms=("gpu",),
     ),
+    Implementation("pallas_tpu", f"{_OPS}.selected:pallas_tpu_impl", platforms=("tpu",)),
     Implementation(
       "reference", f"{_OPS}.selected:reference_impl", guard=f"{_OPS}.selected:dense_too_large"
     ),

@@ -4,6 +4,8 @@ Implementations (:mod:`sparse_attention_jax.ops.dispatch`, op ``"selected_attent
 
 * ``"pallas_gpu"``: the Mosaic GPU kernels (Hopper), tried first by ``"auto"`` on GPU
   (:func:`pallas_gpu_impl`);
+* ``"pallas_tpu"``: the Pallas TPU kernels, tried first by ``"auto"`` on TPU
+  (:func:`pallas_tpu_impl`; ``docs/tpu.md``);
 * ``"reference"``: :func:`~sparse_attention_jax.ops.masked.masked_attention` over
   :func:`selected_mask` (dense ``[B, T, HQ, T]`` logits). ``"auto"`` takes it while those logits
   stay within :data:`DENSE_MAX_ELEMENTS`;
@@ -86,7 +88,8 @@ def selected_attention(
     block_size: l', tokens per block.
     segment_ids: optional ``[B, T]`` document ids.
     softmax_scale: defaults to ``Dk ** -0.5``.
-    impl: ``"auto"``, ``"pallas_gpu"``, ``"reference"`` or ``"gathered"`` (module docstring;
+    impl: ``"auto"``, ``"pallas_gpu"``, ``"pallas_tpu"``, ``"reference"`` or ``"gathered"``
+      (module docstring;
       names: :mod:`sparse_attention_jax.ops.dispatch`).
 
   Returns:
@@ -136,6 +139,30 @@ def pallas_gpu_impl(q, k, v, block_indices, *, block_size, segment_ids, softmax_
   return jax.lax.cond(
     fits,
     lambda *a: mgpu.selected_attention_op(*a[:4], segment_ids=a[4], **kw),
+    lambda *a: gathered_selected_attention(*a[:4], segment_ids=a[4], **kw),
+    q,
+    k,
+    v,
+    block_indices,
+    segment_ids,
+  )
+
+
+def pallas_tpu_impl(q, k, v, block_indices, *, block_size, segment_ids, softmax_scale):
+  """The ``"pallas_tpu"`` entry: the Pallas TPU kernels (raise ``NotImplementedError`` for a call
+  they cannot serve: no TPU, dtype other than bfloat16/float32, ``G`` above the tile rows, block
+  size not a multiple of the dtype's sublane tile). With ``segment_ids`` the kernels read K/V in
+  a document-aligned layout of a static number of blocks; a batch with a row whose documents do
+  not fit runs through :func:`gathered_selected_attention` instead (``lax.cond``)."""
+  from pallas_kernels import selected_attention_tpu as tpu
+
+  kw = dict(block_size=block_size, softmax_scale=softmax_scale)
+  reason = tpu.unsupported_reason(q, k, v, block_indices, block_size=block_size)
+  if segment_ids is None or reason is not None:  # the op says why it declines
+    return tpu.selected_attention_op(q, k, v, block_indices, segment_ids=segment_ids, **kw)
+  return jax.lax.cond(
+    tpu.documents_fit(segment_ids, block_size),
+    lambda *a: tpu.selected_attention_op(*a[:4], segment_ids=a[4], **kw),
     lambda *a: gathered_selected_attention(*a[:4], segment_ids=a[4], **kw),
     q,
     k,
@@ -260,6 +287,7 @@ __all__ = [
   "dense_too_large",
   "gathered_selected_attention",
   "pallas_gpu_impl",
+  "pallas_tpu_impl",
   "reference_impl",
   "selected_attention",
   "selected_mask",

@@ -33,10 +33,17 @@ DECLINED = {("cudnn", "float32"), ("pallas_gpu", "float32")}
 
 def impl_params(op: str):
   """``pytest.param`` per implementation of ``op`` (table order) and ``"auto"``; those made only
-  for GPUs carry the ``gpu`` mark."""
+  for GPUs carry the ``gpu`` mark; those made only for TPUs are skipped elsewhere (their CPU
+  tests run the kernels in the TPU interpreter, ``tests/kernels/test_kernels_tpu.py``)."""
   params = [pytest.param("auto", id="auto")]
   for entry in dispatch.implementations(op):
-    gpu_only = entry.platforms is not None and "cpu" not in entry.platforms
+    plats = entry.platforms
+    if plats is not None and set(plats) == {"tpu"}:
+      on_tpu = jax.default_backend() == "tpu"
+      marks = () if on_tpu else (pytest.mark.skip(reason="needs a TPU"),)
+      params.append(pytest.param(entry.name, marks=marks, id=entry.name))
+      continue
+    gpu_only = plats is not None and "cpu" not in plats
     marks = (pytest.mark.gpu,) if gpu_only else ()
     params.append(pytest.param(entry.name, marks=marks, id=entry.name))
   return params

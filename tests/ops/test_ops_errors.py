@@ -342,7 +342,7 @@ def test_unknown_and_unavailable_impl(op):
   fn = OPS[op]
   with raises(ValueError, "impl"):
     fn(q, k, v, impl="triton")
-  for name in ("pallas_gpu", "pallas_tpu"):  # no kernel serves a CPU call; none exists for TPU
+  for name in ("pallas_gpu", "pallas_tpu"):  # no kernel serves a CPU call
     if name == "pallas_gpu" and jax.default_backend() == "gpu":
       continue
     with pytest.raises(NotImplementedError, match=name):
