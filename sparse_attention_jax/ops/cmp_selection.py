@@ -374,6 +374,16 @@ def _no_grad_stats(q, k_cmp, v_cmp, config, segment_ids, select, chunk):
   return lse, idx
 
 
+CUDNN_SEQ_MULTIPLE = 64
+"""cuDNN's fused attention refuses sequence lengths off this multiple (measured with jax 0.11.2 on
+an H100: ``NC = 4095`` is refused, 1024 is served), so the compressed positions are zero-padded to
+one."""
+
+
+def _cudnn_positions(nc: int) -> int:
+  return -(-nc // CUDNN_SEQ_MULTIPLE) * CUDNN_SEQ_MULTIPLE
+
+
 def cudnn_output(q, k_cmp, v_cmp, config: NSAConfig):
   """The compressed branch's output as one causal cuDNN call (rows without documents).
 
@@ -392,22 +402,39 @@ def cudnn_output(q, k_cmp, v_cmp, config: NSAConfig):
   b, t, hq, dk = q.shape
   nc, dv = k_cmp.shape[1], v_cmp.shape[3]
   l, d = config.cmp_window, config.cmp_stride
-  m = nc * d  # >= T - l + 1 query rows from row l - 1 on
+  ncp = _cudnn_positions(nc)
+  m = ncp * d  # >= T - l + 1 query rows from row l - 1 on
   qs = jnp.pad(q[:, l - 1 :], ((0, 0), (0, m - (t - l + 1)), (0, 0), (0, 0)))
-  qs = qs.reshape(b, nc, d, hq, dk).transpose(0, 1, 3, 2, 4).reshape(b, nc, hq * d, dk)
-  o = cudnn.attention(qs, k_cmp, v_cmp, window=None, softmax_scale=config.scale(dk))
-  o = o.reshape(b, nc, hq, d, dv).transpose(0, 1, 3, 2, 4).reshape(b, m, hq, dv)
+  qs = qs.reshape(b, ncp, d, hq, dk).transpose(0, 1, 3, 2, 4).reshape(b, ncp, hq * d, dk)
+  # Zero keys past NC are seen only by the padded positions past NC (causal), whose rows are
+  # dropped below.
+  kv_pad = ((0, 0), (0, ncp - nc), (0, 0), (0, 0))
+  kp, vp = jnp.pad(k_cmp, kv_pad), jnp.pad(v_cmp, kv_pad)
+  o = cudnn.attention(qs, kp, vp, window=None, softmax_scale=config.scale(dk))
+  o = o.reshape(b, ncp, hq, d, dv).transpose(0, 1, 3, 2, 4).reshape(b, m, hq, dv)
   return jnp.pad(o[:, : t - l + 1], ((0, 0), (l - 1, 0), (0, 0), (0, 0))).astype(q.dtype)
+
+
+def _cudnn_serves(q, k_cmp, v_cmp, config: NSAConfig) -> bool:
+  """Whether cuDNN accepts the head-folded call of :func:`cudnn_output` (shapes only)."""
+  b, _, hq, dk = q.shape
+  ncp, h = _cudnn_positions(k_cmp.shape[1]), k_cmp.shape[2]
+  like = lambda x, *shape: jax.ShapeDtypeStruct(shape, x.dtype)
+  return cudnn.usable(
+    like(q, b, ncp, hq * config.cmp_stride, dk),
+    like(k_cmp, b, ncp, h, dk),
+    like(v_cmp, b, ncp, h, v_cmp.shape[3]),
+    None,
+    config.scale(dk),
+  )
 
 
 def cudnn_impl(q, k_cmp, v_cmp, config, *, segment_ids, select, chunk):
   """Output from :func:`cudnn_output` (fwd and bwd in cuDNN); log-sum-exp and block indices from
   the blocked path without its output (the log-sum-exp is dropped by XLA when unused). Packed
   rows take the blocked path at run time unless every row is one document."""
-  b, _, hq, dk = q.shape
   nc = k_cmp.shape[1]
-  qs = jax.ShapeDtypeStruct((b, nc, hq * config.cmp_stride, dk), q.dtype)  # what cuDNN gets
-  if nc == 0 or not cudnn.usable(qs, k_cmp, v_cmp, None, config.scale(dk)):
+  if nc == 0 or not _cudnn_serves(q, k_cmp, v_cmp, config):
     raise NotImplementedError(
       f"impl='cudnn' (compressed_selection): cuDNN attention needs a GPU, bf16/f16 inputs it "
       f"accepts and NC >= 1; got {q.dtype} "
@@ -457,10 +484,8 @@ def pallas_gpu_impl(q, k_cmp, v_cmp, config, *, segment_ids, select, chunk):
   """Output from :func:`cudnn_output`; log-sum-exp and pooled importance from the Pallas Triton
   kernels (no ``[B, T, HQ, NC]`` array), forced blocks and the exact top-``n`` in XLA. Packed
   rows take the blocked path at run time unless every row is one document."""
-  b, t, hq, dk = q.shape
-  nc = k_cmp.shape[1]
-  qs = jax.ShapeDtypeStruct((b, nc, hq * config.cmp_stride, dk), q.dtype)
-  if nc == 0 or not cudnn.usable(qs, k_cmp, v_cmp, None, config.scale(dk)):
+  t, nc = q.shape[1], k_cmp.shape[1]
+  if nc == 0 or not _cudnn_serves(q, k_cmp, v_cmp, config):
     raise NotImplementedError(
       f"impl='pallas_gpu' (compressed_selection): the output's cuDNN call needs a GPU, "
       f"bf16/f16 inputs it accepts and NC >= 1; "
@@ -495,6 +520,7 @@ def pallas_gpu_impl(q, k_cmp, v_cmp, config, *, segment_ids, select, chunk):
 
 __all__ = [
   "CHUNK_ELEMENTS",
+  "CUDNN_SEQ_MULTIPLE",
   "PROBS_MAX_ELEMENTS",
   "CompressedSelection",
   "blocked_impl",

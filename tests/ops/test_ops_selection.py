@@ -325,3 +325,26 @@ def test_for_length_config_is_usable_for_short_sequences(preset):
   bi = np.asarray(aux.block_indices)[0, :, 0]
   for ti in range(t):  # n >= NB: every causal block is selected
     np.testing.assert_array_equal(sorted(j for j in bi[ti] if j >= 0), range(ti // 16 + 1))
+
+
+@pytest.mark.parametrize("n", [1, 5, 16])
+def test_iterative_top_n_equals_lax_top_k(monkeypatch, n):
+  """The argmax rounds give lax.top_k's blocks: ties (integer scores) to the lower index, forced
+  blocks first, -1 where fewer blocks are candidates, infinite and NaN scores clamped alike."""
+  from sparse_attention_jax.ops import selection
+
+  rng = np.random.default_rng(n)
+  shape = (2, 9, 3, 20)
+  score = rng.integers(0, 4, shape).astype(np.float32)
+  score[0, 0, 0, :3] = [np.inf, -np.inf, np.nan]
+  candidate = rng.random(shape) < 0.7
+  candidate[1, 2] = False  # rows without any candidate
+  candidate[1, 3, :, : n // 2] = True
+  candidate[1, 3, :, n // 2 :] = False  # fewer candidates than n
+  forced = candidate & (rng.random(shape) < 0.2)
+  args = (jnp.asarray(score), jnp.asarray(candidate), jnp.asarray(forced), n)
+  got = selection.top_n_blocks(*args)
+  monkeypatch.setattr(selection, "ITERATIVE_TOP_N", 0)
+  want = selection.top_n_blocks(*args)
+  np.testing.assert_array_equal(got, want)
+  assert np.any(np.asarray(got) == -1) and np.any(np.asarray(got) >= 0)
