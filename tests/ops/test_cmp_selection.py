@@ -227,7 +227,8 @@ def test_pallas_gpu_path_equals_reference(monkeypatch, preset):
   monkeypatch.setattr(cudnn, "usable", lambda *a: True)
   monkeypatch.setattr(cudnn, "_sdpa", stand_in)
   monkeypatch.setattr(kern, "compressed_scores", lambda q, k, c: orig(q, k, c, interpret=True))
-  cfg = dataclasses.replace(PRESETS[preset], block_size=16)  # tb * l'/d >= 16 for the kernel
+  cfg = PRESETS[preset]  # fla: l = d = l' (32 blocks per tile); else 16 blocks, tb * l'/d >= 16
+  cfg = cfg if preset == "fla" else dataclasses.replace(cfg, block_size=16)
   q, kc, vc, _ = _inputs(jax.random.key(41), cfg, b=1, t=150, hq=8, h=2, dk=16, dv=8)
   ref = compressed_selection(q, kc, vc, cfg, impl="reference")
   got = compressed_selection(q, kc, vc, cfg, impl="pallas_gpu")
