@@ -39,7 +39,7 @@ for part in $parts; do
       --reps 10 --seqs 8192,65536 --kinds exact-corr,exact-random --out "$OUT/selected.json" ;;
     packed) run packed "${T_PACKED:-540}" python3 benchmarks/packed_selected.py --reps 20 \
       --out "$OUT/packed.json" ;;
-    op) run op "${T_OP:-540}" python3 benchmarks/nsa_op.py --seqs 8192,65536,131072 \
+    op) run op "${T_OP:-540}" python3 benchmarks/nsa_op.py --seqs 8192,65536,131072 --scores \
       --out "$OUT/op.json" --plot "$OUT/op.png" ;;
     breakdown) run breakdown "${T_BREAKDOWN:-240}" env OUT="$OUT/breakdown" \
       python3 benchmarks/nsa_breakdown.py --seq-len 8192 --docs 4 ;;

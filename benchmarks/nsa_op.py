@@ -9,7 +9,11 @@ l = 32, d = 16). Rows per (config, T):
   (``ops.compressed_selection``) for each ``--cmp-impls`` entry: ``cudnn`` (output from one cuDNN
   call, selection from query chunks), ``blocked`` (query chunks for both), ``reference`` (the
   full ``[B, T, HQ, NC]`` probabilities; skipped above ``--reference-max-t``);
-* ``dense``: cuDNN causal attention of the same q/k/v (``jax.nn.dot_product_attention``).
+* ``dense``: cuDNN causal attention of the same q/k/v (``jax.nn.dot_product_attention``);
+* with ``--scores``: the selection's pieces alone, forward only: ``scores tb=<TB>`` (the Pallas
+  Triton log-sum-exp and pooled-scores kernels of ``pallas_kernels.cmp_scores_triton`` with
+  ``TB`` blocks per tile; GPU only) and ``top-n <method>`` on random ``[B, H, T, NB]`` scores
+  (``argmax`` rounds as ``ops.selection.top_n_blocks`` does for ``n <= 32``, or ``lax.top_k``).
 
 Each row: ``fwd_ms`` and ``fb_ms`` (``jax.grad`` of ``sum(out * w)`` w.r.t. every float input),
 medians of ``--reps`` synchronised calls after a warm-up; ``fwd_temp_gib`` / ``fb_temp_gib``: the
@@ -96,6 +100,7 @@ def main(argv=None) -> dict:
   ap.add_argument("--cmp-impls", default="cudnn,blocked,reference")
   ap.add_argument("--reference-max-t", type=int, default=16384)
   ap.add_argument("--no-nsa", action="store_true", help="skip the whole-op rows")
+  ap.add_argument("--scores", action="store_true", help="also time the selection's pieces")
   ap.add_argument("--reps", type=int, default=5)
   ap.add_argument("--tiny", action="store_true", help="CPU smoke shapes (T 256, HQ 8, H 2, D 32)")
   ap.add_argument("--out", default=None, help="JSON output path")
@@ -187,6 +192,9 @@ def main(argv=None) -> dict:
         except Exception as e:  # noqa: BLE001
           row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
         add(row)
+      if args.scores:
+        for row in _score_rows(q, kc, cfg, h, args.reps):
+          add({**base, **row})
     row = {"config": "-", "T": t, "stage": "dense"}
     try:
       row.update(
@@ -210,6 +218,58 @@ def main(argv=None) -> dict:
   if args.plot:
     _plot(result, args.plot)
   return result
+
+
+def _score_rows(q, kc, cfg: NSAConfig, h: int, reps: int) -> list[dict]:
+  """Forward-only rows of the selection's pieces (see the module docstring)."""
+  from sparse_attention_jax.ops import selection
+
+  rows = []
+  if jax.default_backend() == "gpu":
+    from pallas_kernels import cmp_scores_triton as kern
+
+    for tb in (16, 32):
+      sc = kern.ScoresConfig(
+        cfg.cmp_window,
+        cfg.cmp_stride,
+        cfg.block_size,
+        cfg.score_pooling,
+        cfg.scale(q.shape[-1]),
+        tb=tb,
+      )
+      row = {"stage": f"scores tb={tb}"}
+      try:
+        row.update(
+          measure(
+            lambda q, kc, sc=sc: kern.compressed_scores(q, kc, sc),
+            (q, kc),
+            (),
+            None,
+            reps,
+            bwd=False,
+          )
+        )
+      except Exception as e:  # noqa: BLE001
+        row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+      rows.append(row)
+  b, t = q.shape[:2]
+  nb = cfg.num_blocks(t)
+  imp = jax.random.uniform(jax.random.key(1), (b, h, t, nb), jnp.float32)
+  u = jnp.arange(t, dtype=jnp.int32)[None]
+  for method, limit in (("argmax", 10**6), ("lax.top_k", 0)):
+
+    def top(imp, limit=limit):
+      cand, forced = selection.candidate_and_forced_at(cfg, nb, u)
+      old, selection.ITERATIVE_TOP_N = selection.ITERATIVE_TOP_N, limit
+      try:
+        return selection.top_n_blocks(imp, cand[:, None], forced[:, None], cfg.num_selected)
+      finally:
+        selection.ITERATIVE_TOP_N = old
+
+    row = {"stage": f"top-n {method}"}
+    row.update(measure(top, (imp,), (), None, reps, bwd=False))
+    rows.append(row)
+  return rows
 
 
 def _plot(result: dict, path: str) -> None:
