@@ -50,6 +50,8 @@ class ScoresConfig:
     cmp_window, cmp_stride, block_size: ``l``, ``d``, ``l'``.
     pooling: ``"sum"`` or ``"max"``.
     softmax_scale: logit scale.
+    num_selected, num_init_blocks, num_local_blocks: ``n`` and the forced blocks, for
+      :func:`compressed_select`.
     tq: query tokens per tile; tb: selection blocks per tile; tkl: compressed keys per tile of
       the log-sum-exp kernel.
     num_warps, num_stages: Triton launch parameters.
@@ -60,6 +62,9 @@ class ScoresConfig:
   block_size: int
   pooling: str
   softmax_scale: float
+  num_selected: int = 16
+  num_init_blocks: int = 1
+  num_local_blocks: int = 2
   tq: int = 64
   tb: int = 16
   tkl: int = 64
@@ -159,15 +164,11 @@ def _lse_kernel(q_ref, k_ref, lse_ref, *, cfg: ScoresConfig, nc: int, group: int
     lse_ref[g, :] = jnp.where(seen, m + jnp.log2(jnp.where(seen, s_sum, 1.0)), -jnp.inf)
 
 
-def _scores_kernel(
-  q_ref, k_ref, lse_ref, wm_ref, wh_ref, out_ref, *, cfg: ScoresConfig, nc: int, group: int
-):
-  """``q_ref [TQ, G, Dk]``, ``k_ref [NCP, Dk]``, ``lse_ref [G, TQ]`` (base 2), ``wm_ref [R, TK,
-  TB]``, ``wh_ref [R, HALO|1, TB]``, ``out_ref [TQ, TB]``."""
-  tile, jt = pl.program_id(1), pl.program_id(2)
+def _tile_importance(q_ref, k_ref, lse_ref, wm_ref, wh_ref, jt, t, *, cfg, nc: int, group: int):
+  """``[TQ, TB]`` float32 pooled importance of block tile ``jt`` for the queries ``t [TQ]`` (zeros
+  without compute when no query of the tile sees any of its compressed tokens)."""
   halo, tk = cfg.halo, cfg.tb * cfg.per_block
-  t = tile * cfg.tq + lax.iota(jnp.int32, cfg.tq)
-  t_max = tile * cfg.tq + cfg.tq - 1
+  t_max = jnp.max(t)
   i0 = jt * tk  # first compressed token of the block tile
   first = i0 - halo if halo else i0
   seen_any = (jnp.maximum(first, 0) * cfg.cmp_stride + cfg.cmp_window - 1 <= t_max) & (first < nc)
@@ -199,13 +200,136 @@ def _scores_kernel(
       out = part if out is None else jnp.maximum(out, part)
     return out
 
-  out_ref[...] = lax.cond(seen_any, compute, lambda: jnp.zeros((cfg.tq, cfg.tb), jnp.float32))
+  return lax.cond(seen_any, compute, lambda: jnp.zeros((cfg.tq, cfg.tb), jnp.float32))
+
+
+def _scores_kernel(
+  q_ref, k_ref, lse_ref, wm_ref, wh_ref, out_ref, *, cfg: ScoresConfig, nc: int, group: int
+):
+  """``q_ref [TQ, G, Dk]``, ``k_ref [NCP, Dk]``, ``lse_ref [G, TQ]`` (base 2), ``wm_ref [R, TK,
+  TB]``, ``wh_ref [R, HALO|1, TB]``, ``out_ref [TQ, TB]``."""
+  tile, jt = pl.program_id(1), pl.program_id(2)
+  t = tile * cfg.tq + lax.iota(jnp.int32, cfg.tq)
+  out_ref[...] = _tile_importance(
+    q_ref, k_ref, lse_ref, wm_ref, wh_ref, jt, t, cfg=cfg, nc=nc, group=group
+  )
+
+
+def _merge_top_n(vals, ids, score, cols, n: int):
+  """Top-``n`` of the union of a running ``(vals, ids) [TQ, n]`` (descending, lower ids) and a new
+  tile ``score [TQ, TB]`` with ids ``cols [TB]`` (all larger than ``ids``): ``n`` rounds, each
+  taking the largest value, ties to the lower id, and removing it."""
+  big = jnp.int32(2**30)
+  slot = lax.iota(jnp.int32, n)[None, :]
+  new_v = jnp.full(vals.shape, -jnp.inf, jnp.float32)
+  new_i = jnp.zeros(ids.shape, jnp.int32)
+  cols = jnp.broadcast_to(cols[None, :], score.shape)
+  for r in range(n):
+    m1 = jnp.max(vals, axis=1)
+    m2 = jnp.max(score, axis=1)
+    from_old = m1 >= m2  # equal values: the running entries have the lower ids
+    id1 = jnp.min(jnp.where(vals == m1[:, None], ids, big), axis=1)
+    id2 = jnp.min(jnp.where(score == m2[:, None], cols, big), axis=1)
+    m = jnp.where(from_old, m1, m2)
+    pick = jnp.where(from_old, id1, id2)
+    new_v = jnp.where(slot == r, m[:, None], new_v)
+    new_i = jnp.where(slot == r, pick[:, None], new_i)
+    vals = jnp.where(from_old[:, None] & (ids == id1[:, None]), -jnp.inf, vals)
+    score = jnp.where(~from_old[:, None] & (cols == id2[:, None]), -jnp.inf, score)
+  return new_v, new_i
+
+
+def _select_kernel(
+  q_ref, k_ref, lse_ref, wm_ref, wh_ref, ids_ref, *, cfg: ScoresConfig, nc: int, group: int, nb: int
+):
+  """Pooled importance of every block tile with a running exact top-``n`` per query:
+  ``ids_ref [TQ, n]`` int32 block ids, best first (``nb`` where fewer blocks are candidates).
+  Forced blocks score ``+inf`` and non-candidates ``-inf``; a tile whose scores all fall at or
+  below a row's current ``n``-th best is not merged (later ids lose ties)."""
+  n, bs, tb = cfg.num_selected, cfg.block_size, cfg.tb
+  tile = pl.program_id(1)
+  t = tile * cfg.tq + lax.iota(jnp.int32, cfg.tq)
+  t_max = tile * cfg.tq + cfg.tq - 1
+  num_tiles = jnp.minimum(t_max // bs, nb - 1) // tb + 1  # tiles holding a candidate
+
+  def body(jt, carry):
+    vals, ids = carry
+    imp = _tile_importance(
+      q_ref, k_ref, lse_ref, wm_ref, wh_ref, jt, t, cfg=cfg, nc=nc, group=group
+    )
+    cols = jt * tb + lax.iota(jnp.int32, tb)
+    own = (t // bs)[:, None]
+    cand = (cols[None, :] * bs <= t[:, None]) & (cols[None, :] < nb)
+    forced = (cols[None, :] < cfg.num_init_blocks) | (
+      (cols[None, :] <= own) & (cols[None, :] > own - cfg.num_local_blocks)
+    )
+    score = jnp.where(cand & forced, jnp.inf, imp)
+    score = jnp.where(cand, score, -jnp.inf)
+    thr = jnp.min(vals, axis=1)
+    enters = jnp.any(score > thr[:, None])
+    return lax.cond(enters, lambda: _merge_top_n(vals, ids, score, cols, n), lambda: (vals, ids))
+
+  init = (jnp.full((cfg.tq, n), -jnp.inf, jnp.float32), jnp.full((cfg.tq, n), nb, jnp.int32))
+  vals, ids = lax.fori_loop(0, num_tiles, body, init)
+  ids_ref[...] = jnp.where(vals == -jnp.inf, nb, ids)
 
 
 def _compiler_params(cfg: ScoresConfig):
   from jax.experimental.pallas import triton as pltriton
 
   return pltriton.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+class _Call:
+  """Padded operands and shared specs of one call (see the module docstring)."""
+
+  def __init__(self, q, k_cmp, cfg: ScoresConfig, interpret: bool, name: str):
+    b, t, hq, dk = q.shape
+    self.nc, self.h = k_cmp.shape[1], k_cmp.shape[2]
+    self.g = hq // self.h
+    reason = unsupported_reason(cfg, group=self.g, dk=dk)
+    if reason:
+      raise NotImplementedError(f"{name}: {reason}")
+    self.b, self.t, self.hq = b, t, hq
+    tq, tb, halo = cfg.tq, cfg.tb, cfg.halo
+    self.nb = -(-t // cfg.block_size)
+    self.nbt = -(-self.nb // tb)
+    self.nt = -(-t // tq)
+    self.tp = self.nt * tq
+    ncp = halo + max(self.nbt * tb * cfg.per_block, -(-self.nc // cfg.tkl) * cfg.tkl)
+    q = lax.stop_gradient(q)
+    kp = jnp.pad(lax.stop_gradient(k_cmp), ((0, 0), (halo, ncp - halo - self.nc), (0, 0), (0, 0)))
+    self.kp = kp.astype(q.dtype)
+    self.qp = jnp.pad(q, ((0, 0), (0, self.tp - t), (0, 0), (0, 0)))
+    h, g = self.h, self.g
+    self.q_spec = pl.BlockSpec((None, tq, g, dk), lambda bh, i, *_: (bh // h, i, bh % h, 0))
+    self.k_spec = pl.BlockSpec((None, ncp, None, dk), lambda bh, *_: (bh // h, 0, bh % h, 0))
+    self.lse_spec = pl.BlockSpec((None, None, g, tq), lambda bh, i, *_: (bh // h, bh % h, 0, i))
+    self.cfg, self.interpret = cfg, interpret
+    self.wm, self.wh = (jnp.asarray(x) for x in pooling_matrices(cfg))
+    self.w_specs = [
+      pl.BlockSpec(self.wm.shape, lambda *_: (0, 0, 0)),
+      pl.BlockSpec(self.wh.shape, lambda *_: (0, 0, 0)),
+    ]
+
+  def lse2(self):
+    """``[B, H, G, Tp]`` base-2 log-sum-exp of the scaled logits."""
+    cfg = self.cfg
+    return pl.pallas_call(
+      functools.partial(_lse_kernel, cfg=cfg, nc=self.nc, group=self.g, halo=cfg.halo),
+      grid=(self.b * self.h, self.nt),
+      in_specs=[self.q_spec, self.k_spec],
+      out_specs=self.lse_spec,
+      out_shape=jax.ShapeDtypeStruct((self.b, self.h, self.g, self.tp), jnp.float32),
+      compiler_params=_compiler_params(cfg),
+      interpret=self.interpret,
+      name="nsa_compressed_lse",
+    )(self.qp, self.kp)
+
+  def natural_lse(self, lse2):
+    """``[B, T, HQ]`` natural-log log-sum-exp."""
+    lse = jnp.transpose(lse2[..., : self.t], (0, 3, 1, 2))
+    return lse.reshape(self.b, self.t, self.hq) / LOG2E
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "interpret"))
@@ -223,60 +347,64 @@ def compressed_scores(q, k_cmp, cfg: ScoresConfig, *, interpret: bool = False):
     importance [B, H, T, NB] float32)`` with ``NB = ceil(T / l')``: probabilities summed over the
     ``G`` heads of each KV group and pooled onto blocks (no gradient).
   """
-  b, t, hq, dk = q.shape
-  nc, h = k_cmp.shape[1], k_cmp.shape[2]
-  g = hq // h
-  reason = unsupported_reason(cfg, group=g, dk=dk)
-  if reason:
-    raise NotImplementedError(f"compressed_scores: {reason}")
-  tq, tb, halo = cfg.tq, cfg.tb, cfg.halo
-  tk = tb * cfg.per_block
-  nb = -(-t // cfg.block_size)
-  nbt = -(-nb // tb)
-  nt = -(-t // tq)
-  tp = nt * tq
-  ncp = halo + max(nbt * tk, -(-nc // cfg.tkl) * cfg.tkl)
-  q = lax.stop_gradient(q)
-  kp = jnp.pad(lax.stop_gradient(k_cmp), ((0, 0), (halo, ncp - halo - nc), (0, 0), (0, 0)))
-  kp = kp.astype(q.dtype)
-  qp = jnp.pad(q, ((0, 0), (0, tp - t), (0, 0), (0, 0)))
-  q_spec = pl.BlockSpec((None, tq, g, dk), lambda bh, i, *_: (bh // h, i, bh % h, 0))
-  k_spec = pl.BlockSpec((None, ncp, None, dk), lambda bh, *_: (bh // h, 0, bh % h, 0))
-  lse_spec = pl.BlockSpec((None, None, g, tq), lambda bh, i, *_: (bh // h, bh % h, 0, i))
-  lse2 = pl.pallas_call(
-    functools.partial(_lse_kernel, cfg=cfg, nc=nc, group=g, halo=halo),
-    grid=(b * h, nt),
-    in_specs=[q_spec, k_spec],
-    out_specs=lse_spec,
-    out_shape=jax.ShapeDtypeStruct((b, h, g, tp), jnp.float32),
-    compiler_params=_compiler_params(cfg),
-    interpret=interpret,
-    name="nsa_compressed_lse",
-  )(qp, kp)
-  wm, wh = (jnp.asarray(x) for x in pooling_matrices(cfg))
+  c = _Call(q, k_cmp, cfg, interpret, "compressed_scores")
+  lse2 = c.lse2()
+  h, tq, tb = c.h, cfg.tq, cfg.tb
   imp = pl.pallas_call(
-    functools.partial(_scores_kernel, cfg=cfg, nc=nc, group=g),
-    grid=(b * h, nt, nbt),
-    in_specs=[
-      q_spec,
-      k_spec,
-      lse_spec,
-      pl.BlockSpec(wm.shape, lambda *_: (0, 0, 0)),
-      pl.BlockSpec(wh.shape, lambda *_: (0, 0, 0)),
-    ],
+    functools.partial(_scores_kernel, cfg=cfg, nc=c.nc, group=c.g),
+    grid=(c.b * h, c.nt, c.nbt),
+    in_specs=[c.q_spec, c.k_spec, c.lse_spec, *c.w_specs],
     out_specs=pl.BlockSpec((None, None, tq, tb), lambda bh, i, j: (bh // h, bh % h, i, j)),
-    out_shape=jax.ShapeDtypeStruct((b, h, tp, nbt * tb), jnp.float32),
+    out_shape=jax.ShapeDtypeStruct((c.b, h, c.tp, c.nbt * tb), jnp.float32),
     compiler_params=_compiler_params(cfg),
     interpret=interpret,
     name="nsa_compressed_scores",
-  )(qp, kp, lse2, wm, wh)
-  lse = jnp.transpose(lse2[..., :t], (0, 3, 1, 2)).reshape(b, t, hq) / LOG2E
-  return lse, imp[:, :, :t, :nb]
+  )(c.qp, c.kp, lse2, c.wm, c.wh)
+  return c.natural_lse(lse2), imp[:, :, : c.t, : c.nb]
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "interpret"))
+def compressed_select(q, k_cmp, cfg: ScoresConfig, *, interpret: bool = False):
+  """Log-sum-exp and the top-``n`` blocks of the compressed branch's pooled importance, with the
+  top-``n`` kept per query inside the kernel (no ``[B, H, T, NB]`` importance in memory).
+
+  Selection as NSA's (no packed documents): block ``j`` is a candidate for query ``t`` iff
+  ``j*l' <= t``; forced blocks (the first ``num_init_blocks``, the ``num_local_blocks`` ending at
+  the query's block) are candidates that always win; the rest rank by importance, ties to the
+  lower block.
+
+  Args:
+    q, k_cmp, cfg, interpret: as :func:`compressed_scores`; ``cfg.num_selected`` must be a
+      power of two.
+
+  Returns:
+    ``(lse [B, T, HQ], block_indices [B, T, H, n] int32)``: ascending, ``-1`` where fewer than
+    ``n`` blocks are candidates.
+  """
+  n = cfg.num_selected
+  if n < 1 or n & (n - 1):
+    raise NotImplementedError(f"compressed_select: n = {n} (a power of two needed)")
+  c = _Call(q, k_cmp, cfg, interpret, "compressed_select")
+  lse2 = c.lse2()
+  h = c.h
+  ids = pl.pallas_call(
+    functools.partial(_select_kernel, cfg=cfg, nc=c.nc, group=c.g, nb=c.nb),
+    grid=(c.b * h, c.nt),
+    in_specs=[c.q_spec, c.k_spec, c.lse_spec, *c.w_specs],
+    out_specs=pl.BlockSpec((None, None, cfg.tq, n), lambda bh, i: (bh // h, bh % h, i, 0)),
+    out_shape=jax.ShapeDtypeStruct((c.b, h, c.tp, n), jnp.int32),
+    compiler_params=_compiler_params(cfg),
+    interpret=interpret,
+    name="nsa_compressed_select",
+  )(c.qp, c.kp, lse2, c.wm, c.wh)
+  ids = jnp.sort(jnp.transpose(ids[:, :, : c.t], (0, 2, 1, 3)), axis=-1)
+  return c.natural_lse(lse2), jnp.where(ids >= c.nb, -1, ids)
 
 
 __all__ = [
   "ScoresConfig",
   "compressed_scores",
+  "compressed_select",
   "pooling_matrices",
   "unsupported_reason",
 ]

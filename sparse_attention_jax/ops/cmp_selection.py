@@ -458,9 +458,9 @@ def cudnn_impl(q, k_cmp, v_cmp, config, *, segment_ids, select, chunk):
   )
 
 
-def _kernel_scores(q, k_cmp, config: NSAConfig):
-  """``(lse [B, T, HQ], importance [B, H, T, NB])`` from the Pallas Triton kernels of
-  :mod:`pallas_kernels.cmp_scores_triton` (imported on first use)."""
+def _scores_config(q, k_cmp, config: NSAConfig):
+  """The kernels' module and :class:`pallas_kernels.cmp_scores_triton.ScoresConfig` (imported on
+  first use), or ``NotImplementedError`` naming why they cannot serve the call."""
   from pallas_kernels import cmp_scores_triton as kern
 
   cfg = kern.ScoresConfig(
@@ -469,6 +469,9 @@ def _kernel_scores(q, k_cmp, config: NSAConfig):
     block_size=config.block_size,
     pooling=config.score_pooling,
     softmax_scale=float(config.scale(q.shape[-1])),
+    num_selected=config.num_selected,
+    num_init_blocks=config.num_init_blocks,
+    num_local_blocks=config.num_local_blocks,
     # H100, T = 65536: 16 blocks per tile took 16.4 ms with l'/d = 1 and 32 blocks 10.4 ms;
     # with l'/d = 4, 16 blocks 36 ms and 32 blocks 67 ms.
     tb=32 if config.block_size == config.cmp_stride else 16,
@@ -479,31 +482,43 @@ def _kernel_scores(q, k_cmp, config: NSAConfig):
       f"impl='pallas_gpu' (compressed_selection): the scores kernels cannot serve this call: "
       f"{reason}"
     )
-  return kern.compressed_scores(q, k_cmp, cfg)
+  return kern, cfg
+
+
+def _kernel_select(q, k_cmp, config: NSAConfig, select: bool):
+  """``(lse [B, T, HQ], block_indices [B, T, H, n] or None)`` from the Pallas Triton kernels:
+  the top-``n`` inside the kernel when ``n`` is a power of two, else pooled importance and the
+  top-``n`` in XLA."""
+  kern, cfg = _scores_config(q, k_cmp, config)
+  n = config.num_selected
+  if select and n & (n - 1) == 0:
+    return kern.compressed_select(q, k_cmp, cfg)
+  lse, imp = kern.compressed_scores(q, k_cmp, cfg)  # imp [B, H, T, NB]
+  if not select:
+    return lse, None
+  u = jnp.arange(q.shape[1], dtype=jnp.int32)[None]
+  cand, forced = candidate_and_forced_at(config, imp.shape[-1], u)  # [1, T, NB]
+  idx = top_n_blocks(imp, cand[:, None], forced[:, None], n)
+  return lse, jnp.transpose(idx, (0, 2, 1, 3))  # [B, T, H, n]
 
 
 def pallas_gpu_impl(q, k_cmp, v_cmp, config, *, segment_ids, select, chunk):
-  """Output from :func:`cudnn_output`; log-sum-exp and pooled importance from the Pallas Triton
-  kernels (no ``[B, T, HQ, NC]`` array), forced blocks and the exact top-``n`` in XLA. Packed
-  rows take the blocked path at run time unless every row is one document."""
-  t, nc = q.shape[1], k_cmp.shape[1]
+  """Output from :func:`cudnn_output`; log-sum-exp and block indices from the Pallas Triton
+  kernels of :mod:`pallas_kernels.cmp_scores_triton` (no ``[B, T, HQ, NC]`` array; the exact
+  top-``n`` inside the kernel for power-of-two ``n``, else in XLA from the pooled importance).
+  Packed rows take the blocked path at run time unless every row is one document."""
+  nc = k_cmp.shape[1]
   if nc == 0 or not _cudnn_serves(q, k_cmp, v_cmp, config):
     raise NotImplementedError(
       f"impl='pallas_gpu' (compressed_selection): the output's cuDNN call needs a GPU, "
       f"bf16/f16 inputs it accepts and NC >= 1; "
       f"got {q.dtype} q {q.shape}, k_cmp {k_cmp.shape} on {jax.default_backend()!r}"
     )
-  jax.eval_shape(lambda q, k: _kernel_scores(q, k, config), q, k_cmp)  # declines early
+  _scores_config(q, k_cmp, config)  # declines early
 
   def plain(q, k_cmp, v_cmp, segment_ids):
     del segment_ids
-    lse, imp = _kernel_scores(q, k_cmp, config)  # imp [B, H, T, NB]
-    idx = None
-    if select:
-      u = jnp.arange(t, dtype=jnp.int32)[None]
-      cand, forced = candidate_and_forced_at(config, imp.shape[-1], u)  # [1, T, NB]
-      idx = top_n_blocks(imp, cand[:, None], forced[:, None], config.num_selected)
-      idx = jnp.transpose(idx, (0, 2, 1, 3))  # [B, T, H, n]
+    lse, idx = _kernel_select(q, k_cmp, config, select)
     return cudnn_output(q, k_cmp, v_cmp, config), lse, idx
 
   if segment_ids is None:

@@ -222,18 +222,27 @@ def test_pallas_gpu_path_equals_reference(monkeypatch, preset):
       q, k, v, mask=mask, scale=scale, is_causal=True, implementation="xla"
     )
 
-  orig = kern.compressed_scores
+  orig_scores, orig_select = kern.compressed_scores, kern.compressed_select
   monkeypatch.setattr(dispatch, "platform", lambda: "gpu")
   monkeypatch.setattr(cudnn, "usable", lambda *a: True)
   monkeypatch.setattr(cudnn, "_sdpa", stand_in)
-  monkeypatch.setattr(kern, "compressed_scores", lambda q, k, c: orig(q, k, c, interpret=True))
+  monkeypatch.setattr(
+    kern, "compressed_scores", lambda q, k, c: orig_scores(q, k, c, interpret=True)
+  )
+  monkeypatch.setattr(
+    kern, "compressed_select", lambda q, k, c: orig_select(q, k, c, interpret=True)
+  )
   cfg = PRESETS[preset]  # fla: l = d = l' (32 blocks per tile); else 16 blocks, tb * l'/d >= 16
   cfg = cfg if preset == "fla" else dataclasses.replace(cfg, block_size=16)
   q, kc, vc, _ = _inputs(jax.random.key(41), cfg, b=1, t=150, hq=8, h=2, dk=16, dv=8)
-  ref = compressed_selection(q, kc, vc, cfg, impl="reference")
-  got = compressed_selection(q, kc, vc, cfg, impl="pallas_gpu")
+  # n = 4: the top-n inside the kernel; n = 5 (not a power of two): pooled scores, top-n in XLA
+  for n in (4, 5):
+    cfg_n = dataclasses.replace(cfg, num_selected=n)
+    ref = compressed_selection(q, kc, vc, cfg_n, impl="reference")
+    got = compressed_selection(q, kc, vc, cfg_n, impl="pallas_gpu")
+    np.testing.assert_array_equal(got.block_indices, ref.block_indices)
+    assert np.any(np.asarray(ref.block_indices) == -1)
   np.testing.assert_allclose(got.out, ref.out, atol=2e-6, rtol=1e-5)
   fin = np.isfinite(ref.lse)
   np.testing.assert_array_equal(np.isfinite(got.lse), fin)
   np.testing.assert_allclose(np.asarray(got.lse)[fin], np.asarray(ref.lse)[fin], rtol=2e-6)
-  np.testing.assert_array_equal(got.block_indices, ref.block_indices)
