@@ -1,22 +1,25 @@
-"""Selection scores of NSA's compressed branch in two Pallas Triton kernels (GPU).
+"""Selection scores of NSA's compressed branch in Pallas Triton kernels (GPU).
 
 NSA picks each query's blocks from the compressed branch's probabilities ``p[t, hq, i]`` (query
 ``t``, query head ``hq``, compressed token ``i``): summed over the ``G`` query heads of a KV group
 and pooled onto selection blocks. Materialized, ``p`` is ``[T, HQ, NC]`` float32 (16 GiB per row
-at ``T = 65536``, ``HQ = 64``, ``NC = 1024``). These kernels recompute it tile by tile and write
-only the pooled importance ``[B, H, T, NB]``:
+at ``T = 65536``, ``HQ = 64``, ``NC = 1024``). These kernels recompute it tile by tile:
 
-* :func:`compressed_lse`: per (batch, KV head, tile of ``TQ`` tokens), a loop over the ``G`` heads
+* log-sum-exp kernel: per (batch, KV head, tile of ``TQ`` tokens), a loop over the ``G`` heads
   and the visible compressed-key tiles keeps a running max and sum: the base-2 log-sum-exp of the
-  scaled logits ``[B, H, G, T]`` (the logits are never stored).
-* :func:`pooled_scores`: per (batch, KV head, token tile, tile of ``TB`` selection blocks), the
-  ``TB * l'/d`` compressed tokens the block tile covers plus a *halo* of the ``l/d - 1`` tokens
-  before it (NSA's windows overlap the previous block), for each head ``g``:
+  scaled logits ``[B, H, G, T]`` (the logits are never stored);
+* tile importance (shared by the two kernels below): for a token tile and a tile of ``TB``
+  selection blocks, the ``TB * l'/d`` compressed tokens the block tile covers plus a *halo* of the
+  ``l/d - 1`` tokens before it (NSA's windows overlap the previous block); for each head ``g``,
   ``p = exp2(s - lse)`` where visible, summed over ``g`` into ``acc [TQ, tokens]``; then one
   float32 matmul with a banded pooling matrix (``"sum"``: eq. 9's overlap weights) or, for
   ``"max"``, the maximum of one-hot selection matmuls over the band positions. The matrices depend
   only on ``(l, d, l', TB)``: the grid is translation invariant when tiles start on block
-  boundaries.
+  boundaries;
+* :func:`compressed_scores`: one program per (token tile, block tile) writes the pooled
+  importance ``[B, H, T, NB]``;
+* :func:`compressed_select`: one program per token tile walks its candidate block tiles and keeps
+  an exact running top-``n`` per query, writing only ``[B, H, T, n]`` block ids.
 
 Visibility: compressed token ``i`` (``0 <= i < NC``) is visible to query ``t`` iff
 ``i*d + l - 1 <= t`` (rows without packed documents). Block tiles no query of the token tile can
