@@ -336,6 +336,14 @@ class _Call:
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "interpret"))
+def compressed_lse(q, k_cmp, cfg: ScoresConfig, *, interpret: bool = False):
+  """``[B, T, HQ]`` float32 natural-log log-sum-exp of the compressed branch's scaled logits
+  (``-inf`` where nothing is visible; no gradient). Arguments as :func:`compressed_scores`."""
+  c = _Call(q, k_cmp, cfg, interpret, "compressed_lse")
+  return c.natural_lse(c.lse2())
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "interpret"))
 def compressed_scores(q, k_cmp, cfg: ScoresConfig, *, interpret: bool = False):
   """Log-sum-exp and pooled block importance of the compressed branch.
 
@@ -406,6 +414,7 @@ def compressed_select(q, k_cmp, cfg: ScoresConfig, *, interpret: bool = False):
 
 __all__ = [
   "ScoresConfig",
+  "compressed_lse",
   "compressed_scores",
   "compressed_select",
   "pooling_matrices",

@@ -491,11 +491,11 @@ def _kernel_select(q, k_cmp, config: NSAConfig, select: bool):
   top-``n`` in XLA."""
   kern, cfg = _scores_config(q, k_cmp, config)
   n = config.num_selected
-  if select and n & (n - 1) == 0:
+  if not select:
+    return kern.compressed_lse(q, k_cmp, cfg), None
+  if n & (n - 1) == 0:
     return kern.compressed_select(q, k_cmp, cfg)
   lse, imp = kern.compressed_scores(q, k_cmp, cfg)  # imp [B, H, T, NB]
-  if not select:
-    return lse, None
   u = jnp.arange(q.shape[1], dtype=jnp.int32)[None]
   cand, forced = candidate_and_forced_at(config, imp.shape[-1], u)  # [1, T, NB]
   idx = top_n_blocks(imp, cand[:, None], forced[:, None], n)

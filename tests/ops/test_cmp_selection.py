@@ -222,16 +222,12 @@ def test_pallas_gpu_path_equals_reference(monkeypatch, preset):
       q, k, v, mask=mask, scale=scale, is_causal=True, implementation="xla"
     )
 
-  orig_scores, orig_select = kern.compressed_scores, kern.compressed_select
+  orig = {f: getattr(kern, f) for f in ("compressed_lse", "compressed_scores", "compressed_select")}
   monkeypatch.setattr(dispatch, "platform", lambda: "gpu")
   monkeypatch.setattr(cudnn, "usable", lambda *a: True)
   monkeypatch.setattr(cudnn, "_sdpa", stand_in)
-  monkeypatch.setattr(
-    kern, "compressed_scores", lambda q, k, c: orig_scores(q, k, c, interpret=True)
-  )
-  monkeypatch.setattr(
-    kern, "compressed_select", lambda q, k, c: orig_select(q, k, c, interpret=True)
-  )
+  for name, fn in orig.items():
+    monkeypatch.setattr(kern, name, lambda q, k, c, fn=fn: fn(q, k, c, interpret=True))
   cfg = PRESETS[preset]  # fla: l = d = l' (32 blocks per tile); else 16 blocks, tb * l'/d >= 16
   cfg = cfg if preset == "fla" else dataclasses.replace(cfg, block_size=16)
   q, kc, vc, _ = _inputs(jax.random.key(41), cfg, b=1, t=150, hq=8, h=2, dk=16, dv=8)
@@ -243,6 +239,9 @@ def test_pallas_gpu_path_equals_reference(monkeypatch, preset):
     np.testing.assert_array_equal(got.block_indices, ref.block_indices)
     assert np.any(np.asarray(ref.block_indices) == -1)
   np.testing.assert_allclose(got.out, ref.out, atol=2e-6, rtol=1e-5)
+  lse_only = compressed_selection(q, kc, vc, cfg_n, impl="pallas_gpu", select=False)
+  assert lse_only.block_indices is None
   fin = np.isfinite(ref.lse)
-  np.testing.assert_array_equal(np.isfinite(got.lse), fin)
-  np.testing.assert_allclose(np.asarray(got.lse)[fin], np.asarray(ref.lse)[fin], rtol=2e-6)
+  for lse in (got.lse, lse_only.lse):
+    np.testing.assert_array_equal(np.isfinite(lse), fin)
+    np.testing.assert_allclose(np.asarray(lse)[fin], np.asarray(ref.lse)[fin], rtol=2e-6)
