@@ -428,21 +428,23 @@ def _cudnn_serves(q, k_cmp, v_cmp, config: NSAConfig) -> bool:
   )
 
 
-def cudnn_impl(q, k_cmp, v_cmp, config, *, segment_ids, select, chunk):
-  """Output from :func:`cudnn_output` (fwd and bwd in cuDNN); log-sum-exp and block indices from
-  the blocked path without its output (the log-sum-exp is dropped by XLA when unused). Packed
-  rows take the blocked path at run time unless every row is one document."""
-  nc = k_cmp.shape[1]
-  if nc == 0 or not _cudnn_serves(q, k_cmp, v_cmp, config):
+def _require_cudnn(impl: str, q, k_cmp, v_cmp, config: NSAConfig) -> None:
+  """``NotImplementedError`` naming ``impl`` unless cuDNN serves :func:`cudnn_output`'s call."""
+  if k_cmp.shape[1] == 0 or not _cudnn_serves(q, k_cmp, v_cmp, config):
     raise NotImplementedError(
-      f"impl='cudnn' (compressed_selection): cuDNN attention needs a GPU, bf16/f16 inputs it "
-      f"accepts and NC >= 1; got {q.dtype} "
-      f"q {q.shape}, k_cmp {k_cmp.shape}, v_cmp {v_cmp.shape} on {jax.default_backend()!r}"
+      f"impl={impl!r} (compressed_selection): the output's cuDNN call needs a GPU, bf16/f16 "
+      f"inputs it accepts and NC >= 1; got {q.dtype} q {q.shape}, k_cmp {k_cmp.shape}, "
+      f"v_cmp {v_cmp.shape} on {jax.default_backend()!r}"
     )
 
+
+def _rows_without_documents(stats, q, k_cmp, v_cmp, config, segment_ids, select, chunk):
+  """:func:`cudnn_output` with ``stats(q, k_cmp) -> (lse, block_indices)`` on rows without
+  documents; packed rows take the blocked path at run time unless every row is one document."""
+
   def plain(q, k_cmp, v_cmp, segment_ids):
-    lse, idx = _no_grad_stats(q, k_cmp, v_cmp, config, None, select, chunk)
-    return cudnn_output(q, k_cmp, v_cmp, config), lse, idx
+    del segment_ids
+    return (cudnn_output(q, k_cmp, v_cmp, config), *stats(q, k_cmp, v_cmp))
 
   if segment_ids is None:
     return CompressedSelection(*plain(q, k_cmp, v_cmp, None))
@@ -455,6 +457,23 @@ def cudnn_impl(q, k_cmp, v_cmp, config, *, segment_ids, select, chunk):
   one_document = jnp.all(segment_ids == segment_ids[:, :1])
   return CompressedSelection(
     *jax.lax.cond(one_document, plain, blocked, q, k_cmp, v_cmp, segment_ids)
+  )
+
+
+def cudnn_impl(q, k_cmp, v_cmp, config, *, segment_ids, select, chunk):
+  """Output from :func:`cudnn_output` (fwd and bwd in cuDNN); log-sum-exp and block indices from
+  the blocked path without its output (the log-sum-exp is dropped by XLA when unused). Packed
+  rows take the blocked path at run time unless every row is one document."""
+  _require_cudnn("cudnn", q, k_cmp, v_cmp, config)
+  return _rows_without_documents(
+    lambda q, k, v: _no_grad_stats(q, k, v, config, None, select, chunk),
+    q,
+    k_cmp,
+    v_cmp,
+    config,
+    segment_ids,
+    select,
+    chunk,
   )
 
 
@@ -507,31 +526,17 @@ def pallas_gpu_impl(q, k_cmp, v_cmp, config, *, segment_ids, select, chunk):
   kernels of :mod:`pallas_kernels.cmp_scores_triton` (no ``[B, T, HQ, NC]`` array; the exact
   top-``n`` inside the kernel for power-of-two ``n``, else in XLA from the pooled importance).
   Packed rows take the blocked path at run time unless every row is one document."""
-  nc = k_cmp.shape[1]
-  if nc == 0 or not _cudnn_serves(q, k_cmp, v_cmp, config):
-    raise NotImplementedError(
-      f"impl='pallas_gpu' (compressed_selection): the output's cuDNN call needs a GPU, "
-      f"bf16/f16 inputs it accepts and NC >= 1; "
-      f"got {q.dtype} q {q.shape}, k_cmp {k_cmp.shape} on {jax.default_backend()!r}"
-    )
+  _require_cudnn("pallas_gpu", q, k_cmp, v_cmp, config)
   _scores_config(q, k_cmp, config)  # declines early
-
-  def plain(q, k_cmp, v_cmp, segment_ids):
-    del segment_ids
-    lse, idx = _kernel_select(q, k_cmp, config, select)
-    return cudnn_output(q, k_cmp, v_cmp, config), lse, idx
-
-  if segment_ids is None:
-    return CompressedSelection(*plain(q, k_cmp, v_cmp, None))
-
-  def blocked(q, k_cmp, v_cmp, segment_ids):
-    return tuple(
-      blocked_impl(q, k_cmp, v_cmp, config, segment_ids=segment_ids, select=select, chunk=chunk)
-    )
-
-  one_document = jnp.all(segment_ids == segment_ids[:, :1])
-  return CompressedSelection(
-    *jax.lax.cond(one_document, plain, blocked, q, k_cmp, v_cmp, segment_ids)
+  return _rows_without_documents(
+    lambda q, k, v: _kernel_select(q, k, config, select),
+    q,
+    k_cmp,
+    v_cmp,
+    config,
+    segment_ids,
+    select,
+    chunk,
   )
 
 

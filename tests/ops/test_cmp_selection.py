@@ -151,11 +151,10 @@ def test_auto_switches_to_blocked_above_the_budget(monkeypatch):
   np.testing.assert_array_equal(got[1].block_indices, ref[1].block_indices)
 
 
-@pytest.mark.parametrize("preset", ["paper", "fla"])
-def test_cudnn_path_equals_reference(monkeypatch, preset):
-  """The cuDNN path's head-folding (``d`` queries per compressed position become extra heads),
-  run on a CPU with XLA's attention standing in for cuDNN; packed rows go to the blocked path
-  unless every row is one document."""
+@pytest.fixture
+def cudnn_stand_in(monkeypatch):
+  """On a CPU: ``auto`` tries the GPU entries and XLA's attention stands in for cuDNN, rejecting
+  sequence lengths off the multiple of 64 the cuDNN path pads to (cuDNN refused odd lengths)."""
   from sparse_attention_jax.ops import cudnn, dispatch
 
   def stand_in(q, k, v, mask, *, scale, local_window_size):
@@ -167,6 +166,14 @@ def test_cudnn_path_equals_reference(monkeypatch, preset):
   monkeypatch.setattr(dispatch, "platform", lambda: "gpu")
   monkeypatch.setattr(cudnn, "usable", lambda *a: True)
   monkeypatch.setattr(cudnn, "_sdpa", stand_in)
+
+
+@pytest.mark.usefixtures("cudnn_stand_in")
+@pytest.mark.parametrize("preset", ["paper", "fla"])
+def test_cudnn_path_equals_reference(preset):
+  """The cuDNN path's head-folding (``d`` queries per compressed position become extra heads),
+  run on a CPU with XLA's attention standing in for cuDNN; packed rows go to the blocked path
+  unless every row is one document."""
   cfg = PRESETS[preset]
   for packed in (False, True):
     q, kc, vc, seg = _inputs(jax.random.key(21 + packed), cfg, packed=packed)
@@ -209,23 +216,14 @@ def test_gpu_paths_on_the_gpu(preset):
       np.testing.assert_allclose(f32(a), b, atol=5e-2 * float(jnp.max(jnp.abs(b))), rtol=0)
 
 
+@pytest.mark.usefixtures("cudnn_stand_in")
 @pytest.mark.parametrize("preset", list(PRESETS))
 def test_pallas_gpu_path_equals_reference(monkeypatch, preset):
-  """The ``pallas_gpu`` entry (cuDNN output, Triton scores kernels, XLA top-n) on a CPU: the
-  kernels in the Pallas interpreter, XLA's attention standing in for cuDNN."""
+  """The ``pallas_gpu`` entry (cuDNN output, Triton scores kernels, top-n in the kernel or in XLA)
+  on a CPU: the kernels in the Pallas interpreter, XLA's attention standing in for cuDNN."""
   from pallas_kernels import cmp_scores_triton as kern
-  from sparse_attention_jax.ops import cudnn, dispatch
-
-  def stand_in(q, k, v, mask, *, scale, local_window_size):
-    assert q.shape[1] % 64 == 0 and k.shape[1] % 64 == 0, "cuDNN refuses such lengths"
-    return jax.nn.dot_product_attention(
-      q, k, v, mask=mask, scale=scale, is_causal=True, implementation="xla"
-    )
 
   orig = {f: getattr(kern, f) for f in ("compressed_lse", "compressed_scores", "compressed_select")}
-  monkeypatch.setattr(dispatch, "platform", lambda: "gpu")
-  monkeypatch.setattr(cudnn, "usable", lambda *a: True)
-  monkeypatch.setattr(cudnn, "_sdpa", stand_in)
   for name, fn in orig.items():
     monkeypatch.setattr(kern, name, lambda q, k, c, fn=fn: fn(q, k, c, interpret=True))
   cfg = PRESETS[preset]  # fla: l = d = l' (32 blocks per tile); else 16 blocks, tb * l'/d >= 16
