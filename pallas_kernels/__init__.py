@@ -16,6 +16,10 @@ Selected-block attention on NVIDIA Hopper (Mosaic GPU, sm90):
 * :mod:`.packed_layout`: packed documents (document-relative block ids): the document-aligned
   padded K/V layout, padded ids and shifted query positions.
 
+Selection scores of the compressed branch on GPUs (Pallas Triton): :mod:`.cmp_scores_triton`
+(log-sum-exp, pooled block importance and an in-kernel exact top-``n``, without the
+``[B, T, HQ, NC]`` probabilities).
+
 Selected-block attention on TPU (Pallas Mosaic TPU; ``docs/tpu.md``):
 
 * :mod:`.selected_attention_tpu`: the public entry (``selected_attention_tpu``,
@@ -24,5 +28,5 @@ Selected-block attention on TPU (Pallas Mosaic TPU; ``docs/tpu.md``):
 * :mod:`.selected_attention_tpu_prep`: their XLA side (tile layout, lists, per-row data, inverse
   map).
 
-Nothing here is imported by ``import pallas_kernels``; the Mosaic modules load on first use.
+Nothing here is imported by ``import pallas_kernels``; the kernel modules load on first use.
 """
