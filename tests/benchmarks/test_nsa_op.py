@@ -12,6 +12,8 @@ def test_tiny_run_writes_json_and_plot(tmp_path):
   result = load_script("benchmarks/nsa_op.py").main(
     [
       "--tiny",
+      "--configs",
+      "paper",
       "--cmp-impls",
       "blocked,reference",
       "--scores",
