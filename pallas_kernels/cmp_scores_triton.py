@@ -132,20 +132,27 @@ def _dot(a, b, *, trans_b: bool = False, precision=None):
   return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
 
 
-def _visible(tok, t, cfg: ScoresConfig, nc: int):
-  """``[TQ, K]`` bool: compressed tokens ``tok [K]`` visible to queries ``t [TQ]``."""
-  last = tok * cfg.cmp_stride + cfg.cmp_window - 1
+def _visible(tok, t, lo, cfg: ScoresConfig, nc: int):
+  """``[TQ, K]`` bool: compressed tokens ``tok [K]`` visible to queries at positions ``t [TQ]``
+  whose document starts at position ``lo [TQ]``."""
+  first = tok * cfg.cmp_stride
   ok = (tok >= 0) & (tok < nc)
-  return ok[None, :] & (last[None, :] <= t[:, None])
+  return (
+    ok[None, :]
+    & (first[None, :] + cfg.cmp_window - 1 <= t[:, None])
+    & (first[None, :] >= lo[:, None])
+  )
 
 
-def _lse_kernel(q_ref, k_ref, lse_ref, *, cfg: ScoresConfig, nc: int, group: int, halo: int):
-  """``q_ref [TQ, G, Dk]``, ``k_ref [NCP, Dk]`` (``halo`` zero rows first), ``lse_ref [G, TQ]``."""
-  tile = pl.program_id(1)
-  t = tile * cfg.tq + lax.iota(jnp.int32, cfg.tq)
-  t_max = tile * cfg.tq + cfg.tq - 1
-  n_vis = jnp.clip((t_max - cfg.cmp_window + 1) // cfg.cmp_stride + 1, 0, nc)
+def _lse_kernel(
+  q_ref, pos_ref, lo_ref, k_ref, lse_ref, *, cfg: ScoresConfig, nc: int, group: int, halo: int
+):
+  """``q_ref [TQ, G, Dk]``, ``pos_ref``/``lo_ref [TQ]`` (query positions and their documents'
+  first positions), ``k_ref [NCP, Dk]`` (``halo`` zero rows first), ``lse_ref [G, TQ]``."""
+  t, lo = pos_ref[...], lo_ref[...]
+  n_vis = jnp.clip((jnp.max(t) - cfg.cmp_window + 1) // cfg.cmp_stride + 1, 0, nc)
   n_tiles = (n_vis + cfg.tkl - 1) // cfg.tkl
+  first_tile = jnp.minimum(jnp.min(lo) // cfg.cmp_stride // cfg.tkl, n_tiles)
   scale2 = cfg.softmax_scale * LOG2E
   for g in range(group):
     qg = q_ref[:, g, :]
@@ -155,21 +162,22 @@ def _lse_kernel(q_ref, k_ref, lse_ref, *, cfg: ScoresConfig, nc: int, group: int
       k = k_ref[pl.ds(halo + kt * cfg.tkl, cfg.tkl), :]
       s = _dot(qg, k, trans_b=True) * scale2
       tok = kt * cfg.tkl + lax.iota(jnp.int32, cfg.tkl)
-      vis = _visible(tok, t, cfg, nc)
+      vis = _visible(tok, t, lo, cfg, nc)
       s = jnp.where(vis, s, _NEG)
       m_new = jnp.maximum(m, jnp.max(s, axis=1))
       p = jnp.where(vis, jnp.exp2(s - m_new[:, None]), 0.0)
       return m_new, s_sum * jnp.exp2(m - m_new) + jnp.sum(p, axis=1)
 
     init = (jnp.full((cfg.tq,), _NEG, jnp.float32), jnp.zeros((cfg.tq,), jnp.float32))
-    m, s_sum = lax.fori_loop(0, n_tiles, body, init)
+    m, s_sum = lax.fori_loop(first_tile, n_tiles, body, init)
     seen = s_sum > 0.0
     lse_ref[g, :] = jnp.where(seen, m + jnp.log2(jnp.where(seen, s_sum, 1.0)), -jnp.inf)
 
 
-def _tile_importance(q_ref, k_ref, lse_ref, wm_ref, wh_ref, jt, t, *, cfg, nc: int, group: int):
-  """``[TQ, TB]`` float32 pooled importance of block tile ``jt`` for the queries ``t [TQ]`` (zeros
-  without compute when no query of the tile sees any of its compressed tokens)."""
+def _tile_importance(q_ref, k_ref, lse_ref, wm_ref, wh_ref, jt, t, lo, *, cfg, nc: int, group: int):
+  """``[TQ, TB]`` float32 pooled importance of block tile ``jt`` for the queries at positions
+  ``t [TQ]`` with document starts ``lo [TQ]`` (zeros without compute when no query of the tile
+  sees any of its compressed tokens)."""
   halo, tk = cfg.halo, cfg.tb * cfg.per_block
   t_max = jnp.max(t)
   i0 = jt * tk  # first compressed token of the block tile
@@ -180,12 +188,12 @@ def _tile_importance(q_ref, k_ref, lse_ref, wm_ref, wh_ref, jt, t, *, cfg, nc: i
   def compute():
     km = k_ref[pl.ds(halo + i0, tk), :]
     tok_m = i0 + lax.iota(jnp.int32, tk)
-    vis_m = _visible(tok_m, t, cfg, nc)
+    vis_m = _visible(tok_m, t, lo, cfg, nc)
     acc_m = jnp.zeros((cfg.tq, tk), jnp.float32)
     if halo:
       kh = k_ref[pl.ds(i0, halo), :]
       tok_h = i0 - halo + lax.iota(jnp.int32, halo)
-      vis_h = _visible(tok_h, t, cfg, nc)
+      vis_h = _visible(tok_h, t, lo, cfg, nc)
       acc_h = jnp.zeros((cfg.tq, halo), jnp.float32)
     for g in range(group):
       qg = q_ref[:, g, :]
@@ -207,14 +215,22 @@ def _tile_importance(q_ref, k_ref, lse_ref, wm_ref, wh_ref, jt, t, *, cfg, nc: i
 
 
 def _scores_kernel(
-  q_ref, k_ref, lse_ref, wm_ref, wh_ref, out_ref, *, cfg: ScoresConfig, nc: int, group: int
+  q_ref, pos_ref, lo_ref, k_ref, lse_ref, wm_ref, wh_ref, out_ref, *, cfg, nc: int, group: int
 ):
   """``q_ref [TQ, G, Dk]``, ``k_ref [NCP, Dk]``, ``lse_ref [G, TQ]`` (base 2), ``wm_ref [R, TK,
   TB]``, ``wh_ref [R, HALO|1, TB]``, ``out_ref [TQ, TB]``."""
-  tile, jt = pl.program_id(1), pl.program_id(2)
-  t = tile * cfg.tq + lax.iota(jnp.int32, cfg.tq)
   out_ref[...] = _tile_importance(
-    q_ref, k_ref, lse_ref, wm_ref, wh_ref, jt, t, cfg=cfg, nc=nc, group=group
+    q_ref,
+    k_ref,
+    lse_ref,
+    wm_ref,
+    wh_ref,
+    pl.program_id(2),
+    pos_ref[...],
+    lo_ref[...],
+    cfg=cfg,
+    nc=nc,
+    group=group,
   )
 
 
@@ -243,29 +259,42 @@ def _merge_top_n(vals, ids, score, cols, n: int):
 
 
 def _select_kernel(
-  q_ref, k_ref, lse_ref, wm_ref, wh_ref, ids_ref, *, cfg: ScoresConfig, nc: int, group: int, nb: int
+  q_ref,
+  pos_ref,
+  lo_ref,
+  k_ref,
+  lse_ref,
+  wm_ref,
+  wh_ref,
+  ids_ref,
+  *,
+  cfg: ScoresConfig,
+  nc: int,
+  group: int,
+  nb: int,
 ):
-  """Pooled importance of every block tile with a running exact top-``n`` per query:
+  """Pooled importance of every candidate block tile with a running exact top-``n`` per query:
   ``ids_ref [TQ, n]`` int32 block ids, best first (``nb`` where fewer blocks are candidates).
-  Forced blocks score ``+inf`` and non-candidates ``-inf``; a tile whose scores all fall at or
-  below a row's current ``n``-th best is not merged (later ids lose ties)."""
+  Block ``j`` is a candidate for a query at position ``t`` whose document starts at position
+  ``lo`` (a block boundary) iff ``lo <= j*l' <= t``; forced blocks (the document's first
+  ``num_init_blocks``, the ``num_local_blocks`` ending at the query's block) score ``+inf``. A tile
+  whose scores all fall at or below a row's current ``n``-th best is not merged (later ids lose
+  ties)."""
   n, bs, tb = cfg.num_selected, cfg.block_size, cfg.tb
-  tile = pl.program_id(1)
-  t = tile * cfg.tq + lax.iota(jnp.int32, cfg.tq)
-  t_max = tile * cfg.tq + cfg.tq - 1
-  num_tiles = jnp.minimum(t_max // bs, nb - 1) // tb + 1  # tiles holding a candidate
+  t, lo = pos_ref[...], lo_ref[...]
+  first = lo // bs  # the document's first block
+  last_tile = jnp.minimum(jnp.max(t) // bs, nb - 1) // tb + 1
+  first_tile = jnp.minimum(jnp.min(first) // tb, last_tile)
 
   def body(jt, carry):
     vals, ids = carry
     imp = _tile_importance(
-      q_ref, k_ref, lse_ref, wm_ref, wh_ref, jt, t, cfg=cfg, nc=nc, group=group
+      q_ref, k_ref, lse_ref, wm_ref, wh_ref, jt, t, lo, cfg=cfg, nc=nc, group=group
     )
     cols = jt * tb + lax.iota(jnp.int32, tb)
-    own = (t // bs)[:, None]
-    cand = (cols[None, :] * bs <= t[:, None]) & (cols[None, :] < nb)
-    forced = (cols[None, :] < cfg.num_init_blocks) | (
-      (cols[None, :] <= own) & (cols[None, :] > own - cfg.num_local_blocks)
-    )
+    j, own, j0 = cols[None, :], (t // bs)[:, None], first[:, None]
+    cand = (j * bs <= t[:, None]) & (j >= j0) & (j < nb)
+    forced = (j - j0 < cfg.num_init_blocks) | ((j <= own) & (j > own - cfg.num_local_blocks))
     score = jnp.where(cand & forced, jnp.inf, imp)
     score = jnp.where(cand, score, -jnp.inf)
     thr = jnp.min(vals, axis=1)
@@ -273,7 +302,7 @@ def _select_kernel(
     return lax.cond(enters, lambda: _merge_top_n(vals, ids, score, cols, n), lambda: (vals, ids))
 
   init = (jnp.full((cfg.tq, n), -jnp.inf, jnp.float32), jnp.full((cfg.tq, n), nb, jnp.int32))
-  vals, ids = lax.fori_loop(0, num_tiles, body, init)
+  vals, ids = lax.fori_loop(first_tile, last_tile, body, init)
   ids_ref[...] = jnp.where(vals == -jnp.inf, nb, ids)
 
 
@@ -286,7 +315,9 @@ def _compiler_params(cfg: ScoresConfig):
 class _Call:
   """Padded operands and shared specs of one call (see the module docstring)."""
 
-  def __init__(self, q, k_cmp, cfg: ScoresConfig, interpret: bool, name: str):
+  def __init__(
+    self, q, k_cmp, cfg: ScoresConfig, interpret: bool, name: str, rows=None, num_blocks=None
+  ):
     b, t, hq, dk = q.shape
     self.nc, self.h = k_cmp.shape[1], k_cmp.shape[2]
     self.g = hq // self.h
@@ -295,7 +326,7 @@ class _Call:
       raise NotImplementedError(f"{name}: {reason}")
     self.b, self.t, self.hq = b, t, hq
     tq, tb, halo = cfg.tq, cfg.tb, cfg.halo
-    self.nb = -(-t // cfg.block_size)
+    self.nb = -(-t // cfg.block_size) if num_blocks is None else num_blocks
     self.nbt = -(-self.nb // tb)
     self.nt = -(-t // tq)
     self.tp = self.nt * tq
@@ -304,7 +335,16 @@ class _Call:
     kp = jnp.pad(lax.stop_gradient(k_cmp), ((0, 0), (halo, ncp - halo - self.nc), (0, 0), (0, 0)))
     self.kp = kp.astype(q.dtype)
     self.qp = jnp.pad(q, ((0, 0), (0, self.tp - t), (0, 0), (0, 0)))
+    if rows is None:  # one document per row: positions 0 .. T-1
+      pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+      lo = jnp.zeros((b, t), jnp.int32)
+    else:
+      pos, lo = (jnp.asarray(x, jnp.int32) for x in rows)
+    # padded query rows see nothing and take no part in the tiles' key ranges
+    self.pos = jnp.pad(pos, ((0, 0), (0, self.tp - t)), constant_values=-1)
+    self.lo = jnp.pad(lo, ((0, 0), (0, self.tp - t)), constant_values=2**30)
     h, g = self.h, self.g
+    self.row_spec = pl.BlockSpec((None, tq), lambda bh, i, *_: (bh // h, i))
     self.q_spec = pl.BlockSpec((None, tq, g, dk), lambda bh, i, *_: (bh // h, i, bh % h, 0))
     self.k_spec = pl.BlockSpec((None, ncp, None, dk), lambda bh, *_: (bh // h, 0, bh % h, 0))
     self.lse_spec = pl.BlockSpec((None, None, g, tq), lambda bh, i, *_: (bh // h, bh % h, 0, i))
@@ -321,13 +361,13 @@ class _Call:
     return pl.pallas_call(
       functools.partial(_lse_kernel, cfg=cfg, nc=self.nc, group=self.g, halo=cfg.halo),
       grid=(self.b * self.h, self.nt),
-      in_specs=[self.q_spec, self.k_spec],
+      in_specs=[self.q_spec, self.row_spec, self.row_spec, self.k_spec],
       out_specs=self.lse_spec,
       out_shape=jax.ShapeDtypeStruct((self.b, self.h, self.g, self.tp), jnp.float32),
       compiler_params=_compiler_params(cfg),
       interpret=self.interpret,
       name="nsa_compressed_lse",
-    )(self.qp, self.kp)
+    )(self.qp, self.pos, self.lo, self.kp)
 
   def natural_lse(self, lse2):
     """``[B, T, HQ]`` natural-log log-sum-exp."""
@@ -364,18 +404,20 @@ def compressed_scores(q, k_cmp, cfg: ScoresConfig, *, interpret: bool = False):
   imp = pl.pallas_call(
     functools.partial(_scores_kernel, cfg=cfg, nc=c.nc, group=c.g),
     grid=(c.b * h, c.nt, c.nbt),
-    in_specs=[c.q_spec, c.k_spec, c.lse_spec, *c.w_specs],
+    in_specs=[c.q_spec, c.row_spec, c.row_spec, c.k_spec, c.lse_spec, *c.w_specs],
     out_specs=pl.BlockSpec((None, None, tq, tb), lambda bh, i, j: (bh // h, bh % h, i, j)),
     out_shape=jax.ShapeDtypeStruct((c.b, h, c.tp, c.nbt * tb), jnp.float32),
     compiler_params=_compiler_params(cfg),
     interpret=interpret,
     name="nsa_compressed_scores",
-  )(c.qp, c.kp, lse2, c.wm, c.wh)
+  )(c.qp, c.pos, c.lo, c.kp, lse2, c.wm, c.wh)
   return c.natural_lse(lse2), imp[:, :, : c.t, : c.nb]
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "interpret"))
-def compressed_select(q, k_cmp, cfg: ScoresConfig, *, interpret: bool = False):
+@functools.partial(jax.jit, static_argnames=("cfg", "interpret", "num_blocks"))
+def compressed_select(
+  q, k_cmp, cfg: ScoresConfig, *, rows=None, num_blocks=None, interpret: bool = False
+):
   """Log-sum-exp and the top-``n`` blocks of the compressed branch's pooled importance, with the
   top-``n`` kept per query inside the kernel (no ``[B, H, T, NB]`` importance in memory).
 
@@ -387,27 +429,35 @@ def compressed_select(q, k_cmp, cfg: ScoresConfig, *, interpret: bool = False):
   Args:
     q, k_cmp, cfg, interpret: as :func:`compressed_scores`; ``cfg.num_selected`` must be a
       power of two.
+    rows: optional ``(pos, lo)``, both ``[B, T]`` int32, for packed documents laid out on a
+      block-aligned grid (:mod:`pallas_kernels.packed_layout`): query ``t`` sits at grid position
+      ``pos[t]`` and its document starts at grid position ``lo[t]`` (a multiple of ``l'``);
+      ``k_cmp`` then holds the compressed tokens of that grid (slot ``i`` covers grid positions
+      ``[i*d, i*d + l)``; slots whose window leaves a document zeroed) and a query sees slot
+      ``i`` iff ``lo <= i*d`` and ``i*d + l - 1 <= pos``. None: ``pos = t``, ``lo = 0``.
+    num_blocks: blocks of the grid (default ``ceil(T / l')``).
 
   Returns:
-    ``(lse [B, T, HQ], block_indices [B, T, H, n] int32)``: ascending, ``-1`` where fewer than
-    ``n`` blocks are candidates.
+    ``(lse [B, T, HQ], block_indices [B, T, H, n] int32)``: grid block ids, ascending, ``-1``
+    where fewer than ``n`` blocks are candidates (with ``rows``, subtract ``lo / l'`` for
+    document-relative ids).
   """
   n = cfg.num_selected
   if n < 1 or n & (n - 1):
     raise NotImplementedError(f"compressed_select: n = {n} (a power of two needed)")
-  c = _Call(q, k_cmp, cfg, interpret, "compressed_select")
+  c = _Call(q, k_cmp, cfg, interpret, "compressed_select", rows=rows, num_blocks=num_blocks)
   lse2 = c.lse2()
   h = c.h
   ids = pl.pallas_call(
     functools.partial(_select_kernel, cfg=cfg, nc=c.nc, group=c.g, nb=c.nb),
     grid=(c.b * h, c.nt),
-    in_specs=[c.q_spec, c.k_spec, c.lse_spec, *c.w_specs],
+    in_specs=[c.q_spec, c.row_spec, c.row_spec, c.k_spec, c.lse_spec, *c.w_specs],
     out_specs=pl.BlockSpec((None, None, cfg.tq, n), lambda bh, i: (bh // h, bh % h, i, 0)),
     out_shape=jax.ShapeDtypeStruct((c.b, h, c.tp, n), jnp.int32),
     compiler_params=_compiler_params(cfg),
     interpret=interpret,
     name="nsa_compressed_select",
-  )(c.qp, c.kp, lse2, c.wm, c.wh)
+  )(c.qp, c.pos, c.lo, c.kp, lse2, c.wm, c.wh)
   ids = jnp.sort(jnp.transpose(ids[:, :, : c.t], (0, 2, 1, 3)), axis=-1)
   return c.natural_lse(lse2), jnp.where(ids >= c.nb, -1, ids)
 

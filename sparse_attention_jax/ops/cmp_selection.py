@@ -521,23 +521,83 @@ def _kernel_select(q, k_cmp, config: NSAConfig, select: bool):
   return lse, jnp.transpose(idx, (0, 2, 1, 3))  # [B, T, H, n]
 
 
+def _grid_blocks(config: NSAConfig, t: int) -> int:
+  """Blocks of the block-aligned grid for packed rows: ``2 NB`` (as the selected kernels)."""
+  return 2 * config.num_blocks(t)
+
+
+def _packed_kernel_select(q, k_cmp, config: NSAConfig, segment_ids):
+  """``(lse, block_indices)`` of packed rows from the in-kernel top-``n``: queries and compressed
+  tokens are placed on the block-aligned grid of :mod:`pallas_kernels.packed_layout` (every
+  document starts on a block boundary), where NSA's per-document structure is translation
+  invariant. Rows whose documents do not fit the grid's :func:`_grid_blocks` get wrong indices
+  (the caller checks ``packed_blocks_needed``)."""
+  from pallas_kernels import packed_layout
+
+  kern, cfg = _scores_config(q, k_cmp, config)
+  b, t = q.shape[:2]
+  d, bs = config.cmp_stride, config.block_size
+  nbp = _grid_blocks(config, t)
+  layout = packed_layout.packed_layout(segment_ids, block_size=bs, num_blocks=nbp)
+  # Grid slot s starts at grid position s*d; it is compressed token i = s - P*(l'/d) of the
+  # document whose grid blocks start at P, stored in packed slot offset + i when i < count.
+  grid = jnp.arange(config.num_cmp_tokens(nbp * bs), dtype=jnp.int32)
+  row = layout.source[:, grid * d]  # [B, NCg] row position, T for grid padding
+  has_row = row < t
+  row = jnp.minimum(row, t - 1)
+  take = lambda x: jnp.take_along_axis(x, row, axis=1)
+  cmp = cmp_layout(config, segment_ids, b, t)
+  i = grid[None, :] - take(layout.block_start) * (bs // d)
+  valid = has_row & (i >= 0) & (i < take(cmp.count))
+  slot = jnp.where(valid, take(cmp.offset) + i, 0)
+  kg = jnp.take_along_axis(k_cmp, slot[:, :, None, None], axis=1)
+  kg = jnp.where(valid[:, :, None, None], kg, 0).astype(k_cmp.dtype)
+  rows = (packed_layout.padded_positions(layout), layout.block_start * bs)
+  lse, ids = kern.compressed_select(q, kg, cfg, rows=rows, num_blocks=nbp)
+  return lse, jnp.where(ids >= 0, ids - layout.block_start[:, :, None, None], -1)
+
+
 def pallas_gpu_impl(q, k_cmp, v_cmp, config, *, segment_ids, select, chunk):
   """Output from :func:`cudnn_output`; log-sum-exp and block indices from the Pallas Triton
   kernels of :mod:`pallas_kernels.cmp_scores_triton` (no ``[B, T, HQ, NC]`` array; the exact
   top-``n`` inside the kernel for power-of-two ``n``, else in XLA from the pooled importance).
-  Packed rows take the blocked path at run time unless every row is one document."""
+
+  Packed rows (decided at run time): one document per row as above; else, with a power-of-two
+  ``n``, the output from the blocked path and the indices from the kernel on the block-aligned
+  grid of :mod:`pallas_kernels.packed_layout` while the documents fit it; else the blocked path.
+  """
   _require_cudnn("pallas_gpu", q, k_cmp, v_cmp, config)
   _scores_config(q, k_cmp, config)  # declines early
-  return _rows_without_documents(
-    lambda q, k, v: _kernel_select(q, k, config, select),
-    q,
-    k_cmp,
-    v_cmp,
-    config,
-    segment_ids,
-    select,
-    chunk,
-  )
+  n = config.num_selected
+
+  def plain(q, k_cmp, v_cmp, segment_ids):
+    del segment_ids
+    return (cudnn_output(q, k_cmp, v_cmp, config), *_kernel_select(q, k_cmp, config, select))
+
+  if segment_ids is None:
+    return CompressedSelection(*plain(q, k_cmp, v_cmp, None))
+
+  def blocked(q, k_cmp, v_cmp, segment_ids, select=select):
+    return tuple(
+      blocked_impl(q, k_cmp, v_cmp, config, segment_ids=segment_ids, select=select, chunk=chunk)
+    )
+
+  def packed(q, k_cmp, v_cmp, segment_ids):
+    out = blocked(q, k_cmp, v_cmp, segment_ids, select=False)[0]
+    return (out, *_packed_kernel_select(q, k_cmp, config, segment_ids))
+
+  many = blocked
+  if select and n & (n - 1) == 0:
+    from pallas_kernels import packed_layout
+
+    need = packed_layout.packed_blocks_needed(segment_ids, config.block_size)
+    fits = jnp.all(need <= _grid_blocks(config, q.shape[1]))
+
+    def many(q, k_cmp, v_cmp, segment_ids):
+      return jax.lax.cond(fits, packed, blocked, q, k_cmp, v_cmp, segment_ids)
+
+  one_document = jnp.all(segment_ids == segment_ids[:, :1])
+  return CompressedSelection(*jax.lax.cond(one_document, plain, many, q, k_cmp, v_cmp, segment_ids))
 
 
 __all__ = [

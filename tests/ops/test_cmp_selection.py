@@ -225,7 +225,7 @@ def test_pallas_gpu_path_equals_reference(monkeypatch, preset):
 
   orig = {f: getattr(kern, f) for f in ("compressed_lse", "compressed_scores", "compressed_select")}
   for name, fn in orig.items():
-    monkeypatch.setattr(kern, name, lambda q, k, c, fn=fn: fn(q, k, c, interpret=True))
+    monkeypatch.setattr(kern, name, lambda *a, fn=fn, **kw: fn(*a, interpret=True, **kw))
   cfg = PRESETS[preset]  # fla: l = d = l' (32 blocks per tile); else 16 blocks, tb * l'/d >= 16
   cfg = cfg if preset == "fla" else dataclasses.replace(cfg, block_size=16)
   q, kc, vc, _ = _inputs(jax.random.key(41), cfg, b=1, t=150, hq=8, h=2, dk=16, dv=8)
@@ -237,6 +237,21 @@ def test_pallas_gpu_path_equals_reference(monkeypatch, preset):
     np.testing.assert_array_equal(got.block_indices, ref.block_indices)
     assert np.any(np.asarray(ref.block_indices) == -1)
   np.testing.assert_allclose(got.out, ref.out, atol=2e-6, rtol=1e-5)
+  if preset == "paper":  # packed rows: the documents on the kernels' block-aligned grid, and
+    # past its capacity (41 documents, most of one token: the blocked path at run time)
+    k = jax.random.normal(jax.random.key(42), (2, 150, 2, 16), jnp.float32)
+    row = np.repeat(np.arange(1, 6), (29, 1, 40, 13, 67))
+    tiny = np.concatenate([np.arange(40), np.full(110, 40)])
+    seg = jnp.asarray(np.stack([row, row[::-1], row, tiny]), jnp.int32)
+    cfg_n = dataclasses.replace(cfg, num_selected=4)
+    qp = jnp.concatenate([q, q], axis=0)
+    for sg in (seg[:2], seg[2:]):
+      kc_p = compress(k, cfg_n, segment_ids=sg)
+      ref_p = compressed_selection(qp, kc_p, kc_p, cfg_n, segment_ids=sg, impl="reference")
+      got_p = compressed_selection(qp, kc_p, kc_p, cfg_n, segment_ids=sg, impl="pallas_gpu")
+      np.testing.assert_array_equal(got_p.block_indices, ref_p.block_indices)
+      np.testing.assert_allclose(got_p.out, ref_p.out, atol=2e-6, rtol=1e-5)
+  cfg_n = dataclasses.replace(cfg, num_selected=4)
   lse_only = compressed_selection(q, kc, vc, cfg_n, impl="pallas_gpu", select=False)
   assert lse_only.block_indices is None
   fin = np.isfinite(ref.lse)
