@@ -21,9 +21,11 @@ at ``T = 65536``, ``HQ = 64``, ``NC = 1024``). These kernels recompute it tile b
 * :func:`compressed_select`: one program per token tile walks its candidate block tiles and keeps
   an exact running top-``n`` per query, writing only ``[B, H, T, n]`` block ids.
 
-Visibility: compressed token ``i`` (``0 <= i < NC``) is visible to query ``t`` iff
-``i*d + l - 1 <= t`` (rows without packed documents). Block tiles no query of the token tile can
-see skip their compute and write zeros.
+Visibility: compressed token ``i`` (``0 <= i < NC``) is visible to a query at position ``t`` whose
+document starts at position ``lo`` iff ``lo <= i*d`` and ``i*d + l - 1 <= t``. Rows without
+documents have ``t`` = the row position and ``lo = 0``; packed rows use the block-aligned grid of
+:mod:`pallas_kernels.packed_layout` (:func:`compressed_select`'s ``rows``). Block tiles no query
+of the token tile can see skip their compute and write zeros.
 
 Shapes are padded in XLA so every load is in bounds: K gets ``halo`` zero rows in front and is
 padded at the end; token tiles past ``T`` are computed and dropped. Triton needs power-of-two
