@@ -53,8 +53,11 @@ def _grads(impl, q, kc, vc, cfg, seg, w, chunk=None):
   return jax.grad(loss, argnums=(0, 1, 2))(q, kc, vc)
 
 
-@pytest.mark.parametrize("packed", [False, True], ids=["rows", "packed"])
-@pytest.mark.parametrize("preset", list(PRESETS))
+@pytest.mark.parametrize(
+  "preset,packed",
+  [("paper", False), ("fla", True), ("infllm_v2", True)],
+  ids=["paper-rows", "fla-packed", "infllm_v2-packed"],
+)
 def test_blocked_equals_reference(preset, packed):
   cfg = PRESETS[preset]
   q, kc, vc, seg = _inputs(jax.random.key(len(preset) + 7 * packed), cfg, packed=packed)
@@ -76,7 +79,7 @@ def test_blocked_equals_reference(preset, packed):
     np.testing.assert_allclose(g_got, g_ref, atol=2e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("chunk", [1, 7, 64, 200])
+@pytest.mark.parametrize("chunk", [1, 7, 200])
 def test_any_chunk_and_group_size(chunk):
   cfg = PRESETS["paper"]
   q, kc, vc, _ = _inputs(jax.random.key(chunk), cfg, b=1, hq=4, h=4, dk=8, dv=8)  # G = 1
@@ -169,7 +172,7 @@ def cudnn_stand_in(monkeypatch):
 
 
 @pytest.mark.usefixtures("cudnn_stand_in")
-@pytest.mark.parametrize("preset", ["paper", "fla"])
+@pytest.mark.parametrize("preset", ["paper"])
 def test_cudnn_path_equals_reference(preset):
   """The cuDNN path's head-folding (``d`` queries per compressed position become extra heads),
   run on a CPU with XLA's attention standing in for cuDNN; packed rows go to the blocked path
