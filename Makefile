@@ -20,7 +20,7 @@ demo: $(STAMP)
 	$(PY) -m train --config configs/tiny.yaml --overwrite
 
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --durations=15 tests
+	$(PY) -m pytest -q -n 2 --dist worksteal --durations=15 tests
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
