@@ -19,6 +19,10 @@ and its ``"blocked"`` implementation never holds more than one chunk of query ro
   probabilities from the saved log-sum-exp and accumulates ``dk_cmp``/``dv_cmp`` over the chunks
   of a band: ``O(T)`` residuals besides the inputs.
 
+On GPUs, ``"cudnn"`` computes the output as one causal cuDNN call (:func:`cudnn_output`) and
+``"pallas_gpu"`` (first in ``auto``'s order) adds the Pallas Triton scores and top-``n`` kernels of
+:mod:`pallas_kernels.cmp_scores_triton` for the log-sum-exp and the indices.
+
 Packed documents (``segment_ids``) follow :mod:`sparse_attention_jax.ops.documents`: the inputs
 are ``compress(..., segment_ids=...)`` outputs and block indices are document-relative.
 """
