@@ -12,8 +12,9 @@ l = 32, d = 16). Rows per (config, T):
 * ``dense``: cuDNN causal attention of the same q/k/v (``jax.nn.dot_product_attention``);
 * with ``--scores``: the selection's pieces alone, forward only: ``scores tb=<TB>`` (the Pallas
   Triton log-sum-exp and pooled-scores kernels of ``pallas_kernels.cmp_scores_triton`` with
-  ``TB`` blocks per tile; GPU only) and ``top-n <method>`` on random ``[B, H, T, NB]`` scores
-  (``argmax`` rounds as ``ops.selection.top_n_blocks`` does for ``n <= 32``, or ``lax.top_k``).
+  ``TB`` blocks per tile; GPU only) and the top-``n`` of random ``[B, H, T, NB]`` scores:
+  ``top-n top_n_blocks`` (the library's, with forced blocks and candidates: argmax rounds for
+  ``n <= 32``) and ``top-n lax.top_k`` (the bare XLA op).
 
 Each row: ``fwd_ms`` and ``fb_ms`` (``jax.grad`` of ``sum(out * w)`` w.r.t. every float input),
 medians of ``--reps`` synchronised calls after a warm-up; ``fwd_temp_gib`` / ``fb_temp_gib``: the
@@ -256,16 +257,14 @@ def _score_rows(q, kc, cfg: NSAConfig, h: int, reps: int) -> list[dict]:
   nb = cfg.num_blocks(t)
   imp = jax.random.uniform(jax.random.key(1), (b, h, t, nb), jnp.float32)
   u = jnp.arange(t, dtype=jnp.int32)[None]
-  for method, limit in (("argmax", 10**6), ("lax.top_k", 0)):
-
-    def top(imp, limit=limit):
-      cand, forced = selection.candidate_and_forced_at(cfg, nb, u)
-      old, selection.ITERATIVE_TOP_N = selection.ITERATIVE_TOP_N, limit
-      try:
-        return selection.top_n_blocks(imp, cand[:, None], forced[:, None], cfg.num_selected)
-      finally:
-        selection.ITERATIVE_TOP_N = old
-
+  cand, forced = selection.candidate_and_forced_at(cfg, nb, u)
+  tops = {
+    "top_n_blocks": lambda imp: selection.top_n_blocks(
+      imp, cand[:, None], forced[:, None], cfg.num_selected
+    ),
+    "lax.top_k": lambda imp: jax.lax.top_k(imp, cfg.num_selected)[1],
+  }
+  for method, top in tops.items():
     row = {"stage": f"top-n {method}"}
     row.update(measure(top, (imp,), (), None, reps, bwd=False))
     rows.append(row)

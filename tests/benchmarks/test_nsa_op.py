@@ -28,7 +28,7 @@ def test_tiny_run_writes_json_and_plot(tmp_path):
     "nsa",
     "cmp+select blocked",
     "cmp+select reference",
-    "top-n argmax",
+    "top-n top_n_blocks",
     "top-n lax.top_k",
   ]
   for r in rows:
